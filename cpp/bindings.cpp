@@ -1,0 +1,157 @@
+// bindings.cpp -- pybind11 module patchmosaic._core: buffers and sizes in, nothing of torch.
+// The Python layer (backends/cpu.py) validates, converts and allocates; these checks only guard
+// against a wrong call from that layer.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+#include "patch_softmax.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+using namespace patchmosaic;
+
+namespace {
+
+template <typename T>
+T* ptr_of(const py::array& arr, const char* name, int ndim, bool writable = false) {
+  if (!py::isinstance<py::array_t<T>>(arr) || !(arr.flags() & py::array::c_style))
+    throw std::invalid_argument(std::string(name) + ": expected a C-contiguous array of " +
+                                py::str(py::dtype::of<T>()).cast<std::string>() + ", got dtype " +
+                                py::str(arr.dtype()).cast<std::string>());
+  if (ndim >= 0 && arr.ndim() != ndim)
+    throw std::invalid_argument(std::string(name) + ": expected " + std::to_string(ndim) + " dimensions, got " +
+                                std::to_string(arr.ndim()));
+  if (writable && !arr.writeable()) throw std::invalid_argument(std::string(name) + ": not writable");
+  return static_cast<T*>(const_cast<void*>(arr.data()));
+}
+
+template <typename T>
+void patch_softmax_impl(const py::array& train, const py::array& query, int k, int query_pad, int key_pad,
+                        const py::array& a, const py::array& inv_2b2, const py::array& cls_qpix_ptr,
+                        const py::array& cls_qpix, const py::array& cls_kpos_ptr, const py::array& cls_kpos,
+                        const py::array& grp_img_ptr, const py::array& grp_img, const py::array& group_of_b,
+                        const py::array& out, std::optional<py::array> arg_key, std::optional<py::array> arg_share,
+                        int n_threads) {
+  PatchSoftmaxArgs<T> A;
+  A.train = ptr_of<T>(train, "train", 4);
+  A.N = train.shape(0); A.C = static_cast<int>(train.shape(1));
+  A.H = static_cast<int>(train.shape(2)); A.W = static_cast<int>(train.shape(3));
+  A.query = ptr_of<T>(query, "query", 4);
+  A.B = query.shape(0); A.Hq = static_cast<int>(query.shape(2)); A.Wq = static_cast<int>(query.shape(3));
+  if (query.shape(1) != A.C) throw std::invalid_argument("query and train differ in channels");
+  A.k = k; A.query_pad = query_pad; A.key_pad = key_pad;
+  A.a = ptr_of<double>(a, "a", 1);
+  A.inv_2b2 = ptr_of<double>(inv_2b2, "inv_2b2", 1);
+  A.cls_qpix_ptr = ptr_of<int64_t>(cls_qpix_ptr, "cls_qpix_ptr", 1);
+  A.n_classes = cls_qpix_ptr.shape(0) - 1;
+  A.cls_qpix = ptr_of<int32_t>(cls_qpix, "cls_qpix", 1);
+  A.cls_kpos_ptr = ptr_of<int64_t>(cls_kpos_ptr, "cls_kpos_ptr", 1);
+  A.cls_kpos = ptr_of<int32_t>(cls_kpos, "cls_kpos", 1);
+  A.grp_img_ptr = ptr_of<int64_t>(grp_img_ptr, "grp_img_ptr", 1);
+  A.n_groups = grp_img_ptr.shape(0) - 1;
+  A.grp_img = ptr_of<int32_t>(grp_img, "grp_img", 1);
+  A.group_of_b = ptr_of<int32_t>(group_of_b, "group_of_b", 1);
+  A.out = ptr_of<T>(out, "out", 4, true);
+  if (arg_key) A.arg_key = ptr_of<int64_t>(*arg_key, "arg_key", 3, true);
+  if (arg_share) A.arg_share = ptr_of<T>(*arg_share, "arg_share", 3, true);
+  A.n_threads = n_threads;
+  if (a.shape(0) != A.B || inv_2b2.shape(0) != A.B || group_of_b.shape(0) != A.B)
+    throw std::invalid_argument("a, inv_2b2 and group_of_b must have one entry per query image");
+  if (cls_kpos_ptr.shape(0) != cls_qpix_ptr.shape(0)) throw std::invalid_argument("class pointer arrays differ in length");
+  py::gil_scoped_release nogil;
+  patch_softmax_cpu<T>(A);
+}
+
+template <typename T>
+void ideal_score_impl(const py::array& train, const py::array& query, const py::array& a, const py::array& inv_2b2,
+                      const py::array& grp_img_ptr, const py::array& grp_img, const py::array& group_of_b,
+                      const py::array& out, std::optional<py::array> arg_key, std::optional<py::array> arg_share,
+                      int n_threads) {
+  IdealScoreArgs<T> A;
+  A.train = ptr_of<T>(train, "train", 2);
+  A.N = train.shape(0); A.D = train.shape(1);
+  A.query = ptr_of<T>(query, "query", 2);
+  A.B = query.shape(0);
+  if (query.shape(1) != A.D) throw std::invalid_argument("query and train differ in size");
+  A.a = ptr_of<double>(a, "a", 1);
+  A.inv_2b2 = ptr_of<double>(inv_2b2, "inv_2b2", 1);
+  A.grp_img_ptr = ptr_of<int64_t>(grp_img_ptr, "grp_img_ptr", 1);
+  A.n_groups = grp_img_ptr.shape(0) - 1;
+  A.grp_img = ptr_of<int32_t>(grp_img, "grp_img", 1);
+  A.group_of_b = ptr_of<int32_t>(group_of_b, "group_of_b", 1);
+  A.out = ptr_of<T>(out, "out", 2, true);
+  if (arg_key) A.arg_key = ptr_of<int64_t>(*arg_key, "arg_key", 1, true);
+  if (arg_share) A.arg_share = ptr_of<T>(*arg_share, "arg_share", 1, true);
+  A.n_threads = n_threads;
+  if (a.shape(0) != A.B || inv_2b2.shape(0) != A.B || group_of_b.shape(0) != A.B)
+    throw std::invalid_argument("a, inv_2b2 and group_of_b must have one entry per query image");
+  py::gil_scoped_release nogil;
+  ideal_score_cpu<T>(A);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "patchmosaic compiled core: streaming patch-softmax kernels (CPU)";
+  m.def(
+      "patch_softmax",
+      [](const py::array& train, const py::array& query, int k, int query_pad, int key_pad, const py::array& a,
+         const py::array& inv_2b2, const py::array& cls_qpix_ptr, const py::array& cls_qpix,
+         const py::array& cls_kpos_ptr, const py::array& cls_kpos, const py::array& grp_img_ptr,
+         const py::array& grp_img, const py::array& group_of_b, const py::array& out,
+         std::optional<py::array> arg_key, std::optional<py::array> arg_share, int n_threads) {
+        if (py::isinstance<py::array_t<float>>(train))
+          patch_softmax_impl<float>(train, query, k, query_pad, key_pad, a, inv_2b2, cls_qpix_ptr, cls_qpix,
+                                    cls_kpos_ptr, cls_kpos, grp_img_ptr, grp_img, group_of_b, out, arg_key,
+                                    arg_share, n_threads);
+        else if (py::isinstance<py::array_t<double>>(train))
+          patch_softmax_impl<double>(train, query, k, query_pad, key_pad, a, inv_2b2, cls_qpix_ptr, cls_qpix,
+                                     cls_kpos_ptr, cls_kpos, grp_img_ptr, grp_img, group_of_b, out, arg_key,
+                                     arg_share, n_threads);
+        else
+          throw std::invalid_argument("train: expected float32 or float64");
+      },
+      py::arg("train"), py::arg("query"), py::arg("k"), py::arg("query_pad"), py::arg("key_pad"), py::arg("a"),
+      py::arg("inv_2b2"), py::arg("cls_qpix_ptr"), py::arg("cls_qpix"), py::arg("cls_kpos_ptr"),
+      py::arg("cls_kpos"), py::arg("grp_img_ptr"), py::arg("grp_img"), py::arg("group_of_b"), py::arg("out"),
+      py::arg("arg_key") = py::none(), py::arg("arg_share") = py::none(), py::arg("n_threads") = 0,
+      "Streaming softmax over key patches for every query pixel class (see cpp/patch_softmax.hpp).");
+  m.def(
+      "ideal_score",
+      [](const py::array& train, const py::array& query, const py::array& a, const py::array& inv_2b2,
+         const py::array& grp_img_ptr, const py::array& grp_img, const py::array& group_of_b, const py::array& out,
+         std::optional<py::array> arg_key, std::optional<py::array> arg_share, int n_threads) {
+        if (py::isinstance<py::array_t<float>>(train))
+          ideal_score_impl<float>(train, query, a, inv_2b2, grp_img_ptr, grp_img, group_of_b, out, arg_key,
+                                  arg_share, n_threads);
+        else if (py::isinstance<py::array_t<double>>(train))
+          ideal_score_impl<double>(train, query, a, inv_2b2, grp_img_ptr, grp_img, group_of_b, out, arg_key,
+                                   arg_share, n_threads);
+        else
+          throw std::invalid_argument("train: expected float32 or float64");
+      },
+      py::arg("train"), py::arg("query"), py::arg("a"), py::arg("inv_2b2"), py::arg("grp_img_ptr"),
+      py::arg("grp_img"), py::arg("group_of_b"), py::arg("out"), py::arg("arg_key") = py::none(),
+      py::arg("arg_share") = py::none(), py::arg("n_threads") = 0,
+      "Streaming softmax over whole training images (the ideal score machine).");
+  m.def("max_threads", []() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+  });
+#ifdef PATCHMOSAIC_WITH_CUDA
+  m.attr("has_cuda") = true;
+#else
+  m.attr("has_cuda") = false;
+#endif
+}

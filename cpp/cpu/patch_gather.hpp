@@ -1,0 +1,50 @@
+// patch_gather.hpp -- copy the C*k*k patch of an image centred at (ci, cj), zero or circular padded.
+#pragma once
+
+#include <cstdint>
+
+#include "../patch_softmax.hpp"
+
+namespace patchmosaic {
+
+inline int wrap_index(int i, int n) {
+  const int m = i % n;
+  return m < 0 ? m + n : m;
+}
+
+// img: (C, Hs, Ws). Element (c, di, dj) of the patch goes to dst[((c * k + di) * k + dj) * stride].
+template <typename T>
+inline void gather_patch(const T* img, int C, int Hs, int Ws, int ci, int cj, int k, int pad, T* dst,
+                         int64_t stride) {
+  const int r = k / 2;
+  const int64_t HW = static_cast<int64_t>(Hs) * Ws;
+  const bool inside = ci - r >= 0 && ci + r < Hs && cj - r >= 0 && cj + r < Ws;
+  int64_t idx = 0;
+  for (int c = 0; c < C; ++c) {
+    const T* plane = img + c * HW;
+    for (int di = 0; di < k; ++di) {
+      int y = ci - r + di;
+      if (inside) {
+        const T* row = plane + static_cast<int64_t>(y) * Ws + (cj - r);
+        for (int dj = 0; dj < k; ++dj) dst[(idx++) * stride] = row[dj];
+        continue;
+      }
+      if (pad == kPadCircular) {
+        y = wrap_index(y, Hs);
+      } else if (y < 0 || y >= Hs) {
+        for (int dj = 0; dj < k; ++dj) dst[(idx++) * stride] = T(0);
+        continue;
+      }
+      const T* row = plane + static_cast<int64_t>(y) * Ws;
+      for (int dj = 0; dj < k; ++dj) {
+        int x = cj - r + dj;
+        T v;
+        if (pad == kPadCircular) v = row[wrap_index(x, Ws)];
+        else v = (x >= 0 && x < Ws) ? row[x] : T(0);
+        dst[(idx++) * stride] = v;
+      }
+    }
+  }
+}
+
+}  // namespace patchmosaic

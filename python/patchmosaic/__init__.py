@@ -1,0 +1,13 @@
+"""patchmosaic: exact, fast equivariant local score machines (Kamb & Ganguli, ICML 2025).
+
+    >>> import patchmosaic as pm
+    >>> m = pm.ELS(train_images)                 # boundary-aware ELS, cosine-legacy schedule
+    >>> x0_hat = m.denoise(x_t, t=0.5, k=7)      # same shape, dtype and array type as x_t
+"""
+
+from . import schedules
+from .machines import ELS, IS, LS, Machine, Provenance
+from .validation import ResourceError
+
+__all__ = ["IS", "LS", "ELS", "Machine", "Provenance", "ResourceError", "schedules"]
+__version__ = "0.1.0"

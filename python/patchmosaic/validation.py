@@ -1,0 +1,100 @@
+"""Input checks shared by every machine: each raises before any work starts and names the problem."""
+
+from __future__ import annotations
+
+import numbers
+import os
+
+import numpy as np
+import torch
+
+
+class ResourceError(ValueError, MemoryError):
+    """A request whose working memory would exceed what this machine has."""
+
+
+def to_tensor(x, name: str, ndim: int = 4) -> torch.Tensor:
+    """numpy or torch -> torch tensor (no copy where possible); checks rank, dtype and finiteness."""
+    if isinstance(x, np.ndarray):
+        if x.dtype not in (np.float32, np.float64):
+            raise TypeError(f"{name} must be float32 or float64, got numpy dtype {x.dtype} with shape {x.shape}")
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    elif isinstance(x, torch.Tensor):
+        if x.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{name} must be float32 or float64, got {x.dtype} with shape {tuple(x.shape)}")
+        x = x.detach()
+    else:
+        raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values (shape {tuple(x.shape)})")
+    return x
+
+
+def to_labels(labels, n: int, name: str = "labels") -> np.ndarray:
+    """Integer labels of shape ``(n,)`` as an int64 numpy array."""
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    elif isinstance(labels, numbers.Integral):
+        labels = np.full(n, int(labels))
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integers, got dtype {labels.dtype}")
+    if labels.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {labels.shape}")
+    return labels.astype(np.int64)
+
+
+def check_k(k, H: int, W: int) -> int:
+    """An odd positive integer patch size."""
+    if k is None:
+        raise ValueError("this machine is local: pass a patch size k (an odd positive integer)")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"patch size k must be an odd positive integer, got {k!r}")
+    k = int(k)
+    if k < 1 or k % 2 == 0:
+        raise ValueError(f"patch size k must be an odd positive integer, got {k}")
+    return k
+
+
+def check_t(t, B: int) -> np.ndarray:
+    """Time as a float64 array of shape ``(B,)``, every entry in ``(0, 1]``."""
+    if isinstance(t, torch.Tensor):
+        t = t.detach().cpu().double().numpy()
+    t = np.asarray(t, dtype=np.float64)
+    if t.ndim == 0:
+        t = np.full(B, float(t))
+    if t.shape != (B,):
+        raise ValueError(f"t must be a float or have shape ({B},), got shape {t.shape}")
+    if not np.all(np.isfinite(t)) or np.any(t <= 0.0) or np.any(t > 1.0):
+        bad = t[~(np.isfinite(t) & (t > 0) & (t <= 1))][0]
+        raise ValueError(f"t must lie in (0, 1], got {bad}")
+    return t
+
+
+def available_memory() -> int:
+    """Bytes of memory this process may still use (MemAvailable, else physical memory)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def check_memory(nbytes: int, what: str, limit: int | None = None) -> None:
+    """Refuse a request whose working memory exceeds ``limit`` (default: what the machine has)."""
+    limit = available_memory() if limit is None else limit
+    if nbytes > limit:
+        raise ResourceError(
+            f"{what} needs about {nbytes / 2**30:.2f} GiB of working memory, more than the "
+            f"{limit / 2**30:.2f} GiB available; use a smaller batch or canvas"
+        )
