@@ -6,8 +6,9 @@
 """
 
 from . import schedules
+from .backends.cuda import available as cuda_available
 from .machines import ELS, IS, LS, Machine, Provenance
 from .validation import ResourceError
 
-__all__ = ["IS", "LS", "ELS", "Machine", "Provenance", "ResourceError", "schedules"]
+__all__ = ["IS", "LS", "ELS", "Machine", "Provenance", "ResourceError", "cuda_available", "schedules"]
 __version__ = "0.1.0"

@@ -1,0 +1,100 @@
+"""Every backend computes the spec's function: agreement with the float64 torch oracle.
+
+Tolerances (relative to the data range, 2 for data in [-1, 1]):
+- float64 engines: max |diff| <= 1e-9.
+- float32 engines: mean |diff| <= 1e-5 and max |diff| <= 1e-3, asserted here at *every* t of the
+  drawn cases, t <= 0.02 included (the contract asks it from t >= 0.05). The bound we rely on: logits
+  are formed from float32 dot products whose rounding is ~1e-7 |q||k| / (2 b^2); it moves weights only
+  between near-tied keys, where it moves the output by at most that logit error times the spread of
+  the tied centres. On the drawn cases the worst measured float32 error is ~5e-5 of the range.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+import naive
+from cases import build, draw, queries
+from conftest import SHARED
+
+import patchmosaic as pm
+
+RANGE = 2.0
+SEEDS = list(range(48))
+
+
+def oracle(case, x):
+    return build(case, np.float64).denoise(x, case.t, case.k, labels=case.qlabels, backend="torch")
+
+
+@pytest.mark.parametrize("seed", SEEDS[:24])
+def test_oracle_matches_literal_spec(seed):
+    """The torch oracle agrees with a loop-by-loop transcription of the spec (float64)."""
+    case = draw(seed)
+    N, C, H, W = case.train.shape
+    if case.machine != "IS" and np.prod(case.size) * N * H * W > 40_000:
+        case.train, case.labels = case.train[:2], case.labels[:2]
+        case.qlabels = np.full(len(case.t), case.labels[0])
+    x = queries(case, seed)
+    a, b2 = pm.schedules.cosine_legacy.coefficients(case.t)
+    groups = [np.nonzero(case.labels == y)[0] for y in case.qlabels]
+    ref = naive.denoise(case.machine, case.train, x, a, b2, case.k, groups, case.wrapped)
+    got = oracle(case, x)
+    assert np.abs(got - ref).max() <= 1e-9 * RANGE, case
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_cpu_float64_matches_oracle(seed):
+    case = draw(seed)
+    x = queries(case, seed)
+    got = build(case, np.float64).denoise(x, case.t, case.k, labels=case.qlabels, backend="cpu")
+    assert got.dtype == np.float64 and got.shape == x.shape
+    assert np.abs(got - oracle(case, x)).max() <= 1e-9 * RANGE, case
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_float32_matches_oracle(seed, backend):
+    case = draw(seed)
+    x = queries(case, seed)
+    ref = oracle(case, x)
+    got = build(case, np.float32).denoise(x.astype(np.float32), case.t, case.k, labels=case.qlabels, backend=backend)
+    assert got.dtype == np.float32
+    err = np.abs(got.astype(np.float64) - ref)
+    for b in range(len(case.t)):  # per query image, so each t is held to the bound
+        assert err[b].mean() <= 1e-5 * RANGE, (case, b)
+        assert err[b].max() <= 1e-3 * RANGE, (case, b)
+
+
+@pytest.mark.parametrize("t", [0.02, 0.05, 0.3, 1.0])
+@pytest.mark.parametrize("machine,k", [("ELS_zeros", 5), ("ELS_circular", 3), ("LS", 3), ("IS", None)])
+def test_float32_on_mnist(machine, k, t):
+    """Real digits: flat backgrounds make thousands of identical and near-tied keys."""
+    path = os.path.join(SHARED, "data", "mnist.npz")
+    if not os.path.exists(path):
+        pytest.skip("../shared/data/mnist.npz not present")
+    d = np.load(path)
+    train = (d["x_train"][:150, None, 4:24, 4:24].astype(np.float64) / 127.5 - 1)
+    rng = np.random.default_rng(7)
+    a, b2 = pm.schedules.cosine_legacy.coefficients(np.array([t, t]))
+    x0 = d["x_test"][:2, None, 4:24, 4:24] / 127.5 - 1
+    x = a[0] * x0 + np.sqrt(b2[0]) * rng.standard_normal(x0.shape)
+    kinds = {"IS": (pm.IS, {}), "LS": (pm.LS, {}), "ELS_zeros": (pm.ELS, {}),
+             "ELS_circular": (pm.ELS, {"boundary": "circular"})}
+    cls, kw = kinds[machine]
+    ref = cls(train, **kw).denoise(x, t, k, backend="torch")
+    got = cls(train.astype(np.float32), **kw).denoise(x.astype(np.float32), t, k, backend="cpu")
+    err = np.abs(got - ref)
+    assert err.mean() <= 1e-5 * RANGE and err.max() <= 1e-3 * RANGE, (err.mean(), err.max())
+
+
+def test_torch_tensors_in_torch_tensors_out():
+    import torch
+
+    case = draw(2, machine="ELS_zeros")
+    x = queries(case, 2)
+    m = build(case, np.float32)
+    out = m.denoise(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(case.t), case.k,
+                    labels=torch.from_numpy(case.qlabels))
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.shape == x.shape
