@@ -5,10 +5,10 @@
     >>> x0_hat = m.denoise(x_t, t=0.5, k=7)      # same shape, dtype and array type as x_t
 """
 
-from . import schedules
+from . import data, kschedule, sampling, schedules
 from .backends.cuda import available as cuda_available
 from .machines import ELS, IS, LS, Machine, Provenance
 from .validation import ResourceError
 
-__all__ = ["IS", "LS", "ELS", "Machine", "Provenance", "ResourceError", "cuda_available", "schedules"]
+__all__ = ["IS", "LS", "ELS", "Machine", "Provenance", "ResourceError", "cuda_available", "data", "kschedule", "sampling", "schedules"]
 __version__ = "0.1.0"

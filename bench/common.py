@@ -1,0 +1,60 @@
+"""Shared helpers of the benchmark scripts: data from ../shared, timing, machine description."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import numpy as np
+
+SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")
+
+
+def load(name: str, n: int | None = None):
+    """(images float32 (N, C, 32, 32) in [-1, 1], labels) with the paper's preprocessing."""
+    from patchmosaic.data import preprocess
+
+    if name == "mnist":
+        d = np.load(os.path.join(SHARED, "data", "mnist.npz"))
+        x, y = d["x_train"], d["y_train"]
+    elif name == "cifar10":
+        d = np.load(os.path.join(SHARED, "data", "cifar10_10k.npz"))
+        x, y = d["x_train"], d["y_train"]
+    else:
+        raise ValueError(f"unknown data set {name}")
+    if n is not None:
+        x, y = x[:n], y[:n]
+    return preprocess(x).numpy(), y
+
+
+def best_time(fn, repeat: int = 1) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def blas_line() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+
+        return "; ".join(f"{i.get('internal_api')} {i.get('version')} {i.get('architecture', '')} "
+                         f"threads={i.get('num_threads')}" for i in threadpool_info())
+    except ImportError:
+        return "threadpoolctl not installed"

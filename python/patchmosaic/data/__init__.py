@@ -1,0 +1,9 @@
+"""Data sets: images as float tensors in [-1, 1] with integer labels.
+
+The package ships one small default set (``mnist_2k.npz``, below) so that its main job runs offline
+on a fresh install. Loaders for other formats live beside it.
+"""
+
+from .default import load_default, preprocess
+
+__all__ = ["load_default", "preprocess"]

@@ -1,0 +1,81 @@
+"""k-schedules: one odd patch size per reverse-process step, indexed by the step's own time t.
+
+Stored as JSON ``{"times": [...], "ks": [...]}``. The paper's published schedules are available by
+name (:func:`paper_schedule`), translated from its index convention to ours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from typing import List, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class KSchedule:
+    """Patch size ``ks[i]`` for the step that starts at time ``times[i]``."""
+
+    times: tuple
+    ks: tuple
+
+    def __post_init__(self):
+        if len(self.times) != len(self.ks) or not self.ks:
+            raise ValueError(f"times and ks must be non-empty and equally long, got {len(self.times)} and {len(self.ks)}")
+        for k in self.ks:
+            if int(k) != k or k < 1 or k % 2 == 0:
+                raise ValueError(f"every k in a k-schedule must be an odd positive integer, got {k}")
+        for t in self.times:
+            if not 0 < t <= 1:
+                raise ValueError(f"k-schedule times must lie in (0, 1], got {t}")
+
+    def k_at(self, t: float) -> int:
+        """The k of the step whose time is nearest to ``t``."""
+        i = int(np.argmin(np.abs(np.asarray(self.times) - float(t))))
+        return int(self.ks[i])
+
+    def to_json(self, path: str) -> None:
+        d = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=d, suffix=".json.tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"times": list(map(float, self.times)), "ks": list(map(int, self.ks))}, f, indent=1)
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_json(cls, path: str) -> "KSchedule":
+        with open(path) as f:
+            d = json.load(f)
+        return cls(tuple(float(t) for t in d["times"]), tuple(int(k) for k in d["ks"]))
+
+    @classmethod
+    def constant(cls, k: int, steps: int = 20) -> "KSchedule":
+        return cls(tuple(i / steps for i in range(steps, 0, -1)), (int(k),) * steps)
+
+
+def paper_schedule_names() -> List[str]:
+    return sorted(_paper()["schedules"])
+
+
+def paper_schedule(name: str, steps: int = 20) -> KSchedule:
+    """The paper's calibrated schedule ``name`` on our grid ``t_i = i / steps``, ``i = steps..1``.
+
+    The paper stores entry ``i`` for ``t = i / 20`` (entry 0 unused, its machine starting at t = 0.95);
+    our step at ``t = 1`` takes the entry of ``t = 0.95``.
+    """
+    table = _paper()["schedules"]
+    if name not in table:
+        raise ValueError(f"unknown paper k-schedule {name!r}; known: {sorted(table)}")
+    entries = table[name]
+    n = len(entries)
+    times = tuple(i / steps for i in range(steps, 0, -1))
+    ks = tuple(int(entries[min(n - 1, max(1, int(round(t * n))))]) for t in times)
+    return KSchedule(times, ks)
+
+
+def _paper():
+    with resources.files("patchmosaic.data").joinpath("paper_kschedules.json").open("r") as f:
+        return json.load(f)
