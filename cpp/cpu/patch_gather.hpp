@@ -48,3 +48,43 @@ inline void gather_patch(const T* img, int C, int Hs, int Ws, int ci, int cj, in
 }
 
 }  // namespace patchmosaic
+
+namespace patchmosaic {
+
+// A run of L keys centred at (ci, cj), (ci, cj + 1), ..., (ci, cj + L - 1) of one image, written
+// transposed: element dd of key l goes to dst[dd * stride + l]. For a fixed dd the L values are
+// consecutive pixels of one image row, so away from the borders each dd is one contiguous copy.
+template <typename T>
+inline void gather_run(const T* img, int C, int Hs, int Ws, int ci, int cj, int L, int k, int pad, T* dst,
+                       int64_t stride) {
+  const int r = k / 2;
+  const int64_t HW = static_cast<int64_t>(Hs) * Ws;
+  int64_t dd = 0;
+  for (int c = 0; c < C; ++c) {
+    const T* plane = img + c * HW;
+    for (int di = 0; di < k; ++di) {
+      int y = ci - r + di;
+      const bool row_out = y < 0 || y >= Hs;
+      if (pad == kPadCircular) y = wrap_index(y, Hs);
+      const T* row = plane + static_cast<int64_t>(y) * Ws;
+      for (int dj = 0; dj < k; ++dj, ++dd) {
+        T* out = dst + dd * stride;
+        const int x0 = cj - r + dj;
+        if (pad != kPadCircular && row_out) {
+          for (int l = 0; l < L; ++l) out[l] = T(0);
+        } else if (x0 >= 0 && x0 + L <= Ws) {
+          for (int l = 0; l < L; ++l) out[l] = row[x0 + l];
+        } else if (pad == kPadCircular) {
+          for (int l = 0; l < L; ++l) out[l] = row[wrap_index(x0 + l, Ws)];
+        } else {
+          for (int l = 0; l < L; ++l) {
+            const int x = x0 + l;
+            out[l] = (x >= 0 && x < Ws) ? row[x] : T(0);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace patchmosaic

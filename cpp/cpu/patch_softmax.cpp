@@ -68,10 +68,11 @@ struct Item {
 template <typename T>
 struct Workspace {
   std::vector<T> Q, S, Kt, knorm, V, L;
+  std::vector<double> knorm_acc;
   std::vector<int64_t> key_id;
   std::vector<T> c1, c2;
   Workspace(int d, int C) : S(static_cast<size_t>(kMR) * kKB), Kt(static_cast<size_t>(d) * kKB), knorm(kKB),
-                            V(static_cast<size_t>(C) * kKB), L(kKB), key_id(kKB) {}
+                            V(static_cast<size_t>(C) * kKB), L(kKB), knorm_acc(kKB), key_id(kKB) {}
 };
 
 struct Partials {
@@ -81,6 +82,79 @@ struct Partials {
   Partials(int64_t rows, int C_) : m(rows, -std::numeric_limits<double>::infinity()), s(rows, 0.0),
                                    acc(static_cast<size_t>(rows) * C_, 0.0), best(rows, -1), C(C_) {}
 };
+
+// Fold one row's block of dot products S[0..nk) into its online softmax state (m, s, acc, best).
+// CC: the channel count when known at compile time (1 or 3; 0 = runtime C), so that the exponential,
+// the sum and the weighted centres are one fused, vectorised pass.
+template <typename T, int CC>
+inline void fold_row(const T* __restrict Sr, Workspace<T>& ws, int nk, T c1, T c2, double& m, double& s,
+                     double* acc, int64_t& best, int C_runtime) {
+  const int C = CC > 0 ? CC : C_runtime;
+  T* __restrict L = ws.L.data();
+  const T* __restrict kn = ws.knorm.data();
+  for (int j = 0; j < kKB; ++j) L[j] = c1 * Sr[j] - c2 * kn[j];
+  for (int j = nk; j < kKB; ++j) L[j] = -std::numeric_limits<T>::infinity();
+  // maximum over kLanes independent lanes (a vectorisable max; the ternary is exactly maxps)
+  constexpr int kLanes = 64 / sizeof(T);
+  T lane[kLanes];
+  for (int l = 0; l < kLanes; ++l) lane[l] = L[l];
+  for (int j0 = kLanes; j0 < kKB; j0 += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane[l] = lane[l] > L[j0 + l] ? lane[l] : L[j0 + l];
+  T bmax = lane[0];
+  for (int l = 1; l < kLanes; ++l) bmax = lane[l] > bmax ? lane[l] : bmax;
+  if (static_cast<double>(bmax) < m - kCut<T>) return;  // every weight of the block is exactly 0
+  if (static_cast<double>(bmax) > m) {
+    int barg = 0;
+    while (L[barg] != bmax) ++barg;
+    const double f = std::isinf(m) ? 0.0 : std::exp(m - static_cast<double>(bmax));
+    s *= f;
+    for (int c = 0; c < C; ++c) acc[c] *= f;
+    m = bmax;
+    best = ws.key_id[barg];
+  }
+  const T mt = static_cast<T>(m);
+  const T* __restrict V = ws.V.data();
+  if constexpr (CC == 1) {
+    T wsum = T(0), v0 = T(0);
+
+    for (int j = 0; j < nk; ++j) {
+      const T w = exp_nonpos(L[j] - mt);
+      wsum += w;
+      v0 += w * V[j];
+    }
+    s += wsum;
+    acc[0] += v0;
+  } else if constexpr (CC == 3) {
+    T wsum = T(0), v0 = T(0), v1 = T(0), v2 = T(0);
+
+    for (int j = 0; j < nk; ++j) {
+      const T w = exp_nonpos(L[j] - mt);
+      wsum += w;
+      v0 += w * V[j];
+      v1 += w * V[kKB + j];
+      v2 += w * V[2 * kKB + j];
+    }
+    s += wsum;
+    acc[0] += v0;
+    acc[1] += v1;
+    acc[2] += v2;
+  } else {
+    T wsum = T(0);
+
+    for (int j = 0; j < nk; ++j) {
+      L[j] = exp_nonpos(L[j] - mt);
+      wsum += L[j];
+    }
+    s += wsum;
+    for (int c = 0; c < C; ++c) {
+      const T* Vc = V + static_cast<int64_t>(c) * kKB;
+      T vsum = T(0);
+
+      for (int j = 0; j < nk; ++j) vsum += L[j] * Vc[j];
+      acc[c] += vsum;
+    }
+  }
+}
 
 template <typename T>
 void run_item(const PatchSoftmaxArgs<T>& A, const Item& it, const std::vector<std::vector<int64_t>>& bs,
@@ -118,65 +192,46 @@ void run_item(const PatchSoftmaxArgs<T>& A, const Item& it, const std::vector<st
   int64_t img_i = it.k0 / npos, pos_i = it.k0 % npos;
   for (int64_t kb0 = it.k0; kb0 < it.k1; kb0 += kKB) {
     const int nk = static_cast<int>(std::min<int64_t>(kKB, it.k1 - kb0));
-    for (int j = 0; j < nk; ++j) {
+    // gather the block in runs of horizontally adjacent keys of one image (see gather_run)
+    for (int j = 0; j < nk;) {
       const int64_t n = A.grp_img[i0 + img_i];
-      const int64_t pos = A.cls_kpos[p0 + pos_i];
+      const int32_t* kp = A.cls_kpos + p0 + pos_i;
+      const int64_t pos = kp[0];
+      const int ci = static_cast<int>(pos / A.W), cj = static_cast<int>(pos % A.W);
+      int L = 1;
+      while (j + L < nk && pos_i + L < npos && kp[L] == pos + L && cj + L < A.W) ++L;
       const T* img = A.train + n * C * HW;
-      gather_patch(img, C, A.H, A.W, static_cast<int>(pos / A.W), static_cast<int>(pos % A.W), k, A.key_pad,
-                   ws.Kt.data() + j, kKB);
-      double nrm = 0.0;
-      for (int dd = 0; dd < d; ++dd) {
-        const double v = ws.Kt[static_cast<int64_t>(dd) * kKB + j];
-        nrm += v * v;
-      }
-      ws.knorm[j] = static_cast<T>(nrm);
-      for (int c = 0; c < C; ++c) ws.V[static_cast<int64_t>(c) * kKB + j] = img[c * HW + pos];
-      ws.key_id[j] = n * HW + pos;
-      if (++pos_i == npos) { pos_i = 0; ++img_i; }
+      gather_run(img, C, A.H, A.W, ci, cj, L, k, A.key_pad, ws.Kt.data() + j, kKB);
+      for (int c = 0; c < C; ++c)
+        for (int l = 0; l < L; ++l) ws.V[static_cast<int64_t>(c) * kKB + j + l] = img[c * HW + pos + l];
+      for (int l = 0; l < L; ++l) ws.key_id[j + l] = n * HW + pos + l;
+      j += L;
+      pos_i += L;
+      if (pos_i == npos) { pos_i = 0; ++img_i; }
     }
     if (nk < kKB)
       for (int dd = 0; dd < d; ++dd)
         std::fill(ws.Kt.begin() + static_cast<int64_t>(dd) * kKB + nk, ws.Kt.begin() + static_cast<int64_t>(dd + 1) * kKB, T(0));
+    // key norms, accumulated in double over dd (vectorised over keys)
+    std::fill(ws.knorm_acc.begin(), ws.knorm_acc.end(), 0.0);
+    for (int dd = 0; dd < d; ++dd) {
+      const T* row = ws.Kt.data() + static_cast<int64_t>(dd) * kKB;
+      double* acc = ws.knorm_acc.data();
+#pragma omp simd
+      for (int j = 0; j < kKB; ++j) acc[j] += static_cast<double>(row[j]) * row[j];
+    }
+    for (int j = 0; j < kKB; ++j) ws.knorm[j] = static_cast<T>(ws.knorm_acc[j]);
 
     for (int r0 = 0; r0 < rows; r0 += kMR) {
       dot_tile(ws.Q.data() + static_cast<int64_t>(r0) * d, ws.Kt.data(), d, ws.S.data());
       const int mr = std::min(kMR, rows - r0);
       for (int m = 0; m < mr; ++m) {
         const int r = r0 + m;
+        double* acc = pacc + static_cast<int64_t>(r) * C;
         const T* Sr = ws.S.data() + m * kKB;
-        const T c1 = ws.c1[r], c2 = ws.c2[r];
-        T* L = ws.L.data();
-        T bmax = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : bmax)
-        for (int j = 0; j < nk; ++j) {
-          L[j] = c1 * Sr[j] - c2 * ws.knorm[j];
-          bmax = std::max(bmax, L[j]);
-        }
-        if (static_cast<double>(bmax) < pm[r] - kCut<T>) continue;  // every weight of the block is 0
-        if (static_cast<double>(bmax) > pm[r]) {
-          int barg = 0;
-          while (L[barg] != bmax) ++barg;
-          const double f = std::isinf(pm[r]) ? 0.0 : std::exp(pm[r] - static_cast<double>(bmax));
-          ps[r] *= f;
-          for (int c = 0; c < C; ++c) pacc[static_cast<int64_t>(r) * C + c] *= f;
-          pm[r] = bmax;
-          pbest[r] = ws.key_id[barg];
-        }
-        const T mr_t = static_cast<T>(pm[r]);
-        T wsum = T(0);
-#pragma omp simd reduction(+ : wsum)
-        for (int j = 0; j < nk; ++j) {
-          L[j] = exp_nonpos(L[j] - mr_t);
-          wsum += L[j];
-        }
-        ps[r] += wsum;
-        for (int c = 0; c < C; ++c) {
-          const T* Vc = ws.V.data() + static_cast<int64_t>(c) * kKB;
-          T vsum = T(0);
-#pragma omp simd reduction(+ : vsum)
-          for (int j = 0; j < nk; ++j) vsum += L[j] * Vc[j];
-          pacc[static_cast<int64_t>(r) * C + c] += vsum;
-        }
+        if (C == 1) fold_row<T, 1>(Sr, ws, nk, ws.c1[r], ws.c2[r], pm[r], ps[r], acc, pbest[r], C);
+        else if (C == 3) fold_row<T, 3>(Sr, ws, nk, ws.c1[r], ws.c2[r], pm[r], ps[r], acc, pbest[r], C);
+        else fold_row<T, 0>(Sr, ws, nk, ws.c1[r], ws.c2[r], pm[r], ps[r], acc, pbest[r], C);
       }
     }
   }
