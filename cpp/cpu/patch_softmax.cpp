@@ -31,28 +31,61 @@ constexpr int64_t kRowBlock = 4096; // query rows per item at most (bounds the q
 
 // Micro-tile: kMR query rows x NR keys of accumulators, held in vector registers.
 #if defined(__AVX512F__)
-constexpr int kMR = 8;
-template <typename T> struct Tile { static constexpr int NR = 64 / sizeof(T) * 2; };  // two zmm
+constexpr int kMR = 6;
+template <typename T> struct Tile { static constexpr int NR = 64 / sizeof(T) * 4; };  // four zmm
 #else
 constexpr int kMR = 4;
 template <typename T> struct Tile { static constexpr int NR = 32 / sizeof(T) * 2; };  // two ymm
 #endif
 
-// S[m][j] = sum_dd Q[m][dd] * Kt[dd][j] for m < kMR, j < kKB.  Q: kMR rows of length d.
+// 64 bytes of T as one GCC vector (one zmm register, or two ymm): element-wise max without a
+// reduction the auto-vectoriser would have to recognise.
+template <typename T> struct Vec64;
+template <> struct Vec64<float> { typedef float type __attribute__((vector_size(64))); };
+template <> struct Vec64<double> { typedef double type __attribute__((vector_size(64))); };
+
+// Logits of one tile of kMR query rows against a block of keys, and each row's block maximum:
+//   L[m][j] = c1[m] * sum_dd Q[dd][m] Kt[dd][j] - c2[m] * kn[j]   (j < nk; -inf beyond)
+// Q is one packed tile, [d][kMR]; the dot products stay in registers until turned into logits.
 template <typename T>
-inline void dot_tile(const T* __restrict Q, const T* __restrict Kt, int d, T* __restrict S) {
+inline void logit_tile(const T* __restrict Q, const T* __restrict Kt, int d, const T* __restrict kn, int nk,
+                       const T* __restrict c1, const T* __restrict c2, T* __restrict L, T* __restrict bmax) {
   constexpr int NR = Tile<T>::NR;
+  constexpr int kLanes = 64 / sizeof(T);
+  static_assert(NR % kLanes == 0 && kKB % NR == 0, "tile sizes");
+  const T ninf = -std::numeric_limits<T>::infinity();
+  using Vec = typename Vec64<T>::type;
+  Vec lmax[kMR];
+  for (int m = 0; m < kMR; ++m) lmax[m] = Vec{} + ninf;
   for (int j0 = 0; j0 < kKB; j0 += NR) {
     T acc[kMR][NR] = {};
     for (int dd = 0; dd < d; ++dd) {
       const T* kv = Kt + static_cast<int64_t>(dd) * kKB + j0;
       for (int m = 0; m < kMR; ++m) {
-        const T qv = Q[static_cast<int64_t>(m) * d + dd];
+        const T qv = Q[static_cast<int64_t>(dd) * kMR + m];
 #pragma omp simd
         for (int j = 0; j < NR; ++j) acc[m][j] += qv * kv[j];
       }
     }
-    for (int m = 0; m < kMR; ++m) std::memcpy(S + m * kKB + j0, acc[m], sizeof(T) * NR);
+    for (int m = 0; m < kMR; ++m) {
+      T* Lm = L + m * kKB + j0;
+      for (int j = 0; j < NR; ++j) {
+        const T v = c1[m] * acc[m][j] - c2[m] * kn[j0 + j];
+        Lm[j] = j0 + j < nk ? v : ninf;
+      }
+      for (int u = 0; u < NR; u += kLanes) {
+        Vec v;
+        std::memcpy(&v, Lm + u, sizeof(Vec));
+        lmax[m] = lmax[m] > v ? lmax[m] : v;
+      }
+    }
+  }
+  for (int m = 0; m < kMR; ++m) {
+    T lanes[kLanes];
+    std::memcpy(lanes, &lmax[m], sizeof(Vec));
+    T mx = lanes[0];
+    for (int l = 1; l < kLanes; ++l) mx = lanes[l] > mx ? lanes[l] : mx;
+    bmax[m] = mx;
   }
 }
 
@@ -67,12 +100,12 @@ struct Item {
 
 template <typename T>
 struct Workspace {
-  std::vector<T> Q, S, Kt, knorm, V, L;
+  std::vector<T> Q, Qp, S, Kt, knorm, V, Wt, bmax;
   std::vector<double> knorm_acc;
   std::vector<int64_t> key_id;
   std::vector<T> c1, c2;
   Workspace(int d, int C) : S(static_cast<size_t>(kMR) * kKB), Kt(static_cast<size_t>(d) * kKB), knorm(kKB),
-                            V(static_cast<size_t>(C) * kKB), L(kKB), knorm_acc(kKB), key_id(kKB) {}
+                            V(static_cast<size_t>(C) * kKB), Wt(kKB), bmax(kMR), knorm_acc(kKB), key_id(kKB) {}
 };
 
 struct Partials {
@@ -87,21 +120,9 @@ struct Partials {
 // CC: the channel count when known at compile time (1 or 3; 0 = runtime C), so that the exponential,
 // the sum and the weighted centres are one fused, vectorised pass.
 template <typename T, int CC>
-inline void fold_row(const T* __restrict Sr, Workspace<T>& ws, int nk, T c1, T c2, double& m, double& s,
-                     double* acc, int64_t& best, int C_runtime) {
+inline void fold_row(const T* __restrict L, T bmax, Workspace<T>& ws, int nk, double& m, double& s, double* acc,
+                     int64_t& best, int C_runtime) {
   const int C = CC > 0 ? CC : C_runtime;
-  T* __restrict L = ws.L.data();
-  const T* __restrict kn = ws.knorm.data();
-  for (int j = 0; j < kKB; ++j) L[j] = c1 * Sr[j] - c2 * kn[j];
-  for (int j = nk; j < kKB; ++j) L[j] = -std::numeric_limits<T>::infinity();
-  // maximum over kLanes independent lanes (a vectorisable max; the ternary is exactly maxps)
-  constexpr int kLanes = 64 / sizeof(T);
-  T lane[kLanes];
-  for (int l = 0; l < kLanes; ++l) lane[l] = L[l];
-  for (int j0 = kLanes; j0 < kKB; j0 += kLanes)
-    for (int l = 0; l < kLanes; ++l) lane[l] = lane[l] > L[j0 + l] ? lane[l] : L[j0 + l];
-  T bmax = lane[0];
-  for (int l = 1; l < kLanes; ++l) bmax = lane[l] > bmax ? lane[l] : bmax;
   if (static_cast<double>(bmax) < m - kCut<T>) return;  // every weight of the block is exactly 0
   if (static_cast<double>(bmax) > m) {
     int barg = 0;
@@ -116,7 +137,6 @@ inline void fold_row(const T* __restrict Sr, Workspace<T>& ws, int nk, T c1, T c
   const T* __restrict V = ws.V.data();
   if constexpr (CC == 1) {
     T wsum = T(0), v0 = T(0);
-
     for (int j = 0; j < nk; ++j) {
       const T w = exp_nonpos(L[j] - mt);
       wsum += w;
@@ -126,7 +146,6 @@ inline void fold_row(const T* __restrict Sr, Workspace<T>& ws, int nk, T c1, T c
     acc[0] += v0;
   } else if constexpr (CC == 3) {
     T wsum = T(0), v0 = T(0), v1 = T(0), v2 = T(0);
-
     for (int j = 0; j < nk; ++j) {
       const T w = exp_nonpos(L[j] - mt);
       wsum += w;
@@ -139,18 +158,17 @@ inline void fold_row(const T* __restrict Sr, Workspace<T>& ws, int nk, T c1, T c
     acc[1] += v1;
     acc[2] += v2;
   } else {
+    T* __restrict W = ws.Wt.data();
     T wsum = T(0);
-
     for (int j = 0; j < nk; ++j) {
-      L[j] = exp_nonpos(L[j] - mt);
-      wsum += L[j];
+      W[j] = exp_nonpos(L[j] - mt);
+      wsum += W[j];
     }
     s += wsum;
     for (int c = 0; c < C; ++c) {
       const T* Vc = V + static_cast<int64_t>(c) * kKB;
       T vsum = T(0);
-
-      for (int j = 0; j < nk; ++j) vsum += L[j] * Vc[j];
+      for (int j = 0; j < nk; ++j) vsum += W[j] * Vc[j];
       acc[c] += vsum;
     }
   }
@@ -183,6 +201,12 @@ void run_item(const PatchSoftmaxArgs<T>& A, const Item& it, const std::vector<st
     ws.c1[r] = static_cast<T>(2.0 * a * s);
     ws.c2[r] = static_cast<T>(a * a * s);
   }
+  // pack the rows into tiles of kMR, dd-major, so the micro-kernel broadcasts consecutive values
+  ws.Qp.resize(static_cast<size_t>(rows_padded) * d);
+  for (int t0 = 0; t0 < rows_padded; t0 += kMR)
+    for (int dd = 0; dd < d; ++dd)
+      for (int m = 0; m < kMR; ++m)
+        ws.Qp[static_cast<int64_t>(t0) * d + static_cast<int64_t>(dd) * kMR + m] = ws.Q[static_cast<int64_t>(t0 + m) * d + dd];
   double* pm = P.m.data() + it.part;
   double* ps = P.s.data() + it.part;
   double* pacc = P.acc.data() + it.part * C;
@@ -223,15 +247,16 @@ void run_item(const PatchSoftmaxArgs<T>& A, const Item& it, const std::vector<st
     for (int j = 0; j < kKB; ++j) ws.knorm[j] = static_cast<T>(ws.knorm_acc[j]);
 
     for (int r0 = 0; r0 < rows; r0 += kMR) {
-      dot_tile(ws.Q.data() + static_cast<int64_t>(r0) * d, ws.Kt.data(), d, ws.S.data());
+      logit_tile(ws.Qp.data() + static_cast<int64_t>(r0) * d, ws.Kt.data(), d, ws.knorm.data(), nk,
+                 ws.c1.data() + r0, ws.c2.data() + r0, ws.S.data(), ws.bmax.data());
       const int mr = std::min(kMR, rows - r0);
       for (int m = 0; m < mr; ++m) {
         const int r = r0 + m;
         double* acc = pacc + static_cast<int64_t>(r) * C;
         const T* Sr = ws.S.data() + m * kKB;
-        if (C == 1) fold_row<T, 1>(Sr, ws, nk, ws.c1[r], ws.c2[r], pm[r], ps[r], acc, pbest[r], C);
-        else if (C == 3) fold_row<T, 3>(Sr, ws, nk, ws.c1[r], ws.c2[r], pm[r], ps[r], acc, pbest[r], C);
-        else fold_row<T, 0>(Sr, ws, nk, ws.c1[r], ws.c2[r], pm[r], ps[r], acc, pbest[r], C);
+        if (C == 1) fold_row<T, 1>(Sr, ws.bmax[m], ws, nk, pm[r], ps[r], acc, pbest[r], C);
+        else if (C == 3) fold_row<T, 3>(Sr, ws.bmax[m], ws, nk, pm[r], ps[r], acc, pbest[r], C);
+        else fold_row<T, 0>(Sr, ws.bmax[m], ws, nk, pm[r], ps[r], acc, pbest[r], C);
       }
     }
   }
