@@ -102,10 +102,10 @@ template <typename T>
 struct Workspace {
   std::vector<T> Q, Qp, S, Kt, knorm, V, Wt, bmax;
   std::vector<double> knorm_acc;
-  std::vector<int64_t> key_id;
+  std::vector<int64_t> key_id, base;
   std::vector<T> c1, c2;
   Workspace(int d, int C) : S(static_cast<size_t>(kMR) * kKB), Kt(static_cast<size_t>(d) * kKB), knorm(kKB),
-                            V(static_cast<size_t>(C) * kKB), Wt(kKB), bmax(kMR), knorm_acc(kKB), key_id(kKB) {}
+                            V(static_cast<size_t>(C) * kKB), Wt(kKB), bmax(kMR), knorm_acc(kKB), key_id(kKB), base(kKB) {}
 };
 
 struct Partials {
@@ -216,22 +216,54 @@ void run_item(const PatchSoftmaxArgs<T>& A, const Item& it, const std::vector<st
   int64_t img_i = it.k0 / npos, pos_i = it.k0 % npos;
   for (int64_t kb0 = it.k0; kb0 < it.k1; kb0 += kKB) {
     const int nk = static_cast<int>(std::min<int64_t>(kKB, it.k1 - kb0));
-    // gather the block in runs of horizontally adjacent keys of one image (see gather_run)
-    for (int j = 0; j < nk;) {
+    // Key centres of the block (flat offsets into the training buffer), values and ids. Count the
+    // runs of horizontally adjacent keys of one image along the way.
+    const int64_t img_i0 = img_i, pos_i0 = pos_i;
+    int runs = 0;
+    for (int j = 0; j < nk; ++j) {
       const int64_t n = A.grp_img[i0 + img_i];
-      const int32_t* kp = A.cls_kpos + p0 + pos_i;
-      const int64_t pos = kp[0];
-      const int ci = static_cast<int>(pos / A.W), cj = static_cast<int>(pos % A.W);
-      int L = 1;
-      while (j + L < nk && pos_i + L < npos && kp[L] == pos + L && cj + L < A.W) ++L;
-      const T* img = A.train + n * C * HW;
-      gather_run(img, C, A.H, A.W, ci, cj, L, k, A.key_pad, ws.Kt.data() + j, kKB);
-      for (int c = 0; c < C; ++c)
-        for (int l = 0; l < L; ++l) ws.V[static_cast<int64_t>(c) * kKB + j + l] = img[c * HW + pos + l];
-      for (int l = 0; l < L; ++l) ws.key_id[j + l] = n * HW + pos + l;
-      j += L;
-      pos_i += L;
-      if (pos_i == npos) { pos_i = 0; ++img_i; }
+      const int64_t pos = A.cls_kpos[p0 + pos_i];
+      const int64_t base = n * C * HW + pos;
+      runs += (j == 0 || base != ws.base[j - 1] + 1 || pos % A.W == 0) ? 1 : 0;
+      ws.base[j] = base;
+      for (int c = 0; c < C; ++c) ws.V[static_cast<int64_t>(c) * kKB + j] = A.train[base + c * HW];
+      ws.key_id[j] = n * HW + pos;
+      if (++pos_i == npos) { pos_i = 0; ++img_i; }
+    }
+    if (A.key_pad == kPadZeros && runs * 8 > nk) {
+      // Short runs (edge and corner classes, LS): every key of a class has the same padding signature,
+      // so one pattern of padded entries holds for the whole block; gather each patch entry dd of
+      // all keys at once through the centre offsets.
+      const int64_t pos0 = A.cls_kpos[p0 + pos_i0];
+      const int ci = static_cast<int>(pos0 / A.W), cj = static_cast<int>(pos0 % A.W), r = k / 2;
+      for (int c = 0, dd = 0; c < C; ++c)
+        for (int di = 0; di < k; ++di)
+          for (int dj = 0; dj < k; ++dj, ++dd) {
+            T* row = ws.Kt.data() + static_cast<int64_t>(dd) * kKB;
+            const int y = ci - r + di, x = cj - r + dj;
+            if (y < 0 || y >= A.H || x < 0 || x >= A.W) {
+              std::fill(row, row + nk, T(0));
+              continue;
+            }
+            const T* src = A.train + c * HW + static_cast<int64_t>(di - r) * A.W + (dj - r);
+            const int64_t* base = ws.base.data();
+            for (int j = 0; j < nk; ++j) row[j] = src[base[j]];
+          }
+    } else {
+      // long runs (interior classes): each patch entry of a run is one contiguous copy (gather_run)
+      int64_t gi = img_i0, gp = pos_i0;
+      for (int j = 0; j < nk;) {
+        const int64_t n = A.grp_img[i0 + gi];
+        const int32_t* kp = A.cls_kpos + p0 + gp;
+        const int64_t pos = kp[0];
+        const int ci = static_cast<int>(pos / A.W), cj = static_cast<int>(pos % A.W);
+        int L = 1;
+        while (j + L < nk && gp + L < npos && kp[L] == pos + L && cj + L < A.W) ++L;
+        gather_run(A.train + n * C * HW, C, A.H, A.W, ci, cj, L, k, A.key_pad, ws.Kt.data() + j, kKB);
+        j += L;
+        gp += L;
+        if (gp == npos) { gp = 0; ++gi; }
+      }
     }
     if (nk < kKB)
       for (int dd = 0; dd < d; ++dd)
