@@ -33,6 +33,24 @@ T* ptr_of(const py::array& arr, const char* name, int ndim, bool writable = fals
   return static_cast<T*>(const_cast<void*>(arr.data()));
 }
 
+// The fields both kernels share: per-query coefficients, image groups, provenance outputs.
+template <typename T, typename Args>
+void fill_common(Args& A, const py::array& a, const py::array& inv_2b2, const py::array& grp_img_ptr,
+                 const py::array& grp_img, const py::array& group_of_b, std::optional<py::array>& arg_key,
+                 std::optional<py::array>& arg_share, int prov_ndim, int n_threads) {
+  A.a = ptr_of<double>(a, "a", 1);
+  A.inv_2b2 = ptr_of<double>(inv_2b2, "inv_2b2", 1);
+  A.grp_img_ptr = ptr_of<int64_t>(grp_img_ptr, "grp_img_ptr", 1);
+  A.n_groups = grp_img_ptr.shape(0) - 1;
+  A.grp_img = ptr_of<int32_t>(grp_img, "grp_img", 1);
+  A.group_of_b = ptr_of<int32_t>(group_of_b, "group_of_b", 1);
+  if (arg_key) A.arg_key = ptr_of<int64_t>(*arg_key, "arg_key", prov_ndim, true);
+  if (arg_share) A.arg_share = ptr_of<T>(*arg_share, "arg_share", prov_ndim, true);
+  A.n_threads = n_threads;
+  if (a.shape(0) != A.B || inv_2b2.shape(0) != A.B || group_of_b.shape(0) != A.B)
+    throw std::invalid_argument("a, inv_2b2 and group_of_b must have one entry per query image");
+}
+
 template <typename T>
 void patch_softmax_impl(const py::array& train, const py::array& query, int k, int query_pad, int key_pad,
                         const py::array& a, const py::array& inv_2b2, const py::array& cls_qpix_ptr,
@@ -48,23 +66,13 @@ void patch_softmax_impl(const py::array& train, const py::array& query, int k, i
   A.B = query.shape(0); A.Hq = static_cast<int>(query.shape(2)); A.Wq = static_cast<int>(query.shape(3));
   if (query.shape(1) != A.C) throw std::invalid_argument("query and train differ in channels");
   A.k = k; A.query_pad = query_pad; A.key_pad = key_pad;
-  A.a = ptr_of<double>(a, "a", 1);
-  A.inv_2b2 = ptr_of<double>(inv_2b2, "inv_2b2", 1);
   A.cls_qpix_ptr = ptr_of<int64_t>(cls_qpix_ptr, "cls_qpix_ptr", 1);
   A.n_classes = cls_qpix_ptr.shape(0) - 1;
   A.cls_qpix = ptr_of<int32_t>(cls_qpix, "cls_qpix", 1);
   A.cls_kpos_ptr = ptr_of<int64_t>(cls_kpos_ptr, "cls_kpos_ptr", 1);
   A.cls_kpos = ptr_of<int32_t>(cls_kpos, "cls_kpos", 1);
-  A.grp_img_ptr = ptr_of<int64_t>(grp_img_ptr, "grp_img_ptr", 1);
-  A.n_groups = grp_img_ptr.shape(0) - 1;
-  A.grp_img = ptr_of<int32_t>(grp_img, "grp_img", 1);
-  A.group_of_b = ptr_of<int32_t>(group_of_b, "group_of_b", 1);
   A.out = ptr_of<T>(out, "out", 4, true);
-  if (arg_key) A.arg_key = ptr_of<int64_t>(*arg_key, "arg_key", 3, true);
-  if (arg_share) A.arg_share = ptr_of<T>(*arg_share, "arg_share", 3, true);
-  A.n_threads = n_threads;
-  if (a.shape(0) != A.B || inv_2b2.shape(0) != A.B || group_of_b.shape(0) != A.B)
-    throw std::invalid_argument("a, inv_2b2 and group_of_b must have one entry per query image");
+  fill_common<T>(A, a, inv_2b2, grp_img_ptr, grp_img, group_of_b, arg_key, arg_share, 3, n_threads);
   if (cls_kpos_ptr.shape(0) != cls_qpix_ptr.shape(0)) throw std::invalid_argument("class pointer arrays differ in length");
   py::gil_scoped_release nogil;
   patch_softmax_cpu<T>(A);
@@ -81,18 +89,8 @@ void ideal_score_impl(const py::array& train, const py::array& query, const py::
   A.query = ptr_of<T>(query, "query", 2);
   A.B = query.shape(0);
   if (query.shape(1) != A.D) throw std::invalid_argument("query and train differ in size");
-  A.a = ptr_of<double>(a, "a", 1);
-  A.inv_2b2 = ptr_of<double>(inv_2b2, "inv_2b2", 1);
-  A.grp_img_ptr = ptr_of<int64_t>(grp_img_ptr, "grp_img_ptr", 1);
-  A.n_groups = grp_img_ptr.shape(0) - 1;
-  A.grp_img = ptr_of<int32_t>(grp_img, "grp_img", 1);
-  A.group_of_b = ptr_of<int32_t>(group_of_b, "group_of_b", 1);
   A.out = ptr_of<T>(out, "out", 2, true);
-  if (arg_key) A.arg_key = ptr_of<int64_t>(*arg_key, "arg_key", 1, true);
-  if (arg_share) A.arg_share = ptr_of<T>(*arg_share, "arg_share", 1, true);
-  A.n_threads = n_threads;
-  if (a.shape(0) != A.B || inv_2b2.shape(0) != A.B || group_of_b.shape(0) != A.B)
-    throw std::invalid_argument("a, inv_2b2 and group_of_b must have one entry per query image");
+  fill_common<T>(A, a, inv_2b2, grp_img_ptr, grp_img, group_of_b, arg_key, arg_share, 1, n_threads);
   py::gil_scoped_release nogil;
   ideal_score_cpu<T>(A);
 }

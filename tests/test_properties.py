@@ -192,3 +192,18 @@ def test_provenance_names_the_nearest_key_at_small_t():
     assert np.all(prov.share > 0.99)
     n = train[prov.image, :, prov.row, prov.col]  # (B, H, W, C): the winning keys' centres
     assert np.abs(np.moveaxis(n, -1, 1) - out).max() <= 1e-6
+
+
+@pytest.mark.parametrize("machine", ["IS", "LS", "ELS_zeros", "ELS_circular"])
+def test_result_does_not_depend_on_the_thread_count(machine):
+    """The key ranges and their merge order are fixed, so 1 and 2 threads give identical bits."""
+    train, rng = data(12, N=40, C=3, H=12, W=10)
+    x = rng.standard_normal((3, 3, 12, 10)).astype(np.float32)
+    outs = []
+    for nt in (1, 2):
+        kw = dict(n_threads=nt)
+        m = {"IS": pm.IS(train.astype(np.float32), **kw), "LS": pm.LS(train.astype(np.float32), **kw),
+             "ELS_zeros": pm.ELS(train.astype(np.float32), **kw),
+             "ELS_circular": pm.ELS(train.astype(np.float32), boundary="circular", **kw)}[machine]
+        outs.append(m.denoise(x, 0.4, 5, backend="cpu"))
+    assert np.array_equal(outs[0], outs[1])

@@ -8,12 +8,9 @@
 #include <stdexcept>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "../patch_softmax.hpp"
 #include "online_softmax.hpp"
+#include "threads.hpp"
 
 namespace patchmosaic {
 namespace {
@@ -39,13 +36,7 @@ void ideal_score_cpu(const IdealScoreArgs<T>& A) {
     for (int64_t i = lo; i < hi; i += kChunk) items.push_back({b, i, std::min(hi, i + kChunk)});
   }
   std::vector<Partial> parts(items.size());
-  int nt = A.n_threads;
-#ifdef _OPENMP
-  if (nt <= 0) nt = omp_get_max_threads();
-#else
-  nt = 1;
-#endif
-  nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, static_cast<int64_t>(items.size()))));
+  const int nt = resolve_threads(A.n_threads, static_cast<int64_t>(items.size()));
   const int64_t D = A.D;
 #pragma omp parallel num_threads(nt)
   {

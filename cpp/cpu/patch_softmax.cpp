@@ -7,7 +7,7 @@
 // each row's online softmax. Each key is gathered once per (group, class, row block), not once per
 // row tile. Items over different key ranges of the same rows produce partial states (max, sum,
 // weighted centres, arg-max) that merge associatively at the end, in a fixed order, so results do
-// not depend on the thread count's scheduling.
+// not depend on the number of threads or their scheduling.
 #include <algorithm>
 #include <cstring>
 #include <limits>
@@ -15,19 +15,17 @@
 #include <string>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "../patch_softmax.hpp"
 #include "online_softmax.hpp"
 #include "patch_gather.hpp"
+#include "threads.hpp"
 
 namespace patchmosaic {
 namespace {
 
 constexpr int kKB = 256;            // keys per streamed block
 constexpr int64_t kRowBlock = 4096; // query rows per item at most (bounds the query-patch buffer)
+constexpr double kTargetItems = 64;  // work items per call, roughly: enough to balance 2..32 threads
 
 // Micro-tile: kMR query rows x NR keys of accumulators, held in vector registers.
 #if defined(__AVX512F__)
@@ -305,12 +303,6 @@ void patch_softmax_cpu(const PatchSoftmaxArgs<T>& A) {
     if (g < 0 || g >= A.n_groups) throw std::invalid_argument("group_of_b out of range");
     bs[g].push_back(b);
   }
-  int nt = A.n_threads;
-#ifdef _OPENMP
-  if (nt <= 0) nt = omp_get_max_threads();
-#else
-  nt = 1;
-#endif
   // total work, to size the key ranges so that there are several items per thread
   double total_pairs = 0.0;
   for (int64_t g = 0; g < A.n_groups; ++g) {
@@ -324,7 +316,9 @@ void patch_softmax_cpu(const PatchSoftmaxArgs<T>& A) {
       total_pairs += static_cast<double>(bs[g].size() * npix) * static_cast<double>(nimg * npos);
     }
   }
-  const double target = std::max(total_pairs / (8.0 * nt), 1.0);
+  // A fixed number of work items (not one that depends on the thread count): the split of keys into
+  // ranges, and so the order of floating-point sums, is the same whatever the number of threads.
+  const double target = std::max(total_pairs / kTargetItems, 1.0);
   std::vector<Item> items;
   int64_t part_rows = 0;
   for (int64_t g = 0; g < A.n_groups; ++g) {
@@ -350,7 +344,7 @@ void patch_softmax_cpu(const PatchSoftmaxArgs<T>& A) {
   }
   Partials P(part_rows, A.C);
   const int d = A.C * A.k * A.k;
-  nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, static_cast<int64_t>(items.size()))));
+  const int nt = resolve_threads(A.n_threads, static_cast<int64_t>(items.size()));
 #pragma omp parallel num_threads(nt)
   {
     Workspace<T> ws(d, A.C);

@@ -189,6 +189,8 @@ class Machine:
             need += xt.numel() // self.C * (8 + item)
         if self.images.dtype != xt.dtype:
             need += self.images.numel() * item
+        if backend == "cpu" and self.local:  # the engine's per-row partial softmax states (double)
+            need += 2 * (xt.numel() // self.C) * (self.C + 3) * 8
         if backend == "torch":
             from .backends.torch_ref import _BUDGET
 
