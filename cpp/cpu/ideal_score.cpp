@@ -88,10 +88,8 @@ void ideal_score_cpu(const IdealScoreArgs<T>& A) {
     RowState& S = st[b];
     double* ab = acc.data() + b * D;
     const Partial& P = parts[it];
-    const double f = rescale_for(S, P.st.m, P.st.best);  // rescales the old sums when P's max is larger
-    const double g = std::exp(P.st.m - S.m);              // rescales P to the (possibly new) max
-    S.s = S.s * f + P.st.s * g;
-    for (int64_t e = 0; e < D; ++e) ab[e] = ab[e] * f + P.acc[e] * g;
+    const MergeFactors mf = merge_partial(S, P.st.m, P.st.s, P.st.best);
+    for (int64_t e = 0; e < D; ++e) ab[e] = ab[e] * mf.old_scale + P.acc[e] * mf.part_scale;
   }
   for (int64_t b = 0; b < A.B; ++b) {
     for (int64_t e = 0; e < D; ++e) A.out[b * D + e] = static_cast<T>(acc[b * D + e] / st[b].s);

@@ -54,4 +54,14 @@ inline double rescale_for(RowState& st, double block_max, int64_t block_argmax_k
   return 1.0;
 }
 
+// Merge a partial state (m, s, best) into st: returns (f, h), the factors by which st's old sums and
+// the partial's sums are rescaled to st's new maximum (st.s is updated; weighted sums are the caller's).
+struct MergeFactors { double old_scale, part_scale; };
+inline MergeFactors merge_partial(RowState& st, double m, double s, int64_t best) {
+  const double f = rescale_for(st, m, best);
+  const double h = std::exp(m - st.m);
+  st.s = st.s * f + s * h;
+  return {f, h};
+}
+
 }  // namespace patchmosaic

@@ -1,4 +1,4 @@
-// patch_gather.hpp -- copy the C*k*k patch of an image centred at (ci, cj), zero or circular padded.
+// patch_gather.hpp -- copy C*k*k patches of an image, zero or circular padded, into a transposed buffer.
 #pragma once
 
 #include <cstdint>
@@ -12,48 +12,10 @@ inline int wrap_index(int i, int n) {
   return m < 0 ? m + n : m;
 }
 
-// img: (C, Hs, Ws). Element (c, di, dj) of the patch goes to dst[((c * k + di) * k + dj) * stride].
-template <typename T>
-inline void gather_patch(const T* img, int C, int Hs, int Ws, int ci, int cj, int k, int pad, T* dst,
-                         int64_t stride) {
-  const int r = k / 2;
-  const int64_t HW = static_cast<int64_t>(Hs) * Ws;
-  const bool inside = ci - r >= 0 && ci + r < Hs && cj - r >= 0 && cj + r < Ws;
-  int64_t idx = 0;
-  for (int c = 0; c < C; ++c) {
-    const T* plane = img + c * HW;
-    for (int di = 0; di < k; ++di) {
-      int y = ci - r + di;
-      if (inside) {
-        const T* row = plane + static_cast<int64_t>(y) * Ws + (cj - r);
-        for (int dj = 0; dj < k; ++dj) dst[(idx++) * stride] = row[dj];
-        continue;
-      }
-      if (pad == kPadCircular) {
-        y = wrap_index(y, Hs);
-      } else if (y < 0 || y >= Hs) {
-        for (int dj = 0; dj < k; ++dj) dst[(idx++) * stride] = T(0);
-        continue;
-      }
-      const T* row = plane + static_cast<int64_t>(y) * Ws;
-      for (int dj = 0; dj < k; ++dj) {
-        int x = cj - r + dj;
-        T v;
-        if (pad == kPadCircular) v = row[wrap_index(x, Ws)];
-        else v = (x >= 0 && x < Ws) ? row[x] : T(0);
-        dst[(idx++) * stride] = v;
-      }
-    }
-  }
-}
-
-}  // namespace patchmosaic
-
-namespace patchmosaic {
-
 // A run of L keys centred at (ci, cj), (ci, cj + 1), ..., (ci, cj + L - 1) of one image, written
 // transposed: element dd of key l goes to dst[dd * stride + l]. For a fixed dd the L values are
 // consecutive pixels of one image row, so away from the borders each dd is one contiguous copy.
+// With L = 1 it copies one patch, element dd to dst[dd * stride].
 template <typename T>
 inline void gather_run(const T* img, int C, int Hs, int Ws, int ci, int cj, int L, int k, int pad, T* dst,
                        int64_t stride) {

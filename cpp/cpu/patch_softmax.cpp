@@ -98,7 +98,7 @@ struct Item {
 
 template <typename T>
 struct Workspace {
-  std::vector<T> Q, Qp, S, Kt, knorm, V, Wt, bmax;
+  std::vector<T> Qp, S, Kt, knorm, V, Wt, bmax;
   std::vector<double> knorm_acc;
   std::vector<int64_t> key_id, base;
   std::vector<T> c1, c2;
@@ -109,9 +109,8 @@ struct Workspace {
 struct Partials {
   std::vector<double> m, s, acc;
   std::vector<int64_t> best;
-  int C;
-  Partials(int64_t rows, int C_) : m(rows, -std::numeric_limits<double>::infinity()), s(rows, 0.0),
-                                   acc(static_cast<size_t>(rows) * C_, 0.0), best(rows, -1), C(C_) {}
+  Partials(int64_t rows, int C) : m(rows, -std::numeric_limits<double>::infinity()), s(rows, 0.0),
+                                  acc(static_cast<size_t>(rows) * C, 0.0), best(rows, -1) {}
 };
 
 // Fold one row's block of dot products S[0..nk) into its online softmax state (m, s, acc, best).
@@ -185,26 +184,22 @@ void run_item(const PatchSoftmaxArgs<T>& A, const Item& it, const std::vector<st
   const int rows = static_cast<int>(it.row1 - it.row0);
   const int rows_padded = (rows + kMR - 1) / kMR * kMR;
 
-  // gather the query rows (zero rows pad the last tile) and their logit coefficients
-  ws.Q.assign(static_cast<size_t>(rows_padded) * d, T(0));
+  // gather the query rows straight into tiles of kMR rows, dd-major (Qp[tile][dd][m]), so the
+  // micro-kernel broadcasts consecutive values; zero rows pad the last tile
+  ws.Qp.assign(static_cast<size_t>(rows_padded) * d, T(0));
   ws.c1.assign(rows_padded, T(0));
   ws.c2.assign(rows_padded, T(0));
   for (int r = 0; r < rows; ++r) {
     const int64_t row = it.row0 + r;
     const int64_t b = bs[it.g][row / npix];
     const int64_t pix = A.cls_qpix[q0 + row % npix];
-    gather_patch(A.query + b * C * HWq, C, A.Hq, A.Wq, static_cast<int>(pix / A.Wq), static_cast<int>(pix % A.Wq),
-                 k, A.query_pad, ws.Q.data() + static_cast<int64_t>(r) * d, 1);
+    T* dst = ws.Qp.data() + static_cast<int64_t>(r / kMR) * kMR * d + r % kMR;
+    gather_run(A.query + b * C * HWq, C, A.Hq, A.Wq, static_cast<int>(pix / A.Wq), static_cast<int>(pix % A.Wq), 1,
+               k, A.query_pad, dst, kMR);
     const double a = A.a[b], s = A.inv_2b2[b];
     ws.c1[r] = static_cast<T>(2.0 * a * s);
     ws.c2[r] = static_cast<T>(a * a * s);
   }
-  // pack the rows into tiles of kMR, dd-major, so the micro-kernel broadcasts consecutive values
-  ws.Qp.resize(static_cast<size_t>(rows_padded) * d);
-  for (int t0 = 0; t0 < rows_padded; t0 += kMR)
-    for (int dd = 0; dd < d; ++dd)
-      for (int m = 0; m < kMR; ++m)
-        ws.Qp[static_cast<int64_t>(t0) * d + static_cast<int64_t>(dd) * kMR + m] = ws.Q[static_cast<int64_t>(t0 + m) * d + dd];
   double* pm = P.m.data() + it.part;
   double* ps = P.s.data() + it.part;
   double* pacc = P.acc.data() + it.part * C;
@@ -368,10 +363,8 @@ void patch_softmax_cpu(const PatchSoftmaxArgs<T>& A) {
       for (size_t u = i; u < j; ++u) {
         const int64_t pr = items[u].part + r;
         if (P.s[pr] == 0.0) continue;
-        const double f = rescale_for(st, P.m[pr], P.best[pr]);
-        const double h = std::exp(P.m[pr] - st.m);
-        st.s = st.s * f + P.s[pr] * h;
-        for (int c = 0; c < C; ++c) acc[c] = acc[c] * f + P.acc[pr * C + c] * h;
+        const MergeFactors mf = merge_partial(st, P.m[pr], P.s[pr], P.best[pr]);
+        for (int c = 0; c < C; ++c) acc[c] = acc[c] * mf.old_scale + P.acc[pr * C + c] * mf.part_scale;
       }
       const int64_t row = it.row0 + r;
       const int64_t b = bs[it.g][row / npix];
