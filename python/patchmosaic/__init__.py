@@ -5,10 +5,17 @@
     >>> x0_hat = m.denoise(x_t, t=0.5, k=7)      # same shape, dtype and array type as x_t
 """
 
-from . import data, kschedule, sampling, schedules
+from . import data, kschedule, metrics, networks, sampling, schedules
+from .calibrate import Calibration, calibrate
+from .compare import compare
+from .denoisers import MachineDenoiser, NetworkDenoiser
+from .kschedule import KSchedule
+from .sampling import ddim, ddpm
 from .backends.cuda import available as cuda_available
 from .machines import ELS, IS, LS, Machine, Provenance
 from .validation import ResourceError
 
-__all__ = ["IS", "LS", "ELS", "Machine", "Provenance", "ResourceError", "cuda_available", "data", "kschedule", "sampling", "schedules"]
+__all__ = ["IS", "LS", "ELS", "Machine", "Provenance", "ResourceError", "cuda_available", "data", "kschedule",
+           "metrics", "networks", "sampling", "schedules", "ddim", "ddpm", "KSchedule", "MachineDenoiser",
+           "NetworkDenoiser", "calibrate", "Calibration", "compare"]
 __version__ = "0.1.0"

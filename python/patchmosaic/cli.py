@@ -1,9 +1,18 @@
-"""The ``patchmosaic`` command line. Exit code 0 on success, 2 with a one-line reason on bad input."""
+"""The ``patchmosaic`` command line. Exit code 0 on success, 2 with a one-line reason on bad input.
+
+Subcommands: ``demo`` (the main job on the built-in data), ``train``, ``calibrate``, ``compare``.
+Every long run shows progress on stderr (``--quiet`` switches it off) and resumes when rerun with
+the same arguments.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+DATA_HELP = ("training images: 'default' (the built-in 2,000 MNIST digits), an .npz file (uint8 images under "
+             "x_train/images/x, labels under y_train/labels/y) or an IDX file or directory (MNIST format)")
 
 
 def _demo(args) -> int:
@@ -16,6 +25,163 @@ def _demo(args) -> int:
         print(f"  seed {b}: label {int(res['labels'][b])}, {res['sources_per_sample'][b]} training images "
               f"contribute patches, distance to nearest training image {float(res['nearest_distance'][b]):.2f}")
     return 0
+
+
+def _train(args) -> int:
+    from . import data
+    from .networks import TrainConfig, train
+
+    images, labels = data.load(args.data, limit=args.limit)
+    ncls = int(labels.max()) + 1 if args.conditional else 0
+    if args.arch == "resnet":
+        cfg = dict(arch="resnet", channels=images.shape[1], width=args.width, depth=args.depth,
+                   padding=args.padding, num_classes=ncls)
+    else:
+        cfg = dict(arch="unet", channels=images.shape[1], widths=[int(w) for w in args.widths.split(",")],
+                   padding=args.padding, num_classes=ncls, attention=args.attention)
+    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                     ema_decay=args.ema, seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device)
+    train(cfg, images, labels, out=args.out, config=tc, progress=not args.quiet)
+    print(f"wrote {os.path.join(args.out, 'model.safetensors')} ({args.arch}, {len(images)} images, {args.steps} steps)")
+    return 0
+
+
+def _setup(args):
+    """Network, data, machine factory inputs, seeds and labels shared by calibrate and compare."""
+    import numpy as np
+    import torch
+
+    from . import data
+    from .networks import load_network
+
+    net = load_network(args.network)
+    images, labels = data.load(args.data, limit=args.limit)
+    cond = args.conditional
+    if cond is None:
+        cfg = getattr(net, "config", None)
+        cond = (cfg or {}).get("num_classes", 0) > 0 if isinstance(cfg, dict) else \
+            int(getattr(getattr(net, "embed", None), "num_classes", 0)) > 0
+    if args.seeds_file:
+        with np.load(args.seeds_file, allow_pickle=False) as z:
+            x1 = torch.from_numpy(z["seeds"][: args.seeds].astype(np.float32))
+            y = torch.from_numpy(z["labels"][: args.seeds].astype(np.int64)) if "labels" in z.files else None
+    else:
+        if args.seeds < 1:
+            raise ValueError(f"--seeds must be positive, got {args.seeds}")
+        gen = torch.Generator().manual_seed(args.seed)
+        x1 = torch.randn((args.seeds,) + tuple(images.shape[1:]), generator=gen)
+        classes = np.unique(labels.numpy())
+        y = torch.from_numpy(classes[np.arange(args.seeds) % len(classes)])
+    if x1.shape[1:] != images.shape[1:]:
+        raise ValueError(f"seeds have shape {tuple(x1.shape[1:])} but training images {tuple(images.shape[1:])}")
+    if not cond:
+        y = None
+    elif y is None:
+        raise ValueError("a conditional comparison needs labels (the seeds file has none)")
+    return net, images, (labels if cond else None), x1, y
+
+
+def _machine(name, images, labels, boundary):
+    from .machines import ELS, IS, LS
+
+    if name == "els":
+        return ELS(images, labels, boundary=boundary)
+    if name == "ls":
+        return LS(images, labels)
+    if name == "is":
+        return IS(images, labels)
+    raise ValueError(f"unknown machine {name!r}")
+
+
+def _kschedule(spec: str, steps: int):
+    from .kschedule import KSchedule, paper_schedule
+
+    if spec.startswith("paper:"):
+        return paper_schedule(spec[6:], steps)
+    if spec.lstrip("-").isdigit():
+        return KSchedule.constant(int(spec), steps)
+    if not os.path.exists(spec):
+        raise ValueError(f"k-schedule {spec!r} is neither an odd integer, 'paper:NAME' nor a JSON file")
+    return KSchedule.from_json(spec)
+
+
+def _calibrate(args) -> int:
+    from .calibrate import calibrate
+    from .sampling import time_grid
+
+    net, images, labels, x1, y = _setup(args)
+    machine = _machine(args.machine, images, labels, args.boundary)
+    cands = None if args.candidates is None else [int(k) for k in args.candidates.split(",")]
+    state = args.state or args.out + ".state.npz"
+    c = calibrate(net, machine, x1, y, candidates=cands, k_max=args.k_max, grid=time_grid(args.steps),
+                  state=state, run_id=os.path.abspath(args.network), progress=not args.quiet)
+    c.to_json(args.out, network=args.network, machine=args.machine, seeds=int(x1.shape[0]))
+    print(f"wrote {args.out}: k-schedule {list(c.schedule.ks)} (t = 1 -> {1 / args.steps:g})")
+    return 0
+
+
+def _compare(args) -> int:
+    import numpy as np
+
+    from .compare import compare, nearest_training
+    from .denoisers import MachineDenoiser
+    from .plots import comparison_grid, scatter
+    from .png import write_png
+
+    net, images, labels, x1, y = _setup(args)
+    machines = {}
+    for spec in args.machine:
+        name, _, ks = spec.partition("=")
+        if name not in ("els", "ls", "is"):
+            raise ValueError(f"--machine takes els=KSCHEDULE, ls=KSCHEDULE or is, got {spec!r}")
+        if name != "is" and not ks:
+            raise ValueError(f"--machine {name} needs a k-schedule: {name}=7, {name}=paper:NAME or {name}=FILE.json")
+        m = _machine(name, images, labels, args.boundary)
+        machines[spec if name != "is" else "IS"] = MachineDenoiser(m, _kschedule(ks, args.steps) if ks else None)
+    if "IS" not in machines:
+        machines["IS"] = MachineDenoiser(_machine("is", images, labels, args.boundary))
+    rep = compare(net, machines, x1, y, grid=None, steps=args.steps, batch_size=args.batch, out_dir=args.out,
+                  run_id=os.path.abspath(args.network), progress=not args.quiet,
+                  info={"network": args.network, "data": args.data, "train_images": int(len(images))})
+    local = [n for n in machines if n != "IS"]
+    r = rep["per_seed"]
+    if local:
+        write_png(os.path.join(args.out, "scatter.png"),
+                  scatter(r["IS"]["r"], r[local[0]]["r"], xlabel="r IS", ylabel=f"r {local[0].split('=')[0]}"))
+    u = rep["samples"]["network"]
+    n = min(8, x1.shape[0])
+    near = nearest_training(u[:n], images, None if y is None else y[:n], labels)
+    rows = [x1[:n], u[:n]] + [rep["samples"][m][:n] for m in machines] + [images[near]]
+    names = ["noise", "network"] + [m.split("=")[0] for m in machines] + ["nearest"]
+    write_png(os.path.join(args.out, "grid.png"), comparison_grid(rows, names))
+    for name, s in rep["summary"].items():
+        extra = f", beats IS on {s['frac_beats_IS_r']:.0%} of seeds" if "frac_beats_IS_r" in s else ""
+        print(f"{name}: median r {s['r']['median']:.3f} [IQR {s['r']['q25']:.3f}, {s['r']['q75']:.3f}], "
+              f"median R2 {s['R2']['median']:.3f}{extra}")
+    print(f"wrote {args.out}/report.json, grid.png, scatter.png")
+    return 0
+
+
+def _add_run_options(p, out_help):
+    p.add_argument("--network", required=True,
+                   help="trained eps network: a patchmosaic checkpoint directory / .safetensors, or a TorchScript file")
+    p.add_argument("--data", default="default", help=DATA_HELP + " (default: %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first LIMIT training images")
+    p.add_argument("--seeds", type=int, default=16, help="number of noise seeds (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise generator (default: %(default)s)")
+    p.add_argument("--seeds-file", default=None,
+                   help="npz with 'seeds' (M, C, H, W) and optionally 'labels' (M,) to use instead of fresh noise "
+                        "(e.g. a reference network's ddim20_samples.npz)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--conditional", dest="conditional", action="store_true", default=None,
+                   help="class-conditional network and machines (default: read from the network)")
+    g.add_argument("--unconditional", dest="conditional", action="store_false", help="ignore labels")
+    p.add_argument("--boundary", default="zeros", choices=["zeros", "circular"],
+                   help="ELS boundary: 'zeros' (boundary-aware, for zero-padded networks) or 'circular' "
+                        "(periodic) (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps on the grid t_i = i/steps (default: %(default)s)")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,12 +200,63 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine (default: %(default)s)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=_demo)
+
+    t = sub.add_parser("train", help="train a ResNet or UNet eps-prediction network",
+                       description="Train one of the paper's CNN diffusion networks by eps-prediction on the "
+                                   "cosine-legacy schedule (AdamW, EMA). Checkpoints (safetensors + config.json) "
+                                   "go to --out; rerunning the same command resumes from the last checkpoint.")
+    t.add_argument("--data", default="default", help=DATA_HELP + " (default: %(default)s)")
+    t.add_argument("--limit", type=int, default=None, help="use only the first LIMIT training images")
+    t.add_argument("--arch", default="resnet", choices=["resnet", "unet"], help="network family (default: %(default)s)")
+    t.add_argument("--width", type=int, default=128, help="ResNet channels (default: %(default)s)")
+    t.add_argument("--depth", type=int, default=6, help="ResNet inner 3x3 convolutions (default: %(default)s)")
+    t.add_argument("--widths", default="64,128,256", help="UNet channels per level (default: %(default)s)")
+    t.add_argument("--attention", action="store_true", help="UNet: self-attention at the coarsest level")
+    t.add_argument("--padding", default="zeros", choices=["zeros", "circular"], help="convolution padding (default: %(default)s)")
+    t.add_argument("--conditional", action="store_true", help="add a class embedding (labels from the data)")
+    t.add_argument("--steps", type=int, default=10000, help="optimiser steps (default: %(default)s)")
+    t.add_argument("--batch-size", type=int, default=128, help="images per step (default: %(default)s)")
+    t.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default: %(default)s)")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
+    t.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights, 0 = off (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0, help="seed of data order and noise (default: %(default)s)")
+    t.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default: %(default)s)")
+    t.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (bf16 autocast on cuda) (default: %(default)s)")
+    t.add_argument("--out", required=True, help="checkpoint directory (resumed if it exists)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_train)
+
+    c = sub.add_parser("calibrate", help="calibrate a machine's k-schedule against a trained network",
+                       description="Along the network's own DDIM trajectories, pick per step and seed the patch "
+                                   "size whose machine score is most cosine-similar to the network's; the schedule "
+                                   "is the per-step median over seeds. Writes a k-schedule JSON with the per-seed "
+                                   "choices; resumes from --state.")
+    _add_run_options(c, "k-schedule JSON to write")
+    c.add_argument("--machine", default="els", choices=["els", "ls"], help="machine to calibrate (default: %(default)s)")
+    c.add_argument("--k-max", type=int, default=None, help="largest candidate k (default: 31 or 2*size+1)")
+    c.add_argument("--candidates", default=None, help="comma-separated candidate k's (overrides --k-max)")
+    c.add_argument("--state", default=None, help="resumable state file (default: OUT.state.npz)")
+    c.set_defaults(func=_calibrate)
+
+    m = sub.add_parser("compare", help="sample network and machines from the same seeds and compare them",
+                       description="Sample the network and each machine with DDIM from the same seeds and labels; "
+                                   "per seed Pearson r, R2 and MSE against the network (IS is always included as "
+                                   "the baseline). Writes report.json, grid.png and scatter.png to --out; "
+                                   "resumes from the sample files there.")
+    _add_run_options(m, "output directory")
+    m.add_argument("--machine", action="append", default=None,
+                   help="machine and its k-schedule: els=K, ls=K with K an odd int, paper:NAME or a JSON file; "
+                        "repeatable (default: els=paper:MNIST_ResNet_zeros)")
+    m.add_argument("--batch", type=int, default=8, help="seeds sampled together (default: %(default)s)")
+    m.set_defaults(func=_compare)
     return p
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "func", None) is _compare and args.machine is None:
+        args.machine = ["els=paper:MNIST_ResNet_zeros"]
     try:
         return args.func(args)
     except (ValueError, TypeError, RuntimeError, OSError) as e:

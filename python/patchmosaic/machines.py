@@ -137,6 +137,10 @@ class Machine:
         bt = torch.as_tensor(b2, dtype=x.dtype, device=x.device).reshape(shape)
         return fn(x, x0, at, bt)
 
+    def check_labels(self, labels, B: int) -> None:
+        """Raise a ValueError unless ``labels`` (None or B labels) can be served by this machine."""
+        self._groups(labels, B)
+
     def _groups(self, labels, B: int) -> Groups:
         if labels is None:
             return Groups(np.array([0, self.N], np.int64), np.arange(self.N, dtype=np.int32), np.zeros(B, np.int32))

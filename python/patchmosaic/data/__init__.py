@@ -5,5 +5,6 @@ on a fresh install. Loaders for other formats live beside it.
 """
 
 from .default import load_default, preprocess
+from .loaders import load, read_idx
 
-__all__ = ["load_default", "preprocess"]
+__all__ = ["load", "load_default", "preprocess", "read_idx"]

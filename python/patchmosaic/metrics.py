@@ -1,0 +1,47 @@
+"""Per-seed comparison metrics of spec section 5 and their summaries.
+
+- ``pearson_r(u, v)``: Pearson correlation over all pixels and channels of each image pair (each image's
+  global mean subtracted, normalised, dotted): what the paper's tables call "r^2".
+- ``r2(u, v)``: coefficient of determination of ``v`` as a prediction of ``u``: ``1 - |u-v|^2 / |u - mean u|^2``.
+- ``mse(u, v)``: mean squared difference.
+All take ``(M, ...)`` arrays or tensors and return float64 numpy arrays of shape ``(M,)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _flat(u) -> np.ndarray:
+    u = u.detach().cpu().numpy() if torch.is_tensor(u) else np.asarray(u)
+    return u.reshape(u.shape[0], -1).astype(np.float64)
+
+
+def pearson_r(u, v) -> np.ndarray:
+    u, v = _flat(u), _flat(v)
+    u = u - u.mean(1, keepdims=True)
+    v = v - v.mean(1, keepdims=True)
+    den = np.linalg.norm(u, axis=1) * np.linalg.norm(v, axis=1)
+    return np.sum(u * v, 1) / np.where(den > 0, den, np.nan)
+
+
+def r2(u, v) -> np.ndarray:
+    u, v = _flat(u), _flat(v)
+    den = np.sum((u - u.mean(1, keepdims=True)) ** 2, 1)
+    return 1.0 - np.sum((u - v) ** 2, 1) / np.where(den > 0, den, np.nan)
+
+
+def mse(u, v) -> np.ndarray:
+    u, v = _flat(u), _flat(v)
+    return np.mean((u - v) ** 2, 1)
+
+
+METRICS = {"r": pearson_r, "R2": r2, "mse": mse}
+
+
+def summary(values) -> dict:
+    """Median and interquartile range (25th, 75th percentile) of per-seed values."""
+    v = np.asarray(values, dtype=np.float64)
+    q25, med, q75 = np.nanpercentile(v, [25, 50, 75])
+    return {"median": float(med), "q25": float(q25), "q75": float(q75), "n": int(np.sum(np.isfinite(v)))}

@@ -1,0 +1,14 @@
+"""The paper's two CNN families, their training loop and safetensors checkpoints.
+
+- :class:`ResNet`: no down-sampling, 3x3 convolutions, ``zeros`` or ``circular`` padding.
+- :class:`UNet`: three levels, optional self-attention at the coarsest one.
+- :func:`train`: eps-prediction training, resumable; :func:`save` / :func:`load`: checkpoints as
+  safetensors plus a JSON config (never pickles); :func:`load_network` also opens TorchScript files.
+"""
+
+from .checkpoint import build, load, load_network, save
+from .resnet import ResNet
+from .train import TrainConfig, train
+from .unet import UNet
+
+__all__ = ["ResNet", "UNet", "build", "save", "load", "load_network", "train", "TrainConfig"]

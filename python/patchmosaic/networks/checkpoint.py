@@ -1,0 +1,121 @@
+"""Checkpoints as one safetensors file: weights (plus EMA weights and optimiser state when training)
+and, in its metadata, the JSON config that rebuilds the network. Nothing is ever unpickled.
+
+A ``config.json`` copy is written beside it for people to read; loading uses the safetensors metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .resnet import ResNet
+from .unet import UNet
+
+WEIGHTS = "model.safetensors"
+ARCHES = {"resnet": ResNet, "unet": UNet}
+
+
+def build(config: dict) -> nn.Module:
+    """A fresh network from its config (``{"arch": "resnet" | "unet", ...constructor arguments}``)."""
+    cfg = dict(config)
+    arch = cfg.pop("arch", None)
+    if arch not in ARCHES:
+        raise ValueError(f"unknown network architecture {arch!r}; known: {sorted(ARCHES)}")
+    try:
+        return ARCHES[arch](**cfg)
+    except TypeError as e:
+        raise ValueError(f"bad {arch} config {config}: {e}") from None
+
+
+def save(path: str, net: nn.Module, *, extra: Optional[Dict[str, torch.Tensor]] = None,
+         info: Optional[dict] = None) -> None:
+    """Write ``net`` (built by :func:`build`) and ``extra`` tensors atomically to ``path`` (a directory
+    or a ``.safetensors`` file); ``info`` (JSON-able) is stored next to the network config."""
+    from safetensors.torch import save_file
+
+    if not hasattr(net, "config"):
+        raise TypeError("save() writes networks of this package (ResNet, UNet); use torch.jit.save for others")
+    file = _weights_file(path, create=True)
+    tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    for k, v in (extra or {}).items():
+        tensors[k] = v.detach().cpu().contiguous()
+    meta = {"config": json.dumps(net.config), "info": json.dumps(info or {}), "format": "patchmosaic-1"}
+    d = os.path.dirname(os.path.abspath(file))
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, file)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _write_json(os.path.join(d, "config.json"), {"network": net.config, "info": info or {}})
+
+
+def load(path: str, *, ema: bool = True, device="cpu") -> Tuple[nn.Module, dict, Dict[str, torch.Tensor]]:
+    """``(network, info, extra tensors)`` from a checkpoint written by :func:`save`.
+
+    With ``ema=True`` the EMA weights are used when the checkpoint has them.
+    """
+    from safetensors import safe_open
+
+    file = _weights_file(path)
+    with safe_open(file, framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        if "config" not in meta:
+            raise ValueError(f"{file} has no patchmosaic network config in its metadata")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    net = build(json.loads(meta["config"]))
+    prefix = "ema." if ema and any(k.startswith("ema.") for k in tensors) else "net."
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{file} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    net.to(device).eval()
+    extra = {k: v for k, v in tensors.items() if not k.startswith("net.")}
+    return net, json.loads(meta.get("info", "{}")), extra
+
+
+def load_network(path: str, *, device="cpu", ema: bool = True) -> nn.Module:
+    """An eps network from a patchmosaic checkpoint (directory or ``.safetensors``) or a TorchScript file.
+
+    TorchScript files (such as the reference networks in ``shared/models``) are loaded with
+    ``torch.jit.load``, which runs TorchScript, not Python pickles.
+    """
+    if os.path.isdir(path) or path.endswith(".safetensors"):
+        return load(path, ema=ema, device=device)[0]
+    if not os.path.exists(path):
+        raise ValueError(f"no network at {path}")
+    try:
+        net = torch.jit.load(path, map_location=device)
+    except RuntimeError as e:
+        raise ValueError(f"{path} is neither a patchmosaic checkpoint nor a TorchScript module: "
+                         f"{str(e).splitlines()[0]}") from None
+    return net.eval()
+
+
+def _weights_file(path: str, create: bool = False) -> str:
+    if path.endswith(".safetensors"):
+        if not create and not os.path.exists(path):
+            raise ValueError(f"no checkpoint at {path}")
+        return path
+    if create:
+        os.makedirs(path, exist_ok=True)
+    file = os.path.join(path, WEIGHTS)
+    if not create and not os.path.exists(file):
+        raise ValueError(f"no checkpoint at {path} (expected {WEIGHTS} inside)")
+    return file
+
+
+def _write_json(path: str, obj) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".json.tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)

@@ -1,0 +1,40 @@
+"""Time (and class) embedding shared by both network families."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+class TimeEmbedding(nn.Module):
+    """Sinusoidal features of ``1000 t`` through a two-layer MLP, plus a learned vector per class.
+
+    ``forward(t, labels)`` with ``t`` of shape ``(B,)``; ``labels`` ``(B,)`` int64 or None (no class term).
+    """
+
+    def __init__(self, dim: int, num_classes: int = 0):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"embedding width must be even, got {dim}")
+        self.dim = dim
+        self.num_classes = num_classes
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.classes = nn.Embedding(num_classes, dim) if num_classes > 0 else None
+
+    def forward(self, t: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t.float()[:, None] * 1000.0 * freqs[None]
+        emb = self.mlp(torch.cat([torch.sin(args), torch.cos(args)], 1))
+        if self.classes is not None and labels is not None:
+            emb = emb + self.classes(labels)
+        return emb
+
+
+def check_padding(padding: str) -> str:
+    if padding not in ("zeros", "circular"):
+        raise ValueError(f"padding must be 'zeros' or 'circular', got {padding!r}")
+    return padding

@@ -1,0 +1,152 @@
+"""Training by eps-prediction (spec section 1): ``x_t = a x0 + b eps``, loss ``|net(t, x_t, y) - eps|^2``.
+
+AdamW, optional EMA of the weights, bf16 autocast on CUDA, a progress bar with the running loss,
+safetensors checkpoints every ``checkpoint_every`` steps, and resume: calling :func:`train` again with
+the same output directory continues from the last checkpoint (weights, EMA, optimiser, random state).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..progress import Progress
+from ..schedules import get_schedule
+from ..validation import to_labels, to_tensor
+from .checkpoint import build, load, save
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10000
+    batch_size: int = 128
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999      # 0 switches EMA off
+    schedule: str = "cosine_legacy"
+    t_min: float = 1e-3           # t ~ U(t_min, 1)
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 50
+    device: str = "cpu"
+
+    def check(self):
+        if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.log_every < 1:
+            raise ValueError(f"steps, batch_size, checkpoint_every and log_every must be positive: {self}")
+        if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.ema_decay < 1 or not 0 < self.t_min < 1:
+            raise ValueError(f"need lr > 0, weight_decay >= 0, 0 <= ema_decay < 1, 0 < t_min < 1: {self}")
+
+
+def train(net, images, labels=None, *, out: str, config: Optional[TrainConfig] = None,
+          progress: bool = True) -> nn.Module:
+    """Train ``net`` (a ResNet/UNet, or its config dict) on ``images`` ``(N, C, H, W)`` in [-1, 1].
+
+    ``labels`` are used when the network has a class embedding. Returns the trained network (EMA
+    weights when EMA is on). Checkpoints go to ``out`` (a directory); an existing checkpoint there is
+    resumed if its network config matches, and a finished one is returned as is.
+    """
+    cfg = config or TrainConfig()
+    cfg.check()
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("config.device is cuda but torch sees no CUDA device")
+    net = build(net) if isinstance(net, dict) else net
+    x = to_tensor(images, "images").float()
+    N, C = x.shape[:2]
+    if C != net.config["channels"]:
+        raise ValueError(f"the network expects {net.config['channels']} channels, images have shape {tuple(x.shape)}")
+    y = None
+    if net.config.get("num_classes", 0) > 0:
+        if labels is None:
+            raise ValueError("a class-conditional network needs labels")
+        y = torch.as_tensor(to_labels(labels, N), dtype=torch.int64)
+        if int(y.min()) < 0 or int(y.max()) >= net.config["num_classes"]:
+            raise ValueError(f"labels must lie in [0, {net.config['num_classes']}), got {int(y.min())}..{int(y.max())}")
+    sched = get_schedule(cfg.schedule)
+
+    net.to(device).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = copy.deepcopy(net).eval() if cfg.ema_decay > 0 else None
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, losses = 0, []
+    try:
+        saved, info, extra = load(out, ema=False)
+        if info.get("train", {}).get("network") != net.config:
+            raise ValueError(f"{out} holds a checkpoint of a different network; choose another output directory")
+        step, losses = int(info["step"]), info.get("losses", [])
+        net.load_state_dict(saved.state_dict())
+        _restore(net, opt, ema, gen, extra, info, device)
+    except ValueError as e:
+        if "no checkpoint" not in str(e):
+            raise
+    if step >= cfg.steps:
+        return (ema or net).eval()
+
+    x, y = x.to(device), None if y is None else y.to(device)
+    bar = Progress(cfg.steps, "train", enabled=progress)
+    bar.n = step
+    run_loss, t0 = None, time.perf_counter()
+    while step < cfg.steps:
+        idx = torch.randint(0, N, (cfg.batch_size,), generator=gen)
+        t = cfg.t_min + (1 - cfg.t_min) * torch.rand(cfg.batch_size, generator=gen, dtype=torch.float64)
+        eps = torch.randn((cfg.batch_size,) + tuple(x.shape[1:]), generator=gen)
+        a, b2 = sched.coefficients(t.numpy())
+        a = torch.as_tensor(a, dtype=torch.float32)[:, None, None, None]
+        b = torch.as_tensor(np.sqrt(b2), dtype=torch.float32)[:, None, None, None]
+        idx, eps = idx.to(device), eps.to(device)
+        xt = a.to(device) * x[idx] + b.to(device) * eps
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pred = net(t.float().to(device), xt, None if y is None else y[idx])
+        loss = torch.mean((pred.float() - eps) ** 2)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), net.parameters()):
+                    pe.lerp_(p, 1 - cfg.ema_decay)
+        step += 1
+        lv = float(loss.detach())
+        run_loss = lv if run_loss is None else 0.98 * run_loss + 0.02 * lv
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            losses.append([step, round(time.perf_counter() - t0, 2), run_loss])
+        bar.update(postfix=f"loss {run_loss:.4f}")
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            _checkpoint(out, net, opt, ema, gen, step, losses, cfg)
+    bar.close()
+    return (ema or net).eval()
+
+
+def _checkpoint(out, net, opt, ema, gen, step, losses, cfg):
+    extra = {"rng": gen.get_state()}
+    state = opt.state_dict()
+    for i, st in state["state"].items():
+        for name, v in st.items():
+            extra[f"opt.{i}.{name}"] = torch.as_tensor(v)
+    if ema is not None:
+        extra.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    info = {"step": step, "losses": losses, "train": {"network": net.config, "config": asdict(cfg)},
+            "param_groups": state["param_groups"]}
+    save(out, net, extra=extra, info=info)
+
+
+def _restore(net, opt, ema, gen, extra, info, device):
+    state = {"state": {}, "param_groups": info["param_groups"]}
+    for k, v in extra.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            state["state"].setdefault(int(i), {})[name] = v.to(device) if name != "step" else v
+    opt.load_state_dict(state)
+    if ema is not None:
+        ema_state = {k[4:]: v for k, v in extra.items() if k.startswith("ema.")}
+        if ema_state:
+            ema.load_state_dict(ema_state)
+        else:
+            ema.load_state_dict(net.state_dict())
+    gen.set_state(extra["rng"])

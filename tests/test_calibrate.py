@@ -1,0 +1,90 @@
+"""Calibration (spec section 4) recovers a known k-schedule and resumes after an interruption."""
+
+import numpy as np
+import pytest
+import torch
+
+import patchmosaic as pm
+from patchmosaic.calibrate import calibrate, cosine_per_seed, median_odd
+
+
+class MachineNet(torch.nn.Module):
+    """A 'network' that is itself a machine with a known k-schedule: eps = machine.eps(x, t, k(t))."""
+
+    def __init__(self, machine, ks):
+        super().__init__()
+        self.machine, self.ks, self.calls = machine, ks, 0
+
+    def forward(self, t, x, labels=None):
+        self.calls += 1
+        t0 = float(t[0])
+        return self.machine.eps(x, t0, self.ks.k_at(t0), labels=labels)
+
+
+def _setup(conditional=False):
+    rng = np.random.default_rng(0)
+    train = rng.uniform(-1, 1, (24, 1, 10, 10)).astype(np.float32)
+    labels = np.arange(24) % 3
+    m = pm.ELS(train, labels if conditional else None)
+    true = pm.KSchedule((1.0, 0.8, 0.6, 0.4, 0.2), (9, 7, 7, 5, 3))
+    x1 = torch.randn(4, 1, 10, 10, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 0]) if conditional else None
+    return m, true, x1, y
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_calibration_recovers_the_true_schedule(conditional):
+    m, true, x1, y = _setup(conditional)
+    c = calibrate(MachineNet(m, true), m, x1, y, candidates=(3, 5, 7, 9, 11), steps=5, progress=False)
+    assert c.schedule == true
+    assert (c.choices == np.array(true.ks)[:, None]).all()  # every seed, every step
+    best = c.cosine.max(2)
+    assert np.all(best > 1 - 1e-6) and c.cosine.shape == (5, 4, 5)
+
+
+def test_calibration_resumes_where_it_stopped(tmp_path):
+    m, true, x1, _ = _setup()
+    state = str(tmp_path / "cal.npz")
+    full = calibrate(MachineNet(m, true), m, x1, candidates=(3, 5, 7, 9), steps=5, progress=False)
+
+    class Stop(Exception):
+        pass
+
+    class Interrupting(MachineNet):
+        def forward(self, t, x, labels=None):
+            if self.calls == 3:
+                raise Stop
+            return super().forward(t, x, labels)
+
+    with pytest.raises(Stop):
+        calibrate(Interrupting(m, true), m, x1, candidates=(3, 5, 7, 9), steps=5, state=state, progress=False)
+    net = MachineNet(m, true)
+    resumed = calibrate(net, m, x1, candidates=(3, 5, 7, 9), steps=5, state=state, progress=False)
+    assert net.calls == 2  # steps 3 and 4 only
+    assert resumed.schedule == full.schedule and np.array_equal(resumed.cosine, full.cosine)
+    with pytest.raises(ValueError, match="different run"):
+        calibrate(net, m, x1, candidates=(3, 5), steps=5, state=state, progress=False)
+
+
+def test_calibration_json_is_a_k_schedule(tmp_path):
+    m, true, x1, _ = _setup()
+    c = calibrate(MachineNet(m, true), m, x1, candidates=(3, 5, 7, 9), steps=5, progress=False)
+    c.to_json(str(tmp_path / "k.json"), note="x")
+    assert pm.KSchedule.from_json(str(tmp_path / "k.json")) == true
+
+
+def test_helpers():
+    assert median_odd([3, 5, 7, 9]) == 5 and median_odd([7, 3, 5]) == 5
+    u = torch.randn(3, 1, 4, 4)
+    assert np.allclose(cosine_per_seed(u, 2 * u), 1) and np.allclose(cosine_per_seed(u, -u), -1)
+
+
+def test_calibration_rejects_bad_input():
+    m, true, x1, _ = _setup()
+    net = MachineNet(m, true)
+    with pytest.raises(ValueError, match="odd"):
+        calibrate(net, m, x1, candidates=(3, 4), steps=5, progress=False)
+    with pytest.raises(ValueError, match="IS machine"):
+        calibrate(net, pm.IS(np.zeros((2, 1, 10, 10))), x1, steps=5, progress=False)
+    with pytest.raises(ValueError, match=r"\(M, C, H, W\)"):
+        calibrate(net, m, x1[0], steps=5, progress=False)

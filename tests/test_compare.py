@@ -1,0 +1,92 @@
+"""Comparison metrics (spec section 5) and the resumable comparison run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import patchmosaic as pm
+from patchmosaic.compare import compare, nearest_training
+from patchmosaic.metrics import mse, pearson_r, r2, summary
+
+
+def test_metrics_on_known_cases():
+    rng = np.random.default_rng(0)
+    u = rng.standard_normal((3, 2, 5, 5))
+    assert np.allclose(pearson_r(u, 2 * u + 3), 1) and np.allclose(pearson_r(u, -u), -1)
+    assert np.allclose(r2(u, u), 1) and np.allclose(mse(u, u), 0)
+    # R2 of the image's own mean is 0; pearson r is not the square root of R2 in general
+    assert np.allclose(r2(u, np.broadcast_to(u.reshape(3, -1).mean(1)[:, None, None, None], u.shape)), 0)
+    v = u + 0.5 * rng.standard_normal(u.shape)
+    uf, vf = u.reshape(3, -1), v.reshape(3, -1)
+    assert np.allclose(pearson_r(u, v), [np.corrcoef(a, b)[0, 1] for a, b in zip(uf, vf)])
+    assert np.allclose(mse(u, v), ((uf - vf) ** 2).mean(1))
+    s = summary([1, 2, 3, 4, 5])
+    assert s["median"] == 3 and s["q25"] == 2 and s["q75"] == 4 and s["n"] == 5
+
+
+class MachineNet(torch.nn.Module):
+    def __init__(self, machine, k):
+        super().__init__()
+        self.machine, self.k = machine, k
+
+    def forward(self, t, x, labels=None):
+        return self.machine.eps(x, float(t[0]), self.k, labels=labels)
+
+
+def _setup():
+    rng = np.random.default_rng(1)
+    train = rng.uniform(-1, 1, (20, 1, 8, 8)).astype(np.float32)
+    lab = np.arange(20) % 2
+    els, iss = pm.ELS(train, lab), pm.IS(train, lab)
+    x1 = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 0, 1, 1])
+    return train, lab, els, iss, x1, y
+
+
+def test_a_machine_compared_with_itself_is_perfect(tmp_path):
+    train, lab, els, iss, x1, y = _setup()
+    rep = compare(MachineNet(els, 5), {"ELS": pm.MachineDenoiser(els, 5), "LS3": pm.MachineDenoiser(els, 3),
+                                       "IS": pm.MachineDenoiser(iss)}, x1, y, steps=6, batch_size=2,
+                  out_dir=str(tmp_path), progress=False)
+    s = rep["summary"]
+    assert s["ELS"]["r"]["median"] > 1 - 1e-5 and s["ELS"]["R2"]["median"] > 1 - 1e-5
+    assert s["ELS"]["mse"]["median"] < 1e-9
+    assert s["ELS"]["frac_beats_IS_r"] == 1.0 and "frac_beats_IS_r" not in s["IS"]
+    on_disk = json.load(open(tmp_path / "report.json"))
+    assert on_disk["per_seed"]["LS3"]["r"] == rep["per_seed"]["LS3"]["r"]
+    assert on_disk["per_seed"]["ELS"]["machine"] == {"type": "ELS", "train_images": 20, "boundary": "zeros", "k": 5}
+    # the IS samples are training images of the seed's class
+    near = nearest_training(rep["samples"]["IS"], torch.from_numpy(train), y, lab)
+    assert np.all(lab[near] == y.numpy())
+    assert torch.allclose(rep["samples"]["IS"], torch.from_numpy(train[near]), atol=1e-4)
+
+
+def test_comparison_resumes_from_saved_samples(tmp_path):
+    train, lab, els, iss, x1, y = _setup()
+    machines = {"ELS": pm.MachineDenoiser(els, 3), "IS": pm.MachineDenoiser(iss)}
+    first = compare(MachineNet(els, 5), machines, x1, y, steps=4, out_dir=str(tmp_path), progress=False)
+
+    class Broken(torch.nn.Module):
+        def forward(self, t, x, labels=None):
+            raise AssertionError("the network must not run again")
+
+    class BrokenMachine(pm.MachineDenoiser):
+        def __call__(self, x, t, labels=None):
+            raise AssertionError("the machine must not run again")
+
+    again = compare(Broken(), {"ELS": BrokenMachine(els, 3), "IS": BrokenMachine(iss)}, x1, y, steps=4,
+                    out_dir=str(tmp_path), progress=False)
+    assert again["per_seed"] == first["per_seed"]
+
+
+def test_compare_rejects_bad_input():
+    train, lab, els, iss, x1, y = _setup()
+    net = MachineNet(els, 5)
+    with pytest.raises(ValueError, match="at least one machine"):
+        compare(net, {}, x1, y, progress=False)
+    with pytest.raises(ValueError, match=r"labels must have shape \(5,\)"):
+        compare(net, {"IS": pm.MachineDenoiser(iss)}, x1, y[:3], progress=False)
+    with pytest.raises(ValueError, match="label 7 has no training images"):
+        compare(net, {"IS": pm.MachineDenoiser(iss)}, x1, torch.tensor([7, 0, 0, 0, 0]), steps=2, progress=False)

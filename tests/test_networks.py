@@ -1,0 +1,125 @@
+"""The two CNN families, checkpoints (safetensors + JSON) and the resumable training loop."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from patchmosaic.networks import ResNet, TrainConfig, UNet, build, load, load_network, save, train
+
+
+def _support(net, x, pix=(8, 8)):
+    x = x.clone().requires_grad_(True)
+    out = net(torch.full((1,), 0.5), x)
+    out[0, 0, pix[0], pix[1]].backward()
+    nz = torch.nonzero(x.grad[0, 0].abs() > 0)
+    return nz[:, 0].min().item(), nz[:, 0].max().item()
+
+
+def test_resnet_receptive_field_is_local():
+    torch.manual_seed(0)
+    net = ResNet(1, 8, depth=3)
+    lo, hi = _support(net, torch.randn(1, 1, 24, 24), (12, 12))
+    assert hi - lo + 1 <= net.receptive_field == 11
+
+
+def test_circular_resnet_is_translation_equivariant():
+    torch.manual_seed(0)
+    net = ResNet(1, 8, depth=2, padding="circular").eval()
+    x = torch.randn(2, 1, 12, 12)
+    t = torch.full((2,), 0.3)
+    with torch.no_grad():
+        a = torch.roll(net(t, x), (3, -5), (2, 3))
+        b = net(t, torch.roll(x, (3, -5), (2, 3)))
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_unet_attention_makes_it_global():
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 32, 32)
+    lo, hi = _support(UNet(1, (4, 8, 16), attention=True), x, (2, 2))
+    assert hi == 31  # a corner output pixel depends on the opposite corner
+
+
+def test_unet_shapes_and_conditioning():
+    net = UNet(3, (4, 8, 16), num_classes=5)
+    t = torch.rand(2)
+    x = torch.randn(2, 3, 16, 16)
+    assert net(t, x, torch.tensor([0, 4])).shape == x.shape
+    with pytest.raises(ValueError, match="divisible by 4, got 10x10"):
+        net(t, torch.randn(2, 3, 10, 10))
+
+
+def test_bad_network_configs():
+    with pytest.raises(ValueError, match="padding"):
+        ResNet(1, 8, 2, padding="reflect")
+    with pytest.raises(ValueError, match="architecture"):
+        build({"arch": "transformer"})
+    with pytest.raises(ValueError, match="bad resnet config"):
+        build({"arch": "resnet", "colour": 3})
+
+
+def test_checkpoint_round_trip_without_pickle(tmp_path):
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    net = UNet(1, (4, 8, 16), num_classes=3, attention=True)
+    save(str(tmp_path), net, info={"note": "x"})
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["config"])["attention"] is True
+    assert json.load(open(tmp_path / "config.json"))["network"]["arch"] == "unet"
+    back, info, _ = load(str(tmp_path))
+    assert info == {"note": "x"}
+    for (k, v), (k2, v2) in zip(net.state_dict().items(), back.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    assert type(load_network(str(tmp_path / "model.safetensors"))) is UNet
+
+
+def test_load_network_errors(tmp_path):
+    with pytest.raises(ValueError, match="no network"):
+        load_network(str(tmp_path / "missing.pt"))
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="TorchScript"):
+        load_network(str(bad))
+    with pytest.raises(ValueError, match="no checkpoint"):
+        load_network(str(tmp_path))
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(40, 1, 8, 8, generator=g) * 2 - 1, torch.arange(40) % 4
+
+
+def test_training_reduces_the_loss_and_resumes_bitwise(tmp_path):
+    x, y = _data()
+    cfg = dict(batch_size=8, checkpoint_every=10, log_every=5, lr=2e-3)
+    torch.manual_seed(0)
+    a = train(ResNet(1, 8, 1, num_classes=4), x, y, out=str(tmp_path / "a"),
+              config=TrainConfig(steps=60, **cfg), progress=False)
+    torch.manual_seed(0)
+    net = ResNet(1, 8, 1, num_classes=4)
+    train(net, x, y, out=str(tmp_path / "b"), config=TrainConfig(steps=30, **cfg), progress=False)
+    b = train(net.config, x, y, out=str(tmp_path / "b"), config=TrainConfig(steps=60, **cfg), progress=False)
+    for p, q in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(p, q)
+    losses = load(str(tmp_path / "a"))[1]["losses"]
+    assert [s for s, _, _ in losses] == list(range(5, 61, 5))
+    assert losses[-1][2] < losses[0][2]
+
+
+def test_training_rejects_bad_input(tmp_path):
+    x, y = _data()
+    with pytest.raises(ValueError, match="needs labels"):
+        train(ResNet(1, 4, 1, num_classes=4), x, out=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match="3 channels"):
+        train(ResNet(3, 4, 1), x, out=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match="labels must lie"):
+        train(ResNet(1, 4, 1, num_classes=2), x, y, out=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match="positive"):
+        train(ResNet(1, 4, 1), x, out=str(tmp_path), config=TrainConfig(steps=0), progress=False)
+    train(ResNet(1, 4, 1), x, out=str(tmp_path / "c"), config=TrainConfig(steps=2), progress=False)
+    with pytest.raises(ValueError, match="different network"):
+        train(ResNet(1, 8, 1), x, out=str(tmp_path / "c"), config=TrainConfig(steps=4), progress=False)
