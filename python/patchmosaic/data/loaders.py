@@ -1,72 +1,195 @@
-"""Loaders for image files on disk; all return ``(images float32 (N, C, 32, 32) in [-1, 1], labels int64)``.
+"""One entry point for every data set: ``load(spec, ...) -> (images, labels)``.
 
-``load(spec)`` understands:
+``images``: float32 ``(N, C, size, size)`` in [-1, 1] with the paper's preprocessing (``x / 127.5 - 1``,
+bilinear antialiased resize when the size differs, e.g. MNIST 28 -> 32); ``labels``: int64 ``(N,)``.
 
-- ``"default"``: the packaged 2,000 MNIST digits;
-- a ``.npz`` file with uint8 images under ``x_train`` / ``images`` / ``x`` and labels under ``y_train`` /
-  ``labels`` / ``y`` (e.g. ``shared/data/mnist.npz``, ``cifar10_10k.npz``); loaded without pickles;
-- an IDX image file (``train-images-idx3-ubyte[.gz]``, the MNIST / Fashion-MNIST format); labels come
-  from the matching ``*-labels-idx1-ubyte[.gz]`` beside it;
-- a directory holding one of those (``train-images-idx3-ubyte*`` is looked for first).
+``spec`` is one of
 
-``limit`` keeps the first ``limit`` images (in file order), ``size`` the output size (None: keep).
+- ``"default"``: the packaged 2,000 MNIST digits (works offline on a fresh install);
+- a named set, ``"mnist"``, ``"fashion-mnist"``, ``"cifar10"`` or ``"celeba"``, looked for under ``root``
+  (default ``$PATCHMOSAIC_DATA`` or ``~/.cache/patchmosaic``; Fashion-MNIST also in Debian's
+  ``/usr/share/datasets/fashion-mnist``); ``download=True`` fetches it with torchvision where a network
+  exists; otherwise the error says which files to put where;
+- ``"skimage:NAME"``: a ``skimage.data`` photograph or texture (``brick``, ``grass``, ``astronaut``, ...):
+  the whole picture at its own size, or with ``crop=S`` all ``S x S`` crops at ``stride`` as a training set;
+- a path: an ``.npz`` file (uint8 images under ``x_train``/``images``/``x``, labels under
+  ``y_train``/``labels``/``y``), an IDX image file, or a folder holding IDX files, CIFAR-10 python
+  batches, CelebA's ``img_align_celeba`` or any images (sub-folders = classes).
+
+Subsets: ``indices`` (positions in the file order), then ``classes`` (labels to keep), then ``limit``.
 """
 
 from __future__ import annotations
 
-import gzip
 import os
-from typing import Optional, Tuple
+import zipfile
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from .cifar import load_cifar10
 from .default import load_default, preprocess
+from .idx import find_idx, load_idx
+from .images import CELEBA_CROP, crops, load_folder, load_photo
 
 IMAGE_KEYS = ("x_train", "images", "x")
 LABEL_KEYS = ("y_train", "labels", "y")
+NAMED = ("mnist", "fashion-mnist", "cifar10", "celeba")
+WHERE = {
+    "mnist": "the four MNIST IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, ...) in ROOT/mnist",
+    "fashion-mnist": "the four Fashion-MNIST IDX files in ROOT/fashion-mnist (Debian/Ubuntu: "
+                     "apt-get install dataset-fashion-mnist)",
+    "cifar10": "the extracted cifar-10-python.tar.gz (folder cifar-10-batches-py) in ROOT/cifar10",
+    "celeba": "the extracted img_align_celeba.zip (folder img_align_celeba of 202,599 JPEGs) in ROOT/celeba",
+}
 
 
-def read_idx(path: str) -> np.ndarray:
-    """An IDX array (uint8 data; optionally gzip-compressed)."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {dims} but holds {data.size} bytes")
-    return data.reshape(dims).copy()
+def data_root(root: Optional[str] = None) -> str:
+    return root or os.environ.get("PATCHMOSAIC_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "patchmosaic")
 
 
-def load(spec: str, *, limit: Optional[int] = None, size: Optional[int] = 32) -> Tuple[torch.Tensor, torch.Tensor]:
+def load(spec: str, *, limit: Optional[int] = None, size="auto", split: str = "train",
+         indices: Optional[Sequence[int]] = None, classes: Optional[Sequence[int]] = None,
+         root: Optional[str] = None, download: bool = False, crop: Optional[int] = None,
+         stride: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Load ``spec`` (see the module docstring) as ``(images (N, C, size, size) float32, labels (N,) int64)``.
+
+    ``size="auto"``: 32 (the paper's size) for image data sets; the picture's own size (or ``crop``) for
+    ``skimage:`` photographs. ``size=None`` keeps every image's size (they must then agree).
+    """
     if limit is not None and int(limit) < 1:
         raise ValueError(f"limit must be a positive number of images, got {limit}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if size == "auto":
+        size = None if spec.startswith("skimage:") else 32
     if spec == "default":
-        x, y = load_default(size)
-        return (x, y) if limit is None else (x[:limit], y[:limit])
-    if os.path.isdir(spec):
-        found = sorted(f for f in os.listdir(spec) if f.startswith("train-images-idx3-ubyte"))
-        if not found:
-            raise ValueError(f"{spec} holds no train-images-idx3-ubyte[.gz] file")
-        spec = os.path.join(spec, found[0])
-    if not os.path.exists(spec):
-        raise ValueError(f"no data set at {spec!r} (give 'default', an .npz file or an IDX file/directory)")
-    if spec.endswith(".npz"):
-        with np.load(spec, allow_pickle=False) as z:
+        x, y = load_default(None)
+        return _finish_tensor(x, y, size, indices, classes, limit)
+    if spec.startswith("skimage:"):
+        img = load_photo(spec.split(":", 1)[1])
+        if crop is None:
+            raw, y = img[None], np.zeros(1, np.int64)
+        else:
+            raw = crops(img, int(crop), int(stride or max(1, crop // 2)))
+            y = np.zeros(len(raw), np.int64)
+        return _finish(raw, y, size, indices, classes, limit)
+    path = spec
+    if spec in NAMED:
+        path = _named(spec, data_root(root), download, split)
+    raw, y = _read_path(path, split)
+    return _finish(raw, y, size, indices, classes, limit)
+
+
+def _read_path(path: str, split: str):
+    if not os.path.exists(path):
+        raise ValueError(f"no data set at {path!r} (give 'default', a named set {NAMED}, 'skimage:NAME', "
+                         "an .npz or IDX file, or a folder)")
+    if path.endswith(".npz"):
+        try:
+            z = np.load(path, allow_pickle=False)
+            if not hasattr(z, "files"):
+                raise ValueError("it holds a single array, not named arrays")
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{path} is not a readable .npz file of arrays: {e}") from None
+        with z:
             ik = next((k for k in IMAGE_KEYS if k in z.files), None)
             lk = next((k for k in LABEL_KEYS if k in z.files), None)
             if ik is None:
-                raise ValueError(f"{spec} has none of the image keys {IMAGE_KEYS} (it has {z.files})")
-            x = z[ik][:limit]
-            y = z[lk][:limit] if lk is not None else np.zeros(len(x), np.int64)
+                raise ValueError(f"{path} has none of the image keys {IMAGE_KEYS} (it has {z.files})")
+            x = z[ik]
+            y = z[lk].astype(np.int64) if lk is not None else np.zeros(len(x), np.int64)
+        if len(y) != len(x):
+            raise ValueError(f"{path}: {len(x)} images but {len(y)} labels")
+        return x, y
+    if os.path.isfile(path):
+        return load_idx(path)
+    names = os.listdir(path)
+    if any("idx3-ubyte" in n for n in names):
+        return load_idx(*find_idx(path, split))
+    if "cifar-10-batches-py" in names or "data_batch_1" in names or "test_batch" in names:
+        return load_cifar10(path, split)
+    if "img_align_celeba" in names or os.path.basename(os.path.normpath(path)) == "img_align_celeba":
+        folder = path if "img_align_celeba" not in names else os.path.join(path, "img_align_celeba")
+        imgs, y, _ = load_folder(folder, grey=False, crop=CELEBA_CROP)
+        return imgs, y
+    imgs, y, _ = load_folder(path)
+    return imgs, y
+
+
+def _named(name: str, root: str, download: bool, split: str) -> str:
+    folder = os.path.join(root, name)
+    if name == "fashion-mnist" and not os.path.isdir(folder) and os.path.isdir("/usr/share/datasets/fashion-mnist"):
+        folder = "/usr/share/datasets/fashion-mnist"
+    if os.path.isdir(folder) and os.listdir(folder):
+        return folder
+    if download:
+        _download(name, folder)
+        return folder
+    raise ValueError(f"{name} is not at {folder}: put {WHERE[name].replace('ROOT', root)}, "
+                     "or pass download=True (--download) where a network and torchvision exist")
+
+
+def _download(name: str, folder: str) -> None:
+    try:
+        import torchvision.datasets as tvd
+    except ImportError:
+        raise RuntimeError(f"downloading {name} needs torchvision; or put {WHERE[name]}") from None
+    os.makedirs(folder, exist_ok=True)
+    try:
+        if name == "mnist":
+            tvd.MNIST(folder, download=True)
+        elif name == "fashion-mnist":
+            tvd.FashionMNIST(folder, download=True)
+        elif name == "cifar10":
+            tvd.CIFAR10(folder, download=True)
+        else:
+            tvd.CelebA(folder, download=True)
+    except Exception as e:  # network errors come in many types
+        raise RuntimeError(f"could not download {name} into {folder}: {e}; put {WHERE[name]} instead") from None
+    for sub, _, files in os.walk(folder):  # torchvision nests the raw files; point at them
+        if any("idx3-ubyte" in f for f in files) or "data_batch_1" in files:
+            if sub != folder:
+                for f in files:
+                    os.replace(os.path.join(sub, f), os.path.join(folder, f))
+            break
+
+
+def _subset(n: int, y: np.ndarray, indices, classes, limit) -> np.ndarray:
+    keep = np.arange(n)
+    if indices is not None:
+        idx = np.asarray(indices, dtype=np.int64).ravel()
+        if idx.size == 0 or idx.min() < -n or idx.max() >= n:
+            raise ValueError(f"indices must be non-empty and lie in [0, {n}), got {idx.min() if idx.size else 'none'}.."
+                             f"{idx.max() if idx.size else ''}")
+        keep = keep[idx]
+    if classes is not None:
+        cls = [int(c) for c in np.asarray(classes).ravel()]
+        for c in cls:
+            if not np.any(y[keep] == c):
+                raise ValueError(f"class {c} has no images in this data set (labels present: {sorted(set(y[keep].tolist()))})")
+        keep = keep[np.isin(y[keep], cls)]
+    return keep[:limit]
+
+
+def _finish(raw, y, size, indices, classes, limit):
+    keep = _subset(len(raw), np.asarray(y), indices, classes, limit)
+    if isinstance(raw, np.ndarray):
+        x = preprocess(raw[keep], size)
     else:
-        x = read_idx(spec)[:limit]
-        lab = spec.replace("images-idx3", "labels-idx1")
-        y = read_idx(lab)[:limit] if lab != spec and os.path.exists(lab) else np.zeros(len(x), np.int64)
-    if len(y) != len(x):
-        raise ValueError(f"{spec}: {len(x)} images but {len(y)} labels")
-    return preprocess(x, size), torch.from_numpy(np.asarray(y).astype(np.int64))
+        parts = [preprocess(raw[i][None], size) for i in keep]
+        shapes = {tuple(p.shape[1:]) for p in parts}
+        if len(shapes) > 1:
+            raise ValueError(f"images of different sizes {sorted(shapes)[:3]}; pass a size to resize them to")
+        x = torch.cat(parts)
+    return x, torch.from_numpy(np.asarray(y)[keep].astype(np.int64))
+
+
+def _finish_tensor(x, y, size, indices, classes, limit):
+    keep = _subset(len(x), y.numpy(), indices, classes, limit)
+    x, y = x[keep], y[keep]
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                                            antialias=True).clamp(-1, 1)
+    return x.contiguous(), y
