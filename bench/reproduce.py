@@ -5,7 +5,8 @@ for a circular network, and LS) against the network's own DDIM trajectories, the
 machines from the same seeds (the seeds and labels of the network's ddim20_samples.npz) and compare
 them seed by seed (Pearson r, R^2; IS as the baseline), with our calibrated schedules and with the
 paper's published schedule for the same family. Writes, per network, under --out:
-calibration_{ELS,LS}.json, report.json, scatter.png, grid.png and resumable state files; and the table
+calibration_{ELS,LS}.json, kschedule.png, report.json, scatter.png, grid.png and resumable
+state files; and the table
 between the reproduce markers of bench/RESULTS.md.
 
     python bench/reproduce.py --networks cifar10k_resnet_zeros_cond fmnist20k_resnet_zeros_cond \
@@ -33,7 +34,7 @@ from patchmosaic.calibrate import calibrate  # noqa: E402
 from patchmosaic.compare import compare, nearest_training  # noqa: E402
 from patchmosaic.denoisers import MachineDenoiser, NetworkDenoiser  # noqa: E402
 from patchmosaic.networks import load_network  # noqa: E402
-from patchmosaic.plots import comparison_grid, scatter  # noqa: E402
+from patchmosaic.plots import comparison_grid, kschedule_plot, scatter  # noqa: E402
 from patchmosaic.png import write_png  # noqa: E402
 from patchmosaic.runstate import write_json  # noqa: E402
 
@@ -93,6 +94,10 @@ def run_network(name, args):
         timings[f"calibrate_{mname}_s"] = round(time.perf_counter() - t0, 1)
         print(f"{name}: {mname} schedule (t = 1 -> 1/20): {list(c.schedule.ks)}", flush=True)
     paper = pm.kschedule.paper_schedule(paper_name)
+    ch = json.load(open(os.path.join(out, "calibration_ELS.json")))["choices"]
+    write_png(os.path.join(out, "kschedule.png"), kschedule_plot(
+        {"ELS ours": cal["ELS"], "LS ours": cal["LS"], "paper": paper}, np.array(ch), cal["ELS"].times,
+        title=name.replace("_", " ")))
     machines = {
         "ELS_ours": MachineDenoiser(els, cal["ELS"]), "LS_ours": MachineDenoiser(ls, cal["LS"]),
         "ELS_paper": MachineDenoiser(els, paper), "LS_paper": MachineDenoiser(ls, paper),

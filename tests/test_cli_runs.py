@@ -38,6 +38,7 @@ def test_train_calibrate_compare(tmp_path, tiny, capsys):
     cal = json.load(open(ks))
     assert len(cal["ks"]) == 3 and set(cal["ks"]) <= {3, 5} and np.array(cal["choices"]).shape == (3, 3)
     assert os.path.exists(ks + ".state.npz")
+    read_png(str(tmp_path / "ks.png"))
 
     out = str(tmp_path / "cmp")
     assert main(["compare", "--network", net, "--seeds", "3", "--steps", "3", "--machine", f"els={ks}",
@@ -75,3 +76,45 @@ def test_every_option_is_documented():
         assert p.description, name
         for action in p._actions:
             assert action.help, f"{name} {action.option_strings} has no help"
+
+
+def test_sample_on_a_larger_canvas_from_photo_crops(tmp_path, capsys):
+    pytest.importorskip("skimage")
+    out = str(tmp_path / "t.png")
+    assert main(["sample", "--data", "skimage:brick", "--crop", "16", "--stride", "128", "--canvas", "24x40",
+                 "--k", "ramp:7:3", "--n", "2", "--steps", "4", "--out", out, "--quiet"]) == 0
+    z = np.load(str(tmp_path / "t.npz"))
+    assert z["samples"].shape == (2, 1, 24, 40) and z["provenance_image"].shape == (2, 24, 40)
+    assert z["provenance_image"].max() < 16  # 4 x 4 crops of brick
+    pic = read_png(out)
+    assert pic.shape == (2 * (24 * 2 + 2) + 2, 2 * (40 * 2 + 2) + 2, 3)  # samples row, provenance row (x2)
+    assert "24x40" in capsys.readouterr().out
+
+
+def test_sample_conditional_and_errors(tmp_path, tiny, capsys):
+    out = str(tmp_path / "s.png")
+    assert main(["sample", "--data", tiny, "--labels", "1,3", "--n", "3", "--steps", "3", "--k", "5",
+                 "--out", out, "--quiet"]) == 0
+    assert np.load(str(tmp_path / "s.npz"))["labels"].tolist() == [1, 3, 1]
+    assert main(["sample", "--data", tiny, "--k", "4", "--out", out, "--quiet"]) == 2
+    assert "odd" in capsys.readouterr().err
+    assert main(["sample", "--data", tiny, "--canvas", "big", "--out", out]) == 2
+    assert "HxW" in capsys.readouterr().err
+    assert main(["sample", "--data", tiny, "--machine", "ls", "--canvas", "40x40", "--k", "3", "--out", out]) == 2
+    assert "training size" in capsys.readouterr().err
+    assert main(["sample", "--data", tiny, "--labels", "9", "--k", "3", "--out", out]) == 2
+    assert "label 9 has no training images" in capsys.readouterr().err
+
+
+def test_kschedule_specs(tmp_path):
+    from patchmosaic.kschedule import KSchedule, from_spec
+
+    assert from_spec("7", 4).ks == (7, 7, 7, 7)
+    assert from_spec("ramp:15:3", 5).ks == (15, 13, 9, 7, 3)
+    assert from_spec("paper:MNIST_ResNet_zeros").ks[0] == 15
+    KSchedule.constant(5, 3).to_json(str(tmp_path / "k.json"))
+    assert from_spec(str(tmp_path / "k.json")).ks == (5, 5, 5)
+    with pytest.raises(ValueError, match="ramp:K_FIRST:K_LAST"):
+        from_spec("ramp:9")
+    with pytest.raises(ValueError, match="neither"):
+        from_spec("seven")

@@ -27,6 +27,28 @@ def _demo(args) -> int:
     return 0
 
 
+def _sample(args) -> int:
+    from .synthesis import run_sample
+
+    canvas = None
+    if args.canvas:
+        try:
+            h, _, w = args.canvas.lower().partition("x")
+            canvas = (int(h), int(w or h))
+        except ValueError:
+            raise ValueError(f"--canvas reads HxW (e.g. 256x256), got {args.canvas!r}") from None
+    labels = None if args.labels is None else [int(v) for v in args.labels.split(",")]
+    classes = None if args.classes is None else [int(v) for v in args.classes.split(",")]
+    res = run_sample(args.data, out=args.out, machine=args.machine, boundary=args.boundary, k=args.k,
+                     canvas=canvas, n=args.n, steps=args.steps, sampler=args.sampler, seed=args.seed,
+                     labels=labels, classes=classes, limit=args.limit, crop=args.crop, stride=args.stride,
+                     backend=args.backend, progress=not args.quiet)
+    size = "x".join(map(str, res["samples"].shape[-2:]))
+    print(f"wrote {res['out']} and {res['npz']}: {args.n} {args.machine.upper()} samples of {size} from "
+          f"{res['train_images']} training images in {res['seconds']:.1f}s")
+    return 0
+
+
 def _train(args) -> int:
     from . import data
     from .networks import TrainConfig, train
@@ -93,20 +115,10 @@ def _machine(name, images, labels, boundary):
     raise ValueError(f"unknown machine {name!r}")
 
 
-def _kschedule(spec: str, steps: int):
-    from .kschedule import KSchedule, paper_schedule
-
-    if spec.startswith("paper:"):
-        return paper_schedule(spec[6:], steps)
-    if spec.lstrip("-").isdigit():
-        return KSchedule.constant(int(spec), steps)
-    if not os.path.exists(spec):
-        raise ValueError(f"k-schedule {spec!r} is neither an odd integer, 'paper:NAME' nor a JSON file")
-    return KSchedule.from_json(spec)
-
-
 def _calibrate(args) -> int:
     from .calibrate import calibrate
+    from .plots import kschedule_plot
+    from .png import write_png
     from .sampling import time_grid
 
     net, images, labels, x1, y = _setup(args)
@@ -116,7 +128,10 @@ def _calibrate(args) -> int:
     c = calibrate(net, machine, x1, y, candidates=cands, k_max=args.k_max, grid=time_grid(args.steps),
                   state=state, run_id=os.path.abspath(args.network), progress=not args.quiet)
     c.to_json(args.out, network=args.network, machine=args.machine, seeds=int(x1.shape[0]))
-    print(f"wrote {args.out}: k-schedule {list(c.schedule.ks)} (t = 1 -> {1 / args.steps:g})")
+    png = os.path.splitext(args.out)[0] + ".png"
+    write_png(png, kschedule_plot({args.machine: c.schedule}, c.choices, c.schedule.times,
+                                  title=os.path.basename(args.network)))
+    print(f"wrote {args.out} and {png}: k-schedule {list(c.schedule.ks)} (t = 1 -> {1 / args.steps:g})")
     return 0
 
 
@@ -125,6 +140,7 @@ def _compare(args) -> int:
 
     from .compare import compare, nearest_training
     from .denoisers import MachineDenoiser
+    from .kschedule import from_spec
     from .plots import comparison_grid, scatter
     from .png import write_png
 
@@ -137,7 +153,7 @@ def _compare(args) -> int:
         if name != "is" and not ks:
             raise ValueError(f"--machine {name} needs a k-schedule: {name}=7, {name}=paper:NAME or {name}=FILE.json")
         m = _machine(name, images, labels, args.boundary)
-        machines[spec if name != "is" else "IS"] = MachineDenoiser(m, _kschedule(ks, args.steps) if ks else None)
+        machines[spec if name != "is" else "IS"] = MachineDenoiser(m, from_spec(ks, args.steps) if ks else None)
     if "IS" not in machines:
         machines["IS"] = MachineDenoiser(_machine("is", images, labels, args.boundary))
     rep = compare(net, machines, x1, y, grid=None, steps=args.steps, batch_size=args.batch, out_dir=args.out,
@@ -200,6 +216,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine (default: %(default)s)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=_demo)
+
+    s = sub.add_parser("sample", help="sample a machine from any data set, on a canvas of any size",
+                       description="Run DDIM (or DDPM) with a machine on a data set and write a PNG (samples, then "
+                                   "their provenance maps) and an .npz of the samples. Canvases larger than the "
+                                   "training images work with the boundary-aware ELS machine.")
+    s.add_argument("--data", default="default", help=DATA_HELP + "; also 'skimage:NAME' photographs "
+                   "(with --crop) and named sets mnist, fashion-mnist, cifar10, celeba (default: %(default)s)")
+    s.add_argument("--crop", type=int, default=None, help="skimage photographs: train on all CROPxCROP crops")
+    s.add_argument("--stride", type=int, default=None, help="stride of those crops (default: CROP/2)")
+    s.add_argument("--limit", type=int, default=None, help="use only the first LIMIT training images")
+    s.add_argument("--classes", default=None, help="comma-separated classes of the data set to keep")
+    s.add_argument("--labels", default=None, help="comma-separated label per seed (cycled) for a class-conditional "
+                   "machine (default: unconditional)")
+    s.add_argument("--machine", default="els", choices=["els", "ls", "is"], help="machine (default: %(default)s)")
+    s.add_argument("--boundary", default="zeros", choices=["zeros", "circular"],
+                   help="ELS boundary: boundary-aware ('zeros') or periodic (default: %(default)s)")
+    s.add_argument("--k", default="paper:MNIST_ResNet_zeros",
+                   help="patch size per step: an odd int, ramp:K_FIRST:K_LAST, paper:NAME or a k-schedule JSON "
+                        "(default: %(default)s)")
+    s.add_argument("--canvas", default=None, help="output size HxW, e.g. 256x256 (default: the training size)")
+    s.add_argument("--n", type=int, default=4, help="number of samples (default: %(default)s)")
+    s.add_argument("--steps", type=int, default=20, help="reverse-process steps on t_i = i/steps (default: %(default)s)")
+    s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="(default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the noise generator (default: %(default)s)")
+    s.add_argument("--backend", default="auto", choices=["auto", "cpu", "torch", "cuda"], help="engine (default: %(default)s)")
+    s.add_argument("--out", default="patchmosaic_sample.png", help="PNG to write; the .npz goes beside it "
+                   "(default: %(default)s)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_sample)
 
     t = sub.add_parser("train", help="train a ResNet or UNet eps-prediction network",
                        description="Train one of the paper's CNN diffusion networks by eps-prediction on the "

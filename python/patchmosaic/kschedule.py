@@ -55,6 +55,30 @@ class KSchedule:
     def constant(cls, k: int, steps: int = 20) -> "KSchedule":
         return cls(tuple(i / steps for i in range(steps, 0, -1)), (int(k),) * steps)
 
+    @classmethod
+    def ramp(cls, k_first: int, k_last: int, steps: int = 20) -> "KSchedule":
+        """k moving linearly from ``k_first`` (step at t = 1) to ``k_last`` (last step); an even value
+        rounds up to the next odd one."""
+        ks = np.linspace(k_first, k_last, steps)
+        return cls(tuple(i / steps for i in range(steps, 0, -1)), tuple(int(2 * np.floor(k / 2) + 1) for k in ks))
+
+
+def from_spec(spec, steps: int = 20) -> KSchedule:
+    """A k-schedule from a short text: ``"7"`` (constant), ``"ramp:15:5"``, ``"paper:NAME"`` or a JSON file."""
+    spec = str(spec)
+    if spec.startswith("paper:"):
+        return paper_schedule(spec[6:], steps)
+    if spec.startswith("ramp:"):
+        parts = spec.split(":")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts[1:]):
+            raise ValueError(f"a ramp k-schedule reads ramp:K_FIRST:K_LAST, got {spec!r}")
+        return KSchedule.ramp(int(parts[1]), int(parts[2]), steps)
+    if spec.lstrip("-").isdigit():
+        return KSchedule.constant(int(spec), steps)
+    if not os.path.exists(spec):
+        raise ValueError(f"k-schedule {spec!r} is neither an odd integer, ramp:A:B, paper:NAME nor a JSON file")
+    return KSchedule.from_json(spec)
+
 
 def paper_schedule_names() -> List[str]:
     return sorted(_paper()["schedules"])

@@ -137,6 +137,13 @@ class Machine:
         bt = torch.as_tensor(b2, dtype=x.dtype, device=x.device).reshape(shape)
         return fn(x, x0, at, bt)
 
+    def check_canvas(self, Hq: int, Wq: int, k: Optional[int] = None) -> None:
+        """Raise a ValueError unless this machine can denoise ``Hq x Wq`` queries with patch size ``k``
+        (e.g. a padding signature of the canvas that no training patch has). Cheap; cached."""
+        self._check_canvas(int(Hq), int(Wq))
+        if self.local:
+            self._keyset(int(Hq), int(Wq), check_k(k, self.H, self.W))
+
     def check_labels(self, labels, B: int) -> None:
         """Raise a ValueError unless ``labels`` (None or B labels) can be served by this machine."""
         self._groups(labels, B)

@@ -98,3 +98,51 @@ def comparison_grid(rows: Sequence[np.ndarray], names: Sequence[str], scale: int
     for i, name in enumerate(names):
         draw_text(out, name, 2 + i * h + h // 2 - 5, 4, 2)
     return out
+
+
+def kschedule_plot(schedules: dict, choices: Optional[np.ndarray] = None, times: Optional[Sequence[float]] = None,
+                   *, title: str = "", size: int = 360) -> np.ndarray:
+    """Patch size k against t (t = 1 on the left, as the reverse process runs) for named schedules
+    (``name -> KSchedule``, one colour each, legend at the top right); ``choices`` ``(steps, seeds)``
+    (a calibration's per-seed picks at ``times``) are drawn as small grey dots behind them."""
+    palette = [(200, 40, 40), (40, 90, 200), (30, 150, 60), (160, 60, 170), (220, 140, 20)]
+    all_k = [k for s in schedules.values() for k in s.ks] + ([] if choices is None else list(np.ravel(choices)))
+    k_hi = int(max(all_k) + 2)
+    m = 40
+    img = np.full((size + 2 * m, size + 2 * m, 3), 255, np.uint8)
+    x0, y0 = m, m + size
+
+    def px(t, k):
+        return int(y0 - 1 - (k / k_hi) * (size - 1)), int(x0 + (1 - t) * (size - 1))
+
+    img[m : m + size, x0] = img[y0 - 1, x0 : x0 + size] = 0
+    for tv in (0.0, 0.25, 0.5, 0.75, 1.0):
+        _, cx = px(tv, 0)
+        img[y0 : y0 + 5, cx] = 0
+        draw_text(img, f"{tv:g}", y0 + 8, cx - 6, 2)
+    for kv in range(0, k_hi + 1, 4 if k_hi > 16 else 2):
+        cy, _ = px(1, kv)
+        img[cy, x0 - 5 : x0] = 0
+        draw_text(img, str(kv), cy - 5, x0 - 30, 2)
+    draw_text(img, "T", y0 + 24, x0 + size // 2, 2)
+    draw_text(img, "K", m + size // 2, 8, 2)
+    draw_text(img, title, 12, x0, 2)
+    if choices is not None and times is not None:
+        rng = np.random.default_rng(0)
+        for i, t in enumerate(times):
+            for k in np.ravel(choices[i]):
+                cy, cx = px(t, k)
+                cx += int(rng.integers(-3, 4))
+                img[cy - 1 : cy + 2, cx - 1 : cx + 2] = (170, 170, 170)
+    for j, (name, s) in enumerate(schedules.items()):
+        c = palette[j % len(palette)]
+        pts = [px(t, k) for t, k in zip(s.times, s.ks)]
+        for (ya, xa), (yb, xb) in zip(pts[:-1], pts[1:]):  # steps: horizontal then vertical
+            img[ya - 1 : ya + 2, min(xa, xb) : max(xa, xb) + 1] = c
+            img[min(ya, yb) : max(ya, yb) + 1, xb - 1 : xb + 2] = c
+        for cy, cx in pts:
+            img[cy - 3 : cy + 4, cx - 3 : cx + 4] = c
+        ly = m + 8 + 14 * j
+        img[ly : ly + 8, x0 + size - 120 : x0 + size - 108] = c
+        draw_text(img, name, ly - 1, x0 + size - 100, 2)
+    return img
