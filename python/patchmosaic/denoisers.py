@@ -27,10 +27,12 @@ class _Denoiser:
         raise NotImplementedError
 
     def eps(self, x, t, labels=None):
+        """Predicted noise ``(x - a x0_hat) / b``, shape of ``x`` ``(B, C, H, W)``."""
         a, b = self._ab(t, x)
         return (x - a * self(x, t, labels)) / b
 
     def score(self, x, t, labels=None):
+        """Score ``-eps / b = (a x0_hat - x) / b^2``, shape of ``x``."""
         return -self.eps(x, t, labels) / self._ab(t, x)[1]
 
     def _ab(self, t, x):
@@ -59,6 +61,7 @@ class MachineDenoiser(_Denoiser):
         self.provenance = None
 
     def k_at(self, t: float) -> Optional[int]:
+        """The patch size used at time ``t`` (None for IS)."""
         if self.k is None or not self.machine.local:
             return None
         return self.k.k_at(t) if isinstance(self.k, KSchedule) else int(self.k)
@@ -98,6 +101,7 @@ class NetworkDenoiser(_Denoiser):
             net.eval()
 
     def eps(self, x, t, labels=None):
+        """The network's ``eps`` for ``x`` ``(B, C, H, W)`` at ``t`` (float or ``(B,)``), labels ``(B,)`` or None."""
         if not torch.is_tensor(x) or x.ndim != 4:
             raise ValueError(f"x must be a (B, C, H, W) tensor, got shape {tuple(getattr(x, 'shape', ()))}")
         B = x.shape[0]

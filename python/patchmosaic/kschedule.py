@@ -39,6 +39,7 @@ class KSchedule:
         return int(self.ks[i])
 
     def to_json(self, path: str) -> None:
+        """Write ``{"times": [...], "ks": [...]}`` atomically to ``path``."""
         d = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=d, suffix=".json.tmp")
         with os.fdopen(fd, "w") as f:
@@ -47,12 +48,14 @@ class KSchedule:
 
     @classmethod
     def from_json(cls, path: str) -> "KSchedule":
+        """Read a schedule written by :meth:`to_json` (extra keys, e.g. a calibration's, are ignored)."""
         with open(path) as f:
             d = json.load(f)
         return cls(tuple(float(t) for t in d["times"]), tuple(int(k) for k in d["ks"]))
 
     @classmethod
     def constant(cls, k: int, steps: int = 20) -> "KSchedule":
+        """The same ``k`` at every step of the grid ``t_i = i / steps``."""
         return cls(tuple(i / steps for i in range(steps, 0, -1)), (int(k),) * steps)
 
     @classmethod
@@ -81,6 +84,7 @@ def from_spec(spec, steps: int = 20) -> KSchedule:
 
 
 def paper_schedule_names() -> List[str]:
+    """Names accepted by :func:`paper_schedule` (e.g. ``"MNIST_ResNet_zeros"``)."""
     return sorted(_paper()["schedules"])
 
 

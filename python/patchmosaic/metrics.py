@@ -19,6 +19,7 @@ def _flat(u) -> np.ndarray:
 
 
 def pearson_r(u, v) -> np.ndarray:
+    """Per-pair Pearson correlation over all entries: ``(M, ...)``, ``(M, ...)`` -> ``(M,)``."""
     u, v = _flat(u), _flat(v)
     u = u - u.mean(1, keepdims=True)
     v = v - v.mean(1, keepdims=True)
@@ -27,12 +28,14 @@ def pearson_r(u, v) -> np.ndarray:
 
 
 def r2(u, v) -> np.ndarray:
+    """Per-pair coefficient of determination of ``v`` predicting ``u``: ``(M, ...)``, ``(M, ...)`` -> ``(M,)``."""
     u, v = _flat(u), _flat(v)
     den = np.sum((u - u.mean(1, keepdims=True)) ** 2, 1)
     return 1.0 - np.sum((u - v) ** 2, 1) / np.where(den > 0, den, np.nan)
 
 
 def mse(u, v) -> np.ndarray:
+    """Per-pair mean squared difference: ``(M, ...)``, ``(M, ...)`` -> ``(M,)``."""
     u, v = _flat(u), _flat(v)
     return np.mean((u - v) ** 2, 1)
 

@@ -7,6 +7,8 @@ import time
 
 
 class Progress:
+    """``Progress(total, desc)``; ``update(n, postfix)`` redraws ``desc [###...] n/total elapsed, left``."""
+
     def __init__(self, total: int, desc: str = "", enabled: bool = True, stream=None):
         self.total, self.desc, self.enabled = int(total), desc, enabled
         self.stream = stream or sys.stderr

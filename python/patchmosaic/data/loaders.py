@@ -46,6 +46,7 @@ WHERE = {
 
 
 def data_root(root: Optional[str] = None) -> str:
+    """Where named data sets are looked for: ``root``, else ``$PATCHMOSAIC_DATA``, else ``~/.cache/patchmosaic``."""
     return root or os.environ.get("PATCHMOSAIC_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "patchmosaic")
 
 

@@ -42,9 +42,11 @@ class ResNet(nn.Module):
 
     @property
     def receptive_field(self) -> int:
+        """Pixels (per side) of input that one output pixel sees."""
         return 2 * len(self.convs) + 5
 
     def forward(self, t: torch.Tensor, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``t`` ``(B,)``, ``x`` ``(B, C, H, W)``, ``labels`` ``(B,)`` int64 or None -> ``eps`` ``(B, C, H, W)``."""
         emb = F.silu(self.embed(t, labels))
         h = self.conv_in(x)
         for conv, proj in zip(self.convs, self.projs):

@@ -24,6 +24,10 @@ from .checkpoint import build, load, save
 
 @dataclass
 class TrainConfig:
+    """Training settings: optimiser ``steps`` of ``batch_size`` images, AdamW ``lr`` / ``weight_decay``,
+    EMA decay (0 = off), the noise ``schedule``, ``t ~ U(t_min, 1)``, ``seed`` of data order and noise,
+    a checkpoint every ``checkpoint_every`` steps, a loss record every ``log_every``, the torch ``device``."""
+
     steps: int = 10000
     batch_size: int = 128
     lr: float = 2e-4

@@ -69,6 +69,7 @@ class UNet(nn.Module):
         self.conv_out = nn.Conv2d(widths[0], channels, 3, padding=1, padding_mode=padding)
 
     def forward(self, t: torch.Tensor, x: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``t`` ``(B,)``, ``x`` ``(B, C, H, W)``, ``labels`` ``(B,)`` int64 or None -> ``eps`` ``(B, C, H, W)``."""
         f = 2 ** (len(self.downs))
         if x.shape[-1] % f or x.shape[-2] % f:
             raise ValueError("UNet needs H and W divisible by " + str(f) + ", got " + str(x.shape[-2]) + "x"
