@@ -42,7 +42,7 @@ def _sample(args) -> int:
     res = run_sample(args.data, out=args.out, machine=args.machine, boundary=args.boundary, k=args.k,
                      canvas=canvas, n=args.n, steps=args.steps, sampler=args.sampler, seed=args.seed,
                      labels=labels, classes=classes, limit=args.limit, crop=args.crop, stride=args.stride,
-                     backend=args.backend, progress=not args.quiet)
+                     provenance=args.provenance, backend=args.backend, progress=not args.quiet)
     size = "x".join(map(str, res["samples"].shape[-2:]))
     print(f"wrote {res['out']} and {res['npz']}: {args.n} {args.machine.upper()} samples of {size} from "
           f"{res['train_images']} training images in {res['seconds']:.1f}s")
@@ -240,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=20, help="reverse-process steps on t_i = i/steps (default: %(default)s)")
     s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="(default: %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="seed of the noise generator (default: %(default)s)")
+    s.add_argument("--provenance", default="image", choices=["image", "position"],
+                   help="colour the provenance map by the winning patch's training image or by its position in "
+                        "that image (default: %(default)s)")
     s.add_argument("--backend", default="auto", choices=["auto", "cpu", "torch", "cuda"], help="engine (default: %(default)s)")
     s.add_argument("--out", default="patchmosaic_sample.png", help="PNG to write; the .npz goes beside it "
                    "(default: %(default)s)")

@@ -29,18 +29,31 @@ def provenance_picture(sample: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
     return (label_colours(image_ids) * (0.15 + 0.85 * shade)).astype(np.uint8)
 
 
+def position_picture(rows: np.ndarray, cols: np.ndarray, H: int, W: int) -> np.ndarray:
+    """Each pixel coloured by where in its training image the winning patch is centred (red: row,
+    blue: column): a patch copied whole shows as a smooth colour ramp, a mosaic as a patchwork."""
+    r = np.asarray(rows, np.float64) / max(H - 1, 1)
+    c = np.asarray(cols, np.float64) / max(W - 1, 1)
+    rgb = np.stack([0.15 + 0.85 * r, 0.35 + 0.3 * (1 - np.abs(r - c)), 0.15 + 0.85 * c], -1)
+    return (rgb * 255 + 0.5).astype(np.uint8)
+
+
 def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", machine: str = "els",
                boundary: str = "zeros", k: str = "paper:MNIST_ResNet_zeros", canvas: Optional[Tuple[int, int]] = None,
                n: int = 4, steps: int = 20, sampler: str = "ddim", seed: int = 0,
                labels: Optional[Sequence[int]] = None, classes: Optional[Sequence[int]] = None,
                limit: Optional[int] = None, crop: Optional[int] = None, stride: Optional[int] = None,
-               backend: str = "auto", progress: bool = True) -> dict:
+               provenance: str = "image", backend: str = "auto", progress: bool = True) -> dict:
     """Sample ``n`` images and write a PNG (samples, then their provenance maps) and an ``.npz`` beside it.
 
-    ``labels``: one class per seed (cycled), or None for an unconditional machine. Returns a summary dict.
+    ``labels``: one class per seed (cycled), or None for an unconditional machine. ``provenance``:
+    colour the map by the winning key's training ``"image"`` or by its ``"position"`` in that image.
+    Returns a summary dict.
     """
     if n < 1 or steps < 1:
         raise ValueError(f"n and steps must be positive, got {n}, {steps}")
+    if provenance not in ("image", "position"):
+        raise ValueError(f"provenance must be 'image' or 'position', got {provenance!r}")
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
     images, train_labels = load(data, limit=limit, classes=classes, crop=crop, stride=stride)
@@ -73,7 +86,10 @@ def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", ma
     prov = den.provenance
     pics = [to_uint8(x[b].numpy()) for b in range(n)]
     if m.local:
-        pics += [provenance_picture(x[b].numpy(), prov.image[b].numpy()) for b in range(n)]
+        if provenance == "image":
+            pics += [provenance_picture(x[b].numpy(), prov.image[b].numpy()) for b in range(n)]
+        else:
+            pics += [position_picture(prov.row[b].numpy(), prov.col[b].numpy(), H, W) for b in range(n)]
     scale = max(1, 96 // max(Hq, Wq)) if max(Hq, Wq) < 96 else 1
     write_png(out, grid(pics, 2 if m.local else 1, n, pad=2, scale=scale))
     npz = os.path.splitext(out)[0] + ".npz"
