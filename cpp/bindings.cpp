@@ -95,6 +95,46 @@ void ideal_score_impl(const py::array& train, const py::array& query, const py::
   ideal_score_cpu<T>(A);
 }
 
+template <typename T>
+void candidate_softmax_impl(const py::array& train, const py::array& query, int k, int query_pad, int key_pad,
+                            const py::array& a, const py::array& inv_2b2, const py::array& pix,
+                            const py::array& cand, const py::array& out, const py::array& top_logit,
+                            const py::array& last_logit, const py::array& sum_rel, std::optional<py::array> arg_key,
+                            std::optional<py::array> arg_share, int n_threads) {
+  CandidateSoftmaxArgs<T> A;
+  A.train = ptr_of<T>(train, "train", 4);
+  A.N = train.shape(0); A.C = static_cast<int>(train.shape(1));
+  A.H = static_cast<int>(train.shape(2)); A.W = static_cast<int>(train.shape(3));
+  A.query = ptr_of<T>(query, "query", 4);
+  A.B = query.shape(0); A.Hq = static_cast<int>(query.shape(2)); A.Wq = static_cast<int>(query.shape(3));
+  if (query.shape(1) != A.C) throw std::invalid_argument("query and train differ in channels");
+  A.k = k; A.query_pad = query_pad; A.key_pad = key_pad;
+  A.a = ptr_of<double>(a, "a", 1);
+  A.inv_2b2 = ptr_of<double>(inv_2b2, "inv_2b2", 1);
+  if (a.shape(0) != A.B || inv_2b2.shape(0) != A.B) throw std::invalid_argument("a, inv_2b2: one entry per query image");
+  A.pix = ptr_of<int64_t>(pix, "pix", 1);
+  A.P = pix.shape(0);
+  A.cand = ptr_of<int64_t>(cand, "cand", 2);
+  if (cand.shape(0) != A.P) throw std::invalid_argument("cand must have one row per listed pixel");
+  A.m = static_cast<int>(cand.shape(1));
+  A.out = ptr_of<T>(out, "out", 4, true);
+  A.top_logit = ptr_of<double>(top_logit, "top_logit", 1, true);
+  A.last_logit = ptr_of<double>(last_logit, "last_logit", 1, true);
+  A.sum_rel = ptr_of<double>(sum_rel, "sum_rel", 1, true);
+  if (top_logit.shape(0) != A.P || last_logit.shape(0) != A.P || sum_rel.shape(0) != A.P)
+    throw std::invalid_argument("top_logit, last_logit, sum_rel: one entry per listed pixel");
+  if (arg_key) A.arg_key = ptr_of<int64_t>(*arg_key, "arg_key", 1, true);
+  if (arg_share) A.arg_share = ptr_of<T>(*arg_share, "arg_share", 1, true);
+  const int64_t npix = A.B * A.Hq * A.Wq, nkey = A.N * A.H * A.W;
+  for (int64_t p = 0; p < A.P; ++p)
+    if (A.pix[p] < 0 || A.pix[p] >= npix) throw std::invalid_argument("pix holds an index outside the query");
+  for (int64_t e = 0; e < A.P * A.m; ++e)
+    if (A.cand[e] >= nkey) throw std::invalid_argument("cand holds a key index outside the training set");
+  A.n_threads = n_threads;
+  py::gil_scoped_release nogil;
+  candidate_softmax_cpu<T>(A);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -140,6 +180,26 @@ PYBIND11_MODULE(_core, m) {
       py::arg("grp_img"), py::arg("group_of_b"), py::arg("out"), py::arg("arg_key") = py::none(),
       py::arg("arg_share") = py::none(), py::arg("n_threads") = 0,
       "Streaming softmax over whole training images (the ideal score machine).");
+  m.def(
+      "candidate_softmax",
+      [](const py::array& train, const py::array& query, int k, int query_pad, int key_pad, const py::array& a,
+         const py::array& inv_2b2, const py::array& pix, const py::array& cand, const py::array& out,
+         const py::array& top_logit, const py::array& last_logit, const py::array& sum_rel,
+         std::optional<py::array> arg_key, std::optional<py::array> arg_share, int n_threads) {
+        if (py::isinstance<py::array_t<float>>(train))
+          candidate_softmax_impl<float>(train, query, k, query_pad, key_pad, a, inv_2b2, pix, cand, out, top_logit,
+                                        last_logit, sum_rel, arg_key, arg_share, n_threads);
+        else if (py::isinstance<py::array_t<double>>(train))
+          candidate_softmax_impl<double>(train, query, k, query_pad, key_pad, a, inv_2b2, pix, cand, out, top_logit,
+                                         last_logit, sum_rel, arg_key, arg_share, n_threads);
+        else
+          throw std::invalid_argument("train: expected float32 or float64");
+      },
+      py::arg("train"), py::arg("query"), py::arg("k"), py::arg("query_pad"), py::arg("key_pad"), py::arg("a"),
+      py::arg("inv_2b2"), py::arg("pix"), py::arg("cand"), py::arg("out"), py::arg("top_logit"),
+      py::arg("last_logit"), py::arg("sum_rel"), py::arg("arg_key") = py::none(), py::arg("arg_share") = py::none(),
+      py::arg("n_threads") = 0,
+      "Exact softmax over a candidate key list per listed query pixel (see cpp/patch_softmax.hpp).");
   m.def("max_threads", []() {
 #ifdef _OPENMP
     return omp_get_max_threads();

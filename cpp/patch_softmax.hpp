@@ -77,8 +77,43 @@ struct IdealScoreArgs {
   int n_threads = 0;
 };
 
+// Softmax over a given short list of candidate keys per query pixel: the exact re-scoring step behind
+// an approximate (patch index) machine. For each listed query pixel, every candidate's logit is
+// recomputed exactly from the original patches (never from compressed codes), then
+//     out[b, :, p] = sum_q exp(logit_q) centre(q) / sum_q exp(logit_q)     over the candidates q,
+// and the numbers the error bound needs: the largest and smallest candidate logit and
+// sum_q exp(logit_q - largest). Logits here include |P_p(x_b)|^2 (true distances).
+template <typename T>
+struct CandidateSoftmaxArgs {
+  const T* train = nullptr;   // (N, C, H, W)
+  int64_t N = 0;
+  int C = 0, H = 0, W = 0;
+  const T* query = nullptr;   // (B, C, Hq, Wq)
+  int64_t B = 0;
+  int Hq = 0, Wq = 0;
+  int k = 1;
+  int query_pad = kPadZeros;
+  int key_pad = kPadZeros;
+  const double* a = nullptr;        // (B,)
+  const double* inv_2b2 = nullptr;  // (B,)
+  int64_t P = 0;                    // number of query pixels listed
+  const int64_t* pix = nullptr;     // (P,) b * Hq * Wq + i * Wq + j
+  int m = 0;                        // candidates per pixel
+  const int64_t* cand = nullptr;    // (P, m) n * H * W + i' * W + j'; negative entries are skipped
+  T* out = nullptr;                 // (B, C, Hq, Wq), written at the listed pixels only
+  double* top_logit = nullptr;      // (P,)
+  double* last_logit = nullptr;     // (P,) the smallest logit among the candidates used
+  double* sum_rel = nullptr;        // (P,) sum exp(logit - top_logit)
+  int64_t* arg_key = nullptr;       // optional (P,)
+  T* arg_share = nullptr;           // optional (P,)
+  int n_threads = 0;
+};
+
 template <typename T>
 void patch_softmax_cpu(const PatchSoftmaxArgs<T>& args);
+
+template <typename T>
+void candidate_softmax_cpu(const CandidateSoftmaxArgs<T>& args);
 
 template <typename T>
 void ideal_score_cpu(const IdealScoreArgs<T>& args);

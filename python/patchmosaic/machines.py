@@ -137,6 +137,20 @@ class Machine:
         bt = torch.as_tensor(b2, dtype=x.dtype, device=x.device).reshape(shape)
         return fn(x, x0, at, bt)
 
+    def denoise_approx(self, x, t, k: int, labels=None, *, m: int = 64, **index_kw):
+        """Approximate :meth:`denoise` through a FAISS patch index (built on first use per ``k`` and canvas,
+        then cached): the softmax over the ``m`` nearest keys per pixel, re-scored exactly. Returns a
+        :class:`patchmosaic.patch_index.ApproxResult` with ``x0`` and the per-pixel error ``bound``.
+        ``index_kw`` go to :class:`patchmosaic.patch_index.PatchIndex` (``kind``, ``nprobe``, ...)."""
+        from .patch_index import PatchIndex
+
+        xt = to_tensor(x, "x")
+        key = (int(k), tuple(xt.shape[-2:]), tuple(sorted(index_kw.items())))
+        cache = self.__dict__.setdefault("_index_cache", {})
+        if key not in cache:
+            cache[key] = PatchIndex(self, int(k), tuple(xt.shape[-2:]), progress=False, **index_kw)
+        return cache[key].denoise(x, t, labels, m)
+
     def check_canvas(self, Hq: int, Wq: int, k: Optional[int] = None) -> None:
         """Raise a ValueError unless this machine can denoise ``Hq x Wq`` queries with patch size ``k``
         (e.g. a padding signature of the canvas that no training patch has). Cheap; cached."""

@@ -1,0 +1,74 @@
+// candidate_softmax.cpp -- exact softmax over a short candidate list per query pixel (CPU).
+// The candidates come from a patch index (FAISS); their distances are recomputed here from the
+// original float patches, so the index's own approximations only decide *which* keys are summed.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../patch_softmax.hpp"
+#include "patch_gather.hpp"
+#include "threads.hpp"
+
+namespace patchmosaic {
+
+template <typename T>
+void candidate_softmax_cpu(const CandidateSoftmaxArgs<T>& A) {
+  const int d = A.C * A.k * A.k;
+  const int64_t HWq = static_cast<int64_t>(A.Hq) * A.Wq;
+  const int64_t HW = static_cast<int64_t>(A.H) * A.W;
+  const int nt = resolve_threads(A.n_threads, A.P);
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<T> qp(d), kp(d);
+    std::vector<double> logit(std::max(A.m, 1));
+    std::vector<double> acc(A.C);
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < A.P; ++p) {
+      const int64_t b = A.pix[p] / HWq;
+      const int64_t pos = A.pix[p] % HWq;
+      const int qi = static_cast<int>(pos / A.Wq), qj = static_cast<int>(pos % A.Wq);
+      gather_run(A.query + b * A.C * HWq, A.C, A.Hq, A.Wq, qi, qj, 1, A.k, A.query_pad, qp.data(), 1);
+      const double a = A.a[b], s2 = A.inv_2b2[b];
+      const int64_t* cand = A.cand + p * A.m;
+      double top = -std::numeric_limits<double>::infinity(), last = std::numeric_limits<double>::infinity();
+      int best = -1;
+      for (int c = 0; c < A.m; ++c) {
+        if (cand[c] < 0) continue;
+        const int64_t n = cand[c] / HW, kpos = cand[c] % HW;
+        gather_run(A.train + n * A.C * HW, A.C, A.H, A.W, static_cast<int>(kpos / A.W), static_cast<int>(kpos % A.W),
+                   1, A.k, A.key_pad, kp.data(), 1);
+        double dist = 0.0;
+        for (int e = 0; e < d; ++e) {
+          const double diff = static_cast<double>(qp[e]) - a * static_cast<double>(kp[e]);
+          dist += diff * diff;
+        }
+        logit[c] = -dist * s2;
+        if (logit[c] > top) { top = logit[c]; best = c; }
+        last = std::min(last, logit[c]);
+      }
+      std::fill(acc.begin(), acc.end(), 0.0);
+      double sum = 0.0;
+      for (int c = 0; c < A.m; ++c) {
+        if (cand[c] < 0) continue;
+        const double w = std::exp(logit[c] - top);
+        sum += w;
+        const int64_t n = cand[c] / HW, kpos = cand[c] % HW;
+        const T* img = A.train + n * A.C * HW + kpos;
+        for (int ch = 0; ch < A.C; ++ch) acc[ch] += w * static_cast<double>(img[ch * HW]);
+      }
+      T* o = A.out + b * A.C * HWq + pos;
+      for (int ch = 0; ch < A.C; ++ch) o[ch * HWq] = best < 0 ? T(0) : static_cast<T>(acc[ch] / sum);
+      A.top_logit[p] = top;
+      A.last_logit[p] = last;
+      A.sum_rel[p] = sum;
+      if (A.arg_key) A.arg_key[p] = best < 0 ? -1 : cand[best];
+      if (A.arg_share) A.arg_share[p] = best < 0 ? T(0) : static_cast<T>(1.0 / sum);
+    }
+  }
+}
+
+template void candidate_softmax_cpu<float>(const CandidateSoftmaxArgs<float>&);
+template void candidate_softmax_cpu<double>(const CandidateSoftmaxArgs<double>&);
+
+}  // namespace patchmosaic

@@ -1,0 +1,451 @@
+"""FAISS patch index: approximate local machines with a stated error bound.
+
+At low noise a local machine's softmax is dominated by a few nearest training patches. A
+:class:`PatchIndex` holds, for one machine and one patch size ``k``, a FAISS index over the key patches
+of every (label, padding-signature class) part of the key set. An approximate call then, per query
+pixel, retrieves the ``m`` nearest keys (distances ``|P - a q|^2 = a^2 |P / a - q|^2``, so one index
+serves every ``t``), re-scores them exactly in the compiled core from the original float patches, and
+takes the softmax over them.
+
+Error bound (exact index). Let the retrieved logits be ``l_1 >= ... >= l_m`` and ``M`` the keys of the
+pixel's part. Every key not retrieved is at least as far as the m-th, so its weight is at most
+``exp(l_m)``; with ``S = sum_i exp(l_i - l_1)`` the left-out mass relative to the retrieved mass is
+``eps <= (M - m) exp(l_m - l_1) / S``, and since ``x0_hat`` is a weighted mean of centre values in a
+range of width ``R`` (the training data's range per part),
+
+    |x0_hat - x0_hat_approx| <= R * eps / (1 + eps)     per pixel and channel.
+
+With an inverted-file index (``ivf``, ``ivfpq``) the same number holds *conditional on retrieval* (if
+the true m nearest were found); :func:`measure_recall` measures how often they are.
+
+Indexes are saved with a JSON manifest (data fingerprint, machine, k, canvas, parts, index type) and
+refused when the manifest does not match the machine they are loaded for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .keysets import CIRCULAR
+from .runstate import write_json
+from .validation import ResourceError, available_memory, check_k, check_t, to_labels, to_tensor
+
+KINDS = ("auto", "flat", "ivf", "ivfpq")
+FORMAT = "patchmosaic-index-1"
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise RuntimeError("the patch index needs FAISS: pip install faiss-cpu") from None
+    return faiss
+
+
+def patch_vectors(images: torch.Tensor, positions: np.ndarray, k: int, pad: int) -> torch.Tensor:
+    """Patches of ``images`` ``(n, C, H, W)`` centred at flat ``positions`` -> ``(n * len(positions), C k k)``
+    float32, image-major, elements in (channel, row, column) order; ``pad``: zeros or circular."""
+    r = k // 2
+    x = images.float()
+    x = F.pad(x, (r, r, r, r), mode="circular" if pad == CIRCULAR else "constant")
+    cols = F.unfold(x, k)  # (n, C k k, H W)
+    sel = cols[:, :, torch.as_tensor(positions, dtype=torch.long)]
+    return sel.permute(0, 2, 1).reshape(-1, cols.shape[1]).contiguous()
+
+
+def fingerprint_data(images: torch.Tensor, labels: Optional[np.ndarray]) -> str:
+    h = hashlib.sha256()
+    arr = images.detach().cpu().contiguous().numpy()
+    h.update(f"{arr.dtype}{arr.shape}".encode())
+    h.update(arr.tobytes())
+    if labels is not None:
+        h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()[:20]
+
+
+@dataclass
+class Part:
+    """One (label, key class) part: its query pixels, its keys (global ids ``n * H * W + p``), its index."""
+
+    label: Optional[int]
+    cls: int
+    qpix: np.ndarray
+    keys: np.ndarray
+    value_range: float
+    index: object = None
+
+
+@dataclass
+class ApproxResult:
+    """``x0``: the approximate denoiser output (shape of the query); ``bound``: per pixel ``(B, Hq, Wq)``,
+    an upper bound on ``|x0_exact - x0|`` (every channel), conditional on retrieval for IVF indexes;
+    ``arg_key``: the winning candidate per pixel (``n * H * W + p``, provenance)."""
+
+    x0: torch.Tensor
+    bound: torch.Tensor
+    arg_key: torch.Tensor
+    seconds: float = 0.0
+
+
+class PatchIndex:
+    """A FAISS index over the key patches of ``machine`` at patch size ``k`` for ``canvas`` queries.
+
+    ``kind``: ``"flat"`` (exact, ``IndexFlatL2``), ``"ivf"`` (``IndexIVFFlat``), ``"ivfpq"`` (``IndexIVFPQ``,
+    for when raw patches would not fit in memory) or ``"auto"`` (flat while its vectors take at most
+    ``flat_budget`` bytes, default a quarter of the available memory, else ivfpq). ``nlist``: inverted
+    lists per part (default ~ 4 sqrt(keys)); ``nprobe``: lists searched; ``pq_m``: PQ sub-quantisers.
+    Parts with at most ``min_index_keys`` keys always use a flat index.
+    """
+
+    def __init__(self, machine, k: int, canvas: Optional[Tuple[int, int]] = None, *, kind: str = "auto",
+                 nlist: Optional[int] = None, nprobe: int = 16, pq_m: int = 16, flat_budget: Optional[int] = None,
+                 min_index_keys: int = 20000, progress: bool = True, _build: bool = True):
+        if not machine.local:
+            raise ValueError("a patch index serves the local machines (LS, ELS); IS has no patches")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        self.machine = machine
+        self.k = check_k(k, machine.H, machine.W)
+        self.canvas = tuple(canvas or (machine.H, machine.W))
+        machine.check_canvas(*self.canvas, self.k)
+        self.keyset = machine._keyset(self.canvas[0], self.canvas[1], self.k)
+        self.d = machine.C * self.k * self.k
+        self.nprobe, self.pq_m, self.nlist, self.min_index_keys = int(nprobe), int(pq_m), nlist, int(min_index_keys)
+        self.fingerprint = fingerprint_data(machine.images, machine.labels)
+        self.parts: List[Part] = self._parts()
+        n_keys = sum(len(p.keys) for p in self.parts)
+        if kind == "auto":
+            budget = available_memory() // 4 if flat_budget is None else int(flat_budget)
+            kind = "flat" if n_keys * self.d * 4 <= budget else "ivfpq"
+        self.kind = kind
+        self.build_seconds = 0.0
+        if _build:
+            self._build_all(progress)
+
+    # ----- construction -------------------------------------------------------------------
+    def _parts(self) -> List[Part]:
+        m = self.machine
+        HW = m.H * m.W
+        groups = [(None, np.arange(m.N))] if m.labels is None else sorted(m._by_label.items())
+        parts = []
+        for label, imgs in groups:
+            vals = m.images[torch.as_tensor(imgs, dtype=torch.long)]
+            rng = float(vals.max() - vals.min())
+            for c, (qpix, kpos) in enumerate(self.keyset.classes()):
+                keys = (np.asarray(imgs, np.int64)[:, None] * HW + np.asarray(kpos, np.int64)[None, :]).ravel()
+                parts.append(Part(label, c, np.asarray(qpix, np.int64), keys, rng))
+        return parts
+
+    def _part_kind(self, part: Part) -> str:
+        return "flat" if self.kind == "flat" or len(part.keys) <= self.min_index_keys else self.kind
+
+    def _key_chunks(self, part: Part, chunk: int = 1 << 20):
+        """Yield the part's key vectors in index order, about ``chunk`` keys at a time."""
+        m = self.machine
+        HW = m.H * m.W
+        imgs = np.unique(part.keys // HW)
+        kpos = part.keys[: len(part.keys) // len(imgs)] % HW
+        per = max(1, chunk // max(len(kpos), 1))
+        for s in range(0, len(imgs), per):
+            sel = torch.as_tensor(imgs[s : s + per], dtype=torch.long)
+            yield patch_vectors(m.images[sel], kpos, self.k, self.keyset.key_pad).numpy()
+
+    def _build_all(self, progress: bool):
+        faiss = _faiss()
+        need = max((len(p.keys) for p in self.parts), default=0) * self.d * 4
+        if self.kind == "flat" and need > available_memory():
+            raise ResourceError(f"a flat index of {need / 2**30:.1f} GiB does not fit; use kind='ivfpq'")
+        t0 = time.perf_counter()
+        for i, part in enumerate(self.parts):
+            part.index = self._build_part(faiss, part)
+            if progress:
+                import sys
+
+                print(f"\rindex k={self.k}: part {i + 1}/{len(self.parts)} ({len(part.keys)} keys, "
+                      f"{self._part_kind(part)}) {time.perf_counter() - t0:.1f}s", end="", file=sys.stderr, flush=True)
+        if progress:
+            import sys
+
+            print(file=sys.stderr)
+        self.build_seconds = time.perf_counter() - t0
+
+    def _build_part(self, faiss, part: Part):
+        kind, d, n = self._part_kind(part), self.d, len(part.keys)
+        if kind == "flat":
+            index = faiss.IndexFlatL2(d)
+        else:
+            nlist = int(self.nlist or max(16, min(65536, 4 * int(np.sqrt(n)))))
+            quant = faiss.IndexFlatL2(d)
+            if kind == "ivf":
+                index = faiss.IndexIVFFlat(quant, d, nlist)
+            else:
+                pq_m = max(v for v in range(1, min(self.pq_m, d) + 1) if d % v == 0)
+                index = faiss.IndexIVFPQ(quant, d, nlist, pq_m, 8)
+            index.own_fields = True
+            quant.this.disown()
+            # train on an evenly spread sample (faiss wants >= 39 points per list)
+            want = min(n, max(64 * nlist, 50000))
+            take = np.unique(np.linspace(0, n - 1, want).astype(np.int64))
+            sample, seen = [], 0
+            for chunk in self._key_chunks(part):
+                sel = take[(take >= seen) & (take < seen + len(chunk))] - seen
+                sample.append(chunk[sel])
+                seen += len(chunk)
+            index.train(np.concatenate(sample))
+            index.nprobe = min(self.nprobe, nlist)
+        for chunk in self._key_chunks(part):
+            index.add(chunk)
+        return index
+
+    # ----- queries ------------------------------------------------------------------------
+    def denoise(self, x, t, labels=None, m: int = 64, *, return_provenance: bool = False) -> ApproxResult:
+        """Approximate ``machine.denoise(x, t, k, labels)`` from the ``m`` nearest keys per pixel, with
+        the per-pixel error bound of the module docstring. ``x`` ``(B, C, Hq, Wq)`` float32."""
+        from . import _core
+
+        t0 = time.perf_counter()
+        mach = self.machine
+        xt = to_tensor(x, "x")
+        if xt.dtype != torch.float32:
+            raise TypeError(f"the patch index works in float32, got {xt.dtype}")
+        B, C, Hq, Wq = xt.shape
+        if (C, Hq, Wq) != (mach.C,) + self.canvas:
+            raise ValueError(f"this index is for queries of shape (B, {mach.C}, {self.canvas[0]}, {self.canvas[1]}), "
+                             f"got {tuple(xt.shape)}")
+        if int(m) < 1:
+            raise ValueError(f"m must be a positive number of candidates, got {m}")
+        tt = check_t(t, B)
+        mach.check_labels(labels, B)
+        lab = None if labels is None else to_labels(labels, B)
+        a, b2 = mach.schedule.coefficients(tt)
+        inv_2b2 = 0.5 / b2
+        xq = xt.cpu().contiguous()
+        HWq = Hq * Wq
+        m = min(int(m), max(len(p.keys) for p in self.parts))
+        pix_all, cand_all, M_all, R_all = [], [], [], []
+        cols = {}  # query patches of each label group, unfolded once: (nb, d, Hq Wq), scaled by 1 / a
+        for part in self.parts:
+            bs = np.arange(B) if part.label is None else np.nonzero(lab == part.label)[0]
+            if len(bs) == 0:
+                continue
+            if part.label not in cols:
+                r = self.k // 2
+                xs = xq[torch.as_tensor(bs)] / torch.as_tensor(a[bs], dtype=torch.float32)[:, None, None, None]
+                xs = F.pad(xs, (r, r, r, r), mode="circular" if self.keyset.query_pad == CIRCULAR else "constant")
+                cols[part.label] = F.unfold(xs, self.k)
+            q = cols[part.label][:, :, torch.as_tensor(part.qpix)].permute(0, 2, 1).reshape(-1, self.d)
+            mm = min(m, len(part.keys))
+            _, ids = part.index.search(np.ascontiguousarray(q.numpy()), mm)
+            cand = np.where(ids >= 0, part.keys[np.clip(ids, 0, None)], -1)
+            pix_all.append((bs[:, None] * HWq + part.qpix[None, :]).ravel())
+            cand_all.append(np.pad(cand, ((0, 0), (0, m - mm)), constant_values=-1))
+            M_all.append(np.full(cand.shape[0], len(part.keys), np.int64))
+            R_all.append(np.full(cand.shape[0], part.value_range))
+        pix = np.concatenate(pix_all).astype(np.int64)
+        cand = np.ascontiguousarray(np.concatenate(cand_all), dtype=np.int64)
+        out = np.zeros((B, C, Hq, Wq), np.float32)
+        top, last, srel = (np.empty(len(pix)) for _ in range(3))
+        arg = np.empty(len(pix), np.int64)
+        _core.candidate_softmax(mach._train_as(torch.float32, torch.device("cpu")).numpy(), xq.numpy(), self.k,
+                                self.keyset.query_pad, self.keyset.key_pad, np.ascontiguousarray(a, np.float64),
+                                np.ascontiguousarray(inv_2b2, np.float64), pix, cand, out, top, last, srel, arg, None,
+                                mach.n_threads)
+        used = np.sum(cand >= 0, axis=1)
+        left = np.maximum(np.concatenate(M_all) - used, 0)
+        with np.errstate(over="ignore", invalid="ignore"):
+            eps = np.where(left > 0, left * np.exp(last - top) / srel, 0.0)
+            bnd = np.concatenate(R_all) * np.where(np.isinf(eps), 1.0, eps / (1.0 + eps))
+        bound = np.zeros(B * HWq)
+        bound[pix] = bnd
+        key = np.full(B * HWq, -1, np.int64)
+        key[pix] = arg
+        res = torch.from_numpy(out)
+        if isinstance(x, torch.Tensor):
+            res = res.to(x.device)
+        return ApproxResult(res, torch.from_numpy(bound.reshape(B, Hq, Wq)),
+                            torch.from_numpy(key.reshape(B, Hq, Wq)), time.perf_counter() - t0)
+
+    # ----- persistence --------------------------------------------------------------------
+    def manifest(self) -> dict:
+        m = self.machine
+        return {"format": FORMAT, "fingerprint": self.fingerprint, "machine": type(m).__name__,
+                "boundary": getattr(m, "boundary", None), "wrapped": getattr(m, "wrapped", None),
+                "train_shape": list(m.images.shape), "k": self.k, "canvas": list(self.canvas), "kind": self.kind,
+                "nprobe": self.nprobe, "pq_m": self.pq_m, "nlist": self.nlist,
+                "parts": [{"label": p.label, "cls": p.cls, "n_keys": int(len(p.keys)), "file": f"part_{i}.faiss",
+                           "index": self._part_kind(p)} for i, p in enumerate(self.parts)],
+                "build_seconds": round(self.build_seconds, 2)}
+
+    def save(self, folder: str) -> None:
+        """Write every part's FAISS index and ``manifest.json`` (last, so a partial save is never valid)."""
+        faiss = _faiss()
+        os.makedirs(folder, exist_ok=True)
+        man = self.manifest()
+        mpath = os.path.join(folder, "manifest.json")
+        if os.path.exists(mpath):
+            os.remove(mpath)
+        for p, meta in zip(self.parts, man["parts"]):
+            tmp = os.path.join(folder, meta["file"] + ".tmp")
+            faiss.write_index(p.index, tmp)
+            os.replace(tmp, os.path.join(folder, meta["file"]))
+        write_json(mpath, man)
+
+    @classmethod
+    def load(cls, folder: str, machine, k: int, canvas: Optional[Tuple[int, int]] = None) -> "PatchIndex":
+        """Load an index saved by :meth:`save`; a ValueError if it was built for other data or settings."""
+        faiss = _faiss()
+        mpath = os.path.join(folder, "manifest.json")
+        if not os.path.exists(mpath):
+            raise ValueError(f"no patch index at {folder} (manifest.json missing)")
+        try:
+            with open(mpath) as f:
+                man = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"unreadable index manifest {mpath}: {e}") from None
+        self = cls(machine, k, canvas, kind=man.get("kind", "flat"), nprobe=man.get("nprobe", 16),
+                   pq_m=man.get("pq_m", 16), nlist=man.get("nlist"), _build=False)
+        want = self.manifest()
+        for key in ("format", "fingerprint", "machine", "boundary", "wrapped", "train_shape", "k", "canvas"):
+            if man.get(key) != want[key]:
+                raise ValueError(f"the patch index at {folder} does not match this machine: {key} is "
+                                 f"{man.get(key)!r} there but {want[key]!r} here; rebuild it")
+        if [(p["label"], p["cls"], p["n_keys"]) for p in man["parts"]] != \
+                [(p["label"], p["cls"], p["n_keys"]) for p in want["parts"]]:
+            raise ValueError(f"the patch index at {folder} has other key classes than this machine; rebuild it")
+        for p, meta in zip(self.parts, man["parts"]):
+            path = os.path.join(folder, meta["file"])
+            try:
+                p.index = faiss.read_index(path)
+            except RuntimeError as e:
+                raise ValueError(f"corrupt or unreadable index file {path}: {str(e).splitlines()[0][:200]}") from None
+            if p.index.ntotal != len(p.keys) or p.index.d != self.d:
+                raise ValueError(f"index file {path} holds {p.index.ntotal} vectors of size {p.index.d}, "
+                                 f"expected {len(p.keys)} of size {self.d}; rebuild it")
+            if hasattr(p.index, "nprobe"):
+                p.index.nprobe = min(self.nprobe, p.index.nlist)
+        self.build_seconds = man.get("build_seconds", 0.0)
+        return self
+
+    @classmethod
+    def open(cls, folder: Optional[str], machine, k: int, canvas=None, **kw) -> "PatchIndex":
+        """Load the index in ``folder`` if it matches, else build it (and save it there when ``folder``)."""
+        if folder is not None and os.path.exists(os.path.join(folder, "manifest.json")):
+            return cls.load(folder, machine, k, canvas)
+        idx = cls(machine, k, canvas, **kw)
+        if folder is not None:
+            idx.save(folder)
+        return idx
+
+    def memory_bytes(self) -> int:
+        """Approximate bytes the FAISS structures hold."""
+        total = 0
+        for p in self.parts:
+            n = len(p.keys)
+            kind = self._part_kind(p)
+            total += n * (self.d * 4 if kind in ("flat", "ivf") else max(v for v in range(1, min(self.pq_m, self.d) + 1)
+                                                                        if self.d % v == 0)) + n * 8
+        return total
+
+
+def exact_topm_ids(index: PatchIndex, part: Part, queries: np.ndarray, m: int) -> np.ndarray:
+    """The true ``m`` nearest keys (global ids) of ``queries`` (already divided by ``a``) in ``part``,
+    by brute force over the key vectors (streamed; for measuring recall)."""
+    best_d = torch.full((len(queries), m), float("inf"), dtype=torch.float64)
+    best_i = torch.full((len(queries), m), -1, dtype=torch.long)
+    q = torch.from_numpy(queries).double()
+    off = 0
+    for chunk in index._key_chunks(part):
+        kc = torch.from_numpy(chunk).double()
+        d = (q * q).sum(1, keepdim=True) - 2 * q @ kc.T + (kc * kc).sum(1)[None]
+        ids = torch.arange(off, off + len(chunk))[None].expand(len(q), -1)
+        alld = torch.cat([best_d, d], 1)
+        alli = torch.cat([best_i, ids], 1)
+        best_d, sel = torch.topk(alld, min(m, alld.shape[1]), dim=1, largest=False)
+        best_i = torch.gather(alli, 1, sel)
+        off += len(chunk)
+    return part.keys[best_i.numpy()]
+
+
+def measure_recall(index: PatchIndex, x, t, labels=None, m: int = 64, n_pixels: int = 256, seed: int = 0) -> float:
+    """Fraction of the true ``m`` nearest keys that ``index`` retrieves, over ``n_pixels`` random query
+    pixels of ``x`` (brute-force ground truth)."""
+    xt = to_tensor(x, "x").float().cpu()
+    B = xt.shape[0]
+    a, _ = index.machine.schedule.coefficients(check_t(t, B))
+    lab = None if labels is None else to_labels(labels, B)
+    rng = np.random.default_rng(seed)
+    hits = total = 0
+    for part in index.parts:
+        bs = np.arange(B) if part.label is None else np.nonzero(lab == part.label)[0]
+        if len(bs) == 0:
+            continue
+        share = max(1, int(round(n_pixels * len(part.qpix) * len(bs) / (B * index.canvas[0] * index.canvas[1]))))
+        q = patch_vectors(xt[torch.as_tensor(bs)], part.qpix, index.k, index.keyset.query_pad)
+        q = q / torch.as_tensor(np.repeat(a[bs], len(part.qpix)), dtype=torch.float32)[:, None]
+        rows = rng.choice(len(q), min(share, len(q)), replace=False)
+        qs = q[rows].numpy()
+        mm = min(m, len(part.keys))
+        truth = exact_topm_ids(index, part, qs, mm)
+        _, ids = part.index.search(qs, mm)
+        got = np.where(ids >= 0, part.keys[np.clip(ids, 0, None)], -2)
+        for tr, g in zip(truth, got):
+            hits += len(np.intersect1d(tr, g))
+            total += mm
+    return hits / max(total, 1)
+
+
+class IndexedDenoiser:
+    """A machine + k-schedule denoiser that uses patch indexes where they are provably accurate.
+
+    Per step (``t <= t_max``): an approximate call from the ``m`` nearest keys; if its largest per-pixel
+    bound is at most ``tol`` (in data units) the result is used, otherwise the exact engine runs. Steps
+    with ``t > t_max`` always run exactly. ``record`` lists, per call, ``t``, ``k``, which path was
+    used, the bound (max, mean) and the seconds taken. Indexes are built once per ``k`` and cached in
+    memory, and on disk under ``cache_dir`` (one folder per k) when given.
+    """
+
+    def __init__(self, machine, k, *, tol: float = 1e-3, m: int = 64, t_max: float = 1.0,
+                 cache_dir: Optional[str] = None, canvas=None, progress: bool = False, **index_kw):
+        from .denoisers import MachineDenoiser
+
+        if not tol >= 0:
+            raise ValueError(f"tol must be non-negative, got {tol}")
+        self.exact = MachineDenoiser(machine, k)
+        self.machine, self.schedule = machine, machine.schedule
+        self.tol, self.m, self.t_max = float(tol), int(m), float(t_max)
+        self.cache_dir, self.canvas, self.progress, self.index_kw = cache_dir, canvas, progress, index_kw
+        self.indexes: Dict[int, PatchIndex] = {}
+        self.record: List[dict] = []
+
+    def index(self, k: int) -> PatchIndex:
+        if k not in self.indexes:
+            folder = None if self.cache_dir is None else os.path.join(self.cache_dir, f"k{k}")
+            self.indexes[k] = PatchIndex.open(folder, self.machine, k, self.canvas, progress=self.progress,
+                                              **self.index_kw)
+        return self.indexes[k]
+
+    def __call__(self, x, t, labels=None):
+        k = self.exact.k_at(float(t))
+        t0 = time.perf_counter()
+        entry = {"t": float(t), "k": k}
+        if float(t) <= self.t_max:
+            res = self.index(k).denoise(x, t, labels, self.m)
+            bmax = float(res.bound.max())
+            entry.update(bound_max=bmax, bound_mean=float(res.bound.mean()))
+            if bmax <= self.tol:
+                entry.update(used="index", seconds=time.perf_counter() - t0)
+                self.record.append(entry)
+                return res.x0.to(x.dtype) if torch.is_tensor(x) else res.x0
+        out = self.exact(x, t, labels)
+        entry.update(used="exact", seconds=time.perf_counter() - t0)
+        self.record.append(entry)
+        return out
