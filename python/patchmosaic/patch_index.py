@@ -33,7 +33,6 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .keysets import CIRCULAR
 from .runstate import write_json
@@ -51,15 +50,21 @@ def _faiss():
     return faiss
 
 
-def patch_vectors(images: torch.Tensor, positions: np.ndarray, k: int, pad: int) -> torch.Tensor:
+def patch_vectors(images, positions: np.ndarray, k: int, pad: int) -> np.ndarray:
     """Patches of ``images`` ``(n, C, H, W)`` centred at flat ``positions`` -> ``(n * len(positions), C k k)``
-    float32, image-major, elements in (channel, row, column) order; ``pad``: zeros or circular."""
+    float32, image-major, elements in (channel, row, column) order; ``pad``: zeros or circular.
+
+    Plain numpy (no thread pool): FAISS brings its own OpenMP runtime, and two runtimes spinning
+    against each other made torch's unfold here 50x slower."""
+    x = images.detach().cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
+    x = x.astype(np.float32, copy=False)
     r = k // 2
-    x = images.float()
-    x = F.pad(x, (r, r, r, r), mode="circular" if pad == CIRCULAR else "constant")
-    cols = F.unfold(x, k)  # (n, C k k, H W)
-    sel = cols[:, :, torch.as_tensor(positions, dtype=torch.long)]
-    return sel.permute(0, 2, 1).reshape(-1, cols.shape[1]).contiguous()
+    n, C, H, W = x.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (r, r), (r, r)), mode="wrap" if pad == CIRCULAR else "constant")
+    win = np.lib.stride_tricks.sliding_window_view(xp, (k, k), axis=(2, 3))  # (n, C, H, W, k, k)
+    pos = np.asarray(positions, dtype=np.int64)
+    sel = win[:, :, pos // W, pos % W]  # (n, C, P, k, k)
+    return np.ascontiguousarray(sel.transpose(0, 2, 1, 3, 4).reshape(n * len(pos), C * k * k))
 
 
 def fingerprint_data(images: torch.Tensor, labels: Optional[np.ndarray]) -> str:
@@ -157,7 +162,7 @@ class PatchIndex:
         per = max(1, chunk // max(len(kpos), 1))
         for s in range(0, len(imgs), per):
             sel = torch.as_tensor(imgs[s : s + per], dtype=torch.long)
-            yield patch_vectors(m.images[sel], kpos, self.k, self.keyset.key_pad).numpy()
+            yield patch_vectors(m.images[sel], kpos, self.k, self.keyset.key_pad)
 
     def _build_all(self, progress: bool):
         faiss = _faiss()
@@ -232,19 +237,19 @@ class PatchIndex:
         HWq = Hq * Wq
         m = min(int(m), max(len(p.keys) for p in self.parts))
         pix_all, cand_all, M_all, R_all = [], [], [], []
-        cols = {}  # query patches of each label group, unfolded once: (nb, d, Hq Wq), scaled by 1 / a
+        allpix = np.arange(HWq)
+        cols = {}  # query patches / a of each label group, once: (nb, Hq Wq, d)
         for part in self.parts:
             bs = np.arange(B) if part.label is None else np.nonzero(lab == part.label)[0]
             if len(bs) == 0:
                 continue
             if part.label not in cols:
-                r = self.k // 2
-                xs = xq[torch.as_tensor(bs)] / torch.as_tensor(a[bs], dtype=torch.float32)[:, None, None, None]
-                xs = F.pad(xs, (r, r, r, r), mode="circular" if self.keyset.query_pad == CIRCULAR else "constant")
-                cols[part.label] = F.unfold(xs, self.k)
-            q = cols[part.label][:, :, torch.as_tensor(part.qpix)].permute(0, 2, 1).reshape(-1, self.d)
+                v = patch_vectors(xq[torch.as_tensor(bs)], allpix, self.k, self.keyset.query_pad)
+                v = v.reshape(len(bs), HWq, self.d) / a[bs].astype(np.float32)[:, None, None]
+                cols[part.label] = v
+            q = cols[part.label][:, part.qpix].reshape(-1, self.d)
             mm = min(m, len(part.keys))
-            _, ids = part.index.search(np.ascontiguousarray(q.numpy()), mm)
+            _, ids = part.index.search(np.ascontiguousarray(q, dtype=np.float32), mm)
             cand = np.where(ids >= 0, part.keys[np.clip(ids, 0, None)], -1)
             pix_all.append((bs[:, None] * HWq + part.qpix[None, :]).ravel())
             cand_all.append(np.pad(cand, ((0, 0), (0, m - mm)), constant_values=-1))
@@ -359,20 +364,21 @@ class PatchIndex:
 def exact_topm_ids(index: PatchIndex, part: Part, queries: np.ndarray, m: int) -> np.ndarray:
     """The true ``m`` nearest keys (global ids) of ``queries`` (already divided by ``a``) in ``part``,
     by brute force over the key vectors (streamed; for measuring recall)."""
-    best_d = torch.full((len(queries), m), float("inf"), dtype=torch.float64)
-    best_i = torch.full((len(queries), m), -1, dtype=torch.long)
-    q = torch.from_numpy(queries).double()
+    q = np.asarray(queries, dtype=np.float64)
+    best_d = np.full((len(q), 0), np.inf)
+    best_i = np.zeros((len(q), 0), np.int64)
+    qq = (q * q).sum(1, keepdims=True)
     off = 0
-    for chunk in index._key_chunks(part):
-        kc = torch.from_numpy(chunk).double()
-        d = (q * q).sum(1, keepdim=True) - 2 * q @ kc.T + (kc * kc).sum(1)[None]
-        ids = torch.arange(off, off + len(chunk))[None].expand(len(q), -1)
-        alld = torch.cat([best_d, d], 1)
-        alli = torch.cat([best_i, ids], 1)
-        best_d, sel = torch.topk(alld, min(m, alld.shape[1]), dim=1, largest=False)
-        best_i = torch.gather(alli, 1, sel)
-        off += len(chunk)
-    return part.keys[best_i.numpy()]
+    for chunk in index._key_chunks(part, chunk=1 << 18):
+        kc = chunk.astype(np.float64)
+        d = qq - 2 * q @ kc.T + (kc * kc).sum(1)[None]
+        alld = np.concatenate([best_d, d], 1)
+        alli = np.concatenate([best_i, np.broadcast_to(np.arange(off, off + len(kc)), d.shape)], 1)
+        keep = min(m, alld.shape[1])
+        sel = np.argpartition(alld, keep - 1, axis=1)[:, :keep]
+        best_d, best_i = np.take_along_axis(alld, sel, 1), np.take_along_axis(alli, sel, 1)
+        off += len(kc)
+    return part.keys[best_i]
 
 
 def measure_recall(index: PatchIndex, x, t, labels=None, m: int = 64, n_pixels: int = 256, seed: int = 0) -> float:
@@ -390,9 +396,9 @@ def measure_recall(index: PatchIndex, x, t, labels=None, m: int = 64, n_pixels: 
             continue
         share = max(1, int(round(n_pixels * len(part.qpix) * len(bs) / (B * index.canvas[0] * index.canvas[1]))))
         q = patch_vectors(xt[torch.as_tensor(bs)], part.qpix, index.k, index.keyset.query_pad)
-        q = q / torch.as_tensor(np.repeat(a[bs], len(part.qpix)), dtype=torch.float32)[:, None]
+        q = q / np.repeat(a[bs], len(part.qpix)).astype(np.float32)[:, None]
         rows = rng.choice(len(q), min(share, len(q)), replace=False)
-        qs = q[rows].numpy()
+        qs = np.ascontiguousarray(q[rows])
         mm = min(m, len(part.keys))
         truth = exact_topm_ids(index, part, qs, mm)
         _, ids = part.index.search(qs, mm)
