@@ -107,7 +107,7 @@ class PatchIndex:
     ``kind``: ``"flat"`` (exact, ``IndexFlatL2``), ``"ivf"`` (``IndexIVFFlat``), ``"ivfpq"`` (``IndexIVFPQ``,
     for when raw patches would not fit in memory) or ``"auto"`` (flat while its vectors take at most
     ``flat_budget`` bytes, default a quarter of the available memory, else ivfpq). ``nlist``: inverted
-    lists per part (default ~ 4 sqrt(keys)); ``nprobe``: lists searched; ``pq_m``: PQ sub-quantisers.
+    lists per part (default ~ sqrt(keys)); ``nprobe``: lists searched; ``pq_m``: PQ sub-quantisers.
     Parts with at most ``min_index_keys`` keys always use a flat index.
     """
 
@@ -188,7 +188,7 @@ class PatchIndex:
         if kind == "flat":
             index = faiss.IndexFlatL2(d)
         else:
-            nlist = int(self.nlist or max(16, min(65536, 4 * int(np.sqrt(n)))))
+            nlist = int(self.nlist or max(16, min(65536, int(np.sqrt(n)))))
             quant = faiss.IndexFlatL2(d)
             if kind == "ivf":
                 index = faiss.IndexIVFFlat(quant, d, nlist)
@@ -197,8 +197,9 @@ class PatchIndex:
                 index = faiss.IndexIVFPQ(quant, d, nlist, pq_m, 8)
             index.own_fields = True
             quant.this.disown()
-            # train on an evenly spread sample (faiss wants >= 39 points per list)
-            want = min(n, max(64 * nlist, 50000))
+            # k-means (10 iterations) on an evenly spread sample of >= 40 points per list
+            index.cp.niter = 10
+            want = min(n, max(40 * nlist, 10000))
             take = np.unique(np.linspace(0, n - 1, want).astype(np.int64))
             sample, seen = [], 0
             for chunk in self._key_chunks(part):
