@@ -51,6 +51,18 @@ void fill_common(Args& A, const py::array& a, const py::array& inv_2b2, const py
     throw std::invalid_argument("a, inv_2b2 and group_of_b must have one entry per query image");
 }
 
+// Training images, queries and patch geometry: the fields both patch kernels share.
+template <typename T, typename Args>
+void fill_patches(Args& A, const py::array& train, const py::array& query, int k, int query_pad, int key_pad) {
+  A.train = ptr_of<T>(train, "train", 4);
+  A.N = train.shape(0); A.C = static_cast<int>(train.shape(1));
+  A.H = static_cast<int>(train.shape(2)); A.W = static_cast<int>(train.shape(3));
+  A.query = ptr_of<T>(query, "query", 4);
+  A.B = query.shape(0); A.Hq = static_cast<int>(query.shape(2)); A.Wq = static_cast<int>(query.shape(3));
+  if (query.shape(1) != A.C) throw std::invalid_argument("query and train differ in channels");
+  A.k = k; A.query_pad = query_pad; A.key_pad = key_pad;
+}
+
 template <typename T>
 void patch_softmax_impl(const py::array& train, const py::array& query, int k, int query_pad, int key_pad,
                         const py::array& a, const py::array& inv_2b2, const py::array& cls_qpix_ptr,
@@ -59,13 +71,7 @@ void patch_softmax_impl(const py::array& train, const py::array& query, int k, i
                         const py::array& out, std::optional<py::array> arg_key, std::optional<py::array> arg_share,
                         int n_threads) {
   PatchSoftmaxArgs<T> A;
-  A.train = ptr_of<T>(train, "train", 4);
-  A.N = train.shape(0); A.C = static_cast<int>(train.shape(1));
-  A.H = static_cast<int>(train.shape(2)); A.W = static_cast<int>(train.shape(3));
-  A.query = ptr_of<T>(query, "query", 4);
-  A.B = query.shape(0); A.Hq = static_cast<int>(query.shape(2)); A.Wq = static_cast<int>(query.shape(3));
-  if (query.shape(1) != A.C) throw std::invalid_argument("query and train differ in channels");
-  A.k = k; A.query_pad = query_pad; A.key_pad = key_pad;
+  fill_patches<T>(A, train, query, k, query_pad, key_pad);
   A.cls_qpix_ptr = ptr_of<int64_t>(cls_qpix_ptr, "cls_qpix_ptr", 1);
   A.n_classes = cls_qpix_ptr.shape(0) - 1;
   A.cls_qpix = ptr_of<int32_t>(cls_qpix, "cls_qpix", 1);
@@ -102,13 +108,7 @@ void candidate_softmax_impl(const py::array& train, const py::array& query, int 
                             const py::array& last_logit, const py::array& sum_rel, std::optional<py::array> arg_key,
                             std::optional<py::array> arg_share, int n_threads) {
   CandidateSoftmaxArgs<T> A;
-  A.train = ptr_of<T>(train, "train", 4);
-  A.N = train.shape(0); A.C = static_cast<int>(train.shape(1));
-  A.H = static_cast<int>(train.shape(2)); A.W = static_cast<int>(train.shape(3));
-  A.query = ptr_of<T>(query, "query", 4);
-  A.B = query.shape(0); A.Hq = static_cast<int>(query.shape(2)); A.Wq = static_cast<int>(query.shape(3));
-  if (query.shape(1) != A.C) throw std::invalid_argument("query and train differ in channels");
-  A.k = k; A.query_pad = query_pad; A.key_pad = key_pad;
+  fill_patches<T>(A, train, query, k, query_pad, key_pad);
   A.a = ptr_of<double>(a, "a", 1);
   A.inv_2b2 = ptr_of<double>(inv_2b2, "inv_2b2", 1);
   if (a.shape(0) != A.B || inv_2b2.shape(0) != A.B) throw std::invalid_argument("a, inv_2b2: one entry per query image");
