@@ -80,7 +80,9 @@ def run_network(name, args):
     els = pm.ELS(images, train_labels, boundary=boundary)
     ls = pm.LS(images, train_labels)
     iss = pm.IS(images, train_labels)
-    timings = {}
+    # times add up over interrupted and resumed runs (a rerun of a finished run adds only seconds)
+    prev = os.path.join(out, "report.json")
+    timings = dict(json.load(open(prev)).get("timings", {})) if os.path.exists(prev) else {}
 
     cal = {}
     for mname, machine in (("ELS", els), ("LS", ls)):
@@ -91,7 +93,7 @@ def run_network(name, args):
                       progress=not args.quiet)
         c.to_json(os.path.join(out, f"calibration_{mname}.json"), network=name, seeds=mc)
         cal[mname] = c.schedule
-        timings[f"calibrate_{mname}_s"] = round(time.perf_counter() - t0, 1)
+        timings[f"calibrate_{mname}_s"] = round(timings.get(f"calibrate_{mname}_s", 0) + time.perf_counter() - t0, 1)
         print(f"{name}: {mname} schedule (t = 1 -> 1/20): {list(c.schedule.ks)}", flush=True)
     paper = pm.kschedule.paper_schedule(paper_name)
     ch = json.load(open(os.path.join(out, "calibration_ELS.json")))["choices"]
@@ -110,7 +112,7 @@ def run_network(name, args):
                         "k_schedules": {"ours_ELS": list(cal["ELS"].ks), "ours_LS": list(cal["LS"].ks),
                                         "paper": list(paper.ks), "paper_name": paper_name},
                         "calibration_seeds": args.calib_seeds, "k_max": args.k_max})
-    timings["compare_s"] = round(time.perf_counter() - t0, 1)
+    timings["compare_s"] = round(timings.get("compare_s", 0) + time.perf_counter() - t0, 1)
     u = rep["samples"]["network"]
     ref_samples = torch.from_numpy(ref["samples"][: args.seeds])
     rep_json = json.load(open(os.path.join(out, "report.json")))
@@ -154,7 +156,7 @@ def table(results) -> str:
 def write_md(path, results, args, seconds):
     block = [BEGIN, "", f"Command: `python bench/reproduce.py --networks {' '.join(results)} --seeds {args.seeds} "
              f"--calib-seeds {args.calib_seeds} --k-max {args.k_max}`  ",
-             f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine_line()}; total {seconds / 60:.1f} min "
+             f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine_line()}; total {seconds / 60:.1f} min of compute "
              "(per network: " + "; ".join(
                  f"{n}: calibration ELS {r['timings']['calibrate_ELS_s']:.0f} s, LS {r['timings']['calibrate_LS_s']:.0f} s, "
                  f"comparison {r['timings']['compare_s']:.0f} s" for n, (r, _) in results.items()) + ").",
@@ -185,11 +187,10 @@ def main():
     args = p.parse_args()
     if "fmnist20k_resnet_zeros_cond" in args.networks and not os.path.isdir(FMNIST):
         sys.exit(f"Fashion-MNIST not found at {FMNIST}: apt-get install -y dataset-fashion-mnist")
-    t0 = time.perf_counter()
     results = {n: run_network(n, args) for n in args.networks}
     print(table(results))
     if args.md:
-        write_md(args.md, results, args, time.perf_counter() - t0)
+        write_md(args.md, results, args, sum(sum(r["timings"].values()) for r, _ in results.values()))
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ def kschedule_plot(schedules: dict, choices: Optional[np.ndarray] = None, times:
         img[cy, x0 - 5 : x0] = 0
         draw_text(img, str(kv), cy - 5, x0 - 30, 2)
     draw_text(img, "T", y0 + 24, x0 + size // 2, 2)
-    draw_text(img, "K", m + size // 2, 8, 2)
+    draw_text(img, "K", m - 14, x0 - 3, 2)
     draw_text(img, title, 12, x0, 2)
     if choices is not None and times is not None:
         rng = np.random.default_rng(0)
