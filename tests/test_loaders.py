@@ -132,3 +132,13 @@ def test_default_set_through_load():
     x, y = load("default", classes=[7])
     assert x.shape == (200, 1, 32, 32) and set(y.tolist()) == {7}
     assert torch.equal(x, pm.data.load_default()[0][pm.data.load_default()[1] == 7])
+
+
+def test_download_without_torchvision_says_where_to_put_files(tmp_path):
+    try:
+        import torchvision  # noqa: F401
+        pytest.skip("torchvision is installed: a download would be attempted")
+    except ImportError:
+        pass
+    with pytest.raises(RuntimeError, match=r"needs torchvision; or put the four MNIST IDX files"):
+        load("mnist", root=str(tmp_path), download=True)

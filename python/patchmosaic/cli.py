@@ -42,7 +42,8 @@ def _sample(args) -> int:
     res = run_sample(args.data, out=args.out, machine=args.machine, boundary=args.boundary, k=args.k,
                      canvas=canvas, n=args.n, steps=args.steps, sampler=args.sampler, seed=args.seed,
                      labels=labels, classes=classes, limit=args.limit, crop=args.crop, stride=args.stride,
-                     provenance=args.provenance, backend=args.backend, progress=not args.quiet)
+                     provenance=args.provenance, download=args.download, backend=args.backend,
+                     progress=not args.quiet)
     size = "x".join(map(str, res["samples"].shape[-2:]))
     print(f"wrote {res['out']} and {res['npz']}: {args.n} {args.machine.upper()} samples of {size} from "
           f"{res['train_images']} training images in {res['seconds']:.1f}s")
@@ -53,7 +54,7 @@ def _train(args) -> int:
     from . import data
     from .networks import TrainConfig, train
 
-    images, labels = data.load(args.data, limit=args.limit)
+    images, labels = data.load(args.data, limit=args.limit, download=args.download)
     ncls = int(labels.max()) + 1 if args.conditional else 0
     if args.arch == "resnet":
         cfg = dict(arch="resnet", channels=images.shape[1], width=args.width, depth=args.depth,
@@ -77,7 +78,7 @@ def _setup(args):
     from .networks import load_network
 
     net = load_network(args.network)
-    images, labels = data.load(args.data, limit=args.limit)
+    images, labels = data.load(args.data, limit=args.limit, download=args.download)
     cond = args.conditional
     if cond is None:
         cfg = getattr(net, "config", None)
@@ -182,6 +183,8 @@ def _add_run_options(p, out_help):
     p.add_argument("--network", required=True,
                    help="trained eps network: a patchmosaic checkpoint directory / .safetensors, or a TorchScript file")
     p.add_argument("--data", default="default", help=DATA_HELP + " (default: %(default)s)")
+    p.add_argument("--download", action="store_true",
+                   help="fetch a named data set (mnist, fashion-mnist, cifar10, celeba) with torchvision if it is missing")
     p.add_argument("--limit", type=int, default=None, help="use only the first LIMIT training images")
     p.add_argument("--seeds", type=int, default=16, help="number of noise seeds (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise generator (default: %(default)s)")
@@ -223,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "training images work with the boundary-aware ELS machine.")
     s.add_argument("--data", default="default", help=DATA_HELP + "; also 'skimage:NAME' photographs "
                    "(with --crop) and named sets mnist, fashion-mnist, cifar10, celeba (default: %(default)s)")
+    s.add_argument("--download", action="store_true",
+                   help="fetch a named data set (mnist, fashion-mnist, cifar10, celeba) with torchvision if it is missing")
     s.add_argument("--crop", type=int, default=None, help="skimage photographs: train on all CROPxCROP crops")
     s.add_argument("--stride", type=int, default=None, help="stride of those crops (default: CROP/2)")
     s.add_argument("--limit", type=int, default=None, help="use only the first LIMIT training images")
@@ -254,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "cosine-legacy schedule (AdamW, EMA). Checkpoints (safetensors + config.json) "
                                    "go to --out; rerunning the same command resumes from the last checkpoint.")
     t.add_argument("--data", default="default", help=DATA_HELP + " (default: %(default)s)")
+    t.add_argument("--download", action="store_true",
+                   help="fetch a named data set (mnist, fashion-mnist, cifar10, celeba) with torchvision if it is missing")
     t.add_argument("--limit", type=int, default=None, help="use only the first LIMIT training images")
     t.add_argument("--arch", default="resnet", choices=["resnet", "unet"], help="network family (default: %(default)s)")
     t.add_argument("--width", type=int, default=128, help="ResNet channels (default: %(default)s)")

@@ -43,7 +43,8 @@ def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", ma
                n: int = 4, steps: int = 20, sampler: str = "ddim", seed: int = 0,
                labels: Optional[Sequence[int]] = None, classes: Optional[Sequence[int]] = None,
                limit: Optional[int] = None, crop: Optional[int] = None, stride: Optional[int] = None,
-               provenance: str = "image", backend: str = "auto", progress: bool = True) -> dict:
+               provenance: str = "image", download: bool = False, backend: str = "auto",
+               progress: bool = True) -> dict:
     """Sample ``n`` images and write a PNG (samples, then their provenance maps) and an ``.npz`` beside it.
 
     ``labels``: one class per seed (cycled), or None for an unconditional machine. ``provenance``:
@@ -56,7 +57,7 @@ def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", ma
         raise ValueError(f"provenance must be 'image' or 'position', got {provenance!r}")
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
-    images, train_labels = load(data, limit=limit, classes=classes, crop=crop, stride=stride)
+    images, train_labels = load(data, limit=limit, classes=classes, crop=crop, stride=stride, download=download)
     _, C, H, W = images.shape
     Hq, Wq = canvas or (H, W)
     if Hq < 1 or Wq < 1:
