@@ -139,3 +139,16 @@ def test_bad_input():
         PatchIndex(pm.IS(tr), 3)
     with pytest.raises(ValueError, match="kind must be"):
         PatchIndex(mach, 3, kind="hnsw")
+
+
+def test_ivf_with_many_identical_patches_still_finds_candidates():
+    # mostly-blank images put thousands of identical patches into one inverted list; probing a few
+    # lists can then find nothing, and the index must fall back to searching every list
+    rng = np.random.default_rng(7)
+    tr = np.full((60, 1, 10, 12), -1.0, np.float32)
+    tr[:6] = rng.uniform(-1, 1, (6, 1, 10, 12))
+    mach = pm.ELS(tr)
+    idx = PatchIndex(mach, 3, kind="ivf", nlist=16, nprobe=1, min_index_keys=10, progress=False)
+    x = torch.from_numpy(rng.standard_normal((2, 1, 10, 12)).astype(np.float32))
+    r = idx.denoise(x, 0.1, m=8)
+    assert bool((r.arg_key >= 0).all())

@@ -250,7 +250,18 @@ class PatchIndex:
                 cols[part.label] = v
             q = cols[part.label][:, part.qpix].reshape(-1, self.d)
             mm = min(m, len(part.keys))
-            _, ids = part.index.search(np.ascontiguousarray(q, dtype=np.float32), mm)
+            q = np.ascontiguousarray(q, dtype=np.float32)
+            _, ids = part.index.search(q, mm)
+            short = np.nonzero((ids < 0).any(1))[0]
+            if len(short) and hasattr(part.index, "nprobe"):
+                # the probed lists held fewer than mm keys (e.g. many identical patches all filed in one
+                # list): search those rows again over every list
+                probe = part.index.nprobe
+                part.index.nprobe = part.index.nlist
+                try:
+                    ids[short] = part.index.search(q[short], mm)[1]
+                finally:
+                    part.index.nprobe = probe
             cand = np.where(ids >= 0, part.keys[np.clip(ids, 0, None)], -1)
             pix_all.append((bs[:, None] * HWq + part.qpix[None, :]).ravel())
             cand_all.append(np.pad(cand, ((0, 0), (0, m - mm)), constant_values=-1))
