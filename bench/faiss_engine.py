@@ -96,12 +96,7 @@ def main():
                        recall=round(measure_recall(indexes[k], xt, t, m=args.m, n_pixels=args.recall_pixels), 4))
         steps.append(row)
         print(row, flush=True)
-        if t1 <= 0:
-            xt = x0
-        else:
-            a, b2 = (float(v) for v in mach.schedule.coefficients(t))
-            a1, b12 = (float(v) for v in mach.schedule.coefficients(t1))
-            xt = a1 * x0 + np.sqrt(b12) * (xt - a * x0) / np.sqrt(b2)
+        xt = pm.sampling.update(mach.schedule, xt, x0, t, t1)
     exact_samples = xt
 
     # 3. the policy's samples

@@ -17,11 +17,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .denoisers import NetworkDenoiser, as_denoiser
+from .denoisers import NetworkDenoiser
 from .kschedule import KSchedule
 from .progress import Progress
 from .runstate import fingerprint, load_state, save_state, write_json
-from .sampling import check_grid, step_coefficients
+from .sampling import check_grid, update
 from .validation import check_k
 
 
@@ -103,12 +103,7 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
             x0_m = machine.denoise(x, t, k, labels=lab)
             cos[i, :, j] = cosine_per_seed(a * x0_m - x, target)
             bar.update(postfix=f"t={t:.2f} k={k}")
-        x0_net = (x - np.sqrt(b2) * eps_net) / a
-        if t_next <= 0:
-            x = x0_net
-        else:
-            _, _, a1, c_eps, _ = step_coefficients(machine.schedule, t, t_next)
-            x = a1 * x0_net + c_eps * eps_net
+        x = update(machine.schedule, x, (x - np.sqrt(b2) * eps_net) / a, t, t_next)
         if state is not None:
             save_state(state, fp, next_step=np.array(i + 1), x=x.numpy(), cosine=cos)
     bar.close()

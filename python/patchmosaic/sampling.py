@@ -53,6 +53,20 @@ def step_coefficients(schedule, t: float, t_next: float, eta: float = 0.0):
     return a, np.sqrt(b2), a1, np.sqrt(max(b12 - sigma * sigma, 0.0)), sigma
 
 
+def update(schedule, x: torch.Tensor, x0: torch.Tensor, t: float, t_next: float, eta: float = 0.0,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """One step of the module docstring from ``x_t`` (given the denoiser's ``x0``) to ``t_next``;
+    ``x0`` itself when ``t_next <= 0``. ``generator`` draws the noise when ``eta > 0``."""
+    if t_next <= 0:
+        return x0
+    a, b, a1, c_eps, sigma = step_coefficients(get_schedule(schedule), t, t_next, eta)
+    x = a1 * x0 + c_eps * (x - a * x0) / b
+    if sigma > 0:
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device)
+        x = x + sigma * z.to(x.device)
+    return x
+
+
 def reverse_process(denoiser: Callable, x1: torch.Tensor, labels=None, *, eta: float = 0.0,
                     generator: Optional[torch.Generator] = None, grid: Optional[Sequence[float]] = None,
                     steps: int = 20, schedule: ScheduleLike = "cosine_legacy", callback: Optional[Callable] = None,
@@ -77,15 +91,7 @@ def reverse_process(denoiser: Callable, x1: torch.Tensor, labels=None, *, eta: f
         x0 = denoiser(x, t, labels)
         if callback is not None:
             callback(i, t, x, x0)
-        if t_next <= 0:
-            x = x0
-        else:
-            a, b, a1, c_eps, sigma = step_coefficients(sched, t, t_next, eta)
-            eps = (x - a * x0) / b
-            x = a1 * x0 + c_eps * eps
-            if sigma > 0:
-                z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device)
-                x = x + sigma * z.to(x.device)
+        x = update(sched, x, x0, t, t_next, eta, generator)
         bar.update()
     bar.close()
     return x
