@@ -103,7 +103,7 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
             x0_m = machine.denoise(x, t, k, labels=lab)
             cos[i, :, j] = cosine_per_seed(a * x0_m - x, target)
             bar.update(postfix=f"t={t:.2f} k={k}")
-        x = update(machine.schedule, x, (x - np.sqrt(b2) * eps_net) / a, t, t_next)
+        x = update(machine.schedule, x, (x - np.sqrt(b2) * eps_net) / a, t, t_next, eps=eps_net)
         if state is not None:
             save_state(state, fp, next_step=np.array(i + 1), x=x.numpy(), cosine=cos)
     bar.close()

@@ -54,13 +54,16 @@ def step_coefficients(schedule, t: float, t_next: float, eta: float = 0.0):
 
 
 def update(schedule, x: torch.Tensor, x0: torch.Tensor, t: float, t_next: float, eta: float = 0.0,
-           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+           generator: Optional[torch.Generator] = None, eps: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One step of the module docstring from ``x_t`` (given the denoiser's ``x0``) to ``t_next``;
-    ``x0`` itself when ``t_next <= 0``. ``generator`` draws the noise when ``eta > 0``."""
+    ``x0`` itself when ``t_next <= 0``. ``generator`` draws the noise when ``eta > 0``; ``eps``, when
+    the caller already has it (an eps network), is used instead of ``(x_t - a x0) / b``."""
     if t_next <= 0:
         return x0
     a, b, a1, c_eps, sigma = step_coefficients(get_schedule(schedule), t, t_next, eta)
-    x = a1 * x0 + c_eps * (x - a * x0) / b
+    if eps is None:
+        eps = (x - a * x0) / b
+    x = a1 * x0 + c_eps * eps
     if sigma > 0:
         z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device)
         x = x + sigma * z.to(x.device)
