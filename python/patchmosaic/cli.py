@@ -104,26 +104,15 @@ def _setup(args):
     return net, images, (labels if cond else None), x1, y
 
 
-def _machine(name, images, labels, boundary):
-    from .machines import ELS, IS, LS
-
-    if name == "els":
-        return ELS(images, labels, boundary=boundary)
-    if name == "ls":
-        return LS(images, labels)
-    if name == "is":
-        return IS(images, labels)
-    raise ValueError(f"unknown machine {name!r}")
-
-
 def _calibrate(args) -> int:
     from .calibrate import calibrate
+    from .machines import make_machine
     from .plots import kschedule_plot
     from .png import write_png
     from .sampling import time_grid
 
     net, images, labels, x1, y = _setup(args)
-    machine = _machine(args.machine, images, labels, args.boundary)
+    machine = make_machine(args.machine, images, labels, boundary=args.boundary)
     cands = None if args.candidates is None else [int(k) for k in args.candidates.split(",")]
     state = args.state or args.out + ".state.npz"
     c = calibrate(net, machine, x1, y, candidates=cands, k_max=args.k_max, grid=time_grid(args.steps),
@@ -142,6 +131,7 @@ def _compare(args) -> int:
     from .compare import compare, nearest_training
     from .denoisers import MachineDenoiser
     from .kschedule import from_spec
+    from .machines import make_machine
     from .plots import comparison_grid, scatter
     from .png import write_png
 
@@ -153,10 +143,10 @@ def _compare(args) -> int:
             raise ValueError(f"--machine takes els=KSCHEDULE, ls=KSCHEDULE or is, got {spec!r}")
         if name != "is" and not ks:
             raise ValueError(f"--machine {name} needs a k-schedule: {name}=7, {name}=paper:NAME or {name}=FILE.json")
-        m = _machine(name, images, labels, args.boundary)
+        m = make_machine(name, images, labels, boundary=args.boundary)
         machines[spec if name != "is" else "IS"] = MachineDenoiser(m, from_spec(ks, args.steps) if ks else None)
     if "IS" not in machines:
-        machines["IS"] = MachineDenoiser(_machine("is", images, labels, args.boundary))
+        machines["IS"] = MachineDenoiser(make_machine("is", images, labels))
     rep = compare(net, machines, x1, y, grid=None, steps=args.steps, batch_size=args.batch, out_dir=args.out,
                   run_id=os.path.abspath(args.network), progress=not args.quiet,
                   info={"network": args.network, "data": args.data, "train_images": int(len(images))})

@@ -17,7 +17,7 @@ import torch
 from .data import load_default
 from .kschedule import paper_schedule
 from .machines import ELS
-from .png import grid, label_colours, to_uint8, write_png
+from .png import grid, provenance_picture, to_uint8, write_png
 from .sampling import ddim
 
 
@@ -62,9 +62,7 @@ def run_demo(out: str = "patchmosaic_demo.png", n: int = 8, steps: int = 20, see
             elif row == 2:
                 tiles.append(to_uint8(images[nearest[b]].numpy()))
             else:
-                # source colour, shaded by the sample's brightness so the strokes carry the mosaic
-                shade = ((sample[b, 0].numpy() + 1) / 2).clip(0, 1)[:, :, None]
-                tiles.append((label_colours(prov.image[b].numpy()) * (0.15 + 0.85 * shade)).astype(np.uint8))
+                tiles.append(provenance_picture(sample[b].numpy(), prov.image[b].numpy()))
     write_png(out, grid(tiles, 4, n, pad=2, scale=3))
     return {
         "out": out, "seconds": elapsed, "samples": sample, "labels": ylab,

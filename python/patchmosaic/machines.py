@@ -281,3 +281,17 @@ class ELS(Machine):
             ("circular", Hq, Wq, k, self.wrapped),
             lambda: keysets.periodic_keyset(Hq, Wq, self.H, self.W, k, self.wrapped),
         )
+
+
+MACHINE_NAMES = ("els", "ls", "is")
+
+
+def make_machine(name: str, images, labels=None, *, boundary: str = "zeros", **kw) -> Machine:
+    """The machine called ``name`` (``"els"``, ``"ls"`` or ``"is"``; ``boundary`` applies to ELS)."""
+    if name == "els":
+        return ELS(images, labels, boundary=boundary, **kw)
+    if name == "ls":
+        return LS(images, labels, **kw)
+    if name == "is":
+        return IS(images, labels, **kw)
+    raise ValueError(f"machine must be one of {MACHINE_NAMES}, got {name!r}")

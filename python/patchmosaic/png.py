@@ -72,3 +72,10 @@ def grid(tiles, rows: int, cols: int, pad: int = 2, scale: int = 1, background: 
         y, x = pad + r * (h * scale + pad), pad + c * (w * scale + pad)
         out[y : y + h * scale, x : x + w * scale] = big
     return out
+
+
+def provenance_picture(sample: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
+    """Each pixel coloured by the training image its winning patch came from, shaded by the sample's
+    brightness (``sample`` ``(C, H, W)`` in [-1, 1], ``image_ids`` ``(H, W)``) -> uint8 ``(H, W, 3)``."""
+    shade = ((sample.mean(0) + 1) / 2).clip(0, 1)[:, :, None]
+    return (label_colours(image_ids) * (0.15 + 0.85 * shade)).astype(np.uint8)

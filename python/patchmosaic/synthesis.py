@@ -17,16 +17,9 @@ import torch
 from .data import load
 from .denoisers import MachineDenoiser
 from .kschedule import from_spec
-from .machines import ELS, IS, LS
-from .png import grid, label_colours, to_uint8, write_png
+from .machines import make_machine
+from .png import grid, provenance_picture, to_uint8, write_png
 from .sampling import ddim, ddpm
-
-
-def provenance_picture(sample: np.ndarray, image_ids: np.ndarray) -> np.ndarray:
-    """Each pixel coloured by the training image its winning patch came from, shaded by the sample's
-    brightness (``sample`` ``(C, H, W)`` in [-1, 1], ``image_ids`` ``(H, W)``) -> uint8 ``(H, W, 3)``."""
-    shade = ((sample.mean(0) + 1) / 2).clip(0, 1)[:, :, None]
-    return (label_colours(image_ids) * (0.15 + 0.85 * shade)).astype(np.uint8)
 
 
 def position_picture(rows: np.ndarray, cols: np.ndarray, H: int, W: int) -> np.ndarray:
@@ -65,12 +58,8 @@ def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", ma
     ylab = None
     if labels is not None:
         ylab = torch.as_tensor([int(labels[i % len(labels)]) for i in range(n)])
-    kinds = {"els": lambda: ELS(images, train_labels if ylab is not None else None, boundary=boundary, backend=backend),
-             "ls": lambda: LS(images, train_labels if ylab is not None else None, backend=backend),
-             "is": lambda: IS(images, train_labels if ylab is not None else None, backend=backend)}
-    if machine not in kinds:
-        raise ValueError(f"machine must be one of {sorted(kinds)}, got {machine!r}")
-    m = kinds[machine]()
+    m = make_machine(machine, images, train_labels if ylab is not None else None, boundary=boundary,
+                     backend=backend)
     ks = from_spec(k, steps) if m.local else None
     m.check_labels(None if ylab is None else ylab.numpy(), n)
     for kk in set(ks.ks) if m.local else [None]:
