@@ -36,9 +36,14 @@ def preprocess(images: np.ndarray, size: int | None = 32) -> torch.Tensor:
     return t.contiguous()
 
 
-def load_default(size: int | None = 32):
-    """The packaged 2,000-digit MNIST subset: ``(images (2000, 1, size, size) float32, labels (2000,) int64)``."""
+def load_default_raw():
+    """The packaged 2,000-digit MNIST subset as stored: uint8 ``(2000, 28, 28)`` and int64 labels."""
     with resources.files(__package__).joinpath("mnist_2k.npz").open("rb") as f:
         d = np.load(f, allow_pickle=False)
-        images, labels = d["images"], d["labels"]
-    return preprocess(images, size), torch.from_numpy(labels.astype(np.int64))
+        return d["images"], d["labels"].astype(np.int64)
+
+
+def load_default(size: int | None = 32):
+    """The packaged 2,000-digit MNIST subset: ``(images (2000, 1, size, size) float32, labels (2000,) int64)``."""
+    images, labels = load_default_raw()
+    return preprocess(images, size), torch.from_numpy(labels)

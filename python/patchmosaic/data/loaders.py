@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .cifar import load_cifar10
-from .default import load_default, preprocess
+from .default import load_default_raw, preprocess
 from .idx import find_idx, load_idx
 from .images import CELEBA_CROP, crops, load_folder, load_photo
 
@@ -66,8 +66,7 @@ def load(spec: str, *, limit: Optional[int] = None, size="auto", split: str = "t
     if size == "auto":
         size = None if spec.startswith("skimage:") else 32
     if spec == "default":
-        x, y = load_default(None)
-        return _finish_tensor(x, y, size, indices, classes, limit)
+        return _finish(*load_default_raw(), size, indices, classes, limit)
     if spec.startswith("skimage:"):
         img = load_photo(spec.split(":", 1)[1])
         if crop is None:
@@ -186,11 +185,3 @@ def _finish(raw, y, size, indices, classes, limit):
         x = torch.cat(parts)
     return x, torch.from_numpy(np.asarray(y)[keep].astype(np.int64))
 
-
-def _finish_tensor(x, y, size, indices, classes, limit):
-    keep = _subset(len(x), y.numpy(), indices, classes, limit)
-    x, y = x[keep], y[keep]
-    if size is not None and tuple(x.shape[-2:]) != (size, size):
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                                            antialias=True).clamp(-1, 1)
-    return x.contiguous(), y
