@@ -56,6 +56,7 @@ class Machine:
         self.n_threads = int(n_threads)
         self.max_memory = max_memory
         self._train_cache = {}
+        self._index_cache = {}  # (k, canvas, index settings) -> PatchIndex, for denoise_approx
         self._keyset_cache = {}
 
     # ----- what each machine defines -------------------------------------------------------
@@ -146,10 +147,9 @@ class Machine:
 
         xt = to_tensor(x, "x")
         key = (int(k), tuple(xt.shape[-2:]), tuple(sorted(index_kw.items())))
-        cache = self.__dict__.setdefault("_index_cache", {})
-        if key not in cache:
-            cache[key] = PatchIndex(self, int(k), tuple(xt.shape[-2:]), progress=False, **index_kw)
-        return cache[key].denoise(x, t, labels, m)
+        if key not in self._index_cache:
+            self._index_cache[key] = PatchIndex(self, int(k), tuple(xt.shape[-2:]), progress=False, **index_kw)
+        return self._index_cache[key].denoise(x, t, labels, m)
 
     def check_canvas(self, Hq: int, Wq: int, k: Optional[int] = None) -> None:
         """Raise a ValueError unless this machine can denoise ``Hq x Wq`` queries with patch size ``k``

@@ -79,14 +79,21 @@ def fingerprint_data(images: torch.Tensor, labels: Optional[np.ndarray]) -> str:
 
 @dataclass
 class Part:
-    """One (label, key class) part: its query pixels, its keys (global ids ``n * H * W + p``), its index."""
+    """One (label, key class) part: its query pixels, its training images and key positions, and the
+    keys they make (global ids ``n * H * W + p``, image-major: the index's own order), its index."""
 
     label: Optional[int]
     cls: int
     qpix: np.ndarray
-    keys: np.ndarray
+    images: np.ndarray
+    kpos: np.ndarray
+    HW: int
     value_range: float
     index: object = None
+    keys: np.ndarray = field(init=False)
+
+    def __post_init__(self):
+        self.keys = (self.images.astype(np.int64)[:, None] * self.HW + self.kpos.astype(np.int64)[None, :]).ravel()
 
 
 @dataclass
@@ -146,8 +153,8 @@ class PatchIndex:
             vals = m.images[torch.as_tensor(imgs, dtype=torch.long)]
             rng = float(vals.max() - vals.min())
             for c, (qpix, kpos) in enumerate(self.keyset.classes()):
-                keys = (np.asarray(imgs, np.int64)[:, None] * HW + np.asarray(kpos, np.int64)[None, :]).ravel()
-                parts.append(Part(label, c, np.asarray(qpix, np.int64), keys, rng))
+                parts.append(Part(label, c, np.asarray(qpix, np.int64), np.asarray(imgs, np.int64),
+                                  np.asarray(kpos, np.int64), HW, rng))
         return parts
 
     def _part_kind(self, part: Part) -> str:
@@ -155,14 +162,10 @@ class PatchIndex:
 
     def _key_chunks(self, part: Part, chunk: int = 1 << 20):
         """Yield the part's key vectors in index order, about ``chunk`` keys at a time."""
-        m = self.machine
-        HW = m.H * m.W
-        imgs = np.unique(part.keys // HW)
-        kpos = part.keys[: len(part.keys) // len(imgs)] % HW
-        per = max(1, chunk // max(len(kpos), 1))
-        for s in range(0, len(imgs), per):
-            sel = torch.as_tensor(imgs[s : s + per], dtype=torch.long)
-            yield patch_vectors(m.images[sel], kpos, self.k, self.keyset.key_pad)
+        per = max(1, chunk // max(len(part.kpos), 1))
+        for s in range(0, len(part.images), per):
+            sel = torch.as_tensor(part.images[s : s + per], dtype=torch.long)
+            yield patch_vectors(self.machine.images[sel], part.kpos, self.k, self.keyset.key_pad)
 
     def _build_all(self, progress: bool):
         faiss = _faiss()
