@@ -141,7 +141,7 @@ def table(results) -> str:
         s = rep["summary"]
         for which in ("ours", "paper"):
             e, l_, i = s[f"ELS_{which}"], s[f"LS_{which}"], s["IS"]
-            ks = rep["k_schedules"][f"ours_ELS" if which == "ours" else "paper"]
+            ks = rep["k_schedules"]["ours_ELS" if which == "ours" else "paper"]
             lines.append(
                 f"| {name} | {rep['seeds']} | {which}: {','.join(map(str, ks))} | {e['r']['median']:.3f} "
                 f"[{e['r']['q25']:.2f}, {e['r']['q75']:.2f}] | {l_['r']['median']:.3f} | {i['r']['median']:.3f} | "

@@ -126,8 +126,6 @@ def _calibrate(args) -> int:
 
 
 def _compare(args) -> int:
-    import numpy as np
-
     from .compare import compare, nearest_training
     from .denoisers import MachineDenoiser
     from .kschedule import from_spec

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
-from typing import List, Sequence
+from typing import List
 
 import numpy as np
 
@@ -40,11 +39,9 @@ class KSchedule:
 
     def to_json(self, path: str) -> None:
         """Write ``{"times": [...], "ks": [...]}`` atomically to ``path``."""
-        d = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=d, suffix=".json.tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"times": list(map(float, self.times)), "ks": list(map(int, self.ks))}, f, indent=1)
-        os.replace(tmp, path)
+        from .runstate import write_json
+
+        write_json(path, {"times": list(map(float, self.times)), "ks": list(map(int, self.ks))})
 
     @classmethod
     def from_json(cls, path: str) -> "KSchedule":

@@ -14,6 +14,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from ..runstate import write_json
 from .resnet import ResNet
 from .unet import UNet
 
@@ -55,7 +56,7 @@ def save(path: str, net: nn.Module, *, extra: Optional[Dict[str, torch.Tensor]] 
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    _write_json(os.path.join(d, "config.json"), {"network": net.config, "info": info or {}})
+    write_json(os.path.join(d, "config.json"), {"network": net.config, "info": info or {}})
 
 
 def load(path: str, *, ema: bool = True, device="cpu") -> Tuple[nn.Module, dict, Dict[str, torch.Tensor]]:
@@ -112,10 +113,3 @@ def _weights_file(path: str, create: bool = False) -> str:
         raise ValueError(f"no checkpoint at {path} (expected {WEIGHTS} inside)")
     return file
 
-
-def _write_json(path: str, obj) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
