@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -32,8 +33,6 @@ def sample_batched(denoiser, x1: torch.Tensor, labels, *, grid, batch_size: int,
     for s in range(done, M, batch_size):
         e = min(M, s + batch_size)
         if progress:
-            import sys
-
             print(f"{desc}: seeds {s}..{e - 1} of {M}", file=sys.stderr)
         lab = None if labels is None else labels[s:e]
         out[s:e] = ddim(denoiser, x1[s:e], lab, grid=grid, progress=progress)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from .keysets import CIRCULAR
+from .progress import Progress
 from .runstate import write_json
 from .validation import ResourceError, available_memory, check_k, check_t, to_labels, to_tensor
 
@@ -173,17 +174,11 @@ class PatchIndex:
         if self.kind == "flat" and need > available_memory():
             raise ResourceError(f"a flat index of {need / 2**30:.1f} GiB does not fit; use kind='ivfpq'")
         t0 = time.perf_counter()
-        for i, part in enumerate(self.parts):
+        bar = Progress(len(self.parts), f"index k={self.k}", enabled=progress)
+        for part in self.parts:
             part.index = self._build_part(faiss, part)
-            if progress:
-                import sys
-
-                print(f"\rindex k={self.k}: part {i + 1}/{len(self.parts)} ({len(part.keys)} keys, "
-                      f"{self._part_kind(part)}) {time.perf_counter() - t0:.1f}s", end="", file=sys.stderr, flush=True)
-        if progress:
-            import sys
-
-            print(file=sys.stderr)
+            bar.update(postfix=f"{len(part.keys)} keys, {self._part_kind(part)}")
+        bar.close()
         self.build_seconds = time.perf_counter() - t0
 
     def _build_part(self, faiss, part: Part):
