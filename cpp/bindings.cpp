@@ -106,7 +106,7 @@ void candidate_softmax_impl(const py::array& train, const py::array& query, int 
                             const py::array& a, const py::array& inv_2b2, const py::array& pix,
                             const py::array& cand, const py::array& out, const py::array& top_logit,
                             const py::array& last_logit, const py::array& sum_rel, std::optional<py::array> arg_key,
-                            std::optional<py::array> arg_share, int n_threads) {
+                            std::optional<py::array> arg_share, std::optional<py::array> count, int n_threads) {
   CandidateSoftmaxArgs<T> A;
   fill_patches<T>(A, train, query, k, query_pad, key_pad);
   A.a = ptr_of<double>(a, "a", 1);
@@ -125,6 +125,12 @@ void candidate_softmax_impl(const py::array& train, const py::array& query, int 
     throw std::invalid_argument("top_logit, last_logit, sum_rel: one entry per listed pixel");
   if (arg_key) A.arg_key = ptr_of<int64_t>(*arg_key, "arg_key", 1, true);
   if (arg_share) A.arg_share = ptr_of<T>(*arg_share, "arg_share", 1, true);
+  if (count) {
+    A.count = ptr_of<double>(*count, "count", 2);
+    if (count->shape(0) != A.P || count->shape(1) != A.m) throw std::invalid_argument("count must have the shape of cand");
+    for (int64_t e = 0; e < A.P * A.m; ++e)
+      if (A.cand[e] >= 0 && !(A.count[e] >= 1.0)) throw std::invalid_argument("count holds a multiplicity below 1 (or NaN)");
+  }
   const int64_t npix = A.B * A.Hq * A.Wq, nkey = A.N * A.H * A.W;
   for (int64_t p = 0; p < A.P; ++p)
     if (A.pix[p] < 0 || A.pix[p] >= npix) throw std::invalid_argument("pix holds an index outside the query");
@@ -185,20 +191,21 @@ PYBIND11_MODULE(_core, m) {
       [](const py::array& train, const py::array& query, int k, int query_pad, int key_pad, const py::array& a,
          const py::array& inv_2b2, const py::array& pix, const py::array& cand, const py::array& out,
          const py::array& top_logit, const py::array& last_logit, const py::array& sum_rel,
-         std::optional<py::array> arg_key, std::optional<py::array> arg_share, int n_threads) {
+         std::optional<py::array> arg_key, std::optional<py::array> arg_share, std::optional<py::array> count,
+         int n_threads) {
         if (py::isinstance<py::array_t<float>>(train))
           candidate_softmax_impl<float>(train, query, k, query_pad, key_pad, a, inv_2b2, pix, cand, out, top_logit,
-                                        last_logit, sum_rel, arg_key, arg_share, n_threads);
+                                        last_logit, sum_rel, arg_key, arg_share, count, n_threads);
         else if (py::isinstance<py::array_t<double>>(train))
           candidate_softmax_impl<double>(train, query, k, query_pad, key_pad, a, inv_2b2, pix, cand, out, top_logit,
-                                         last_logit, sum_rel, arg_key, arg_share, n_threads);
+                                         last_logit, sum_rel, arg_key, arg_share, count, n_threads);
         else
           throw std::invalid_argument("train: expected float32 or float64");
       },
       py::arg("train"), py::arg("query"), py::arg("k"), py::arg("query_pad"), py::arg("key_pad"), py::arg("a"),
       py::arg("inv_2b2"), py::arg("pix"), py::arg("cand"), py::arg("out"), py::arg("top_logit"),
       py::arg("last_logit"), py::arg("sum_rel"), py::arg("arg_key") = py::none(), py::arg("arg_share") = py::none(),
-      py::arg("n_threads") = 0,
+      py::arg("count") = py::none(), py::arg("n_threads") = 0,
       "Exact softmax over a candidate key list per listed query pixel (see cpp/patch_softmax.hpp).");
   m.def("max_threads", []() {
 #ifdef _OPENMP

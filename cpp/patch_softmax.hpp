@@ -100,6 +100,7 @@ struct CandidateSoftmaxArgs {
   const int64_t* pix = nullptr;     // (P,) b * Hq * Wq + i * Wq + j
   int m = 0;                        // candidates per pixel
   const int64_t* cand = nullptr;    // (P, m) n * H * W + i' * W + j'; negative entries are skipped
+  const double* count = nullptr;    // optional (P, m): how many identical keys each candidate stands for
   T* out = nullptr;                 // (B, C, Hq, Wq), written at the listed pixels only
   double* top_logit = nullptr;      // (P,)
   double* last_logit = nullptr;     // (P,) the smallest logit among the candidates used

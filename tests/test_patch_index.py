@@ -99,14 +99,14 @@ def test_ivf_recall_is_measured_and_exhaustive_probing_finds_everything():
     assert torch.isfinite(res.x0).all() and res.x0.abs().max() <= 1
 
 
-def test_policy_uses_the_index_only_within_tolerance(tmp_path):
+def test_step_policy_uses_the_index_only_within_tolerance(tmp_path):
     tr, lab, rng = _data(4, N=30)
     mach = pm.ELS(tr)
     ks = pm.KSchedule.constant(3, 10)
     x1 = torch.randn(2, 1, 10, 12, generator=torch.Generator().manual_seed(0))
     exact = pm.ddim(pm.MachineDenoiser(mach, ks), x1, steps=10, progress=False)
     tol = 0.05  # the (M - m) exp(l_m - l_1) bound is conservative: only the last step (t = 0.1) meets it
-    pol = IndexedDenoiser(mach, ks, tol=tol, m=32, cache_dir=str(tmp_path), kind="flat")
+    pol = IndexedDenoiser(mach, ks, tol=tol, m=32, mode="step", cache_dir=str(tmp_path), kind="flat")
     approx = pm.ddim(pol, x1, steps=10, progress=False)
     used = [r["used"] for r in pol.record]
     assert "index" in used and "exact" in used  # high noise: bound too large; low noise: index
@@ -152,3 +152,112 @@ def test_ivf_with_many_identical_patches_still_finds_candidates():
     x = torch.from_numpy(rng.standard_normal((2, 1, 10, 12)).astype(np.float32))
     r = idx.denoise(x, 0.1, m=8)
     assert bool((r.arg_key >= 0).all())
+
+
+def _blank_heavy(seed=8, N=60, n_drawn=6):
+    """Mostly blank images (-1) with a few random ones: thousands of identical key patches."""
+    rng = np.random.default_rng(seed)
+    tr = np.full((N, 1, 10, 12), -1.0, np.float32)
+    tr[:n_drawn] = rng.uniform(-1, 1, (n_drawn, 1, 10, 12))
+    tr[n_drawn : 2 * n_drawn, :, 3:6, 4:8] = 0.5  # the same blob in several images: duplicates that are not blank
+    return tr, rng
+
+
+@pytest.mark.parametrize("boundary", ["zeros", "circular"])
+def test_merged_duplicates_are_exact_and_tighten_the_bound(boundary):
+    tr, rng = _blank_heavy()
+    lab = np.arange(len(tr)) % 2
+    mach = pm.ELS(tr, lab, boundary=boundary)
+    merged = PatchIndex(mach, 3, kind="flat", progress=False)
+    plain = PatchIndex(mach, 3, kind="flat", merge=False, progress=False)
+    for p, q in zip(merged.parts, plain.parts):
+        assert p.n_total == q.n_total == len(q.keys)
+        assert len(p.keys) < p.n_total and int(p.count.sum()) == p.n_total
+        # every merged key's patch is bitwise the patch of the keys it stands for (brute-force check)
+        vq = np.concatenate(list(plain._key_chunks(q)))
+        vp = np.concatenate(list(merged._key_chunks(p)))
+        _, inv = np.unique(vq, axis=0, return_inverse=True)
+        _, invp = np.unique(vp, axis=0, return_inverse=True)
+        assert len(np.unique(inv)) == len(p.keys) and len(np.unique(invp)) == len(p.keys)
+    x = torch.from_numpy(rng.standard_normal((4, 1, 10, 12)).astype(np.float32)) * 0.3 - 0.7
+    labels = [0, 1, 1, 0]
+    for t in (0.05, 0.2, 0.5):
+        exact = mach.denoise(x.double(), t, 3, labels=labels)
+        everything = merged.denoise(x, t, labels, m=10 ** 6)
+        assert float(everything.bound.max()) == 0.0
+        assert float((everything.x0.double() - exact).abs().max()) <= F32
+        for m in (1, 4, 16):
+            r, r0 = merged.denoise(x, t, labels, m=m), plain.denoise(x, t, labels, m=m)
+            err = (exact - r.x0.double()).abs().amax(1)
+            assert torch.all(err <= r.bound + F32), (t, m, float((err - r.bound).max()))
+            assert float(r.bound.median()) <= float(r0.bound.median())
+    # with blank queries at low noise the merged blank key dominates: the bound is small where the
+    # unmerged one is vacuous (the blank ties fill all m slots)
+    blank = torch.full((1, 1, 10, 12), -1.0) * float(mach.schedule.coefficients(np.array([0.05]))[0][0])
+    tight, loose = merged.denoise(blank, 0.05, [0], m=8), plain.denoise(blank, 0.05, [0], m=8)
+    assert float(tight.bound.median()) < 1e-6 < 0.5 < float(loose.bound.median())
+
+
+def test_merged_index_round_trips_and_refuses_a_bad_key_file(tmp_path):
+    tr, rng = _blank_heavy(9)
+    mach = pm.ELS(tr)
+    idx = PatchIndex(mach, 5, kind="flat", progress=False)
+    x = torch.from_numpy(rng.standard_normal((2, 1, 10, 12)).astype(np.float32))
+    before = idx.denoise(x, 0.1, m=8)
+    idx.save(str(tmp_path))
+    after = PatchIndex.load(str(tmp_path), mach, 5).denoise(x, 0.1, m=8)
+    assert torch.equal(before.x0, after.x0) and torch.equal(before.bound, after.bound)
+    man = json.load(open(tmp_path / "manifest.json"))
+    assert man["merge"] is True and man["parts"][0]["n_keys"] < man["parts"][0]["n_total"]
+    keyfile = tmp_path / man["parts"][0]["keys"]
+    good = keyfile.read_bytes()
+    keyfile.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="corrupt or unreadable key file"):
+        PatchIndex.load(str(tmp_path), mach, 5)
+    with np.load(tmp_path / man["parts"][1]["keys"]) as z:
+        keys, count = z["keys"], z["count"]
+    keyfile.write_bytes(good)
+    np.savez(str(keyfile)[: -len(".npz")], keys=keys, count=count + 1)  # multiplicities that do not add up
+    with pytest.raises(ValueError, match="does not describe this part"):
+        PatchIndex.load(str(tmp_path), mach, 5)
+
+
+def test_denoise_on_selected_pixels_equals_the_full_call():
+    tr, lab, rng = _data(10)
+    mach = pm.ELS(tr, lab)
+    x = torch.from_numpy(rng.standard_normal((3, 1, 10, 12)))
+    full = mach.denoise(x, 0.3, 5, labels=[0, 1, 2])
+    masks = torch.from_numpy(rng.uniform(size=(3, 10, 12)) < 0.2)
+    for backend in ("cpu", "torch"):
+        part = mach.denoise(x, 0.3, 5, labels=[0, 1, 2], pixels=masks, backend=backend)
+        union = masks.any(0)
+        assert float((part - full)[:, :, union].abs().max()) <= 1e-12  # float64: the same sums
+        assert float(part[:, :, ~union].abs().max()) == 0.0
+    assert float(mach.denoise(x, 0.3, 5, labels=[0, 1, 2], pixels=torch.zeros(10, 12, dtype=torch.bool)).abs().max()) == 0
+    with pytest.raises(ValueError, match=r"pixels must be a boolean mask of shape \(10, 12\)"):
+        mach.denoise(x, 0.3, 5, labels=[0, 1, 2], pixels=torch.ones(10, 11, dtype=torch.bool))
+    with pytest.raises(ValueError, match="boolean mask"):
+        mach.denoise(x, 0.3, 5, labels=[0, 1, 2], pixels=torch.ones(10, 12))
+    with pytest.raises(ValueError, match="IS machine"):
+        pm.IS(tr).denoise(x, 0.3, pixels=masks)
+
+
+def test_pixel_policy_keeps_every_pixel_within_tolerance():
+    tr, rng = _blank_heavy(11, N=80, n_drawn=20)
+    mach = pm.ELS(tr)
+    ks = pm.KSchedule.constant(5, 10)
+    pol = IndexedDenoiser(mach, ks, tol=1e-3, m=16, kind="flat")
+    x = torch.from_numpy(rng.standard_normal((3, 1, 10, 12)).astype(np.float32)) * 0.2 - 0.8  # near blank
+    x[:, :, 5:] = torch.from_numpy(rng.standard_normal((3, 1, 5, 12)).astype(np.float32))  # and plain noise
+    for t in (0.05, 0.3, 0.9):
+        out = pol(x, t)
+        exact = mach.denoise(x.double(), t, 5)
+        assert float((out.double() - exact).abs().max()) <= 1e-3 + F32
+    used = [r["used"] for r in pol.record]
+    fr = [r["exact_fraction"] for r in pol.record]
+    assert used == ["index", "mixed", "exact"], pol.record  # low noise: index; middle: mixed; high: exact
+    assert fr[0] == 0.0 and 0.0 < fr[1] < 1.0 and fr[2] == 1.0
+    for r in pol.record[:2]:
+        assert r["bound_max"] <= 1e-3
+    with pytest.raises(ValueError, match="mode must be"):
+        IndexedDenoiser(mach, ks, mode="sometimes")

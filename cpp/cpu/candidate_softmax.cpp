@@ -1,6 +1,8 @@
 // candidate_softmax.cpp -- exact softmax over a short candidate list per query pixel (CPU).
 // The candidates come from a patch index (FAISS); their distances are recomputed here from the
 // original float patches, so the index's own approximations only decide *which* keys are summed.
+// A candidate may stand for several identical keys (same patch, hence same centre): it then enters
+// the softmax with its multiplicity, w = count * exp(logit), which is exact.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -31,6 +33,7 @@ void candidate_softmax_cpu(const CandidateSoftmaxArgs<T>& A) {
       gather_run(A.query + b * A.C * HWq, A.C, A.Hq, A.Wq, qi, qj, 1, A.k, A.query_pad, qp.data(), 1);
       const double a = A.a[b], s2 = A.inv_2b2[b];
       const int64_t* cand = A.cand + p * A.m;
+      const double* count = A.count ? A.count + p * A.m : nullptr;
       double top = -std::numeric_limits<double>::infinity(), last = std::numeric_limits<double>::infinity();
       int best = -1;
       for (int c = 0; c < A.m; ++c) {
@@ -51,7 +54,7 @@ void candidate_softmax_cpu(const CandidateSoftmaxArgs<T>& A) {
       double sum = 0.0;
       for (int c = 0; c < A.m; ++c) {
         if (cand[c] < 0) continue;
-        const double w = std::exp(logit[c] - top);
+        const double w = (count ? count[c] : 1.0) * std::exp(logit[c] - top);
         sum += w;
         const int64_t n = cand[c] / HW, kpos = cand[c] % HW;
         const T* img = A.train + n * A.C * HW + kpos;
@@ -63,7 +66,7 @@ void candidate_softmax_cpu(const CandidateSoftmaxArgs<T>& A) {
       A.last_logit[p] = last;
       A.sum_rel[p] = sum;
       if (A.arg_key) A.arg_key[p] = best < 0 ? -1 : cand[best];
-      if (A.arg_share) A.arg_share[p] = best < 0 ? T(0) : static_cast<T>(1.0 / sum);
+      if (A.arg_share) A.arg_share[p] = best < 0 ? T(0) : static_cast<T>((count ? count[best] : 1.0) / sum);
     }
   }
 }

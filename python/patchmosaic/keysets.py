@@ -55,6 +55,13 @@ class KeySet:
                 self.cls_kpos[self.cls_kpos_ptr[c] : self.cls_kpos_ptr[c + 1]],
             )
 
+    def restricted(self, pixels: np.ndarray) -> "KeySet":
+        """The same key set for only the query pixels where the flat boolean mask ``pixels`` is true
+        (classes left without a query pixel are dropped)."""
+        pixels = np.asarray(pixels, dtype=bool).ravel()
+        groups = [(q[pixels[q]], k) for q, k in self.classes() if pixels[q].any()]
+        return _csr(groups, self.query_pad, self.key_pad)
+
     def n_pairs_per_image(self) -> int:
         """Query-pixel x key-position pairs for one query image and one training image."""
         nq = np.diff(self.cls_qpix_ptr)

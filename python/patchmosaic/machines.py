@@ -71,7 +71,7 @@ class Machine:
 
     # ----- public API ----------------------------------------------------------------------
     def denoise(self, x, t, k: Optional[int] = None, labels=None, *, return_provenance: bool = False,
-                backend: Optional[str] = None):
+                backend: Optional[str] = None, pixels=None):
         """Posterior-mean estimate ``x0_hat`` of the clean images.
 
         Args:
@@ -82,6 +82,10 @@ class Machine:
             labels: ``(B,)`` integer labels: each query uses only the training images of its label.
             return_provenance: also return a :class:`Provenance` of the winning keys.
             backend: override the machine's backend for this call.
+            pixels: local machines only: a boolean mask ``(Hq, Wq)`` or ``(B, Hq, Wq)``; only the pixels
+               it marks (in any query image) are computed, every other output pixel is 0. The work
+               shrinks in proportion (used by :class:`patchmosaic.IndexedDenoiser` for the pixels whose
+               index bound is too loose).
         Returns:
             ``x0_hat`` with the shape, dtype and array type of ``x``; with provenance, a pair.
         """
@@ -103,6 +107,17 @@ class Machine:
         inv_2b2 = 0.5 / b2
         name = self._resolve_backend(xt, backend)
         keyset = self._keyset(Hq, Wq, k) if self.local else None
+        mask = None
+        if pixels is not None:
+            if not self.local:
+                raise ValueError("pixels= selects query pixels of a local machine; the IS machine has none")
+            mask = torch.as_tensor(np.asarray(pixels.cpu() if torch.is_tensor(pixels) else pixels))
+            if mask.dtype != torch.bool or mask.shape[-2:] != (Hq, Wq) or mask.dim() not in (2, 3) or \
+                    (mask.dim() == 3 and mask.shape[0] != B):
+                raise ValueError(f"pixels must be a boolean mask of shape ({Hq}, {Wq}) or ({B}, {Hq}, {Wq}), got "
+                                 f"{tuple(mask.shape)} {mask.dtype}")
+            mask = mask.reshape(-1, Hq, Wq).any(0)
+            keyset = keyset.restricted(mask.numpy())
         self._check_request_memory(xt, name, return_provenance)
         engine = get_backend(name)
         train = self._train_as(xt.dtype, xt.device if name == "torch" else torch.device("cpu"))
@@ -112,6 +127,11 @@ class Machine:
                                            self.n_threads)
         else:
             out, key, share = engine.ideal(train, query, a, inv_2b2, groups, return_provenance, self.n_threads)
+        if mask is not None:
+            out[:, :, ~mask.to(out.device)] = 0
+            if key is not None:
+                key[:, ~mask.to(key.device)] = -1
+                share[:, ~mask.to(share.device)] = 0
         out = out.to(xt.device)
         result = out.numpy() if is_numpy else out
         if not return_provenance:

@@ -7,10 +7,15 @@ pixel, retrieves the ``m`` nearest keys (distances ``|P - a q|^2 = a^2 |P / a - 
 serves every ``t``), re-scores them exactly in the compiled core from the original float patches, and
 takes the softmax over them.
 
-Error bound (exact index). Let the retrieved logits be ``l_1 >= ... >= l_m`` and ``M`` the keys of the
-pixel's part. Every key not retrieved is at least as far as the m-th, so its weight is at most
-``exp(l_m)``; with ``S = sum_i exp(l_i - l_1)`` the left-out mass relative to the retrieved mass is
-``eps <= (M - m) exp(l_m - l_1) / S``, and since ``x0_hat`` is a weighted mean of centre values in a
+Identical key patches (MNIST's blank background: millions of them) are merged at build time into one
+key with a multiplicity ``c``; a merged key enters the softmax with weight ``c exp(l)``, which is exact
+because identical patches have identical centres.
+
+Error bound (exact index). Let the retrieved logits be ``l_1 >= ... >= l_m``, ``c_i`` their
+multiplicities and ``M`` the keys of the pixel's part (counted with multiplicity). Every key not
+retrieved is at least as far as the m-th, so its weight is at most ``exp(l_m)``; with
+``S = sum_i c_i exp(l_i - l_1)`` the left-out mass relative to the retrieved mass is
+``eps <= (M - sum_i c_i) exp(l_m - l_1) / S``, and since ``x0_hat`` is a weighted mean of centre values in a
 range of width ``R`` (the training data's range per part),
 
     |x0_hat - x0_hat_approx| <= R * eps / (1 + eps)     per pixel and channel.
@@ -68,6 +73,37 @@ def patch_vectors(images, positions: np.ndarray, k: int, pad: int) -> np.ndarray
     return np.ascontiguousarray(sel.transpose(0, 2, 1, 3, 4).reshape(n * len(pos), C * k * k))
 
 
+def key_vectors(images, ids: np.ndarray, H: int, W: int, k: int, pad: int) -> np.ndarray:
+    """Patches of ``images`` ``(N, C, H, W)`` for global key ids ``n * H * W + p`` -> ``(len(ids), C k k)``
+    float32, elements in (channel, row, column) order. Plain numpy, like :func:`patch_vectors`."""
+    ids = np.asarray(ids, dtype=np.int64)
+    n, p = np.divmod(ids, H * W)
+    uimg, local = np.unique(n, return_inverse=True)
+    x = images[torch.as_tensor(uimg)] if torch.is_tensor(images) else np.asarray(images)[uimg]
+    x = x.detach().cpu().numpy() if torch.is_tensor(x) else x
+    x = x.astype(np.float32, copy=False)
+    r = k // 2
+    xp = np.pad(x, ((0, 0), (0, 0), (r, r), (r, r)), mode="wrap" if pad == CIRCULAR else "constant")
+    win = np.lib.stride_tricks.sliding_window_view(xp, (k, k), axis=(2, 3))  # (u, C, H, W, k, k)
+    sel = win[local.ravel(), :, p // W, p % W]  # (L, C, k, k)
+    return np.ascontiguousarray(sel.reshape(len(ids), -1))
+
+
+def row_hashes(v: np.ndarray, seed: int = 0x9E3779B9) -> np.ndarray:
+    """Two independent 64-bit hashes of each row's bytes (float32 rows) -> ``(n, 2)`` uint64. Rows
+    with equal bytes hash equal; distinct rows collide with probability about 2^-128."""
+    u = np.ascontiguousarray(v, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rng = np.random.default_rng(seed)
+    out = np.empty((len(u), 2), np.uint64)
+    for h in range(2):
+        mult = rng.integers(1, 2**63, size=u.shape[1], dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        with np.errstate(over="ignore"):
+            x = u * mult[None, :]
+            x ^= x >> np.uint64(29)
+            out[:, h] = x.sum(1)
+    return out
+
+
 def fingerprint_data(images: torch.Tensor, labels: Optional[np.ndarray]) -> str:
     h = hashlib.sha256()
     arr = images.detach().cpu().contiguous().numpy()
@@ -81,7 +117,8 @@ def fingerprint_data(images: torch.Tensor, labels: Optional[np.ndarray]) -> str:
 @dataclass
 class Part:
     """One (label, key class) part: its query pixels, its training images and key positions, and the
-    keys they make (global ids ``n * H * W + p``, image-major: the index's own order), its index."""
+    keys the index holds (global ids ``n * H * W + p``, in index order). After merging duplicates a
+    key stands for ``count`` identical patches; ``n_total`` is the part's number of keys before."""
 
     label: Optional[int]
     cls: int
@@ -92,9 +129,12 @@ class Part:
     value_range: float
     index: object = None
     keys: np.ndarray = field(init=False)
+    count: Optional[np.ndarray] = field(init=False, default=None)
+    n_total: int = field(init=False)
 
     def __post_init__(self):
         self.keys = (self.images.astype(np.int64)[:, None] * self.HW + self.kpos.astype(np.int64)[None, :]).ravel()
+        self.n_total = len(self.keys)
 
 
 @dataclass
@@ -116,12 +156,14 @@ class PatchIndex:
     for when raw patches would not fit in memory) or ``"auto"`` (flat while its vectors take at most
     ``flat_budget`` bytes, default a quarter of the available memory, else ivfpq). ``nlist``: inverted
     lists per part (default ~ sqrt(keys)); ``nprobe``: lists searched; ``pq_m``: PQ sub-quantisers.
-    Parts with at most ``min_index_keys`` keys always use a flat index.
+    Parts with at most ``min_index_keys`` keys always use a flat index. ``merge``: store each distinct
+    key patch once with its multiplicity (exact: identical patches have identical centres; on MNIST it
+    removes the thousands of blank patches that tie at the top and would make the bound vacuous).
     """
 
     def __init__(self, machine, k: int, canvas: Optional[Tuple[int, int]] = None, *, kind: str = "auto",
                  nlist: Optional[int] = None, nprobe: int = 16, pq_m: int = 16, flat_budget: Optional[int] = None,
-                 min_index_keys: int = 20000, progress: bool = True, _build: bool = True):
+                 min_index_keys: int = 20000, merge: bool = True, progress: bool = True, _build: bool = True):
         if not machine.local:
             raise ValueError("a patch index serves the local machines (LS, ELS); IS has no patches")
         if kind not in KINDS:
@@ -135,14 +177,23 @@ class PatchIndex:
         self.nprobe, self.pq_m, self.nlist, self.min_index_keys = int(nprobe), int(pq_m), nlist, int(min_index_keys)
         self.fingerprint = fingerprint_data(machine.images, machine.labels)
         self.parts: List[Part] = self._parts()
+        self.merge = bool(merge)
+        self.build_seconds = 0.0
+        t0 = time.perf_counter()
+        if self.merge and _build:
+            bar = Progress(len(self.parts), f"merge duplicates k={self.k}", enabled=progress)
+            for part in self.parts:
+                self._merge_duplicates(part)
+                bar.update(postfix=f"{part.n_total} -> {len(part.keys)} keys")
+            bar.close()
         n_keys = sum(len(p.keys) for p in self.parts)
         if kind == "auto":
             budget = available_memory() // 4 if flat_budget is None else int(flat_budget)
             kind = "flat" if n_keys * self.d * 4 <= budget else "ivfpq"
         self.kind = kind
-        self.build_seconds = 0.0
         if _build:
             self._build_all(progress)
+        self.build_seconds = time.perf_counter() - t0
 
     # ----- construction -------------------------------------------------------------------
     def _parts(self) -> List[Part]:
@@ -161,25 +212,33 @@ class PatchIndex:
     def _part_kind(self, part: Part) -> str:
         return "flat" if self.kind == "flat" or len(part.keys) <= self.min_index_keys else self.kind
 
-    def _key_chunks(self, part: Part, chunk: int = 1 << 20):
-        """Yield the part's key vectors in index order, about ``chunk`` keys at a time."""
-        per = max(1, chunk // max(len(part.kpos), 1))
-        for s in range(0, len(part.images), per):
-            sel = torch.as_tensor(part.images[s : s + per], dtype=torch.long)
-            yield patch_vectors(self.machine.images[sel], part.kpos, self.k, self.keyset.key_pad)
+    def _key_chunks(self, part: Part, chunk: int = 1 << 18):
+        """Yield the part's key vectors in index order, ``chunk`` keys at a time."""
+        m = self.machine
+        for s in range(0, len(part.keys), chunk):
+            yield key_vectors(m.images, part.keys[s : s + chunk], m.H, m.W, self.k, self.keyset.key_pad)
+
+    def _merge_duplicates(self, part: Part) -> None:
+        """Keep one key per distinct patch (the first in index order) with its multiplicity."""
+        h = np.concatenate([row_hashes(v) for v in self._key_chunks(part)])
+        _, first, counts = np.unique(h.view([("a", np.uint64), ("b", np.uint64)]).ravel(), return_index=True,
+                                     return_counts=True)
+        if len(first) == len(part.keys):
+            return
+        order = np.argsort(first)
+        part.keys = part.keys[first[order]]
+        part.count = counts[order].astype(np.float64)
 
     def _build_all(self, progress: bool):
         faiss = _faiss()
         need = max((len(p.keys) for p in self.parts), default=0) * self.d * 4
         if self.kind == "flat" and need > available_memory():
             raise ResourceError(f"a flat index of {need / 2**30:.1f} GiB does not fit; use kind='ivfpq'")
-        t0 = time.perf_counter()
         bar = Progress(len(self.parts), f"index k={self.k}", enabled=progress)
         for part in self.parts:
             part.index = self._build_part(faiss, part)
             bar.update(postfix=f"{len(part.keys)} keys, {self._part_kind(part)}")
         bar.close()
-        self.build_seconds = time.perf_counter() - t0
 
     def _build_part(self, faiss, part: Part):
         kind, d, n = self._part_kind(part), self.d, len(part.keys)
@@ -235,7 +294,7 @@ class PatchIndex:
         xq = xt.cpu().contiguous()
         HWq = Hq * Wq
         m = min(int(m), max(len(p.keys) for p in self.parts))
-        pix_all, cand_all, M_all, R_all = [], [], [], []
+        pix_all, cand_all, cnt_all, M_all, R_all = [], [], [], [], []
         allpix = np.arange(HWq)
         cols = {}  # query patches / a of each label group, once: (nb, Hq Wq, d)
         for part in self.parts:
@@ -261,20 +320,23 @@ class PatchIndex:
                 finally:
                     part.index.nprobe = probe
             cand = np.where(ids >= 0, part.keys[np.clip(ids, 0, None)], -1)
+            cnt = np.ones(ids.shape) if part.count is None else part.count[np.clip(ids, 0, None)]
             pix_all.append((bs[:, None] * HWq + part.qpix[None, :]).ravel())
             cand_all.append(np.pad(cand, ((0, 0), (0, m - mm)), constant_values=-1))
-            M_all.append(np.full(cand.shape[0], len(part.keys), np.int64))
+            cnt_all.append(np.pad(np.where(ids >= 0, cnt, 0.0), ((0, 0), (0, m - mm))))
+            M_all.append(np.full(cand.shape[0], part.n_total, np.int64))
             R_all.append(np.full(cand.shape[0], part.value_range))
         pix = np.concatenate(pix_all).astype(np.int64)
         cand = np.ascontiguousarray(np.concatenate(cand_all), dtype=np.int64)
         out = np.zeros((B, C, Hq, Wq), np.float32)
         top, last, srel = (np.empty(len(pix)) for _ in range(3))
         arg = np.empty(len(pix), np.int64)
+        cnt = np.ascontiguousarray(np.concatenate(cnt_all), dtype=np.float64)
         _core.candidate_softmax(mach._train_as(torch.float32, torch.device("cpu")).numpy(), xq.numpy(), self.k,
                                 self.keyset.query_pad, self.keyset.key_pad, np.ascontiguousarray(a, np.float64),
                                 np.ascontiguousarray(inv_2b2, np.float64), pix, cand, out, top, last, srel, arg, None,
-                                mach.n_threads)
-        used = np.sum(cand >= 0, axis=1)
+                                cnt, mach.n_threads)
+        used = cnt.sum(axis=1)
         left = np.maximum(np.concatenate(M_all) - used, 0)
         with np.errstate(over="ignore", invalid="ignore"):
             eps = np.where(left > 0, left * np.exp(last - top) / srel, 0.0)
@@ -295,9 +357,10 @@ class PatchIndex:
         return {"format": FORMAT, "fingerprint": self.fingerprint, "machine": type(m).__name__,
                 "boundary": getattr(m, "boundary", None), "wrapped": getattr(m, "wrapped", None),
                 "train_shape": list(m.images.shape), "k": self.k, "canvas": list(self.canvas), "kind": self.kind,
-                "nprobe": self.nprobe, "pq_m": self.pq_m, "nlist": self.nlist,
-                "parts": [{"label": p.label, "cls": p.cls, "n_keys": int(len(p.keys)), "file": f"part_{i}.faiss",
-                           "index": self._part_kind(p)} for i, p in enumerate(self.parts)],
+                "nprobe": self.nprobe, "pq_m": self.pq_m, "nlist": self.nlist, "merge": self.merge,
+                "parts": [{"label": p.label, "cls": p.cls, "n_total": int(p.n_total), "n_keys": int(len(p.keys)),
+                           "file": f"part_{i}.faiss", "keys": f"part_{i}.keys.npz", "index": self._part_kind(p)}
+                          for i, p in enumerate(self.parts)],
                 "build_seconds": round(self.build_seconds, 2)}
 
     def save(self, folder: str) -> None:
@@ -312,6 +375,9 @@ class PatchIndex:
             tmp = os.path.join(folder, meta["file"] + ".tmp")
             faiss.write_index(p.index, tmp)
             os.replace(tmp, os.path.join(folder, meta["file"]))
+            tmp = os.path.join(folder, meta["keys"] + ".tmp.npz")
+            np.savez(tmp, keys=p.keys, count=np.ones(0) if p.count is None else p.count)
+            os.replace(tmp, os.path.join(folder, meta["keys"]))
         write_json(mpath, man)
 
     @classmethod
@@ -327,14 +393,14 @@ class PatchIndex:
         except (OSError, ValueError) as e:
             raise ValueError(f"unreadable index manifest {mpath}: {e}") from None
         self = cls(machine, k, canvas, kind=man.get("kind", "flat"), nprobe=man.get("nprobe", 16),
-                   pq_m=man.get("pq_m", 16), nlist=man.get("nlist"), _build=False)
+                   pq_m=man.get("pq_m", 16), nlist=man.get("nlist"), merge=bool(man.get("merge", False)), _build=False)
         want = self.manifest()
         for key in ("format", "fingerprint", "machine", "boundary", "wrapped", "train_shape", "k", "canvas"):
             if man.get(key) != want[key]:
                 raise ValueError(f"the patch index at {folder} does not match this machine: {key} is "
                                  f"{man.get(key)!r} there but {want[key]!r} here; rebuild it")
-        if [(p["label"], p["cls"], p["n_keys"]) for p in man["parts"]] != \
-                [(p["label"], p["cls"], p["n_keys"]) for p in want["parts"]]:
+        if [(p.get("label"), p.get("cls"), p.get("n_total")) for p in man.get("parts", [])] != \
+                [(p["label"], p["cls"], p["n_total"]) for p in want["parts"]]:
             raise ValueError(f"the patch index at {folder} has other key classes than this machine; rebuild it")
         for p, meta in zip(self.parts, man["parts"]):
             path = os.path.join(folder, meta["file"])
@@ -342,6 +408,7 @@ class PatchIndex:
                 p.index = faiss.read_index(path)
             except RuntimeError as e:
                 raise ValueError(f"corrupt or unreadable index file {path}: {str(e).splitlines()[0][:200]}") from None
+            self._load_keys(p, os.path.join(folder, meta.get("keys", "")))
             if p.index.ntotal != len(p.keys) or p.index.d != self.d:
                 raise ValueError(f"index file {path} holds {p.index.ntotal} vectors of size {p.index.d}, "
                                  f"expected {len(p.keys)} of size {self.d}; rebuild it")
@@ -349,6 +416,22 @@ class PatchIndex:
                 p.index.nprobe = min(self.nprobe, p.index.nlist)
         self.build_seconds = man.get("build_seconds", 0.0)
         return self
+
+    def _load_keys(self, part: Part, path: str) -> None:
+        """The part's key ids and multiplicities from ``path`` (npz, no pickles), checked against the part."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                keys, count = np.asarray(z["keys"], np.int64), np.asarray(z["count"], np.float64)
+        except Exception as e:  # zip / format errors of every kind: the file is not what save() wrote
+            raise ValueError(f"corrupt or unreadable key file {path}: {type(e).__name__}: {e}") from None
+        n, p = np.divmod(keys, part.HW)
+        bad = keys.ndim != 1 or (len(count) not in (0, len(keys))) or \
+            (len(count) and (not np.all(count >= 1) or int(count.sum()) != part.n_total)) or \
+            (not len(count) and len(keys) != part.n_total) or \
+            not np.all(np.isin(n, part.images)) or not np.all(np.isin(p, part.kpos))
+        if bad:
+            raise ValueError(f"key file {path} does not describe this part's {part.n_total} keys; rebuild the index")
+        part.keys, part.count = keys, (count if len(count) else None)
 
     @classmethod
     def open(cls, folder: Optional[str], machine, k: int, canvas=None, **kw) -> "PatchIndex":
@@ -365,6 +448,7 @@ class PatchIndex:
         total = 0
         for p in self.parts:
             n = len(p.keys)
+            total += 0 if p.count is None else n * 8  # multiplicities
             kind = self._part_kind(p)
             total += n * (self.d * 4 if kind in ("flat", "ivf") else max(v for v in range(1, min(self.pq_m, self.d) + 1)
                                                                         if self.d % v == 0)) + n * 8
@@ -422,22 +506,35 @@ def measure_recall(index: PatchIndex, x, t, labels=None, m: int = 64, n_pixels: 
 class IndexedDenoiser:
     """A machine + k-schedule denoiser that uses patch indexes where they are provably accurate.
 
-    Per step (``t <= t_max``): an approximate call from the ``m`` nearest keys; if its largest per-pixel
-    bound is at most ``tol`` (in data units) the result is used, otherwise the exact engine runs. Steps
-    with ``t > t_max`` always run exactly. ``record`` lists, per call, ``t``, ``k``, which path was
-    used, the bound (max, mean) and the seconds taken. Indexes are built once per ``k`` and cached in
+    Every call with ``t <= t_max`` first runs the approximate machine (``m`` nearest keys per pixel)
+    and then, by ``mode``:
+
+    - ``"pixel"`` (default): every pixel whose bound exceeds ``tol`` (data units) is recomputed by the
+      exact engine (only those pixels, image by image: ``Machine.denoise(pixels=...)``); the others
+      keep the index value, so every output pixel is within ``tol`` of the exact machine (conditional
+      on retrieval for IVF indexes).
+    - ``"step"``: the index result is used only if the largest bound of the whole call is within
+      ``tol``; otherwise the exact engine reruns the whole call.
+
+    Calls with ``t > t_max`` run exactly. ``record`` lists, per call, ``t``, ``k``, the path used
+    (``index``, ``mixed`` or ``exact``), the fraction of pixels computed exactly, the bound of the kept
+    index pixels (max, mean) and the seconds taken. Indexes are built once per ``k`` and cached in
     memory, and on disk under ``cache_dir`` (one folder per k) when given.
     """
 
-    def __init__(self, machine, k, *, tol: float = 1e-3, m: int = 64, t_max: float = 1.0,
+    MODES = ("pixel", "step")
+
+    def __init__(self, machine, k, *, tol: float = 1e-3, m: int = 64, t_max: float = 1.0, mode: str = "pixel",
                  cache_dir: Optional[str] = None, canvas=None, progress: bool = False, **index_kw):
         from .denoisers import MachineDenoiser
 
         if not tol >= 0:
             raise ValueError(f"tol must be non-negative, got {tol}")
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         self.exact = MachineDenoiser(machine, k)
         self.machine, self.schedule = machine, machine.schedule
-        self.tol, self.m, self.t_max = float(tol), int(m), float(t_max)
+        self.tol, self.m, self.t_max, self.mode = float(tol), int(m), float(t_max), mode
         self.cache_dir, self.canvas, self.progress, self.index_kw = cache_dir, canvas, progress, index_kw
         self.indexes: Dict[int, PatchIndex] = {}
         self.record: List[dict] = []
@@ -453,15 +550,32 @@ class IndexedDenoiser:
         k = self.exact.k_at(float(t))
         t0 = time.perf_counter()
         entry = {"t": float(t), "k": k}
-        if float(t) <= self.t_max:
-            res = self.index(k).denoise(x, t, labels, self.m)
-            bmax = float(res.bound.max())
-            entry.update(bound_max=bmax, bound_mean=float(res.bound.mean()))
-            if bmax <= self.tol:
-                entry.update(used="index", seconds=time.perf_counter() - t0)
-                self.record.append(entry)
-                return res.x0.to(x.dtype) if torch.is_tensor(x) else res.x0
-        out = self.exact(x, t, labels)
-        entry.update(used="exact", seconds=time.perf_counter() - t0)
+        if float(t) > self.t_max:
+            return self._finish(entry, t0, self.exact(x, t, labels), "exact", 1.0)
+        res = self.index(k).denoise(x, t, labels, self.m)
+        bound = res.bound
+        x0 = res.x0.to(x.dtype) if torch.is_tensor(x) else res.x0.numpy()
+        bad = bound > self.tol
+        if self.mode == "step" or not bool(bad.any()) or bool(bad.all()):
+            entry.update(bound_max=float(bound.max()), bound_mean=float(bound.mean()))
+            if not bool(bad.any()):
+                return self._finish(entry, t0, x0, "index", 0.0)
+            return self._finish(entry, t0, self.exact(x, t, labels), "exact", 1.0)
+        kept = bound[~bad]
+        entry.update(bound_max=float(kept.max()) if len(kept) else 0.0,
+                     bound_mean=float(kept.mean()) if len(kept) else 0.0)
+        xt = torch.as_tensor(x)
+        out = torch.as_tensor(x0).clone()
+        tt = np.broadcast_to(np.asarray(t, dtype=np.float64), (xt.shape[0],))
+        for b in np.nonzero(bad.reshape(len(bad), -1).any(1).numpy())[0]:
+            lab = None if labels is None else torch.as_tensor(np.asarray(labels))[b : b + 1]
+            mask = bad[b]
+            ex = self.machine.denoise(xt[b : b + 1], float(tt[b]), k, lab, pixels=mask)
+            out[b][:, mask.to(out.device)] = ex[0][:, mask.to(ex.device)].to(out.dtype)
+        frac = float(bad.float().mean())
+        return self._finish(entry, t0, out if torch.is_tensor(x) else out.numpy(), "mixed", frac)
+
+    def _finish(self, entry, t0, out, used, exact_fraction):
+        entry.update(used=used, exact_fraction=exact_fraction, seconds=time.perf_counter() - t0)
         self.record.append(entry)
         return out
