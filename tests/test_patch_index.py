@@ -261,3 +261,25 @@ def test_pixel_policy_keeps_every_pixel_within_tolerance():
         assert r["bound_max"] <= 1e-3
     with pytest.raises(ValueError, match="mode must be"):
         IndexedDenoiser(mach, ks, mode="sometimes")
+
+
+def test_measured_policy_and_its_calibrated_switch_time():
+    tr, rng = _blank_heavy(12, N=80, n_drawn=30)
+    mach = pm.ELS(tr)
+    ks = pm.KSchedule.constant(3, 10)
+    x1 = torch.from_numpy(rng.standard_normal((3, 1, 10, 12)).astype(np.float32))
+    exact = pm.ddim(pm.MachineDenoiser(mach, ks), x1, steps=10, progress=False)
+    t_s, report = pm.calibrate_t_max(mach, ks, x1, steps=10, target_r=0.999, t_max=0.6, m=8, kind="flat")
+    assert [r["t_switch"] for r in report][:1] == [0.1] and report[0]["index_steps"] == 1
+    assert all(r["t_switch"] <= 0.6 for r in report)
+    passed = [r["t_switch"] for r in report if r["r_min"] >= 0.999]
+    assert t_s == (min(passed) if passed else 0.0)
+    if t_s > 0:  # the switch time reproduces its measured agreement
+        pol = IndexedDenoiser(mach, ks, m=8, t_max=t_s, mode="measured", kind="flat")
+        out = pm.ddim(pol, x1, steps=10, progress=False)
+        r = pm.metrics.pearson_r(exact, out)
+        assert float(r.min()) >= 0.999
+        assert [e["used"] for e in pol.record] == ["exact" if e["t"] > t_s + 1e-9 else "index" for e in pol.record]
+    # targets that every / no switch time meets
+    assert pm.calibrate_t_max(mach, ks, x1, steps=10, target_r=-1.0, t_max=0.3, m=8, kind="flat")[0] == 0.3
+    assert pm.calibrate_t_max(mach, ks, x1, steps=10, target_r=1.5, m=8, kind="flat")[0] == 0.0

@@ -10,7 +10,7 @@ from .calibrate import Calibration, calibrate
 from .compare import compare
 from .denoisers import MachineDenoiser, NetworkDenoiser
 from .kschedule import KSchedule
-from .patch_index import IndexedDenoiser, PatchIndex
+from .patch_index import IndexedDenoiser, PatchIndex, calibrate_t_max
 from .sampling import ddim, ddpm
 from .backends.cuda import available as cuda_available
 from .machines import ELS, IS, LS, Machine, Provenance
@@ -18,5 +18,5 @@ from .validation import ResourceError
 
 __all__ = ["IS", "LS", "ELS", "Machine", "Provenance", "ResourceError", "cuda_available", "data", "kschedule",
            "metrics", "networks", "sampling", "schedules", "ddim", "ddpm", "KSchedule", "MachineDenoiser",
-           "NetworkDenoiser", "calibrate", "Calibration", "compare", "PatchIndex", "IndexedDenoiser"]
+           "NetworkDenoiser", "calibrate", "Calibration", "compare", "PatchIndex", "IndexedDenoiser", "calibrate_t_max"]
 __version__ = "0.1.0"
