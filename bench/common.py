@@ -8,7 +8,8 @@ import time
 
 import numpy as np
 
-SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")
+# ../shared beside the checkout, or $PATCHMOSAIC_SHARED (the device machine gets a carried copy)
+SHARED = os.environ.get("PATCHMOSAIC_SHARED") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")
 
 
 def load(name: str, n: int | None = None):

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "patch_softmax.hpp"
+#include "py_buffers.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -19,19 +20,6 @@ namespace py = pybind11;
 using namespace patchmosaic;
 
 namespace {
-
-template <typename T>
-T* ptr_of(const py::array& arr, const char* name, int ndim, bool writable = false) {
-  if (!py::isinstance<py::array_t<T>>(arr) || !(arr.flags() & py::array::c_style))
-    throw std::invalid_argument(std::string(name) + ": expected a C-contiguous array of " +
-                                py::str(py::dtype::of<T>()).cast<std::string>() + ", got dtype " +
-                                py::str(arr.dtype()).cast<std::string>());
-  if (ndim >= 0 && arr.ndim() != ndim)
-    throw std::invalid_argument(std::string(name) + ": expected " + std::to_string(ndim) + " dimensions, got " +
-                                std::to_string(arr.ndim()));
-  if (writable && !arr.writeable()) throw std::invalid_argument(std::string(name) + ": not writable");
-  return static_cast<T*>(const_cast<void*>(arr.data()));
-}
 
 // The fields both kernels share: per-query coefficients, image groups, provenance outputs.
 template <typename T, typename Args>
@@ -216,6 +204,7 @@ PYBIND11_MODULE(_core, m) {
   });
 #ifdef PATCHMOSAIC_WITH_CUDA
   m.attr("has_cuda") = true;
+  register_cuda(m);
 #else
   m.attr("has_cuda") = false;
 #endif

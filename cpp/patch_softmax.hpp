@@ -119,4 +119,15 @@ void candidate_softmax_cpu(const CandidateSoftmaxArgs<T>& args);
 template <typename T>
 void ideal_score_cpu(const IdealScoreArgs<T>& args);
 
+// CUDA twins (cuda/*.cu, built with PATCHMOSAIC_CUDA): train, query and the outputs are device
+// pointers; every index array (classes, groups, a, inv_2b2) is a host pointer, copied by the call.
+// `stream` is a cudaStream_t; kernels are enqueued on it and not waited for (the small host-to-device
+// copies of the index arrays may wait for the stream, and without memory pools cudaFree waits).
+// `device`: the CUDA device the pointers and the stream belong to (made current for the call).
+template <typename T>
+void patch_softmax_cuda(const PatchSoftmaxArgs<T>& args, void* stream, int device);
+
+template <typename T>
+void ideal_score_cuda(const IdealScoreArgs<T>& args, void* stream, int device);
+
 }  // namespace patchmosaic

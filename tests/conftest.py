@@ -6,7 +6,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared")
+SHARED = os.environ.get("PATCHMOSAIC_SHARED") or os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 
 
 @pytest.fixture

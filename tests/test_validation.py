@@ -103,7 +103,43 @@ def test_backend_names(train, x):
         pm.ELS(train, schedule="quadratic")
 
 
-@pytest.mark.skipif(pm.cuda_available(), reason="this build has the CUDA engine")
+@pytest.mark.skipif(pm.cuda_available(), reason="the CUDA engine can run here")
 def test_cuda_backend_unavailable_says_so(train, x):
-    with pytest.raises(RuntimeError, match="no CUDA engine"):
+    from patchmosaic import _core
+
+    why = "torch sees no CUDA device" if _core.has_cuda else "no CUDA engine"
+    with pytest.raises(RuntimeError, match=f"backend='cuda' is not available: .*{why}"):
         pm.ELS(train, backend="cuda").denoise(x, 0.5, 3)
+    with pytest.raises(RuntimeError, match="backend='cuda' is not available"):
+        pm.IS(train).denoise(x, 0.5, backend="cuda")
+
+
+def test_cuda_entry_points_check_their_index_arrays_before_touching_the_device():
+    """A CUDA build (with or without a GPU): bad index arrays are refused on the host, before any
+    device pointer is used (on a GPU an out-of-range index would kill the CUDA context)."""
+    from patchmosaic import _core
+    from patchmosaic.backends import Groups
+    from patchmosaic.keysets import boundary_keyset
+
+    if not _core.has_cuda:
+        pytest.skip("this build has no CUDA engine")
+    ks = boundary_keyset(6, 6, 6, 6, 3)
+    g = Groups(np.array([0, 4], np.int64), np.arange(4, dtype=np.int32), np.zeros(2, np.int32))
+    a = np.ones(2)
+
+    def call(k=3, grp_img=g.grp_img, group_of_b=g.group_of_b, cls_kpos=ks.cls_kpos):
+        _core.patch_softmax_cuda(False, 0, [4, 1, 6, 6], 0, [2, 1, 6, 6], k, ks.query_pad, ks.key_pad, a, a,
+                                 ks.cls_qpix_ptr, ks.cls_qpix, ks.cls_kpos_ptr, cls_kpos, g.grp_img_ptr, grp_img,
+                                 group_of_b, 0, 0, 0, 0, 0)
+
+    with pytest.raises(ValueError, match="k must be odd"):
+        call(k=4)
+    with pytest.raises(ValueError, match="grp_img holds an index outside"):
+        call(grp_img=np.array([0, 1, 2, 9], np.int32))
+    with pytest.raises(ValueError, match="group_of_b out of range"):
+        call(group_of_b=np.array([0, 3], np.int32))
+    with pytest.raises(ValueError, match="cls_kpos holds an index outside"):
+        call(cls_kpos=ks.cls_kpos + 100)
+    with pytest.raises(ValueError, match="group_of_b holds an index outside"):
+        _core.ideal_score_cuda(False, 0, [4, 36], 0, [2, 36], a, a, g.grp_img_ptr, g.grp_img,
+                               np.array([0, 5], np.int32), 0, 0, 0, 0, 0)

@@ -120,7 +120,7 @@ class Machine:
             keyset = keyset.restricted(mask.numpy())
         self._check_request_memory(xt, name, return_provenance)
         engine = get_backend(name)
-        train = self._train_as(xt.dtype, xt.device if name == "torch" else torch.device("cpu"))
+        train = self._train_as(xt.dtype, xt.device if name in ("torch", "cuda") else torch.device("cpu"))
         query = xt.contiguous() if name != "cpu" else xt.cpu().contiguous()
         if self.local:
             out, key, share = engine.local(train, query, k, keyset, a, inv_2b2, groups, return_provenance,
@@ -205,15 +205,18 @@ class Machine:
             if xt.device.type == "cuda":
                 from .backends import cuda
 
-                return "cuda" if cuda.available() else "torch"
+                fits = not self.local or self.C <= cuda.MAX_CHANNELS
+                return "cuda" if cuda.available() and fits else "torch"
             return "cpu"
         if name == "cpu" and xt.device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU inputs, got a tensor on {xt.device}; use 'auto' or 'torch'")
         if name == "cuda":
             from .backends import cuda
 
-            if not cuda.available():
-                cuda.local()  # raises the explanatory error
+            cuda.require()  # a RuntimeError saying why, where the engine cannot run
+            if xt.device.type != "cuda":
+                raise ValueError(f"backend='cuda' needs CUDA inputs, got a tensor on {xt.device}; move it with "
+                                 ".cuda() or use 'auto'")
         return name
 
     def _train_as(self, dtype, device) -> torch.Tensor:

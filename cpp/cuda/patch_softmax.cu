@@ -1,0 +1,402 @@
+// patch_softmax.cu -- the CUDA kernel of every local machine (LS, ELS, boundary-aware ELS); the twin
+// of cpu/patch_softmax.cpp with the same contract (patch_softmax.hpp).
+//
+// Work is split into items, as on the CPU: (image group g, query-pixel class c, block of BM query
+// rows, range of keys). One thread block runs one item: it streams its keys in tiles of BN, gathering
+// each tile's key patches straight from the training images into shared memory in chunks of BK patch
+// elements (patches never exist in global memory), multiplies them against the item's query patches
+// (gathered the same way) with a register-tiled 4x4-per-thread float product, turns the dot products
+// into logits and folds them into per-thread online softmax states (each thread: 4 rows x its 4 keys
+// of every tile). The 16 partial states of a row are merged by warp shuffles at the end of the item; items over different key ranges of the same
+// rows write partial states (max, sum, weighted centres, arg-max) that a second kernel merges in a
+// fixed order, so results do not depend on scheduling.
+//
+// Numerics: distances in the working type T (float32 by default: no tf32, no bf16), logits
+// c1 * <q, p> - c2 * |p|^2 exactly as on the CPU, sums and weighted centres accumulated in double.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../patch_softmax.hpp"
+#include "cuda_check.cuh"
+
+namespace patchmosaic {
+namespace {
+
+constexpr int BM = 64;   // query rows per item
+constexpr int BN = 64;   // keys per tile
+constexpr int BK = 16;   // patch elements per chunk
+constexpr int NT = 256;  // threads per block: 16 x 16 threads of 4 x 4 products
+
+struct Item {
+  int64_t row0, row1, k0, k1;  // rows of the (group, class) pair, keys of it
+  int64_t slot;                // first partial-state row of this item
+  int32_t g, c;
+};
+
+struct RowBlock {
+  int64_t row0, row1, slot;  // slot of split 0; split s starts at slot + s * (row1 - row0)
+  int32_t g, c, n_split;
+};
+
+template <typename T>
+struct Geometry {
+  const T* train;
+  const T* query;
+  int64_t N;
+  int C, H, W, Hq, Wq, k, query_pad, key_pad;
+  const double* a;
+  const double* inv_2b2;
+  const int64_t* cls_qpix_ptr;
+  const int32_t* cls_qpix;
+  const int64_t* cls_kpos_ptr;
+  const int32_t* cls_kpos;
+  const int64_t* grp_img_ptr;
+  const int32_t* grp_img;
+  const int64_t* grp_b_ptr;  // query images of each group (CSR)
+  const int32_t* grp_b;
+};
+
+struct Partials {
+  double* m;
+  double* s;
+  double* acc;   // (slots, C)
+  int64_t* best; // key index within the (group, class) key list
+};
+
+// Element e of the C*k*k patch of `img` (C, Hs, Ws) centred at (ci, cj), zero or circular padded.
+template <typename T>
+__device__ __forceinline__ T patch_elem(const T* __restrict__ img, int Hs, int Ws, int ci, int cj, int e, int k,
+                                        int pad) {
+  const int kk = k * k;
+  const int ch = e / kk;
+  const int rem = e - ch * kk;
+  const int di = rem / k;
+  int y = ci + di - k / 2;
+  int x = cj + (rem - di * k) - k / 2;
+  if (pad == kPadCircular) {
+    y %= Hs;
+    y += y < 0 ? Hs : 0;
+    x %= Ws;
+    x += x < 0 ? Ws : 0;
+  } else if (y < 0 || y >= Hs || x < 0 || x >= Ws) {
+    return T(0);
+  }
+  return __ldg(img + (static_cast<int64_t>(ch) * Hs + y) * Ws + x);
+}
+
+// exp(v) for v <= 0, exactly 0 below the point where float results would be denormal.
+template <typename T>
+__device__ __forceinline__ double exp_nonpos(T v);
+template <>
+__device__ __forceinline__ double exp_nonpos<float>(float v) {
+  return v < -87.0f ? 0.0 : static_cast<double>(expf(v));
+}
+template <>
+__device__ __forceinline__ double exp_nonpos<double>(double v) {
+  return v < -700.0 ? 0.0 : exp(v);
+}
+
+template <typename T, int CC>
+__global__ void __launch_bounds__(NT) local_items(Geometry<T> G, const Item* __restrict__ items, Partials P) {
+  const Item it = items[blockIdx.x];
+  const int tid = threadIdx.x;
+  const int d = G.C * G.k * G.k;
+  const int64_t HW = static_cast<int64_t>(G.H) * G.W, HWq = static_cast<int64_t>(G.Hq) * G.Wq;
+  const int64_t q0 = G.cls_qpix_ptr[it.c], npix = G.cls_qpix_ptr[it.c + 1] - q0;
+  const int64_t p0 = G.cls_kpos_ptr[it.c], npos = G.cls_kpos_ptr[it.c + 1] - p0;
+  const int64_t i0 = G.grp_img_ptr[it.g], b0 = G.grp_b_ptr[it.g];
+  const int rows = static_cast<int>(it.row1 - it.row0);
+
+  __shared__ T Qs[BK][BM];
+  __shared__ T Ks[BK][BN];
+  __shared__ T V[CC][BN];
+  __shared__ T kn[BN];
+  __shared__ double knd[BN];  // key norms accumulated in double, rounded once (as on the CPU)
+  __shared__ T c1[BM], c2[BM];
+  __shared__ const T* qimg[BM];
+  __shared__ const T* kimg[BN];
+  __shared__ int qi[BM], qj[BM], ki[BN], kj[BN];
+
+  if (tid < BM) {
+    if (tid < rows) {
+      const int64_t row = it.row0 + tid;
+      const int b = G.grp_b[b0 + row / npix];
+      const int pix = G.cls_qpix[q0 + row % npix];
+      qimg[tid] = G.query + static_cast<int64_t>(b) * G.C * HWq;
+      qi[tid] = pix / G.Wq;
+      qj[tid] = pix % G.Wq;
+      const double a = G.a[b], s = G.inv_2b2[b];
+      c1[tid] = static_cast<T>(2.0 * a * s);
+      c2[tid] = static_cast<T>(a * a * s);
+    } else {
+      qimg[tid] = nullptr;
+      qi[tid] = qj[tid] = 0;
+      c1[tid] = c2[tid] = T(0);
+    }
+  }
+
+  // thread (ty, tx) computes the products of rows 4 ty .. 4 ty + 3 with keys 4 tx .. 4 tx + 3 of every
+  // tile, and keeps an online softmax state per row over those keys
+  const int ty = tid / 16, tx = tid % 16;
+  double m[4], s[4], acc[4][CC];
+  int64_t best[4];
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    m[u] = -INFINITY;
+    s[u] = 0.0;
+    best[u] = -1;
+    for (int ch = 0; ch < CC; ++ch) acc[u][ch] = 0.0;
+  }
+
+  for (int64_t kt = it.k0; kt < it.k1; kt += BN) {
+    const int nk = static_cast<int>(it.k1 - kt < BN ? it.k1 - kt : BN);
+    __syncthreads();  // the previous tile's L, V and key descriptors are no longer read
+    if (tid < BN) {
+      if (tid < nk) {
+        const int64_t j = kt + tid;
+        const int64_t n = G.grp_img[i0 + j / npos];
+        const int pos = G.cls_kpos[p0 + j % npos];
+        kimg[tid] = G.train + n * G.C * HW;
+        ki[tid] = pos / G.W;
+        kj[tid] = pos % G.W;
+        for (int ch = 0; ch < CC; ++ch) V[ch][tid] = kimg[tid][ch * HW + pos];
+      } else {
+        kimg[tid] = nullptr;
+        ki[tid] = kj[tid] = 0;
+        for (int ch = 0; ch < CC; ++ch) V[ch][tid] = T(0);
+      }
+      knd[tid] = 0.0;
+    }
+    T prod[4][4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int v = 0; v < 4; ++v) prod[u][v] = T(0);
+
+    for (int d0 = 0; d0 < d; d0 += BK) {
+      __syncthreads();  // descriptors written / previous chunk consumed
+      for (int e = tid; e < BK * BM; e += NT) {
+        const int dd = e / BM, r = e % BM;
+        Qs[dd][r] = (qimg[r] != nullptr && d0 + dd < d)
+                        ? patch_elem(qimg[r], G.Hq, G.Wq, qi[r], qj[r], d0 + dd, G.k, G.query_pad)
+                        : T(0);
+      }
+      for (int e = tid; e < BK * BN; e += NT) {
+        const int dd = e / BN, col = e % BN;
+        Ks[dd][col] = (kimg[col] != nullptr && d0 + dd < d)
+                          ? patch_elem(kimg[col], G.H, G.W, ki[col], kj[col], d0 + dd, G.k, G.key_pad)
+                          : T(0);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int dd = 0; dd < BK; ++dd) {
+        T qa[4], kb[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) qa[u] = Qs[dd][ty * 4 + u];
+#pragma unroll
+        for (int v = 0; v < 4; ++v) kb[v] = Ks[dd][tx * 4 + v];
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+#pragma unroll
+          for (int v = 0; v < 4; ++v) prod[u][v] = fma(qa[u], kb[v], prod[u][v]);
+      }
+      if (tid < BN) {
+        double sq = knd[tid];
+#pragma unroll
+        for (int dd = 0; dd < BK; ++dd) sq = fma(static_cast<double>(Ks[dd][tid]), static_cast<double>(Ks[dd][tid]), sq);
+        knd[tid] = sq;
+      }
+    }
+    if (tid < BN) kn[tid] = static_cast<T>(knd[tid]);
+    __syncthreads();  // key norms complete
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int r = ty * 4 + u;
+      if (r >= rows) continue;
+      T lv[4];
+      T lm = static_cast<T>(-INFINITY);
+      int la = -1;
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        const int col = tx * 4 + v;
+        lv[v] = col < nk ? c1[r] * prod[u][v] - c2[r] * kn[col] : static_cast<T>(-INFINITY);
+        if (lv[v] > lm) {
+          lm = lv[v];
+          la = v;
+        }
+      }
+      if (la < 0) continue;
+      if (static_cast<double>(lm) > m[u]) {
+        const double f = isinf(m[u]) ? 0.0 : exp(m[u] - static_cast<double>(lm));
+        s[u] *= f;
+        for (int ch = 0; ch < CC; ++ch) acc[u][ch] *= f;
+        m[u] = lm;
+        best[u] = kt + tx * 4 + la;
+      }
+      const T mt = static_cast<T>(m[u]);
+#pragma unroll
+      for (int v = 0; v < 4; ++v) {
+        const int col = tx * 4 + v;
+        if (col >= nk) break;
+        const double w = exp_nonpos<T>(lv[v] - mt);
+        s[u] += w;
+        for (int ch = 0; ch < CC; ++ch) acc[u][ch] += w * static_cast<double>(V[ch][col]);
+      }
+    }
+  }
+
+  // merge the 16 threads (tx) that share each row: lanes of one half-warp; ties go to the earlier key
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+#pragma unroll
+    for (int off = 1; off < 16; off <<= 1) {
+      const double mo = __shfl_xor_sync(0xffffffffu, m[u], off);
+      const double so = __shfl_xor_sync(0xffffffffu, s[u], off);
+      const long long bo = __shfl_xor_sync(0xffffffffu, static_cast<long long>(best[u]), off);
+      double ao[CC];
+      for (int ch = 0; ch < CC; ++ch) ao[ch] = __shfl_xor_sync(0xffffffffu, acc[u][ch], off);
+      const double M = fmax(m[u], mo);
+      if (isinf(M)) continue;
+      const double f = exp(m[u] - M), fo = exp(mo - M);
+      s[u] = s[u] * f + so * fo;
+      for (int ch = 0; ch < CC; ++ch) acc[u][ch] = acc[u][ch] * f + ao[ch] * fo;
+      if (mo > m[u] || (mo == m[u] && bo >= 0 && (best[u] < 0 || bo < best[u]))) best[u] = bo;
+      m[u] = M;
+    }
+    const int r = ty * 4 + u;
+    if (tx == 0 && r < rows) {
+      const int64_t slot = it.slot + r;
+      P.m[slot] = m[u];
+      P.s[slot] = s[u];
+      for (int ch = 0; ch < CC; ++ch) P.acc[slot * CC + ch] = acc[u][ch];
+      P.best[slot] = best[u];
+    }
+  }
+}
+
+// One thread per row: merge the row's partial states over its key splits, in split order.
+template <typename T, int CC>
+__global__ void merge_rows(Geometry<T> G, const RowBlock* __restrict__ blocks, Partials P, T* __restrict__ out,
+                           int64_t* __restrict__ arg_key, T* __restrict__ arg_share) {
+  const RowBlock rb = blocks[blockIdx.x];
+  const int r = threadIdx.x;
+  const int rows = static_cast<int>(rb.row1 - rb.row0);
+  if (r >= rows) return;
+  double m = -INFINITY, s = 0.0, acc[CC];
+  for (int ch = 0; ch < CC; ++ch) acc[ch] = 0.0;
+  int64_t best = -1;
+  for (int sp = 0; sp < rb.n_split; ++sp) {
+    const int64_t slot = rb.slot + static_cast<int64_t>(sp) * rows + r;
+    const double mo = P.m[slot];
+    if (isinf(mo)) continue;
+    const double M = fmax(m, mo);
+    const double f = isinf(m) ? 0.0 : exp(m - M), fo = exp(mo - M);
+    s = s * f + P.s[slot] * fo;
+    for (int ch = 0; ch < CC; ++ch) acc[ch] = acc[ch] * f + P.acc[slot * CC + ch] * fo;
+    if (mo > m) best = P.best[slot];
+    m = M;
+  }
+  const int64_t HW = static_cast<int64_t>(G.H) * G.W, HWq = static_cast<int64_t>(G.Hq) * G.Wq;
+  const int64_t q0 = G.cls_qpix_ptr[rb.c], npix = G.cls_qpix_ptr[rb.c + 1] - q0;
+  const int64_t p0 = G.cls_kpos_ptr[rb.c], npos = G.cls_kpos_ptr[rb.c + 1] - p0;
+  const int64_t row = rb.row0 + r;
+  const int64_t b = G.grp_b[G.grp_b_ptr[rb.g] + row / npix];
+  const int64_t pix = G.cls_qpix[q0 + row % npix];
+  for (int ch = 0; ch < CC; ++ch) out[(b * G.C + ch) * HWq + pix] = static_cast<T>(s > 0 ? acc[ch] / s : 0.0);
+  if (arg_key) {
+    arg_key[b * HWq + pix] = best < 0 ? -1
+                                      : static_cast<int64_t>(G.grp_img[G.grp_img_ptr[rb.g] + best / npos]) * HW +
+                                            G.cls_kpos[p0 + best % npos];
+    arg_share[b * HWq + pix] = static_cast<T>(s > 0 ? 1.0 / s : 0.0);
+  }
+}
+
+template <typename T, int CC>
+void launch(const Geometry<T>& G, const std::vector<Item>& items, const std::vector<RowBlock>& blocks,
+            int64_t n_slots, T* out, int64_t* arg_key, T* arg_share, cudaStream_t st) {
+  DeviceBuffer<Item> d_items(items, st);
+  DeviceBuffer<RowBlock> d_blocks(blocks, st);
+  DeviceBuffer<double> m(n_slots, st), s(n_slots, st), acc(n_slots * CC, st);
+  DeviceBuffer<int64_t> best(n_slots, st);
+  Partials P{m.get(), s.get(), acc.get(), best.get()};
+  local_items<T, CC><<<static_cast<unsigned>(items.size()), NT, 0, st>>>(G, d_items.get(), P);
+  check_launch("patch_softmax (items)");
+  merge_rows<T, CC><<<static_cast<unsigned>(blocks.size()), BM, 0, st>>>(G, d_blocks.get(), P, out, arg_key, arg_share);
+  check_launch("patch_softmax (merge)");
+}
+
+}  // namespace
+
+template <typename T>
+void patch_softmax_cuda(const PatchSoftmaxArgs<T>& A, void* stream, int device) {
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  if (A.C < 1 || A.C > 4) throw std::invalid_argument("the CUDA engine handles 1 to 4 channels, got " + std::to_string(A.C));
+  if (A.k < 1 || A.k % 2 == 0) throw std::invalid_argument("k must be odd and positive, got " + std::to_string(A.k));
+  for (int64_t b = 0; b < A.B; ++b)
+    if (A.group_of_b[b] < 0 || A.group_of_b[b] >= A.n_groups) throw std::invalid_argument("group_of_b out of range");
+  auto st = static_cast<cudaStream_t>(stream);
+  // query images of each group, on the host first (the index arrays are small)
+  std::vector<int64_t> gb_ptr(A.n_groups + 1, 0);
+  for (int64_t b = 0; b < A.B; ++b) gb_ptr[A.group_of_b[b] + 1]++;
+  for (int64_t g = 0; g < A.n_groups; ++g) gb_ptr[g + 1] += gb_ptr[g];
+  std::vector<int32_t> gb(A.B);
+  {
+    std::vector<int64_t> fill(gb_ptr.begin(), gb_ptr.end() - 1);
+    for (int64_t b = 0; b < A.B; ++b) gb[fill[A.group_of_b[b]]++] = static_cast<int32_t>(b);
+  }
+  // items: rows in blocks of BM, keys split so that the whole call has a few thousand blocks
+  double total = 0.0;
+  for (int64_t g = 0; g < A.n_groups; ++g)
+    for (int64_t c = 0; c < A.n_classes; ++c) {
+      const int64_t rows = (gb_ptr[g + 1] - gb_ptr[g]) * (A.cls_qpix_ptr[c + 1] - A.cls_qpix_ptr[c]);
+      const int64_t keys = (A.grp_img_ptr[g + 1] - A.grp_img_ptr[g]) * (A.cls_kpos_ptr[c + 1] - A.cls_kpos_ptr[c]);
+      total += static_cast<double>((rows + BM - 1) / BM) * static_cast<double>(keys);
+    }
+  const int64_t split = std::max<int64_t>(8 * BN, static_cast<int64_t>(total / 4096.0) / BN * BN + BN);
+  std::vector<Item> items;
+  std::vector<RowBlock> blocks;
+  int64_t slot = 0;
+  for (int64_t g = 0; g < A.n_groups; ++g)
+    for (int64_t c = 0; c < A.n_classes; ++c) {
+      const int64_t rows = (gb_ptr[g + 1] - gb_ptr[g]) * (A.cls_qpix_ptr[c + 1] - A.cls_qpix_ptr[c]);
+      const int64_t keys = (A.grp_img_ptr[g + 1] - A.grp_img_ptr[g]) * (A.cls_kpos_ptr[c + 1] - A.cls_kpos_ptr[c]);
+      if (rows == 0) continue;
+      if (keys == 0) throw std::invalid_argument("a query pixel class has no keys (empty image group or key set)");
+      const int32_t n_split = static_cast<int32_t>((keys + split - 1) / split);
+      for (int64_t r0 = 0; r0 < rows; r0 += BM) {
+        const int64_t r1 = std::min(rows, r0 + BM);
+        blocks.push_back({r0, r1, slot, static_cast<int32_t>(g), static_cast<int32_t>(c), n_split});
+        for (int32_t sp = 0; sp < n_split; ++sp) {
+          items.push_back({r0, r1, sp * split, std::min(keys, (sp + 1) * split), slot, static_cast<int32_t>(g),
+                           static_cast<int32_t>(c)});
+          slot += r1 - r0;
+        }
+      }
+    }
+  if (items.empty()) return;
+  DeviceBuffer<double> a(A.a, A.B, st), s2(A.inv_2b2, A.B, st);
+  DeviceBuffer<int64_t> cqp(A.cls_qpix_ptr, A.n_classes + 1, st), ckp(A.cls_kpos_ptr, A.n_classes + 1, st);
+  DeviceBuffer<int32_t> cq(A.cls_qpix, A.cls_qpix_ptr[A.n_classes], st), ck(A.cls_kpos, A.cls_kpos_ptr[A.n_classes], st);
+  DeviceBuffer<int64_t> gip(A.grp_img_ptr, A.n_groups + 1, st), gbp(gb_ptr.data(), A.n_groups + 1, st);
+  DeviceBuffer<int32_t> gi(A.grp_img, A.grp_img_ptr[A.n_groups], st), gbd(gb.data(), A.B, st);
+  Geometry<T> G{A.train, A.query, A.N, A.C, A.H, A.W, A.Hq, A.Wq, A.k, A.query_pad, A.key_pad, a.get(), s2.get(),
+                cqp.get(), cq.get(), ckp.get(), ck.get(), gip.get(), gi.get(), gbp.get(), gbd.get()};
+  switch (A.C) {
+    case 1: launch<T, 1>(G, items, blocks, slot, A.out, A.arg_key, A.arg_share, st); break;
+    case 2: launch<T, 2>(G, items, blocks, slot, A.out, A.arg_key, A.arg_share, st); break;
+    case 3: launch<T, 3>(G, items, blocks, slot, A.out, A.arg_key, A.arg_share, st); break;
+    default: launch<T, 4>(G, items, blocks, slot, A.out, A.arg_key, A.arg_share, st); break;
+  }
+}
+
+template void patch_softmax_cuda<float>(const PatchSoftmaxArgs<float>&, void*, int);
+template void patch_softmax_cuda<double>(const PatchSoftmaxArgs<double>&, void*, int);
+
+}  // namespace patchmosaic

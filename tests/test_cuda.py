@@ -1,0 +1,112 @@
+"""The CUDA engine computes the spec's function (tests marked ``cuda``: they need a GPU and a build
+with the CUDA engine, and are skipped otherwise). Same tolerances as the CPU engine
+(tests/test_exactness.py): float32 mean |diff| <= 1e-5 and max <= 1e-3 of the data range at every t,
+float64 max <= 1e-9."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from cases import build, draw, queries
+from conftest import SHARED
+
+import patchmosaic as pm
+from patchmosaic import _core
+
+RANGE = 2.0
+SEEDS = list(range(48))
+needs_gpu = pytest.mark.skipif(not pm.cuda_available(), reason="no CUDA device or no CUDA engine in this build")
+pytestmark = [pytest.mark.cuda, needs_gpu]
+
+
+def oracle(case, x):
+    return build(case, np.float64).denoise(x, case.t, case.k, labels=case.qlabels, backend="torch")
+
+
+def on_gpu(case, x, dtype, **kw):
+    m = build(case, dtype)
+    xq = torch.from_numpy(x.astype(dtype)).cuda()
+    out = m.denoise(xq, torch.from_numpy(case.t), case.k, labels=torch.from_numpy(case.qlabels), backend="cuda", **kw)
+    return m, xq, out
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_float32_matches_oracle(seed):
+    case = draw(seed)
+    x = queries(case, seed)
+    _, _, out = on_gpu(case, x, np.float32)
+    assert out.is_cuda and out.dtype == torch.float32 and tuple(out.shape) == x.shape
+    err = np.abs(out.cpu().double().numpy() - oracle(case, x))
+    for b in range(len(case.t)):
+        assert err[b].mean() <= 1e-5 * RANGE, (case, b)
+        assert err[b].max() <= 1e-3 * RANGE, (case, b)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_float64_matches_oracle(seed):
+    case = draw(seed)
+    x = queries(case, seed)
+    _, _, out = on_gpu(case, x, np.float64)
+    assert np.abs(out.cpu().numpy() - oracle(case, x)).max() <= 1e-9 * RANGE, case
+
+
+@pytest.mark.parametrize("t", [0.02, 0.05, 0.3, 1.0])
+@pytest.mark.parametrize("machine,k", [("ELS_zeros", 5), ("ELS_circular", 3), ("LS", 3), ("IS", None)])
+def test_float32_on_mnist(machine, k, t):
+    path = os.path.join(SHARED, "data", "mnist.npz")
+    if not os.path.exists(path):
+        pytest.skip("../shared/data/mnist.npz not present")
+    d = np.load(path)
+    train = d["x_train"][:600, None, 2:26, 2:26].astype(np.float64) / 127.5 - 1
+    rng = np.random.default_rng(7)
+    a, b2 = pm.schedules.cosine_legacy.coefficients(np.array([t] * 4))
+    x0 = d["x_test"][:4, None, 2:26, 2:26] / 127.5 - 1
+    x = a[0] * x0 + np.sqrt(b2[0]) * rng.standard_normal(x0.shape)
+    kinds = {"IS": (pm.IS, {}), "LS": (pm.LS, {}), "ELS_zeros": (pm.ELS, {}),
+             "ELS_circular": (pm.ELS, {"boundary": "circular"})}
+    cls, kw = kinds[machine]
+    ref = cls(train, **kw).denoise(x, t, k, backend="cpu")
+    got = cls(torch.from_numpy(train).float().cuda(), **kw).denoise(torch.from_numpy(x).float().cuda(), t, k)
+    err = np.abs(got.cpu().double().numpy() - ref)
+    assert err.mean() <= 1e-5 * RANGE and err.max() <= 1e-3 * RANGE, (err.mean(), err.max())
+
+
+def test_conditional_batches_large_canvas_and_provenance():
+    rng = np.random.default_rng(3)
+    train = rng.uniform(-1, 1, (40, 3, 12, 12))
+    labels = np.arange(40) % 4
+    x = rng.standard_normal((6, 3, 40, 36))
+    t = np.array([0.05, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ql = np.array([0, 1, 2, 3, 1, 0])
+    cpu = pm.ELS(train, labels)
+    ref, pref = cpu.denoise(x, t, 5, labels=ql, return_provenance=True)
+    gpu = pm.ELS(torch.from_numpy(train).cuda(), torch.from_numpy(labels))
+    got, pgot = gpu.denoise(torch.from_numpy(x).cuda(), t, 5, labels=torch.from_numpy(ql).cuda(), return_provenance=True)
+    assert got.is_cuda and pgot.image.is_cuda
+    assert np.abs(got.cpu().numpy() - ref).max() <= 1e-9 * RANGE
+    same = (pgot.image.cpu().numpy() == pref.image) & (pgot.row.cpu().numpy() == pref.row)
+    assert same.mean() == 1.0
+    assert np.abs(pgot.share.cpu().numpy() - pref.share).max() <= 1e-9
+
+
+def test_auto_picks_cuda_for_cuda_tensors_and_runs_on_the_current_stream():
+    rng = np.random.default_rng(4)
+    train = torch.from_numpy(rng.uniform(-1, 1, (30, 1, 16, 16)).astype(np.float32)).cuda()
+    x = torch.randn(4, 1, 16, 16, device="cuda")
+    m = pm.ELS(train)
+    assert m._resolve_backend(x, None) == "cuda"
+    ref = m.denoise(x, 0.3, 7)
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        y = x * 1.0  # ordered on s before the machine's kernels
+        out = m.denoise(y, 0.3, 7)
+    s.synchronize()
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="needs CUDA inputs"):
+        m.denoise(x.cpu(), 0.3, 7, backend="cuda")
+
+
+def test_entry_points_exist():
+    assert _core.has_cuda and hasattr(_core, "patch_softmax_cuda") and hasattr(_core, "ideal_score_cuda")
