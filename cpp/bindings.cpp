@@ -26,17 +26,10 @@ template <typename T, typename Args>
 void fill_common(Args& A, const py::array& a, const py::array& inv_2b2, const py::array& grp_img_ptr,
                  const py::array& grp_img, const py::array& group_of_b, std::optional<py::array>& arg_key,
                  std::optional<py::array>& arg_share, int prov_ndim, int n_threads) {
-  A.a = ptr_of<double>(a, "a", 1);
-  A.inv_2b2 = ptr_of<double>(inv_2b2, "inv_2b2", 1);
-  A.grp_img_ptr = ptr_of<int64_t>(grp_img_ptr, "grp_img_ptr", 1);
-  A.n_groups = grp_img_ptr.shape(0) - 1;
-  A.grp_img = ptr_of<int32_t>(grp_img, "grp_img", 1);
-  A.group_of_b = ptr_of<int32_t>(group_of_b, "group_of_b", 1);
+  fill_groups(A, a, inv_2b2, grp_img_ptr, grp_img, group_of_b);
   if (arg_key) A.arg_key = ptr_of<int64_t>(*arg_key, "arg_key", prov_ndim, true);
   if (arg_share) A.arg_share = ptr_of<T>(*arg_share, "arg_share", prov_ndim, true);
   A.n_threads = n_threads;
-  if (a.shape(0) != A.B || inv_2b2.shape(0) != A.B || group_of_b.shape(0) != A.B)
-    throw std::invalid_argument("a, inv_2b2 and group_of_b must have one entry per query image");
 }
 
 // Training images, queries and patch geometry: the fields both patch kernels share.

@@ -35,6 +35,25 @@ void check_range(const int32_t* v, int64_t len, int64_t hi, const char* name) {
     if (v[i] < 0 || v[i] >= hi) throw std::invalid_argument(std::string(name) + " holds an index outside 0.." + std::to_string(hi - 1));
 }
 
+// fill_groups, then every group index checked against the training images and the groups
+template <typename Args>
+void fill_checked_groups(Args& A, const py::array& a, const py::array& inv_2b2, const py::array& grp_img_ptr,
+                         const py::array& grp_img, const py::array& group_of_b) {
+  fill_groups(A, a, inv_2b2, grp_img_ptr, grp_img, group_of_b);
+  check_csr(A.grp_img_ptr, A.n_groups, grp_img.shape(0), "grp_img_ptr");
+  check_range(A.grp_img, grp_img.shape(0), A.N, "grp_img");
+  check_range(A.group_of_b, A.B, A.n_groups, "group_of_b");
+}
+
+// device outputs; provenance (arg_key, arg_share) is both or neither (address 0)
+template <typename T, typename Args>
+void set_outputs(Args& A, uintptr_t out, uintptr_t arg_key, uintptr_t arg_share) {
+  if ((arg_key == 0) != (arg_share == 0)) throw std::invalid_argument("arg_key and arg_share come together");
+  A.out = dev<T>(out);
+  A.arg_key = dev<int64_t>(arg_key);
+  A.arg_share = dev<T>(arg_share);
+}
+
 template <typename T>
 void local_cuda(uintptr_t train, std::array<int64_t, 4> tshape, uintptr_t query, std::array<int64_t, 4> qshape, int k,
                 int query_pad, int key_pad, const py::array& a, const py::array& inv_2b2, const py::array& cls_qpix_ptr,
@@ -48,33 +67,19 @@ void local_cuda(uintptr_t train, std::array<int64_t, 4> tshape, uintptr_t query,
   A.B = qshape[0]; A.Hq = static_cast<int>(qshape[2]); A.Wq = static_cast<int>(qshape[3]);
   if (qshape[1] != A.C) throw std::invalid_argument("query and train differ in channels");
   A.k = k; A.query_pad = query_pad; A.key_pad = key_pad;
-  A.a = ptr_of<double>(a, "a", 1);
-  A.inv_2b2 = ptr_of<double>(inv_2b2, "inv_2b2", 1);
   A.cls_qpix_ptr = ptr_of<int64_t>(cls_qpix_ptr, "cls_qpix_ptr", 1);
   A.n_classes = cls_qpix_ptr.shape(0) - 1;
   A.cls_qpix = ptr_of<int32_t>(cls_qpix, "cls_qpix", 1);
   A.cls_kpos_ptr = ptr_of<int64_t>(cls_kpos_ptr, "cls_kpos_ptr", 1);
   A.cls_kpos = ptr_of<int32_t>(cls_kpos, "cls_kpos", 1);
-  A.grp_img_ptr = ptr_of<int64_t>(grp_img_ptr, "grp_img_ptr", 1);
-  A.n_groups = grp_img_ptr.shape(0) - 1;
-  A.grp_img = ptr_of<int32_t>(grp_img, "grp_img", 1);
-  A.group_of_b = ptr_of<int32_t>(group_of_b, "group_of_b", 1);
-  if (a.shape(0) != A.B || inv_2b2.shape(0) != A.B || group_of_b.shape(0) != A.B)
-    throw std::invalid_argument("a, inv_2b2 and group_of_b must have one entry per query image");
   if (cls_kpos_ptr.shape(0) != cls_qpix_ptr.shape(0)) throw std::invalid_argument("class pointer arrays differ in length");
-  for (int64_t b = 0; b < A.B; ++b)
-    if (A.group_of_b[b] < 0 || A.group_of_b[b] >= A.n_groups) throw std::invalid_argument("group_of_b out of range");
+  fill_checked_groups(A, a, inv_2b2, grp_img_ptr, grp_img, group_of_b);
   if (k < 1 || k % 2 == 0) throw std::invalid_argument("k must be odd and positive, got " + std::to_string(k));
   check_csr(A.cls_qpix_ptr, A.n_classes, cls_qpix.shape(0), "cls_qpix_ptr");
   check_csr(A.cls_kpos_ptr, A.n_classes, cls_kpos.shape(0), "cls_kpos_ptr");
-  check_csr(A.grp_img_ptr, A.n_groups, grp_img.shape(0), "grp_img_ptr");
   check_range(A.cls_qpix, cls_qpix.shape(0), static_cast<int64_t>(A.Hq) * A.Wq, "cls_qpix");
   check_range(A.cls_kpos, cls_kpos.shape(0), static_cast<int64_t>(A.H) * A.W, "cls_kpos");
-  check_range(A.grp_img, grp_img.shape(0), A.N, "grp_img");
-  A.out = dev<T>(out);
-  A.arg_key = dev<int64_t>(arg_key);
-  A.arg_share = dev<T>(arg_share);
-  if ((arg_key == 0) != (arg_share == 0)) throw std::invalid_argument("arg_key and arg_share come together");
+  set_outputs<T>(A, out, arg_key, arg_share);
   py::gil_scoped_release nogil;
   patch_softmax_cuda<T>(A, reinterpret_cast<void*>(stream), device);
 }
@@ -90,21 +95,8 @@ void ideal_cuda(uintptr_t train, std::array<int64_t, 2> tshape, uintptr_t query,
   A.query = dev<const T>(query);
   A.B = qshape[0];
   if (qshape[1] != A.D) throw std::invalid_argument("query and train differ in size");
-  A.a = ptr_of<double>(a, "a", 1);
-  A.inv_2b2 = ptr_of<double>(inv_2b2, "inv_2b2", 1);
-  A.grp_img_ptr = ptr_of<int64_t>(grp_img_ptr, "grp_img_ptr", 1);
-  A.n_groups = grp_img_ptr.shape(0) - 1;
-  A.grp_img = ptr_of<int32_t>(grp_img, "grp_img", 1);
-  A.group_of_b = ptr_of<int32_t>(group_of_b, "group_of_b", 1);
-  if (a.shape(0) != A.B || inv_2b2.shape(0) != A.B || group_of_b.shape(0) != A.B)
-    throw std::invalid_argument("a, inv_2b2 and group_of_b must have one entry per query image");
-  check_csr(A.grp_img_ptr, A.n_groups, grp_img.shape(0), "grp_img_ptr");
-  check_range(A.grp_img, grp_img.shape(0), A.N, "grp_img");
-  check_range(A.group_of_b, A.B, A.n_groups, "group_of_b");
-  A.out = dev<T>(out);
-  A.arg_key = dev<int64_t>(arg_key);
-  A.arg_share = dev<T>(arg_share);
-  if ((arg_key == 0) != (arg_share == 0)) throw std::invalid_argument("arg_key and arg_share come together");
+  fill_checked_groups(A, a, inv_2b2, grp_img_ptr, grp_img, group_of_b);
+  set_outputs<T>(A, out, arg_key, arg_share);
   py::gil_scoped_release nogil;
   ideal_score_cuda<T>(A, reinterpret_cast<void*>(stream), device);
 }

@@ -136,7 +136,7 @@ def test_cuda_entry_points_check_their_index_arrays_before_touching_the_device()
         call(k=4)
     with pytest.raises(ValueError, match="grp_img holds an index outside"):
         call(grp_img=np.array([0, 1, 2, 9], np.int32))
-    with pytest.raises(ValueError, match="group_of_b out of range"):
+    with pytest.raises(ValueError, match="group_of_b holds an index outside"):
         call(group_of_b=np.array([0, 3], np.int32))
     with pytest.raises(ValueError, match="cls_kpos holds an index outside"):
         call(cls_kpos=ks.cls_kpos + 100)

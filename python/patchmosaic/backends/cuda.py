@@ -43,12 +43,22 @@ def require() -> None:
         raise RuntimeError(_why_not())
 
 
-def _device_tensor(t: torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
-    if t.device.type != "cuda":
-        raise ValueError(f"the cuda backend needs CUDA tensors, got {name} on {t.device}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the query is on {device}")
-    return t.contiguous()
+def _inputs(train: torch.Tensor, query: torch.Tensor):
+    """(train, query, device): contiguous CUDA tensors of one device and one float dtype."""
+    require()
+    dev = query.device
+    for name, t in (("query", query), ("train", train)):
+        if t.device.type != "cuda":
+            raise ValueError(f"the cuda backend needs CUDA tensors, got {name} on {t.device}")
+        if t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but the query is on {dev}")
+    if train.dtype != query.dtype or query.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"train and query must share float32 or float64, got {train.dtype} and {query.dtype}")
+    return train.contiguous(), query.contiguous(), dev
+
+
+def _device_index(dev: torch.device) -> int:
+    return dev.index if dev.index is not None else torch.cuda.current_device()
 
 
 def _stream(device: torch.device) -> int:
@@ -56,12 +66,7 @@ def _stream(device: torch.device) -> int:
 
 
 def local(train, query, k, keyset, a, inv_2b2, groups, provenance=False, n_threads=0):
-    require()
-    dev = query.device
-    q = _device_tensor(query, "query", dev)
-    tr = _device_tensor(train, "train", dev)
-    if tr.dtype != q.dtype or q.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"train and query must share float32 or float64, got {tr.dtype} and {q.dtype}")
+    tr, q, dev = _inputs(train, query)
     B, C, Hq, Wq = q.shape
     if C > MAX_CHANNELS:
         raise ValueError(f"the cuda backend handles 1 to {MAX_CHANNELS} channels, got {C} (query shape "
@@ -77,18 +82,13 @@ def local(train, query, k, keyset, a, inv_2b2, groups, provenance=False, n_threa
             keyset.cls_qpix_ptr, keyset.cls_qpix, keyset.cls_kpos_ptr, keyset.cls_kpos,
             groups.grp_img_ptr, groups.grp_img, groups.group_of_b,
             out.data_ptr(), 0 if key is None else key.data_ptr(), 0 if share is None else share.data_ptr(),
-            _stream(dev), dev.index if dev.index is not None else torch.cuda.current_device(),
+            _stream(dev), _device_index(dev),
         )
     return out, key, share
 
 
 def ideal(train, query, a, inv_2b2, groups, provenance=False, n_threads=0):
-    require()
-    dev = query.device
-    q = _device_tensor(query, "query", dev)
-    tr = _device_tensor(train, "train", dev)
-    if tr.dtype != q.dtype or q.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"train and query must share float32 or float64, got {tr.dtype} and {q.dtype}")
+    tr, q, dev = _inputs(train, query)
     B, N = q.shape[0], tr.shape[0]
     out = torch.empty_like(q)
     key = torch.empty((B,), dtype=torch.int64, device=dev) if provenance else None
@@ -100,6 +100,6 @@ def ideal(train, query, a, inv_2b2, groups, provenance=False, n_threads=0):
             np.ascontiguousarray(a, dtype=np.float64), np.ascontiguousarray(inv_2b2, dtype=np.float64),
             groups.grp_img_ptr, groups.grp_img, groups.group_of_b,
             out.data_ptr(), 0 if key is None else key.data_ptr(), 0 if share is None else share.data_ptr(),
-            _stream(dev), dev.index if dev.index is not None else torch.cuda.current_device(),
+            _stream(dev), _device_index(dev),
         )
     return out, key, share
