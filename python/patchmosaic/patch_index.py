@@ -58,24 +58,18 @@ def _faiss():
 
 def patch_vectors(images, positions: np.ndarray, k: int, pad: int) -> np.ndarray:
     """Patches of ``images`` ``(n, C, H, W)`` centred at flat ``positions`` -> ``(n * len(positions), C k k)``
-    float32, image-major, elements in (channel, row, column) order; ``pad``: zeros or circular.
-
-    Plain numpy (no thread pool): FAISS brings its own OpenMP runtime, and two runtimes spinning
-    against each other made torch's unfold here 50x slower."""
-    x = images.detach().cpu().numpy() if torch.is_tensor(images) else np.asarray(images)
-    x = x.astype(np.float32, copy=False)
-    r = k // 2
-    n, C, H, W = x.shape
-    xp = np.pad(x, ((0, 0), (0, 0), (r, r), (r, r)), mode="wrap" if pad == CIRCULAR else "constant")
-    win = np.lib.stride_tricks.sliding_window_view(xp, (k, k), axis=(2, 3))  # (n, C, H, W, k, k)
-    pos = np.asarray(positions, dtype=np.int64)
-    sel = win[:, :, pos // W, pos % W]  # (n, C, P, k, k)
-    return np.ascontiguousarray(sel.transpose(0, 2, 1, 3, 4).reshape(n * len(pos), C * k * k))
+    float32, image-major: :func:`key_vectors` of every (image, position) pair."""
+    n, _, H, W = images.shape
+    ids = (np.arange(n, dtype=np.int64)[:, None] * (H * W) + np.asarray(positions, dtype=np.int64)[None, :]).ravel()
+    return key_vectors(images, ids, H, W, k, pad)
 
 
 def key_vectors(images, ids: np.ndarray, H: int, W: int, k: int, pad: int) -> np.ndarray:
     """Patches of ``images`` ``(N, C, H, W)`` for global key ids ``n * H * W + p`` -> ``(len(ids), C k k)``
-    float32, elements in (channel, row, column) order. Plain numpy, like :func:`patch_vectors`."""
+    float32, elements in (channel, row, column) order; ``pad``: zeros or circular.
+
+    Plain numpy (no thread pool): FAISS brings its own OpenMP runtime, and two runtimes spinning
+    against each other made torch's unfold here 50x slower."""
     ids = np.asarray(ids, dtype=np.int64)
     n, p = np.divmod(ids, H * W)
     uimg, local = np.unique(n, return_inverse=True)
@@ -616,15 +610,14 @@ def calibrate_t_max(machine, k, x1, labels=None, *, target_r: float = 0.999, ste
     """
     from .denoisers import MachineDenoiser
     from .metrics import pearson_r
-    from .sampling import time_grid, update
+    from .sampling import ddim, time_grid, update
 
     grid = time_grid(steps)
-    exact = MachineDenoiser(machine, k)
     if states is None:
-        states = [torch.as_tensor(x1).float()]
-        for i in range(steps):
-            t, t1 = float(grid[i]), float(grid[i + 1])
-            states.append(update(machine.schedule, states[-1], exact(states[-1], t, labels), t, t1))
+        states = []
+        final = ddim(MachineDenoiser(machine, k), torch.as_tensor(x1).float(), labels, steps=steps,
+                     schedule=machine.schedule, callback=lambda i, t, x, x0: states.append(x.clone()), progress=False)
+        states.append(final)
     if len(states) != steps + 1:
         raise ValueError(f"states must hold the {steps + 1} states of the exact trajectory, got {len(states)}")
     pol = IndexedDenoiser(machine, k, m=m, t_max=1.0, mode="measured", progress=progress, **index_kw)
