@@ -5,7 +5,8 @@ Per (k, B): the CUDA engine's time per denoiser call (median of --reps after a w
 its rate in float32 multiply-adds counted as 2 flops (the dot products of every query patch with every
 key patch: the work a dense formulation does), the same call through the ``"torch"`` backend on the
 GPU, and the rate of a float32 matrix product of comparable size (tf32 off) as the ceiling; and its
-agreement with the CPU engine at B = 1 (the CPU engine runs on this machine's cores). Then the
+agreement with the CPU engine at B = 1 (the CPU engine runs on this machine's cores); the CUDA time
+also with other shared-memory budgets for the query patches (--smem-kb; 0 = gathered per key tile). Then the
 end-to-end time of a 20-step DDIM sample of --seeds seeds with the paper's calibrated MNIST ResNet
 k-schedule. Writes --json and prints markdown tables.
 
@@ -69,6 +70,8 @@ def main():
     p.add_argument("--t", type=float, default=0.3)
     p.add_argument("--torch-budget-s", type=float, default=60.0,
                    help="skip the torch backend where its B=1 call took longer than this")
+    p.add_argument("--smem-kb", type=int, nargs="*", default=[0, 112],
+                   help="also time these budgets for resident query patches (PATCHMOSAIC_CUDA_QUERY_SMEM_KB)")
     p.add_argument("--cpu-check", action="store_true", default=True)
     p.add_argument("--no-cpu-check", dest="cpu_check", action="store_false")
     p.add_argument("--seeds", type=int, default=16, help="seeds of the end-to-end 20-step sample")
@@ -96,6 +99,12 @@ def main():
             fl = call_flops(gpu, B, k)
             row = {"k": k, "B": B, "cuda_s": s_cuda, "cuda_tflops": fl / s_cuda / 1e12,
                    "matmul_tflops": rate_mm / 1e12, "fraction_of_matmul": fl / s_cuda / rate_mm}
+            # the same call with the query patches gathered per key tile (budget 0) and resident up to
+            # a larger shared-memory budget (the default is 48 KB): which threshold should be default
+            for kb in args.smem_kb:
+                os.environ["PATCHMOSAIC_CUDA_QUERY_SMEM_KB"] = str(kb)
+                row[f"cuda_s_smem{kb}kb"] = gpu_time(lambda: gpu.denoise(x, args.t, k, backend="cuda"), args.reps)
+            os.environ.pop("PATCHMOSAIC_CUDA_QUERY_SMEM_KB", None)
             if k not in torch_slow:
                 t0 = time.perf_counter()
                 try:
@@ -133,14 +142,16 @@ def main():
     with open(args.json + ".tmp", "w") as f:
         json.dump(res, f, indent=1)
     os.replace(args.json + ".tmp", args.json)
-    print("\n| k | B | CUDA s | CUDA TFLOP/s | fp32 matmul TFLOP/s | share of matmul | torch s | CUDA vs torch | max err vs CPU |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| k | B | CUDA s | CUDA TFLOP/s | fp32 matmul TFLOP/s | share of matmul | torch s | CUDA vs torch | max err vs CPU |"
+          + "".join(f" s, query smem {kb} KB |" for kb in args.smem_kb))
+    print("|---|---|---|---|---|---|---|---|---|" + "---|" * len(args.smem_kb))
     for r in rows:
         ts = f"{r['torch_s']:.3f}" if "torch_s" in r else r.get("torch_error", "skipped")
         sp = f"{r['speedup_vs_torch']:.1f}x" if "speedup_vs_torch" in r else ""
         er = f"{r['max_abs_err_vs_cpu64']:.1e}" if "max_abs_err_vs_cpu64" in r else ""
         print(f"| {r['k']} | {r['B']} | {r['cuda_s']:.4f} | {r['cuda_tflops']:.1f} | {r['matmul_tflops']:.1f} | "
-              f"{r['fraction_of_matmul']:.0%} | {ts} | {sp} | {er} |")
+              f"{r['fraction_of_matmul']:.0%} | {ts} | {sp} | {er} |"
+              + "".join(f" {r[f'cuda_s_smem{kb}kb']:.4f} |" for kb in args.smem_kb))
     print(f"\nend to end: 20 DDIM steps, {args.seeds} seeds, calibrated MNIST ResNet k-schedule: {e2e:.2f} s")
 
 

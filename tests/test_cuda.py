@@ -73,6 +73,25 @@ def test_float32_on_mnist(machine, k, t):
     assert err.mean() <= 1e-5 * RANGE and err.max() <= 1e-3 * RANGE, (err.mean(), err.max())
 
 
+@pytest.mark.parametrize("C,k", [(1, 7), (1, 13), (3, 15)])
+def test_query_patches_resident_or_gathered_per_tile(C, k, monkeypatch):
+    # the item's 64 query patches are kept in shared memory when they fit the budget
+    # (PATCHMOSAIC_CUDA_QUERY_SMEM_KB, default 48: C k^2 = 49 and 169 float32 elements do, 675 do not)
+    # and gathered again with every key tile otherwise (budget 0): the same products in the same order
+    rng = np.random.default_rng(5)
+    train = rng.uniform(-1, 1, (12, C, 20, 20))
+    x = rng.standard_normal((3, C, 20, 20))
+    t = np.array([0.05, 0.3, 1.0])
+    ref = pm.ELS(train).denoise(x, t, k, backend="torch")
+    m = pm.ELS(torch.from_numpy(train).float().cuda())
+    xq = torch.from_numpy(x).float().cuda()
+    got = m.denoise(xq, t, k)
+    err = np.abs(got.cpu().double().numpy() - ref)
+    assert err.mean() <= 1e-5 * RANGE and err.max() <= 1e-3 * RANGE, (err.mean(), err.max())
+    monkeypatch.setenv("PATCHMOSAIC_CUDA_QUERY_SMEM_KB", "0")
+    assert torch.equal(m.denoise(xq, t, k), got)
+
+
 def test_conditional_batches_large_canvas_and_provenance():
     rng = np.random.default_rng(3)
     train = rng.uniform(-1, 1, (40, 3, 12, 12))

@@ -5,7 +5,8 @@
 // rows, range of keys). One thread block runs one item: it streams its keys in tiles of BN, gathering
 // each tile's key patches straight from the training images into shared memory in chunks of BK patch
 // elements (patches never exist in global memory), multiplies them against the item's query patches
-// (gathered the same way) with a register-tiled 4x4-per-thread float product, turns the dot products
+// (gathered once per item into dynamic shared memory when all BM of them fit there, else chunk by
+// chunk with the keys) with a register-tiled 4x4-per-thread float product, turns the dot products
 // into logits and folds them into per-thread online softmax states (each thread: 4 rows x its 4 keys
 // of every tile). The 16 partial states of a row are merged by warp shuffles at the end of the item; items over different key ranges of the same
 // rows write partial states (max, sum, weighted centres, arg-max) that a second kernel merges in a
@@ -18,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -61,6 +63,7 @@ struct Geometry {
   const int32_t* grp_img;
   const int64_t* grp_b_ptr;  // query images of each group (CSR)
   const int32_t* grp_b;
+  const int32_t* elem;       // element_code(e, k) for e < d
 };
 
 struct Partials {
@@ -70,23 +73,26 @@ struct Partials {
   int64_t* best; // key index within the (group, class) key list
 };
 
-// Element e of the C*k*k patch of `img` (C, Hs, Ws) centred at (ci, cj), zero or circular padded.
+// Patch element e of a C*k*k patch, as a code from the per-call table (no divisions in the gather):
+// channel << 24 | row offset << 12 | column offset, offsets in 0..k-1 (k < 4096, checked on the host).
+inline int32_t element_code(int e, int k) {
+  const int ch = e / (k * k), rem = e % (k * k);
+  return (ch << 24) | ((rem / k) << 12) | (rem % k);
+}
+
+// Element `code` of the patch of `img` (C, Hs, Ws) centred at (ci, cj), zero or circular padded.
 template <typename T>
-__device__ __forceinline__ T patch_elem(const T* __restrict__ img, int Hs, int Ws, int ci, int cj, int e, int k,
-                                        int pad) {
-  const int kk = k * k;
-  const int ch = e / kk;
-  const int rem = e - ch * kk;
-  const int di = rem / k;
-  int y = ci + di - k / 2;
-  int x = cj + (rem - di * k) - k / 2;
-  if (pad == kPadCircular) {
-    y %= Hs;
+__device__ __forceinline__ T patch_elem(const T* __restrict__ img, int Hs, int Ws, int ci, int cj, int32_t code,
+                                        int half, int pad) {
+  const int ch = code >> 24;
+  int y = ci + ((code >> 12) & 0xFFF) - half;
+  int x = cj + (code & 0xFFF) - half;
+  if (y < 0 || y >= Hs || x < 0 || x >= Ws) {
+    if (pad != kPadCircular) return T(0);
+    y %= Hs;  // only here: a division for the few wrapped elements
     y += y < 0 ? Hs : 0;
     x %= Ws;
     x += x < 0 ? Ws : 0;
-  } else if (y < 0 || y >= Hs || x < 0 || x >= Ws) {
-    return T(0);
   }
   return __ldg(img + (static_cast<int64_t>(ch) * Hs + y) * Ws + x);
 }
@@ -103,18 +109,22 @@ __device__ __forceinline__ double exp_nonpos<double>(double v) {
   return v < -700.0 ? 0.0 : exp(v);
 }
 
-template <typename T, int CC>
+// QRES: the item's query patches stay in dynamic shared memory, (ceil(d / BK) * BK, BM) elements,
+// gathered once; otherwise each chunk of them is gathered again for every key tile.
+template <typename T, int CC, bool QRES>
 __global__ void __launch_bounds__(NT) local_items(Geometry<T> G, const Item* __restrict__ items, Partials P) {
   const Item it = items[blockIdx.x];
   const int tid = threadIdx.x;
-  const int d = G.C * G.k * G.k;
+  const int d = G.C * G.k * G.k, half = G.k / 2;
   const int64_t HW = static_cast<int64_t>(G.H) * G.W, HWq = static_cast<int64_t>(G.Hq) * G.Wq;
   const int64_t q0 = G.cls_qpix_ptr[it.c], npix = G.cls_qpix_ptr[it.c + 1] - q0;
   const int64_t p0 = G.cls_kpos_ptr[it.c], npos = G.cls_kpos_ptr[it.c + 1] - p0;
   const int64_t i0 = G.grp_img_ptr[it.g], b0 = G.grp_b_ptr[it.g];
   const int rows = static_cast<int>(it.row1 - it.row0);
 
-  __shared__ T Qs[BK][BM];
+  __shared__ T Qs[QRES ? 1 : BK][BM];
+  extern __shared__ __align__(16) unsigned char resident[];
+  T* const Qall = reinterpret_cast<T*>(resident);
   __shared__ T Ks[BK][BN];
   __shared__ T V[CC][BN];
   __shared__ T kn[BN];
@@ -139,6 +149,16 @@ __global__ void __launch_bounds__(NT) local_items(Geometry<T> G, const Item* __r
       qimg[tid] = nullptr;
       qi[tid] = qj[tid] = 0;
       c1[tid] = c2[tid] = T(0);
+    }
+  }
+  if constexpr (QRES) {
+    __syncthreads();  // query descriptors written; the key loop syncs again before Qall is read
+    const int dpad = (d + BK - 1) / BK * BK;
+    for (int e = tid; e < dpad * BM; e += NT) {
+      const int dd = e / BM, r = e % BM;
+      Qall[e] = (qimg[r] != nullptr && dd < d)
+                    ? patch_elem(qimg[r], G.Hq, G.Wq, qi[r], qj[r], __ldg(G.elem + dd), half, G.query_pad)
+                    : T(0);
     }
   }
 
@@ -182,24 +202,31 @@ __global__ void __launch_bounds__(NT) local_items(Geometry<T> G, const Item* __r
 
     for (int d0 = 0; d0 < d; d0 += BK) {
       __syncthreads();  // descriptors written / previous chunk consumed
-      for (int e = tid; e < BK * BM; e += NT) {
-        const int dd = e / BM, r = e % BM;
-        Qs[dd][r] = (qimg[r] != nullptr && d0 + dd < d)
-                        ? patch_elem(qimg[r], G.Hq, G.Wq, qi[r], qj[r], d0 + dd, G.k, G.query_pad)
-                        : T(0);
+      if constexpr (!QRES) {
+        for (int e = tid; e < BK * BM; e += NT) {
+          const int dd = e / BM, r = e % BM;
+          Qs[dd][r] = (qimg[r] != nullptr && d0 + dd < d)
+                          ? patch_elem(qimg[r], G.Hq, G.Wq, qi[r], qj[r], __ldg(G.elem + d0 + dd), half, G.query_pad)
+                          : T(0);
+        }
       }
       for (int e = tid; e < BK * BN; e += NT) {
         const int dd = e / BN, col = e % BN;
         Ks[dd][col] = (kimg[col] != nullptr && d0 + dd < d)
-                          ? patch_elem(kimg[col], G.H, G.W, ki[col], kj[col], d0 + dd, G.k, G.key_pad)
+                          ? patch_elem(kimg[col], G.H, G.W, ki[col], kj[col], __ldg(G.elem + d0 + dd), half, G.key_pad)
                           : T(0);
       }
       __syncthreads();
 #pragma unroll
       for (int dd = 0; dd < BK; ++dd) {
         T qa[4], kb[4];
+        if constexpr (QRES) {
 #pragma unroll
-        for (int u = 0; u < 4; ++u) qa[u] = Qs[dd][ty * 4 + u];
+          for (int u = 0; u < 4; ++u) qa[u] = Qall[(d0 + dd) * BM + ty * 4 + u];
+        } else {
+#pragma unroll
+          for (int u = 0; u < 4; ++u) qa[u] = Qs[dd][ty * 4 + u];
+        }
 #pragma unroll
         for (int v = 0; v < 4; ++v) kb[v] = Ks[dd][tx * 4 + v];
 #pragma unroll
@@ -318,15 +345,46 @@ __global__ void merge_rows(Geometry<T> G, const RowBlock* __restrict__ blocks, P
   }
 }
 
+// Bytes of dynamic shared memory for resident query patches, or 0 to gather them chunk by chunk.
+// Resident only up to PATCHMOSAIC_CUDA_QUERY_SMEM_KB per block (default 48: shared memory taken from
+// a multiprocessor is L1 cache lost to the key gathers, which reuse overlapping patches; 0 turns it
+// off), and only where the device allows it with two blocks per multiprocessor.
+template <typename T, int CC>
+size_t resident_bytes(int d, int device) {
+  const size_t bytes = static_cast<size_t>((d + BK - 1) / BK * BK) * BM * sizeof(T);
+  size_t cap = 48 * 1024;
+  if (const char* env = std::getenv("PATCHMOSAIC_CUDA_QUERY_SMEM_KB")) cap = static_cast<size_t>(std::atol(env)) * 1024;
+  if (bytes > cap) return 0;
+  int optin = 0, per_sm = 0, reserved = 0;
+  check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
+  check_cuda(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device), "cudaDeviceGetAttribute");
+  check_cuda(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device), "cudaDeviceGetAttribute");
+  cudaFuncAttributes fa{};
+  check_cuda(cudaFuncGetAttributes(&fa, local_items<T, CC, true>), "cudaFuncGetAttributes");
+  if (bytes + fa.sharedSizeBytes > static_cast<size_t>(optin) ||
+      2 * (bytes + fa.sharedSizeBytes + reserved) > static_cast<size_t>(per_sm))
+    return 0;
+  if (bytes > 48 * 1024)  // above the default limit: raise it, to the same value on every call (no race)
+    check_cuda(cudaFuncSetAttribute(local_items<T, CC, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    optin - static_cast<int>(fa.sharedSizeBytes)),
+               "cudaFuncSetAttribute");
+  return bytes;
+}
+
 template <typename T, int CC>
 void launch(const Geometry<T>& G, const std::vector<Item>& items, const std::vector<RowBlock>& blocks,
-            int64_t n_slots, T* out, int64_t* arg_key, T* arg_share, cudaStream_t st) {
+            int64_t n_slots, T* out, int64_t* arg_key, T* arg_share, cudaStream_t st, int device) {
   DeviceBuffer<Item> d_items(items, st);
   DeviceBuffer<RowBlock> d_blocks(blocks, st);
   DeviceBuffer<double> m(n_slots, st), s(n_slots, st), acc(n_slots * CC, st);
   DeviceBuffer<int64_t> best(n_slots, st);
   Partials P{m.get(), s.get(), acc.get(), best.get()};
-  local_items<T, CC><<<static_cast<unsigned>(items.size()), NT, 0, st>>>(G, d_items.get(), P);
+  const auto n_items = static_cast<unsigned>(items.size());
+  if (const size_t bytes = resident_bytes<T, CC>(G.C * G.k * G.k, device); bytes > 0) {
+    local_items<T, CC, true><<<n_items, NT, bytes, st>>>(G, d_items.get(), P);
+  } else {
+    local_items<T, CC, false><<<n_items, NT, 0, st>>>(G, d_items.get(), P);
+  }
   check_launch("patch_softmax (items)");
   merge_rows<T, CC><<<static_cast<unsigned>(blocks.size()), BM, 0, st>>>(G, d_blocks.get(), P, out, arg_key, arg_share);
   check_launch("patch_softmax (merge)");
@@ -339,6 +397,7 @@ void patch_softmax_cuda(const PatchSoftmaxArgs<T>& A, void* stream, int device) 
   check_cuda(cudaSetDevice(device), "cudaSetDevice");
   if (A.C < 1 || A.C > 4) throw std::invalid_argument("the CUDA engine handles 1 to 4 channels, got " + std::to_string(A.C));
   if (A.k < 1 || A.k % 2 == 0) throw std::invalid_argument("k must be odd and positive, got " + std::to_string(A.k));
+  if (A.k >= 4096) throw std::invalid_argument("the CUDA engine handles k < 4096, got " + std::to_string(A.k));
   for (int64_t b = 0; b < A.B; ++b)
     if (A.group_of_b[b] < 0 || A.group_of_b[b] >= A.n_groups) throw std::invalid_argument("group_of_b out of range");
   auto st = static_cast<cudaStream_t>(stream);
@@ -386,13 +445,16 @@ void patch_softmax_cuda(const PatchSoftmaxArgs<T>& A, void* stream, int device) 
   DeviceBuffer<int32_t> cq(A.cls_qpix, A.cls_qpix_ptr[A.n_classes], st), ck(A.cls_kpos, A.cls_kpos_ptr[A.n_classes], st);
   DeviceBuffer<int64_t> gip(A.grp_img_ptr, A.n_groups + 1, st), gbp(gb_ptr.data(), A.n_groups + 1, st);
   DeviceBuffer<int32_t> gi(A.grp_img, A.grp_img_ptr[A.n_groups], st), gbd(gb.data(), A.B, st);
+  std::vector<int32_t> codes(static_cast<size_t>(A.C) * A.k * A.k);
+  for (size_t e = 0; e < codes.size(); ++e) codes[e] = element_code(static_cast<int>(e), A.k);
+  DeviceBuffer<int32_t> elem(codes, st);
   Geometry<T> G{A.train, A.query, A.N, A.C, A.H, A.W, A.Hq, A.Wq, A.k, A.query_pad, A.key_pad, a.get(), s2.get(),
-                cqp.get(), cq.get(), ckp.get(), ck.get(), gip.get(), gi.get(), gbp.get(), gbd.get()};
+                cqp.get(), cq.get(), ckp.get(), ck.get(), gip.get(), gi.get(), gbp.get(), gbd.get(), elem.get()};
   switch (A.C) {
-    case 1: launch<T, 1>(G, items, blocks, slot, A.out, A.arg_key, A.arg_share, st); break;
-    case 2: launch<T, 2>(G, items, blocks, slot, A.out, A.arg_key, A.arg_share, st); break;
-    case 3: launch<T, 3>(G, items, blocks, slot, A.out, A.arg_key, A.arg_share, st); break;
-    default: launch<T, 4>(G, items, blocks, slot, A.out, A.arg_key, A.arg_share, st); break;
+    case 1: launch<T, 1>(G, items, blocks, slot, A.out, A.arg_key, A.arg_share, st, device); break;
+    case 2: launch<T, 2>(G, items, blocks, slot, A.out, A.arg_key, A.arg_share, st, device); break;
+    case 3: launch<T, 3>(G, items, blocks, slot, A.out, A.arg_key, A.arg_share, st, device); break;
+    default: launch<T, 4>(G, items, blocks, slot, A.out, A.arg_key, A.arg_share, st, device); break;
   }
 }
 
