@@ -1,7 +1,10 @@
-"""The CUDA engine computes the spec's function (tests marked ``cuda``: they need a GPU and a build
-with the CUDA engine, and are skipped otherwise). Same tolerances as the CPU engine
-(tests/test_exactness.py): float32 mean |diff| <= 1e-5 and max <= 1e-3 of the data range at every t,
-float64 max <= 1e-9."""
+"""The CUDA engine computes the spec's function. Every test here runs on two engines: the GPU
+(parameter ``gpu``, marked ``cuda``: it needs a GPU and a build with the CUDA engine, and is skipped
+otherwise) and the same kernel sources built for the CPU under an emulator (``emulated``,
+tests/cuda_emulation.py: it runs everywhere, and shows indexing, barriers and arithmetic, not speed).
+Tests of GPU-only behaviour (streams, ``auto``, real digits at full size) run on the GPU only.
+Same tolerances as the CPU engine (tests/test_exactness.py): float32 mean |diff| <= 1e-5 and
+max <= 1e-3 of the data range at every t, float64 max <= 1e-9."""
 
 import os
 
@@ -9,35 +12,45 @@ import numpy as np
 import pytest
 import torch
 
+import cuda_emulation
 from cases import build, draw, queries
 from conftest import SHARED
 
 import patchmosaic as pm
 from patchmosaic import _core
+from patchmosaic.backends import cuda as cuda_backend
 
 RANGE = 2.0
 SEEDS = list(range(48))
 needs_gpu = pytest.mark.skipif(not pm.cuda_available(), reason="no CUDA device or no CUDA engine in this build")
-pytestmark = [pytest.mark.cuda, needs_gpu]
+
+
+@pytest.fixture(params=[pytest.param("gpu", marks=[pytest.mark.cuda, needs_gpu]), "emulated"])
+def dev(request, monkeypatch):
+    """The device of the engine's tensors: CUDA on the GPU, the CPU under the emulator."""
+    if request.param == "gpu":
+        return torch.device("cuda")
+    monkeypatch.setattr(cuda_backend, "_EMULATOR", cuda_emulation.module())
+    return torch.device("cpu")
 
 
 def oracle(case, x):
     return build(case, np.float64).denoise(x, case.t, case.k, labels=case.qlabels, backend="torch")
 
 
-def on_gpu(case, x, dtype, **kw):
+def on_gpu(case, x, dtype, dev, **kw):
     m = build(case, dtype)
-    xq = torch.from_numpy(x.astype(dtype)).cuda()
+    xq = torch.from_numpy(x.astype(dtype)).to(dev)
     out = m.denoise(xq, torch.from_numpy(case.t), case.k, labels=torch.from_numpy(case.qlabels), backend="cuda", **kw)
     return m, xq, out
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_float32_matches_oracle(seed):
+def test_float32_matches_oracle(seed, dev):
     case = draw(seed)
     x = queries(case, seed)
-    _, _, out = on_gpu(case, x, np.float32)
-    assert out.is_cuda and out.dtype == torch.float32 and tuple(out.shape) == x.shape
+    _, _, out = on_gpu(case, x, np.float32, dev)
+    assert out.device.type == dev.type and out.dtype == torch.float32 and tuple(out.shape) == x.shape
     err = np.abs(out.cpu().double().numpy() - oracle(case, x))
     for b in range(len(case.t)):
         assert err[b].mean() <= 1e-5 * RANGE, (case, b)
@@ -45,13 +58,15 @@ def test_float32_matches_oracle(seed):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_float64_matches_oracle(seed):
+def test_float64_matches_oracle(seed, dev):
     case = draw(seed)
     x = queries(case, seed)
-    _, _, out = on_gpu(case, x, np.float64)
+    _, _, out = on_gpu(case, x, np.float64, dev)
     assert np.abs(out.cpu().numpy() - oracle(case, x)).max() <= 1e-9 * RANGE, case
 
 
+@pytest.mark.cuda
+@needs_gpu
 @pytest.mark.parametrize("t", [0.02, 0.05, 0.3, 1.0])
 @pytest.mark.parametrize("machine,k", [("ELS_zeros", 5), ("ELS_circular", 3), ("LS", 3), ("IS", None)])
 def test_float32_on_mnist(machine, k, t):
@@ -74,7 +89,7 @@ def test_float32_on_mnist(machine, k, t):
 
 
 @pytest.mark.parametrize("C,k", [(1, 7), (1, 13), (3, 15)])
-def test_query_patches_resident_or_gathered_per_tile(C, k, monkeypatch):
+def test_query_patches_resident_or_gathered_per_tile(C, k, dev, monkeypatch):
     # the item's 64 query patches are kept in shared memory when they fit the budget
     # (PATCHMOSAIC_CUDA_QUERY_SMEM_KB, default 48: C k^2 = 49 and 169 float32 elements do, 675 do not)
     # and gathered again with every key tile otherwise (budget 0): the same products in the same order
@@ -83,16 +98,16 @@ def test_query_patches_resident_or_gathered_per_tile(C, k, monkeypatch):
     x = rng.standard_normal((3, C, 20, 20))
     t = np.array([0.05, 0.3, 1.0])
     ref = pm.ELS(train).denoise(x, t, k, backend="torch")
-    m = pm.ELS(torch.from_numpy(train).float().cuda())
-    xq = torch.from_numpy(x).float().cuda()
-    got = m.denoise(xq, t, k)
+    m = pm.ELS(torch.from_numpy(train).float().to(dev))
+    xq = torch.from_numpy(x).float().to(dev)
+    got = m.denoise(xq, t, k, backend="cuda")
     err = np.abs(got.cpu().double().numpy() - ref)
     assert err.mean() <= 1e-5 * RANGE and err.max() <= 1e-3 * RANGE, (err.mean(), err.max())
     monkeypatch.setenv("PATCHMOSAIC_CUDA_QUERY_SMEM_KB", "0")
-    assert torch.equal(m.denoise(xq, t, k), got)
+    assert torch.equal(m.denoise(xq, t, k, backend="cuda"), got)
 
 
-def test_conditional_batches_large_canvas_and_provenance():
+def test_conditional_batches_large_canvas_and_provenance(dev):
     rng = np.random.default_rng(3)
     train = rng.uniform(-1, 1, (40, 3, 12, 12))
     labels = np.arange(40) % 4
@@ -101,15 +116,18 @@ def test_conditional_batches_large_canvas_and_provenance():
     ql = np.array([0, 1, 2, 3, 1, 0])
     cpu = pm.ELS(train, labels)
     ref, pref = cpu.denoise(x, t, 5, labels=ql, return_provenance=True)
-    gpu = pm.ELS(torch.from_numpy(train).cuda(), torch.from_numpy(labels))
-    got, pgot = gpu.denoise(torch.from_numpy(x).cuda(), t, 5, labels=torch.from_numpy(ql).cuda(), return_provenance=True)
-    assert got.is_cuda and pgot.image.is_cuda
+    gpu = pm.ELS(torch.from_numpy(train).to(dev), torch.from_numpy(labels))
+    got, pgot = gpu.denoise(torch.from_numpy(x).to(dev), t, 5, labels=torch.from_numpy(ql).to(dev),
+                            return_provenance=True, backend="cuda")
+    assert got.device.type == dev.type and pgot.image.device.type == dev.type
     assert np.abs(got.cpu().numpy() - ref).max() <= 1e-9 * RANGE
     same = (pgot.image.cpu().numpy() == pref.image) & (pgot.row.cpu().numpy() == pref.row)
     assert same.mean() == 1.0
     assert np.abs(pgot.share.cpu().numpy() - pref.share).max() <= 1e-9
 
 
+@pytest.mark.cuda
+@needs_gpu
 def test_auto_picks_cuda_for_cuda_tensors_and_runs_on_the_current_stream():
     rng = np.random.default_rng(4)
     train = torch.from_numpy(rng.uniform(-1, 1, (30, 1, 16, 16)).astype(np.float32)).cuda()
@@ -127,5 +145,7 @@ def test_auto_picks_cuda_for_cuda_tensors_and_runs_on_the_current_stream():
         m.denoise(x.cpu(), 0.3, 7, backend="cuda")
 
 
+@pytest.mark.cuda
+@needs_gpu
 def test_entry_points_exist():
     assert _core.has_cuda and hasattr(_core, "patch_softmax_cuda") and hasattr(_core, "ideal_score_cuda")

@@ -8,6 +8,14 @@
 #include <string>
 #include <vector>
 
+// Kernel launches and dynamic shared memory go through these two macros so that the same sources also
+// build for the CPU under the test suite's emulator (cpp/cuda/emulation/cuda_runtime.h, which defines
+// its own). A template kernel is launched through a function pointer (commas in a macro argument).
+#ifndef PM_LAUNCH
+#define PM_LAUNCH(kernel, grid, dim, shared, stream) kernel<<<grid, dim, shared, stream>>>
+#define PM_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
 namespace patchmosaic {
 
 inline void check_cuda(cudaError_t e, const char* what) {

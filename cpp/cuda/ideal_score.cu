@@ -155,14 +155,14 @@ void ideal_score_cuda(const IdealScoreArgs<T>& A, void* stream, int device) {
   DeviceBuffer<double> logits(A.B * widest, st), mx(A.B, st), sum(A.B, st);
   DeviceBuffer<int64_t> arg(A.B, st);
   const dim3 g1(static_cast<unsigned>(A.B), static_cast<unsigned>(std::min<int64_t>(65535, (widest + kWarps - 1) / kWarps)));
-  is_logits<T><<<g1, kWarps * 32, 0, st>>>(A.train, A.query, A.D, a.get(), s2.get(), gp.get(), gi.get(), gob.get(),
+  PM_LAUNCH(is_logits<T>, g1, kWarps * 32, 0, st)(A.train, A.query, A.D, a.get(), s2.get(), gp.get(), gi.get(), gob.get(),
                                            widest, logits.get());
   check_launch("ideal_score (logits)");
-  is_normalise<<<static_cast<unsigned>(A.B), kRed, 0, st>>>(gp.get(), gob.get(), widest, logits.get(), mx.get(),
+  PM_LAUNCH(is_normalise, static_cast<unsigned>(A.B), kRed, 0, st)(gp.get(), gob.get(), widest, logits.get(), mx.get(),
                                                             arg.get(), sum.get());
   check_launch("ideal_score (normalise)");
   const dim3 g3(static_cast<unsigned>(A.B), static_cast<unsigned>(std::min<int64_t>(65535, (A.D + kAcc - 1) / kAcc)));
-  is_accumulate<T><<<g3, kAcc, 0, st>>>(A.train, A.D, gp.get(), gi.get(), gob.get(), widest, logits.get(), mx.get(),
+  PM_LAUNCH(is_accumulate<T>, g3, kAcc, 0, st)(A.train, A.D, gp.get(), gi.get(), gob.get(), widest, logits.get(), mx.get(),
                                         arg.get(), sum.get(), A.out, A.arg_key, A.arg_share);
   check_launch("ideal_score (accumulate)");
 }

@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(NT) local_items(Geometry<T> G, const Item* __r
   const int rows = static_cast<int>(it.row1 - it.row0);
 
   __shared__ T Qs[QRES ? 1 : BK][BM];
-  extern __shared__ __align__(16) unsigned char resident[];
+  PM_DYNAMIC_SHARED(resident);
   T* const Qall = reinterpret_cast<T*>(resident);
   __shared__ T Ks[BK][BN];
   __shared__ T V[CC][BN];
@@ -381,12 +381,15 @@ void launch(const Geometry<T>& G, const std::vector<Item>& items, const std::vec
   Partials P{m.get(), s.get(), acc.get(), best.get()};
   const auto n_items = static_cast<unsigned>(items.size());
   if (const size_t bytes = resident_bytes<T, CC>(G.C * G.k * G.k, device); bytes > 0) {
-    local_items<T, CC, true><<<n_items, NT, bytes, st>>>(G, d_items.get(), P);
+    const auto kernel = &local_items<T, CC, true>;
+    PM_LAUNCH(kernel, n_items, NT, bytes, st)(G, d_items.get(), P);
   } else {
-    local_items<T, CC, false><<<n_items, NT, 0, st>>>(G, d_items.get(), P);
+    const auto kernel = &local_items<T, CC, false>;
+    PM_LAUNCH(kernel, n_items, NT, 0, st)(G, d_items.get(), P);
   }
   check_launch("patch_softmax (items)");
-  merge_rows<T, CC><<<static_cast<unsigned>(blocks.size()), BM, 0, st>>>(G, d_blocks.get(), P, out, arg_key, arg_share);
+  const auto merge = &merge_rows<T, CC>;
+  PM_LAUNCH(merge, static_cast<unsigned>(blocks.size()), BM, 0, st)(G, d_blocks.get(), P, out, arg_key, arg_share);
   check_launch("patch_softmax (merge)");
 }
 

@@ -214,7 +214,7 @@ class Machine:
             from .backends import cuda
 
             cuda.require()  # a RuntimeError saying why, where the engine cannot run
-            if xt.device.type != "cuda":
+            if xt.device.type != cuda.device_type():
                 raise ValueError(f"backend='cuda' needs CUDA inputs, got a tensor on {xt.device}; move it with "
                                  ".cuda() or use 'auto'")
         return name

@@ -1,0 +1,61 @@
+"""The CUDA kernels of cpp/cuda built for the CPU under an emulator (cpp/cuda/emulation/cuda_runtime.h),
+so that the test suite runs them where there is no GPU: the same sources, host memory standing for
+device memory, the threads of a block run as fibers switched at barriers (see that header for what
+this can and cannot show). Compiled once per version of the sources into the temporary directory;
+``module()`` returns the loaded ``_cuda_emu`` module, or skips the calling test where no C++ compiler
+is found.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+CPP = os.path.join(ROOT, "cpp")
+KERNELS = [os.path.join(CPP, "cuda", "patch_softmax.cu"), os.path.join(CPP, "cuda", "ideal_score.cu")]
+HOST = [os.path.join(CPP, "bindings_cuda.cpp"), os.path.join(CPP, "cuda", "emulation", "module.cpp")]
+HEADERS = [os.path.join(CPP, "patch_softmax.hpp"), os.path.join(CPP, "py_buffers.hpp"),
+           os.path.join(CPP, "cuda", "cuda_check.cuh"), os.path.join(CPP, "cuda", "emulation", "cuda_runtime.h")]
+
+_module = None
+
+
+def module():
+    global _module
+    if _module is not None:
+        return _module
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        pytest.skip("no C++ compiler to build the CUDA emulator")
+    import pybind11
+
+    h = hashlib.sha256()
+    for path in KERNELS + HOST + HEADERS:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    h.update(cxx.encode())
+    folder = os.path.join(tempfile.gettempdir(), f"patchmosaic_cuda_emu_{h.hexdigest()[:16]}")
+    target = os.path.join(folder, "_cuda_emu" + sysconfig.get_config_var("EXT_SUFFIX"))
+    if not os.path.exists(target):
+        os.makedirs(folder, exist_ok=True)
+        tmp = target + f".{os.getpid()}.tmp"
+        cmd = [cxx, "-O2", "-std=c++20", "-shared", "-fPIC", "-DPATCHMOSAIC_WITH_CUDA",
+               "-I" + os.path.join(CPP, "cuda", "emulation"), "-I" + CPP, "-I" + pybind11.get_include(),
+               "-I" + sysconfig.get_paths()["include"], "-x", "c++", *KERNELS, "-x", "none", *HOST, "-o", tmp]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError("building the CUDA emulator failed:\n" + res.stderr[-4000:])
+        os.replace(tmp, target)
+    spec = importlib.util.spec_from_file_location("_cuda_emu", target)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    _module = mod
+    return mod
