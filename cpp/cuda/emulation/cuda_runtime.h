@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <math.h>
 #include <stdexcept>
 #include <string>
@@ -65,7 +66,7 @@ namespace pm_emu {
 // ----------------------------------------------------------------------------------------------- fibers
 struct Fiber {
   ucontext_t ctx;
-  std::vector<char> stack;
+  char* stack = nullptr;
   unsigned tid = 0;
   bool done = false;
   const void* waiting = nullptr;  // the barrier it waits at, or null when runnable
@@ -129,7 +130,9 @@ struct Entry {
 template <typename F>
 void run_block(Block& B, const F& body, bool flip) {
   const unsigned n = B.dim.x * B.dim.y * B.dim.z;
-  constexpr size_t kStack = 256 * 1024;
+  constexpr size_t kStack = 128 * 1024;
+  static std::vector<std::unique_ptr<char[]>> stacks;  // kept for later launches (no fresh pages each time)
+  while (stacks.size() < n) stacks.emplace_back(new char[kStack]);
   B.fibers.resize(n);
   B.block_barrier = {n, 0, 0};
   B.warp_barriers.assign((n + 31) / 32, Barrier{});
@@ -138,12 +141,12 @@ void run_block(Block& B, const F& body, bool flip) {
   const auto addr = reinterpret_cast<uintptr_t>(&body);
   for (unsigned t = 0; t < n; ++t) {
     Fiber& f = B.fibers[t];
-    f.stack.resize(kStack);
+    f.stack = stacks[t].get();
     f.tid = t;
     f.done = false;
     f.waiting = nullptr;
     getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack.data();
+    f.ctx.uc_stack.ss_sp = f.stack;
     f.ctx.uc_stack.ss_size = kStack;
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, reinterpret_cast<void (*)()>(&Entry<F>::run), 2, static_cast<unsigned>(addr & 0xffffffffu),
