@@ -217,8 +217,8 @@ __global__ void __launch_bounds__(NT) local_items(Geometry<T> G, const Item* __r
                           : T(0);
       }
       __syncthreads();
-#pragma unroll
-      for (int dd = 0; dd < BK; ++dd) {
+      // element dd of the chunk into the 4x4 products
+      auto product = [&](int dd) {
         T qa[4], kb[4];
         if constexpr (QRES) {
 #pragma unroll
@@ -233,11 +233,19 @@ __global__ void __launch_bounds__(NT) local_items(Geometry<T> G, const Item* __r
         for (int u = 0; u < 4; ++u)
 #pragma unroll
           for (int v = 0; v < 4; ++v) prod[u][v] = fma(qa[u], kb[v], prod[u][v]);
+      };
+      // the last chunk of a patch stops at its d - d0 elements (the rest are zero padding: k = 7 has 49
+      // of 64, k = 3 9 of 16); the products are the same, in the same order, as with the padding
+      const int nd = d - d0 < BK ? d - d0 : BK;
+      if (nd == BK) {
+#pragma unroll
+        for (int dd = 0; dd < BK; ++dd) product(dd);
+      } else {
+        for (int dd = 0; dd < nd; ++dd) product(dd);
       }
       if (tid < BN) {
         double sq = knd[tid];
-#pragma unroll
-        for (int dd = 0; dd < BK; ++dd) sq = fma(static_cast<double>(Ks[dd][tid]), static_cast<double>(Ks[dd][tid]), sq);
+        for (int dd = 0; dd < nd; ++dd) sq = fma(static_cast<double>(Ks[dd][tid]), static_cast<double>(Ks[dd][tid]), sq);
         knd[tid] = sq;
       }
     }
