@@ -372,7 +372,8 @@ size_t resident_bytes(int d, int device) {
   if (bytes + fa.sharedSizeBytes > static_cast<size_t>(optin) ||
       2 * (bytes + fa.sharedSizeBytes + reserved) > static_cast<size_t>(per_sm))
     return 0;
-  if (bytes > 48 * 1024)  // above the default limit: raise it, to the same value on every call (no race)
+  // static + dynamic above 48 KB needs the opt-in; raised to the same value on every call (no race)
+  if (bytes + fa.sharedSizeBytes > 48 * 1024)
     check_cuda(cudaFuncSetAttribute(local_items<T, CC, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     optin - static_cast<int>(fa.sharedSizeBytes)),
                "cudaFuncSetAttribute");

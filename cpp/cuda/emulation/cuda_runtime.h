@@ -8,7 +8,9 @@
 // are shared exactly as on a GPU. A barrier that not every thread
 // reaches (divergent __syncthreads) is reported as an error instead of hanging. "Device memory" is host
 // memory; fresh dynamic shared memory and cudaMalloc'd buffers are filled with 0xFF bytes (NaN for
-// floats), so a kernel that reads what it never wrote shows up in the results.
+// floats), so a kernel that reads what it never wrote shows up in the results. A launch asking for more
+// dynamic shared memory than the kernel may take (48 KB with its static arrays, unless raised by
+// cudaFuncSetAttribute) fails, as on a GPU.
 //
 // What this cannot show: speed, the GPU memory model, warp-synchronous code without shuffles, races
 // between blocks (they never run at once), and reads past the end of a buffer that stay inside host memory.
@@ -22,6 +24,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <math.h>
 #include <stdexcept>
@@ -183,9 +186,23 @@ inline std::string& last_message() {
 
 inline void fill_garbage(void* p, size_t bytes) { std::memset(p, 0xFF, bytes); }
 
+// Shared memory limits as on an H100 / H200: every kernel reports kStatic bytes of static shared
+// memory, may take 48 KB - kStatic of dynamic shared memory unless cudaFuncSetAttribute raised it.
+constexpr int kStatic = 16 * 1024, kOptin = 232448;
+inline std::map<const void*, int>& dynamic_limit() {
+  static std::map<const void*, int> m;
+  return m;
+}
+
 // kernel<<<grid, dim, shared, stream>>>(args...), blocks in order
 template <typename... P, typename... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 dim, size_t shared, A&&... args) {
+  const auto it = dynamic_limit().find(reinterpret_cast<const void*>(kernel));
+  if (shared > static_cast<size_t>(it == dynamic_limit().end() ? 48 * 1024 - kStatic : it->second)) {
+    last_error() = cudaErrorInvalidValue;
+    last_message() = "too many resources requested for launch (dynamic shared memory above the kernel's limit)";
+    return;
+  }
   Block B;
   B.grid = grid;
   B.dim = dim;
@@ -302,10 +319,12 @@ inline cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t bytes, cud
 }
 template <typename F>
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, F) {
-  a->sharedSizeBytes = 16 * 1024;  // about what ptxas reports for the local kernels
+  a->sharedSizeBytes = ::pm_emu::kStatic;  // about what ptxas reports for the local kernels
   return cudaSuccess;
 }
 template <typename F>
-cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int value) {
-  return value <= 232448 ? cudaSuccess : cudaErrorInvalidValue;
+cudaError_t cudaFuncSetAttribute(F f, cudaFuncAttribute, int value) {
+  if (value < 0 || value + ::pm_emu::kStatic > ::pm_emu::kOptin) return cudaErrorInvalidValue;
+  ::pm_emu::dynamic_limit()[reinterpret_cast<const void*>(f)] = value;
+  return cudaSuccess;
 }
