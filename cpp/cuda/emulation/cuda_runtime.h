@@ -197,6 +197,12 @@ inline std::map<const void*, int>& dynamic_limit() {
 // kernel<<<grid, dim, shared, stream>>>(args...), blocks in order
 template <typename... P, typename... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 dim, size_t shared, A&&... args) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535 || dim.x * dim.y * dim.z == 0 ||
+      dim.x * dim.y * dim.z > 1024 || dim.z > 64) {
+    last_error() = cudaErrorInvalidValue;
+    last_message() = "invalid configuration argument (grid or block dimensions out of a GPU's range)";
+    return;
+  }
   const auto it = dynamic_limit().find(reinterpret_cast<const void*>(kernel));
   if (shared > static_cast<size_t>(it == dynamic_limit().end() ? 48 * 1024 - kStatic : it->second)) {
     last_error() = cudaErrorInvalidValue;
