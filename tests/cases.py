@@ -74,3 +74,37 @@ def queries(case: Case, seed: int):
     for b in range(B):
         x[b] = noisy(rng, case.train[case.labels == case.qlabels[b]], 1, case.t[b], "cosine_legacy", case.size)[0]
     return x
+
+
+def assert_float32_close(err: np.ndarray, case, data_range: float = 2.0):
+    """The float32 tolerance against the float64 oracle, per query image (so each t is held to it):
+    mean |diff| <= 1e-5 and max <= 1e-3 of the data range."""
+    for b in range(len(err)):
+        assert err[b].mean() <= 1e-5 * data_range, (case, b)
+        assert err[b].max() <= 1e-3 * data_range, (case, b)
+
+
+def mnist_digits(machine: str, t: float, n_train: int, n_query: int, crop: slice):
+    """(machine class, its keyword arguments, train, x): the first ``n_train`` MNIST training digits
+    cropped to ``crop`` in both axes, in [-1, 1], and the first ``n_query`` test digits noised to ``t``
+    (cosine_legacy, seed 7). Skips the calling test when ../shared/data/mnist.npz is missing."""
+    import os
+
+    import pytest
+
+    import patchmosaic as pm
+    from conftest import SHARED
+
+    path = os.path.join(SHARED, "data", "mnist.npz")
+    if not os.path.exists(path):
+        pytest.skip("../shared/data/mnist.npz not present")
+    d = np.load(path)
+    train = d["x_train"][:n_train, None, crop, crop].astype(np.float64) / 127.5 - 1
+    rng = np.random.default_rng(7)
+    a, b2 = pm.schedules.cosine_legacy.coefficients(np.array([t]))
+    x0 = d["x_test"][:n_query, None, crop, crop] / 127.5 - 1
+    x = a[0] * x0 + np.sqrt(b2[0]) * rng.standard_normal(x0.shape)
+    kinds = {"IS": (pm.IS, {}), "LS": (pm.LS, {}), "ELS_zeros": (pm.ELS, {}),
+             "ELS_circular": (pm.ELS, {"boundary": "circular"})}
+    cls, kw = kinds[machine]
+    return cls, kw, train, x

@@ -6,15 +6,12 @@ Tests of GPU-only behaviour (streams, ``auto``, real digits at full size) run on
 Same tolerances as the CPU engine (tests/test_exactness.py): float32 mean |diff| <= 1e-5 and
 max <= 1e-3 of the data range at every t, float64 max <= 1e-9."""
 
-import os
-
 import numpy as np
 import pytest
 import torch
 
 import cuda_emulation
-from cases import build, draw, queries
-from conftest import SHARED
+from cases import assert_float32_close, build, draw, mnist_digits, queries
 
 import patchmosaic as pm
 from patchmosaic import _core
@@ -51,10 +48,7 @@ def test_float32_matches_oracle(seed, dev):
     x = queries(case, seed)
     _, _, out = on_gpu(case, x, np.float32, dev)
     assert out.device.type == dev.type and out.dtype == torch.float32 and tuple(out.shape) == x.shape
-    err = np.abs(out.cpu().double().numpy() - oracle(case, x))
-    for b in range(len(case.t)):
-        assert err[b].mean() <= 1e-5 * RANGE, (case, b)
-        assert err[b].max() <= 1e-3 * RANGE, (case, b)
+    assert_float32_close(np.abs(out.cpu().double().numpy() - oracle(case, x)), case, RANGE)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -70,18 +64,7 @@ def test_float64_matches_oracle(seed, dev):
 @pytest.mark.parametrize("t", [0.02, 0.05, 0.3, 1.0])
 @pytest.mark.parametrize("machine,k", [("ELS_zeros", 5), ("ELS_circular", 3), ("LS", 3), ("IS", None)])
 def test_float32_on_mnist(machine, k, t):
-    path = os.path.join(SHARED, "data", "mnist.npz")
-    if not os.path.exists(path):
-        pytest.skip("../shared/data/mnist.npz not present")
-    d = np.load(path)
-    train = d["x_train"][:600, None, 2:26, 2:26].astype(np.float64) / 127.5 - 1
-    rng = np.random.default_rng(7)
-    a, b2 = pm.schedules.cosine_legacy.coefficients(np.array([t] * 4))
-    x0 = d["x_test"][:4, None, 2:26, 2:26] / 127.5 - 1
-    x = a[0] * x0 + np.sqrt(b2[0]) * rng.standard_normal(x0.shape)
-    kinds = {"IS": (pm.IS, {}), "LS": (pm.LS, {}), "ELS_zeros": (pm.ELS, {}),
-             "ELS_circular": (pm.ELS, {"boundary": "circular"})}
-    cls, kw = kinds[machine]
+    cls, kw, train, x = mnist_digits(machine, t, 600, 4, slice(2, 26))
     ref = cls(train, **kw).denoise(x, t, k, backend="cpu")
     got = cls(torch.from_numpy(train).float().cuda(), **kw).denoise(torch.from_numpy(x).float().cuda(), t, k)
     err = np.abs(got.cpu().double().numpy() - ref)

@@ -9,14 +9,11 @@ Tolerances (relative to the data range, 2 for data in [-1, 1]):
   the tied centres. On the drawn cases the worst measured float32 error is ~5e-5 of the range.
 """
 
-import os
-
 import numpy as np
 import pytest
 
 import naive
-from cases import build, draw, queries
-from conftest import SHARED
+from cases import assert_float32_close, build, draw, mnist_digits, queries
 
 import patchmosaic as pm
 
@@ -61,28 +58,14 @@ def test_float32_matches_oracle(seed, backend):
     ref = oracle(case, x)
     got = build(case, np.float32).denoise(x.astype(np.float32), case.t, case.k, labels=case.qlabels, backend=backend)
     assert got.dtype == np.float32
-    err = np.abs(got.astype(np.float64) - ref)
-    for b in range(len(case.t)):  # per query image, so each t is held to the bound
-        assert err[b].mean() <= 1e-5 * RANGE, (case, b)
-        assert err[b].max() <= 1e-3 * RANGE, (case, b)
+    assert_float32_close(np.abs(got.astype(np.float64) - ref), case, RANGE)
 
 
 @pytest.mark.parametrize("t", [0.02, 0.05, 0.3, 1.0])
 @pytest.mark.parametrize("machine,k", [("ELS_zeros", 5), ("ELS_circular", 3), ("LS", 3), ("IS", None)])
 def test_float32_on_mnist(machine, k, t):
     """Real digits: flat backgrounds make thousands of identical and near-tied keys."""
-    path = os.path.join(SHARED, "data", "mnist.npz")
-    if not os.path.exists(path):
-        pytest.skip("../shared/data/mnist.npz not present")
-    d = np.load(path)
-    train = (d["x_train"][:150, None, 4:24, 4:24].astype(np.float64) / 127.5 - 1)
-    rng = np.random.default_rng(7)
-    a, b2 = pm.schedules.cosine_legacy.coefficients(np.array([t, t]))
-    x0 = d["x_test"][:2, None, 4:24, 4:24] / 127.5 - 1
-    x = a[0] * x0 + np.sqrt(b2[0]) * rng.standard_normal(x0.shape)
-    kinds = {"IS": (pm.IS, {}), "LS": (pm.LS, {}), "ELS_zeros": (pm.ELS, {}),
-             "ELS_circular": (pm.ELS, {"boundary": "circular"})}
-    cls, kw = kinds[machine]
+    cls, kw, train, x = mnist_digits(machine, t, 150, 2, slice(4, 24))
     ref = cls(train, **kw).denoise(x, t, k, backend="torch")
     got = cls(train.astype(np.float32), **kw).denoise(x.astype(np.float32), t, k, backend="cpu")
     err = np.abs(got - ref)
