@@ -67,18 +67,18 @@ struct cudaFuncAttributes {
 namespace pm_emu {
 
 // ----------------------------------------------------------------------------------------------- fibers
+struct Barrier {
+  unsigned expected = 0, arrived = 0;
+  uint64_t gen = 0;
+};
+
 struct Fiber {
   ucontext_t ctx;
   char* stack = nullptr;
   unsigned tid = 0;
   bool done = false;
-  const void* waiting = nullptr;  // the barrier it waits at, or null when runnable
+  const Barrier* waiting = nullptr;  // the barrier it waits at, or null when runnable
   uint64_t wait_gen = 0;
-};
-
-struct Barrier {
-  unsigned expected = 0, arrived = 0;
-  uint64_t gen = 0;
 };
 
 struct Block {
@@ -113,7 +113,7 @@ inline void wait_at(Barrier& bar) {
 }
 
 inline bool runnable(const Fiber& f) {
-  return !f.done && (f.waiting == nullptr || static_cast<const Barrier*>(f.waiting)->gen != f.wait_gen);
+  return !f.done && (f.waiting == nullptr || f.waiting->gen != f.wait_gen);
 }
 
 template <typename F>
