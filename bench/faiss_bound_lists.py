@@ -88,8 +88,8 @@ def main():
     a, b2 = mach.schedule.coefficients(np.array([t]))
     sa2 = float(0.5 / b2[0]) * float(a[0]) ** 2
     part = max(idx.parts, key=lambda q: len(q.keys))
-    if not hasattr(part.index, "invlists") and not hasattr(faiss.extract_index_ivf(part.index), "invlists"):
-        raise SystemExit("needs an IVF-Flat index")
+    if not isinstance(part.index, faiss.IndexIVFFlat):  # list_cells reads the lists' raw float vectors
+        raise SystemExit(f"needs an IVF-Flat index (the cache's k = {args.k} index is {type(part.index).__name__})")
     HW = x.shape[2] * x.shape[3]
     q = patch_vectors(xs, np.arange(HW), args.k, idx.keyset.query_pad).reshape(args.seeds, HW, -1)[:, part.qpix]
     q = np.ascontiguousarray(q.reshape(-1, idx.d) / float(a[0]), np.float32)
