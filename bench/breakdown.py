@@ -43,7 +43,7 @@ def main():
     print("| k | full (t=0.5) s | pairs/s | no-exp (t=0.003) s | pairs/s | time without the exp pass |")
     print("|---|---|---|---|---|---|")
     for k in [int(v) for v in args.ks.split(",")]:
-        pairs = m._keyset(32, 32, k).n_pairs_per_image() * N * args.batch
+        pairs = m.keyset(32, 32, k).n_pairs_per_image() * N * args.batch
         res = {}
         for t in (0.5, 0.003):
             a, b2 = pm.schedules.cosine_legacy.coefficients(t)

@@ -51,7 +51,7 @@ def run(args):
             a, b2 = pm.schedules.cosine_legacy.coefficients(args.t)
             x = (a * images[rng.integers(0, N, B)] + np.sqrt(b2) * rng.standard_normal((B, C, H, W))).astype(np.float32)
             for k in [int(v) for v in args.ks.split(",")]:
-                ks = m._keyset(H, W, k)
+                ks = m.keyset(H, W, k)
                 pairs = ks.n_pairs_per_image() * N * B
                 flops = 2.0 * C * k * k * pairs
                 t_eng = best_time(lambda: m.denoise(x, args.t, k, backend="cpu"), args.repeat)
@@ -100,7 +100,7 @@ def main():
     p.add_argument("--json", help="write the rows to this JSON file")
     args = p.parse_args()
     print(f"# {time.strftime('%Y-%m-%d')} | {machine_line()} | torch {torch.__version__} threads={torch.get_num_threads()}"
-          f" | engine threads={pm._core.max_threads()} | {blas_line()}")
+          f" | engine threads={pm.ops.max_threads()} | {blas_line()}")
     rows = run(args)
     print(table(rows, args))
     if args.json:

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import load  # noqa: E402
 
 import patchmosaic as pm  # noqa: E402
-from patchmosaic.patch_index import PatchIndex, patch_vectors  # noqa: E402
+from patchmosaic.index import PatchIndex, patch_vectors  # noqa: E402
 
 
 def list_cells(part, n_bins):
@@ -96,7 +96,7 @@ def main():
     D, ids = part.index.search(q, args.m)  # IVF-Flat: exact squared distances of the retrieved keys
     cnt = part.count if part.count is not None else np.ones(len(part.keys))
     key = part.keys[ids]
-    train = mach._train_as(torch.float32, torch.device("cpu")).numpy()
+    train = mach.train_as(torch.float32, torch.device("cpu")).numpy()
     v = train[key // HW, 0, (key % HW) // x.shape[3], key % x.shape[3]]
     w = cnt[ids] * np.exp(-sa2 * (D - D[:, :1]))
     S = w.sum(1)

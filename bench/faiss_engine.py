@@ -39,8 +39,9 @@ from common import blas_line, load, machine_line  # noqa: E402
 
 import patchmosaic as pm  # noqa: E402
 from patchmosaic.metrics import pearson_r  # noqa: E402
-from patchmosaic.patch_index import IndexedDenoiser, PatchIndex, measure_recall  # noqa: E402
-from patchmosaic.runstate import write_json  # noqa: E402
+from patchmosaic import IndexedDenoiser, PatchIndex  # noqa: E402
+from patchmosaic.index import measure_recall  # noqa: E402
+from patchmosaic.io.runstate import write_json  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

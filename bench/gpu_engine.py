@@ -70,7 +70,7 @@ def timer(dev: torch.device):
 
 def call_flops(mach, B: int, k: int) -> float:
     """2 x (query patches x keys x patch size) of one call: the dense dot-product work."""
-    ks = mach._keyset(32, 32, k)
+    ks = mach.keyset(32, 32, k)
     pairs = ks.n_pairs_per_image()  # query pixels x key positions, per (query image, training image)
     return 2.0 * B * pairs * mach.N * mach.C * k * k
 
@@ -112,15 +112,13 @@ def main():
     if args.emulate:
         sys.path.insert(0, os.path.join(HERE, "..", "tests"))
         import cuda_emulation
-        from patchmosaic.backends import cuda as cuda_backend
+        from patchmosaic.ops import engines
 
-        cuda_backend._EMULATOR = cuda_emulation.module()
+        engines._EMULATOR = cuda_emulation.module()
         dev, name, mm_size = torch.device("cpu"), "CPU emulator (smoke test; times mean nothing)", (256, 1024)
     else:
         if not pm.cuda_available():
-            from patchmosaic.backends import cuda as cuda_backend
-
-            raise SystemExit("the CUDA engine cannot run here: " + ("no CUDA device" if cuda_backend.built()
+            raise SystemExit("the CUDA engine cannot run here: " + ("no CUDA device" if pm.ops.cuda_built()
                                                                      else "this build has no CUDA engine"))
         dev, name, mm_size = torch.device("cuda"), torch.cuda.get_device_name(), (16384, 65536)
     gpu_time = timer(dev)

@@ -30,13 +30,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import SHARED, machine_line  # noqa: E402
 
 import patchmosaic as pm  # noqa: E402
-from patchmosaic.calibrate import calibrate  # noqa: E402
-from patchmosaic.compare import compare, nearest_training  # noqa: E402
-from patchmosaic.denoisers import MachineDenoiser, NetworkDenoiser  # noqa: E402
+from patchmosaic.experiments.calibrate import calibrate  # noqa: E402
+from patchmosaic.experiments.compare import compare, nearest_training  # noqa: E402
+from patchmosaic.diffusion.denoisers import MachineDenoiser, NetworkDenoiser  # noqa: E402
 from patchmosaic.networks import load_network  # noqa: E402
-from patchmosaic.plots import comparison_grid, kschedule_plot, scatter  # noqa: E402
-from patchmosaic.png import write_png  # noqa: E402
-from patchmosaic.runstate import write_json  # noqa: E402
+from patchmosaic.io.plots import comparison_grid, kschedule_plot, scatter  # noqa: E402
+from patchmosaic.io.png import write_png  # noqa: E402
+from patchmosaic.io.runstate import write_json  # noqa: E402
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
 MNIST = os.path.join(SHARED, "data", "mnist.npz")

@@ -22,13 +22,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import load, machine_line  # noqa: E402
 
 import patchmosaic as pm  # noqa: E402
-from patchmosaic.kschedule import paper_schedule  # noqa: E402
+from patchmosaic.diffusion.kschedule import paper_schedule  # noqa: E402
 
 
 def process(m, x1, ks, clear: bool) -> float:
     def den(x, t, lab):
         if clear:
-            m._keyset_cache.clear()
+            pm.ops.keysets.keyset.cache_clear()
             m._train_cache.clear()
         return m.denoise(x, t, ks.k_at(t))
 

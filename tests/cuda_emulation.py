@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import glob
 import os
 import shutil
 import subprocess
@@ -20,10 +21,11 @@ import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 CPP = os.path.join(ROOT, "cpp")
-KERNELS = [os.path.join(CPP, "cuda", "patch_softmax.cu"), os.path.join(CPP, "cuda", "ideal_score.cu")]
+KERNELS = sorted(glob.glob(os.path.join(CPP, "cuda", "*.cu")))
 HOST = [os.path.join(CPP, "bindings_cuda.cpp"), os.path.join(CPP, "cuda", "emulation", "module.cpp")]
-HEADERS = [os.path.join(CPP, "patch_softmax.hpp"), os.path.join(CPP, "py_buffers.hpp"),
-           os.path.join(CPP, "cuda", "cuda_check.cuh"), os.path.join(CPP, "cuda", "emulation", "cuda_runtime.h")]
+HEADERS = sorted(glob.glob(os.path.join(CPP, "include", "patchmosaic", "*.hpp")) +
+                 glob.glob(os.path.join(CPP, "cuda", "*.cuh")) + [os.path.join(CPP, "bind_contract.hpp"),
+                 os.path.join(CPP, "cuda", "emulation", "cuda_runtime.h")])
 
 _module = None
 
@@ -48,7 +50,7 @@ def module():
         os.makedirs(folder, exist_ok=True)
         tmp = target + f".{os.getpid()}.tmp"
         cmd = [cxx, "-O2", "-std=c++20", "-shared", "-fPIC", "-DPATCHMOSAIC_WITH_CUDA",
-               "-I" + os.path.join(CPP, "cuda", "emulation"), "-I" + CPP, "-I" + pybind11.get_include(),
+               "-I" + os.path.join(CPP, "cuda", "emulation"), "-I" + CPP, "-I" + os.path.join(CPP, "include"), "-I" + pybind11.get_include(),
                "-I" + sysconfig.get_paths()["include"], "-x", "c++", *KERNELS, "-x", "none", *HOST, "-o", tmp]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode != 0:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import patchmosaic as pm
-from patchmosaic.calibrate import calibrate, cosine_per_seed, median_odd
+from patchmosaic.experiments.calibrate import calibrate, cosine_per_seed, median_odd
 
 
 class MachineNet(torch.nn.Module):

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from patchmosaic.cli import build_parser, main
+from patchmosaic.experiments.cli import build_parser, main
 from test_demo_cli import read_png
 
 
@@ -107,7 +107,7 @@ def test_sample_conditional_and_errors(tmp_path, tiny, capsys):
 
 
 def test_kschedule_specs(tmp_path):
-    from patchmosaic.kschedule import KSchedule, from_spec
+    from patchmosaic.diffusion.kschedule import KSchedule, from_spec
 
     assert from_spec("7", 4).ks == (7, 7, 7, 7)
     assert from_spec("ramp:15:3", 5).ks == (15, 13, 9, 7, 3)

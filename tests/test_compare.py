@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import patchmosaic as pm
-from patchmosaic.compare import compare, nearest_training
+from patchmosaic.experiments.compare import compare, nearest_training
 from patchmosaic.metrics import mse, pearson_r, r2, summary
 
 

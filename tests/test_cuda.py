@@ -15,7 +15,7 @@ from cases import assert_float32_close, build, draw, mnist_digits, queries
 
 import patchmosaic as pm
 from patchmosaic import _core
-from patchmosaic.backends import cuda as cuda_backend
+from patchmosaic.ops import engines
 
 RANGE = 2.0
 SEEDS = list(range(48))
@@ -27,7 +27,7 @@ def dev(request, monkeypatch):
     """The device of the engine's tensors: CUDA on the GPU, the CPU under the emulator."""
     if request.param == "gpu":
         return torch.device("cuda")
-    monkeypatch.setattr(cuda_backend, "_EMULATOR", cuda_emulation.module())
+    monkeypatch.setattr(engines, "_EMULATOR", cuda_emulation.module())
     return torch.device("cpu")
 
 
@@ -116,7 +116,7 @@ def test_auto_picks_cuda_for_cuda_tensors_and_runs_on_the_current_stream():
     train = torch.from_numpy(rng.uniform(-1, 1, (30, 1, 16, 16)).astype(np.float32)).cuda()
     x = torch.randn(4, 1, 16, 16, device="cuda")
     m = pm.ELS(train)
-    assert m._resolve_backend(x, None) == "cuda"
+    assert pm.ops.library._engine(x, "auto", 1) is engines.CUDA
     ref = m.denoise(x, 0.3, 7)
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
@@ -131,4 +131,5 @@ def test_auto_picks_cuda_for_cuda_tensors_and_runs_on_the_current_stream():
 @pytest.mark.cuda
 @needs_gpu
 def test_entry_points_exist():
-    assert _core.has_cuda and hasattr(_core, "patch_softmax_cuda") and hasattr(_core, "ideal_score_cuda")
+    assert _core.has_cuda and all(hasattr(_core, f"{op}_{p}_cuda") for op in ("local", "ideal")
+                                  for p in ("forward", "backward"))

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import patchmosaic as pm
-from patchmosaic.cli import main
-from patchmosaic.kschedule import KSchedule, paper_schedule, paper_schedule_names
-from patchmosaic.png import write_png
+from patchmosaic.experiments.cli import main
+from patchmosaic.diffusion.kschedule import KSchedule, paper_schedule, paper_schedule_names
+from patchmosaic.io.png import write_png
 
 
 def read_png(path):
@@ -60,7 +60,7 @@ def test_demo_end_to_end(tmp_path, capsys):
 
 
 def test_demo_samples_are_a_deterministic_function_of_the_seed(tmp_path):
-    from patchmosaic.demo import run_demo
+    from patchmosaic.experiments.demo import run_demo
 
     a = run_demo(str(tmp_path / "a.png"), n=2, steps=3, seed=5, train_per_class=10, progress=False)
     b = run_demo(str(tmp_path / "b.png"), n=2, steps=3, seed=5, train_per_class=10, progress=False)
@@ -73,14 +73,14 @@ def test_demo_samples_are_a_deterministic_function_of_the_seed(tmp_path):
 
 
 def test_cli_bad_input_exits_2_with_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "patchmosaic.cli", "demo", "--n", "0", "--out", str(tmp_path / "x.png")],
+    r = subprocess.run([sys.executable, "-m", "patchmosaic", "demo", "--n", "0", "--out", str(tmp_path / "x.png")],
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "n must be a positive" in r.stderr
 
 
 def test_cli_help_documents_every_option():
-    r = subprocess.run([sys.executable, "-m", "patchmosaic.cli", "demo", "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "patchmosaic", "demo", "--help"], capture_output=True, text=True)
     assert r.returncode == 0
     for opt in ["--out", "--n", "--steps", "--seed", "--train-per-class", "--backend", "--quiet"]:
         assert opt in r.stdout

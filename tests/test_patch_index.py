@@ -10,7 +10,8 @@ import torch
 import patchmosaic as pm
 
 faiss = pytest.importorskip("faiss")
-from patchmosaic.patch_index import IndexedDenoiser, PatchIndex, measure_recall  # noqa: E402
+from patchmosaic import IndexedDenoiser, PatchIndex
+from patchmosaic.index import measure_recall  # noqa: E402
 
 F32 = 2e-5  # float32 slack: both sides are float32 softmaxes of the same keys
 
@@ -50,7 +51,7 @@ def test_all_keys_retrieved_is_the_exact_machine():
     tr, lab, rng = _data(1)
     mach = pm.ELS(tr, lab)
     x = torch.from_numpy(rng.standard_normal((3, 1, 10, 12)).astype(np.float32))
-    r = mach.denoise_approx(x, 0.4, 5, [0, 1, 2], m=10 ** 6)
+    r = pm.index.approx_denoise(mach, x, 0.4, 5, [0, 1, 2], m=10 ** 6)
     assert float(r.bound.max()) == 0.0
     assert torch.allclose(r.x0.double(), mach.denoise(x.double(), 0.4, 5, labels=[0, 1, 2]), atol=F32)
     prov = mach.denoise(x, 0.4, 5, labels=[0, 1, 2], return_provenance=True)[1]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import patchmosaic as pm
-from patchmosaic.sampling import ddim, ddpm, reverse_process, time_grid
+from patchmosaic.diffusion.samplers import ddim, ddpm, reverse_process, time_grid
 
 MU, S = 0.3, 0.5
 

@@ -91,7 +91,7 @@ def test_memory_limit(train, x):
         pm.ELS(train, max_memory=1000).denoise(x, 0.5, 3)
     # a real out-of-memory request (a 2^40-pixel canvas batch) is refused from its size alone
     with pytest.raises(pm.ResourceError, match="more than the"):
-        pm.ELS(train)._check_request_memory(torch.empty((1 << 16, 1, 1 << 12, 1 << 12), device="meta"), "cpu", False)
+        pm.ELS(train).check_request((1 << 16, 1, 1 << 12, 1 << 12), torch.float32, "cpu")
 
 
 def test_backend_names(train, x):
@@ -114,32 +114,53 @@ def test_cuda_backend_unavailable_says_so(train, x):
         pm.IS(train).denoise(x, 0.5, backend="cuda")
 
 
-def test_cuda_entry_points_check_their_index_arrays_before_touching_the_device():
-    """A CUDA build (with or without a GPU): bad index arrays are refused on the host, before any
-    device pointer is used (on a GPU an out-of-range index would kill the CUDA context)."""
+@pytest.mark.parametrize("entry", ["local_forward_cpu", "local_backward_cpu", "local_forward_cuda"])
+def test_entry_points_check_their_call_structs_before_touching_a_buffer(entry):
+    """Both engines validate the call struct on the host, index arrays included, before any buffer is
+    used (on a GPU an out-of-range index would kill the CUDA context; on the CPU it would crash)."""
     from patchmosaic import _core
-    from patchmosaic.backends import Groups
-    from patchmosaic.keysets import boundary_keyset
+    from patchmosaic.ops import contract, keyset
+    from patchmosaic.ops.labels import Groups
 
-    if not _core.has_cuda:
+    if entry.endswith("cuda") and not _core.has_cuda:
         pytest.skip("this build has no CUDA engine")
-    ks = boundary_keyset(6, 6, 6, 6, 3)
+    ks = keyset("els_zeros", 6, 6, 6, 6, 3)
     g = Groups(np.array([0, 4], np.int64), np.arange(4, dtype=np.int32), np.zeros(2, np.int32))
-    a = np.ones(2)
+    train, query = torch.zeros(4, 1, 6, 6), torch.zeros(2, 1, 6, 6)
+    a = torch.ones(2, dtype=torch.float64)
+    out, stats = torch.zeros(2, 1, 6, 6), torch.zeros(2, 6, 6, 2, dtype=torch.float64)
+    run = getattr(_core, entry)
 
-    def call(k=3, grp_img=g.grp_img, group_of_b=g.group_of_b, cls_kpos=ks.cls_kpos):
-        _core.patch_softmax_cuda(False, 0, [4, 1, 6, 6], 0, [2, 1, 6, 6], k, ks.query_pad, ks.key_pad, a, a,
-                                 ks.cls_qpix_ptr, ks.cls_qpix, ks.cls_kpos_ptr, cls_kpos, g.grp_img_ptr, grp_img,
-                                 group_of_b, 0, 0, 0, 0, 0)
+    def call(**change):
+        c = contract.local_call(_core, train=train, query=query, k=3, keyset=ks, a=a, inv_2b2=a, groups=g, out=out,
+                                stats=stats, grad_out=out, grad_query=out, grad_a=a, grad_inv_2b2=a)
+        for name, value in change.items():
+            setattr(c, name, value if isinstance(value, int) else contract.address(value))
+        return run(c, 0, 0) if entry.endswith("cuda") else run(c)
 
-    with pytest.raises(ValueError, match="k must be odd"):
+    bad_img = np.array([0, 1, 2, 9], np.int32)
+    bad_group = np.array([0, 3], np.int32)
+    bad_kpos = ks.cls_kpos + 100
+    bad_qpix = ks.cls_qpix + 100
+    with pytest.raises(ValueError, match="patch size k must be odd"):
         call(k=4)
     with pytest.raises(ValueError, match="grp_img holds an index outside"):
-        call(grp_img=np.array([0, 1, 2, 9], np.int32))
+        call(grp_img=bad_img)
     with pytest.raises(ValueError, match="group_of_b holds an index outside"):
-        call(group_of_b=np.array([0, 3], np.int32))
+        call(group_of_b=bad_group)
     with pytest.raises(ValueError, match="cls_kpos holds an index outside"):
-        call(cls_kpos=ks.cls_kpos + 100)
-    with pytest.raises(ValueError, match="group_of_b holds an index outside"):
-        _core.ideal_score_cuda(False, 0, [4, 36], 0, [2, 36], a, a, g.grp_img_ptr, g.grp_img,
-                               np.array([0, 5], np.int32), 0, 0, 0, 0, 0)
+        call(cls_kpos=bad_kpos)
+    with pytest.raises(ValueError, match="cls_qpix holds an index outside"):
+        call(cls_qpix=bad_qpix)
+    with pytest.raises(ValueError, match="offsets must run from 0"):
+        call(n_cls_qpix=3)
+    with pytest.raises(ValueError, match="dtype must be"):
+        call(dtype=7)
+    with pytest.raises(ValueError, match="train is missing"):
+        call(train=0)
+    with pytest.raises(ValueError, match="the query batch is too large"):
+        call(B=1 << 40, Hq=1 << 30, Wq=1 << 30)
+    with pytest.raises(AttributeError):
+        setattr(_core.LocalCall(), "no_such_field", 1)
+    with pytest.raises(RuntimeError, match="missing fields"):
+        contract.make(_core.LocalCall, dtype=0)

@@ -8,8 +8,8 @@
 #include <limits>
 #include <vector>
 
-#include "../patch_softmax.hpp"
 #include "patch_gather.hpp"
+#include "patchmosaic/engines.hpp"
 #include "threads.hpp"
 
 namespace patchmosaic {
@@ -20,13 +20,19 @@ void candidate_softmax_cpu(const CandidateSoftmaxArgs<T>& A) {
   const int64_t HWq = static_cast<int64_t>(A.Hq) * A.Wq;
   const int64_t HW = static_cast<int64_t>(A.H) * A.W;
   const int nt = resolve_threads(A.n_threads, A.P);
+  FirstError error;
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<T> qp(d), kp(d);
-    std::vector<double> logit(std::max(A.m, 1));
-    std::vector<double> acc(A.C);
+    std::vector<T> qp, kp;
+    std::vector<double> logit, acc;
+    error.run([&] {
+      qp.resize(d);
+      kp.resize(d);
+      logit.resize(std::max(A.m, 1));
+      acc.resize(A.C);
+    });
 #pragma omp for schedule(static)
-    for (int64_t p = 0; p < A.P; ++p) {
+    for (int64_t p = 0; p < A.P; ++p) error.run([&] {
       const int64_t b = A.pix[p] / HWq;
       const int64_t pos = A.pix[p] % HWq;
       const int qi = static_cast<int>(pos / A.Wq), qj = static_cast<int>(pos % A.Wq);
@@ -67,8 +73,9 @@ void candidate_softmax_cpu(const CandidateSoftmaxArgs<T>& A) {
       A.sum_rel[p] = sum;
       if (A.arg_key) A.arg_key[p] = best < 0 ? -1 : cand[best];
       if (A.arg_share) A.arg_share[p] = best < 0 ? T(0) : static_cast<T>((count ? count[best] : 1.0) / sum);
-    }
+    });
   }
+  error.rethrow();
 }
 
 template void candidate_softmax_cpu<float>(const CandidateSoftmaxArgs<float>&);

@@ -1,16 +1,12 @@
-// patch_gather.hpp -- copy C*k*k patches of an image, zero or circular padded, into a transposed buffer.
+// patch_gather.hpp -- copy C*k*k patches of an image, zero or circular padded, into a transposed buffer,
+// and the adjoint: add a patch's gradient back onto the image.
 #pragma once
 
 #include <cstdint>
 
-#include "../patch_softmax.hpp"
+#include "patchmosaic/patch_geometry.hpp"
 
 namespace patchmosaic {
-
-inline int wrap_index(int i, int n) {
-  const int m = i % n;
-  return m < 0 ? m + n : m;
-}
 
 // A run of L keys centred at (ci, cj), (ci, cj + 1), ..., (ci, cj + L - 1) of one image, written
 // transposed: element dd of key l goes to dst[dd * stride + l]. For a fixed dd the L values are
@@ -47,6 +43,20 @@ inline void gather_run(const T* img, int C, int Hs, int Ws, int ci, int cj, int 
       }
     }
   }
+}
+
+// The adjoint of gather_run with L = 1: img[pixel of element dd] += scale * g[dd] for every element of the
+// patch centred at (ci, cj) that reads a pixel (zero-padded elements read none).
+inline void scatter_patch(double* img, int C, int Hs, int Ws, int ci, int cj, int k, int pad, const double* g,
+                          double scale) {
+  const int r = k / 2;
+  int dd = 0;
+  for (int c = 0; c < C; ++c)
+    for (int di = 0; di < k; ++di)
+      for (int dj = 0; dj < k; ++dj, ++dd) {
+        const int64_t at = element_pixel(Hs, Ws, ci, cj, c, di, dj, r, pad);
+        if (at >= 0) img[at] += scale * g[dd];
+      }
 }
 
 }  // namespace patchmosaic

@@ -1,8 +1,10 @@
-// threads.hpp -- how many OpenMP threads a kernel call uses.
+// threads.hpp -- how many OpenMP threads a kernel call uses, and exceptions carried out of a parallel region.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <exception>
+#include <mutex>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -20,5 +22,30 @@ inline int resolve_threads(int requested, int64_t n_items) {
 #endif
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, n_items)));
 }
+
+// An exception may not leave an OpenMP region (the runtime aborts the process): work inside one runs
+// through run(), which keeps the first exception; rethrow() raises it after the region.
+class FirstError {
+ public:
+  template <typename F>
+  void run(F&& f) {
+    if (failed_) return;
+    try {
+      f();
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!error_) error_ = std::current_exception();
+      failed_ = true;
+    }
+  }
+  void rethrow() const {
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  std::exception_ptr error_;
+  std::mutex mu_;
+  volatile bool failed_ = false;
+};
 
 }  // namespace patchmosaic

@@ -1,16 +1,16 @@
-// patch_softmax.cu -- the CUDA kernel of every local machine (LS, ELS, boundary-aware ELS); the twin
-// of cpu/patch_softmax.cpp with the same contract (patch_softmax.hpp).
+// patch_softmax.cu -- the CUDA kernel of every local machine (LS, ELS, boundary-aware ELS), forward pass;
+// the twin of cpu/patch_softmax.cpp with the same contract (contract.hpp, engines.hpp).
 //
-// Work is split into items, as on the CPU: (image group g, query-pixel class c, block of BM query
-// rows, range of keys). One thread block runs one item: it streams its keys in tiles of BN, gathering
+// Work is split into items, as on the CPU (plan.hpp): (image group g, query-pixel class c, block of BM
+// query rows, range of keys). One thread block runs one item: it streams its keys in tiles of BN, gathering
 // each tile's key patches straight from the training images into shared memory in chunks of BK patch
 // elements (patches never exist in global memory), multiplies them against the item's query patches
 // (gathered once per item into dynamic shared memory when all BM of them fit there, else chunk by
 // chunk with the keys) with a register-tiled 4x4-per-thread float product, turns the dot products
 // into logits and folds them into per-thread online softmax states (each thread: 4 rows x its 4 keys
-// of every tile). The 16 partial states of a row are merged by warp shuffles at the end of the item; items over different key ranges of the same
-// rows write partial states (max, sum, weighted centres, arg-max) that a second kernel merges in a
-// fixed order, so results do not depend on scheduling.
+// of every tile). The 16 partial states of a row are merged by warp shuffles at the end of the item;
+// items over different key ranges of the same rows write partial states (max, sum, weighted centres,
+// arg-max) that a second kernel merges in a fixed order, so results do not depend on scheduling.
 //
 // Numerics: distances in the working type T (float32 by default: no tf32, no bf16), logits
 // c1 * <q, p> - c2 * |p|^2 exactly as on the CPU, sums and weighted centres accumulated in double.
@@ -25,46 +25,13 @@
 #include <string>
 #include <vector>
 
-#include "../patch_softmax.hpp"
-#include "cuda_check.cuh"
+#include "local_tile.cuh"
+#include "patchmosaic/engines.hpp"
+#include "patchmosaic/softmax_state.hpp"
 
 namespace patchmosaic {
+namespace cuda {
 namespace {
-
-constexpr int BM = 64;   // query rows per item
-constexpr int BN = 64;   // keys per tile
-constexpr int BK = 16;   // patch elements per chunk
-constexpr int NT = 256;  // threads per block: 16 x 16 threads of 4 x 4 products
-
-struct Item {
-  int64_t row0, row1, k0, k1;  // rows of the (group, class) pair, keys of it
-  int64_t slot;                // first partial-state row of this item
-  int32_t g, c;
-};
-
-struct RowBlock {
-  int64_t row0, row1, slot;  // slot of split 0; split s starts at slot + s * (row1 - row0)
-  int32_t g, c, n_split;
-};
-
-template <typename T>
-struct Geometry {
-  const T* train;
-  const T* query;
-  int64_t N;
-  int C, H, W, Hq, Wq, k, query_pad, key_pad;
-  const double* a;
-  const double* inv_2b2;
-  const int64_t* cls_qpix_ptr;
-  const int32_t* cls_qpix;
-  const int64_t* cls_kpos_ptr;
-  const int32_t* cls_kpos;
-  const int64_t* grp_img_ptr;
-  const int32_t* grp_img;
-  const int64_t* grp_b_ptr;  // query images of each group (CSR)
-  const int32_t* grp_b;
-  const int32_t* elem;       // element_code(e, k) for e < d
-};
 
 struct Partials {
   double* m;
@@ -72,42 +39,6 @@ struct Partials {
   double* acc;   // (slots, C)
   int64_t* best; // key index within the (group, class) key list
 };
-
-// Patch element e of a C*k*k patch, as a code from the per-call table (no divisions in the gather):
-// channel << 24 | row offset << 12 | column offset, offsets in 0..k-1 (k < 4096, checked on the host).
-inline int32_t element_code(int e, int k) {
-  const int ch = e / (k * k), rem = e % (k * k);
-  return (ch << 24) | ((rem / k) << 12) | (rem % k);
-}
-
-// Element `code` of the patch of `img` (C, Hs, Ws) centred at (ci, cj), zero or circular padded.
-template <typename T>
-__device__ __forceinline__ T patch_elem(const T* __restrict__ img, int Hs, int Ws, int ci, int cj, int32_t code,
-                                        int half, int pad) {
-  const int ch = code >> 24;
-  int y = ci + ((code >> 12) & 0xFFF) - half;
-  int x = cj + (code & 0xFFF) - half;
-  if (y < 0 || y >= Hs || x < 0 || x >= Ws) {
-    if (pad != kPadCircular) return T(0);
-    y %= Hs;  // only here: a division for the few wrapped elements
-    y += y < 0 ? Hs : 0;
-    x %= Ws;
-    x += x < 0 ? Ws : 0;
-  }
-  return __ldg(img + (static_cast<int64_t>(ch) * Hs + y) * Ws + x);
-}
-
-// exp(v) for v <= 0, exactly 0 below the point where float results would be denormal.
-template <typename T>
-__device__ __forceinline__ double exp_nonpos(T v);
-template <>
-__device__ __forceinline__ double exp_nonpos<float>(float v) {
-  return v < -87.0f ? 0.0 : static_cast<double>(expf(v));
-}
-template <>
-__device__ __forceinline__ double exp_nonpos<double>(double v) {
-  return v < -700.0 ? 0.0 : exp(v);
-}
 
 // QRES: the item's query patches stay in dynamic shared memory, (ceil(d / BK) * BK, BM) elements,
 // gathered once; otherwise each chunk of them is gathered again for every key tile.
@@ -280,7 +211,7 @@ __global__ void __launch_bounds__(NT) local_items(Geometry<T> G, const Item* __r
       for (int v = 0; v < 4; ++v) {
         const int col = tx * 4 + v;
         if (col >= nk) break;
-        const double w = exp_nonpos<T>(lv[v] - mt);
+        const double w = clamped_exp<T>(lv[v] - mt);
         s[u] += w;
         for (int ch = 0; ch < CC; ++ch) acc[u][ch] += w * static_cast<double>(V[ch][col]);
       }
@@ -297,13 +228,8 @@ __global__ void __launch_bounds__(NT) local_items(Geometry<T> G, const Item* __r
       const long long bo = __shfl_xor_sync(0xffffffffu, static_cast<long long>(best[u]), off);
       double ao[CC];
       for (int ch = 0; ch < CC; ++ch) ao[ch] = __shfl_xor_sync(0xffffffffu, acc[u][ch], off);
-      const double M = fmax(m[u], mo);
-      if (isinf(M)) continue;
-      const double f = exp(m[u] - M), fo = exp(mo - M);
-      s[u] = s[u] * f + so * fo;
-      for (int ch = 0; ch < CC; ++ch) acc[u][ch] = acc[u][ch] * f + ao[ch] * fo;
-      if (mo > m[u] || (mo == m[u] && bo >= 0 && (best[u] < 0 || bo < best[u]))) best[u] = bo;
-      m[u] = M;
+      const MergeFactors f = merge_state(m[u], s[u], best[u], mo, so, static_cast<int64_t>(bo), true);
+      for (int ch = 0; ch < CC; ++ch) acc[u][ch] = acc[u][ch] * f.self + ao[ch] * f.other;
     }
     const int r = ty * 4 + u;
     if (tx == 0 && r < rows) {
@@ -319,7 +245,7 @@ __global__ void __launch_bounds__(NT) local_items(Geometry<T> G, const Item* __r
 // One thread per row: merge the row's partial states over its key splits, in split order.
 template <typename T, int CC>
 __global__ void merge_rows(Geometry<T> G, const RowBlock* __restrict__ blocks, Partials P, T* __restrict__ out,
-                           int64_t* __restrict__ arg_key, T* __restrict__ arg_share) {
+                           double* __restrict__ stats, int64_t* __restrict__ arg_key, T* __restrict__ arg_share) {
   const RowBlock rb = blocks[blockIdx.x];
   const int r = threadIdx.x;
   const int rows = static_cast<int>(rb.row1 - rb.row0);
@@ -329,22 +255,19 @@ __global__ void merge_rows(Geometry<T> G, const RowBlock* __restrict__ blocks, P
   int64_t best = -1;
   for (int sp = 0; sp < rb.n_split; ++sp) {
     const int64_t slot = rb.slot + static_cast<int64_t>(sp) * rows + r;
-    const double mo = P.m[slot];
-    if (isinf(mo)) continue;
-    const double M = fmax(m, mo);
-    const double f = isinf(m) ? 0.0 : exp(m - M), fo = exp(mo - M);
-    s = s * f + P.s[slot] * fo;
-    for (int ch = 0; ch < CC; ++ch) acc[ch] = acc[ch] * f + P.acc[slot * CC + ch] * fo;
-    if (mo > m) best = P.best[slot];
-    m = M;
+    const MergeFactors f = merge_state(m, s, best, P.m[slot], P.s[slot], P.best[slot]);
+    for (int ch = 0; ch < CC; ++ch) acc[ch] = acc[ch] * f.self + P.acc[slot * CC + ch] * f.other;
   }
   const int64_t HW = static_cast<int64_t>(G.H) * G.W, HWq = static_cast<int64_t>(G.Hq) * G.Wq;
-  const int64_t q0 = G.cls_qpix_ptr[rb.c], npix = G.cls_qpix_ptr[rb.c + 1] - q0;
+  const int64_t q0 = G.cls_qpix_ptr[rb.c];
+  const int64_t npix = G.cls_qpix_ptr[rb.c + 1] - q0;
   const int64_t p0 = G.cls_kpos_ptr[rb.c], npos = G.cls_kpos_ptr[rb.c + 1] - p0;
   const int64_t row = rb.row0 + r;
   const int64_t b = G.grp_b[G.grp_b_ptr[rb.g] + row / npix];
   const int64_t pix = G.cls_qpix[q0 + row % npix];
   for (int ch = 0; ch < CC; ++ch) out[(b * G.C + ch) * HWq + pix] = static_cast<T>(s > 0 ? acc[ch] / s : 0.0);
+  stats[2 * (b * HWq + pix)] = m;
+  stats[2 * (b * HWq + pix) + 1] = s;
   if (arg_key) {
     arg_key[b * HWq + pix] = best < 0 ? -1
                                       : static_cast<int64_t>(G.grp_img[G.grp_img_ptr[rb.g] + best / npos]) * HW +
@@ -381,96 +304,47 @@ size_t resident_bytes(int d, int device) {
 }
 
 template <typename T, int CC>
-void launch(const Geometry<T>& G, const std::vector<Item>& items, const std::vector<RowBlock>& blocks,
-            int64_t n_slots, T* out, int64_t* arg_key, T* arg_share, cudaStream_t st, int device) {
-  DeviceBuffer<Item> d_items(items, st);
-  DeviceBuffer<RowBlock> d_blocks(blocks, st);
-  DeviceBuffer<double> m(n_slots, st), s(n_slots, st), acc(n_slots * CC, st);
-  DeviceBuffer<int64_t> best(n_slots, st);
+void launch(const PatchSoftmaxArgs<T>& A, const DeviceCall<T>& D, cudaStream_t st, int device) {
+  DeviceBuffer<double> m(D.slots, st), s(D.slots, st), acc(D.slots * CC, st);
+  DeviceBuffer<int64_t> best(D.slots, st);
   Partials P{m.get(), s.get(), acc.get(), best.get()};
-  const auto n_items = static_cast<unsigned>(items.size());
-  if (const size_t bytes = resident_bytes<T, CC>(G.C * G.k * G.k, device); bytes > 0) {
+  const auto n_items = static_cast<unsigned>(D.n_items);
+  if (const size_t bytes = resident_bytes<T, CC>(A.C * A.k * A.k, device); bytes > 0) {
     const auto kernel = &local_items<T, CC, true>;
-    PM_LAUNCH(kernel, n_items, NT, bytes, st)(G, d_items.get(), P);
+    PM_LAUNCH(kernel, n_items, NT, bytes, st)(D.G, D.items.get(), P);
   } else {
     const auto kernel = &local_items<T, CC, false>;
-    PM_LAUNCH(kernel, n_items, NT, 0, st)(G, d_items.get(), P);
+    PM_LAUNCH(kernel, n_items, NT, 0, st)(D.G, D.items.get(), P);
   }
   check_launch("patch_softmax (items)");
   const auto merge = &merge_rows<T, CC>;
-  PM_LAUNCH(merge, static_cast<unsigned>(blocks.size()), BM, 0, st)(G, d_blocks.get(), P, out, arg_key, arg_share);
+  PM_LAUNCH(merge, static_cast<unsigned>(D.n_blocks), BM, 0, st)(D.G, D.blocks.get(), P, A.out, A.stats, A.arg_key,
+                                                                 A.arg_share);
   check_launch("patch_softmax (merge)");
 }
 
 }  // namespace
+}  // namespace cuda
 
 template <typename T>
-void patch_softmax_cuda(const PatchSoftmaxArgs<T>& A, void* stream, int device) {
+void local_forward_cuda(const PatchSoftmaxArgs<T>& A, void* stream, int device) {
+  using namespace cuda;
   check_cuda(cudaSetDevice(device), "cudaSetDevice");
-  if (A.C < 1 || A.C > 4) throw std::invalid_argument("the CUDA engine handles 1 to 4 channels, got " + std::to_string(A.C));
-  if (A.k < 1 || A.k % 2 == 0) throw std::invalid_argument("k must be odd and positive, got " + std::to_string(A.k));
-  if (A.k >= 4096) throw std::invalid_argument("the CUDA engine handles k < 4096, got " + std::to_string(A.k));
-  for (int64_t b = 0; b < A.B; ++b)
-    if (A.group_of_b[b] < 0 || A.group_of_b[b] >= A.n_groups) throw std::invalid_argument("group_of_b out of range");
   auto st = static_cast<cudaStream_t>(stream);
-  // query images of each group, on the host first (the index arrays are small)
-  std::vector<int64_t> gb_ptr(A.n_groups + 1, 0);
-  for (int64_t b = 0; b < A.B; ++b) gb_ptr[A.group_of_b[b] + 1]++;
-  for (int64_t g = 0; g < A.n_groups; ++g) gb_ptr[g + 1] += gb_ptr[g];
-  std::vector<int32_t> gb(A.B);
-  {
-    std::vector<int64_t> fill(gb_ptr.begin(), gb_ptr.end() - 1);
-    for (int64_t b = 0; b < A.B; ++b) gb[fill[A.group_of_b[b]]++] = static_cast<int32_t>(b);
-  }
-  // items: rows in blocks of BM, keys split so that the whole call has a few thousand blocks
-  double total = 0.0;
-  for (int64_t g = 0; g < A.n_groups; ++g)
-    for (int64_t c = 0; c < A.n_classes; ++c) {
-      const int64_t rows = (gb_ptr[g + 1] - gb_ptr[g]) * (A.cls_qpix_ptr[c + 1] - A.cls_qpix_ptr[c]);
-      const int64_t keys = (A.grp_img_ptr[g + 1] - A.grp_img_ptr[g]) * (A.cls_kpos_ptr[c + 1] - A.cls_kpos_ptr[c]);
-      total += static_cast<double>((rows + BM - 1) / BM) * static_cast<double>(keys);
-    }
-  const int64_t split = std::max<int64_t>(8 * BN, static_cast<int64_t>(total / 4096.0) / BN * BN + BN);
-  std::vector<Item> items;
-  std::vector<RowBlock> blocks;
-  int64_t slot = 0;
-  for (int64_t g = 0; g < A.n_groups; ++g)
-    for (int64_t c = 0; c < A.n_classes; ++c) {
-      const int64_t rows = (gb_ptr[g + 1] - gb_ptr[g]) * (A.cls_qpix_ptr[c + 1] - A.cls_qpix_ptr[c]);
-      const int64_t keys = (A.grp_img_ptr[g + 1] - A.grp_img_ptr[g]) * (A.cls_kpos_ptr[c + 1] - A.cls_kpos_ptr[c]);
-      if (rows == 0) continue;
-      if (keys == 0) throw std::invalid_argument("a query pixel class has no keys (empty image group or key set)");
-      const int32_t n_split = static_cast<int32_t>((keys + split - 1) / split);
-      for (int64_t r0 = 0; r0 < rows; r0 += BM) {
-        const int64_t r1 = std::min(rows, r0 + BM);
-        blocks.push_back({r0, r1, slot, static_cast<int32_t>(g), static_cast<int32_t>(c), n_split});
-        for (int32_t sp = 0; sp < n_split; ++sp) {
-          items.push_back({r0, r1, sp * split, std::min(keys, (sp + 1) * split), slot, static_cast<int32_t>(g),
-                           static_cast<int32_t>(c)});
-          slot += r1 - r0;
-        }
-      }
-    }
-  if (items.empty()) return;
-  DeviceBuffer<double> a(A.a, A.B, st), s2(A.inv_2b2, A.B, st);
-  DeviceBuffer<int64_t> cqp(A.cls_qpix_ptr, A.n_classes + 1, st), ckp(A.cls_kpos_ptr, A.n_classes + 1, st);
-  DeviceBuffer<int32_t> cq(A.cls_qpix, A.cls_qpix_ptr[A.n_classes], st), ck(A.cls_kpos, A.cls_kpos_ptr[A.n_classes], st);
-  DeviceBuffer<int64_t> gip(A.grp_img_ptr, A.n_groups + 1, st), gbp(gb_ptr.data(), A.n_groups + 1, st);
-  DeviceBuffer<int32_t> gi(A.grp_img, A.grp_img_ptr[A.n_groups], st), gbd(gb.data(), A.B, st);
-  std::vector<int32_t> codes(static_cast<size_t>(A.C) * A.k * A.k);
-  for (size_t e = 0; e < codes.size(); ++e) codes[e] = element_code(static_cast<int>(e), A.k);
-  DeviceBuffer<int32_t> elem(codes, st);
-  Geometry<T> G{A.train, A.query, A.N, A.C, A.H, A.W, A.Hq, A.Wq, A.k, A.query_pad, A.key_pad, a.get(), s2.get(),
-                cqp.get(), cq.get(), ckp.get(), ck.get(), gip.get(), gi.get(), gbp.get(), gbd.get(), elem.get()};
+  const QueryGroups qg = queries_by_group(A.group_of_b, A.B, A.n_groups);
+  const Plan plan = plan_cuda(A, qg);
+  if (plan.items.empty()) return;
+  if (plan.items.size() > 2147483647u) throw std::invalid_argument("too many work items for one call; split the batch");
+  const DeviceCall<T> D(A, qg, plan, element_codes(A.C, A.k), st);
   switch (A.C) {
-    case 1: launch<T, 1>(G, items, blocks, slot, A.out, A.arg_key, A.arg_share, st, device); break;
-    case 2: launch<T, 2>(G, items, blocks, slot, A.out, A.arg_key, A.arg_share, st, device); break;
-    case 3: launch<T, 3>(G, items, blocks, slot, A.out, A.arg_key, A.arg_share, st, device); break;
-    default: launch<T, 4>(G, items, blocks, slot, A.out, A.arg_key, A.arg_share, st, device); break;
+    case 1: launch<T, 1>(A, D, st, device); break;
+    case 2: launch<T, 2>(A, D, st, device); break;
+    case 3: launch<T, 3>(A, D, st, device); break;
+    default: launch<T, 4>(A, D, st, device); break;
   }
 }
 
-template void patch_softmax_cuda<float>(const PatchSoftmaxArgs<float>&, void*, int);
-template void patch_softmax_cuda<double>(const PatchSoftmaxArgs<double>&, void*, int);
+template void local_forward_cuda<float>(const PatchSoftmaxArgs<float>&, void*, int);
+template void local_forward_cuda<double>(const PatchSoftmaxArgs<double>&, void*, int);
 
 }  // namespace patchmosaic

@@ -3,20 +3,29 @@
     >>> import patchmosaic as pm
     >>> m = pm.ELS(train_images)                 # boundary-aware ELS, cosine-legacy schedule
     >>> x0_hat = m.denoise(x_t, t=0.5, k=7)      # same shape, dtype and array type as x_t
+
+The package, by role (imports run one way, down this list):
+
+    ops/          the machines' operations as PyTorch custom ops; the only door to the compiled core
+    machines/     IS, LS, ELS (periodic and boundary-aware): training sets calling the ops
+    index/        approximate machines through a FAISS patch index, with an error bound
+    diffusion/    samplers (DDIM, DDPM), denoisers (machine, network, indexed), k-schedules
+    experiments/  calibration, comparison, synthesis, the demo and the command line
+and beside them: schedules (noise schedules), validation, metrics, io (files, pictures, progress),
+data (data sets) and networks (the paper's CNNs and their training).
 """
 
-from . import data, kschedule, metrics, networks, sampling, schedules
-from .calibrate import Calibration, calibrate
-from .compare import compare
-from .denoisers import MachineDenoiser, NetworkDenoiser
-from .kschedule import KSchedule
-from .patch_index import IndexedDenoiser, PatchIndex, calibrate_t_max
-from .sampling import ddim, ddpm
-from .backends.cuda import available as cuda_available
+from . import data, diffusion, index, metrics, networks, ops, schedules
+from .diffusion import IndexedDenoiser, KSchedule, MachineDenoiser, NetworkDenoiser, ddim, ddpm, kschedule
+from .diffusion import samplers as sampling
+from .experiments import Calibration, calibrate, calibrate_t_max, compare
+from .index import PatchIndex
 from .machines import ELS, IS, LS, Machine, Provenance
+from .ops import cuda_available
 from .validation import ResourceError
 
 __all__ = ["IS", "LS", "ELS", "Machine", "Provenance", "ResourceError", "cuda_available", "data", "kschedule",
-           "metrics", "networks", "sampling", "schedules", "ddim", "ddpm", "KSchedule", "MachineDenoiser",
-           "NetworkDenoiser", "calibrate", "Calibration", "compare", "PatchIndex", "IndexedDenoiser", "calibrate_t_max"]
+           "metrics", "networks", "ops", "sampling", "schedules", "diffusion", "index", "ddim", "ddpm", "KSchedule",
+           "MachineDenoiser", "NetworkDenoiser", "calibrate", "Calibration", "compare", "PatchIndex",
+           "IndexedDenoiser", "calibrate_t_max"]
 __version__ = "0.1.0"

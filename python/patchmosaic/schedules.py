@@ -1,21 +1,41 @@
 """Noise schedules: each maps time ``t`` in ``(0, 1]`` to ``alpha_bar(t)`` (spec section 1).
 
 A schedule is an object with ``alpha_bar(t)`` and ``one_minus_alpha_bar(t)`` (computed without
-cancellation where the formula allows, which matters at small ``t`` where ``b^2`` is tiny).
-Machines and samplers accept a schedule object, its name, or any callable ``t -> alpha_bar``.
+cancellation where the formula allows, which matters at small ``t`` where ``b^2`` is tiny). Each formula is
+written once and evaluates on a Python float (``math``), a numpy array or a torch tensor (differentiable,
+so gradients with respect to ``t`` flow through it). Machines and samplers accept a schedule object, its
+name, or any callable ``t -> alpha_bar``.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Union
 
 import numpy as np
+import torch
+
+
+def _xp(t):
+    """The namespace whose cos / sin / exp / expm1 / sqrt apply to ``t``."""
+    if isinstance(t, torch.Tensor):
+        return torch
+    if isinstance(t, numbers.Real) and not isinstance(t, np.ndarray):
+        return math
+    return np
+
+
+def _as(t):
+    xp = _xp(t)
+    if xp is np:
+        return np.asarray(t, dtype=np.float64)
+    return float(t) if xp is math else t
 
 
 class Schedule:
-    """Base class: ``alpha_bar(t)`` and ``1 - alpha_bar(t)``, both for float or numpy ``t``."""
+    """Base class: ``alpha_bar(t)`` and ``1 - alpha_bar(t)`` for a float, a numpy array or a tensor ``t``."""
 
     name = "custom"
 
@@ -32,6 +52,20 @@ class Schedule:
         b2 = np.asarray(self.one_minus_alpha_bar(t), dtype=np.float64)
         return np.sqrt(np.clip(ab, 0.0, 1.0)), np.clip(b2, 0.0, 1.0)
 
+    def scalar_coefficients(self, t: float):
+        """``(a, b2)`` as Python floats for one time ``t`` (what a sampler's step and a machine called with a
+        float ``t`` use; foldable to constants by ``torch.compile``)."""
+        ab = float(self.alpha_bar(float(t)))
+        b2 = float(self.one_minus_alpha_bar(float(t)))
+        return math.sqrt(min(max(ab, 0.0), 1.0)), min(max(b2, 0.0), 1.0)
+
+    def torch_coefficients(self, t: torch.Tensor):
+        """``(a, b2)`` as float64 tensors of the shape of ``t``, differentiable in ``t``."""
+        t = t.to(torch.float64)
+        ab = self.alpha_bar(t)
+        b2 = self.one_minus_alpha_bar(t)
+        return torch.sqrt(ab.clamp(0.0, 1.0)), b2.clamp(0.0, 1.0)
+
     def __call__(self, t):
         return self.alpha_bar(t)
 
@@ -45,10 +79,10 @@ class CosineLegacy(Schedule):
     name = "cosine_legacy"
 
     def alpha_bar(self, t):
-        return np.cos(np.asarray(t, dtype=np.float64) / 1.008 * math.pi / 2) ** 2
+        return _xp(t).cos(_as(t) / 1.008 * math.pi / 2) ** 2
 
     def one_minus_alpha_bar(self, t):
-        return np.sin(np.asarray(t, dtype=np.float64) / 1.008 * math.pi / 2) ** 2
+        return _xp(t).sin(_as(t) / 1.008 * math.pi / 2) ** 2
 
 
 class Cosine(Schedule):
@@ -59,15 +93,15 @@ class Cosine(Schedule):
     s = 0.008
 
     def _angle(self, t):
-        return (np.asarray(t, dtype=np.float64) + self.s) / (1 + self.s) * math.pi / 2
+        return (_as(t) + self.s) / (1 + self.s) * math.pi / 2
 
     def alpha_bar(self, t):
-        return np.cos(self._angle(t)) ** 2 / math.cos(self._angle(0.0)) ** 2
+        return _xp(t).cos(self._angle(t)) ** 2 / math.cos(self._angle(0.0)) ** 2
 
     def one_minus_alpha_bar(self, t):
         # (cos^2 th0 - cos^2 th) / cos^2 th0 = sin(th - th0) sin(th + th0) / cos^2 th0
-        th, th0 = self._angle(t), self._angle(0.0)
-        return np.sin(th - th0) * np.sin(th + th0) / math.cos(th0) ** 2
+        xp, th, th0 = _xp(t), self._angle(t), self._angle(0.0)
+        return xp.sin(th - th0) * xp.sin(th + th0) / math.cos(th0) ** 2
 
 
 @dataclass
@@ -80,24 +114,35 @@ class Linear(Schedule):
     name = "linear"
 
     def _integral(self, t):
-        t = np.asarray(t, dtype=np.float64)
+        t = _as(t)
         return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t
 
     def alpha_bar(self, t):
-        return np.exp(-self._integral(t))
+        return _xp(t).exp(-self._integral(t))
 
     def one_minus_alpha_bar(self, t):
-        return -np.expm1(-self._integral(t))
+        return -_xp(t).expm1(-self._integral(t))
 
 
 class FromCallable(Schedule):
-    """Wrap a user callable ``t -> alpha_bar(t)``."""
+    """Wrap a user callable ``t -> alpha_bar(t)`` that takes a float64 numpy array (a callable that also
+    takes torch tensors keeps gradients with respect to ``t``)."""
 
     def __init__(self, fn: Callable, name: str = "custom"):
         self.fn = fn
         self.name = name
 
     def alpha_bar(self, t):
+        if isinstance(t, torch.Tensor):
+            try:
+                out = self.fn(t)
+            except Exception:  # a numpy-only callable
+                out = None
+            if isinstance(out, torch.Tensor):
+                return out.to(torch.float64)
+            return torch.as_tensor(np.asarray(self.fn(t.detach().cpu().numpy()), dtype=np.float64), device=t.device)
+        if _xp(t) is math:
+            return float(np.asarray(self.fn(np.asarray([t], dtype=np.float64)), dtype=np.float64).reshape(-1)[0])
         return np.asarray(self.fn(np.asarray(t, dtype=np.float64)), dtype=np.float64)
 
 
@@ -121,3 +166,13 @@ def get_schedule(schedule: ScheduleLike = "cosine_legacy") -> Schedule:
     if callable(schedule):
         return FromCallable(schedule)
     raise TypeError(f"schedule must be a name, a Schedule or a callable, got {type(schedule).__name__}")
+
+
+def same_schedule(a: ScheduleLike, b: ScheduleLike) -> bool:
+    """Whether two schedules give the same alpha_bar (the same object, or equal values on a grid of t)."""
+    a, b = get_schedule(a), get_schedule(b)
+    if a is b:
+        return True
+    t = np.linspace(0.005, 1.0, 64)
+    return bool(np.allclose(np.asarray(a.alpha_bar(t), np.float64), np.asarray(b.alpha_bar(t), np.float64),
+                            rtol=1e-12, atol=1e-15))

@@ -13,8 +13,9 @@ class ResourceError(ValueError, MemoryError):
     """A request whose working memory would exceed what this machine has."""
 
 
-def to_tensor(x, name: str, ndim: int = 4) -> torch.Tensor:
-    """numpy or torch -> torch tensor (no copy where possible); checks rank, dtype and finiteness."""
+def as_batch(x, name: str, ndim: int = 4) -> torch.Tensor:
+    """numpy or torch -> torch tensor (no copy where possible); checks type, rank and dtype, from the
+    metadata alone (no look at the values: this runs inside ``torch.compile`` without a graph break)."""
     if isinstance(x, np.ndarray):
         if x.dtype not in (np.float32, np.float64):
             raise TypeError(f"{name} must be float32 or float64, got numpy dtype {x.dtype} with shape {x.shape}")
@@ -22,13 +23,19 @@ def to_tensor(x, name: str, ndim: int = 4) -> torch.Tensor:
     elif isinstance(x, torch.Tensor):
         if x.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"{name} must be float32 or float64, got {x.dtype} with shape {tuple(x.shape)}")
-        x = x.detach()
     else:
         raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
     if x.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions (N, C, H, W), got shape {tuple(x.shape)}")
     if x.numel() == 0:
         raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
+    return x
+
+
+def to_tensor(x, name: str, ndim: int = 4) -> torch.Tensor:
+    """:func:`as_batch` (detached from autograd), and every value finite."""
+    x = as_batch(x, name, ndim)
+    x = x.detach()
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or infinite values (shape {tuple(x.shape)})")
     return x
@@ -58,6 +65,16 @@ def check_k(k, H: int, W: int) -> int:
     if k < 1 or k % 2 == 0:
         raise ValueError(f"patch size k must be an odd positive integer, got {k}")
     return k
+
+
+def check_time(t) -> float:
+    """One time as a Python float in ``(0, 1]``."""
+    if isinstance(t, bool) or not isinstance(t, numbers.Real):
+        raise TypeError(f"t must be a float in (0, 1] or an array of them, got {type(t).__name__} {t!r}")
+    t = float(t)
+    if not (t > 0.0 and t <= 1.0):
+        raise ValueError(f"t must lie in (0, 1], got {t}")
+    return t
 
 
 def check_t(t, B: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ..runstate import write_json
+from ..io.runstate import write_json
 from .resnet import ResNet
 from .unet import UNet
 

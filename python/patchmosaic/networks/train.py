@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..progress import Progress
+from ..io.progress import Progress
 from ..schedules import get_schedule
 from ..validation import to_labels, to_tensor
 from .checkpoint import build, load, save

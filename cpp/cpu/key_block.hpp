@@ -1,0 +1,208 @@
+// key_block.hpp -- what the forward and backward CPU kernels of the local machines share: an item's query
+// patches packed in tiles, the blocks of key patches streamed past them, and the tile of logits.
+//
+// A key block holds kKB keys of one item, gathered on the fly from the training images (patches never
+// exist for more than one block), transposed (element dd of key j at Kt[dd * kKB + j]), with the keys'
+// squared norms, centre values and ids. Query rows are packed in tiles of kMR rows, element-major
+// (Qp[tile][dd][m]), so the micro-kernel broadcasts consecutive values.
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "patch_gather.hpp"
+#include "patchmosaic/contract.hpp"
+#include "patchmosaic/plan.hpp"
+
+namespace patchmosaic {
+namespace cpu {
+
+constexpr int kKB = 256;  // keys per streamed block
+
+// Micro-tile: kMR query rows x NR keys of accumulators, held in vector registers.
+#if defined(__AVX512F__)
+constexpr int kMR = 6;
+template <typename T> struct Tile { static constexpr int NR = 64 / sizeof(T) * 4; };  // four zmm
+#else
+constexpr int kMR = 4;
+template <typename T> struct Tile { static constexpr int NR = 32 / sizeof(T) * 2; };  // two ymm
+#endif
+
+// 64 bytes of T as one GCC vector (one zmm register, or two ymm): element-wise max without a
+// reduction the auto-vectoriser would have to recognise.
+template <typename T> struct Vec64;
+template <> struct Vec64<float> { typedef float type __attribute__((vector_size(64))); };
+template <> struct Vec64<double> { typedef double type __attribute__((vector_size(64))); };
+
+// Logits of one tile of kMR query rows against a block of keys, and each row's block maximum:
+//   L[m][j] = c1[m] * sum_dd Q[dd][m] Kt[dd][j] - c2[m] * kn[j]   (j < nk; -inf beyond)
+// Q is one packed tile, [d][kMR]; the dot products stay in registers until turned into logits. With
+// RAW, the dot products themselves are also stored (R[m][j]), for the backward pass.
+template <typename T, bool RAW = false>
+inline void logit_tile(const T* __restrict Q, const T* __restrict Kt, int d, const T* __restrict kn, int nk,
+                       const T* __restrict c1, const T* __restrict c2, T* __restrict L, T* __restrict bmax,
+                       T* __restrict R = nullptr) {
+  constexpr int NR = Tile<T>::NR;
+  constexpr int kLanes = 64 / sizeof(T);
+  static_assert(NR % kLanes == 0 && kKB % NR == 0, "tile sizes");
+  const T ninf = -std::numeric_limits<T>::infinity();
+  using Vec = typename Vec64<T>::type;
+  Vec lmax[kMR];
+  for (int m = 0; m < kMR; ++m) lmax[m] = Vec{} + ninf;
+  for (int j0 = 0; j0 < kKB; j0 += NR) {
+    T acc[kMR][NR] = {};
+    for (int dd = 0; dd < d; ++dd) {
+      const T* kv = Kt + static_cast<int64_t>(dd) * kKB + j0;
+      for (int m = 0; m < kMR; ++m) {
+        const T qv = Q[static_cast<int64_t>(dd) * kMR + m];
+#pragma omp simd
+        for (int j = 0; j < NR; ++j) acc[m][j] += qv * kv[j];
+      }
+    }
+    for (int m = 0; m < kMR; ++m) {
+      T* Lm = L + m * kKB + j0;
+      if constexpr (RAW) std::memcpy(R + m * kKB + j0, acc[m], sizeof(acc[m]));
+      for (int j = 0; j < NR; ++j) {
+        const T v = c1[m] * acc[m][j] - c2[m] * kn[j0 + j];
+        Lm[j] = j0 + j < nk ? v : ninf;
+      }
+      for (int u = 0; u < NR; u += kLanes) {
+        Vec v;
+        std::memcpy(&v, Lm + u, sizeof(Vec));
+        lmax[m] = lmax[m] > v ? lmax[m] : v;
+      }
+    }
+  }
+  for (int m = 0; m < kMR; ++m) {
+    T lanes[kLanes];
+    std::memcpy(lanes, &lmax[m], sizeof(Vec));
+    T mx = lanes[0];
+    for (int l = 1; l < kLanes; ++l) mx = lanes[l] > mx ? lanes[l] : mx;
+    bmax[m] = mx;
+  }
+}
+
+// An item's query rows, gathered once, packed in tiles of kMR rows (zero rows pad the last tile), and the
+// per-row logit coefficients c1 = 2 a / (2 b^2), c2 = a^2 / (2 b^2).
+template <typename T>
+struct QueryTiles {
+  std::vector<T> Qp, c1, c2;
+  std::vector<int64_t> image, pixel;  // query image and pixel of each row
+  int rows = 0;
+
+  void gather(const PatchSoftmaxArgs<T>& A, const QueryGroups& qg, const WorkItem& it) {
+    const int C = A.C, k = A.k, d = C * k * k;
+    const int64_t HWq = static_cast<int64_t>(A.Hq) * A.Wq;
+    rows = static_cast<int>(it.row1 - it.row0);
+    const int rows_padded = (rows + kMR - 1) / kMR * kMR;
+    Qp.assign(static_cast<size_t>(rows_padded) * d, T(0));
+    c1.assign(rows_padded, T(0));
+    c2.assign(rows_padded, T(0));
+    image.resize(rows);
+    pixel.resize(rows);
+    for (int r = 0; r < rows; ++r) {
+      const int64_t row = it.row0 + r;
+      const int64_t b = row_image(A, qg, it.g, it.c, row);
+      const int64_t pix = row_pixel(A, it.c, row);
+      image[r] = b;
+      pixel[r] = pix;
+      T* dst = Qp.data() + static_cast<int64_t>(r / kMR) * kMR * d + r % kMR;
+      gather_run(A.query + b * C * HWq, C, A.Hq, A.Wq, static_cast<int>(pix / A.Wq), static_cast<int>(pix % A.Wq), 1,
+                 k, A.query_pad, dst, kMR);
+      const double a = A.a[b], s = A.inv_2b2[b];
+      c1[r] = static_cast<T>(2.0 * a * s);
+      c2[r] = static_cast<T>(a * a * s);
+    }
+  }
+  // element dd of row r
+  T at(int r, int dd, int d) const { return Qp[static_cast<int64_t>(r / kMR) * kMR * d + static_cast<int64_t>(dd) * kMR + r % kMR]; }
+};
+
+// A block of up to kKB keys of an item.
+template <typename T>
+struct KeyBlock {
+  std::vector<T> Kt, knorm, V;
+  std::vector<double> knorm_acc;
+  std::vector<int64_t> key_id, base;
+  int nk = 0;
+
+  KeyBlock(int d, int C)
+      : Kt(static_cast<size_t>(d) * kKB), knorm(kKB), V(static_cast<size_t>(C) * kKB), knorm_acc(kKB), key_id(kKB),
+        base(kKB) {}
+
+  // Keys kb0 .. kb0 + n - 1 of the item's (group, class) pair; (img_i, pos_i) is the image and position
+  // counter of key kb0 and advances past the block.
+  void gather(const PatchSoftmaxArgs<T>& A, const WorkItem& it, int n, int64_t& img_i, int64_t& pos_i) {
+    const int C = A.C, k = A.k, d = C * k * k;
+    const int64_t HW = static_cast<int64_t>(A.H) * A.W;
+    const int64_t p0 = A.cls_kpos_ptr[it.c], npos = A.cls_kpos_ptr[it.c + 1] - p0;
+    const int64_t i0 = A.grp_img_ptr[it.g];
+    nk = n;
+    // Key centres of the block (flat offsets into the training buffer), values and ids. Count the
+    // runs of horizontally adjacent keys of one image along the way.
+    const int64_t img_i0 = img_i, pos_i0 = pos_i;
+    int runs = 0;
+    for (int j = 0; j < nk; ++j) {
+      const int64_t nimg = A.grp_img[i0 + img_i];
+      const int64_t pos = A.cls_kpos[p0 + pos_i];
+      const int64_t b = nimg * C * HW + pos;
+      runs += (j == 0 || b != base[j - 1] + 1 || pos % A.W == 0) ? 1 : 0;
+      base[j] = b;
+      for (int c = 0; c < C; ++c) V[static_cast<int64_t>(c) * kKB + j] = A.train[b + c * HW];
+      key_id[j] = nimg * HW + pos;
+      if (++pos_i == npos) { pos_i = 0; ++img_i; }
+    }
+    if (A.key_pad == kPadZeros && runs * 8 > nk) {
+      // Short runs (edge and corner classes, LS): every key of a class has the same padding signature,
+      // so one pattern of padded entries holds for the whole block; gather each patch entry dd of
+      // all keys at once through the centre offsets.
+      const int64_t pos0 = A.cls_kpos[p0 + pos_i0];
+      const int ci = static_cast<int>(pos0 / A.W), cj = static_cast<int>(pos0 % A.W), r = k / 2;
+      for (int c = 0, dd = 0; c < C; ++c)
+        for (int di = 0; di < k; ++di)
+          for (int dj = 0; dj < k; ++dj, ++dd) {
+            T* row = Kt.data() + static_cast<int64_t>(dd) * kKB;
+            const int y = ci - r + di, x = cj - r + dj;
+            if (y < 0 || y >= A.H || x < 0 || x >= A.W) {
+              std::fill(row, row + nk, T(0));
+              continue;
+            }
+            const T* src = A.train + c * HW + static_cast<int64_t>(di - r) * A.W + (dj - r);
+            const int64_t* bp = base.data();
+            for (int j = 0; j < nk; ++j) row[j] = src[bp[j]];
+          }
+    } else {
+      // long runs (interior classes): each patch entry of a run is one contiguous copy (gather_run)
+      int64_t gi = img_i0, gp = pos_i0;
+      for (int j = 0; j < nk;) {
+        const int64_t nimg = A.grp_img[i0 + gi];
+        const int32_t* kp = A.cls_kpos + p0 + gp;
+        const int64_t pos = kp[0];
+        const int ci = static_cast<int>(pos / A.W), cj = static_cast<int>(pos % A.W);
+        int L = 1;
+        while (j + L < nk && gp + L < npos && kp[L] == pos + L && cj + L < A.W) ++L;
+        gather_run(A.train + nimg * C * HW, C, A.H, A.W, ci, cj, L, k, A.key_pad, Kt.data() + j, kKB);
+        j += L;
+        gp += L;
+        if (gp == npos) { gp = 0; ++gi; }
+      }
+    }
+    if (nk < kKB)
+      for (int dd = 0; dd < d; ++dd)
+        std::fill(Kt.begin() + static_cast<int64_t>(dd) * kKB + nk, Kt.begin() + static_cast<int64_t>(dd + 1) * kKB, T(0));
+    // key norms, accumulated in double over dd (vectorised over keys)
+    std::fill(knorm_acc.begin(), knorm_acc.end(), 0.0);
+    for (int dd = 0; dd < d; ++dd) {
+      const T* row = Kt.data() + static_cast<int64_t>(dd) * kKB;
+      double* acc = knorm_acc.data();
+#pragma omp simd
+      for (int j = 0; j < kKB; ++j) acc[j] += static_cast<double>(row[j]) * row[j];
+    }
+    for (int j = 0; j < kKB; ++j) knorm[j] = static_cast<T>(knorm_acc[j]);
+  }
+};
+
+}  // namespace cpu
+}  // namespace patchmosaic

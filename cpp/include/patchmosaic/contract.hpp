@@ -1,0 +1,197 @@
+// contract.hpp -- the arguments of every kernel, for both engines (CPU and CUDA).
+//
+// Each op has one call struct whose fields are listed once, in an X-macro: the struct, its Python
+// binding (bind_contract.hpp) and the list of field names Python fills (ops/contract.py) are all
+// generated from that list. Every field is an integer: sizes, codes, or addresses. Addresses of the
+// large buffers (images, outputs, per-image coefficients) belong to the engine's device (host memory for
+// the CPU engine, device memory for CUDA); the small index arrays (classes, groups, candidates) are
+// always host addresses. The engines read the struct through a typed view (view<T>(call)).
+//
+// What the ops compute (spec.md section 2): for each query row (query image b, pixel p) a softmax over
+// the keys q of its key set with logits
+//     l_q = -|| P_p(x_b) - a_b K_q ||^2 / (2 b_b^2)            (x0_hat = sum_q w_q centre(q))
+// The engines work with the shifted logit l'_q = l_q + |P_p(x_b)|^2 / (2 b_b^2), the same for every key of
+// a row, and report per row the statistics of the softmax over l': stats = (m, s) with m the largest
+// l'_q and s = sum_q exp(l'_q - m), so that w_q = exp(l'_q - m) / s. The backward pass reads them.
+#pragma once
+
+#include <cstdint>
+
+namespace patchmosaic {
+
+enum Dtype : int64_t { kFloat32 = 0, kFloat64 = 1 };
+enum Padding : int64_t { kPadZeros = 0, kPadCircular = 1 };
+
+// LS / ELS / boundary-aware ELS: queries grouped into classes of pixels that share key positions
+// (see python/patchmosaic/ops/keysets.py), training images grouped by label.
+#define PM_LOCAL_FIELDS(F)                                                                          \
+  F(dtype)                       /* kFloat32 or kFloat64: the type of every T buffer below */     \
+  F(train) F(N) F(C) F(H) F(W)   /* T (N, C, H, W): training images */                            \
+  F(query) F(B) F(Hq) F(Wq)      /* T (B, C, Hq, Wq): noisy queries */                            \
+  F(k) F(query_pad) F(key_pad)   /* odd patch size; Padding of query and key patches */           \
+  F(a) F(inv_2b2)                /* double (B,): sqrt(alpha_bar(t_b)), 1 / (2 (1 - alpha_bar)) */ \
+  F(n_classes)                   /* classes of query pixels (host CSR arrays): */                 \
+  F(cls_qpix_ptr) F(cls_qpix) F(n_cls_qpix)  /* int64 (n_classes+1,), int32 pixels i*Wq+j */      \
+  F(cls_kpos_ptr) F(cls_kpos) F(n_cls_kpos)  /* int64 (n_classes+1,), int32 positions i*W+j */    \
+  F(n_groups)                    /* groups of training images (host CSR arrays): */               \
+  F(grp_img_ptr) F(grp_img) F(n_grp_img)     /* int64 (n_groups+1,), int32 image indices */       \
+  F(group_of_b)                  /* int32 (B,): the group of each query image */                  \
+  F(out) F(stats)                /* forward: T (B, C, Hq, Wq); double (B, Hq, Wq, 2) = (m, s) */  \
+  F(arg_key) F(arg_share)        /* optional provenance: int64 n*H*W + p', T weight share */      \
+  F(grad_out)                    /* backward: T (B, C, Hq, Wq), with out and stats as inputs */   \
+  F(grad_query)                  /* backward: T (B, C, Hq, Wq) */                                 \
+  F(grad_a) F(grad_inv_2b2)      /* backward: double (B,) */                                      \
+  F(n_threads)                   /* CPU: 0 = all available */
+
+// IS: one key per training image; the whole image is the patch and the value.
+#define PM_IDEAL_FIELDS(F)                                                      \
+  F(dtype)                                                                      \
+  F(train) F(N) F(D)             /* T (N, D), D = C * H * W */                  \
+  F(query) F(B)                  /* T (B, D) */                                 \
+  F(a) F(inv_2b2)                /* double (B,) */                              \
+  F(n_groups) F(grp_img_ptr) F(grp_img) F(n_grp_img) F(group_of_b)              \
+  F(out) F(stats)                /* T (B, D); double (B, 2) = (m, s) */         \
+  F(arg_key) F(arg_share)        /* optional (B,) */                            \
+  F(grad_out) F(grad_query)      /* backward: T (B, D) */                       \
+  F(grad_a) F(grad_inv_2b2)      /* backward: double (B,) */                    \
+  F(n_threads)
+
+// The exact re-scoring step behind the patch index: a softmax over a short candidate list per listed
+// query pixel, logits recomputed from the original patches (true distances: l_q, not l'_q), and the
+// numbers the index's error bound needs.
+#define PM_CANDIDATE_FIELDS(F)                                                                   \
+  F(dtype)                                                                                       \
+  F(train) F(N) F(C) F(H) F(W)                                                                   \
+  F(query) F(B) F(Hq) F(Wq)                                                                      \
+  F(k) F(query_pad) F(key_pad)                                                                   \
+  F(a) F(inv_2b2)                                                                                \
+  F(P) F(pix)                    /* int64 (P,): b * Hq * Wq + i * Wq + j */                      \
+  F(m) F(cand)                   /* int64 (P, m): n * H * W + i' * W + j'; negative: skipped */  \
+  F(count)                       /* optional double (P, m): identical keys each stands for */    \
+  F(out)                         /* T (B, C, Hq, Wq), written at the listed pixels only */       \
+  F(top_logit) F(last_logit) F(sum_rel)  /* double (P,): largest, smallest logit, sum exp(l - top) */ \
+  F(arg_key) F(arg_share)        /* optional (P,) */                                             \
+  F(n_threads)
+
+#define PM_DECLARE_FIELD(name) int64_t name = 0;
+struct LocalCall { PM_LOCAL_FIELDS(PM_DECLARE_FIELD) };
+struct IdealCall { PM_IDEAL_FIELDS(PM_DECLARE_FIELD) };
+struct CandidateCall { PM_CANDIDATE_FIELDS(PM_DECLARE_FIELD) };
+#undef PM_DECLARE_FIELD
+
+template <typename P>
+inline P addr(int64_t a) {
+  return reinterpret_cast<P>(static_cast<uintptr_t>(a));
+}
+
+// ----------------------------------------------------------------------------------- typed views
+template <typename T>
+struct PatchSoftmaxArgs {
+  const T* train;
+  int64_t N;
+  int C, H, W;
+  const T* query;
+  int64_t B;
+  int Hq, Wq;
+  int k, query_pad, key_pad;
+  const double* a;
+  const double* inv_2b2;
+  int64_t n_classes;
+  const int64_t* cls_qpix_ptr;
+  const int32_t* cls_qpix;
+  const int64_t* cls_kpos_ptr;
+  const int32_t* cls_kpos;
+  int64_t n_groups;
+  const int64_t* grp_img_ptr;
+  const int32_t* grp_img;
+  const int32_t* group_of_b;
+  T* out;
+  double* stats;
+  int64_t* arg_key;
+  T* arg_share;
+  const T* grad_out;
+  T* grad_query;
+  double* grad_a;
+  double* grad_inv_2b2;
+  int n_threads;
+};
+
+template <typename T>
+inline PatchSoftmaxArgs<T> view(const LocalCall& c) {
+  return {addr<const T*>(c.train), c.N, int(c.C), int(c.H), int(c.W), addr<const T*>(c.query), c.B, int(c.Hq),
+          int(c.Wq), int(c.k), int(c.query_pad), int(c.key_pad), addr<const double*>(c.a),
+          addr<const double*>(c.inv_2b2), c.n_classes, addr<const int64_t*>(c.cls_qpix_ptr),
+          addr<const int32_t*>(c.cls_qpix), addr<const int64_t*>(c.cls_kpos_ptr), addr<const int32_t*>(c.cls_kpos),
+          c.n_groups, addr<const int64_t*>(c.grp_img_ptr), addr<const int32_t*>(c.grp_img),
+          addr<const int32_t*>(c.group_of_b), addr<T*>(c.out), addr<double*>(c.stats), addr<int64_t*>(c.arg_key),
+          addr<T*>(c.arg_share), addr<const T*>(c.grad_out), addr<T*>(c.grad_query), addr<double*>(c.grad_a),
+          addr<double*>(c.grad_inv_2b2), int(c.n_threads)};
+}
+
+template <typename T>
+struct IdealScoreArgs {
+  const T* train;
+  int64_t N, D;
+  const T* query;
+  int64_t B;
+  const double* a;
+  const double* inv_2b2;
+  int64_t n_groups;
+  const int64_t* grp_img_ptr;
+  const int32_t* grp_img;
+  const int32_t* group_of_b;
+  T* out;
+  double* stats;
+  int64_t* arg_key;
+  T* arg_share;
+  const T* grad_out;
+  T* grad_query;
+  double* grad_a;
+  double* grad_inv_2b2;
+  int n_threads;
+};
+
+template <typename T>
+inline IdealScoreArgs<T> view(const IdealCall& c) {
+  return {addr<const T*>(c.train), c.N, c.D, addr<const T*>(c.query), c.B, addr<const double*>(c.a),
+          addr<const double*>(c.inv_2b2), c.n_groups, addr<const int64_t*>(c.grp_img_ptr),
+          addr<const int32_t*>(c.grp_img), addr<const int32_t*>(c.group_of_b), addr<T*>(c.out),
+          addr<double*>(c.stats), addr<int64_t*>(c.arg_key), addr<T*>(c.arg_share), addr<const T*>(c.grad_out),
+          addr<T*>(c.grad_query), addr<double*>(c.grad_a), addr<double*>(c.grad_inv_2b2), int(c.n_threads)};
+}
+
+template <typename T>
+struct CandidateSoftmaxArgs {
+  const T* train;
+  int64_t N;
+  int C, H, W;
+  const T* query;
+  int64_t B;
+  int Hq, Wq;
+  int k, query_pad, key_pad;
+  const double* a;
+  const double* inv_2b2;
+  int64_t P;
+  const int64_t* pix;
+  int m;
+  const int64_t* cand;
+  const double* count;
+  T* out;
+  double* top_logit;
+  double* last_logit;
+  double* sum_rel;
+  int64_t* arg_key;
+  T* arg_share;
+  int n_threads;
+};
+
+template <typename T>
+inline CandidateSoftmaxArgs<T> view(const CandidateCall& c) {
+  return {addr<const T*>(c.train), c.N, int(c.C), int(c.H), int(c.W), addr<const T*>(c.query), c.B, int(c.Hq),
+          int(c.Wq), int(c.k), int(c.query_pad), int(c.key_pad), addr<const double*>(c.a),
+          addr<const double*>(c.inv_2b2), c.P, addr<const int64_t*>(c.pix), int(c.m), addr<const int64_t*>(c.cand),
+          addr<const double*>(c.count), addr<T*>(c.out), addr<double*>(c.top_logit), addr<double*>(c.last_logit),
+          addr<double*>(c.sum_rel), addr<int64_t*>(c.arg_key), addr<T*>(c.arg_share), int(c.n_threads)};
+}
+
+}  // namespace patchmosaic

@@ -1,0 +1,206 @@
+// validate.hpp -- one check of every call struct, for both engines, before any buffer is touched.
+//
+// The Python layer (ops/) allocates and fills the structs; these checks make the compiled core safe
+// against a wrong call all the same: every size is positive and small enough for the engines' integer
+// types, every product of sizes fits in 64 bits, every index of the (host) index arrays is in range, and
+// the buffers a pass needs are present. A failed check throws std::invalid_argument naming the field
+// (a ValueError in Python).
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "contract.hpp"
+
+namespace patchmosaic {
+
+enum class Pass { kForward, kBackward };
+enum class Engine { kCpu, kCuda };
+
+namespace detail {
+
+[[noreturn]] inline void fail(const std::string& msg) { throw std::invalid_argument(msg); }
+
+inline void positive(int64_t v, const char* name, int64_t hi = int64_t(1) << 30) {
+  if (v < 1 || v > hi)
+    fail(std::string(name) + " must lie in 1.." + std::to_string(hi) + ", got " + std::to_string(v));
+}
+
+inline void present(int64_t address, const char* name) {
+  if (address == 0) fail(std::string(name) + " is missing (null address)");
+}
+
+// the product of sizes, or an error when it does not fit in 62 bits
+inline int64_t product(std::initializer_list<int64_t> sizes, const char* what) {
+  int64_t p = 1;
+  for (int64_t s : sizes)
+    if (__builtin_mul_overflow(p, s, &p) || p > (int64_t(1) << 62))
+      fail(std::string(what) + " is too large: its size overflows 64-bit arithmetic");
+  return p;
+}
+
+// CSR offsets ptr[0..n]: from 0, non-decreasing, ending at len
+inline void csr(int64_t ptr_addr, int64_t n, int64_t len, const char* name) {
+  present(ptr_addr, name);
+  const int64_t* ptr = addr<const int64_t*>(ptr_addr);
+  if (ptr[0] != 0 || ptr[n] != len)
+    fail(std::string(name) + ": offsets must run from 0 to the array length " + std::to_string(len));
+  for (int64_t i = 0; i < n; ++i)
+    if (ptr[i + 1] < ptr[i]) fail(std::string(name) + ": offsets decrease at entry " + std::to_string(i));
+}
+
+inline void in_range(int64_t v_addr, int64_t len, int64_t hi, const char* name) {
+  if (len == 0) return;
+  present(v_addr, name);
+  const int32_t* v = addr<const int32_t*>(v_addr);
+  for (int64_t i = 0; i < len; ++i)
+    if (v[i] < 0 || v[i] >= hi)
+      fail(std::string(name) + " holds an index outside 0.." + std::to_string(hi - 1) + " (entry " + std::to_string(i) +
+           " is " + std::to_string(v[i]) + ")");
+}
+
+inline void dtype(int64_t d) {
+  if (d != kFloat32 && d != kFloat64) fail("dtype must be 0 (float32) or 1 (float64), got " + std::to_string(d));
+}
+
+inline void padding(int64_t p, const char* name) {
+  if (p != kPadZeros && p != kPadCircular) fail(std::string(name) + " must be 0 (zeros) or 1 (circular)");
+}
+
+// image groups: CSR over the training images, one group per query image; groups in use are not empty
+template <typename Call>
+void groups(const Call& c) {
+  positive(c.n_groups, "n_groups", int64_t(1) << 31);
+  csr(c.grp_img_ptr, c.n_groups, c.n_grp_img, "grp_img_ptr");
+  in_range(c.grp_img, c.n_grp_img, c.N, "grp_img");
+  in_range(c.group_of_b, c.B, c.n_groups, "group_of_b");
+  const int64_t* ptr = addr<const int64_t*>(c.grp_img_ptr);
+  const int32_t* gob = addr<const int32_t*>(c.group_of_b);
+  for (int64_t b = 0; b < c.B; ++b)
+    if (ptr[gob[b] + 1] == ptr[gob[b]]) fail("query image " + std::to_string(b) + " uses an image group with no training images");
+}
+
+template <typename Call>
+void pass_buffers(const Call& c, Pass pass) {
+  present(c.a, "a");
+  present(c.inv_2b2, "inv_2b2");
+  present(c.out, "out");
+  present(c.stats, "stats");
+  if (pass == Pass::kForward) {
+    if ((c.arg_key == 0) != (c.arg_share == 0)) fail("arg_key and arg_share come together (provenance)");
+  } else {
+    present(c.grad_out, "grad_out");
+    present(c.grad_query, "grad_query");
+    present(c.grad_a, "grad_a");
+    present(c.grad_inv_2b2, "grad_inv_2b2");
+  }
+}
+
+}  // namespace detail
+
+// The limits of the engines' kernels, for messages that say what to use instead.
+constexpr int64_t kMaxPatchElements = int64_t(1) << 24;  // C k^2 (a patch per key block lives in memory)
+constexpr int kCudaMaxChannels = 4;
+constexpr int kCudaMaxK = 4095;
+
+inline void validate(const LocalCall& c, Pass pass, Engine engine) {
+  using namespace detail;
+  dtype(c.dtype);
+  present(c.train, "train");
+  present(c.query, "query");
+  positive(c.N, "N", int64_t(1) << 40);
+  positive(c.C, "C");
+  positive(c.H, "H");
+  positive(c.W, "W");
+  positive(c.B, "B", int64_t(1) << 40);
+  positive(c.Hq, "Hq");
+  positive(c.Wq, "Wq");
+  product({c.N, c.C, c.H, c.W}, "the training set");
+  product({c.B, c.C, c.Hq, c.Wq}, "the query batch");
+  if (c.k < 1 || c.k % 2 == 0) fail("patch size k must be odd and positive, got " + std::to_string(c.k));
+  if (c.k > 32767 || product({c.C, c.k, c.k}, "the patch") > kMaxPatchElements)
+    fail("patch size k=" + std::to_string(c.k) + " makes patches of more than " + std::to_string(kMaxPatchElements) +
+         " elements");
+  padding(c.query_pad, "query_pad");
+  padding(c.key_pad, "key_pad");
+  positive(c.n_classes, "n_classes", int64_t(1) << 40);
+  csr(c.cls_qpix_ptr, c.n_classes, c.n_cls_qpix, "cls_qpix_ptr");
+  csr(c.cls_kpos_ptr, c.n_classes, c.n_cls_kpos, "cls_kpos_ptr");
+  in_range(c.cls_qpix, c.n_cls_qpix, c.Hq * c.Wq, "cls_qpix");
+  in_range(c.cls_kpos, c.n_cls_kpos, c.H * c.W, "cls_kpos");
+  const int64_t* qp = addr<const int64_t*>(c.cls_qpix_ptr);
+  const int64_t* kp = addr<const int64_t*>(c.cls_kpos_ptr);
+  for (int64_t i = 0; i < c.n_classes; ++i)
+    if (qp[i + 1] > qp[i] && kp[i + 1] == kp[i])
+      fail("query-pixel class " + std::to_string(i) + " has no key positions");
+  groups(c);
+  pass_buffers(c, pass);
+  if (engine == Engine::kCuda) {
+    if (c.C > kCudaMaxChannels)
+      fail("the CUDA engine handles 1 to " + std::to_string(kCudaMaxChannels) + " channels, got " + std::to_string(c.C));
+    if (c.k > kCudaMaxK) fail("the CUDA engine handles k <= " + std::to_string(kCudaMaxK) + ", got " + std::to_string(c.k));
+  }
+}
+
+inline void validate(const IdealCall& c, Pass pass, Engine) {
+  using namespace detail;
+  dtype(c.dtype);
+  present(c.train, "train");
+  present(c.query, "query");
+  positive(c.N, "N", int64_t(1) << 40);
+  positive(c.D, "D", int64_t(1) << 40);
+  positive(c.B, "B", int64_t(1) << 40);
+  product({c.N, c.D}, "the training set");
+  product({c.B, c.D}, "the query batch");
+  groups(c);
+  pass_buffers(c, pass);
+}
+
+inline void validate(const CandidateCall& c) {
+  using namespace detail;
+  dtype(c.dtype);
+  present(c.train, "train");
+  present(c.query, "query");
+  positive(c.N, "N", int64_t(1) << 40);
+  positive(c.C, "C");
+  positive(c.H, "H");
+  positive(c.W, "W");
+  positive(c.B, "B", int64_t(1) << 40);
+  positive(c.Hq, "Hq");
+  positive(c.Wq, "Wq");
+  const int64_t nkey = product({c.N, c.H, c.W}, "the key set");
+  const int64_t npix = product({c.B, c.Hq, c.Wq}, "the query batch");
+  product({c.N, c.C, c.H, c.W}, "the training set");
+  product({c.B, c.C, c.Hq, c.Wq}, "the query batch");
+  if (c.k < 1 || c.k % 2 == 0) fail("patch size k must be odd and positive, got " + std::to_string(c.k));
+  if (c.k > 32767 || product({c.C, c.k, c.k}, "the patch") > kMaxPatchElements)
+    fail("patch size k=" + std::to_string(c.k) + " is too large");
+  padding(c.query_pad, "query_pad");
+  padding(c.key_pad, "key_pad");
+  present(c.a, "a");
+  present(c.inv_2b2, "inv_2b2");
+  if (c.P < 0) fail("P must not be negative");
+  positive(c.m, "m", int64_t(1) << 24);
+  product({c.P, c.m}, "the candidate list");
+  present(c.out, "out");
+  present(c.top_logit, "top_logit");
+  present(c.last_logit, "last_logit");
+  present(c.sum_rel, "sum_rel");
+  if (c.P == 0) return;
+  present(c.pix, "pix");
+  present(c.cand, "cand");
+  const int64_t* pix = addr<const int64_t*>(c.pix);
+  for (int64_t p = 0; p < c.P; ++p)
+    if (pix[p] < 0 || pix[p] >= npix) fail("pix holds an index outside the query (entry " + std::to_string(p) + ")");
+  const int64_t* cand = addr<const int64_t*>(c.cand);
+  const double* count = addr<const double*>(c.count);
+  for (int64_t e = 0; e < c.P * c.m; ++e) {
+    if (cand[e] >= nkey) fail("cand holds a key index outside the training set (entry " + std::to_string(e) + ")");
+    if (count && cand[e] >= 0 && !(count[e] >= 1.0)) fail("count holds a multiplicity below 1 (or NaN)");
+  }
+  if ((c.arg_key == 0) != (c.arg_share == 0)) fail("arg_key and arg_share come together (provenance)");
+}
+
+}  // namespace patchmosaic

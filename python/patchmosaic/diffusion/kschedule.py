@@ -1,0 +1,108 @@
+"""k-schedules: one odd patch size per reverse-process step, indexed by the step's own time t.
+
+Stored as JSON ``{"times": [...], "ks": [...]}``. The paper's published schedules are available by
+name (:func:`paper_schedule`), translated from its index convention to ours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from typing import List
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class KSchedule:
+    """Patch size ``ks[i]`` for the step that starts at time ``times[i]``."""
+
+    times: tuple
+    ks: tuple
+
+    def __post_init__(self):
+        if len(self.times) != len(self.ks) or not self.ks:
+            raise ValueError(f"times and ks must be non-empty and equally long, got {len(self.times)} and {len(self.ks)}")
+        for k in self.ks:
+            if int(k) != k or k < 1 or k % 2 == 0:
+                raise ValueError(f"every k in a k-schedule must be an odd positive integer, got {k}")
+        for t in self.times:
+            if not 0 < t <= 1:
+                raise ValueError(f"k-schedule times must lie in (0, 1], got {t}")
+
+    def k_at(self, t: float) -> int:
+        """The k of the step whose time is nearest to ``t`` (the earlier step on a tie). Plain Python, so
+        that ``torch.compile`` folds it to a constant."""
+        t = float(t)
+        best = min(range(len(self.times)), key=lambda i: (abs(float(self.times[i]) - t), i))
+        return int(self.ks[best])
+
+    def to_json(self, path: str) -> None:
+        """Write ``{"times": [...], "ks": [...]}`` atomically to ``path``."""
+        from ..io.runstate import write_json
+
+        write_json(path, {"times": list(map(float, self.times)), "ks": list(map(int, self.ks))})
+
+    @classmethod
+    def from_json(cls, path: str) -> "KSchedule":
+        """Read a schedule written by :meth:`to_json` (extra keys, e.g. a calibration's, are ignored)."""
+        with open(path) as f:
+            d = json.load(f)
+        return cls(tuple(float(t) for t in d["times"]), tuple(int(k) for k in d["ks"]))
+
+    @classmethod
+    def constant(cls, k: int, steps: int = 20) -> "KSchedule":
+        """The same ``k`` at every step of the grid ``t_i = i / steps``."""
+        return cls(tuple(i / steps for i in range(steps, 0, -1)), (int(k),) * steps)
+
+    @classmethod
+    def ramp(cls, k_first: int, k_last: int, steps: int = 20) -> "KSchedule":
+        """k moving linearly from ``k_first`` (step at t = 1) to ``k_last`` (last step); an even value
+        rounds up to the next odd one."""
+        ks = np.linspace(k_first, k_last, steps)
+        return cls(tuple(i / steps for i in range(steps, 0, -1)), tuple(int(2 * np.floor(k / 2) + 1) for k in ks))
+
+
+def from_spec(spec, steps: int = 20) -> KSchedule:
+    """A k-schedule from a short text: ``"7"`` (constant), ``"ramp:15:5"``, ``"paper:NAME"`` or a JSON file."""
+    spec = str(spec)
+    if spec.startswith("paper:"):
+        return paper_schedule(spec[6:], steps)
+    if spec.startswith("ramp:"):
+        parts = spec.split(":")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts[1:]):
+            raise ValueError(f"a ramp k-schedule reads ramp:K_FIRST:K_LAST, got {spec!r}")
+        return KSchedule.ramp(int(parts[1]), int(parts[2]), steps)
+    if spec.lstrip("-").isdigit():
+        return KSchedule.constant(int(spec), steps)
+    if not os.path.exists(spec):
+        raise ValueError(f"k-schedule {spec!r} is neither an odd integer, ramp:A:B, paper:NAME nor a JSON file")
+    return KSchedule.from_json(spec)
+
+
+def paper_schedule_names() -> List[str]:
+    """Names accepted by :func:`paper_schedule` (e.g. ``"MNIST_ResNet_zeros"``)."""
+    return sorted(_paper()["schedules"])
+
+
+def paper_schedule(name: str, steps: int = 20) -> KSchedule:
+    """The paper's calibrated schedule ``name`` on our grid ``t_i = i / steps``, ``i = steps..1``.
+
+    The paper stores entry ``i`` for ``t = i / 20`` (entry 0 unused, its machine starting at t = 0.95);
+    our step at ``t = 1`` takes the entry of ``t = 0.95``.
+    """
+    table = _paper()["schedules"]
+    if name not in table:
+        raise ValueError(f"unknown paper k-schedule {name!r}; known: {sorted(table)}")
+    entries = table[name]
+    n = len(entries)
+    times = tuple(i / steps for i in range(steps, 0, -1))
+    ks = tuple(int(entries[min(n - 1, max(1, int(round(t * n))))]) for t in times)
+    return KSchedule(times, ks)
+
+
+def _paper():
+    with resources.files("patchmosaic.data").joinpath("paper_kschedules.json").open("r") as f:
+        return json.load(f)

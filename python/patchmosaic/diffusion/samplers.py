@@ -1,0 +1,182 @@
+"""Reverse processes (spec section 3) as small pure functions over a denoiser.
+
+A denoiser is ``denoiser(x_t, t, labels) -> x0_hat`` with ``x_t`` a ``(B, C, H, W)`` tensor and ``t`` a
+float, and owns its noise schedule (``denoiser.schedule``: :class:`MachineDenoiser`, :class:`NetworkDenoiser`
+and :class:`IndexedDenoiser` have one). Samplers take the schedule from the denoiser; ``schedule=`` serves
+plain functions (default ``"cosine_legacy"``), and naming a different one than the denoiser's is an error.
+Samplers step on a time grid ``1 = t_S > ... > t_1 > t_0 = 0`` (default ``t_i = i / S``).
+
+One update from ``t`` to ``t'`` (``a, b`` and ``a', b'`` from the noise schedule, ``b = sqrt(1 - a^2)``)::
+
+    x0    = denoiser(x_t, t, labels)
+    eps   = (x_t - a x0) / b
+    sigma = eta * sqrt((1 - a'^2) / (1 - a^2)) * sqrt(1 - a^2 / a'^2)      # 0 for DDIM, DDPM's for eta = 1
+    x_t'  = a' x0 + sqrt(b'^2 - sigma^2) eps + sigma z,   z ~ N(0, I) from ``generator``
+
+and the step that reaches ``t' = 0`` returns ``x0``. With ``eta = 1`` the update draws from the DDPM
+posterior ``q(x_t' | x_t, x0)`` (mean and variance of Ho et al. for the step ``t -> t'``).
+
+The loop is plain Python over a grid of Python floats, so ``torch.compile(fullgraph=True)`` of a whole
+``ddim`` over a machine denoiser traces into one graph (the progress bar is off while compiling).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..io.progress import Progress
+from ..schedules import Schedule, ScheduleLike, get_schedule, same_schedule
+
+
+def time_grid(steps: int = 20) -> np.ndarray:
+    """The default grid ``[1, (S-1)/S, ..., 1/S, 0]`` (descending, ``S + 1`` points)."""
+    if isinstance(steps, bool) or int(steps) != steps or int(steps) < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps}")
+    return np.arange(steps, -1, -1, dtype=np.float64) / steps
+
+
+def check_grid(grid: Optional[Sequence[float]], steps: int = 20) -> np.ndarray:
+    """``grid`` as a float64 array (default: :func:`time_grid`), or a ValueError naming the problem."""
+    g = time_grid(steps) if grid is None else np.asarray(grid, dtype=np.float64)
+    if g.ndim != 1 or len(g) < 2:
+        raise ValueError(f"grid must be a 1-D sequence of at least two times, got shape {tuple(g.shape)}")
+    if not np.all(np.isfinite(g)) or np.any(np.diff(g) >= 0) or g[0] > 1 or g[-1] < 0 or g[0] <= 0:
+        raise ValueError(f"grid must be strictly decreasing within [0, 1] and start above 0, got {g.tolist()}")
+    return g
+
+
+def _grid_floats(grid: Optional[Sequence[float]], steps: int) -> list:
+    """The grid as Python floats (constants for ``torch.compile``); checked like :func:`check_grid`."""
+    if grid is None:
+        if isinstance(steps, bool) or int(steps) != steps or int(steps) < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps}")
+        return [i / steps for i in range(int(steps), -1, -1)]
+    return [float(v) for v in check_grid(grid, steps)]
+
+
+def denoiser_schedule(denoiser, schedule: Optional[ScheduleLike] = None) -> Schedule:
+    """The schedule a sampler runs ``denoiser`` on: its own; ``schedule`` for a plain function (default
+    ``cosine_legacy``); a ValueError if both are given and differ."""
+    own = getattr(denoiser, "schedule", None)
+    if own is None:
+        return get_schedule("cosine_legacy" if schedule is None else schedule)
+    own = get_schedule(own)
+    if schedule is not None and not same_schedule(own, schedule):
+        raise ValueError(f"the denoiser runs on the noise schedule {own.name!r}, but schedule={get_schedule(schedule).name!r} "
+                         "was given; drop schedule= (a denoiser owns its schedule)")
+    return own
+
+
+def common_schedule(denoisers: dict) -> Schedule:
+    """The one schedule shared by named denoisers (e.g. a network and the machines compared with it), or a
+    ValueError naming two that differ."""
+    first_name, first = None, None
+    for name, d in denoisers.items():
+        s = denoiser_schedule(d)
+        if first is None:
+            first_name, first = name, s
+        elif not same_schedule(first, s):
+            raise ValueError(f"{first_name!r} runs on the noise schedule {first.name!r} but {name!r} on {s.name!r}; "
+                             "sample both on the same schedule")
+    return first
+
+
+def step_coefficients(schedule, t: float, t_next: float, eta: float = 0.0):
+    """``(a, b, a', sqrt(b'^2 - sigma^2), sigma)`` of one update from ``t`` to ``t_next > 0`` (floats)."""
+    sched = get_schedule(schedule)
+    a, b2 = sched.scalar_coefficients(t)
+    a1, b12 = sched.scalar_coefficients(t_next)
+    sigma = 0.0
+    if eta:
+        # DDPM posterior variance of the step t -> t': (1 - ab') / (1 - ab) * (1 - ab / ab')
+        sigma = eta * math.sqrt(max(b12 / b2 * (1.0 - a * a / (a1 * a1)), 0.0))
+    return a, math.sqrt(b2), a1, math.sqrt(max(b12 - sigma * sigma, 0.0)), sigma
+
+
+def update(schedule, x: torch.Tensor, x0: torch.Tensor, t: float, t_next: float, eta: float = 0.0,
+           generator: Optional[torch.Generator] = None, eps: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One step of the module docstring from ``x_t`` (given the denoiser's ``x0``) to ``t_next``;
+    ``x0`` itself when ``t_next <= 0``. ``generator`` draws the noise when ``eta > 0``; ``eps``, when
+    the caller already has it (an eps network), is used instead of ``(x_t - a x0) / b``."""
+    if t_next <= 0:
+        return x0
+    a, b, a1, c_eps, sigma = step_coefficients(schedule, t, t_next, eta)
+    if eps is None:
+        eps = (x - a * x0) / b
+    x = a1 * x0 + c_eps * eps
+    if sigma > 0:
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=generator.device)
+        x = x + sigma * z.to(x.device)
+    return x
+
+
+def reverse_process(denoiser: Callable, x1, labels=None, *, eta: float = 0.0,
+                    generator: Optional[torch.Generator] = None, grid: Optional[Sequence[float]] = None,
+                    steps: int = 20, schedule: Optional[ScheduleLike] = None, callback: Optional[Callable] = None,
+                    progress: bool = True, desc: str = "sampling") -> torch.Tensor:
+    """The update of the module docstring from ``x1`` at ``t = grid[0]`` down to ``grid[-1]``.
+
+    ``x1``: the starting noise ``(B, C, H, W)``, a tensor or a float numpy array (the result is then numpy
+    too). ``callback(i, t, x_t, x0)`` is called after each denoiser evaluation (``i`` counts from 0).
+    """
+    sched = denoiser_schedule(denoiser, schedule)
+    g = _grid_floats(grid, steps)
+    is_numpy = isinstance(x1, np.ndarray)
+    if is_numpy:
+        if x1.dtype not in (np.float32, np.float64):
+            raise TypeError(f"x1 must be float32 or float64, got numpy dtype {x1.dtype}")
+        x1 = torch.from_numpy(np.ascontiguousarray(x1))
+    if not torch.is_tensor(x1) or x1.ndim != 4:
+        raise ValueError(f"x1 must be a (B, C, H, W) tensor, got {type(x1).__name__} "
+                         f"of shape {tuple(getattr(x1, 'shape', ()))}")
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must lie in [0, 1], got {eta}")
+    if eta > 0 and generator is None:
+        raise ValueError("a stochastic sampler (eta > 0) needs a seeded torch.Generator")
+    x = x1
+    bar = Progress(len(g) - 1, desc, enabled=progress and not torch.compiler.is_compiling())
+    for i in range(len(g) - 1):
+        t, t_next = g[i], g[i + 1]
+        x0 = denoiser(x, t, labels)
+        if callback is not None:
+            callback(i, t, x, x0)
+        x = update(sched, x, x0, t, t_next, eta, generator)
+        bar.update()
+    bar.close()
+    return x.detach().numpy() if is_numpy else x
+
+
+def ddim(denoiser: Callable, x1, labels=None, *, grid: Optional[Sequence[float]] = None, steps: int = 20,
+         schedule: Optional[ScheduleLike] = None, callback: Optional[Callable] = None,
+         progress: bool = True) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) from noise ``x1`` at ``t = grid[0]`` down to ``grid[-1]`` (0).
+
+    Args:
+        denoiser: ``denoiser(x_t, t, labels) -> x0_hat``; its ``.schedule`` is used (a
+            :class:`MachineDenoiser`, :class:`NetworkDenoiser`, ...), else ``schedule``.
+        x1: starting noise ``(B, C, H, W)``, torch or numpy (the result has the same type).
+        labels: ``(B,)`` labels passed to every denoiser call (None: unconditional).
+        grid: descending times from ``grid[0] <= 1`` to ``grid[-1] = 0``; default ``t_i = i / steps``.
+        steps: number of steps of the default grid.
+        schedule: the noise schedule of a plain-function denoiser (default ``"cosine_legacy"``); for a
+            denoiser with its own schedule, omit it (a different one is an error).
+        callback: ``callback(i, t, x_t, x0)`` after each denoiser evaluation.
+        progress: a progress bar on stderr.
+    Returns:
+        the sample at ``grid[-1]``.
+    """
+    return reverse_process(denoiser, x1, labels, eta=0.0, grid=grid, steps=steps, schedule=schedule,
+                           callback=callback, progress=progress, desc="ddim")
+
+
+def ddpm(denoiser: Callable, x1, labels=None, *, generator: torch.Generator, grid: Optional[Sequence[float]] = None,
+         steps: int = 20, schedule: Optional[ScheduleLike] = None, callback: Optional[Callable] = None,
+         progress: bool = True) -> torch.Tensor:
+    """Stochastic DDPM (eta = 1): ancestral sampling with the posterior variance, noise from ``generator``
+    (seeded ``torch.Generator``). Other arguments as :func:`ddim`."""
+    return reverse_process(denoiser, x1, labels, eta=1.0, generator=generator, grid=grid, steps=steps,
+                           schedule=schedule, callback=callback, progress=progress, desc="ddpm")

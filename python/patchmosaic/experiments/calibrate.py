@@ -1,0 +1,114 @@
+"""Calibration of a k-schedule against a trained network (spec section 4).
+
+Along the network's own DDIM trajectory from each seed, at every step, the machine is evaluated at
+every candidate ``k`` on the network's current ``x_t``; the ``k`` whose score has the highest cosine
+similarity with the network's score is that seed's choice. The schedule is the per-step median over
+seeds (the lower median, so that it is always one of the odd candidates).
+
+The scores ``-eps / b`` of network and machine share the factor ``1 / b^2`` against ``a x0_hat - x_t``,
+so the cosine is computed on ``a x0_hat - x_t`` per seed over all pixels and channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..diffusion.denoisers import NetworkDenoiser
+from ..diffusion.kschedule import KSchedule
+from ..io.progress import Progress
+from ..io.runstate import fingerprint, load_state, save_state, write_json
+from ..diffusion.samplers import check_grid, common_schedule, update
+from ..validation import check_k
+
+
+@dataclass
+class Calibration:
+    """``schedule``: the calibrated k-schedule; ``choices[i, m]``: seed m's k at step i;
+    ``cosine[i, m, j]``: cosine similarity of the scores at step i, seed m, candidate ``candidates[j]``."""
+
+    schedule: KSchedule
+    candidates: tuple
+    choices: np.ndarray
+    cosine: np.ndarray
+
+    def to_json(self, path: str, **info) -> None:
+        """The schedule (readable by ``KSchedule.from_json``) plus the per-seed choices and cosines."""
+        write_json(path, {"times": list(map(float, self.schedule.times)), "ks": list(map(int, self.schedule.ks)),
+                          "candidates": list(map(int, self.candidates)),
+                          "choices": self.choices.astype(int).tolist(),
+                          "cosine": np.round(self.cosine, 6).tolist(), **info})
+
+
+def cosine_per_seed(u: torch.Tensor, v: torch.Tensor) -> np.ndarray:
+    """Cosine similarity of ``u[m]`` and ``v[m]`` over all their entries, per ``m`` (float64)."""
+    u = u.reshape(u.shape[0], -1).double()
+    v = v.reshape(v.shape[0], -1).double()
+    return (torch.sum(u * v, 1) / (u.norm(dim=1) * v.norm(dim=1)).clamp_min(1e-300)).cpu().numpy()
+
+
+def median_odd(values: np.ndarray) -> int:
+    """The lower median of odd values (always one of them)."""
+    s = np.sort(np.asarray(values).ravel())
+    return int(s[(len(s) - 1) // 2])
+
+
+def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Optional[Sequence[int]] = None,
+              k_max: Optional[int] = None, grid: Optional[Sequence[float]] = None, steps: int = 20,
+              state: Optional[str] = None, run_id: str = "", progress: bool = True) -> Calibration:
+    """Calibrate ``machine`` (IS excluded: it has no k) against ``network`` from the seeds ``x1`` ``(M, C, H, W)``.
+
+    ``network`` is an eps network module (run on the machine's noise schedule) or a :class:`NetworkDenoiser`
+    (whose schedule must be the machine's: a ValueError otherwise); ``candidates`` default to
+    ``3, 5, ..., k_max`` (default ``k_max``: 31, or ``2 max(H, W) + 1`` if smaller). Everything runs in
+    float32 (the engines' precision); cosines are accumulated in float64. ``state``: an npz path
+    saved after every step; a run with the same settings resumes from it (``run_id`` names the network
+    in the fingerprint, since network weights are not hashed).
+    """
+    net = network if isinstance(network, NetworkDenoiser) else NetworkDenoiser(network, machine.schedule)
+    common_schedule({"network": net, type(machine).__name__: machine})
+    if not machine.local:
+        raise ValueError("calibration chooses a patch size; the IS machine has none")
+    if not torch.is_tensor(x1) or x1.ndim != 4:
+        raise ValueError(f"x1 must be a (M, C, H, W) tensor of seeds, got shape {tuple(getattr(x1, 'shape', ()))}")
+    H, W = x1.shape[-2:]
+    if candidates is None:
+        k_max = min(31, 2 * max(H, W) + 1) if k_max is None else int(k_max)
+        candidates = list(range(3, k_max + 1, 2))
+    candidates = tuple(check_k(k, H, W) for k in candidates)
+    if not candidates:
+        raise ValueError("no candidate patch sizes")
+    g = check_grid(grid, steps)
+    S, M, K = len(g) - 1, x1.shape[0], len(candidates)
+    lab = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    machine.check_labels(None if lab is None else lab.numpy(), M)
+    fp = fingerprint(kind="calibrate", run_id=run_id, machine=type(machine).__name__,
+                     boundary=getattr(machine, "boundary", None), N=machine.N, grid=g.tolist(),
+                     candidates=list(candidates), x1=x1.float(), labels=None if lab is None else lab.numpy())
+    saved = load_state(state, fp)
+    x = x1.float()
+    cos = np.full((S, M, K), np.nan)
+    start = 0
+    if saved is not None:
+        start, x, cos = int(saved["next_step"]), torch.from_numpy(saved["x"]), saved["cosine"]
+    bar = Progress(S * K, f"calibrate {type(machine).__name__}", enabled=progress)
+    bar.update(start * K)
+    for i in range(start, S):
+        t, t_next = float(g[i]), float(g[i + 1])
+        a, b2 = (float(v) for v in machine.schedule.coefficients(t))
+        eps_net = net.eps(x, t, lab)
+        target = -np.sqrt(b2) * eps_net          # = a x0_net - x_t
+        for j, k in enumerate(candidates):
+            x0_m = machine.denoise(x, t, k, labels=lab)
+            cos[i, :, j] = cosine_per_seed(a * x0_m - x, target)
+            bar.update(postfix=f"t={t:.2f} k={k}")
+        x = update(machine.schedule, x, (x - np.sqrt(b2) * eps_net) / a, t, t_next, eps=eps_net)
+        if state is not None:
+            save_state(state, fp, next_step=np.array(i + 1), x=x.numpy(), cosine=cos)
+    bar.close()
+    choices = np.asarray(candidates)[np.argmax(cos, axis=2)]
+    ks = tuple(median_odd(choices[i]) for i in range(S))
+    return Calibration(KSchedule(tuple(float(t) for t in g[:-1]), ks), candidates, choices, cos)

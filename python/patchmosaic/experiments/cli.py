@@ -1,0 +1,311 @@
+"""The ``patchmosaic`` command line. Exit code 0 on success, 2 with a one-line reason on bad input.
+
+Subcommands: ``demo`` (the main job on the built-in data), ``train``, ``calibrate``, ``compare``.
+Every long run shows progress on stderr (``--quiet`` switches it off) and resumes when rerun with
+the same arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DATA_HELP = ("training images: 'default' (the built-in 2,000 MNIST digits), an .npz file (uint8 images under "
+             "x_train/images/x, labels under y_train/labels/y) or an IDX file or directory (MNIST format)")
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    res = run_demo(out=args.out, n=args.n, steps=args.steps, seed=args.seed,
+                   train_per_class=args.train_per_class, backend=args.backend, progress=not args.quiet)
+    print(f"wrote {res['out']}: {args.n} boundary-aware ELS samples in {res['seconds']:.1f}s")
+    for b in range(args.n):
+        print(f"  seed {b}: label {int(res['labels'][b])}, {res['sources_per_sample'][b]} training images "
+              f"contribute patches, distance to nearest training image {float(res['nearest_distance'][b]):.2f}")
+    return 0
+
+
+def _sample(args) -> int:
+    from .synthesis import run_sample
+
+    canvas = None
+    if args.canvas:
+        try:
+            h, _, w = args.canvas.lower().partition("x")
+            canvas = (int(h), int(w or h))
+        except ValueError:
+            raise ValueError(f"--canvas reads HxW (e.g. 256x256), got {args.canvas!r}") from None
+    labels = None if args.labels is None else [int(v) for v in args.labels.split(",")]
+    classes = None if args.classes is None else [int(v) for v in args.classes.split(",")]
+    res = run_sample(args.data, out=args.out, machine=args.machine, boundary=args.boundary, k=args.k,
+                     canvas=canvas, n=args.n, steps=args.steps, sampler=args.sampler, seed=args.seed,
+                     labels=labels, classes=classes, limit=args.limit, crop=args.crop, stride=args.stride,
+                     provenance=args.provenance, download=args.download, backend=args.backend,
+                     progress=not args.quiet)
+    size = "x".join(map(str, res["samples"].shape[-2:]))
+    print(f"wrote {res['out']} and {res['npz']}: {args.n} {args.machine.upper()} samples of {size} from "
+          f"{res['train_images']} training images in {res['seconds']:.1f}s")
+    return 0
+
+
+def _train(args) -> int:
+    from .. import data
+    from ..networks import TrainConfig, train
+
+    images, labels = data.load(args.data, limit=args.limit, download=args.download)
+    ncls = int(labels.max()) + 1 if args.conditional else 0
+    if args.arch == "resnet":
+        cfg = dict(arch="resnet", channels=images.shape[1], width=args.width, depth=args.depth,
+                   padding=args.padding, num_classes=ncls)
+    else:
+        cfg = dict(arch="unet", channels=images.shape[1], widths=[int(w) for w in args.widths.split(",")],
+                   padding=args.padding, num_classes=ncls, attention=args.attention)
+    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                     ema_decay=args.ema, seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device)
+    train(cfg, images, labels, out=args.out, config=tc, progress=not args.quiet)
+    print(f"wrote {os.path.join(args.out, 'model.safetensors')} ({args.arch}, {len(images)} images, {args.steps} steps)")
+    return 0
+
+
+def _setup(args):
+    """Network, data, machine factory inputs, seeds and labels shared by calibrate and compare."""
+    import numpy as np
+    import torch
+
+    from .. import data
+    from ..networks import load_network
+
+    net = load_network(args.network)
+    images, labels = data.load(args.data, limit=args.limit, download=args.download)
+    cond = args.conditional
+    if cond is None:
+        cfg = getattr(net, "config", None)
+        cond = (cfg or {}).get("num_classes", 0) > 0 if isinstance(cfg, dict) else \
+            int(getattr(getattr(net, "embed", None), "num_classes", 0)) > 0
+    if args.seeds_file:
+        with np.load(args.seeds_file, allow_pickle=False) as z:
+            x1 = torch.from_numpy(z["seeds"][: args.seeds].astype(np.float32))
+            y = torch.from_numpy(z["labels"][: args.seeds].astype(np.int64)) if "labels" in z.files else None
+    else:
+        if args.seeds < 1:
+            raise ValueError(f"--seeds must be positive, got {args.seeds}")
+        gen = torch.Generator().manual_seed(args.seed)
+        x1 = torch.randn((args.seeds,) + tuple(images.shape[1:]), generator=gen)
+        classes = np.unique(labels.numpy())
+        y = torch.from_numpy(classes[np.arange(args.seeds) % len(classes)])
+    if x1.shape[1:] != images.shape[1:]:
+        raise ValueError(f"seeds have shape {tuple(x1.shape[1:])} but training images {tuple(images.shape[1:])}")
+    if not cond:
+        y = None
+    elif y is None:
+        raise ValueError("a conditional comparison needs labels (the seeds file has none)")
+    return net, images, (labels if cond else None), x1, y
+
+
+def _calibrate(args) -> int:
+    from .calibrate import calibrate
+    from ..machines import make_machine
+    from ..io.plots import kschedule_plot
+    from ..io.png import write_png
+    from ..diffusion.samplers import time_grid
+
+    net, images, labels, x1, y = _setup(args)
+    machine = make_machine(args.machine, images, labels, boundary=args.boundary)
+    cands = None if args.candidates is None else [int(k) for k in args.candidates.split(",")]
+    state = args.state or args.out + ".state.npz"
+    c = calibrate(net, machine, x1, y, candidates=cands, k_max=args.k_max, grid=time_grid(args.steps),
+                  state=state, run_id=os.path.abspath(args.network), progress=not args.quiet)
+    c.to_json(args.out, network=args.network, machine=args.machine, seeds=int(x1.shape[0]))
+    png = os.path.splitext(args.out)[0] + ".png"
+    write_png(png, kschedule_plot({args.machine: c.schedule}, c.choices, c.schedule.times,
+                                  title=os.path.basename(args.network)))
+    print(f"wrote {args.out} and {png}: k-schedule {list(c.schedule.ks)} (t = 1 -> {1 / args.steps:g})")
+    return 0
+
+
+def _compare(args) -> int:
+    from .compare import compare, nearest_training
+    from ..diffusion.denoisers import MachineDenoiser
+    from ..diffusion.kschedule import from_spec
+    from ..machines import make_machine
+    from ..io.plots import comparison_grid, scatter
+    from ..io.png import write_png
+
+    net, images, labels, x1, y = _setup(args)
+    machines = {}
+    for spec in args.machine:
+        name, _, ks = spec.partition("=")
+        if name not in ("els", "ls", "is"):
+            raise ValueError(f"--machine takes els=KSCHEDULE, ls=KSCHEDULE or is, got {spec!r}")
+        if name != "is" and not ks:
+            raise ValueError(f"--machine {name} needs a k-schedule: {name}=7, {name}=paper:NAME or {name}=FILE.json")
+        m = make_machine(name, images, labels, boundary=args.boundary)
+        machines[spec if name != "is" else "IS"] = MachineDenoiser(m, from_spec(ks, args.steps) if ks else None)
+    if "IS" not in machines:
+        machines["IS"] = MachineDenoiser(make_machine("is", images, labels))
+    rep = compare(net, machines, x1, y, grid=None, steps=args.steps, batch_size=args.batch, out_dir=args.out,
+                  run_id=os.path.abspath(args.network), progress=not args.quiet,
+                  info={"network": args.network, "data": args.data, "train_images": int(len(images))})
+    local = [n for n in machines if n != "IS"]
+    r = rep["per_seed"]
+    if local:
+        write_png(os.path.join(args.out, "scatter.png"),
+                  scatter(r["IS"]["r"], r[local[0]]["r"], xlabel="r IS", ylabel=f"r {local[0].split('=')[0]}"))
+    u = rep["samples"]["network"]
+    n = min(8, x1.shape[0])
+    near = nearest_training(u[:n], images, None if y is None else y[:n], labels)
+    rows = [x1[:n], u[:n]] + [rep["samples"][m][:n] for m in machines] + [images[near]]
+    names = ["noise", "network"] + [m.split("=")[0] for m in machines] + ["nearest"]
+    write_png(os.path.join(args.out, "grid.png"), comparison_grid(rows, names))
+    for name, s in rep["summary"].items():
+        extra = f", beats IS on {s['frac_beats_IS_r']:.0%} of seeds" if "frac_beats_IS_r" in s else ""
+        print(f"{name}: median r {s['r']['median']:.3f} [IQR {s['r']['q25']:.3f}, {s['r']['q75']:.3f}], "
+              f"median R2 {s['R2']['median']:.3f}{extra}")
+    print(f"wrote {args.out}/report.json, grid.png, scatter.png")
+    return 0
+
+
+def _add_run_options(p, out_help):
+    p.add_argument("--network", required=True,
+                   help="trained eps network: a patchmosaic checkpoint directory / .safetensors, or a TorchScript file")
+    p.add_argument("--data", default="default", help=DATA_HELP + " (default: %(default)s)")
+    p.add_argument("--download", action="store_true",
+                   help="fetch a named data set (mnist, fashion-mnist, cifar10, celeba) with torchvision if it is missing")
+    p.add_argument("--limit", type=int, default=None, help="use only the first LIMIT training images")
+    p.add_argument("--seeds", type=int, default=16, help="number of noise seeds (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise generator (default: %(default)s)")
+    p.add_argument("--seeds-file", default=None,
+                   help="npz with 'seeds' (M, C, H, W) and optionally 'labels' (M,) to use instead of fresh noise "
+                        "(e.g. a reference network's ddim20_samples.npz)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--conditional", dest="conditional", action="store_true", default=None,
+                   help="class-conditional network and machines (default: read from the network)")
+    g.add_argument("--unconditional", dest="conditional", action="store_false", help="ignore labels")
+    p.add_argument("--boundary", default="zeros", choices=["zeros", "circular"],
+                   help="ELS boundary: 'zeros' (boundary-aware, for zero-padded networks) or 'circular' "
+                        "(periodic) (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps on the grid t_i = i/steps (default: %(default)s)")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="patchmosaic", description="Equivariant local score machines: patch mosaics.")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="sample digits with the boundary-aware ELS machine from the built-in data",
+                       description="Sample digits with the boundary-aware ELS machine from the built-in 2,000 "
+                                   "MNIST digits and write a PNG: noise, sample, nearest training image, provenance.")
+    d.add_argument("--out", default="patchmosaic_demo.png", help="PNG to write (default: %(default)s)")
+    d.add_argument("--n", type=int, default=8, help="number of seeds, one digit class each (default: %(default)s)")
+    d.add_argument("--steps", type=int, default=20, help="DDIM steps on the grid t_i = i/steps (default: %(default)s)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the noise generator (default: %(default)s)")
+    d.add_argument("--train-per-class", type=int, default=None,
+                   help="use only this many training digits per class (default: all 200)")
+    d.add_argument("--backend", default="auto", choices=["auto", "cpu", "torch", "cuda"],
+                   help="engine (default: %(default)s)")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=_demo)
+
+    s = sub.add_parser("sample", help="sample a machine from any data set, on a canvas of any size",
+                       description="Run DDIM (or DDPM) with a machine on a data set and write a PNG (samples, then "
+                                   "their provenance maps) and an .npz of the samples. Canvases larger than the "
+                                   "training images work with the boundary-aware ELS machine.")
+    s.add_argument("--data", default="default", help=DATA_HELP + "; also 'skimage:NAME' photographs "
+                   "(with --crop) and named sets mnist, fashion-mnist, cifar10, celeba (default: %(default)s)")
+    s.add_argument("--download", action="store_true",
+                   help="fetch a named data set (mnist, fashion-mnist, cifar10, celeba) with torchvision if it is missing")
+    s.add_argument("--crop", type=int, default=None, help="skimage photographs: train on all CROPxCROP crops")
+    s.add_argument("--stride", type=int, default=None, help="stride of those crops (default: CROP/2)")
+    s.add_argument("--limit", type=int, default=None, help="use only the first LIMIT training images")
+    s.add_argument("--classes", default=None, help="comma-separated classes of the data set to keep")
+    s.add_argument("--labels", default=None, help="comma-separated label per seed (cycled) for a class-conditional "
+                   "machine (default: unconditional)")
+    s.add_argument("--machine", default="els", choices=["els", "ls", "is"], help="machine (default: %(default)s)")
+    s.add_argument("--boundary", default="zeros", choices=["zeros", "circular"],
+                   help="ELS boundary: boundary-aware ('zeros') or periodic (default: %(default)s)")
+    s.add_argument("--k", default="paper:MNIST_ResNet_zeros",
+                   help="patch size per step: an odd int, ramp:K_FIRST:K_LAST, paper:NAME or a k-schedule JSON "
+                        "(default: %(default)s)")
+    s.add_argument("--canvas", default=None, help="output size HxW, e.g. 256x256 (default: the training size)")
+    s.add_argument("--n", type=int, default=4, help="number of samples (default: %(default)s)")
+    s.add_argument("--steps", type=int, default=20, help="reverse-process steps on t_i = i/steps (default: %(default)s)")
+    s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="(default: %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the noise generator (default: %(default)s)")
+    s.add_argument("--provenance", default="image", choices=["image", "position"],
+                   help="colour the provenance map by the winning patch's training image or by its position in "
+                        "that image (default: %(default)s)")
+    s.add_argument("--backend", default="auto", choices=["auto", "cpu", "torch", "cuda"], help="engine (default: %(default)s)")
+    s.add_argument("--out", default="patchmosaic_sample.png", help="PNG to write; the .npz goes beside it "
+                   "(default: %(default)s)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=_sample)
+
+    t = sub.add_parser("train", help="train a ResNet or UNet eps-prediction network",
+                       description="Train one of the paper's CNN diffusion networks by eps-prediction on the "
+                                   "cosine-legacy schedule (AdamW, EMA). Checkpoints (safetensors + config.json) "
+                                   "go to --out; rerunning the same command resumes from the last checkpoint.")
+    t.add_argument("--data", default="default", help=DATA_HELP + " (default: %(default)s)")
+    t.add_argument("--download", action="store_true",
+                   help="fetch a named data set (mnist, fashion-mnist, cifar10, celeba) with torchvision if it is missing")
+    t.add_argument("--limit", type=int, default=None, help="use only the first LIMIT training images")
+    t.add_argument("--arch", default="resnet", choices=["resnet", "unet"], help="network family (default: %(default)s)")
+    t.add_argument("--width", type=int, default=128, help="ResNet channels (default: %(default)s)")
+    t.add_argument("--depth", type=int, default=6, help="ResNet inner 3x3 convolutions (default: %(default)s)")
+    t.add_argument("--widths", default="64,128,256", help="UNet channels per level (default: %(default)s)")
+    t.add_argument("--attention", action="store_true", help="UNet: self-attention at the coarsest level")
+    t.add_argument("--padding", default="zeros", choices=["zeros", "circular"], help="convolution padding (default: %(default)s)")
+    t.add_argument("--conditional", action="store_true", help="add a class embedding (labels from the data)")
+    t.add_argument("--steps", type=int, default=10000, help="optimiser steps (default: %(default)s)")
+    t.add_argument("--batch-size", type=int, default=128, help="images per step (default: %(default)s)")
+    t.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default: %(default)s)")
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
+    t.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights, 0 = off (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0, help="seed of data order and noise (default: %(default)s)")
+    t.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default: %(default)s)")
+    t.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (bf16 autocast on cuda) (default: %(default)s)")
+    t.add_argument("--out", required=True, help="checkpoint directory (resumed if it exists)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=_train)
+
+    c = sub.add_parser("calibrate", help="calibrate a machine's k-schedule against a trained network",
+                       description="Along the network's own DDIM trajectories, pick per step and seed the patch "
+                                   "size whose machine score is most cosine-similar to the network's; the schedule "
+                                   "is the per-step median over seeds. Writes a k-schedule JSON with the per-seed "
+                                   "choices; resumes from --state.")
+    _add_run_options(c, "k-schedule JSON to write")
+    c.add_argument("--machine", default="els", choices=["els", "ls"], help="machine to calibrate (default: %(default)s)")
+    c.add_argument("--k-max", type=int, default=None, help="largest candidate k (default: 31 or 2*size+1)")
+    c.add_argument("--candidates", default=None, help="comma-separated candidate k's (overrides --k-max)")
+    c.add_argument("--state", default=None, help="resumable state file (default: OUT.state.npz)")
+    c.set_defaults(func=_calibrate)
+
+    m = sub.add_parser("compare", help="sample network and machines from the same seeds and compare them",
+                       description="Sample the network and each machine with DDIM from the same seeds and labels; "
+                                   "per seed Pearson r, R2 and MSE against the network (IS is always included as "
+                                   "the baseline). Writes report.json, grid.png and scatter.png to --out; "
+                                   "resumes from the sample files there.")
+    _add_run_options(m, "output directory")
+    m.add_argument("--machine", action="append", default=None,
+                   help="machine and its k-schedule: els=K, ls=K with K an odd int, paper:NAME or a JSON file; "
+                        "repeatable (default: els=paper:MNIST_ResNet_zeros)")
+    m.add_argument("--batch", type=int, default=8, help="seeds sampled together (default: %(default)s)")
+    m.set_defaults(func=_compare)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is _compare and args.machine is None:
+        args.machine = ["els=paper:MNIST_ResNet_zeros"]
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, RuntimeError, OSError) as e:
+        print(f"patchmosaic {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

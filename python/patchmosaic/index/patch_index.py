@@ -1,0 +1,238 @@
+"""FAISS patch index: approximate local machines with a stated error bound.
+
+At low noise a local machine's softmax is dominated by a few nearest training patches. A
+:class:`PatchIndex` holds, for one machine and one patch size ``k``, a FAISS index over the key patches
+of every (label, padding-signature class) part of the key set. An approximate call then, per query
+pixel, retrieves the ``m`` nearest keys (distances ``|P - a q|^2 = a^2 |P / a - q|^2``, so one index
+serves every ``t``), re-scores them exactly in the compiled core from the original float patches, and
+takes the softmax over them.
+
+Identical key patches (MNIST's blank background: millions of them) are merged at build time into one
+key with a multiplicity ``c``; a merged key enters the softmax with weight ``c exp(l)``, which is exact
+because identical patches have identical centres.
+
+Error bound (exact index). Let the retrieved logits be ``l_1 >= ... >= l_m``, ``c_i`` their
+multiplicities and ``M`` the keys of the pixel's part (counted with multiplicity). Every key not
+retrieved is at least as far as the m-th, so its weight is at most ``exp(l_m)``; with
+``S = sum_i c_i exp(l_i - l_1)`` the left-out mass relative to the retrieved mass is
+``eps <= (M - sum_i c_i) exp(l_m - l_1) / S``, and since ``x0_hat`` is a weighted mean of centre values in a
+range of width ``R`` (the training data's range per part),
+
+    |x0_hat - x0_hat_approx| <= R * eps / (1 + eps)     per pixel and channel.
+
+With an inverted-file index (``ivf``, ``ivfpq``) the same number holds *conditional on retrieval* (if
+the true m nearest were found); :func:`measure_recall` measures how often they are.
+
+Indexes are saved with a JSON manifest (data fingerprint, machine, k, canvas, parts, index type) and
+refused when the manifest does not match the machine they are loaded for.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..io.progress import Progress
+from ..validation import ResourceError, available_memory, check_k
+from . import query, store
+from .vectors import faiss_module, fingerprint_data, key_vectors, pad_to, row_hashes
+
+KINDS = ("auto", "flat", "ivf", "ivfpq")
+
+
+@dataclass
+class Part:
+    """One (label, key class) part: its query pixels, its training images and key positions, and the
+    keys the index holds (global ids ``n * H * W + p``, in index order). After merging duplicates a
+    key stands for ``count`` identical patches; ``n_total`` is the part's number of keys before."""
+
+    label: Optional[int]
+    cls: int
+    qpix: np.ndarray
+    images: np.ndarray
+    kpos: np.ndarray
+    HW: int
+    value_range: float
+    index: object = None
+    keys: np.ndarray = field(init=False)
+    count: Optional[np.ndarray] = field(init=False, default=None)
+    n_total: int = field(init=False)
+
+    def __post_init__(self):
+        self.keys = (self.images.astype(np.int64)[:, None] * self.HW + self.kpos.astype(np.int64)[None, :]).ravel()
+        self.n_total = len(self.keys)
+
+
+class PatchIndex:
+    """A FAISS index over the key patches of ``machine`` at patch size ``k`` for ``canvas`` queries.
+
+    ``kind``: ``"flat"`` (exact, ``IndexFlatL2``), ``"ivf"`` (``IndexIVFFlat``), ``"ivfpq"`` (``IndexIVFPQ``,
+    for when raw patches would not fit in memory) or ``"auto"`` (flat while its vectors take at most
+    ``flat_budget`` bytes, default a quarter of the available memory, else ivfpq). ``nlist``: inverted
+    lists per part (default ~ sqrt(keys)); ``nprobe``: lists searched; ``pq_m``: PQ sub-quantisers.
+    Parts with at most ``min_index_keys`` keys always use a flat index. ``merge``: store each distinct
+    key patch once with its multiplicity (exact: identical patches have identical centres; on MNIST it
+    removes the thousands of blank patches that tie at the top and would make the bound vacuous).
+    """
+
+    def __init__(self, machine, k: int, canvas: Optional[Tuple[int, int]] = None, *, kind: str = "auto",
+                 nlist: Optional[int] = None, nprobe: int = 16, pq_m: int = 16, flat_budget: Optional[int] = None,
+                 min_index_keys: int = 20000, merge: bool = True, progress: bool = True, _build: bool = True):
+        if not machine.local:
+            raise ValueError("a patch index serves the local machines (LS, ELS); IS has no patches")
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        self.machine = machine
+        self.k = check_k(k, machine.H, machine.W)
+        self.canvas = tuple(canvas or (machine.H, machine.W))
+        machine.check_canvas(*self.canvas, self.k)
+        self.keyset = machine.keyset(self.canvas[0], self.canvas[1], self.k)
+        self.d = machine.C * self.k * self.k
+        self.nprobe, self.pq_m, self.nlist, self.min_index_keys = int(nprobe), int(pq_m), nlist, int(min_index_keys)
+        self.fingerprint = fingerprint_data(machine.images, machine.labels)
+        self.parts: List[Part] = self._parts()
+        self.merge = bool(merge)
+        self.build_seconds = 0.0
+        t0 = time.perf_counter()
+        if self.merge and _build:
+            bar = Progress(len(self.parts), f"merge duplicates k={self.k}", enabled=progress)
+            for part in self.parts:
+                self._merge_duplicates(part)
+                bar.update(postfix=f"{part.n_total} -> {len(part.keys)} keys")
+            bar.close()
+        n_keys = sum(len(p.keys) for p in self.parts)
+        if kind == "auto":
+            budget = available_memory() // 4 if flat_budget is None else int(flat_budget)
+            kind = "flat" if n_keys * self.d * 4 <= budget else "ivfpq"
+        self.kind = kind
+        if _build:
+            self._build_all(progress)
+        self.build_seconds = time.perf_counter() - t0
+
+    # ----- construction -------------------------------------------------------------------
+    def _parts(self) -> List[Part]:
+        m = self.machine
+        HW = m.H * m.W
+        groups = list(m.images_by_label().items())
+        parts = []
+        for label, imgs in groups:
+            vals = m.images[torch.as_tensor(imgs, dtype=torch.long)]
+            rng = float(vals.max() - vals.min())
+            for c, (qpix, kpos) in enumerate(self.keyset.classes()):
+                parts.append(Part(label, c, np.asarray(qpix, np.int64), np.asarray(imgs, np.int64),
+                                  np.asarray(kpos, np.int64), HW, rng))
+        return parts
+
+    def _part_kind(self, part: Part) -> str:
+        return "flat" if self.kind == "flat" or len(part.keys) <= self.min_index_keys else self.kind
+
+    def _key_chunks(self, part: Part, chunk: int = 1 << 18):
+        """Yield the part's key vectors in index order, ``chunk`` keys at a time."""
+        m = self.machine
+        for s in range(0, len(part.keys), chunk):
+            yield key_vectors(m.images, part.keys[s : s + chunk], m.H, m.W, self.k, self.keyset.key_pad)
+
+    def _merge_duplicates(self, part: Part) -> None:
+        """Keep one key per distinct patch (the first in index order) with its multiplicity."""
+        h = np.concatenate([row_hashes(v) for v in self._key_chunks(part)])
+        _, first, counts = np.unique(h.view([("a", np.uint64), ("b", np.uint64)]).ravel(), return_index=True,
+                                     return_counts=True)
+        if len(first) == len(part.keys):
+            return
+        order = np.argsort(first)
+        part.keys = part.keys[first[order]]
+        part.count = counts[order].astype(np.float64)
+
+    def _build_all(self, progress: bool):
+        faiss = faiss_module()
+        need = max((len(p.keys) for p in self.parts), default=0) * self.d * 4
+        if self.kind == "flat" and need > available_memory():
+            raise ResourceError(f"a flat index of {need / 2**30:.1f} GiB does not fit; use kind='ivfpq'")
+        bar = Progress(len(self.parts), f"index k={self.k}", enabled=progress)
+        for part in self.parts:
+            part.index = self._build_part(faiss, part)
+            bar.update(postfix=f"{len(part.keys)} keys, {self._part_kind(part)}")
+        bar.close()
+
+    def _pq_dims(self) -> Tuple[int, int]:
+        """(sub-quantisers, padded vector size) of an IVF-PQ part: vectors are zero-padded to a multiple
+        of ``pq_m`` (distances unchanged), so every patch size gets ``pq_m`` sub-quantisers."""
+        pq_m = max(1, min(self.pq_m, self.d))
+        return pq_m, -(-self.d // pq_m) * pq_m
+
+    def _build_part(self, faiss, part: Part):
+        kind, d, n = self._part_kind(part), self.d, len(part.keys)
+        if kind == "flat":
+            index = faiss.IndexFlatL2(d)
+        else:
+            nlist = int(self.nlist or max(16, min(65536, int(np.sqrt(n)))))
+            pq_m, d = self._pq_dims() if kind == "ivfpq" else (0, d)
+            # many lists: an HNSW graph over the centroids assigns vectors in log time, not a scan of nlist
+            quant = faiss.IndexHNSWFlat(d, 32) if nlist > 2048 else faiss.IndexFlatL2(d)
+            if kind == "ivf":
+                index = faiss.IndexIVFFlat(quant, d, nlist)
+            else:
+                index = faiss.IndexIVFPQ(quant, d, nlist, pq_m, 8)
+            index.own_fields = True
+            quant.this.disown()
+            # k-means (10 iterations) on an evenly spread sample of >= 40 points per list
+            index.cp.niter = 10
+            want = min(n, max(40 * nlist, 10000))
+            take = np.unique(np.linspace(0, n - 1, want).astype(np.int64))
+            sample, seen = [], 0
+            for chunk in self._key_chunks(part):
+                sel = take[(take >= seen) & (take < seen + len(chunk))] - seen
+                sample.append(chunk[sel])
+                seen += len(chunk)
+            index.train(pad_to(np.concatenate(sample), d))
+            index.nprobe = min(self.nprobe, nlist)
+        for chunk in self._key_chunks(part):
+            index.add(pad_to(chunk, d))
+        return index
+
+    # ----- queries and persistence -----------------------------------------------------------
+    def denoise(self, x, t, labels=None, m: int = 64, *, return_provenance: bool = False) -> "query.ApproxResult":
+        """Approximate ``machine.denoise(x, t, k, labels)`` from the ``m`` nearest keys per pixel, with the
+        per-pixel error bound of the module docstring (index/query.py). ``x`` ``(B, C, Hq, Wq)`` float32."""
+        return query.approx_denoise(self, x, t, labels, m)
+
+    def manifest(self) -> dict:
+        """The JSON description saved beside the index (index/store.py)."""
+        return store.manifest(self)
+
+    def save(self, folder: str) -> None:
+        """Write every part's FAISS index, key ids and ``manifest.json`` (last, so a partial save is never valid)."""
+        store.write(self, folder)
+
+    @classmethod
+    def load(cls, folder: str, machine, k: int, canvas: Optional[Tuple[int, int]] = None) -> "PatchIndex":
+        """Load an index saved by :meth:`save`; a ValueError if it was built for other data or settings."""
+        man = store.read_manifest(folder)
+        self = cls(machine, k, canvas, kind=man.get("kind", "flat"), nprobe=man.get("nprobe", 16),
+                   pq_m=man.get("pq_m", 16), nlist=man.get("nlist"), merge=bool(man.get("merge", False)), _build=False)
+        store.read_into(self, folder, man)
+        return self
+
+    @classmethod
+    def open(cls, folder: Optional[str], machine, k: int, canvas=None, **kw) -> "PatchIndex":
+        """Load the index in ``folder`` if it matches, else build it (and save it there when ``folder``)."""
+        if folder is not None and store.exists(folder):
+            return cls.load(folder, machine, k, canvas)
+        idx = cls(machine, k, canvas, **kw)
+        if folder is not None:
+            idx.save(folder)
+        return idx
+
+    def memory_bytes(self) -> int:
+        """Approximate bytes the FAISS structures hold."""
+        total = 0
+        for p in self.parts:
+            n = len(p.keys)
+            total += 0 if p.count is None else n * 8  # multiplicities
+            kind = self._part_kind(p)
+            total += n * (self.d * 4 if kind in ("flat", "ivf") else self._pq_dims()[0]) + n * 8
+        return total

@@ -1,0 +1,107 @@
+"""Approximate local machines through a patch index: retrieve, re-score exactly, bound the error.
+
+Per query pixel, the index retrieves the ``m`` nearest keys of the pixel's part (distances
+``|P - a q|^2 = a^2 |P / a - q|^2``, so one index serves every ``t``); the compiled core's
+``candidate_softmax`` op re-scores them exactly from the original float patches and takes the softmax over
+them; :func:`patchmosaic.index.bound.error_bound` says how far that can be from the exact machine.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import ops
+from ..validation import check_t, to_labels, to_tensor
+from .bound import error_bound
+from .vectors import pad_to, patch_vectors
+
+
+@dataclass
+class ApproxResult:
+    """``x0``: the approximate denoiser output (shape of the query); ``bound``: per pixel ``(B, Hq, Wq)``,
+    an upper bound on ``|x0_exact - x0|`` (every channel), conditional on retrieval for IVF indexes;
+    ``arg_key``: the winning candidate per pixel (``n * H * W + p``, provenance)."""
+
+    x0: torch.Tensor
+    bound: torch.Tensor
+    arg_key: torch.Tensor
+    seconds: float = 0.0
+
+
+def approx_denoise(index, x, t, labels=None, m: int = 64) -> ApproxResult:
+    """The softmax over the ``m`` nearest keys per pixel of ``index`` (a :class:`PatchIndex`), re-scored
+    exactly, with the per-pixel error bound. ``x`` ``(B, C, Hq, Wq)`` float32 on the CPU."""
+    t0 = time.perf_counter()
+    mach = index.machine
+    xt = to_tensor(x, "x")
+    if xt.dtype != torch.float32:
+        raise TypeError(f"the patch index works in float32, got {xt.dtype}")
+    B, C, Hq, Wq = xt.shape
+    if (C, Hq, Wq) != (mach.C,) + index.canvas:
+        raise ValueError(f"this index is for queries of shape (B, {mach.C}, {index.canvas[0]}, {index.canvas[1]}), "
+                         f"got {tuple(xt.shape)}")
+    if int(m) < 1:
+        raise ValueError(f"m must be a positive number of candidates, got {m}")
+    tt = check_t(t, B)
+    mach.check_labels(labels, B)
+    lab = None if labels is None else to_labels(labels, B)
+    a, b2 = mach.schedule.coefficients(tt)
+    inv_2b2 = 0.5 / b2
+    xq = xt.cpu().contiguous()
+    HWq = Hq * Wq
+    m = min(int(m), max(len(p.keys) for p in index.parts))
+    pix_all, cand_all, cnt_all, M_all, R_all = [], [], [], [], []
+    allpix = np.arange(HWq)
+    cols = {}  # query patches / a of each label group, once: (nb, Hq Wq, d)
+    for part in index.parts:
+        bs = np.arange(B) if part.label is None else np.nonzero(lab == part.label)[0]
+        if len(bs) == 0:
+            continue
+        if part.label not in cols:
+            v = patch_vectors(xq[torch.as_tensor(bs)], allpix, index.k, index.keyset.query_pad)
+            v = v.reshape(len(bs), HWq, index.d) / a[bs].astype(np.float32)[:, None, None]
+            cols[part.label] = v
+        q = cols[part.label][:, part.qpix].reshape(-1, index.d)
+        mm = min(m, len(part.keys))
+        q = pad_to(np.ascontiguousarray(q, dtype=np.float32), part.index.d)
+        _, ids = part.index.search(q, mm)
+        short = np.nonzero((ids < 0).any(1))[0]
+        if len(short) and hasattr(part.index, "nprobe"):
+            # the probed lists held fewer than mm keys (e.g. many identical patches all filed in one
+            # list): search those rows again over every list
+            probe = part.index.nprobe
+            part.index.nprobe = part.index.nlist
+            try:
+                ids[short] = part.index.search(q[short], mm)[1]
+            finally:
+                part.index.nprobe = probe
+        cand = np.where(ids >= 0, part.keys[np.clip(ids, 0, None)], -1)
+        cnt = np.ones(ids.shape) if part.count is None else part.count[np.clip(ids, 0, None)]
+        pix_all.append((bs[:, None] * HWq + part.qpix[None, :]).ravel())
+        cand_all.append(np.pad(cand, ((0, 0), (0, m - mm)), constant_values=-1))
+        cnt_all.append(np.pad(np.where(ids >= 0, cnt, 0.0), ((0, 0), (0, m - mm))))
+        M_all.append(np.full(cand.shape[0], part.n_total, np.int64))
+        R_all.append(np.full(cand.shape[0], part.value_range))
+    pix = np.concatenate(pix_all).astype(np.int64)
+    cand = np.ascontiguousarray(np.concatenate(cand_all), dtype=np.int64)
+    cnt = np.ascontiguousarray(np.concatenate(cnt_all), dtype=np.float64)
+    train = mach.train_as(torch.float32, torch.device("cpu"))
+    out_t, top_t, last_t, srel_t, arg_t, _ = ops.candidate_softmax(
+        train, xq, torch.from_numpy(np.ascontiguousarray(a, np.float64)),
+        torch.from_numpy(np.ascontiguousarray(inv_2b2, np.float64)), torch.from_numpy(pix), torch.from_numpy(cand),
+        torch.from_numpy(cnt), index.k, index.keyset.query_pad, index.keyset.key_pad, True, mach.n_threads)
+    out, top, last, srel, arg = out_t.numpy(), top_t.numpy(), last_t.numpy(), srel_t.numpy(), arg_t.numpy()
+    bnd = error_bound(top, last, srel, cnt.sum(axis=1), np.concatenate(M_all), np.concatenate(R_all))
+    bound = np.zeros(B * HWq)
+    bound[pix] = bnd
+    key = np.full(B * HWq, -1, np.int64)
+    key[pix] = arg
+    res = torch.from_numpy(out)
+    if isinstance(x, torch.Tensor):
+        res = res.to(x.device)
+    return ApproxResult(res, torch.from_numpy(bound.reshape(B, Hq, Wq)),
+                        torch.from_numpy(key.reshape(B, Hq, Wq)), time.perf_counter() - t0)

@@ -1,0 +1,103 @@
+"""Patch indexes on disk: one FAISS file and one key file (npz, no pickles) per part, and a JSON manifest
+(data fingerprint, machine, k, canvas, parts, index type) written last, so a partial save is never valid.
+An index is refused when its manifest does not match the machine it is loaded for."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from ..io.runstate import write_json
+from .vectors import faiss_module
+
+FORMAT = "patchmosaic-index-1"
+
+
+def manifest(index) -> dict:
+    m = index.machine
+    return {"format": FORMAT, "fingerprint": index.fingerprint, "machine": type(m).__name__,
+            "boundary": getattr(m, "boundary", None), "wrapped": getattr(m, "wrapped", None),
+            "train_shape": list(m.images.shape), "k": index.k, "canvas": list(index.canvas), "kind": index.kind,
+            "nprobe": index.nprobe, "pq_m": index.pq_m, "nlist": index.nlist, "merge": index.merge,
+            "parts": [{"label": p.label, "cls": p.cls, "n_total": int(p.n_total), "n_keys": int(len(p.keys)),
+                       "file": f"part_{i}.faiss", "keys": f"part_{i}.keys.npz", "index": index._part_kind(p)}
+                      for i, p in enumerate(index.parts)],
+            "build_seconds": round(index.build_seconds, 2)}
+
+
+def exists(folder: str) -> bool:
+    return os.path.exists(os.path.join(folder, "manifest.json"))
+
+
+def write(index, folder: str) -> None:
+    faiss = faiss_module()
+    os.makedirs(folder, exist_ok=True)
+    man = manifest(index)
+    mpath = os.path.join(folder, "manifest.json")
+    if os.path.exists(mpath):
+        os.remove(mpath)
+    for p, meta in zip(index.parts, man["parts"]):
+        tmp = os.path.join(folder, meta["file"] + ".tmp")
+        faiss.write_index(p.index, tmp)
+        os.replace(tmp, os.path.join(folder, meta["file"]))
+        tmp = os.path.join(folder, meta["keys"] + ".tmp.npz")
+        np.savez(tmp, keys=p.keys, count=np.ones(0) if p.count is None else p.count)
+        os.replace(tmp, os.path.join(folder, meta["keys"]))
+    write_json(mpath, man)
+
+
+def read_manifest(folder: str) -> dict:
+    mpath = os.path.join(folder, "manifest.json")
+    if not os.path.exists(mpath):
+        raise ValueError(f"no patch index at {folder} (manifest.json missing)")
+    try:
+        with open(mpath) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"unreadable index manifest {mpath}: {e}") from None
+
+
+def read_into(index, folder: str, man: dict) -> None:
+    """Fill ``index`` (constructed for the machine, not built) with the parts saved in ``folder``."""
+    faiss = faiss_module()
+    want = manifest(index)
+    for key in ("format", "fingerprint", "machine", "boundary", "wrapped", "train_shape", "k", "canvas"):
+        if man.get(key) != want[key]:
+            raise ValueError(f"the patch index at {folder} does not match this machine: {key} is "
+                             f"{man.get(key)!r} there but {want[key]!r} here; rebuild it")
+    if [(p.get("label"), p.get("cls"), p.get("n_total")) for p in man.get("parts", [])] != \
+            [(p["label"], p["cls"], p["n_total"]) for p in want["parts"]]:
+        raise ValueError(f"the patch index at {folder} has other key classes than this machine; rebuild it")
+    for p, meta in zip(index.parts, man["parts"]):
+        path = os.path.join(folder, meta["file"])
+        try:
+            p.index = faiss.read_index(path)
+        except RuntimeError as e:
+            raise ValueError(f"corrupt or unreadable index file {path}: {str(e).splitlines()[0][:200]}") from None
+        load_keys(p, os.path.join(folder, meta.get("keys", "")))
+        want_d = index._pq_dims()[1] if meta.get("index") == "ivfpq" else index.d
+        if p.index.ntotal != len(p.keys) or p.index.d != want_d:
+            raise ValueError(f"index file {path} holds {p.index.ntotal} vectors of size {p.index.d}, "
+                             f"expected {len(p.keys)} of size {want_d}; rebuild it")
+        if hasattr(p.index, "nprobe"):
+            p.index.nprobe = min(index.nprobe, p.index.nlist)
+    index.build_seconds = man.get("build_seconds", 0.0)
+
+
+def load_keys(part, path: str) -> None:
+    """The part's key ids and multiplicities from ``path`` (npz, no pickles), checked against the part."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys, count = np.asarray(z["keys"], np.int64), np.asarray(z["count"], np.float64)
+    except Exception as e:  # zip / format errors of every kind: the file is not what write() wrote
+        raise ValueError(f"corrupt or unreadable key file {path}: {type(e).__name__}: {e}") from None
+    n, p = np.divmod(keys, part.HW)
+    bad = keys.ndim != 1 or (len(count) not in (0, len(keys))) or \
+        (len(count) and (not np.all(count >= 1) or int(count.sum()) != part.n_total)) or \
+        (not len(count) and len(keys) != part.n_total) or \
+        not np.all(np.isin(n, part.images)) or not np.all(np.isin(p, part.kpos))
+    if bad:
+        raise ValueError(f"key file {path} does not describe this part's {part.n_total} keys; rebuild the index")
+    part.keys, part.count = keys, (count if len(count) else None)

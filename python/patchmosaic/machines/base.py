@@ -1,0 +1,316 @@
+"""What every machine shares: a training set, labels, a noise schedule, an engine choice, and the
+conversion of a call (``denoise``, ``eps``, ``score``, ``sensitivity``) into one custom op call.
+
+The checks here look at shapes and types only (so a machine runs inside ``torch.compile(fullgraph=True)``
+without a graph break); the checks that need the values (NaN, ``t`` in range, known labels) run once,
+inside the op (ops/library.py).
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .. import ops
+from ..schedules import ScheduleLike, get_schedule
+from ..validation import ResourceError, as_batch, check_k, check_memory, check_time, to_labels, to_tensor
+
+
+@dataclass
+class Provenance:
+    """Which training key won each output pixel: the highest-weight key and its share of the weight.
+
+    ``image``, ``row``, ``col`` and ``share`` have shape ``(B, Hq, Wq)`` for the local machines
+    (``row``/``col``: the key's centre in its training image) and ``(B,)`` for IS (``row``/``col`` None).
+    Arrays are of the same kind (numpy or torch) as the query.
+    """
+
+    image: object
+    row: object
+    col: object
+    share: object
+
+
+class Machine:
+    """Common machinery: training set, labels, schedule, backend choice.
+
+    Args:
+        images: training images ``(N, C, H, W)`` float32/float64 (numpy or torch), in the data scale.
+        labels: optional ``(N,)`` integer labels, for class-conditional calls (``denoise(..., labels=)``).
+        schedule: the noise schedule: ``"cosine_legacy"`` (the paper's, default), ``"cosine"``, ``"linear"``,
+            a :class:`patchmosaic.schedules.Schedule` or any callable ``t -> alpha_bar(t)``.
+        backend: ``"auto"`` (the CPU engine for CPU tensors, the CUDA engine for CUDA tensors), ``"cpu"``,
+            ``"cuda"``, or ``"torch"`` (the plain PyTorch reference, any device).
+        n_threads: CPU engine threads (0: all available).
+        max_memory: bytes a call may use for its working memory (default: what the machine has available);
+            a larger request raises :class:`patchmosaic.ResourceError` before any work.
+    """
+
+    local = True
+    rule: Optional[str] = None  # the key-set rule of a local machine (ops/keysets.py)
+
+    def __init__(self, images, labels=None, *, schedule: ScheduleLike = "cosine_legacy", backend: str = "auto",
+                 n_threads: int = 0, max_memory: Optional[int] = None):
+        self.images = to_tensor(images, "images").contiguous()
+        if self.images.device.type != "cpu":
+            self.images = self.images.cpu()
+        self.N, self.C, self.H, self.W = self.images.shape
+        self.labels = None if labels is None else to_labels(labels, self.N)
+        self.label_index = ops.LabelIndex.from_labels(self.labels)
+        self._label_tensors = self.label_index.tensors()
+        self.schedule = get_schedule(schedule)
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {ops.BACKENDS}")
+        self.backend = backend
+        self.n_threads = int(n_threads)
+        self.max_memory = max_memory
+        self._train_cache = {}
+
+    # ----- public API ----------------------------------------------------------------------
+    def denoise(self, x, t, k: Optional[int] = None, labels=None, *, return_provenance: bool = False,
+                backend: Optional[str] = None, pixels=None):
+        """Posterior-mean estimate ``x0_hat`` of the clean images (differentiable in ``x`` and ``t``).
+
+        Args:
+            x: noisy images ``(B, C, Hq, Wq)``, float32/float64, numpy or torch (any device for the
+               torch backend).
+            t: float or ``(B,)`` array or tensor of times in ``(0, 1]``.
+            k: odd patch size (required by the local machines, ignored by IS).
+            labels: ``(B,)`` integer labels: each query uses only the training images of its label.
+            return_provenance: also return a :class:`Provenance` of the winning keys.
+            backend: override the machine's backend for this call.
+            pixels: local machines only: a boolean mask ``(Hq, Wq)`` or ``(B, Hq, Wq)``; only the pixels
+               it marks (in any query image) are computed, every other output pixel is 0. The work
+               shrinks in proportion (used by :class:`patchmosaic.IndexedDenoiser` for the pixels whose
+               index bound is too loose).
+        Returns:
+            ``x0_hat`` with the shape, dtype and array type of ``x``; with provenance, a pair.
+        """
+        is_numpy = isinstance(x, np.ndarray)
+        xt = self._query(x)
+        B, C, Hq, Wq = xt.shape
+        k = self._check_patch(k)
+        a, inv_2b2, t_check = self.coefficients(t, B, xt.device)
+        lab = self._query_labels(labels, B)
+        name = self._resolve_backend(xt, backend)
+        train = self.train_as(xt.dtype, xt.device if name in ("torch", "cuda") else torch.device("cpu"))
+        lv, lp, li = self._label_tensors
+        max_memory = 0 if self.max_memory is None else int(self.max_memory)
+        if self.local:
+            mask = self._pixel_mask(pixels, B, Hq, Wq)
+            out, _, key, share = ops.local_softmax(train, xt, a, inv_2b2, t_check, lab, lv, lp, li, mask, k, self.rule,
+                                                   return_provenance, name, self.n_threads, max_memory)
+        else:
+            if pixels is not None:
+                raise ValueError("pixels= selects query pixels of a local machine; the IS machine has none")
+            out, _, key, share = ops.ideal_softmax(train, xt, a, inv_2b2, t_check, lab, lv, lp, li, return_provenance,
+                                                   name, self.n_threads, max_memory)
+        result = out.detach().numpy() if is_numpy else out
+        if not return_provenance:
+            return result
+        return result, self._provenance(key, share, is_numpy)
+
+    def eps(self, x, t, k: Optional[int] = None, labels=None, **kw):
+        """Noise estimate ``(x_t - a x0_hat) / b`` (spec section 1)."""
+        return self._transform(x, t, k, labels, kw, lambda x, x0, a, b2: (x - a * x0) / torch.sqrt(b2))
+
+    def score(self, x, t, k: Optional[int] = None, labels=None, **kw):
+        """Score ``(a x0_hat - x_t) / b^2`` (spec section 1)."""
+        return self._transform(x, t, k, labels, kw, lambda x, x0, a, b2: (a * x0 - x) / b2)
+
+    def sensitivity(self, x, t, k: Optional[int] = None, pixel: Sequence[int] = (0, 0), labels=None, **kw):
+        """The machine's Jacobian at one output pixel: ``J[b, c_out, c_in, i, j] = d x0_hat[b, c_out, pixel] /
+        d x[b, c_in, i, j]`` (each output depends on its own query image only), shape ``(B, C, C, Hq, Wq)``.
+        For a local machine it is zero outside the ``k x k`` patch around ``pixel`` (its locality); the
+        field a locality study plots for a trained network. One backward pass per output channel."""
+        is_numpy = isinstance(x, np.ndarray)
+        xt = self._query(x).detach().requires_grad_(True)
+        i, j = (int(v) for v in pixel)
+        B, C, Hq, Wq = xt.shape
+        if not (0 <= i < Hq and 0 <= j < Wq):
+            raise ValueError(f"pixel {tuple(pixel)} lies outside the {Hq}x{Wq} query")
+        with torch.enable_grad():
+            out = self.denoise(xt, t, k, labels, **kw)
+            rows = []
+            for c in range(C):
+                g = torch.zeros_like(out)
+                g[:, c, i, j] = 1
+                (gx,) = torch.autograd.grad(out, xt, g, retain_graph=c < C - 1)
+                rows.append(gx)
+        jac = torch.stack(rows, 1)
+        return jac.numpy() if is_numpy else jac
+
+    def coefficients(self, t, B: int, device=None):
+        """``(a, inv_2b2, t_check)`` of a call: ``a = sqrt(alpha_bar(t))`` and ``1 / (2 (1 - alpha_bar))`` as
+        float64 ``(B,)`` tensors, differentiable in ``t`` when ``t`` is a tensor; ``t_check`` is the time
+        tensor whose range the op still has to check (None when ``t`` was a float, checked here)."""
+        a, b2, t_check = self._a_b2(t, B, device)
+        return a, 0.5 / b2, t_check
+
+    def _a_b2(self, t, B: int, device=None):
+        device = torch.device("cpu") if device is None else device
+        if isinstance(t, numbers.Real) and not isinstance(t, bool) and not isinstance(t, np.ndarray):
+            tf = check_time(t)
+            a, b2 = self.schedule.scalar_coefficients(tf)
+            if not b2 > 0:
+                raise ValueError(f"the schedule gives alpha_bar(t) = 1 at t = {tf}: no noise to remove")
+            full = dict(dtype=torch.float64, device=device)
+            return torch.full((B,), a, **full), torch.full((B,), b2, **full), None
+        if isinstance(t, (bool, str)) or (torch.is_tensor(t) and t.dtype == torch.bool):
+            raise TypeError(f"t must be a float in (0, 1] or an array of them, got {t!r}")
+        if torch.is_tensor(t):
+            if t.is_complex() or (not t.is_floating_point() and t.dtype not in (torch.int32, torch.int64)):
+                raise TypeError(f"t must be a real float tensor, got {t.dtype}")
+            tt = t.to(device=device, dtype=torch.float64)
+        else:
+            arr = np.asarray(t)
+            if arr.dtype.kind not in "fiu":
+                raise TypeError(f"t must be a float in (0, 1] or an array of them, got dtype {arr.dtype}")
+            tt = torch.as_tensor(arr.astype(np.float64), device=device)
+        if tt.dim() == 0:
+            tt = tt.expand(B)
+        if tt.shape != (B,):
+            raise ValueError(f"t must be a float or have shape ({B},), got shape {tuple(tt.shape)}")
+        a, b2 = self.schedule.torch_coefficients(tt)
+        return a, b2, tt
+
+    def check_canvas(self, Hq: int, Wq: int, k: Optional[int] = None) -> None:
+        """Raise a ValueError unless this machine can denoise ``Hq x Wq`` queries with patch size ``k``
+        (e.g. a padding signature of the canvas that no training patch has). Cheap; cached."""
+        self._check_canvas(int(Hq), int(Wq))
+        if self.local:
+            self.keyset(int(Hq), int(Wq), check_k(k, self.H, self.W))
+
+    def check_labels(self, labels, B: int) -> None:
+        """Raise a ValueError unless ``labels`` (None or B labels) can be served by this machine."""
+        lab = self._query_labels(labels, B)
+        if lab is not None:
+            ops.groups(lab, *self._label_tensors, self.N, B)
+
+    def check_request(self, shape, dtype=torch.float32, backend: str = "cpu", provenance: bool = False) -> None:
+        """Raise :class:`patchmosaic.ResourceError` if a call on a batch of ``shape`` would need more working
+        memory than allowed (from the shape alone)."""
+        from ..ops.checks import local_bytes
+
+        q = torch.empty(shape, dtype=dtype, device="meta")
+        need = local_bytes(q, self.images, backend, provenance) if self.local else 3 * q.numel() * q.element_size()
+        check_memory(need, f"{type(self).__name__}.denoise on a batch of shape {tuple(shape)}", self.max_memory)
+
+    def keyset(self, Hq: int, Wq: int, k: int) -> "ops.KeySet":
+        """The key set of a local machine for ``Hq x Wq`` queries and patch size ``k`` (classes of query
+        pixels and their key positions, ops/keysets.py)."""
+        if not self.local:
+            raise ValueError("the IS machine has no key set of patches")
+        self._check_canvas(Hq, Wq)
+        return ops.keyset(self.rule, int(Hq), int(Wq), self.H, self.W, check_k(k, self.H, self.W))
+
+    def images_by_label(self) -> dict:
+        """``{label: training image indices}`` (``{None: all}`` for a machine without labels)."""
+        if self.labels is None:
+            return {None: np.arange(self.N)}
+        return self.label_index.by_label()
+
+    def train_as(self, dtype, device) -> torch.Tensor:
+        """The training images in ``dtype`` on ``device`` (converted once, then cached)."""
+        key = (dtype, str(device))
+        if key not in self._train_cache:
+            self._train_cache[key] = self.images.to(device=device, dtype=dtype).contiguous()
+        return self._train_cache[key]
+
+    # ----- what each machine defines --------------------------------------------------------
+    def _check_canvas(self, Hq: int, Wq: int) -> None:
+        if (Hq, Wq) != (self.H, self.W):
+            raise ValueError(
+                f"{type(self).__name__} needs queries of the training size {self.H}x{self.W}, got {Hq}x{Wq}"
+            )
+
+    # ----- helpers -------------------------------------------------------------------------
+    def _query(self, x) -> torch.Tensor:
+        xt = as_batch(x, "x")
+        if xt.shape[1] != self.C:
+            raise ValueError(f"x has {xt.shape[1]} channels but the training images have {self.C} "
+                             f"(x shape {tuple(xt.shape)})")
+        self._check_canvas(xt.shape[2], xt.shape[3])
+        return xt
+
+    def _check_patch(self, k):
+        if self.local:
+            return check_k(k, self.H, self.W)
+        if k is not None:
+            check_k(k, self.H, self.W)
+        return 0
+
+    def _query_labels(self, labels, B: int) -> Optional[torch.Tensor]:
+        if labels is None:
+            return None
+        if self.labels is None:
+            raise ValueError("labels were given but this machine was built without training labels")
+        if torch.is_tensor(labels):
+            if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+                raise TypeError(f"labels must be integers, got dtype {labels.dtype}")
+            if labels.dim() == 0:
+                labels = labels.expand(B)
+            if labels.shape != (B,):
+                raise ValueError(f"labels must have shape ({B},), got {tuple(labels.shape)}")
+            return labels.to(torch.int64)
+        return torch.from_numpy(to_labels(labels, B))
+
+    def _pixel_mask(self, pixels, B: int, Hq: int, Wq: int) -> Optional[torch.Tensor]:
+        if pixels is None:
+            return None
+        mask = torch.as_tensor(pixels.detach().cpu() if torch.is_tensor(pixels) else np.asarray(pixels))
+        if mask.dtype != torch.bool or mask.shape[-2:] != (Hq, Wq) or mask.dim() not in (2, 3) or \
+                (mask.dim() == 3 and mask.shape[0] != B):
+            raise ValueError(f"pixels must be a boolean mask of shape ({Hq}, {Wq}) or ({B}, {Hq}, {Wq}), got "
+                             f"{tuple(mask.shape)} {mask.dtype}")
+        return mask.reshape(-1, Hq, Wq).any(0)
+
+    def _resolve_backend(self, xt: torch.Tensor, override: Optional[str]) -> str:
+        name = override or self.backend
+        if name not in ops.BACKENDS:
+            raise ValueError(f"unknown backend {name!r}; choose one of {ops.BACKENDS}")
+        if name == "cpu" and xt.device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU inputs, got a tensor on {xt.device}; use 'auto' or 'torch'")
+        if name == "cuda":
+            from ..ops import engines
+
+            if not engines.cuda_available():
+                raise RuntimeError(engines.cuda_unavailable_reason())
+            if xt.device.type != engines.cuda_device_type():
+                raise ValueError(f"backend='cuda' needs CUDA inputs, got a tensor on {xt.device}; move it with "
+                                 ".cuda() or use 'auto'")
+        return name
+
+    def _transform(self, x, t, k, labels, kw, fn):
+        is_numpy = isinstance(x, np.ndarray)
+        xt = self._query(x)
+        x0 = self.denoise(xt, t, k, labels, **kw)
+        B = xt.shape[0]
+        a, b2, _ = self._a_b2(t, B, xt.device)
+        shape = (B, 1, 1, 1)
+        a = a.to(xt.dtype).reshape(shape)
+        b2 = b2.to(xt.dtype).reshape(shape)
+        out = fn(xt, x0, a, b2)
+        return out.detach().numpy() if is_numpy else out
+
+    def _provenance(self, key, share, is_numpy: bool) -> Provenance:
+        if self.local:
+            n, pos = key // (self.H * self.W), key % (self.H * self.W)
+            fields = (n, pos // self.W, pos % self.W, share)
+        else:
+            fields = (key, None, None, share)
+        if is_numpy:
+            fields = tuple(None if f is None else f.detach().cpu().numpy() for f in fields)
+        return Provenance(*fields)
+
+    def __repr__(self):
+        lab = "" if self.labels is None else f", {len(self.label_index.values)} labels"
+        return (f"{type(self).__name__}({self.N} images {self.C}x{self.H}x{self.W}{lab}, "
+                f"schedule={self.schedule.name}, backend={self.backend})")
+
+
+__all__ = ["Machine", "Provenance", "ResourceError"]

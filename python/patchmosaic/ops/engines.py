@@ -1,0 +1,157 @@
+"""The compiled engines behind the ops: torch tensors in, call structs to ``_core``, torch tensors out.
+
+Two engines run the same contract (cpp/include/patchmosaic/engines.hpp): the CPU engine on host tensors,
+the CUDA engine on CUDA tensors (on torch's current stream). Outputs are allocated here, with torch, on
+the query's device. The test suite also runs the CUDA kernels on the CPU, built under an emulator
+(tests/cuda_emulation.py): it sets ``_EMULATOR`` to that build's module, and host tensors then stand for
+device memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+from .. import _core
+from . import contract
+from .keysets import KeySet
+from .labels import Groups
+
+CUDA_MAX_CHANNELS = int(_core.CUDA_MAX_CHANNELS)
+CUDA_MAX_K = int(_core.CUDA_MAX_K)
+_EMULATOR = None
+
+
+def cuda_built() -> bool:
+    """Whether this build of the compiled core has the CUDA kernels."""
+    return bool(getattr(_core, "has_cuda", False))
+
+
+def cuda_available() -> bool:
+    """Whether the CUDA engine can run: CUDA kernels built and a CUDA device visible to torch."""
+    return _EMULATOR is not None or (cuda_built() and torch.cuda.is_available())
+
+
+def cuda_device_type() -> str:
+    """The torch device type of the CUDA engine's tensors: 'cuda' ('cpu' under the test suite's emulator)."""
+    return "cpu" if _EMULATOR is not None else "cuda"
+
+
+def cuda_unavailable_reason() -> str:
+    if not cuda_built():
+        return ("backend='cuda' is not available: this build of patchmosaic has no CUDA engine (reinstall with "
+                "a CUDA toolchain and PATCHMOSAIC_CUDA=ON; backend='torch' runs the plain PyTorch implementation "
+                "on a GPU meanwhile)")
+    return ("backend='cuda' is not available: patchmosaic was built with its CUDA engine but torch sees no CUDA "
+            "device (torch.cuda.is_available() is False); use backend='cpu'")
+
+
+class Engine:
+    """One compiled engine: ``name`` is 'cpu' or 'cuda'."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @property
+    def module(self):
+        return _EMULATOR if (self.name == "cuda" and _EMULATOR is not None) else _core
+
+    def run(self, entry: str, call, device: torch.device) -> None:
+        fn = getattr(self.module, f"{entry}_{self.name}")
+        if self.name == "cpu":
+            fn(call)
+            return
+        if _EMULATOR is not None:
+            fn(call, 0, 0)
+            return
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.cuda.device(device):
+            fn(call, int(torch.cuda.current_stream(device).cuda_stream), index)
+
+
+CPU, CUDA = Engine("cpu"), Engine("cuda")
+
+
+def _provenance_buffers(shape, query: torch.Tensor, provenance: bool):
+    if not provenance:
+        return query.new_empty((0,), dtype=torch.int64), query.new_empty((0,))
+    return (torch.full(shape, -1, dtype=torch.int64, device=query.device),
+            torch.zeros(shape, dtype=query.dtype, device=query.device))
+
+
+def local_forward(engine: Engine, train, query, k: int, keyset: KeySet, a, inv_2b2, groups: Groups,
+                  provenance: bool, n_threads: int = 0):
+    """(out, stats, arg_key, arg_share) of the local machines; pixels without a row (a restricted key set)
+    get 0, with key -1 and share 0."""
+    B, C, Hq, Wq = query.shape
+    partial = keyset.n_rows_per_image < Hq * Wq
+    out = torch.zeros_like(query) if partial else torch.empty_like(query)
+    stats = torch.zeros((B, Hq, Wq, 2), dtype=torch.float64, device=query.device)
+    key, share = _provenance_buffers((B, Hq, Wq), query, provenance)
+    if keyset.n_rows_per_image == 0:
+        return out, stats, key, share
+    call = contract.local_call(engine.module, train=train, query=query, k=k, keyset=keyset, a=a, inv_2b2=inv_2b2,
+                               groups=groups, out=out, stats=stats, arg_key=key if provenance else None,
+                               arg_share=share if provenance else None, n_threads=n_threads)
+    engine.run("local_forward", call, query.device)
+    return out, stats, key, share
+
+
+def local_backward(engine: Engine, grad_out, out, stats, train, query, k: int, keyset: KeySet, a, inv_2b2,
+                   groups: Groups, n_threads: int = 0):
+    """(grad_query, grad_a, grad_inv_2b2): the vector-Jacobian product of local_forward's out."""
+    grad_query = torch.zeros_like(query)
+    grad_a = torch.zeros_like(a)
+    grad_s = torch.zeros_like(inv_2b2)
+    if keyset.n_rows_per_image == 0:
+        return grad_query, grad_a, grad_s
+    call = contract.local_call(engine.module, train=train, query=query, k=k, keyset=keyset, a=a, inv_2b2=inv_2b2,
+                               groups=groups, out=out, stats=stats, grad_out=grad_out, grad_query=grad_query,
+                               grad_a=grad_a, grad_inv_2b2=grad_s, n_threads=n_threads)
+    engine.run("local_backward", call, query.device)
+    return grad_query, grad_a, grad_s
+
+
+def ideal_forward(engine: Engine, train, query, a, inv_2b2, groups: Groups, provenance: bool, n_threads: int = 0):
+    B = query.shape[0]
+    out = torch.empty_like(query)
+    stats = torch.zeros((B, 2), dtype=torch.float64, device=query.device)
+    key, share = _provenance_buffers((B,), query, provenance)
+    call = contract.ideal_call(engine.module, train=train, query=query, a=a, inv_2b2=inv_2b2, groups=groups, out=out,
+                               stats=stats, arg_key=key if provenance else None,
+                               arg_share=share if provenance else None, n_threads=n_threads)
+    engine.run("ideal_forward", call, query.device)
+    return out, stats, key, share
+
+
+def ideal_backward(engine: Engine, grad_out, out, stats, train, query, a, inv_2b2, groups: Groups, n_threads: int = 0):
+    grad_query = torch.zeros_like(query)
+    grad_a = torch.zeros_like(a)
+    grad_s = torch.zeros_like(inv_2b2)
+    call = contract.ideal_call(engine.module, train=train, query=query, a=a, inv_2b2=inv_2b2, groups=groups, out=out,
+                               stats=stats, grad_out=grad_out, grad_query=grad_query, grad_a=grad_a,
+                               grad_inv_2b2=grad_s, n_threads=n_threads)
+    engine.run("ideal_backward", call, query.device)
+    return grad_query, grad_a, grad_s
+
+
+def candidate_softmax(train, query, k: int, query_pad: int, key_pad: int, a, inv_2b2, pix, cand,
+                      count: Optional[torch.Tensor], provenance: bool, n_threads: int = 0):
+    """The CPU engine's exact softmax over candidate keys (see contract.hpp, PM_CANDIDATE_FIELDS)."""
+    P = cand.shape[0]
+    out = torch.zeros_like(query)
+    top, last, srel = (torch.empty(P, dtype=torch.float64) for _ in range(3))
+    key, share = _provenance_buffers((P,), query, provenance)
+    call = contract.candidate_call(_core, train=train, query=query, k=k, query_pad=query_pad, key_pad=key_pad, a=a,
+                                   inv_2b2=inv_2b2, pix=pix, cand=cand, count=count, out=out, top_logit=top,
+                                   last_logit=last, sum_rel=srel, arg_key=key if provenance else None,
+                                   arg_share=share if provenance else None, n_threads=n_threads)
+    _core.candidate_softmax_cpu(call)
+    return out, top, last, srel, key, share
+
+
+def max_threads() -> int:
+    """OpenMP threads the CPU engine uses by default."""
+    return int(_core.max_threads())

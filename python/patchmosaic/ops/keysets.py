@@ -1,0 +1,171 @@
+"""Key sets of the local machines: which training positions each query pixel attends to (spec section 2).
+
+Every local machine is one streaming softmax over a different key set. A :class:`KeySet` groups the
+query pixels into *classes* that share one set of key positions, and says how query and key
+patches are padded:
+
+==============  ===================================  ==========================================
+machine         classes of query pixels              key positions of a class
+==============  ===================================  ==========================================
+LS              each pixel alone                     the same pixel of every training image
+ELS periodic    one class with every pixel           every fully-inside position (or every
+                                                     position, wrapped)
+ELS zeros       pixels with one padding signature    training positions with that signature
+==============  ===================================  ==========================================
+
+The padding signature (boundary-aware ELS, the paper's eq. 41) is separable: the signature of
+``(i, j)`` is the row signature of ``i`` times the column signature of ``j``, so the classes are the
+products of row classes and column classes.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+ZEROS, CIRCULAR = 0, 1  # padding codes shared with the compiled core (contract.hpp: Padding)
+
+# The key-set rules of the local machines, by name (the ops take the name; the key set is built here).
+RULES = ("ls", "els_zeros", "els_circular", "els_wrapped")
+
+
+@dataclass(frozen=True)
+class KeySet:
+    """Classes of query pixels and their key positions, as flat CSR arrays.
+
+    ``cls_qpix[cls_qpix_ptr[c]:cls_qpix_ptr[c+1]]`` are the query pixels ``i * Wq + j`` of class ``c``;
+    ``cls_kpos[cls_kpos_ptr[c]:cls_kpos_ptr[c+1]]`` the training positions ``i * W + j`` of its keys.
+    """
+
+    query_pad: int
+    key_pad: int
+    cls_qpix_ptr: np.ndarray  # int64 (n_classes + 1,)
+    cls_qpix: np.ndarray  # int32
+    cls_kpos_ptr: np.ndarray  # int64 (n_classes + 1,)
+    cls_kpos: np.ndarray  # int32
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.cls_qpix_ptr) - 1
+
+    def classes(self):
+        """Yield ``(query_pixels, key_positions)`` per class (numpy int arrays)."""
+        for c in range(self.n_classes):
+            yield (
+                self.cls_qpix[self.cls_qpix_ptr[c] : self.cls_qpix_ptr[c + 1]],
+                self.cls_kpos[self.cls_kpos_ptr[c] : self.cls_kpos_ptr[c + 1]],
+            )
+
+    def restricted(self, pixels: np.ndarray) -> "KeySet":
+        """The same key set for only the query pixels where the flat boolean mask ``pixels`` is true
+        (classes left without a query pixel are dropped)."""
+        pixels = np.asarray(pixels, dtype=bool).ravel()
+        groups = [(q[pixels[q]], k) for q, k in self.classes() if pixels[q].any()]
+        return _csr(groups, self.query_pad, self.key_pad)
+
+    @property
+    def n_rows_per_image(self) -> int:
+        """Query pixels that have a row (all of them, unless the key set was restricted)."""
+        return int(self.cls_qpix_ptr[-1])
+
+    def n_pairs_per_image(self) -> int:
+        """Query-pixel x key-position pairs for one query image and one training image."""
+        nq = np.diff(self.cls_qpix_ptr)
+        nk = np.diff(self.cls_kpos_ptr)
+        return int(np.sum(nq * nk))
+
+
+def _csr(groups: List[Tuple[np.ndarray, np.ndarray]], query_pad: int, key_pad: int) -> KeySet:
+    qp = np.zeros(len(groups) + 1, dtype=np.int64)
+    kp = np.zeros(len(groups) + 1, dtype=np.int64)
+    qp[1:] = np.cumsum([len(q) for q, _ in groups])
+    kp[1:] = np.cumsum([len(k) for _, k in groups])
+    qs = np.concatenate([q for q, _ in groups]).astype(np.int32) if groups else np.zeros(0, np.int32)
+    ks = np.concatenate([k for _, k in groups]).astype(np.int32) if groups else np.zeros(0, np.int32)
+    return KeySet(query_pad, key_pad, qp, qs, kp, ks)
+
+
+def axis_signature(i: int, n: int, r: int) -> Tuple[int, int]:
+    """Padded rows (or columns) before and after a patch of radius ``r`` centred at ``i`` of ``n``."""
+    return (max(0, r - i), max(0, i + r - (n - 1)))
+
+
+def padding_signature(i: int, j: int, Hq: int, Wq: int, r: int) -> Tuple[int, int, int, int]:
+    """The spec's ``sig(i, j)``: padded rows above, below, columns left, right."""
+    top, bottom = axis_signature(i, Hq, r)
+    left, right = axis_signature(j, Wq, r)
+    return (top, bottom, left, right)
+
+
+def _axis_classes(nq: int, n: int, r: int, axis: str) -> List[Tuple[Tuple[int, int], np.ndarray, np.ndarray]]:
+    """Group query indices ``0..nq-1`` by signature, each with the training indices ``0..n-1`` sharing it."""
+    train: Dict[Tuple[int, int], List[int]] = {}
+    for i in range(n):
+        train.setdefault(axis_signature(i, n, r), []).append(i)
+    query: Dict[Tuple[int, int], List[int]] = {}
+    for i in range(nq):
+        query.setdefault(axis_signature(i, nq, r), []).append(i)
+    out = []
+    for sig, qs in query.items():
+        if sig not in train:
+            raise ValueError(
+                f"no training patch has the padding signature of query {axis} {qs[0]} "
+                f"({sig[0]} padded before, {sig[1]} after, patch size k={2 * r + 1}, query size {nq}, "
+                f"training size {n}); use a smaller k or a query canvas whose borders the training images can match"
+            )
+        out.append((sig, np.asarray(qs), np.asarray(train[sig])))
+    return out
+
+
+def local_keyset(Hq: int, Wq: int, H: int, W: int) -> KeySet:
+    """LS: every pixel is its own class and attends to the same pixel of every training image."""
+    if (Hq, Wq) != (H, W):
+        raise ValueError(f"the LS machine needs queries of the training size {H}x{W}, got {Hq}x{Wq}")
+    pix = np.arange(H * W)
+    return _csr([(pix[p : p + 1], pix[p : p + 1]) for p in range(H * W)], ZEROS, ZEROS)
+
+
+def periodic_keyset(Hq: int, Wq: int, H: int, W: int, k: int, wrapped: bool = False) -> KeySet:
+    """ELS with circular boundary: one class; keys at every fully-inside position (or every position)."""
+    r = k // 2
+    if wrapped:
+        kpos = np.arange(H * W)
+    else:
+        if k > H or k > W:
+            raise ValueError(
+                f"patch size k={k} exceeds the training images ({H}x{W}): no fully-inside patch exists; "
+                "use a smaller k or wrapped=True"
+            )
+        rows = np.arange(r, H - r)
+        cols = np.arange(r, W - r)
+        kpos = (rows[:, None] * W + cols[None, :]).ravel()
+    return _csr([(np.arange(Hq * Wq), kpos)], CIRCULAR, CIRCULAR if wrapped else ZEROS)
+
+
+def boundary_keyset(Hq: int, Wq: int, H: int, W: int, k: int) -> KeySet:
+    """Boundary-aware ELS: one class per padding signature (a product of a row and a column class)."""
+    r = k // 2
+    row_cls = _axis_classes(Hq, H, r, "row")
+    col_cls = _axis_classes(Wq, W, r, "column")
+    groups = []
+    for _, qr, tr in row_cls:
+        for _, qc, tc in col_cls:
+            groups.append(((qr[:, None] * Wq + qc[None, :]).ravel(), (tr[:, None] * W + tc[None, :]).ravel()))
+    return _csr(groups, ZEROS, ZEROS)
+
+
+@functools.lru_cache(maxsize=256)
+def keyset(rule: str, Hq: int, Wq: int, H: int, W: int, k: int) -> KeySet:
+    """The key set of ``rule`` (one of :data:`RULES`) for ``Hq x Wq`` queries, ``H x W`` training images
+    and patch size ``k`` (cached). A ValueError names what makes it impossible (e.g. a padding signature
+    no training patch has)."""
+    if rule == "ls":
+        return local_keyset(Hq, Wq, H, W)
+    if rule == "els_zeros":
+        return boundary_keyset(Hq, Wq, H, W, k)
+    if rule in ("els_circular", "els_wrapped"):
+        return periodic_keyset(Hq, Wq, H, W, k, wrapped=rule == "els_wrapped")
+    raise ValueError(f"unknown key-set rule {rule!r}; known: {RULES}")

@@ -1,0 +1,287 @@
+"""The machines' operations as PyTorch custom ops (``torch.ops.patchmosaic.*``).
+
+Each op is a ``torch.library.custom_op`` with a fake implementation (shapes without running, for
+``torch.compile`` and meta tensors) and an autograd formula, and runs on the CPU engine, the CUDA engine
+or the torch reference (reference.py) by the device of its query and the ``backend`` argument:
+
+- ``local_softmax``: LS / ELS / boundary-aware ELS (``rule`` names the key set, ops/keysets.py);
+- ``ideal_softmax``: IS;
+- ``local_softmax_backward``, ``ideal_softmax_backward``: their vector-Jacobian products (engines.hpp);
+- ``candidate_softmax``: the patch index's exact re-scoring of candidate keys (CPU).
+
+Value checks (finite query, ``t`` in (0, 1], known labels, the key set's existence, memory) run once, in
+the op, before any work; they are part of the op, so a compiled graph keeps them without a graph break.
+The derivative (engines.hpp): the output of a row is a softmax average, so
+``d<g, out>/dQ = 2 s sum_q w_q <g, V_q - out> (a K_q - Q)``; the engines accumulate it as flash
+attention's backward pass does. Provenance and statistics outputs are not differentiable.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import checks, engines, reference
+from .keysets import keyset
+from .labels import groups
+
+BACKENDS = ("auto", "cpu", "torch", "cuda")
+
+
+# ------------------------------------------------------------------------------------------ dispatch
+def _engine(query: Tensor, backend: str, C: int):
+    """The engine module that runs a call: engines.CPU, engines.CUDA, or the reference."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    dev = query.device.type
+    if backend == "torch":
+        return reference
+    if backend == "cuda":
+        if not engines.cuda_available():
+            raise RuntimeError(engines.cuda_unavailable_reason())
+        if dev != engines.cuda_device_type():
+            raise ValueError(f"backend='cuda' needs CUDA inputs, got a tensor on {query.device}; move it with .cuda() "
+                             "or use 'auto'")
+        return engines.CUDA
+    if backend == "cpu":
+        if dev != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU inputs, got a tensor on {query.device}; use 'auto' or 'torch'")
+        return engines.CPU
+    # auto: by device
+    if dev == "cpu":
+        return engines.CPU
+    if dev == "cuda" and engines.cuda_available() and C <= engines.CUDA_MAX_CHANNELS:
+        return engines.CUDA
+    return reference
+
+
+def _run_forward(engine, name, *args, **kw):
+    if engine is reference:
+        return getattr(reference, name)(*args)
+    return getattr(engines, name)(engine, *args, **kw)
+
+
+def _prepare(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor):
+    dev = query.device
+    return (train.to(device=dev, dtype=query.dtype).contiguous(), query.contiguous(),
+            a.to(device=dev, dtype=torch.float64).contiguous(), inv_2b2.to(device=dev, dtype=torch.float64).contiguous())
+
+
+def _local_keyset(rule: str, query: Tensor, train: Tensor, k: int, pixels: Optional[Tensor]):
+    ks = keyset(rule, int(query.shape[2]), int(query.shape[3]), int(train.shape[2]), int(train.shape[3]), int(k))
+    if pixels is not None:
+        ks = ks.restricted(pixels.detach().to("cpu", torch.bool).numpy())
+    return ks
+
+
+# ------------------------------------------------------------------------------- local machines
+@torch.library.custom_op("patchmosaic::local_softmax", mutates_args=())
+def local_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: Optional[Tensor],
+                  labels: Optional[Tensor], label_values: Tensor, label_ptr: Tensor, label_images: Tensor,
+                  pixels: Optional[Tensor], k: int, rule: str, provenance: bool, backend: str, n_threads: int,
+                  max_memory: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Local machine (LS / ELS / boundary-aware ELS) forward pass -> ``(out, stats, arg_key, arg_share)``.
+
+    ``train`` (N, C, H, W); ``query`` (B, C, Hq, Wq) float32/float64; ``a``, ``inv_2b2`` (B,) float64 from
+    the noise schedule; ``t`` (B,) the times, for the check of their range (None when already checked);
+    ``labels`` (B,) int64 or None; ``label_*`` the machine's label index (ops/labels.py); ``pixels`` an
+    optional (Hq, Wq) bool mask of the pixels to compute (others give 0). ``stats`` (B, Hq, Wq, 2) float64:
+    each row's softmax maximum and sum (contract.hpp); ``arg_key``/``arg_share`` (B, Hq, Wq) when
+    ``provenance``, else empty.
+    """
+    checks.finite(query, "x")
+    checks.times(t, a, inv_2b2)
+    engine = _engine(query, backend, train.shape[1])
+    ks = _local_keyset(rule, query, train, k, pixels)
+    grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
+    name = "torch" if engine is reference else engine.name
+    checks.memory(checks.local_bytes(query, train, name, provenance),
+                  f"the local machine on a batch of shape {tuple(query.shape)}", max_memory)
+    tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
+    if engine is reference:
+        return reference.local_forward(tr, q, k, ks, aa, ss, grp, provenance)
+    return engines.local_forward(engine, tr, q, k, ks, aa, ss, grp, provenance, n_threads)
+
+
+@local_softmax.register_fake
+def _(train, query, a, inv_2b2, t, labels, label_values, label_ptr, label_images, pixels, k, rule, provenance, backend,
+      n_threads, max_memory):
+    B, _, Hq, Wq = query.shape
+    prov = (B, Hq, Wq) if provenance else (0,)
+    return (torch.empty_like(query), query.new_empty((B, Hq, Wq, 2), dtype=torch.float64),
+            query.new_empty(prov, dtype=torch.int64), query.new_empty(prov))
+
+
+@torch.library.custom_op("patchmosaic::local_softmax_backward", mutates_args=())
+def local_softmax_backward(grad_out: Tensor, out: Tensor, stats: Tensor, train: Tensor, query: Tensor, a: Tensor,
+                           inv_2b2: Tensor, labels: Optional[Tensor], label_values: Tensor, label_ptr: Tensor,
+                           label_images: Tensor, pixels: Optional[Tensor], k: int, rule: str, backend: str,
+                           n_threads: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The vector-Jacobian product of ``local_softmax``'s ``out`` for ``grad_out`` ->
+    ``(grad_query, grad_a, grad_inv_2b2)``."""
+    engine = _engine(query, backend, train.shape[1])
+    ks = _local_keyset(rule, query, train, k, pixels)
+    grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
+    tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
+    g = grad_out.to(q.dtype).contiguous()
+    if engine is reference:
+        return reference.local_backward(g, out, stats, tr, q, k, ks, aa, ss, grp)
+    return engines.local_backward(engine, g, out.contiguous(), stats.contiguous(), tr, q, k, ks, aa, ss, grp, n_threads)
+
+
+@local_softmax_backward.register_fake
+def _(grad_out, out, stats, train, query, a, inv_2b2, labels, label_values, label_ptr, label_images, pixels, k, rule,
+      backend, n_threads):
+    return torch.empty_like(query), torch.empty_like(a), torch.empty_like(inv_2b2)
+
+
+_LOCAL_INPUTS = 16
+
+
+def _local_setup(ctx, inputs, output):
+    (train, query, a, inv_2b2, t, labels, lv, lp, li, pixels, k, rule, provenance, backend, n_threads, _) = inputs
+    out, stats, key, share = output
+    ctx.mark_non_differentiable(stats, key, share)
+    ctx.save_for_backward(train, query, a, inv_2b2, labels, lv, lp, li, pixels, out, stats)
+    ctx.args = (k, rule, backend, n_threads)
+
+
+def _local_backward(ctx, grad_out, *unused):
+    train, query, a, inv_2b2, labels, lv, lp, li, pixels, out, stats = ctx.saved_tensors
+    grads = [None] * _LOCAL_INPUTS
+    if grad_out is None:
+        return tuple(grads)
+    k, rule, backend, n_threads = ctx.args
+    gq, ga, gs = torch.ops.patchmosaic.local_softmax_backward(grad_out, out, stats, train, query, a, inv_2b2, labels,
+                                                             lv, lp, li, pixels, k, rule, backend, n_threads)
+    grads[1], grads[2], grads[3] = gq, ga.to(a.dtype), gs.to(inv_2b2.dtype)
+    return tuple(grads)
+
+
+local_softmax.register_autograd(_local_backward, setup_context=_local_setup)
+
+
+# ---------------------------------------------------------------------------------- ideal score
+@torch.library.custom_op("patchmosaic::ideal_softmax", mutates_args=())
+def ideal_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: Optional[Tensor],
+                  labels: Optional[Tensor], label_values: Tensor, label_ptr: Tensor, label_images: Tensor,
+                  provenance: bool, backend: str, n_threads: int, max_memory: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """IS forward pass -> ``(out, stats (B, 2), arg_key (B,), arg_share (B,))`` (provenance empty unless asked)."""
+    checks.finite(query, "x")
+    checks.times(t, a, inv_2b2)
+    engine = _engine(query, backend, train.shape[1])
+    grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
+    item = query.element_size()
+    checks.memory(3 * query.numel() * item + (train.numel() * item if train.dtype != query.dtype else 0),
+                  f"the IS machine on a batch of shape {tuple(query.shape)}", max_memory)
+    tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
+    if engine is reference:
+        return reference.ideal_forward(tr, q, aa, ss, grp, provenance)
+    return engines.ideal_forward(engine, tr, q, aa, ss, grp, provenance, n_threads)
+
+
+@ideal_softmax.register_fake
+def _(train, query, a, inv_2b2, t, labels, label_values, label_ptr, label_images, provenance, backend, n_threads,
+      max_memory):
+    B = query.shape[0]
+    prov = (B,) if provenance else (0,)
+    return (torch.empty_like(query), query.new_empty((B, 2), dtype=torch.float64),
+            query.new_empty(prov, dtype=torch.int64), query.new_empty(prov))
+
+
+@torch.library.custom_op("patchmosaic::ideal_softmax_backward", mutates_args=())
+def ideal_softmax_backward(grad_out: Tensor, out: Tensor, stats: Tensor, train: Tensor, query: Tensor, a: Tensor,
+                           inv_2b2: Tensor, labels: Optional[Tensor], label_values: Tensor, label_ptr: Tensor,
+                           label_images: Tensor, backend: str, n_threads: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The vector-Jacobian product of ``ideal_softmax``'s ``out``."""
+    engine = _engine(query, backend, train.shape[1])
+    grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
+    tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
+    g = grad_out.to(q.dtype).contiguous()
+    if engine is reference:
+        return reference.ideal_backward(g, out, stats, tr, q, aa, ss, grp)
+    return engines.ideal_backward(engine, g, out.contiguous(), stats.contiguous(), tr, q, aa, ss, grp, n_threads)
+
+
+@ideal_softmax_backward.register_fake
+def _(grad_out, out, stats, train, query, a, inv_2b2, labels, label_values, label_ptr, label_images, backend, n_threads):
+    return torch.empty_like(query), torch.empty_like(a), torch.empty_like(inv_2b2)
+
+
+_IDEAL_INPUTS = 13
+
+
+def _ideal_setup(ctx, inputs, output):
+    (train, query, a, inv_2b2, t, labels, lv, lp, li, provenance, backend, n_threads, _) = inputs
+    out, stats, key, share = output
+    ctx.mark_non_differentiable(stats, key, share)
+    ctx.save_for_backward(train, query, a, inv_2b2, labels, lv, lp, li, out, stats)
+    ctx.args = (backend, n_threads)
+
+
+def _ideal_backward(ctx, grad_out, *unused):
+    train, query, a, inv_2b2, labels, lv, lp, li, out, stats = ctx.saved_tensors
+    grads = [None] * _IDEAL_INPUTS
+    if grad_out is None:
+        return tuple(grads)
+    backend, n_threads = ctx.args
+    gq, ga, gs = torch.ops.patchmosaic.ideal_softmax_backward(grad_out, out, stats, train, query, a, inv_2b2, labels,
+                                                             lv, lp, li, backend, n_threads)
+    grads[1], grads[2], grads[3] = gq, ga.to(a.dtype), gs.to(inv_2b2.dtype)
+    return tuple(grads)
+
+
+ideal_softmax.register_autograd(_ideal_backward, setup_context=_ideal_setup)
+
+
+# ---------------------------------------------------------------- backward ops: no second derivative
+def _no_second_derivative(ctx, *grads):
+    raise NotImplementedError("second derivatives of the machines are not implemented (the backward pass of "
+                              "patchmosaic's ops is not itself differentiable)")
+
+
+def _save_nothing(ctx, inputs, output):
+    pass
+
+
+local_softmax_backward.register_autograd(_no_second_derivative, setup_context=_save_nothing)
+ideal_softmax_backward.register_autograd(_no_second_derivative, setup_context=_save_nothing)
+
+
+# --------------------------------------------------------------------------- candidate re-scoring
+@torch.library.custom_op("patchmosaic::candidate_softmax", mutates_args=(), device_types="cpu")
+def candidate_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, pix: Tensor, cand: Tensor,
+                      count: Optional[Tensor], k: int, query_pad: int, key_pad: int, provenance: bool,
+                      n_threads: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Softmax over the candidate keys ``cand`` (P, m) of the listed pixels ``pix`` (P,), logits recomputed
+    exactly (contract.hpp, PM_CANDIDATE_FIELDS) -> ``(out, top_logit, last_logit, sum_rel, arg_key,
+    arg_share)``. CPU tensors."""
+    checks.finite(query, "x")
+    tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
+    return engines.candidate_softmax(tr, q, k, query_pad, key_pad, aa, ss, pix.to(torch.int64).contiguous(),
+                                     cand.to(torch.int64).contiguous(),
+                                     None if count is None else count.to(torch.float64).contiguous(), provenance,
+                                     n_threads)
+
+
+@candidate_softmax.register_fake
+def _(train, query, a, inv_2b2, pix, cand, count, k, query_pad, key_pad, provenance, n_threads):
+    P = cand.shape[0]
+    prov = (P,) if provenance else (0,)
+    f64 = dict(dtype=torch.float64)
+    return (torch.empty_like(query), query.new_empty((P,), **f64), query.new_empty((P,), **f64),
+            query.new_empty((P,), **f64), query.new_empty(prov, dtype=torch.int64), query.new_empty(prov))
+
+
+def _candidate_no_gradient(ctx, *grads):
+    raise NotImplementedError("the patch index's approximate machine has no gradient; use the exact machine "
+                              "(Machine.denoise) where you need one")
+
+
+def _candidate_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+
+
+candidate_softmax.register_autograd(_candidate_no_gradient, setup_context=_candidate_setup)

@@ -1,0 +1,263 @@
+"""The plain PyTorch implementation, written straight from spec section 2.
+
+It is the oracle of the test suite in float64, and runs on any torch device (so it is also the baseline
+on a GPU). It streams over chunks of keys with an online softmax, so its memory stays bounded by
+``BUDGET`` elements per temporary, but it makes no other effort to be fast. Its online softmax is kept
+apart from the compiled engines' (softmax_state.hpp) on purpose: an oracle that shared their code could
+not catch a mistake in it. Its backward pass is the derivative of the spec's formula written out plainly
+(every key's logit, weight and contribution materialised chunk by chunk; the patch gather's adjoint by
+``index_add``); the test suite checks it, and the engines', against finite differences.
+
+Same interface as the compiled engines (engines.py); ``stats`` follow their convention (the maximum of the
+shifted logit ``l + |Q|^2 / (2 b^2)`` and the sum of ``exp(logit - max)``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .keysets import CIRCULAR, KeySet
+from .labels import Groups
+
+BUDGET = 1 << 22  # elements per temporary (logits chunk, patch chunk)
+ROWS = 2048  # query rows per chunk
+
+
+def patch_index(shape, img_idx: torch.Tensor, centres: torch.Tensor, k: int, pad: int) -> torch.Tensor:
+    """Flat indices ``(len(centres), C*k*k)`` into the source of :func:`patches` (the images, zero-padded by
+    ``k // 2`` on every side for zero padding) of the patches of ``img_idx[i]`` centred at ``centres[i]``."""
+    _, C, Hs, Ws = shape
+    r = k // 2
+    dev = centres.device
+    off = torch.arange(-r, r + 1, device=dev)
+    rows = (centres // Ws)[:, None] + off
+    cols = (centres % Ws)[:, None] + off
+    if pad == CIRCULAR:
+        rows, cols, Hp, Wp = rows % Hs, cols % Ws, Hs, Ws
+    else:
+        rows, cols, Hp, Wp = rows + r, cols + r, Hs + 2 * r, Ws + 2 * r
+    ch = torch.arange(C, device=dev)
+    idx = ((img_idx[:, None, None, None] * C + ch[None, :, None, None]) * Hp + rows[:, None, :, None]) * Wp \
+        + cols[:, None, None, :]
+    return idx.reshape(len(centres), C * k * k)
+
+
+def _source(images: torch.Tensor, k: int, pad: int) -> torch.Tensor:
+    r = k // 2
+    return images if pad == CIRCULAR else F.pad(images, (r, r, r, r))
+
+
+def patches(images: torch.Tensor, img_idx: torch.Tensor, centres: torch.Tensor, k: int, pad: int) -> torch.Tensor:
+    """Patches ``(len(centres), C*k*k)`` of ``images[img_idx[i]]`` centred at flat position ``centres[i]``.
+
+    ``pad``: zeros or circular (keysets.ZEROS / keysets.CIRCULAR). Element order: (c, di, dj).
+    """
+    return _source(images, k, pad).reshape(-1)[patch_index(images.shape, img_idx, centres, k, pad)]
+
+
+def unpatch(grad: torch.Tensor, shape, img_idx: torch.Tensor, centres: torch.Tensor, k: int, pad: int) -> torch.Tensor:
+    """The adjoint of :func:`patches`: ``grad`` ``(len(centres), C*k*k)`` added back onto images of ``shape``."""
+    N, C, Hs, Ws = shape
+    r = k // 2
+    Hp, Wp = (Hs, Ws) if pad == CIRCULAR else (Hs + 2 * r, Ws + 2 * r)
+    src = torch.zeros(N * C * Hp * Wp, dtype=grad.dtype, device=grad.device)
+    src.index_add_(0, patch_index(shape, img_idx, centres, k, pad).reshape(-1), grad.reshape(-1))
+    src = src.reshape(N, C, Hp, Wp)
+    return src if pad == CIRCULAR else src[:, :, r : r + Hs, r : r + Ws]
+
+
+class OnlineSoftmax:
+    """Running max, sum of weights, weighted values and arg-max key of a set of rows."""
+
+    def __init__(self, rows: int, channels: int, like: torch.Tensor):
+        self.m = torch.full((rows,), -float("inf"), dtype=like.dtype, device=like.device)
+        self.s = torch.zeros(rows, dtype=like.dtype, device=like.device)
+        self.acc = torch.zeros(rows, channels, dtype=like.dtype, device=like.device)
+        self.best = torch.full((rows,), -1, dtype=torch.int64, device=like.device)
+
+    def update(self, logits: torch.Tensor, values: torch.Tensor, key_ids: torch.Tensor) -> None:
+        """Fold in ``logits`` ``(rows, keys)`` of keys with ``values`` ``(keys, channels)``."""
+        bm, barg = logits.max(dim=1)
+        new_m = torch.maximum(self.m, bm)
+        scale = torch.exp(self.m - new_m)  # exp(-inf) = 0 on the first chunk
+        w = torch.exp(logits - new_m[:, None])
+        self.s = self.s * scale + w.sum(dim=1)
+        self.acc = self.acc * scale[:, None] + w @ values
+        self.best = torch.where(bm > self.m, key_ids[barg], self.best)
+        self.m = new_m
+
+    def result(self):
+        return self.acc / self.s[:, None], self.best, 1.0 / self.s
+
+
+def _rows(v: torch.Tensor, bs: np.ndarray, npix: int, like: torch.Tensor) -> torch.Tensor:
+    """Per-image values ``v[b]`` repeated for the ``npix`` rows of each listed image."""
+    return v[torch.as_tensor(np.repeat(bs, npix), device=v.device)].to(like.dtype)
+
+
+def local_forward(train, query, k, keyset: KeySet, a, inv_2b2, groups: Groups, provenance=False, n_threads=0):
+    N, C, H, W = train.shape
+    B, _, Hq, Wq = query.shape
+    dev = query.device
+    d = C * k * k
+    partial = keyset.n_rows_per_image < Hq * Wq
+    out = torch.zeros_like(query) if partial else torch.empty_like(query)
+    stats = torch.zeros((B, Hq, Wq, 2), dtype=torch.float64, device=dev)
+    arg_key = torch.full((B, Hq, Wq), -1, dtype=torch.int64, device=dev)
+    arg_share = torch.zeros((B, Hq, Wq), dtype=query.dtype, device=dev)
+    for g in range(len(groups.grp_img_ptr) - 1):
+        bs = np.nonzero(groups.group_of_b == g)[0]
+        if len(bs) == 0:
+            continue
+        imgs = torch.as_tensor(groups.images(g).astype(np.int64), device=dev)
+        for qpix, kpos in keyset.classes():
+            npix, npos = len(qpix), len(kpos)
+            qpix_t = torch.as_tensor(qpix.astype(np.int64), device=dev)
+            kpos_t = torch.as_tensor(kpos.astype(np.int64), device=dev)
+            b_idx = torch.as_tensor(np.repeat(bs, npix), device=dev)
+            centres = qpix_t.repeat(len(bs))
+            a_r, s_r = _rows(a, bs, npix, query), _rows(inv_2b2, bs, npix, query)
+            nkeys = len(imgs) * npos
+            for r0 in range(0, len(b_idx), ROWS):
+                r1 = min(len(b_idx), r0 + ROWS)
+                Q = patches(query, b_idx[r0:r1], centres[r0:r1], k, keyset.query_pad)
+                qn = (Q * Q).sum(1)
+                ar, sr = a_r[r0:r1, None], s_r[r0:r1, None]
+                state = OnlineSoftmax(r1 - r0, C, query)
+                kc = max(1, BUDGET // max(d, r1 - r0))
+                for k0 in range(0, nkeys, kc):
+                    kk = torch.arange(k0, min(nkeys, k0 + kc), device=dev)
+                    n, pos = imgs[kk // npos], kpos_t[kk % npos]
+                    K = patches(train, n, pos, k, keyset.key_pad)
+                    dist2 = qn[:, None] - 2 * ar * (Q @ K.T) + ar * ar * (K * K).sum(1)[None, :]
+                    V = train[n[:, None], torch.arange(C, device=dev)[None, :], (pos // W)[:, None], (pos % W)[:, None]]
+                    state.update(-dist2 * sr, V, n * (H * W) + pos)
+                x0, best, share = state.result()
+                rows_b, rows_p = b_idx[r0:r1], centres[r0:r1]
+                out[rows_b, :, rows_p // Wq, rows_p % Wq] = x0
+                arg_key[rows_b, rows_p // Wq, rows_p % Wq] = best
+                arg_share[rows_b, rows_p // Wq, rows_p % Wq] = share
+                st = torch.stack([(state.m + sr[:, 0] * qn).double(), state.s.double()], 1)
+                stats[rows_b, rows_p // Wq, rows_p % Wq] = st.detach()
+    if not provenance:
+        arg_key, arg_share = query.new_empty((0,), dtype=torch.int64), query.new_empty((0,))
+    return out, stats, arg_key, arg_share
+
+
+def ideal_forward(train, query, a, inv_2b2, groups: Groups, provenance=False, n_threads=0):
+    N = train.shape[0]
+    B = query.shape[0]
+    dev = query.device
+    flat_train = train.reshape(N, -1)
+    D = flat_train.shape[1]
+    out = torch.empty_like(query).reshape(B, D)
+    stats = torch.zeros((B, 2), dtype=torch.float64, device=dev)
+    arg_key = torch.empty(B, dtype=torch.int64, device=dev)
+    arg_share = torch.empty(B, dtype=query.dtype, device=dev)
+    chunk = max(1, BUDGET // D)
+    for b in range(B):
+        imgs = torch.as_tensor(groups.images(int(groups.group_of_b[b])).astype(np.int64), device=dev)
+        x = query[b].reshape(1, D)
+        ab, sb = a[b].to(query.dtype), inv_2b2[b].to(query.dtype)
+        state = OnlineSoftmax(1, D, query)
+        for i0 in range(0, len(imgs), chunk):
+            n = imgs[i0 : i0 + chunk]
+            phi = flat_train[n]
+            dist2 = ((x - ab * phi) ** 2).sum(1)  # direct differences: no cancellation
+            state.update((-dist2 * sb)[None, :], phi, n)
+        x0, best, share = state.result()
+        out[b], arg_key[b], arg_share[b] = x0[0], best[0], share[0]
+        stats[b] = torch.stack([(state.m[0] + sb * (x * x).sum()).double(), state.s[0].double()]).detach()
+    out = out.reshape(query.shape)
+    if not provenance:
+        arg_key, arg_share = query.new_empty((0,), dtype=torch.int64), query.new_empty((0,))
+    return out, stats, arg_key, arg_share
+
+
+def _weights(logits: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return torch.exp(logits - m[:, None]) / s[:, None]
+
+
+def local_backward(grad_out, out, stats, train, query, k, keyset: KeySet, a, inv_2b2, groups: Groups, n_threads=0):
+    """(grad_query, grad_a, grad_inv_2b2): per row, with weights w, centres V, delta = <g, V - out>,
+    d/dQ = 2 s sum w delta (a K - Q), d/da = 2 s sum w delta <Q - a K, K>, d/ds = -sum w delta |Q - a K|^2."""
+    N, C, H, W = train.shape
+    B, _, Hq, Wq = query.shape
+    dev, dt = query.device, query.dtype
+    d = C * k * k
+    grad_query = torch.zeros_like(query)
+    grad_a = torch.zeros(B, dtype=torch.float64, device=dev)
+    grad_s = torch.zeros(B, dtype=torch.float64, device=dev)
+    for g in range(len(groups.grp_img_ptr) - 1):
+        bs = np.nonzero(groups.group_of_b == g)[0]
+        if len(bs) == 0:
+            continue
+        imgs = torch.as_tensor(groups.images(g).astype(np.int64), device=dev)
+        for qpix, kpos in keyset.classes():
+            npix, npos = len(qpix), len(kpos)
+            kpos_t = torch.as_tensor(kpos.astype(np.int64), device=dev)
+            b_idx = torch.as_tensor(np.repeat(bs, npix), device=dev)
+            centres = torch.as_tensor(qpix.astype(np.int64), device=dev).repeat(len(bs))
+            a_r, s_r = _rows(a, bs, npix, query), _rows(inv_2b2, bs, npix, query)
+            nkeys = len(imgs) * npos
+            for r0 in range(0, len(b_idx), ROWS):
+                r1 = min(len(b_idx), r0 + ROWS)
+                rb, rp = b_idx[r0:r1], centres[r0:r1]
+                Q = patches(query, rb, rp, k, keyset.query_pad)
+                qn = (Q * Q).sum(1)
+                ar, sr = a_r[r0:r1, None], s_r[r0:r1, None]
+                gr = grad_out[rb, :, rp // Wq, rp % Wq]  # (rows, C)
+                Dr = (gr * out[rb, :, rp // Wq, rp % Wq]).sum(1, keepdim=True)
+                st = stats[rb, rp // Wq, rp % Wq]
+                m = st[:, 0].to(dt) - sr[:, 0] * qn  # the maximum of the true logits
+                S = st[:, 1].to(dt)
+                G = torch.zeros_like(Q)
+                ga = torch.zeros(r1 - r0, dtype=dt, device=dev)
+                gs = torch.zeros(r1 - r0, dtype=dt, device=dev)
+                kc = max(1, BUDGET // max(d, r1 - r0))
+                for k0 in range(0, nkeys, kc):
+                    kk = torch.arange(k0, min(nkeys, k0 + kc), device=dev)
+                    n, pos = imgs[kk // npos], kpos_t[kk % npos]
+                    K = patches(train, n, pos, k, keyset.key_pad)
+                    QK = Q @ K.T
+                    kn = (K * K).sum(1)[None, :]
+                    dist2 = qn[:, None] - 2 * ar * QK + ar * ar * kn
+                    V = train[n[:, None], torch.arange(C, device=dev)[None, :], (pos // W)[:, None], (pos % W)[:, None]]
+                    p = _weights(-dist2 * sr, m, S) * (gr @ V.T - Dr)
+                    G += ar * (p @ K) - Q * p.sum(1, keepdim=True)
+                    ga += (2 * sr[:, 0]) * (p * (QK - ar * kn)).sum(1)
+                    gs -= (p * dist2).sum(1)
+                grad_query += unpatch(2 * sr * G, query.shape, rb, rp, k, keyset.query_pad)
+                grad_a.index_add_(0, rb, ga.double())
+                grad_s.index_add_(0, rb, gs.double())
+    return grad_query, grad_a, grad_s
+
+
+def ideal_backward(grad_out, out, stats, train, query, a, inv_2b2, groups: Groups, n_threads=0):
+    """(grad_query, grad_a, grad_inv_2b2) of the IS machine (the local formula with whole images)."""
+    N = train.shape[0]
+    B = query.shape[0]
+    dt = query.dtype
+    flat_train = train.reshape(N, -1)
+    D = flat_train.shape[1]
+    grad_query = torch.zeros(B, D, dtype=dt, device=query.device)
+    grad_a = torch.zeros(B, dtype=torch.float64, device=query.device)
+    grad_s = torch.zeros(B, dtype=torch.float64, device=query.device)
+    chunk = max(1, BUDGET // D)
+    for b in range(B):
+        imgs = torch.as_tensor(groups.images(int(groups.group_of_b[b])).astype(np.int64), device=query.device)
+        x, g, o = query[b].reshape(1, D), grad_out[b].reshape(1, D), out[b].reshape(1, D)
+        ab, sb = a[b].to(dt), inv_2b2[b].to(dt)
+        m = stats[b, 0].to(dt) - sb * (x * x).sum()
+        S = stats[b, 1].to(dt)
+        Db = (g * o).sum()
+        for i0 in range(0, len(imgs), chunk):
+            phi = flat_train[imgs[i0 : i0 + chunk]]
+            dist2 = ((x - ab * phi) ** 2).sum(1)
+            p = torch.exp(-dist2 * sb - m) / S * ((phi @ g[0]) - Db)
+            grad_query[b] += 2 * sb * (ab * (p @ phi) - x[0] * p.sum())
+            grad_a[b] += (2 * sb * (p * ((phi @ x[0]) - ab * (phi * phi).sum(1))).sum()).double()
+            grad_s[b] -= (p * dist2).sum().double()
+    return grad_query.reshape(query.shape), grad_a, grad_s
