@@ -133,3 +133,38 @@ def test_auto_picks_cuda_for_cuda_tensors_and_runs_on_the_current_stream():
 def test_entry_points_exist():
     assert _core.has_cuda and all(hasattr(_core, f"{op}_{p}_cuda") for op in ("local", "ideal")
                                   for p in ("forward", "backward"))
+
+
+@pytest.mark.parametrize("seed", SEEDS[:8])
+def test_backward_matches_the_cpu_engine(seed, dev):
+    """The CUDA backward pass (query and t gradients) against the CPU engine's on the drawn cases:
+    float64 to 1e-9 of the largest gradient (t-gradients: plus 1e-10 absolute, the rounding left where a
+    one-hot posterior makes the true gradient ~0); float32 to 1e-3 of it (both engines' float32 logits carry
+    errors of the size discussed in test_gradients.test_float32_gradients_agree_with_float64)."""
+    case = draw(seed, times=[0.05, 0.1, 0.3, 0.6, 1.0])
+    x = queries(case, seed)
+    g = np.random.default_rng(seed).standard_normal(x.shape)
+    for dtype, tol in ((np.float64, 1e-9), (np.float32, 1e-3)):
+        grads = []
+        for backend, device in (("cpu", torch.device("cpu")), ("cuda", dev)):
+            m = build(case, dtype)
+            xq = torch.tensor(x.astype(dtype), device=device, requires_grad=True)
+            tq = torch.tensor(case.t, dtype=torch.float64, device=device, requires_grad=True)
+            out = m.denoise(xq, tq, case.k, labels=torch.from_numpy(case.qlabels).to(device), backend=backend)
+            gx, gt = torch.autograd.grad(out, (xq, tq), torch.from_numpy(g.astype(dtype)).to(device))
+            grads.append((gx.cpu().double(), gt.cpu()))
+        (cx, ct), (ux, ut) = grads
+        assert (cx - ux).abs().max() <= tol * cx.abs().max() + 1e-12, case
+        if dtype == np.float64:
+            assert (ct - ut).abs().max() <= tol * ct.abs().max() + 1e-10, case
+
+
+@pytest.mark.parametrize("kind", ["IS", "ELS_zeros", "ELS_circular"])
+def test_gradcheck_on_the_cuda_engine(kind, dev):
+    rng = np.random.default_rng(7)
+    train = torch.from_numpy(rng.uniform(-1, 1, (4, 2, 5, 6))).to(dev)
+    m = {"IS": pm.IS, "ELS_zeros": pm.ELS, "ELS_circular": lambda tr: pm.ELS(tr, boundary="circular")}[kind](train)
+    x = torch.tensor(rng.standard_normal((2, 2, 5, 6)), device=dev, requires_grad=True)
+    t = torch.tensor([0.2, 0.6], dtype=torch.float64, device=dev, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, t: m.denoise(x, t, 3, backend="cuda"), (x, t), eps=1e-6, atol=1e-7,
+                                    rtol=1e-5, fast_mode=True)

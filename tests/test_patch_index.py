@@ -175,8 +175,8 @@ def test_merged_duplicates_are_exact_and_tighten_the_bound(boundary):
         assert p.n_total == q.n_total == len(q.keys)
         assert len(p.keys) < p.n_total and int(p.count.sum()) == p.n_total
         # every merged key's patch is bitwise the patch of the keys it stands for (brute-force check)
-        vq = np.concatenate(list(plain._key_chunks(q)))
-        vp = np.concatenate(list(merged._key_chunks(p)))
+        vq = np.concatenate(list(plain.key_chunks(q)))
+        vp = np.concatenate(list(merged.key_chunks(p)))
         _, inv = np.unique(vq, axis=0, return_inverse=True)
         _, invp = np.unique(vp, axis=0, return_inverse=True)
         assert len(np.unique(inv)) == len(p.keys) and len(np.unique(invp)) == len(p.keys)

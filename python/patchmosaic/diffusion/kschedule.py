@@ -36,7 +36,11 @@ class KSchedule:
         """The k of the step whose time is nearest to ``t`` (the earlier step on a tie). Plain Python, so
         that ``torch.compile`` folds it to a constant."""
         t = float(t)
-        best = min(range(len(self.times)), key=lambda i: (abs(float(self.times[i]) - t), i))
+        best, gap = 0, abs(float(self.times[0]) - t)
+        for i in range(1, len(self.times)):
+            g = abs(float(self.times[i]) - t)
+            if g < gap:
+                best, gap = i, g
         return int(self.ks[best])
 
     def to_json(self, path: str) -> None:

@@ -127,10 +127,10 @@ class PatchIndex:
                                   np.asarray(kpos, np.int64), HW, rng))
         return parts
 
-    def _part_kind(self, part: Part) -> str:
+    def part_kind(self, part: Part) -> str:
         return "flat" if self.kind == "flat" or len(part.keys) <= self.min_index_keys else self.kind
 
-    def _key_chunks(self, part: Part, chunk: int = 1 << 18):
+    def key_chunks(self, part: Part, chunk: int = 1 << 18):
         """Yield the part's key vectors in index order, ``chunk`` keys at a time."""
         m = self.machine
         for s in range(0, len(part.keys), chunk):
@@ -138,7 +138,7 @@ class PatchIndex:
 
     def _merge_duplicates(self, part: Part) -> None:
         """Keep one key per distinct patch (the first in index order) with its multiplicity."""
-        h = np.concatenate([row_hashes(v) for v in self._key_chunks(part)])
+        h = np.concatenate([row_hashes(v) for v in self.key_chunks(part)])
         _, first, counts = np.unique(h.view([("a", np.uint64), ("b", np.uint64)]).ravel(), return_index=True,
                                      return_counts=True)
         if len(first) == len(part.keys):
@@ -155,22 +155,22 @@ class PatchIndex:
         bar = Progress(len(self.parts), f"index k={self.k}", enabled=progress)
         for part in self.parts:
             part.index = self._build_part(faiss, part)
-            bar.update(postfix=f"{len(part.keys)} keys, {self._part_kind(part)}")
+            bar.update(postfix=f"{len(part.keys)} keys, {self.part_kind(part)}")
         bar.close()
 
-    def _pq_dims(self) -> Tuple[int, int]:
+    def pq_dims(self) -> Tuple[int, int]:
         """(sub-quantisers, padded vector size) of an IVF-PQ part: vectors are zero-padded to a multiple
         of ``pq_m`` (distances unchanged), so every patch size gets ``pq_m`` sub-quantisers."""
         pq_m = max(1, min(self.pq_m, self.d))
         return pq_m, -(-self.d // pq_m) * pq_m
 
     def _build_part(self, faiss, part: Part):
-        kind, d, n = self._part_kind(part), self.d, len(part.keys)
+        kind, d, n = self.part_kind(part), self.d, len(part.keys)
         if kind == "flat":
             index = faiss.IndexFlatL2(d)
         else:
             nlist = int(self.nlist or max(16, min(65536, int(np.sqrt(n)))))
-            pq_m, d = self._pq_dims() if kind == "ivfpq" else (0, d)
+            pq_m, d = self.pq_dims() if kind == "ivfpq" else (0, d)
             # many lists: an HNSW graph over the centroids assigns vectors in log time, not a scan of nlist
             quant = faiss.IndexHNSWFlat(d, 32) if nlist > 2048 else faiss.IndexFlatL2(d)
             if kind == "ivf":
@@ -184,13 +184,13 @@ class PatchIndex:
             want = min(n, max(40 * nlist, 10000))
             take = np.unique(np.linspace(0, n - 1, want).astype(np.int64))
             sample, seen = [], 0
-            for chunk in self._key_chunks(part):
+            for chunk in self.key_chunks(part):
                 sel = take[(take >= seen) & (take < seen + len(chunk))] - seen
                 sample.append(chunk[sel])
                 seen += len(chunk)
             index.train(pad_to(np.concatenate(sample), d))
             index.nprobe = min(self.nprobe, nlist)
-        for chunk in self._key_chunks(part):
+        for chunk in self.key_chunks(part):
             index.add(pad_to(chunk, d))
         return index
 
@@ -233,6 +233,6 @@ class PatchIndex:
         for p in self.parts:
             n = len(p.keys)
             total += 0 if p.count is None else n * 8  # multiplicities
-            kind = self._part_kind(p)
-            total += n * (self.d * 4 if kind in ("flat", "ivf") else self._pq_dims()[0]) + n * 8
+            kind = self.part_kind(p)
+            total += n * (self.d * 4 if kind in ("flat", "ivf") else self.pq_dims()[0]) + n * 8
         return total

@@ -18,7 +18,7 @@ def exact_topm_ids(index: PatchIndex, part: Part, queries: np.ndarray, m: int) -
     best_i = np.zeros((len(q), 0), np.int64)
     qq = (q * q).sum(1, keepdims=True)
     off = 0
-    for chunk in index._key_chunks(part, chunk=1 << 18):
+    for chunk in index.key_chunks(part, chunk=1 << 18):
         kc = chunk.astype(np.float64)
         d = qq - 2 * q @ kc.T + (kc * kc).sum(1)[None]
         alld = np.concatenate([best_d, d], 1)

@@ -22,7 +22,7 @@ def manifest(index) -> dict:
             "train_shape": list(m.images.shape), "k": index.k, "canvas": list(index.canvas), "kind": index.kind,
             "nprobe": index.nprobe, "pq_m": index.pq_m, "nlist": index.nlist, "merge": index.merge,
             "parts": [{"label": p.label, "cls": p.cls, "n_total": int(p.n_total), "n_keys": int(len(p.keys)),
-                       "file": f"part_{i}.faiss", "keys": f"part_{i}.keys.npz", "index": index._part_kind(p)}
+                       "file": f"part_{i}.faiss", "keys": f"part_{i}.keys.npz", "index": index.part_kind(p)}
                       for i, p in enumerate(index.parts)],
             "build_seconds": round(index.build_seconds, 2)}
 
@@ -77,7 +77,7 @@ def read_into(index, folder: str, man: dict) -> None:
         except RuntimeError as e:
             raise ValueError(f"corrupt or unreadable index file {path}: {str(e).splitlines()[0][:200]}") from None
         load_keys(p, os.path.join(folder, meta.get("keys", "")))
-        want_d = index._pq_dims()[1] if meta.get("index") == "ivfpq" else index.d
+        want_d = index.pq_dims()[1] if meta.get("index") == "ivfpq" else index.d
         if p.index.ntotal != len(p.keys) or p.index.d != want_d:
             raise ValueError(f"index file {path} holds {p.index.ntotal} vectors of size {p.index.d}, "
                              f"expected {len(p.keys)} of size {want_d}; rebuild it")

@@ -1,0 +1,188 @@
+"""The op layer (patchmosaic.ops): every op passes torch.library.opcheck (schema, autograd registration,
+fake tensors, AOT dispatch with dynamic shapes), machines compile with torch.compile(fullgraph=True) with
+results equal to eager mode, and the package's imports run one way."""
+
+import numpy as np
+import pytest
+import torch
+
+import architecture
+import patchmosaic as pm
+from patchmosaic import ops
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    """Each test compiles its own functions (dynamo caches per code object, and these repeat)."""
+    torch.compiler.reset()
+    yield
+    torch.compiler.reset()
+
+
+def _inputs(seed=0, C=1, labelled=True):
+    rng = np.random.default_rng(seed)
+    train = torch.from_numpy(rng.uniform(-1, 1, (6, C, 5, 6)))
+    labels = np.array([0, 1, 0, 1, 2, 2])
+    index = ops.LabelIndex.from_labels(labels if labelled else None).tensors()
+    x = torch.tensor(rng.standard_normal((2, C, 5, 6)), requires_grad=True)
+    a = torch.tensor([0.9, 0.4], dtype=torch.float64, requires_grad=True)
+    s = torch.tensor([4.0, 0.6], dtype=torch.float64, requires_grad=True)
+    return train, x, a, s, index
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("rule", ops.RULES)
+@pytest.mark.parametrize("provenance", [False, True])
+def test_opcheck_local_softmax(rule, provenance, backend):
+    train, x, a, s, index = _inputs()
+    pixels = torch.zeros(5, 6, dtype=torch.bool)
+    pixels[1:4, 2:5] = True
+    for labels, mask in ((torch.tensor([1, 2]), None), (None, pixels)):
+        args = (train, x, a, s, None, labels, *index, mask, 3, rule, provenance, backend, 0, 0)
+        torch.library.opcheck(ops.local_softmax, args)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("provenance", [False, True])
+def test_opcheck_ideal_softmax(provenance, backend):
+    train, x, a, s, index = _inputs(1, C=2)
+    torch.library.opcheck(ops.ideal_softmax, (train, x, a, s, None, torch.tensor([0, 2]), *index, provenance,
+                                              backend, 0, 0))
+
+
+def test_opcheck_backward_ops():
+    train, x, a, s, index = _inputs(2)
+    xd, ad, sd = x.detach(), a.detach(), s.detach()
+    out, stats, _, _ = ops.local_softmax(train, xd, ad, sd, None, None, *index, None, 3, "els_zeros", False, "cpu", 0, 0)
+    torch.library.opcheck(ops.local_softmax_backward, (torch.randn_like(out), out, stats, train, xd, ad, sd, None,
+                                                       *index, None, 3, "els_zeros", "cpu", 0))
+    out, stats, _, _ = ops.ideal_softmax(train, xd, ad, sd, None, None, *index, False, "cpu", 0, 0)
+    torch.library.opcheck(ops.ideal_softmax_backward, (torch.randn_like(out), out, stats, train, xd, ad, sd, None,
+                                                       *index, "cpu", 0))
+
+
+def test_opcheck_candidate_softmax():
+    train, x, a, s, _ = _inputs(3)
+    rng = np.random.default_rng(3)
+    pix = torch.tensor([0, 7, 29, 31, 59], dtype=torch.int64)
+    cand = torch.from_numpy(rng.integers(0, 6 * 30, (5, 4)))
+    cand[1, 3] = -1
+    count = torch.ones(5, 4, dtype=torch.float64)
+    for prov in (False, True):
+        torch.library.opcheck(ops.candidate_softmax, (train, x.detach(), a.detach(), s.detach(), pix, cand, count, 3,
+                                                      0, 0, prov, 0), test_utils=("test_schema", "test_faketensor",
+                                                                                  "test_aot_dispatch_dynamic"))
+
+
+def test_ops_are_registered_with_torch():
+    for name in ("local_softmax", "local_softmax_backward", "ideal_softmax", "ideal_softmax_backward",
+                 "candidate_softmax"):
+        assert hasattr(torch.ops.patchmosaic, name)
+
+
+# ------------------------------------------------------------------------------------- compile
+def _machines(dtype=torch.float32):
+    rng = np.random.default_rng(4)
+    train = torch.from_numpy(rng.uniform(-1, 1, (20, 1, 8, 8))).to(dtype)
+    lab = torch.arange(20) % 3
+    return {"ELS": pm.ELS(train, lab), "ELS_circular": pm.ELS(train, lab, boundary="circular"),
+            "LS": pm.LS(train, lab), "IS": pm.IS(train, lab)}
+
+
+@pytest.mark.parametrize("name", ["ELS", "ELS_circular", "LS", "IS"])
+def test_compile_fullgraph_denoise_eps_score(name):
+    m = _machines()[name]
+
+    def f(x, t, labels):
+        return m.denoise(x, t, 3) + m.eps(x, 0.4, 5, labels=labels) + m.score(x, t, 3, labels=labels)
+
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    lab = torch.tensor([0, 2])
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for t in (0.3, torch.tensor([0.2, 0.7])):
+        assert torch.equal(cf(x, t, lab), f(x, t, lab))
+    # values checked inside the op, without a graph break
+    with pytest.raises(ValueError, match=r"t must lie in \(0, 1\], got 1.5"):
+        cf(x, torch.tensor([0.2, 1.5]), lab)
+    with pytest.raises(ValueError, match="label 7 has no training images"):
+        cf(x, 0.3, torch.tensor([0, 7]))
+
+
+def test_compile_fullgraph_gradients_equal_eager():
+    m = _machines(torch.float64)["ELS"]
+
+    def f(x, t):
+        return (m.score(x, t, 3) ** 2).sum()
+
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.3, 0.6], dtype=torch.float64, requires_grad=True)
+    eager = torch.autograd.grad(f(x, t), (x, t))
+    compiled = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(x, t), (x, t))
+    assert all(torch.equal(u, v) for u, v in zip(eager, compiled))
+
+
+def test_compile_fullgraph_whole_ddim_loop_inductor():
+    """A whole 6-step DDIM with a k-schedule over a MachineDenoiser, compiled by the default backend
+    (inductor) into one graph: the same samples as in eager mode."""
+    m = _machines()["ELS"]
+    den = pm.MachineDenoiser(m, pm.KSchedule.ramp(7, 3, 6))
+
+    def sample(x1, labels):
+        return pm.ddim(den, x1, labels, steps=6, progress=False)
+
+    x1 = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    lab = torch.tensor([0, 1, 2])
+    compiled = torch.compile(sample, fullgraph=True)
+    assert torch.allclose(compiled(x1, lab), sample(x1, lab), rtol=0, atol=1e-6)
+
+
+# -------------------------------------------------------------------------------- architecture
+def test_imports_run_one_way_and_only_ops_touches_the_core():
+    pairs = architecture.imports()
+    assert pairs  # the scan found the package's imports
+    upward = [(a, b) for a, b in pairs if architecture.layer(b) > architecture.layer(a)]
+    assert not upward, upward
+    core = [a for a, b in pairs if b == "_core" and not a.startswith("ops")]
+    assert not core, core
+    assert any(b == "_core" and a.startswith("ops") for a, b in pairs)
+    assert not architecture.cycles(pairs), architecture.cycles(pairs)
+
+
+def test_no_module_reaches_into_another_objects_private_members():
+    assert not architecture.private_reaches(), architecture.private_reaches()
+
+
+def test_architecture_checks_can_fail(tmp_path, monkeypatch):
+    """The scanner sees an upward import, a cycle and a private reach when there is one."""
+    pkg = tmp_path / "patchmosaic"
+    (pkg / "ops").mkdir(parents=True)
+    (pkg / "machines").mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "ops" / "__init__.py").write_text("from ..machines import thing\n")
+    (pkg / "machines" / "__init__.py").write_text("from .. import ops\nx = ops._secret\n")
+    monkeypatch.setattr(architecture, "PKG", str(pkg))
+    pairs = architecture.imports()
+    assert ("ops", "machines") in pairs and architecture.layer("machines") > architecture.layer("ops")
+    assert architecture.cycles(pairs)
+    assert architecture.private_reaches()
+
+
+def test_shared_numerics_are_written_once():
+    """The clamped exponential's cut, the softmax merge and the patch element codes are defined in
+    cpp/include/patchmosaic only; the engines use them."""
+    import glob
+    import os
+    import re
+
+    root = os.path.join(os.path.dirname(__file__), "..", "cpp")
+    shared = open(os.path.join(root, "include", "patchmosaic", "softmax_state.hpp")).read() + \
+        open(os.path.join(root, "include", "patchmosaic", "patch_geometry.hpp")).read()
+    for name in ("merge_state", "clamped_exp", "element_code", "struct ExpCut"):
+        assert name in shared
+    engines = glob.glob(os.path.join(root, "cpu", "*")) + glob.glob(os.path.join(root, "cuda", "*.c*"))
+    for path in engines:
+        src = open(path).read()
+        assert not re.search(r"(MergeFactors|double|int32_t)\s+(merge_state|element_code)\s*\(", src), path
+        assert "-87.0" not in src and "-700.0" not in src, path  # the cut comes from ExpCut
+    used = "".join(open(p).read() for p in engines)
+    assert "merge_state(" in used and "element_code(" in used and "ExpCut<T>" in used
