@@ -8,11 +8,17 @@ for the boundary-aware and periodic ELS machines. Example (the figures in bench/
 
 The torch backend is timed on a subset of the training set (--torch-n-train) because it is slow;
 pairs per second do not depend on the training-set size once it is large.
+
+``--baseline DIR`` also times an older build of the package, loaded side by side in the same process
+(``bench/make_baseline.sh COMMIT DIR`` builds one from a commit): each row then shows the baseline's time
+and the ratio, measured interleaved (baseline, engine, baseline, engine, ...) so that the machine's noise
+falls on both alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -36,7 +42,25 @@ def matmul_rate(d: int, rows: int = 1024, keys: int = 8192, repeat: int = 3) -> 
     return 2.0 * rows * d * keys / t / 1e9
 
 
+def load_baseline(folder: str):
+    """An older build of patchmosaic, installed as the package folder ``folder`` (any name)."""
+    folder = os.path.abspath(folder)
+    sys.path.insert(0, os.path.dirname(folder))
+    return importlib.import_module(os.path.basename(folder))
+
+
+def interleaved(fn_a, fn_b, repeat: int):
+    """Best times of two functions run alternately ``repeat`` times each (after one warm-up call each)."""
+    fn_a(), fn_b()
+    ta = tb = float("inf")
+    for _ in range(repeat):
+        ta = min(ta, best_time(fn_a, 1))
+        tb = min(tb, best_time(fn_b, 1))
+    return ta, tb
+
+
 def run(args):
+    base = load_baseline(args.baseline) if args.baseline else None
     peak = matmul_rate(2048, 2048, 2048)
     print(f"# float32 torch.matmul 2048^3: {peak:.1f} GFLOP/s (this machine's yardstick)")
     images, _ = load(args.data, args.n_train)
@@ -47,6 +71,7 @@ def run(args):
         boundary = {"els_zeros": "zeros", "els_circular": "circular"}[machine_name]
         m = pm.ELS(images, boundary=boundary)
         m_small = pm.ELS(images[: args.torch_n_train], boundary=boundary)
+        m_base = base.ELS(images, boundary=boundary) if base else None
         for B in [int(b) for b in args.batch.split(",")]:
             a, b2 = pm.schedules.cosine_legacy.coefficients(args.t)
             x = (a * images[rng.integers(0, N, B)] + np.sqrt(b2) * rng.standard_normal((B, C, H, W))).astype(np.float32)
@@ -54,11 +79,17 @@ def run(args):
                 ks = m.keyset(H, W, k)
                 pairs = ks.n_pairs_per_image() * N * B
                 flops = 2.0 * C * k * k * pairs
-                t_eng = best_time(lambda: m.denoise(x, args.t, k, backend="cpu"), args.repeat)
+                if base:
+                    t_base, t_eng = interleaved(lambda: m_base.denoise(x, args.t, k, backend="cpu"),
+                                                lambda: m.denoise(x, args.t, k, backend="cpu"), args.repeat)
+                else:
+                    t_eng = best_time(lambda: m.denoise(x, args.t, k, backend="cpu"), args.repeat)
                 row = {"machine": machine_name, "data": args.data, "N": N, "C": C, "B": B, "k": k,
                        "engine_s": t_eng, "engine_pairs_per_s": pairs / t_eng, "engine_gflops": flops / t_eng / 1e9,
                        "matmul_gflops": matmul_rate(C * k * k)}
                 row["engine_vs_matmul"] = row["engine_gflops"] / row["matmul_gflops"]
+                if base:
+                    row.update(baseline_s=t_base, baseline_vs_engine=t_base / t_eng)
                 if args.torch:
                     Ns = min(N, args.torch_n_train)
                     pairs_s = ks.n_pairs_per_image() * Ns * B
@@ -76,12 +107,17 @@ def table(rows, args) -> str:
     if args.torch:
         head += " torch pairs/s | engine/torch |"
         sep += "---|---|"
+    if args.baseline:
+        head += " baseline s | engine s | baseline time / engine time |"
+        sep += "---|---|---|"
     out = [head, sep]
     for r in rows:
         line = (f"| {r['machine']} | {r['data']} | {r['N']} | {r['B']} | {r['k']} | {r['engine_pairs_per_s']:.3g} | "
                 f"{r['engine_gflops']:.1f} | {r['matmul_gflops']:.1f} | {r['engine_vs_matmul']:.0%} |")
         if args.torch:
             line += f" {r['torch_pairs_per_s']:.3g} | {r['engine_vs_torch']:.1f}x |"
+        if args.baseline:
+            line += f" {r['baseline_s']:.3f} | {r['engine_s']:.3f} | {r['baseline_vs_engine']:.3f} |"
         out.append(line)
     return "\n".join(out)
 
@@ -97,6 +133,7 @@ def main():
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--torch", action="store_true", help="also time the plain torch backend")
     p.add_argument("--torch-n-train", type=int, default=500)
+    p.add_argument("--baseline", help="folder of an older build of the package to time side by side")
     p.add_argument("--json", help="write the rows to this JSON file")
     args = p.parse_args()
     print(f"# {time.strftime('%Y-%m-%d')} | {machine_line()} | torch {torch.__version__} threads={torch.get_num_threads()}"

@@ -168,3 +168,19 @@ def test_gradcheck_on_the_cuda_engine(kind, dev):
     t = torch.tensor([0.2, 0.6], dtype=torch.float64, device=dev, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, t: m.denoise(x, t, 3, backend="cuda"), (x, t), eps=1e-6, atol=1e-7,
                                     rtol=1e-5, fast_mode=True)
+
+
+@pytest.mark.cuda
+@needs_gpu
+def test_compile_fullgraph_on_the_gpu():
+    """denoise, eps, score and a DDIM loop over the CUDA engine in one compiled graph, equal to eager."""
+    rng = np.random.default_rng(8)
+    train = torch.from_numpy(rng.uniform(-1, 1, (30, 1, 16, 16)).astype(np.float32)).cuda()
+    m = pm.ELS(train)
+    den = pm.MachineDenoiser(m, pm.KSchedule.ramp(7, 3, 5))
+
+    def f(x):
+        return m.denoise(x, 0.3, 5) + m.eps(x, 0.5, 3) + m.score(x, 0.7, 3) + pm.ddim(den, x, steps=5, progress=False)
+
+    x = torch.randn(3, 1, 16, 16, device="cuda")
+    assert torch.allclose(torch.compile(f, fullgraph=True)(x), f(x), rtol=0, atol=1e-5)

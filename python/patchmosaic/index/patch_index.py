@@ -11,20 +11,10 @@ Identical key patches (MNIST's blank background: millions of them) are merged at
 key with a multiplicity ``c``; a merged key enters the softmax with weight ``c exp(l)``, which is exact
 because identical patches have identical centres.
 
-Error bound (exact index). Let the retrieved logits be ``l_1 >= ... >= l_m``, ``c_i`` their
-multiplicities and ``M`` the keys of the pixel's part (counted with multiplicity). Every key not
-retrieved is at least as far as the m-th, so its weight is at most ``exp(l_m)``; with
-``S = sum_i c_i exp(l_i - l_1)`` the left-out mass relative to the retrieved mass is
-``eps <= (M - sum_i c_i) exp(l_m - l_1) / S``, and since ``x0_hat`` is a weighted mean of centre values in a
-range of width ``R`` (the training data's range per part),
+The error bound of the approximation is bound.py's; the query path is query.py's.
 
-    |x0_hat - x0_hat_approx| <= R * eps / (1 + eps)     per pixel and channel.
-
-With an inverted-file index (``ivf``, ``ivfpq``) the same number holds *conditional on retrieval* (if
-the true m nearest were found); :func:`measure_recall` measures how often they are.
-
-Indexes are saved with a JSON manifest (data fingerprint, machine, k, canvas, parts, index type) and
-refused when the manifest does not match the machine they are loaded for.
+Indexes are saved with a JSON manifest (store.py: data fingerprint, machine, k, canvas, parts, index type)
+and refused when the manifest does not match the machine they are loaded for.
 """
 
 from __future__ import annotations

@@ -10,6 +10,19 @@ import torch
 from ..validation import check_memory
 
 
+def values(x: torch.Tensor, name: str, t: Optional[torch.Tensor], a: torch.Tensor, inv_2b2: torch.Tensor) -> None:
+    """Every value of ``x`` finite, ``t`` in (0, 1] (when given as a tensor) and a schedule that leaves noise
+    to remove at every t: one reduction, read once (one device sync for CUDA tensors), and the details
+    only when something is wrong."""
+    ok = torch.isfinite(x).all() & (torch.isfinite(a) & torch.isfinite(inv_2b2) & (inv_2b2 > 0)).all()
+    if t is not None:
+        ok = ok & (torch.isfinite(t) & (t > 0) & (t <= 1)).all()
+    if bool(ok):
+        return
+    finite(x, name)
+    times(t, a, inv_2b2)
+
+
 def finite(x: torch.Tensor, name: str) -> None:
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or infinite values (shape {tuple(x.shape)})")

@@ -91,8 +91,7 @@ def local_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: O
     each row's softmax maximum and sum (contract.hpp); ``arg_key``/``arg_share`` (B, Hq, Wq) when
     ``provenance``, else empty.
     """
-    checks.finite(query, "x")
-    checks.times(t, a, inv_2b2)
+    checks.values(query, "x", t, a, inv_2b2)
     engine = _engine(query, backend, train.shape[1])
     ks = _local_keyset(rule, query, train, k, pixels)
     grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
@@ -169,8 +168,7 @@ def ideal_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: O
                   labels: Optional[Tensor], label_values: Tensor, label_ptr: Tensor, label_images: Tensor,
                   provenance: bool, backend: str, n_threads: int, max_memory: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """IS forward pass -> ``(out, stats (B, 2), arg_key (B,), arg_share (B,))`` (provenance empty unless asked)."""
-    checks.finite(query, "x")
-    checks.times(t, a, inv_2b2)
+    checks.values(query, "x", t, a, inv_2b2)
     engine = _engine(query, backend, train.shape[1])
     grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
     item = query.element_size()
