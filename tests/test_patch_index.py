@@ -80,10 +80,39 @@ def test_save_load_round_trip_and_refusals(tmp_path):
         PatchIndex.load(str(tmp_path), pm.LS(tr, lab), 5)
     part = tmp_path / man["parts"][0]["file"]
     part.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ValueError, match="not the file this index saved"):
+        PatchIndex.load(str(tmp_path), mach, 5)
+    _trust(tmp_path, 0, "sha256")  # past the checksum, the file itself is refused
     with pytest.raises(ValueError, match="corrupt or unreadable index file"):
         PatchIndex.load(str(tmp_path), mach, 5)
     with pytest.raises(ValueError, match="manifest.json missing"):
         PatchIndex.load(str(tmp_path / "nothing"), mach, 5)
+
+
+def _trust(folder, i, key):
+    """Rewrite the manifest's checksum of part i's file to the file's current one (to reach the checks
+    behind the checksum)."""
+    from patchmosaic.io.runstate import file_digest
+
+    man = json.load(open(folder / "manifest.json"))
+    name = man["parts"][i]["file" if key == "sha256" else "keys"]
+    man["parts"][i][key] = file_digest(str(folder / name))
+    json.dump(man, open(folder / "manifest.json", "w"))
+
+
+def test_part_files_from_another_index_are_refused(tmp_path):
+    """Part files copied in from an index of other data, under an unchanged manifest, are refused."""
+    tr, lab, rng = _data(4)
+    a, b = tmp_path / "a", tmp_path / "b"
+    PatchIndex(pm.ELS(tr, lab), 3, kind="flat", progress=False).save(str(a))
+    other = tr.copy()
+    other[0] += 0.5
+    PatchIndex(pm.ELS(other, lab), 3, kind="flat", progress=False).save(str(b))
+    man = json.load(open(a / "manifest.json"))
+    for meta in man["parts"]:
+        (a / meta["file"]).write_bytes((b / meta["file"]).read_bytes())
+    with pytest.raises(ValueError, match="not the file this index saved"):
+        PatchIndex.load(str(a), pm.ELS(tr, lab), 3)
 
 
 def test_ivf_recall_is_measured_and_exhaustive_probing_finds_everything():
@@ -213,12 +242,16 @@ def test_merged_index_round_trips_and_refuses_a_bad_key_file(tmp_path):
     keyfile = tmp_path / man["parts"][0]["keys"]
     good = keyfile.read_bytes()
     keyfile.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="not the file this index saved"):
+        PatchIndex.load(str(tmp_path), mach, 5)
+    _trust(tmp_path, 0, "keys_sha256")
     with pytest.raises(ValueError, match="corrupt or unreadable key file"):
         PatchIndex.load(str(tmp_path), mach, 5)
     with np.load(tmp_path / man["parts"][1]["keys"]) as z:
         keys, count = z["keys"], z["count"]
     keyfile.write_bytes(good)
     np.savez(str(keyfile)[: -len(".npz")], keys=keys, count=count + 1)  # multiplicities that do not add up
+    _trust(tmp_path, 0, "keys_sha256")
     with pytest.raises(ValueError, match="does not describe this part"):
         PatchIndex.load(str(tmp_path), mach, 5)
 

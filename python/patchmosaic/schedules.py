@@ -69,6 +69,12 @@ class Schedule:
     def __call__(self, t):
         return self.alpha_bar(t)
 
+    def describe(self) -> dict:
+        """The schedule as it matters for results: its name and alpha_bar on a grid of t (a custom callable
+        is told apart by its values)."""
+        t = np.linspace(0.005, 1.0, 32)
+        return {"name": self.name, "alpha_bar": [float(v) for v in np.asarray(self.alpha_bar(t), np.float64)]}
+
     def __repr__(self):
         return f"<schedule {self.name}>"
 
@@ -138,12 +144,25 @@ class FromCallable(Schedule):
                 out = self.fn(t)
             except Exception:  # a numpy-only callable
                 out = None
-            if isinstance(out, torch.Tensor):
-                return out.to(torch.float64)
-            return torch.as_tensor(np.asarray(self.fn(t.detach().cpu().numpy()), dtype=np.float64), device=t.device)
+            if not isinstance(out, torch.Tensor):
+                out = torch.as_tensor(self._checked(np.asarray(t.detach().cpu().numpy(), np.float64)), device=t.device)
+            elif out.shape != t.shape:
+                raise ValueError(self._shape_message(tuple(t.shape), tuple(out.shape)))
+            return out.to(torch.float64)
         if _xp(t) is math:
-            return float(np.asarray(self.fn(np.asarray([t], dtype=np.float64)), dtype=np.float64).reshape(-1)[0])
-        return np.asarray(self.fn(np.asarray(t, dtype=np.float64)), dtype=np.float64)
+            return float(self._checked(np.asarray([t], dtype=np.float64))[0])
+        return self._checked(np.asarray(t, dtype=np.float64))
+
+    def _checked(self, t: np.ndarray) -> np.ndarray:
+        out = np.asarray(self.fn(t), dtype=np.float64)
+        if out.shape != t.shape:
+            raise ValueError(self._shape_message(t.shape, out.shape))
+        return out
+
+    def _shape_message(self, want, got) -> str:
+        return (f"the schedule callable {getattr(self.fn, '__name__', self.name)!r} must return one alpha_bar per "
+                f"time (an array of the times' shape {tuple(want)}), got shape {tuple(got)}; e.g. "
+                "lambda t: np.cos(t * np.pi / 2) ** 2 instead of a constant")
 
 
 cosine_legacy = CosineLegacy()

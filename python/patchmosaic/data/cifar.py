@@ -27,6 +27,18 @@ class _ArraysOnly(pickle.Unpickler):
         return super().find_class(module, name)
 
 
+def check_labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
+    """Labels as int64: one integer per image, each in 0 .. 2^31 - 1 (a ValueError naming ``where`` otherwise)."""
+    y = np.asarray(y)
+    if y.dtype.kind not in "iu" or y.ndim != 1:
+        raise ValueError(f"{where}: labels must be a 1-D array of integers, got {y.dtype} of shape {y.shape}")
+    if len(y) != n:
+        raise ValueError(f"{where}: {n} images but {len(y)} labels")
+    if len(y) and (y.min() < 0 or y.max() >= 2**31):
+        raise ValueError(f"{where}: labels must lie in 0 .. 2^31 - 1, got {int(y.min())} .. {int(y.max())}")
+    return y.astype(np.int64)
+
+
 def read_batch(path: str) -> Tuple[np.ndarray, np.ndarray]:
     """One batch: uint8 images ``(N, 32, 32, 3)`` and int64 labels."""
     with open(path, "rb") as f:
@@ -39,10 +51,13 @@ def read_batch(path: str) -> Tuple[np.ndarray, np.ndarray]:
     d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
     if "data" not in d or "labels" not in d:
         raise ValueError(f"{path} is not a CIFAR-10 python batch (keys {sorted(d)})")
-    data = np.asarray(d["data"], dtype=np.uint8)
+    data = np.asarray(d["data"])
+    if data.dtype != np.uint8:
+        raise ValueError(f"{path}: expected uint8 pixel data, got {data.dtype}")
     if data.ndim != 2 or data.shape[1] != 3072:
         raise ValueError(f"{path}: expected data of shape (N, 3072), got {data.shape}")
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), np.asarray(d["labels"], np.int64)
+    labels = check_labels(np.asarray(d["labels"]), len(data), path)
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels
 
 
 def load_cifar10(folder: str, split: str = "train") -> Tuple[np.ndarray, np.ndarray]:

@@ -26,9 +26,17 @@ def preprocess(images: np.ndarray, size: int | None = 32) -> torch.Tensor:
         raise TypeError(f"preprocess expects uint8 images, got {x.dtype} with shape {x.shape}")
     if x.ndim == 3:
         x = x[:, None]
-    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
-        x = x.transpose(0, 3, 1, 2)
-    elif x.ndim != 4:
+    elif x.ndim == 4:
+        first, last = x.shape[1] in (1, 2, 3, 4), x.shape[-1] in (1, 2, 3, 4)
+        if last and not first:
+            x = x.transpose(0, 3, 1, 2)
+        elif not first:
+            raise ValueError(f"images of shape {x.shape}: neither axis 1 nor the last axis is a channel axis "
+                             "(1 grey or 3 RGB channels)")
+        if x.shape[1] in (2, 4):
+            raise ValueError(f"images of shape {images.shape} have {x.shape[1]} channels (grey or RGB with an alpha "
+                             "channel); drop the alpha channel first (e.g. x[..., :3] or x[..., :1])")
+    else:
         raise ValueError(f"images must be (N, H, W), (N, H, W, C) or (N, C, H, W), got shape {x.shape}")
     t = torch.from_numpy(np.ascontiguousarray(x)).float() / 127.5 - 1
     if size is not None and tuple(t.shape[-2:]) != (size, size):

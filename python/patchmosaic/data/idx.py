@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zlib
 from typing import Tuple
 
 import numpy as np
@@ -12,8 +13,11 @@ import numpy as np
 def read_idx(path: str) -> np.ndarray:
     """An IDX array of unsigned bytes, shape from its header."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # truncated or corrupt compression
+        raise ValueError(f"{path} is not a readable IDX file ({type(e).__name__}: {e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file")
     ndim = raw[3]
@@ -41,7 +45,12 @@ def load_idx(images_path: str, labels_path: str | None = None):
     if labels_path is None:
         cand = images_path.replace("images-idx3", "labels-idx1").replace("images.idx3", "labels.idx1")
         labels_path = cand if cand != images_path and os.path.exists(cand) else None
-    y = read_idx(labels_path).astype(np.int64) if labels_path else np.zeros(len(x), np.int64)
+    if x.ndim != 3:
+        raise ValueError(f"{images_path} holds an array of shape {x.shape}, not images (N, H, W)")
+    y = read_idx(labels_path) if labels_path else np.zeros(len(x), np.int64)
+    if y.ndim != 1:
+        raise ValueError(f"{labels_path} holds an array of shape {y.shape}, not labels (N,)")
+    y = y.astype(np.int64)
     if len(y) != len(x):
         raise ValueError(f"{images_path}: {len(x)} images but {len(y)} labels in {labels_path}")
     return x, y

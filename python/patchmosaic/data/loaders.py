@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .cifar import load_cifar10
+from .cifar import check_labels, load_cifar10
 from .default import load_default_raw, preprocess
 from .idx import find_idx, load_idx
 from .images import CELEBA_CROP, crops, load_folder, load_photo
@@ -87,22 +88,7 @@ def _read_path(path: str, split: str):
         raise ValueError(f"no data set at {path!r} (give 'default', a named set {NAMED}, 'skimage:NAME', "
                          "an .npz or IDX file, or a folder)")
     if path.endswith(".npz"):
-        try:
-            z = np.load(path, allow_pickle=False)
-            if not hasattr(z, "files"):
-                raise ValueError("it holds a single array, not named arrays")
-        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{path} is not a readable .npz file of arrays: {e}") from None
-        with z:
-            ik = next((k for k in IMAGE_KEYS if k in z.files), None)
-            lk = next((k for k in LABEL_KEYS if k in z.files), None)
-            if ik is None:
-                raise ValueError(f"{path} has none of the image keys {IMAGE_KEYS} (it has {z.files})")
-            x = z[ik]
-            y = z[lk].astype(np.int64) if lk is not None else np.zeros(len(x), np.int64)
-        if len(y) != len(x):
-            raise ValueError(f"{path}: {len(x)} images but {len(y)} labels")
-        return x, y
+        return _read_npz(path)
     if os.path.isfile(path):
         return load_idx(path)
     names = os.listdir(path)
@@ -116,6 +102,26 @@ def _read_path(path: str, split: str):
         return imgs, y
     imgs, y, _ = load_folder(path)
     return imgs, y
+
+
+def _read_npz(path: str):
+    """uint8 images and int64 labels from an .npz of named arrays (no pickles)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise ValueError("it holds a single array, not named arrays")
+            ik = next((k for k in IMAGE_KEYS if k in z.files), None)
+            lk = next((k for k in LABEL_KEYS if k in z.files), None)
+            if ik is None:
+                raise ValueError(f"it has none of the image keys {IMAGE_KEYS} (it has {z.files})")
+            x = z[ik]
+            y = z[lk] if lk is not None else None
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise ValueError(f"{path} is not a readable .npz file of images: {e}") from None
+    if x.ndim not in (3, 4) or len(x) == 0:
+        raise ValueError(f"{path}: images must be (N, H, W) or (N, H, W, C) with N > 0, got shape {x.shape}")
+    y = np.zeros(len(x), np.int64) if y is None else check_labels(y, len(x), path)
+    return x, y
 
 
 def _named(name: str, root: str, download: bool, split: str) -> str:

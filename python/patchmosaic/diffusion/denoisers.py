@@ -75,6 +75,15 @@ class MachineDenoiser(_Denoiser):
             return None
         return self.k.k_at(t) if isinstance(self.k, KSchedule) else int(self.k)
 
+    def describe(self) -> dict:
+        """What changes this denoiser's results: the machine's description and the patch sizes."""
+        d = {"type": "MachineDenoiser", "machine": self.machine.describe()}
+        if isinstance(self.k, KSchedule):
+            d["ks"], d["times"] = list(map(int, self.k.ks)), list(map(float, self.k.times))
+        elif self.k is not None and self.machine.local:
+            d["k"] = int(self.k)
+        return d
+
     def __call__(self, x, t, labels=None):
         out = self.machine.denoise(x, t, self.k_at(float(t)), labels=labels,
                                    return_provenance=self.keep_provenance, backend=self.backend)
@@ -109,8 +118,16 @@ class NetworkDenoiser(_Denoiser):
         if hasattr(net, "eval"):
             net.eval()
 
+    def describe(self) -> dict:
+        """What changes this denoiser's results: the network's weights (a hash), schedule, dtype, labels use."""
+        from ..io.runstate import module_digest
+
+        return {"type": "NetworkDenoiser", "weights": module_digest(self.net),
+                "schedule": self.schedule.describe(), "dtype": str(self.dtype), "conditional": self.conditional}
+
     def eps(self, x, t, labels=None):
-        """The network's ``eps`` for ``x`` ``(B, C, H, W)`` at ``t`` (float or ``(B,)``), labels ``(B,)`` or None."""
+        """The network's ``eps`` for ``x`` ``(B, C, H, W)`` at ``t`` (float or ``(B,)``), labels ``(B,)`` or None.
+        A ValueError if the network returns another shape than ``x`` or non-finite values."""
         if not torch.is_tensor(x) or x.ndim != 4:
             raise ValueError(f"x must be a (B, C, H, W) tensor, got shape {tuple(getattr(x, 'shape', ()))}")
         B = x.shape[0]
@@ -128,7 +145,15 @@ class NetworkDenoiser(_Denoiser):
                 xb = x[e].to(self.device, self.dtype)
                 tb = tv[e].to(self.device, torch.float32)
                 lb = None if lab is None else lab[e].to(self.device)
-                outs.append(self.net(tb, xb, lb).to(x.device, x.dtype))
+                e_b = self.net(tb, xb, lb)
+                if not torch.is_tensor(e_b) or tuple(e_b.shape) != tuple(xb.shape):
+                    raise ValueError(f"the network returned {type(e_b).__name__} of shape "
+                                     f"{tuple(getattr(e_b, 'shape', ()))} for an input of shape {tuple(xb.shape)}; "
+                                     "an eps network returns one noise estimate per input pixel")
+                if not bool(torch.isfinite(e_b).all()):
+                    raise ValueError(f"the network returned NaN or infinite values at t = {float(tb[0]):g} "
+                                     "(check its weights)")
+                outs.append(e_b.to(x.device, x.dtype))
         return torch.cat(outs)
 
     def __call__(self, x, t, labels=None):

@@ -26,8 +26,8 @@ class KSchedule:
         if len(self.times) != len(self.ks) or not self.ks:
             raise ValueError(f"times and ks must be non-empty and equally long, got {len(self.times)} and {len(self.ks)}")
         for k in self.ks:
-            if int(k) != k or k < 1 or k % 2 == 0:
-                raise ValueError(f"every k in a k-schedule must be an odd positive integer, got {k}")
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or k % 2 == 0:
+                raise ValueError(f"every k in a k-schedule must be an odd positive integer, got {k!r}")
         for t in self.times:
             if not 0 < t <= 1:
                 raise ValueError(f"k-schedule times must lie in (0, 1], got {t}")
@@ -51,10 +51,26 @@ class KSchedule:
 
     @classmethod
     def from_json(cls, path: str) -> "KSchedule":
-        """Read a schedule written by :meth:`to_json` (extra keys, e.g. a calibration's, are ignored)."""
-        with open(path) as f:
-            d = json.load(f)
-        return cls(tuple(float(t) for t in d["times"]), tuple(int(k) for k in d["ks"]))
+        """Read a schedule written by :meth:`to_json` (extra keys, e.g. a calibration's, are ignored). A
+        ValueError names the file when it is not a k-schedule: no ``times``/``ks`` lists of equal length,
+        a ``k`` that is not an integer (``7.9`` or ``"7"`` are refused, not rounded), a time outside (0, 1]."""
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"{path} is not a readable JSON k-schedule: {e}") from None
+        if not isinstance(d, dict) or not isinstance(d.get("ks"), list) or not isinstance(d.get("times"), list):
+            raise ValueError(f"{path} is not a k-schedule: it needs lists 'times' and 'ks'")
+        for k in d["ks"]:
+            if isinstance(k, bool) or not isinstance(k, int):
+                raise ValueError(f"{path}: every k must be an odd integer, got {k!r}")
+        for t in d["times"]:
+            if isinstance(t, bool) or not isinstance(t, (int, float)):
+                raise ValueError(f"{path}: every time must be a number in (0, 1], got {t!r}")
+        try:
+            return cls(tuple(float(t) for t in d["times"]), tuple(d["ks"]))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     @classmethod
     def constant(cls, k: int, steps: int = 20) -> "KSchedule":

@@ -65,8 +65,9 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
     (whose schedule must be the machine's: a ValueError otherwise); ``candidates`` default to
     ``3, 5, ..., k_max`` (default ``k_max``: 31, or ``2 max(H, W) + 1`` if smaller). Everything runs in
     float32 (the engines' precision); cosines are accumulated in float64. ``state``: an npz path
-    saved after every step; a run with the same settings resumes from it (``run_id`` names the network
-    in the fingerprint, since network weights are not hashed).
+    saved after every step; a run with the same settings resumes from it. The state is tied to a fingerprint
+    of the network's weights, the machine (its kind, the training images' content and its schedule), the
+    candidates, the grid, the seeds and the labels: any other run's state file is refused.
     """
     net = network if isinstance(network, NetworkDenoiser) else NetworkDenoiser(network, machine.schedule)
     common_schedule({"network": net, type(machine).__name__: machine})
@@ -81,13 +82,17 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
     candidates = tuple(check_k(k, H, W) for k in candidates)
     if not candidates:
         raise ValueError("no candidate patch sizes")
+    limit = 2 * max(H, W) - 1
+    if max(candidates) > limit:
+        raise ValueError(f"candidate patch size {max(candidates)} is larger than any useful one for {H}x{W} images "
+                         f"(at most {limit}: a larger patch only adds zero padding); lower k_max")
     g = check_grid(grid, steps)
     S, M, K = len(g) - 1, x1.shape[0], len(candidates)
     lab = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     machine.check_labels(None if lab is None else lab.numpy(), M)
-    fp = fingerprint(kind="calibrate", run_id=run_id, machine=type(machine).__name__,
-                     boundary=getattr(machine, "boundary", None), N=machine.N, grid=g.tolist(),
-                     candidates=list(candidates), x1=x1.float(), labels=None if lab is None else lab.numpy())
+    fp = fingerprint(kind="calibrate", run_id=run_id, network=net.describe(), machine=machine.describe(),
+                     grid=g.tolist(), candidates=list(candidates), x1=x1.float(),
+                     labels=None if lab is None else lab.numpy())
     saved = load_state(state, fp)
     x = x1.float()
     cos = np.full((S, M, K), np.nan)

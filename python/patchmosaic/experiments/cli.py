@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import zipfile
+import zlib
 
 DATA_HELP = ("training images: 'default' (the built-in 2,000 MNIST digits), an .npz file (uint8 images under "
              "x_train/images/x, labels under y_train/labels/y) or an IDX file or directory (MNIST format)")
@@ -64,7 +66,7 @@ def _train(args) -> int:
                    padding=args.padding, num_classes=ncls, attention=args.attention)
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                      ema_decay=args.ema, seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device)
-    train(cfg, images, labels, out=args.out, config=tc, progress=not args.quiet)
+    train(cfg, images, labels, out=args.out, config=tc, progress=not args.quiet, override=args.override_settings)
     print(f"wrote {os.path.join(args.out, 'model.safetensors')} ({args.arch}, {len(images)} images, {args.steps} steps)")
     return 0
 
@@ -75,6 +77,7 @@ def _setup(args):
     import torch
 
     from .. import data
+    from ..data.cifar import check_labels
     from ..networks import load_network
 
     net = load_network(args.network)
@@ -85,9 +88,19 @@ def _setup(args):
         cond = (cfg or {}).get("num_classes", 0) > 0 if isinstance(cfg, dict) else \
             int(getattr(getattr(net, "embed", None), "num_classes", 0)) > 0
     if args.seeds_file:
-        with np.load(args.seeds_file, allow_pickle=False) as z:
-            x1 = torch.from_numpy(z["seeds"][: args.seeds].astype(np.float32))
-            y = torch.from_numpy(z["labels"][: args.seeds].astype(np.int64)) if "labels" in z.files else None
+        try:
+            with np.load(args.seeds_file, allow_pickle=False) as z:
+                if "seeds" not in z.files:
+                    raise ValueError(f"it has no 'seeds' array (it has {z.files})")
+                seeds = z["seeds"][: args.seeds]
+                lab = z["labels"][: args.seeds] if "labels" in z.files else None
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise ValueError(f"--seeds-file {args.seeds_file} is not a readable seeds .npz: {e}") from None
+        if seeds.dtype.kind != "f" or seeds.ndim != 4 or not np.all(np.isfinite(seeds)):
+            raise ValueError(f"--seeds-file {args.seeds_file}: 'seeds' must be finite floats (M, C, H, W), got "
+                             f"{seeds.dtype} of shape {seeds.shape}")
+        x1 = torch.from_numpy(seeds.astype(np.float32))
+        y = None if lab is None else torch.from_numpy(check_labels(lab, len(seeds), args.seeds_file))
     else:
         if args.seeds < 1:
             raise ValueError(f"--seeds must be positive, got {args.seeds}")
@@ -116,7 +129,7 @@ def _calibrate(args) -> int:
     cands = None if args.candidates is None else [int(k) for k in args.candidates.split(",")]
     state = args.state or args.out + ".state.npz"
     c = calibrate(net, machine, x1, y, candidates=cands, k_max=args.k_max, grid=time_grid(args.steps),
-                  state=state, run_id=os.path.abspath(args.network), progress=not args.quiet)
+                  state=state, progress=not args.quiet)
     c.to_json(args.out, network=args.network, machine=args.machine, seeds=int(x1.shape[0]))
     png = os.path.splitext(args.out)[0] + ".png"
     write_png(png, kschedule_plot({args.machine: c.schedule}, c.choices, c.schedule.times,
@@ -146,7 +159,7 @@ def _compare(args) -> int:
     if "IS" not in machines:
         machines["IS"] = MachineDenoiser(make_machine("is", images, labels))
     rep = compare(net, machines, x1, y, grid=None, steps=args.steps, batch_size=args.batch, out_dir=args.out,
-                  run_id=os.path.abspath(args.network), progress=not args.quiet,
+                  progress=not args.quiet,
                   info={"network": args.network, "data": args.data, "train_images": int(len(images))})
     local = [n for n in machines if n != "IS"]
     r = rep["per_seed"]
@@ -262,7 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default: %(default)s)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
     t.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights, 0 = off (default: %(default)s)")
-    t.add_argument("--seed", type=int, default=0, help="seed of data order and noise (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0,
+                   help="seed of the initial weights, data order and noise (default: %(default)s)")
+    t.add_argument("--override-settings", action="store_true",
+                   help="resume a checkpoint with other optimiser settings (batch size, lr, weight decay, EMA, seed); "
+                        "without it that is refused. The checkpoint records which settings applied from which step")
     t.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default: %(default)s)")
     t.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (bf16 autocast on cuda) (default: %(default)s)")
     t.add_argument("--out", required=True, help="checkpoint directory (resumed if it exists)")
@@ -302,8 +319,15 @@ def main(argv=None) -> int:
         args.machine = ["els=paper:MNIST_ResNet_zeros"]
     try:
         return args.func(args)
-    except (ValueError, TypeError, RuntimeError, OSError) as e:
-        print(f"patchmosaic {args.command}: error: {e}", file=sys.stderr)
+    except MemoryError as e:
+        print(f"patchmosaic {args.command}: error: out of memory{': ' + str(e) if str(e) else ''}; use a smaller "
+              "batch, canvas or data set", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, RuntimeError, OSError, KeyError, EOFError, zlib.error, zipfile.BadZipFile) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, RuntimeError) and ("alloc" in msg.lower() or "out of memory" in msg.lower()):
+            msg = f"out of memory ({msg}); use a smaller batch, canvas or data set"
+        print(f"patchmosaic {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
 

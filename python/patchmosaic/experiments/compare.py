@@ -81,9 +81,20 @@ def compare(network, machines: Dict[str, object], x1: torch.Tensor, labels=None,
     x1 = x1.float()
     base_fp = dict(kind="compare", run_id=run_id, grid=g.tolist(), x1=x1, labels=None if lab is None else lab.numpy())
 
+    files = {}
+    for name in machines:
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name))
+        if name == "network" or safe == "network":
+            raise ValueError("'network' names the network's samples; give the machine another name")
+        if safe in files.values():
+            other = next(n for n, f in files.items() if f == safe)
+            raise ValueError(f"machine names {other!r} and {name!r} would share the sample file samples_{safe}.npz; "
+                             "rename one")
+        files[name] = safe
+    files["network"] = "network"
+
     def state(name):
-        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
-        return None if out_dir is None else os.path.join(out_dir, f"samples_{safe}.npz")
+        return None if out_dir is None else os.path.join(out_dir, f"samples_{files[name]}.npz")
 
     dens = {name: as_denoiser(m) for name, m in machines.items()}
     if isinstance(network, torch.nn.Module) or isinstance(network, torch.jit.ScriptModule):
@@ -92,12 +103,18 @@ def compare(network, machines: Dict[str, object], x1: torch.Tensor, labels=None,
         net = as_denoiser(network)
     common_schedule({"network": net, **dens})
     u = sample_batched(net, x1, lab, grid=g, batch_size=batch_size, state=state("network"),
-                       fp=fingerprint(who="network", **base_fp), progress=progress, desc="network")
+                       fp=fingerprint(who="network", denoiser=full_description(net), **base_fp), progress=progress,
+                       desc="network")
+    if not np.all(np.isfinite(u.numpy())):
+        raise ValueError("the network's samples are not finite (NaN or infinite values); check its weights")
     samples, per_seed = {"network": u}, {}
     for name, d in dens.items():
         desc = describe(d)
         v = sample_batched(d, x1, lab, grid=g, batch_size=batch_size, state=state(name),
-                           fp=fingerprint(who=name, machine=desc, **base_fp), progress=progress, desc=name)
+                           fp=fingerprint(who=name, machine=desc, denoiser=full_description(d), **base_fp),
+                           progress=progress, desc=name)
+        if not np.all(np.isfinite(v.numpy())):
+            raise ValueError(f"the samples of {name!r} are not finite; nothing to compare")
         samples[name] = v
         per_seed[name] = {metric: fn(u, v).tolist() for metric, fn in METRICS.items()}
         per_seed[name]["machine"] = desc
@@ -116,6 +133,12 @@ def compare(network, machines: Dict[str, object], x1: torch.Tensor, labels=None,
         write_json(os.path.join(out_dir, "report.json"), report)
     report["samples"] = samples
     return report
+
+
+def full_description(denoiser) -> dict:
+    """Everything that changes a denoiser's samples (weights and data hashes included), for fingerprints."""
+    fn = getattr(denoiser, "describe", None)
+    return fn() if callable(fn) else {"type": type(denoiser).__name__}
 
 
 def describe(denoiser) -> dict:

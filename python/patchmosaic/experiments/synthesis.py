@@ -18,6 +18,7 @@ from ..data import load
 from ..diffusion.denoisers import MachineDenoiser
 from ..diffusion.kschedule import from_spec
 from ..machines import make_machine
+from ..io.files import write_npz
 from ..io.png import grid, provenance_picture, to_uint8, write_png
 from ..diffusion.samplers import ddim, ddpm
 
@@ -62,8 +63,11 @@ def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", ma
                      backend=backend)
     ks = from_spec(k, steps) if m.local else None
     m.check_labels(None if ylab is None else ylab.numpy(), n)
-    for kk in set(ks.ks) if m.local else [None]:
-        m.check_canvas(Hq, Wq, kk)  # before any sampling work
+    # before any work: the memory the largest step needs (from the sizes alone), then the canvas's key sets
+    m.check_request((n, C, Hq, Wq), torch.float32, "cpu" if backend == "auto" else backend, provenance=True,
+                    k=max(ks.ks) if m.local else None)
+    for kk in sorted(set(ks.ks)) if m.local else [None]:
+        m.check_canvas(Hq, Wq, kk)
     den = MachineDenoiser(m, ks, keep_provenance=True)
     gen = torch.Generator().manual_seed(seed)
     x1 = torch.randn(n, C, Hq, Wq, generator=gen)
@@ -83,7 +87,7 @@ def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", ma
     scale = max(1, 96 // max(Hq, Wq)) if max(Hq, Wq) < 96 else 1
     write_png(out, grid(pics, 2 if m.local else 1, n, pad=2, scale=scale))
     npz = os.path.splitext(out)[0] + ".npz"
-    np.savez(npz, samples=x.numpy(), noise=x1.numpy(), labels=np.zeros(0) if ylab is None else ylab.numpy(),
-             provenance_image=prov.image.numpy())
+    write_npz(npz, samples=x.numpy(), noise=x1.numpy(), labels=np.zeros(0) if ylab is None else ylab.numpy(),
+              provenance_image=prov.image.numpy())
     return {"out": out, "npz": npz, "samples": x, "seconds": seconds, "k_schedule": ks, "train_images": len(images),
             "sources_per_sample": [int(np.unique(prov.image[b].numpy()).size) for b in range(n)] if m.local else None}

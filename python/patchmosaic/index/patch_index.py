@@ -79,6 +79,10 @@ class PatchIndex:
         self.machine = machine
         self.k = check_k(k, machine.H, machine.W)
         self.canvas = tuple(canvas or (machine.H, machine.W))
+        if machine.effective_k(self.k, *self.canvas) != self.k:
+            raise ValueError(f"patch size k={self.k} is larger than any useful one for this machine and canvas "
+                             f"(at most {machine.effective_k(self.k, *self.canvas)}: a larger patch only adds zero "
+                             "padding); build the index at that size")
         machine.check_canvas(*self.canvas, self.k)
         self.keyset = machine.keyset(self.canvas[0], self.canvas[1], self.k)
         self.d = machine.C * self.k * self.k

@@ -9,10 +9,11 @@ import os
 
 import numpy as np
 
-from ..io.runstate import write_json
+from ..io.files import write_with
+from ..io.runstate import file_digest, write_json
 from .vectors import faiss_module
 
-FORMAT = "patchmosaic-index-1"
+FORMAT = "patchmosaic-index-2"  # 2: SHA-256 of every part file in the manifest
 
 
 def manifest(index) -> dict:
@@ -39,12 +40,11 @@ def write(index, folder: str) -> None:
     if os.path.exists(mpath):
         os.remove(mpath)
     for p, meta in zip(index.parts, man["parts"]):
-        tmp = os.path.join(folder, meta["file"] + ".tmp")
-        faiss.write_index(p.index, tmp)
-        os.replace(tmp, os.path.join(folder, meta["file"]))
-        tmp = os.path.join(folder, meta["keys"] + ".tmp.npz")
-        np.savez(tmp, keys=p.keys, count=np.ones(0) if p.count is None else p.count)
-        os.replace(tmp, os.path.join(folder, meta["keys"]))
+        path, keys = os.path.join(folder, meta["file"]), os.path.join(folder, meta["keys"])
+        write_with(path, lambda tmp: faiss.write_index(p.index, tmp))
+        write_with(keys, lambda tmp: np.savez(tmp, keys=p.keys, count=np.ones(0) if p.count is None else p.count),
+                   suffix=".npz")
+        meta["sha256"], meta["keys_sha256"] = file_digest(path), file_digest(keys)
     write_json(mpath, man)
 
 
@@ -72,6 +72,11 @@ def read_into(index, folder: str, man: dict) -> None:
         raise ValueError(f"the patch index at {folder} has other key classes than this machine; rebuild it")
     for p, meta in zip(index.parts, man["parts"]):
         path = os.path.join(folder, meta["file"])
+        for name, key in ((meta["file"], "sha256"), (meta.get("keys", ""), "keys_sha256")):
+            f = os.path.join(folder, name)
+            if not os.path.exists(f) or key not in meta or file_digest(f) != meta[key]:
+                raise ValueError(f"index file {f} is missing or is not the file this index saved (its SHA-256 "
+                                 "differs from the manifest's); rebuild the index")
         try:
             p.index = faiss.read_index(path)
         except RuntimeError as e:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 import zlib
 
 import numpy as np
+
+from .files import write_bytes
 
 
 def _chunk(tag: bytes, data: bytes) -> bytes:
@@ -15,7 +15,7 @@ def _chunk(tag: bytes, data: bytes) -> bytes:
 
 
 def write_png(path: str, rgb: np.ndarray) -> None:
-    """``rgb``: uint8 ``(H, W, 3)`` or ``(H, W)``. Written to a temporary file, then renamed."""
+    """``rgb``: uint8 ``(H, W, 3)`` or ``(H, W)``, written atomically (io/files.py)."""
     a = np.asarray(rgb)
     if a.dtype != np.uint8:
         raise TypeError(f"write_png expects uint8 pixels, got {a.dtype}")
@@ -27,15 +27,7 @@ def write_png(path: str, rgb: np.ndarray) -> None:
     raw = b"".join(b"\x00" + a[i].tobytes() for i in range(H))
     data = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0))
             + _chunk(b"IDAT", zlib.compress(raw, 6)) + _chunk(b"IEND", b""))
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".png.tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    write_bytes(path, data)
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:

@@ -1,14 +1,16 @@
-"""Resumable runs: an npz state file written atomically, tied to a fingerprint of the run's settings."""
+"""Resumable runs: an npz state file written atomically, tied to a fingerprint of everything that changes
+the run's results (settings, seeds, the training images' bytes, the network's weights)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
 from typing import Optional
 
 import numpy as np
+
+from . import files
 
 
 def fingerprint(**settings) -> str:
@@ -28,35 +30,62 @@ def fingerprint(**settings) -> str:
     return h.hexdigest()[:16]
 
 
+def array_digest(*arrays) -> str:
+    """SHA-256 of arrays' dtypes, shapes and bytes (numpy or torch; None allowed)."""
+    h = hashlib.sha256()
+    for v in arrays:
+        if v is None:
+            h.update(b"none")
+            continue
+        if hasattr(v, "detach"):
+            v = v.detach().cpu().contiguous().numpy()
+        v = np.ascontiguousarray(v)
+        h.update(f"{v.dtype}{v.shape}".encode())
+        h.update(v.tobytes())
+    return h.hexdigest()
+
+
+def module_digest(net) -> str:
+    """SHA-256 of a network's weights and buffers (``state_dict``), by name; for a plain callable, of its
+    qualified name (all that identifies it)."""
+    state = getattr(net, "state_dict", None)
+    if state is None:
+        return hashlib.sha256(f"callable:{getattr(net, '__qualname__', type(net).__name__)}".encode()).hexdigest()
+    h = hashlib.sha256(b"state_dict")
+    for name, t in sorted(state().items()):
+        h.update(name.encode())
+        h.update(array_digest(t).encode())
+    return h.hexdigest()
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def save_state(path: str, fp: str, **arrays) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".npz.tmp")
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, fingerprint=np.array(fp), **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    files.write_npz(path, fingerprint=np.array(fp), **arrays)
 
 
 def load_state(path: Optional[str], fp: str) -> Optional[dict]:
-    """The arrays saved at ``path`` (None if there is no file); a ValueError if it belongs to another run."""
+    """The arrays saved at ``path`` (None if there is no file); a ValueError if it belongs to another run or
+    is not a state file."""
     if path is None or not os.path.exists(path):
         return None
-    with np.load(path, allow_pickle=False) as z:
-        if str(z["fingerprint"]) != fp:
-            raise ValueError(f"{path} is the state of a different run (other settings or seeds); "
-                             "delete it or choose another state path")
-        return {k: z[k] for k in z.files if k != "fingerprint"}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            saved = str(z["fingerprint"])
+            arrays = {k: z[k] for k in z.files if k != "fingerprint"}
+    except Exception as e:  # zip, format and missing-key errors: not a state file this package wrote
+        raise ValueError(f"{path} is not a readable state file ({type(e).__name__}: {e}); delete it") from None
+    if saved != fp:
+        raise ValueError(f"{path} is the state of a different run (other settings, seeds, data or network); "
+                         "delete it or choose another state path")
+    return arrays
 
 
 def write_json(path: str, obj) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    files.write_json(path, obj)

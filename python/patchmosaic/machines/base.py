@@ -69,6 +69,7 @@ class Machine:
         self.n_threads = int(n_threads)
         self.max_memory = max_memory
         self._train_cache = {}
+        self._digest = None
 
     # ----- public API ----------------------------------------------------------------------
     def denoise(self, x, t, k: Optional[int] = None, labels=None, *, return_provenance: bool = False,
@@ -93,7 +94,7 @@ class Machine:
         is_numpy = isinstance(x, np.ndarray)
         xt = self._query(x)
         B, C, Hq, Wq = xt.shape
-        k = self._check_patch(k)
+        k = self.effective_k(k, Hq, Wq)
         a, inv_2b2, t_check = self.coefficients(t, B, xt.device)
         lab = self._query_labels(labels, B)
         name = self._resolve_backend(xt, backend)
@@ -183,7 +184,7 @@ class Machine:
         (e.g. a padding signature of the canvas that no training patch has). Cheap; cached."""
         self._check_canvas(int(Hq), int(Wq))
         if self.local:
-            self.keyset(int(Hq), int(Wq), check_k(k, self.H, self.W))
+            self.keyset(int(Hq), int(Wq), k)
 
     def check_labels(self, labels, B: int) -> None:
         """Raise a ValueError unless ``labels`` (None or B labels) can be served by this machine."""
@@ -191,14 +192,22 @@ class Machine:
         if lab is not None:
             ops.groups(lab, *self._label_tensors, self.N, B)
 
-    def check_request(self, shape, dtype=torch.float32, backend: str = "cpu", provenance: bool = False) -> None:
-        """Raise :class:`patchmosaic.ResourceError` if a call on a batch of ``shape`` would need more working
-        memory than allowed (from the shape alone)."""
+    def check_request(self, shape, dtype=torch.float32, backend: str = "cpu", provenance: bool = False,
+                      k: Optional[int] = None) -> None:
+        """Raise :class:`patchmosaic.ResourceError` if a call on a batch of ``shape`` with patch size ``k``
+        would need more working memory than allowed -- from the shape alone, before anything is allocated."""
         from ..ops.checks import local_bytes
 
-        q = torch.empty(shape, dtype=dtype, device="meta")
-        need = local_bytes(q, self.images, backend, provenance) if self.local else 3 * q.numel() * q.element_size()
-        check_memory(need, f"{type(self).__name__}.denoise on a batch of shape {tuple(shape)}", self.max_memory)
+        shape = tuple(int(v) for v in shape)
+        if len(shape) != 4 or min(shape) < 1:
+            raise ValueError(f"a batch shape is (B, C, H, W) with positive sizes, got {shape}")
+        item = torch.empty((), dtype=dtype).element_size()
+        if self.local:
+            kk = self.effective_k(3 if k is None else k, shape[2], shape[3])
+            need = local_bytes(shape, dtype, self.images, kk, backend, provenance, self.n_threads)
+        else:
+            need = 3 * int(np.prod(shape)) * item + shape[0] * self.N * 8
+        check_memory(need, f"{type(self).__name__}.denoise on a batch of shape {shape}", self.max_memory)
 
     def keyset(self, Hq: int, Wq: int, k: int) -> "ops.KeySet":
         """The key set of a local machine for ``Hq x Wq`` queries and patch size ``k`` (classes of query
@@ -206,7 +215,23 @@ class Machine:
         if not self.local:
             raise ValueError("the IS machine has no key set of patches")
         self._check_canvas(Hq, Wq)
-        return ops.keyset(self.rule, int(Hq), int(Wq), self.H, self.W, check_k(k, self.H, self.W))
+        return ops.keyset(self.rule, int(Hq), int(Wq), self.H, self.W, self.effective_k(k, Hq, Wq))
+
+    @property
+    def data_digest(self) -> str:
+        """SHA-256 of the training images' bytes and labels (computed once, then cached)."""
+        if self._digest is None:
+            from ..io.runstate import array_digest
+
+            self._digest = array_digest(self.images, self.labels)
+        return self._digest
+
+    def describe(self) -> dict:
+        """Everything about the machine that changes its results: kind, key-set rule, boundary, training
+        data (shape and content hash) and noise schedule."""
+        return {"type": type(self).__name__, "rule": self.rule, "boundary": getattr(self, "boundary", None),
+                "wrapped": getattr(self, "wrapped", None), "train_shape": list(self.images.shape),
+                "data": self.data_digest, "schedule": self.schedule.describe()}
 
     def images_by_label(self) -> dict:
         """``{label: training image indices}`` (``{None: all}`` for a machine without labels)."""
@@ -237,12 +262,23 @@ class Machine:
         self._check_canvas(xt.shape[2], xt.shape[3])
         return xt
 
-    def _check_patch(self, k):
-        if self.local:
-            return check_k(k, self.H, self.W)
-        if k is not None:
-            check_k(k, self.H, self.W)
-        return 0
+    def effective_k(self, k, Hq: int, Wq: int) -> int:
+        """The patch size a call computes with (0 for IS). With zero padding on query and key patches (LS,
+        boundary-aware ELS) a patch larger than ``2 max(H, W, Hq, Wq) - 1`` only adds padding zeros to both,
+        so such a ``k`` is computed as that size (the same result, exactly); a circular patch larger than
+        ``2 max(...) + 1`` would wrap around the image more than once and is refused."""
+        if not self.local:
+            if k is not None:
+                check_k(k, self.H, self.W)
+            return 0
+        k = check_k(k, self.H, self.W)
+        size = max(int(Hq), int(Wq), self.H, self.W)
+        if self.rule in ("ls", "els_zeros"):
+            return min(k, 2 * size - 1)
+        if k > 2 * size + 1:
+            raise ValueError(f"patch size k={k} wraps around the images more than once ({Hq}x{Wq} queries, "
+                             f"{self.H}x{self.W} training images): use k <= {2 * size + 1}")
+        return k
 
     def _query_labels(self, labels, B: int) -> Optional[torch.Tensor]:
         if labels is None:

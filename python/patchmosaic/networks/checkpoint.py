@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
+from ..io.files import write_with
 from ..io.runstate import write_json
 from .resnet import ResNet
 from .unet import UNet
@@ -48,14 +48,7 @@ def save(path: str, net: nn.Module, *, extra: Optional[Dict[str, torch.Tensor]] 
         tensors[k] = v.detach().cpu().contiguous()
     meta = {"config": json.dumps(net.config), "info": json.dumps(info or {}), "format": "patchmosaic-1"}
     d = os.path.dirname(os.path.abspath(file))
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, file)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_with(file, lambda tmp: save_file(tensors, tmp, metadata=meta))
     write_json(os.path.join(d, "config.json"), {"network": net.config, "info": info or {}})
 
 
@@ -67,12 +60,20 @@ def load(path: str, *, ema: bool = True, device="cpu") -> Tuple[nn.Module, dict,
     from safetensors import safe_open
 
     file = _weights_file(path)
-    with safe_open(file, framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        if "config" not in meta:
-            raise ValueError(f"{file} has no patchmosaic network config in its metadata")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    net = build(json.loads(meta["config"]))
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors' own error types: a truncated or foreign file
+        raise ValueError(f"{file} is not a readable safetensors checkpoint ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]})") from None
+    if "config" not in meta:
+        raise ValueError(f"{file} has no patchmosaic network config in its metadata")
+    try:
+        config = json.loads(meta["config"])
+    except ValueError as e:
+        raise ValueError(f"{file} has an unreadable network config: {e}") from None
+    net = build(config)
     prefix = "ema." if ema and any(k.startswith("ema.") for k in tensors) else "net."
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
     missing, unexpected = net.load_state_dict(state, strict=False)

@@ -3,6 +3,9 @@
 AdamW, optional EMA of the weights, bf16 autocast on CUDA, a progress bar with the running loss,
 safetensors checkpoints every ``checkpoint_every`` steps, and resume: calling :func:`train` again with
 the same output directory continues from the last checkpoint (weights, EMA, optimiser, random state).
+A network built here from a config is initialised from ``seed`` (the same seed gives the same weights,
+bit for bit). A resumed run must keep the settings that shape the training (:data:`RESUME_FIXED`) unless
+``override=True``; the checkpoint records which settings were used from which step on.
 """
 
 from __future__ import annotations
@@ -47,20 +50,30 @@ class TrainConfig:
             raise ValueError(f"need lr > 0, weight_decay >= 0, 0 <= ema_decay < 1, 0 < t_min < 1: {self}")
 
 
+# settings a resumed run must share with the checkpoint (the rest -- steps, checkpoint and log intervals,
+# device -- may change between runs)
+RESUME_FIXED = ("batch_size", "lr", "weight_decay", "ema_decay", "schedule", "t_min", "seed")
+
+
 def train(net, images, labels=None, *, out: str, config: Optional[TrainConfig] = None,
-          progress: bool = True) -> nn.Module:
+          progress: bool = True, override: bool = False) -> nn.Module:
     """Train ``net`` (a ResNet/UNet, or its config dict) on ``images`` ``(N, C, H, W)`` in [-1, 1].
 
     ``labels`` are used when the network has a class embedding. Returns the trained network (EMA
     weights when EMA is on). Checkpoints go to ``out`` (a directory); an existing checkpoint there is
-    resumed if its network config matches, and a finished one is returned as is.
+    resumed if its network config matches, and a finished one is returned as is. Resuming with other
+    optimiser settings (:data:`RESUME_FIXED`) is refused unless ``override=True``; then the new settings
+    apply from the checkpoint's step on, and the record (``info["train"]["history"]``) says so.
     """
     cfg = config or TrainConfig()
     cfg.check()
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("config.device is cuda but torch sees no CUDA device")
-    net = build(net) if isinstance(net, dict) else net
+    if isinstance(net, dict):
+        with torch.random.fork_rng(devices=[]):  # the initial weights from the seed, not the global generator
+            torch.manual_seed(cfg.seed)
+            net = build(net)
     x = to_tensor(images, "images").float()
     N, C = x.shape[:2]
     if C != net.config["channels"]:
@@ -79,16 +92,31 @@ def train(net, images, labels=None, *, out: str, config: Optional[TrainConfig] =
     ema = copy.deepcopy(net).eval() if cfg.ema_decay > 0 else None
     gen = torch.Generator().manual_seed(cfg.seed)
     step, losses = 0, []
+    history = [{"from_step": 0, "config": asdict(cfg)}]
     try:
         saved, info, extra = load(out, ema=False)
-        if info.get("train", {}).get("network") != net.config:
-            raise ValueError(f"{out} holds a checkpoint of a different network; choose another output directory")
-        step, losses = int(info["step"]), info.get("losses", [])
-        net.load_state_dict(saved.state_dict())
-        _restore(net, opt, ema, gen, extra, info, device)
     except ValueError as e:
         if "no checkpoint" not in str(e):
             raise
+        saved = None
+    if saved is not None:
+        record = info.get("train", {})
+        if record.get("network") != net.config:
+            raise ValueError(f"{out} holds a checkpoint of a different network; choose another output directory")
+        history = record.get("history") or [{"from_step": 0, "config": record.get("config", {})}]
+        used = history[-1]["config"]
+        changed = {k: (used.get(k), getattr(cfg, k)) for k in RESUME_FIXED if used.get(k) != getattr(cfg, k)}
+        step, losses = int(info["step"]), info.get("losses", [])
+        if changed and not override:
+            what = ", ".join(f"{k}={new!r} (it was trained with {old!r})" for k, (old, new) in changed.items())
+            raise ValueError(f"resuming {out} at step {step} with other settings: {what}; pass override=True "
+                             "(--override-settings) to continue with the new settings, or use another directory")
+        net.load_state_dict(saved.state_dict())
+        _restore(net, opt, ema, gen, extra, info, device)
+        if changed:
+            for group in opt.param_groups:
+                group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
+            history.append({"from_step": step, "config": asdict(cfg)})
     if step >= cfg.steps:
         return (ema or net).eval()
 
@@ -122,12 +150,12 @@ def train(net, images, labels=None, *, out: str, config: Optional[TrainConfig] =
             losses.append([step, round(time.perf_counter() - t0, 2), run_loss])
         bar.update(postfix=f"loss {run_loss:.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _checkpoint(out, net, opt, ema, gen, step, losses, cfg)
+            _checkpoint(out, net, opt, ema, gen, step, losses, cfg, history)
     bar.close()
     return (ema or net).eval()
 
 
-def _checkpoint(out, net, opt, ema, gen, step, losses, cfg):
+def _checkpoint(out, net, opt, ema, gen, step, losses, cfg, history):
     extra = {"rng": gen.get_state()}
     state = opt.state_dict()
     for i, st in state["state"].items():
@@ -135,7 +163,8 @@ def _checkpoint(out, net, opt, ema, gen, step, losses, cfg):
             extra[f"opt.{i}.{name}"] = torch.as_tensor(v)
     if ema is not None:
         extra.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    info = {"step": step, "losses": losses, "train": {"network": net.config, "config": asdict(cfg)},
+    info = {"step": step, "losses": losses,
+            "train": {"network": net.config, "config": asdict(cfg), "history": history},
             "param_groups": state["param_groups"]}
     save(out, net, extra=extra, info=info)
 

@@ -44,20 +44,51 @@ def memory(nbytes: int, what: str, limit: int) -> None:
     check_memory(int(nbytes), what, None if limit <= 0 else int(limit))
 
 
-def local_bytes(query: torch.Tensor, train: torch.Tensor, backend: str, provenance: bool) -> int:
-    """Working memory of a local-machine call beyond its inputs, from the shapes alone."""
-    B, C, Hq, Wq = query.shape
-    item = query.element_size()
+def local_bytes(query_shape, dtype: torch.dtype, train: torch.Tensor, k: int, backend: str, provenance: bool,
+                threads: int = 0) -> int:
+    """Working memory of a local-machine call beyond its inputs, from the shapes alone (O(1)): outputs and
+    statistics, the key set's index arrays, a conversion of the training set, and the engine's own buffers
+    (CPU: per-thread key blocks and query tiles and the per-row partial states; torch: its chunks)."""
+    B, C, Hq, Wq = (int(v) for v in query_shape)
+    item = torch.empty((), dtype=dtype).element_size()
     pix = B * Hq * Wq
-    need = 2 * query.numel() * item + pix * 16  # output (+ a conversion), stats
+    d = C * int(k) * int(k)
+    need = 2 * B * C * Hq * Wq * item + pix * 16  # output (+ a conversion), stats
+    need += Hq * Wq * 24  # key set: class arrays of query pixels and key positions
     if provenance:
         need += pix * (8 + item)
-    if train.dtype != query.dtype:
+    if train.dtype != dtype:
         need += train.numel() * item
-    if backend == "cpu":  # the engine's per-row partial softmax states (double)
-        need += 2 * pix * (C + 3) * 8
+    if backend == "cpu":
+        from .engines import max_threads
+
+        nt = threads if threads > 0 else max_threads()
+        need += nt * (d * 256 * item * 3 + min(pix, 4096) * d * item)  # key block, logit tiles, query tile
+        need += 2 * pix * (C + 3) * 8  # per-row partial softmax states (double), a few key ranges each
     elif backend == "torch":
         from .reference import BUDGET
 
-        need += 8 * BUDGET * item
+        need += 8 * BUDGET * item + 4 * min(pix, 2048) * d * item
+    elif backend == "cuda":
+        need += pix * (C + 3) * 8 * 4
     return need
+
+
+# the largest logit magnitude a call may reach: well inside each type's range (float32 3.4e38)
+LOGIT_LIMITS = {torch.float32: 1e30, torch.float64: 1e290}
+
+
+def scale(query: torch.Tensor, train: torch.Tensor, inv_2b2: torch.Tensor, d: int) -> None:
+    """Refuse data so large that the softmax logits ``-s |Q - a K|^2`` (d elements per patch) would
+    overflow the working type, which would give NaN: the logits are at most
+    ``s d (max|x| + max|train|)^2`` (a <= 1)."""
+    xmax = float(query.detach().abs().amax().double())
+    kmax = float(train.detach().abs().amax().double())
+    smax = float(inv_2b2.detach().amax())
+    bound = smax * d * (xmax + kmax) ** 2 if max(xmax, kmax) < 1e150 else float("inf")
+    limit = LOGIT_LIMITS[query.dtype]
+    if not bound <= limit:
+        kind = "float32" if query.dtype == torch.float32 else "float64"
+        raise ValueError(f"the data are too large for {kind}: queries up to {xmax:.3g} and training values up to "
+                         f"{kmax:.3g} make softmax logits up to {bound:.3g} (limit {limit:.0e}); rescale the data "
+                         f"(e.g. to [-1, 1]){' or use float64' if kind == 'float32' else ''}")

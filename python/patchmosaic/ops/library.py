@@ -91,13 +91,14 @@ def local_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: O
     each row's softmax maximum and sum (contract.hpp); ``arg_key``/``arg_share`` (B, Hq, Wq) when
     ``provenance``, else empty.
     """
-    checks.values(query, "x", t, a, inv_2b2)
     engine = _engine(query, backend, train.shape[1])
+    name = "torch" if engine is reference else engine.name
+    checks.memory(checks.local_bytes(query.shape, query.dtype, train, k, name, provenance, n_threads),
+                  f"the local machine (k={k}) on a batch of shape {tuple(query.shape)}", max_memory)
+    checks.values(query, "x", t, a, inv_2b2)
+    checks.scale(query, train, inv_2b2, query.shape[1] * k * k)
     ks = _local_keyset(rule, query, train, k, pixels)
     grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
-    name = "torch" if engine is reference else engine.name
-    checks.memory(checks.local_bytes(query, train, name, provenance),
-                  f"the local machine on a batch of shape {tuple(query.shape)}", max_memory)
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
     if engine is reference:
         return reference.local_forward(tr, q, k, ks, aa, ss, grp, provenance)
@@ -168,12 +169,14 @@ def ideal_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: O
                   labels: Optional[Tensor], label_values: Tensor, label_ptr: Tensor, label_images: Tensor,
                   provenance: bool, backend: str, n_threads: int, max_memory: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """IS forward pass -> ``(out, stats (B, 2), arg_key (B,), arg_share (B,))`` (provenance empty unless asked)."""
-    checks.values(query, "x", t, a, inv_2b2)
     engine = _engine(query, backend, train.shape[1])
-    grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
     item = query.element_size()
-    checks.memory(3 * query.numel() * item + (train.numel() * item if train.dtype != query.dtype else 0),
+    checks.memory(3 * query.numel() * item + (train.numel() * item if train.dtype != query.dtype else 0)
+                  + query.shape[0] * train.shape[0] * 8,
                   f"the IS machine on a batch of shape {tuple(query.shape)}", max_memory)
+    checks.values(query, "x", t, a, inv_2b2)
+    checks.scale(query, train, inv_2b2, train[0].numel())
+    grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
     if engine is reference:
         return reference.ideal_forward(tr, q, aa, ss, grp, provenance)
