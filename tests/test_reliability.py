@@ -1,0 +1,530 @@
+"""Hostile input, interrupted runs and output files: a clear error (ValueError / TypeError /
+pm.ResourceError in the API, exit 2 and one line at the CLI) before any heavy work, or a correct result;
+never a crash, a hang, a silent NaN or a silent mix-up. One test per case found by a hostile user (issue
+14), plus the cases that already held (NaN, malicious pickles, kill -9 and resume, thread counts), and a
+property-based test that throws random shapes, dtypes, k, t and labels at every machine and backend."""
+
+import gzip
+import json
+import os
+import pickle
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import patchmosaic as pm
+from patchmosaic.experiments.cli import main
+
+RNG = np.random.default_rng(14)
+IMGS = RNG.uniform(-1, 1, (40, 1, 12, 12)).astype(np.float32)
+
+
+def cli(capsys, *argv):
+    """Exit code and stderr of a CLI call; a failure must be one line."""
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    if code:
+        assert code == 2 and err.count("\n") == 0 and err.startswith("patchmosaic"), err
+    return code, err
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    path = tmp_path / "tiny.npz"
+    np.savez(path, x_train=RNG.integers(0, 256, (40, 8, 8), dtype=np.uint8), y_train=np.arange(40) % 4)
+    return str(path)
+
+
+# ------------------------------------------------------------------------ 1. patch sizes without bound
+def test_huge_k_is_computed_at_its_exact_equivalent_size():
+    """With zero padding a patch beyond 2 max(H, W) - 1 only adds zeros: k = 10001 or 65537 (which used to
+    abort or segfault) give the k = 23 result, in the time of k = 23."""
+    m = pm.ELS(IMGS)
+    x = torch.from_numpy(RNG.standard_normal((2, 1, 12, 12)).astype(np.float32))
+    ref = m.denoise(x, 0.5, 23)
+    for k in (25, 10001, 65537):
+        t0 = time.perf_counter()
+        assert torch.equal(m.denoise(x, 0.5, k), ref)
+        assert time.perf_counter() - t0 < 30
+    assert torch.allclose(m.denoise(x.double(), 0.5, 101, backend="torch"), m.denoise(x.double(), 0.5, 23), atol=1e-12)
+    assert torch.equal(pm.LS(IMGS).denoise(x, 0.5, 10001), pm.LS(IMGS).denoise(x, 0.5, 23))
+
+
+def test_huge_k_refused_where_it_is_not_equivalent():
+    x = torch.zeros(1, 1, 12, 12)
+    with pytest.raises(ValueError, match="wraps around the images more than once.*k <= 25"):
+        pm.ELS(IMGS, boundary="circular", wrapped=True).denoise(x, 0.5, 10001)
+    with pytest.raises(ValueError, match="wraps around the images more than once"):
+        pm.ELS(IMGS, boundary="circular").denoise(x, 0.5, 10001)
+    with pytest.raises(ValueError, match="fully-inside"):
+        pm.ELS(IMGS, boundary="circular").denoise(x, 0.5, 15)
+    pytest.importorskip("faiss")
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="larger than any useful one"):
+        pm.PatchIndex(pm.ELS(IMGS), 10001, progress=False)
+    assert time.perf_counter() - t0 < 5
+
+
+def test_the_compiled_core_refuses_sizes_that_overflow():
+    from patchmosaic import _core
+    from patchmosaic.ops import contract, keyset
+    from patchmosaic.ops.labels import Groups
+
+    ks = keyset("els_zeros", 6, 6, 6, 6, 3)
+    g = Groups(np.array([0, 4], np.int64), np.arange(4, dtype=np.int32), np.zeros(1, np.int32))
+    train, q, out = torch.zeros(4, 1, 6, 6), torch.zeros(1, 1, 6, 6), torch.zeros(1, 1, 6, 6)
+    a, stats = torch.ones(1, dtype=torch.float64), torch.zeros(1, 6, 6, 2, dtype=torch.float64)
+    c = contract.local_call(_core, train=train, query=q, k=3, keyset=ks, a=a, inv_2b2=a, groups=g, out=out,
+                            stats=stats)
+    c.k = 65537
+    with pytest.raises(ValueError, match="patch size k=65537"):
+        _core.local_forward_cpu(c)
+    c.k, c.C = 10001, 1 << 20
+    with pytest.raises(ValueError):
+        _core.local_forward_cpu(c)
+
+
+def test_cli_with_huge_k(tmp_path, tiny, capsys):
+    out = str(tmp_path / "s.png")
+    code, _ = cli(capsys, "sample", "--data", tiny, "--k", "10001", "--n", "1", "--steps", "2", "--out", out, "--quiet")
+    assert code == 0 and os.path.exists(out)
+    net = str(tmp_path / "net")
+    assert main(["train", "--data", tiny, "--width", "4", "--depth", "1", "--steps", "1", "--out", net, "--quiet"]) == 0
+    t0 = time.perf_counter()
+    code, err = cli(capsys, "calibrate", "--network", net, "--data", tiny, "--k-max", "100001", "--seeds", "1",
+                    "--out", str(tmp_path / "k.json"), "--quiet")
+    assert code == 2 and "larger than any useful one" in err and time.perf_counter() - t0 < 20
+
+
+# ----------------------------------------------------------------- 2. resume fingerprints cover content
+class MachineNet(torch.nn.Module):
+    def __init__(self, machine, k):
+        super().__init__()
+        self.machine, self.k = machine, k
+
+    def forward(self, t, x, labels=None):
+        return self.machine.eps(x, t.double(), self.k, labels=labels)
+
+
+def test_calibration_state_of_other_training_images_is_refused(tmp_path):
+    from patchmosaic.experiments.calibrate import calibrate
+
+    a, b = pm.ELS(IMGS), pm.ELS(IMGS[::-1].copy())  # the same size, other content
+    x1 = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    state = str(tmp_path / "cal.npz")
+    calibrate(MachineNet(a, 5), a, x1, candidates=(3, 5), steps=3, state=state, progress=False)
+    with pytest.raises(ValueError, match="different run"):
+        calibrate(MachineNet(a, 5), b, x1, candidates=(3, 5), steps=3, state=state, progress=False)
+    other = torch.nn.Linear(1, 1)  # another network (other weights) for the same machine
+    net = MachineNet(a, 5)
+    net.extra = other
+    with pytest.raises(ValueError, match="different run"):
+        calibrate(net, a, x1, candidates=(3, 5), steps=3, state=state, progress=False)
+
+
+def test_compare_directory_of_other_training_images_is_refused(tmp_path):
+    from patchmosaic.experiments.compare import compare
+
+    x1 = torch.randn(2, 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    a, b = pm.ELS(IMGS), pm.ELS(IMGS[::-1].copy())
+    out = str(tmp_path / "cmp")
+    compare(MachineNet(a, 5), {"ELS": pm.MachineDenoiser(a, 5)}, x1, steps=3, out_dir=out, progress=False)
+    with pytest.raises(ValueError, match="different run"):
+        compare(MachineNet(a, 5), {"ELS": pm.MachineDenoiser(b, 5)}, x1, steps=3, out_dir=out, progress=False)
+
+
+def test_index_part_files_of_other_data_are_refused(tmp_path):
+    pytest.importorskip("faiss")
+    a, b = tmp_path / "a", tmp_path / "b"
+    pm.PatchIndex(pm.ELS(IMGS), 3, kind="flat", progress=False).save(str(a))
+    pm.PatchIndex(pm.ELS(IMGS[::-1].copy()), 3, kind="flat", progress=False).save(str(b))
+    for meta in json.load(open(a / "manifest.json"))["parts"]:
+        for key in ("file", "keys"):
+            (a / meta[key]).write_bytes((b / meta[key]).read_bytes())
+    with pytest.raises(ValueError, match="not the file this index saved"):
+        pm.PatchIndex.load(str(a), pm.ELS(IMGS), 3)
+
+
+# ------------------------------------------------------------------------- 3. large finite values
+@pytest.mark.parametrize("kind", ["IS", "LS", "ELS"])
+def test_values_too_large_for_the_type_are_refused_not_nan(kind):
+    make = {"IS": pm.IS, "LS": pm.LS, "ELS": pm.ELS}[kind]
+    x = RNG.standard_normal((1, 1, 12, 12))
+    with pytest.raises(ValueError, match="too large for float32"):
+        make(IMGS * np.float32(1e19)).denoise(x.astype(np.float32), 0.5, 3)
+    with pytest.raises(ValueError, match="too large for float32"):
+        make(IMGS).denoise(np.full((1, 1, 12, 12), 3.4e38, np.float32), 0.5, 3)
+    with pytest.raises(ValueError, match="too large for float64"):
+        make(IMGS.astype(np.float64) * 1e155).denoise(x, 0.5, 3)
+
+
+@pytest.mark.parametrize("kind", ["IS", "LS", "ELS"])
+def test_large_values_within_the_types_range_compute_correctly(kind):
+    make = {"IS": pm.IS, "LS": pm.LS, "ELS": pm.ELS}[kind]
+    for dtype, scale in ((np.float32, 1e11), (np.float64, 1e140)):
+        tr = IMGS.astype(np.float64) * scale
+        x = (0.4 * tr[:2] + 0.9 * scale * RNG.standard_normal((2, 1, 12, 12)))
+        got = make(tr.astype(dtype)).denoise(x.astype(dtype), 1.0, 3)
+        ref = make(tr).denoise(x, 1.0, 3, backend="torch")  # the float64 oracle at the same scale
+        assert np.all(np.isfinite(got)) and np.all(np.isfinite(ref))
+        assert np.abs(got - ref).max() <= 1e-3 * 2 * scale
+
+
+# --------------------------------------------------------------------------------- 4. npz channels
+def test_npz_with_an_alpha_channel_is_refused(tmp_path):
+    for c in (4, 2):
+        path = tmp_path / f"rgba{c}.npz"
+        np.savez(path, x_train=RNG.integers(0, 256, (5, 32, 32, c), dtype=np.uint8))
+        with pytest.raises(ValueError, match=f"{c} channels.*alpha"):
+            pm.data.load(str(path))
+    path = tmp_path / "rgb.npz"
+    np.savez(path, x_train=RNG.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8))
+    assert tuple(pm.data.load(str(path))[0].shape) == (5, 3, 32, 32)
+
+
+# ----------------------------------------------------------------------------------- 5. output files
+def test_outputs_write_through_symlinks_refuse_special_files_and_use_the_umask(tmp_path):
+    from patchmosaic.io.files import write_bytes, write_json
+    from patchmosaic.io.png import write_png
+
+    target = tmp_path / "real.json"
+    target.write_text("{}")
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    write_json(str(link), {"a": 1})
+    assert link.is_symlink() and json.load(open(target)) == {"a": 1}
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="named pipe"):
+        write_png(str(fifo), np.zeros((2, 2, 3), np.uint8))
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    with pytest.raises(ValueError, match="device"):
+        write_bytes("/dev/null", b"x")
+    with pytest.raises(ValueError, match="directory"):
+        write_bytes(str(tmp_path), b"x")
+    old = os.umask(0o027)
+    try:
+        write_bytes(str(tmp_path / "new.bin"), b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "new.bin").st_mode) == 0o640
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary files left
+
+
+def test_cli_refuses_a_device_as_output(tmp_path, tiny, capsys):
+    code, err = cli(capsys, "sample", "--data", tiny, "--k", "3", "--n", "1", "--steps", "1", "--out", "/dev/null",
+                    "--quiet")
+    assert code == 2 and "device" in err
+
+
+# --------------------------------------------------------------------------- 6. every CLI error: exit 2
+def test_cli_bad_files_exit_2_with_one_line(tmp_path, tiny, capsys):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    assert "bad.npz" in cli(capsys, "sample", "--data", str(bad), "--out", str(tmp_path / "o.png"))[1]
+    raw = gzip.compress(b"\x00\x00\x08\x03" + (10).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + bytes(7840))
+    idx = tmp_path / "train-images-idx3-ubyte.gz"
+    idx.write_bytes(raw[: len(raw) // 2])
+    assert "train-images-idx3-ubyte.gz" in cli(capsys, "sample", "--data", str(idx), "--out", str(tmp_path / "o.png"))[1]
+    d = tmp_path / "cifar"
+    d.mkdir()
+    with open(d / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": RNG.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [0, 1]}, f)
+    assert "4 images but 2 labels" in cli(capsys, "sample", "--data", str(d), "--out", str(tmp_path / "o.png"))[1]
+    ks = tmp_path / "ks.json"
+    ks.write_text(json.dumps({"times": [1.0]}))
+    assert "ks.json" in cli(capsys, "sample", "--data", tiny, "--k", str(ks), "--out", str(tmp_path / "o.png"))[1]
+    net = tmp_path / "net"
+    net.mkdir()
+    (net / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    assert "safetensors" in cli(capsys, "compare", "--network", str(net), "--data", tiny, "--machine", "els=3",
+                                "--out", str(tmp_path / "c"))[1]
+    code, err = cli(capsys, "sample", "--data", tiny, "--canvas", "100000x100000", "--k", "3", "--out",
+                    str(tmp_path / "o.png"))
+    assert code == 2 and "GiB" in err
+
+
+# -------------------------------------------------------------------------------- 7. oversized requests
+def test_oversized_requests_are_refused_up_front(tmp_path, tiny, capsys):
+    m = pm.ELS(IMGS)
+    for shape in ((1, 1, 100000, 100000), (1, 1, 20000, 20000), (400000, 1, 32, 32), (1 << 40, 1, 8, 8)):
+        t0 = time.perf_counter()
+        with pytest.raises(pm.ResourceError, match="GiB of working memory"):
+            m.check_request(shape, torch.float32, "cpu", k=7)
+        assert time.perf_counter() - t0 < 1
+    t0 = time.perf_counter()
+    code, err = cli(capsys, "sample", "--data", tiny, "--canvas", "20000x20000", "--k", "3", "--out",
+                    str(tmp_path / "o.png"))
+    assert code == 2 and "GiB" in err and time.perf_counter() - t0 < 10
+    x = torch.zeros(400000, 1, 12, 12)
+    t0 = time.perf_counter()
+    with pytest.raises(pm.ResourceError):
+        pm.ELS(IMGS, max_memory=1 << 30).denoise(x, 0.5, 3)
+    assert time.perf_counter() - t0 < 2
+
+
+# ------------------------------------------------------------------------------- 8. training runs
+def test_train_seed_is_reproducible_and_resume_keeps_its_settings(tmp_path):
+    from safetensors.torch import load_file
+
+    from patchmosaic.networks import TrainConfig, train
+
+    x = torch.from_numpy(IMGS[:16, :, :8, :8])
+    cfg = {"arch": "resnet", "channels": 1, "width": 4, "depth": 1, "padding": "zeros", "num_classes": 0}
+    for run in ("a", "b"):
+        train(dict(cfg), x, out=str(tmp_path / run), config=TrainConfig(steps=3, batch_size=4, seed=5), progress=False)
+    wa, wb = (load_file(str(tmp_path / r / "model.safetensors")) for r in ("a", "b"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    with pytest.raises(ValueError, match=r"lr=0.001 \(it was trained with 0.0002\).*override"):
+        train(dict(cfg), x, out=str(tmp_path / "a"), config=TrainConfig(steps=5, batch_size=4, seed=5, lr=1e-3),
+              progress=False)
+    train(dict(cfg), x, out=str(tmp_path / "a"), config=TrainConfig(steps=5, batch_size=4, seed=5, lr=1e-3),
+          progress=False, override=True)
+    info = json.load(open(tmp_path / "a" / "config.json"))["info"]
+    hist = info["train"]["history"]
+    assert [h["from_step"] for h in hist] == [0, 3] and hist[0]["config"]["lr"] == 2e-4 and hist[1]["config"]["lr"] == 1e-3
+
+
+# --------------------------------------------------------------------------------------- 9. smaller
+def test_network_outputs_of_the_wrong_shape_or_nan_are_refused():
+    x = torch.zeros(2, 1, 12, 12)
+    with pytest.raises(ValueError, match="returned Tensor of shape \\(1, 1, 12, 12\\)"):
+        pm.NetworkDenoiser(lambda t, x, y: torch.zeros(1, 1, 12, 12)).eps(x, 0.5)
+    with pytest.raises(ValueError, match="NaN"):
+        pm.NetworkDenoiser(lambda t, x, y: torch.full_like(x, float("nan"))).eps(x, 0.5)
+
+
+def test_compare_with_a_nan_network_is_an_error(tmp_path, tiny, capsys):
+    from patchmosaic.networks import ResNet, save
+
+    net = ResNet(channels=1, width=4, depth=1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(float("nan"))
+    save(str(tmp_path / "nan"), net)
+    code, err = cli(capsys, "compare", "--network", str(tmp_path / "nan"), "--data", tiny, "--seeds", "2",
+                    "--steps", "2", "--machine", "els=3", "--out", str(tmp_path / "c"), "--quiet")
+    assert code == 2 and "NaN" in err
+
+
+def test_schedule_callable_returning_a_scalar_says_so():
+    with pytest.raises(ValueError, match="one alpha_bar per time"):
+        pm.ELS(IMGS, schedule=lambda t: 0.5).denoise(np.zeros((1, 1, 12, 12), np.float32), 0.3, 3)
+
+
+def test_cifar_float_data_and_out_of_range_labels_are_refused(tmp_path):
+    for name, data, labels, match in (("f", RNG.uniform(0, 255, (2, 3072)), [0, 1], "uint8"),
+                                      ("neg", RNG.integers(0, 256, (2, 3072), dtype=np.uint8), [0, -1], "labels"),
+                                      ("big", RNG.integers(0, 256, (2, 3072), dtype=np.uint8), [0, 2 ** 40], "labels")):
+        d = tmp_path / name
+        d.mkdir()
+        with open(d / "data_batch_1", "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels}, f)
+        with pytest.raises(ValueError, match=match):
+            pm.data.load(str(d))
+
+
+def test_kschedule_entries_must_be_integers(tmp_path):
+    for ks in ([7.9], ["7"], [True]):
+        p = tmp_path / "k.json"
+        p.write_text(json.dumps({"times": [1.0], "ks": ks}))
+        with pytest.raises(ValueError, match="odd integer"):
+            pm.KSchedule.from_json(str(p))
+    with pytest.raises(ValueError, match="odd positive integer"):
+        pm.KSchedule((1.0,), (7.0,))
+
+
+def test_idx_of_dimension_zero_is_refused(tmp_path):
+    p = tmp_path / "zero-idx"
+    p.write_bytes(b"\x00\x00\x08\x00\x07")
+    with pytest.raises(ValueError, match="not images"):
+        pm.data.load(str(p))
+
+
+@pytest.mark.parametrize("t", ["0.5", True, b"0.5"])
+def test_t_of_the_wrong_type_is_a_type_error(t):
+    with pytest.raises(TypeError, match="t must be"):
+        pm.ELS(IMGS).denoise(np.zeros((1, 1, 12, 12), np.float32), t, 3)
+
+
+def test_colliding_machine_names_are_refused():
+    from patchmosaic.experiments.compare import compare
+
+    m = pm.MachineDenoiser(pm.ELS(IMGS), 3)
+    x1 = torch.zeros(1, 1, 12, 12)
+    with pytest.raises(ValueError, match="'a/b' and 'a_b' would share"):
+        compare(MachineNet(pm.ELS(IMGS), 3), {"a/b": m, "a_b": m}, x1, steps=2, progress=False, out_dir="unused")
+    with pytest.raises(ValueError, match="'network' names the network"):
+        compare(MachineNet(pm.ELS(IMGS), 3), {"network": m}, x1, steps=2, progress=False)
+
+
+# ------------------------------------------------------------------------------ what already held
+def test_nan_and_inf_are_refused():
+    for bad in (np.nan, np.inf, -np.inf):
+        x = np.zeros((1, 1, 12, 12), np.float32)
+        x[0, 0, 3, 3] = bad
+        for m in (pm.ELS(IMGS), pm.IS(IMGS)):
+            with pytest.raises(ValueError, match="NaN or infinite"):
+                m.denoise(x, 0.5, 3)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        pm.ELS(np.where(IMGS > 0.9, np.nan, IMGS))
+
+
+def test_malicious_cifar_pickle_does_not_run(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    with open(d / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": Evil(), b"labels": []}, f)
+    with pytest.raises(ValueError, match="refusing to load"):
+        pm.data.load(str(tmp_path))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_thread_counts_and_concurrent_threads_give_the_same_bits():
+    x = RNG.standard_normal((3, 1, 12, 12)).astype(np.float32)
+    ref = pm.ELS(IMGS, n_threads=1).denoise(x, 0.4, 5)
+    assert np.array_equal(pm.ELS(IMGS, n_threads=2).denoise(x, 0.4, 5), ref)
+    m = pm.ELS(IMGS)
+    outs = [None] * 4
+
+    def work(i):
+        outs[i] = m.denoise(x, 0.4, 5)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert all(np.array_equal(o, ref) for o in outs)
+
+
+@pytest.mark.parametrize("command", ["calibrate", "compare"])
+def test_kill_9_and_resume_gives_the_same_bits(tmp_path, command):
+    """A run killed with SIGKILL mid-way and rerun with the same arguments ends with the same output as an
+    uninterrupted run."""
+    data = tmp_path / "d.npz"
+    np.savez(data, x_train=RNG.integers(0, 256, (30, 8, 8), dtype=np.uint8), y_train=np.arange(30) % 3)
+    net = tmp_path / "net"
+    assert main(["train", "--data", str(data), "--width", "4", "--depth", "1", "--steps", "2", "--out", str(net),
+                 "--quiet"]) == 0
+
+    def argv(out):
+        base = ["--network", str(net), "--data", str(data), "--seeds", "6", "--steps", "10", "--quiet"]
+        if command == "calibrate":
+            return [command] + base + ["--candidates", "3,5", "--out", str(out)]
+        return [command] + base + ["--machine", "els=7", "--batch", "2", "--out", str(out)]
+
+    ref = tmp_path / ("ref.json" if command == "calibrate" else "ref")
+    assert main(argv(ref)) == 0
+    out = tmp_path / ("run.json" if command == "calibrate" else "run")
+    state = str(out) + ".state.npz" if command == "calibrate" else os.path.join(out, "samples_els_7.npz")
+    proc = subprocess.Popen([sys.executable, "-m", "patchmosaic"] + argv(out), stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not os.path.exists(state) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted = proc.returncode == -signal.SIGKILL
+    assert main(argv(out)) == 0
+    if command == "calibrate":
+        assert json.load(open(out))["cosine"] == json.load(open(ref))["cosine"]
+    else:
+        got = np.load(os.path.join(out, "samples_els_7.npz"))["samples"]
+        assert np.array_equal(got, np.load(os.path.join(ref, "samples_els_7.npz"))["samples"])
+    assert interrupted, "the run ended before it could be killed: make it longer"
+
+
+# ------------------------------------------------------------------------------ property-based
+KINDS = {"IS": lambda tr, lab: pm.IS(tr, lab), "LS": lambda tr, lab: pm.LS(tr, lab),
+         "ELS": lambda tr, lab: pm.ELS(tr, lab), "ELS_circular": lambda tr, lab: pm.ELS(tr, lab, boundary="circular"),
+         "ELS_wrapped": lambda tr, lab: pm.ELS(tr, lab, boundary="circular", wrapped=True)}
+CLEAR = (ValueError, TypeError)  # pm.ResourceError is a ValueError
+
+
+def mostly(good, bad):
+    """Valid values three times in four, so that most examples reach the engines."""
+    return st.one_of(good, good, good, bad)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(sorted(KINDS)), backend=st.sampled_from(["cpu", "torch"]),
+       N=st.integers(1, 4), C=st.sampled_from([1, 3]), H=st.integers(1, 7), W=st.integers(1, 7),
+       B=st.integers(1, 3), dq=mostly(st.just(0), st.integers(-1, 3)),
+       dtype=mostly(st.sampled_from(["float32", "float64"]), st.sampled_from(["float16", "int64", "complex64"])),
+       k=mostly(st.integers(0, 8).map(lambda i: 2 * i + 1),
+                st.one_of(st.none(), st.integers(-3, 40), st.sampled_from([3.0, "3", True, 10 ** 6 + 1]))),
+       t=mostly(st.floats(1e-4, 1.0), st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=32),
+                                                st.sampled_from(["0.5", None]))),
+       conditional=st.booleans(), label=mostly(st.integers(0, 1), st.integers(-2, 4)), seed=st.integers(0, 1000))
+def test_any_input_gives_a_clear_error_or_a_finite_result(kind, backend, N, C, H, W, B, dq, dtype, k, t, conditional,
+                                                          label, seed):
+    rng = np.random.default_rng(seed)
+    train = rng.uniform(-1, 1, (N, C, H, W))
+    labels = np.arange(N) % 2 if conditional else None
+    m = KINDS[kind](train.astype(np.float64), labels)
+    Hq, Wq = H + max(dq, 0), W + max(dq, 0)
+    x = rng.standard_normal((B, C, Hq, Wq)).astype(dtype)
+    qlab = np.full(B, label) if conditional else None
+    try:
+        out = m.denoise(x, t, k, labels=qlab, backend=backend)
+    except CLEAR:
+        return
+    assert out.shape == x.shape and out.dtype == x.dtype and np.all(np.isfinite(out))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(sorted(KINDS)), backend=st.sampled_from(["cpu", "torch", "cuda"]),
+       N=st.integers(1, 4), C=st.sampled_from([1, 3]), H=st.integers(1, 7), W=st.integers(1, 7),
+       B=st.integers(1, 3), grow=st.integers(0, 3), dtype=st.sampled_from(["float32", "float64"]),
+       half=st.integers(0, 8), t=st.floats(1e-4, 1.0), conditional=st.booleans(), seed=st.integers(0, 1000))
+def test_valid_input_gives_a_finite_result_close_to_the_oracle(kind, backend, N, C, H, W, B, grow, dtype, half, t,
+                                                              conditional, seed):
+    """Valid calls (any machine, backend -- the CUDA engine under the CPU emulator --, size, dtype, k, t and
+    labels) return a finite result of the query's shape and dtype that agrees with the float64 oracle (1e-3
+    of the data range; the only refusal allowed is a canvas whose padding signatures no training patch has)."""
+    if backend == "cuda":
+        import cuda_emulation
+        from patchmosaic.ops import engines
+
+        engines._EMULATOR = cuda_emulation.module()
+    try:
+        _valid_call(kind, backend, N, C, H, W, B, grow, dtype, half, t, conditional, seed)
+    finally:
+        if backend == "cuda":
+            engines._EMULATOR = None
+
+
+def _valid_call(kind, backend, N, C, H, W, B, grow, dtype, half, t, conditional, seed):
+    rng = np.random.default_rng(seed)
+    train = rng.uniform(-1, 1, (N, C, H, W))
+    labels = np.arange(N) % 2 if conditional else None
+    k = 2 * half + 1
+    if kind == "ELS_circular":
+        k = min(k, 2 * ((min(H, W) - 1) // 2) + 1)  # fully-inside keys need k <= min(H, W)
+    if kind == "ELS_wrapped":
+        k = min(k, 2 * max(H, W) + 1)  # a wrapped patch may go around the image once
+    Hq, Wq = (H + grow, W + grow) if kind == "ELS" else (H, W)
+    m = KINDS[kind](train, labels)
+    x = rng.standard_normal((B, C, Hq, Wq))
+    qlab = np.arange(B) % len(np.unique(labels)) if conditional else None
+    try:
+        out = m.denoise(x.astype(dtype), t, k, labels=qlab, backend=backend)
+    except ValueError as e:
+        assert "padding signature" in str(e), e
+        return
+    assert out.shape == x.shape and out.dtype == dtype and np.all(np.isfinite(out))
+    ref = m.denoise(x, t, k, labels=qlab, backend="torch")
+    assert np.abs(out - ref).max() <= 2e-3
