@@ -334,7 +334,8 @@ void local_forward_cuda(const PatchSoftmaxArgs<T>& A, void* stream, int device) 
   const QueryGroups qg = queries_by_group(A.group_of_b, A.B, A.n_groups);
   const Plan plan = plan_cuda(A, qg);
   if (plan.items.empty()) return;
-  if (plan.items.size() > 2147483647u) throw std::invalid_argument("too many work items for one call; split the batch");
+  if (plan.items.size() > 2147483647u || plan.blocks.size() > 2147483647u)
+    throw std::invalid_argument("too many work items for one call; split the batch");
   const DeviceCall<T> D(A, qg, plan, element_codes(A.C, A.k), st);
   switch (A.C) {
     case 1: launch<T, 1>(A, D, st, device); break;

@@ -340,6 +340,8 @@ void launch_backward(const PatchSoftmaxArgs<T>& A, const DeviceCall<T>& D, const
   }
   const int64_t n_elem = A.B * A.C * HWq;
   constexpr int kThreads = 256;
+  if ((n_elem + kThreads - 1) / kThreads > 2147483647)
+    throw std::invalid_argument("the query batch is too large for one CUDA backward call; split the batch");
   const auto fold = &fold_patches<T>;
   PM_LAUNCH(fold, static_cast<unsigned>((n_elem + kThreads - 1) / kThreads), kThreads, 0, st)(D.G, A.B, R, S,
                                                                                              A.grad_query);
