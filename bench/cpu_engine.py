@@ -13,6 +13,12 @@ pairs per second do not depend on the training-set size once it is large.
 (``bench/make_baseline.sh COMMIT DIR`` builds one from a commit): each row then shows the baseline's time
 and the ratio, measured interleaved (baseline, engine, baseline, engine, ...) so that the machine's noise
 falls on both alike.
+
+``--variants`` times every instruction-set variant of the CPU engine that this CPU runs (baseline x86-64-v2,
+AVX2, AVX-512, native; ``patchmosaic.ops.cpu_variants()``), interleaved in the same way, and reports each
+one's rate and its time relative to the variant chosen at import:
+
+    python bench/cpu_engine.py --data mnist --n-train 10000 --batch 1 --ks 3,7,11 --machines els_zeros --variants
 """
 
 from __future__ import annotations
@@ -59,8 +65,28 @@ def interleaved(fn_a, fn_b, repeat: int):
     return ta, tb
 
 
+def time_variants(fn, names, repeat: int):
+    """Best time of ``fn`` under each CPU engine variant in ``names``, run round-robin ``repeat`` times."""
+    chosen = pm.ops.cpu_variant()
+    best = {}
+    try:
+        for name in names:
+            pm.ops.use_cpu_variant(name)
+            fn()
+        for _ in range(repeat):
+            for name in names:
+                pm.ops.use_cpu_variant(name)
+                best[name] = min(best.get(name, float("inf")), best_time(fn, 1))
+    finally:
+        pm.ops.use_cpu_variant(chosen)
+    return best
+
+
 def run(args):
     base = load_baseline(args.baseline) if args.baseline else None
+    variants = list(pm.ops.cpu_variants()) if args.variants else []
+    if variants:
+        print(f"# CPU engine variants runnable here: {pm.ops.cpu_variants()}; chosen at import: {pm.ops.cpu_variant()}")
     peak = matmul_rate(2048, 2048, 2048)
     print(f"# float32 torch.matmul 2048^3: {peak:.1f} GFLOP/s (this machine's yardstick)")
     images, _ = load(args.data, args.n_train)
@@ -90,6 +116,10 @@ def run(args):
                 row["engine_vs_matmul"] = row["engine_gflops"] / row["matmul_gflops"]
                 if base:
                     row.update(baseline_s=t_base, baseline_vs_engine=t_base / t_eng)
+                if variants:
+                    tv = time_variants(lambda: m.denoise(x, args.t, k, backend="cpu"), variants, args.repeat)
+                    row["variants"] = {name: {"s": s, "pairs_per_s": pairs / s, "vs_chosen": s / tv[pm.ops.cpu_variant()]}
+                                       for name, s in tv.items()}
                 if args.torch:
                     Ns = min(N, args.torch_n_train)
                     pairs_s = ks.n_pairs_per_image() * Ns * B
@@ -110,6 +140,10 @@ def table(rows, args) -> str:
     if args.baseline:
         head += " baseline s | engine s | baseline time / engine time |"
         sep += "---|---|---|"
+    names = list(rows[0].get("variants", {})) if rows else []
+    for name in names:
+        head += f" {name} pairs/s | {name} time / {pm.ops.cpu_variant()} time |"
+        sep += "---|---|"
     out = [head, sep]
     for r in rows:
         line = (f"| {r['machine']} | {r['data']} | {r['N']} | {r['B']} | {r['k']} | {r['engine_pairs_per_s']:.3g} | "
@@ -118,6 +152,9 @@ def table(rows, args) -> str:
             line += f" {r['torch_pairs_per_s']:.3g} | {r['engine_vs_torch']:.1f}x |"
         if args.baseline:
             line += f" {r['baseline_s']:.3f} | {r['engine_s']:.3f} | {r['baseline_vs_engine']:.3f} |"
+        for name in names:
+            v = r["variants"][name]
+            line += f" {v['pairs_per_s']:.3g} | {v['vs_chosen']:.2f} |"
         out.append(line)
     return "\n".join(out)
 
@@ -134,10 +171,12 @@ def main():
     p.add_argument("--torch", action="store_true", help="also time the plain torch backend")
     p.add_argument("--torch-n-train", type=int, default=500)
     p.add_argument("--baseline", help="folder of an older build of the package to time side by side")
+    p.add_argument("--variants", action="store_true",
+                   help="also time every CPU engine variant (instruction-set level) this CPU runs")
     p.add_argument("--json", help="write the rows to this JSON file")
     args = p.parse_args()
     print(f"# {time.strftime('%Y-%m-%d')} | {machine_line()} | torch {torch.__version__} threads={torch.get_num_threads()}"
-          f" | engine threads={pm.ops.max_threads()} | {blas_line()}")
+          f" | engine threads={pm.ops.max_threads()} | CPU engine {pm.ops.cpu_variant()} | {blas_line()}")
     rows = run(args)
     print(table(rows, args))
     if args.json:

@@ -1,27 +1,33 @@
-// bindings.cpp -- pybind11 module patchmosaic._core: the call structs (bound once, bind_contract.hpp) and
-// the entry points of the CPU engine (and, in a CUDA build, of the CUDA engine). Nothing here knows torch:
-// the Python layer (python/patchmosaic/ops) allocates the buffers and fills the structs; every entry point
-// validates its struct (validate.hpp) before it touches a buffer, and releases the GIL while it runs.
+// bindings.cpp -- pybind11 module patchmosaic._core: the call structs (bound once, bind_contract.hpp), the
+// baseline build of the CPU engine (bindings_cpu.cpp), the CPU's instruction-set levels (so that Python
+// picks the best CPU variant module, CMakeLists.txt), and, in a CUDA build, the CUDA engine. Nothing here
+// knows torch: the Python layer (python/patchmosaic/ops) allocates the buffers and fills the structs.
 #include <pybind11/pybind11.h>
 
+#include <string>
+
 #include "bind_contract.hpp"
-#include "patchmosaic/engines.hpp"
 #include "patchmosaic/validate.hpp"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+namespace patchmosaic {
+void register_cpu(py::module_& m);
+}
 
 namespace py = pybind11;
 using namespace patchmosaic;
 
 namespace {
 
-template <typename Call, typename F32, typename F64>
-void by_dtype(const Call& c, F32 f32, F64 f64) {
-  py::gil_scoped_release nogil;
-  if (c.dtype == kFloat32) f32(view<float>(c));
-  else f64(view<double>(c));
+// Whether the running CPU executes an instruction-set level: "x86-64-v2", "x86-64-v3", "x86-64-v4".
+bool cpu_supports(const std::string& level) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (level == "x86-64-v2") return __builtin_cpu_supports("x86-64-v2");
+  if (level == "x86-64-v3") return __builtin_cpu_supports("x86-64-v3");
+  if (level == "x86-64-v4") return __builtin_cpu_supports("x86-64-v4");
+#endif
+  (void)level;
+  return false;
 }
 
 }  // namespace
@@ -29,33 +35,8 @@ void by_dtype(const Call& c, F32 f32, F64 f64) {
 PYBIND11_MODULE(_core, m) {
   m.doc() = "patchmosaic compiled core: streaming patch-softmax kernels (CPU, and CUDA where built)";
   bind_contract(m, false);
-  m.def("local_forward_cpu", [](const LocalCall& c) {
-    validate(c, Pass::kForward, Engine::kCpu);
-    by_dtype(c, local_forward_cpu<float>, local_forward_cpu<double>);
-  }, "Local machines (LS / ELS / boundary-aware ELS), forward pass: out, stats and provenance of a LocalCall.");
-  m.def("local_backward_cpu", [](const LocalCall& c) {
-    validate(c, Pass::kBackward, Engine::kCpu);
-    by_dtype(c, local_backward_cpu<float>, local_backward_cpu<double>);
-  }, "Local machines, backward pass: grad_query, grad_a, grad_inv_2b2 of a LocalCall.");
-  m.def("ideal_forward_cpu", [](const IdealCall& c) {
-    validate(c, Pass::kForward, Engine::kCpu);
-    by_dtype(c, ideal_forward_cpu<float>, ideal_forward_cpu<double>);
-  }, "Ideal score machine, forward pass.");
-  m.def("ideal_backward_cpu", [](const IdealCall& c) {
-    validate(c, Pass::kBackward, Engine::kCpu);
-    by_dtype(c, ideal_backward_cpu<float>, ideal_backward_cpu<double>);
-  }, "Ideal score machine, backward pass.");
-  m.def("candidate_softmax_cpu", [](const CandidateCall& c) {
-    validate(c);
-    by_dtype(c, candidate_softmax_cpu<float>, candidate_softmax_cpu<double>);
-  }, "Exact softmax over a candidate key list per listed query pixel (the patch index's re-scoring).");
-  m.def("max_threads", []() {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-  });
+  register_cpu(m);
+  m.def("cpu_supports", &cpu_supports, "Whether this CPU executes an x86-64 level ('x86-64-v2', -v3 or -v4).");
   m.attr("MAX_PATCH_ELEMENTS") = kMaxPatchElements;
   m.attr("CUDA_MAX_CHANNELS") = kCudaMaxChannels;
   m.attr("CUDA_MAX_K") = kCudaMaxK;

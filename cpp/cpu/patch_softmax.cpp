@@ -16,7 +16,6 @@
 #include "key_block.hpp"
 #include "patchmosaic/engines.hpp"
 #include "patchmosaic/softmax_state.hpp"
-#include "patchmosaic/validate.hpp"
 #include "simd_exp.hpp"
 #include "threads.hpp"
 

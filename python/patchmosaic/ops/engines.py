@@ -5,12 +5,19 @@ the CUDA engine on CUDA tensors (on torch's current stream). Outputs are allocat
 the query's device. The test suite also runs the CUDA kernels on the CPU, built under an emulator
 (tests/cuda_emulation.py): it sets ``_EMULATOR`` to that build's module, and host tensors then stand for
 device memory.
+
+The CPU engine is built for several instruction-set levels, each a module of the extension (CMakeLists.txt):
+``_core`` (the baseline, x86-64-v2), ``_core_avx2`` (x86-64-v3), ``_core_avx512`` (x86-64-v4) and, when asked
+for at build time, ``_core_native``. At import the best one this CPU executes is chosen (like FAISS's
+loader); ``PATCHMOSAIC_CPU_VARIANT=baseline|avx2|avx512|native`` forces one, :func:`cpu_variant` says which
+runs, :func:`use_cpu_variant` switches (for benchmarks and tests).
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Optional
+import importlib
+import os
+from typing import Dict, Optional
 
 import torch
 
@@ -18,6 +25,60 @@ from .. import _core
 from . import contract
 from .keysets import KeySet
 from .labels import Groups
+
+# variant name -> (module, the x86-64 level it needs; None: whatever the build machine had)
+_LEVELS = {"avx512": ("_core_avx512", "x86-64-v4"), "avx2": ("_core_avx2", "x86-64-v3"),
+           "native": ("_core_native", None)}
+_PREFERENCE = ("native", "avx512", "avx2", "baseline")
+
+
+def cpu_variants() -> Dict[str, str]:
+    """The CPU engine variants of this build that this CPU can run: ``{name: instruction-set level}``."""
+    found = {"baseline": str(_core.CPU_VARIANT)}
+    for name, (module, level) in _LEVELS.items():
+        if level is not None and not _core.cpu_supports(level):
+            continue
+        try:
+            mod = importlib.import_module(f"patchmosaic.{module}")
+        except ImportError:
+            continue
+        found[name] = str(mod.CPU_VARIANT)
+    return found
+
+
+def _load(name: str):
+    return _core if name == "baseline" else importlib.import_module(f"patchmosaic.{_LEVELS[name][0]}")
+
+
+def _choose() -> str:
+    available = cpu_variants()
+    forced = os.environ.get("PATCHMOSAIC_CPU_VARIANT")
+    if forced:
+        if forced not in available:
+            known = ", ".join(sorted(set(_PREFERENCE)))
+            raise RuntimeError(f"PATCHMOSAIC_CPU_VARIANT={forced!r}: not a variant this build has and this CPU runs "
+                               f"(runnable here: {sorted(available)}; names: {known})")
+        return forced
+    return next(name for name in _PREFERENCE if name in available)
+
+
+_CPU_VARIANT = _choose()
+_CPU_MODULE = _load(_CPU_VARIANT)
+
+
+def cpu_variant() -> str:
+    """The CPU engine variant in use (``"avx512"``, ``"avx2"``, ``"native"`` or ``"baseline"``)."""
+    return _CPU_VARIANT
+
+
+def use_cpu_variant(name: str) -> None:
+    """Run the CPU engine from variant ``name`` from now on (one this build has and this CPU runs)."""
+    global _CPU_VARIANT, _CPU_MODULE
+    available = cpu_variants()
+    if name not in available:
+        raise ValueError(f"CPU engine variant {name!r} cannot run here (runnable: {sorted(available)})")
+    _CPU_VARIANT, _CPU_MODULE = name, _load(name)
+
 
 CUDA_MAX_CHANNELS = int(_core.CUDA_MAX_CHANNELS)
 CUDA_MAX_K = int(_core.CUDA_MAX_K)
@@ -56,7 +117,9 @@ class Engine:
 
     @property
     def module(self):
-        return _EMULATOR if (self.name == "cuda" and _EMULATOR is not None) else _core
+        if self.name == "cpu":
+            return _CPU_MODULE
+        return _EMULATOR if _EMULATOR is not None else _core
 
     def run(self, entry: str, call, device: torch.device) -> None:
         fn = getattr(self.module, f"{entry}_{self.name}")
@@ -144,14 +207,14 @@ def candidate_softmax(train, query, k: int, query_pad: int, key_pad: int, a, inv
     out = torch.zeros_like(query)
     top, last, srel = (torch.empty(P, dtype=torch.float64) for _ in range(3))
     key, share = _provenance_buffers((P,), query, provenance)
-    call = contract.candidate_call(_core, train=train, query=query, k=k, query_pad=query_pad, key_pad=key_pad, a=a,
+    call = contract.candidate_call(_CPU_MODULE, train=train, query=query, k=k, query_pad=query_pad, key_pad=key_pad, a=a,
                                    inv_2b2=inv_2b2, pix=pix, cand=cand, count=count, out=out, top_logit=top,
                                    last_logit=last, sum_rel=srel, arg_key=key if provenance else None,
                                    arg_share=share if provenance else None, n_threads=n_threads)
-    _core.candidate_softmax_cpu(call)
+    _CPU_MODULE.candidate_softmax_cpu(call)
     return out, top, last, srel, key, share
 
 
 def max_threads() -> int:
     """OpenMP threads the CPU engine uses by default."""
-    return int(_core.max_threads())
+    return int(_CPU_MODULE.max_threads())
