@@ -34,8 +34,7 @@ from patchmosaic.experiments.calibrate import calibrate  # noqa: E402
 from patchmosaic.experiments.compare import compare, nearest_training  # noqa: E402
 from patchmosaic.diffusion.denoisers import MachineDenoiser, NetworkDenoiser  # noqa: E402
 from patchmosaic.networks import load_network  # noqa: E402
-from patchmosaic.io.plots import comparison_grid, kschedule_plot, scatter  # noqa: E402
-from patchmosaic.io.png import write_png  # noqa: E402
+from patchmosaic.io.plots import comparison_grid, kschedule_plot, save_figure, scatter  # noqa: E402
 from patchmosaic.io.runstate import write_json  # noqa: E402
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -97,9 +96,8 @@ def run_network(name, args):
         print(f"{name}: {mname} schedule (t = 1 -> 1/20): {list(c.schedule.ks)}", flush=True)
     paper = pm.kschedule.paper_schedule(paper_name)
     ch = json.load(open(os.path.join(out, "calibration_ELS.json")))["choices"]
-    write_png(os.path.join(out, "kschedule.png"), kschedule_plot(
-        {"ELS ours": cal["ELS"], "LS ours": cal["LS"], "paper": paper}, np.array(ch), cal["ELS"].times,
-        title=name.replace("_", " ")))
+    save_figure(kschedule_plot({"ELS ours": cal["ELS"], "LS ours": cal["LS"], "paper": paper}, np.array(ch),
+                               cal["ELS"].times, title=name.replace("_", " ")), os.path.join(out, "kschedule.png"))
     machines = {
         "ELS_ours": MachineDenoiser(els, cal["ELS"]), "LS_ours": MachineDenoiser(ls, cal["LS"]),
         "ELS_paper": MachineDenoiser(els, paper), "LS_paper": MachineDenoiser(ls, paper),
@@ -121,15 +119,16 @@ def run_network(name, args):
     write_json(os.path.join(out, "report.json"), rep_json)
 
     r = rep["per_seed"]
-    write_png(os.path.join(out, "scatter.png"),
-              scatter(r["IS"]["r"], r["ELS_ours"]["r"], xlabel="r IS", ylabel=f"r {'B' if boundary == 'zeros' else ''}ELS",
-                      title=name.replace("_", " ")))
+    els_name = f"{'B' if boundary == 'zeros' else ''}ELS"
+    save_figure(scatter(r["IS"]["r"], r["ELS_ours"]["r"], xlabel="Pearson r of IS with the network",
+                        ylabel=f"Pearson r of {els_name} with the network", title=name.replace("_", " ")),
+                os.path.join(out, "scatter.png"))
     near = nearest_training(u, images, ylab, train_labels)
     n = min(8, args.seeds)
     rows = [seeds[:n], u[:n], rep["samples"]["ELS_ours"][:n], rep["samples"]["ELS_paper"][:n],
             rep["samples"]["LS_ours"][:n], rep["samples"]["IS"][:n], images[near[:n]]]
-    write_png(os.path.join(out, "grid.png"), comparison_grid(
-        rows, ["noise", "network", "ELS ours", "ELS paper", "LS ours", "IS", "nearest"]))
+    save_figure(comparison_grid(rows, ["noise", "network", "ELS ours", "ELS paper", "LS ours", "IS", "nearest"]),
+                os.path.join(out, "grid.png"))
     return rep_json, paper_row(pdata, parch, padding)
 
 

@@ -1,44 +1,36 @@
 """The main job and the command line, end to end on reduced sizes."""
 
-import struct
 import subprocess
 import sys
-import zlib
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import patchmosaic as pm
 from patchmosaic.experiments.cli import main
 from patchmosaic.diffusion.kschedule import KSchedule, paper_schedule, paper_schedule_names
-from patchmosaic.io.png import write_png
+from patchmosaic.io.images import write_png
 
 
 def read_png(path):
-    """Decode the PNGs this package writes (8-bit RGB, filter 0) back to an array."""
-    data = open(path, "rb").read()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, idat, size = 8, b"", None
-    while pos < len(data):
-        n = struct.unpack(">I", data[pos : pos + 4])[0]
-        tag, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]
-        assert zlib.crc32(tag + body) & 0xFFFFFFFF == struct.unpack(">I", data[pos + 8 + n : pos + 12 + n])[0]
-        if tag == b"IHDR":
-            size = struct.unpack(">II", body[:8])
-        elif tag == b"IDAT":
-            idat += body
-        pos += 12 + n
-    W, H = size
-    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(H, 1 + 3 * W)
-    assert np.all(raw[:, 0] == 0)
-    return raw[:, 1:].reshape(H, W, 3)
+    """Decode a PNG with Pillow (checking it is a complete 8-bit RGB PNG) to a uint8 ``(H, W, 3)`` array."""
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.mode == "RGB", (im.format, im.mode)
+        im.load()  # decodes every row: a truncated file fails here
+        return np.asarray(im)
 
 
 def test_png_round_trip(tmp_path):
     img = np.random.default_rng(0).integers(0, 256, (5, 7, 3)).astype(np.uint8)
     write_png(str(tmp_path / "a.png"), img)
     assert np.array_equal(read_png(str(tmp_path / "a.png")), img)
+    grey = img[:, :, 0]
+    write_png(str(tmp_path / "g.png"), grey)
+    assert np.array_equal(read_png(str(tmp_path / "g.png")), np.repeat(grey[:, :, None], 3, axis=2))
+    with pytest.raises(TypeError, match="uint8"):
+        write_png(str(tmp_path / "f.png"), img.astype(np.float32))
 
 
 def test_default_data_is_packaged_and_preprocessed():

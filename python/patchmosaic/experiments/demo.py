@@ -17,7 +17,7 @@ import torch
 from ..data import load_default
 from ..diffusion.kschedule import paper_schedule
 from ..machines import ELS
-from ..io.png import grid, provenance_picture, to_uint8, write_png
+from ..io.images import grid, provenance_picture, to_uint8, write_png
 from ..diffusion.samplers import ddim
 
 

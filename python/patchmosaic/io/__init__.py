@@ -1,2 +1,3 @@
-"""patchmosaic.io: what the package writes and shows: resumable state files and atomic writes
-(runstate.py), PNG pictures (png.py, plots.py) and progress bars (progress.py)."""
+"""patchmosaic.io: what the package writes and shows: atomic writes (files.py), resumable state files
+(runstate.py), PNG pictures of images (images.py, Pillow), figures (plots.py, matplotlib) and progress bars
+(progress.py, tqdm)."""

@@ -1,36 +1,33 @@
-"""A dependency-free progress bar on stderr (one line, rewritten in place)."""
+"""Progress bars on stderr: a thin wrapper over tqdm.
+
+A bar shows only when it is wanted (``enabled``, i.e. no ``--quiet``), when its stream is a terminal
+(tqdm's ``disable=None``: nothing reaches a log file or a pipe) and when the code is not being traced by
+``torch.compile`` (then no tqdm object is made at all, so a compiled sampler loop stays one graph).
+"""
 
 from __future__ import annotations
 
-import sys
-import time
+import torch
+from tqdm import tqdm
 
 
 class Progress:
-    """``Progress(total, desc)``; ``update(n, postfix)`` redraws ``desc [###...] n/total elapsed, left``."""
+    """``Progress(total, desc)``; ``update(n, postfix)`` advances the bar and sets the text after it;
+    ``close()`` ends it. ``initial``: steps already done (a resumed run)."""
 
-    def __init__(self, total: int, desc: str = "", enabled: bool = True, stream=None):
-        self.total, self.desc, self.enabled = int(total), desc, enabled
-        self.stream = stream or sys.stderr
-        self.n = 0
-        self.t0 = time.perf_counter() if enabled else 0.0
-        self.postfix = ""
+    def __init__(self, total: int, desc: str = "", enabled: bool = True, initial: int = 0, file=None):
+        shown = enabled and not torch.compiler.is_compiling()
+        self.bar = tqdm(total=int(total), desc=desc, initial=int(initial), file=file, disable=None,
+                        dynamic_ncols=True) if shown else None
 
     def update(self, n: int = 1, postfix: str = "") -> None:
-        if not self.enabled:
-            return
-        self.n += n
-        self.postfix = postfix or self.postfix
-        if self.enabled:
-            el = time.perf_counter() - self.t0
-            eta = el / self.n * (self.total - self.n) if self.n else 0.0
-            width = 24
-            fill = int(width * self.n / max(self.total, 1))
-            self.stream.write(f"\r{self.desc} [{'#' * fill}{'.' * (width - fill)}] {self.n}/{self.total} "
-                              f"{el:5.1f}s elapsed, {eta:5.1f}s left {self.postfix}")
-            self.stream.flush()
+        """Advance by ``n`` steps; a non-empty ``postfix`` replaces the text after the bar."""
+        if self.bar is not None:
+            if postfix:
+                self.bar.set_postfix_str(postfix, refresh=False)
+            self.bar.update(n)
 
     def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
+        """End the bar (its last state stays on the terminal)."""
+        if self.bar is not None:
+            self.bar.close()

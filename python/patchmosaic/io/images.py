@@ -1,21 +1,19 @@
-"""Write PNG files with the standard library alone (zlib), atomically."""
+"""Pictures of image arrays: composing tiles into one picture (numpy) and writing it as a PNG (Pillow).
+
+The composition helpers work on uint8 ``(H, W, 3)`` arrays; :func:`write_png` saves one through the
+atomic-write helper of io/files.py (a symbolic link is written through, a reader never sees half a file).
+"""
 
 from __future__ import annotations
 
-import struct
-import zlib
-
 import numpy as np
+from PIL import Image
 
-from .files import write_bytes
-
-
-def _chunk(tag: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+from .files import write_with
 
 
 def write_png(path: str, rgb: np.ndarray) -> None:
-    """``rgb``: uint8 ``(H, W, 3)`` or ``(H, W)``, written atomically (io/files.py)."""
+    """``rgb``: uint8 ``(H, W, 3)`` or ``(H, W)`` (grey, written as RGB), saved losslessly as PNG at ``path``."""
     a = np.asarray(rgb)
     if a.dtype != np.uint8:
         raise TypeError(f"write_png expects uint8 pixels, got {a.dtype}")
@@ -23,11 +21,8 @@ def write_png(path: str, rgb: np.ndarray) -> None:
         a = np.repeat(a[:, :, None], 3, axis=2)
     if a.ndim != 3 or a.shape[2] != 3:
         raise ValueError(f"write_png expects (H, W, 3) or (H, W), got {a.shape}")
-    H, W, _ = a.shape
-    raw = b"".join(b"\x00" + a[i].tobytes() for i in range(H))
-    data = (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", W, H, 8, 2, 0, 0, 0))
-            + _chunk(b"IDAT", zlib.compress(raw, 6)) + _chunk(b"IEND", b""))
-    write_bytes(path, data)
+    picture = Image.fromarray(np.ascontiguousarray(a))
+    write_with(path, lambda tmp: picture.save(tmp, format="PNG"), suffix=".png")
 
 
 def to_uint8(img: np.ndarray) -> np.ndarray:
