@@ -194,7 +194,7 @@ def test_npz_with_an_alpha_channel_is_refused(tmp_path):
 # ----------------------------------------------------------------------------------- 5. output files
 def test_outputs_write_through_symlinks_refuse_special_files_and_use_the_umask(tmp_path):
     from patchmosaic.io.files import write_bytes, write_json
-    from patchmosaic.io.png import write_png
+    from patchmosaic.io.images import write_png
 
     target = tmp_path / "real.json"
     target.write_text("{}")

@@ -6,14 +6,16 @@
   or TorchScript module, ``t`` a ``(B,)`` float32 tensor) turned into ``x0_hat = (x - b eps) / a``.
 - :class:`IndexedDenoiser`: a machine and k-schedule that uses FAISS patch indexes where they are accurate.
 
-Each owns its noise schedule (``.schedule``), which the samplers, calibration and comparison use. All
-also give ``eps(x, t, labels)`` and ``score(x, t, labels) = -eps / b``, which calibration compares.
+Each owns its noise schedule (``.schedule``), which the samplers, calibration and comparison use. The first
+two also give ``eps(x, t, labels)`` and ``score(x, t, labels) = -eps / b``, which calibration compares. Each
+takes ``x`` as ``Machine.denoise`` does (numpy or torch, float32 or float64) and answers in the same array type.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Dict, List, Optional, Union
 
 import numpy as np
@@ -21,9 +23,23 @@ import torch
 
 from ..index import PatchIndex
 from ..machines import Machine
+from ..machines.base import docstring
+from ..networks import network_classes
+from ..ops.checks import check_cuda_inputs
 from ..schedules import ScheduleLike, get_schedule
 from ..validation import check_t
+from .inputs import as_images, as_labels, like_input
 from .kschedule import KSchedule
+
+
+def _call_args(times: str = "a float") -> str:
+    """The Args entries of a denoiser call (``__call__``, ``eps``, ``score``); ``times``: the forms of ``t``."""
+    return f"""\
+            x: noisy images ``x_t`` ``(B, C, H, W)``, float32 or float64, numpy or torch.
+            t: diffusion time in ``(0, 1]`` (1: pure noise): {times}.
+            labels: ``(B,)`` integer class labels (numpy, torch, a list, or one int for all), or None
+                (default: unconditional).
+"""
 
 
 class _Denoiser:
@@ -32,14 +48,29 @@ class _Denoiser:
     def __call__(self, x, t, labels=None):
         raise NotImplementedError
 
-    def eps(self, x, t, labels=None):
-        """Predicted noise ``(x - a x0_hat) / b``, shape of ``x`` ``(B, C, H, W)``."""
-        a, b = self._ab(t, x)
-        return (x - a * self(x, t, labels)) / b
+    @docstring("""Predicted noise ``eps = (x - a x0_hat) / b`` (``a = sqrt(alpha_bar(t))``,
+        ``b = sqrt(1 - alpha_bar(t))`` of the denoiser's schedule).
 
+        Args:
+""" + _call_args() + """
+        Returns:
+            ``eps`` with the shape and dtype of ``x``; numpy for numpy ``x``, else a torch tensor.
+        """)
+    def eps(self, x, t, labels=None):
+        xt, is_numpy = as_images(x)
+        a, b = self._ab(t, xt)
+        return like_input((xt - a * self(xt, t, labels)) / b, is_numpy)
+
+    @docstring("""Score ``-eps / b = (a x0_hat - x) / b^2``.
+
+        Args:
+""" + _call_args() + """
+        Returns:
+            the score with the shape and dtype of ``x``; numpy for numpy ``x``, else a torch tensor.
+        """)
     def score(self, x, t, labels=None):
-        """Score ``-eps / b = (a x0_hat - x) / b^2``, shape of ``x``."""
-        return -self.eps(x, t, labels) / self._ab(t, x)[1]
+        xt, is_numpy = as_images(x)
+        return like_input(-self.eps(xt, t, labels) / self._ab(t, xt)[1], is_numpy)
 
     def _ab(self, t, x):
         """``a`` and ``b`` at ``t`` (float or one per image), shaped to broadcast against ``x``."""
@@ -53,9 +84,17 @@ class _Denoiser:
 
 
 class MachineDenoiser(_Denoiser):
-    """``machine.denoise(x, t, k(t), labels)``; ``k`` is an odd int or a :class:`KSchedule`.
+    """A machine as a denoiser: ``denoiser(x, t, labels) = machine.denoise(x, t, k(t), labels)``.
 
-    With ``keep_provenance=True`` the provenance of the latest call is kept in ``.provenance``.
+    Args:
+        machine: an :class:`patchmosaic.IS`, :class:`patchmosaic.LS` or :class:`patchmosaic.ELS`; its noise
+            schedule becomes the denoiser's.
+        k: the patch size: an odd int (every step), a :class:`KSchedule` (one k per step, looked up by the
+            step's own ``t``), or None (default; IS only, which has no patch).
+        backend: the engine of every call (``"auto"``, ``"cpu"``, ``"cuda"``, ``"torch"``); None (default)
+            keeps the machine's.
+        keep_provenance: keep the :class:`patchmosaic.Provenance` of the latest call in ``.provenance``
+            (default False).
     """
 
     def __init__(self, machine, k: Union[int, KSchedule, None] = None, *, backend: Optional[str] = None,
@@ -84,6 +123,13 @@ class MachineDenoiser(_Denoiser):
             d["k"] = int(self.k)
         return d
 
+    @docstring("""``x0_hat``: the machine's ``denoise(x, t, k(t), labels)``.
+
+        Args:
+""" + _call_args() + """
+        Returns:
+            ``x0_hat`` with the shape and dtype of ``x``; numpy for numpy ``x``, else a torch tensor.
+        """)
     def __call__(self, x, t, labels=None):
         out = self.machine.denoise(x, t, self.k_at(float(t)), labels=labels,
                                    return_provenance=self.keep_provenance, backend=self.backend)
@@ -93,17 +139,42 @@ class MachineDenoiser(_Denoiser):
 
 
 class NetworkDenoiser(_Denoiser):
-    """An eps-predicting network as a denoiser. ``net(t, x, labels)`` with ``t`` of shape ``(B,)``.
+    """An eps-predicting network as a denoiser: ``x0_hat = (x - b eps) / a`` with ``eps = net(t, x, labels)``.
 
-    The network runs on its own device (that of its first parameter, or ``device``) in ``dtype``
-    (float32 by default) under ``torch.no_grad``, in chunks of at most ``batch_size`` images; the result
-    comes back on the device and in the dtype of ``x``. ``conditional=False`` drops labels before the call.
+    The network runs on its device in ``dtype`` under ``torch.no_grad``, in chunks of at most ``batch_size``
+    images; the result comes back on the device and in the dtype of ``x``.
+
+    Class conditioning is read from the network where it can be (``net.embed.num_classes``, which this
+    package's networks and the TorchScript reference networks of ``shared/models`` have; else
+    ``net.config["num_classes"]``): a class-conditional network then needs labels on every call, and an
+    unconditional one refuses them (ValueError), unless ``conditional`` says otherwise.
+
+    Args:
+        net: the eps network, callable as ``net(t, x, labels)`` with ``t`` a ``(B,)`` float32 tensor, ``x``
+            ``(B, C, H, W)`` and ``labels`` a ``(B,)`` int64 tensor or None: a ``torch.nn.Module``, a
+            TorchScript module (:func:`patchmosaic.networks.load_network`) or any callable.
+        schedule: the noise schedule the network was trained on: ``"cosine_legacy"`` (default, the
+            paper's and the reference networks'), ``"cosine"``, ``"linear"``, a
+            :class:`patchmosaic.schedules.Schedule` or a callable ``t -> alpha_bar(t)``.
+        device: the device the network runs on (a ``torch.device`` or a string such as ``"cpu"`` or
+            ``"cuda:0"``); None (default): the device of its first parameter, else the CPU. A CUDA device on
+            a torch without CUDA is refused (RuntimeError).
+        batch_size: the most images per network call (default 256).
+        dtype: the dtype the network runs in (default ``torch.float32``).
+        conditional: None (default): as read from the network (above; a network that cannot be read gets
+            the labels it is given). True: labels are required on every call (a ValueError at once if the
+            network reads as unconditional). False: labels are dropped before every call; for a
+            class-conditional network this runs it without its class embedding (an input it never saw in
+            training unless trained with label dropout), which a UserWarning says.
     """
 
     def __init__(self, net, schedule: ScheduleLike = "cosine_legacy", *, device=None, batch_size: int = 256,
                  dtype: torch.dtype = torch.float32, conditional: Optional[bool] = None):
         if not callable(net):
             raise TypeError(f"net must be callable as net(t, x, labels), got {type(net).__name__}")
+        check_cuda_inputs(device=device)
+        if conditional not in (None, True, False):
+            raise ValueError(f"conditional must be None, True or False, got {conditional!r}")
         self.net = net
         self.schedule = get_schedule(schedule)
         if device is None:
@@ -115,6 +186,15 @@ class NetworkDenoiser(_Denoiser):
         self.batch_size = int(batch_size)
         self.dtype = dtype
         self.conditional = conditional
+        self.num_classes = network_classes(net)  # None: cannot be read from the network
+        if conditional is True and self.num_classes == 0:
+            raise ValueError("conditional=True, but the network is unconditional (it has no class embedding: "
+                             "num_classes = 0) and would ignore the labels; use a class-conditional network")
+        if conditional is False and self.num_classes:
+            warnings.warn(f"NetworkDenoiser(conditional=False) runs a class-conditional network "
+                          f"({self.num_classes} classes) without labels: its class embedding is left out, an "
+                          "input it never saw in training unless it was trained with label dropout", UserWarning,
+                          stacklevel=2)
         if hasattr(net, "eval"):
             net.eval()
 
@@ -125,24 +205,29 @@ class NetworkDenoiser(_Denoiser):
         return {"type": "NetworkDenoiser", "weights": module_digest(self.net),
                 "schedule": self.schedule.describe(), "dtype": str(self.dtype), "conditional": self.conditional}
 
+    @docstring("""The network's noise estimate ``eps = net(t, x, labels)``.
+
+        Args:
+""" + _call_args("a float, or one per image as a ``(B,)`` array or tensor") + """
+        Returns:
+            ``eps`` with the shape and dtype of ``x``; numpy for numpy ``x``, else a torch tensor on ``x``'s
+            device.
+
+        Raises:
+            ValueError for labels that do not match the network's conditioning (see the class), labels
+            outside its classes, or a network that returns another shape than ``x`` or non-finite values.
+        """)
     def eps(self, x, t, labels=None):
-        """The network's ``eps`` for ``x`` ``(B, C, H, W)`` at ``t`` (float or ``(B,)``), labels ``(B,)`` or None.
-        A ValueError if the network returns another shape than ``x`` or non-finite values."""
-        if not torch.is_tensor(x) or x.ndim != 4:
-            raise ValueError(f"x must be a (B, C, H, W) tensor, got shape {tuple(getattr(x, 'shape', ()))}")
-        B = x.shape[0]
+        xt, is_numpy = as_images(x)
+        check_cuda_inputs(t=t)
+        B = xt.shape[0]
         tv = torch.from_numpy(check_t(t, B))
-        if labels is not None and self.conditional is not False:
-            lab = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)
-            if lab.numel() != B:
-                raise ValueError(f"labels must hold one label per image ({B}), got {lab.numel()}")
-        else:
-            lab = None
+        lab = self._network_labels(labels, B)
         outs = []
         with torch.no_grad():
             for s in range(0, B, self.batch_size):
                 e = slice(s, s + self.batch_size)
-                xb = x[e].to(self.device, self.dtype)
+                xb = xt[e].to(self.device, self.dtype)
                 tb = tv[e].to(self.device, torch.float32)
                 lb = None if lab is None else lab[e].to(self.device)
                 e_b = self.net(tb, xb, lb)
@@ -153,12 +238,40 @@ class NetworkDenoiser(_Denoiser):
                 if not bool(torch.isfinite(e_b).all()):
                     raise ValueError(f"the network returned NaN or infinite values at t = {float(tb[0]):g} "
                                      "(check its weights)")
-                outs.append(e_b.to(x.device, x.dtype))
-        return torch.cat(outs)
+                outs.append(e_b.to(xt.device, xt.dtype))
+        return like_input(torch.cat(outs), is_numpy)
 
+    @docstring("""``x0_hat = (x - b eps) / a`` from the network's ``eps``.
+
+        Args:
+""" + _call_args("a float, or one per image as a ``(B,)`` array or tensor") + """
+        Returns:
+            ``x0_hat`` with the shape and dtype of ``x``; numpy for numpy ``x``, else a torch tensor.
+        """)
     def __call__(self, x, t, labels=None):
-        a, b = self._ab(t, x)
-        return (x - b * self.eps(x, t, labels)) / a
+        xt, is_numpy = as_images(x)
+        a, b = self._ab(t, xt)
+        return like_input((xt - b * self.eps(xt, t, labels)) / a, is_numpy)
+
+    def _network_labels(self, labels, B: int) -> Optional[torch.Tensor]:
+        """The labels the network is called with, checked against its conditioning."""
+        lab = as_labels(labels, B)
+        if self.conditional is False:
+            return None
+        if lab is None and (self.conditional or self.num_classes):
+            what = f"class-conditional ({self.num_classes} classes)" if self.num_classes else \
+                "class-conditional (conditional=True)"
+            raise ValueError(f"the network is {what} but no labels were given: pass labels (one class per "
+                             "image), or NetworkDenoiser(net, conditional=False) to run it without its class "
+                             "embedding on purpose")
+        if lab is not None and self.num_classes == 0 and self.conditional is None:
+            raise ValueError("labels were given but the network is unconditional (no class embedding: it would "
+                             "ignore them); drop the labels, or pass NetworkDenoiser(net, conditional=False) "
+                             "to drop them on purpose")
+        if lab is not None and self.num_classes and not bool(((lab >= 0) & (lab < self.num_classes)).all()):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}) for this network, got "
+                             f"{int(lab.min())}..{int(lab.max())}")
+        return lab
 
 
 class IndexedDenoiser:
@@ -170,8 +283,9 @@ class IndexedDenoiser:
     - ``"pixel"`` (default): every pixel whose bound exceeds ``tol`` (data units) is recomputed by the
       exact engine (only those pixels, image by image: ``Machine.denoise(pixels=...)``); the others
       keep the index value, so every output pixel is within ``tol`` of the exact machine (conditional
-      on retrieval for IVF indexes). When more than ``max_exact_fraction`` of the pixels need the
-      exact engine, the whole call runs exactly (cheaper than image by image).
+      on retrieval for IVF indexes: each IVF query checks retrieval on a sample of pixels, and a call
+      whose check fails runs exactly, see :class:`patchmosaic.index.ApproxResult`). When more than
+      ``max_exact_fraction`` of the pixels need the exact engine, the whole call runs exactly.
     - ``"step"``: the index result is used only if the largest bound of the whole call is within
       ``tol``; otherwise the exact engine reruns the whole call.
     - ``"measured"``: the index result is used at every ``t <= t_max`` whatever its bound (which is
@@ -183,12 +297,43 @@ class IndexedDenoiser:
     (``index``, ``mixed`` or ``exact``), the fraction of pixels computed exactly, the bound of the kept
     index pixels (max, mean) and the seconds taken. Indexes are built once per ``k`` and cached in
     memory, and on disk under ``cache_dir`` (one folder per k) when given.
+
+    Args:
+        machine: a local machine (:class:`patchmosaic.LS` or :class:`patchmosaic.ELS`); its schedule becomes
+            the denoiser's.
+        k: an odd patch size or a :class:`KSchedule` (one k per step, looked up by the step's ``t``).
+        tol: the largest error bound (data units, >= 0) a kept index pixel may have (default 1e-3).
+        m: nearest keys per pixel the index retrieves (default 64).
+        t_max: calls with ``t > t_max`` run exactly (default 1.0: the index may serve every call).
+        mode: ``"pixel"`` (default), ``"step"`` or ``"measured"``, as above.
+        max_exact_fraction: in ``"pixel"`` mode, above this fraction of pixels to recompute (0..1) the
+            whole call runs exactly (default 0.5).
+        cache_dir: folder for the indexes on disk (one subfolder per k), reused when they match; None
+            (default): in memory only.
+        canvas: ``(Hq, Wq)`` of the queries the indexes serve; None (default): the training size.
+        progress: progress bars while indexes are built (default False).
+        kind: the FAISS index: ``"auto"``, ``"flat"``, ``"ivf"`` or ``"ivfpq"``.
+        nlist: inverted lists per index part (IVF kinds).
+        nprobe: inverted lists searched per query (IVF kinds).
+        pq_m: product-quantiser sub-vectors (``"ivfpq"``).
+        flat_budget: bytes of index vectors up to which ``"auto"`` chooses a flat index.
+        min_index_keys: parts with at most this many keys always use a flat index.
+        merge: store each distinct key patch once, with its multiplicity.
+            For each of ``kind`` to ``merge``, None (default) keeps :class:`patchmosaic.PatchIndex`'s own
+            default (``"auto"``, about sqrt(keys) lists, 16, 16, a quarter of the available memory, 20000,
+            True).
     """
 
     MODES = ("pixel", "step", "measured")
 
     def __init__(self, machine, k, *, tol: float = 1e-3, m: int = 64, t_max: float = 1.0, mode: str = "pixel",
-                 max_exact_fraction: float = 0.5, cache_dir: Optional[str] = None, canvas=None, progress: bool = False, **index_kw):
+                 max_exact_fraction: float = 0.5, cache_dir: Optional[str] = None, canvas=None, progress: bool = False,
+                 kind: Optional[str] = None, nlist: Optional[int] = None, nprobe: Optional[int] = None,
+                 pq_m: Optional[int] = None, flat_budget: Optional[int] = None, min_index_keys: Optional[int] = None,
+                 merge: Optional[bool] = None):
+        index_kw = dict(kind=kind, nlist=nlist, nprobe=nprobe, pq_m=pq_m, flat_budget=flat_budget,
+                        min_index_keys=min_index_keys, merge=merge)
+        index_kw = {name: value for name, value in index_kw.items() if value is not None}
         if not tol >= 0:
             raise ValueError(f"tol must be non-negative, got {tol}")
         if mode not in self.MODES:
@@ -202,13 +347,22 @@ class IndexedDenoiser:
         self.record: List[dict] = []
 
     def index(self, k: int) -> PatchIndex:
+        """The patch index at ``k`` (built, or loaded from ``cache_dir``, on first use)."""
         if k not in self.indexes:
             folder = None if self.cache_dir is None else os.path.join(self.cache_dir, f"k{k}")
             self.indexes[k] = PatchIndex.open(folder, self.machine, k, self.canvas, progress=self.progress,
                                               **self.index_kw)
         return self.indexes[k]
 
+    @docstring("""``x0_hat``, from the index where its bound allows (see the class), else exactly.
+
+        Args:
+""" + _call_args() + """
+        Returns:
+            ``x0_hat`` with the shape of ``x``; numpy for numpy ``x``, else a torch tensor.
+        """)
     def __call__(self, x, t, labels=None):
+        check_cuda_inputs(x=x, t=t, labels=labels)
         k = self.exact.k_at(float(t))
         t0 = time.perf_counter()
         entry = {"t": float(t), "k": k}
@@ -220,6 +374,10 @@ class IndexedDenoiser:
         if self.mode == "measured":
             entry.update(bound_max=float(bound.max()), bound_mean=float(bound.mean()))
             return self._finish(entry, t0, x0, "index", 0.0)
+        if res.bound_valid is False:
+            # the IVF bound's retrieval condition failed on checked pixels: the bound cannot be trusted
+            entry.update(retrieval_failed=f"{res.failed_pixels}/{res.checked_pixels}")
+            return self._finish(entry, t0, self.exact(x, t, labels), "exact", 1.0)
         bad = bound > self.tol
         if self.mode == "step" or not bool(bad.any()) or float(bad.float().mean()) > self.max_exact_fraction:
             entry.update(bound_max=float(bound.max()), bound_mean=float(bound.mean()))

@@ -17,7 +17,12 @@ import numpy as np
 
 @dataclass(frozen=True)
 class KSchedule:
-    """Patch size ``ks[i]`` for the step that starts at time ``times[i]``."""
+    """Patch size ``ks[i]`` for the reverse-process step that starts at time ``times[i]``.
+
+    Args:
+        times: the steps' start times, each in ``(0, 1]`` (e.g. ``(1.0, 0.95, ..., 0.05)``).
+        ks: one odd positive patch size (pixels) per time, as long as ``times``.
+    """
 
     times: tuple
     ks: tuple

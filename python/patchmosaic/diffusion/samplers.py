@@ -29,7 +29,9 @@ import numpy as np
 import torch
 
 from ..io.progress import Progress
+from ..machines.base import docstring
 from ..schedules import Schedule, ScheduleLike, get_schedule, same_schedule
+from .inputs import as_images, as_labels, like_input
 
 
 def time_grid(steps: int = 20) -> np.ndarray:
@@ -114,30 +116,52 @@ def update(schedule, x: torch.Tensor, x0: torch.Tensor, t: float, t_next: float,
     return x
 
 
+# the arguments every sampler shares
+SAMPLER_ARGS = """\
+        denoiser: ``denoiser(x_t, t, labels) -> x0_hat``, called with a torch tensor ``x_t`` and a float ``t``:
+            a :class:`MachineDenoiser`, :class:`NetworkDenoiser`, :class:`IndexedDenoiser` (whose
+            ``.schedule`` is used) or a plain function.
+        x1: the starting noise ``(B, C, H, W)`` at ``t = grid[0]``, float32 or float64, numpy or torch (CPU,
+            or CUDA where torch has it), as ``Machine.denoise`` takes ``x``.
+        labels: ``(B,)`` integer class labels (numpy, torch, a list, or one int for every image), passed to
+            every denoiser call as an int64 tensor; None (default): unconditional.
+        grid: descending times from ``grid[0]`` in ``(0, 1]`` to ``grid[-1] >= 0`` (0 ends on ``x0_hat``);
+            None (default): ``t_i = i / steps``.
+        steps: number of steps of the default grid (a positive integer, default 20).
+        schedule: the noise schedule of a plain-function denoiser (``"cosine_legacy"`` when None, the
+            default); for a denoiser with its own schedule, omit it (a different one is a ValueError).
+        callback: ``callback(i, t, x_t, x0)`` after each denoiser evaluation (``i`` counts from 0), with
+            torch tensors; None (default): no callback.
+        progress: a progress bar on stderr (default True).
+"""
+RETURNS = """
+    Returns:
+        the sample at ``grid[-1]``, as ``Machine.denoise`` answers: a numpy array of ``x1``'s dtype for numpy
+        ``x1``, else a torch tensor (``x1``'s dtype, on its device).
+"""
+
+
+@docstring("""The update of the module docstring, with any ``eta``, from ``x1`` at ``t = grid[0]`` down to
+    ``grid[-1]``. :func:`ddim` (``eta = 0``) and :func:`ddpm` (``eta = 1``) call it.
+
+    Args:
+""" + SAMPLER_ARGS + """\
+        eta: the noise scale in ``[0, 1]``: 0 (default) deterministic DDIM, 1 the DDPM posterior.
+        generator: a seeded ``torch.Generator`` drawing the noise, required when ``eta > 0``; default None.
+        desc: the progress bar's label (default ``"sampling"``).
+""" + RETURNS)
 def reverse_process(denoiser: Callable, x1, labels=None, *, eta: float = 0.0,
                     generator: Optional[torch.Generator] = None, grid: Optional[Sequence[float]] = None,
                     steps: int = 20, schedule: Optional[ScheduleLike] = None, callback: Optional[Callable] = None,
                     progress: bool = True, desc: str = "sampling") -> torch.Tensor:
-    """The update of the module docstring from ``x1`` at ``t = grid[0]`` down to ``grid[-1]``.
-
-    ``x1``: the starting noise ``(B, C, H, W)``, a tensor or a float numpy array (the result is then numpy
-    too). ``callback(i, t, x_t, x0)`` is called after each denoiser evaluation (``i`` counts from 0).
-    """
     sched = denoiser_schedule(denoiser, schedule)
     g = _grid_floats(grid, steps)
-    is_numpy = isinstance(x1, np.ndarray)
-    if is_numpy:
-        if x1.dtype not in (np.float32, np.float64):
-            raise TypeError(f"x1 must be float32 or float64, got numpy dtype {x1.dtype}")
-        x1 = torch.from_numpy(np.ascontiguousarray(x1))
-    if not torch.is_tensor(x1) or x1.ndim != 4:
-        raise ValueError(f"x1 must be a (B, C, H, W) tensor, got {type(x1).__name__} "
-                         f"of shape {tuple(getattr(x1, 'shape', ()))}")
+    x, is_numpy = as_images(x1, "x1")
+    labels = as_labels(labels, x.shape[0])
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
     if eta > 0 and generator is None:
         raise ValueError("a stochastic sampler (eta > 0) needs a seeded torch.Generator")
-    x = x1
     bar = Progress(len(g) - 1, desc, enabled=progress and not torch.compiler.is_compiling())
     for i in range(len(g) - 1):
         t, t_next = g[i], g[i + 1]
@@ -147,36 +171,29 @@ def reverse_process(denoiser: Callable, x1, labels=None, *, eta: float = 0.0,
         x = update(sched, x, x0, t, t_next, eta, generator)
         bar.update()
     bar.close()
-    return x.detach().numpy() if is_numpy else x
+    return like_input(x, is_numpy)
 
 
+@docstring("""Deterministic DDIM (``eta = 0``) from the noise ``x1`` at ``t = grid[0]`` down to ``grid[-1]``.
+
+    Args:
+""" + SAMPLER_ARGS + RETURNS)
 def ddim(denoiser: Callable, x1, labels=None, *, grid: Optional[Sequence[float]] = None, steps: int = 20,
          schedule: Optional[ScheduleLike] = None, callback: Optional[Callable] = None,
          progress: bool = True) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) from noise ``x1`` at ``t = grid[0]`` down to ``grid[-1]`` (0).
-
-    Args:
-        denoiser: ``denoiser(x_t, t, labels) -> x0_hat``; its ``.schedule`` is used (a
-            :class:`MachineDenoiser`, :class:`NetworkDenoiser`, ...), else ``schedule``.
-        x1: starting noise ``(B, C, H, W)``, torch or numpy (the result has the same type).
-        labels: ``(B,)`` labels passed to every denoiser call (None: unconditional).
-        grid: descending times from ``grid[0] <= 1`` to ``grid[-1] = 0``; default ``t_i = i / steps``.
-        steps: number of steps of the default grid.
-        schedule: the noise schedule of a plain-function denoiser (default ``"cosine_legacy"``); for a
-            denoiser with its own schedule, omit it (a different one is an error).
-        callback: ``callback(i, t, x_t, x0)`` after each denoiser evaluation.
-        progress: a progress bar on stderr.
-    Returns:
-        the sample at ``grid[-1]``.
-    """
     return reverse_process(denoiser, x1, labels, eta=0.0, grid=grid, steps=steps, schedule=schedule,
                            callback=callback, progress=progress, desc="ddim")
 
 
+@docstring("""Stochastic DDPM (``eta = 1``): ancestral sampling with the posterior variance of each step, from
+    the noise ``x1`` at ``t = grid[0]`` down to ``grid[-1]``.
+
+    Args:
+""" + SAMPLER_ARGS + """\
+        generator: a seeded ``torch.Generator`` that draws the noise of every step (required; keyword only).
+""" + RETURNS)
 def ddpm(denoiser: Callable, x1, labels=None, *, generator: torch.Generator, grid: Optional[Sequence[float]] = None,
          steps: int = 20, schedule: Optional[ScheduleLike] = None, callback: Optional[Callable] = None,
          progress: bool = True) -> torch.Tensor:
-    """Stochastic DDPM (eta = 1): ancestral sampling with the posterior variance, noise from ``generator``
-    (seeded ``torch.Generator``). Other arguments as :func:`ddim`."""
     return reverse_process(denoiser, x1, labels, eta=1.0, generator=generator, grid=grid, steps=steps,
                            schedule=schedule, callback=callback, progress=progress, desc="ddpm")

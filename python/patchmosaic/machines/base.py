@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .. import ops
+from ..ops.checks import check_cuda_inputs
 from ..schedules import ScheduleLike, get_schedule
 from ..validation import ResourceError, as_batch, check_k, check_memory, check_time, to_labels, to_tensor
 
@@ -24,9 +25,14 @@ from ..validation import ResourceError, as_batch, check_k, check_memory, check_t
 class Provenance:
     """Which training key won each output pixel: the highest-weight key and its share of the weight.
 
-    ``image``, ``row``, ``col`` and ``share`` have shape ``(B, Hq, Wq)`` for the local machines
-    (``row``/``col``: the key's centre in its training image) and ``(B,)`` for IS (``row``/``col`` None).
-    Arrays are of the same kind (numpy or torch) as the query.
+    Returned by ``denoise(..., return_provenance=True)``. Each field has shape ``(B, Hq, Wq)`` for the local
+    machines and ``(B,)`` for IS, and is of the same kind (numpy or torch) as the query.
+
+    Args:
+        image: index (into the training images) of the winning key's image.
+        row: row of the winning key's centre in its training image (None for IS).
+        col: column of the winning key's centre in its training image (None for IS).
+        share: the winning key's softmax weight, in ``(0, 1]``.
     """
 
     image: object
@@ -35,26 +41,71 @@ class Provenance:
     share: object
 
 
+# The arguments every machine takes (the class docstrings of IS, LS and ELS repeat them, so that ``help()``
+# of each shows them all).
+DATA_ARGS = """\
+        images: training images ``(N, C, H, W)``, float32 or float64, numpy or torch (CPU; a copy is kept on
+            the CPU), finite, in the data scale (e.g. ``[-1, 1]``).
+        labels: ``(N,)`` integer class labels of the training images, or None (default). A machine built
+            with labels serves class-conditional calls (``denoise(..., labels=y)``: each query uses only the
+            training images of its own label) and, with ``labels=None`` at call time, unconditional ones over
+            all its training images whatever their label. A machine built without labels refuses labels at
+            call time (ValueError).
+"""
+ENGINE_ARGS = """\
+        schedule: the noise schedule ``alpha_bar(t)``: ``"cosine_legacy"`` (the paper's, default),
+            ``"cosine"``, ``"linear"``, a :class:`patchmosaic.schedules.Schedule` or any callable
+            ``t -> alpha_bar(t)`` on ``(0, 1]``.
+        backend: the engine: ``"auto"`` (default: the CPU engine for CPU tensors, the CUDA engine for CUDA
+            tensors), ``"cpu"``, ``"cuda"`` (needs a CUDA build of patchmosaic and torch), or ``"torch"``
+            (the plain PyTorch reference, any device).
+        n_threads: CPU engine threads; 0 (default) uses all available cores.
+        max_memory: bytes a call may use for its working memory; None (default) means the memory this
+            machine has available. A larger request raises :class:`patchmosaic.ResourceError` before any work.
+"""
+
+# The arguments of a call (denoise, eps, score, sensitivity).
+CALL_ARGS = """\
+            x: noisy images ``x_t`` ``(B, C, Hq, Wq)``, float32 or float64, numpy or torch (CPU, or CUDA with
+                the ``"cuda"`` or ``"torch"`` backend); ``Hq x Wq`` is the training size for IS and LS, and any
+                canvas the key sets allow for ELS.
+            t: diffusion time in ``(0, 1]`` (1: pure noise): a float, or one per image as a ``(B,)`` array or
+                tensor (a tensor ``t`` is differentiable).
+            k: odd patch size in pixels, required by LS and ELS, ignored by IS (default None).
+            labels: ``(B,)`` integer class labels (numpy, torch, a list, or one int for all), or None
+                (default). With labels each query uses only the training images of its own label (the machine
+                must have been built with labels, else a ValueError); None uses all training images.
+"""
+BACKEND_ARG = """\
+            backend: this call's engine, overriding the machine's: ``"auto"``, ``"cpu"``, ``"cuda"`` or
+                ``"torch"``; None (default) keeps the machine's.
+"""
+
+
+def docstring(text: str):
+    """Decorator: ``text`` as the function's docstring (for docstrings built from shared argument text)."""
+
+    def set_doc(fn):
+        fn.__doc__ = text
+        return fn
+
+    return set_doc
+
+
 class Machine:
-    """Common machinery: training set, labels, schedule, backend choice.
+    __doc__ = """Common machinery of the machines: training set, labels, schedule, backend choice.
+
+    Use :class:`IS`, :class:`LS` or :class:`ELS`; they take the same arguments (ELS two more).
 
     Args:
-        images: training images ``(N, C, H, W)`` float32/float64 (numpy or torch), in the data scale.
-        labels: optional ``(N,)`` integer labels, for class-conditional calls (``denoise(..., labels=)``).
-        schedule: the noise schedule: ``"cosine_legacy"`` (the paper's, default), ``"cosine"``, ``"linear"``,
-            a :class:`patchmosaic.schedules.Schedule` or any callable ``t -> alpha_bar(t)``.
-        backend: ``"auto"`` (the CPU engine for CPU tensors, the CUDA engine for CUDA tensors), ``"cpu"``,
-            ``"cuda"``, or ``"torch"`` (the plain PyTorch reference, any device).
-        n_threads: CPU engine threads (0: all available).
-        max_memory: bytes a call may use for its working memory (default: what the machine has available);
-            a larger request raises :class:`patchmosaic.ResourceError` before any work.
-    """
+""" + DATA_ARGS + ENGINE_ARGS
 
     local = True
     rule: Optional[str] = None  # the key-set rule of a local machine (ops/keysets.py)
 
     def __init__(self, images, labels=None, *, schedule: ScheduleLike = "cosine_legacy", backend: str = "auto",
                  n_threads: int = 0, max_memory: Optional[int] = None):
+        check_cuda_inputs(images=images, labels=labels)
         self.images = to_tensor(images, "images").contiguous()
         if self.images.device.type != "cpu":
             self.images = self.images.cpu()
@@ -72,25 +123,29 @@ class Machine:
         self._digest = None
 
     # ----- public API ----------------------------------------------------------------------
-    def denoise(self, x, t, k: Optional[int] = None, labels=None, *, return_provenance: bool = False,
-                backend: Optional[str] = None, pixels=None):
-        """Posterior-mean estimate ``x0_hat`` of the clean images (differentiable in ``x`` and ``t``).
+    @docstring("""Posterior-mean estimate ``x0_hat`` of the clean images (differentiable in ``x`` and ``t``).
 
         Args:
-            x: noisy images ``(B, C, Hq, Wq)``, float32/float64, numpy or torch (any device for the
-               torch backend).
-            t: float or ``(B,)`` array or tensor of times in ``(0, 1]``.
-            k: odd patch size (required by the local machines, ignored by IS).
-            labels: ``(B,)`` integer labels: each query uses only the training images of its label.
-            return_provenance: also return a :class:`Provenance` of the winning keys.
-            backend: override the machine's backend for this call.
-            pixels: local machines only: a boolean mask ``(Hq, Wq)`` or ``(B, Hq, Wq)``; only the pixels
-               it marks (in any query image) are computed, every other output pixel is 0. The work
-               shrinks in proportion (used by :class:`patchmosaic.IndexedDenoiser` for the pixels whose
-               index bound is too loose).
+""" + CALL_ARGS + """\
+            return_provenance: also return a :class:`Provenance` of the winning keys (default False).
+""" + BACKEND_ARG + """\
+            pixels: local machines only: a boolean mask ``(Hq, Wq)`` or ``(B, Hq, Wq)``, numpy or torch; only
+                the pixels it marks (in any query image) are computed, every other output pixel is 0. The
+                work shrinks in proportion (used by :class:`patchmosaic.IndexedDenoiser` for the pixels whose
+                index bound is too loose). None (default): every pixel.
+
         Returns:
-            ``x0_hat`` with the shape, dtype and array type of ``x``; with provenance, a pair.
-        """
+            ``x0_hat`` with the shape and dtype of ``x``: a torch tensor on ``x``'s device for torch input, a
+            numpy array for numpy input; with ``return_provenance``, the pair ``(x0_hat, provenance)``.
+
+        Raises:
+            ValueError or TypeError naming a bad argument, :class:`patchmosaic.ResourceError` for a call that
+            would need more than ``max_memory``, RuntimeError for CUDA input on a torch without CUDA: all
+            before any work.
+        """)
+    def denoise(self, x, t, k: Optional[int] = None, labels=None, *, return_provenance: bool = False,
+                backend: Optional[str] = None, pixels=None):
+        check_cuda_inputs(x=x, t=t, labels=labels, pixels=pixels)
         is_numpy = isinstance(x, np.ndarray)
         xt = self._query(x)
         B, C, Hq, Wq = xt.shape
@@ -115,19 +170,43 @@ class Machine:
             return result
         return result, self._provenance(key, share, is_numpy)
 
-    def eps(self, x, t, k: Optional[int] = None, labels=None, **kw):
-        """Noise estimate ``(x_t - a x0_hat) / b`` (spec section 1)."""
-        return self._transform(x, t, k, labels, kw, lambda x, x0, a, b2: (x - a * x0) / torch.sqrt(b2))
+    @docstring("""Noise estimate ``eps = (x - a x0_hat) / b`` (spec section 1; ``a = sqrt(alpha_bar(t))``,
+        ``b = sqrt(1 - alpha_bar(t))``), differentiable in ``x`` and ``t``.
 
-    def score(self, x, t, k: Optional[int] = None, labels=None, **kw):
-        """Score ``(a x0_hat - x_t) / b^2`` (spec section 1)."""
-        return self._transform(x, t, k, labels, kw, lambda x, x0, a, b2: (a * x0 - x) / b2)
+        Args:
+""" + CALL_ARGS + BACKEND_ARG + """
+        Returns:
+            ``eps`` with the shape, dtype and array type (numpy or torch) of ``x``.
+        """)
+    def eps(self, x, t, k: Optional[int] = None, labels=None, *, backend: Optional[str] = None):
+        return self._transform(x, t, k, labels, backend, lambda x, x0, a, b2: (x - a * x0) / torch.sqrt(b2))
 
-    def sensitivity(self, x, t, k: Optional[int] = None, pixel: Sequence[int] = (0, 0), labels=None, **kw):
-        """The machine's Jacobian at one output pixel: ``J[b, c_out, c_in, i, j] = d x0_hat[b, c_out, pixel] /
-        d x[b, c_in, i, j]`` (each output depends on its own query image only), shape ``(B, C, C, Hq, Wq)``.
-        For a local machine it is zero outside the ``k x k`` patch around ``pixel`` (its locality); the
-        field a locality study plots for a trained network. One backward pass per output channel."""
+    @docstring("""Score ``(a x0_hat - x) / b^2 = -eps / b`` (spec section 1), the gradient of the log-density
+        of the noised data at ``x``; differentiable in ``x`` and ``t``.
+
+        Args:
+""" + CALL_ARGS + BACKEND_ARG + """
+        Returns:
+            the score with the shape, dtype and array type (numpy or torch) of ``x``.
+        """)
+    def score(self, x, t, k: Optional[int] = None, labels=None, *, backend: Optional[str] = None):
+        return self._transform(x, t, k, labels, backend, lambda x, x0, a, b2: (a * x0 - x) / b2)
+
+    @docstring("""The machine's Jacobian at one output pixel: ``J[b, c_out, c_in, i, j] = d x0_hat[b, c_out,
+        pixel] / d x[b, c_in, i, j]`` (each output depends on its own query image only). For a local machine it
+        is zero outside the ``k x k`` patch around ``pixel`` (its locality): the field a locality study plots
+        for a trained network. One backward pass per output channel.
+
+        Args:
+""" + CALL_ARGS + """\
+            pixel: ``(row, col)`` of the output pixel, inside the ``Hq x Wq`` query (default ``(0, 0)``).
+""" + BACKEND_ARG + """
+        Returns:
+            ``J`` of shape ``(B, C, C, Hq, Wq)``, numpy for numpy ``x``, else a torch tensor.
+        """)
+    def sensitivity(self, x, t, k: Optional[int] = None, pixel: Sequence[int] = (0, 0), labels=None, *,
+                    backend: Optional[str] = None):
+        check_cuda_inputs(x=x, t=t, labels=labels)
         is_numpy = isinstance(x, np.ndarray)
         xt = self._query(x).detach().requires_grad_(True)
         i, j = (int(v) for v in pixel)
@@ -135,7 +214,7 @@ class Machine:
         if not (0 <= i < Hq and 0 <= j < Wq):
             raise ValueError(f"pixel {tuple(pixel)} lies outside the {Hq}x{Wq} query")
         with torch.enable_grad():
-            out = self.denoise(xt, t, k, labels, **kw)
+            out = self.denoise(xt, t, k, labels, backend=backend)
             rows = []
             for c in range(C):
                 g = torch.zeros_like(out)
@@ -321,10 +400,11 @@ class Machine:
                                  ".cuda() or use 'auto'")
         return name
 
-    def _transform(self, x, t, k, labels, kw, fn):
+    def _transform(self, x, t, k, labels, backend, fn):
+        check_cuda_inputs(x=x, t=t, labels=labels)
         is_numpy = isinstance(x, np.ndarray)
         xt = self._query(x)
-        x0 = self.denoise(xt, t, k, labels, **kw)
+        x0 = self.denoise(xt, t, k, labels, backend=backend)
         B = xt.shape[0]
         a, b2, _ = self._a_b2(t, B, xt.device)
         shape = (B, 1, 1, 1)

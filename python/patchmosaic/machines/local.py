@@ -3,33 +3,45 @@ boundaries. Each names its key-set rule (ops/keysets.py); the rest is :class:`Ma
 
 from __future__ import annotations
 
-from .base import Machine
+from typing import Optional
+
+from ..schedules import ScheduleLike
+from .base import DATA_ARGS, ENGINE_ARGS, Machine
 from .ideal import IS
 
 
 class LS(Machine):
-    """Local score machine (eq. 7-8): each pixel attends to the same location of every training image
-    (zero-padded patches). Arguments as :class:`Machine`."""
+    __doc__ = """Local score machine (eq. 7-8): each pixel attends to the same location of every training
+    image (zero-padded ``k x k`` patches). Queries have the training size.
+
+    Args:
+""" + DATA_ARGS + ENGINE_ARGS
 
     rule = "ls"
 
 
 class ELS(Machine):
-    """Equivariant local score machine.
+    __doc__ = """Equivariant local score machine: each pixel attends to every ``k x k`` patch of every training
+    image, wherever it lies.
 
-    ``boundary="zeros"`` (default): the boundary-aware machine (the paper's bbELS, eq. 41) matched to
-    zero-padded CNNs; queries may be larger canvases than the training images (padding-signature rule).
-    ``boundary="circular"``: the periodic ELS (eq. 9-10); ``wrapped=True`` also includes the wrapped
-    training patches (the exact equivariant key set of a circularly padded network). Other arguments
-    (``schedule``, ``backend``, ``n_threads``, ``max_memory``) as :class:`Machine`.
-    """
+    Args:
+""" + DATA_ARGS + """\
+        boundary: ``"zeros"`` (default): the boundary-aware machine (the paper's bbELS, eq. 41) matched to
+            zero-padded CNNs; queries may be larger canvases than the training images (padding-signature
+            rule). ``"circular"``: the periodic ELS (eq. 9-10), matched to circularly padded CNNs.
+        wrapped: with ``boundary="circular"`` only: also include the training patches that wrap around the
+            image edges (the exact equivariant key set of a circularly padded network). Default False.
+""" + ENGINE_ARGS
 
-    def __init__(self, images, labels=None, boundary: str = "zeros", *, wrapped: bool = False, **kw):
+    def __init__(self, images, labels=None, boundary: str = "zeros", *, wrapped: bool = False,
+                 schedule: ScheduleLike = "cosine_legacy", backend: str = "auto", n_threads: int = 0,
+                 max_memory: Optional[int] = None):
         if boundary not in ("zeros", "circular"):
             raise ValueError(f"boundary must be 'zeros' or 'circular', got {boundary!r}")
         if wrapped and boundary != "circular":
             raise ValueError("wrapped=True applies to boundary='circular' only")
-        super().__init__(images, labels, **kw)
+        super().__init__(images, labels, schedule=schedule, backend=backend, n_threads=n_threads,
+                         max_memory=max_memory)
         self.boundary = boundary
         self.wrapped = bool(wrapped)
         self.rule = "els_zeros" if boundary == "zeros" else ("els_wrapped" if wrapped else "els_circular")
@@ -41,12 +53,20 @@ class ELS(Machine):
 MACHINE_NAMES = ("els", "ls", "is")
 
 
-def make_machine(name: str, images, labels=None, *, boundary: str = "zeros", **kw) -> Machine:
-    """The machine called ``name`` (``"els"``, ``"ls"`` or ``"is"``; ``boundary`` applies to ELS)."""
+def make_machine(name: str, images, labels=None, *, boundary: str = "zeros", schedule: ScheduleLike = "cosine_legacy",
+                 backend: str = "auto", n_threads: int = 0, max_memory: Optional[int] = None) -> Machine:
+    """The machine called ``name``.
+
+    Args:
+        name: ``"els"``, ``"ls"`` or ``"is"``.
+        boundary: ELS only: ``"zeros"`` (default) or ``"circular"``; ignored by LS and IS.
+        images, labels, schedule, backend, n_threads, max_memory: as for :class:`ELS` (same defaults).
+    """
+    common = dict(schedule=schedule, backend=backend, n_threads=n_threads, max_memory=max_memory)
     if name == "els":
-        return ELS(images, labels, boundary=boundary, **kw)
+        return ELS(images, labels, boundary=boundary, **common)
     if name == "ls":
-        return LS(images, labels, **kw)
+        return LS(images, labels, **common)
     if name == "is":
-        return IS(images, labels, **kw)
+        return IS(images, labels, **common)
     raise ValueError(f"machine must be one of {MACHINE_NAMES}, got {name!r}")

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..io.files import write_with
 from ..io.runstate import write_json
+from ..ops.checks import check_cuda_inputs
 from .resnet import ResNet
 from .unet import UNet
 
@@ -55,10 +56,15 @@ def save(path: str, net: nn.Module, *, extra: Optional[Dict[str, torch.Tensor]] 
 def load(path: str, *, ema: bool = True, device="cpu") -> Tuple[nn.Module, dict, Dict[str, torch.Tensor]]:
     """``(network, info, extra tensors)`` from a checkpoint written by :func:`save`.
 
-    With ``ema=True`` the EMA weights are used when the checkpoint has them.
+    Args:
+        path: the checkpoint: a directory holding ``model.safetensors``, or the ``.safetensors`` file.
+        ema: use the EMA weights when the checkpoint has them (default True), else the raw weights.
+        device: the device to put the network on (default ``"cpu"``); a CUDA device on a torch without
+            CUDA is refused (RuntimeError) before anything is read.
     """
     from safetensors import safe_open
 
+    check_cuda_inputs(device=device)
     file = _weights_file(path)
     try:
         with safe_open(file, framework="pt", device="cpu") as f:
@@ -89,7 +95,14 @@ def load_network(path: str, *, device="cpu", ema: bool = True) -> nn.Module:
 
     TorchScript files (such as the reference networks in ``shared/models``) are loaded with
     ``torch.jit.load``, which runs TorchScript, not Python pickles.
+
+    Args:
+        path: a checkpoint directory, a ``.safetensors`` file, or a TorchScript file (e.g. ``model.pt``).
+        device: the device to put the network on (default ``"cpu"``); a CUDA device on a torch without
+            CUDA is refused (RuntimeError) before anything is read.
+        ema: for a checkpoint: its EMA weights when it has them (default True), else the raw weights.
     """
+    check_cuda_inputs(device=device)
     if os.path.isdir(path) or path.endswith(".safetensors"):
         return load(path, ema=ema, device=device)[0]
     if not os.path.exists(path):

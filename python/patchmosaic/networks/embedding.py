@@ -38,3 +38,17 @@ def check_padding(padding: str) -> str:
     if padding not in ("zeros", "circular"):
         raise ValueError(f"padding must be 'zeros' or 'circular', got {padding!r}")
     return padding
+
+
+def network_classes(net) -> Optional[int]:
+    """The number of classes of an eps network's class embedding: 0 for an unconditional network, None when
+    it cannot be told. Read from ``net.embed.num_classes``, which this package's ResNet and UNet and the
+    TorchScript reference networks (``shared/models``, scripted from the same code) have, else from
+    ``net.config["num_classes"]``; any other callable gives None."""
+    n = getattr(getattr(net, "embed", None), "num_classes", None)
+    if n is None:
+        config = getattr(net, "config", None)
+        n = config.get("num_classes") if isinstance(config, dict) else None
+    if isinstance(n, bool) or not isinstance(n, int):
+        return None
+    return max(n, 0)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..io.progress import Progress
+from ..ops.checks import check_cuda_inputs
 from ..schedules import get_schedule
 from ..validation import to_labels, to_tensor
 from .checkpoint import build, load, save
@@ -57,19 +58,31 @@ RESUME_FIXED = ("batch_size", "lr", "weight_decay", "ema_decay", "schedule", "t_
 
 def train(net, images, labels=None, *, out: str, config: Optional[TrainConfig] = None,
           progress: bool = True, override: bool = False) -> nn.Module:
-    """Train ``net`` (a ResNet/UNet, or its config dict) on ``images`` ``(N, C, H, W)`` in [-1, 1].
+    """Train an eps network; returns the trained network (EMA weights when EMA is on), in eval mode.
 
-    ``labels`` are used when the network has a class embedding. Returns the trained network (EMA
-    weights when EMA is on). Checkpoints go to ``out`` (a directory); an existing checkpoint there is
-    resumed if its network config matches, and a finished one is returned as is. Resuming with other
-    optimiser settings (:data:`RESUME_FIXED`) is refused unless ``override=True``; then the new settings
-    apply from the checkpoint's step on, and the record (``info["train"]["history"]``) says so.
+    Checkpoints go to ``out``; an existing checkpoint there is resumed if its network config matches, and a
+    finished one is returned as is. Resuming with other optimiser settings (:data:`RESUME_FIXED`) is refused
+    unless ``override=True``; then the new settings apply from the checkpoint's step on, and the record
+    (``info["train"]["history"]``) says so.
+
+    Args:
+        net: a :class:`ResNet` or :class:`UNet`, or its config dict (``{"arch": "resnet", ...}``, then built
+            here with weights drawn from ``config.seed``).
+        images: training images ``(N, C, H, W)`` in ``[-1, 1]``, float32 or float64, numpy or torch.
+        labels: ``(N,)`` integer class labels in ``[0, num_classes)``: required by a class-conditional
+            network (``num_classes > 0``; a ValueError without them), ignored by an unconditional one.
+            Default None.
+        out: the checkpoint directory (created if missing).
+        config: the :class:`TrainConfig` (steps, batch size, optimiser, EMA, schedule, seed, device, ...);
+            None (default): ``TrainConfig()``. A CUDA ``config.device`` on a torch without CUDA is refused
+            (RuntimeError) before any work.
+        progress: a progress bar with the running loss on stderr (default True).
+        override: resume even with other optimiser settings than the checkpoint's (default False).
     """
     cfg = config or TrainConfig()
     cfg.check()
+    check_cuda_inputs(**{"config.device": cfg.device})
     device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("config.device is cuda but torch sees no CUDA device")
     if isinstance(net, dict):
         with torch.random.fork_rng(devices=[]):  # the initial weights from the seed, not the global generator
             torch.manual_seed(cfg.seed)
@@ -121,8 +134,7 @@ def train(net, images, labels=None, *, out: str, config: Optional[TrainConfig] =
         return (ema or net).eval()
 
     x, y = x.to(device), None if y is None else y.to(device)
-    bar = Progress(cfg.steps, "train", enabled=progress)
-    bar.n = step
+    bar = Progress(cfg.steps, "train", enabled=progress, initial=step)
     run_loss, t0 = None, time.perf_counter()
     while step < cfg.steps:
         idx = torch.randint(0, N, (cfg.batch_size,), generator=gen)

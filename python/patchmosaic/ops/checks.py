@@ -92,3 +92,30 @@ def scale(query: torch.Tensor, train: torch.Tensor, inv_2b2: torch.Tensor, d: in
         raise ValueError(f"the data are too large for {kind}: queries up to {xmax:.3g} and training values up to "
                          f"{kmax:.3g} make softmax logits up to {bound:.3g} (limit {limit:.0e}); rescale the data "
                          f"(e.g. to [-1, 1]){' or use float64' if kind == 'float32' else ''}")
+
+
+def check_cuda_inputs(**named) -> None:
+    """Refuse, before any work, a CUDA tensor or CUDA device on a torch without CUDA. Each keyword names a
+    tensor, a ``torch.device``, a device string or None (skipped; so is anything that is not a device, for
+    the caller's own checks to name). Raises a RuntimeError naming the argument and the reason, instead of
+    torch's bare ``AssertionError: Torch not compiled with CUDA enabled`` somewhere later."""
+    for name, value in named.items():
+        is_tensor = torch.is_tensor(value)
+        if is_tensor:
+            device = value.device
+        elif isinstance(value, (torch.device, str)):
+            try:
+                device = torch.device(value)
+            except RuntimeError:
+                continue
+        else:
+            continue
+        if device.type != "cuda" or torch.cuda.is_available():
+            continue
+        what = f"{name} is a CUDA tensor (on {device})" if is_tensor else \
+            f"{name}={str(value)!r} asks for a CUDA device"
+        why = "built without CUDA" if torch.version.cuda is None else \
+            f"built for CUDA {torch.version.cuda}, but it sees no CUDA device"
+        raise RuntimeError(f"{what}, but this torch has no CUDA: torch {torch.__version__} was {why} "
+                           "(torch.cuda.is_available() is False); use CPU tensors and device='cpu', or install a "
+                           "CUDA build of torch on a machine with a GPU")

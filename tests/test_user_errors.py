@@ -1,0 +1,254 @@
+"""User errors that used to pass silently or fail obscurely: numpy input to the samplers, CUDA input on a
+torch without CUDA, and labels that do not match a network's or a machine's conditioning. Each gives a clear
+error naming the problem (or, for numpy, works as ``Machine.denoise`` does)."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import patchmosaic as pm
+from conftest import SHARED
+from patchmosaic.networks import ResNet, TrainConfig, load, load_network, network_classes, save, train
+
+RNG = np.random.default_rng(7)
+IMGS = RNG.uniform(-1, 1, (12, 1, 8, 8)).astype(np.float32)
+LABELS = np.arange(12) % 3
+MODELS = os.path.join(SHARED, "models")
+NO_CUDA = "but this torch has no CUDA"
+
+
+class Counting:
+    """A denoiser that counts its calls (to show an error came before any work)."""
+
+    schedule = pm.schedules.get_schedule("cosine_legacy")
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, x, t, labels=None):
+        self.calls += 1
+        return torch.zeros_like(x)
+
+
+class FakeCuda(torch.Tensor):
+    """A CPU tensor that says it lives on a CUDA device: the input a CUDA user hands over, on any machine."""
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+def fake_cuda(a) -> torch.Tensor:
+    return torch.as_tensor(a).as_subclass(FakeCuda)
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """This torch has no CUDA (already so on a CPU build; forced on a CUDA build)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+# --------------------------------------------------------------------------- 1. numpy into the samplers
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("labels", [None, np.array([0, 2]), [1, 1], 2, torch.tensor([2, 0])])
+def test_samplers_take_numpy_as_denoise_does(dtype, labels):
+    m = pm.ELS(IMGS, LABELS)
+    den = pm.MachineDenoiser(m, 3)
+    x1 = RNG.standard_normal((2, 1, 8, 8)).astype(dtype)
+    assert isinstance(m.denoise(x1, 0.5, 3, labels), np.ndarray)  # the convention followed
+    gen = {"ddim": {}, "ddpm": {"generator": torch.Generator().manual_seed(3)}}
+    for sampler in (pm.ddim, pm.ddpm):
+        out = sampler(den, x1, labels, steps=3, progress=False, **gen[sampler.__name__])
+        gen["ddpm"]["generator"].manual_seed(3)
+        want = sampler(den, torch.from_numpy(x1), labels, steps=3, progress=False, **gen[sampler.__name__])
+        gen["ddpm"]["generator"].manual_seed(3)
+        assert isinstance(out, np.ndarray) and out.dtype == dtype and out.shape == x1.shape
+        assert np.array_equal(out, want.numpy())
+
+
+def test_numpy_through_every_denoiser():
+    m = pm.ELS(IMGS)
+    x = RNG.standard_normal((2, 1, 8, 8))
+    md = pm.MachineDenoiser(m, 5)
+    for got, want in ((md(x, 0.4), m.denoise(x, 0.4, 5)), (md.eps(x, 0.4), m.eps(x, 0.4, 5)),
+                      (md.score(x, 0.4), m.score(x, 0.4, 5))):
+        assert isinstance(got, np.ndarray) and got.dtype == np.float64
+        assert np.allclose(got, want, atol=1e-10)
+    nd = pm.NetworkDenoiser(ResNet(1, 4, 1))
+    xt = torch.from_numpy(x)
+    for method in (nd, nd.eps, nd.score):
+        got = method(x, 0.4)
+        assert isinstance(got, np.ndarray) and got.dtype == np.float64
+        assert np.array_equal(got, method(xt, 0.4).numpy())
+    out = pm.ddim(nd, x.astype(np.float32), steps=2, progress=False)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32
+
+
+def test_sampler_input_errors_match_denoise_and_come_first():
+    den = Counting()
+    with pytest.raises(TypeError, match="x1 must be float32 or float64, got numpy dtype int64"):
+        pm.ddim(den, np.zeros((2, 1, 8, 8), np.int64), progress=False)
+    with pytest.raises(TypeError, match="x must be float32 or float64, got numpy dtype int64"):
+        pm.ELS(IMGS).denoise(np.zeros((2, 1, 8, 8), np.int64), 0.5, 3)
+    with pytest.raises(TypeError, match="x1 must be float32 or float64, got torch.float16"):
+        pm.ddim(den, torch.zeros(2, 1, 8, 8, dtype=torch.float16), progress=False)
+    with pytest.raises(ValueError, match=r"one label per image \(2\), got shape \(3,\)"):
+        pm.ddim(den, np.zeros((2, 1, 8, 8), np.float32), [0, 1, 2], progress=False)
+    with pytest.raises(TypeError, match="labels must be integers"):
+        pm.ddim(den, np.zeros((2, 1, 8, 8), np.float32), np.array([0.5, 1.0]), progress=False)
+    assert den.calls == 0
+
+
+# ------------------------------------------------------------------ 2. CUDA input on a torch without CUDA
+def test_cuda_devices_are_refused_clearly(no_cuda, tmp_path):
+    net = ResNet(1, 4, 1)
+    save(str(tmp_path / "net"), net)
+    calls = [
+        lambda: pm.NetworkDenoiser(net, device="cuda"),
+        lambda: pm.NetworkDenoiser(net, device=torch.device("cuda", 1)),
+        lambda: load_network(str(tmp_path / "net"), device="cuda"),
+        lambda: load(str(tmp_path / "net"), device=torch.device("cuda")),
+        lambda: train(net, IMGS, out=str(tmp_path / "t"), config=TrainConfig(steps=1, device="cuda"), progress=False),
+    ]
+    if os.path.isdir(MODELS):  # a TorchScript file (torch's own message here blamed the file)
+        calls.append(lambda: load_network(os.path.join(MODELS, "mnist_resnet_zeros", "model.pt"), device="cuda:0"))
+    for call in calls:
+        with pytest.raises(RuntimeError, match=f"asks for a CUDA device, {NO_CUDA}.*is_available\\(\\) is False"):
+            call()
+    assert not os.path.exists(tmp_path / "t")  # refused before any work
+
+
+def test_cuda_tensors_are_refused_clearly_before_any_work(no_cuda):
+    m, ml = pm.ELS(IMGS), pm.ELS(IMGS, LABELS)
+    x, cx = torch.zeros(2, 1, 8, 8), fake_cuda(torch.zeros(2, 1, 8, 8))
+    den = Counting()
+    calls = {
+        "x": [lambda: m.denoise(cx, 0.5, 3), lambda: m.eps(cx, 0.5, 3), lambda: m.score(cx, 0.5, 3),
+              lambda: m.sensitivity(cx, 0.5, 3), lambda: pm.IS(IMGS).denoise(cx, 0.5),
+              lambda: pm.MachineDenoiser(m, 3)(cx, 0.5), lambda: pm.NetworkDenoiser(ResNet(1, 4, 1))(cx, 0.5),
+              lambda: pm.NetworkDenoiser(ResNet(1, 4, 1)).eps(cx, 0.5), lambda: pm.IndexedDenoiser(m, 3)(cx, 0.5)],
+        "x1": [lambda: pm.ddim(den, cx, progress=False),
+               lambda: pm.ddpm(den, cx, generator=torch.Generator(), progress=False)],
+        "t": [lambda: m.denoise(x, fake_cuda(torch.full((2,), 0.5)), 3),
+              lambda: pm.NetworkDenoiser(ResNet(1, 4, 1)).eps(x, fake_cuda(torch.full((2,), 0.5)))],
+        "labels": [lambda: ml.denoise(x, 0.5, 3, fake_cuda(torch.tensor([0, 1]))),
+                   lambda: pm.ddim(den, x, fake_cuda(torch.tensor([0, 1])), progress=False)],
+        "images": [lambda: pm.ELS(fake_cuda(torch.from_numpy(IMGS)))],
+        "pixels": [lambda: m.denoise(x, 0.5, 3, pixels=fake_cuda(torch.ones(8, 8, dtype=torch.bool)))],
+    }
+    for name, group in calls.items():
+        for call in group:
+            with pytest.raises(RuntimeError, match=f"^{name} is a CUDA tensor \\(on cuda:0\\), {NO_CUDA}"):
+                call()
+    assert den.calls == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a real CUDA tensor")
+def test_a_real_cuda_tensor_when_torch_stops_seeing_cuda(monkeypatch):
+    x = torch.zeros(2, 1, 8, 8, device="cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=f"x is a CUDA tensor .*{NO_CUDA}.*sees no CUDA device"):
+        pm.ELS(IMGS).denoise(x, 0.5, 3)
+
+
+def test_cpu_and_odd_devices_pass_the_cuda_check(no_cuda):
+    from patchmosaic.ops.checks import check_cuda_inputs
+
+    check_cuda_inputs(a=torch.zeros(1), b="cpu", c=torch.device("cpu"), d=None, e=0.5, f=np.zeros(2), g="gpu")
+
+
+# ------------------------------------------------------------------ 3. labels and conditioning
+def test_network_classes_are_read_from_the_network():
+    assert network_classes(ResNet(1, 4, 1, num_classes=3)) == 3
+    assert network_classes(torch.jit.script(ResNet(1, 4, 1, num_classes=3))) == 3
+    assert network_classes(ResNet(1, 4, 1)) == 0
+    assert network_classes(lambda t, x, y: x) is None
+    assert network_classes(torch.nn.Identity()) is None
+
+
+@pytest.mark.parametrize("script", [False, True])
+def test_a_conditional_network_needs_labels_and_an_unconditional_one_refuses_them(script):
+    cond, uncond = ResNet(1, 4, 1, num_classes=3), ResNet(1, 4, 1)
+    if script:
+        cond, uncond = torch.jit.script(cond), torch.jit.script(uncond)
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"class-conditional \(3 classes\) but no labels were given"):
+        pm.NetworkDenoiser(cond)(x, 0.5)
+    with pytest.raises(ValueError, match=r"class-conditional \(3 classes\) but no labels"):
+        pm.ddim(pm.NetworkDenoiser(cond), x, steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\) for this network, got 1..3"):
+        pm.NetworkDenoiser(cond).eps(x, 0.5, [1, 3])
+    with pytest.raises(ValueError, match="labels were given but the network is unconditional"):
+        pm.NetworkDenoiser(uncond).eps(x, 0.5, [0, 1])
+    with pytest.raises(ValueError, match="conditional=True, but the network is unconditional"):
+        pm.NetworkDenoiser(uncond, conditional=True)
+    # the right calls run
+    assert pm.NetworkDenoiser(cond)(x, 0.5, [0, 2]).shape == x.shape
+    assert pm.NetworkDenoiser(uncond)(x, 0.5).shape == x.shape
+
+
+def test_running_a_conditional_network_without_labels_is_explicit_and_warned():
+    net = ResNet(1, 4, 1, num_classes=3).eval()
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.warns(UserWarning, match=r"runs a class-conditional network \(3 classes\) without labels"):
+        d = pm.NetworkDenoiser(net, conditional=False)
+    with torch.no_grad():
+        want = net(torch.full((2,), 0.5), x, None)
+    assert torch.equal(d.eps(x, 0.5), want) and torch.equal(d.eps(x, 0.5, [0, 1]), want)  # labels dropped
+    # an unconditional network with conditional=False drops labels without a word
+    pm.NetworkDenoiser(ResNet(1, 4, 1), conditional=False).eps(x, 0.5, [0, 1])
+    with pytest.raises(ValueError, match="conditional must be None, True or False"):
+        pm.NetworkDenoiser(net, conditional="yes")
+
+
+def test_a_network_that_cannot_be_read_gets_what_it_is_given_unless_told():
+    seen = []
+
+    def net(t, x, labels):
+        seen.append(labels)
+        return torch.zeros_like(x)
+
+    x = torch.randn(2, 1, 8, 8)
+    pm.NetworkDenoiser(net).eps(x, 0.5)
+    pm.NetworkDenoiser(net).eps(x, 0.5, [1, 2])
+    assert seen[0] is None and seen[1].tolist() == [1, 2]
+    with pytest.raises(ValueError, match=r"class-conditional \(conditional=True\) but no labels"):
+        pm.NetworkDenoiser(net, conditional=True).eps(x, 0.5)
+
+
+def test_a_trained_conditional_checkpoint_needs_labels(tmp_path):
+    x, y = IMGS[:8], LABELS[:8]
+    train(ResNet(1, 4, 1, num_classes=3), x, y, out=str(tmp_path), config=TrainConfig(steps=2, ema_decay=0),
+          progress=False)
+    d = pm.NetworkDenoiser(load_network(str(tmp_path)))
+    with pytest.raises(ValueError, match=r"class-conditional \(3 classes\) but no labels"):
+        d(torch.from_numpy(x[:2]), 0.5)
+    assert d(torch.from_numpy(x[:2]), 0.5, y[:2]).shape == (2, 1, 8, 8)
+
+
+@pytest.mark.skipif(not os.path.isdir(MODELS), reason="needs ../shared/models")
+def test_reference_networks_say_whether_they_are_conditional():
+    x = torch.randn(1, 1, 32, 32)
+    cond = pm.NetworkDenoiser(load_network(os.path.join(MODELS, "fmnist20k_resnet_zeros_cond", "model.pt")))
+    uncond = pm.NetworkDenoiser(load_network(os.path.join(MODELS, "mnist_unet_zeros", "model.pt")))
+    assert (cond.num_classes, uncond.num_classes) == (10, 0)
+    with pytest.raises(ValueError, match=r"class-conditional \(10 classes\) but no labels"):
+        cond(x, 0.5)
+    with pytest.raises(ValueError, match="labels were given but the network is unconditional"):
+        uncond(x, 0.5, [3])
+
+
+def test_machine_labels_mismatches():
+    plain, cond = pm.ELS(IMGS), pm.ELS(IMGS, LABELS)
+    x = RNG.standard_normal((2, 1, 8, 8)).astype(np.float32)
+    for call in (lambda: plain.denoise(x, 0.5, 3, [0, 1]), lambda: plain.eps(x, 0.5, 3, [0, 1]),
+                 lambda: pm.MachineDenoiser(plain, 3)(x, 0.5, [0, 1]),
+                 lambda: pm.ddim(pm.MachineDenoiser(plain, 3), x, [0, 1], steps=2, progress=False)):
+        with pytest.raises(ValueError, match="labels were given but this machine was built without training labels"):
+            call()
+    # documented: a machine built with labels and called without uses all its training images
+    assert "all its training images" in pm.ELS.__doc__ and "None uses all training images" in pm.ELS.denoise.__doc__
+    assert np.array_equal(cond.denoise(x, 0.5, 3), plain.denoise(x, 0.5, 3))
+    assert not np.array_equal(cond.denoise(x, 0.5, 3, [0, 0]), plain.denoise(x, 0.5, 3))
