@@ -317,3 +317,42 @@ def test_measured_policy_and_its_calibrated_switch_time():
     # targets that every / no switch time meets
     assert pm.calibrate_t_max(mach, ks, x1, steps=10, target_r=-1.0, t_max=0.3, m=8, kind="flat")[0] == 0.3
     assert pm.calibrate_t_max(mach, ks, x1, steps=10, target_r=1.5, m=8, kind="flat")[0] == 0.0
+
+
+def test_ivf_bound_is_flagged_conditional_and_a_retrieval_failure_is_caught():
+    """Pure-noise queries against an IVF index probing 1 of 16 lists: nearer keys sit in unprobed lists and
+    the bound (~0) is wrong on many pixels. The result says the bound is conditional, the sampled exact
+    check finds failures, flags the bound invalid and warns; a flat index's bound is unconditional."""
+    images = pm.data.load_default()[0][:300]
+    mach = pm.ELS(images)
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    ivf = PatchIndex(mach, 5, kind="ivf", nlist=16, nprobe=1, min_index_keys=10, progress=False)
+    with pytest.warns(pm.index.RetrievalWarning, match="retrieval failed on"):
+        res = ivf.denoise(x, 0.1, m=16, check_pixels=128)
+    exact = mach.denoise(x, 0.1, 5)
+    truly_failed = ((exact - res.x0).abs().amax(1) > res.bound + 1e-4 * 2)
+    assert truly_failed.float().mean() > 0.05  # the example is one where retrieval does fail
+    assert res.bound_conditional and res.checked_pixels == 128 and res.failed_pixels > 0
+    assert res.bound_valid is False and res.worst_excess > 0.05
+    unchecked = ivf.denoise(x, 0.1, m=16, check_pixels=0)
+    assert unchecked.bound_conditional and unchecked.bound_valid is None and unchecked.checked_pixels == 0
+    flat = PatchIndex(mach, 5, kind="flat", progress=False).denoise(x, 0.1, m=16)
+    assert not flat.bound_conditional and flat.bound_valid is True and flat.checked_pixels == 0
+
+
+def test_ivf_retrieval_check_passes_where_retrieval_is_exhaustive_and_policies_fall_back():
+    tr, lab, rng = _data(5)
+    mach = pm.ELS(tr)
+    x = torch.from_numpy(rng.standard_normal((2, 1, 10, 12)).astype(np.float32))
+    full = PatchIndex(mach, 3, kind="ivf", nlist=4, nprobe=4, min_index_keys=10, progress=False)
+    res = full.denoise(x, 0.3, m=32)
+    assert res.bound_conditional and res.bound_valid is True and res.failed_pixels == 0
+    # a policy whose index fails the check computes the step exactly (and records why)
+    images = pm.data.load_default()[0][:300]
+    big = pm.ELS(images)
+    pol = IndexedDenoiser(big, 5, tol=1e-3, m=16, kind="ivf", nlist=16, nprobe=1, min_index_keys=10)
+    xn = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(pm.index.RetrievalWarning):
+        out = pol(xn, 0.1)
+    assert pol.record[-1]["used"] == "exact" and "retrieval_failed" in pol.record[-1]
+    assert torch.allclose(out, big.denoise(xn, 0.1, 5), atol=1e-6)

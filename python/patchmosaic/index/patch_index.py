@@ -189,10 +189,23 @@ class PatchIndex:
         return index
 
     # ----- queries and persistence -----------------------------------------------------------
-    def denoise(self, x, t, labels=None, m: int = 64, *, return_provenance: bool = False) -> "query.ApproxResult":
+    def denoise(self, x, t, labels=None, m: int = 64, *, check_pixels: int = 64) -> "query.ApproxResult":
         """Approximate ``machine.denoise(x, t, k, labels)`` from the ``m`` nearest keys per pixel, with the
-        per-pixel error bound of the module docstring (index/query.py). ``x`` ``(B, C, Hq, Wq)`` float32."""
-        return query.approx_denoise(self, x, t, labels, m)
+        per-pixel error bound of index/bound.py.
+
+        Args:
+            x: query ``(B, C, Hq, Wq)`` float32 on the CPU, numpy or torch; ``(Hq, Wq)`` the index's canvas.
+            t: noise level in ``(0, 1]``, a float or ``(B,)``.
+            labels: ``(B,)`` class per query image for a conditional machine, else None.
+            m: candidates retrieved per pixel (default 64).
+            check_pixels: for an inverted-file index (whose bound is conditional on retrieval), this many
+                random pixels are computed exactly to check the bound (default 64; 0 skips the check and
+                leaves ``bound_valid`` None). A failed check sets ``bound_valid=False`` and warns.
+
+        Returns:
+            an :class:`patchmosaic.index.ApproxResult` (``x0``, ``bound``, ``arg_key``, the retrieval fields).
+        """
+        return query.approx_denoise(self, x, t, labels, m, check_pixels)
 
     def manifest(self) -> dict:
         """The JSON description saved beside the index (index/store.py)."""

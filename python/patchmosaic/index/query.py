@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -17,24 +18,43 @@ import torch
 from .. import ops
 from ..validation import check_t, to_labels, to_tensor
 from .bound import error_bound
+from .retrieval_check import check_retrieval
 from .vectors import pad_to, patch_vectors
 
 
 @dataclass
 class ApproxResult:
-    """``x0``: the approximate denoiser output (shape of the query); ``bound``: per pixel ``(B, Hq, Wq)``,
-    an upper bound on ``|x0_exact - x0|`` (every channel), conditional on retrieval for IVF indexes;
-    ``arg_key``: the winning candidate per pixel (``n * H * W + p``, provenance)."""
+    """What a patch-index query returns.
+
+    ``x0``: the approximate denoiser output (shape of the query); ``bound``: per pixel ``(B, Hq, Wq)``, an
+    upper bound on ``|x0_exact - x0|`` (every channel); ``arg_key``: the winning candidate per pixel
+    (``n * H * W + p``, provenance); ``seconds``: the query's time.
+
+    The bound is a guarantee only where retrieval is exhaustive (``kind="flat"``). For an inverted-file index
+    (``"ivf"``, ``"ivfpq"``) it holds *conditional on retrieval*: if the probed lists missed keys nearer than
+    the m-th retrieved one, the true error can exceed it by any amount. Then ``bound_conditional`` is True and
+    the query checks retrieval on a sample of pixels against the exact machine (index/retrieval_check.py):
+    ``checked_pixels`` were computed exactly, ``failed_pixels`` of them had an error above their bound (by up
+    to ``worst_excess``). ``bound_valid``: True for a flat index or a passed check, False when the check
+    failed (a ``RetrievalWarning`` is issued too), None when a conditional bound was not checked.
+    """
 
     x0: torch.Tensor
     bound: torch.Tensor
     arg_key: torch.Tensor
     seconds: float = 0.0
+    bound_conditional: bool = False
+    checked_pixels: int = 0
+    failed_pixels: int = 0
+    worst_excess: float = 0.0
+    bound_valid: Optional[bool] = True
 
 
-def approx_denoise(index, x, t, labels=None, m: int = 64) -> ApproxResult:
+def approx_denoise(index, x, t, labels=None, m: int = 64, check_pixels: int = 64) -> ApproxResult:
     """The softmax over the ``m`` nearest keys per pixel of ``index`` (a :class:`PatchIndex`), re-scored
-    exactly, with the per-pixel error bound. ``x`` ``(B, C, Hq, Wq)`` float32 on the CPU."""
+    exactly, with the per-pixel error bound. ``x`` ``(B, C, Hq, Wq)`` float32 on the CPU. Where the bound is
+    conditional on retrieval (an inverted-file part), ``check_pixels`` random pixels are computed exactly
+    to check it (0: no check)."""
     t0 = time.perf_counter()
     mach = index.machine
     xt = to_tensor(x, "x")
@@ -103,5 +123,8 @@ def approx_denoise(index, x, t, labels=None, m: int = 64) -> ApproxResult:
     res = torch.from_numpy(out)
     if isinstance(x, torch.Tensor):
         res = res.to(x.device)
-    return ApproxResult(res, torch.from_numpy(bound.reshape(B, Hq, Wq)),
-                        torch.from_numpy(key.reshape(B, Hq, Wq)), time.perf_counter() - t0)
+    out = ApproxResult(res, torch.from_numpy(bound.reshape(B, Hq, Wq)), torch.from_numpy(key.reshape(B, Hq, Wq)))
+    if any(index.part_kind(p) != "flat" for p in index.parts):
+        check_retrieval(index, xq, t, labels, out, check_pixels)
+    out.seconds = time.perf_counter() - t0
+    return out
