@@ -5,9 +5,23 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from patchmosaic.experiments.cli import build_parser, main
 from test_demo_cli import read_png
+
+
+def read_figure(path):
+    """A figure file's format by its first bytes ('png', 'svg' or 'pdf'); a PNG is decoded in full with Pillow."""
+    head = open(path, "rb").read(64)
+    if head.startswith(b"\x89PNG"):
+        with Image.open(path) as im:
+            im.load()
+            return "png", np.asarray(im)
+    if head.startswith(b"%PDF"):
+        return "pdf", None
+    assert head.lstrip().startswith((b"<?xml", b"<svg")), head
+    return "svg", None
 
 
 @pytest.fixture
@@ -38,7 +52,7 @@ def test_train_calibrate_compare(tmp_path, tiny, capsys):
     cal = json.load(open(ks))
     assert len(cal["ks"]) == 3 and set(cal["ks"]) <= {3, 5} and np.array(cal["choices"]).shape == (3, 3)
     assert os.path.exists(ks + ".state.npz")
-    read_png(str(tmp_path / "ks.png"))
+    assert read_figure(str(tmp_path / "ks.png"))[0] == "png"
 
     out = str(tmp_path / "cmp")
     assert main(["compare", "--network", net, "--seeds", "3", "--steps", "3", "--machine", f"els={ks}",
@@ -46,11 +60,36 @@ def test_train_calibrate_compare(tmp_path, tiny, capsys):
     rep = json.load(open(os.path.join(out, "report.json")))
     assert set(rep["per_seed"]) == {f"els={ks}", "ls=3", "IS"} and rep["seeds"] == 3
     assert all(len(v["r"]) == 3 for v in rep["per_seed"].values())
-    g = read_png(os.path.join(out, "grid.png"))
-    assert g.shape[0] > 5 * 32  # noise, network, els, ls, IS, nearest rows
-    read_png(os.path.join(out, "scatter.png"))
+    kind, g = read_figure(os.path.join(out, "grid.png"))
+    assert kind == "png" and g.shape[0] > g.shape[1]  # 6 rows (noise, network, els, ls, IS, nearest), 3 seeds
+    assert read_figure(os.path.join(out, "scatter.png"))[0] == "png"
     text = capsys.readouterr().out
     assert "median r" in text and "beats IS" in text
+
+    # the same runs again (resumed from their state) with figures as SVG and PDF, beside the PNGs
+    assert main(["calibrate", "--network", net, "--seeds", "3", "--steps", "3", "--candidates", "3,5",
+                 "--out", ks, "--figure-format", "pdf"] + common) == 0
+    assert read_figure(str(tmp_path / "ks.pdf"))[0] == "pdf" and json.load(open(ks)) == cal
+    assert main(["compare", "--network", net, "--seeds", "3", "--steps", "3", "--machine", f"els={ks}",
+                 "--machine", "ls=3", "--out", out, "--figure-format", "svg"] + common) == 0
+    assert read_figure(os.path.join(out, "grid.svg"))[0] == "svg"
+    assert read_figure(os.path.join(out, "scatter.svg"))[0] == "svg"
+    assert "grid.svg, scatter.svg" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["compare", "--network", net, "--out", out, "--figure-format", "gif"] + common)
+    assert "invalid choice: 'gif'" in capsys.readouterr().err
+
+    # --unconditional on this class-conditional network: it runs without its class embedding, on purpose
+    with pytest.warns(UserWarning, match="runs a class-conditional network .4 classes. without labels"):
+        assert main(["calibrate", "--network", net, "--seeds", "2", "--steps", "2", "--candidates", "3",
+                     "--unconditional", "--out", str(tmp_path / "ks_u.json")] + common) == 0
+    # --conditional on an unconditional network: refused, naming the option
+    plain = str(tmp_path / "plain")
+    assert main(["train", "--width", "8", "--depth", "1", "--steps", "2", "--batch-size", "8", "--out", plain]
+                + common) == 0
+    assert main(["compare", "--network", plain, "--seeds", "2", "--steps", "2", "--conditional",
+                 "--out", str(tmp_path / "cmp_c")] + common) == 2
+    assert "--conditional: the network" in capsys.readouterr().err
 
 
 def test_bad_cli_input_exits_2_with_one_line(tmp_path, tiny, capsys):
@@ -118,3 +157,21 @@ def test_kschedule_specs(tmp_path):
         from_spec("ramp:9")
     with pytest.raises(ValueError, match="neither"):
         from_spec("seven")
+
+
+def test_sample_refuses_a_large_photograph_without_crop_and_states_size_and_time(tmp_path, capsys):
+    """A photograph above 128x128 without --crop or --canvas (one training image, every pixel a key, a canvas
+    as large) is refused before the run with its size and the measured estimate; --force runs it."""
+    pytest.importorskip("skimage")
+    args = ["sample", "--data", "skimage:text", "--n", "1", "--steps", "1", "--k", "3",
+            "--out", str(tmp_path / "p.png")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "training images of 172x448 (larger than 128x128) without --crop or --canvas" in err
+    assert "1 samples of 172x448 from 1 training image(s)" in err and "patch pairs, roughly" in err and "--force" in err
+    assert not (tmp_path / "p.png").exists()
+    assert main(args + ["--force"]) == 0
+    assert "1 samples of 172x448" in capsys.readouterr().err and (tmp_path / "p.png").exists()
+    assert main(["sample", "--data", "skimage:text", "--crop", "32", "--canvas", "40x40", "--n", "1",
+                 "--steps", "1", "--k", "3", "--out", str(tmp_path / "c.png")]) == 0
+    assert "roughly" not in capsys.readouterr().err

@@ -99,8 +99,7 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
     start = 0
     if saved is not None:
         start, x, cos = int(saved["next_step"]), torch.from_numpy(saved["x"]), saved["cosine"]
-    bar = Progress(S * K, f"calibrate {type(machine).__name__}", enabled=progress)
-    bar.update(start * K)
+    bar = Progress(S * K, f"calibrate {type(machine).__name__}", enabled=progress, initial=start * K)
     for i in range(start, S):
         t, t_next = float(g[i]), float(g[i + 1])
         a, b2 = (float(v) for v in machine.schedule.coefficients(t))

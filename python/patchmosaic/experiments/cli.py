@@ -45,7 +45,7 @@ def _sample(args) -> int:
                      canvas=canvas, n=args.n, steps=args.steps, sampler=args.sampler, seed=args.seed,
                      labels=labels, classes=classes, limit=args.limit, crop=args.crop, stride=args.stride,
                      provenance=args.provenance, download=args.download, backend=args.backend,
-                     progress=not args.quiet)
+                     progress=not args.quiet, force=args.force)
     size = "x".join(map(str, res["samples"].shape[-2:]))
     print(f"wrote {res['out']} and {res['npz']}: {args.n} {args.machine.upper()} samples of {size} from "
           f"{res['train_images']} training images in {res['seconds']:.1f}s")
@@ -78,15 +78,20 @@ def _setup(args):
 
     from .. import data
     from ..data.cifar import check_labels
-    from ..networks import load_network
+    from ..diffusion.denoisers import NetworkDenoiser
+    from ..networks import load_network, network_classes
 
     net = load_network(args.network)
     images, labels = data.load(args.data, limit=args.limit, download=args.download)
+    classes = network_classes(net)  # 0: unconditional, None: cannot be told
     cond = args.conditional
     if cond is None:
-        cfg = getattr(net, "config", None)
-        cond = (cfg or {}).get("num_classes", 0) > 0 if isinstance(cfg, dict) else \
-            int(getattr(getattr(net, "embed", None), "num_classes", 0)) > 0
+        cond = bool(classes)
+    elif cond and classes == 0:
+        raise ValueError(f"--conditional: the network {args.network} is unconditional (it has no class embedding)")
+    elif not cond and classes:
+        # the user asked for it: the network runs without its class embedding (NetworkDenoiser warns)
+        net = NetworkDenoiser(net, conditional=False)
     if args.seeds_file:
         try:
             with np.load(args.seeds_file, allow_pickle=False) as z:
@@ -120,8 +125,7 @@ def _setup(args):
 def _calibrate(args) -> int:
     from .calibrate import calibrate
     from ..machines import make_machine
-    from ..io.plots import kschedule_plot
-    from ..io.png import write_png
+    from ..io.plots import kschedule_plot, save_figure
     from ..diffusion.samplers import time_grid
 
     net, images, labels, x1, y = _setup(args)
@@ -131,10 +135,10 @@ def _calibrate(args) -> int:
     c = calibrate(net, machine, x1, y, candidates=cands, k_max=args.k_max, grid=time_grid(args.steps),
                   state=state, progress=not args.quiet)
     c.to_json(args.out, network=args.network, machine=args.machine, seeds=int(x1.shape[0]))
-    png = os.path.splitext(args.out)[0] + ".png"
-    write_png(png, kschedule_plot({args.machine: c.schedule}, c.choices, c.schedule.times,
-                                  title=os.path.basename(args.network)))
-    print(f"wrote {args.out} and {png}: k-schedule {list(c.schedule.ks)} (t = 1 -> {1 / args.steps:g})")
+    plot = os.path.splitext(args.out)[0] + "." + args.figure_format
+    save_figure(kschedule_plot({args.machine: c.schedule}, c.choices, c.schedule.times,
+                               title=os.path.basename(args.network)), plot)
+    print(f"wrote {args.out} and {plot}: k-schedule {list(c.schedule.ks)} (t = 1 -> {1 / args.steps:g})")
     return 0
 
 
@@ -143,8 +147,7 @@ def _compare(args) -> int:
     from ..diffusion.denoisers import MachineDenoiser
     from ..diffusion.kschedule import from_spec
     from ..machines import make_machine
-    from ..io.plots import comparison_grid, scatter
-    from ..io.png import write_png
+    from ..io.plots import comparison_grid, save_figure, scatter
 
     net, images, labels, x1, y = _setup(args)
     machines = {}
@@ -163,20 +166,23 @@ def _compare(args) -> int:
                   info={"network": args.network, "data": args.data, "train_images": int(len(images))})
     local = [n for n in machines if n != "IS"]
     r = rep["per_seed"]
+    ext = "." + args.figure_format
     if local:
-        write_png(os.path.join(args.out, "scatter.png"),
-                  scatter(r["IS"]["r"], r[local[0]]["r"], xlabel="r IS", ylabel=f"r {local[0].split('=')[0]}"))
+        other = local[0].split("=")[0].upper()
+        save_figure(scatter(r["IS"]["r"], r[local[0]]["r"], xlabel="Pearson r of IS with the network",
+                            ylabel=f"Pearson r of {other} with the network", title=os.path.basename(args.network)),
+                    os.path.join(args.out, "scatter" + ext))
     u = rep["samples"]["network"]
     n = min(8, x1.shape[0])
     near = nearest_training(u[:n], images, None if y is None else y[:n], labels)
     rows = [x1[:n], u[:n]] + [rep["samples"][m][:n] for m in machines] + [images[near]]
     names = ["noise", "network"] + [m.split("=")[0] for m in machines] + ["nearest"]
-    write_png(os.path.join(args.out, "grid.png"), comparison_grid(rows, names))
+    save_figure(comparison_grid(rows, names), os.path.join(args.out, "grid" + ext))
     for name, s in rep["summary"].items():
         extra = f", beats IS on {s['frac_beats_IS_r']:.0%} of seeds" if "frac_beats_IS_r" in s else ""
         print(f"{name}: median r {s['r']['median']:.3f} [IQR {s['r']['q25']:.3f}, {s['r']['q75']:.3f}], "
               f"median R2 {s['R2']['median']:.3f}{extra}")
-    print(f"wrote {args.out}/report.json, grid.png, scatter.png")
+    print(f"wrote {args.out}/report.json, grid{ext}" + (f", scatter{ext}" if local else ""))
     return 0
 
 
@@ -201,11 +207,38 @@ def _add_run_options(p, out_help):
                         "(periodic) (default: %(default)s)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps on the grid t_i = i/steps (default: %(default)s)")
     p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--figure-format", default="png", choices=["png", "svg", "pdf"],
+                   help="file format of the figures written beside the results (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def version_text() -> str:
+    """What ``patchmosaic --version`` prints: the version, the CPU engine variant in use and those runnable
+    here, and the CUDA engine's state."""
+    import torch
+
+    from .. import __version__, ops
+
+    cuda = ("available" if ops.cuda_available() else "built, no device") if ops.cuda_built() else "not built"
+    variants = ", ".join(f"{k} ({v})" for k, v in ops.cpu_variants().items())
+    return (f"patchmosaic {__version__} (torch {torch.__version__}); CPU engine: {ops.cpu_variant()} "
+            f"[runnable here: {variants}]; CUDA engine: {cuda}")
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, help=kw.get("help"))
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="patchmosaic", description="Equivariant local score machines: patch mosaics.")
+    p.add_argument("--version", action=_Version,
+                   help="print the version, the CPU engine variant in use (and those this CPU can run) and the "
+                        "CUDA engine's state")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="sample digits with the boundary-aware ELS machine from the built-in data",
                        description="Sample digits with the boundary-aware ELS machine from the built-in 2,000 "
@@ -230,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--download", action="store_true",
                    help="fetch a named data set (mnist, fashion-mnist, cifar10, celeba) with torchvision if it is missing")
     s.add_argument("--crop", type=int, default=None, help="skimage photographs: train on all CROPxCROP crops")
+    s.add_argument("--force", action="store_true",
+                   help="run on training images larger than 128x128 without --crop or --canvas (refused otherwise, "
+                        "with the run's size and estimated time)")
     s.add_argument("--stride", type=int, default=None, help="stride of those crops (default: CROP/2)")
     s.add_argument("--limit", type=int, default=None, help="use only the first LIMIT training images")
     s.add_argument("--classes", default=None, help="comma-separated classes of the data set to keep")
@@ -290,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Along the network's own DDIM trajectories, pick per step and seed the patch "
                                    "size whose machine score is most cosine-similar to the network's; the schedule "
                                    "is the per-step median over seeds. Writes a k-schedule JSON with the per-seed "
-                                   "choices; resumes from --state.")
+                                   "choices and a plot of it beside (OUT with the --figure-format extension); "
+                                   "resumes from --state.")
     _add_run_options(c, "k-schedule JSON to write")
     c.add_argument("--machine", default="els", choices=["els", "ls"], help="machine to calibrate (default: %(default)s)")
     c.add_argument("--k-max", type=int, default=None, help="largest candidate k (default: 31 or 2*size+1)")
@@ -301,7 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("compare", help="sample network and machines from the same seeds and compare them",
                        description="Sample the network and each machine with DDIM from the same seeds and labels; "
                                    "per seed Pearson r, R2 and MSE against the network (IS is always included as "
-                                   "the baseline). Writes report.json, grid.png and scatter.png to --out; "
+                                   "the baseline). Writes report.json, grid.png and scatter.png (or .svg/.pdf by "
+                                   "--figure-format) to --out; "
                                    "resumes from the sample files there.")
     _add_run_options(m, "output directory")
     m.add_argument("--machine", action="append", default=None,

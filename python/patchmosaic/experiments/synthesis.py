@@ -8,6 +8,7 @@ synthesised from 64x64 texture crops, or a 128x128 canvas from 32x32 CIFAR-10 im
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Optional, Sequence, Tuple
 
@@ -19,7 +20,7 @@ from ..diffusion.denoisers import MachineDenoiser
 from ..diffusion.kschedule import from_spec
 from ..machines import make_machine
 from ..io.files import write_npz
-from ..io.png import grid, provenance_picture, to_uint8, write_png
+from ..io.images import grid, provenance_picture, to_uint8, write_png
 from ..diffusion.samplers import ddim, ddpm
 
 
@@ -32,17 +33,45 @@ def position_picture(rows: np.ndarray, cols: np.ndarray, H: int, W: int) -> np.n
     return (rgb * 255 + 0.5).astype(np.uint8)
 
 
+LARGE_IMAGE = 128  # training images above this size without --crop / --canvas need force=True
+PROBE = 48  # side of the query canvas timed to estimate a run before it starts
+
+
+def estimate(m, ks, n: int, C: int, Hq: int, Wq: int, steps: int, backend: str) -> Tuple[float, float]:
+    """``(patch pairs, seconds)`` that sampling ``n`` images of ``Hq x Wq`` for ``steps`` steps with machine
+    ``m`` compares and roughly takes, measured before the run: one call on a noise image of at most
+    ``PROBE`` x ``PROBE`` pixels (at the schedule's median ``k`` for a local machine), scaled up by the
+    query pixels, images and steps of the run (within a factor of about 3: the time varies with ``k``)."""
+    be = None if backend == "auto" else backend
+    h, w = (Hq, Wq) if not m.local else (min(Hq, PROBE), min(Wq, PROBE))
+    x = torch.randn(1, C, h, w, generator=torch.Generator().manual_seed(0))
+    k = sorted(ks.ks)[len(ks.ks) // 2] if m.local else None
+    t0 = time.perf_counter()
+    m.denoise(x, 0.5, k, backend=be)
+    seconds = (time.perf_counter() - t0) * (Hq * Wq) / (h * w) * n * steps
+    pairs = float(m.N * m.H * m.W) * Hq * Wq * n * steps if m.local else float(m.N) * n * steps
+    return pairs, seconds
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else (f"{seconds / 60:.0f} min" if seconds < 7200
+                                                       else f"{seconds / 3600:.0f} h")
+
+
 def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", machine: str = "els",
                boundary: str = "zeros", k: str = "paper:MNIST_ResNet_zeros", canvas: Optional[Tuple[int, int]] = None,
                n: int = 4, steps: int = 20, sampler: str = "ddim", seed: int = 0,
                labels: Optional[Sequence[int]] = None, classes: Optional[Sequence[int]] = None,
                limit: Optional[int] = None, crop: Optional[int] = None, stride: Optional[int] = None,
                provenance: str = "image", download: bool = False, backend: str = "auto",
-               progress: bool = True) -> dict:
+               progress: bool = True, force: bool = False) -> dict:
     """Sample ``n`` images and write a PNG (samples, then their provenance maps) and an ``.npz`` beside it.
 
     ``labels``: one class per seed (cycled), or None for an unconditional machine. ``provenance``:
     colour the map by the winning key's training ``"image"`` or by its ``"position"`` in that image.
+    Training images larger than 128x128 (a whole photograph) without ``crop`` or ``canvas`` are refused
+    with their size and the estimated time unless ``force=True``: train on crops instead. With
+    ``progress``, the size of the run and its estimated time are printed before it starts.
     Returns a summary dict.
     """
     if n < 1 or steps < 1:
@@ -63,11 +92,21 @@ def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", ma
                      backend=backend)
     ks = from_spec(k, steps) if m.local else None
     m.check_labels(None if ylab is None else ylab.numpy(), n)
-    # before any work: the memory the largest step needs (from the sizes alone), then the canvas's key sets
     m.check_request((n, C, Hq, Wq), torch.float32, "cpu" if backend == "auto" else backend, provenance=True,
                     k=max(ks.ks) if m.local else None)
     for kk in sorted(set(ks.ks)) if m.local else [None]:
         m.check_canvas(Hq, Wq, kk)
+    size = f"{n} samples of {Hq}x{Wq} from {len(images)} training image(s) of {H}x{W}, {steps} steps"
+    if max(H, W) > LARGE_IMAGE and crop is None and canvas is None:
+        pairs, seconds = estimate(m, ks, n, C, Hq, Wq, steps, backend)
+        size += (f": {pairs:.2g} patch pairs, roughly {_duration(seconds)} on the "
+                 f"{'CUDA' if backend == 'cuda' else 'CPU'} engine (timed on a {PROBE}x{PROBE} query)")
+        if not force:
+            raise ValueError(f"{data}: training images of {H}x{W} (larger than {LARGE_IMAGE}x{LARGE_IMAGE}) without "
+                             f"--crop or --canvas: {size}. Train on crops (e.g. --crop 64 --canvas 256x256) or pass "
+                             f"--force to run it anyway")
+    if progress:
+        print(f"patchmosaic sample: {size}", file=sys.stderr)
     den = MachineDenoiser(m, ks, keep_provenance=True)
     gen = torch.Generator().manual_seed(seed)
     x1 = torch.randn(n, C, Hq, Wq, generator=gen)
