@@ -88,3 +88,13 @@ def test_calibration_rejects_bad_input():
         calibrate(net, pm.IS(np.zeros((2, 1, 10, 10))), x1, steps=5, progress=False)
     with pytest.raises(ValueError, match=r"\(M, C, H, W\)"):
         calibrate(net, m, x1[0], steps=5, progress=False)
+
+
+def test_default_candidates_on_small_images_stop_at_the_largest_useful_patch():
+    """Default k_max: 31, or 2 max(H, W) - 1 if smaller (it was 2 max(H, W) + 1, refused as useless on every
+    image of at most 15 pixels a side)."""
+    rng = np.random.default_rng(2)
+    m = pm.ELS(rng.uniform(-1, 1, (6, 1, 4, 5)).astype(np.float32))
+    x1 = torch.randn(2, 1, 4, 5, generator=torch.Generator().manual_seed(0))
+    c = calibrate(MachineNet(m, pm.KSchedule.constant(3, 2)), m, x1, steps=2, progress=False)
+    assert c.candidates == (3, 5, 7, 9)

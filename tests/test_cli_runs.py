@@ -175,3 +175,18 @@ def test_sample_refuses_a_large_photograph_without_crop_and_states_size_and_time
     assert main(["sample", "--data", "skimage:text", "--crop", "32", "--canvas", "40x40", "--n", "1",
                  "--steps", "1", "--k", "3", "--out", str(tmp_path / "c.png")]) == 0
     assert "roughly" not in capsys.readouterr().err
+
+
+def test_calibrate_refuses_a_figure_path_as_out(tmp_path, tiny, capsys):
+    """--out is the k-schedule JSON and the plot is written beside it under OUT's stem: an --out with a figure
+    extension (ks.png) would have the plot overwrite the JSON, so it is refused before any work."""
+    base = ["calibrate", "--network", str(tmp_path / "net"), "--data", tiny, "--steps", "2", "--quiet"]
+    for name, fmt in (("ks.png", "png"), ("ks.SVG", "svg"), ("ks.pdf", "png")):
+        out = tmp_path / name
+        assert main(base + ["--out", str(out), "--figure-format", fmt]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("patchmosaic calibrate: error: --out is the k-schedule JSON;") and "\n" not in err
+        assert "no network" not in err and not out.exists()  # refused before the network was even looked for
+    assert not [p for p in os.listdir(tmp_path) if p != "tiny.npz"]
+    assert main(base + ["--out", str(tmp_path / "ks.json")]) == 2  # a JSON path passes on to the next check
+    assert "no network" in capsys.readouterr().err

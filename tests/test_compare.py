@@ -90,3 +90,27 @@ def test_compare_rejects_bad_input():
         compare(net, {"IS": pm.MachineDenoiser(iss)}, x1, y[:3], progress=False)
     with pytest.raises(ValueError, match="label 7 has no training images"):
         compare(net, {"IS": pm.MachineDenoiser(iss)}, x1, torch.tensor([7, 0, 0, 0, 0]), steps=2, progress=False)
+
+
+def test_compare_writes_nothing_to_stderr_without_progress_or_a_terminal(capfd):
+    train, lab, els, iss, x1, y = _setup()
+    for progress in (False, True):  # True: stderr here is not a terminal, so the bars stay silent too
+        compare(MachineNet(els, 3), {"IS": pm.MachineDenoiser(iss)}, x1, y, steps=2, batch_size=2,
+                progress=progress)
+        assert capfd.readouterr().err == ""
+
+
+def test_compare_progress_is_one_bar_per_denoiser_on_a_terminal(monkeypatch):
+    import sys
+
+    from test_figures_and_progress import FakeTerminal
+
+    train, lab, els, iss, x1, y = _setup()
+    tty = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", tty)
+    compare(MachineNet(els, 3), {"IS": pm.MachineDenoiser(iss)}, x1, y, steps=2, batch_size=2, progress=False)
+    assert tty.getvalue() == ""
+    compare(MachineNet(els, 3), {"IS": pm.MachineDenoiser(iss)}, x1, y, steps=2, batch_size=2, progress=True)
+    text = tty.getvalue()
+    assert "network" in text and "IS" in text and "10/10" in text and "seeds 4..4 of 5" in text
+    assert "ddim" not in text  # the sampler's own bar is folded into the denoiser's

@@ -8,15 +8,6 @@ import pytest
 
 import patchmosaic as pm
 
-# public callables of patchmosaic.__all__ defined in files this change does not own: still checked, and
-# expected to fail until their owners document them (an XPASS says the entry can go)
-NOT_YET = {
-    "calibrate": "experiments/calibrate.py: Args section missing (steps, run_id, progress undocumented)",
-    "Calibration": "experiments/calibrate.py: a dataclass whose fields are described in prose, no Args section",
-    "compare": "experiments/compare.py: Args section missing (x1, labels, baseline, ... undocumented)",
-    "calibrate_t_max": "experiments/switch_time.py: no Args section, and **index_kw hides the PatchIndex options",
-    "PatchIndex": "index/patch_index.py: no Args section (progress, _build undocumented)",
-}
 # public callables that are not checked at all, and why
 EXCLUDED = {
     "ResourceError": "an exception: like every exception it takes only its message (no Python signature)",
@@ -57,8 +48,7 @@ def public_callables():
     for name in pm.__all__:
         obj = getattr(pm, name)
         if (inspect.isclass(obj) or inspect.isfunction(obj)) and name not in EXCLUDED:
-            marks = [pytest.mark.xfail(reason=NOT_YET[name], strict=False)] if name in NOT_YET else []
-            out.append(pytest.param(name, obj, marks=marks, id=name))
+            out.append(pytest.param(name, obj, id=name))
     return out
 
 
@@ -74,6 +64,8 @@ def check_documented(obj, doc: str, what: str) -> None:
     params = [p for p in inspect.signature(obj).parameters.values() if p.name != "self"]
     hidden = [p.name for p in params if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
     assert not hidden, f"{what} hides arguments behind *{'/**'.join(hidden)}"
+    private = [p.name for p in params if p.name.startswith("_")]
+    assert not private, f"{what} has private parameters {private} in its public signature"
     missing = [p.name for p in params if p.name not in documented_args(inspect.cleandoc(doc))]
     assert not missing, f"{what}: no Args entry for {missing}"
 
@@ -108,6 +100,8 @@ def test_the_check_reads_args_sections():
         check_documented(f, inspect.getdoc(f), "f")
     with pytest.raises(AssertionError, match="hides arguments"):
         check_documented(lambda x, **kw: x, "Args:\n    x: y\n    kw: z", "g")
+    with pytest.raises(AssertionError, match=r"private parameters \['_build'\]"):
+        check_documented(lambda x, _build=True: x, "Args:\n    x: y\n    _build: z", "h")
 
 
 def test_help_shows_the_machine_arguments():

@@ -3,6 +3,7 @@ torch without CUDA, and labels that do not match a network's or a machine's cond
 error naming the problem (or, for numpy, works as ``Machine.denoise`` does)."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -157,6 +158,59 @@ def test_cpu_and_odd_devices_pass_the_cuda_check(no_cuda):
     from patchmosaic.ops.checks import check_cuda_inputs
 
     check_cuda_inputs(a=torch.zeros(1), b="cpu", c=torch.device("cpu"), d=None, e=0.5, f=np.zeros(2), g="gpu")
+
+
+class CountingNet(torch.nn.Module):
+    """An eps network that counts its calls (to show an error came before any work)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, t, x, labels=None):
+        self.calls += 1
+        return torch.zeros_like(x)
+
+
+def refused_as(name: str):
+    return pytest.raises(RuntimeError, match=f"^{re.escape(name)} is a CUDA tensor \\(on cuda:0\\), {NO_CUDA}")
+
+
+def test_calibration_comparison_and_switch_time_refuse_cuda_tensors_before_any_work(no_cuda, tmp_path):
+    m, ml = pm.ELS(IMGS), pm.ELS(IMGS, LABELS)
+    x, cx = torch.zeros(2, 1, 8, 8), fake_cuda(torch.zeros(2, 1, 8, 8))
+    clab = fake_cuda(torch.tensor([0, 1]))
+    net = CountingNet()
+    machines = {"IS": pm.MachineDenoiser(pm.IS(IMGS))}
+    calls = {
+        "x1": [lambda: pm.calibrate(net, m, cx, candidates=(3,), steps=2, progress=False),
+               lambda: pm.compare(net, machines, cx, steps=2, out_dir=str(tmp_path / "c"), progress=False),
+               lambda: pm.calibrate_t_max(m, 3, cx, steps=2)],
+        "labels": [lambda: pm.calibrate(net, ml, x, clab, candidates=(3,), steps=2, progress=False),
+                   lambda: pm.compare(net, machines, x, clab, steps=2, progress=False),
+                   lambda: pm.calibrate_t_max(ml, 3, x, clab, steps=2)],
+        "states[1]": [lambda: pm.calibrate_t_max(m, 3, x, steps=2, states=[x, fake_cuda(x), x])],
+    }
+    for name, group in calls.items():
+        for call in group:
+            with refused_as(name):
+                call()
+    assert net.calls == 0 and not os.path.exists(tmp_path / "c")
+
+
+def test_patch_index_queries_refuse_cuda_tensors_before_any_work(no_cuda):
+    pytest.importorskip("faiss")
+    from patchmosaic.index import query
+
+    index = pm.PatchIndex(pm.ELS(IMGS, LABELS), 3, kind="flat", progress=False)
+    x, cx = torch.zeros(2, 1, 8, 8), fake_cuda(torch.zeros(2, 1, 8, 8))
+    with refused_as("x"):
+        index.denoise(cx, 0.5, [0, 1])
+    with refused_as("t"):
+        index.denoise(x, fake_cuda(torch.full((2,), 0.5)), [0, 1])
+    with refused_as("labels"):
+        query.approx_denoise(index, x, 0.5, fake_cuda(torch.tensor([0, 1])))
+    assert index.denoise(x, 0.5, [0, 1]).x0.shape == x.shape  # the same call on the CPU runs
 
 
 # ------------------------------------------------------------------ 3. labels and conditioning

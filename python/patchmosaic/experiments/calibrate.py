@@ -21,14 +21,24 @@ from ..diffusion.denoisers import NetworkDenoiser
 from ..diffusion.kschedule import KSchedule
 from ..io.progress import Progress
 from ..io.runstate import fingerprint, load_state, save_state, write_json
+from ..ops.checks import check_cuda_inputs
 from ..diffusion.samplers import check_grid, common_schedule, update
 from ..validation import check_k
 
 
 @dataclass
 class Calibration:
-    """``schedule``: the calibrated k-schedule; ``choices[i, m]``: seed m's k at step i;
-    ``cosine[i, m, j]``: cosine similarity of the scores at step i, seed m, candidate ``candidates[j]``."""
+    """What :func:`calibrate` returns (S steps, M seeds, K candidate patch sizes); ``to_json`` writes it.
+
+    Args:
+        schedule: the calibrated :class:`KSchedule`: one k per step, the lower median over seeds of
+            ``choices[i]`` (always one of the candidates).
+        candidates: the K candidate patch sizes tried, odd positive ints in increasing order (a tuple).
+        choices: ``(S, M)`` int array; ``choices[i, m]`` is the candidate whose machine score was most
+            cosine-similar to the network's at step i for seed m.
+        cosine: ``(S, M, K)`` float64 array; ``cosine[i, m, j]`` is the cosine similarity of the network's and
+            the machine's scores at step i, seed m, candidate ``candidates[j]`` (in ``[-1, 1]``).
+    """
 
     schedule: KSchedule
     candidates: tuple
@@ -59,16 +69,42 @@ def median_odd(values: np.ndarray) -> int:
 def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Optional[Sequence[int]] = None,
               k_max: Optional[int] = None, grid: Optional[Sequence[float]] = None, steps: int = 20,
               state: Optional[str] = None, run_id: str = "", progress: bool = True) -> Calibration:
-    """Calibrate ``machine`` (IS excluded: it has no k) against ``network`` from the seeds ``x1`` ``(M, C, H, W)``.
+    """Calibrate a k-schedule for ``machine`` against ``network`` from the noise seeds ``x1``.
 
-    ``network`` is an eps network module (run on the machine's noise schedule) or a :class:`NetworkDenoiser`
-    (whose schedule must be the machine's: a ValueError otherwise); ``candidates`` default to
-    ``3, 5, ..., k_max`` (default ``k_max``: 31, or ``2 max(H, W) + 1`` if smaller). Everything runs in
-    float32 (the engines' precision); cosines are accumulated in float64. ``state``: an npz path
-    saved after every step; a run with the same settings resumes from it. The state is tied to a fingerprint
-    of the network's weights, the machine (its kind, the training images' content and its schedule), the
-    candidates, the grid, the seeds and the labels: any other run's state file is refused.
+    Along the network's DDIM trajectory from each seed, at every step, the machine is evaluated at every
+    candidate k on the network's current ``x_t``; the k whose score is most cosine-similar to the network's is
+    that seed's choice, and the schedule takes the lower median over seeds per step. Everything runs in float32
+    (the engines' precision); cosines are accumulated in float64.
+
+    Args:
+        network: an eps network module ``net(t, x, labels)`` (run on the machine's noise schedule) or a
+            :class:`NetworkDenoiser` (whose schedule must be the machine's: a ValueError otherwise).
+        machine: the local machine to calibrate, :class:`LS` or :class:`ELS` (IS has no patch size: a
+            ValueError).
+        x1: the noise seeds, a ``(M, C, H, W)`` float torch tensor on the CPU (a CUDA tensor on a torch
+            without CUDA is a RuntimeError, before any work).
+        labels: ``(M,)`` integer class labels, one per seed (numpy, a CPU torch tensor or a list), for a
+            conditional network and machine; None (default): unconditional.
+        candidates: the patch sizes to try, odd positive ints of at most ``2 max(H, W) - 1``; None (default):
+            ``3, 5, ..., k_max``.
+        k_max: the largest candidate when ``candidates`` is None, an int of at most ``2 max(H, W) - 1``;
+            None (default): 31, or ``2 max(H, W) - 1`` if smaller (a larger patch only adds zero padding).
+            Ignored when ``candidates`` is given.
+        grid: descending times from ``grid[0]`` in ``(0, 1]`` to ``grid[-1] >= 0``; None (default):
+            ``t_i = i / steps``.
+        steps: number of steps of the default grid (a positive integer, default 20).
+        state: path of an npz state file saved after every step, so that a rerun with the same settings
+            resumes from it; None (default): nothing saved. The state is tied to a fingerprint of the
+            network's weights, the machine (its kind, training images and schedule), the candidates, the grid,
+            the seeds, the labels and ``run_id``: another run's state file is a ValueError.
+        run_id: any string that goes into the state's fingerprint, to keep apart runs that share a state path
+            (default ``""``).
+        progress: a progress bar on stderr (default True; shown only on a terminal).
+
+    Returns:
+        a :class:`Calibration`: the schedule, the candidates, the per-seed choices and all cosines.
     """
+    check_cuda_inputs(x1=x1, labels=labels)
     net = network if isinstance(network, NetworkDenoiser) else NetworkDenoiser(network, machine.schedule)
     common_schedule({"network": net, type(machine).__name__: machine})
     if not machine.local:
@@ -77,7 +113,7 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
         raise ValueError(f"x1 must be a (M, C, H, W) tensor of seeds, got shape {tuple(getattr(x1, 'shape', ()))}")
     H, W = x1.shape[-2:]
     if candidates is None:
-        k_max = min(31, 2 * max(H, W) + 1) if k_max is None else int(k_max)
+        k_max = min(31, 2 * max(H, W) - 1) if k_max is None else int(k_max)
         candidates = list(range(3, k_max + 1, 2))
     candidates = tuple(check_k(k, H, W) for k in candidates)
     if not candidates:

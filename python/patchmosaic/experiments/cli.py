@@ -15,6 +15,7 @@ import zlib
 
 DATA_HELP = ("training images: 'default' (the built-in 2,000 MNIST digits), an .npz file (uint8 images under "
              "x_train/images/x, labels under y_train/labels/y) or an IDX file or directory (MNIST format)")
+FIGURE_FORMATS = ("png", "svg", "pdf")  # --figure-format
 
 
 def _demo(args) -> int:
@@ -128,6 +129,10 @@ def _calibrate(args) -> int:
     from ..io.plots import kschedule_plot, save_figure
     from ..diffusion.samplers import time_grid
 
+    ext = os.path.splitext(args.out)[1].lower()
+    if ext[1:] in FIGURE_FORMATS:
+        raise ValueError(f"--out is the k-schedule JSON; {args.out!r} has the figure extension {ext} (the plot is "
+                         f"written beside it, as OUT with the --figure-format extension); give a .json path")
     net, images, labels, x1, y = _setup(args)
     machine = make_machine(args.machine, images, labels, boundary=args.boundary)
     cands = None if args.candidates is None else [int(k) for k in args.candidates.split(",")]
@@ -207,7 +212,7 @@ def _add_run_options(p, out_help):
                         "(periodic) (default: %(default)s)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps on the grid t_i = i/steps (default: %(default)s)")
     p.add_argument("--out", required=True, help=out_help)
-    p.add_argument("--figure-format", default="png", choices=["png", "svg", "pdf"],
+    p.add_argument("--figure-format", default="png", choices=list(FIGURE_FORMATS),
                    help="file format of the figures written beside the results (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -328,9 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "is the per-step median over seeds. Writes a k-schedule JSON with the per-seed "
                                    "choices and a plot of it beside (OUT with the --figure-format extension); "
                                    "resumes from --state.")
-    _add_run_options(c, "k-schedule JSON to write")
+    _add_run_options(c, "k-schedule JSON to write (not a .png/.svg/.pdf path: the plot is written beside it)")
     c.add_argument("--machine", default="els", choices=["els", "ls"], help="machine to calibrate (default: %(default)s)")
-    c.add_argument("--k-max", type=int, default=None, help="largest candidate k (default: 31 or 2*size+1)")
+    c.add_argument("--k-max", type=int, default=None, help="largest candidate k (default: 31 or 2*size-1)")
     c.add_argument("--candidates", default=None, help="comma-separated candidate k's (overrides --k-max)")
     c.add_argument("--state", default=None, help="resumable state file (default: OUT.state.npz)")
     c.set_defaults(func=_calibrate)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from typing import Dict, Optional, Sequence
 
 import numpy as np
@@ -19,25 +18,32 @@ import torch
 
 from ..diffusion.denoisers import NetworkDenoiser, as_denoiser
 from ..diffusion.samplers import check_grid, common_schedule, ddim
+from ..io.progress import Progress
 from ..io.runstate import fingerprint, load_state, save_state, write_json
 from ..metrics import METRICS, summary
+from ..ops.checks import check_cuda_inputs
 
 
 def sample_batched(denoiser, x1: torch.Tensor, labels, *, grid, batch_size: int, state: Optional[str] = None,
                    fp: str = "", progress: bool = True, desc: str = "") -> torch.Tensor:
-    """DDIM samples of ``denoiser`` from every seed, ``batch_size`` seeds at a time, saved after each batch."""
-    M = x1.shape[0]
+    """DDIM samples of ``denoiser`` from every seed, ``batch_size`` seeds at a time, saved after each batch.
+
+    One progress bar (``desc``) counts the steps of all seeds, through :class:`Progress`: nothing is written
+    with ``progress`` off or when stderr is not a terminal."""
+    M, steps = x1.shape[0], len(grid) - 1
     saved = load_state(state, fp)
     out = torch.from_numpy(saved["samples"]) if saved is not None else torch.full_like(x1, float("nan"))
     done = int(saved["done"]) if saved is not None else 0
+    bar = Progress(M * steps, desc, enabled=progress, initial=done * steps)
     for s in range(done, M, batch_size):
         e = min(M, s + batch_size)
-        if progress:
-            print(f"{desc}: seeds {s}..{e - 1} of {M}", file=sys.stderr)
         lab = None if labels is None else labels[s:e]
-        out[s:e] = ddim(denoiser, x1[s:e], lab, grid=grid, progress=progress)
+        seeds = f"seeds {s}..{e - 1} of {M}"
+        out[s:e] = ddim(denoiser, x1[s:e], lab, grid=grid, progress=False,
+                        callback=lambda i, t, x, x0: bar.update(e - s, postfix=f"{seeds}, t={t:.2f}"))
         if state is not None:
             save_state(state, fp, samples=out.numpy(), done=np.array(e))
+    bar.close()
     return out
 
 
@@ -57,13 +63,43 @@ def nearest_training(samples: torch.Tensor, images: torch.Tensor, labels=None, t
 def compare(network, machines: Dict[str, object], x1: torch.Tensor, labels=None, *, baseline: str = "IS",
             grid: Optional[Sequence[float]] = None, steps: int = 20, batch_size: int = 8,
             out_dir: Optional[str] = None, run_id: str = "", progress: bool = True, info: Optional[dict] = None) -> dict:
-    """Compare ``network`` (eps module or denoiser) with ``machines`` (name -> denoiser, e.g. a
-    :class:`MachineDenoiser` with a k-schedule). Returns the report dict; with ``out_dir`` the samples,
-    ``report.json`` and the resumable state files are written there.
+    """Compare ``network`` with ``machines`` seed by seed: all are sampled with DDIM from the same seeds and
+    labels on the same grid, and every machine's samples are measured against the network's (Pearson ``r``,
+    ``R2``, ``MSE`` per seed; medians with interquartile ranges per machine).
 
     Every denoiser samples on its own noise schedule, and they must share one (a ValueError names two that
     differ); a network given as a bare module runs on the machines' schedule.
+
+    Args:
+        network: an eps network module ``net(t, x, labels)`` or a denoiser (e.g. a :class:`NetworkDenoiser`).
+        machines: a non-empty dict from a name to a denoiser (or an IS machine, which needs no patch size),
+            e.g. ``{"ELS": MachineDenoiser(els, kschedule), "IS": MachineDenoiser(is_machine)}``; the name
+            ``"network"`` is reserved, and two names may not map to the same sample file (characters other than
+            ``A-Za-z0-9_.-`` become ``_``).
+        x1: the noise seeds, a ``(M, C, H, W)`` float torch tensor on the CPU (a CUDA tensor on a torch without
+            CUDA is a RuntimeError, before any work).
+        labels: ``(M,)`` integer class labels, one per seed (numpy, a CPU torch tensor or a list), for a
+            conditional network and machines; None (default): unconditional.
+        baseline: the name in ``machines`` that every other machine is scored against (the fraction of seeds
+            where it has the higher ``r``); default ``"IS"``; a name not in ``machines`` skips that score.
+        grid: descending times from ``grid[0]`` in ``(0, 1]`` to ``grid[-1] >= 0``; None (default):
+            ``t_i = i / steps``.
+        steps: number of steps of the default grid (a positive integer, default 20).
+        batch_size: seeds sampled at a time (a positive integer, default 8); samples are saved after each batch.
+        out_dir: folder for the sample files (``samples_<name>.npz``, resumed by a rerun with the same
+            settings) and ``report.json``; None (default): nothing written.
+        run_id: any string that goes into the sample files' fingerprints, to keep apart runs that share
+            ``out_dir`` (default ``""``).
+        progress: one progress bar per denoiser on stderr (default True; shown only on a terminal).
+        info: extra JSON-able entries for the report (e.g. where the network came from); None (default): none.
+
+    Returns:
+        the report dict: ``seeds``, ``grid``, ``baseline``, ``metrics`` (what each measures), ``summary``
+        (per machine and metric), ``per_seed`` (per machine: every metric's list and the machine's
+        description), the ``info`` entries, and ``samples`` (name -> ``(M, C, H, W)`` tensor, ``"network"``
+        included; not in ``report.json``).
     """
+    check_cuda_inputs(x1=x1, labels=labels)
     if not torch.is_tensor(x1) or x1.ndim != 4:
         raise ValueError(f"x1 must be a (M, C, H, W) tensor of seeds, got shape {tuple(getattr(x1, 'shape', ()))}")
     if not machines:

@@ -12,20 +12,56 @@ from ..diffusion.denoisers import IndexedDenoiser, MachineDenoiser
 from ..diffusion.samplers import ddim, time_grid, update
 from ..index import PatchIndex
 from ..metrics import pearson_r
+from ..ops.checks import check_cuda_inputs
 
 
 def calibrate_t_max(machine, k, x1, labels=None, *, target_r: float = 0.999, steps: int = 20, t_max: float = 0.5,
                     m: int = 64, states: Optional[List[torch.Tensor]] = None, indexes: Optional[Dict[int, PatchIndex]] = None,
-                    progress: bool = False, **index_kw) -> Tuple[float, List[dict]]:
+                    progress: bool = False, kind: Optional[str] = None, nlist: Optional[int] = None,
+                    nprobe: Optional[int] = None, pq_m: Optional[int] = None, flat_budget: Optional[int] = None,
+                    min_index_keys: Optional[int] = None, merge: Optional[bool] = None) -> Tuple[float, List[dict]]:
     """The largest switch time ``t_s <= t_max`` of the ``steps``-step DDIM grid such that running the
     patch index at every ``t <= t_s`` (exact above) keeps every calibration sample's Pearson r with the
     exact engine's sample at least ``target_r``; 0.0 when no switch time does.
 
-    ``x1``: calibration noise ``(B, C, H, W)`` (use other seeds than the ones you evaluate on).
-    ``states``: the exact trajectory ``[x_1, x_t1, ..., x_0]`` if already computed (else it is run
-    here). Switch times are tried from the latest (fewest index steps) upwards and the search stops at
-    the first one that fails. Returns ``(t_s, report)``, one report row per switch time tried.
+    Switch times are tried from the latest (fewest index steps) upwards and the search stops at the first
+    one that fails. The index runs as an :class:`IndexedDenoiser` in ``"measured"`` mode; use the result as
+    that denoiser's ``t_max``.
+
+    Args:
+        machine: a local machine (:class:`LS` or :class:`ELS`).
+        k: an odd patch size or a :class:`KSchedule` (one k per step), as the sampler will use it.
+        x1: calibration noise ``(B, C, H, W)``, numpy or a CPU torch tensor (run in float32); use other seeds
+            than the ones you evaluate on.
+        labels: ``(B,)`` integer class labels (numpy, a CPU torch tensor or a list) for a machine built with
+            labels; None (default): unconditional.
+        target_r: the smallest Pearson r with the exact sample that every calibration sample must keep
+            (default 0.999).
+        steps: steps of the DDIM grid ``t_i = i / steps`` (a positive integer, default 20).
+        t_max: the latest switch time considered, in ``[0, 1]`` (default 0.5).
+        m: nearest keys per pixel the index retrieves (default 64).
+        states: the exact trajectory ``[x_1, x_t1, ..., x_0]`` (``steps + 1`` CPU tensors ``(B, C, H, W)``: the
+            ``x_t`` that a :func:`ddim` callback sees, then the final sample) if already computed; None
+            (default): it is run here.
+        indexes: patch indexes already built for this machine and canvas, ``{k: PatchIndex}``, used instead of
+            building them; None (default): built as needed.
+        progress: progress bars while indexes are built (default False).
+        kind: the FAISS index: ``"auto"``, ``"flat"``, ``"ivf"`` or ``"ivfpq"``.
+        nlist: inverted lists per index part (IVF kinds).
+        nprobe: inverted lists searched per query (IVF kinds).
+        pq_m: product-quantiser sub-vectors (``"ivfpq"``).
+        flat_budget: bytes of index vectors up to which ``"auto"`` chooses a flat index.
+        min_index_keys: parts with at most this many keys always use a flat index.
+        merge: store each distinct key patch once, with its multiplicity.
+            For each of ``kind`` to ``merge``, None (default) keeps :class:`patchmosaic.PatchIndex`'s own
+            default (``"auto"``, about sqrt(keys) lists, 16, 16, a quarter of the available memory, 20000,
+            True).
+
+    Returns:
+        ``(t_s, report)``: the switch time (a float, 0.0 when none passes) and one report row per switch time
+        tried, a dict with ``t_switch``, ``index_steps``, ``r_min`` and ``r_median``.
     """
+    check_cuda_inputs(x1=x1, labels=labels, **{f"states[{i}]": s for i, s in enumerate(states or ())})
     grid = time_grid(steps)
     if states is None:
         states = []
@@ -34,7 +70,9 @@ def calibrate_t_max(machine, k, x1, labels=None, *, target_r: float = 0.999, ste
         states.append(final)
     if len(states) != steps + 1:
         raise ValueError(f"states must hold the {steps + 1} states of the exact trajectory, got {len(states)}")
-    pol = IndexedDenoiser(machine, k, m=m, t_max=1.0, mode="measured", progress=progress, **index_kw)
+    pol = IndexedDenoiser(machine, k, m=m, t_max=1.0, mode="measured", progress=progress, kind=kind, nlist=nlist,
+                          nprobe=nprobe, pq_m=pq_m, flat_budget=flat_budget, min_index_keys=min_index_keys,
+                          merge=merge)
     if indexes:
         pol.indexes.update(indexes)
     report, best = [], 0.0

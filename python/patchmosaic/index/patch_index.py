@@ -60,18 +60,56 @@ class Part:
 class PatchIndex:
     """A FAISS index over the key patches of ``machine`` at patch size ``k`` for ``canvas`` queries.
 
-    ``kind``: ``"flat"`` (exact, ``IndexFlatL2``), ``"ivf"`` (``IndexIVFFlat``), ``"ivfpq"`` (``IndexIVFPQ``,
-    for when raw patches would not fit in memory) or ``"auto"`` (flat while its vectors take at most
-    ``flat_budget`` bytes, default a quarter of the available memory, else ivfpq). ``nlist``: inverted
-    lists per part (default ~ sqrt(keys)); ``nprobe``: lists searched; ``pq_m``: PQ sub-quantisers.
-    Parts with at most ``min_index_keys`` keys always use a flat index. ``merge``: store each distinct
-    key patch once with its multiplicity (exact: identical patches have identical centres; on MNIST it
-    removes the thousands of blank patches that tie at the top and would make the bound vacuous).
+    Construction merges duplicate key patches (with ``merge``) and builds one FAISS index per (label, key
+    class) part; :meth:`load` reads a saved one instead, and :meth:`open` does whichever applies.
+
+    Args:
+        machine: a local machine (:class:`patchmosaic.LS` or :class:`patchmosaic.ELS`; IS has no patches: a
+            ValueError).
+        k: the patch size, an odd positive int no larger than the machine's useful size for ``canvas``.
+        canvas: ``(Hq, Wq)`` of the queries the index serves; None (default): the training size ``(H, W)``.
+        kind: ``"flat"`` (exact, ``IndexFlatL2``), ``"ivf"`` (``IndexIVFFlat``), ``"ivfpq"`` (``IndexIVFPQ``,
+            for when raw patches would not fit in memory) or ``"auto"`` (default: flat while its vectors take
+            at most ``flat_budget`` bytes, else ivfpq).
+        nlist: inverted lists per part (IVF kinds), a positive int; None (default): about sqrt(keys), at
+            least 16 and at most 65536.
+        nprobe: inverted lists searched per query (IVF kinds), a positive int (default 16; at most ``nlist``
+            are searched).
+        pq_m: product-quantiser sub-vectors (``"ivfpq"``), a positive int (default 16; vectors are zero-padded
+            to a multiple of it).
+        flat_budget: bytes of index vectors up to which ``"auto"`` chooses a flat index; None (default): a
+            quarter of the available memory.
+        min_index_keys: parts with at most this many keys always use a flat index (default 20000).
+        merge: store each distinct key patch once with its multiplicity (default True; exact, since identical
+            patches have identical centres; on MNIST it removes the thousands of blank patches that tie at the
+            top and would make the bound vacuous).
+        progress: progress bars on stderr while duplicates are merged and parts are built (default True;
+            shown only on a terminal).
     """
 
     def __init__(self, machine, k: int, canvas: Optional[Tuple[int, int]] = None, *, kind: str = "auto",
                  nlist: Optional[int] = None, nprobe: int = 16, pq_m: int = 16, flat_budget: Optional[int] = None,
-                 min_index_keys: int = 20000, merge: bool = True, progress: bool = True, _build: bool = True):
+                 min_index_keys: int = 20000, merge: bool = True, progress: bool = True):
+        self._setup(machine, k, canvas, kind, nlist, nprobe, pq_m, min_index_keys, merge)
+        t0 = time.perf_counter()
+        if self.merge:
+            bar = Progress(len(self.parts), f"merge duplicates k={self.k}", enabled=progress)
+            for part in self.parts:
+                self._merge_duplicates(part)
+                bar.update(postfix=f"{part.n_total} -> {len(part.keys)} keys")
+            bar.close()
+        if kind == "auto":
+            n_keys = sum(len(p.keys) for p in self.parts)
+            budget = available_memory() // 4 if flat_budget is None else int(flat_budget)
+            kind = "flat" if n_keys * self.d * 4 <= budget else "ivfpq"
+        self.kind = kind
+        self._build_all(progress)
+        self.build_seconds = time.perf_counter() - t0
+
+    # ----- construction -------------------------------------------------------------------
+    def _setup(self, machine, k, canvas, kind, nlist, nprobe, pq_m, min_index_keys, merge) -> None:
+        """Check the arguments and set up the parts (their keys not yet merged or indexed): what a built
+        and a loaded index share. ``kind`` is checked, not stored (``"auto"`` is resolved by the caller)."""
         if not machine.local:
             raise ValueError("a patch index serves the local machines (LS, ELS); IS has no patches")
         if kind not in KINDS:
@@ -91,23 +129,7 @@ class PatchIndex:
         self.parts: List[Part] = self._parts()
         self.merge = bool(merge)
         self.build_seconds = 0.0
-        t0 = time.perf_counter()
-        if self.merge and _build:
-            bar = Progress(len(self.parts), f"merge duplicates k={self.k}", enabled=progress)
-            for part in self.parts:
-                self._merge_duplicates(part)
-                bar.update(postfix=f"{part.n_total} -> {len(part.keys)} keys")
-            bar.close()
-        n_keys = sum(len(p.keys) for p in self.parts)
-        if kind == "auto":
-            budget = available_memory() // 4 if flat_budget is None else int(flat_budget)
-            kind = "flat" if n_keys * self.d * 4 <= budget else "ivfpq"
-        self.kind = kind
-        if _build:
-            self._build_all(progress)
-        self.build_seconds = time.perf_counter() - t0
 
-    # ----- construction -------------------------------------------------------------------
     def _parts(self) -> List[Part]:
         m = self.machine
         HW = m.H * m.W
@@ -219,8 +241,11 @@ class PatchIndex:
     def load(cls, folder: str, machine, k: int, canvas: Optional[Tuple[int, int]] = None) -> "PatchIndex":
         """Load an index saved by :meth:`save`; a ValueError if it was built for other data or settings."""
         man = store.read_manifest(folder)
-        self = cls(machine, k, canvas, kind=man.get("kind", "flat"), nprobe=man.get("nprobe", 16),
-                   pq_m=man.get("pq_m", 16), nlist=man.get("nlist"), merge=bool(man.get("merge", False)), _build=False)
+        kind = man.get("kind", "flat")  # as built: never "auto"
+        self = cls.__new__(cls)  # set up for the machine, then filled from the folder: nothing merged or built
+        self._setup(machine, k, canvas, kind, man.get("nlist"), man.get("nprobe", 16), man.get("pq_m", 16),
+                    20000, bool(man.get("merge", False)))
+        self.kind = kind
         store.read_into(self, folder, man)
         return self
 

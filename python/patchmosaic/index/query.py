@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .. import ops
+from ..ops.checks import check_cuda_inputs
 from ..validation import check_t, to_labels, to_tensor
 from .bound import error_bound
 from .retrieval_check import check_retrieval
@@ -54,7 +55,8 @@ def approx_denoise(index, x, t, labels=None, m: int = 64, check_pixels: int = 64
     """The softmax over the ``m`` nearest keys per pixel of ``index`` (a :class:`PatchIndex`), re-scored
     exactly, with the per-pixel error bound. ``x`` ``(B, C, Hq, Wq)`` float32 on the CPU. Where the bound is
     conditional on retrieval (an inverted-file part), ``check_pixels`` random pixels are computed exactly
-    to check it (0: no check)."""
+    to check it (0: no check). A CUDA ``x``, ``t`` or ``labels`` on a torch without CUDA is refused first."""
+    check_cuda_inputs(x=x, t=t, labels=labels)
     t0 = time.perf_counter()
     mach = index.machine
     xt = to_tensor(x, "x")
