@@ -12,10 +12,11 @@ The package, by role (imports run one way, down this list):
     diffusion/    samplers (DDIM, DDPM), denoisers (machine, network, indexed), k-schedules
     experiments/  calibration, comparison, synthesis, the demo and the command line
 and beside them: schedules (noise schedules), validation, metrics, io (files, pictures, progress),
-data (data sets) and networks (the paper's CNNs and their training).
+data (data sets) and networks (the paper's CNNs and their training); distributed/ runs the machines and
+experiments over torch.distributed ranks (key and query sharding).
 """
 
-from . import data, diffusion, index, metrics, networks, ops, schedules
+from . import data, diffusion, distributed, index, metrics, networks, ops, schedules
 from .diffusion import IndexedDenoiser, KSchedule, MachineDenoiser, NetworkDenoiser, ddim, ddpm, kschedule
 from .diffusion import samplers as sampling
 from .experiments import Calibration, calibrate, calibrate_t_max, compare
@@ -27,5 +28,5 @@ from .validation import ResourceError
 __all__ = ["IS", "LS", "ELS", "Machine", "Provenance", "ResourceError", "cuda_available", "data", "kschedule",
            "metrics", "networks", "ops", "sampling", "schedules", "diffusion", "index", "ddim", "ddpm", "KSchedule",
            "MachineDenoiser", "NetworkDenoiser", "calibrate", "Calibration", "compare", "PatchIndex",
-           "IndexedDenoiser", "calibrate_t_max"]
+           "IndexedDenoiser", "calibrate_t_max", "distributed"]
 __version__ = "0.1.0"
