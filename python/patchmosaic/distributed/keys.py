@@ -92,6 +92,7 @@ class ShardedMachine(Machine):
         self.group = group
         self.rank, self.world = launch.rank(group), launch.world(group)
         self.kind = machine
+        self.machine_type = KINDS[machine].__name__  # "ELS", "LS" or "IS": what describe() calls it
         shape = tuple(images.shape)
         if len(shape) != 4:
             raise ValueError(f"images must have shape (N, C, H, W), got {shape}")
@@ -204,7 +205,7 @@ class ShardedMachine(Machine):
     def describe(self) -> dict:
         """What changes the results, as the one-process machine over all the images describes it (the same dict:
         a run resumes across any number of ranks)."""
-        return {"type": KINDS[self.kind].__name__, "rule": self.rule, "boundary": getattr(self, "boundary", None),
+        return {"type": self.machine_type, "rule": self.rule, "boundary": getattr(self, "boundary", None),
                 "wrapped": getattr(self, "wrapped", None), "train_shape": [self.N, self.C, self.H, self.W],
                 "data": self.data_digest, "schedule": self.schedule.describe()}
 

@@ -68,7 +68,7 @@ def median_odd(values: np.ndarray) -> int:
 
 def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Optional[Sequence[int]] = None,
               k_max: Optional[int] = None, grid: Optional[Sequence[float]] = None, steps: int = 20,
-              state: Optional[str] = None, run_id: str = "", progress: bool = True) -> Calibration:
+              state: Optional[str] = None, run_id: str = "", progress: bool = True, layout=None) -> Calibration:
     """Calibrate a k-schedule for ``machine`` against ``network`` from the noise seeds ``x1``.
 
     Along the network's DDIM trajectory from each seed, at every step, the machine is evaluated at every
@@ -99,7 +99,10 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
             the seeds, the labels and ``run_id``: another run's state file is a ValueError.
         run_id: any string that goes into the state's fingerprint, to keep apart runs that share a state path
             (default ``""``).
-        progress: a progress bar on stderr (default True; shown only on a terminal).
+        progress: a progress bar on stderr (default True; shown only on a terminal, and by rank 0 only).
+        layout: a :class:`patchmosaic.distributed.queries.Layout` spreading the seeds over the query shards of a
+            ``torchrun`` job (every rank calls ``calibrate`` with all the seeds and gets the whole result; rank 0
+            writes the state, which any number of ranks, or one process, resumes); None (default): one process.
 
     Returns:
         a :class:`Calibration`: the schedule, the candidates, the per-seed choices and all cosines.
@@ -129,25 +132,40 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
     fp = fingerprint(kind="calibrate", run_id=run_id, network=net.describe(), machine=machine.describe(),
                      grid=g.tolist(), candidates=list(candidates), x1=x1.float(),
                      labels=None if lab is None else lab.numpy())
-    saved = load_state(state, fp)
+    saved = load_state(state, fp) if layout is None else layout.load_state(state, fp)
     x = x1.float()
     cos = np.full((S, M, K), np.nan)
     start = 0
     if saved is not None:
         start, x, cos = int(saved["next_step"]), torch.from_numpy(saved["x"]), saved["cosine"]
-    bar = Progress(S * K, f"calibrate {type(machine).__name__}", enabled=progress, initial=start * K)
+    mine = slice(0, M) if layout is None else layout.seeds(M)  # this rank's seeds
+    lab_mine = None if lab is None else lab[mine]
+    leader = layout is None or layout.leader
+    bar = Progress(S * K, f"calibrate {type(machine).__name__}", enabled=progress and leader, initial=start * K)
     for i in range(start, S):
         t, t_next = float(g[i]), float(g[i + 1])
         a, b2 = (float(v) for v in machine.schedule.coefficients(t))
-        eps_net = net.eps(x, t, lab)
-        target = -np.sqrt(b2) * eps_net          # = a x0_net - x_t
+        xm = x[mine]
+        if len(xm):
+            eps_net = net.eps(xm, t, lab_mine)
+            target = -np.sqrt(b2) * eps_net          # = a x0_net - x_t
         for j, k in enumerate(candidates):
-            x0_m = machine.denoise(x, t, k, labels=lab)
-            cos[i, :, j] = cosine_per_seed(a * x0_m - x, target)
+            if len(xm):
+                x0_m = machine.denoise(xm, t, k, labels=lab_mine)
+                cos[i, mine, j] = cosine_per_seed(a * x0_m - xm, target)
             bar.update(postfix=f"t={t:.2f} k={k}")
-        x = update(machine.schedule, x, (x - np.sqrt(b2) * eps_net) / a, t, t_next, eps=eps_net)
+        if len(xm):
+            xm = update(machine.schedule, xm, (xm - np.sqrt(b2) * eps_net) / a, t, t_next, eps=eps_net)
+        if layout is None:
+            x = xm
+        else:
+            x = layout.gather(xm, M, "gather of the calibration trajectories")
+            cos[i] = layout.gather(cos[i, mine], M, "gather of the calibration cosines")
         if state is not None:
-            save_state(state, fp, next_step=np.array(i + 1), x=x.numpy(), cosine=cos)
+            if layout is None:
+                save_state(state, fp, next_step=np.array(i + 1), x=x.numpy(), cosine=cos)
+            else:
+                layout.save_state(state, fp, next_step=np.array(i + 1), x=x.numpy(), cosine=cos)
     bar.close()
     choices = np.asarray(candidates)[np.argmax(cos, axis=2)]
     ks = tuple(median_odd(choices[i]) for i in range(S))

@@ -46,7 +46,9 @@ def _sample(args) -> int:
                      canvas=canvas, n=args.n, steps=args.steps, sampler=args.sampler, seed=args.seed,
                      labels=labels, classes=classes, limit=args.limit, crop=args.crop, stride=args.stride,
                      provenance=args.provenance, download=args.download, backend=args.backend,
-                     progress=not args.quiet, force=args.force)
+                     progress=not args.quiet, force=args.force, layout=args.layout)
+    if not _leader(args):
+        return 0
     size = "x".join(map(str, res["samples"].shape[-2:]))
     print(f"wrote {res['out']} and {res['npz']}: {args.n} {args.machine.upper()} samples of {size} from "
           f"{res['train_images']} training images in {res['seconds']:.1f}s")
@@ -70,6 +72,20 @@ def _train(args) -> int:
     train(cfg, images, labels, out=args.out, config=tc, progress=not args.quiet, override=args.override_settings)
     print(f"wrote {os.path.join(args.out, 'model.safetensors')} ({args.arch}, {len(images)} images, {args.steps} steps)")
     return 0
+
+
+def _leader(args) -> bool:
+    """Whether this process prints and writes: the only one, or rank 0 of a torchrun job."""
+    return args.layout is None or args.layout.leader
+
+
+def _machine(args, name, images, labels, **kw):
+    """The machine called ``name`` over ``images``: key-sharded over the ranks under torchrun."""
+    from ..machines import make_machine
+
+    if args.layout is None:
+        return make_machine(name, images, labels, **kw)
+    return args.layout.machine(name, images, labels, **kw)
 
 
 def _setup(args):
@@ -125,7 +141,6 @@ def _setup(args):
 
 def _calibrate(args) -> int:
     from .calibrate import calibrate
-    from ..machines import make_machine
     from ..io.plots import kschedule_plot, save_figure
     from ..diffusion.samplers import time_grid
 
@@ -134,11 +149,13 @@ def _calibrate(args) -> int:
         raise ValueError(f"--out is the k-schedule JSON; {args.out!r} has the figure extension {ext} (the plot is "
                          f"written beside it, as OUT with the --figure-format extension); give a .json path")
     net, images, labels, x1, y = _setup(args)
-    machine = make_machine(args.machine, images, labels, boundary=args.boundary)
+    machine = _machine(args, args.machine, images, labels, boundary=args.boundary)
     cands = None if args.candidates is None else [int(k) for k in args.candidates.split(",")]
     state = args.state or args.out + ".state.npz"
     c = calibrate(net, machine, x1, y, candidates=cands, k_max=args.k_max, grid=time_grid(args.steps),
-                  state=state, progress=not args.quiet)
+                  state=state, progress=not args.quiet, layout=args.layout)
+    if not _leader(args):
+        return 0
     c.to_json(args.out, network=args.network, machine=args.machine, seeds=int(x1.shape[0]))
     plot = os.path.splitext(args.out)[0] + "." + args.figure_format
     save_figure(kschedule_plot({args.machine: c.schedule}, c.choices, c.schedule.times,
@@ -151,7 +168,6 @@ def _compare(args) -> int:
     from .compare import compare, nearest_training
     from ..diffusion.denoisers import MachineDenoiser
     from ..diffusion.kschedule import from_spec
-    from ..machines import make_machine
     from ..io.plots import comparison_grid, save_figure, scatter
 
     net, images, labels, x1, y = _setup(args)
@@ -162,13 +178,16 @@ def _compare(args) -> int:
             raise ValueError(f"--machine takes els=KSCHEDULE, ls=KSCHEDULE or is, got {spec!r}")
         if name != "is" and not ks:
             raise ValueError(f"--machine {name} needs a k-schedule: {name}=7, {name}=paper:NAME or {name}=FILE.json")
-        m = make_machine(name, images, labels, boundary=args.boundary)
+        m = _machine(args, name, images, labels, boundary=args.boundary)
         machines[spec if name != "is" else "IS"] = MachineDenoiser(m, from_spec(ks, args.steps) if ks else None)
     if "IS" not in machines:
-        machines["IS"] = MachineDenoiser(make_machine("is", images, labels))
+        machines["IS"] = MachineDenoiser(_machine(args, "is", images, labels))
     rep = compare(net, machines, x1, y, grid=None, steps=args.steps, batch_size=args.batch, out_dir=args.out,
                   progress=not args.quiet,
-                  info={"network": args.network, "data": args.data, "train_images": int(len(images))})
+                  info={"network": args.network, "data": args.data, "train_images": int(len(images))},
+                  layout=args.layout)
+    if not _leader(args):
+        return 0
     local = [n for n in machines if n != "IS"]
     r = rep["per_seed"]
     ext = "." + args.figure_format
@@ -215,6 +234,13 @@ def _add_run_options(p, out_help):
     p.add_argument("--figure-format", default="png", choices=list(FIGURE_FORMATS),
                    help="file format of the figures written beside the results (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    _add_key_shards(p)
+
+
+def _add_key_shards(p):
+    p.add_argument("--key-shards", type=int, default=None,
+                   help="under torchrun: ranks that share the training images of a machine (a divisor of the number "
+                        "of ranks; the others split the seeds). Default: $PATCHMOSAIC_KEY_SHARDS, else all ranks")
 
 
 def version_text() -> str:
@@ -294,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="patchmosaic_sample.png", help="PNG to write; the .npz goes beside it "
                    "(default: %(default)s)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_key_shards(s)
     s.set_defaults(func=_sample)
 
     t = sub.add_parser("train", help="train a ResNet or UNet eps-prediction network",
@@ -360,7 +387,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is _compare and args.machine is None:
         args.machine = ["els=paper:MNIST_ResNet_zeros"]
+    args.layout = None
     try:
+        if args.command in ("sample", "calibrate", "compare"):
+            from ..distributed import launch
+
+            if launch.launched():  # one of torchrun's ranks: join the job, split the work
+                from ..distributed.queries import Layout
+
+                launch.init()
+                args.layout = Layout(args.key_shards)
         return args.func(args)
     except MemoryError as e:
         print(f"patchmosaic {args.command}: error: out of memory{': ' + str(e) if str(e) else ''}; use a smaller "
@@ -370,8 +406,14 @@ def main(argv=None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if isinstance(e, RuntimeError) and ("alloc" in msg.lower() or "out of memory" in msg.lower()):
             msg = f"out of memory ({msg}); use a smaller batch, canvas or data set"
-        print(f"patchmosaic {args.command}: error: {msg}", file=sys.stderr)
+        rank = "" if args.layout is None else f" (rank {args.layout.rank})"
+        print(f"patchmosaic {args.command}{rank}: error: {msg}", file=sys.stderr)
         return 2
+    finally:
+        if args.layout is not None:
+            from ..distributed import launch
+
+            launch.shutdown()
 
 
 if __name__ == "__main__":

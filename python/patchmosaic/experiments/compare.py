@@ -25,24 +25,31 @@ from ..ops.checks import check_cuda_inputs
 
 
 def sample_batched(denoiser, x1: torch.Tensor, labels, *, grid, batch_size: int, state: Optional[str] = None,
-                   fp: str = "", progress: bool = True, desc: str = "") -> torch.Tensor:
+                   fp: str = "", progress: bool = True, desc: str = "", layout=None) -> torch.Tensor:
     """DDIM samples of ``denoiser`` from every seed, ``batch_size`` seeds at a time, saved after each batch.
 
     One progress bar (``desc``) counts the steps of all seeds, through :class:`Progress`: nothing is written
-    with ``progress`` off or when stderr is not a terminal."""
+    with ``progress`` off or when stderr is not a terminal. With a ``layout`` (distributed/queries.py) each round
+    takes ``batch_size`` seeds per query shard, spreads them over the shards and gathers the samples; rank 0
+    saves them in the same state file, so any number of ranks resumes it."""
     M, steps = x1.shape[0], len(grid) - 1
-    saved = load_state(state, fp)
+    saved = load_state(state, fp) if layout is None else layout.load_state(state, fp)
     out = torch.from_numpy(saved["samples"]) if saved is not None else torch.full_like(x1, float("nan"))
     done = int(saved["done"]) if saved is not None else 0
-    bar = Progress(M * steps, desc, enabled=progress, initial=done * steps)
-    for s in range(done, M, batch_size):
-        e = min(M, s + batch_size)
+    bar = Progress(M * steps, desc, enabled=progress and (layout is None or layout.leader), initial=done * steps)
+    per_round = batch_size * (1 if layout is None else layout.n_query)
+    for s in range(done, M, per_round):
+        e = min(M, s + per_round)
         lab = None if labels is None else labels[s:e]
         seeds = f"seeds {s}..{e - 1} of {M}"
-        out[s:e] = ddim(denoiser, x1[s:e], lab, grid=grid, progress=False,
-                        callback=lambda i, t, x, x0: bar.update(e - s, postfix=f"{seeds}, t={t:.2f}"))
+        kw = dict(grid=grid, progress=False, callback=lambda i, t, x, x0: bar.update(e - s, postfix=f"{seeds}, t={t:.2f}"))
+        out[s:e] = ddim(denoiser, x1[s:e], lab, **kw) if layout is None else layout.sample(ddim, denoiser, x1[s:e],
+                                                                                           lab, **kw)
         if state is not None:
-            save_state(state, fp, samples=out.numpy(), done=np.array(e))
+            if layout is None:
+                save_state(state, fp, samples=out.numpy(), done=np.array(e))
+            else:
+                layout.save_state(state, fp, samples=out.numpy(), done=np.array(e))
     bar.close()
     return out
 
@@ -62,7 +69,8 @@ def nearest_training(samples: torch.Tensor, images: torch.Tensor, labels=None, t
 
 def compare(network, machines: Dict[str, object], x1: torch.Tensor, labels=None, *, baseline: str = "IS",
             grid: Optional[Sequence[float]] = None, steps: int = 20, batch_size: int = 8,
-            out_dir: Optional[str] = None, run_id: str = "", progress: bool = True, info: Optional[dict] = None) -> dict:
+            out_dir: Optional[str] = None, run_id: str = "", progress: bool = True, info: Optional[dict] = None,
+            layout=None) -> dict:
     """Compare ``network`` with ``machines`` seed by seed: all are sampled with DDIM from the same seeds and
     labels on the same grid, and every machine's samples are measured against the network's (Pearson ``r``,
     ``R2``, ``MSE`` per seed; medians with interquartile ranges per machine).
@@ -92,6 +100,9 @@ def compare(network, machines: Dict[str, object], x1: torch.Tensor, labels=None,
             ``out_dir`` (default ``""``).
         progress: one progress bar per denoiser on stderr (default True; shown only on a terminal).
         info: extra JSON-able entries for the report (e.g. where the network came from); None (default): none.
+        layout: a :class:`patchmosaic.distributed.queries.Layout` spreading the seeds over the query shards of a
+            ``torchrun`` job (every rank calls ``compare`` with all the seeds and gets the whole report; rank 0
+            writes the files, which any number of ranks, or one process, resumes); None (default): one process.
 
     Returns:
         the report dict: ``seeds``, ``grid``, ``baseline``, ``metrics`` (what each measures), ``summary``
@@ -140,7 +151,7 @@ def compare(network, machines: Dict[str, object], x1: torch.Tensor, labels=None,
     common_schedule({"network": net, **dens})
     u = sample_batched(net, x1, lab, grid=g, batch_size=batch_size, state=state("network"),
                        fp=fingerprint(who="network", denoiser=full_description(net), **base_fp), progress=progress,
-                       desc="network")
+                       desc="network", layout=layout)
     if not np.all(np.isfinite(u.numpy())):
         raise ValueError("the network's samples are not finite (NaN or infinite values); check its weights")
     samples, per_seed = {"network": u}, {}
@@ -148,7 +159,7 @@ def compare(network, machines: Dict[str, object], x1: torch.Tensor, labels=None,
         desc = describe(d)
         v = sample_batched(d, x1, lab, grid=g, batch_size=batch_size, state=state(name),
                            fp=fingerprint(who=name, machine=desc, denoiser=full_description(d), **base_fp),
-                           progress=progress, desc=name)
+                           progress=progress, desc=name, layout=layout)
         if not np.all(np.isfinite(v.numpy())):
             raise ValueError(f"the samples of {name!r} are not finite; nothing to compare")
         samples[name] = v
@@ -165,7 +176,7 @@ def compare(network, machines: Dict[str, object], x1: torch.Tensor, labels=None,
                           "R2": "1 - |u - v|^2 / |u - mean(u)|^2, u = network sample, v = machine sample",
                           "mse": "mean squared difference"},
               "summary": summ, "per_seed": per_seed, **(info or {})}
-    if out_dir is not None:
+    if out_dir is not None and (layout is None or layout.leader):
         write_json(os.path.join(out_dir, "report.json"), report)
     report["samples"] = samples
     return report
@@ -185,7 +196,7 @@ def describe(denoiser) -> dict:
     if not isinstance(denoiser, MachineDenoiser):
         return {"type": type(denoiser).__name__}
     m = denoiser.machine
-    d = {"type": type(m).__name__, "train_images": m.N}
+    d = {"type": getattr(m, "machine_type", type(m).__name__), "train_images": m.N}  # a ShardedMachine: its kind
     if hasattr(m, "boundary"):
         d["boundary"] = m.boundary
     if isinstance(denoiser.k, KSchedule):

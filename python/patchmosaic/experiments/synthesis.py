@@ -64,7 +64,7 @@ def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", ma
                labels: Optional[Sequence[int]] = None, classes: Optional[Sequence[int]] = None,
                limit: Optional[int] = None, crop: Optional[int] = None, stride: Optional[int] = None,
                provenance: str = "image", download: bool = False, backend: str = "auto",
-               progress: bool = True, force: bool = False) -> dict:
+               progress: bool = True, force: bool = False, layout=None) -> dict:
     """Sample ``n`` images and write a PNG (samples, then their provenance maps) and an ``.npz`` beside it.
 
     ``labels``: one class per seed (cycled), or None for an unconditional machine. ``provenance``:
@@ -72,7 +72,8 @@ def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", ma
     Training images larger than 128x128 (a whole photograph) without ``crop`` or ``canvas`` are refused
     with their size and the estimated time unless ``force=True``: train on crops instead. With
     ``progress``, the size of the run and its estimated time are printed before it starts.
-    Returns a summary dict.
+    ``layout`` (distributed/queries.py): under torchrun, the machine's training images and the seeds spread over
+    the ranks; every rank returns the summary, rank 0 writes the files. Returns a summary dict.
     """
     if n < 1 or steps < 1:
         raise ValueError(f"n and steps must be positive, got {n}, {steps}")
@@ -88,8 +89,8 @@ def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", ma
     ylab = None
     if labels is not None:
         ylab = torch.as_tensor([int(labels[i % len(labels)]) for i in range(n)])
-    m = make_machine(machine, images, train_labels if ylab is not None else None, boundary=boundary,
-                     backend=backend)
+    mk = make_machine if layout is None else layout.machine
+    m = mk(machine, images, train_labels if ylab is not None else None, boundary=boundary, backend=backend)
     ks = from_spec(k, steps) if m.local else None
     m.check_labels(None if ylab is None else ylab.numpy(), n)
     m.check_request((n, C, Hq, Wq), torch.float32, "cpu" if backend == "auto" else backend, provenance=True,
@@ -105,18 +106,29 @@ def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", ma
             raise ValueError(f"{data}: training images of {H}x{W} (larger than {LARGE_IMAGE}x{LARGE_IMAGE}) without "
                              f"--crop or --canvas: {size}. Train on crops (e.g. --crop 64 --canvas 256x256) or pass "
                              f"--force to run it anyway")
-    if progress:
+    leader = layout is None or layout.leader
+    if progress and leader:
         print(f"patchmosaic sample: {size}", file=sys.stderr)
     den = MachineDenoiser(m, ks, keep_provenance=True)
     gen = torch.Generator().manual_seed(seed)
     x1 = torch.randn(n, C, Hq, Wq, generator=gen)
     t0 = time.perf_counter()
-    if sampler == "ddim":
-        x = ddim(den, x1, ylab, steps=steps, progress=progress)
+    fn, kw = (ddim, {}) if sampler == "ddim" else (ddpm, {"generator": gen})
+    if layout is None:
+        x = fn(den, x1, ylab, steps=steps, progress=progress, **kw)
+        prov = den.provenance
     else:
-        x = ddpm(den, x1, ylab, generator=gen, steps=steps, progress=progress)
+        x = layout.sample(fn, den, x1, ylab, steps=steps, progress=progress and leader, **kw)
+        from ..machines import Provenance
+
+        mine = den.provenance  # this rank's seeds (None where it had none)
+        names = ("image", "row", "col", "share")
+        prov = Provenance(*(None if not m.local and f in ("row", "col") else
+                            layout.gather(None if mine is None else getattr(mine, f), n, "gather of the provenance")
+                            for f in names))
     seconds = time.perf_counter() - t0
-    prov = den.provenance
+    if not leader:
+        return {"out": out, "samples": x, "seconds": seconds, "train_images": len(images)}
     pics = [to_uint8(x[b].numpy()) for b in range(n)]
     if m.local:
         if provenance == "image":

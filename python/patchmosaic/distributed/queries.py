@@ -1,0 +1,174 @@
+"""Query sharding: noise seeds spread over the ranks, results gathered on every rank; combined with key sharding
+as a grid of ranks.
+
+A :class:`Layout` splits the ``W`` ranks of a job into ``Q = W / K`` query shards of ``K`` ranks each: rank
+``r`` is key shard ``r % K`` of query shard ``r // K``. The ``K`` ranks of a query shard hold the training images
+between them (a :class:`ShardedMachine` over their group, or a plain machine when ``K = 1``) and work on the same
+seeds; the ``Q`` query shards work on disjoint slices of the seeds. ``K = W`` (the default) is pure key
+sharding, ``K = 1`` pure query sharding, ``W = 4, K = 2`` a 2 x 2 grid.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import launch
+from .keys import ShardedMachine, shard_slice
+
+KEY_SHARDS_ENV = "PATCHMOSAIC_KEY_SHARDS"
+
+
+class Layout:
+    """How the ranks of the job split the work: key shards times query shards.
+
+    Args:
+        key_shards: ranks that share the training images of one machine (a divisor of the world size); None
+            (default): ``$PATCHMOSAIC_KEY_SHARDS``, else every rank (pure key sharding). 1: pure query sharding.
+    """
+
+    def __init__(self, key_shards: Optional[int] = None):
+        self.world, self.rank = launch.world(), launch.rank()
+        if key_shards is None:
+            key_shards = int(os.environ.get(KEY_SHARDS_ENV, self.world))
+        K = int(key_shards)
+        if K < 1 or self.world % K:
+            raise ValueError(f"key_shards must divide the {self.world} rank(s), got {K}")
+        self.n_key, self.n_query = K, self.world // K
+        self.key_index, self.query_index = self.rank % K, self.rank // K
+        self.key_group = None  # the world, when K is the world size
+        if 1 < K < self.world:
+            for q in range(self.n_query):  # every rank creates every group, in the same order
+                g = dist.new_group(list(range(q * K, (q + 1) * K)))
+                if q == self.query_index:
+                    self.key_group = g
+
+    @property
+    def leader(self) -> bool:
+        """Whether this is rank 0 of the job (the one that writes files and prints)."""
+        return self.rank == 0
+
+    def seeds(self, M: int) -> slice:
+        """The slice of ``M`` seeds this rank's query shard works on.
+
+        Args:
+            M: number of seeds.
+        """
+        return shard_slice(M, self.query_index, self.n_query)
+
+    def machine(self, name: str, images, labels=None, **kwargs):
+        """The machine of this rank over all ``images`` (every rank passes all of them): a plain machine when
+        there is one key shard, else a :class:`ShardedMachine` over this rank's slice.
+
+        Args:
+            name: ``"els"``, ``"ls"`` or ``"is"``.
+            images: all the training images ``(N, C, H, W)``.
+            labels: their labels, or None (default).
+            kwargs: ``boundary``, ``schedule``, ``backend``, ``n_threads``, ``max_memory`` as for
+                :func:`patchmosaic.machines.make_machine`.
+        """
+        from ..io.runstate import array_digest
+        from ..machines import make_machine
+        from ..validation import to_labels, to_tensor
+
+        if self.n_key == 1:
+            return make_machine(name, images, labels, **kwargs)
+        lab = None if labels is None else to_labels(labels, len(images))
+        digest = array_digest(to_tensor(images, "images"), lab)
+        sl = shard_slice(len(images), self.key_index, self.n_key)
+        return ShardedMachine(name, images[sl], None if lab is None else lab[sl], group=self.key_group,
+                              data_digest=digest, **kwargs)
+
+    def gather(self, part, M: int, what: str = "gather of the results"):
+        """The full ``(M, ...)`` result on every rank from each query shard's slice ``part`` (a tensor, numpy
+        array or None for an empty slice); the key shard 0 of each query shard contributes.
+
+        Args:
+            part: this rank's slice of the result (rows ``self.seeds(M)``).
+            M: number of seeds.
+            what: what is gathered, for an error message.
+        """
+        if self.world == 1:
+            return part
+        mine = None
+        if self.key_index == 0 and part is not None:
+            mine = part.detach().cpu() if torch.is_tensor(part) else np.asarray(part)
+        parts = [None] * self.world
+        launch.collective(lambda: dist.all_gather_object(parts, (self.query_index, mine)), what)
+        pieces = sorted((q, p) for q, p in parts if p is not None and len(p))
+        if not pieces:
+            return part
+        cat = torch.cat if torch.is_tensor(pieces[0][1]) else np.concatenate
+        return cat([p for _, p in pieces], 0)
+
+    def broadcast(self, obj, what: str = "broadcast from rank 0"):
+        """``obj`` of rank 0 on every rank.
+
+        Args:
+            obj: any picklable object (only rank 0's is used).
+            what: what is sent, for an error message.
+        """
+        if self.world == 1:
+            return obj
+        box = [obj]
+        launch.collective(lambda: dist.broadcast_object_list(box, 0), what)
+        return box[0]
+
+    def load_state(self, path, fp):
+        """:func:`patchmosaic.io.runstate.load_state` read by rank 0 and sent to every rank (its ValueError raised
+        on every rank).
+
+        Args:
+            path: the state file (None: no state).
+            fp: the run's fingerprint.
+        """
+        from ..io.runstate import load_state
+
+        got = None
+        if self.leader:
+            try:
+                got = ("ok", load_state(path, fp))
+            except ValueError as e:
+                got = ("error", str(e))
+        got = self.broadcast(got, "resume from the saved state")
+        if got[0] == "error":
+            raise ValueError(got[1])
+        return got[1]
+
+    def save_state(self, path, fp, **arrays) -> None:
+        """:func:`patchmosaic.io.runstate.save_state` on rank 0 only.
+
+        Args:
+            path: the state file.
+            fp: the run's fingerprint.
+            arrays: the arrays to save.
+        """
+        from ..io.runstate import save_state
+
+        if self.leader:
+            save_state(path, fp, **arrays)
+
+    def sample(self, sampler: Callable, denoiser, x1, labels=None, **kwargs):
+        """``sampler(denoiser, x1, labels, **kwargs)`` (e.g. :func:`patchmosaic.ddim`) with the seeds spread over
+        the query shards; the full result on every rank. With ``ddpm``, each shard draws its noise from
+        ``generator`` as given, so the samples differ from one process's.
+
+        Args:
+            sampler: a sampler of :mod:`patchmosaic.sampling`.
+            denoiser: its denoiser (a machine denoiser over this rank's :meth:`machine`).
+            x1: all the seeds ``(M, C, H, W)``, the same on every rank.
+            labels: their ``(M,)`` labels or None (default).
+            kwargs: the sampler's other arguments.
+        """
+        M = len(x1)
+        sl = self.seeds(M)
+        lab = labels
+        if labels is not None and not isinstance(labels, (int, np.integer)):
+            lab = labels[sl]
+        part = sampler(denoiser, x1[sl], lab, **kwargs) if sl.stop > sl.start else None
+        return self.gather(part, M, "gather of the samples")
+
