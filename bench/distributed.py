@@ -1,0 +1,108 @@
+"""Key sharding on this machine: 1 vs 2 gloo ranks (one core each) for one boundary-aware ELS call and for a
+DDIM sample, and the bytes each rank exchanges per call.
+
+    python bench/distributed.py [--n-train 60000] [--sample-n-train 6000] [--k 7] [--steps 20] [--ranks 1,2]
+
+The driver launches ``torchrun --nproc-per-node=R`` on this file for each R (OMP/torch threads 1, engine
+threads 1 per rank) and prints one JSON line per R and a comparison with the 1-rank result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def worker(args):
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    import patchmosaic as pm
+    from patchmosaic import distributed as pmd
+    from common import load
+
+    pmd.init()
+    rank, world = pmd.launch.rank(), pmd.launch.world()
+    res = {"ranks": world}
+
+    def timed(fn):
+        if world > 1:
+            dist.barrier()
+        t0 = time.perf_counter()
+        out = fn()
+        if world > 1:
+            dist.barrier()
+        return out, time.perf_counter() - t0
+
+    images, _ = load("mnist", args.n_train)
+    mine = images[pmd.shard_slice(len(images), rank, world)]
+    m = pmd.ShardedMachine("els", mine, n_threads=1, data_digest="-")
+    x = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    out, sec = timed(lambda: m.denoise(x, 0.5, args.k, return_provenance=True))
+    res.update(n_train=len(images), k=args.k, call_s=sec, call_sent_bytes=m.last_exchange and m.last_exchange[0],
+               call_received_bytes=m.last_exchange and m.last_exchange[1])
+    res["call_out"] = out[0].numpy().ravel().tolist()
+    res["call_prov"] = out[1].image.numpy().ravel().tolist()
+
+    small = images[: args.sample_n_train]
+    ms = pmd.ShardedMachine("els", small[pmd.shard_slice(len(small), rank, world)], n_threads=1, data_digest="-")
+    den = pm.MachineDenoiser(ms, args.k)
+    sample, sec = timed(lambda: pm.ddim(den, x, steps=args.steps, progress=False))
+    res.update(sample_n_train=len(small), steps=args.steps, sample_s=sec, sample=sample.numpy().ravel().tolist())
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(res, f)
+    pmd.shutdown()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n-train", type=int, default=60000)
+    p.add_argument("--sample-n-train", type=int, default=6000)
+    p.add_argument("--k", type=int, default=7)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--ranks", default="1,2")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+    py = [sys.executable] + (["-S"] if sys.flags.no_site else [])
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(q for q in sys.path if q))
+    results = {}
+    for r in (int(v) for v in args.ranks.split(",")):
+        out = os.path.join(tempfile.mkdtemp(), "res.json")
+        cmd = py + ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={r}", "--no-python"] + py + [
+            os.path.abspath(__file__), "--worker", "--out", out, "--n-train", str(args.n_train),
+            "--sample-n-train", str(args.sample_n_train), "--k", str(args.k), "--steps", str(args.steps)]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, env=env, check=True)
+        res = json.load(open(out))
+        res["job_s"] = time.perf_counter() - t0
+        results[r] = res
+        print(json.dumps({k: v for k, v in res.items() if k not in ("call_out", "call_prov", "sample")}), flush=True)
+    import numpy as np
+
+    base = results[min(results)]
+    for r, res in results.items():
+        print(f"{r} rank(s): one call (N={res['n_train']}, k={res['k']}) {res['call_s']:.2f} s "
+              f"(x{base['call_s'] / res['call_s']:.2f}), {res['steps']}-step sample (N={res['sample_n_train']}) "
+              f"{res['sample_s']:.2f} s (x{base['sample_s'] / res['sample_s']:.2f}); per call each rank sends "
+              f"{res['call_sent_bytes'] or 0} B, receives {res['call_received_bytes'] or 0} B; vs {min(results)} rank: "
+              f"call max |diff| {np.abs(np.subtract(res['call_out'], base['call_out'])).max():.2e}, provenance equal "
+              f"{np.mean(np.equal(res['call_prov'], base['call_prov'])):.4f}, sample max |diff| "
+              f"{np.abs(np.subtract(res['sample'], base['sample'])).max():.2e}")
+
+
+if __name__ == "__main__":
+    main()
