@@ -208,29 +208,33 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("how", ["kill", "stall"])
-def test_a_dead_or_stalled_rank_stops_the_others_with_a_message(how, tmp_path):
-    """Rank 1 of 2 dies (SIGKILL) or stalls (SIGSTOP) inside a call: rank 0 stops within the timeout (3 s here)
-    with a DistributedError that says what happened, instead of hanging."""
-    port, world = _free_port(), 2
-    procs = []
-    for r in range(world):
-        env = _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), PATCHMOSAIC_DIST_TIMEOUT="3")
-        procs.append(subprocess.Popen(_python() + [WORKER, how, str(tmp_path)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+def test_a_dead_or_a_stalled_rank_stops_the_others_with_a_message(tmp_path):
+    """Two 2-rank jobs side by side: in one, rank 1 dies (SIGKILL) inside a call; in the other it stalls
+    (SIGSTOP). Rank 0 of each stops within the timeout (3 s here) with a DistributedError that says what
+    happened, instead of hanging."""
+    procs = {}
+    for how in ("kill", "stall"):
+        port = _free_port()
+        os.makedirs(tmp_path / how)
+        for r in range(2):
+            env = _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port), PATCHMOSAIC_DIST_TIMEOUT="3")
+            procs[how, r] = subprocess.Popen(_python() + [WORKER, how, str(tmp_path / how)], env=env,
+                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        procs[0].wait(timeout=60)
+        for how in ("kill", "stall"):
+            procs[how, 0].wait(timeout=60)
     finally:
-        for p in procs:
+        for p in procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGCONT)
                 p.kill()
                 p.wait()
-    out = procs[0].stdout.read()
-    assert procs[0].returncode == 3, out
-    rep = json.load(open(os.path.join(tmp_path, "rank0.json")))
-    assert "rank 0 of 2" in rep["message"] and "merge of the ELS softmax states failed" in rep["message"]
-    assert "died or did not answer within the timeout (3 s" in rep["message"], rep["message"]
-    assert rep["seconds"] < 20, rep
-    assert procs[1].returncode == -signal.SIGKILL
+    for how in ("kill", "stall"):
+        out = procs[how, 0].stdout.read()
+        assert procs[how, 0].returncode == 3, out
+        rep = json.load(open(tmp_path / how / "rank0.json"))
+        assert "rank 0 of 2" in rep["message"] and "merge of the ELS softmax states failed" in rep["message"]
+        assert "died or did not answer within the timeout (3 s" in rep["message"], rep["message"]
+        assert rep["seconds"] < 20, rep
+        assert procs[how, 1].returncode == -signal.SIGKILL
