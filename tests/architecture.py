@@ -18,7 +18,7 @@ LAYERS = {
     "validation": 0, "schedules": 0, "metrics": 0, "io": 0, "data": 0,
     "ops": 1, "_core": 1,
     "machines": 2, "networks": 2,
-    "index": 3,
+    "index": 3, "distributed": 3,
     "diffusion": 4,
     "experiments": 5,
     "__init__": 6, "__main__": 6,

@@ -284,7 +284,7 @@ class ShardedMachine(Machine):
         tc = None if t_check is None else t_check[idx]
         lb = None if lab is None else lab[torch.as_tensor(sel)]
         train = m.train_as(xt.dtype, xt.device if name in ("torch", "cuda") else torch.device("cpu"))
-        lv, lp, li = m._label_tensors
+        lv, lp, li = m.label_index.tensors()
         mem = 0 if m.max_memory is None else int(m.max_memory)
         with torch.no_grad():
             if self.local:
