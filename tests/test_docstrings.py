@@ -76,7 +76,8 @@ def test_public_callable_documents_every_argument(name, obj):
 
 
 @pytest.mark.parametrize("cls, method", [(c, m) for c, ms in METHODS.items() for m in ms] +
-                         [(c, m) for c in (pm.IS, pm.LS, pm.ELS) for m in METHODS[pm.Machine]],
+                         [(c, m) for c in (pm.IS, pm.LS, pm.ELS, pm.Wiener) for m in METHODS[pm.Machine]] +
+                         [(pm.Wiener, "statistics"), (pm.Wiener, "check_request")],
                          ids=lambda v: v if isinstance(v, str) else v.__name__)
 def test_public_methods_document_every_argument(cls, method):
     fn = getattr(cls, method)

@@ -7,7 +7,8 @@
 The package, by role (imports run one way, down this list):
 
     ops/          the machines' operations as PyTorch custom ops; the only door to the compiled core
-    machines/     IS, LS, ELS (periodic and boundary-aware): training sets calling the ops
+    machines/     IS, LS, ELS (periodic and boundary-aware): training sets calling the ops; Wiener, the
+                  optimal linear (Gaussian) denoiser, the closed-form baseline
     index/        approximate machines through a FAISS patch index, with an error bound
     diffusion/    samplers (DDIM, DDPM), denoisers (machine, network, indexed), k-schedules
     experiments/  calibration, comparison, synthesis, the demo and the command line
@@ -21,12 +22,12 @@ from .diffusion import IndexedDenoiser, KSchedule, MachineDenoiser, NetworkDenoi
 from .diffusion import samplers as sampling
 from .experiments import Calibration, calibrate, calibrate_t_max, compare
 from .index import PatchIndex
-from .machines import ELS, IS, LS, Machine, Provenance
+from .machines import ELS, IS, LS, Machine, Provenance, Wiener
 from .ops import cuda_available
 from .validation import ResourceError
 
 __all__ = ["IS", "LS", "ELS", "Machine", "Provenance", "ResourceError", "cuda_available", "data", "kschedule",
            "metrics", "networks", "ops", "sampling", "schedules", "diffusion", "index", "ddim", "ddpm", "KSchedule",
            "MachineDenoiser", "NetworkDenoiser", "calibrate", "Calibration", "compare", "PatchIndex",
-           "IndexedDenoiser", "calibrate_t_max", "distributed"]
+           "IndexedDenoiser", "calibrate_t_max", "distributed", "Wiener"]
 __version__ = "0.1.0"
