@@ -198,10 +198,142 @@ void run_item_multi(const MultiKArgs<T>& M, const RingOrder& ring, const QueryGr
   }
 }
 
+// ------------------------------------------------------------------------------------------------ LS
+// The LS key set (every pixel its own class, attending to the same pixel of every training image, zero
+// padding on both sides, training-size queries) has one query row per (query image, pixel) and each key
+// patch serves the rows of one pixel only: tiles of query rows against gathered key blocks, the shape of
+// the general kernel, spend their time gathering patches each used once (with labels, the query rows of a
+// class are the few query images of one label: a tile of kMR rows holds one). Instead, for a query image b
+// and a training image n the squared distances at every pixel and every size are box sums of one image,
+//     E(y, x) = sum_c (x_b(c, y, x) - a_b phi_n(c, y, x))^2,
+// (zero padding adds (0 - a 0)^2 = 0), read off its summed-area table in O(1) per pixel and size. The
+// differences are taken directly and summed in double (no cancellation), so float32 inputs get
+// double-precision logits.
+template <typename T>
+bool is_same_location(const MultiKArgs<T>& M) {
+  const PatchSoftmaxArgs<T>& A = M.base;
+  const int64_t HW = static_cast<int64_t>(A.H) * A.W;
+  if (A.Hq != A.H || A.Wq != A.W || A.query_pad != kPadZeros || A.key_pad != kPadZeros || A.n_classes != HW)
+    return false;
+  const uint32_t all = M.n_ks == 32 ? 0xFFFFFFFFu : ((uint32_t(1) << M.n_ks) - 1);
+  for (int64_t c = 0; c < HW; ++c) {
+    if (A.cls_qpix_ptr[c + 1] - A.cls_qpix_ptr[c] != 1 || A.cls_kpos_ptr[c + 1] - A.cls_kpos_ptr[c] != 1) return false;
+    const int64_t e = A.cls_kpos_ptr[c];
+    if (A.cls_qpix[A.cls_qpix_ptr[c]] != A.cls_kpos[e] || M.cls_kmask[e] != all) return false;
+  }
+  return true;
+}
+
+template <typename T>
+void same_location_multi(const MultiKArgs<T>& M) {
+  const PatchSoftmaxArgs<T>& A = M.base;
+  const int K = M.n_ks, C = A.C, H = A.H, W = A.W;
+  const int64_t HW = static_cast<int64_t>(H) * W, B = A.B;
+  const int64_t per_state = HW * K;  // (pixel, size) states of one task
+  // tasks: (query image, range of its group's training images); the split depends on B and the group sizes
+  // only, and the ranges of one query image merge in order, so results do not depend on the thread count.
+  struct Task { int64_t b, n0, n1, slot; };
+  std::vector<Task> tasks;
+  std::vector<int64_t> first_task(B + 1);
+  const int64_t want = std::max<int64_t>(1, (64 + B - 1) / B);
+  for (int64_t b = 0; b < B; ++b) {
+    first_task[b] = static_cast<int64_t>(tasks.size());
+    const int64_t g = A.group_of_b[b], ng = A.grp_img_ptr[g + 1] - A.grp_img_ptr[g];
+    const int64_t nch = std::min(want, ng), per = (ng + nch - 1) / nch;
+    for (int64_t n0 = 0; n0 < ng; n0 += per)
+      tasks.push_back({b, n0, std::min(ng, n0 + per), static_cast<int64_t>(tasks.size()) * per_state});
+  }
+  first_task[B] = static_cast<int64_t>(tasks.size());
+  const int64_t nstates = static_cast<int64_t>(tasks.size()) * per_state;
+  std::vector<double> Pm(nstates, -std::numeric_limits<double>::infinity()), Ps(nstates, 0.0), Pacc(nstates * C, 0.0);
+  const int nt = resolve_threads(A.n_threads, static_cast<int64_t>(tasks.size()));
+  FirstError error;
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<double> S, Qd;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t ti = 0; ti < static_cast<int64_t>(tasks.size()); ++ti)
+      error.run([&] {
+        const Task& tk = tasks[ti];
+        const int64_t b = tk.b, g = A.group_of_b[b];
+        const double a = A.a[b], inv = A.inv_2b2[b];
+        S.assign(static_cast<size_t>(H + 1) * (W + 1), 0.0);
+        Qd.resize(static_cast<size_t>(C) * HW);
+        for (int64_t e = 0; e < C * HW; ++e) Qd[e] = static_cast<double>(A.query[b * C * HW + e]);
+        for (int64_t u = tk.n0; u < tk.n1; ++u) {
+          const T* phi = A.train + static_cast<int64_t>(A.grp_img[A.grp_img_ptr[g] + u]) * C * HW;
+          // summed-area table of E: S[(y + 1) (W + 1) + x + 1] = sum of E over rows < y + 1, columns < x + 1
+          for (int y = 0; y < H; ++y) {
+            double row = 0.0;
+            for (int x = 0; x < W; ++x) {
+              double e = 0.0;
+              for (int c = 0; c < C; ++c) {
+                const int64_t at = c * HW + static_cast<int64_t>(y) * W + x;
+                const double dlt = Qd[at] - a * static_cast<double>(phi[at]);
+                e += dlt * dlt;
+              }
+              row += e;
+              S[static_cast<size_t>(y + 1) * (W + 1) + x + 1] = S[static_cast<size_t>(y) * (W + 1) + x + 1] + row;
+            }
+          }
+          for (int y = 0; y < H; ++y)
+            for (int x = 0; x < W; ++x) {
+              const int64_t p = static_cast<int64_t>(y) * W + x;
+              for (int j = 0; j < K; ++j) {
+                const int r = M.ks[j] / 2;
+                const int y0 = std::max(0, y - r), y1 = std::min(H, y + r + 1);
+                const int x0 = std::max(0, x - r), x1 = std::min(W, x + r + 1);
+                const double dist = S[static_cast<size_t>(y1) * (W + 1) + x1] - S[static_cast<size_t>(y0) * (W + 1) + x1] -
+                                    S[static_cast<size_t>(y1) * (W + 1) + x0] + S[static_cast<size_t>(y0) * (W + 1) + x0];
+                const double l = -dist * inv;
+                const int64_t st = tk.slot + p * K + j;
+                double& m = Pm[st];
+                double& s = Ps[st];
+                double* acc = Pacc.data() + st * C;
+                double w;
+                if (l > m) {
+                  const double f = std::isinf(m) ? 0.0 : std::exp(m - l);
+                  s *= f;
+                  for (int c = 0; c < C; ++c) acc[c] *= f;
+                  m = l;
+                  w = 1.0;
+                } else {
+                  w = clamped_exp<double>(l - m);
+                  if (w == 0.0) continue;
+                }
+                s += w;
+                for (int c = 0; c < C; ++c) acc[c] += w * static_cast<double>(phi[c * HW + p]);
+              }
+            }
+        }
+      });
+  }
+  error.rethrow();
+  std::vector<double> acc(C);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t p = 0; p < HW; ++p)
+      for (int j = 0; j < K; ++j) {
+        double m = -std::numeric_limits<double>::infinity(), s = 0.0;
+        std::fill(acc.begin(), acc.end(), 0.0);
+        for (int64_t ti = first_task[b]; ti < first_task[b + 1]; ++ti) {
+          const int64_t st = tasks[ti].slot + p * K + j;
+          if (Ps[st] == 0.0) continue;
+          const MergeFactors f = merge_state(m, s, Pm[st], Ps[st]);
+          for (int c = 0; c < C; ++c) acc[c] = acc[c] * f.self + Pacc[st * C + c] * f.other;
+        }
+        T* out = M.out + (static_cast<int64_t>(j) * B + b) * C * HW + p;
+        for (int c = 0; c < C; ++c) out[c * HW] = static_cast<T>(acc[c] / s);
+      }
+}
+
 }  // namespace
 
 template <typename T>
 void local_forward_multi_cpu(const MultiKArgs<T>& M) {
+  if (is_same_location(M)) {
+    same_location_multi(M);
+    return;
+  }
   const PatchSoftmaxArgs<T>& A = M.base;
   const int K = M.n_ks, C = A.C;
   const RingOrder ring(C, M.ks, K);
