@@ -58,10 +58,18 @@ def test_one_pass_equals_separate_calls_and_the_oracle(rule, canvas, lists, dtyp
     x = torch.randn(3, C, *canvas, generator=g, dtype=torch.float64).to(dtype)
     lab = torch.tensor([0, 2, 1]) if conditional else None
     t = torch.tensor([0.15, 0.5, 0.9], dtype=torch.float64)  # one time per image, small to large noise
+    lv, lp, li = m.label_index.tensors()
+    a, s, _ = m.coefficients(t, len(t))
+    train = m.train_as(dtype, torch.device("cpu"))
     for ks in lists:
         out = m.denoise_ks(x, t, ks, labels=lab)
         assert out.shape == (len(ks), *x.shape) and out.dtype == dtype
+        # the CPU engine's one pass itself (denoise_ks runs boundary-aware ELS one size at a time)
+        eff = sorted({m.effective_k(k, *canvas) for k in ks})
+        one = ops.local_softmax_ks(train, x, a, s, t, lab, lv, lp, li, eff, m.rule, "cpu")
         for j, k in enumerate(ks):
+            oracle = m.denoise(x.double(), t, k, labels=lab, backend="torch")
+            _check(one[eff.index(m.effective_k(k, *canvas))], oracle, dtype, f"{rule} k={k} one pass vs oracle")
             sep = m.denoise(x, t, k, labels=lab, backend="cpu")
             oracle = m.denoise(x.double(), t, k, labels=lab, backend="torch")
             _check(out[j], sep, dtype, f"{rule} k={k} vs separate CPU call")

@@ -166,7 +166,8 @@ local_softmax.register_autograd(_local_backward, setup_context=_local_setup)
 # ------------------------------------------------------------------ local machines, several sizes
 def local_softmax_ks(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: Optional[Tensor],
                      labels: Optional[Tensor], label_values: Tensor, label_ptr: Tensor, label_images: Tensor,
-                     ks, rule: str, backend: str = "auto", n_threads: int = 0, max_memory: int = 0) -> Tensor:
+                     ks, rule: str, backend: str = "auto", n_threads: int = 0, max_memory: int = 0,
+                     one_pass: bool = True) -> Tensor:
     """A local machine at several patch sizes on the same queries -> ``out`` ``(K, B, C, Hq, Wq)``, ``out[j]``
     the output at size ``ks[j]`` (what ``local_softmax`` gives at that size, to float rounding).
 
@@ -179,6 +180,8 @@ def local_softmax_ks(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t
         train, query, a, inv_2b2, t, labels, label_values, label_ptr, label_images, rule, backend, n_threads,
             max_memory: as for :func:`local_softmax`.
         ks: the patch sizes, odd positive ints in strictly increasing order (1 to 32 of them).
+        one_pass: False runs ``local_softmax`` once per size on every engine (what ``Machine.denoise_ks`` does
+            for boundary-aware ELS, where the one pass is slower: see there). Default True.
     """
     ks = tuple(int(k) for k in ks)
     if not ks:
@@ -193,7 +196,7 @@ def local_softmax_ks(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t
             raise ValueError(f"patch sizes must be strictly increasing (sorted, no duplicates), got {k0} then {k1} "
                              f"in ks={list(ks)}")
     engine = _engine(query, backend, train.shape[1])
-    if engine is not engines.CPU:
+    if engine is not engines.CPU or not one_pass:
         name = "torch" if engine is reference else engine.name
         outs = [local_softmax(train, query, a, inv_2b2, t, labels, label_values, label_ptr, label_images, None, k,
                               rule, False, name, n_threads, max_memory)[0] for k in ks]
