@@ -3,18 +3,18 @@
 //
 // The squared distance of two patches of size ks[j] is that of size ks[j-1] plus the sum over the ring of
 // elements between the two sizes (the smaller patch is the centre of the larger one, under zero padding and
-// circular wrap alike). So the query and key patches are gathered once, at the largest size, and their
-// elements are visited ring by ring (smallest size first): the register tile of dot products that the
-// single-size kernel turns into logits once is turned into logits after each ring, one tile of logits per
-// size, with the keys' squared norms likewise accumulated ring by ring. The logits of each size fold into
-// that size's own online softmax state.
+// circular wrap alike). So patch elements are visited ring by ring (smallest size first), in "ring order":
+// the register tile of dot products that the single-size kernel turns into logits once is turned into
+// logits after each ring, one tile of logits per size, with the keys' squared norms likewise accumulated
+// ring by ring. The logits of each size fold into that size's own online softmax state.
 //
 // Key sets may depend on the size (the padding signatures of boundary-aware ELS, the fully-inside patches
-// of periodic ELS): a class here is a set of query pixels that share a class at every size, its key
-// positions are the union over the sizes, and each key position carries a mask of the sizes it serves
-// (contract.hpp, PM_LOCAL_MULTI_FIELDS). A key outside a size's set gets the logit -inf there: weight 0,
-// exactly as if it were absent. Within a block, the dot products stop after the largest size any of its
-// keys serves.
+// of periodic ELS): each key position carries a mask of the sizes it serves (contract.hpp,
+// PM_LOCAL_MULTI_FIELDS), and a class computes the sizes its key positions serve (their union). A key outside
+// a size's set gets the logit -inf there: weight 0, exactly as if it were absent. Patches are gathered only
+// as large as needed: an item's query patches at the largest size of its class, each block of keys at the
+// largest size any of its keys serves (the ring order of a smaller size is a prefix of a larger one's), and
+// the dot products of a block stop there too.
 //
 // Work items, their fixed split and the fixed merge order are those of the single-size kernel (plan.hpp),
 // so results do not depend on the number of threads.
@@ -38,80 +38,114 @@ namespace {
 using cpu::kKB;
 using cpu::kMR;
 
-// The elements of a patch of size ks[last] in ring order: first those of the patch of size ks[0], then the
-// ring that grows it to ks[1], and so on (within a ring: channel, row, column). perm[e] is the element's
-// index in the engines' order (channel, row, column); end[j] = C ks[j]^2 is where size j's prefix ends.
+// The elements of a patch of size ks[t] in ring order, for every t: first those of the patch of size ks[0],
+// then the ring that grows it to ks[1], and so on up to ks[t] (within a ring: channel, row, column).
+// perm[t][dd] is the index in the engines' order (channel, row, column) of ring position dd in the patch of
+// size ks[t]; end[j] = C ks[j]^2 is where size j's prefix ends (the same for every t >= j).
 struct RingOrder {
-  std::vector<int> perm, end;
-  RingOrder(int C, const int32_t* ks, int n_ks) {
-    const int k = ks[n_ks - 1], R = k / 2;
-    for (int j = 0; j < n_ks; ++j) {
-      const int lo = j == 0 ? -1 : ks[j - 1] / 2, hi = ks[j] / 2;
-      for (int c = 0; c < C; ++c)
-        for (int di = 0; di < k; ++di)
-          for (int dj = 0; dj < k; ++dj) {
-            const int ring = std::max(std::abs(di - R), std::abs(dj - R));
-            if (ring > lo && ring <= hi) perm.push_back((c * k + di) * k + dj);
-          }
-      end.push_back(static_cast<int>(perm.size()));
+  std::vector<std::vector<int>> perm;
+  std::vector<int> end;
+  RingOrder(int C, const int32_t* ks, int n_ks) : perm(n_ks), end(n_ks) {
+    for (int t = 0; t < n_ks; ++t) {
+      const int k = ks[t], R = k / 2;
+      for (int j = 0; j <= t; ++j) {
+        const int lo = j == 0 ? -1 : ks[j - 1] / 2, hi = ks[j] / 2;
+        for (int c = 0; c < C; ++c)
+          for (int di = 0; di < k; ++di)
+            for (int dj = 0; dj < k; ++dj) {
+              const int ring = std::max(std::abs(di - R), std::abs(dj - R));
+              if (ring > lo && ring <= hi) perm[t].push_back((c * k + di) * k + dj);
+            }
+      }
+      end[t] = static_cast<int>(perm[t].size());
     }
   }
 };
 
-// Logits of one tile of kMR query rows against a block of keys at sizes 0..top, and each row's block maximum
-// per size: L[(j kMR + m) kKB + i] = c1[m] <Q_m, K_i>_j - c2[m] |K_i|^2_j, where <,>_j runs over the first
-// end[j] elements in ring order; -inf for keys beyond nk or outside size j's key set.
+// The largest size index of a nonzero mask of sizes.
+inline int top_size(uint32_t sizes) { return 31 - __builtin_clz(sizes); }
+
+// Logits of one tile of kMR query rows against a block of keys that all serve the sizes of `sizes` (top: the
+// largest): L[(j kMR + m) kKB + i] = c1[m] <Q_m, K_i>_j - c2[m] |K_i|^2_j for every size j of `sizes`, where
+// <,>_j runs over the first end[j] elements in ring order. Entries of keys i >= nk are not meaningful. Q: one
+// tile in ring order ([dd][kMR]); Kt: the block gathered at size ks[top] (engines' order), read through
+// perm = perm[top].
 template <typename T>
-inline void logit_tile_multi(const T* __restrict Q, const T* __restrict Kt, const RingOrder& ring, int top,
-                             const T* __restrict kn, const uint32_t* __restrict mask, int nk, const T* __restrict c1,
-                             const T* __restrict c2, T* __restrict L, T* __restrict bmax) {
+inline void logit_tile_multi(const T* __restrict Q, const T* __restrict Kt, const int* __restrict perm,
+                             const int* __restrict end, uint32_t sizes, const T* __restrict kn, int nk,
+                             const T* __restrict c1, const T* __restrict c2, T* __restrict L) {
   constexpr int NR = cpu::Tile<T>::NR;
-  constexpr int kLanes = 64 / sizeof(T);
-  static_assert(NR % kLanes == 0 && kKB % NR == 0, "tile sizes");
-  const T ninf = -std::numeric_limits<T>::infinity();
-  const int* perm = ring.perm.data();
-  for (int i = 0; i < (top + 1) * kMR; ++i) bmax[i] = ninf;
-  for (int j0 = 0; j0 < kKB && j0 < nk; j0 += NR) {
+  static_assert(kKB % NR == 0, "tile sizes");
+  const int top = top_size(sizes);
+  for (int j0 = 0; j0 < nk; j0 += NR) {
     T acc[kMR][NR] = {};
     int dd = 0;
     for (int j = 0; j <= top; ++j) {
-      for (; dd < ring.end[j]; ++dd) {
-        const int e = perm[dd];
-        const T* kv = Kt + static_cast<int64_t>(e) * kKB + j0;
-        const T* qv = Q + static_cast<int64_t>(e) * kMR;
+      for (; dd < end[j]; ++dd) {
+        const T* kv = Kt + static_cast<int64_t>(perm[dd]) * kKB + j0;
+        const T* qv = Q + static_cast<int64_t>(dd) * kMR;
         for (int m = 0; m < kMR; ++m) {
           const T q = qv[m];
 #pragma omp simd
           for (int i = 0; i < NR; ++i) acc[m][i] += q * kv[i];
         }
       }
+      if (!((sizes >> j) & 1u)) continue;
       const T* knj = kn + static_cast<int64_t>(j) * kKB + j0;
       for (int m = 0; m < kMR; ++m) {
         T* Lm = L + static_cast<int64_t>(j * kMR + m) * kKB + j0;
-        T mx = ninf;
-        for (int i = 0; i < NR; ++i) {
-          const T v = c1[m] * acc[m][i] - c2[m] * knj[i];
-          const bool valid = j0 + i < nk && ((mask[j0 + i] >> j) & 1u);
-          Lm[i] = valid ? v : ninf;
-          mx = Lm[i] > mx ? Lm[i] : mx;
-        }
-        T& b = bmax[j * kMR + m];
-        b = mx > b ? mx : b;
+#pragma omp simd
+        for (int i = 0; i < NR; ++i) Lm[i] = c1[m] * acc[m][i] - c2[m] * knj[i];
       }
     }
   }
 }
 
+// The largest of L[0..n): an element-wise maximum over lanes (vectorised without a reduction the
+// auto-vectoriser would have to recognise), then over the lanes.
+template <typename T>
+inline T row_max(const T* __restrict L, int n) {
+  constexpr int kLanes = 64 / sizeof(T);
+  const T ninf = -std::numeric_limits<T>::infinity();
+  T lanes[kLanes];
+  for (int l = 0; l < kLanes; ++l) lanes[l] = ninf;
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) lanes[l] = L[i + l] > lanes[l] ? L[i + l] : lanes[l];
+  T r = ninf;
+  for (int l = 0; l < kLanes; ++l) r = lanes[l] > r ? lanes[l] : r;
+  for (; i < n; ++i) r = L[i] > r ? L[i] : r;
+  return r;
+}
+
+// Segments of the key positions: maximal runs of one class's positions with the same mask of sizes (the
+// positions of a class come sorted by mask, keysets.MultiKeySet), as a CSR over cls_kpos. An item enumerates
+// its keys segment by segment (within a segment: image, then position), so that every block of keys serves
+// one set of sizes and is gathered, multiplied and folded only at those.
+struct Segments {
+  std::vector<int64_t> ptr;    // segment s: key positions ptr[s] .. ptr[s + 1] of cls_kpos
+  std::vector<int64_t> first;  // the first segment of each class (n_classes + 1 entries)
+  Segments(const int64_t* kp, const uint32_t* mask, int64_t n_classes) : first(n_classes + 1) {
+    for (int64_t c = 0; c < n_classes; ++c) {
+      first[c] = static_cast<int64_t>(ptr.size());
+      for (int64_t e = kp[c]; e < kp[c + 1]; ++e)
+        if (e == kp[c] || mask[e] != mask[e - 1]) ptr.push_back(e);
+    }
+    first[n_classes] = static_cast<int64_t>(ptr.size());
+    ptr.push_back(kp[n_classes]);
+  }
+};
+
 template <typename T>
 struct MultiWorkspace {
   cpu::QueryTiles<T> q;
   cpu::KeyBlock<T> keys;
-  std::vector<T> L, W, bmax, kn;
+  std::vector<T> Qr, L, W, kn;  // Qr: the query tiles in ring order
   std::vector<double> kn_acc;
-  std::vector<uint32_t> mask;
   MultiWorkspace(int d, int C, int n_ks)
-      : keys(d, C), L(static_cast<size_t>(n_ks) * kMR * kKB), W(kKB), bmax(static_cast<size_t>(n_ks) * kMR),
-        kn(static_cast<size_t>(n_ks) * kKB), kn_acc(kKB), mask(kKB) {}
+      : keys(d, C), L(static_cast<size_t>(n_ks) * kMR * kKB), W(kKB), kn(static_cast<size_t>(n_ks) * kKB),
+        kn_acc(kKB) {}
 };
 
 // Partial states of every row of every item, at every size: entry (slot + r) * n_ks + j.
@@ -122,9 +156,9 @@ struct MultiPartials {
         s(static_cast<size_t>(rows) * n_ks, 0.0), acc(static_cast<size_t>(rows) * n_ks * C, 0.0) {}
 };
 
-// Whether every key position of the block has the same padding signature at size k (zero padding), so the
+// Whether every key position of pos[0..n) has the same padding signature at size k (zero padding), so the
 // key gather may use one pattern of padded entries for all.
-inline bool same_signature(const int32_t* pos, int n, int H, int W, int k) {
+inline bool same_signature(const int32_t* pos, int64_t n, int H, int W, int k) {
   const int r = k / 2;
   auto sig = [&](int32_t p) {
     const int i = p / W, j = p % W;
@@ -132,66 +166,93 @@ inline bool same_signature(const int32_t* pos, int n, int H, int W, int k) {
                               std::max(0, j + r - (W - 1))};
   };
   const auto s0 = sig(pos[0]);
-  for (int i = 1; i < n; ++i)
+  for (int64_t i = 1; i < n; ++i)
     if (sig(pos[i]) != s0) return false;
   return true;
 }
 
+// The single-size view of the call at size ks[t] (what the gathers read).
 template <typename T>
-void run_item_multi(const MultiKArgs<T>& M, const RingOrder& ring, const QueryGroups& qg, const WorkItem& it,
-                    MultiWorkspace<T>& ws, MultiPartials& P) {
+PatchSoftmaxArgs<T> at_size(const MultiKArgs<T>& M, int t) {
+  PatchSoftmaxArgs<T> A = M.base;
+  A.k = M.ks[t];
+  return A;
+}
+
+template <typename T>
+void run_item_multi(const MultiKArgs<T>& M, const RingOrder& ring, const Segments& seg,
+                    const std::vector<uint32_t>& cls_sizes, const QueryGroups& qg, const WorkItem& it, MultiWorkspace<T>& ws, MultiPartials& P) {
   const PatchSoftmaxArgs<T>& A = M.base;
   const int C = A.C, K = M.n_ks;
-  const int64_t p0 = A.cls_kpos_ptr[it.c], npos = A.cls_kpos_ptr[it.c + 1] - p0;
-  ws.q.gather(A, qg, it);
-  const int rows = ws.q.rows;
-  const int d = C * A.k * A.k;
-  std::vector<int32_t> pos(kKB);
-  int64_t img_i = it.k0 / npos, pos_i = it.k0 % npos;
-  for (int64_t kb0 = it.k0; kb0 < it.k1; kb0 += kKB) {
-    const int nk = static_cast<int>(std::min<int64_t>(kKB, it.k1 - kb0));
-    // the block's key positions and their masks of sizes; the largest size any of them serves
-    uint32_t any = 0;
-    {
-      int64_t pi = pos_i;
-      for (int j = 0; j < nk; ++j) {
-        pos[j] = A.cls_kpos[p0 + pi];
-        ws.mask[j] = M.cls_kmask[p0 + pi];
-        any |= ws.mask[j];
-        if (++pi == npos) pi = 0;
-      }
+  const int64_t p0 = A.cls_kpos_ptr[it.c];
+  // the query patches at the class's largest size, repacked in ring order
+  const int ctop = top_size(cls_sizes[it.c]);
+  ws.q.gather(at_size(M, ctop), qg, it);
+  const int rows = ws.q.rows, dq = ring.end[ctop];
+  {
+    const int* perm = ring.perm[ctop].data();
+    const int tiles = (rows + kMR - 1) / kMR;
+    ws.Qr.resize(static_cast<size_t>(tiles) * kMR * dq);
+    for (int tl = 0; tl < tiles; ++tl) {
+      const T* src = ws.q.Qp.data() + static_cast<int64_t>(tl) * kMR * dq;
+      T* dst = ws.Qr.data() + static_cast<int64_t>(tl) * kMR * dq;
+      for (int dd = 0; dd < dq; ++dd) std::memcpy(dst + dd * kMR, src + static_cast<int64_t>(perm[dd]) * kMR, sizeof(T) * kMR);
     }
-    const bool uniform = A.key_pad != kPadZeros || same_signature(pos.data(), nk, A.H, A.W, A.k);
-    ws.keys.gather(A, it, nk, img_i, pos_i, uniform, false);
-    if (any == 0) continue;
-    const int top = 31 - __builtin_clz(any);
-    // the keys' squared norms at each size, ring by ring (accumulated in double)
-    std::fill(ws.kn_acc.begin(), ws.kn_acc.end(), 0.0);
-    for (int j = 0, dd = 0; j <= top; ++j) {
-      for (; dd < ring.end[j]; ++dd) {
-        const T* row = ws.keys.Kt.data() + static_cast<int64_t>(ring.perm[dd]) * kKB;
-        double* acc = ws.kn_acc.data();
+  }
+  const int64_t nimg = A.grp_img_ptr[it.g + 1] - A.grp_img_ptr[it.g];
+  PatchSoftmaxArgs<T> As = A;  // the view whose classes are the segments (what the key gather reads)
+  As.cls_kpos_ptr = seg.ptr.data();
+  int64_t s = seg.first[it.c];
+  for (int64_t u = it.k0; u < it.k1;) {
+    // the segment of key u: keys (seg.ptr[s] - p0) nimg .. (seg.ptr[s + 1] - p0) nimg of the item's pair
+    while ((seg.ptr[s + 1] - p0) * nimg <= u) ++s;
+    const int64_t len = seg.ptr[s + 1] - seg.ptr[s], base = (seg.ptr[s] - p0) * nimg;
+    const int64_t stop = std::min(it.k1, base + len * nimg);
+    const uint32_t sizes = M.cls_kmask[seg.ptr[s]];
+    if (sizes == 0) {  // positions that serve no size
+      u = stop;
+      continue;
+    }
+    const int top = top_size(sizes);
+    As.k = M.ks[top];
+    WorkItem its = it;
+    its.c = s;
+    int64_t img_i = (u - base) / len, pos_i = (u - base) % len;
+    // whether every position of the segment has the same padding signature at the gather's size
+    const bool uniform = A.key_pad != kPadZeros || same_signature(A.cls_kpos + seg.ptr[s], len, A.H, A.W, As.k);
+    const int* perm = ring.perm[top].data();
+    for (; u < stop;) {
+      const int nk = static_cast<int>(std::min<int64_t>(kKB, stop - u));
+      ws.keys.gather(As, its, nk, img_i, pos_i, uniform, false);
+      u += nk;
+      // the keys' squared norms at each size, ring by ring (accumulated in double)
+      std::fill(ws.kn_acc.begin(), ws.kn_acc.end(), 0.0);
+      for (int j = 0, dd = 0; j <= top; ++j) {
+        for (; dd < ring.end[j]; ++dd) {
+          const T* row = ws.keys.Kt.data() + static_cast<int64_t>(perm[dd]) * kKB;
+          double* acc = ws.kn_acc.data();
 #pragma omp simd
-        for (int i = 0; i < kKB; ++i) acc[i] += static_cast<double>(row[i]) * row[i];
+          for (int i = 0; i < kKB; ++i) acc[i] += static_cast<double>(row[i]) * row[i];
+        }
+        T* knj = ws.kn.data() + static_cast<int64_t>(j) * kKB;
+        for (int i = 0; i < kKB; ++i) knj[i] = static_cast<T>(ws.kn_acc[i]);
       }
-      T* knj = ws.kn.data() + static_cast<int64_t>(j) * kKB;
-      for (int i = 0; i < kKB; ++i) knj[i] = static_cast<T>(ws.kn_acc[i]);
-    }
-    for (int r0 = 0; r0 < rows; r0 += kMR) {
-      logit_tile_multi(ws.q.Qp.data() + static_cast<int64_t>(r0) * d, ws.keys.Kt.data(), ring, top, ws.kn.data(),
-                       ws.mask.data(), nk, ws.q.c1.data() + r0, ws.q.c2.data() + r0, ws.L.data(), ws.bmax.data());
-      const int mr = std::min(kMR, rows - r0);
-      for (int j = 0; j <= top; ++j) {
-        for (int m = 0; m < mr; ++m) {
-          const T bm = ws.bmax[j * kMR + m];
-          if (!(bm > -std::numeric_limits<T>::infinity())) continue;  // no key of the block at this size
-          const int64_t e = (it.slot + r0 + m) * K + j;
-          const T* Lr = ws.L.data() + static_cast<int64_t>(j * kMR + m) * kKB;
-          int64_t best = -1;
-          double* acc = P.acc.data() + e * C;
-          if (C == 1) cpu::fold_row<T, 1>(Lr, bm, ws.keys, ws.W.data(), P.m[e], P.s[e], acc, best, C);
-          else if (C == 3) cpu::fold_row<T, 3>(Lr, bm, ws.keys, ws.W.data(), P.m[e], P.s[e], acc, best, C);
-          else cpu::fold_row<T, 0>(Lr, bm, ws.keys, ws.W.data(), P.m[e], P.s[e], acc, best, C);
+      for (int r0 = 0; r0 < rows; r0 += kMR) {
+        logit_tile_multi(ws.Qr.data() + static_cast<int64_t>(r0) * dq, ws.keys.Kt.data(), perm, ring.end.data(), sizes,
+                         ws.kn.data(), nk, ws.q.c1.data() + r0, ws.q.c2.data() + r0, ws.L.data());
+        const int mr = std::min(kMR, rows - r0);
+        for (int j = 0; j <= top; ++j) {
+          if (!((sizes >> j) & 1u)) continue;
+          for (int m = 0; m < mr; ++m) {
+            const T* Lr = ws.L.data() + static_cast<int64_t>(j * kMR + m) * kKB;
+            const T bm = row_max(Lr, nk);
+            const int64_t e = (it.slot + r0 + m) * K + j;
+            int64_t best = -1;
+            double* acc = P.acc.data() + e * C;
+            if (C == 1) cpu::fold_row<T, 1>(Lr, bm, ws.keys, ws.W.data(), P.m[e], P.s[e], acc, best, C);
+            else if (C == 3) cpu::fold_row<T, 3>(Lr, bm, ws.keys, ws.W.data(), P.m[e], P.s[e], acc, best, C);
+            else cpu::fold_row<T, 0>(Lr, bm, ws.keys, ws.W.data(), P.m[e], P.s[e], acc, best, C);
+          }
         }
       }
     }
@@ -337,6 +398,11 @@ void local_forward_multi_cpu(const MultiKArgs<T>& M) {
   const PatchSoftmaxArgs<T>& A = M.base;
   const int K = M.n_ks, C = A.C;
   const RingOrder ring(C, M.ks, K);
+  // the sizes each class computes: those its key positions serve
+  const Segments seg(A.cls_kpos_ptr, M.cls_kmask, A.n_classes);
+  std::vector<uint32_t> cls_sizes(A.n_classes, 0);
+  for (int64_t c = 0; c < A.n_classes; ++c)
+    for (int64_t e = A.cls_kpos_ptr[c]; e < A.cls_kpos_ptr[c + 1]; ++e) cls_sizes[c] |= M.cls_kmask[e];
   const QueryGroups qg = queries_by_group(A.group_of_b, A.B, A.n_groups);
   const Plan plan = plan_cpu(A, qg);
   MultiPartials P(plan.slots, K, C);
@@ -349,19 +415,22 @@ void local_forward_multi_cpu(const MultiKArgs<T>& M) {
     error.run([&] { ws = std::make_unique<MultiWorkspace<T>>(d, C, K); });
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < static_cast<int64_t>(plan.items.size()); ++i)
-      error.run([&] { run_item_multi(M, ring, qg, plan.items[i], *ws, P); });
+      error.run([&] { run_item_multi(M, ring, seg, cls_sizes, qg, plan.items[i], *ws, P); });
   }
   error.rethrow();
 
-  // merge the key-range partials of each row block and size, in item order, and write out
+  // merge the key-range partials of each row block and size, in item order, and write out the sizes its class
+  // computes (others are left as they are)
   const int64_t HWq = static_cast<int64_t>(A.Hq) * A.Wq;
   std::vector<double> acc(C);
   for (const RowBlock& rb : plan.blocks) {
+    const uint32_t sizes = cls_sizes[rb.c];
     for (int64_t r = 0; r < rb.row1 - rb.row0; ++r) {
       const int64_t row = rb.row0 + r;
       const int64_t b = row_image(A, qg, rb.g, rb.c, row);
       const int64_t pix = row_pixel(A, rb.c, row);
       for (int j = 0; j < K; ++j) {
+        if (!((sizes >> j) & 1u)) continue;
         double m = -std::numeric_limits<double>::infinity(), s = 0.0;
         std::fill(acc.begin(), acc.end(), 0.0);
         for (int64_t u = rb.item0; u < rb.item1; ++u) {

@@ -44,11 +44,12 @@ enum Padding : int64_t { kPadZeros = 0, kPadCircular = 1 };
   F(n_threads)                   /* CPU: 0 = all available */
 
 // Local machines at several patch sizes in one pass (forward only, no provenance, CPU): the output for
-// every size ks[j] (odd, strictly increasing, at most kMaxMultiK of them). Query-pixel classes are those of
-// every size at once (pixels that share a class at each size); a class's key positions are the union over
-// the sizes, and cls_kmask says for which sizes each belongs to the key set: bit j of cls_kmask[e] is set when
-// key position cls_kpos[e] is a key of the class at size ks[j]. The squared distance at size ks[j] is the one
-// at ks[j-1] plus the ring between them, so one pass over patches of size ks[last] gives every size.
+// every size ks[j] (odd, strictly increasing, at most kMaxMultiK of them). cls_kmask says for which sizes each
+// key position of a class belongs to its key set: bit j of cls_kmask[e] is set when key position cls_kpos[e]
+// is a key of the class at size ks[j]. A class computes the sizes its key positions serve (the union of their
+// masks) for its query pixels; the output of its pixels at other sizes is left as it is (another class of the
+// call computes them, or nobody). The squared distance at size ks[j] is the one at ks[j-1] plus the ring
+// between them, so one pass over patches of the largest size a class needs gives all its sizes.
 #define PM_LOCAL_MULTI_FIELDS(F)                                                                    \
   F(dtype)                                                                                          \
   F(train) F(N) F(C) F(H) F(W)   /* T (N, C, H, W) */                                               \

@@ -251,8 +251,8 @@ inline void validate(const LocalMultiCall& c) {
       if (mask[e] & ~all) fail("cls_kmask entry " + std::to_string(e) + " names a patch size beyond n_ks");
       seen |= mask[e];
     }
-    if (qp[i + 1] > qp[i] && seen != all)
-      fail("query-pixel class " + std::to_string(i) + " has no key positions at some patch size");
+    if (qp[i + 1] > qp[i] && seen == 0)
+      fail("query-pixel class " + std::to_string(i) + " has no key positions at any patch size");
   }
   groups(c);
   present(c.a, "a");

@@ -183,11 +183,7 @@ class Machine:
             labels: ``(B,)`` integer class labels, one int for all, or None (default), as for :meth:`denoise`.
             backend: this call's engine, overriding the machine's: ``"auto"``, ``"cpu"``, ``"cuda"`` or
                 ``"torch"``; None (default) keeps the machine's. Only the CPU engine computes all sizes in one
-                pass; the others run one :meth:`denoise` per size. So does boundary-aware ELS
-                (``boundary="zeros"``) for now: its padding-signature classes differ between sizes, and the
-                classes shared by every size are those of the largest (e.g. 529 on 32x32 images up to k=23,
-                most with a single query pixel), which makes the one pass about 10x slower than separate calls
-                (``ops.local_softmax_ks`` still runs it, exactly, for tests and measurements).
+                pass; the others run one :meth:`denoise` per size.
 
         Returns:
             ``(K, B, C, Hq, Wq)`` with the dtype of ``x``, ``K = len(ks)``: a torch tensor for torch input, a
@@ -224,8 +220,7 @@ class Machine:
         with torch.no_grad():
             out = ops.local_softmax_ks(train, xt.detach(), a.detach(), inv_2b2.detach(),
                                        None if t_check is None else t_check.detach(), lab, lv, lp, li, distinct,
-                                       self.rule, name, self.n_threads, max_memory,
-                                       one_pass=self.rule != "els_zeros")
+                                       self.rule, name, self.n_threads, max_memory)
         if distinct != eff:
             out = out[torch.as_tensor([distinct.index(k) for k in eff])]
         return out.numpy() if is_numpy else out

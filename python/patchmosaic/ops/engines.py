@@ -166,7 +166,7 @@ def local_forward_multi(train, query, multi, a, inv_2b2, groups: Groups, n_threa
     """The CPU engine's multi-size forward pass: ``out`` (K, B, C, Hq, Wq), ``out[j]`` the local machine's
     output at patch size ``multi.ks[j]`` (``multi`` a keysets.MultiKeySet)."""
     B, C, Hq, Wq = query.shape
-    out = torch.empty((len(multi.ks), B, C, Hq, Wq), dtype=query.dtype)
+    out = torch.zeros((len(multi.ks), B, C, Hq, Wq), dtype=query.dtype)  # a pixel no class computes at a size: 0
     call, ks = contract.local_multi_call(_CPU_MODULE, train=train, query=query, multi=multi, a=a, inv_2b2=inv_2b2,
                                          groups=groups, out=out, n_threads=n_threads)
     _CPU_MODULE.local_forward_multi_cpu(call)

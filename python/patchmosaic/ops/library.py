@@ -173,15 +173,15 @@ def local_softmax_ks(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t
 
     A plain function, forward only (no autograd, no provenance, no statistics). On the CPU engine it is one
     pass: the squared distance at size ``ks[j]`` is that at ``ks[j-1]`` plus the ring between them, so each key
-    patch is gathered and multiplied once, at the largest size (cpp/cpu/patch_softmax_multi.cpp). Other
+    patch is gathered and multiplied once, at the largest size it serves (cpp/cpu/patch_softmax_multi.cpp;
+    boundary-aware ELS: the interior in one pass, the border pixels one size at a time, keysets.MultiKeySet). Other
     engines (``"torch"``, ``"cuda"``) run ``local_softmax`` once per size.
 
     Args:
         train, query, a, inv_2b2, t, labels, label_values, label_ptr, label_images, rule, backend, n_threads,
             max_memory: as for :func:`local_softmax`.
         ks: the patch sizes, odd positive ints in strictly increasing order (1 to 32 of them).
-        one_pass: False runs ``local_softmax`` once per size on every engine (what ``Machine.denoise_ks`` does
-            for boundary-aware ELS, where the one pass is slower: see there). Default True.
+        one_pass: False runs ``local_softmax`` once per size on every engine (for comparisons). Default True.
     """
     ks = tuple(int(k) for k in ks)
     if not ks:
