@@ -45,6 +45,13 @@ inline void bind_contract(py::module_& m, bool module_local) {
     PM_CANDIDATE_FIELDS(PM_BIND_FIELD)
     cls.attr("FIELDS") = py::tuple(names);
   }
+  {
+    using Struct = LocalMultiCall;
+    auto cls = bind_call<Struct>(m, "LocalMultiCall", module_local);
+    py::list names;
+    PM_LOCAL_MULTI_FIELDS(PM_BIND_FIELD)
+    cls.attr("FIELDS") = py::tuple(names);
+  }
 }
 
 #undef PM_BIND_FIELD

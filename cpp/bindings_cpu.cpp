@@ -36,6 +36,12 @@ void register_cpu(py::module_& m) {
     validate(c, Pass::kBackward, Engine::kCpu);
     by_dtype(c, local_backward_cpu<float>, local_backward_cpu<double>);
   }, "Local machines, backward pass: grad_query, grad_a, grad_inv_2b2 of a LocalCall.");
+  m.def("local_forward_multi_cpu", [](const LocalMultiCall& c) {
+    validate(c);
+    py::gil_scoped_release nogil;
+    if (c.dtype == kFloat32) local_forward_multi_cpu<float>(view<float>(c));
+    else local_forward_multi_cpu<double>(view<double>(c));
+  }, "Local machines at several patch sizes in one pass (forward only): out (n_ks, B, C, Hq, Wq) of a LocalMultiCall.");
   m.def("ideal_forward_cpu", [](const IdealCall& c) {
     validate(c, Pass::kForward, Engine::kCpu);
     by_dtype(c, ideal_forward_cpu<float>, ideal_forward_cpu<double>);

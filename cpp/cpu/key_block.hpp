@@ -133,8 +133,12 @@ struct KeyBlock {
         base(kKB) {}
 
   // Keys kb0 .. kb0 + n - 1 of the item's (group, class) pair; (img_i, pos_i) is the image and position
-  // counter of key kb0 and advances past the block.
-  void gather(const PatchSoftmaxArgs<T>& A, const WorkItem& it, int n, int64_t& img_i, int64_t& pos_i) {
+  // counter of key kb0 and advances past the block. uniform_padding: every key position of the block has
+  // the same padding signature at size A.k (true of every class of a single-size key set; the multi-size
+  // kernel says per block), which allows the gather through one pattern of padded entries. norms: also
+  // compute the keys' squared norms (knorm).
+  void gather(const PatchSoftmaxArgs<T>& A, const WorkItem& it, int n, int64_t& img_i, int64_t& pos_i,
+              bool uniform_padding = true, bool norms = true) {
     const int C = A.C, k = A.k, d = C * k * k;
     const int64_t HW = static_cast<int64_t>(A.H) * A.W;
     const int64_t p0 = A.cls_kpos_ptr[it.c], npos = A.cls_kpos_ptr[it.c + 1] - p0;
@@ -154,7 +158,7 @@ struct KeyBlock {
       key_id[j] = nimg * HW + pos;
       if (++pos_i == npos) { pos_i = 0; ++img_i; }
     }
-    if (A.key_pad == kPadZeros && runs * 8 > nk) {
+    if (A.key_pad == kPadZeros && uniform_padding && runs * 8 > nk) {
       // Short runs (edge and corner classes, LS): every key of a class has the same padding signature,
       // so one pattern of padded entries holds for the whole block; gather each patch entry dd of
       // all keys at once through the centre offsets.
@@ -192,6 +196,7 @@ struct KeyBlock {
     if (nk < kKB)
       for (int dd = 0; dd < d; ++dd)
         std::fill(Kt.begin() + static_cast<int64_t>(dd) * kKB + nk, Kt.begin() + static_cast<int64_t>(dd + 1) * kKB, T(0));
+    if (!norms) return;
     // key norms, accumulated in double over dd (vectorised over keys)
     std::fill(knorm_acc.begin(), knorm_acc.end(), 0.0);
     for (int dd = 0; dd < d; ++dd) {

@@ -13,6 +13,7 @@
 #include <memory>
 #include <vector>
 
+#include "fold_row.hpp"
 #include "key_block.hpp"
 #include "patchmosaic/engines.hpp"
 #include "patchmosaic/softmax_state.hpp"
@@ -35,64 +36,6 @@ struct Partials {
       : m(rows, -std::numeric_limits<double>::infinity()), s(rows, 0.0), acc(static_cast<size_t>(rows) * C, 0.0),
         best(rows, -1) {}
 };
-
-// Fold one row's block of logits L[0..nk) into its online softmax state (m, s, acc, best).
-// CC: the channel count when known at compile time (1 or 3; 0 = runtime C), so that the exponential,
-// the sum and the weighted centres are one fused, vectorised pass.
-template <typename T, int CC>
-inline void fold_row(const T* __restrict L, T bmax, const cpu::KeyBlock<T>& kb, T* __restrict W, double& m, double& s,
-                     double* acc, int64_t& best, int C_runtime) {
-  const int C = CC > 0 ? CC : C_runtime;
-  const int nk = kb.nk;
-  if (static_cast<double>(bmax) < m - ExpCut<T>::value) return;  // every weight of the block is exactly 0
-  if (static_cast<double>(bmax) > m) {
-    int barg = 0;
-    while (L[barg] != bmax) ++barg;
-    const double f = std::isinf(m) ? 0.0 : std::exp(m - static_cast<double>(bmax));
-    s *= f;
-    for (int c = 0; c < C; ++c) acc[c] *= f;
-    m = bmax;
-    best = kb.key_id[barg];
-  }
-  const T mt = static_cast<T>(m);
-  const T* __restrict V = kb.V.data();
-  if constexpr (CC == 1) {
-    T wsum = T(0), v0 = T(0);
-    for (int j = 0; j < nk; ++j) {
-      const T w = exp_nonpos(L[j] - mt);
-      wsum += w;
-      v0 += w * V[j];
-    }
-    s += wsum;
-    acc[0] += v0;
-  } else if constexpr (CC == 3) {
-    T wsum = T(0), v0 = T(0), v1 = T(0), v2 = T(0);
-    for (int j = 0; j < nk; ++j) {
-      const T w = exp_nonpos(L[j] - mt);
-      wsum += w;
-      v0 += w * V[j];
-      v1 += w * V[kKB + j];
-      v2 += w * V[2 * kKB + j];
-    }
-    s += wsum;
-    acc[0] += v0;
-    acc[1] += v1;
-    acc[2] += v2;
-  } else {
-    T wsum = T(0);
-    for (int j = 0; j < nk; ++j) {
-      W[j] = exp_nonpos(L[j] - mt);
-      wsum += W[j];
-    }
-    s += wsum;
-    for (int c = 0; c < C; ++c) {
-      const T* Vc = V + static_cast<int64_t>(c) * kKB;
-      T vsum = T(0);
-      for (int j = 0; j < nk; ++j) vsum += W[j] * Vc[j];
-      acc[c] += vsum;
-    }
-  }
-}
 
 template <typename T>
 struct Workspace {
@@ -123,9 +66,9 @@ void run_item(const PatchSoftmaxArgs<T>& A, const QueryGroups& qg, const WorkIte
         const int r = r0 + m;
         double* acc = pacc + static_cast<int64_t>(r) * C;
         const T* Lr = ws.L.data() + m * kKB;
-        if (C == 1) fold_row<T, 1>(Lr, ws.bmax[m], ws.keys, ws.W.data(), pm[r], ps[r], acc, pbest[r], C);
-        else if (C == 3) fold_row<T, 3>(Lr, ws.bmax[m], ws.keys, ws.W.data(), pm[r], ps[r], acc, pbest[r], C);
-        else fold_row<T, 0>(Lr, ws.bmax[m], ws.keys, ws.W.data(), pm[r], ps[r], acc, pbest[r], C);
+        if (C == 1) cpu::fold_row<T, 1>(Lr, ws.bmax[m], ws.keys, ws.W.data(), pm[r], ps[r], acc, pbest[r], C);
+        else if (C == 3) cpu::fold_row<T, 3>(Lr, ws.bmax[m], ws.keys, ws.W.data(), pm[r], ps[r], acc, pbest[r], C);
+        else cpu::fold_row<T, 0>(Lr, ws.bmax[m], ws.keys, ws.W.data(), pm[r], ps[r], acc, pbest[r], C);
       }
     }
   }

@@ -43,6 +43,28 @@ enum Padding : int64_t { kPadZeros = 0, kPadCircular = 1 };
   F(grad_a) F(grad_inv_2b2)      /* backward: double (B,) */                                      \
   F(n_threads)                   /* CPU: 0 = all available */
 
+// Local machines at several patch sizes in one pass (forward only, no provenance, CPU): the output for
+// every size ks[j] (odd, strictly increasing, at most kMaxMultiK of them). cls_kmask says for which sizes each
+// key position of a class belongs to its key set: bit j of cls_kmask[e] is set when key position cls_kpos[e]
+// is a key of the class at size ks[j]. A class computes the sizes its key positions serve (the union of their
+// masks) for its query pixels; the output of its pixels at other sizes is left as it is (another class of the
+// call computes them, or nobody). The squared distance at size ks[j] is the one at ks[j-1] plus the ring
+// between them, so one pass over patches of the largest size a class needs gives all its sizes.
+#define PM_LOCAL_MULTI_FIELDS(F)                                                                    \
+  F(dtype)                                                                                          \
+  F(train) F(N) F(C) F(H) F(W)   /* T (N, C, H, W) */                                               \
+  F(query) F(B) F(Hq) F(Wq)      /* T (B, C, Hq, Wq) */                                             \
+  F(n_ks) F(ks)                  /* int32 (n_ks,) host: odd, strictly increasing */                 \
+  F(query_pad) F(key_pad)                                                                           \
+  F(a) F(inv_2b2)                /* double (B,) */                                                  \
+  F(n_classes)                                                                                      \
+  F(cls_qpix_ptr) F(cls_qpix) F(n_cls_qpix)                                                         \
+  F(cls_kpos_ptr) F(cls_kpos) F(n_cls_kpos)                                                         \
+  F(cls_kmask)                   /* uint32 (n_cls_kpos,) host: the sizes each key position serves */ \
+  F(n_groups) F(grp_img_ptr) F(grp_img) F(n_grp_img) F(group_of_b)                                  \
+  F(out)                         /* T (n_ks, B, C, Hq, Wq) */                                       \
+  F(n_threads)
+
 // IS: one key per training image; the whole image is the patch and the value.
 #define PM_IDEAL_FIELDS(F)                                                      \
   F(dtype)                                                                      \
@@ -77,6 +99,7 @@ enum Padding : int64_t { kPadZeros = 0, kPadCircular = 1 };
 struct LocalCall { PM_LOCAL_FIELDS(PM_DECLARE_FIELD) };
 struct IdealCall { PM_IDEAL_FIELDS(PM_DECLARE_FIELD) };
 struct CandidateCall { PM_CANDIDATE_FIELDS(PM_DECLARE_FIELD) };
+struct LocalMultiCall { PM_LOCAL_MULTI_FIELDS(PM_DECLARE_FIELD) };
 #undef PM_DECLARE_FIELD
 
 template <typename P>
@@ -126,6 +149,31 @@ inline PatchSoftmaxArgs<T> view(const LocalCall& c) {
           addr<const int32_t*>(c.group_of_b), addr<T*>(c.out), addr<double*>(c.stats), addr<int64_t*>(c.arg_key),
           addr<T*>(c.arg_share), addr<const T*>(c.grad_out), addr<T*>(c.grad_query), addr<double*>(c.grad_a),
           addr<double*>(c.grad_inv_2b2), int(c.n_threads)};
+}
+
+// The multi-size call: the single-size view at the largest size (no stats, provenance or gradients; its
+// key positions are the union over the sizes), the sizes and each key position's mask of sizes.
+template <typename T>
+struct MultiKArgs {
+  PatchSoftmaxArgs<T> base;  // k = ks[n_ks - 1]; out, stats, provenance and gradient fields unset
+  int n_ks;
+  const int32_t* ks;
+  const uint32_t* cls_kmask;
+  T* out;  // (n_ks, B, C, Hq, Wq)
+};
+
+template <typename T>
+inline MultiKArgs<T> view(const LocalMultiCall& c) {
+  PatchSoftmaxArgs<T> b{addr<const T*>(c.train), c.N, int(c.C), int(c.H), int(c.W), addr<const T*>(c.query), c.B,
+                        int(c.Hq), int(c.Wq), 0, int(c.query_pad), int(c.key_pad), addr<const double*>(c.a),
+                        addr<const double*>(c.inv_2b2), c.n_classes, addr<const int64_t*>(c.cls_qpix_ptr),
+                        addr<const int32_t*>(c.cls_qpix), addr<const int64_t*>(c.cls_kpos_ptr),
+                        addr<const int32_t*>(c.cls_kpos), c.n_groups, addr<const int64_t*>(c.grp_img_ptr),
+                        addr<const int32_t*>(c.grp_img), addr<const int32_t*>(c.group_of_b), nullptr, nullptr,
+                        nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, int(c.n_threads)};
+  const int32_t* ks = addr<const int32_t*>(c.ks);
+  b.k = c.n_ks > 0 ? ks[c.n_ks - 1] : 0;
+  return {b, int(c.n_ks), ks, addr<const uint32_t*>(c.cls_kmask), addr<T*>(c.out)};
 }
 
 template <typename T>

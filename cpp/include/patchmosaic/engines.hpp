@@ -21,6 +21,8 @@ template <typename T> void ideal_forward_cpu(const IdealScoreArgs<T>& A);
 template <typename T> void ideal_backward_cpu(const IdealScoreArgs<T>& A);
 template <typename T> void candidate_softmax_cpu(const CandidateSoftmaxArgs<T>& A);
 template <typename T> Plan plan_cpu(const PatchSoftmaxArgs<T>& A, const QueryGroups& qg);
+// every patch size of a LocalMultiCall in one pass (forward only; patch_softmax_multi.cpp)
+template <typename T> void local_forward_multi_cpu(const MultiKArgs<T>& A);
 
 // CUDA twins (cuda/*.cu, built with PATCHMOSAIC_CUDA): `stream` is a cudaStream_t; kernels are enqueued on
 // it. `device`: the CUDA device the buffers and the stream belong to (made current for the call).

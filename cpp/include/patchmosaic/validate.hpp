@@ -104,6 +104,7 @@ void pass_buffers(const Call& c, Pass pass) {
 constexpr int64_t kMaxPatchElements = int64_t(1) << 24;  // C k^2 (a patch per key block lives in memory)
 constexpr int kCudaMaxChannels = 4;
 constexpr int kCudaMaxK = 4095;
+constexpr int kMaxMultiK = 32;  // patch sizes of one multi-size call (bits of a key position's mask)
 
 inline void validate(const LocalCall& c, Pass pass, Engine engine) {
   using namespace detail;
@@ -201,6 +202,62 @@ inline void validate(const CandidateCall& c) {
     if (count && cand[e] >= 0 && !(count[e] >= 1.0)) fail("count holds a multiplicity below 1 (or NaN)");
   }
   if ((c.arg_key == 0) != (c.arg_share == 0)) fail("arg_key and arg_share come together (provenance)");
+}
+
+inline void validate(const LocalMultiCall& c) {
+  using namespace detail;
+  dtype(c.dtype);
+  present(c.train, "train");
+  present(c.query, "query");
+  positive(c.N, "N", int64_t(1) << 40);
+  positive(c.C, "C");
+  positive(c.H, "H");
+  positive(c.W, "W");
+  positive(c.B, "B", int64_t(1) << 40);
+  positive(c.Hq, "Hq");
+  positive(c.Wq, "Wq");
+  product({c.N, c.C, c.H, c.W}, "the training set");
+  product({c.B, c.C, c.Hq, c.Wq}, "the query batch");
+  positive(c.n_ks, "n_ks (the number of patch sizes)", kMaxMultiK);
+  present(c.ks, "ks");
+  const int32_t* ks = addr<const int32_t*>(c.ks);
+  for (int64_t j = 0; j < c.n_ks; ++j) {
+    if (ks[j] < 1 || ks[j] % 2 == 0)
+      fail("patch sizes ks must be odd and positive, got " + std::to_string(ks[j]) + " at entry " + std::to_string(j));
+    if (j > 0 && ks[j] <= ks[j - 1])
+      fail("patch sizes ks must be strictly increasing, got " + std::to_string(ks[j - 1]) + " then " +
+           std::to_string(ks[j]));
+  }
+  const int64_t kmax = ks[c.n_ks - 1];
+  if (kmax > 32767 || product({c.C, kmax, kmax}, "the patch") > kMaxPatchElements)
+    fail("patch size k=" + std::to_string(kmax) + " makes patches of more than " + std::to_string(kMaxPatchElements) +
+         " elements");
+  product({c.n_ks, c.B, c.C, c.Hq, c.Wq}, "the output");
+  padding(c.query_pad, "query_pad");
+  padding(c.key_pad, "key_pad");
+  positive(c.n_classes, "n_classes", int64_t(1) << 40);
+  csr(c.cls_qpix_ptr, c.n_classes, c.n_cls_qpix, "cls_qpix_ptr");
+  csr(c.cls_kpos_ptr, c.n_classes, c.n_cls_kpos, "cls_kpos_ptr");
+  in_range(c.cls_qpix, c.n_cls_qpix, c.Hq * c.Wq, "cls_qpix");
+  in_range(c.cls_kpos, c.n_cls_kpos, c.H * c.W, "cls_kpos");
+  present(c.cls_kmask, "cls_kmask");
+  const uint32_t* mask = addr<const uint32_t*>(c.cls_kmask);
+  const uint32_t all = c.n_ks == 32 ? 0xFFFFFFFFu : ((uint32_t(1) << c.n_ks) - 1);
+  const int64_t* qp = addr<const int64_t*>(c.cls_qpix_ptr);
+  const int64_t* kp = addr<const int64_t*>(c.cls_kpos_ptr);
+  for (int64_t i = 0; i < c.n_classes; ++i) {
+    uint32_t seen = 0;
+    for (int64_t e = kp[i]; e < kp[i + 1]; ++e) {
+      if (mask[e] & ~all) fail("cls_kmask entry " + std::to_string(e) + " names a patch size beyond n_ks");
+      seen |= mask[e];
+    }
+    if (qp[i + 1] > qp[i] && seen == 0)
+      fail("query-pixel class " + std::to_string(i) + " has no key positions at any patch size");
+  }
+  groups(c);
+  present(c.a, "a");
+  present(c.inv_2b2, "inv_2b2");
+  present(c.out, "out");
 }
 
 }  // namespace patchmosaic

@@ -1,7 +1,7 @@
 """Calibration of a k-schedule against a trained network (spec section 4).
 
 Along the network's own DDIM trajectory from each seed, at every step, the machine is evaluated at
-every candidate ``k`` on the network's current ``x_t``; the ``k`` whose score has the highest cosine
+every candidate ``k`` on the network's current ``x_t`` (all candidates in one pass, ``Machine.denoise_ks``); the ``k`` whose score has the highest cosine
 similarity with the network's score is that seed's choice. The schedule is the per-step median over
 seeds (the lower median, so that it is always one of the odd candidates).
 
@@ -85,8 +85,8 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
             without CUDA is a RuntimeError, before any work).
         labels: ``(M,)`` integer class labels, one per seed (numpy, a CPU torch tensor or a list), for a
             conditional network and machine; None (default): unconditional.
-        candidates: the patch sizes to try, odd positive ints of at most ``2 max(H, W) - 1``; None (default):
-            ``3, 5, ..., k_max``.
+        candidates: the patch sizes to try, odd positive ints of at most ``2 max(H, W) - 1`` (at most 32
+            distinct ones); None (default): ``3, 5, ..., k_max``.
         k_max: the largest candidate when ``candidates`` is None, an int of at most ``2 max(H, W) - 1``;
             None (default): 31, or ``2 max(H, W) - 1`` if smaller (a larger patch only adds zero padding).
             Ignored when ``candidates`` is given.
@@ -125,6 +125,9 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
     if max(candidates) > limit:
         raise ValueError(f"candidate patch size {max(candidates)} is larger than any useful one for {H}x{W} images "
                          f"(at most {limit}: a larger patch only adds zero padding); lower k_max")
+    sweep = sorted(set(candidates))
+    if len(sweep) > 32:
+        raise ValueError(f"at most 32 distinct candidate patch sizes, got {len(sweep)}")
     g = check_grid(grid, steps)
     S, M, K = len(g) - 1, x1.shape[0], len(candidates)
     lab = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.int64)
@@ -149,10 +152,15 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
         if len(xm):
             eps_net = net.eps(xm, t, lab_mine)
             target = -np.sqrt(b2) * eps_net          # = a x0_net - x_t
+            if hasattr(machine, "denoise_ks"):
+                # every candidate in one pass over the keys (Machine.denoise_ks): sizes in increasing order, each once
+                x0_all = machine.denoise_ks(xm, t, sweep, labels=lab_mine)
+                x0_of = lambda k: x0_all[sweep.index(k)]  # noqa: E731
+            else:  # a machine sharded over ranks: one call per size
+                x0_of = lambda k: machine.denoise(xm, t, k, labels=lab_mine)  # noqa: E731
         for j, k in enumerate(candidates):
             if len(xm):
-                x0_m = machine.denoise(xm, t, k, labels=lab_mine)
-                cos[i, mine, j] = cosine_per_seed(a * x0_m - xm, target)
+                cos[i, mine, j] = cosine_per_seed(a * x0_of(k) - xm, target)
             bar.update(postfix=f"t={t:.2f} k={k}")
         if len(xm):
             xm = update(machine.schedule, xm, (xm - np.sqrt(b2) * eps_net) / a, t, t_next, eps=eps_net)

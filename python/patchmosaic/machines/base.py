@@ -170,6 +170,61 @@ class Machine:
             return result
         return result, self._provenance(key, share, is_numpy)
 
+    def denoise_ks(self, x, t, ks: Sequence[int], labels=None, *, backend: Optional[str] = None):
+        """Posterior-mean estimates ``x0_hat`` at several patch sizes on the same noisy images, in one pass on
+        the CPU engine (a local machine's calibration sweep). ``out[j]`` equals ``denoise(x, t, ks[j], labels)``
+        to float rounding. Forward only: not differentiable, no provenance.
+
+        Args:
+            x: noisy images ``x_t`` ``(B, C, Hq, Wq)``, float32 or float64, numpy or torch, as for
+                :meth:`denoise`.
+            t: diffusion time in ``(0, 1]``: a float, or one per image as a ``(B,)`` array or tensor.
+            ks: the patch sizes, odd positive integers in strictly increasing order (1 to 32 of them).
+            labels: ``(B,)`` integer class labels, one int for all, or None (default), as for :meth:`denoise`.
+            backend: this call's engine, overriding the machine's: ``"auto"``, ``"cpu"``, ``"cuda"`` or
+                ``"torch"``; None (default) keeps the machine's. Only the CPU engine computes all sizes in one
+                pass; the others run one :meth:`denoise` per size.
+
+        Returns:
+            ``(K, B, C, Hq, Wq)`` with the dtype of ``x``, ``K = len(ks)``: a torch tensor for torch input, a
+            numpy array for numpy input.
+
+        Raises:
+            ValueError or TypeError naming a bad argument (an empty, unsorted or repeated ``ks``, an even size,
+            an IS machine), :class:`patchmosaic.ResourceError` for a call that would need more than
+            ``max_memory``: all before any work.
+        """
+        check_cuda_inputs(x=x, t=t, labels=labels)
+        if not self.local:
+            raise ValueError("denoise_ks sweeps patch sizes; the IS machine has none (use denoise)")
+        if isinstance(ks, (str, bytes)) or not hasattr(ks, "__iter__"):
+            raise TypeError(f"ks must be a sequence of odd patch sizes, got {ks!r}")
+        ks = [check_k(k, self.H, self.W) for k in ks]
+        if not ks:
+            raise ValueError("ks is empty: pass at least one patch size")
+        for k0, k1 in zip(ks, ks[1:]):
+            if k1 <= k0:
+                raise ValueError(f"ks must be strictly increasing (sorted, no duplicates), got {k0} then {k1} in "
+                                 f"ks={ks}")
+        is_numpy = isinstance(x, np.ndarray)
+        xt = self._query(x)
+        B, C, Hq, Wq = xt.shape
+        eff = [self.effective_k(k, Hq, Wq) for k in ks]  # sizes past the zero-padding limit compute as the limit
+        distinct = sorted(set(eff))
+        a, inv_2b2, t_check = self.coefficients(t, B, xt.device)
+        lab = self._query_labels(labels, B)
+        name = self._resolve_backend(xt, backend)
+        train = self.train_as(xt.dtype, xt.device if name in ("torch", "cuda") else torch.device("cpu"))
+        lv, lp, li = self._label_tensors
+        max_memory = 0 if self.max_memory is None else int(self.max_memory)
+        with torch.no_grad():
+            out = ops.local_softmax_ks(train, xt.detach(), a.detach(), inv_2b2.detach(),
+                                       None if t_check is None else t_check.detach(), lab, lv, lp, li, distinct,
+                                       self.rule, name, self.n_threads, max_memory)
+        if distinct != eff:
+            out = out[torch.as_tensor([distinct.index(k) for k in eff])]
+        return out.numpy() if is_numpy else out
+
     @docstring("""Noise estimate ``eps = (x - a x0_hat) / b`` (spec section 1; ``a = sqrt(alpha_bar(t))``,
         ``b = sqrt(1 - alpha_bar(t))``), differentiable in ``x`` and ``t``.
 

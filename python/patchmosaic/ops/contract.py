@@ -64,6 +64,23 @@ def local_call(module, *, train: torch.Tensor, query: torch.Tensor, k: int, keys
                 n_threads=int(n_threads))
 
 
+def local_multi_call(module, *, train: torch.Tensor, query: torch.Tensor, multi, a: torch.Tensor, inv_2b2: torch.Tensor,
+                     groups: Groups, out: torch.Tensor, n_threads: int = 0):
+    """The call of the multi-size forward pass; ``multi`` is a keysets.MultiKeySet, ``out`` (K, B, C, Hq, Wq)."""
+    N, C, H, W = train.shape
+    B, _, Hq, Wq = query.shape
+    ks = np.ascontiguousarray(np.asarray(multi.ks, np.int32))
+    keyset = multi.keyset
+    return make(module.LocalMultiCall, dtype=DTYPES[query.dtype], train=train, N=N, C=C, H=H, W=W, query=query, B=B,
+                Hq=Hq, Wq=Wq, n_ks=len(multi.ks), ks=ks, query_pad=int(keyset.query_pad),
+                key_pad=int(keyset.key_pad), a=a, inv_2b2=inv_2b2, n_classes=keyset.n_classes,
+                cls_qpix_ptr=keyset.cls_qpix_ptr, cls_qpix=keyset.cls_qpix, n_cls_qpix=len(keyset.cls_qpix),
+                cls_kpos_ptr=keyset.cls_kpos_ptr, cls_kpos=keyset.cls_kpos, n_cls_kpos=len(keyset.cls_kpos),
+                cls_kmask=multi.kmask, n_groups=len(groups.grp_img_ptr) - 1, grp_img_ptr=groups.grp_img_ptr,
+                grp_img=groups.grp_img, n_grp_img=len(groups.grp_img), group_of_b=groups.group_of_b, out=out,
+                n_threads=int(n_threads)), ks
+
+
 def ideal_call(module, *, train: torch.Tensor, query: torch.Tensor, a: torch.Tensor, inv_2b2: torch.Tensor,
                groups: Groups, out: torch.Tensor, stats: torch.Tensor, arg_key=None, arg_share=None, grad_out=None,
                grad_query=None, grad_a=None, grad_inv_2b2=None, n_threads: int = 0):

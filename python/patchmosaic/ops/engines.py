@@ -162,6 +162,18 @@ def local_forward(engine: Engine, train, query, k: int, keyset: KeySet, a, inv_2
     return out, stats, key, share
 
 
+def local_forward_multi(train, query, multi, a, inv_2b2, groups: Groups, n_threads: int = 0):
+    """The CPU engine's multi-size forward pass: ``out`` (K, B, C, Hq, Wq), ``out[j]`` the local machine's
+    output at patch size ``multi.ks[j]`` (``multi`` a keysets.MultiKeySet)."""
+    B, C, Hq, Wq = query.shape
+    out = torch.zeros((len(multi.ks), B, C, Hq, Wq), dtype=query.dtype)  # a pixel no class computes at a size: 0
+    call, ks = contract.local_multi_call(_CPU_MODULE, train=train, query=query, multi=multi, a=a, inv_2b2=inv_2b2,
+                                         groups=groups, out=out, n_threads=n_threads)
+    _CPU_MODULE.local_forward_multi_cpu(call)
+    del ks  # kept alive until the call returned
+    return out
+
+
 def local_backward(engine: Engine, grad_out, out, stats, train, query, k: int, keyset: KeySet, a, inv_2b2,
                    groups: Groups, n_threads: int = 0):
     """(grad_query, grad_a, grad_inv_2b2): the vector-Jacobian product of local_forward's out."""

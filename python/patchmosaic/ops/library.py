@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import checks, engines, reference
-from .keysets import keyset
+from .keysets import keyset, multi_keyset
 from .labels import groups
 
 BACKENDS = ("auto", "cpu", "torch", "cuda")
@@ -161,6 +161,59 @@ def _local_backward(ctx, grad_out, *unused):
 
 
 local_softmax.register_autograd(_local_backward, setup_context=_local_setup)
+
+
+# ------------------------------------------------------------------ local machines, several sizes
+def local_softmax_ks(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: Optional[Tensor],
+                     labels: Optional[Tensor], label_values: Tensor, label_ptr: Tensor, label_images: Tensor,
+                     ks, rule: str, backend: str = "auto", n_threads: int = 0, max_memory: int = 0,
+                     one_pass: bool = True) -> Tensor:
+    """A local machine at several patch sizes on the same queries -> ``out`` ``(K, B, C, Hq, Wq)``, ``out[j]``
+    the output at size ``ks[j]`` (what ``local_softmax`` gives at that size, to float rounding).
+
+    A plain function, forward only (no autograd, no provenance, no statistics). On the CPU engine it is one
+    pass: the squared distance at size ``ks[j]`` is that at ``ks[j-1]`` plus the ring between them, so each key
+    patch is gathered and multiplied once, at the largest size it serves (cpp/cpu/patch_softmax_multi.cpp;
+    boundary-aware ELS: the interior in one pass, the border pixels one size at a time, keysets.MultiKeySet). Other
+    engines (``"torch"``, ``"cuda"``) run ``local_softmax`` once per size.
+
+    Args:
+        train, query, a, inv_2b2, t, labels, label_values, label_ptr, label_images, rule, backend, n_threads,
+            max_memory: as for :func:`local_softmax`.
+        ks: the patch sizes, odd positive ints in strictly increasing order (1 to 32 of them).
+        one_pass: False runs ``local_softmax`` once per size on every engine (for comparisons). Default True.
+    """
+    ks = tuple(int(k) for k in ks)
+    if not ks:
+        raise ValueError("ks is empty: pass at least one patch size")
+    if len(ks) > 32:
+        raise ValueError(f"at most 32 patch sizes per call, got {len(ks)}")
+    for k in ks:
+        if k < 1 or k % 2 == 0:
+            raise ValueError(f"patch sizes must be odd positive integers, got {k} in ks={list(ks)}")
+    for k0, k1 in zip(ks, ks[1:]):
+        if k1 <= k0:
+            raise ValueError(f"patch sizes must be strictly increasing (sorted, no duplicates), got {k0} then {k1} "
+                             f"in ks={list(ks)}")
+    engine = _engine(query, backend, train.shape[1])
+    if engine is not engines.CPU or not one_pass:
+        name = "torch" if engine is reference else engine.name
+        outs = [local_softmax(train, query, a, inv_2b2, t, labels, label_values, label_ptr, label_images, None, k,
+                              rule, False, name, n_threads, max_memory)[0] for k in ks]
+        return torch.stack(outs)
+    K, kmax = len(ks), ks[-1]
+    B, C, Hq, Wq = (int(v) for v in query.shape)
+    item = query.element_size()
+    need = checks.local_bytes(query.shape, query.dtype, train, kmax, "cpu", False, n_threads)
+    need += K * B * C * Hq * Wq * item + 2 * B * Hq * Wq * (C + 3) * 8 * K
+    checks.memory(need, f"the local machine at sizes {list(ks)} on a batch of shape {tuple(query.shape)}", max_memory)
+    checks.values(query, "x", t, a, inv_2b2)
+    checks.scale(query, train, inv_2b2, C * kmax * kmax)
+    multi = multi_keyset(rule, Hq, Wq, int(train.shape[2]), int(train.shape[3]), ks)
+    grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
+    tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
+    with torch.no_grad():
+        return engines.local_forward_multi(tr.detach(), q.detach(), multi, aa.detach(), ss.detach(), grp, n_threads)
 
 
 # ---------------------------------------------------------------------------------- ideal score

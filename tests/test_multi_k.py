@@ -1,0 +1,221 @@
+"""Several patch sizes in one pass (Machine.denoise_ks, ops.local_softmax_ks): the same function as one call per
+size, for every local machine, both dtypes, labels, larger canvases, dense and sparse size lists; bad size lists
+refused before any work."""
+
+import numpy as np
+import pytest
+import torch
+
+import patchmosaic as pm
+from patchmosaic import ops
+from patchmosaic.experiments.calibrate import calibrate
+
+RANGE = 2.0  # the data range: images in [-1, 1]
+N, C, H, W = 10, 3, 9, 8
+
+
+def _data():
+    rng = np.random.default_rng(7)
+    images = rng.uniform(-1, 1, (N, C, H, W)).astype(np.float32)
+    labels = np.arange(N) % 3
+    return images, labels
+
+
+def _machine(rule, images, labels):
+    if rule == "ls":
+        return pm.LS(images, labels)
+    if rule == "els_zeros":
+        return pm.ELS(images, labels)
+    return pm.ELS(images, labels, boundary="circular", wrapped=rule == "els_wrapped")
+
+
+# (rule, canvas, size lists): canvases larger than the training images where the machine allows them
+CASES = [
+    ("ls", (H, W), [[1, 3, 5, 7, 9], [3, 9, 15]]),
+    ("els_zeros", (12, 11), [[1, 3, 5, 7], [3, 7]]),  # k = 9 has a column signature no 8-wide image has
+    ("els_zeros", (H, W), [[1, 3, 5, 7, 9], [3, 9, 15]]),
+    ("els_circular", (11, 10), [[1, 3, 5, 7], [3, 7]]),
+    ("els_wrapped", (10, 12), [[1, 3, 5, 7, 9], [3, 9, 15]]),
+]
+
+
+def _check(out, ref, dtype, what):
+    err = (out.double() - ref.double()).abs()
+    if dtype == torch.float32:
+        assert float(err.mean()) <= 1e-5 * RANGE, f"{what}: mean error {float(err.mean()):.3g}"
+        assert float(err.max()) <= 1e-3 * RANGE, f"{what}: worst error {float(err.max()):.3g}"
+    else:
+        assert float(err.max()) <= 1e-9 * RANGE, f"{what}: worst error {float(err.max()):.3g}"
+
+
+def _inputs(rule, canvas, dtype, conditional):
+    images, labels = _data()
+    m = _machine(rule, images, labels)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, C, *canvas, generator=g, dtype=torch.float64).to(dtype)
+    lab = torch.tensor([0, 2, 1]) if conditional else None
+    t = torch.tensor([0.15, 0.5, 0.9], dtype=torch.float64)  # one time per image, small to large noise
+    return m, x, lab, t
+
+
+def _one_pass(m, x, t, lab, eff):
+    """The CPU engine's one pass itself at the sizes eff (whatever denoise_ks chooses for the rule)."""
+    lv, lp, li = m.label_index.tensors()
+    a, s, _ = m.coefficients(t, len(t))
+    return ops.local_softmax_ks(m.train_as(x.dtype, torch.device("cpu")), x, a, s, t, lab, lv, lp, li, eff, m.rule,
+                                "cpu")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """The torch oracle single-threaded: its many small ops spend most of their time in thread hand-offs on a
+    shared machine (about 15x slower with two threads under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("rule,canvas,lists", CASES, ids=[f"{c[0]}-{c[1][0]}x{c[1][1]}" for c in CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("conditional", [False, True], ids=["uncond", "labels"])
+def test_one_pass_equals_separate_calls(rule, canvas, lists, dtype, conditional):
+    """denoise_ks and the engine's one pass against one float64 CPU call per size (the separate calls are checked
+    against the float64 oracle in test_exactness, and the one pass directly in the next test)."""
+    m, x, lab, t = _inputs(rule, canvas, dtype, conditional)
+    for ks in lists:
+        out = m.denoise_ks(x, t, ks, labels=lab)
+        assert out.shape == (len(ks), *x.shape) and out.dtype == dtype
+        eff = sorted({m.effective_k(k, *canvas) for k in ks})
+        one = _one_pass(m, x, t, lab, eff)
+        for j, k in enumerate(ks):
+            ref = m.denoise(x.double(), t, k, labels=lab, backend="cpu")
+            _check(one[eff.index(m.effective_k(k, *canvas))], ref, dtype, f"{rule} k={k} one pass vs separate call")
+            _check(out[j], ref, dtype, f"{rule} k={k} denoise_ks vs separate call")
+
+
+@pytest.mark.parametrize("rule,canvas,lists", CASES, ids=[f"{c[0]}-{c[1][0]}x{c[1][1]}" for c in CASES])
+def test_one_pass_equals_the_float64_oracle(rule, canvas, lists, one_torch_thread):
+    """One comparison with the torch oracle per machine and canvas: every size of the first list, float64, with
+    labels, both denoise_ks and the engine's one pass."""
+    m, x, lab, t = _inputs(rule, canvas, torch.float64, True)
+    ks = lists[0]
+    out = m.denoise_ks(x, t, ks, labels=lab)
+    one = _one_pass(m, x, t, lab, ks)
+    for j, k in enumerate(ks):
+        oracle = m.denoise(x, t, k, labels=lab, backend="torch")
+        _check(one[j], oracle, torch.float64, f"{rule} k={k} one pass vs float64 oracle")
+        _check(out[j], oracle, torch.float64, f"{rule} k={k} denoise_ks vs float64 oracle")
+
+
+@pytest.mark.parametrize("rule,canvas,lists", CASES, ids=[f"{c[0]}-{c[1][0]}x{c[1][1]}" for c in CASES])
+def test_size_masks_recover_each_sizes_key_set(rule, canvas, lists):
+    for ks in lists:
+        ks = tuple(k for k in ks if rule != "els_circular" or k <= min(H, W))
+        multi = ops.multi_keyset(rule, *canvas, H, W, ks)
+        for j, k in enumerate(ks):
+            want = ops.keyset(rule, *canvas, H, W, k)
+            got = multi.size_keyset(j)
+            key_of = {}
+            for q, kp in want.classes():
+                for p in q:
+                    key_of[int(p)] = set(kp.tolist())
+            for q, kp in got.classes():
+                for p in q:
+                    assert set(kp.tolist()) == key_of.pop(int(p)), f"{rule} k={k} pixel {p}"
+            assert not key_of
+
+
+def test_numpy_in_numpy_out_and_sizes_past_the_padding_limit():
+    images, labels = _data()
+    m = pm.ELS(images)
+    x = np.random.default_rng(1).standard_normal((2, C, H, W)).astype(np.float32)
+    out = m.denoise_ks(x, 0.4, [3, 17, 41])  # 41 > 2 max(H, W) - 1 = 17: computed as 17, exactly
+    assert isinstance(out, np.ndarray) and out.shape == (3, 2, C, H, W)
+    np.testing.assert_array_equal(out[1], out[2])
+    np.testing.assert_allclose(out[0], m.denoise(x, 0.4, 3), atol=2e-5)
+
+
+def test_bad_size_lists_are_refused_before_any_work():
+    images, labels = _data()
+    m = pm.ELS(images, labels)
+    x = torch.zeros(1, C, H, W)
+    for ks, words in [([], "empty"), ([3, 4], "odd"), ([5, 3], "strictly increasing"),
+                      ([3, 3, 5], "strictly increasing"), ([0, 3], "odd")]:
+        with pytest.raises(ValueError, match=words):
+            m.denoise_ks(x, 0.5, ks)
+    with pytest.raises(TypeError):
+        m.denoise_ks(x, 0.5, 3)
+    with pytest.raises(TypeError):
+        m.denoise_ks(x, 0.5, [3.0, 5])
+    with pytest.raises(ValueError, match="IS machine"):
+        pm.IS(images).denoise_ks(x, 0.5, [3])
+    with pytest.raises(ValueError, match="exceeds the training images"):
+        pm.ELS(images, boundary="circular").denoise_ks(x, 0.5, [3, 11])
+    with pytest.raises(ValueError, match="NaN"):
+        m.denoise_ks(torch.full((1, C, H, W), float("nan")), 0.5, [3, 5])
+    with pytest.raises(ValueError, match="label 7"):
+        m.denoise_ks(x, 0.5, [3, 5], labels=[7])
+    # the op refuses what the machine would have caught
+    lv, lp, li = m.label_index.tensors()
+    a, s, _ = m.coefficients(0.5, 1)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        ops.local_softmax_ks(m.images, x, a, s, None, None, lv, lp, li, (5, 3), "els_zeros")
+    with pytest.raises(ValueError, match="at most 32"):
+        ops.local_softmax_ks(m.images, x, a, s, None, None, lv, lp, li, tuple(range(1, 67, 2)), "els_zeros")
+
+
+def test_the_compiled_core_checks_the_call():
+    images, _ = _data()
+    x = torch.zeros(1, C, H, W)
+    multi = ops.multi_keyset("els_zeros", H, W, H, W, (3, 5))
+    from patchmosaic.ops import contract, engines
+    from patchmosaic.ops.labels import groups
+
+    grp = groups(None, None, None, None, N, 1)
+    a = torch.ones(1, dtype=torch.float64)
+    out = torch.empty(2, 1, C, H, W)
+    bad = ops.MultiKeySet((5, 3), multi.keyset, multi.kmask)
+    call, keep = contract.local_multi_call(engines._CPU_MODULE, train=torch.from_numpy(images), query=x, multi=bad,
+                                           a=a, inv_2b2=a, groups=grp, out=out)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        engines._CPU_MODULE.local_forward_multi_cpu(call)
+    bad = ops.MultiKeySet((3, 5), multi.keyset, multi.kmask | np.uint32(4))
+    call, keep = contract.local_multi_call(engines._CPU_MODULE, train=torch.from_numpy(images), query=x, multi=bad,
+                                           a=a, inv_2b2=a, groups=grp, out=out)
+    with pytest.raises(ValueError, match="beyond n_ks"):
+        engines._CPU_MODULE.local_forward_multi_cpu(call)
+
+
+class _MachineNet(torch.nn.Module):
+    def __init__(self, machine, ks):
+        super().__init__()
+        self.machine, self.ks = machine, ks
+
+    def forward(self, t, x, labels=None):
+        t0 = float(t[0])
+        return self.machine.eps(x, t0, self.ks.k_at(t0), labels=labels)
+
+
+@pytest.mark.parametrize("kind", ["els", "ls"])
+def test_calibration_with_one_pass_equals_one_call_per_size(kind, monkeypatch):
+    rng = np.random.default_rng(0)
+    train = rng.uniform(-1, 1, (24, 1, 10, 10)).astype(np.float32)
+    labels = np.arange(24) % 3
+    m = pm.ELS(train, labels) if kind == "els" else pm.LS(train, labels)
+    true = pm.KSchedule((1.0, 0.8, 0.6, 0.4, 0.2), (9, 7, 7, 5, 3))
+    x1 = torch.randn(4, 1, 10, 10, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 0])
+    cands = (11, 3, 7, 5, 9)  # any order: calibrate sorts them for the pass
+    one = calibrate(_MachineNet(m, true), m, x1, y, candidates=cands, steps=5, progress=False)
+
+    def per_size(x, t, ks, labels=None, backend=None):
+        return torch.stack([m.denoise(x, t, k, labels=labels) for k in ks])
+
+    monkeypatch.setattr(m, "denoise_ks", per_size)
+    sep = calibrate(_MachineNet(m, true), m, x1, y, candidates=cands, steps=5, progress=False)
+    assert one.schedule == sep.schedule
+    assert (one.choices == sep.choices).all()
+    np.testing.assert_allclose(one.cosine, sep.cosine, atol=1e-5)
+    if kind == "els":
+        assert one.schedule == true
