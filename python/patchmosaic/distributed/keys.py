@@ -10,7 +10,7 @@ partial states. Provenance is global: image index = the rank's offset + its loca
 from __future__ import annotations
 
 import hashlib
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -213,6 +213,26 @@ class ShardedMachine(Machine):
         """This rank's training images in ``dtype`` on ``device``."""
         return self.images.to(device=device, dtype=dtype).contiguous()
 
+
+    def denoise_ks(self, x, t, ks: Sequence[int], labels=None, *, backend: Optional[str] = None):
+        """Estimates at several patch sizes, ``out[j] = denoise(x, t, ks[j], labels)``: one sharded call per
+        size (the one-pass sweep of :meth:`patchmosaic.Machine.denoise_ks` is not sharded yet).
+
+        Args:
+            x: noisy images ``(B, C, Hq, Wq)``, float32 or float64, numpy or torch, the same on every rank.
+            t: diffusion time in ``(0, 1]``: a float or one per image.
+            ks: odd patch sizes in strictly increasing order.
+            labels: ``(B,)`` class labels or None (default).
+            backend: this call's local engine, or None (default) for the machine's.
+
+        Returns:
+            ``(K, B, C, Hq, Wq)``: a torch tensor for torch input, a numpy array for numpy input.
+        """
+        ks = [int(k) for k in ks]
+        if not ks or any(k1 <= k0 for k0, k1 in zip(ks, ks[1:])):
+            raise ValueError(f"ks must be a non-empty, strictly increasing list of odd patch sizes, got {ks}")
+        outs = [self.denoise(x, t, k, labels=labels, backend=backend) for k in ks]
+        return np.stack(outs) if isinstance(x, np.ndarray) else torch.stack(outs)
     @docstring("""Posterior-mean estimate ``x0_hat`` over all the ranks' training images (a collective call: every
         rank of the group calls it with the same queries; not differentiable).
 

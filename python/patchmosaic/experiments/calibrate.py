@@ -152,15 +152,11 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
         if len(xm):
             eps_net = net.eps(xm, t, lab_mine)
             target = -np.sqrt(b2) * eps_net          # = a x0_net - x_t
-            if hasattr(machine, "denoise_ks"):
-                # every candidate in one pass over the keys (Machine.denoise_ks): sizes in increasing order, each once
-                x0_all = machine.denoise_ks(xm, t, sweep, labels=lab_mine)
-                x0_of = lambda k: x0_all[sweep.index(k)]  # noqa: E731
-            else:  # a machine sharded over ranks: one call per size
-                x0_of = lambda k: machine.denoise(xm, t, k, labels=lab_mine)  # noqa: E731
+            # every candidate in one pass over the keys (Machine.denoise_ks): sizes in increasing order, each once
+            x0_all = machine.denoise_ks(xm, t, sweep, labels=lab_mine)
         for j, k in enumerate(candidates):
             if len(xm):
-                cos[i, mine, j] = cosine_per_seed(a * x0_of(k) - xm, target)
+                cos[i, mine, j] = cosine_per_seed(a * x0_all[sweep.index(k)] - xm, target)
             bar.update(postfix=f"t={t:.2f} k={k}")
         if len(xm):
             xm = update(machine.schedule, xm, (xm - np.sqrt(b2) * eps_net) / a, t, t_next, eps=eps_net)
