@@ -68,12 +68,11 @@ inline int top_size(uint32_t sizes) { return 31 - __builtin_clz(sizes); }
 // Logits of one tile of kMR query rows against a block of keys that all serve the sizes of `sizes` (top: the
 // largest): L[(j kMR + m) kKB + i] = c1[m] <Q_m, K_i>_j - c2[m] |K_i|^2_j for every size j of `sizes`, where
 // <,>_j runs over the first end[j] elements in ring order. Entries of keys i >= nk are not meaningful. Q: one
-// tile in ring order ([dd][kMR]); Kt: the block gathered at size ks[top] (engines' order), read through
-// perm = perm[top].
+// tile in ring order ([dd][kMR]); Kr: the block in ring order ([dd][kKB]).
 template <typename T>
-inline void logit_tile_multi(const T* __restrict Q, const T* __restrict Kt, const int* __restrict perm,
-                             const int* __restrict end, uint32_t sizes, const T* __restrict kn, int nk,
-                             const T* __restrict c1, const T* __restrict c2, T* __restrict L) {
+inline void logit_tile_multi(const T* __restrict Q, const T* __restrict Kr, const int* __restrict end,
+                             uint32_t sizes, const T* __restrict kn, int nk, const T* __restrict c1,
+                             const T* __restrict c2, T* __restrict L) {
   constexpr int NR = cpu::Tile<T>::NR;
   static_assert(kKB % NR == 0, "tile sizes");
   const int top = top_size(sizes);
@@ -82,7 +81,7 @@ inline void logit_tile_multi(const T* __restrict Q, const T* __restrict Kt, cons
     int dd = 0;
     for (int j = 0; j <= top; ++j) {
       for (; dd < end[j]; ++dd) {
-        const T* kv = Kt + static_cast<int64_t>(perm[dd]) * kKB + j0;
+        const T* kv = Kr + static_cast<int64_t>(dd) * kKB + j0;
         const T* qv = Q + static_cast<int64_t>(dd) * kMR;
         for (int m = 0; m < kMR; ++m) {
           const T q = qv[m];
@@ -141,11 +140,11 @@ template <typename T>
 struct MultiWorkspace {
   cpu::QueryTiles<T> q;
   cpu::KeyBlock<T> keys;
-  std::vector<T> Qr, L, W, kn;  // Qr: the query tiles in ring order
+  std::vector<T> Qr, Kr, L, W, kn;  // Qr, Kr: the query tiles and the key block in ring order
   std::vector<double> kn_acc;
   MultiWorkspace(int d, int C, int n_ks)
-      : keys(d, C), L(static_cast<size_t>(n_ks) * kMR * kKB), W(kKB), kn(static_cast<size_t>(n_ks) * kKB),
-        kn_acc(kKB) {}
+      : keys(d, C), Kr(static_cast<size_t>(d) * kKB), L(static_cast<size_t>(n_ks) * kMR * kKB), W(kKB),
+        kn(static_cast<size_t>(n_ks) * kKB), kn_acc(kKB) {}
 };
 
 // Partial states of every row of every item, at every size: entry (slot + r) * n_ks + j.
@@ -225,20 +224,26 @@ void run_item_multi(const MultiKArgs<T>& M, const RingOrder& ring, const Segment
       const int nk = static_cast<int>(std::min<int64_t>(kKB, stop - u));
       ws.keys.gather(As, its, nk, img_i, pos_i, uniform, false);
       u += nk;
+      // the block in ring order: the columns the tiles read (nk rounded up to a tile; the gather zeroed those
+      // past nk)
+      const int ncol = std::min(kKB, (nk + cpu::Tile<T>::NR - 1) / cpu::Tile<T>::NR * cpu::Tile<T>::NR);
+      for (int dd = 0; dd < ring.end[top]; ++dd)
+        std::memcpy(ws.Kr.data() + static_cast<int64_t>(dd) * kKB,
+                    ws.keys.Kt.data() + static_cast<int64_t>(perm[dd]) * kKB, sizeof(T) * ncol);
       // the keys' squared norms at each size, ring by ring (accumulated in double)
       std::fill(ws.kn_acc.begin(), ws.kn_acc.end(), 0.0);
       for (int j = 0, dd = 0; j <= top; ++j) {
         for (; dd < ring.end[j]; ++dd) {
-          const T* row = ws.keys.Kt.data() + static_cast<int64_t>(perm[dd]) * kKB;
+          const T* row = ws.Kr.data() + static_cast<int64_t>(dd) * kKB;
           double* acc = ws.kn_acc.data();
 #pragma omp simd
-          for (int i = 0; i < kKB; ++i) acc[i] += static_cast<double>(row[i]) * row[i];
+          for (int i = 0; i < ncol; ++i) acc[i] += static_cast<double>(row[i]) * row[i];
         }
         T* knj = ws.kn.data() + static_cast<int64_t>(j) * kKB;
-        for (int i = 0; i < kKB; ++i) knj[i] = static_cast<T>(ws.kn_acc[i]);
+        for (int i = 0; i < ncol; ++i) knj[i] = static_cast<T>(ws.kn_acc[i]);
       }
       for (int r0 = 0; r0 < rows; r0 += kMR) {
-        logit_tile_multi(ws.Qr.data() + static_cast<int64_t>(r0) * dq, ws.keys.Kt.data(), perm, ring.end.data(), sizes,
+        logit_tile_multi(ws.Qr.data() + static_cast<int64_t>(r0) * dq, ws.Kr.data(), ring.end.data(), sizes,
                          ws.kn.data(), nk, ws.q.c1.data() + r0, ws.q.c2.data() + r0, ws.L.data());
         const int mr = std::min(kMR, rows - r0);
         for (int j = 0; j <= top; ++j) {
