@@ -206,7 +206,10 @@ def failure(out, how):
         msg = str(e)
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"rank": rank, "message": msg, "seconds": time.time() - t0}, f)
-    sys.exit(3 if msg else 0)
+    if msg:
+        assert launch.broken()
+        launch.exit_now(3)  # what the CLI does after a DistributedError
+    sys.exit(0)
 
 
 def main():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -18,6 +19,7 @@ import torch.distributed as dist
 TIMEOUT_ENV = "PATCHMOSAIC_DIST_TIMEOUT"  # seconds a collective waits for the slowest rank
 DEFAULT_TIMEOUT = 300.0
 _active_timeout = [None]  # the timeout the process group was started with
+_broken = [False]  # a collective failed: the group must not be torn down (gloo may abort in its teardown)
 
 
 class DistributedError(RuntimeError):
@@ -77,9 +79,28 @@ def init(backend: Optional[str] = None, timeout: Optional[float] = None) -> bool
 
 
 def shutdown() -> None:
-    """Leave the process group (if any)."""
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group (if any). After a failed collective the group is left as it is: destroying
+    a gloo group whose peer died can abort the process (``terminate called without an active exception``);
+    use :func:`exit_now` to end such a process."""
+    if dist.is_available() and dist.is_initialized() and not _broken[0]:
         dist.destroy_process_group()
+
+
+def broken() -> bool:
+    """Whether a collective of this process has failed (a :class:`DistributedError` was raised)."""
+    return _broken[0]
+
+
+def exit_now(code: int) -> None:
+    """End this process with ``code`` at once, output flushed, skipping the interpreter's teardown: the
+    way out after a :class:`DistributedError`, whose broken process group could abort the teardown.
+
+    Args:
+        code: the exit status.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def rank(group=None) -> int:
@@ -134,6 +155,7 @@ def collective(fn: Callable, what: str, group=None):
     except Exception as e:  # gloo: RuntimeError / DistBackendError; NCCL: the watchdog's error
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         who = _who_failed(group)
+        _broken[0] = True
         raise DistributedError(
             f"rank {rank()} of {world()}: the {what} failed: a peer rank died or did not answer within the "
             f"timeout ({_active_timeout[0] or timeout_seconds():g} s; set {TIMEOUT_ENV} to change it){who}. Stopping. ({msg})") from None

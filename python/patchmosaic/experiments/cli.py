@@ -408,6 +408,11 @@ def main(argv=None) -> int:
             msg = f"out of memory ({msg}); use a smaller batch, canvas or data set"
         rank = "" if args.layout is None else f" (rank {args.layout.rank})"
         print(f"patchmosaic {args.command}{rank}: error: {msg}", file=sys.stderr)
+        if args.layout is not None:
+            from ..distributed import launch
+
+            if launch.broken():  # a peer died or stalled: leave now, the broken group cannot be torn down
+                launch.exit_now(2)
         return 2
     finally:
         if args.layout is not None:
