@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..index import PatchIndex
+from ..index.patch_index import INDEX_OPTION_ARGS
 from ..machines import Machine
 from ..machines.base import docstring
 from ..networks import network_classes
@@ -274,8 +275,7 @@ class NetworkDenoiser(_Denoiser):
         return lab
 
 
-class IndexedDenoiser:
-    """A machine + k-schedule denoiser that uses patch indexes where they are provably accurate.
+@docstring("""A machine + k-schedule denoiser that uses patch indexes where they are provably accurate.
 
     Every call with ``t <= t_max`` first runs the approximate machine (``m`` nearest keys per pixel)
     and then, by ``mode``:
@@ -312,17 +312,8 @@ class IndexedDenoiser:
             (default): in memory only.
         canvas: ``(Hq, Wq)`` of the queries the indexes serve; None (default): the training size.
         progress: progress bars while indexes are built (default False).
-        kind: the FAISS index: ``"auto"``, ``"flat"``, ``"ivf"`` or ``"ivfpq"``.
-        nlist: inverted lists per index part (IVF kinds).
-        nprobe: inverted lists searched per query (IVF kinds).
-        pq_m: product-quantiser sub-vectors (``"ivfpq"``).
-        flat_budget: bytes of index vectors up to which ``"auto"`` chooses a flat index.
-        min_index_keys: parts with at most this many keys always use a flat index.
-        merge: store each distinct key patch once, with its multiplicity.
-            For each of ``kind`` to ``merge``, None (default) keeps :class:`patchmosaic.PatchIndex`'s own
-            default (``"auto"``, about sqrt(keys) lists, 16, 16, a quarter of the available memory, 20000,
-            True).
-    """
+""" + INDEX_OPTION_ARGS + """    """)
+class IndexedDenoiser:
 
     MODES = ("pixel", "step", "measured")
 

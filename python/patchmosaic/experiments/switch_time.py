@@ -11,16 +11,13 @@ import torch
 from ..diffusion.denoisers import IndexedDenoiser, MachineDenoiser
 from ..diffusion.samplers import ddim, time_grid, update
 from ..index import PatchIndex
+from ..index.patch_index import INDEX_OPTION_ARGS
+from ..machines.base import docstring
 from ..metrics import pearson_r
 from ..ops.checks import check_cuda_inputs
 
 
-def calibrate_t_max(machine, k, x1, labels=None, *, target_r: float = 0.999, steps: int = 20, t_max: float = 0.5,
-                    m: int = 64, states: Optional[List[torch.Tensor]] = None, indexes: Optional[Dict[int, PatchIndex]] = None,
-                    progress: bool = False, kind: Optional[str] = None, nlist: Optional[int] = None,
-                    nprobe: Optional[int] = None, pq_m: Optional[int] = None, flat_budget: Optional[int] = None,
-                    min_index_keys: Optional[int] = None, merge: Optional[bool] = None) -> Tuple[float, List[dict]]:
-    """The largest switch time ``t_s <= t_max`` of the ``steps``-step DDIM grid such that running the
+@docstring("""The largest switch time ``t_s <= t_max`` of the ``steps``-step DDIM grid such that running the
     patch index at every ``t <= t_s`` (exact above) keeps every calibration sample's Pearson r with the
     exact engine's sample at least ``target_r``; 0.0 when no switch time does.
 
@@ -46,21 +43,16 @@ def calibrate_t_max(machine, k, x1, labels=None, *, target_r: float = 0.999, ste
         indexes: patch indexes already built for this machine and canvas, ``{k: PatchIndex}``, used instead of
             building them; None (default): built as needed.
         progress: progress bars while indexes are built (default False).
-        kind: the FAISS index: ``"auto"``, ``"flat"``, ``"ivf"`` or ``"ivfpq"``.
-        nlist: inverted lists per index part (IVF kinds).
-        nprobe: inverted lists searched per query (IVF kinds).
-        pq_m: product-quantiser sub-vectors (``"ivfpq"``).
-        flat_budget: bytes of index vectors up to which ``"auto"`` chooses a flat index.
-        min_index_keys: parts with at most this many keys always use a flat index.
-        merge: store each distinct key patch once, with its multiplicity.
-            For each of ``kind`` to ``merge``, None (default) keeps :class:`patchmosaic.PatchIndex`'s own
-            default (``"auto"``, about sqrt(keys) lists, 16, 16, a quarter of the available memory, 20000,
-            True).
-
+""" + INDEX_OPTION_ARGS + """
     Returns:
         ``(t_s, report)``: the switch time (a float, 0.0 when none passes) and one report row per switch time
         tried, a dict with ``t_switch``, ``index_steps``, ``r_min`` and ``r_median``.
-    """
+    """)
+def calibrate_t_max(machine, k, x1, labels=None, *, target_r: float = 0.999, steps: int = 20, t_max: float = 0.5,
+                    m: int = 64, states: Optional[List[torch.Tensor]] = None, indexes: Optional[Dict[int, PatchIndex]] = None,
+                    progress: bool = False, kind: Optional[str] = None, nlist: Optional[int] = None,
+                    nprobe: Optional[int] = None, pq_m: Optional[int] = None, flat_budget: Optional[int] = None,
+                    min_index_keys: Optional[int] = None, merge: Optional[bool] = None) -> Tuple[float, List[dict]]:
     check_cuda_inputs(x1=x1, labels=labels, **{f"states[{i}]": s for i, s in enumerate(states or ())})
     grid = time_grid(steps)
     if states is None:

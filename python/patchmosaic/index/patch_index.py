@@ -57,6 +57,21 @@ class Part:
         self.n_total = len(self.keys)
 
 
+# The Args entries of the index options that IndexedDenoiser and calibrate_t_max pass on to PatchIndex
+# (None: PatchIndex's own default), written once for their docstrings.
+INDEX_OPTION_ARGS = '''        kind: the FAISS index: ``"auto"``, ``"flat"``, ``"ivf"`` or ``"ivfpq"``.
+        nlist: inverted lists per index part (IVF kinds).
+        nprobe: inverted lists searched per query (IVF kinds).
+        pq_m: product-quantiser sub-vectors (``"ivfpq"``).
+        flat_budget: bytes of index vectors up to which ``"auto"`` chooses a flat index.
+        min_index_keys: parts with at most this many keys always use a flat index.
+        merge: store each distinct key patch once, with its multiplicity.
+            For each of ``kind`` to ``merge``, None (default) keeps :class:`patchmosaic.PatchIndex`'s own
+            default (``"auto"``, about sqrt(keys) lists, 16, 16, a quarter of the available memory, 20000,
+            True).
+'''
+
+
 class PatchIndex:
     """A FAISS index over the key patches of ``machine`` at patch size ``k`` for ``canvas`` queries.
 
