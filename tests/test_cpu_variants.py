@@ -3,7 +3,8 @@ environment variable, reported, and computing the same function within the exact
 
 Tolerances (as the exactness tests): float32 within 1e-3 of the data range of the float64 oracle at worst and
 1e-5 on average; float64 within 1e-9. Variants built with the same vector instructions give bitwise-equal
-results; those with different ones (baseline without FMA vs AVX2 with FMA) may differ in the last bits.
+results; those with different ones (baseline without FMA, AVX2 with FMA in 8 lanes, AVX-512 in 16) round
+differently (contraction, summation order) and agree within the float32 tolerance.
 """
 
 import os
@@ -94,7 +95,9 @@ def test_every_variant_matches_the_oracle(dtype, restore_variant):
                 assert err.max() <= 1e-9, (name, v, err.max())
         for v in VARIANTS[1:]:
             diff = np.abs(outs[v] - outs[VARIANTS[0]]) / rng_span
-            assert diff.max() <= (2e-6 if dtype == np.float32 else 1e-12), (name, v, diff.max())
+            # float32: each variant is within its own rounding of the oracle (IS on this case: baseline and AVX2
+            # 2.2e-6 of the range, AVX-512, summing in 16 lanes, 4e-7), so two variants differ by up to the sum
+            assert diff.max() <= (1e-5 if dtype == np.float32 else 1e-12), (name, v, diff.max())
 
 
 def test_gradients_agree_across_variants(restore_variant):

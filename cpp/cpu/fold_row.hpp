@@ -32,19 +32,22 @@ inline void fold_row(const T* __restrict L, T bmax, const KeyBlock<T>& kb, T* __
   }
   const T mt = static_cast<T>(m);
   const T* __restrict V = kb.V.data();
+  // (Weights first into W, then the sums: fused in one loop, the exponential's constants and the sums
+  // exceed 16 vector registers and GCC spills the sums, a chain through memory.)
   if constexpr (CC == 1) {
+    for (int j = 0; j < nk; ++j) W[j] = exp_nonpos(L[j] - mt);
     T wsum = T(0), v0 = T(0);
     for (int j = 0; j < nk; ++j) {
-      const T w = exp_nonpos(L[j] - mt);
-      wsum += w;
-      v0 += w * V[j];
+      wsum += W[j];
+      v0 += W[j] * V[j];
     }
     s += wsum;
     acc[0] += v0;
   } else if constexpr (CC == 3) {
+    for (int j = 0; j < nk; ++j) W[j] = exp_nonpos(L[j] - mt);
     T wsum = T(0), v0 = T(0), v1 = T(0), v2 = T(0);
     for (int j = 0; j < nk; ++j) {
-      const T w = exp_nonpos(L[j] - mt);
+      const T w = W[j];
       wsum += w;
       v0 += w * V[j];
       v1 += w * V[kKB + j];

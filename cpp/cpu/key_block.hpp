@@ -21,67 +21,100 @@ namespace cpu {
 
 constexpr int kKB = 256;  // keys per streamed block
 
-// Micro-tile: kMR query rows x NR keys of accumulators, held in vector registers.
+// Micro-tile: kMR query rows x NR keys of accumulators, held in vector registers; kVecBytes: the width of
+// one vector register of the instruction set this module is compiled for.
 #if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
 constexpr int kMR = 6;
-template <typename T> struct Tile { static constexpr int NR = 64 / sizeof(T) * 4; };  // four zmm
+template <typename T> struct Tile { static constexpr int NR = 64 / sizeof(T) * 4; };  // 6 x four zmm
+#elif defined(__AVX__)
+constexpr int kVecBytes = 32;
+constexpr int kMR = 6;
+template <typename T> struct Tile { static constexpr int NR = 32 / sizeof(T) * 2; };  // 6 x two ymm
 #else
-constexpr int kMR = 4;
-template <typename T> struct Tile { static constexpr int NR = 32 / sizeof(T) * 2; };  // two ymm
+constexpr int kVecBytes = 16;
+constexpr int kMR = 6;
+template <typename T> struct Tile { static constexpr int NR = 16 / sizeof(T) * 2; };  // 6 x two xmm
 #endif
 
-// 64 bytes of T as one GCC vector (one zmm register, or two ymm): element-wise max without a
-// reduction the auto-vectoriser would have to recognise.
-template <typename T> struct Vec64;
-template <> struct Vec64<float> { typedef float type __attribute__((vector_size(64))); };
-template <> struct Vec64<double> { typedef double type __attribute__((vector_size(64))); };
+// One vector register of T as a GCC vector: element-wise max without a reduction the auto-vectoriser
+// would have to recognise. (Wider than the register, GCC splits it through memory.)
+template <typename T> struct VecReg {
+  typedef T type __attribute__((vector_size(kVecBytes)));
+  static constexpr int lanes = kVecBytes / sizeof(T);
+};
+
+// The largest of L[0..n), n a multiple of the lanes of two vector registers: element-wise maxima in two
+// registers, then over their lanes.
+template <typename T>
+inline T block_max(const T* __restrict L, int n) {
+  using Vec = typename VecReg<T>::type;
+  constexpr int kLanes = VecReg<T>::lanes;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  Vec m0 = Vec{} + ninf, m1 = m0;
+  for (int i = 0; i < n; i += 2 * kLanes) {
+    Vec v0, v1;
+    std::memcpy(&v0, L + i, sizeof(Vec));
+    std::memcpy(&v1, L + i + kLanes, sizeof(Vec));
+    m0 = m0 > v0 ? m0 : v0;
+    m1 = m1 > v1 ? m1 : v1;
+  }
+  m0 = m0 > m1 ? m0 : m1;
+  T lanes[kLanes];
+  std::memcpy(lanes, &m0, sizeof(Vec));
+  T mx = lanes[0];
+  for (int l = 1; l < kLanes; ++l) mx = lanes[l] > mx ? lanes[l] : mx;
+  return mx;
+}
+
+// The micro-kernel: dot[m][j] = sum_dd Q[dd][m] Kt[dd][j] for kMR rows and NR keys (Kt: a key block's
+// transposed entries from the tile's first key on, row stride kKB). The accumulators are vector-typed
+// locals of a function of their own (not inlined), so that nothing else competes for the registers: with
+// the logits' constants live around it, GCC spilled accumulators, and the spill chain bounded the loop.
+template <typename T>
+__attribute__((noinline)) void dot_tile(const T* __restrict Q, const T* __restrict Kt, int d, T* __restrict dot) {
+  using Vec = typename VecReg<T>::type;
+  constexpr int kLanes = VecReg<T>::lanes, NV = Tile<T>::NR / kLanes;
+  Vec acc[kMR][NV];
+  for (int m = 0; m < kMR; ++m)
+    for (int v = 0; v < NV; ++v) acc[m][v] = Vec{};
+  for (int dd = 0; dd < d; ++dd) {
+    const T* kv = Kt + static_cast<int64_t>(dd) * kKB;
+    Vec key[NV];
+    for (int v = 0; v < NV; ++v) std::memcpy(&key[v], kv + v * kLanes, sizeof(Vec));
+    for (int m = 0; m < kMR; ++m) {
+      const Vec qv = Vec{} + Q[static_cast<int64_t>(dd) * kMR + m];
+      for (int v = 0; v < NV; ++v) acc[m][v] += qv * key[v];
+    }
+  }
+  std::memcpy(dot, acc, sizeof(acc));
+}
 
 // Logits of one tile of kMR query rows against a block of keys, and each row's block maximum:
 //   L[m][j] = c1[m] * sum_dd Q[dd][m] Kt[dd][j] - c2[m] * kn[j]   (j < nk; -inf beyond)
-// Q is one packed tile, [d][kMR]; the dot products stay in registers until turned into logits. With
-// RAW, the dot products themselves are also stored (R[m][j]), for the backward pass.
+// Q is one packed tile, [d][kMR]; the dot products stay in registers until turned into logits (the
+// maxima are taken afterwards, so that the accumulators have every register). With RAW, the dot
+// products themselves are also stored (R[m][j]), for the backward pass.
 template <typename T, bool RAW = false>
 inline void logit_tile(const T* __restrict Q, const T* __restrict Kt, int d, const T* __restrict kn, int nk,
                        const T* __restrict c1, const T* __restrict c2, T* __restrict L, T* __restrict bmax,
                        T* __restrict R = nullptr) {
   constexpr int NR = Tile<T>::NR;
-  constexpr int kLanes = 64 / sizeof(T);
-  static_assert(NR % kLanes == 0 && kKB % NR == 0, "tile sizes");
+  static_assert(NR % VecReg<T>::lanes == 0 && kKB % NR == 0 && kKB % (2 * VecReg<T>::lanes) == 0, "tile sizes");
   const T ninf = -std::numeric_limits<T>::infinity();
-  using Vec = typename Vec64<T>::type;
-  Vec lmax[kMR];
-  for (int m = 0; m < kMR; ++m) lmax[m] = Vec{} + ninf;
   for (int j0 = 0; j0 < kKB; j0 += NR) {
-    T acc[kMR][NR] = {};
-    for (int dd = 0; dd < d; ++dd) {
-      const T* kv = Kt + static_cast<int64_t>(dd) * kKB + j0;
-      for (int m = 0; m < kMR; ++m) {
-        const T qv = Q[static_cast<int64_t>(dd) * kMR + m];
-#pragma omp simd
-        for (int j = 0; j < NR; ++j) acc[m][j] += qv * kv[j];
-      }
-    }
+    T dot[kMR][NR];
+    dot_tile(Q, Kt + j0, d, &dot[0][0]);
     for (int m = 0; m < kMR; ++m) {
       T* Lm = L + m * kKB + j0;
-      if constexpr (RAW) std::memcpy(R + m * kKB + j0, acc[m], sizeof(acc[m]));
+      if constexpr (RAW) std::memcpy(R + m * kKB + j0, dot[m], sizeof(dot[m]));
       for (int j = 0; j < NR; ++j) {
-        const T v = c1[m] * acc[m][j] - c2[m] * kn[j0 + j];
+        const T v = c1[m] * dot[m][j] - c2[m] * kn[j0 + j];
         Lm[j] = j0 + j < nk ? v : ninf;
-      }
-      for (int u = 0; u < NR; u += kLanes) {
-        Vec v;
-        std::memcpy(&v, Lm + u, sizeof(Vec));
-        lmax[m] = lmax[m] > v ? lmax[m] : v;
       }
     }
   }
-  for (int m = 0; m < kMR; ++m) {
-    T lanes[kLanes];
-    std::memcpy(lanes, &lmax[m], sizeof(Vec));
-    T mx = lanes[0];
-    for (int l = 1; l < kLanes; ++l) mx = lanes[l] > mx ? lanes[l] : mx;
-    bmax[m] = mx;
-  }
+  for (int m = 0; m < kMR; ++m) bmax[m] = block_max(L + m * kKB, kKB);
 }
 
 // An item's query rows, gathered once, packed in tiles of kMR rows (zero rows pad the last tile), and the
