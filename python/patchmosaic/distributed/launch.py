@@ -77,8 +77,8 @@ def init(backend: Optional[str] = None, timeout: Optional[float] = None) -> bool
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     seconds = timeout_seconds(timeout)
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if backend == "nccl":  # one device per local rank; more ranks than devices share them round-robin
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1))
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
         _active_timeout[0] = seconds
