@@ -2,9 +2,15 @@
 DDIM sample, and the bytes each rank exchanges per call.
 
     python bench/distributed.py [--n-train 60000] [--sample-n-train 6000] [--k 7] [--steps 20] [--ranks 1,2]
+                                [--parts call,sample]
 
 The driver launches ``torchrun --nproc-per-node=R`` on this file for each R (OMP/torch threads 1, engine
-threads 1 per rank) and prints one JSON line per R and a comparison with the 1-rank result.
+threads 1 per rank) and prints one JSON line per R and a comparison with the first rank count's result.
+``--parts`` picks what is timed: ``call`` (one call on ``--n-train`` images), ``sample`` (a ``--steps``-step
+DDIM sample on ``--sample-n-train`` images), or both (default). The 20-step sample on all 60,000 MNIST images,
+1 vs 2 ranks, alone:
+
+    python -S bench/distributed.py --parts sample --sample-n-train 60000 --steps 20 --ranks 1,2
 """
 
 from __future__ import annotations
@@ -43,21 +49,27 @@ def worker(args):
             dist.barrier()
         return out, time.perf_counter() - t0
 
-    images, _ = load("mnist", args.n_train)
-    mine = images[pmd.shard_slice(len(images), rank, world)]
-    m = pmd.ShardedMachine("els", mine, n_threads=1, data_digest="-")
+    parts = args.parts.split(",")
+    images, _ = load("mnist", max(args.n_train if "call" in parts else 0, args.sample_n_train if "sample" in parts
+                                  else 0))
     x = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
-    out, sec = timed(lambda: m.denoise(x, 0.5, args.k, return_provenance=True))
-    res.update(n_train=len(images), k=args.k, call_s=sec, call_sent_bytes=m.last_exchange and m.last_exchange[0],
-               call_received_bytes=m.last_exchange and m.last_exchange[1])
-    res["call_out"] = out[0].numpy().ravel().tolist()
-    res["call_prov"] = out[1].image.numpy().ravel().tolist()
+    res["k"] = args.k
+    if "call" in parts:
+        big = images[: args.n_train]
+        m = pmd.ShardedMachine("els", big[pmd.shard_slice(len(big), rank, world)], n_threads=1, data_digest="-")
+        out, sec = timed(lambda: m.denoise(x, 0.5, args.k, return_provenance=True))
+        res.update(n_train=len(big), call_s=sec, call_sent_bytes=m.last_exchange and m.last_exchange[0],
+                   call_received_bytes=m.last_exchange and m.last_exchange[1])
+        res["call_out"] = out[0].numpy().ravel().tolist()
+        res["call_prov"] = out[1].image.numpy().ravel().tolist()
 
-    small = images[: args.sample_n_train]
-    ms = pmd.ShardedMachine("els", small[pmd.shard_slice(len(small), rank, world)], n_threads=1, data_digest="-")
-    den = pm.MachineDenoiser(ms, args.k)
-    sample, sec = timed(lambda: pm.ddim(den, x, steps=args.steps, progress=False))
-    res.update(sample_n_train=len(small), steps=args.steps, sample_s=sec, sample=sample.numpy().ravel().tolist())
+    if "sample" in parts:
+        small = images[: args.sample_n_train]
+        ms = pmd.ShardedMachine("els", small[pmd.shard_slice(len(small), rank, world)], n_threads=1, data_digest="-")
+        den = pm.MachineDenoiser(ms, args.k)
+        sample, sec = timed(lambda: pm.ddim(den, x, steps=args.steps, progress=False))
+        res.update(sample_n_train=len(small), steps=args.steps, sample_s=sec, sample=sample.numpy().ravel().tolist(),
+                   sample_sent_bytes_per_step=ms.last_exchange and ms.last_exchange[0])
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(res, f)
@@ -71,9 +83,12 @@ def main():
     p.add_argument("--k", type=int, default=7)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--ranks", default="1,2")
+    p.add_argument("--parts", default="call,sample", help="what to time: call, sample, or call,sample (default)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if not args.parts or set(args.parts.split(",")) - {"call", "sample"}:
+        p.error(f"--parts takes call, sample or call,sample, got {args.parts!r}")
     if args.worker:
         return worker(args)
     py = [sys.executable] + (["-S"] if sys.flags.no_site else [])
@@ -84,7 +99,8 @@ def main():
         out = os.path.join(tempfile.mkdtemp(), "res.json")
         cmd = py + ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={r}", "--no-python"] + py + [
             os.path.abspath(__file__), "--worker", "--out", out, "--n-train", str(args.n_train),
-            "--sample-n-train", str(args.sample_n_train), "--k", str(args.k), "--steps", str(args.steps)]
+            "--sample-n-train", str(args.sample_n_train), "--k", str(args.k), "--steps", str(args.steps),
+            "--parts", args.parts]
         t0 = time.perf_counter()
         subprocess.run(cmd, env=env, check=True)
         res = json.load(open(out))
@@ -95,14 +111,18 @@ def main():
 
     base = results[min(results)]
     for r, res in results.items():
-        print(f"{r} rank(s): one call (N={res['n_train']}, k={res['k']}) {res['call_s']:.2f} s "
-              f"(x{base['call_s'] / res['call_s']:.2f}), {res['steps']}-step sample (N={res['sample_n_train']}) "
-              f"{res['sample_s']:.2f} s (x{base['sample_s'] / res['sample_s']:.2f}); per call each rank sends "
-              f"{res['call_sent_bytes'] or 0} B, receives {res['call_received_bytes'] or 0} B; vs {min(results)} rank: "
-              f"call max |diff| {np.abs(np.subtract(res['call_out'], base['call_out'])).max():.2e}, provenance equal "
-              f"{np.mean(np.equal(res['call_prov'], base['call_prov'])):.4f}, sample max |diff| "
-              f"{np.abs(np.subtract(res['sample'], base['sample'])).max():.2e}")
-
+        words = []
+        if "call_s" in res:
+            words.append(f"one call (N={res['n_train']}, k={res['k']}) {res['call_s']:.2f} s "
+                         f"(x{base['call_s'] / res['call_s']:.2f}); per call each rank sends "
+                         f"{res['call_sent_bytes'] or 0} B, receives {res['call_received_bytes'] or 0} B; call max "
+                         f"|diff| {np.abs(np.subtract(res['call_out'], base['call_out'])).max():.2e}, provenance "
+                         f"equal {np.mean(np.equal(res['call_prov'], base['call_prov'])):.4f}")
+        if "sample_s" in res:
+            words.append(f"{res['steps']}-step sample (N={res['sample_n_train']}, k={res['k']}) "
+                         f"{res['sample_s']:.2f} s (x{base['sample_s'] / res['sample_s']:.2f}); sample max |diff| "
+                         f"{np.abs(np.subtract(res['sample'], base['sample'])).max():.2e}")
+        print(f"{r} rank(s), vs {min(results)}: " + "; ".join(words))
 
 if __name__ == "__main__":
     main()

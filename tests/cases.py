@@ -1,8 +1,10 @@
-"""Randomly drawn machine cases shared by the exactness tests (seeded, so reproducible)."""
+"""Randomly drawn machine cases shared by the exactness tests (seeded, so reproducible), and helpers other tests
+share."""
 
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 TIMES = [0.005, 0.02, 0.05, 0.1, 0.3, 0.6, 0.9, 1.0]
 
@@ -108,3 +110,15 @@ def mnist_digits(machine: str, t: float, n_train: int, n_query: int, crop: slice
              "ELS_circular": (pm.ELS, {"boundary": "circular"})}
     cls, kw = kinds[machine]
     return cls, kw, train, x
+
+
+class MachineNet(torch.nn.Module):
+    """An eps network that is a machine at a fixed patch size ``k`` (so its samples are known exactly): the
+    network of the calibration and comparison tests, called with the times in float64."""
+
+    def __init__(self, machine, k):
+        super().__init__()
+        self.machine, self.k = machine, k
+
+    def forward(self, t, x, labels=None):
+        return self.machine.eps(x, t.double(), self.k, labels=labels)

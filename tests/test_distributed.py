@@ -209,32 +209,39 @@ def _free_port():
 
 
 def test_a_dead_or_a_stalled_rank_stops_the_others_with_a_message(tmp_path):
-    """Two 2-rank jobs side by side: in one, rank 1 dies (SIGKILL) inside a call; in the other it stalls
-    (SIGSTOP). Rank 0 of each stops within the timeout (3 s here) with a DistributedError that says what
-    happened, instead of hanging."""
+    """Three jobs side by side: in two 2-rank jobs rank 1 dies (SIGKILL) or stalls (SIGSTOP) inside a call; in a
+    3-rank job it dies. Every other rank stops within the timeout (3 s here) with a DistributedError that says
+    what happened and names rank 1 (and only rank 1), instead of hanging."""
+    jobs = {"kill": ("kill", 2), "stall": ("stall", 2), "kill3": ("kill", 3)}
     procs = {}
-    for how in ("kill", "stall"):
+    for job, (how, n) in jobs.items():
         port = _free_port()
-        os.makedirs(tmp_path / how)
-        for r in range(2):
-            env = _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+        os.makedirs(tmp_path / job)
+        for r in range(n):
+            env = _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(port), PATCHMOSAIC_DIST_TIMEOUT="3")
-            procs[how, r] = subprocess.Popen(_python() + [WORKER, how, str(tmp_path / how)], env=env,
+            procs[job, r] = subprocess.Popen(_python() + [WORKER, how, str(tmp_path / job)], env=env,
                                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        for how in ("kill", "stall"):
-            procs[how, 0].wait(timeout=60)
+        for (job, r), p in procs.items():
+            if r != 1:
+                p.wait(timeout=60)
     finally:
         for p in procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGCONT)
                 p.kill()
                 p.wait()
-    for how in ("kill", "stall"):
-        out = procs[how, 0].stdout.read()
-        assert procs[how, 0].returncode == 3, out
-        rep = json.load(open(tmp_path / how / "rank0.json"))
-        assert "rank 0 of 2" in rep["message"] and "merge of the ELS softmax states failed" in rep["message"]
-        assert "died or did not answer within the timeout (3 s" in rep["message"], rep["message"]
-        assert rep["seconds"] < 20, rep
-        assert procs[how, 1].returncode == -signal.SIGKILL
+    named = {"kill": "rank 1 died (its process has ended)", "stall": "rank 1 did not answer within 3 s (its process "
+             "is stopped)"}
+    for job, (how, n) in jobs.items():
+        for r in (0, 2)[:n - 1]:
+            out = procs[job, r].stdout.read()
+            assert procs[job, r].returncode == 3, out
+            msg = json.load(open(tmp_path / job / f"rank{r}.json"))["message"]
+            head = f"rank {r} of {n}: the merge of the ELS softmax states failed: "
+            assert msg.startswith(head + named[how] + ". "), msg
+            assert "rank 0" not in msg[len(head):] and "rank 2" not in msg[len(head):], msg  # survivors not blamed
+            assert "within the timeout (3 s" in msg, msg
+            assert json.load(open(tmp_path / job / f"rank{r}.json"))["seconds"] < 20
+        assert procs[job, 1].returncode == -signal.SIGKILL

@@ -24,6 +24,8 @@ from hypothesis import strategies as st
 import patchmosaic as pm
 from patchmosaic.experiments.cli import main
 
+from cases import MachineNet
+
 RNG = np.random.default_rng(14)
 IMGS = RNG.uniform(-1, 1, (40, 1, 12, 12)).astype(np.float32)
 
@@ -106,15 +108,6 @@ def test_cli_with_huge_k(tmp_path, tiny, capsys):
 
 
 # ----------------------------------------------------------------- 2. resume fingerprints cover content
-class MachineNet(torch.nn.Module):
-    def __init__(self, machine, k):
-        super().__init__()
-        self.machine, self.k = machine, k
-
-    def forward(self, t, x, labels=None):
-        return self.machine.eps(x, t.double(), self.k, labels=labels)
-
-
 def test_calibration_state_of_other_training_images_is_refused(tmp_path):
     from patchmosaic.experiments.calibrate import calibrate
 

@@ -12,6 +12,8 @@ import patchmosaic as pm
 from patchmosaic.experiments.calibrate import calibrate
 from patchmosaic.experiments.compare import compare
 
+from cases import MachineNet
+
 
 def linear_ab(t):  # the linear-beta schedule, written out here independently of the package
     ab = math.exp(-(0.1 * t + 0.5 * (20.0 - 0.1) * t * t))
@@ -29,17 +31,6 @@ def hand_ddim(denoiser, x1, labels, steps):
         a1, b1 = linear_ab(t1)
         x = a1 * x0 + b1 * (x - a * x0) / b
     return x
-
-
-class MachineNet(torch.nn.Module):
-    """An eps network that is a machine (so its samples are known exactly)."""
-
-    def __init__(self, machine, k):
-        super().__init__()
-        self.machine, self.k = machine, k
-
-    def forward(self, t, x, labels=None):
-        return self.machine.eps(x, t.double(), self.k, labels=labels)
 
 
 def _setup():

@@ -3,14 +3,21 @@ sets, a timeout on every collective, and one clear error when a peer dies or sta
 
 Every collective of this package goes through :func:`collective`: a failure (a peer closed its connection,
 or did not answer within the timeout) becomes a :class:`DistributedError` naming this rank, the operation
-and, where the gloo backend can tell (a monitored barrier), the rank that failed -- never a hang.
+and the rank(s) that failed -- never a hang. To name them, each rank leaves its host and process id in the
+job's store (the ``TCPStore`` of the process group) before its first collective; after a failure the
+survivors say "here" through the store and wait a short while for each other, and a rank that does not
+answer is looked up: on the same host its process is checked (ended: it died; stopped: it stalled), on
+another host it is named as not answering.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import socket
 import sys
+import time
 from typing import Callable, Optional
 
 import torch
@@ -20,6 +27,9 @@ TIMEOUT_ENV = "PATCHMOSAIC_DIST_TIMEOUT"  # seconds a collective waits for the s
 DEFAULT_TIMEOUT = 300.0
 _active_timeout = [None]  # the timeout the process group was started with
 _broken = [False]  # a collective failed: the group must not be torn down (gloo may abort in its teardown)
+KEY_PREFIX = "patchmosaic/"  # this package's keys in the job's store: proc/<rank> (who), here/<rank> (alive)
+_registered = [False]  # this rank's proc/<rank> key is written
+_peers = {}  # global rank -> {"host", "pidns", "pid"}, read from the store once every rank has written it
 
 
 class DistributedError(RuntimeError):
@@ -67,8 +77,8 @@ def init(backend: Optional[str] = None, timeout: Optional[float] = None) -> bool
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     seconds = timeout_seconds(timeout)
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if backend == "nccl":  # one device per local rank; more ranks than devices share them round-robin
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1))
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=seconds))
         _active_timeout[0] = seconds
@@ -128,16 +138,131 @@ def comm_device(group=None) -> torch.device:
     return torch.device("cpu")
 
 
-def _who_failed(group) -> str:
-    """The gloo monitored barrier's account of a failed peer (rank 0 learns which rank did not answer)."""
+def _store():
+    """The process group's key-value store (None if it cannot be had)."""
     try:
-        if dist.get_backend(group) != "gloo":
-            return ""
-        dist.monitored_barrier(group, timeout=datetime.timedelta(seconds=2), wait_all_ranks=True)
-    except Exception as e:  # its message names the rank(s) that did not reach it
-        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return f"; {text}" if "rank" in text.lower() else ""
-    return ""
+        return dist.distributed_c10d._get_default_store()
+    except Exception:
+        return None
+
+
+def _identity() -> dict:
+    """Where this process lives: host name, pid namespace and pid (a rank on the same host can check on it)."""
+    try:
+        pidns = os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux: no process checks
+        pidns = ""
+    return {"host": socket.gethostname(), "pidns": pidns, "pid": os.getpid()}
+
+
+def _register() -> None:
+    """Leave this rank's identity in the store (once per process); then, until every rank's is there, try to
+    read them all (one store query per collective until it succeeds)."""
+    try:
+        if not _registered[0]:
+            _store().set(f"{KEY_PREFIX}proc/{dist.get_rank()}", json.dumps(_identity()))
+            _registered[0] = True
+        missing = [f"{KEY_PREFIX}proc/{r}" for r in range(dist.get_world_size()) if r not in _peers]
+        if missing and _store().check(missing):
+            for key, value in zip(missing, _store().multi_get(missing)):
+                _peers[int(key.rsplit("/", 1)[1])] = json.loads(value)
+    except Exception:  # naming the failed ranks is best effort; it never stops a call
+        pass
+
+
+def _process_state(info: dict) -> Optional[str]:
+    """``"ended"``, ``"stopped"`` or ``"running"`` for a process on this host (same pid namespace); None for a
+    process elsewhere."""
+    me = _identity()
+    if not me["pidns"] or info.get("host") != me["host"] or info.get("pidns") != me["pidns"]:
+        return None
+    try:
+        with open(f"/proc/{int(info['pid'])}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]  # after "pid (comm)"
+    except (OSError, IndexError, ValueError):
+        return "ended"
+    return "ended" if state in ("Z", "X", "x") else "stopped" if state in ("T", "t") else "running"
+
+
+def _who_failed(group, error: str, seconds: float) -> str:
+    """Which ranks of ``group`` failed, in words (empty when it cannot be told). This rank says "here" in the
+    store and waits up to ``min(seconds, 5)`` s for the group's other ranks to say it too (they do once their
+    own collective fails); a rank on this host whose process has ended or stopped is not waited for. The
+    rank hosting the store (rank 0, unless torchrun's agent hosts it) then waits as long for the others to
+    finish reading, so that its exit does not take the store away from them.
+
+    Args:
+        group: the process group of the failed collective (None: the world).
+        error: the backend's error text (a timeout, a closed connection).
+        seconds: the collective timeout.
+    """
+    try:
+        me = dist.get_rank()
+        ranks = dist.get_process_group_ranks(group) if group is not None else range(dist.get_world_size())
+        others = [r for r in ranks if r != me]
+    except Exception:
+        return ""
+    if not others:
+        return ""
+    grace = min(seconds, 5.0)
+    hosted_by_rank0 = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    answered, fate, store_lost = set(), {}, False
+    store = _store()
+    if store is None:
+        return ""
+
+    def wait_for(prefix, ranks, seen):  # add to seen the ranks that set <prefix>/<rank>, till all or the grace
+        deadline = time.monotonic() + grace
+        while True:
+            for r in ranks:
+                if r not in seen and store.check([f"{KEY_PREFIX}{prefix}/{r}"]):
+                    seen.add(r)
+                elif r in _peers:
+                    fate[r] = _process_state(_peers[r])
+            if all(r in seen or fate.get(r) in ("ended", "stopped") for r in ranks) or time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
+
+    try:
+        store.set_timeout(datetime.timedelta(seconds=grace))  # a stopped store host must not hang us
+        store.set(f"{KEY_PREFIX}here/{me}", "1")
+        for r in others:
+            if r not in _peers and store.check([f"{KEY_PREFIX}proc/{r}"]):
+                _peers[r] = json.loads(store.get(f"{KEY_PREFIX}proc/{r}"))
+        wait_for("here", others, answered)
+        store.set(f"{KEY_PREFIX}done/{me}", "1")
+        if hosted_by_rank0 and me == 0:  # keep the store up until the survivors have read it
+            wait_for("done", sorted(answered), set())
+    except Exception:  # the store is gone with the process that hosted it
+        store_lost = True
+        for r in others:
+            if r not in answered and r in _peers:
+                fate[r] = _process_state(_peers[r])
+    failed = [r for r in others if r not in answered and fate.get(r) != "running"]
+    if store_lost and hosted_by_rank0 and 0 in others and 0 not in answered and fate.get(0) is None:
+        fate[0] = "store"
+    busy = [r for r in others if r not in answered and fate.get(r) == "running"]
+    words = [_describe(r, fate.get(r), error, seconds, grace, len(others)) for r in failed or busy]
+    if failed and busy:
+        words.append(f"rank{'s' if len(busy) > 1 else ''} {', '.join(map(str, busy))} still running, not answering yet")
+    return "; ".join(words)
+
+
+def _describe(r: int, state: Optional[str], error: str, seconds: float, grace: float, peers: int) -> str:
+    """What happened to rank ``r`` (see :func:`_who_failed`), in words."""
+    low = error.lower()
+    within = f" within {seconds:g} s" if "timed out" in low or "timeout" in low else ""
+    if state == "ended":
+        return f"rank {r} died (its process has ended)"
+    if state == "stopped":
+        return f"rank {r} did not answer{within} (its process is stopped)"
+    if state == "running":
+        return f"rank {r} did not answer (its process is running: busy, or still waiting on another rank)"
+    if state == "store":
+        return f"rank {r} died or stalled (the job's store, which it hosts, is unreachable)"
+    if peers == 1 and ("closed" in low or "reset" in low or "broken pipe" in low):
+        return f"rank {r} died (connection closed)"
+    return f"rank {r} did not answer{within or f' within {grace:g} s of the failure'} (died or stalled)"
 
 
 def collective(fn: Callable, what: str, group=None):
@@ -148,14 +273,16 @@ def collective(fn: Callable, what: str, group=None):
         what: what the collective does, for the message (e.g. ``"merge of the ELS softmax states"``).
         group: the process group it runs in (None: the world).
     """
+    _register()
     try:
         return fn()
     except DistributedError:
         raise
     except Exception as e:  # gloo: RuntimeError / DistBackendError; NCCL: the watchdog's error
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        who = _who_failed(group)
+        seconds = _active_timeout[0] or timeout_seconds()
         _broken[0] = True
+        who = _who_failed(group, msg, seconds) or "a peer rank died or did not answer within the timeout"
         raise DistributedError(
-            f"rank {rank()} of {world()}: the {what} failed: a peer rank died or did not answer within the "
-            f"timeout ({_active_timeout[0] or timeout_seconds():g} s; set {TIMEOUT_ENV} to change it){who}. Stopping. ({msg})") from None
+            f"rank {rank()} of {world()}: the {what} failed: {who}. A rank that dies or does not answer within "
+            f"the timeout ({seconds:g} s; set {TIMEOUT_ENV} to change it) stops the job. Stopping. ({msg})") from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -82,6 +82,22 @@ BACKEND_ARG = """\
 """
 
 
+class _Call(NamedTuple):
+    """One call's inputs, made ready alike for :meth:`Machine.denoise` and :meth:`Machine.denoise_ks` (see
+    :meth:`Machine._prepare_call`)."""
+
+    is_numpy: bool  # the query came as numpy (the result goes back as numpy)
+    xt: torch.Tensor  # the query, (B, C, Hq, Wq)
+    ks: list  # the effective patch sizes, one per size asked for
+    a: torch.Tensor  # the coefficients of the call's times (Machine.coefficients)
+    inv_2b2: torch.Tensor
+    t_check: object
+    lab: object  # the query labels as a tensor, or None
+    name: str  # the resolved engine
+    train: torch.Tensor  # the training images in the query's dtype, on the engine's device
+    max_memory: int  # the op's byte limit (0: none)
+
+
 def docstring(text: str):
     """Decorator: ``text`` as the function's docstring (for docstrings built from shared argument text)."""
 
@@ -146,16 +162,10 @@ class Machine:
     def denoise(self, x, t, k: Optional[int] = None, labels=None, *, return_provenance: bool = False,
                 backend: Optional[str] = None, pixels=None):
         check_cuda_inputs(x=x, t=t, labels=labels, pixels=pixels)
-        is_numpy = isinstance(x, np.ndarray)
-        xt = self._query(x)
+        is_numpy, xt, (k,), a, inv_2b2, t_check, lab, name, train, max_memory = \
+            self._prepare_call(x, t, [k], labels, backend)
         B, C, Hq, Wq = xt.shape
-        k = self.effective_k(k, Hq, Wq)
-        a, inv_2b2, t_check = self.coefficients(t, B, xt.device)
-        lab = self._query_labels(labels, B)
-        name = self._resolve_backend(xt, backend)
-        train = self.train_as(xt.dtype, xt.device if name in ("torch", "cuda") else torch.device("cpu"))
         lv, lp, li = self._label_tensors
-        max_memory = 0 if self.max_memory is None else int(self.max_memory)
         if self.local:
             mask = self._pixel_mask(pixels, B, Hq, Wq)
             out, _, key, share = ops.local_softmax(train, xt, a, inv_2b2, t_check, lab, lv, lp, li, mask, k, self.rule,
@@ -206,17 +216,10 @@ class Machine:
             if k1 <= k0:
                 raise ValueError(f"ks must be strictly increasing (sorted, no duplicates), got {k0} then {k1} in "
                                  f"ks={ks}")
-        is_numpy = isinstance(x, np.ndarray)
-        xt = self._query(x)
-        B, C, Hq, Wq = xt.shape
-        eff = [self.effective_k(k, Hq, Wq) for k in ks]  # sizes past the zero-padding limit compute as the limit
-        distinct = sorted(set(eff))
-        a, inv_2b2, t_check = self.coefficients(t, B, xt.device)
-        lab = self._query_labels(labels, B)
-        name = self._resolve_backend(xt, backend)
-        train = self.train_as(xt.dtype, xt.device if name in ("torch", "cuda") else torch.device("cpu"))
+        is_numpy, xt, eff, a, inv_2b2, t_check, lab, name, train, max_memory = \
+            self._prepare_call(x, t, ks, labels, backend)
+        distinct = sorted(set(eff))  # eff: sizes past the zero-padding limit compute as the limit
         lv, lp, li = self._label_tensors
-        max_memory = 0 if self.max_memory is None else int(self.max_memory)
         with torch.no_grad():
             out = ops.local_softmax_ks(train, xt.detach(), a.detach(), inv_2b2.detach(),
                                        None if t_check is None else t_check.detach(), lab, lv, lp, li, distinct,
@@ -388,6 +391,21 @@ class Machine:
             )
 
     # ----- helpers -------------------------------------------------------------------------
+    def _prepare_call(self, x, t, ks: Sequence, labels, backend: Optional[str]) -> _Call:
+        """The preparation :meth:`denoise` and :meth:`denoise_ks` share, with its checks in their order: the
+        query, the effective patch sizes of ``ks`` (an entry None: the machine's), the coefficients of ``t``, the
+        labels, the engine, the training images as that engine takes them, and the memory limit."""
+        is_numpy = isinstance(x, np.ndarray)
+        xt = self._query(x)
+        B, C, Hq, Wq = xt.shape
+        eff = [self.effective_k(k, Hq, Wq) for k in ks]
+        a, inv_2b2, t_check = self.coefficients(t, B, xt.device)
+        lab = self._query_labels(labels, B)
+        name = self._resolve_backend(xt, backend)
+        train = self.train_as(xt.dtype, xt.device if name in ("torch", "cuda") else torch.device("cpu"))
+        max_memory = 0 if self.max_memory is None else int(self.max_memory)
+        return _Call(is_numpy, xt, eff, a, inv_2b2, t_check, lab, name, train, max_memory)
+
     def _query(self, x) -> torch.Tensor:
         xt = as_batch(x, "x")
         if xt.shape[1] != self.C:
