@@ -289,6 +289,25 @@ def test_cuda_one_pass_equals_the_float64_oracle(dev, one_torch_thread):
                f"{rule} k={k} CUDA one pass vs float64 oracle")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_cuda_query_patches_resident_or_gathered_per_key(dtype, dev, monkeypatch):
+    """Each thread's query patch is kept in shared memory when the block's patches fit the budget
+    (PATCHMOSAIC_CUDA_QUERY_SMEM_KB, default 48; 64 patches of C k^2 = 75 float32 elements at k = 5 do, and of
+    27 float64 elements at k = 3) and gathered again for every key otherwise (budget 0): the same sums in the same
+    order, so the same bits."""
+    images, labels = _data()
+    m = pm.ELS(torch.from_numpy(images).to(device=dev, dtype=dtype), labels)
+    x = torch.randn(2, C, 10, 9, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dev, dtype)
+    t = torch.tensor([0.2, 0.7], dtype=torch.float64, device=dev)
+    lab = torch.tensor([1, 0], device=dev)
+    ks = [1, 3, 5] if dtype == torch.float32 else [1, 3]
+    got = m.denoise_ks(x, t, ks, labels=lab, backend="cuda")
+    monkeypatch.setenv("PATCHMOSAIC_CUDA_QUERY_SMEM_KB", "0")
+    assert torch.equal(m.denoise_ks(x, t, ks, labels=lab, backend="cuda"), got)
+    ref = pm.ELS(images, labels).denoise_ks(x.cpu().double(), t.cpu(), ks, labels=lab.cpu(), backend="cpu")
+    _check(got.cpu(), ref, dtype, "CUDA one pass vs CPU one pass")
+
+
 def test_the_compiled_cuda_entry_checks_the_call(dev):
     """The CUDA entry validates its struct on the host (the CPU entry's checks, and the CUDA engine's limits)."""
     mod = engines.CUDA.module

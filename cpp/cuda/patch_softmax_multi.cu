@@ -15,7 +15,7 @@
 // (image group, class) pair against a range of its keys. A simple design: one thread block of BM threads per
 // item, one thread per query row, every thread walking the item's keys in the same order (the keys' indices,
 // masks and elements are the same for all threads of a block: uniform loads, no divergence but at the
-// padding of the query patches). Items write partial states per row and size; a second kernel merges the
+// padding of the query patches), its query patch gathered once into shared memory where it fits. Items write partial states per row and size; a second kernel merges the
 // key ranges of each row in a fixed order, so results do not depend on scheduling.
 //
 // Numerics: the distance |P_p(x) - a K|^2 is summed from the differences themselves in double (float32 inputs
@@ -81,7 +81,10 @@ __device__ __forceinline__ int top_size(uint32_t sizes) {
 }
 
 // One thread per query row of the item: the row's online softmax state at every size over the item's keys.
-template <typename T, int CC>
+// QRES: each thread keeps its query patch (ring order) in its own column of dynamic shared memory, (d, BM)
+// elements, gathered once (no barrier: a thread reads only what it wrote); otherwise it gathers the query's
+// elements again for every key.
+template <typename T, int CC, bool QRES>
 __global__ void __launch_bounds__(BM) multi_items(Geometry<T> G, Sizes S, const uint32_t* __restrict__ kmask,
                                                   const Item* __restrict__ items, MultiPartials P) {
   const Item it = items[blockIdx.x];
@@ -99,6 +102,11 @@ __global__ void __launch_bounds__(BM) multi_items(Geometry<T> G, Sizes S, const 
   const T* qimg = G.query + static_cast<int64_t>(b) * G.C * HWq;
   const int qi = pix / G.Wq, qj = pix % G.Wq;
   const double a = G.a[b], inv = G.inv_2b2[b];
+  PM_DYNAMIC_SHARED(resident);
+  T* const Qall = reinterpret_cast<T*>(resident);
+  if constexpr (QRES)
+    for (int dd = 0; dd < S.end[K - 1]; ++dd)
+      Qall[dd * BM + r] = patch_elem(qimg, G.Hq, G.Wq, qi, qj, __ldg(G.elem + dd), half, G.query_pad);
 
   double m[kMaxMultiK], s[kMaxMultiK], acc[kMaxMultiK][CC];
   for (int j = 0; j < K; ++j) {
@@ -121,7 +129,10 @@ __global__ void __launch_bounds__(BM) multi_items(Geometry<T> G, Sizes S, const 
     for (int j = 0; j <= top; ++j) {
       for (; dd < S.end[j]; ++dd) {
         const int32_t code = __ldg(G.elem + dd);
-        const double dq = static_cast<double>(patch_elem(qimg, G.Hq, G.Wq, qi, qj, code, half, G.query_pad));
+        T q;
+        if constexpr (QRES) q = Qall[dd * BM + r];
+        else q = patch_elem(qimg, G.Hq, G.Wq, qi, qj, code, half, G.query_pad);
+        const double dq = static_cast<double>(q);
         const double dk = static_cast<double>(patch_elem(kimg, G.H, G.W, ki, kj, code, half, G.key_pad));
         const double diff = dq - a * dk;
         dist = fma(diff, diff, dist);
@@ -182,14 +193,33 @@ __global__ void merge_multi_rows(Geometry<T> G, Sizes S, const uint32_t* __restr
   }
 }
 
+// Bytes of dynamic shared memory for resident query patches, or 0 to gather them with every key: resident up to
+// PATCHMOSAIC_CUDA_QUERY_SMEM_KB per block (default 48, as the single-size kernel; 0 turns it off), and only
+// where that needs no opt-in (48 KB with the kernel's static shared memory).
+template <typename T, int CC>
+size_t multi_resident_bytes(int d) {
+  const size_t bytes = static_cast<size_t>(d) * BM * sizeof(T);
+  size_t cap = 48 * 1024;
+  if (const char* env = std::getenv("PATCHMOSAIC_CUDA_QUERY_SMEM_KB")) cap = static_cast<size_t>(std::atol(env)) * 1024;
+  if (bytes > cap) return 0;
+  cudaFuncAttributes fa{};
+  check_cuda(cudaFuncGetAttributes(&fa, multi_items<T, CC, true>), "cudaFuncGetAttributes");
+  return bytes + fa.sharedSizeBytes <= 48 * 1024 ? bytes : 0;
+}
+
 template <typename T, int CC>
 void launch_multi(const MultiKArgs<T>& M, const DeviceCall<T>& D, const Sizes& S, const uint32_t* kmask,
                   const uint32_t* cls_sizes, cudaStream_t st) {
   const int64_t states = D.slots * S.n;
   DeviceBuffer<double> m(states, st), s(states, st), acc(states * CC, st);
   MultiPartials P{m.get(), s.get(), acc.get()};
-  const auto items = &multi_items<T, CC>;
-  PM_LAUNCH(items, static_cast<unsigned>(D.n_items), BM, 0, st)(D.G, S, kmask, D.items.get(), P);
+  if (const size_t bytes = multi_resident_bytes<T, CC>(S.end[S.n - 1]); bytes > 0) {
+    const auto items = &multi_items<T, CC, true>;
+    PM_LAUNCH(items, static_cast<unsigned>(D.n_items), BM, bytes, st)(D.G, S, kmask, D.items.get(), P);
+  } else {
+    const auto items = &multi_items<T, CC, false>;
+    PM_LAUNCH(items, static_cast<unsigned>(D.n_items), BM, 0, st)(D.G, S, kmask, D.items.get(), P);
+  }
   check_launch("patch_softmax_multi (items)");
   const auto merge = &merge_multi_rows<T, CC>;
   PM_LAUNCH(merge, static_cast<unsigned>(D.n_blocks), BM, 0, st)(D.G, S, cls_sizes, D.blocks.get(), P, M.base.B,
