@@ -205,7 +205,13 @@ def local_softmax_ks(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t
     B, C, Hq, Wq = (int(v) for v in query.shape)
     item = query.element_size()
     need = checks.local_bytes(query.shape, query.dtype, train, kmax, engine.name, False, n_threads)
-    need += K * B * C * Hq * Wq * item + 2 * B * Hq * Wq * (C + 3) * 8 * K
+    need += K * B * C * Hq * Wq * item  # out
+    if engine is engines.CUDA:
+        # partial states (m, s, C sums per size) of every row of every work item: one item per row block
+        # of up to 64 rows, plus at most 4096 more (the key-range split, cuda/local_tile.cuh plan_cuda)
+        need += (B * Hq * Wq + 4096 * 64) * K * (C + 2) * 8
+    else:
+        need += 2 * B * Hq * Wq * (C + 3) * 8 * K
     checks.memory(need, f"the local machine at sizes {list(ks)} on a batch of shape {tuple(query.shape)}", max_memory)
     checks.values(query, "x", t, a, inv_2b2)
     checks.scale(query, train, inv_2b2, C * kmax * kmax)
