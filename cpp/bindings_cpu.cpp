@@ -37,7 +37,7 @@ void register_cpu(py::module_& m) {
     by_dtype(c, local_backward_cpu<float>, local_backward_cpu<double>);
   }, "Local machines, backward pass: grad_query, grad_a, grad_inv_2b2 of a LocalCall.");
   m.def("local_forward_multi_cpu", [](const LocalMultiCall& c) {
-    validate(c);
+    validate(c, Engine::kCpu);
     py::gil_scoped_release nogil;
     if (c.dtype == kFloat32) local_forward_multi_cpu<float>(view<float>(c));
     else local_forward_multi_cpu<double>(view<double>(c));

@@ -33,6 +33,11 @@ void register_cuda(py::module_& m) {
     validate(c, Pass::kBackward, Engine::kCuda);
     by_dtype(c, stream, device, local_backward_cuda<float>, local_backward_cuda<double>);
   }, "Local machines on the GPU, backward pass.");
+  m.def("local_forward_multi_cuda", [](const LocalMultiCall& c, uintptr_t stream, int device) {
+    validate(c, Engine::kCuda);
+    by_dtype(c, stream, device, local_forward_multi_cuda<float>, local_forward_multi_cuda<double>);
+  }, "Local machines on the GPU at several patch sizes in one pass (forward only): out (n_ks, B, C, Hq, Wq) of a "
+     "LocalMultiCall.");
   m.def("ideal_forward_cuda", [](const IdealCall& c, uintptr_t stream, int device) {
     validate(c, Pass::kForward, Engine::kCuda);
     by_dtype(c, stream, device, ideal_forward_cuda<float>, ideal_forward_cuda<double>);

@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+import cuda_emulation
+
 import patchmosaic as pm
 from patchmosaic import ops
 from patchmosaic.experiments.calibrate import calibrate
+from patchmosaic.ops import engines
 
 RANGE = 2.0  # the data range: images in [-1, 1]
 N, C, H, W = 10, 3, 9, 8
@@ -219,3 +222,111 @@ def test_calibration_with_one_pass_equals_one_call_per_size(kind, monkeypatch):
     np.testing.assert_allclose(one.cosine, sep.cosine, atol=1e-5)
     if kind == "els":
         assert one.schedule == true
+
+
+# ------------------------------------------------------------------------------------------------ CUDA engine
+needs_gpu = pytest.mark.skipif(not pm.cuda_available(), reason="no CUDA device or no CUDA engine in this build")
+
+
+@pytest.fixture(params=[pytest.param("gpu", marks=[pytest.mark.cuda, needs_gpu]), "emulated"])
+def dev(request, monkeypatch):
+    """The device of the CUDA engine's tensors: CUDA on the GPU, the CPU under the emulator (tests/test_cuda.py)."""
+    if request.param == "gpu":
+        return torch.device("cuda")
+    monkeypatch.setattr(engines, "_EMULATOR", cuda_emulation.module())
+    return torch.device("cpu")
+
+
+@pytest.fixture
+def one_pass_calls(monkeypatch):
+    """Counts the compiled one-pass calls per engine (so a test sees the one pass ran, not one call per size)."""
+    calls = []
+    inner = engines.local_forward_multi
+
+    def spy(engine, *args, **kw):
+        calls.append(engine.name)
+        return inner(engine, *args, **kw)
+
+    monkeypatch.setattr(engines, "local_forward_multi", spy)
+    return calls
+
+
+@pytest.mark.parametrize("rule,canvas,lists", CASES, ids=[f"{c[0]}-{c[1][0]}x{c[1][1]}" for c in CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("conditional", [False, True], ids=["uncond", "labels"])
+def test_cuda_one_pass_equals_separate_float64_cpu_calls(rule, canvas, lists, dtype, conditional, dev, one_pass_calls):
+    """The CUDA engine's one pass (denoise_ks with backend='cuda') against one float64 CPU call per size, every
+    local machine, with and without labels: float32 to 1e-5 (mean) and 1e-3 (max) of the data range, float64 to
+    1e-9."""
+    m, x, lab, t = _inputs(rule, canvas, torch.float64, conditional)
+    images, labels = _data()
+    g = _machine(rule, torch.from_numpy(images).to(device=dev, dtype=dtype), labels)
+    xd = x.to(device=dev, dtype=dtype)
+    labd = None if lab is None else lab.to(dev)
+    for ks in lists:
+        out = g.denoise_ks(xd, t.to(dev), ks, labels=labd, backend="cuda")
+        assert out.shape == (len(ks), *x.shape) and out.dtype == dtype and out.device.type == dev.type
+        for j, k in enumerate(ks):
+            ref = m.denoise(x, t, k, labels=lab, backend="cpu")
+            _check(out[j].cpu(), ref, dtype, f"{rule} k={k} CUDA one pass vs separate float64 CPU call")
+    assert one_pass_calls == ["cuda"] * len(lists)
+
+
+def test_cuda_one_pass_equals_the_float64_oracle(dev, one_torch_thread):
+    """One direct comparison of the CUDA engine's op with the torch oracle: boundary-aware ELS on a larger canvas
+    (border classes at each size, the interior in one pass), float64, with labels."""
+    rule, canvas, lists = CASES[1]
+    m, x, lab, t = _inputs(rule, canvas, torch.float64, True)
+    images, labels = _data()
+    g = _machine(rule, torch.from_numpy(images).double().to(dev), labels)
+    lv, lp, li = g.label_index.tensors()
+    a, s, _ = g.coefficients(t, len(t))
+    ks = lists[0]
+    one = ops.local_softmax_ks(g.train_as(torch.float64, dev), x.to(dev), a.to(dev), s.to(dev), t.to(dev),
+                               lab.to(dev), lv, lp, li, ks, rule, "cuda")
+    for j, k in enumerate(ks):
+        _check(one[j].cpu(), m.denoise(x, t, k, labels=lab, backend="torch"), torch.float64,
+               f"{rule} k={k} CUDA one pass vs float64 oracle")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_cuda_query_patches_resident_or_gathered_per_key(dtype, dev, monkeypatch):
+    """Each thread's query patch is kept in shared memory when the block's patches fit the budget
+    (PATCHMOSAIC_CUDA_QUERY_SMEM_KB, default 48; 64 patches of C k^2 = 75 float32 elements at k = 5 do, and of
+    27 float64 elements at k = 3) and gathered again for every key otherwise (budget 0): the same sums in the same
+    order, so the same bits."""
+    images, labels = _data()
+    m = pm.ELS(torch.from_numpy(images).to(device=dev, dtype=dtype), labels)
+    x = torch.randn(2, C, 10, 9, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dev, dtype)
+    t = torch.tensor([0.2, 0.7], dtype=torch.float64, device=dev)
+    lab = torch.tensor([1, 0], device=dev)
+    ks = [1, 3, 5] if dtype == torch.float32 else [1, 3]
+    got = m.denoise_ks(x, t, ks, labels=lab, backend="cuda")
+    monkeypatch.setenv("PATCHMOSAIC_CUDA_QUERY_SMEM_KB", "0")
+    assert torch.equal(m.denoise_ks(x, t, ks, labels=lab, backend="cuda"), got)
+    ref = pm.ELS(images, labels).denoise_ks(x.cpu().double(), t.cpu(), ks, labels=lab.cpu(), backend="cpu")
+    _check(got.cpu(), ref, dtype, "CUDA one pass vs CPU one pass")
+
+
+def test_the_compiled_cuda_entry_checks_the_call(dev):
+    """The CUDA entry validates its struct on the host (the CPU entry's checks, and the CUDA engine's limits)."""
+    mod = engines.CUDA.module
+    images, _ = _data()
+    x = torch.zeros(1, C, H, W)
+    multi = ops.multi_keyset("els_zeros", H, W, H, W, (3, 5))
+    from patchmosaic.ops import contract
+    from patchmosaic.ops.labels import groups
+
+    grp = groups(None, None, None, None, N, 1)
+    a = torch.ones(1, dtype=torch.float64)
+    out = torch.empty(2, 1, C, H, W)
+    bad = ops.MultiKeySet((5, 3), multi.keyset, multi.kmask)
+    call, keep = contract.local_multi_call(mod, train=torch.from_numpy(images), query=x, multi=bad, a=a, inv_2b2=a,
+                                           groups=grp, out=out)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        mod.local_forward_multi_cuda(call, 0, 0)
+    wide = torch.zeros(1, 5, H, W)
+    call, keep = contract.local_multi_call(mod, train=torch.zeros(N, 5, H, W), query=wide, multi=multi, a=a,
+                                           inv_2b2=a, groups=grp, out=torch.empty(2, 1, 5, H, W))
+    with pytest.raises(ValueError, match="1 to 4 channels"):
+        mod.local_forward_multi_cuda(call, 0, 0)

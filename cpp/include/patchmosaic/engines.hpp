@@ -30,5 +30,7 @@ template <typename T> void local_forward_cuda(const PatchSoftmaxArgs<T>& A, void
 template <typename T> void local_backward_cuda(const PatchSoftmaxArgs<T>& A, void* stream, int device);
 template <typename T> void ideal_forward_cuda(const IdealScoreArgs<T>& A, void* stream, int device);
 template <typename T> void ideal_backward_cuda(const IdealScoreArgs<T>& A, void* stream, int device);
+// every patch size of a LocalMultiCall in one pass (forward only; cuda/patch_softmax_multi.cu)
+template <typename T> void local_forward_multi_cuda(const MultiKArgs<T>& A, void* stream, int device);
 
 }  // namespace patchmosaic

@@ -106,8 +106,11 @@ constexpr int kCudaMaxChannels = 4;
 constexpr int kCudaMaxK = 4095;
 constexpr int kMaxMultiK = 32;  // patch sizes of one multi-size call (bits of a key position's mask)
 
-inline void validate(const LocalCall& c, Pass pass, Engine engine) {
-  using namespace detail;
+namespace detail {
+
+// What a LocalCall and a LocalMultiCall share: types, buffers, sizes and paddings (before the patch size).
+template <typename Call>
+void local_common(const Call& c) {
   dtype(c.dtype);
   present(c.train, "train");
   present(c.query, "query");
@@ -120,10 +123,19 @@ inline void validate(const LocalCall& c, Pass pass, Engine engine) {
   positive(c.Wq, "Wq");
   product({c.N, c.C, c.H, c.W}, "the training set");
   product({c.B, c.C, c.Hq, c.Wq}, "the query batch");
-  if (c.k < 1 || c.k % 2 == 0) fail("patch size k must be odd and positive, got " + std::to_string(c.k));
-  if (c.k > 32767 || product({c.C, c.k, c.k}, "the patch") > kMaxPatchElements)
-    fail("patch size k=" + std::to_string(c.k) + " makes patches of more than " + std::to_string(kMaxPatchElements) +
+}
+
+// An odd patch size k whose C k^2 patches the engines can hold.
+inline void patch_size(int64_t k, int64_t C) {
+  if (k < 1 || k % 2 == 0) fail("patch size k must be odd and positive, got " + std::to_string(k));
+  if (k > 32767 || product({C, k, k}, "the patch") > kMaxPatchElements)
+    fail("patch size k=" + std::to_string(k) + " makes patches of more than " + std::to_string(kMaxPatchElements) +
          " elements");
+}
+
+// The paddings and the CSR arrays of the query-pixel classes (their key positions checked by the caller).
+template <typename Call>
+void local_classes(const Call& c) {
   padding(c.query_pad, "query_pad");
   padding(c.key_pad, "key_pad");
   positive(c.n_classes, "n_classes", int64_t(1) << 40);
@@ -131,6 +143,22 @@ inline void validate(const LocalCall& c, Pass pass, Engine engine) {
   csr(c.cls_kpos_ptr, c.n_classes, c.n_cls_kpos, "cls_kpos_ptr");
   in_range(c.cls_qpix, c.n_cls_qpix, c.Hq * c.Wq, "cls_qpix");
   in_range(c.cls_kpos, c.n_cls_kpos, c.H * c.W, "cls_kpos");
+}
+
+// The CUDA kernels' limits: channels (per-thread accumulators) and patch size (element codes).
+inline void cuda_limits(int64_t C, int64_t k) {
+  if (C > kCudaMaxChannels)
+    fail("the CUDA engine handles 1 to " + std::to_string(kCudaMaxChannels) + " channels, got " + std::to_string(C));
+  if (k > kCudaMaxK) fail("the CUDA engine handles k <= " + std::to_string(kCudaMaxK) + ", got " + std::to_string(k));
+}
+
+}  // namespace detail
+
+inline void validate(const LocalCall& c, Pass pass, Engine engine) {
+  using namespace detail;
+  local_common(c);
+  patch_size(c.k, c.C);
+  local_classes(c);
   const int64_t* qp = addr<const int64_t*>(c.cls_qpix_ptr);
   const int64_t* kp = addr<const int64_t*>(c.cls_kpos_ptr);
   for (int64_t i = 0; i < c.n_classes; ++i)
@@ -138,11 +166,7 @@ inline void validate(const LocalCall& c, Pass pass, Engine engine) {
       fail("query-pixel class " + std::to_string(i) + " has no key positions");
   groups(c);
   pass_buffers(c, pass);
-  if (engine == Engine::kCuda) {
-    if (c.C > kCudaMaxChannels)
-      fail("the CUDA engine handles 1 to " + std::to_string(kCudaMaxChannels) + " channels, got " + std::to_string(c.C));
-    if (c.k > kCudaMaxK) fail("the CUDA engine handles k <= " + std::to_string(kCudaMaxK) + ", got " + std::to_string(c.k));
-  }
+  if (engine == Engine::kCuda) cuda_limits(c.C, c.k);
 }
 
 inline void validate(const IdealCall& c, Pass pass, Engine) {
@@ -204,20 +228,10 @@ inline void validate(const CandidateCall& c) {
   if ((c.arg_key == 0) != (c.arg_share == 0)) fail("arg_key and arg_share come together (provenance)");
 }
 
-inline void validate(const LocalMultiCall& c) {
+// The multi-size pass: the checks of a LocalCall at its largest size (but its own sizes, masks and buffers).
+inline void validate(const LocalMultiCall& c, Engine engine = Engine::kCpu) {
   using namespace detail;
-  dtype(c.dtype);
-  present(c.train, "train");
-  present(c.query, "query");
-  positive(c.N, "N", int64_t(1) << 40);
-  positive(c.C, "C");
-  positive(c.H, "H");
-  positive(c.W, "W");
-  positive(c.B, "B", int64_t(1) << 40);
-  positive(c.Hq, "Hq");
-  positive(c.Wq, "Wq");
-  product({c.N, c.C, c.H, c.W}, "the training set");
-  product({c.B, c.C, c.Hq, c.Wq}, "the query batch");
+  local_common(c);
   positive(c.n_ks, "n_ks (the number of patch sizes)", kMaxMultiK);
   present(c.ks, "ks");
   const int32_t* ks = addr<const int32_t*>(c.ks);
@@ -229,17 +243,9 @@ inline void validate(const LocalMultiCall& c) {
            std::to_string(ks[j]));
   }
   const int64_t kmax = ks[c.n_ks - 1];
-  if (kmax > 32767 || product({c.C, kmax, kmax}, "the patch") > kMaxPatchElements)
-    fail("patch size k=" + std::to_string(kmax) + " makes patches of more than " + std::to_string(kMaxPatchElements) +
-         " elements");
+  patch_size(kmax, c.C);
   product({c.n_ks, c.B, c.C, c.Hq, c.Wq}, "the output");
-  padding(c.query_pad, "query_pad");
-  padding(c.key_pad, "key_pad");
-  positive(c.n_classes, "n_classes", int64_t(1) << 40);
-  csr(c.cls_qpix_ptr, c.n_classes, c.n_cls_qpix, "cls_qpix_ptr");
-  csr(c.cls_kpos_ptr, c.n_classes, c.n_cls_kpos, "cls_kpos_ptr");
-  in_range(c.cls_qpix, c.n_cls_qpix, c.Hq * c.Wq, "cls_qpix");
-  in_range(c.cls_kpos, c.n_cls_kpos, c.H * c.W, "cls_kpos");
+  local_classes(c);
   present(c.cls_kmask, "cls_kmask");
   const uint32_t* mask = addr<const uint32_t*>(c.cls_kmask);
   const uint32_t all = c.n_ks == 32 ? 0xFFFFFFFFu : ((uint32_t(1) << c.n_ks) - 1);
@@ -258,6 +264,7 @@ inline void validate(const LocalMultiCall& c) {
   present(c.a, "a");
   present(c.inv_2b2, "inv_2b2");
   present(c.out, "out");
+  if (engine == Engine::kCuda) cuda_limits(c.C, kmax);
 }
 
 }  // namespace patchmosaic

@@ -182,7 +182,7 @@ class Machine:
 
     def denoise_ks(self, x, t, ks: Sequence[int], labels=None, *, backend: Optional[str] = None):
         """Posterior-mean estimates ``x0_hat`` at several patch sizes on the same noisy images, in one pass on
-        the CPU engine (a local machine's calibration sweep). ``out[j]`` equals ``denoise(x, t, ks[j], labels)``
+        the compiled engines, CPU and CUDA (a local machine's calibration sweep). ``out[j]`` equals ``denoise(x, t, ks[j], labels)``
         to float rounding. Forward only: not differentiable, no provenance.
 
         Args:
@@ -192,8 +192,8 @@ class Machine:
             ks: the patch sizes, odd positive integers in strictly increasing order (1 to 32 of them).
             labels: ``(B,)`` integer class labels, one int for all, or None (default), as for :meth:`denoise`.
             backend: this call's engine, overriding the machine's: ``"auto"``, ``"cpu"``, ``"cuda"`` or
-                ``"torch"``; None (default) keeps the machine's. Only the CPU engine computes all sizes in one
-                pass; the others run one :meth:`denoise` per size.
+                ``"torch"``; None (default) keeps the machine's. The CPU and CUDA engines compute all sizes in one
+                pass; the torch reference runs one :meth:`denoise` per size.
 
         Returns:
             ``(K, B, C, Hq, Wq)`` with the dtype of ``x``, ``K = len(ks)``: a torch tensor for torch input, a

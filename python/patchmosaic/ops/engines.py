@@ -162,14 +162,25 @@ def local_forward(engine: Engine, train, query, k: int, keyset: KeySet, a, inv_2
     return out, stats, key, share
 
 
-def local_forward_multi(train, query, multi, a, inv_2b2, groups: Groups, n_threads: int = 0):
-    """The CPU engine's multi-size forward pass: ``out`` (K, B, C, Hq, Wq), ``out[j]`` the local machine's
-    output at patch size ``multi.ks[j]`` (``multi`` a keysets.MultiKeySet)."""
+def local_forward_multi(engine: Engine, train, query, multi, a, inv_2b2, groups: Groups, n_threads: int = 0):
+    """The multi-size forward pass of a compiled engine (``CPU`` or ``CUDA``): ``out`` (K, B, C, Hq, Wq) on the
+    query's device, ``out[j]`` the local machine's output at patch size ``multi.ks[j]``.
+
+    Args:
+        engine: :data:`CPU` or :data:`CUDA` (its tensors on the engine's device).
+        train: ``(N, C, H, W)`` training images, the dtype of ``query``, contiguous.
+        query: ``(B, C, Hq, Wq)`` noisy images, contiguous.
+        multi: the key sets at every size (a keysets.MultiKeySet).
+        a, inv_2b2: ``(B,)`` float64 coefficients of each query image.
+        groups: the training images each query image attends to (labels.Groups).
+        n_threads: CPU threads (0: all available); the CUDA engine ignores it.
+    """
     B, C, Hq, Wq = query.shape
-    out = torch.zeros((len(multi.ks), B, C, Hq, Wq), dtype=query.dtype)  # a pixel no class computes at a size: 0
-    call, ks = contract.local_multi_call(_CPU_MODULE, train=train, query=query, multi=multi, a=a, inv_2b2=inv_2b2,
+    # a pixel no class computes at a size: 0
+    out = torch.zeros((len(multi.ks), B, C, Hq, Wq), dtype=query.dtype, device=query.device)
+    call, ks = contract.local_multi_call(engine.module, train=train, query=query, multi=multi, a=a, inv_2b2=inv_2b2,
                                          groups=groups, out=out, n_threads=n_threads)
-    _CPU_MODULE.local_forward_multi_cpu(call)
+    engine.run("local_forward_multi", call, query.device)
     del ks  # kept alive until the call returned
     return out
 

@@ -174,7 +174,7 @@ def keyset(rule: str, Hq: int, Wq: int, H: int, W: int, k: int) -> KeySet:
 @dataclass(frozen=True)
 class MultiKeySet:
     """The key sets of one rule at several patch sizes ``ks`` (strictly increasing), for a pass that computes
-    every size at once (the CPU engine's ``local_forward_multi``).
+    every size at once (the compiled engines' ``local_forward_multi``, CPU and CUDA).
 
     Bit ``j`` of ``kmask[e]`` (uint32, one per entry of ``keyset.cls_kpos``) is set when position
     ``keyset.cls_kpos[e]`` is one of its class's keys at size ``ks[j]``. A class of ``keyset`` computes, for its

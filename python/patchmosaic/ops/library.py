@@ -171,11 +171,11 @@ def local_softmax_ks(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t
     """A local machine at several patch sizes on the same queries -> ``out`` ``(K, B, C, Hq, Wq)``, ``out[j]``
     the output at size ``ks[j]`` (what ``local_softmax`` gives at that size, to float rounding).
 
-    A plain function, forward only (no autograd, no provenance, no statistics). On the CPU engine it is one
-    pass: the squared distance at size ``ks[j]`` is that at ``ks[j-1]`` plus the ring between them, so each key
-    patch is gathered and multiplied once, at the largest size it serves (cpp/cpu/patch_softmax_multi.cpp;
-    boundary-aware ELS: the interior in one pass, the border pixels one size at a time, keysets.MultiKeySet). Other
-    engines (``"torch"``, ``"cuda"``) run ``local_softmax`` once per size.
+    A plain function, forward only (no autograd, no provenance, no statistics). On the compiled engines (CPU and
+    CUDA) it is one pass: the squared distance at size ``ks[j]`` is that at ``ks[j-1]`` plus the ring between them,
+    so each key patch is visited once, up to the largest size it serves (cpp/cpu/patch_softmax_multi.cpp,
+    cpp/cuda/patch_softmax_multi.cu; boundary-aware ELS: the interior in one pass, the border pixels one size at a
+    time, keysets.MultiKeySet). The torch reference (``"torch"``) runs ``local_softmax`` once per size.
 
     Args:
         train, query, a, inv_2b2, t, labels, label_values, label_ptr, label_images, rule, backend, n_threads,
@@ -196,7 +196,7 @@ def local_softmax_ks(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t
             raise ValueError(f"patch sizes must be strictly increasing (sorted, no duplicates), got {k0} then {k1} "
                              f"in ks={list(ks)}")
     engine = _engine(query, backend, train.shape[1])
-    if engine is not engines.CPU or not one_pass:
+    if engine is reference or not one_pass:
         name = "torch" if engine is reference else engine.name
         outs = [local_softmax(train, query, a, inv_2b2, t, labels, label_values, label_ptr, label_images, None, k,
                               rule, False, name, n_threads, max_memory)[0] for k in ks]
@@ -204,8 +204,14 @@ def local_softmax_ks(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t
     K, kmax = len(ks), ks[-1]
     B, C, Hq, Wq = (int(v) for v in query.shape)
     item = query.element_size()
-    need = checks.local_bytes(query.shape, query.dtype, train, kmax, "cpu", False, n_threads)
-    need += K * B * C * Hq * Wq * item + 2 * B * Hq * Wq * (C + 3) * 8 * K
+    need = checks.local_bytes(query.shape, query.dtype, train, kmax, engine.name, False, n_threads)
+    need += K * B * C * Hq * Wq * item  # out
+    if engine is engines.CUDA:
+        # partial states (m, s, C sums per size) of every row of every work item: one item per row block
+        # of up to 64 rows, plus at most 4096 more (the key-range split, cuda/local_tile.cuh plan_cuda)
+        need += (B * Hq * Wq + 4096 * 64) * K * (C + 2) * 8
+    else:
+        need += 2 * B * Hq * Wq * (C + 3) * 8 * K
     checks.memory(need, f"the local machine at sizes {list(ks)} on a batch of shape {tuple(query.shape)}", max_memory)
     checks.values(query, "x", t, a, inv_2b2)
     checks.scale(query, train, inv_2b2, C * kmax * kmax)
@@ -213,7 +219,8 @@ def local_softmax_ks(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t
     grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
     with torch.no_grad():
-        return engines.local_forward_multi(tr.detach(), q.detach(), multi, aa.detach(), ss.detach(), grp, n_threads)
+        return engines.local_forward_multi(engine, tr.detach(), q.detach(), multi, aa.detach(), ss.detach(), grp,
+                                           n_threads)
 
 
 # ---------------------------------------------------------------------------------- ideal score
