@@ -1,18 +1,25 @@
-"""Reproduce the paper's central result on the reference networks in ../shared/models.
+"""Reproduce the paper's Tables 1-2 on the reference networks in ../shared/models.
 
-For each network: calibrate the k-schedules of the local machines (boundary-aware ELS, or periodic ELS
-for a circular network, and LS) against the network's own DDIM trajectories, then sample network and
-machines from the same seeds (the seeds and labels of the network's ddim20_samples.npz) and compare
-them seed by seed (Pearson r, R^2; IS as the baseline), with our calibrated schedules and with the
-paper's published schedule for the same family. Writes, per network, under --out:
-calibration_{ELS,LS}.json, kschedule.png, report.json, scatter.png, grid.png and resumable
-state files; and the table
-between the reproduce markers of bench/RESULTS.md.
+For each network: calibrate the k-schedules of the local machines (boundary-aware ELS, or for the circular
+network periodic ELS with interior keys and with wrapped keys, and LS) against the network's own DDIM
+trajectories, then sample network and machines from the same seeds (the seeds and labels of the network's
+ddim20_samples.npz) and compare them seed by seed (Pearson r, R^2; IS as the baseline), with our calibrated
+schedules and with the paper's published schedule for the same family. Writes, per network, under --out:
+calibration_<machine>.json, report.json (per-seed numbers), kschedule.png, scatter.png, grid.png, stages.json
+(what is done, with its settings and seconds) and resumable state files; and the table between the markers
+``<!-- <block>:begin -->`` / ``<!-- <block>:end -->`` of each --md file (every finished network under --out).
 
-    python bench/reproduce.py --networks cifar10k_resnet_zeros_cond fmnist20k_resnet_zeros_cond \
-        --seeds 32 --calib-seeds 8 --k-max 23
+    python bench/reproduce.py --networks all                 # every reference network, the paper's table
+    python bench/reproduce.py --networks all --estimate-only # only the time estimate
+    python bench/reproduce.py --networks all --device cuda   # machines on the CUDA engine, network on the GPU
 
-Interrupted runs resume from the state files (rerun the same command).
+Before any work it prints a time estimate per network and stage (one timed machine call per patch size on a
+subset of the training images, scaled linearly to the whole set; one timed network call). The MNIST rows
+(60,000 training images) are meant for a GPU: on this 2-core CPU their estimate is hours; `--limit` runs them on
+fewer training images to check the pipeline (such rows are marked with their training-set size).
+
+Resumable per network and per stage: a finished stage (calibration of each machine, comparison, figures) with
+the same settings is skipped on a rerun; an interrupted stage resumes from its state files.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from patchmosaic.networks import load_network  # noqa: E402
 from patchmosaic.io.plots import comparison_grid, kschedule_plot, save_figure, scatter  # noqa: E402
 from patchmosaic.io.runstate import write_json  # noqa: E402
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 FMNIST = "/usr/share/datasets/fashion-mnist"
 MNIST = os.path.join(SHARED, "data", "mnist.npz")
 CIFAR = os.path.join(SHARED, "data", "cifar10_10k.npz")
@@ -46,13 +54,13 @@ NETWORKS = {
     "fmnist20k_resnet_zeros_cond": (FMNIST, 20000, "zeros", "FashionMNIST_ResNet_zeros_conditional",
                                     ("FashionMNIST", "ResNet")),
     "mnist_resnet_zeros": (MNIST, None, "zeros", "MNIST_ResNet_zeros", ("MNIST", "ResNet")),
-    "mnist_unet_zeros": (MNIST, None, "zeros", "MNIST_UNet_zeros", ("MNIST", "UNet")),
     "mnist_resnet_circular": (MNIST, None, "circular", "MNIST_ResNet_circular", ("MNIST", "ResNet")),
+    "mnist_unet_zeros": (MNIST, None, "zeros", "MNIST_UNet_zeros", ("MNIST", "UNet")),
     "cifar10k_unet_zeros_cond": (CIFAR, None, "zeros", "CIFAR10_UNet_zeros_conditional", ("CIFAR10", "UNet")),
     "cifar10k_unet_attn_zeros_cond": (CIFAR, None, "zeros", "CIFAR10_UNet_zeros_conditional",
                                       ("CIFAR10", "UNet+self-attention (pretrained, external)")),
 }
-BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
+ORDER = list(NETWORKS)
 
 
 def paper_row(dataset, arch, padding):
@@ -64,106 +72,267 @@ def paper_row(dataset, arch, padding):
     return None
 
 
-def run_network(name, args):
-    data, limit, padding, paper_name, (pdata, parch) = NETWORKS[name]
-    out = os.path.join(args.out, name)
-    os.makedirs(out, exist_ok=True)
-    card = json.load(open(os.path.join(SHARED, "models", name, "card.json")))
-    images, labels = pm.data.load(data, limit=limit)
-    ref = np.load(os.path.join(SHARED, "models", name, "ddim20_samples.npz"))
-    seeds = torch.from_numpy(ref["seeds"][: args.seeds])
-    ylab = torch.from_numpy(ref["labels"][: args.seeds]) if card["conditional"] else None
-    train_labels = labels if card["conditional"] else None
-    net = NetworkDenoiser(load_network(os.path.join(SHARED, "models", name, "model.pt")))
-    boundary = "circular" if padding == "circular" else "zeros"
-    els = pm.ELS(images, train_labels, boundary=boundary)
-    ls = pm.LS(images, train_labels)
-    iss = pm.IS(images, train_labels)
-    # times add up over interrupted and resumed runs (a rerun of a finished run adds only seconds)
-    prev = os.path.join(out, "report.json")
-    timings = dict(json.load(open(prev)).get("timings", {})) if os.path.exists(prev) else {}
+class Run:
+    """One network's data, models and stage bookkeeping."""
 
-    cal = {}
-    for mname, machine in (("ELS", els), ("LS", ls)):
+    def __init__(self, name, args):
+        self.name, self.args = name, args
+        data, limit, padding, self.paper_name, self.paper_key = NETWORKS[name]
+        self.padding = padding
+        self.out = os.path.join(args.out, name)
+        card_dir = os.path.join(SHARED, "models", name)
+        self.card = json.load(open(os.path.join(card_dir, "card.json")))
+        if args.limit is not None:
+            limit = args.limit if limit is None else min(limit, args.limit)
+        self.images, labels = pm.data.load(data, limit=limit)
+        self.cond = bool(self.card["conditional"])
+        self.ref = np.load(os.path.join(card_dir, "ddim20_samples.npz"))
+        self.seeds = torch.from_numpy(self.ref["seeds"][: args.seeds])
+        self.ylab = torch.from_numpy(self.ref["labels"][: args.seeds]) if self.cond else None
+        self.train_labels = labels if self.cond else None
+        self.net = NetworkDenoiser(load_network(os.path.join(card_dir, "model.pt")), device=args.device)
+        self.boundary = "circular" if padding == "circular" else "zeros"
+        # the machines calibrated: (stage name, machine); the circular network gets both periodic key sets
+        self.local = {"ELS": pm.ELS(self.images, self.train_labels, boundary=self.boundary)}
+        if self.boundary == "circular":
+            self.local["ELSwrap"] = pm.ELS(self.images, self.train_labels, boundary="circular", wrapped=True)
+        self.local["LS"] = pm.LS(self.images, self.train_labels)
+        self.iss = pm.IS(self.images, self.train_labels)
+        self.settings = {"seeds": args.seeds, "calib_seeds": args.calib_seeds, "k_max": args.k_max,
+                         "train_images": int(len(self.images))}
+        self.stages = self._load_stages()
+
+    # -- stages -------------------------------------------------------------------------------------------
+    def _load_stages(self):
+        path = os.path.join(self.out, "stages.json")
+        if os.path.exists(path):
+            return json.load(open(path))
+        rep = os.path.join(self.out, "report.json")
+        if not os.path.exists(rep):
+            return {}
+        # a run of the earlier script (no stages.json): its report says what was done and how long it took
+        r = json.load(open(rep))
+        old = {"seeds": r["seeds"], "calib_seeds": r["calibration_seeds"], "k_max": r["k_max"],
+               "train_images": r["train_images"]}
+        tm = r.get("timings", {})
+        st = {f"calibrate_{m}": {"settings": old, "seconds": tm.get(f"calibrate_{m}_s", 0.0)} for m in ("ELS", "LS")}
+        st["compare"] = {"settings": old, "seconds": tm.get("compare_s", 0.0)}
+        if os.path.exists(os.path.join(self.out, "grid.png")):
+            st["figures"] = {"settings": old, "seconds": 0.0}
+        return st
+
+    def done(self, stage):
+        return self.stages.get(stage, {}).get("settings") == self.settings and not self.stages[stage].get("partial")
+
+    def mark(self, stage, seconds, partial=False):
+        prev = self.stages.get(stage, {})
+        same = prev.get("settings") == self.settings
+        self.stages[stage] = {"settings": self.settings, "date": time.strftime("%Y-%m-%d"),
+                              "device": self.args.device, "machine": machine_line(),
+                              "seconds": round((prev.get("seconds", 0.0) if same else 0.0) + seconds, 1)}
+        if partial:
+            self.stages[stage]["partial"] = True
+        write_json(os.path.join(self.out, "stages.json"), self.stages)
+
+    def todo(self):
+        names = [f"calibrate_{m}" for m in self.local] + ["compare", "figures"]
+        return [s for s in names if not self.done(s)]
+
+    # -- the time estimate ---------------------------------------------------------------------------------
+    def estimate(self, n_sub: int = 1000) -> dict:
+        """Seconds per stage still to do, from one timed call per patch size on ``n_sub`` training images."""
+        todo = self.todo()
+        if not todo:
+            return {}
+        a = self.args
+        N = len(self.images)
+        n0 = min(N, n_sub)
+        scale = N / n0
+        dev = torch.device(a.device)
+        sub_lab = None if self.train_labels is None else self.train_labels[:n0]
+        q = self.seeds[:1].to(dev)
+        lab = None if self.ylab is None else self.ylab[:1]
+        if sub_lab is not None and lab is not None and not (np.asarray(sub_lab) == int(lab[0])).any():
+            lab = torch.as_tensor([int(np.asarray(sub_lab)[0])])
+
+        def timed(fn):
+            fn()  # warm-up (first call converts and caches the training images)
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+
+        b = min(a.batch, a.seeds)
+        xb = self.seeds[:b].to(dev)
+        net_s = timed(lambda: self.net.eps(xb, 0.5, None if self.ylab is None else self.ylab[:b])) / b
+        S = 20
+        paper = pm.kschedule.paper_schedule(self.paper_name)
+        est = {}
+        kinds = {"ELS": lambda imgs, y: pm.ELS(imgs, y, boundary=self.boundary),
+                 "ELSwrap": lambda imgs, y: pm.ELS(imgs, y, boundary="circular", wrapped=True),
+                 "LS": lambda imgs, y: pm.LS(imgs, y)}
+        per_sample = {}
+        for m in self.local:
+            small = kinds[m](self.images[:n0], sub_lab)
+            if f"calibrate_{m}" in todo:
+                ks = list(range(3, a.k_max + 1, 2))
+                t_ks = timed(lambda: small.denoise_ks(q, 0.5, ks, labels=lab))
+                est[f"calibrate_{m}"] = S * a.calib_seeds * (t_ks * scale + net_s)
+            if "compare" in todo:
+                t_k = {k: timed(lambda: small.denoise(q, 0.5, k, labels=lab)) for k in sorted(set(paper.ks))}
+                per_sample[m] = sum(t_k[k] for k in paper.ks) * scale
+        if "compare" in todo:
+            small_is = pm.IS(self.images[:n0], sub_lab)
+            is_s = timed(lambda: small_is.denoise(q, 0.5, labels=lab)) * scale
+            # ours and the paper's schedule per local machine, IS, the network
+            est["compare"] = a.seeds * (2 * sum(per_sample.values()) + S * is_s + S * net_s)
+        if "figures" in todo:
+            est["figures"] = 5.0  # measured: under a second for 8 seeds
+        return est
+
+    # -- the work ------------------------------------------------------------------------------------------
+    def calibrate(self) -> dict:
+        a, cal = self.args, {}
+        mc = a.calib_seeds
+        for m, machine in self.local.items():
+            stage, path = f"calibrate_{m}", os.path.join(self.out, f"calibration_{m}.json")
+            if self.done(stage) and os.path.exists(path):
+                c = json.load(open(path))
+                cal[m] = pm.KSchedule(c["times"], c["ks"])
+                continue
+            t0 = time.perf_counter()
+            c = calibrate(self.net, machine, self.seeds[:mc], None if self.ylab is None else self.ylab[:mc],
+                          k_max=a.k_max, state=os.path.join(self.out, f"calibration_{m}.state.npz"), run_id=self.name,
+                          progress=not a.quiet, device=a.device)
+            c.to_json(path, network=self.name, seeds=mc, train_images=len(self.images))
+            cal[m] = c.schedule
+            self.mark(stage, time.perf_counter() - t0)
+            print(f"{self.name}: {m} schedule (t = 1 -> 1/20): {list(c.schedule.ks)}", flush=True)
+        return cal
+
+    def compare(self, cal):
+        a = self.args
+        paper = pm.kschedule.paper_schedule(self.paper_name)
+        machines = {}
+        for m, machine in self.local.items():
+            machines[f"{m}_ours"] = MachineDenoiser(machine, cal[m])
+            machines[f"{m}_paper"] = MachineDenoiser(machine, paper)
+        machines["IS"] = MachineDenoiser(self.iss)
         t0 = time.perf_counter()
-        mc = args.calib_seeds
-        c = calibrate(net, machine, seeds[:mc], None if ylab is None else ylab[:mc], k_max=args.k_max,
-                      state=os.path.join(out, f"calibration_{mname}.state.npz"), run_id=name,
-                      progress=not args.quiet)
-        c.to_json(os.path.join(out, f"calibration_{mname}.json"), network=name, seeds=mc)
-        cal[mname] = c.schedule
-        timings[f"calibrate_{mname}_s"] = round(timings.get(f"calibrate_{mname}_s", 0) + time.perf_counter() - t0, 1)
-        print(f"{name}: {mname} schedule (t = 1 -> 1/20): {list(c.schedule.ks)}", flush=True)
-    paper = pm.kschedule.paper_schedule(paper_name)
-    ch = json.load(open(os.path.join(out, "calibration_ELS.json")))["choices"]
-    save_figure(kschedule_plot({"ELS ours": cal["ELS"], "LS ours": cal["LS"], "paper": paper}, np.array(ch),
-                               cal["ELS"].times, title=name.replace("_", " ")), os.path.join(out, "kschedule.png"))
-    machines = {
-        "ELS_ours": MachineDenoiser(els, cal["ELS"]), "LS_ours": MachineDenoiser(ls, cal["LS"]),
-        "ELS_paper": MachineDenoiser(els, paper), "LS_paper": MachineDenoiser(ls, paper),
-        "IS": MachineDenoiser(iss),
-    }
-    t0 = time.perf_counter()
-    rep = compare(net, machines, seeds, ylab, out_dir=out, run_id=name, batch_size=args.batch,
-                  progress=not args.quiet,
-                  info={"network": name, "train_images": int(len(images)), "conditional": card["conditional"],
-                        "k_schedules": {"ours_ELS": list(cal["ELS"].ks), "ours_LS": list(cal["LS"].ks),
-                                        "paper": list(paper.ks), "paper_name": paper_name},
-                        "calibration_seeds": args.calib_seeds, "k_max": args.k_max})
-    timings["compare_s"] = round(timings.get("compare_s", 0) + time.perf_counter() - t0, 1)
-    u = rep["samples"]["network"]
-    ref_samples = torch.from_numpy(ref["samples"][: args.seeds])
-    rep_json = json.load(open(os.path.join(out, "report.json")))
-    rep_json["network_vs_reference_max_abs"] = float((u - ref_samples).abs().max())
-    rep_json["timings"] = timings
-    write_json(os.path.join(out, "report.json"), rep_json)
+        rep = compare(self.net, machines, self.seeds, self.ylab, out_dir=self.out, run_id=self.name,
+                      batch_size=a.batch, progress=not a.quiet, device=a.device,
+                      info={"network": self.name, "train_images": int(len(self.images)), "conditional": self.cond,
+                            "boundary": self.boundary,
+                            "k_schedules": {**{f"ours_{m}": list(cal[m].ks) for m in cal},
+                                            "paper": list(paper.ks), "paper_name": self.paper_name},
+                            "calibration_seeds": a.calib_seeds, "k_max": a.k_max})
+        seconds = time.perf_counter() - t0
+        u = rep["samples"]["network"]
+        ref_samples = torch.from_numpy(self.ref["samples"][: a.seeds])
+        rep_json = json.load(open(os.path.join(self.out, "report.json")))
+        rep_json["network_vs_reference_max_abs"] = float((u - ref_samples).abs().max())
+        write_json(os.path.join(self.out, "report.json"), rep_json)
+        if not self.done("compare"):
+            self.mark("compare", seconds)
+        return rep, cal, paper
 
-    r = rep["per_seed"]
-    els_name = f"{'B' if boundary == 'zeros' else ''}ELS"
-    save_figure(scatter(r["IS"]["r"], r["ELS_ours"]["r"], xlabel="Pearson r of IS with the network",
-                        ylabel=f"Pearson r of {els_name} with the network", title=name.replace("_", " ")),
-                os.path.join(out, "scatter.png"))
-    near = nearest_training(u, images, ylab, train_labels)
-    n = min(8, args.seeds)
-    rows = [seeds[:n], u[:n], rep["samples"]["ELS_ours"][:n], rep["samples"]["ELS_paper"][:n],
-            rep["samples"]["LS_ours"][:n], rep["samples"]["IS"][:n], images[near[:n]]]
-    save_figure(comparison_grid(rows, ["noise", "network", "ELS ours", "ELS paper", "LS ours", "IS", "nearest"]),
-                os.path.join(out, "grid.png"))
-    return rep_json, paper_row(pdata, parch, padding)
+    def figures(self, rep, cal, paper):
+        if self.done("figures"):
+            return
+        t0 = time.perf_counter()
+        name, out = self.name, self.out
+        ch = json.load(open(os.path.join(out, "calibration_ELS.json")))["choices"]
+        curves = {f"{m} ours": cal[m] for m in cal}
+        curves["paper"] = paper
+        save_figure(kschedule_plot(curves, np.array(ch), cal["ELS"].times, title=name.replace("_", " ")),
+                    os.path.join(out, "kschedule.png"))
+        r = rep["per_seed"]
+        els_name = "BELS" if self.boundary == "zeros" else "periodic ELS"
+        save_figure(scatter(r["IS"]["r"], r["ELS_ours"]["r"], xlabel="Pearson r of IS with the network",
+                            ylabel=f"Pearson r of {els_name} with the network", title=name.replace("_", " ")),
+                    os.path.join(out, "scatter.png"))
+        u = rep["samples"]["network"]
+        near = nearest_training(u, self.images, self.ylab, self.train_labels)
+        n = min(8, self.args.seeds)
+        s = rep["samples"]
+        rows = [self.seeds[:n], u[:n], s["ELS_ours"][:n], s["ELS_paper"][:n]]
+        names = ["noise", "network", "ELS ours", "ELS paper"]
+        if "ELSwrap_ours" in s:
+            rows.append(s["ELSwrap_ours"][:n])
+            names.append("ELS wrapped")
+        rows += [s["LS_ours"][:n], s["IS"][:n], self.images[near[:n]]]
+        names += ["LS ours", "IS", "nearest"]
+        save_figure(comparison_grid(rows, names), os.path.join(out, "grid.png"))
+        self.mark("figures", time.perf_counter() - t0)
+
+    def run(self):
+        os.makedirs(self.out, exist_ok=True)
+        cal = self.calibrate()
+        if self.done("compare") and self.done("figures"):
+            return
+        rep, cal, paper = self.compare(cal)
+        self.figures(rep, cal, paper)
+
+
+# -- the table ---------------------------------------------------------------------------------------------
+def finished(out_dir):
+    """(name, report, stages, paper row) of every network with a finished comparison under out_dir, in table order."""
+    rows = []
+    for name in ORDER:
+        d = os.path.join(out_dir, name)
+        if not os.path.exists(os.path.join(d, "report.json")):
+            continue
+        rep = json.load(open(os.path.join(d, "report.json")))
+        st_path = os.path.join(d, "stages.json")
+        stages = json.load(open(st_path)) if os.path.exists(st_path) else {}
+        _, _, padding, _, (pdata, parch) = NETWORKS[name]
+        rows.append((name, rep, stages, paper_row(pdata, parch, padding)))
+    return rows
 
 
 def table(results) -> str:
-    lines = ["| network | seeds | k-schedule | median r ELS [IQR] | median r LS | median r IS | ELS beats IS | "
-             "median R² ELS | median R² LS | median R² IS |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, (rep, prow) in results.items():
+    lines = ["| network | train images | seeds | machine: k-schedule | median r ELS [IQR] | median r LS | median r IS | "
+             "ELS beats IS | median R² ELS | median R² LS | median R² IS |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, rep, _, prow in results:
         s = rep["summary"]
-        for which in ("ours", "paper"):
-            e, l_, i = s[f"ELS_{which}"], s[f"LS_{which}"], s["IS"]
-            ks = rep["k_schedules"]["ours_ELS" if which == "ours" else "paper"]
-            lines.append(
-                f"| {name} | {rep['seeds']} | {which}: {','.join(map(str, ks))} | {e['r']['median']:.3f} "
-                f"[{e['r']['q25']:.2f}, {e['r']['q75']:.2f}] | {l_['r']['median']:.3f} | {i['r']['median']:.3f} | "
-                f"{e['frac_beats_IS_r']:.2f} | {e['R2']['median']:.3f} | {l_['R2']['median']:.3f} | {i['R2']['median']:.3f} |")
+        ksch = rep["k_schedules"]
+        els_kinds = [m for m in ("ELS", "ELSwrap") if f"{m}_ours" in s]
+        for m in els_kinds:
+            label = {"ELS": "BELS" if rep.get("boundary", "zeros") == "zeros" else "periodic ELS, interior keys",
+                     "ELSwrap": "periodic ELS, wrapped keys"}[m]
+            for which in ("ours", "paper"):
+                e, l_, i = s[f"{m}_{which}"], s[f"LS_{which}"], s["IS"]
+                ks = ksch[f"ours_{m}"] if which == "ours" else ksch["paper"]
+                lines.append(
+                    f"| {name} | {rep['train_images']} | {rep['seeds']} | {label}, {which}: {','.join(map(str, ks))} | "
+                    f"{e['r']['median']:.3f} [{e['r']['q25']:.2f}, {e['r']['q75']:.2f}] | {l_['r']['median']:.3f} | "
+                    f"{i['r']['median']:.3f} | {e['frac_beats_IS_r']:.2f} | {e['R2']['median']:.3f} | "
+                    f"{l_['R2']['median']:.3f} | {i['R2']['median']:.3f} |")
         if prow is not None:
-            lines.append(f"| paper: {prow['dataset']} {prow['arch']} {prow['padding']} (Table 2, 20 steps) | 100 | "
-                         f"paper | {prow['ELS']['table2']:.2f} | {prow['LS']['table2']:.2f} | {prow['IS']['table2']:.2f} | "
-                         f"{prow['frac_local_beats_IS']['table2']:.2f} | — | — | — |")
+            lines.append(f"| paper: {prow['dataset']} {prow['arch']} {prow['padding']} (Table 2, 20 steps) | full set | "
+                         f"100 | paper | {prow['ELS']['table2']:.2f} | {prow['LS']['table2']:.2f} | "
+                         f"{prow['IS']['table2']:.2f} | {prow['frac_local_beats_IS']['table2']:.2f} | — | — | — |")
     return "\n".join(lines)
 
 
-def write_md(path, results, args, seconds):
-    block = [BEGIN, "", f"Command: `python bench/reproduce.py --networks {' '.join(results)} --seeds {args.seeds} "
-             f"--calib-seeds {args.calib_seeds} --k-max {args.k_max}`  ",
-             f"Date: {time.strftime('%Y-%m-%d')}; machine: {machine_line()}; total {seconds / 60:.1f} min of compute "
-             "(per network: " + "; ".join(
-                 f"{n}: calibration ELS {r['timings']['calibrate_ELS_s']:.0f} s, LS {r['timings']['calibrate_LS_s']:.0f} s, "
-                 f"comparison {r['timings']['compare_s']:.0f} s" for n, (r, _) in results.items()) + ").",
-             "", table(results), "", END]
+def cost_line(name, stages) -> str:
+    parts = [f"{st.replace('calibrate_', 'calibration ')} {v['seconds']:.0f} s" for st, v in stages.items()
+             if v.get("seconds")]
+    where = {v.get("machine", "") + (f", {v['device']}" if v.get("device") else "") for v in stages.values()} - {""}
+    dates = sorted({v["date"] for v in stages.values() if "date" in v})
+    extra = f" ({'; '.join(sorted(where))}; {', '.join(dates)})" if where else " (2026-11-28, the earlier script)"
+    return f"{name}: " + ", ".join(parts) + extra
+
+
+def write_md(path, block, results, command):
+    begin, end = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
+    lines = [begin, "", f"Command: `{command}`  ",
+             "Compute per network and stage: " + "; ".join(cost_line(n, st) for n, _, st, _ in results) + ".",
+             "", table(results), "", end]
     text = open(path).read() if os.path.exists(path) else ""
-    new = "\n".join(block)
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + new + text[text.index(END) + len(END):]
+    new = "\n".join(lines)
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + new + text[text.index(end) + len(end):]
     else:
         text = text.rstrip() + "\n\n" + new + "\n"
     with open(path + ".tmp", "w") as f:
@@ -171,25 +340,59 @@ def write_md(path, results, args, seconds):
     os.replace(path + ".tmp", path)
 
 
+def fmt_s(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else (f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--networks", nargs="+", default=["cifar10k_resnet_zeros_cond", "fmnist20k_resnet_zeros_cond"],
-                   choices=sorted(NETWORKS))
-    p.add_argument("--seeds", type=int, default=32, help="comparison seeds (at most 128)")
-    p.add_argument("--calib-seeds", type=int, default=8, help="seeds of the calibration (the first ones)")
-    p.add_argument("--k-max", type=int, default=23, help="largest candidate patch size")
-    p.add_argument("--batch", type=int, default=8, help="seeds sampled per machine call")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "reproduce"))
-    p.add_argument("--md", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
-                   help="markdown file whose reproduce block is replaced ('' to skip)")
+    p.add_argument("--networks", nargs="+", default=["all"], choices=["all"] + ORDER,
+                   help="networks to run, or 'all' (default)")
+    p.add_argument("--seeds", type=int, default=32, help="comparison seeds (at most 128; default 32)")
+    p.add_argument("--calib-seeds", type=int, default=8, help="seeds of the calibration (the first ones; default 8)")
+    p.add_argument("--k-max", type=int, default=23, help="largest candidate patch size (default 23)")
+    p.add_argument("--batch", type=int, default=8, help="seeds sampled per machine call (default 8)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use only the first LIMIT training images (a reduced run; default: the network's whole set)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where network and machines run")
+    p.add_argument("--out", default=os.path.join(HERE, "results", "reproduce"))
+    p.add_argument("--md", nargs="*", default=[os.path.join(HERE, "RESULTS.md"), os.path.join(HERE, "..", "README.md")],
+                   help="markdown files whose table block is replaced (none: skip)")
+    p.add_argument("--block", default="reproduce", help="name of the table block in the markdown files")
+    p.add_argument("--estimate-only", action="store_true", help="print the time estimate and stop")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
-    if "fmnist20k_resnet_zeros_cond" in args.networks and not os.path.isdir(FMNIST):
+    names = ORDER if "all" in args.networks else [n for n in ORDER if n in args.networks]
+    if not 1 <= args.seeds <= 128 or not 1 <= args.calib_seeds <= args.seeds:
+        sys.exit(f"--seeds must be in 1..128 and --calib-seeds in 1..--seeds, got {args.seeds} and {args.calib_seeds}")
+    if args.device.startswith("cuda") and not pm.ops.cuda_available():
+        sys.exit("--device cuda: this build has no usable CUDA engine (patchmosaic --version says why)")
+    if "fmnist20k_resnet_zeros_cond" in names and not os.path.isdir(FMNIST):
         sys.exit(f"Fashion-MNIST not found at {FMNIST}: apt-get install -y dataset-fashion-mnist")
-    results = {n: run_network(n, args) for n in args.networks}
+    runs = [Run(n, args) for n in names]
+    total = 0.0
+    print(f"# time estimate ({args.device}, {machine_line()}):", flush=True)
+    for r in runs:
+        est = r.estimate()
+        total += sum(est.values())
+        what = ", ".join(f"{k.replace('calibrate_', 'calibration ')} {fmt_s(v)}" for k, v in est.items()) or "done"
+        print(f"#   {r.name} ({len(r.images)} training images): {what}", flush=True)
+    print(f"# total about {fmt_s(total)}", flush=True)
+    if args.estimate_only:
+        return
+    for r in runs:
+        r.run()
+    results = finished(args.out)
     print(table(results))
-    if args.md:
-        write_md(args.md, results, args, sum(sum(r["timings"].values()) for r, _ in results.values()))
+    cmd = "python bench/reproduce.py --networks " + ("all" if "all" in args.networks else " ".join(names))
+    for flag, default in (("seeds", 32), ("calib_seeds", 8), ("k_max", 23), ("limit", None)):
+        v = getattr(args, flag)
+        if v != default:
+            cmd += f" --{flag.replace('_', '-')} {v}"
+    if args.device != "cpu":
+        cmd += f" --device {args.device}"
+    for path in args.md:
+        write_md(path, args.block, results, cmd)
 
 
 if __name__ == "__main__":

@@ -98,3 +98,14 @@ def test_default_candidates_on_small_images_stop_at_the_largest_useful_patch():
     x1 = torch.randn(2, 1, 4, 5, generator=torch.Generator().manual_seed(0))
     c = calibrate(MachineNet(m, pm.KSchedule.constant(3, 2)), m, x1, steps=2, progress=False)
     assert c.candidates == (3, 5, 7, 9)
+
+
+def test_calibration_device_argument():
+    """``device="cpu"`` is today's run, bit for bit; a CUDA device on a torch without CUDA is refused by name."""
+    m, true, x1, y = _setup(True)
+    base = calibrate(MachineNet(m, true), m, x1, y, candidates=(3, 5, 7), steps=3, progress=False)
+    on_cpu = calibrate(MachineNet(m, true), m, x1, y, candidates=(3, 5, 7), steps=3, progress=False, device="cpu")
+    assert np.array_equal(base.cosine, on_cpu.cosine) and base.schedule == on_cpu.schedule
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device='cuda' asks for a CUDA device"):
+            calibrate(MachineNet(m, true), m, x1, y, candidates=(3, 5), steps=2, progress=False, device="cuda")

@@ -114,3 +114,15 @@ def test_compare_progress_is_one_bar_per_denoiser_on_a_terminal(monkeypatch):
     text = tty.getvalue()
     assert "network" in text and "IS" in text and "10/10" in text and "seeds 4..4 of 5" in text
     assert "ddim" not in text  # the sampler's own bar is folded into the denoiser's
+
+
+def test_compare_device_argument():
+    """``device="cpu"`` gives today's samples bit for bit; a CUDA device on a torch without CUDA is refused by name."""
+    train, lab, els, iss, x1, y = _setup()
+    machines = {"ELS": pm.MachineDenoiser(els, 3)}
+    a = compare(MachineNet(els, 5), machines, x1, y, steps=3, batch_size=2, progress=False)
+    b = compare(MachineNet(els, 5), machines, x1, y, steps=3, batch_size=2, progress=False, device="cpu")
+    assert torch.equal(a["samples"]["ELS"], b["samples"]["ELS"]) and a["samples"]["ELS"].device.type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device='cuda' asks for a CUDA device"):
+            compare(MachineNet(els, 5), machines, x1, y, steps=2, progress=False, device="cuda")

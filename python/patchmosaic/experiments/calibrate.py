@@ -68,7 +68,8 @@ def median_odd(values: np.ndarray) -> int:
 
 def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Optional[Sequence[int]] = None,
               k_max: Optional[int] = None, grid: Optional[Sequence[float]] = None, steps: int = 20,
-              state: Optional[str] = None, run_id: str = "", progress: bool = True, layout=None) -> Calibration:
+              state: Optional[str] = None, run_id: str = "", progress: bool = True, layout=None,
+              device=None) -> Calibration:
     """Calibrate a k-schedule for ``machine`` against ``network`` from the noise seeds ``x1``.
 
     Along the network's DDIM trajectory from each seed, at every step, the machine is evaluated at every
@@ -103,11 +104,15 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
         layout: a :class:`patchmosaic.distributed.queries.Layout` spreading the seeds over the query shards of a
             ``torchrun`` job (every rank calls ``calibrate`` with all the seeds and gets the whole result; rank 0
             writes the state, which any number of ranks, or one process, resumes); None (default): one process.
+        device: where the trajectories run (``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``): the machine
+            sees ``x_t`` there, so a CUDA device runs it on the CUDA engine (the network runs on its own device);
+            the result and the state stay on the CPU, and a state resumes on any device. None (default): the
+            device of ``x1``.
 
     Returns:
         a :class:`Calibration`: the schedule, the candidates, the per-seed choices and all cosines.
     """
-    check_cuda_inputs(x1=x1, labels=labels)
+    check_cuda_inputs(x1=x1, labels=labels, device=device)
     net = network if isinstance(network, NetworkDenoiser) else NetworkDenoiser(network, machine.schedule)
     common_schedule({"network": net, type(machine).__name__: machine})
     if not machine.local:
@@ -129,6 +134,8 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
     if len(sweep) > 32:
         raise ValueError(f"at most 32 distinct candidate patch sizes, got {len(sweep)}")
     g = check_grid(grid, steps)
+    dev = x1.device if device is None else torch.device(device)
+    x1 = x1.detach().cpu()
     S, M, K = len(g) - 1, x1.shape[0], len(candidates)
     lab = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     machine.check_labels(None if lab is None else lab.numpy(), M)
@@ -150,16 +157,17 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
         a, b2 = (float(v) for v in machine.schedule.coefficients(t))
         xm = x[mine]
         if len(xm):
-            eps_net = net.eps(xm, t, lab_mine)
+            xd = xm.to(dev)
+            eps_net = net.eps(xd, t, lab_mine)
             target = -np.sqrt(b2) * eps_net          # = a x0_net - x_t
             # every candidate in one pass over the keys (Machine.denoise_ks): sizes in increasing order, each once
-            x0_all = machine.denoise_ks(xm, t, sweep, labels=lab_mine)
+            x0_all = machine.denoise_ks(xd, t, sweep, labels=lab_mine)
         for j, k in enumerate(candidates):
             if len(xm):
-                cos[i, mine, j] = cosine_per_seed(a * x0_all[sweep.index(k)] - xm, target)
+                cos[i, mine, j] = cosine_per_seed(a * x0_all[sweep.index(k)] - xd, target)
             bar.update(postfix=f"t={t:.2f} k={k}")
         if len(xm):
-            xm = update(machine.schedule, xm, (xm - np.sqrt(b2) * eps_net) / a, t, t_next, eps=eps_net)
+            xm = update(machine.schedule, xd, (xd - np.sqrt(b2) * eps_net) / a, t, t_next, eps=eps_net).cpu()
         if layout is None:
             x = xm
         else:

@@ -25,13 +25,14 @@ from ..ops.checks import check_cuda_inputs
 
 
 def sample_batched(denoiser, x1: torch.Tensor, labels, *, grid, batch_size: int, state: Optional[str] = None,
-                   fp: str = "", progress: bool = True, desc: str = "", layout=None) -> torch.Tensor:
+                   fp: str = "", progress: bool = True, desc: str = "", layout=None, device=None) -> torch.Tensor:
     """DDIM samples of ``denoiser`` from every seed, ``batch_size`` seeds at a time, saved after each batch.
 
     One progress bar (``desc``) counts the steps of all seeds, through :class:`Progress`: nothing is written
     with ``progress`` off or when stderr is not a terminal. With a ``layout`` (distributed/queries.py) each round
     takes ``batch_size`` seeds per query shard, spreads them over the shards and gathers the samples; rank 0
-    saves them in the same state file, so any number of ranks resumes it."""
+    saves them in the same state file, so any number of ranks resumes it. ``device``: where the seeds are sampled
+    (None: the CPU); the samples come back to the CPU."""
     M, steps = x1.shape[0], len(grid) - 1
     saved = load_state(state, fp) if layout is None else layout.load_state(state, fp)
     out = torch.from_numpy(saved["samples"]) if saved is not None else torch.full_like(x1, float("nan"))
@@ -43,8 +44,8 @@ def sample_batched(denoiser, x1: torch.Tensor, labels, *, grid, batch_size: int,
         lab = None if labels is None else labels[s:e]
         seeds = f"seeds {s}..{e - 1} of {M}"
         kw = dict(grid=grid, progress=False, callback=lambda i, t, x, x0: bar.update(e - s, postfix=f"{seeds}, t={t:.2f}"))
-        out[s:e] = ddim(denoiser, x1[s:e], lab, **kw) if layout is None else layout.sample(ddim, denoiser, x1[s:e],
-                                                                                           lab, **kw)
+        xs = x1[s:e] if device is None else x1[s:e].to(device)
+        out[s:e] = (ddim(denoiser, xs, lab, **kw) if layout is None else layout.sample(ddim, denoiser, xs, lab, **kw)).cpu()
         if state is not None:
             if layout is None:
                 save_state(state, fp, samples=out.numpy(), done=np.array(e))
@@ -70,7 +71,7 @@ def nearest_training(samples: torch.Tensor, images: torch.Tensor, labels=None, t
 def compare(network, machines: Dict[str, object], x1: torch.Tensor, labels=None, *, baseline: str = "IS",
             grid: Optional[Sequence[float]] = None, steps: int = 20, batch_size: int = 8,
             out_dir: Optional[str] = None, run_id: str = "", progress: bool = True, info: Optional[dict] = None,
-            layout=None) -> dict:
+            layout=None, device=None) -> dict:
     """Compare ``network`` with ``machines`` seed by seed: all are sampled with DDIM from the same seeds and
     labels on the same grid, and every machine's samples are measured against the network's (Pearson ``r``,
     ``R2``, ``MSE`` per seed; medians with interquartile ranges per machine).
@@ -103,6 +104,10 @@ def compare(network, machines: Dict[str, object], x1: torch.Tensor, labels=None,
         layout: a :class:`patchmosaic.distributed.queries.Layout` spreading the seeds over the query shards of a
             ``torchrun`` job (every rank calls ``compare`` with all the seeds and gets the whole report; rank 0
             writes the files, which any number of ranks, or one process, resumes); None (default): one process.
+        device: where the seeds are sampled (``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``): machines
+            see ``x_t`` there, so a CUDA device runs them on the CUDA engine (a network runs on its own device);
+            samples, report and files stay on the CPU, and files resume on any device. None (default): the
+            device of ``x1``.
 
     Returns:
         the report dict: ``seeds``, ``grid``, ``baseline``, ``metrics`` (what each measures), ``summary``
@@ -110,9 +115,12 @@ def compare(network, machines: Dict[str, object], x1: torch.Tensor, labels=None,
         description), the ``info`` entries, and ``samples`` (name -> ``(M, C, H, W)`` tensor, ``"network"``
         included; not in ``report.json``).
     """
-    check_cuda_inputs(x1=x1, labels=labels)
+    check_cuda_inputs(x1=x1, labels=labels, device=device)
     if not torch.is_tensor(x1) or x1.ndim != 4:
         raise ValueError(f"x1 must be a (M, C, H, W) tensor of seeds, got shape {tuple(getattr(x1, 'shape', ()))}")
+    dev = x1.device if device is None else torch.device(device)
+    dev = None if dev.type == "cpu" else dev
+    x1 = x1.detach().cpu()
     if not machines:
         raise ValueError("give at least one machine to compare")
     if int(batch_size) < 1:
@@ -151,7 +159,7 @@ def compare(network, machines: Dict[str, object], x1: torch.Tensor, labels=None,
     common_schedule({"network": net, **dens})
     u = sample_batched(net, x1, lab, grid=g, batch_size=batch_size, state=state("network"),
                        fp=fingerprint(who="network", denoiser=full_description(net), **base_fp), progress=progress,
-                       desc="network", layout=layout)
+                       desc="network", layout=layout, device=dev)
     if not np.all(np.isfinite(u.numpy())):
         raise ValueError("the network's samples are not finite (NaN or infinite values); check its weights")
     samples, per_seed = {"network": u}, {}
@@ -159,7 +167,7 @@ def compare(network, machines: Dict[str, object], x1: torch.Tensor, labels=None,
         desc = describe(d)
         v = sample_batched(d, x1, lab, grid=g, batch_size=batch_size, state=state(name),
                            fp=fingerprint(who=name, machine=desc, denoiser=full_description(d), **base_fp),
-                           progress=progress, desc=name, layout=layout)
+                           progress=progress, desc=name, layout=layout, device=dev)
         if not np.all(np.isfinite(v.numpy())):
             raise ValueError(f"the samples of {name!r} are not finite; nothing to compare")
         samples[name] = v
