@@ -14,7 +14,8 @@
 # into bench/results/ here to merge the rows into the table.
 #
 # The same script proves itself on a CPU at reduced size (no build, the installed package):
-#     DEVICE=cpu LIMIT=1000 SEEDS=8 CALIB_SEEDS=2 SKIP_BUILD=1 OUT=/tmp/gpu_reproduce bash bench/gpu_reproduce.sh
+#     DEVICE=cpu LIMIT=500 SEEDS=8 CALIB_SEEDS=2 SKIP_BUILD=1 KEEP_RESULTS=1 BUDGET_S=36000 \
+#         OUT=bench/results/gpu_reproduce_cpu bash bench/gpu_reproduce.sh
 set -o pipefail
 OUT=${OUT:-gpu_out}
 DEVICE=${DEVICE:-cuda}
@@ -32,11 +33,13 @@ python3 -c "import patchmosaic as pm; print('patchmosaic', pm.__version__, 'cuda
   | tee -a "$OUT/build.log"
 args=(--networks mnist_resnet_zeros mnist_resnet_circular mnist_unet_zeros --device "$DEVICE"
       --seeds "${SEEDS:-32}" --calib-seeds "${CALIB_SEEDS:-8}" --out "$OUT/reproduce" --md "$OUT/table.md"
-      --block reproduce-mnist --quiet)
+      --block reproduce-mnist --also --quiet)
 [ -n "$LIMIT" ] && args+=(--limit "$LIMIT")
 # what is left of the 10-minute command after the build (and a margin to pack the results)
 left=$(( ${BUDGET_S:-580} - ($(date +%s) - start) - 20 ))
 (cd "$(dirname "$0")/.." && timeout "$left" python3 bench/reproduce.py "${args[@]}") 2>&1 | tee "$OUT/reproduce.log"
 echo "exit: $? (124: stopped at the time limit; rerun the same command to resume)" | tee -a "$OUT/reproduce.log"
-(cd "$OUT" && tar czf reproduce.tar.gz --exclude='*.npz' reproduce && rm -rf reproduce)
+# one tarball comes back (at most 8 files do); the folder itself, with the state files, stays for a rerun to resume
+# (KEEP_RESULTS=1) or moves out of $OUT
+(cd "$OUT" && tar czf reproduce.tar.gz --exclude='*.npz' reproduce && { [ -n "$KEEP_RESULTS" ] || mv reproduce "/tmp/reproduce.$$"; })
 echo "total: $(( $(date +%s) - start )) s" | tee -a "$OUT/reproduce.log"

@@ -274,12 +274,14 @@ class Run:
 
 
 # -- the table ---------------------------------------------------------------------------------------------
-def finished(out_dir):
-    """(name, report, stages, paper row) of every network with a finished comparison under out_dir, in table order."""
+def finished(out_dirs):
+    """(name, report, stages, paper row) of every network with a finished comparison under the first of out_dirs
+    that has one, in table order."""
     rows = []
     for name in ORDER:
-        d = os.path.join(out_dir, name)
-        if not os.path.exists(os.path.join(d, "report.json")):
+        d = next((os.path.join(o, name) for o in out_dirs if os.path.exists(os.path.join(o, name, "report.json"))),
+                 None)
+        if d is None:
             continue
         rep = json.load(open(os.path.join(d, "report.json")))
         st_path = os.path.join(d, "stages.json")
@@ -359,6 +361,9 @@ def main():
     p.add_argument("--md", nargs="*", default=[os.path.join(HERE, "RESULTS.md"), os.path.join(HERE, "..", "README.md")],
                    help="markdown files whose table block is replaced (none: skip)")
     p.add_argument("--block", default="reproduce", help="name of the table block in the markdown files")
+    p.add_argument("--also", nargs="*", default=[os.path.join(HERE, "results", "reproduce_mnist_cpu_small")],
+                   help="result folders whose finished networks fill the table's rows missing under --out "
+                        "(default: the reduced CPU run of the MNIST rows)")
     p.add_argument("--estimate-only", action="store_true", help="print the time estimate and stop")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
@@ -382,7 +387,7 @@ def main():
         return
     for r in runs:
         r.run()
-    results = finished(args.out)
+    results = finished([args.out] + list(args.also))
     print(table(results))
     cmd = "python bench/reproduce.py --networks " + ("all" if "all" in args.networks else " ".join(names))
     for flag, default in (("seeds", 32), ("calib_seeds", 8), ("k_max", 23), ("limit", None)):

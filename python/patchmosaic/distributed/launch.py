@@ -138,12 +138,21 @@ def comm_device(group=None) -> torch.device:
     return torch.device("cpu")
 
 
+_store_client = [None]  # this process's client of the job's TCPStore, connected on first use
+
+
 def _store():
-    """The process group's key-value store (None if it cannot be had)."""
-    try:
-        return dist.distributed_c10d._get_default_store()
-    except Exception:
-        return None
+    """The job's key-value store, the ``TCPStore`` at ``MASTER_ADDR:MASTER_PORT`` that the process group was
+    set up through (hosted by rank 0 or by torchrun's agent), as a client of its own; None where it cannot be
+    had (a group set up another way): then failures are reported without naming the ranks."""
+    if _store_client[0] is None:
+        try:
+            _store_client[0] = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                             is_master=False, timeout=datetime.timedelta(seconds=5),
+                                             wait_for_workers=False)
+        except Exception:
+            return None
+    return _store_client[0]
 
 
 def _identity() -> dict:
