@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(NT) backward_items(Geometry<T> G, const Item* 
                                                      const double* __restrict__ stats, Sums S) {
   const Item it = items[blockIdx.x];
   const int tid = threadIdx.x;
-  const int d = G.C * G.k * G.k, half = G.k / 2;
+  const int d = G.d, half = G.k / 2;
   const int64_t HW = static_cast<int64_t>(G.H) * G.W, HWq = static_cast<int64_t>(G.Hq) * G.Wq;
   const int64_t q0 = G.cls_qpix_ptr[it.c], npix = G.cls_qpix_ptr[it.c + 1] - q0;
   const int64_t p0 = G.cls_kpos_ptr[it.c], npos = G.cls_kpos_ptr[it.c + 1] - p0;
@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(NT) backward_items(Geometry<T> G, const Item* 
       Dr[tid] = static_cast<T>(D);
       double q2 = 0.0;
       for (int e = 0; e < d; ++e) {
-        const double q = patch_elem(qimg[tid], G.Hq, G.Wq, qi[tid], qj[tid], __ldg(G.elem + e), half, G.query_pad);
+        const double q = call_elem(G, qimg[tid], G.Hq, G.Wq, qi[tid], qj[tid], e, half, G.query_pad);
         q2 += q * q;
       }
       qn[tid] = q2;
@@ -111,13 +111,13 @@ __global__ void __launch_bounds__(NT) backward_items(Geometry<T> G, const Item* 
     for (int e = tid; e < BK * BM; e += NT) {
       const int dd = e / BM, r = e % BM;
       Qs[dd][r] = (qimg[r] != nullptr && d0 + dd < d)
-                      ? patch_elem(qimg[r], G.Hq, G.Wq, qi[r], qj[r], __ldg(G.elem + d0 + dd), half, G.query_pad)
+                      ? call_elem(G, qimg[r], G.Hq, G.Wq, qi[r], qj[r], d0 + dd, half, G.query_pad)
                       : T(0);
     }
     for (int e = tid; e < BK * BN; e += NT) {
       const int dd = e / BN, col = e % BN;
       Ks[dd][col] = (kimg[col] != nullptr && d0 + dd < d)
-                        ? patch_elem(kimg[col], G.H, G.W, ki[col], kj[col], __ldg(G.elem + d0 + dd), half, G.key_pad)
+                        ? call_elem(G, kimg[col], G.H, G.W, ki[col], kj[col], d0 + dd, half, G.key_pad)
                         : T(0);
     }
   };
@@ -248,7 +248,7 @@ __global__ void fold_patches(Geometry<T> G, int64_t B, RowSlots R, Sums S, T* __
   const int64_t b = e / (G.C * HWq);
   const int c = static_cast<int>((e / HWq) % G.C);
   const int y = static_cast<int>((e % HWq) / G.Wq), x = static_cast<int>(e % G.Wq);
-  const int k = G.k, half = k / 2, d = G.C * k * k;
+  const int k = G.k, half = k / 2, d = G.d;
   double acc = 0.0;
   for (int di = 0; di < k; ++di) {
     int py = y - di + half;
@@ -265,8 +265,18 @@ __global__ void fold_patches(Geometry<T> G, int64_t B, RowSlots R, Sums S, T* __
       const int64_t at = b * HWq + static_cast<int64_t>(py) * G.Wq + px;
       const int64_t first = R.first[at];
       if (first < 0) continue;
-      const int dd = (c * k + di) * k + dj;
-      for (int sp = 0; sp < R.n_split[at]; ++sp) acc += S.G[(first + static_cast<int64_t>(sp) * R.stride[at]) * d + dd];
+      int dd = (c * k + di) * k + dj;
+      if (G.slot_of) {  // a masked patch: its table entry, if the mask has the element
+        dd = G.slot_of[dd];
+        if (dd < 0) continue;
+      }
+      if (!G.scale) {
+        for (int sp = 0; sp < R.n_split[at]; ++sp) acc += S.G[(first + static_cast<int64_t>(sp) * R.stride[at]) * d + dd];
+      } else {  // a weighted patch: the gradient of the scaled element
+        double part = 0.0;
+        for (int sp = 0; sp < R.n_split[at]; ++sp) part += S.G[(first + static_cast<int64_t>(sp) * R.stride[at]) * d + dd];
+        acc += part * static_cast<double>(G.scale[dd]);
+      }
     }
   }
   grad_query[e] = static_cast<T>(2.0 * G.inv_2b2[b] * acc);
@@ -296,7 +306,7 @@ __global__ void sum_coefficients(Geometry<T> G, int64_t B, RowSlots R, Sums S, d
 template <typename T, int CC>
 void launch_backward(const PatchSoftmaxArgs<T>& A, const DeviceCall<T>& D, const Plan& plan, const QueryGroups& qg,
                      cudaStream_t st, int device) {
-  const int d = A.C * A.k * A.k;
+  const int d = patch_dim(A);
   const int64_t HWq = static_cast<int64_t>(A.Hq) * A.Wq;
   const double scratch = static_cast<double>(D.slots) * (d + 2) * sizeof(double);
   if (scratch > static_cast<double>(kScratchBytes))
@@ -363,7 +373,7 @@ void local_backward_cuda(const PatchSoftmaxArgs<T>& A, void* stream, int device)
   const QueryGroups qg = queries_by_group(A.group_of_b, A.B, A.n_groups);
   const Plan plan = plan_cuda(A, qg);
   if (plan.items.size() > 2147483647u) throw std::invalid_argument("too many work items for one call; split the batch");
-  const DeviceCall<T> D(A, qg, plan, element_codes(A.C, A.k), st);
+  const DeviceCall<T> D(A, qg, plan, element_codes(A), st);
   switch (A.C) {
     case 1: launch_backward<T, 1>(A, D, plan, qg, st, device); break;
     case 2: launch_backward<T, 2>(A, D, plan, qg, st, device); break;

@@ -29,6 +29,7 @@ enum Padding : int64_t { kPadZeros = 0, kPadCircular = 1 };
   F(train) F(N) F(C) F(H) F(W)   /* T (N, C, H, W): training images */                            \
   F(query) F(B) F(Hq) F(Wq)      /* T (B, C, Hq, Wq): noisy queries */                            \
   F(k) F(query_pad) F(key_pad)   /* odd patch size; Padding of query and key patches */           \
+  F(n_elem) F(elem) F(elem_scale) /* optional masked patch, see below; n_elem = 0: the square */  \
   F(a) F(inv_2b2)                /* double (B,): sqrt(alpha_bar(t_b)), 1 / (2 (1 - alpha_bar)) */ \
   F(n_classes)                   /* classes of query pixels (host CSR arrays): */                 \
   F(cls_qpix_ptr) F(cls_qpix) F(n_cls_qpix)  /* int64 (n_classes+1,), int32 pixels i*Wq+j */      \
@@ -42,6 +43,15 @@ enum Padding : int64_t { kPadZeros = 0, kPadCircular = 1 };
   F(grad_query)                  /* backward: T (B, C, Hq, Wq) */                                 \
   F(grad_a) F(grad_inv_2b2)      /* backward: double (B,) */                                      \
   F(n_threads)                   /* CPU: 0 = all available */
+
+// The patch elements (LocalCall): with n_elem = 0 a patch is all C k^2 elements of the square, in the order of
+// patch_geometry.hpp. With n_elem > 0 it is the table elem, int32 (n_elem,) host: distinct element codes
+// (element_code of patch_geometry.hpp: channel, row offset, column offset inside the k x k frame), in the order
+// the engines use them; and with elem_scale, double (n_elem,) host, finite and > 0 (0 address: all 1), query and
+// key elements are multiplied by it, so that the squared distance is the weighted one
+//     || P_p(x_b) - a_b K_q ||^2_w = sum_e w_e (x_e - a_b k_e)^2,   elem_scale[e] = sqrt(w_e)
+// (a masked neighbourhood, spec section 2 with the sum restricted to the mask). The key set (and with it the
+// padding signature of boundary-aware ELS) is still that of the k x k frame; stats and |P_p|^2 are the masked ones.
 
 // Local machines at several patch sizes in one pass (forward only, no provenance, CPU): the output for
 // every size ks[j] (odd, strictly increasing, at most kMaxMultiK of them). cls_kmask says for which sizes each
@@ -137,7 +147,16 @@ struct PatchSoftmaxArgs {
   double* grad_a;
   double* grad_inv_2b2;
   int n_threads;
+  int n_elem = 0;                      // 0: the square patch; else the masked patch's elements (contract above)
+  const int32_t* elem = nullptr;       // host element codes (n_elem,)
+  const double* elem_scale = nullptr;  // host sqrt weights (n_elem,) or null (all 1)
 };
+
+// The number of elements of one patch of a call: C k^2 for the square, n_elem for a masked patch.
+template <typename T>
+inline int patch_dim(const PatchSoftmaxArgs<T>& A) {
+  return A.n_elem > 0 ? A.n_elem : A.C * A.k * A.k;
+}
 
 template <typename T>
 inline PatchSoftmaxArgs<T> view(const LocalCall& c) {
@@ -148,7 +167,8 @@ inline PatchSoftmaxArgs<T> view(const LocalCall& c) {
           c.n_groups, addr<const int64_t*>(c.grp_img_ptr), addr<const int32_t*>(c.grp_img),
           addr<const int32_t*>(c.group_of_b), addr<T*>(c.out), addr<double*>(c.stats), addr<int64_t*>(c.arg_key),
           addr<T*>(c.arg_share), addr<const T*>(c.grad_out), addr<T*>(c.grad_query), addr<double*>(c.grad_a),
-          addr<double*>(c.grad_inv_2b2), int(c.n_threads)};
+          addr<double*>(c.grad_inv_2b2), int(c.n_threads), int(c.n_elem), addr<const int32_t*>(c.elem),
+          addr<const double*>(c.elem_scale)};
 }
 
 // The multi-size call: the single-size view at the largest size (no stats, provenance or gradients; its

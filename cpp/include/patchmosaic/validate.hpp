@@ -7,10 +7,12 @@
 // (a ValueError in Python).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "contract.hpp"
 
@@ -152,12 +154,40 @@ inline void cuda_limits(int64_t C, int64_t k) {
   if (k > kCudaMaxK) fail("the CUDA engine handles k <= " + std::to_string(kCudaMaxK) + ", got " + std::to_string(k));
 }
 
+// A masked patch's element table (contract.hpp): 0 (the square) or 1..C k^2 distinct codes inside the C x k x k
+// frame, with finite positive scales when given.
+inline void patch_elements(const LocalCall& c) {
+  if (c.n_elem == 0) return;
+  const int64_t full = c.C * c.k * c.k;
+  if (c.n_elem < 0 || c.n_elem > full)
+    fail("n_elem (elements of a masked patch) must lie in 0.." + std::to_string(full) + ", got " +
+         std::to_string(c.n_elem));
+  if (c.k >= 4096 || c.C >= 128) fail("a masked patch needs k < 4096 and fewer than 128 channels (element codes)");
+  present(c.elem, "elem");
+  const int32_t* code = addr<const int32_t*>(c.elem);
+  std::vector<char> seen(static_cast<size_t>(full), 0);
+  for (int64_t e = 0; e < c.n_elem; ++e) {
+    const int64_t ch = code[e] >> 24, di = (code[e] >> 12) & 0xFFF, dj = code[e] & 0xFFF;
+    if (code[e] < 0 || ch >= c.C || di >= c.k || dj >= c.k)
+      fail("elem entry " + std::to_string(e) + " is not an element of the C x k x k patch");
+    const int64_t flat = (ch * c.k + di) * c.k + dj;
+    if (seen[flat]) fail("elem entry " + std::to_string(e) + " repeats a patch element");
+    seen[flat] = 1;
+  }
+  if (c.elem_scale == 0) return;
+  const double* s = addr<const double*>(c.elem_scale);
+  for (int64_t e = 0; e < c.n_elem; ++e)
+    if (!(s[e] > 0.0) || !std::isfinite(s[e]))
+      fail("elem_scale entry " + std::to_string(e) + " must be finite and positive");
+}
+
 }  // namespace detail
 
 inline void validate(const LocalCall& c, Pass pass, Engine engine) {
   using namespace detail;
   local_common(c);
   patch_size(c.k, c.C);
+  patch_elements(c);
   local_classes(c);
   const int64_t* qp = addr<const int64_t*>(c.cls_qpix_ptr);
   const int64_t* kp = addr<const int64_t*>(c.cls_kpos_ptr);

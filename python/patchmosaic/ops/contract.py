@@ -50,11 +50,16 @@ def local_call(module, *, train: torch.Tensor, query: torch.Tensor, k: int, keys
                arg_key: Optional[torch.Tensor] = None, arg_share: Optional[torch.Tensor] = None,
                grad_out: Optional[torch.Tensor] = None, grad_query: Optional[torch.Tensor] = None,
                grad_a: Optional[torch.Tensor] = None, grad_inv_2b2: Optional[torch.Tensor] = None,
-               n_threads: int = 0):
+               n_threads: int = 0, elements=None):
+    """The LocalCall of a local machine; ``elements``: a masked patch's element table (masks.PatchElements), or
+    None for the square patch."""
     N, C, H, W = train.shape
     B, _, Hq, Wq = query.shape
     return make(module.LocalCall, dtype=DTYPES[query.dtype], train=train, N=N, C=C, H=H, W=W, query=query, B=B,
-                Hq=Hq, Wq=Wq, k=int(k), query_pad=int(keyset.query_pad), key_pad=int(keyset.key_pad), a=a,
+                Hq=Hq, Wq=Wq, k=int(k), query_pad=int(keyset.query_pad), key_pad=int(keyset.key_pad),
+                n_elem=0 if elements is None else len(elements.codes),
+                elem=None if elements is None else elements.codes,
+                elem_scale=None if elements is None else elements.scale, a=a,
                 inv_2b2=inv_2b2, n_classes=keyset.n_classes, cls_qpix_ptr=keyset.cls_qpix_ptr,
                 cls_qpix=keyset.cls_qpix, n_cls_qpix=len(keyset.cls_qpix), cls_kpos_ptr=keyset.cls_kpos_ptr,
                 cls_kpos=keyset.cls_kpos, n_cls_kpos=len(keyset.cls_kpos), n_groups=len(groups.grp_img_ptr) - 1,

@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import checks, engines, reference
+from . import checks, engines, masks, reference
 from .keysets import keyset, multi_keyset
 from .labels import groups
 
@@ -76,12 +76,27 @@ def _local_keyset(rule: str, query: Tensor, train: Tensor, k: int, pixels: Optio
     return ks
 
 
+def _masked_patch(engine, patch_mask: Optional[Tensor], k: int, C: int, like: Tensor):
+    """The masked neighbourhood of a call as its engine takes it: the element table (compiled engines) or the
+    element weights (the reference); None for the square patch (no mask, or a full mask of ones)."""
+    if patch_mask is None:
+        return None
+    w = masks.check_patch_mask(patch_mask)
+    if w.shape[0] != k:
+        raise ValueError(f"patch_mask is {w.shape[0]}x{w.shape[1]} but the call's patch size is k={k}: the mask "
+                         "is the k x k frame of the patch")
+    elements = masks.patch_elements(w, C)
+    if elements is None:
+        return None
+    return masks.element_weights(w, C, like) if engine is reference else elements
+
+
 # ------------------------------------------------------------------------------- local machines
 @torch.library.custom_op("patchmosaic::local_softmax", mutates_args=())
 def local_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: Optional[Tensor],
                   labels: Optional[Tensor], label_values: Tensor, label_ptr: Tensor, label_images: Tensor,
                   pixels: Optional[Tensor], k: int, rule: str, provenance: bool, backend: str, n_threads: int,
-                  max_memory: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                  max_memory: int, patch_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Local machine (LS / ELS / boundary-aware ELS) forward pass -> ``(out, stats, arg_key, arg_share)``.
 
     ``train`` (N, C, H, W); ``query`` (B, C, Hq, Wq) float32/float64; ``a``, ``inv_2b2`` (B,) float64 from
@@ -89,9 +104,11 @@ def local_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: O
     ``labels`` (B,) int64 or None; ``label_*`` the machine's label index (ops/labels.py); ``pixels`` an
     optional (Hq, Wq) bool mask of the pixels to compute (others give 0). ``stats`` (B, Hq, Wq, 2) float64:
     each row's softmax maximum and sum (contract.hpp); ``arg_key``/``arg_share`` (B, Hq, Wq) when
-    ``provenance``, else empty.
+    ``provenance``, else empty. ``patch_mask``: an optional ``(k, k)`` neighbourhood mask (boolean, or
+    non-negative float weights; ops/masks.py) in place of the square patch.
     """
     engine = _engine(query, backend, train.shape[1])
+    mask = _masked_patch(engine, patch_mask, k, train.shape[1], query)
     name = "torch" if engine is reference else engine.name
     checks.memory(checks.local_bytes(query.shape, query.dtype, train, k, name, provenance, n_threads),
                   f"the local machine (k={k}) on a batch of shape {tuple(query.shape)}", max_memory)
@@ -101,13 +118,13 @@ def local_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: O
     grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
     if engine is reference:
-        return reference.local_forward(tr, q, k, ks, aa, ss, grp, provenance)
-    return engines.local_forward(engine, tr, q, k, ks, aa, ss, grp, provenance, n_threads)
+        return reference.local_forward(tr, q, k, ks, aa, ss, grp, provenance, weights=mask)
+    return engines.local_forward(engine, tr, q, k, ks, aa, ss, grp, provenance, n_threads, elements=mask)
 
 
 @local_softmax.register_fake
 def _(train, query, a, inv_2b2, t, labels, label_values, label_ptr, label_images, pixels, k, rule, provenance, backend,
-      n_threads, max_memory):
+      n_threads, max_memory, patch_mask=None):
     B, _, Hq, Wq = query.shape
     prov = (B, Hq, Wq) if provenance else (0,)
     return (torch.empty_like(query), query.new_empty((B, Hq, Wq, 2), dtype=torch.float64),
@@ -118,44 +135,48 @@ def _(train, query, a, inv_2b2, t, labels, label_values, label_ptr, label_images
 def local_softmax_backward(grad_out: Tensor, out: Tensor, stats: Tensor, train: Tensor, query: Tensor, a: Tensor,
                            inv_2b2: Tensor, labels: Optional[Tensor], label_values: Tensor, label_ptr: Tensor,
                            label_images: Tensor, pixels: Optional[Tensor], k: int, rule: str, backend: str,
-                           n_threads: int) -> Tuple[Tensor, Tensor, Tensor]:
+                           n_threads: int, patch_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """The vector-Jacobian product of ``local_softmax``'s ``out`` for ``grad_out`` ->
     ``(grad_query, grad_a, grad_inv_2b2)``."""
     engine = _engine(query, backend, train.shape[1])
+    mask = _masked_patch(engine, patch_mask, k, train.shape[1], query)
     ks = _local_keyset(rule, query, train, k, pixels)
     grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
     g = grad_out.to(q.dtype).contiguous()
     if engine is reference:
-        return reference.local_backward(g, out, stats, tr, q, k, ks, aa, ss, grp)
-    return engines.local_backward(engine, g, out.contiguous(), stats.contiguous(), tr, q, k, ks, aa, ss, grp, n_threads)
+        return reference.local_backward(g, out, stats, tr, q, k, ks, aa, ss, grp, weights=mask)
+    return engines.local_backward(engine, g, out.contiguous(), stats.contiguous(), tr, q, k, ks, aa, ss, grp, n_threads,
+                                  elements=mask)
 
 
 @local_softmax_backward.register_fake
 def _(grad_out, out, stats, train, query, a, inv_2b2, labels, label_values, label_ptr, label_images, pixels, k, rule,
-      backend, n_threads):
+      backend, n_threads, patch_mask=None):
     return torch.empty_like(query), torch.empty_like(a), torch.empty_like(inv_2b2)
 
 
-_LOCAL_INPUTS = 16
+_LOCAL_INPUTS = 17
 
 
 def _local_setup(ctx, inputs, output):
-    (train, query, a, inv_2b2, t, labels, lv, lp, li, pixels, k, rule, provenance, backend, n_threads, _) = inputs
+    (train, query, a, inv_2b2, t, labels, lv, lp, li, pixels, k, rule, provenance, backend, n_threads, _,
+     patch_mask) = inputs
     out, stats, key, share = output
     ctx.mark_non_differentiable(stats, key, share)
-    ctx.save_for_backward(train, query, a, inv_2b2, labels, lv, lp, li, pixels, out, stats)
+    ctx.save_for_backward(train, query, a, inv_2b2, labels, lv, lp, li, pixels, out, stats, patch_mask)
     ctx.args = (k, rule, backend, n_threads)
 
 
 def _local_backward(ctx, grad_out, *unused):
-    train, query, a, inv_2b2, labels, lv, lp, li, pixels, out, stats = ctx.saved_tensors
+    train, query, a, inv_2b2, labels, lv, lp, li, pixels, out, stats, patch_mask = ctx.saved_tensors
     grads = [None] * _LOCAL_INPUTS
     if grad_out is None:
         return tuple(grads)
     k, rule, backend, n_threads = ctx.args
     gq, ga, gs = torch.ops.patchmosaic.local_softmax_backward(grad_out, out, stats, train, query, a, inv_2b2, labels,
-                                                             lv, lp, li, pixels, k, rule, backend, n_threads)
+                                                             lv, lp, li, pixels, k, rule, backend, n_threads,
+                                                             patch_mask)
     grads[1], grads[2], grads[3] = gq, ga.to(a.dtype), gs.to(inv_2b2.dtype)
     return tuple(grads)
 
