@@ -26,20 +26,24 @@ def sig(i, j, H, W, r):
     return (max(0, r - i), max(0, i + r - (H - 1)), max(0, r - j), max(0, j + r - (W - 1)))
 
 
-def softmax_average(q, keys, centres, a, b2):
-    d2 = ((q[None, :] - a * keys) ** 2).sum(1)
+def softmax_average(q, keys, centres, a, b2, weights=None):
+    """``weights``: a masked neighbourhood's weight of every patch element (None: all 1)."""
+    w2 = 1.0 if weights is None else weights[None, :]
+    d2 = (w2 * (q[None, :] - a * keys) ** 2).sum(1)
     logit = -d2 / (2 * b2)
     w = np.exp(logit - logit.max())
     return (w[:, None] * centres).sum(0) / w.sum()
 
 
-def denoise(machine, train, x, a, b2, k=None, groups=None, wrapped=False):
-    """machine in {'IS', 'LS', 'ELS_circular', 'ELS_zeros'}; groups[b] = training indices for query b."""
+def denoise(machine, train, x, a, b2, k=None, groups=None, wrapped=False, mask=None):
+    """machine in {'IS', 'LS', 'ELS_circular', 'ELS_zeros'}; groups[b] = training indices for query b; mask: a
+    local machine's (k, k) neighbourhood weights (None: the square patch)."""
     train = np.asarray(train, np.float64)
     x = np.asarray(x, np.float64)
     N, C, H, W = train.shape
     B, _, Hq, Wq = x.shape
     out = np.zeros_like(x)
+    weights = None if mask is None else np.tile(np.asarray(mask, np.float64).ravel(), C)
     for b in range(B):
         imgs = train[groups[b]] if groups is not None else train
         ab, bb = float(np.asarray(a).reshape(-1)[b]), float(np.asarray(b2).reshape(-1)[b])
@@ -73,5 +77,5 @@ def denoise(machine, train, x, a, b2, k=None, groups=None, wrapped=False):
                     for (u, v) in positions:
                         keys.append(pad_patch(img, u, v, k, kmode))
                         cents.append(img[:, u, v])
-                out[b, :, i, j] = softmax_average(q, np.array(keys), np.array(cents), ab, bb)
+                out[b, :, i, j] = softmax_average(q, np.array(keys), np.array(cents), ab, bb, weights)
     return out

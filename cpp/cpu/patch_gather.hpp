@@ -65,7 +65,8 @@ inline void scatter_elements(double* img, int Hs, int Ws, int ci, int cj, int ha
   for (int e = 0; e < n; ++e) {
     const int32_t code = elem[e];
     const int64_t at = element_pixel(Hs, Ws, ci, cj, code_channel(code), code_row(code), code_col(code), half, pad);
-    if (at >= 0) img[at] += scale * (elem_scale ? elem_scale[e] : 1.0) * g[e];
+    const double f = elem_scale ? scale * elem_scale[e] : scale;  // (as scatter_patch without scales)
+    if (at >= 0) img[at] += f * g[e];
   }
 }
 
