@@ -1,5 +1,5 @@
 """Local machines with a masked neighbourhood (``patch_mask=``, ops/masks.py): a boolean or weighted ``k x k``
-mask in place of the square patch, shared by every pixel, on every engine.
+mask in place of the square patch, shared by every pixel or one per query pixel, on every engine.
 
 The torch oracle is checked against a loop-by-loop transcription of the spec with the weighted distance
 (naive.py); the CPU engine and the CUDA kernels (on a GPU and under the emulator, tests/cuda_emulation.py)
@@ -325,3 +325,108 @@ def test_large_mask_is_cropped_like_k():
     got = m.denoise(x, 0.4, patch_mask=big)
     ref = m.denoise(x, 0.4, patch_mask=big[2:9, 2:9])
     assert np.abs(got - ref).max() == 0
+
+
+# ------------------------------------------------------------------------------- a mask per query pixel
+def pixel_masks(seed, case, repeat=True):
+    """One random mask per query pixel (boolean or weighted as random_mask); with ``repeat`` the first rows share
+    one mask (so that classes keep several pixels)."""
+    Hq, Wq = case.size
+    out = np.stack([random_mask(seed * 1000 + p, case.k) for p in range(Hq * Wq)]).reshape(Hq, Wq, case.k, case.k)
+    if repeat:
+        out[: Hq // 2] = out[0, 0]
+    return out
+
+
+@pytest.mark.parametrize("seed", SEEDS[:9])
+def test_per_pixel_oracle_matches_literal_spec(seed):
+    case = local_case(seed)
+    N, C, H, W = case.train.shape
+    if np.prod(case.size) * N * H * W > 40_000:
+        case.train, case.labels = case.train[:2], case.labels[:2]
+        case.qlabels = np.full(len(case.t), case.labels[0])
+    x = queries(case, seed)
+    mask = pixel_masks(seed, case)
+    a, b2 = pm.schedules.cosine_legacy.coefficients(case.t)
+    groups = [np.nonzero(case.labels == y)[0] for y in case.qlabels]
+    ref = naive.denoise(case.machine, case.train, x, a, b2, case.k, groups, case.wrapped, mask=mask)
+    assert np.abs(oracle(case, x, mask) - ref).max() <= 1e-9 * RANGE, case
+
+
+@pytest.mark.parametrize("seed", SEEDS[:12])
+def test_per_pixel_cpu_matches_oracle(seed):
+    case = local_case(seed, CONTRACT_TIMES)
+    x = queries(case, seed)
+    mask = pixel_masks(seed, case)
+    ref = oracle(case, x, mask)
+    got = build(case, np.float64).denoise(x, case.t, case.k, labels=case.qlabels, backend="cpu", patch_mask=mask)
+    assert np.abs(got - ref).max() <= 1e-9 * RANGE, case
+    got = build(case, np.float32).denoise(x.astype(np.float32), case.t, case.k, labels=case.qlabels, backend="cpu",
+                                          patch_mask=mask)
+    assert_float32_close(np.abs(got.astype(np.float64) - ref), case, RANGE)
+
+
+@pytest.mark.parametrize("seed", SEEDS[:8])
+def test_per_pixel_cuda_matches_oracle(seed, dev):
+    case = local_case(seed, CONTRACT_TIMES)
+    x = queries(case, seed)
+    mask = pixel_masks(seed, case)
+    ref = oracle(case, x, mask)
+    for dtype in (np.float32, np.float64):
+        xq = torch.from_numpy(x.astype(dtype)).to(dev)
+        out = build(case, dtype).denoise(xq, torch.from_numpy(case.t), case.k, labels=torch.from_numpy(case.qlabels),
+                                         backend="cuda", patch_mask=mask)
+        err = np.abs(out.cpu().double().numpy() - ref)
+        if dtype == np.float64:
+            assert err.max() <= 1e-9 * RANGE, case
+        else:
+            assert_float32_close(err, case, RANGE)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "emulated", "torch"])
+def test_one_mask_at_every_pixel_is_the_shared_mask_exactly(backend, monkeypatch):
+    case = local_case(5)
+    x = torch.from_numpy(queries(case, 5))
+    shared = random_mask(3, case.k)
+    every = np.broadcast_to(shared, tuple(case.size) + shared.shape)
+    if backend == "emulated":
+        monkeypatch.setattr(engines, "_EMULATOR", cuda_emulation.module())
+    name = "cuda" if backend == "emulated" else backend
+    m = build(case, np.float64)
+    a = m.denoise(x, case.t, case.k, labels=case.qlabels, backend=name, patch_mask=shared)
+    b = m.denoise(x, case.t, case.k, labels=case.qlabels, backend=name, patch_mask=every)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("machine", LOCAL)
+def test_per_pixel_gradients_match_the_oracle(machine, monkeypatch):
+    rng = np.random.default_rng(4)
+    train = rng.uniform(-1, 1, (3, 2, 6, 7))
+    m = {"LS": pm.LS, "ELS_zeros": pm.ELS}.get(machine, lambda tr: pm.ELS(tr, boundary="circular"))(train)
+    case = local_case(0)
+    case.size, case.k = (6, 7), 3
+    mask = pixel_masks(7, case)
+    x0 = torch.from_numpy(rng.normal(size=(2, 2, 6, 7)) * 0.8)
+
+    def grad(backend):
+        x = x0.clone().requires_grad_(True)
+        out = m.denoise(x, 0.4, backend=backend, patch_mask=mask)
+        return torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum(), x)[0]
+
+    ref = grad("torch")
+    assert (grad("cpu") - ref).abs().max() <= 1e-9
+    monkeypatch.setattr(engines, "_EMULATOR", cuda_emulation.module())
+    assert (grad("cuda") - ref).abs().max() <= 1e-9
+
+
+def test_per_pixel_mask_errors_name_the_problem():
+    m = pm.ELS(np.zeros((2, 1, 8, 8)))
+    x = np.zeros((1, 1, 8, 8))
+    with pytest.raises(ValueError, match="one mask per pixel of a 6x8 canvas, but the queries are 8x8"):
+        m.denoise(x, 0.5, patch_mask=np.ones((6, 8, 3, 3), bool))
+    bad = np.ones((8, 8, 3, 3), bool)
+    bad[2, 5, 1, 1] = False
+    with pytest.raises(ValueError, match=r"centre element .* \(the mask of query pixel \(2, 5\)\)"):
+        m.denoise(x, 0.5, patch_mask=bad)
+    with pytest.raises(ValueError, match="square"):
+        m.denoise(x, 0.5, patch_mask=np.ones((8, 8, 3, 5), bool))

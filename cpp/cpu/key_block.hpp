@@ -126,7 +126,9 @@ struct QueryTiles {
   int rows = 0;
 
   void gather(const PatchSoftmaxArgs<T>& A, const QueryGroups& qg, const WorkItem& it) {
-    const int C = A.C, k = A.k, d = patch_dim(A);
+    const int C = A.C, k = A.k;
+    const ClassElements el = class_elements(A, it.c);
+    const int d = el.n;
     const int64_t HWq = static_cast<int64_t>(A.Hq) * A.Wq;
     rows = static_cast<int>(it.row1 - it.row0);
     const int rows_padded = (rows + kMR - 1) / kMR * kMR;
@@ -142,9 +144,9 @@ struct QueryTiles {
       image[r] = b;
       pixel[r] = pix;
       T* dst = Qp.data() + static_cast<int64_t>(r / kMR) * kMR * d + r % kMR;
-      if (A.n_elem > 0)
+      if (el.code)
         gather_elements(A.query + b * C * HWq, A.Hq, A.Wq, static_cast<int>(pix / A.Wq), static_cast<int>(pix % A.Wq),
-                        k / 2, A.query_pad, A.elem, A.elem_scale, A.n_elem, dst, kMR);
+                        k / 2, A.query_pad, el.code, el.scale, el.n, dst, kMR);
       else
         gather_run(A.query + b * C * HWq, C, A.Hq, A.Wq, static_cast<int>(pix / A.Wq), static_cast<int>(pix % A.Wq),
                    1, k, A.query_pad, dst, kMR);
@@ -178,7 +180,9 @@ struct KeyBlock {
   // compute the keys' squared norms (knorm).
   void gather(const PatchSoftmaxArgs<T>& A, const WorkItem& it, int n, int64_t& img_i, int64_t& pos_i,
               bool uniform_padding = true, bool norms = true) {
-    const int C = A.C, k = A.k, d = patch_dim(A);
+    const int C = A.C, k = A.k;
+    const ClassElements el = class_elements(A, it.c);
+    const int d = el.n;
     const int64_t HW = static_cast<int64_t>(A.H) * A.W;
     const int64_t p0 = A.cls_kpos_ptr[it.c], npos = A.cls_kpos_ptr[it.c + 1] - p0;
     const int64_t i0 = A.grp_img_ptr[it.g];
@@ -197,8 +201,8 @@ struct KeyBlock {
       key_id[j] = nimg * HW + pos;
       if (++pos_i == npos) { pos_i = 0; ++img_i; }
     }
-    if (A.n_elem > 0) {
-      gather_masked(A);
+    if (el.code) {
+      gather_masked(A, el);
     } else if (A.key_pad == kPadZeros && uniform_padding && runs * 8 > nk) {
       // Short runs (edge and corner classes, LS): every key of a class has the same padding signature,
       // so one pattern of padded entries holds for the whole block; gather each patch entry dd of
@@ -252,7 +256,7 @@ struct KeyBlock {
   // The block's keys (centres base[j], ids key_id[j]) as masked patches: element dd of the table elem for every
   // key, times its scale. A key whose k x k frame lies inside its image reads every element at a fixed offset
   // from its centre; the others go through the padding rule element by element.
-  void gather_masked(const PatchSoftmaxArgs<T>& A) {
+  void gather_masked(const PatchSoftmaxArgs<T>& A, const ClassElements& el) {
     const int r = A.k / 2;
     const int64_t HW = static_cast<int64_t>(A.H) * A.W;
     kci.resize(kKB);
@@ -264,8 +268,8 @@ struct KeyBlock {
       kcj[j] = static_cast<int>(pos % A.W);
       inside[j] = kci[j] >= r && kci[j] + r < A.H && kcj[j] >= r && kcj[j] + r < A.W;
     }
-    for (int dd = 0; dd < A.n_elem; ++dd) {
-      const int32_t code = A.elem[dd];
+    for (int dd = 0; dd < el.n; ++dd) {
+      const int32_t code = el.code[dd];
       const int ch = code_channel(code), di = code_row(code), dj = code_col(code);
       const int64_t off = ch * HW + static_cast<int64_t>(di - r) * A.W + (dj - r);
       T* row = Kt.data() + static_cast<int64_t>(dd) * kKB;
@@ -277,8 +281,8 @@ struct KeyBlock {
           row[j] = at < 0 ? T(0) : A.train[base[j] - key_id[j] % HW + at];
         }
       }
-      if (A.elem_scale) {
-        const T s = static_cast<T>(A.elem_scale[dd]);
+      if (el.scale) {
+        const T s = static_cast<T>(el.scale[dd]);
         for (int j = 0; j < nk; ++j) row[j] *= s;
       }
     }

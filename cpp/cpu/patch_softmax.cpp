@@ -47,7 +47,7 @@ struct Workspace {
 
 template <typename T>
 void run_item(const PatchSoftmaxArgs<T>& A, const QueryGroups& qg, const WorkItem& it, Workspace<T>& ws, Partials& P) {
-  const int C = A.C, d = patch_dim(A);
+  const int C = A.C, d = class_elements(A, it.c).n;
   const int64_t npos = A.cls_kpos_ptr[it.c + 1] - A.cls_kpos_ptr[it.c];
   ws.q.gather(A, qg, it);
   const int rows = ws.q.rows;

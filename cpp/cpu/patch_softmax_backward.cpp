@@ -48,7 +48,7 @@ struct ItemSums {
 
 template <typename T>
 void run_item(const PatchSoftmaxArgs<T>& A, const QueryGroups& qg, const WorkItem& it, Workspace<T>& ws, ItemSums out) {
-  const int C = A.C, d = patch_dim(A);
+  const int C = A.C, d = class_elements(A, it.c).n;
   const int64_t HWq = static_cast<int64_t>(A.Hq) * A.Wq;
   const int64_t npos = A.cls_kpos_ptr[it.c + 1] - A.cls_kpos_ptr[it.c];
   ws.q.gather(A, qg, it);
@@ -161,7 +161,7 @@ void local_backward_cpu(const PatchSoftmaxArgs<T>& A) {
     std::vector<int64_t> offset;
     while (w1 < n_items) {
       const int64_t rows = plan.items[w1].row1 - plan.items[w1].row0;
-      const int64_t need = rows * (d + 2) * static_cast<int64_t>(sizeof(double));
+      const int64_t need = rows * (class_elements(A, plan.items[w1].c).n + 2) * static_cast<int64_t>(sizeof(double));
       if (w1 > w0 && bytes + need > kWaveBytes) break;
       offset.push_back(bytes / static_cast<int64_t>(sizeof(double)));
       bytes += need;
@@ -170,8 +170,9 @@ void local_backward_cpu(const PatchSoftmaxArgs<T>& A) {
     std::vector<double> buf(bytes / sizeof(double));
     auto sums = [&](int64_t i) {
       const int64_t rows = plan.items[i].row1 - plan.items[i].row0;
+      const int64_t di = class_elements(A, plan.items[i].c).n;
       double* base = buf.data() + offset[i - w0];
-      return ItemSums{base, base + rows * d, base + rows * (d + 1)};
+      return ItemSums{base, base + rows * di, base + rows * (di + 1)};
     };
     const int nt = resolve_threads(A.n_threads, w1 - w0);
     FirstError error;
@@ -187,13 +188,14 @@ void local_backward_cpu(const PatchSoftmaxArgs<T>& A) {
     for (int64_t i = w0; i < w1; ++i) {
       const WorkItem& it = plan.items[i];
       const ItemSums s = sums(i);
+      const ClassElements el = class_elements(A, it.c);
       for (int64_t r = 0; r < it.row1 - it.row0; ++r) {
         const int64_t row = it.row0 + r;
         const int64_t b = row_image(A, qg, it.g, it.c, row), pix = row_pixel(A, it.c, row);
-        if (A.n_elem > 0)
+        if (el.code)
           scatter_elements(gx.data() + b * C * HWq, A.Hq, A.Wq, static_cast<int>(pix / A.Wq),
-                           static_cast<int>(pix % A.Wq), A.k / 2, A.query_pad, A.elem, A.elem_scale, A.n_elem,
-                           s.G + r * d, 2.0 * A.inv_2b2[b]);
+                           static_cast<int>(pix % A.Wq), A.k / 2, A.query_pad, el.code, el.scale, el.n,
+                           s.G + r * el.n, 2.0 * A.inv_2b2[b]);
         else
           scatter_patch(gx.data() + b * C * HWq, C, A.Hq, A.Wq, static_cast<int>(pix / A.Wq),
                         static_cast<int>(pix % A.Wq), A.k, A.query_pad, s.G + r * d, 2.0 * A.inv_2b2[b]);

@@ -52,8 +52,21 @@ struct Geometry {
   const int32_t* elem;       // element_code of patch element e < d (the square's, or a masked patch's table)
   int d;                     // elements per patch: C k^2, or the masked patch's n_elem
   const T* scale;            // masked patch: sqrt weight of element e (null: all 1)
-  const int32_t* slot_of;    // masked patch: the table entry of square element (c k + di) k + dj, or -1 (null: square)
+  const int32_t* slot_of;    // masked patch: the table entry of square element (c k + di) k + dj, or -1 (null: square);
+                             // with a patch per class, n_classes such maps (the entry within the class's part)
+  const int64_t* cls_elem_ptr;  // a masked patch per class: each class's part of elem and scale (null: all of it)
+  int stride;                // the largest patch of the call (rows of per-element partial sums)
 };
+
+// The part of the element table of class c: its first entry and its size.
+template <typename T>
+__device__ __forceinline__ int64_t class_elem0(const Geometry<T>& G, int c) {
+  return G.cls_elem_ptr ? G.cls_elem_ptr[c] : 0;
+}
+template <typename T>
+__device__ __forceinline__ int class_dim(const Geometry<T>& G, int c) {
+  return G.cls_elem_ptr ? static_cast<int>(G.cls_elem_ptr[c + 1] - G.cls_elem_ptr[c]) : G.d;
+}
 
 // Element `code` of the patch of `img` (C, Hs, Ws) centred at (ci, cj), zero or circular padded.
 template <typename T>
@@ -81,7 +94,7 @@ __device__ __forceinline__ T call_elem(const Geometry<T>& G, const T* __restrict
 // The index arrays of a call on the device, and the plan's items and row blocks.
 template <typename T>
 struct DeviceCall {
-  DeviceBuffer<int64_t> cqp, ckp, gip, gbp;
+  DeviceBuffer<int64_t> cqp, ckp, gip, gbp, cep;
   DeviceBuffer<int32_t> cq, ck, gi, gbd, elem, slot_of;
   DeviceBuffer<T> scale;
   DeviceBuffer<Item> items;
@@ -95,6 +108,7 @@ struct DeviceCall {
         ckp(A.cls_kpos_ptr, A.n_classes + 1, st),
         gip(A.grp_img_ptr, A.n_groups + 1, st),
         gbp(qg.ptr.data(), A.n_groups + 1, st),
+        cep(A.cls_elem_ptr, A.cls_elem_ptr ? A.n_classes + 1 : 0, st),
         cq(A.cls_qpix, A.cls_qpix_ptr[A.n_classes], st),
         ck(A.cls_kpos, A.cls_kpos_ptr[A.n_classes], st),
         gi(A.grp_img, A.grp_img_ptr[A.n_groups], st),
@@ -109,17 +123,24 @@ struct DeviceCall {
         slots(plan.slots) {
     G = Geometry<T>{A.train, A.query, A.N, A.C, A.H, A.W, A.Hq, A.Wq, A.k, A.query_pad, A.key_pad, A.a, A.inv_2b2,
                     cqp.get(), cq.get(), ckp.get(), ck.get(), gip.get(), gi.get(), gbp.get(), gbd.get(), elem.get(),
-                    static_cast<int>(codes.size()), scale.get(), slot_of.get()};
+                    static_cast<int>(codes.size()), scale.get(), slot_of.get(), cep.get(),
+                    A.n_elem > 0 ? patch_dim(A) : static_cast<int>(codes.size())};
   }
 
-  // A masked patch: the table entry of every square element (-1: not in the mask); empty for the square.
+  // A masked patch: the table entry of every square element (-1: not in the mask), per class when each class
+  // has its own part (the entry within it); empty for the square.
   static std::vector<int32_t> element_slots(const PatchSoftmaxArgs<T>& A) {
     std::vector<int32_t> v;
     if (A.n_elem == 0) return v;
-    v.assign(static_cast<size_t>(A.C) * A.k * A.k, -1);
-    for (int e = 0; e < A.n_elem; ++e) {
-      const int32_t code = A.elem[e];
-      v[(static_cast<size_t>(code_channel(code)) * A.k + code_row(code)) * A.k + code_col(code)] = e;
+    const size_t full = static_cast<size_t>(A.C) * A.k * A.k;
+    const int64_t parts = A.cls_elem_ptr ? A.n_classes : 1;
+    v.assign(full * parts, -1);
+    for (int64_t c = 0; c < parts; ++c) {
+      const ClassElements el = class_elements(A, c);
+      for (int e = 0; e < el.n; ++e) {
+        const int32_t code = el.code[e];
+        v[c * full + (static_cast<size_t>(code_channel(code)) * A.k + code_row(code)) * A.k + code_col(code)] = e;
+      }
     }
     return v;
   }

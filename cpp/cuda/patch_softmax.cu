@@ -46,7 +46,8 @@ template <typename T, int CC, bool QRES>
 __global__ void __launch_bounds__(NT) local_items(Geometry<T> G, const Item* __restrict__ items, Partials P) {
   const Item it = items[blockIdx.x];
   const int tid = threadIdx.x;
-  const int d = G.d, half = G.k / 2;
+  const int64_t e0 = class_elem0(G, it.c);  // this class's part of the element table
+  const int d = class_dim(G, it.c), half = G.k / 2;
   const int64_t HW = static_cast<int64_t>(G.H) * G.W, HWq = static_cast<int64_t>(G.Hq) * G.Wq;
   const int64_t q0 = G.cls_qpix_ptr[it.c], npix = G.cls_qpix_ptr[it.c + 1] - q0;
   const int64_t p0 = G.cls_kpos_ptr[it.c], npos = G.cls_kpos_ptr[it.c + 1] - p0;
@@ -88,7 +89,7 @@ __global__ void __launch_bounds__(NT) local_items(Geometry<T> G, const Item* __r
     for (int e = tid; e < dpad * BM; e += NT) {
       const int dd = e / BM, r = e % BM;
       Qall[e] = (qimg[r] != nullptr && dd < d)
-                    ? call_elem(G, qimg[r], G.Hq, G.Wq, qi[r], qj[r], dd, half, G.query_pad)
+                    ? call_elem(G, qimg[r], G.Hq, G.Wq, qi[r], qj[r], e0 + dd, half, G.query_pad)
                     : T(0);
     }
   }
@@ -137,14 +138,14 @@ __global__ void __launch_bounds__(NT) local_items(Geometry<T> G, const Item* __r
         for (int e = tid; e < BK * BM; e += NT) {
           const int dd = e / BM, r = e % BM;
           Qs[dd][r] = (qimg[r] != nullptr && d0 + dd < d)
-                          ? call_elem(G, qimg[r], G.Hq, G.Wq, qi[r], qj[r], d0 + dd, half, G.query_pad)
+                          ? call_elem(G, qimg[r], G.Hq, G.Wq, qi[r], qj[r], e0 + d0 + dd, half, G.query_pad)
                           : T(0);
         }
       }
       for (int e = tid; e < BK * BN; e += NT) {
         const int dd = e / BN, col = e % BN;
         Ks[dd][col] = (kimg[col] != nullptr && d0 + dd < d)
-                          ? call_elem(G, kimg[col], G.H, G.W, ki[col], kj[col], d0 + dd, half, G.key_pad)
+                          ? call_elem(G, kimg[col], G.H, G.W, ki[col], kj[col], e0 + d0 + dd, half, G.key_pad)
                           : T(0);
       }
       __syncthreads();

@@ -79,10 +79,11 @@ CALL_ARGS = """\
 """
 PATCH_MASK_ARG = """\
             patch_mask: local machines only: the neighbourhood of each pixel instead of the square ``k x k``
-                patch, shared by every pixel: a ``(k, k)`` array or tensor (``k`` odd), boolean (True: the element
-                counts) or real non-negative weights (the squared distance becomes ``sum w (x - a q)^2`` over
-                the elements and channels; 0 leaves an element out); its centre must count. ``k`` may then be
-                None (the mask's size) or must equal it. The key set stays that of the ``k x k`` frame (for
+                patch: a ``(k, k)`` array or tensor (``k`` odd) shared by every pixel (equivariant), or
+                ``(Hq, Wq, k, k)``, one per query pixel (position-dependent); boolean (True: the element counts)
+                or real non-negative weights (the squared distance becomes ``sum w (x - a q)^2`` over the
+                elements and channels; 0 leaves an element out); every mask's centre must count. ``k`` may then
+                be None (the mask's size) or must equal it. The key set stays that of the ``k x k`` frame (for
                 boundary-aware ELS, the padding signature at size ``k``), so a mask of ones is the square machine.
                 None (default): the square patch.
 """
@@ -496,7 +497,7 @@ class Machine:
         if not self.local:
             raise ValueError("patch_mask= is a local machine's neighbourhood; the IS machine has none")
         weights = check_patch_mask(patch_mask)
-        K = int(weights.shape[0])
+        K = int(weights.shape[-1])
         if k is None:
             return weights, K
         if check_k(k, self.H, self.W) != K:

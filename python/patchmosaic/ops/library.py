@@ -76,19 +76,36 @@ def _local_keyset(rule: str, query: Tensor, train: Tensor, k: int, pixels: Optio
     return ks
 
 
-def _masked_patch(engine, patch_mask: Optional[Tensor], k: int, C: int, like: Tensor):
-    """The masked neighbourhood of a call as its engine takes it: the element table (compiled engines) or the
-    element weights (the reference); None for the square patch (no mask, or a full mask of ones)."""
+def _check_mask(patch_mask: Optional[Tensor], k: int, query: Tensor) -> Optional[Tensor]:
+    """The checked weights of a call's neighbourhood mask (ops/masks.py), or None."""
     if patch_mask is None:
         return None
     w = masks.check_patch_mask(patch_mask)
-    if w.shape[0] != k:
-        raise ValueError(f"patch_mask is {w.shape[0]}x{w.shape[1]} but the call's patch size is k={k}: the mask "
+    if w.shape[-1] != k:
+        raise ValueError(f"patch_mask is {w.shape[-2]}x{w.shape[-1]} but the call's patch size is k={k}: the mask "
                          "is the k x k frame of the patch")
+    Hq, Wq = int(query.shape[2]), int(query.shape[3])
+    if w.dim() == 4 and tuple(w.shape[:2]) != (Hq, Wq):
+        raise ValueError(f"patch_mask holds one mask per pixel of a {w.shape[0]}x{w.shape[1]} canvas, but the "
+                         f"queries are {Hq}x{Wq}")
+    return w
+
+
+def _masked_patch(engine, w: Optional[Tensor], ks, C: int, like: Tensor):
+    """``(keyset, mask)``: the key set of a call (its classes split by mask for a mask per pixel) and the masked
+    neighbourhood as the engine takes it: the element table (compiled engines) or the element weights, per class
+    for a mask per pixel (the reference); None for the square patch (no mask, or one full mask of ones)."""
+    if w is None:
+        return ks, None
+    if w.dim() == 4:
+        ks, per_class = masks.split_by_mask(ks, w)
+        if engine is reference:
+            return ks, [masks.element_weights(wc, C, like) for wc in per_class]
+        return ks, masks.class_elements(per_class, C)
     elements = masks.patch_elements(w, C)
     if elements is None:
-        return None
-    return masks.element_weights(w, C, like) if engine is reference else elements
+        return ks, None
+    return ks, (masks.element_weights(w, C, like) if engine is reference else elements)
 
 
 # ------------------------------------------------------------------------------- local machines
@@ -104,17 +121,19 @@ def local_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: O
     ``labels`` (B,) int64 or None; ``label_*`` the machine's label index (ops/labels.py); ``pixels`` an
     optional (Hq, Wq) bool mask of the pixels to compute (others give 0). ``stats`` (B, Hq, Wq, 2) float64:
     each row's softmax maximum and sum (contract.hpp); ``arg_key``/``arg_share`` (B, Hq, Wq) when
-    ``provenance``, else empty. ``patch_mask``: an optional ``(k, k)`` neighbourhood mask (boolean, or
-    non-negative float weights; ops/masks.py) in place of the square patch.
+    ``provenance``, else empty. ``patch_mask``: an optional neighbourhood mask in place of the square patch
+    (ops/masks.py): ``(k, k)`` shared by every pixel, or ``(Hq, Wq, k, k)`` one per query pixel; boolean, or
+    non-negative float weights.
     """
     engine = _engine(query, backend, train.shape[1])
-    mask = _masked_patch(engine, patch_mask, k, train.shape[1], query)
+    w = _check_mask(patch_mask, k, query)
     name = "torch" if engine is reference else engine.name
     checks.memory(checks.local_bytes(query.shape, query.dtype, train, k, name, provenance, n_threads),
                   f"the local machine (k={k}) on a batch of shape {tuple(query.shape)}", max_memory)
     checks.values(query, "x", t, a, inv_2b2)
     checks.scale(query, train, inv_2b2, query.shape[1] * k * k)
     ks = _local_keyset(rule, query, train, k, pixels)
+    ks, mask = _masked_patch(engine, w, ks, train.shape[1], query)
     grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
     if engine is reference:
@@ -139,8 +158,8 @@ def local_softmax_backward(grad_out: Tensor, out: Tensor, stats: Tensor, train: 
     """The vector-Jacobian product of ``local_softmax``'s ``out`` for ``grad_out`` ->
     ``(grad_query, grad_a, grad_inv_2b2)``."""
     engine = _engine(query, backend, train.shape[1])
-    mask = _masked_patch(engine, patch_mask, k, train.shape[1], query)
     ks = _local_keyset(rule, query, train, k, pixels)
+    ks, mask = _masked_patch(engine, _check_mask(patch_mask, k, query), ks, train.shape[1], query)
     grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
     g = grad_out.to(q.dtype).contiguous()

@@ -15,29 +15,33 @@ padding signature at size ``k``), so a full mask of ones is the square machine e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
+
+from .keysets import KeySet, _csr
 
 
 @dataclass(frozen=True)
 class PatchElements:
     """The element table of a masked patch (contract.hpp): ``codes`` int32 ``(n,)``, ``scale`` float64 ``(n,)``
-    (``sqrt`` of the weights) or None when every weight is 1."""
+    (``sqrt`` of the weights) or None when every weight is 1; ``cls_ptr`` int64 ``(n_classes + 1,)``: each
+    class's part of the table (a mask per class), or None (one table for every class)."""
 
     codes: np.ndarray
     scale: Optional[np.ndarray]
+    cls_ptr: Optional[np.ndarray] = None
 
 
 def check_patch_mask(mask, name: str = "patch_mask") -> torch.Tensor:
-    """The weights of a neighbourhood mask as a float64 ``(k, k)`` CPU tensor, or a ValueError / TypeError
-    naming what is wrong with it.
+    """The weights of a neighbourhood mask as a float64 ``(k, k)`` CPU tensor (one mask shared by every pixel) or
+    ``(Hq, Wq, k, k)`` (one per query pixel), or a ValueError / TypeError naming what is wrong with it.
 
     Args:
-        mask: a ``(k, k)`` array or tensor (numpy, torch or nested lists), boolean (True: the element is in the
-            neighbourhood) or real (non-negative finite weights; 0: left out); ``k`` odd, and the centre element
-            in the neighbourhood (True or a positive weight).
+        mask: a ``(k, k)`` or ``(Hq, Wq, k, k)`` array or tensor (numpy, torch or nested lists), boolean (True:
+            the element is in the neighbourhood) or real (non-negative finite weights; 0: left out); ``k`` odd,
+            and every mask's centre element in its neighbourhood (True or a positive weight).
         name: the argument's name in the messages.
     """
     if torch.is_tensor(mask):
@@ -50,9 +54,10 @@ def check_patch_mask(mask, name: str = "patch_mask") -> torch.Tensor:
     if t.is_complex() or not (t.dtype == torch.bool or t.is_floating_point() or t.dtype in
                               (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)):
         raise TypeError(f"{name} must be a boolean or real array of shape (k, k), got dtype {t.dtype}")
-    if t.dim() != 2 or t.shape[0] != t.shape[1]:
-        raise ValueError(f"{name} must be a square (k, k) array, got shape {tuple(t.shape)}")
-    k = int(t.shape[0])
+    if t.dim() not in (2, 4) or t.shape[-2] != t.shape[-1] or min(t.shape) < 1:
+        raise ValueError(f"{name} must be a square (k, k) array (or (Hq, Wq, k, k): one per query pixel), got "
+                         f"shape {tuple(t.shape)}")
+    k = int(t.shape[-1])
     if k % 2 == 0:
         raise ValueError(f"{name} must have an odd size k (its centre is the pixel denoised), got {k}x{k}")
     w = t.to(torch.float64)
@@ -60,9 +65,42 @@ def check_patch_mask(mask, name: str = "patch_mask") -> torch.Tensor:
         raise ValueError(f"{name} holds NaN or infinite weights")
     if bool((w < 0).any()):
         raise ValueError(f"{name} holds negative weights (weights must be >= 0; 0 leaves an element out)")
-    if not float(w[k // 2, k // 2]) > 0:
-        raise ValueError(f"{name} must include its centre element ({k // 2}, {k // 2}): the pixel being denoised")
+    off = ~(w[..., k // 2, k // 2] > 0)
+    if bool(off.any()):
+        where = "" if w.dim() == 2 else f" (the mask of query pixel {tuple(int(v) for v in off.nonzero()[0])})"
+        raise ValueError(f"{name} must include its centre element ({k // 2}, {k // 2}): the pixel being "
+                         f"denoised{where}")
     return w.contiguous()
+
+
+def split_by_mask(keyset: KeySet, weights: torch.Tensor) -> Tuple[KeySet, List[torch.Tensor]]:
+    """A mask per query pixel (``weights`` ``(Hq, Wq, k, k)``) on a key set: its classes split so that the pixels
+    of a class share one mask (the pixels of a class with equal masks stay together), and each class's mask."""
+    Wq = weights.shape[1]
+    flat = weights.reshape(-1, weights.shape[2] * weights.shape[3]).numpy()
+    groups, per_class = [], []
+    for qpix, kpos in keyset.classes():
+        uniq, inverse = np.unique(flat[qpix], axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        for u in range(len(uniq)):
+            groups.append((qpix[inverse == u], kpos))
+            per_class.append(weights[qpix[inverse == u][0] // Wq, qpix[inverse == u][0] % Wq])
+    return _csr(groups, keyset.query_pad, keyset.key_pad), per_class
+
+
+def class_elements(per_class: List[torch.Tensor], C: int) -> PatchElements:
+    """The element table of a mask per class (``(k, k)`` weights each): the classes' tables one after the other,
+    with their offsets."""
+    parts = [patch_elements(w, C, square=True) for w in per_class]
+    ptr = np.zeros(len(parts) + 1, np.int64)
+    ptr[1:] = np.cumsum([len(p.codes) for p in parts])
+    codes = np.ascontiguousarray(np.concatenate([p.codes for p in parts]), dtype=np.int32)
+    weighted = any(p.scale is not None for p in parts)
+    scale = None
+    if weighted:
+        scale = np.concatenate([np.ones(len(p.codes)) if p.scale is None else p.scale for p in parts])
+        scale = np.ascontiguousarray(scale, dtype=np.float64)
+    return PatchElements(codes, scale, ptr)
 
 
 def patch_elements(weights: torch.Tensor, C: int, square: bool = False) -> Optional[PatchElements]:
@@ -88,10 +126,10 @@ def element_weights(weights: torch.Tensor, C: int, like: torch.Tensor) -> torch.
 
 
 def crop_patch_mask(weights: torch.Tensor, k: int) -> torch.Tensor:
-    """The central ``k x k`` part of a larger mask (for zero padding, a patch past the images' size only adds
+    """The central ``k x k`` part of a larger mask (or of each of per-pixel masks; for zero padding, a patch past the images' size only adds
     padded zeros to both query and key: the machines compute such a ``k`` as the largest useful one)."""
-    K = weights.shape[0]
+    K = weights.shape[-1]
     if k >= K:
         return weights
     o = (K - k) // 2
-    return weights[o : o + k, o : o + k].contiguous()
+    return weights[..., o : o + k, o : o + k].contiguous()

@@ -100,8 +100,8 @@ def _rows(v: torch.Tensor, bs: np.ndarray, npix: int, like: torch.Tensor) -> tor
 def local_forward(train, query, k, keyset: KeySet, a, inv_2b2, groups: Groups, provenance=False, n_threads=0,
                   weights=None):
     """(out, stats, arg_key, arg_share) of a local machine. ``weights``: a masked neighbourhood as the weight of
-    every patch element ``(C k^2,)`` (masks.element_weights; the distance is ``sum_e w_e (Q_e - a K_e)^2``), or
-    None for the square patch."""
+    every patch element ``(C k^2,)`` (masks.element_weights; the distance is ``sum_e w_e (Q_e - a K_e)^2``), a
+    list of them (one per class of ``keyset``), or None for the square patch."""
     N, C, H, W = train.shape
     B, _, Hq, Wq = query.shape
     dev = query.device
@@ -116,7 +116,8 @@ def local_forward(train, query, k, keyset: KeySet, a, inv_2b2, groups: Groups, p
         if len(bs) == 0:
             continue
         imgs = torch.as_tensor(groups.images(g).astype(np.int64), device=dev)
-        for qpix, kpos in keyset.classes():
+        for cls, (qpix, kpos) in enumerate(keyset.classes()):
+            wc = weights[cls] if isinstance(weights, list) else weights
             npix, npos = len(qpix), len(kpos)
             qpix_t = torch.as_tensor(qpix.astype(np.int64), device=dev)
             kpos_t = torch.as_tensor(kpos.astype(np.int64), device=dev)
@@ -127,7 +128,7 @@ def local_forward(train, query, k, keyset: KeySet, a, inv_2b2, groups: Groups, p
             for r0 in range(0, len(b_idx), ROWS):
                 r1 = min(len(b_idx), r0 + ROWS)
                 Q = patches(query, b_idx[r0:r1], centres[r0:r1], k, keyset.query_pad)
-                Qw = Q if weights is None else Q * weights
+                Qw = Q if wc is None else Q * wc
                 qn = (Q * Qw).sum(1)
                 ar, sr = a_r[r0:r1, None], s_r[r0:r1, None]
                 state = OnlineSoftmax(r1 - r0, C, query)
@@ -136,7 +137,7 @@ def local_forward(train, query, k, keyset: KeySet, a, inv_2b2, groups: Groups, p
                     kk = torch.arange(k0, min(nkeys, k0 + kc), device=dev)
                     n, pos = imgs[kk // npos], kpos_t[kk % npos]
                     K = patches(train, n, pos, k, keyset.key_pad)
-                    Kw = K if weights is None else K * weights
+                    Kw = K if wc is None else K * wc
                     dist2 = qn[:, None] - 2 * ar * (Qw @ K.T) + ar * ar * (K * Kw).sum(1)[None, :]
                     V = train[n[:, None], torch.arange(C, device=dev)[None, :], (pos // W)[:, None], (pos % W)[:, None]]
                     state.update(-dist2 * sr, V, n * (H * W) + pos)
@@ -204,7 +205,8 @@ def local_backward(grad_out, out, stats, train, query, k, keyset: KeySet, a, inv
         if len(bs) == 0:
             continue
         imgs = torch.as_tensor(groups.images(g).astype(np.int64), device=dev)
-        for qpix, kpos in keyset.classes():
+        for cls, (qpix, kpos) in enumerate(keyset.classes()):
+            wc = weights[cls] if isinstance(weights, list) else weights
             npix, npos = len(qpix), len(kpos)
             kpos_t = torch.as_tensor(kpos.astype(np.int64), device=dev)
             b_idx = torch.as_tensor(np.repeat(bs, npix), device=dev)
@@ -215,7 +217,7 @@ def local_backward(grad_out, out, stats, train, query, k, keyset: KeySet, a, inv
                 r1 = min(len(b_idx), r0 + ROWS)
                 rb, rp = b_idx[r0:r1], centres[r0:r1]
                 Q = patches(query, rb, rp, k, keyset.query_pad)
-                Qw = Q if weights is None else Q * weights
+                Qw = Q if wc is None else Q * wc
                 qn = (Q * Qw).sum(1)
                 ar, sr = a_r[r0:r1, None], s_r[r0:r1, None]
                 gr = grad_out[rb, :, rp // Wq, rp % Wq]  # (rows, C)
@@ -231,7 +233,7 @@ def local_backward(grad_out, out, stats, train, query, k, keyset: KeySet, a, inv
                     kk = torch.arange(k0, min(nkeys, k0 + kc), device=dev)
                     n, pos = imgs[kk // npos], kpos_t[kk % npos]
                     K = patches(train, n, pos, k, keyset.key_pad)
-                    Kw = K if weights is None else K * weights
+                    Kw = K if wc is None else K * wc
                     QK = Qw @ K.T
                     kn = (K * Kw).sum(1)[None, :]
                     dist2 = qn[:, None] - 2 * ar * QK + ar * ar * kn
