@@ -430,3 +430,57 @@ def test_per_pixel_mask_errors_name_the_problem():
         m.denoise(x, 0.5, patch_mask=bad)
     with pytest.raises(ValueError, match="square"):
         m.denoise(x, 0.5, patch_mask=np.ones((8, 8, 3, 5), bool))
+
+
+# ------------------------------------------------------------------------------------------ the patch index
+MASK_MACHINES = {
+    "bbELS_cond": lambda tr, lab: pm.ELS(tr, lab),
+    "periodic": lambda tr, lab: pm.ELS(tr, boundary="circular"),
+    "wrapped": lambda tr, lab: pm.ELS(tr, boundary="circular", wrapped=True),
+    "LS": lambda tr, lab: pm.LS(tr, lab),
+}
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("name", sorted(MASK_MACHINES))
+def test_masked_patch_index_bound_holds_and_all_keys_are_exact(name, weighted):
+    pytest.importorskip("faiss")
+    from patchmosaic import PatchIndex
+
+    rng = np.random.default_rng(2)
+    tr = rng.uniform(-1, 1, (18, 3, 9, 10)).astype(np.float32)
+    tr[::3] = np.where(tr[::3] > 0, tr[::3], -1.0)  # flat backgrounds: duplicates for the merge
+    lab = np.arange(18) % 3
+    mach = MASK_MACHINES[name](tr, lab)
+    labels = [0, 2] if mach.labels is not None else None
+    mask = random_mask(int(weighted) + 10, 5, weighted)
+    idx = PatchIndex(mach, 5, kind="flat", progress=False, patch_mask=mask)
+    assert idx.d == 3 * int((mask > 0).sum())
+    for t in (0.05, 0.3, 1.0):
+        x = torch.from_numpy(rng.standard_normal((2, 3, 9, 10)).astype(np.float32))
+        exact = mach.denoise(x.double(), t, labels=labels, patch_mask=mask)
+        for m in (1, 8):
+            r = idx.denoise(x, t, labels, m=m)
+            err = (exact - r.x0.double()).abs().amax(1)
+            assert torch.all(err <= r.bound + 2e-5), (name, t, m, float((err - r.bound).max()))
+        r = idx.denoise(x, t, labels, m=10 ** 6)
+        assert float(r.bound.max()) == 0.0
+        assert torch.allclose(r.x0.double(), exact, atol=2e-5)
+
+
+def test_masked_patch_index_round_trips_and_refuses_another_mask(tmp_path):
+    pytest.importorskip("faiss")
+    from patchmosaic import PatchIndex
+
+    rng = np.random.default_rng(0)
+    mach = pm.ELS(rng.uniform(-1, 1, (10, 1, 8, 8)).astype(np.float32))
+    mask = random_mask(1, 3)
+    PatchIndex(mach, 3, kind="flat", progress=False, patch_mask=mask).save(str(tmp_path))
+    x = torch.from_numpy(rng.standard_normal((1, 1, 8, 8)).astype(np.float32))
+    loaded = PatchIndex.load(str(tmp_path), mach, 3, patch_mask=mask)
+    exact = mach.denoise(x.double(), 0.3, 3, patch_mask=mask)
+    assert torch.allclose(loaded.denoise(x, 0.3, m=10 ** 6).x0.double(), exact, atol=2e-5)
+    with pytest.raises(ValueError, match="patch_mask"):
+        PatchIndex.load(str(tmp_path), mach, 3)
+    with pytest.raises(ValueError, match="mask per pixel is not supported"):
+        PatchIndex(mach, 3, kind="flat", progress=False, patch_mask=np.ones((8, 8, 3, 3), bool))

@@ -102,6 +102,7 @@ enum Padding : int64_t { kPadZeros = 0, kPadCircular = 1 };
   F(train) F(N) F(C) F(H) F(W)                                                                   \
   F(query) F(B) F(Hq) F(Wq)                                                                      \
   F(k) F(query_pad) F(key_pad)                                                                   \
+  F(n_elem) F(elem) F(elem_scale) /* optional masked patch, as for LocalCall (one table) */      \
   F(a) F(inv_2b2)                                                                                \
   F(P) F(pix)                    /* int64 (P,): b * Hq * Wq + i * Wq + j */                      \
   F(m) F(cand)                   /* int64 (P, m): n * H * W + i' * W + j'; negative: skipped */  \
@@ -277,6 +278,9 @@ struct CandidateSoftmaxArgs {
   int64_t* arg_key;
   T* arg_share;
   int n_threads;
+  int n_elem = 0;                      // 0: the square patch; else a masked patch's elements (as LocalCall)
+  const int32_t* elem = nullptr;
+  const double* elem_scale = nullptr;
 };
 
 template <typename T>
@@ -285,7 +289,8 @@ inline CandidateSoftmaxArgs<T> view(const CandidateCall& c) {
           int(c.Wq), int(c.k), int(c.query_pad), int(c.key_pad), addr<const double*>(c.a),
           addr<const double*>(c.inv_2b2), c.P, addr<const int64_t*>(c.pix), int(c.m), addr<const int64_t*>(c.cand),
           addr<const double*>(c.count), addr<T*>(c.out), addr<double*>(c.top_logit), addr<double*>(c.last_logit),
-          addr<double*>(c.sum_rel), addr<int64_t*>(c.arg_key), addr<T*>(c.arg_share), int(c.n_threads)};
+          addr<double*>(c.sum_rel), addr<int64_t*>(c.arg_key), addr<T*>(c.arg_share), int(c.n_threads),
+          int(c.n_elem), addr<const int32_t*>(c.elem), addr<const double*>(c.elem_scale)};
 }
 
 }  // namespace patchmosaic

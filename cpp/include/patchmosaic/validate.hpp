@@ -156,7 +156,12 @@ inline void cuda_limits(int64_t C, int64_t k) {
 
 // A masked patch's element table (contract.hpp): 0 (the square) or, per class (or for all), 1..C k^2 distinct
 // codes inside the C x k x k frame, with finite positive scales when given. (After local_classes: n_classes.)
-inline void patch_elements(const LocalCall& c) {
+// (The fields of a LocalCall; a CandidateCall has no cls_elem_ptr: 0.)
+inline void patch_elements(int64_t C, int64_t k, int64_t n_elem, int64_t elem, int64_t elem_scale,
+                           int64_t cls_elem_ptr, int64_t n_classes) {
+  struct {
+    int64_t C, k, n_elem, elem, elem_scale, cls_elem_ptr, n_classes;
+  } c{C, k, n_elem, elem, elem_scale, cls_elem_ptr, n_classes};
   if (c.n_elem == 0) {
     if (c.cls_elem_ptr != 0) fail("cls_elem_ptr is given without an element table (n_elem = 0)");
     return;
@@ -200,7 +205,7 @@ inline void validate(const LocalCall& c, Pass pass, Engine engine) {
   local_common(c);
   patch_size(c.k, c.C);
   local_classes(c);
-  patch_elements(c);
+  patch_elements(c.C, c.k, c.n_elem, c.elem, c.elem_scale, c.cls_elem_ptr, c.n_classes);
   const int64_t* qp = addr<const int64_t*>(c.cls_qpix_ptr);
   const int64_t* kp = addr<const int64_t*>(c.cls_kpos_ptr);
   for (int64_t i = 0; i < c.n_classes; ++i)
@@ -246,6 +251,7 @@ inline void validate(const CandidateCall& c) {
     fail("patch size k=" + std::to_string(c.k) + " is too large");
   padding(c.query_pad, "query_pad");
   padding(c.key_pad, "key_pad");
+  patch_elements(c.C, c.k, c.n_elem, c.elem, c.elem_scale, 0, 1);
   present(c.a, "a");
   present(c.inv_2b2, "inv_2b2");
   if (c.P < 0) fail("P must not be negative");

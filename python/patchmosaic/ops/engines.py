@@ -225,8 +225,9 @@ def ideal_backward(engine: Engine, grad_out, out, stats, train, query, a, inv_2b
 
 
 def candidate_softmax(train, query, k: int, query_pad: int, key_pad: int, a, inv_2b2, pix, cand,
-                      count: Optional[torch.Tensor], provenance: bool, n_threads: int = 0):
-    """The CPU engine's exact softmax over candidate keys (see contract.hpp, PM_CANDIDATE_FIELDS)."""
+                      count: Optional[torch.Tensor], provenance: bool, n_threads: int = 0, elements=None):
+    """The CPU engine's exact softmax over candidate keys (see contract.hpp, PM_CANDIDATE_FIELDS);
+    ``elements``: a masked patch's element table (masks.PatchElements), None for the square patch."""
     P = cand.shape[0]
     out = torch.zeros_like(query)
     top, last, srel = (torch.empty(P, dtype=torch.float64) for _ in range(3))
@@ -234,7 +235,8 @@ def candidate_softmax(train, query, k: int, query_pad: int, key_pad: int, a, inv
     call = contract.candidate_call(_CPU_MODULE, train=train, query=query, k=k, query_pad=query_pad, key_pad=key_pad, a=a,
                                    inv_2b2=inv_2b2, pix=pix, cand=cand, count=count, out=out, top_logit=top,
                                    last_logit=last, sum_rel=srel, arg_key=key if provenance else None,
-                                   arg_share=share if provenance else None, n_threads=n_threads)
+                                   arg_share=share if provenance else None, n_threads=n_threads,
+                                   elements=elements)
     _CPU_MODULE.candidate_softmax_cpu(call)
     return out, top, last, srel, key, share
 

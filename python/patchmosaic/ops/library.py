@@ -355,20 +355,28 @@ ideal_softmax_backward.register_autograd(_no_second_derivative, setup_context=_s
 @torch.library.custom_op("patchmosaic::candidate_softmax", mutates_args=(), device_types="cpu")
 def candidate_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, pix: Tensor, cand: Tensor,
                       count: Optional[Tensor], k: int, query_pad: int, key_pad: int, provenance: bool,
-                      n_threads: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      n_threads: int, patch_mask: Optional[Tensor] = None
+                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Softmax over the candidate keys ``cand`` (P, m) of the listed pixels ``pix`` (P,), logits recomputed
     exactly (contract.hpp, PM_CANDIDATE_FIELDS) -> ``(out, top_logit, last_logit, sum_rel, arg_key,
-    arg_share)``. CPU tensors."""
+    arg_share)``. CPU tensors. ``patch_mask``: an optional ``(k, k)`` neighbourhood mask shared by every pixel
+    (ops/masks.py)."""
+    elements = None
+    if patch_mask is not None:
+        w = _check_mask(patch_mask, k, query)
+        if w.dim() != 2:
+            raise ValueError("the candidate re-scoring takes one (k, k) mask shared by every pixel")
+        elements = masks.patch_elements(w, train.shape[1])
     checks.finite(query, "x")
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
     return engines.candidate_softmax(tr, q, k, query_pad, key_pad, aa, ss, pix.to(torch.int64).contiguous(),
                                      cand.to(torch.int64).contiguous(),
                                      None if count is None else count.to(torch.float64).contiguous(), provenance,
-                                     n_threads)
+                                     n_threads, elements=elements)
 
 
 @candidate_softmax.register_fake
-def _(train, query, a, inv_2b2, pix, cand, count, k, query_pad, key_pad, provenance, n_threads):
+def _(train, query, a, inv_2b2, pix, cand, count, k, query_pad, key_pad, provenance, n_threads, patch_mask=None):
     P = cand.shape[0]
     prov = (P,) if provenance else (0,)
     f64 = dict(dtype=torch.float64)
