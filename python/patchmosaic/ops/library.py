@@ -98,10 +98,11 @@ def _masked_patch(engine, w: Optional[Tensor], ks, C: int, like: Tensor):
     if w is None:
         return ks, None
     if w.dim() == 4:
-        ks, per_class = masks.split_by_mask(ks, w)
+        ks, mask_of_class, distinct = masks.split_by_mask(ks, w)
         if engine is reference:
-            return ks, [masks.element_weights(wc, C, like) for wc in per_class]
-        return ks, masks.class_elements(per_class, C)
+            per_mask = [masks.element_weights(wc, C, like) for wc in distinct]
+            return ks, [per_mask[i] for i in mask_of_class]
+        return ks, masks.class_elements(mask_of_class, distinct, C)
     elements = masks.patch_elements(w, C)
     if elements is None:
         return ks, None

@@ -15,7 +15,7 @@ padding signature at size ``k``), so a full mask of ones is the square machine e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -73,31 +73,40 @@ def check_patch_mask(mask, name: str = "patch_mask") -> torch.Tensor:
     return w.contiguous()
 
 
-def split_by_mask(keyset: KeySet, weights: torch.Tensor) -> Tuple[KeySet, List[torch.Tensor]]:
-    """A mask per query pixel (``weights`` ``(Hq, Wq, k, k)``) on a key set: its classes split so that the pixels
-    of a class share one mask (the pixels of a class with equal masks stay together), and each class's mask."""
-    Wq = weights.shape[1]
-    flat = weights.reshape(-1, weights.shape[2] * weights.shape[3]).numpy()
-    groups, per_class = [], []
+def split_by_mask(keyset: KeySet, weights: torch.Tensor) -> Tuple[KeySet, np.ndarray, torch.Tensor]:
+    """A mask per query pixel (``weights`` ``(Hq, Wq, k, k)``) on a key set -> ``(keyset, mask_of_class,
+    distinct)``: the key set's classes split so that the pixels of a class share one mask (pixels of a class with
+    equal masks stay together), the index of each class's mask, and the distinct masks ``(n, k, k)``."""
+    k = weights.shape[-1]
+    flat = weights.reshape(-1, k * k).numpy()
+    distinct, inverse = np.unique(flat, axis=0, return_inverse=True)
+    mask_id = inverse.reshape(-1)
+    groups, ids = [], []
     for qpix, kpos in keyset.classes():
-        uniq, inverse = np.unique(flat[qpix], axis=0, return_inverse=True)
-        inverse = inverse.reshape(-1)
-        for u in range(len(uniq)):
-            groups.append((qpix[inverse == u], kpos))
-            per_class.append(weights[qpix[inverse == u][0] // Wq, qpix[inverse == u][0] % Wq])
-    return _csr(groups, keyset.query_pad, keyset.key_pad), per_class
+        m = mask_id[qpix]
+        if bool(np.all(m == m[0])):  # the usual case (and every LS class: one pixel)
+            groups.append((qpix, kpos))
+            ids.append(int(m[0]))
+            continue
+        order = np.argsort(m, kind="stable")
+        cuts = np.nonzero(np.diff(m[order]))[0] + 1
+        for part in np.split(order, cuts):
+            groups.append((qpix[np.sort(part)], kpos))
+            ids.append(int(m[part[0]]))
+    return (_csr(groups, keyset.query_pad, keyset.key_pad), np.asarray(ids, np.int64),
+            torch.from_numpy(distinct.reshape(-1, k, k)))
 
 
-def class_elements(per_class: List[torch.Tensor], C: int) -> PatchElements:
-    """The element table of a mask per class (``(k, k)`` weights each): the classes' tables one after the other,
-    with their offsets."""
-    parts = [patch_elements(w, C, square=True) for w in per_class]
+def class_elements(mask_of_class: np.ndarray, distinct: torch.Tensor, C: int) -> PatchElements:
+    """The element table of a mask per class (``distinct[mask_of_class[c]]`` for class ``c``): the classes'
+    tables one after the other, with their offsets."""
+    tables = [patch_elements(w, C, square=True) for w in distinct]
+    parts = [tables[i] for i in mask_of_class]
     ptr = np.zeros(len(parts) + 1, np.int64)
     ptr[1:] = np.cumsum([len(p.codes) for p in parts])
     codes = np.ascontiguousarray(np.concatenate([p.codes for p in parts]), dtype=np.int32)
-    weighted = any(p.scale is not None for p in parts)
     scale = None
-    if weighted:
+    if any(t.scale is not None for t in tables):
         scale = np.concatenate([np.ones(len(p.codes)) if p.scale is None else p.scale for p in parts])
         scale = np.ascontiguousarray(scale, dtype=np.float64)
     return PatchElements(codes, scale, ptr)
