@@ -3,9 +3,10 @@ mask in place of the square patch, shared by every pixel or one per query pixel,
 
 The torch oracle is checked against a loop-by-loop transcription of the spec with the weighted distance
 (naive.py); the CPU engine and the CUDA kernels (on a GPU and under the emulator, tests/cuda_emulation.py)
-against the oracle with the tolerances of tests/test_exactness.py: float64 max |diff| <= 1e-9 at every t, float32 mean
-<= 1e-5 and max <= 1e-3 of the data range at the contract's times (t >= 0.05; see CONTRACT_TIMES). A full mask of ones is the square machine bit for bit,
-also through the engines' element table; a mask of the centre alone is the analytic per-pixel softmax.
+against the oracle with the tolerances of tests/test_exactness.py: float64 max |diff| <= 1e-9 at every t,
+float32 mean <= 1e-5 and max <= 1e-3 of the data range at the contract's times (t >= 0.05; see
+CONTRACT_TIMES). A full mask of ones is the square machine bit for bit, also through the engines' element
+table; a mask of the centre alone is the analytic per-pixel softmax. The patch index takes a shared mask.
 """
 
 import numpy as np

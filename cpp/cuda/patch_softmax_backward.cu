@@ -275,11 +275,12 @@ __global__ void fold_patches(Geometry<T> G, int64_t B, RowSlots R, Sums S, T* __
         if (dd < 0) continue;
         e0 = class_elem0(G, cls);
       }
+      const double* Gp = S.G + dd;
       if (!G.scale) {
-        for (int sp = 0; sp < R.n_split[at]; ++sp) acc += S.G[(first + static_cast<int64_t>(sp) * R.stride[at]) * d + dd];
+        for (int sp = 0; sp < R.n_split[at]; ++sp) acc += Gp[(first + static_cast<int64_t>(sp) * R.stride[at]) * d];
       } else {  // a weighted patch: the gradient of the scaled element
         double part = 0.0;
-        for (int sp = 0; sp < R.n_split[at]; ++sp) part += S.G[(first + static_cast<int64_t>(sp) * R.stride[at]) * d + dd];
+        for (int sp = 0; sp < R.n_split[at]; ++sp) part += Gp[(first + static_cast<int64_t>(sp) * R.stride[at]) * d];
         acc += part * static_cast<double>(G.scale[e0 + dd]);
       }
     }

@@ -135,8 +135,9 @@ def element_weights(weights: torch.Tensor, C: int, like: torch.Tensor) -> torch.
 
 
 def crop_patch_mask(weights: torch.Tensor, k: int) -> torch.Tensor:
-    """The central ``k x k`` part of a larger mask (or of each of per-pixel masks; for zero padding, a patch past the images' size only adds
-    padded zeros to both query and key: the machines compute such a ``k`` as the largest useful one)."""
+    """The central ``k x k`` part of a larger mask (or of each mask of a mask per pixel). For zero padding, a
+    patch past the images' size only adds padded zeros to both query and key: the machines compute such a ``k``
+    as the largest useful one."""
     K = weights.shape[-1]
     if k >= K:
         return weights
