@@ -485,3 +485,18 @@ def test_masked_patch_index_round_trips_and_refuses_another_mask(tmp_path):
         PatchIndex.load(str(tmp_path), mach, 3)
     with pytest.raises(ValueError, match="mask per pixel is not supported"):
         PatchIndex(mach, 3, kind="flat", progress=False, patch_mask=np.ones((8, 8, 3, 3), bool))
+
+
+@pytest.mark.parametrize("per_pixel", [False, True])
+def test_cuda_resident_and_per_tile_query_gathers_agree_bit_for_bit(per_pixel, dev, monkeypatch):
+    """The CUDA forward pass keeps an item's query patches in shared memory or gathers them again per key tile
+    (PATCHMOSAIC_CUDA_QUERY_SMEM_KB=0): a masked table gives the same products in the same order either way."""
+    case = local_case(7, CONTRACT_TIMES)
+    x = torch.from_numpy(queries(case, 7).astype(np.float32)).to(dev)
+    mask = pixel_masks(7, case) if per_pixel else random_mask(7, case.k)
+    m = build(case, np.float32)
+    run = lambda: m.denoise(x, torch.from_numpy(case.t), case.k, labels=torch.from_numpy(case.qlabels),  # noqa: E731
+                            backend="cuda", patch_mask=mask)
+    resident = run()
+    monkeypatch.setenv("PATCHMOSAIC_CUDA_QUERY_SMEM_KB", "0")
+    assert torch.equal(resident, run())
