@@ -26,20 +26,26 @@ def sig(i, j, H, W, r):
     return (max(0, r - i), max(0, i + r - (H - 1)), max(0, r - j), max(0, j + r - (W - 1)))
 
 
-def softmax_average(q, keys, centres, a, b2):
-    d2 = ((q[None, :] - a * keys) ** 2).sum(1)
+def softmax_average(q, keys, centres, a, b2, weights=None):
+    """``weights``: a masked neighbourhood's weight of every patch element (None: all 1)."""
+    w2 = 1.0 if weights is None else weights[None, :]
+    d2 = (w2 * (q[None, :] - a * keys) ** 2).sum(1)
     logit = -d2 / (2 * b2)
     w = np.exp(logit - logit.max())
     return (w[:, None] * centres).sum(0) / w.sum()
 
 
-def denoise(machine, train, x, a, b2, k=None, groups=None, wrapped=False):
-    """machine in {'IS', 'LS', 'ELS_circular', 'ELS_zeros'}; groups[b] = training indices for query b."""
+def denoise(machine, train, x, a, b2, k=None, groups=None, wrapped=False, mask=None):
+    """machine in {'IS', 'LS', 'ELS_circular', 'ELS_zeros'}; groups[b] = training indices for query b; mask: a
+    local machine's (k, k) neighbourhood weights, or (Hq, Wq, k, k) one per query pixel (None: the square patch)."""
     train = np.asarray(train, np.float64)
     x = np.asarray(x, np.float64)
     N, C, H, W = train.shape
     B, _, Hq, Wq = x.shape
     out = np.zeros_like(x)
+    mask = None if mask is None else np.asarray(mask, np.float64)
+    per_pixel = mask is not None and mask.ndim == 4  # (Hq, Wq, k, k): a mask per query pixel
+    weights = None if mask is None or per_pixel else np.tile(mask.ravel(), C)
     for b in range(B):
         imgs = train[groups[b]] if groups is not None else train
         ab, bb = float(np.asarray(a).reshape(-1)[b]), float(np.asarray(b2).reshape(-1)[b])
@@ -73,5 +79,6 @@ def denoise(machine, train, x, a, b2, k=None, groups=None, wrapped=False):
                     for (u, v) in positions:
                         keys.append(pad_patch(img, u, v, k, kmode))
                         cents.append(img[:, u, v])
-                out[b, :, i, j] = softmax_average(q, np.array(keys), np.array(cents), ab, bb)
+                wij = np.tile(mask[i, j].ravel(), C) if per_pixel else weights
+                out[b, :, i, j] = softmax_average(q, np.array(keys), np.array(cents), ab, bb, wij)
     return out

@@ -16,7 +16,7 @@ namespace patchmosaic {
 
 template <typename T>
 void candidate_softmax_cpu(const CandidateSoftmaxArgs<T>& A) {
-  const int d = A.C * A.k * A.k;
+  const int d = A.n_elem > 0 ? A.n_elem : A.C * A.k * A.k;  // a masked patch: its table's elements
   const int64_t HWq = static_cast<int64_t>(A.Hq) * A.Wq;
   const int64_t HW = static_cast<int64_t>(A.H) * A.W;
   const int nt = resolve_threads(A.n_threads, A.P);
@@ -36,7 +36,11 @@ void candidate_softmax_cpu(const CandidateSoftmaxArgs<T>& A) {
       const int64_t b = A.pix[p] / HWq;
       const int64_t pos = A.pix[p] % HWq;
       const int qi = static_cast<int>(pos / A.Wq), qj = static_cast<int>(pos % A.Wq);
-      gather_run(A.query + b * A.C * HWq, A.C, A.Hq, A.Wq, qi, qj, 1, A.k, A.query_pad, qp.data(), 1);
+      if (A.n_elem > 0)
+        gather_elements(A.query + b * A.C * HWq, A.Hq, A.Wq, qi, qj, A.k / 2, A.query_pad, A.elem, A.elem_scale,
+                        A.n_elem, qp.data(), 1);
+      else
+        gather_run(A.query + b * A.C * HWq, A.C, A.Hq, A.Wq, qi, qj, 1, A.k, A.query_pad, qp.data(), 1);
       const double a = A.a[b], s2 = A.inv_2b2[b];
       const int64_t* cand = A.cand + p * A.m;
       const double* count = A.count ? A.count + p * A.m : nullptr;
@@ -45,8 +49,12 @@ void candidate_softmax_cpu(const CandidateSoftmaxArgs<T>& A) {
       for (int c = 0; c < A.m; ++c) {
         if (cand[c] < 0) continue;
         const int64_t n = cand[c] / HW, kpos = cand[c] % HW;
-        gather_run(A.train + n * A.C * HW, A.C, A.H, A.W, static_cast<int>(kpos / A.W), static_cast<int>(kpos % A.W),
-                   1, A.k, A.key_pad, kp.data(), 1);
+        if (A.n_elem > 0)
+          gather_elements(A.train + n * A.C * HW, A.H, A.W, static_cast<int>(kpos / A.W), static_cast<int>(kpos % A.W),
+                          A.k / 2, A.key_pad, A.elem, A.elem_scale, A.n_elem, kp.data(), 1);
+        else
+          gather_run(A.train + n * A.C * HW, A.C, A.H, A.W, static_cast<int>(kpos / A.W),
+                     static_cast<int>(kpos % A.W), 1, A.k, A.key_pad, kp.data(), 1);
         double dist = 0.0;
         for (int e = 0; e < d; ++e) {
           const double diff = static_cast<double>(qp[e]) - a * static_cast<double>(kp[e]);

@@ -126,7 +126,9 @@ struct QueryTiles {
   int rows = 0;
 
   void gather(const PatchSoftmaxArgs<T>& A, const QueryGroups& qg, const WorkItem& it) {
-    const int C = A.C, k = A.k, d = C * k * k;
+    const int C = A.C, k = A.k;
+    const ClassElements el = class_elements(A, it.c);
+    const int d = el.n;
     const int64_t HWq = static_cast<int64_t>(A.Hq) * A.Wq;
     rows = static_cast<int>(it.row1 - it.row0);
     const int rows_padded = (rows + kMR - 1) / kMR * kMR;
@@ -142,8 +144,12 @@ struct QueryTiles {
       image[r] = b;
       pixel[r] = pix;
       T* dst = Qp.data() + static_cast<int64_t>(r / kMR) * kMR * d + r % kMR;
-      gather_run(A.query + b * C * HWq, C, A.Hq, A.Wq, static_cast<int>(pix / A.Wq), static_cast<int>(pix % A.Wq), 1,
-                 k, A.query_pad, dst, kMR);
+      if (el.code)
+        gather_elements(A.query + b * C * HWq, A.Hq, A.Wq, static_cast<int>(pix / A.Wq), static_cast<int>(pix % A.Wq),
+                        k / 2, A.query_pad, el.code, el.scale, el.n, dst, kMR);
+      else
+        gather_run(A.query + b * C * HWq, C, A.Hq, A.Wq, static_cast<int>(pix / A.Wq), static_cast<int>(pix % A.Wq),
+                   1, k, A.query_pad, dst, kMR);
       const double a = A.a[b], s = A.inv_2b2[b];
       c1[r] = static_cast<T>(2.0 * a * s);
       c2[r] = static_cast<T>(a * a * s);
@@ -159,6 +165,8 @@ struct KeyBlock {
   std::vector<T> Kt, knorm, V;
   std::vector<double> knorm_acc;
   std::vector<int64_t> key_id, base;
+  std::vector<int> kci, kcj;  // masked patches: key centres
+  std::vector<char> inside;   // masked patches: the key's k x k frame lies inside its image
   int nk = 0;
 
   KeyBlock(int d, int C)
@@ -172,7 +180,9 @@ struct KeyBlock {
   // compute the keys' squared norms (knorm).
   void gather(const PatchSoftmaxArgs<T>& A, const WorkItem& it, int n, int64_t& img_i, int64_t& pos_i,
               bool uniform_padding = true, bool norms = true) {
-    const int C = A.C, k = A.k, d = C * k * k;
+    const int C = A.C, k = A.k;
+    const ClassElements el = class_elements(A, it.c);
+    const int d = el.n;
     const int64_t HW = static_cast<int64_t>(A.H) * A.W;
     const int64_t p0 = A.cls_kpos_ptr[it.c], npos = A.cls_kpos_ptr[it.c + 1] - p0;
     const int64_t i0 = A.grp_img_ptr[it.g];
@@ -191,7 +201,9 @@ struct KeyBlock {
       key_id[j] = nimg * HW + pos;
       if (++pos_i == npos) { pos_i = 0; ++img_i; }
     }
-    if (A.key_pad == kPadZeros && uniform_padding && runs * 8 > nk) {
+    if (el.code) {
+      gather_masked(A, el);
+    } else if (A.key_pad == kPadZeros && uniform_padding && runs * 8 > nk) {
       // Short runs (edge and corner classes, LS): every key of a class has the same padding signature,
       // so one pattern of padded entries holds for the whole block; gather each patch entry dd of
       // all keys at once through the centre offsets.
@@ -239,6 +251,41 @@ struct KeyBlock {
       for (int j = 0; j < kKB; ++j) acc[j] += static_cast<double>(row[j]) * row[j];
     }
     for (int j = 0; j < kKB; ++j) knorm[j] = static_cast<T>(knorm_acc[j]);
+  }
+
+  // The block's keys (centres base[j], ids key_id[j]) as masked patches: element dd of the table elem for every
+  // key, times its scale. A key whose k x k frame lies inside its image reads every element at a fixed offset
+  // from its centre; the others go through the padding rule element by element.
+  void gather_masked(const PatchSoftmaxArgs<T>& A, const ClassElements& el) {
+    const int r = A.k / 2;
+    const int64_t HW = static_cast<int64_t>(A.H) * A.W;
+    kci.resize(kKB);
+    kcj.resize(kKB);
+    inside.resize(kKB);
+    for (int j = 0; j < nk; ++j) {
+      const int64_t pos = key_id[j] % HW;
+      kci[j] = static_cast<int>(pos / A.W);
+      kcj[j] = static_cast<int>(pos % A.W);
+      inside[j] = kci[j] >= r && kci[j] + r < A.H && kcj[j] >= r && kcj[j] + r < A.W;
+    }
+    for (int dd = 0; dd < el.n; ++dd) {
+      const int32_t code = el.code[dd];
+      const int ch = code_channel(code), di = code_row(code), dj = code_col(code);
+      const int64_t off = ch * HW + static_cast<int64_t>(di - r) * A.W + (dj - r);
+      T* row = Kt.data() + static_cast<int64_t>(dd) * kKB;
+      for (int j = 0; j < nk; ++j) {
+        if (inside[j]) {
+          row[j] = A.train[base[j] + off];
+        } else {
+          const int64_t at = element_pixel(A.H, A.W, kci[j], kcj[j], ch, di, dj, r, static_cast<int>(A.key_pad));
+          row[j] = at < 0 ? T(0) : A.train[base[j] - key_id[j] % HW + at];
+        }
+      }
+      if (el.scale) {
+        const T s = static_cast<T>(el.scale[dd]);
+        for (int j = 0; j < nk; ++j) row[j] *= s;
+      }
+    }
   }
 };
 

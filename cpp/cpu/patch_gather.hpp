@@ -45,6 +45,31 @@ inline void gather_run(const T* img, int C, int Hs, int Ws, int ci, int cj, int 
   }
 }
 
+// A masked patch (contract.hpp: the element table elem and its scales, null = all 1) of the image centred at
+// (ci, cj): element e of the table, times its scale, to dst[e * stride].
+template <typename T>
+inline void gather_elements(const T* img, int Hs, int Ws, int ci, int cj, int half, int pad, const int32_t* elem,
+                            const double* scale, int n, T* dst, int64_t stride) {
+  for (int e = 0; e < n; ++e) {
+    const int32_t code = elem[e];
+    const int64_t at = element_pixel(Hs, Ws, ci, cj, code_channel(code), code_row(code), code_col(code), half, pad);
+    T v = at < 0 ? T(0) : img[at];
+    if (scale) v *= static_cast<T>(scale[e]);
+    dst[e * stride] = v;
+  }
+}
+
+// The adjoint of gather_elements: img[pixel of element e] += scale * elem_scale[e] * g[e].
+inline void scatter_elements(double* img, int Hs, int Ws, int ci, int cj, int half, int pad, const int32_t* elem,
+                             const double* elem_scale, int n, const double* g, double scale) {
+  for (int e = 0; e < n; ++e) {
+    const int32_t code = elem[e];
+    const int64_t at = element_pixel(Hs, Ws, ci, cj, code_channel(code), code_row(code), code_col(code), half, pad);
+    const double f = elem_scale ? scale * elem_scale[e] : scale;  // (as scatter_patch without scales)
+    if (at >= 0) img[at] += f * g[e];
+  }
+}
+
 // The adjoint of gather_run with L = 1: img[pixel of element dd] += scale * g[dd] for every element of the
 // patch centred at (ci, cj) that reads a pixel (zero-padded elements read none).
 inline void scatter_patch(double* img, int C, int Hs, int Ws, int ci, int cj, int k, int pad, const double* g,

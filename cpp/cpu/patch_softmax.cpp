@@ -47,7 +47,7 @@ struct Workspace {
 
 template <typename T>
 void run_item(const PatchSoftmaxArgs<T>& A, const QueryGroups& qg, const WorkItem& it, Workspace<T>& ws, Partials& P) {
-  const int C = A.C, d = C * A.k * A.k;
+  const int C = A.C, d = class_elements(A, it.c).n;
   const int64_t npos = A.cls_kpos_ptr[it.c + 1] - A.cls_kpos_ptr[it.c];
   ws.q.gather(A, qg, it);
   const int rows = ws.q.rows;
@@ -100,7 +100,7 @@ void local_forward_cpu(const PatchSoftmaxArgs<T>& A) {
   const QueryGroups qg = queries_by_group(A.group_of_b, A.B, A.n_groups);
   const Plan plan = plan_cpu(A, qg);
   Partials P(plan.slots, A.C);
-  const int d = A.C * A.k * A.k;
+  const int d = patch_dim(A);
   const int nt = resolve_threads(A.n_threads, static_cast<int64_t>(plan.items.size()));
   FirstError error;
 #pragma omp parallel num_threads(nt)

@@ -48,7 +48,7 @@ struct ItemSums {
 
 template <typename T>
 void run_item(const PatchSoftmaxArgs<T>& A, const QueryGroups& qg, const WorkItem& it, Workspace<T>& ws, ItemSums out) {
-  const int C = A.C, d = C * A.k * A.k;
+  const int C = A.C, d = class_elements(A, it.c).n;
   const int64_t HWq = static_cast<int64_t>(A.Hq) * A.Wq;
   const int64_t npos = A.cls_kpos_ptr[it.c + 1] - A.cls_kpos_ptr[it.c];
   ws.q.gather(A, qg, it);
@@ -151,7 +151,7 @@ template <typename T>
 void local_backward_cpu(const PatchSoftmaxArgs<T>& A) {
   const QueryGroups qg = queries_by_group(A.group_of_b, A.B, A.n_groups);
   const Plan plan = plan_cpu(A, qg);
-  const int C = A.C, d = C * A.k * A.k;
+  const int C = A.C, d = patch_dim(A);
   const int64_t HWq = static_cast<int64_t>(A.Hq) * A.Wq;
   std::vector<double> gx(static_cast<size_t>(A.B) * C * HWq, 0.0), ga(A.B, 0.0), gs(A.B, 0.0);
   const int64_t n_items = static_cast<int64_t>(plan.items.size());
@@ -161,7 +161,7 @@ void local_backward_cpu(const PatchSoftmaxArgs<T>& A) {
     std::vector<int64_t> offset;
     while (w1 < n_items) {
       const int64_t rows = plan.items[w1].row1 - plan.items[w1].row0;
-      const int64_t need = rows * (d + 2) * static_cast<int64_t>(sizeof(double));
+      const int64_t need = rows * (class_elements(A, plan.items[w1].c).n + 2) * static_cast<int64_t>(sizeof(double));
       if (w1 > w0 && bytes + need > kWaveBytes) break;
       offset.push_back(bytes / static_cast<int64_t>(sizeof(double)));
       bytes += need;
@@ -170,8 +170,9 @@ void local_backward_cpu(const PatchSoftmaxArgs<T>& A) {
     std::vector<double> buf(bytes / sizeof(double));
     auto sums = [&](int64_t i) {
       const int64_t rows = plan.items[i].row1 - plan.items[i].row0;
+      const int64_t di = class_elements(A, plan.items[i].c).n;
       double* base = buf.data() + offset[i - w0];
-      return ItemSums{base, base + rows * d, base + rows * (d + 1)};
+      return ItemSums{base, base + rows * di, base + rows * (di + 1)};
     };
     const int nt = resolve_threads(A.n_threads, w1 - w0);
     FirstError error;
@@ -187,11 +188,17 @@ void local_backward_cpu(const PatchSoftmaxArgs<T>& A) {
     for (int64_t i = w0; i < w1; ++i) {
       const WorkItem& it = plan.items[i];
       const ItemSums s = sums(i);
+      const ClassElements el = class_elements(A, it.c);
       for (int64_t r = 0; r < it.row1 - it.row0; ++r) {
         const int64_t row = it.row0 + r;
         const int64_t b = row_image(A, qg, it.g, it.c, row), pix = row_pixel(A, it.c, row);
-        scatter_patch(gx.data() + b * C * HWq, C, A.Hq, A.Wq, static_cast<int>(pix / A.Wq),
-                      static_cast<int>(pix % A.Wq), A.k, A.query_pad, s.G + r * d, 2.0 * A.inv_2b2[b]);
+        if (el.code)
+          scatter_elements(gx.data() + b * C * HWq, A.Hq, A.Wq, static_cast<int>(pix / A.Wq),
+                           static_cast<int>(pix % A.Wq), A.k / 2, A.query_pad, el.code, el.scale, el.n,
+                           s.G + r * el.n, 2.0 * A.inv_2b2[b]);
+        else
+          scatter_patch(gx.data() + b * C * HWq, C, A.Hq, A.Wq, static_cast<int>(pix / A.Wq),
+                        static_cast<int>(pix % A.Wq), A.k, A.query_pad, s.G + r * d, 2.0 * A.inv_2b2[b]);
         ga[b] += s.ga[r];
         gs[b] += s.gs[r];
       }

@@ -46,7 +46,8 @@ template <typename T, int CC, bool QRES>
 __global__ void __launch_bounds__(NT) local_items(Geometry<T> G, const Item* __restrict__ items, Partials P) {
   const Item it = items[blockIdx.x];
   const int tid = threadIdx.x;
-  const int d = G.C * G.k * G.k, half = G.k / 2;
+  const int64_t e0 = class_elem0(G, it.c);  // this class's part of the element table
+  const int d = class_dim(G, it.c), half = G.k / 2;
   const int64_t HW = static_cast<int64_t>(G.H) * G.W, HWq = static_cast<int64_t>(G.Hq) * G.Wq;
   const int64_t q0 = G.cls_qpix_ptr[it.c], npix = G.cls_qpix_ptr[it.c + 1] - q0;
   const int64_t p0 = G.cls_kpos_ptr[it.c], npos = G.cls_kpos_ptr[it.c + 1] - p0;
@@ -88,7 +89,7 @@ __global__ void __launch_bounds__(NT) local_items(Geometry<T> G, const Item* __r
     for (int e = tid; e < dpad * BM; e += NT) {
       const int dd = e / BM, r = e % BM;
       Qall[e] = (qimg[r] != nullptr && dd < d)
-                    ? patch_elem(qimg[r], G.Hq, G.Wq, qi[r], qj[r], __ldg(G.elem + dd), half, G.query_pad)
+                    ? call_elem(G, qimg[r], G.Hq, G.Wq, qi[r], qj[r], e0 + dd, half, G.query_pad)
                     : T(0);
     }
   }
@@ -137,14 +138,14 @@ __global__ void __launch_bounds__(NT) local_items(Geometry<T> G, const Item* __r
         for (int e = tid; e < BK * BM; e += NT) {
           const int dd = e / BM, r = e % BM;
           Qs[dd][r] = (qimg[r] != nullptr && d0 + dd < d)
-                          ? patch_elem(qimg[r], G.Hq, G.Wq, qi[r], qj[r], __ldg(G.elem + d0 + dd), half, G.query_pad)
+                          ? call_elem(G, qimg[r], G.Hq, G.Wq, qi[r], qj[r], e0 + d0 + dd, half, G.query_pad)
                           : T(0);
         }
       }
       for (int e = tid; e < BK * BN; e += NT) {
         const int dd = e / BN, col = e % BN;
         Ks[dd][col] = (kimg[col] != nullptr && d0 + dd < d)
-                          ? patch_elem(kimg[col], G.H, G.W, ki[col], kj[col], __ldg(G.elem + d0 + dd), half, G.key_pad)
+                          ? call_elem(G, kimg[col], G.H, G.W, ki[col], kj[col], e0 + d0 + dd, half, G.key_pad)
                           : T(0);
       }
       __syncthreads();
@@ -309,7 +310,7 @@ void launch(const PatchSoftmaxArgs<T>& A, const DeviceCall<T>& D, cudaStream_t s
   DeviceBuffer<int64_t> best(D.slots, st);
   Partials P{m.get(), s.get(), acc.get(), best.get()};
   const auto n_items = static_cast<unsigned>(D.n_items);
-  if (const size_t bytes = resident_bytes<T, CC>(A.C * A.k * A.k, device); bytes > 0) {
+  if (const size_t bytes = resident_bytes<T, CC>(patch_dim(A), device); bytes > 0) {
     const auto kernel = &local_items<T, CC, true>;
     PM_LAUNCH(kernel, n_items, NT, bytes, st)(D.G, D.items.get(), P);
   } else {
@@ -336,7 +337,7 @@ void local_forward_cuda(const PatchSoftmaxArgs<T>& A, void* stream, int device) 
   if (plan.items.empty()) return;
   if (plan.items.size() > 2147483647u || plan.blocks.size() > 2147483647u)
     throw std::invalid_argument("too many work items for one call; split the batch");
-  const DeviceCall<T> D(A, qg, plan, element_codes(A.C, A.k), st);
+  const DeviceCall<T> D(A, qg, plan, element_codes(A), st);
   switch (A.C) {
     case 1: launch<T, 1>(A, D, st, device); break;
     case 2: launch<T, 2>(A, D, st, device); break;

@@ -42,7 +42,8 @@ __global__ void __launch_bounds__(NT) backward_items(Geometry<T> G, const Item* 
                                                      const double* __restrict__ stats, Sums S) {
   const Item it = items[blockIdx.x];
   const int tid = threadIdx.x;
-  const int d = G.C * G.k * G.k, half = G.k / 2;
+  const int64_t e0 = class_elem0(G, it.c);  // this class's part of the element table
+  const int d = class_dim(G, it.c), half = G.k / 2;
   const int64_t HW = static_cast<int64_t>(G.H) * G.W, HWq = static_cast<int64_t>(G.Hq) * G.Wq;
   const int64_t q0 = G.cls_qpix_ptr[it.c], npix = G.cls_qpix_ptr[it.c + 1] - q0;
   const int64_t p0 = G.cls_kpos_ptr[it.c], npos = G.cls_kpos_ptr[it.c + 1] - p0;
@@ -86,7 +87,7 @@ __global__ void __launch_bounds__(NT) backward_items(Geometry<T> G, const Item* 
       Dr[tid] = static_cast<T>(D);
       double q2 = 0.0;
       for (int e = 0; e < d; ++e) {
-        const double q = patch_elem(qimg[tid], G.Hq, G.Wq, qi[tid], qj[tid], __ldg(G.elem + e), half, G.query_pad);
+        const double q = call_elem(G, qimg[tid], G.Hq, G.Wq, qi[tid], qj[tid], e0 + e, half, G.query_pad);
         q2 += q * q;
       }
       qn[tid] = q2;
@@ -99,7 +100,7 @@ __global__ void __launch_bounds__(NT) backward_items(Geometry<T> G, const Item* 
     }
   }
   // this item's rows of the partial sums start at zero
-  for (int64_t e = tid; e < static_cast<int64_t>(rows) * d; e += NT) S.G[it.slot * d + e] = 0.0;
+  for (int64_t e = tid; e < static_cast<int64_t>(rows) * G.stride; e += NT) S.G[it.slot * G.stride + e] = 0.0;
 
   const int ty = tid / 16, tx = tid % 16;
   double z[4], u2[4], wq[4];
@@ -111,13 +112,13 @@ __global__ void __launch_bounds__(NT) backward_items(Geometry<T> G, const Item* 
     for (int e = tid; e < BK * BM; e += NT) {
       const int dd = e / BM, r = e % BM;
       Qs[dd][r] = (qimg[r] != nullptr && d0 + dd < d)
-                      ? patch_elem(qimg[r], G.Hq, G.Wq, qi[r], qj[r], __ldg(G.elem + d0 + dd), half, G.query_pad)
+                      ? call_elem(G, qimg[r], G.Hq, G.Wq, qi[r], qj[r], e0 + d0 + dd, half, G.query_pad)
                       : T(0);
     }
     for (int e = tid; e < BK * BN; e += NT) {
       const int dd = e / BN, col = e % BN;
       Ks[dd][col] = (kimg[col] != nullptr && d0 + dd < d)
-                        ? patch_elem(kimg[col], G.H, G.W, ki[col], kj[col], __ldg(G.elem + d0 + dd), half, G.key_pad)
+                        ? call_elem(G, kimg[col], G.H, G.W, ki[col], kj[col], e0 + d0 + dd, half, G.key_pad)
                         : T(0);
     }
   };
@@ -205,7 +206,7 @@ __global__ void __launch_bounds__(NT) backward_items(Geometry<T> G, const Item* 
           const T am = ar[r], qm = Qs[dd][r];
           T acc = T(0);
           for (int col = 0; col < nk; ++col) acc += Pt[r][col] * fma(am, Ks[dd][col], -qm);
-          S.G[(it.slot + r) * d + d0 + dd] += static_cast<double>(acc);
+          S.G[(it.slot + r) * G.stride + d0 + dd] += static_cast<double>(acc);
         }
       }
     }
@@ -236,6 +237,7 @@ struct RowSlots {
   const int64_t* first;
   const int32_t* n_split;
   const int32_t* stride;
+  const int32_t* cls;  // the class of each query pixel's row (read with a masked patch per class)
 };
 
 // One thread per element (b, c, y, x) of the query gradient: every patch element that read the pixel adds
@@ -248,7 +250,7 @@ __global__ void fold_patches(Geometry<T> G, int64_t B, RowSlots R, Sums S, T* __
   const int64_t b = e / (G.C * HWq);
   const int c = static_cast<int>((e / HWq) % G.C);
   const int y = static_cast<int>((e % HWq) / G.Wq), x = static_cast<int>(e % G.Wq);
-  const int k = G.k, half = k / 2, d = G.C * k * k;
+  const int k = G.k, half = k / 2, d = G.stride;
   double acc = 0.0;
   for (int di = 0; di < k; ++di) {
     int py = y - di + half;
@@ -265,8 +267,22 @@ __global__ void fold_patches(Geometry<T> G, int64_t B, RowSlots R, Sums S, T* __
       const int64_t at = b * HWq + static_cast<int64_t>(py) * G.Wq + px;
       const int64_t first = R.first[at];
       if (first < 0) continue;
-      const int dd = (c * k + di) * k + dj;
-      for (int sp = 0; sp < R.n_split[at]; ++sp) acc += S.G[(first + static_cast<int64_t>(sp) * R.stride[at]) * d + dd];
+      int dd = (c * k + di) * k + dj;
+      int64_t e0 = 0;
+      if (G.slot_of) {  // a masked patch: its table entry (in the row's class's part), if the mask has the element
+        const int cls = G.cls_elem_ptr ? R.cls[at] : 0;
+        dd = G.slot_of[static_cast<int64_t>(cls) * G.C * k * k + dd];
+        if (dd < 0) continue;
+        e0 = class_elem0(G, cls);
+      }
+      const double* Gp = S.G + dd;
+      if (!G.scale) {
+        for (int sp = 0; sp < R.n_split[at]; ++sp) acc += Gp[(first + static_cast<int64_t>(sp) * R.stride[at]) * d];
+      } else {  // a weighted patch: the gradient of the scaled element
+        double part = 0.0;
+        for (int sp = 0; sp < R.n_split[at]; ++sp) part += Gp[(first + static_cast<int64_t>(sp) * R.stride[at]) * d];
+        acc += part * static_cast<double>(G.scale[e0 + dd]);
+      }
     }
   }
   grad_query[e] = static_cast<T>(2.0 * G.inv_2b2[b] * acc);
@@ -296,7 +312,7 @@ __global__ void sum_coefficients(Geometry<T> G, int64_t B, RowSlots R, Sums S, d
 template <typename T, int CC>
 void launch_backward(const PatchSoftmaxArgs<T>& A, const DeviceCall<T>& D, const Plan& plan, const QueryGroups& qg,
                      cudaStream_t st, int device) {
-  const int d = A.C * A.k * A.k;
+  const int d = patch_dim(A);
   const int64_t HWq = static_cast<int64_t>(A.Hq) * A.Wq;
   const double scratch = static_cast<double>(D.slots) * (d + 2) * sizeof(double);
   if (scratch > static_cast<double>(kScratchBytes))
@@ -305,7 +321,7 @@ void launch_backward(const PatchSoftmaxArgs<T>& A, const DeviceCall<T>& D, const
                                 " GiB); split the batch");
   // the row of every query pixel (host)
   std::vector<int64_t> first(static_cast<size_t>(A.B) * HWq, -1);
-  std::vector<int32_t> n_split(first.size(), 0), stride(first.size(), 0);
+  std::vector<int32_t> n_split(first.size(), 0), stride(first.size(), 0), cls(first.size(), 0);
   for (const patchmosaic::RowBlock& rb : plan.blocks) {
     const int64_t rows = rb.row1 - rb.row0;
     for (int64_t r = 0; r < rows; ++r) {
@@ -313,6 +329,7 @@ void launch_backward(const PatchSoftmaxArgs<T>& A, const DeviceCall<T>& D, const
       const int64_t at = row_image(A, qg, rb.g, rb.c, row) * HWq + row_pixel(A, rb.c, row);
       first[at] = plan.items[rb.item0].slot + r;
       n_split[at] = static_cast<int32_t>(rb.item1 - rb.item0);
+      cls[at] = static_cast<int32_t>(rb.c);
       stride[at] = static_cast<int32_t>(rows);
     }
   }
@@ -320,7 +337,8 @@ void launch_backward(const PatchSoftmaxArgs<T>& A, const DeviceCall<T>& D, const
   DeviceBuffer<int32_t> d_split(n_split, st), d_stride(stride, st);
   DeviceBuffer<double> Gbuf(D.slots * d, st), ga(D.slots, st), gs(D.slots, st);
   const Sums S{Gbuf.get(), ga.get(), gs.get()};
-  const RowSlots R{d_first.get(), d_split.get(), d_stride.get()};
+  DeviceBuffer<int32_t> d_cls(A.cls_elem_ptr ? cls : std::vector<int32_t>(), st);
+  const RowSlots R{d_first.get(), d_split.get(), d_stride.get(), d_cls.get()};
 
   const size_t tile_bytes = static_cast<size_t>(BM) * BN * sizeof(T);
   const auto kernel = &backward_items<T, CC>;
@@ -363,7 +381,7 @@ void local_backward_cuda(const PatchSoftmaxArgs<T>& A, void* stream, int device)
   const QueryGroups qg = queries_by_group(A.group_of_b, A.B, A.n_groups);
   const Plan plan = plan_cuda(A, qg);
   if (plan.items.size() > 2147483647u) throw std::invalid_argument("too many work items for one call; split the batch");
-  const DeviceCall<T> D(A, qg, plan, element_codes(A.C, A.k), st);
+  const DeviceCall<T> D(A, qg, plan, element_codes(A), st);
   switch (A.C) {
     case 1: launch_backward<T, 1>(A, D, plan, qg, st, device); break;
     case 2: launch_backward<T, 2>(A, D, plan, qg, st, device); break;

@@ -15,6 +15,7 @@
 // l'_q and s = sum_q exp(l'_q - m), so that w_q = exp(l'_q - m) / s. The backward pass reads them.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 namespace patchmosaic {
@@ -29,6 +30,8 @@ enum Padding : int64_t { kPadZeros = 0, kPadCircular = 1 };
   F(train) F(N) F(C) F(H) F(W)   /* T (N, C, H, W): training images */                            \
   F(query) F(B) F(Hq) F(Wq)      /* T (B, C, Hq, Wq): noisy queries */                            \
   F(k) F(query_pad) F(key_pad)   /* odd patch size; Padding of query and key patches */           \
+  F(n_elem) F(elem) F(elem_scale) /* optional masked patch, see below; n_elem = 0: the square */  \
+  F(cls_elem_ptr)                /* optional int64 (n_classes+1,) host: a masked patch per class */ \
   F(a) F(inv_2b2)                /* double (B,): sqrt(alpha_bar(t_b)), 1 / (2 (1 - alpha_bar)) */ \
   F(n_classes)                   /* classes of query pixels (host CSR arrays): */                 \
   F(cls_qpix_ptr) F(cls_qpix) F(n_cls_qpix)  /* int64 (n_classes+1,), int32 pixels i*Wq+j */      \
@@ -42,6 +45,19 @@ enum Padding : int64_t { kPadZeros = 0, kPadCircular = 1 };
   F(grad_query)                  /* backward: T (B, C, Hq, Wq) */                                 \
   F(grad_a) F(grad_inv_2b2)      /* backward: double (B,) */                                      \
   F(n_threads)                   /* CPU: 0 = all available */
+
+// The patch elements (LocalCall): with n_elem = 0 a patch is all C k^2 elements of the square, in the order of
+// patch_geometry.hpp. With n_elem > 0 it is the table elem, int32 (n_elem,) host: distinct element codes
+// (element_code of patch_geometry.hpp: channel, row offset, column offset inside the k x k frame), in the order
+// the engines use them; and with elem_scale, double (n_elem,) host, finite and > 0 (0 address: all 1), query and
+// key elements are multiplied by it, so that the squared distance is the weighted one
+//     || P_p(x_b) - a_b K_q ||^2_w = sum_e w_e (x_e - a_b k_e)^2,   elem_scale[e] = sqrt(w_e)
+// (a masked neighbourhood, spec section 2 with the sum restricted to the mask). The key set (and with it the
+// padding signature of boundary-aware ELS) is still that of the k x k frame; stats and |P_p|^2 are the masked ones.
+// Without cls_elem_ptr every class uses the whole table (a mask shared by every pixel); with it (CSR offsets into
+// elem and elem_scale, each class's part not empty) class c uses elem[cls_elem_ptr[c] .. cls_elem_ptr[c + 1]): a
+// mask per class, so per query pixel where each pixel is a class of its own (LS; the Python layer splits the
+// classes of the other key sets by mask).
 
 // Local machines at several patch sizes in one pass (forward only, no provenance, CPU): the output for
 // every size ks[j] (odd, strictly increasing, at most kMaxMultiK of them). cls_kmask says for which sizes each
@@ -86,6 +102,7 @@ enum Padding : int64_t { kPadZeros = 0, kPadCircular = 1 };
   F(train) F(N) F(C) F(H) F(W)                                                                   \
   F(query) F(B) F(Hq) F(Wq)                                                                      \
   F(k) F(query_pad) F(key_pad)                                                                   \
+  F(n_elem) F(elem) F(elem_scale) /* optional masked patch, as for LocalCall (one table) */      \
   F(a) F(inv_2b2)                                                                                \
   F(P) F(pix)                    /* int64 (P,): b * Hq * Wq + i * Wq + j */                      \
   F(m) F(cand)                   /* int64 (P, m): n * H * W + i' * W + j'; negative: skipped */  \
@@ -137,7 +154,36 @@ struct PatchSoftmaxArgs {
   double* grad_a;
   double* grad_inv_2b2;
   int n_threads;
+  int n_elem = 0;                      // 0: the square patch; else the masked patch's elements (contract above)
+  const int32_t* elem = nullptr;       // host element codes (n_elem,)
+  const double* elem_scale = nullptr;  // host sqrt weights (n_elem,) or null (all 1)
+  const int64_t* cls_elem_ptr = nullptr;  // host (n_classes + 1,): each class's part of elem, or null (all of it)
 };
+
+// The patch of class c: its element codes and scales (null: the square patch; null scale: all 1) and size.
+struct ClassElements {
+  const int32_t* code;
+  const double* scale;
+  int n;
+};
+
+template <typename T>
+inline ClassElements class_elements(const PatchSoftmaxArgs<T>& A, int64_t c) {
+  if (A.n_elem == 0) return {nullptr, nullptr, A.C * A.k * A.k};
+  const int64_t e0 = A.cls_elem_ptr ? A.cls_elem_ptr[c] : 0;
+  const int64_t e1 = A.cls_elem_ptr ? A.cls_elem_ptr[c + 1] : A.n_elem;
+  return {A.elem + e0, A.elem_scale ? A.elem_scale + e0 : nullptr, static_cast<int>(e1 - e0)};
+}
+
+// The largest number of elements of one patch of a call: C k^2 for the square, else the largest class's table.
+template <typename T>
+inline int patch_dim(const PatchSoftmaxArgs<T>& A) {
+  if (A.n_elem == 0) return A.C * A.k * A.k;
+  if (!A.cls_elem_ptr) return A.n_elem;
+  int64_t d = 0;
+  for (int64_t c = 0; c < A.n_classes; ++c) d = std::max<int64_t>(d, A.cls_elem_ptr[c + 1] - A.cls_elem_ptr[c]);
+  return static_cast<int>(d);
+}
 
 template <typename T>
 inline PatchSoftmaxArgs<T> view(const LocalCall& c) {
@@ -148,7 +194,8 @@ inline PatchSoftmaxArgs<T> view(const LocalCall& c) {
           c.n_groups, addr<const int64_t*>(c.grp_img_ptr), addr<const int32_t*>(c.grp_img),
           addr<const int32_t*>(c.group_of_b), addr<T*>(c.out), addr<double*>(c.stats), addr<int64_t*>(c.arg_key),
           addr<T*>(c.arg_share), addr<const T*>(c.grad_out), addr<T*>(c.grad_query), addr<double*>(c.grad_a),
-          addr<double*>(c.grad_inv_2b2), int(c.n_threads)};
+          addr<double*>(c.grad_inv_2b2), int(c.n_threads), int(c.n_elem), addr<const int32_t*>(c.elem),
+          addr<const double*>(c.elem_scale), addr<const int64_t*>(c.cls_elem_ptr)};
 }
 
 // The multi-size call: the single-size view at the largest size (no stats, provenance or gradients; its
@@ -231,6 +278,9 @@ struct CandidateSoftmaxArgs {
   int64_t* arg_key;
   T* arg_share;
   int n_threads;
+  int n_elem = 0;                      // 0: the square patch; else a masked patch's elements (as LocalCall)
+  const int32_t* elem = nullptr;
+  const double* elem_scale = nullptr;
 };
 
 template <typename T>
@@ -239,7 +289,8 @@ inline CandidateSoftmaxArgs<T> view(const CandidateCall& c) {
           int(c.Wq), int(c.k), int(c.query_pad), int(c.key_pad), addr<const double*>(c.a),
           addr<const double*>(c.inv_2b2), c.P, addr<const int64_t*>(c.pix), int(c.m), addr<const int64_t*>(c.cand),
           addr<const double*>(c.count), addr<T*>(c.out), addr<double*>(c.top_logit), addr<double*>(c.last_logit),
-          addr<double*>(c.sum_rel), addr<int64_t*>(c.arg_key), addr<T*>(c.arg_share), int(c.n_threads)};
+          addr<double*>(c.sum_rel), addr<int64_t*>(c.arg_key), addr<T*>(c.arg_share), int(c.n_threads),
+          int(c.n_elem), addr<const int32_t*>(c.elem), addr<const double*>(c.elem_scale)};
 }
 
 }  // namespace patchmosaic

@@ -7,10 +7,12 @@
 // (a ValueError in Python).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "contract.hpp"
 
@@ -152,6 +154,50 @@ inline void cuda_limits(int64_t C, int64_t k) {
   if (k > kCudaMaxK) fail("the CUDA engine handles k <= " + std::to_string(kCudaMaxK) + ", got " + std::to_string(k));
 }
 
+// A masked patch's element table (contract.hpp): 0 (the square) or, per class (or for all), 1..C k^2 distinct
+// codes inside the C x k x k frame, with finite positive scales when given. (After local_classes: n_classes.)
+// (The fields of a LocalCall; a CandidateCall has no cls_elem_ptr: 0.)
+inline void patch_elements(int64_t C, int64_t k, int64_t n_elem, int64_t elem, int64_t elem_scale,
+                           int64_t cls_elem_ptr, int64_t n_classes) {
+  struct {
+    int64_t C, k, n_elem, elem, elem_scale, cls_elem_ptr, n_classes;
+  } c{C, k, n_elem, elem, elem_scale, cls_elem_ptr, n_classes};
+  if (c.n_elem == 0) {
+    if (c.cls_elem_ptr != 0) fail("cls_elem_ptr is given without an element table (n_elem = 0)");
+    return;
+  }
+  const int64_t full = c.C * c.k * c.k;
+  if (c.n_elem < 0 || (c.cls_elem_ptr == 0 && c.n_elem > full))
+    fail("n_elem (elements of a masked patch) must lie in 0.." + std::to_string(full) + ", got " +
+         std::to_string(c.n_elem));
+  if (c.k >= 4096 || c.C >= 128) fail("a masked patch needs k < 4096 and fewer than 128 channels (element codes)");
+  present(c.elem, "elem");
+  const int32_t* code = addr<const int32_t*>(c.elem);
+  const int64_t n_parts = c.cls_elem_ptr ? c.n_classes : 1;
+  if (c.cls_elem_ptr) csr(c.cls_elem_ptr, c.n_classes, c.n_elem, "cls_elem_ptr");
+  const int64_t* ptr = addr<const int64_t*>(c.cls_elem_ptr);
+  std::vector<char> seen(static_cast<size_t>(full), 0);
+  for (int64_t p = 0; p < n_parts; ++p) {
+    const int64_t e0 = ptr ? ptr[p] : 0, e1 = ptr ? ptr[p + 1] : c.n_elem;
+    if (e1 == e0) fail("class " + std::to_string(p) + " has an empty masked patch (cls_elem_ptr)");
+    if (e1 - e0 > full) fail("class " + std::to_string(p) + " has more patch elements than C k^2");
+    std::fill(seen.begin(), seen.end(), 0);
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t ch = code[e] >> 24, di = (code[e] >> 12) & 0xFFF, dj = code[e] & 0xFFF;
+      if (code[e] < 0 || ch >= c.C || di >= c.k || dj >= c.k)
+        fail("elem entry " + std::to_string(e) + " is not an element of the C x k x k patch");
+      const int64_t flat = (ch * c.k + di) * c.k + dj;
+      if (seen[flat]) fail("elem entry " + std::to_string(e) + " repeats a patch element");
+      seen[flat] = 1;
+    }
+  }
+  if (c.elem_scale == 0) return;
+  const double* s = addr<const double*>(c.elem_scale);
+  for (int64_t e = 0; e < c.n_elem; ++e)
+    if (!(s[e] > 0.0) || !std::isfinite(s[e]))
+      fail("elem_scale entry " + std::to_string(e) + " must be finite and positive");
+}
+
 }  // namespace detail
 
 inline void validate(const LocalCall& c, Pass pass, Engine engine) {
@@ -159,6 +205,7 @@ inline void validate(const LocalCall& c, Pass pass, Engine engine) {
   local_common(c);
   patch_size(c.k, c.C);
   local_classes(c);
+  patch_elements(c.C, c.k, c.n_elem, c.elem, c.elem_scale, c.cls_elem_ptr, c.n_classes);
   const int64_t* qp = addr<const int64_t*>(c.cls_qpix_ptr);
   const int64_t* kp = addr<const int64_t*>(c.cls_kpos_ptr);
   for (int64_t i = 0; i < c.n_classes; ++i)
@@ -204,6 +251,7 @@ inline void validate(const CandidateCall& c) {
     fail("patch size k=" + std::to_string(c.k) + " is too large");
   padding(c.query_pad, "query_pad");
   padding(c.key_pad, "key_pad");
+  patch_elements(c.C, c.k, c.n_elem, c.elem, c.elem_scale, 0, 1);
   present(c.a, "a");
   present(c.inv_2b2, "inv_2b2");
   if (c.P < 0) fail("P must not be negative");

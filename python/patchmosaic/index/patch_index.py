@@ -27,9 +27,10 @@ import numpy as np
 import torch
 
 from ..io.progress import Progress
+from ..ops.masks import check_patch_mask
 from ..validation import ResourceError, available_memory, check_k
 from . import query, store
-from .vectors import faiss_module, fingerprint_data, key_vectors, pad_to, row_hashes
+from .vectors import faiss_module, fingerprint_data, key_vectors, masked_columns, pad_to, row_hashes
 
 KINDS = ("auto", "flat", "ivf", "ivfpq")
 
@@ -100,12 +101,16 @@ class PatchIndex:
             top and would make the bound vacuous).
         progress: progress bars on stderr while duplicates are merged and parts are built (default True;
             shown only on a terminal).
+        patch_mask: a ``(k, k)`` neighbourhood mask shared by every pixel, boolean or non-negative weights, as
+            for :meth:`patchmosaic.Machine.denoise` (the index then holds the masked patch vectors: the mask's
+            elements times ``sqrt`` of their weights, and serves ``denoise(..., patch_mask=...)``); None
+            (default): the square patch. A mask per pixel is not supported by the index (ValueError).
     """
 
     def __init__(self, machine, k: int, canvas: Optional[Tuple[int, int]] = None, *, kind: str = "auto",
                  nlist: Optional[int] = None, nprobe: int = 16, pq_m: int = 16, flat_budget: Optional[int] = None,
-                 min_index_keys: int = 20000, merge: bool = True, progress: bool = True):
-        self._setup(machine, k, canvas, kind, nlist, nprobe, pq_m, min_index_keys, merge)
+                 min_index_keys: int = 20000, merge: bool = True, progress: bool = True, patch_mask=None):
+        self._setup(machine, k, canvas, kind, nlist, nprobe, pq_m, min_index_keys, merge, patch_mask)
         t0 = time.perf_counter()
         if self.merge:
             bar = Progress(len(self.parts), f"merge duplicates k={self.k}", enabled=progress)
@@ -122,7 +127,7 @@ class PatchIndex:
         self.build_seconds = time.perf_counter() - t0
 
     # ----- construction -------------------------------------------------------------------
-    def _setup(self, machine, k, canvas, kind, nlist, nprobe, pq_m, min_index_keys, merge) -> None:
+    def _setup(self, machine, k, canvas, kind, nlist, nprobe, pq_m, min_index_keys, merge, patch_mask=None) -> None:
         """Check the arguments and set up the parts (their keys not yet merged or indexed): what a built
         and a loaded index share. ``kind`` is checked, not stored (``"auto"`` is resolved by the caller)."""
         if not machine.local:
@@ -138,12 +143,34 @@ class PatchIndex:
                              "padding); build the index at that size")
         machine.check_canvas(*self.canvas, self.k)
         self.keyset = machine.keyset(self.canvas[0], self.canvas[1], self.k)
-        self.d = machine.C * self.k * self.k
+        self._set_mask(patch_mask, machine.C)
         self.nprobe, self.pq_m, self.nlist, self.min_index_keys = int(nprobe), int(pq_m), nlist, int(min_index_keys)
         self.fingerprint = fingerprint_data(machine.images, machine.labels)
         self.parts: List[Part] = self._parts()
         self.merge = bool(merge)
         self.build_seconds = 0.0
+
+    def _set_mask(self, patch_mask, C: int) -> None:
+        """The index's neighbourhood: ``patch_mask`` (float64 ``(k, k)`` numpy, or None), the columns of the
+        square patch vectors it keeps and their scales (None: all, 1), and the vector size ``d``."""
+        self.patch_mask, self.mask_columns, self.mask_scale = None, None, None
+        self.d = C * self.k * self.k
+        if patch_mask is None:
+            return
+        w = check_patch_mask(patch_mask)
+        if w.dim() != 2:
+            raise ValueError("a patch index takes one (k, k) mask shared by every pixel; a mask per pixel is not "
+                             "supported (use the exact machine)")
+        if w.shape[0] != self.k:
+            raise ValueError(f"patch_mask is {w.shape[0]}x{w.shape[1]} but the index's patch size is k={self.k}")
+        self.patch_mask = w.numpy()
+        flat = np.tile(self.patch_mask.ravel(), C)  # the weight of every column, (channel, row, column) order
+        cols = np.nonzero(flat > 0)[0]
+        if len(cols) == len(flat) and bool(np.all(flat == 1.0)):
+            return  # a full mask of ones: the square patch
+        self.mask_columns = cols
+        self.mask_scale = None if bool(np.all(flat[cols] == 1.0)) else np.sqrt(flat[cols]).astype(np.float32)
+        self.d = len(cols)
 
     def _parts(self) -> List[Part]:
         m = self.machine
@@ -165,7 +192,8 @@ class PatchIndex:
         """Yield the part's key vectors in index order, ``chunk`` keys at a time."""
         m = self.machine
         for s in range(0, len(part.keys), chunk):
-            yield key_vectors(m.images, part.keys[s : s + chunk], m.H, m.W, self.k, self.keyset.key_pad)
+            v = key_vectors(m.images, part.keys[s : s + chunk], m.H, m.W, self.k, self.keyset.key_pad)
+            yield masked_columns(v, self.mask_columns, self.mask_scale)
 
     def _merge_duplicates(self, part: Part) -> None:
         """Keep one key per distinct patch (the first in index order) with its multiplicity."""
@@ -253,13 +281,15 @@ class PatchIndex:
         store.write(self, folder)
 
     @classmethod
-    def load(cls, folder: str, machine, k: int, canvas: Optional[Tuple[int, int]] = None) -> "PatchIndex":
-        """Load an index saved by :meth:`save`; a ValueError if it was built for other data or settings."""
+    def load(cls, folder: str, machine, k: int, canvas: Optional[Tuple[int, int]] = None, *,
+             patch_mask=None) -> "PatchIndex":
+        """Load an index saved by :meth:`save`; a ValueError if it was built for other data or settings (the
+        neighbourhood mask ``patch_mask`` included)."""
         man = store.read_manifest(folder)
         kind = man.get("kind", "flat")  # as built: never "auto"
         self = cls.__new__(cls)  # set up for the machine, then filled from the folder: nothing merged or built
         self._setup(machine, k, canvas, kind, man.get("nlist"), man.get("nprobe", 16), man.get("pq_m", 16),
-                    20000, bool(man.get("merge", False)))
+                    20000, bool(man.get("merge", False)), patch_mask)
         self.kind = kind
         store.read_into(self, folder, man)
         return self
@@ -268,7 +298,7 @@ class PatchIndex:
     def open(cls, folder: Optional[str], machine, k: int, canvas=None, **kw) -> "PatchIndex":
         """Load the index in ``folder`` if it matches, else build it (and save it there when ``folder``)."""
         if folder is not None and store.exists(folder):
-            return cls.load(folder, machine, k, canvas)
+            return cls.load(folder, machine, k, canvas, patch_mask=kw.get("patch_mask"))
         idx = cls(machine, k, canvas, **kw)
         if folder is not None:
             idx.save(folder)

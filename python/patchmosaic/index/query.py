@@ -20,7 +20,7 @@ from ..ops.checks import check_cuda_inputs
 from ..validation import check_t, to_labels, to_tensor
 from .bound import error_bound
 from .retrieval_check import check_retrieval
-from .vectors import pad_to, patch_vectors
+from .vectors import masked_columns, pad_to, patch_vectors
 
 
 @dataclass
@@ -85,6 +85,7 @@ def approx_denoise(index, x, t, labels=None, m: int = 64, check_pixels: int = 64
             continue
         if part.label not in cols:
             v = patch_vectors(xq[torch.as_tensor(bs)], allpix, index.k, index.keyset.query_pad)
+            v = masked_columns(v, index.mask_columns, index.mask_scale)
             v = v.reshape(len(bs), HWq, index.d) / a[bs].astype(np.float32)[:, None, None]
             cols[part.label] = v
         q = cols[part.label][:, part.qpix].reshape(-1, index.d)
@@ -115,7 +116,8 @@ def approx_denoise(index, x, t, labels=None, m: int = 64, check_pixels: int = 64
     out_t, top_t, last_t, srel_t, arg_t, _ = ops.candidate_softmax(
         train, xq, torch.from_numpy(np.ascontiguousarray(a, np.float64)),
         torch.from_numpy(np.ascontiguousarray(inv_2b2, np.float64)), torch.from_numpy(pix), torch.from_numpy(cand),
-        torch.from_numpy(cnt), index.k, index.keyset.query_pad, index.keyset.key_pad, True, mach.n_threads)
+        torch.from_numpy(cnt), index.k, index.keyset.query_pad, index.keyset.key_pad, True, mach.n_threads,
+        None if index.patch_mask is None else torch.from_numpy(index.patch_mask))
     out, top, last, srel, arg = out_t.numpy(), top_t.numpy(), last_t.numpy(), srel_t.numpy(), arg_t.numpy()
     bnd = error_bound(top, last, srel, cnt.sum(axis=1), np.concatenate(M_all), np.concatenate(R_all))
     bound = np.zeros(B * HWq)

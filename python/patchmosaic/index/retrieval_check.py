@@ -40,7 +40,8 @@ def check_retrieval(index, x: torch.Tensor, t, labels, res, n_pixels: int, seed:
     mask = np.zeros(B * Hq * Wq, bool)
     mask[chosen] = True
     mask = torch.from_numpy(mask.reshape(B, Hq, Wq))
-    exact = index.machine.denoise(x, t, index.k, labels=labels, backend="cpu", pixels=mask)
+    kw = {} if index.patch_mask is None else {"patch_mask": index.patch_mask}
+    exact = index.machine.denoise(x, t, index.k, labels=labels, backend="cpu", pixels=mask, **kw)
     err = (exact - res.x0.to(exact.device, exact.dtype)).abs().amax(dim=1)[mask]
     bound = res.bound.to(err.dtype)[mask]
     value_range = max(float(p.value_range) for p in index.parts)

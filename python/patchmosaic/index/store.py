@@ -21,6 +21,7 @@ def manifest(index) -> dict:
     return {"format": FORMAT, "fingerprint": index.fingerprint, "machine": type(m).__name__,
             "boundary": getattr(m, "boundary", None), "wrapped": getattr(m, "wrapped", None),
             "train_shape": list(m.images.shape), "k": index.k, "canvas": list(index.canvas), "kind": index.kind,
+            "patch_mask": None if index.patch_mask is None else index.patch_mask.tolist(),
             "nprobe": index.nprobe, "pq_m": index.pq_m, "nlist": index.nlist, "merge": index.merge,
             "parts": [{"label": p.label, "cls": p.cls, "n_total": int(p.n_total), "n_keys": int(len(p.keys)),
                        "file": f"part_{i}.faiss", "keys": f"part_{i}.keys.npz", "index": index.part_kind(p)}
@@ -63,7 +64,8 @@ def read_into(index, folder: str, man: dict) -> None:
     """Fill ``index`` (constructed for the machine, not built) with the parts saved in ``folder``."""
     faiss = faiss_module()
     want = manifest(index)
-    for key in ("format", "fingerprint", "machine", "boundary", "wrapped", "train_shape", "k", "canvas"):
+    for key in ("format", "fingerprint", "machine", "boundary", "wrapped", "train_shape", "k", "canvas",
+                "patch_mask"):
         if man.get(key) != want[key]:
             raise ValueError(f"the patch index at {folder} does not match this machine: {key} is "
                              f"{man.get(key)!r} there but {want[key]!r} here; rebuild it")

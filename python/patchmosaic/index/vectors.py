@@ -47,6 +47,17 @@ def key_vectors(images, ids: np.ndarray, H: int, W: int, k: int, pad: int) -> np
     return np.ascontiguousarray(sel.reshape(len(ids), -1))
 
 
+def masked_columns(v: np.ndarray, columns: Optional[np.ndarray], scale: Optional[np.ndarray]) -> np.ndarray:
+    """Rows of square patch vectors ``v`` as masked patch vectors (ops/masks.py): the mask's ``columns`` (None:
+    all), each times ``scale`` (its ``sqrt`` weight; None: 1), so that squared distances are the mask's."""
+    if columns is None:
+        return v
+    v = v[:, columns]
+    if scale is not None:
+        v = v * scale[None, :]
+    return np.ascontiguousarray(v, dtype=np.float32)
+
+
 def row_hashes(v: np.ndarray, seed: int = 0x9E3779B9) -> np.ndarray:
     """Two independent 64-bit hashes of each row's bytes (float32 rows) -> ``(n, 2)`` uint64. Rows
     with equal bytes hash equal; distinct rows collide with probability about 2^-128."""

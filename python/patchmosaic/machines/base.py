@@ -17,6 +17,7 @@ import torch
 
 from .. import ops
 from ..ops.checks import check_cuda_inputs
+from ..ops.masks import check_patch_mask, crop_patch_mask
 from ..schedules import ScheduleLike, get_schedule
 from ..validation import ResourceError, as_batch, check_k, check_memory, check_time, to_labels, to_tensor
 
@@ -75,6 +76,16 @@ CALL_ARGS = """\
             labels: ``(B,)`` integer class labels (numpy, torch, a list, or one int for all), or None
                 (default). With labels each query uses only the training images of its own label (the machine
                 must have been built with labels, else a ValueError); None uses all training images.
+"""
+PATCH_MASK_ARG = """\
+            patch_mask: local machines only: the neighbourhood of each pixel instead of the square ``k x k``
+                patch: a ``(k, k)`` array or tensor (``k`` odd) shared by every pixel (equivariant), or
+                ``(Hq, Wq, k, k)``, one per query pixel (position-dependent); boolean (True: the element counts)
+                or real non-negative weights (the squared distance becomes ``sum w (x - a q)^2`` over the
+                elements and channels; 0 leaves an element out); every mask's centre must count. ``k`` may then
+                be None (the mask's size) or must equal it. The key set stays that of the ``k x k`` frame (for
+                boundary-aware ELS, the padding signature at size ``k``), so a mask of ones is the square machine.
+                None (default): the square patch.
 """
 BACKEND_ARG = """\
             backend: this call's engine, overriding the machine's: ``"auto"``, ``"cpu"``, ``"cuda"`` or
@@ -144,7 +155,7 @@ class Machine:
         Args:
 """ + CALL_ARGS + """\
             return_provenance: also return a :class:`Provenance` of the winning keys (default False).
-""" + BACKEND_ARG + """\
+""" + BACKEND_ARG + PATCH_MASK_ARG + """\
             pixels: local machines only: a boolean mask ``(Hq, Wq)`` or ``(B, Hq, Wq)``, numpy or torch; only
                 the pixels it marks (in any query image) are computed, every other output pixel is 0. The
                 work shrinks in proportion (used by :class:`patchmosaic.IndexedDenoiser` for the pixels whose
@@ -160,16 +171,19 @@ class Machine:
             before any work.
         """)
     def denoise(self, x, t, k: Optional[int] = None, labels=None, *, return_provenance: bool = False,
-                backend: Optional[str] = None, pixels=None):
+                backend: Optional[str] = None, pixels=None, patch_mask=None):
         check_cuda_inputs(x=x, t=t, labels=labels, pixels=pixels)
+        weights, k = self._patch_mask(patch_mask, k)
         is_numpy, xt, (k,), a, inv_2b2, t_check, lab, name, train, max_memory = \
             self._prepare_call(x, t, [k], labels, backend)
         B, C, Hq, Wq = xt.shape
         lv, lp, li = self._label_tensors
         if self.local:
             mask = self._pixel_mask(pixels, B, Hq, Wq)
+            if weights is not None:
+                weights = crop_patch_mask(weights, k)
             out, _, key, share = ops.local_softmax(train, xt, a, inv_2b2, t_check, lab, lv, lp, li, mask, k, self.rule,
-                                                   return_provenance, name, self.n_threads, max_memory)
+                                                   return_provenance, name, self.n_threads, max_memory, weights)
         else:
             if pixels is not None:
                 raise ValueError("pixels= selects query pixels of a local machine; the IS machine has none")
@@ -232,23 +246,24 @@ class Machine:
         ``b = sqrt(1 - alpha_bar(t))``), differentiable in ``x`` and ``t``.
 
         Args:
-""" + CALL_ARGS + BACKEND_ARG + """
+""" + CALL_ARGS + BACKEND_ARG + PATCH_MASK_ARG + """
         Returns:
             ``eps`` with the shape, dtype and array type (numpy or torch) of ``x``.
         """)
-    def eps(self, x, t, k: Optional[int] = None, labels=None, *, backend: Optional[str] = None):
-        return self._transform(x, t, k, labels, backend, lambda x, x0, a, b2: (x - a * x0) / torch.sqrt(b2))
+    def eps(self, x, t, k: Optional[int] = None, labels=None, *, backend: Optional[str] = None, patch_mask=None):
+        return self._transform(x, t, k, labels, backend, lambda x, x0, a, b2: (x - a * x0) / torch.sqrt(b2),
+                               patch_mask)
 
     @docstring("""Score ``(a x0_hat - x) / b^2 = -eps / b`` (spec section 1), the gradient of the log-density
         of the noised data at ``x``; differentiable in ``x`` and ``t``.
 
         Args:
-""" + CALL_ARGS + BACKEND_ARG + """
+""" + CALL_ARGS + BACKEND_ARG + PATCH_MASK_ARG + """
         Returns:
             the score with the shape, dtype and array type (numpy or torch) of ``x``.
         """)
-    def score(self, x, t, k: Optional[int] = None, labels=None, *, backend: Optional[str] = None):
-        return self._transform(x, t, k, labels, backend, lambda x, x0, a, b2: (a * x0 - x) / b2)
+    def score(self, x, t, k: Optional[int] = None, labels=None, *, backend: Optional[str] = None, patch_mask=None):
+        return self._transform(x, t, k, labels, backend, lambda x, x0, a, b2: (a * x0 - x) / b2, patch_mask)
 
     @docstring("""The machine's Jacobian at one output pixel: ``J[b, c_out, c_in, i, j] = d x0_hat[b, c_out,
         pixel] / d x[b, c_in, i, j]`` (each output depends on its own query image only). For a local machine it
@@ -258,12 +273,12 @@ class Machine:
         Args:
 """ + CALL_ARGS + """\
             pixel: ``(row, col)`` of the output pixel, inside the ``Hq x Wq`` query (default ``(0, 0)``).
-""" + BACKEND_ARG + """
+""" + BACKEND_ARG + PATCH_MASK_ARG + """
         Returns:
             ``J`` of shape ``(B, C, C, Hq, Wq)``, numpy for numpy ``x``, else a torch tensor.
         """)
     def sensitivity(self, x, t, k: Optional[int] = None, pixel: Sequence[int] = (0, 0), labels=None, *,
-                    backend: Optional[str] = None):
+                    backend: Optional[str] = None, patch_mask=None):
         check_cuda_inputs(x=x, t=t, labels=labels)
         is_numpy = isinstance(x, np.ndarray)
         xt = self._query(x).detach().requires_grad_(True)
@@ -272,7 +287,8 @@ class Machine:
         if not (0 <= i < Hq and 0 <= j < Wq):
             raise ValueError(f"pixel {tuple(pixel)} lies outside the {Hq}x{Wq} query")
         with torch.enable_grad():
-            out = self.denoise(xt, t, k, labels, backend=backend)
+            kw = {} if patch_mask is None else {"patch_mask": patch_mask}
+            out = self.denoise(xt, t, k, labels, backend=backend, **kw)
             rows = []
             for c in range(C):
                 g = torch.zeros_like(out)
@@ -473,11 +489,27 @@ class Machine:
                                  ".cuda() or use 'auto'")
         return name
 
-    def _transform(self, x, t, k, labels, backend, fn):
+    def _patch_mask(self, patch_mask, k):
+        """``(weights, k)``: the checked neighbourhood mask of a call (float64 ``(K, K)``, or None) and its
+        patch size (``k``, or the mask's size K when ``k`` is None); a ValueError when they disagree."""
+        if patch_mask is None:
+            return None, k
+        if not self.local:
+            raise ValueError("patch_mask= is a local machine's neighbourhood; the IS machine has none")
+        weights = check_patch_mask(patch_mask)
+        K = int(weights.shape[-1])
+        if k is None:
+            return weights, K
+        if check_k(k, self.H, self.W) != K:
+            raise ValueError(f"patch_mask is {K}x{K} but k={k}: give k={K} or k=None (the mask's size)")
+        return weights, K
+
+    def _transform(self, x, t, k, labels, backend, fn, patch_mask=None):
         check_cuda_inputs(x=x, t=t, labels=labels)
         is_numpy = isinstance(x, np.ndarray)
         xt = self._query(x)
-        x0 = self.denoise(xt, t, k, labels, backend=backend)
+        kw = {} if patch_mask is None else {"patch_mask": patch_mask}
+        x0 = self.denoise(xt, t, k, labels, backend=backend, **kw)
         B = xt.shape[0]
         a, b2, _ = self._a_b2(t, B, xt.device)
         shape = (B, 1, 1, 1)

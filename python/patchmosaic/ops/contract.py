@@ -50,11 +50,17 @@ def local_call(module, *, train: torch.Tensor, query: torch.Tensor, k: int, keys
                arg_key: Optional[torch.Tensor] = None, arg_share: Optional[torch.Tensor] = None,
                grad_out: Optional[torch.Tensor] = None, grad_query: Optional[torch.Tensor] = None,
                grad_a: Optional[torch.Tensor] = None, grad_inv_2b2: Optional[torch.Tensor] = None,
-               n_threads: int = 0):
+               n_threads: int = 0, elements=None):
+    """The LocalCall of a local machine; ``elements``: a masked patch's element table (masks.PatchElements), or
+    None for the square patch."""
     N, C, H, W = train.shape
     B, _, Hq, Wq = query.shape
     return make(module.LocalCall, dtype=DTYPES[query.dtype], train=train, N=N, C=C, H=H, W=W, query=query, B=B,
-                Hq=Hq, Wq=Wq, k=int(k), query_pad=int(keyset.query_pad), key_pad=int(keyset.key_pad), a=a,
+                Hq=Hq, Wq=Wq, k=int(k), query_pad=int(keyset.query_pad), key_pad=int(keyset.key_pad),
+                n_elem=0 if elements is None else len(elements.codes),
+                elem=None if elements is None else elements.codes,
+                elem_scale=None if elements is None else elements.scale,
+                cls_elem_ptr=None if elements is None else elements.cls_ptr, a=a,
                 inv_2b2=inv_2b2, n_classes=keyset.n_classes, cls_qpix_ptr=keyset.cls_qpix_ptr,
                 cls_qpix=keyset.cls_qpix, n_cls_qpix=len(keyset.cls_qpix), cls_kpos_ptr=keyset.cls_kpos_ptr,
                 cls_kpos=keyset.cls_kpos, n_cls_kpos=len(keyset.cls_kpos), n_groups=len(groups.grp_img_ptr) - 1,
@@ -94,12 +100,15 @@ def ideal_call(module, *, train: torch.Tensor, query: torch.Tensor, a: torch.Ten
 
 
 def candidate_call(module, *, train, query, k, query_pad, key_pad, a, inv_2b2, pix, cand, count, out, top_logit,
-                   last_logit, sum_rel, arg_key=None, arg_share=None, n_threads: int = 0):
+                   last_logit, sum_rel, arg_key=None, arg_share=None, n_threads: int = 0, elements=None):
     N, C, H, W = train.shape
     B, _, Hq, Wq = query.shape
     P, m = cand.shape
     return make(module.CandidateCall, dtype=DTYPES[query.dtype], train=train, N=N, C=C, H=H, W=W, query=query, B=B,
-                Hq=Hq, Wq=Wq, k=int(k), query_pad=int(query_pad), key_pad=int(key_pad), a=a, inv_2b2=inv_2b2,
+                Hq=Hq, Wq=Wq, k=int(k), query_pad=int(query_pad), key_pad=int(key_pad),
+                n_elem=0 if elements is None else len(elements.codes),
+                elem=None if elements is None else elements.codes,
+                elem_scale=None if elements is None else elements.scale, a=a, inv_2b2=inv_2b2,
                 P=int(P), pix=pix, m=int(m), cand=cand, count=count, out=out, top_logit=top_logit,
                 last_logit=last_logit, sum_rel=sum_rel, arg_key=arg_key, arg_share=arg_share,
                 n_threads=int(n_threads))

@@ -145,9 +145,10 @@ def _provenance_buffers(shape, query: torch.Tensor, provenance: bool):
 
 
 def local_forward(engine: Engine, train, query, k: int, keyset: KeySet, a, inv_2b2, groups: Groups,
-                  provenance: bool, n_threads: int = 0):
+                  provenance: bool, n_threads: int = 0, elements=None):
     """(out, stats, arg_key, arg_share) of the local machines; pixels without a row (a restricted key set)
-    get 0, with key -1 and share 0."""
+    get 0, with key -1 and share 0. ``elements``: a masked patch's element table (masks.PatchElements), None
+    for the square patch."""
     B, C, Hq, Wq = query.shape
     partial = keyset.n_rows_per_image < Hq * Wq
     out = torch.zeros_like(query) if partial else torch.empty_like(query)
@@ -157,7 +158,7 @@ def local_forward(engine: Engine, train, query, k: int, keyset: KeySet, a, inv_2
         return out, stats, key, share
     call = contract.local_call(engine.module, train=train, query=query, k=k, keyset=keyset, a=a, inv_2b2=inv_2b2,
                                groups=groups, out=out, stats=stats, arg_key=key if provenance else None,
-                               arg_share=share if provenance else None, n_threads=n_threads)
+                               arg_share=share if provenance else None, n_threads=n_threads, elements=elements)
     engine.run("local_forward", call, query.device)
     return out, stats, key, share
 
@@ -186,7 +187,7 @@ def local_forward_multi(engine: Engine, train, query, multi, a, inv_2b2, groups:
 
 
 def local_backward(engine: Engine, grad_out, out, stats, train, query, k: int, keyset: KeySet, a, inv_2b2,
-                   groups: Groups, n_threads: int = 0):
+                   groups: Groups, n_threads: int = 0, elements=None):
     """(grad_query, grad_a, grad_inv_2b2): the vector-Jacobian product of local_forward's out."""
     grad_query = torch.zeros_like(query)
     grad_a = torch.zeros_like(a)
@@ -195,7 +196,7 @@ def local_backward(engine: Engine, grad_out, out, stats, train, query, k: int, k
         return grad_query, grad_a, grad_s
     call = contract.local_call(engine.module, train=train, query=query, k=k, keyset=keyset, a=a, inv_2b2=inv_2b2,
                                groups=groups, out=out, stats=stats, grad_out=grad_out, grad_query=grad_query,
-                               grad_a=grad_a, grad_inv_2b2=grad_s, n_threads=n_threads)
+                               grad_a=grad_a, grad_inv_2b2=grad_s, n_threads=n_threads, elements=elements)
     engine.run("local_backward", call, query.device)
     return grad_query, grad_a, grad_s
 
@@ -224,8 +225,9 @@ def ideal_backward(engine: Engine, grad_out, out, stats, train, query, a, inv_2b
 
 
 def candidate_softmax(train, query, k: int, query_pad: int, key_pad: int, a, inv_2b2, pix, cand,
-                      count: Optional[torch.Tensor], provenance: bool, n_threads: int = 0):
-    """The CPU engine's exact softmax over candidate keys (see contract.hpp, PM_CANDIDATE_FIELDS)."""
+                      count: Optional[torch.Tensor], provenance: bool, n_threads: int = 0, elements=None):
+    """The CPU engine's exact softmax over candidate keys (see contract.hpp, PM_CANDIDATE_FIELDS);
+    ``elements``: a masked patch's element table (masks.PatchElements), None for the square patch."""
     P = cand.shape[0]
     out = torch.zeros_like(query)
     top, last, srel = (torch.empty(P, dtype=torch.float64) for _ in range(3))
@@ -233,7 +235,8 @@ def candidate_softmax(train, query, k: int, query_pad: int, key_pad: int, a, inv
     call = contract.candidate_call(_CPU_MODULE, train=train, query=query, k=k, query_pad=query_pad, key_pad=key_pad, a=a,
                                    inv_2b2=inv_2b2, pix=pix, cand=cand, count=count, out=out, top_logit=top,
                                    last_logit=last, sum_rel=srel, arg_key=key if provenance else None,
-                                   arg_share=share if provenance else None, n_threads=n_threads)
+                                   arg_share=share if provenance else None, n_threads=n_threads,
+                                   elements=elements)
     _CPU_MODULE.candidate_softmax_cpu(call)
     return out, top, last, srel, key, share
 

@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import checks, engines, reference
+from . import checks, engines, masks, reference
 from .keysets import keyset, multi_keyset
 from .labels import groups
 
@@ -76,12 +76,45 @@ def _local_keyset(rule: str, query: Tensor, train: Tensor, k: int, pixels: Optio
     return ks
 
 
+def _check_mask(patch_mask: Optional[Tensor], k: int, query: Tensor) -> Optional[Tensor]:
+    """The checked weights of a call's neighbourhood mask (ops/masks.py), or None."""
+    if patch_mask is None:
+        return None
+    w = masks.check_patch_mask(patch_mask)
+    if w.shape[-1] != k:
+        raise ValueError(f"patch_mask is {w.shape[-2]}x{w.shape[-1]} but the call's patch size is k={k}: the mask "
+                         "is the k x k frame of the patch")
+    Hq, Wq = int(query.shape[2]), int(query.shape[3])
+    if w.dim() == 4 and tuple(w.shape[:2]) != (Hq, Wq):
+        raise ValueError(f"patch_mask holds one mask per pixel of a {w.shape[0]}x{w.shape[1]} canvas, but the "
+                         f"queries are {Hq}x{Wq}")
+    return w
+
+
+def _masked_patch(engine, w: Optional[Tensor], ks, C: int, like: Tensor):
+    """``(keyset, mask)``: the key set of a call (its classes split by mask for a mask per pixel) and the masked
+    neighbourhood as the engine takes it: the element table (compiled engines) or the element weights, per class
+    for a mask per pixel (the reference); None for the square patch (no mask, or one full mask of ones)."""
+    if w is None:
+        return ks, None
+    if w.dim() == 4:
+        ks, mask_of_class, distinct = masks.split_by_mask(ks, w)
+        if engine is reference:
+            per_mask = [masks.element_weights(wc, C, like) for wc in distinct]
+            return ks, [per_mask[i] for i in mask_of_class]
+        return ks, masks.class_elements(mask_of_class, distinct, C)
+    elements = masks.patch_elements(w, C)
+    if elements is None:
+        return ks, None
+    return ks, (masks.element_weights(w, C, like) if engine is reference else elements)
+
+
 # ------------------------------------------------------------------------------- local machines
 @torch.library.custom_op("patchmosaic::local_softmax", mutates_args=())
 def local_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: Optional[Tensor],
                   labels: Optional[Tensor], label_values: Tensor, label_ptr: Tensor, label_images: Tensor,
                   pixels: Optional[Tensor], k: int, rule: str, provenance: bool, backend: str, n_threads: int,
-                  max_memory: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                  max_memory: int, patch_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Local machine (LS / ELS / boundary-aware ELS) forward pass -> ``(out, stats, arg_key, arg_share)``.
 
     ``train`` (N, C, H, W); ``query`` (B, C, Hq, Wq) float32/float64; ``a``, ``inv_2b2`` (B,) float64 from
@@ -89,25 +122,29 @@ def local_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: O
     ``labels`` (B,) int64 or None; ``label_*`` the machine's label index (ops/labels.py); ``pixels`` an
     optional (Hq, Wq) bool mask of the pixels to compute (others give 0). ``stats`` (B, Hq, Wq, 2) float64:
     each row's softmax maximum and sum (contract.hpp); ``arg_key``/``arg_share`` (B, Hq, Wq) when
-    ``provenance``, else empty.
+    ``provenance``, else empty. ``patch_mask``: an optional neighbourhood mask in place of the square patch
+    (ops/masks.py): ``(k, k)`` shared by every pixel, or ``(Hq, Wq, k, k)`` one per query pixel; boolean, or
+    non-negative float weights.
     """
     engine = _engine(query, backend, train.shape[1])
+    w = _check_mask(patch_mask, k, query)
     name = "torch" if engine is reference else engine.name
     checks.memory(checks.local_bytes(query.shape, query.dtype, train, k, name, provenance, n_threads),
                   f"the local machine (k={k}) on a batch of shape {tuple(query.shape)}", max_memory)
     checks.values(query, "x", t, a, inv_2b2)
     checks.scale(query, train, inv_2b2, query.shape[1] * k * k)
     ks = _local_keyset(rule, query, train, k, pixels)
+    ks, mask = _masked_patch(engine, w, ks, train.shape[1], query)
     grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
     if engine is reference:
-        return reference.local_forward(tr, q, k, ks, aa, ss, grp, provenance)
-    return engines.local_forward(engine, tr, q, k, ks, aa, ss, grp, provenance, n_threads)
+        return reference.local_forward(tr, q, k, ks, aa, ss, grp, provenance, weights=mask)
+    return engines.local_forward(engine, tr, q, k, ks, aa, ss, grp, provenance, n_threads, elements=mask)
 
 
 @local_softmax.register_fake
 def _(train, query, a, inv_2b2, t, labels, label_values, label_ptr, label_images, pixels, k, rule, provenance, backend,
-      n_threads, max_memory):
+      n_threads, max_memory, patch_mask=None):
     B, _, Hq, Wq = query.shape
     prov = (B, Hq, Wq) if provenance else (0,)
     return (torch.empty_like(query), query.new_empty((B, Hq, Wq, 2), dtype=torch.float64),
@@ -118,44 +155,48 @@ def _(train, query, a, inv_2b2, t, labels, label_values, label_ptr, label_images
 def local_softmax_backward(grad_out: Tensor, out: Tensor, stats: Tensor, train: Tensor, query: Tensor, a: Tensor,
                            inv_2b2: Tensor, labels: Optional[Tensor], label_values: Tensor, label_ptr: Tensor,
                            label_images: Tensor, pixels: Optional[Tensor], k: int, rule: str, backend: str,
-                           n_threads: int) -> Tuple[Tensor, Tensor, Tensor]:
+                           n_threads: int, patch_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """The vector-Jacobian product of ``local_softmax``'s ``out`` for ``grad_out`` ->
     ``(grad_query, grad_a, grad_inv_2b2)``."""
     engine = _engine(query, backend, train.shape[1])
     ks = _local_keyset(rule, query, train, k, pixels)
+    ks, mask = _masked_patch(engine, _check_mask(patch_mask, k, query), ks, train.shape[1], query)
     grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
     g = grad_out.to(q.dtype).contiguous()
     if engine is reference:
-        return reference.local_backward(g, out, stats, tr, q, k, ks, aa, ss, grp)
-    return engines.local_backward(engine, g, out.contiguous(), stats.contiguous(), tr, q, k, ks, aa, ss, grp, n_threads)
+        return reference.local_backward(g, out, stats, tr, q, k, ks, aa, ss, grp, weights=mask)
+    return engines.local_backward(engine, g, out.contiguous(), stats.contiguous(), tr, q, k, ks, aa, ss, grp, n_threads,
+                                  elements=mask)
 
 
 @local_softmax_backward.register_fake
 def _(grad_out, out, stats, train, query, a, inv_2b2, labels, label_values, label_ptr, label_images, pixels, k, rule,
-      backend, n_threads):
+      backend, n_threads, patch_mask=None):
     return torch.empty_like(query), torch.empty_like(a), torch.empty_like(inv_2b2)
 
 
-_LOCAL_INPUTS = 16
+_LOCAL_INPUTS = 17
 
 
 def _local_setup(ctx, inputs, output):
-    (train, query, a, inv_2b2, t, labels, lv, lp, li, pixels, k, rule, provenance, backend, n_threads, _) = inputs
+    (train, query, a, inv_2b2, t, labels, lv, lp, li, pixels, k, rule, provenance, backend, n_threads, _,
+     patch_mask) = inputs
     out, stats, key, share = output
     ctx.mark_non_differentiable(stats, key, share)
-    ctx.save_for_backward(train, query, a, inv_2b2, labels, lv, lp, li, pixels, out, stats)
+    ctx.save_for_backward(train, query, a, inv_2b2, labels, lv, lp, li, pixels, out, stats, patch_mask)
     ctx.args = (k, rule, backend, n_threads)
 
 
 def _local_backward(ctx, grad_out, *unused):
-    train, query, a, inv_2b2, labels, lv, lp, li, pixels, out, stats = ctx.saved_tensors
+    train, query, a, inv_2b2, labels, lv, lp, li, pixels, out, stats, patch_mask = ctx.saved_tensors
     grads = [None] * _LOCAL_INPUTS
     if grad_out is None:
         return tuple(grads)
     k, rule, backend, n_threads = ctx.args
     gq, ga, gs = torch.ops.patchmosaic.local_softmax_backward(grad_out, out, stats, train, query, a, inv_2b2, labels,
-                                                             lv, lp, li, pixels, k, rule, backend, n_threads)
+                                                             lv, lp, li, pixels, k, rule, backend, n_threads,
+                                                             patch_mask)
     grads[1], grads[2], grads[3] = gq, ga.to(a.dtype), gs.to(inv_2b2.dtype)
     return tuple(grads)
 
@@ -315,20 +356,28 @@ ideal_softmax_backward.register_autograd(_no_second_derivative, setup_context=_s
 @torch.library.custom_op("patchmosaic::candidate_softmax", mutates_args=(), device_types="cpu")
 def candidate_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, pix: Tensor, cand: Tensor,
                       count: Optional[Tensor], k: int, query_pad: int, key_pad: int, provenance: bool,
-                      n_threads: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      n_threads: int, patch_mask: Optional[Tensor] = None
+                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Softmax over the candidate keys ``cand`` (P, m) of the listed pixels ``pix`` (P,), logits recomputed
     exactly (contract.hpp, PM_CANDIDATE_FIELDS) -> ``(out, top_logit, last_logit, sum_rel, arg_key,
-    arg_share)``. CPU tensors."""
+    arg_share)``. CPU tensors. ``patch_mask``: an optional ``(k, k)`` neighbourhood mask shared by every pixel
+    (ops/masks.py)."""
+    elements = None
+    if patch_mask is not None:
+        w = _check_mask(patch_mask, k, query)
+        if w.dim() != 2:
+            raise ValueError("the candidate re-scoring takes one (k, k) mask shared by every pixel")
+        elements = masks.patch_elements(w, train.shape[1])
     checks.finite(query, "x")
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
     return engines.candidate_softmax(tr, q, k, query_pad, key_pad, aa, ss, pix.to(torch.int64).contiguous(),
                                      cand.to(torch.int64).contiguous(),
                                      None if count is None else count.to(torch.float64).contiguous(), provenance,
-                                     n_threads)
+                                     n_threads, elements=elements)
 
 
 @candidate_softmax.register_fake
-def _(train, query, a, inv_2b2, pix, cand, count, k, query_pad, key_pad, provenance, n_threads):
+def _(train, query, a, inv_2b2, pix, cand, count, k, query_pad, key_pad, provenance, n_threads, patch_mask=None):
     P = cand.shape[0]
     prov = (P,) if provenance else (0,)
     f64 = dict(dtype=torch.float64)

@@ -97,7 +97,11 @@ def _rows(v: torch.Tensor, bs: np.ndarray, npix: int, like: torch.Tensor) -> tor
     return v[torch.as_tensor(np.repeat(bs, npix), device=v.device)].to(like.dtype)
 
 
-def local_forward(train, query, k, keyset: KeySet, a, inv_2b2, groups: Groups, provenance=False, n_threads=0):
+def local_forward(train, query, k, keyset: KeySet, a, inv_2b2, groups: Groups, provenance=False, n_threads=0,
+                  weights=None):
+    """(out, stats, arg_key, arg_share) of a local machine. ``weights``: a masked neighbourhood as the weight of
+    every patch element ``(C k^2,)`` (masks.element_weights; the distance is ``sum_e w_e (Q_e - a K_e)^2``), a
+    list of them (one per class of ``keyset``), or None for the square patch."""
     N, C, H, W = train.shape
     B, _, Hq, Wq = query.shape
     dev = query.device
@@ -112,7 +116,8 @@ def local_forward(train, query, k, keyset: KeySet, a, inv_2b2, groups: Groups, p
         if len(bs) == 0:
             continue
         imgs = torch.as_tensor(groups.images(g).astype(np.int64), device=dev)
-        for qpix, kpos in keyset.classes():
+        for cls, (qpix, kpos) in enumerate(keyset.classes()):
+            wc = weights[cls] if isinstance(weights, list) else weights
             npix, npos = len(qpix), len(kpos)
             qpix_t = torch.as_tensor(qpix.astype(np.int64), device=dev)
             kpos_t = torch.as_tensor(kpos.astype(np.int64), device=dev)
@@ -123,7 +128,8 @@ def local_forward(train, query, k, keyset: KeySet, a, inv_2b2, groups: Groups, p
             for r0 in range(0, len(b_idx), ROWS):
                 r1 = min(len(b_idx), r0 + ROWS)
                 Q = patches(query, b_idx[r0:r1], centres[r0:r1], k, keyset.query_pad)
-                qn = (Q * Q).sum(1)
+                Qw = Q if wc is None else Q * wc
+                qn = (Q * Qw).sum(1)
                 ar, sr = a_r[r0:r1, None], s_r[r0:r1, None]
                 state = OnlineSoftmax(r1 - r0, C, query)
                 kc = max(1, BUDGET // max(d, r1 - r0))
@@ -131,7 +137,8 @@ def local_forward(train, query, k, keyset: KeySet, a, inv_2b2, groups: Groups, p
                     kk = torch.arange(k0, min(nkeys, k0 + kc), device=dev)
                     n, pos = imgs[kk // npos], kpos_t[kk % npos]
                     K = patches(train, n, pos, k, keyset.key_pad)
-                    dist2 = qn[:, None] - 2 * ar * (Q @ K.T) + ar * ar * (K * K).sum(1)[None, :]
+                    Kw = K if wc is None else K * wc
+                    dist2 = qn[:, None] - 2 * ar * (Qw @ K.T) + ar * ar * (K * Kw).sum(1)[None, :]
                     V = train[n[:, None], torch.arange(C, device=dev)[None, :], (pos // W)[:, None], (pos % W)[:, None]]
                     state.update(-dist2 * sr, V, n * (H * W) + pos)
                 x0, best, share = state.result()
@@ -180,9 +187,12 @@ def _weights(logits: torch.Tensor, m: torch.Tensor, s: torch.Tensor) -> torch.Te
     return torch.exp(logits - m[:, None]) / s[:, None]
 
 
-def local_backward(grad_out, out, stats, train, query, k, keyset: KeySet, a, inv_2b2, groups: Groups, n_threads=0):
+def local_backward(grad_out, out, stats, train, query, k, keyset: KeySet, a, inv_2b2, groups: Groups, n_threads=0,
+                   weights=None):
     """(grad_query, grad_a, grad_inv_2b2): per row, with weights w, centres V, delta = <g, V - out>,
-    d/dQ = 2 s sum w delta (a K - Q), d/da = 2 s sum w delta <Q - a K, K>, d/ds = -sum w delta |Q - a K|^2."""
+    d/dQ = 2 s sum w delta (a K - Q), d/da = 2 s sum w delta <Q - a K, K>, d/ds = -sum w delta |Q - a K|^2.
+    ``weights``: a masked neighbourhood's element weights u (as for :func:`local_forward`): every product then
+    carries them (d/dQ = 2 s sum w delta u (a K - Q), <., .>_u, |.|^2_u)."""
     N, C, H, W = train.shape
     B, _, Hq, Wq = query.shape
     dev, dt = query.device, query.dtype
@@ -195,7 +205,8 @@ def local_backward(grad_out, out, stats, train, query, k, keyset: KeySet, a, inv
         if len(bs) == 0:
             continue
         imgs = torch.as_tensor(groups.images(g).astype(np.int64), device=dev)
-        for qpix, kpos in keyset.classes():
+        for cls, (qpix, kpos) in enumerate(keyset.classes()):
+            wc = weights[cls] if isinstance(weights, list) else weights
             npix, npos = len(qpix), len(kpos)
             kpos_t = torch.as_tensor(kpos.astype(np.int64), device=dev)
             b_idx = torch.as_tensor(np.repeat(bs, npix), device=dev)
@@ -206,7 +217,8 @@ def local_backward(grad_out, out, stats, train, query, k, keyset: KeySet, a, inv
                 r1 = min(len(b_idx), r0 + ROWS)
                 rb, rp = b_idx[r0:r1], centres[r0:r1]
                 Q = patches(query, rb, rp, k, keyset.query_pad)
-                qn = (Q * Q).sum(1)
+                Qw = Q if wc is None else Q * wc
+                qn = (Q * Qw).sum(1)
                 ar, sr = a_r[r0:r1, None], s_r[r0:r1, None]
                 gr = grad_out[rb, :, rp // Wq, rp % Wq]  # (rows, C)
                 Dr = (gr * out[rb, :, rp // Wq, rp % Wq]).sum(1, keepdim=True)
@@ -221,12 +233,13 @@ def local_backward(grad_out, out, stats, train, query, k, keyset: KeySet, a, inv
                     kk = torch.arange(k0, min(nkeys, k0 + kc), device=dev)
                     n, pos = imgs[kk // npos], kpos_t[kk % npos]
                     K = patches(train, n, pos, k, keyset.key_pad)
-                    QK = Q @ K.T
-                    kn = (K * K).sum(1)[None, :]
+                    Kw = K if wc is None else K * wc
+                    QK = Qw @ K.T
+                    kn = (K * Kw).sum(1)[None, :]
                     dist2 = qn[:, None] - 2 * ar * QK + ar * ar * kn
                     V = train[n[:, None], torch.arange(C, device=dev)[None, :], (pos // W)[:, None], (pos % W)[:, None]]
                     p = _weights(-dist2 * sr, m, S) * (gr @ V.T - Dr)
-                    G += ar * (p @ K) - Q * p.sum(1, keepdim=True)
+                    G += ar * (p @ Kw) - Qw * p.sum(1, keepdim=True)
                     ga += (2 * sr[:, 0]) * (p * (QK - ar * kn)).sum(1)
                     gs -= (p * dist2).sum(1)
                 grad_query += unpatch(2 * sr * G, query.shape, rb, rp, k, keyset.query_pad)
