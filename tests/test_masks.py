@@ -500,3 +500,28 @@ def test_cuda_resident_and_per_tile_query_gathers_agree_bit_for_bit(per_pixel, d
     resident = run()
     monkeypatch.setenv("PATCHMOSAIC_CUDA_QUERY_SMEM_KB", "0")
     assert torch.equal(resident, run())
+
+
+def test_machine_denoiser_with_a_patch_mask():
+    """MachineDenoiser(patch_mask=...) runs every step with the mask (cropped to a k-schedule's sizes), describes
+    it for the resume fingerprints, and refuses it for IS and for a schedule larger than the mask."""
+    rng = np.random.default_rng(5)
+    train = rng.uniform(-1, 1, (12, 1, 9, 9))
+    els = pm.ELS(train)
+    cross = np.zeros((5, 5), bool)
+    cross[2, :] = cross[:, 2] = True
+    x = rng.standard_normal((2, 1, 9, 9))
+    d = pm.MachineDenoiser(els, patch_mask=cross)
+    assert d.k == 5 and d.describe()["patch_mask"]["shape"] == [5, 5]
+    assert np.array_equal(d(x, 0.5), els.denoise(x, 0.5, 5, patch_mask=cross))
+    sched = pm.KSchedule((1.0, 0.5), (5, 3))
+    d2 = pm.MachineDenoiser(els, sched, patch_mask=cross)
+    assert np.array_equal(d2(x, 0.4), els.denoise(x, 0.4, 3, patch_mask=cross[1:4, 1:4]))
+    assert np.array_equal(d2(x, 0.9), els.denoise(x, 0.9, 5, patch_mask=cross))
+    assert pm.MachineDenoiser(els, 5).describe() != d.describe()
+    with pytest.raises(ValueError, match="IS compares whole images"):
+        pm.MachineDenoiser(pm.IS(train), patch_mask=cross)
+    with pytest.raises(ValueError, match="larger than the 5x5 patch_mask"):
+        pm.MachineDenoiser(els, pm.KSchedule((1.0, 0.5), (7, 3)), patch_mask=cross)
+    with pytest.raises(ValueError, match="centre"):
+        pm.MachineDenoiser(els, patch_mask=np.zeros((3, 3)))

@@ -13,6 +13,7 @@ takes ``x`` as ``Machine.denoise`` does (numpy or torch, float32 or float64) and
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import warnings
@@ -27,6 +28,7 @@ from ..machines import Machine
 from ..machines.base import docstring
 from ..networks import network_classes
 from ..ops.checks import check_cuda_inputs
+from ..ops.masks import check_patch_mask, crop_patch_mask
 from ..schedules import ScheduleLike, get_schedule
 from ..validation import check_t
 from .inputs import as_images, as_labels, like_input
@@ -96,12 +98,27 @@ class MachineDenoiser(_Denoiser):
             keeps the machine's.
         keep_provenance: keep the :class:`patchmosaic.Provenance` of the latest call in ``.provenance``
             (default False).
+        patch_mask: local machines only: the neighbourhood of every call instead of the square ``k x k``
+            patch, a ``(k, k)`` mask shared by every pixel or ``(Hq, Wq, k, k)`` one per query pixel, boolean
+            or non-negative weights (see :meth:`patchmosaic.ELS.denoise`); with it ``k`` may be None (the
+            mask's size), and a k-schedule crops the mask to each step's size (the mask's centre ``k x k``).
+            None (default): square patches.
     """
 
     def __init__(self, machine, k: Union[int, KSchedule, None] = None, *, backend: Optional[str] = None,
-                 keep_provenance: bool = False):
+                 keep_provenance: bool = False, patch_mask=None):
         self.machine = machine
         self.schedule = machine.schedule
+        self.patch_mask = None
+        if patch_mask is not None:
+            if not machine.local:
+                raise ValueError(f"patch_mask: {type(machine).__name__} has no patch (IS compares whole images)")
+            self.patch_mask = check_patch_mask(patch_mask)
+            if k is None:
+                k = int(self.patch_mask.shape[-1])
+            if isinstance(k, KSchedule) and max(k.ks) > self.patch_mask.shape[-1]:
+                raise ValueError(f"the k-schedule reaches k = {max(k.ks)}, larger than the {self.patch_mask.shape[-1]}"
+                                 f"x{self.patch_mask.shape[-1]} patch_mask")
         if machine.local and k is None:
             raise ValueError(f"{type(machine).__name__} needs a patch size k or a k-schedule")
         self.k = k
@@ -122,6 +139,9 @@ class MachineDenoiser(_Denoiser):
             d["ks"], d["times"] = list(map(int, self.k.ks)), list(map(float, self.k.times))
         elif self.k is not None and self.machine.local:
             d["k"] = int(self.k)
+        if self.patch_mask is not None:
+            d["patch_mask"] = {"shape": list(self.patch_mask.shape),
+                               "sha256": hashlib.sha256(self.patch_mask.numpy().tobytes()).hexdigest()}
         return d
 
     @docstring("""``x0_hat``: the machine's ``denoise(x, t, k(t), labels)``.
@@ -132,8 +152,12 @@ class MachineDenoiser(_Denoiser):
             ``x0_hat`` with the shape and dtype of ``x``; numpy for numpy ``x``, else a torch tensor.
         """)
     def __call__(self, x, t, labels=None):
-        out = self.machine.denoise(x, t, self.k_at(float(t)), labels=labels,
-                                   return_provenance=self.keep_provenance, backend=self.backend)
+        k = self.k_at(float(t))
+        mask = None
+        if self.patch_mask is not None:
+            mask = self.patch_mask if k == self.patch_mask.shape[-1] else crop_patch_mask(self.patch_mask, k)
+        out = self.machine.denoise(x, t, k, labels=labels, return_provenance=self.keep_provenance,
+                                   backend=self.backend, **({} if mask is None else {"patch_mask": mask}))
         if self.keep_provenance:
             out, self.provenance = out
         return out
