@@ -61,3 +61,26 @@ def module():
     spec.loader.exec_module(mod)
     _module = mod
     return mod
+
+
+def _cuda_available() -> bool:
+    import patchmosaic as pm
+
+    return pm.cuda_available()
+
+
+# the tests that need a real GPU
+needs_gpu = pytest.mark.skipif(not _cuda_available(), reason="no CUDA device or no CUDA engine in this build")
+
+
+@pytest.fixture(params=[pytest.param("gpu", marks=[pytest.mark.cuda, needs_gpu]), "emulated"])
+def dev(request, monkeypatch):
+    """The device of the CUDA engine's tensors: CUDA on the GPU, the CPU under the emulator (import it into a
+    test module: ``from cuda_emulation import dev, needs_gpu``)."""
+    import torch
+    from patchmosaic.ops import engines
+
+    if request.param == "gpu":
+        return torch.device("cuda")
+    monkeypatch.setattr(engines, "_EMULATOR", module())
+    return torch.device("cpu")

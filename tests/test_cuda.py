@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-import cuda_emulation
 from cases import assert_float32_close, build, draw, mnist_digits, queries
 
 import patchmosaic as pm
@@ -19,16 +18,9 @@ from patchmosaic.ops import engines
 
 RANGE = 2.0
 SEEDS = list(range(48))
-needs_gpu = pytest.mark.skipif(not pm.cuda_available(), reason="no CUDA device or no CUDA engine in this build")
+from cuda_emulation import dev, needs_gpu  # noqa: E402,F401  (the CUDA-or-emulator fixture)
 
 
-@pytest.fixture(params=[pytest.param("gpu", marks=[pytest.mark.cuda, needs_gpu]), "emulated"])
-def dev(request, monkeypatch):
-    """The device of the engine's tensors: CUDA on the GPU, the CPU under the emulator."""
-    if request.param == "gpu":
-        return torch.device("cuda")
-    monkeypatch.setattr(engines, "_EMULATOR", cuda_emulation.module())
-    return torch.device("cpu")
 
 
 def oracle(case, x):

@@ -28,7 +28,7 @@ LOCAL = ("LS", "ELS_zeros", "ELS_circular")
 # a drawn case reaches a max error of 1e-3 of the range on the CPU engine (and more on the torch reference).
 CONTRACT_TIMES = [t for t in TIMES if t >= 0.05]
 SEEDS = list(range(24))
-needs_gpu = pytest.mark.skipif(not pm.cuda_available(), reason="no CUDA device or no CUDA engine in this build")
+from cuda_emulation import dev, needs_gpu  # noqa: E402,F401  (the CUDA-or-emulator fixture)
 
 
 def local_case(seed, times=None):
@@ -55,13 +55,6 @@ def oracle(case, x, mask):
     return build(case, np.float64).denoise(x, case.t, case.k, labels=case.qlabels, backend="torch", patch_mask=mask)
 
 
-@pytest.fixture(params=[pytest.param("gpu", marks=[pytest.mark.cuda, needs_gpu]), "emulated"])
-def dev(request, monkeypatch):
-    """The device of the CUDA engine's tensors: CUDA on the GPU, the CPU under the emulator."""
-    if request.param == "gpu":
-        return torch.device("cuda")
-    monkeypatch.setattr(engines, "_EMULATOR", cuda_emulation.module())
-    return torch.device("cpu")
 
 
 # ------------------------------------------------------------------------------------------- the oracle

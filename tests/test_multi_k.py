@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-import cuda_emulation
 
 import patchmosaic as pm
 from patchmosaic import ops
@@ -225,16 +224,9 @@ def test_calibration_with_one_pass_equals_one_call_per_size(kind, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ CUDA engine
-needs_gpu = pytest.mark.skipif(not pm.cuda_available(), reason="no CUDA device or no CUDA engine in this build")
+from cuda_emulation import dev, needs_gpu  # noqa: E402,F401  (the CUDA-or-emulator fixture)
 
 
-@pytest.fixture(params=[pytest.param("gpu", marks=[pytest.mark.cuda, needs_gpu]), "emulated"])
-def dev(request, monkeypatch):
-    """The device of the CUDA engine's tensors: CUDA on the GPU, the CPU under the emulator (tests/test_cuda.py)."""
-    if request.param == "gpu":
-        return torch.device("cuda")
-    monkeypatch.setattr(engines, "_EMULATOR", cuda_emulation.module())
-    return torch.device("cpu")
 
 
 @pytest.fixture
