@@ -72,6 +72,22 @@ def paper_row(dataset, arch, padding):
     return None
 
 
+def stages_from_report(rep_path: str) -> dict:
+    """The stages of a run of the earlier script (no stages.json): its report says what was done, with which
+    settings and how long it took; the date is the report's."""
+    r = json.load(open(rep_path))
+    old = {"seeds": r["seeds"], "calib_seeds": r["calibration_seeds"], "k_max": r["k_max"],
+           "train_images": r["train_images"]}
+    tm = r.get("timings", {})
+    date = time.strftime("%Y-%m-%d", time.gmtime(os.path.getmtime(rep_path)))
+    st = {f"calibrate_{m}": {"settings": old, "seconds": tm.get(f"calibrate_{m}_s", 0.0), "date": date}
+          for m in ("ELS", "LS")}
+    st["compare"] = {"settings": old, "seconds": tm.get("compare_s", 0.0), "date": date}
+    if os.path.exists(os.path.join(os.path.dirname(rep_path), "grid.png")):
+        st["figures"] = {"settings": old, "seconds": 0.0, "date": date}
+    return st
+
+
 class Run:
     """One network's data, models and stage bookkeeping."""
 
@@ -111,14 +127,8 @@ class Run:
         if not os.path.exists(rep):
             return {}
         # a run of the earlier script (no stages.json): its report says what was done and how long it took
-        r = json.load(open(rep))
-        old = {"seeds": r["seeds"], "calib_seeds": r["calibration_seeds"], "k_max": r["k_max"],
-               "train_images": r["train_images"]}
-        tm = r.get("timings", {})
-        st = {f"calibrate_{m}": {"settings": old, "seconds": tm.get(f"calibrate_{m}_s", 0.0)} for m in ("ELS", "LS")}
-        st["compare"] = {"settings": old, "seconds": tm.get("compare_s", 0.0)}
-        if os.path.exists(os.path.join(self.out, "grid.png")):
-            st["figures"] = {"settings": old, "seconds": 0.0}
+        st = stages_from_report(rep)
+        write_json(path, st)  # from now on kept like any other run's
         return st
 
     def done(self, stage):
@@ -285,7 +295,8 @@ def finished(out_dirs):
             continue
         rep = json.load(open(os.path.join(d, "report.json")))
         st_path = os.path.join(d, "stages.json")
-        stages = json.load(open(st_path)) if os.path.exists(st_path) else {}
+        stages = json.load(open(st_path)) if os.path.exists(st_path) else stages_from_report(
+            os.path.join(d, "report.json"))
         _, _, padding, _, (pdata, parch) = NETWORKS[name]
         rows.append((name, rep, stages, paper_row(pdata, parch, padding)))
     return rows
@@ -322,7 +333,7 @@ def cost_line(name, stages) -> str:
              if v.get("seconds")]
     where = {v.get("machine", "") + (f", {v['device']}" if v.get("device") else "") for v in stages.values()} - {""}
     dates = sorted({v["date"] for v in stages.values() if "date" in v})
-    extra = f" ({'; '.join(sorted(where))}; {', '.join(dates)})" if where else " (2026-11-28, the earlier script)"
+    extra = f" ({'; '.join(sorted(where))}; {', '.join(dates)})" if where else f" ({', '.join(dates)})"
     return f"{name}: " + ", ".join(parts) + extra
 
 
