@@ -93,6 +93,13 @@ def shutdown() -> None:
     a gloo group whose peer died can abort the process (``terminate called without an active exception``);
     use :func:`exit_now` to end such a process."""
     if dist.is_available() and dist.is_initialized() and not _broken[0]:
+        # every rank reaches this point before any tears its connections down: a gloo rank whose peer closes
+        # the pairs while it still finishes the last collective can abort the same way
+        try:
+            dist.barrier()
+        except Exception:
+            _broken[0] = True
+            return
         dist.destroy_process_group()
 
 
