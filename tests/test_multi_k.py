@@ -167,16 +167,20 @@ def test_bad_size_lists_are_refused_before_any_work():
         ops.local_softmax_ks(m.images, x, a, s, None, None, lv, lp, li, tuple(range(1, 67, 2)), "els_zeros")
 
 
-def test_the_compiled_core_checks_the_call():
-    images, _ = _data()
-    x = torch.zeros(1, C, H, W)
-    multi = ops.multi_keyset("els_zeros", H, W, H, W, (3, 5))
-    from patchmosaic.ops import contract, engines
+def _multi_call_parts():
+    """What a multi-size call struct is built from in the compiled-core checks below: the training images, one
+    query, the key sets of sizes 3 and 5, the groups, the coefficient tensor and the output."""
     from patchmosaic.ops.labels import groups
 
-    grp = groups(None, None, None, None, N, 1)
-    a = torch.ones(1, dtype=torch.float64)
-    out = torch.empty(2, 1, C, H, W)
+    images, _ = _data()
+    return (images, torch.zeros(1, C, H, W), ops.multi_keyset("els_zeros", H, W, H, W, (3, 5)),
+            groups(None, None, None, None, N, 1), torch.ones(1, dtype=torch.float64), torch.empty(2, 1, C, H, W))
+
+
+def test_the_compiled_core_checks_the_call():
+    from patchmosaic.ops import contract, engines
+
+    images, x, multi, grp, a, out = _multi_call_parts()
     bad = ops.MultiKeySet((5, 3), multi.keyset, multi.kmask)
     call, keep = contract.local_multi_call(engines._CPU_MODULE, train=torch.from_numpy(images), query=x, multi=bad,
                                            a=a, inv_2b2=a, groups=grp, out=out)
@@ -303,15 +307,9 @@ def test_cuda_query_patches_resident_or_gathered_per_key(dtype, dev, monkeypatch
 def test_the_compiled_cuda_entry_checks_the_call(dev):
     """The CUDA entry validates its struct on the host (the CPU entry's checks, and the CUDA engine's limits)."""
     mod = engines.CUDA.module
-    images, _ = _data()
-    x = torch.zeros(1, C, H, W)
-    multi = ops.multi_keyset("els_zeros", H, W, H, W, (3, 5))
     from patchmosaic.ops import contract
-    from patchmosaic.ops.labels import groups
 
-    grp = groups(None, None, None, None, N, 1)
-    a = torch.ones(1, dtype=torch.float64)
-    out = torch.empty(2, 1, C, H, W)
+    images, x, multi, grp, a, out = _multi_call_parts()
     bad = ops.MultiKeySet((5, 3), multi.keyset, multi.kmask)
     call, keep = contract.local_multi_call(mod, train=torch.from_numpy(images), query=x, multi=bad, a=a, inv_2b2=a,
                                            groups=grp, out=out)

@@ -116,8 +116,10 @@ class MachineDenoiser(_Denoiser):
             self.patch_mask = check_patch_mask(patch_mask)
             if k is None:
                 k = int(self.patch_mask.shape[-1])
-            if isinstance(k, KSchedule) and max(k.ks) > self.patch_mask.shape[-1]:
-                raise ValueError(f"the k-schedule reaches k = {max(k.ks)}, larger than the {self.patch_mask.shape[-1]}"
+            k_top = max(k.ks) if isinstance(k, KSchedule) else int(k)
+            if k_top > self.patch_mask.shape[-1]:
+                what = "the k-schedule reaches" if isinstance(k, KSchedule) else "the patch size is"
+                raise ValueError(f"{what} k = {k_top}, larger than the {self.patch_mask.shape[-1]}"
                                  f"x{self.patch_mask.shape[-1]} patch_mask")
         if machine.local and k is None:
             raise ValueError(f"{type(machine).__name__} needs a patch size k or a k-schedule")
