@@ -92,6 +92,32 @@ def test_train_calibrate_compare(tmp_path, tiny, capsys):
     assert "--conditional: the network" in capsys.readouterr().err
 
 
+def test_datalocal_and_wiener_from_the_cli(tmp_path, tiny, capsys):
+    """The data-driven locality machine calibrates, samples and compares from the CLI; the Wiener filter compares."""
+    common = ["--data", tiny, "--quiet"]
+    net = str(tmp_path / "net")
+    assert main(["train", "--width", "8", "--depth", "1", "--steps", "3", "--batch-size", "8", "--out", net]
+                + common) == 0
+    ks = str(tmp_path / "ks_dl.json")
+    assert main(["calibrate", "--network", net, "--machine", "datalocal", "--seeds", "2", "--steps", "3",
+                 "--candidates", "3,5", "--out", ks] + common) == 0
+    cal = json.load(open(ks))
+    assert cal["machine"] == "datalocal" and set(cal["ks"]) <= {3, 5}
+    out = str(tmp_path / "cmp")
+    assert main(["compare", "--network", net, "--seeds", "2", "--steps", "3", "--machine", f"datalocal={ks}",
+                 "--machine", "wiener", "--out", out] + common) == 0
+    rep = json.load(open(os.path.join(out, "report.json")))
+    assert set(rep["per_seed"]) == {f"datalocal={ks}", "Wiener", "IS"}
+    assert rep["per_seed"][f"datalocal={ks}"]["machine"]["type"] == "DataLocal"
+    assert main(["sample", "--machine", "datalocal", "--k", "3", "--n", "2", "--steps", "3",
+                 "--out", str(tmp_path / "s.png")] + common) == 0
+    capsys.readouterr()
+    for bad, msg in ((["--machine", "wiener=3"], "wiener takes no k-schedule"),
+                     (["--machine", "datalocal"], "datalocal needs a k-schedule")):
+        assert main(["compare", "--network", net, "--seeds", "2", "--steps", "2", "--out", out] + bad + common) == 2
+        assert msg in capsys.readouterr().err
+
+
 def test_bad_cli_input_exits_2_with_one_line(tmp_path, tiny, capsys):
     assert main(["compare", "--network", str(tmp_path / "none.pt"), "--data", tiny, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()

@@ -22,12 +22,12 @@ from .diffusion import IndexedDenoiser, KSchedule, MachineDenoiser, NetworkDenoi
 from .diffusion import samplers as sampling
 from .experiments import Calibration, calibrate, calibrate_t_max, compare
 from .index import PatchIndex
-from .machines import ELS, IS, LS, Machine, Provenance, Wiener
+from .machines import ELS, IS, LS, DataLocal, Machine, Provenance, Wiener
 from .ops import cuda_available
 from .validation import ResourceError
 
 __all__ = ["IS", "LS", "ELS", "Machine", "Provenance", "ResourceError", "cuda_available", "data", "kschedule",
            "metrics", "networks", "ops", "sampling", "schedules", "diffusion", "index", "ddim", "ddpm", "KSchedule",
            "MachineDenoiser", "NetworkDenoiser", "calibrate", "Calibration", "compare", "PatchIndex",
-           "IndexedDenoiser", "calibrate_t_max", "distributed", "Wiener"]
+           "IndexedDenoiser", "calibrate_t_max", "distributed", "Wiener", "DataLocal"]
 __version__ = "0.1.0"

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from . import launch
-from .keys import ShardedMachine, shard_slice
+from .keys import KINDS, ShardedMachine, shard_slice
 
 KEY_SHARDS_ENV = "PATCHMOSAIC_KEY_SHARDS"
 
@@ -65,7 +65,8 @@ class Layout:
         there is one key shard, else a :class:`ShardedMachine` over this rank's slice.
 
         Args:
-            name: ``"els"``, ``"ls"`` or ``"is"``.
+            name: ``"els"``, ``"ls"``, ``"is"`` (key-sharded when there are several key shards), or
+                ``"datalocal"`` / ``"wiener"`` (one key shard only; the Wiener filter is built whole on every rank).
             images: all the training images ``(N, C, H, W)``.
             labels: their labels, or None (default).
             kwargs: ``boundary``, ``schedule``, ``backend``, ``n_threads``, ``max_memory`` as for
@@ -75,8 +76,11 @@ class Layout:
         from ..machines import make_machine
         from ..validation import to_labels, to_tensor
 
-        if self.n_key == 1:
+        if self.n_key == 1 or name == "wiener":  # the Wiener filter: mean and covariance, cheap on every rank
             return make_machine(name, images, labels, **kwargs)
+        if name not in KINDS:
+            raise ValueError(f"machine {name!r} cannot be key-sharded (the sharded machines are {tuple(KINDS)}); "
+                             "run it with one key shard (--key-shards 1)")
         lab = None if labels is None else to_labels(labels, len(images))
         digest = array_digest(to_tensor(images, "images"), lab)
         sl = shard_slice(len(images), self.key_index, self.n_key)

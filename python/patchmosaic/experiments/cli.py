@@ -174,12 +174,16 @@ def _compare(args) -> int:
     machines = {}
     for spec in args.machine:
         name, _, ks = spec.partition("=")
-        if name not in ("els", "ls", "is"):
-            raise ValueError(f"--machine takes els=KSCHEDULE, ls=KSCHEDULE or is, got {spec!r}")
-        if name != "is" and not ks:
+        if name not in ("els", "ls", "datalocal", "is", "wiener"):
+            raise ValueError(f"--machine takes els=KSCHEDULE, ls=KSCHEDULE, datalocal=KSCHEDULE, is or wiener, got "
+                             f"{spec!r}")
+        if name in ("is", "wiener") and ks:
+            raise ValueError(f"--machine {name} takes no k-schedule (it has no patch), got {spec!r}")
+        if name not in ("is", "wiener") and not ks:
             raise ValueError(f"--machine {name} needs a k-schedule: {name}=7, {name}=paper:NAME or {name}=FILE.json")
         m = _machine(args, name, images, labels, boundary=args.boundary)
-        machines[spec if name != "is" else "IS"] = MachineDenoiser(m, from_spec(ks, args.steps) if ks else None)
+        label = {"is": "IS", "wiener": "Wiener"}.get(name, spec)
+        machines[label] = MachineDenoiser(m, from_spec(ks, args.steps) if ks else None)
     if "IS" not in machines:
         machines["IS"] = MachineDenoiser(_machine(args, "is", images, labels))
     rep = compare(net, machines, x1, y, grid=None, steps=args.steps, batch_size=args.batch, out_dir=args.out,
@@ -188,7 +192,7 @@ def _compare(args) -> int:
                   layout=args.layout)
     if not _leader(args):
         return 0
-    local = [n for n in machines if n != "IS"]
+    local = [n for n in machines if n not in ("IS", "Wiener")]
     r = rep["per_seed"]
     ext = "." + args.figure_format
     if local:
@@ -302,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", default=None, help="comma-separated classes of the data set to keep")
     s.add_argument("--labels", default=None, help="comma-separated label per seed (cycled) for a class-conditional "
                    "machine (default: unconditional)")
-    s.add_argument("--machine", default="els", choices=["els", "ls", "is"], help="machine (default: %(default)s)")
+    s.add_argument("--machine", default="els", choices=["els", "ls", "is", "datalocal"],
+                   help="machine; datalocal: ELS over the data's Wiener-sensitivity neighbourhood of k^2 pixels "
+                        "(default: %(default)s)")
     s.add_argument("--boundary", default="zeros", choices=["zeros", "circular"],
                    help="ELS boundary: boundary-aware ('zeros') or periodic (default: %(default)s)")
     s.add_argument("--k", default="paper:MNIST_ResNet_zeros",
@@ -361,7 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "choices and a plot of it beside (OUT with the --figure-format extension); "
                                    "resumes from --state.")
     _add_run_options(c, "k-schedule JSON to write (not a .png/.svg/.pdf path: the plot is written beside it)")
-    c.add_argument("--machine", default="els", choices=["els", "ls"], help="machine to calibrate (default: %(default)s)")
+    c.add_argument("--machine", default="els", choices=["els", "ls", "datalocal"],
+                   help="machine to calibrate; datalocal: its k is the neighbourhood's size, k^2 pixels "
+                        "(default: %(default)s)")
     c.add_argument("--k-max", type=int, default=None, help="largest candidate k (default: 31 or 2*size-1)")
     c.add_argument("--candidates", default=None, help="comma-separated candidate k's (overrides --k-max)")
     c.add_argument("--state", default=None, help="resumable state file (default: OUT.state.npz)")
@@ -375,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "resumes from the sample files there.")
     _add_run_options(m, "output directory")
     m.add_argument("--machine", action="append", default=None,
-                   help="machine and its k-schedule: els=K, ls=K with K an odd int, paper:NAME or a JSON file; "
+                   help="machine and its k-schedule: els=K, ls=K, datalocal=K with K an odd int, paper:NAME or a "
+                        "JSON file (datalocal: a neighbourhood of K^2 pixels), or is / wiener (no patch); "
                         "repeatable (default: els=paper:MNIST_ResNet_zeros)")
     m.add_argument("--batch", type=int, default=8, help="seeds sampled together (default: %(default)s)")
     m.set_defaults(func=_compare)

@@ -6,5 +6,6 @@ from .base import Machine, Provenance
 from .ideal import IS
 from .local import ELS, LS, MACHINE_NAMES, make_machine
 from .wiener import Wiener
+from .locality import DataLocal
 
-__all__ = ["Machine", "Provenance", "IS", "LS", "ELS", "MACHINE_NAMES", "make_machine", "Wiener"]
+__all__ = ["Machine", "Provenance", "IS", "LS", "ELS", "MACHINE_NAMES", "make_machine", "Wiener", "DataLocal"]

@@ -50,7 +50,7 @@ class ELS(Machine):
         pass  # any canvas: the key sets say which sizes work
 
 
-MACHINE_NAMES = ("els", "ls", "is")
+MACHINE_NAMES = ("els", "ls", "is", "datalocal", "wiener")
 
 
 def make_machine(name: str, images, labels=None, *, boundary: str = "zeros", schedule: ScheduleLike = "cosine_legacy",
@@ -58,11 +58,21 @@ def make_machine(name: str, images, labels=None, *, boundary: str = "zeros", sch
     """The machine called ``name``.
 
     Args:
-        name: ``"els"``, ``"ls"`` or ``"is"``.
-        boundary: ELS only: ``"zeros"`` (default) or ``"circular"``; ignored by LS and IS.
-        images, labels, schedule, backend, n_threads, max_memory: as for :class:`ELS` (same defaults).
+        name: ``"els"``, ``"ls"``, ``"is"``, ``"datalocal"`` (:class:`patchmosaic.DataLocal`, the data-driven
+            locality machine) or ``"wiener"`` (:class:`patchmosaic.Wiener`, the optimal linear denoiser).
+        boundary: ELS and DataLocal only: ``"zeros"`` (default) or ``"circular"``; ignored by the others.
+        images, labels, schedule, backend, n_threads, max_memory: as for :class:`ELS` (same defaults; the Wiener
+            filter takes only schedule and max_memory).
     """
     common = dict(schedule=schedule, backend=backend, n_threads=n_threads, max_memory=max_memory)
+    if name == "datalocal":
+        from .locality import DataLocal
+
+        return DataLocal(images, labels, boundary=boundary, **common)
+    if name == "wiener":
+        from .wiener import Wiener
+
+        return Wiener(images, labels, schedule=schedule, max_memory=max_memory)
     if name == "els":
         return ELS(images, labels, boundary=boundary, **common)
     if name == "ls":

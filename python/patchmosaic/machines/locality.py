@@ -1,0 +1,312 @@
+"""The data-driven locality machine (after Lukoianov, Yuan, Solomon and Sitzmann, "Locality in Image Diffusion
+Models Emerges from Data Statistics", NeurIPS 2025): an ELS machine whose neighbourhood at each noise level is
+the set of pixels that the optimal *linear* denoiser (the Wiener filter of the training data) is most
+sensitive to, instead of a square ``k x k`` patch.
+
+The Wiener filter ``x0_hat = mu + a Sigma (a^2 Sigma + b^2 I)^-1 (x_t - a mu)`` has the Jacobian
+
+    J_t = a Sigma (a^2 Sigma + b^2 I)^-1 = U diag(a lam / (a^2 lam + b^2)) U^T      (D x D, D = C H W)
+
+and its row for output pixel ``p`` is the filter's *sensitivity field* at ``p`` (summed in absolute value over
+the output and input channels): which input pixels the linear denoiser uses to denoise ``p`` at this noise
+level. At high noise it is wide (``J ~ a Sigma / b^2``: the data's correlations), at low noise it shrinks to
+the pixel itself. The machine keeps, at every call, the ``k^2`` pixels of largest sensitivity (so a neighbourhood
+as large as a ``k x k`` patch, shaped by the data; ties go to the nearer pixel) and runs the ELS softmax over
+that neighbourhood (a boolean ``patch_mask``, ops/masks.py). ``k`` is chosen per step exactly as the ELS
+machine's patch size is: by :func:`patchmosaic.calibrate` against a trained network (a k-schedule).
+
+Two forms of the field:
+
+- ``per_pixel=False`` (default): one mask shared by every pixel, from the field averaged over the pixels at
+  each offset (each pixel's field normalised to sum 1 first, so that flat background pixels count as much as
+  busy ones). The machine stays translation-equivariant and runs as fast as a square patch of the mask's size.
+- ``per_pixel=True``: every query pixel its own mask from its own field (position-dependent, as the Wiener
+  filter itself). Queries then have the training size, and the ELS engines treat every pixel with its own
+  mask as a class of its own (several times slower).
+
+The masks come from the covariance of all the training images (also for class-conditional calls).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..schedules import ScheduleLike
+from ..validation import check_k, check_time
+from .base import CALL_ARGS, DATA_ARGS, ENGINE_ARGS, docstring
+from .local import ELS
+from .wiener import Wiener
+
+
+def wiener_jacobian(wiener: Wiener, t: float) -> torch.Tensor:
+    """The Wiener filter's Jacobian ``J_t = a Sigma (a^2 Sigma + b^2 I)^-1`` over all training images, a float64
+    ``(D, D)`` CPU tensor (``D = C H W``; row = output element, column = input element).
+
+    Args:
+        wiener: the :class:`patchmosaic.Wiener` filter of the training images.
+        t: diffusion time in ``(0, 1]``.
+    """
+    a, b2 = (float(v) for v in wiener.schedule.coefficients(float(t)))
+    _, lam, U = wiener._decompose(None)
+    gain = a * lam / (a * a * lam + b2)
+    return (U * gain) @ U.T
+
+
+def pixel_fields(wiener: Wiener, t: float) -> torch.Tensor:
+    """Each output pixel's sensitivity field at time ``t``: ``F[p, q] = sum_{c, c'} |J_t[(c, p), (c', q)]|``,
+    a float64 ``(H W, H W)`` tensor (row ``p`` = output pixel, column ``q`` = input pixel, row-major)."""
+    C, H, W = wiener.C, wiener.H, wiener.W
+    J = wiener_jacobian(wiener, t).abs().reshape(C, H * W, C, H * W)
+    return J.sum(dim=(0, 2))
+
+
+def _offsets(H: int, W: int, K: int):
+    """For every pixel ``p`` and every offset of a ``K x K`` window centred on it: the input pixel index and
+    whether it lies inside the image. Returns ``(index (HW, K*K) int64, inside (HW, K*K) bool)``."""
+    r = K // 2
+    di, dj = np.meshgrid(np.arange(-r, r + 1), np.arange(-r, r + 1), indexing="ij")
+    pi, pj = np.divmod(np.arange(H * W), W)
+    qi = pi[:, None] + di.reshape(1, -1)
+    qj = pj[:, None] + dj.reshape(1, -1)
+    inside = (qi >= 0) & (qi < H) & (qj >= 0) & (qj < W)
+    index = np.where(inside, qi * W + qj, 0)
+    return torch.from_numpy(index), torch.from_numpy(inside)
+
+
+def windowed_fields(fields: torch.Tensor, H: int, W: int, K: int) -> torch.Tensor:
+    """The fields of :func:`pixel_fields` around each pixel: ``(H W, K, K)``, offset ``(di, dj)`` of pixel ``p``
+    at ``[p, K//2 + di, K//2 + dj]``; 0 outside the image."""
+    index, inside = _offsets(H, W, K)
+    vals = torch.gather(fields, 1, index) * inside
+    return vals.reshape(H * W, K, K)
+
+
+def shared_field(fields: torch.Tensor, H: int, W: int, K: int) -> torch.Tensor:
+    """The stationary (translation-averaged) sensitivity field: each pixel's field normalised to sum 1, then
+    averaged at each offset of the ``K x K`` window over every pixel whose field is not zero (an offset that
+    leaves the image counts 0). A float64 ``(K, K)`` tensor."""
+    total = fields.sum(1, keepdim=True)
+    rows = fields / total.clamp_min(1e-300)
+    index, inside = _offsets(H, W, K)
+    vals = torch.gather(rows, 1, index) * inside
+    active = int((total > 0).sum())  # pixels the filter uses at all (a constant pixel has an all-zero field)
+    return (vals.sum(0) / max(active, 1)).reshape(K, K)
+
+
+def top_mask(field: torch.Tensor, k: int) -> torch.Tensor:
+    """The boolean neighbourhood of ``k^2`` elements of ``field`` (``(K, K)``, or ``(..., K, K)``: one per leading
+    index): the centre (the pixel denoised) and the ``k^2 - 1`` largest other values, ties going to the element
+    nearer the centre. Returns a boolean tensor of the same shape; all ``K^2`` elements when ``k^2 > K^2``."""
+    K = field.shape[-1]
+    m = min(k * k, K * K)
+    r = K // 2
+    di, dj = np.meshgrid(np.arange(-r, r + 1), np.arange(-r, r + 1), indexing="ij")
+    dist = torch.from_numpy((di * di + dj * dj).reshape(-1).astype(np.float64))
+    flat = field.reshape(-1, K * K).to(torch.float64).numpy().copy()
+    flat[:, (K * K) // 2] = np.inf  # the pixel itself first, then the m - 1 largest others
+    # sort key: the value first, the distance only among equal values (np.lexsort sorts by its last key first)
+    order = np.lexsort((dist.numpy()[None, :].repeat(flat.shape[0], 0), -flat), axis=1)
+    keep = np.zeros(flat.shape, bool)
+    np.put_along_axis(keep, order[:, :m], True, axis=1)
+    return torch.from_numpy(keep.reshape(field.shape))
+
+
+def crop_to_support(mask: torch.Tensor) -> torch.Tensor:
+    """A centred boolean mask (``(K, K)`` or ``(..., K, K)``) cut to the smallest centred odd square holding all
+    its True elements."""
+    K = mask.shape[-1]
+    r = K // 2
+    any_ = mask.reshape(-1, K, K).any(0)
+    rows, cols = torch.nonzero(any_, as_tuple=True)
+    reach = int(torch.max(torch.cat([(rows - r).abs(), (cols - r).abs()])))
+    return mask[..., r - reach : r + reach + 1, r - reach : r + reach + 1].contiguous()
+
+
+LOCALITY_ARGS = """\
+        boundary: ``"zeros"`` (default, boundary-aware) or ``"circular"`` (periodic), as for :class:`ELS`.
+        per_pixel: False (default): one neighbourhood shared by every pixel (the translation-averaged
+            sensitivity field; equivariant, any canvas with ``boundary="zeros"``); True: one per query pixel from
+            its own field (queries of the training size; slower).
+        window: the extent the neighbourhood is chosen from, an odd int: the ``k^2`` pixels are the largest of
+            the ``window x window`` square around each pixel; None (default): ``2 k - 1`` for size ``k`` (twice
+            the reach of the square patch, so that a low-noise field, concentrated on the pixel, does not pick
+            stray pixels far away). At most the largest frame the boundary allows: ``2 max(H, W) - 1`` for
+            zero padding, the largest odd size within ``min(H, W)`` for the periodic machine (its keys are the
+            fully-inside patches of the mask's frame).
+        statistics: the images whose mean and covariance define the Wiener filter and so the neighbourhoods,
+            ``(M, C, H, W)`` of the training images' shape (e.g. the whole data set when the machine's softmax
+            runs on a subset of it); None (default): the training images. With fewer images than pixels the
+            covariance is rank-deficient and the filter at low noise projects onto the images' span (a field
+            that is not local); use more images than pixels.
+"""
+
+
+class DataLocal(ELS):
+    __doc__ = """The data-driven locality machine: ELS over the neighbourhood that the training data's optimal
+    linear denoiser (Wiener filter) is most sensitive to at each noise level, instead of a square patch.
+
+    A call with patch size ``k`` at time ``t`` uses the ``k^2`` pixels of largest Wiener sensitivity (see the
+    module's docstring; :meth:`mask` returns it), so ``k`` means "as many pixels as a ``k x k`` patch" and a
+    k-schedule is calibrated for it with :func:`patchmosaic.calibrate` exactly as for ELS. The sensitivity
+    fields are computed once per time (cached); the Wiener filter's eigendecomposition once at construction.
+
+    Args:
+""" + DATA_ARGS + LOCALITY_ARGS + ENGINE_ARGS + """
+    Raises:
+        ValueError naming a bad argument, :class:`patchmosaic.ResourceError` when the Wiener filter's
+        eigendecomposition would not fit in ``max_memory``: before any work.
+    """
+
+    def __init__(self, images, labels=None, boundary: str = "zeros", *, per_pixel: bool = False,
+                 window: Optional[int] = None, statistics=None, schedule: ScheduleLike = "cosine_legacy", backend: str = "auto",
+                 n_threads: int = 0, max_memory: Optional[int] = None):
+        super().__init__(images, labels, boundary, schedule=schedule, backend=backend, n_threads=n_threads,
+                         max_memory=max_memory)
+        if boundary == "zeros":
+            limit = 2 * max(self.H, self.W) - 1
+        else:
+            limit = min(self.H, self.W) - (1 - min(self.H, self.W) % 2)
+        self.limit = limit  # the largest frame of this boundary (the fields are computed at this size)
+        if window is not None:
+            if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1 or window % 2 == 0:
+                raise ValueError(f"window must be a positive odd int, got {window!r}")
+            if window > limit:
+                raise ValueError(f"window {window} exceeds the largest frame of boundary={boundary!r} on "
+                                 f"{self.H}x{self.W} images ({limit})")
+        self.window = None if window is None else int(window)
+        self.per_pixel = bool(per_pixel)
+        stats = self.images if statistics is None else statistics
+        self.wiener = Wiener(stats, schedule=self.schedule, max_memory=max_memory)
+        if (self.wiener.C, self.wiener.H, self.wiener.W) != (self.C, self.H, self.W):
+            raise ValueError(f"statistics images are {self.wiener.C}x{self.wiener.H}x{self.wiener.W}, the training "
+                             f"images {self.C}x{self.H}x{self.W}: give images of the training images' shape")
+        self._fields = {}  # t -> (K, K) shared field or (H, W, K, K) per-pixel fields
+        self._masks = {}  # (t, k) -> boolean mask
+
+    def field(self, t: float) -> torch.Tensor:
+        """The sensitivity field the masks are cut from at time ``t``: float64 ``(L, L)`` (shared) or
+        ``(H, W, L, L)`` (per pixel), centre = the pixel denoised, ``L`` the largest frame of the boundary."""
+        t = float(check_time(t))
+        if t not in self._fields:
+            f = pixel_fields(self.wiener, t)
+            K = self.limit
+            if self.per_pixel:
+                self._fields[t] = windowed_fields(f, self.H, self.W, K).reshape(self.H, self.W, K, K)
+            else:
+                self._fields[t] = shared_field(f, self.H, self.W, K)
+        return self._fields[t]
+
+    def mask(self, t: float, k: int) -> torch.Tensor:
+        """The boolean neighbourhood of a call with patch size ``k`` at time ``t``: ``(K, K)`` shared by every
+        pixel or ``(H, W, K, K)`` one per pixel, holding the pixel itself and the ``k^2 - 1`` others of largest
+        sensitivity in the window (all of the window when ``k^2`` exceeds it), cut to the smallest centred odd
+        square ``K`` that holds them.
+
+        Args:
+            t: diffusion time in ``(0, 1]``.
+            k: the neighbourhood's size in pixels as that of a ``k x k`` patch: an odd positive int.
+        """
+        k = check_k(k, self.H, self.W)
+        t = float(check_time(t))
+        key = (t, k)
+        if key not in self._masks:
+            K = min(2 * k - 1 if self.window is None else self.window, self.limit)
+            f = self.field(t)
+            o = (f.shape[-1] - K) // 2
+            self._masks[key] = crop_to_support(top_mask(f[..., o : o + K, o : o + K], k))
+        return self._masks[key]
+
+    @docstring("""Posterior-mean estimate ``x0_hat`` over the data-driven neighbourhood of ``k^2`` pixels at the
+        call's noise level (see :meth:`mask`), differentiable in ``x`` (not in ``t``: the neighbourhood is a
+        discrete choice).
+
+        Args:
+""" + CALL_ARGS + """\
+            return_provenance: also return a :class:`Provenance` of the winning keys (default False).
+            backend, pixels: as for :meth:`ELS.denoise`.
+
+        Returns:
+            as :meth:`ELS.denoise`.
+        """)
+    def denoise(self, x, t, k: Optional[int] = None, labels=None, *, return_provenance: bool = False,
+                backend: Optional[str] = None, pixels=None, patch_mask=None):
+        if patch_mask is not None:
+            raise ValueError("DataLocal chooses its own neighbourhood (the Wiener sensitivity mask): patch_mask= "
+                             "is not accepted; use ELS(...).denoise(..., patch_mask=...) for a mask of your own")
+        if k is None:
+            raise ValueError("DataLocal needs a neighbourhood size k (k^2 pixels) or a k-schedule")
+        times = _times(t)
+        kw = dict(return_provenance=return_provenance, backend=backend, pixels=pixels)
+        if len(times) == 1:
+            m = self.mask(times[0], k)
+            return super().denoise(x, t, m.shape[-1], labels, patch_mask=m, **kw)
+        return self._by_time(x, t, k, labels, times, kw)
+
+    def _by_time(self, x, t, k, labels, times, kw):
+        """A call whose images have different times: one call per distinct time, the rows put back in order."""
+        if kw["return_provenance"] or kw["pixels"] is not None:
+            raise ValueError("DataLocal: return_provenance and pixels need one time for all images of a call")
+        is_numpy = isinstance(x, np.ndarray)
+        xt = self._query(x)
+        tt = torch.as_tensor(t.detach().cpu() if torch.is_tensor(t) else np.asarray(t, dtype=np.float64))
+        tt = tt.reshape(-1).expand(xt.shape[0])
+        lab = None if labels is None else self._query_labels(labels, xt.shape[0])
+        out = torch.empty_like(xt)
+        for tv in times:
+            rows = torch.nonzero(tt.to(torch.float64) == tv).reshape(-1)
+            m = self.mask(tv, k)
+            sub_t = t[rows.to(t.device)] if torch.is_tensor(t) else tv
+            res = super().denoise(xt[rows.to(xt.device)], sub_t, m.shape[-1],
+                                  None if lab is None else lab[rows], patch_mask=m, backend=kw["backend"])
+            out = out.index_copy(0, rows.to(xt.device), res)
+        return out.detach().numpy() if is_numpy else out
+
+    def denoise_ks(self, x, t, ks: Sequence[int], labels=None, *, backend: Optional[str] = None):
+        """``x0_hat`` at several neighbourhood sizes (one :meth:`denoise` per size: each size has its own
+        mask), stacked as ``(K, B, C, Hq, Wq)``; forward only. Used by :func:`patchmosaic.calibrate`.
+
+        Args:
+            x, t, labels, backend: as for :meth:`denoise`.
+            ks: the sizes, odd positive ints in strictly increasing order.
+        """
+        ks = [check_k(k, self.H, self.W) for k in ks]
+        if not ks:
+            raise ValueError("ks is empty: pass at least one size")
+        for k0, k1 in zip(ks, ks[1:]):
+            if k1 <= k0:
+                raise ValueError(f"ks must be strictly increasing (sorted, no duplicates), got {k0} then {k1}")
+        with torch.no_grad():
+            outs = [self.denoise(x, t, k, labels, backend=backend) for k in ks]
+        return np.stack(outs) if isinstance(x, np.ndarray) else torch.stack(outs)
+
+    def _check_canvas(self, Hq, Wq):
+        if self.per_pixel and (Hq, Wq) != (self.H, self.W):
+            raise ValueError(f"DataLocal(per_pixel=True) needs queries of the training size {self.H}x{self.W}, got "
+                             f"{Hq}x{Wq}: each pixel's mask is the Wiener field of that pixel of the training canvas")
+
+    def describe(self) -> dict:
+        """What changes the machine's results: the ELS description plus the neighbourhood rule."""
+        d = super().describe()
+        d["neighbourhood"] = {"rule": "k^2 pixels of largest Wiener sensitivity", "per_pixel": self.per_pixel,
+                              "window": self.window or "2k-1", "statistics": self.wiener.data_digest,
+                              "statistics_images": self.wiener.N}
+        return d
+
+    def __repr__(self):
+        lab = "" if self.labels is None else f", {len(self.label_index.values)} labels"
+        return (f"DataLocal({self.N} images {self.C}x{self.H}x{self.W}{lab}, boundary={self.boundary}, "
+                f"per_pixel={self.per_pixel}, window={self.window or '2k-1'}, schedule={self.schedule.name})")
+
+
+def _times(t) -> list:
+    """The distinct times of a call (a float, or one per image) as Python floats, checked."""
+    if torch.is_tensor(t):
+        vals = t.detach().cpu().reshape(-1).to(torch.float64).numpy()
+    else:
+        vals = np.asarray(t, dtype=np.float64).reshape(-1)
+    if vals.size == 0:
+        raise ValueError("t is empty")
+    return [check_time(v) for v in np.unique(vals)]
