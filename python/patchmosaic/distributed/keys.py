@@ -158,7 +158,9 @@ class ShardedMachine(Machine):
     what this rank did. With ``tol`` small the result is the exact sharded machine's up to float32 rounding.
     The bound is a guarantee for flat indexes and conditional on retrieval for inverted-file ones (as for
     :meth:`patchmosaic.PatchIndex.denoise`). Ranks may choose their engines independently (``"index"`` on
-    some, ``"cpu"`` or ``"cuda"`` on others): the exact ones leave no key out.
+    some, ``"cpu"`` or ``"cuda"`` on others): the exact ones leave no key out. Provenance stays global; where
+    identical patches tie across shards computed by different engines (the re-scoring is float64, the engines'
+    logits float32), another of the tied keys (the same patch, so the same centre) may win.
 
     Args:
         machine: ``"els"``, ``"ls"`` or ``"is"``.
