@@ -19,6 +19,7 @@ torch.set_num_threads(1)
 import patchmosaic as pm  # noqa: E402
 from patchmosaic import distributed as pmd  # noqa: E402
 from patchmosaic.distributed import launch  # noqa: E402
+from patchmosaic.index import key_vectors  # noqa: E402
 
 KINDS = {"IS": ("is", {}), "LS": ("ls", {}), "ELS_zeros": ("els", {"boundary": "zeros"}),
          "ELS_circular": ("els", {"boundary": "circular"})}
@@ -83,6 +84,97 @@ def keys(out):
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"rank": rank, "world": world, "cases": report, "identical_on_every_rank":
                    all(h == hashes[0] for h in hashes)}, f)
+
+
+# the patch index backend: (name, machine, kwargs, labelled call, canvas, k, index options, engine of rank 0)
+INDEX_TOL = 1e-5  # the bound a pixel the index keeps may have: below the float32 mean tolerance (1e-5 of the range)
+INDEX_CASES = [
+    ("ELS_zeros", "els", {"boundary": "zeros"}, True, (10, 10), 3, {}, "index"),
+    ("ELS_zeros", "els", {"boundary": "zeros"}, False, (12, 14), 5, {}, "index"),  # a larger canvas
+    ("ELS_circular", "els", {"boundary": "circular"}, False, (10, 10), 3, {}, "index"),
+    ("ELS_circular", "els", {"boundary": "circular", "wrapped": True}, True, (10, 10), 5,
+     {"kind": "ivf", "nlist": 4, "nprobe": 4, "min_index_keys": 0}, "index"),  # an inverted file (every list probed)
+    ("LS", "ls", {}, True, (10, 10), 3, {}, "index"),
+    ("LS", "ls", {}, False, (10, 10), 5, {}, "index"),
+    ("ELS_zeros", "els", {"boundary": "zeros"}, True, (10, 10), 3, {}, "cpu"),  # rank 0 exact, the others indexed
+]
+
+
+def index_backend(out):
+    """``ShardedMachine(..., backend="index")`` on uneven shards against the one-process exact machine, for ELS
+    (both boundaries) and LS, conditional or not, at low t (the index serves) and higher t (it falls back)."""
+    from conftest import noisy
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rng = np.random.default_rng(18)
+    N = 36
+    train = rng.uniform(-1, 1, (N, 1, 10, 10))
+    train[N // 2:] = np.where(train[N // 2:] > 0.3, train[N // 2:], -1.0)  # MNIST-like: repeated blank patches
+    labels = np.arange(N) % 3
+    report, hashes = [], []
+    for c, (name, kind, kw, labelled, canvas, k, extra, engine0) in enumerate(INDEX_CASES):
+        crng = np.random.default_rng(100 + c)
+        counts = split(N, world, crng)
+        while len(set(counts.tolist())) == 1:  # uneven shards in every case
+            counts = split(N, world, crng)
+        start = int(counts[:rank].sum())
+        sl = slice(start, start + int(counts[rank]))
+        t = np.array([0.01, 0.05, 0.15, 0.4])
+        qlabels = np.array([0, 1, 2, 0])
+        x = np.concatenate([noisy(crng, train[labels == qlabels[b]], 1, t[b], "cosine_legacy", canvas)
+                            for b in range(len(t))]).astype(np.float32)
+        lab = qlabels if labelled else None
+        opts = dict({"m": 16, "tol": INDEX_TOL}, **extra)
+        backend = engine0 if rank == 0 else "index"
+        t0 = time.perf_counter()
+        sm = pmd.ShardedMachine(kind, train[sl].astype(np.float32), labels[sl], n_threads=1, backend=backend,
+                                index_options=opts if backend == "index" else None, **kw)
+        got, prov = sm.denoise(x, t, k, labels=lab, return_provenance=True)
+        seconds = time.perf_counter() - t0
+        cls = {"els": pm.ELS, "ls": pm.LS}[kind]
+        one32 = cls(train.astype(np.float32), labels, n_threads=1, **kw)
+        ref, rprov = one32.denoise(x, t, k, labels=lab, return_provenance=True)
+        ref64, prov64 = cls(train, labels, n_threads=1, **kw).denoise(x.astype(np.float64), t, k, labels=lab,
+                                                                      return_provenance=True)
+        err = np.abs(got.astype(np.float64) - ref64)
+        bound = sm.last_bound.numpy()
+        same = (prov.image == prov64.image) & (prov.row == prov64.row) & (prov.col == prov64.col)
+        pad = one32.keyset(canvas[0], canvas[1], k).key_pad
+        ids = [(p.image * 100 + p.row * 10 + p.col).ravel() for p in (prov, prov64)]  # key ids, 10 x 10 images
+        tied = np.all(key_vectors(train, ids[0], 10, 10, k, pad) == key_vectors(train, ids[1], 10, 10, k, pad),
+                      axis=1).reshape(same.shape)
+        info = sm.last_index or {"pixels": 0, "exact_pixels": 0}
+        report.append({
+            "case": f"{name} k={k} canvas={canvas} labels={labelled} {extra} rank0={engine0}",
+            "counts": counts.tolist(), "seconds": seconds,
+            "mean_vs_f64": [float(e.mean()) for e in err], "max_vs_f64": [float(e.max()) for e in err],
+            "max_vs_f32": float(np.abs(got - ref).max()),
+            "prov_same": float(np.mean(prov.image == rprov.image)),
+            "prov_same_f64": float(np.mean(same)),
+            # the engines keep the first of tied keys; shards computed by different engines (the index
+            # re-scores in float64) may keep another of them: the same patch, hence the same centre
+            "prov_same_or_tied": float(np.mean(same | tied)),
+            "prov_in_range": bool(((prov.image >= 0) & (prov.image < N)).all()),
+            "prov_label_ok": (not labelled) or bool(np.all(labels[prov.image] == qlabels[:, None, None])),
+            "share_max_diff": float(np.abs(prov.share.astype(np.float64) - rprov.share).max()),
+            "share_max_diff_f64": float(np.abs(prov.share.astype(np.float64) - prov64.share).max()),
+            "bound_max": float(bound.max()), "bound_shape": list(bound.shape),
+            "pixels": info["pixels"], "exact_pixels": info["exact_pixels"],
+            "bound_conditional": info.get("bound_conditional"),
+        })
+        hashes.append(hashlib.sha256(got.tobytes() + prov.image.tobytes() + bound.tobytes()).hexdigest())
+    bad = {}
+    for opts, what in (({"m": 16, "tolerance": 1e-3}, "unknown"), ({"m": 0}, "m")):
+        try:
+            pmd.ShardedMachine("els", train[:2].astype(np.float32), backend="index", index_options=opts)
+            bad[what] = None
+        except ValueError as e:
+            bad[what] = str(e)
+    every = [None] * world
+    dist.all_gather_object(every, hashes)
+    with open(os.path.join(out, f"index{rank}.json"), "w") as f:
+        json.dump({"rank": rank, "world": world, "cases": report, "bad_options": bad,
+                   "identical_on_every_rank": all(h == every[0] for h in every)}, f)
 
 
 class MachineNet(torch.nn.Module):
@@ -224,6 +316,8 @@ def main():
         for step in mode.split(","):
             if step == "keys":
                 keys(out)
+            elif step == "index":
+                index_backend(out)
             elif step in ("exp1", "exp2"):
                 rep.update(experiments(out, step == "exp1"))
             elif step == "cli":

@@ -91,6 +91,40 @@ def test_a_single_process_sharded_machine_is_the_machine():
         s.sensitivity(x, 0.4, 3)
 
 
+def test_the_index_backend_in_one_process_and_its_bad_input():
+    """``backend="index"`` in one process: LS at low t with tol = 1e-5 is the exact machine within the float32
+    tolerances (mean 1e-5, max 1e-3 of the range) with the bound reported per pixel; bad options, IS, float64
+    data or queries, and ``backend="index"`` on a machine built without it are refused with errors naming the
+    problem, before any work."""
+    rng = np.random.default_rng(5)
+    train = rng.uniform(-1, 1, (6, 1, 6, 7)).astype(np.float32)
+    x = (0.99 * train[[1, 4]] + 0.05 * rng.standard_normal((2, 1, 6, 7))).astype(np.float32)
+    s = pm.distributed.ShardedMachine("ls", train, backend="index", index_options={"m": 4, "tol": 1e-5})
+    got = s.denoise(x, 0.05, 3)
+    err = np.abs(got - pm.LS(train.astype(np.float64)).denoise(x.astype(np.float64), 0.05, 3))
+    assert err.mean() <= 1e-5 * RANGE and err.max() <= 1e-3 * RANGE
+    assert s.last_bound.shape == (2, 6, 7) and float(s.last_bound.max()) <= 1e-5
+    assert s.last_index["pixels"] == 2 * 6 * 7 and s.last_index["exact_pixels"] < 2 * 6 * 7
+    SM = pm.distributed.ShardedMachine
+    with pytest.raises(ValueError, match=r"unknown index option\(s\) \['mm'\]"):
+        SM("els", train, backend="index", index_options={"mm": 4})
+    for opts, msg in (({"tol": -1}, "tol must be a number"), ({"m": 2.5}, "m must be an int"),
+                      ({"kind": "hnsw"}, "kind must be one of"), ({"exact_backend": "index"}, "exact_backend"),
+                      ({"max_exact_fraction": 2}, "max_exact_fraction")):
+        with pytest.raises(ValueError, match=msg):
+            SM("els", train, backend="index", index_options=opts)
+    with pytest.raises(ValueError, match="IS has no patches"):
+        SM("is", train, backend="index")
+    with pytest.raises(TypeError, match="float32; the training images are float64"):
+        SM("els", train.astype(np.float64), backend="index")
+    with pytest.raises(ValueError, match="index_options= configures backend='index'"):
+        SM("els", train, index_options={"m": 4})
+    with pytest.raises(TypeError, match="float32, got queries of torch.float64"):
+        s.denoise(x.astype(np.float64), 0.05, 3)
+    with pytest.raises(ValueError, match="needs a machine built with backend='index'"):
+        SM("ls", train).denoise(x, 0.05, 3, backend="index")
+
+
 # ------------------------------------------------------------------------------------ the process jobs
 def _env(**extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p), **extra)
@@ -124,15 +158,16 @@ def job2(tmp_path_factory, shared_dir):
     """2 ranks: key sharding (seeds 0-7 of the cases), then calibrate and compare with the seeds spread over the
     ranks (pure query sharding), interrupted midway."""
     out = tmp_path_factory.mktemp("job2")
-    reports = torchrun(2, "keys,exp1", out, FIRST_SEED="0", N_SEEDS="8", PATCHMOSAIC_KEY_SHARDS="1",
+    reports = torchrun(2, "keys,index,exp1", out, FIRST_SEED="0", N_SEEDS="8", PATCHMOSAIC_KEY_SHARDS="1",
                        SHARED_DIR=str(shared_dir))
-    return reports, [json.load(open(os.path.join(out, f"exp{r}.json"))) for r in range(2)]
+    return reports, [json.load(open(os.path.join(out, f"exp{r}.json"))) for r in range(2)], _index_reports(out, 2)
 
 
 @pytest.fixture(scope="module")
 def job3(tmp_path_factory):
-    """3 ranks: key sharding (seeds 8-15 of the cases)."""
-    return torchrun(3, "keys", tmp_path_factory.mktemp("job3"), FIRST_SEED="8", N_SEEDS="8")
+    """3 ranks: key sharding (seeds 8-15 of the cases), the patch index backend."""
+    out = tmp_path_factory.mktemp("job3")
+    return torchrun(3, "keys,index", out, FIRST_SEED="8", N_SEEDS="8"), _index_reports(out, 3)
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +180,20 @@ def job4(tmp_path_factory, shared_dir, job2):
     return [json.load(open(os.path.join(out, f"exp{r}.json"))) for r in range(4)]
 
 
+def _index_reports(out, n):
+    return [json.load(open(os.path.join(out, f"index{r}.json"))) for r in range(n)]
+
+
 @pytest.fixture(params=[2, 3])
 def key_job(request):
     n = request.param
-    return n, (request.getfixturevalue("job2")[0] if n == 2 else request.getfixturevalue("job3"))
+    return n, (request.getfixturevalue("job2")[0] if n == 2 else request.getfixturevalue("job3")[0])
+
+
+@pytest.fixture(params=[2, 3])
+def index_job(request):
+    n = request.param
+    return n, request.getfixturevalue("job2" if n == 2 else "job3")[-1]
 
 
 def test_key_sharding_equals_one_process(key_job):
@@ -170,6 +215,35 @@ def test_key_sharding_equals_one_process(key_job):
     assert machines == {"IS", "LS", "ELS_zeros", "ELS_circular"}
     counts = [c["counts"] for c in reports[0]["cases"]]
     assert any(0 in c for c in counts) and any(len(set(c)) > 1 for c in counts)  # empty and uneven shards
+
+
+def test_the_index_backend_equals_one_process(index_job):
+    """``backend="index"`` (tests/dist_worker.py, INDEX_CASES): ELS with both boundaries (a larger canvas, an
+    inverted-file index, wrapped keys among them) and LS, conditional or not, on uneven shards of 36 images
+    (half MNIST-like, with repeated blank patches), at t = 0.01 and 0.05 (the index serves most pixels) and 0.15,
+    0.4 (most fall back to the exact engine); in one case rank 0 computes exactly and the others use the index.
+    With tol = 1e-5 the result is the one-process exact machine's within the float32 exactness tolerances
+    (mean 1e-5, max 1e-3 of the data range, per query image, against float64), identical on every rank; the
+    merged bound is at most tol; provenance is global and the one-process machine's, up to exact ties between
+    identical patches on shards computed by different engines; the winner's weight share within 1e-3 of the
+    float64 machine's. Unknown or bad index options are refused on every rank before any work."""
+    n, reports = index_job
+    kept = exact = 0
+    for rep in reports:
+        assert rep["world"] == n and rep["identical_on_every_rank"]
+        assert "unknown index option(s) ['tolerance']" in rep["bad_options"]["unknown"], rep["bad_options"]
+        assert "index option m must be an int >= 1" in rep["bad_options"]["m"], rep["bad_options"]
+        for case in rep["cases"]:
+            assert max(case["mean_vs_f64"]) <= 1e-5 * RANGE and max(case["max_vs_f64"]) <= 1e-3 * RANGE, case
+            assert case["bound_max"] <= 1e-5 and case["bound_shape"] == [4] + case["bound_shape"][1:], case
+            assert case["prov_in_range"] and case["prov_label_ok"] and case["prov_same_or_tied"] == 1.0, case
+            assert case["share_max_diff_f64"] <= 1e-3, case
+            assert len(set(case["counts"])) > 1, case  # uneven shards
+            kept += case["pixels"] - case["exact_pixels"]
+            exact += case["exact_pixels"]
+    assert kept > 0 and exact > 0  # the index served pixels, and pixels fell back to the exact engine
+    cases = [c["case"] for c in reports[0]["cases"]]
+    assert {c.split(" ")[0] for c in cases} == {"ELS_zeros", "ELS_circular", "LS"}
 
 
 def test_query_sharding_and_the_grid_equal_one_process(job2, job4):

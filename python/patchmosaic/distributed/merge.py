@@ -13,6 +13,11 @@ The merge is associative; folding the states in a fixed order (rank order) makes
 the order in which they were produced, and a tie keeps the earlier shard's key (the lower global index, as the
 engines keep the first key on a tie). The weights are formed in float64; only ``out`` carries the rounding of
 the dtype it was computed in. The winning key's weight share of the merged row is ``1 / s``.
+
+A shard computed from a patch index (only its retrieved keys) also carries ``left``, an upper bound on the
+weight of the keys it left out, relative to ``exp(m)`` like ``s`` (0 where the shard is exact). It merges as
+``s`` does, ``left = left1 exp(m1 - M) + left2 exp(m2 - M)``: the bounds on the shards' left-out masses add up,
+and the merged row's error is at most ``R left / (s + left)`` (index/bound.py, ``R`` the range of the centres).
 """
 
 from __future__ import annotations
@@ -32,15 +37,19 @@ class PartialState:
         s: float64 ``(*rows)``: the sum of the weights relative to ``m`` (0 for a row with no key).
         out: ``(*rows, D)`` (any float dtype): the weighted mean of the keys' centres (ignored where s = 0).
         key: int64 ``(*rows)``: the global index of the winning key (-1 for none), or None without provenance.
+        left: float64 ``(*rows)``: a bound on the weight of the keys the shard left out (a patch index's
+            shard), relative to ``exp(m)``; 0 where it is exact; None when no shard tracks it.
     """
 
     m: torch.Tensor
     s: torch.Tensor
     out: torch.Tensor
     key: object = None
+    left: object = None
 
     @classmethod
-    def empty(cls, rows: Sequence[int], D: int, dtype=torch.float32, device=None, provenance: bool = False):
+    def empty(cls, rows: Sequence[int], D: int, dtype=torch.float32, device=None, provenance: bool = False,
+              bounded: bool = False):
         """The state of rows that saw no key (the merge's identity).
 
         Args:
@@ -49,12 +58,14 @@ class PartialState:
             dtype: dtype of ``out`` (default float32).
             device: device of the tensors (default CPU).
             provenance: give a ``key`` of -1 (else None).
+            bounded: give a ``left`` of 0 (else None).
         """
         rows = tuple(int(r) for r in rows)
         f64 = dict(dtype=torch.float64, device=device)
         return cls(torch.full(rows, -float("inf"), **f64), torch.zeros(rows, **f64),
                    torch.zeros(rows + (int(D),), dtype=dtype, device=device),
-                   torch.full(rows, -1, dtype=torch.int64, device=device) if provenance else None)
+                   torch.full(rows, -1, dtype=torch.int64, device=device) if provenance else None,
+                   torch.zeros(rows, **f64) if bounded else None)
 
     def share(self) -> torch.Tensor:
         """The winning key's softmax weight, ``1 / s`` (0 for a row without keys), in ``out``'s dtype."""
@@ -75,7 +86,13 @@ def merge2(x: PartialState, y: PartialState) -> PartialState:
     key = None
     if x.key is not None and y.key is not None:
         key = torch.where((y.m > x.m) & (y.s > 0), y.key, x.key)
-    return PartialState(M, s, out, key)
+    left = None
+    if x.left is not None or y.left is not None:
+        left = torch.zeros_like(s)
+        for st in (x, y):
+            if st.left is not None:
+                left = left + torch.where(st.s > 0, st.left * torch.exp(st.m - Mf), torch.zeros_like(st.s))
+    return PartialState(M, s, out, key, left)
 
 
 def merge(states: Sequence[PartialState]) -> PartialState:
@@ -94,15 +111,18 @@ def merge(states: Sequence[PartialState]) -> PartialState:
 
 
 def pack(st: PartialState) -> torch.Tensor:
-    """One float64 ``(*rows, 2 + D + [1])`` tensor holding a state (the key as a float64: exact below 2^53), the
-    buffer the ranks exchange."""
+    """One float64 ``(*rows, 2 + D + [1] + [1])`` tensor holding a state (the key as a float64: exact below
+    2^53; then ``left`` when present), the buffer the ranks exchange."""
     parts = [st.m[..., None], st.s[..., None], st.out.double()]
     if st.key is not None:
         parts.append(st.key.double()[..., None])
+    if st.left is not None:
+        parts.append(st.left.double()[..., None])
     return torch.cat(parts, -1)
 
 
-def unpack(buf: torch.Tensor, D: int, dtype, provenance: bool) -> PartialState:
-    """The inverse of :func:`pack` (``out`` back in ``dtype``)."""
+def unpack(buf: torch.Tensor, D: int, dtype, provenance: bool, bounded: bool = False) -> PartialState:
+    """The inverse of :func:`pack` (``out`` back in ``dtype``); ``bounded``: the state carries ``left``."""
     key = buf[..., 2 + D].round().to(torch.int64) if provenance else None
-    return PartialState(buf[..., 0].contiguous(), buf[..., 1].contiguous(), buf[..., 2:2 + D].to(dtype), key)
+    left = buf[..., 2 + D + int(provenance)].contiguous() if bounded else None
+    return PartialState(buf[..., 0].contiguous(), buf[..., 1].contiguous(), buf[..., 2:2 + D].to(dtype), key, left)

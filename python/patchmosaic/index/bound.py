@@ -18,11 +18,27 @@ from __future__ import annotations
 import numpy as np
 
 
+def left_mass(top: np.ndarray, last: np.ndarray, used: np.ndarray, total: np.ndarray) -> np.ndarray:
+    """Per pixel, an upper bound on the weight of the keys the retrieval left out, relative to the largest
+    retrieved weight: ``(M - U) exp(l_m - l_1)`` (``total = M``, ``used = U``; 0 when nothing was left out).
+    Divided by ``S`` it is the ``eps`` above; as a mass it adds across shards of the keys (merge.py)."""
+    left = np.maximum(np.asarray(total, dtype=np.float64) - np.asarray(used, dtype=np.float64), 0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.where(left > 0, left * np.exp(np.asarray(last) - np.asarray(top)), 0.0)
+
+
+def bound_from_mass(left: np.ndarray, sum_rel: np.ndarray, value_range) -> np.ndarray:
+    """``R eps / (1 + eps)`` with ``eps = left / sum_rel``: the bound on ``|x0_hat - x0_hat_approx|`` when the
+    retrieved keys have mass ``sum_rel`` and the left-out ones at most ``left`` (same reference weight), and
+    every centre lies in a range of width ``R``. Rows with ``left = 0`` have bound 0."""
+    left, sum_rel = np.asarray(left, dtype=np.float64), np.asarray(sum_rel, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        eps = np.where(left > 0, left / sum_rel, 0.0)
+        return np.asarray(value_range) * np.where(np.isinf(eps) | np.isnan(eps), 1.0, eps / (1.0 + eps))
+
+
 def error_bound(top: np.ndarray, last: np.ndarray, sum_rel: np.ndarray, used: np.ndarray, total: np.ndarray,
                 value_range: np.ndarray) -> np.ndarray:
     """``R eps / (1 + eps)`` per pixel from the re-scoring's largest and smallest logits (``top``, ``last``),
     ``sum_rel = S``, the retrieved multiplicity ``used``, the part's key count ``total`` and its data range."""
-    left = np.maximum(np.asarray(total) - np.asarray(used), 0)
-    with np.errstate(over="ignore", invalid="ignore"):
-        eps = np.where(left > 0, left * np.exp(np.asarray(last) - np.asarray(top)) / np.asarray(sum_rel), 0.0)
-        return np.asarray(value_range) * np.where(np.isinf(eps), 1.0, eps / (1.0 + eps))
+    return bound_from_mass(left_mass(top, last, used, total), sum_rel, value_range)

@@ -18,7 +18,7 @@ import torch
 from .. import ops
 from ..ops.checks import check_cuda_inputs
 from ..validation import check_t, to_labels, to_tensor
-from .bound import error_bound
+from .bound import bound_from_mass, left_mass
 from .retrieval_check import check_retrieval
 from .vectors import masked_columns, pad_to, patch_vectors
 
@@ -49,6 +49,9 @@ class ApproxResult:
     failed_pixels: int = 0
     worst_excess: float = 0.0
     bound_valid: Optional[bool] = True
+    top_logit: Optional[torch.Tensor] = None
+    sum_rel: Optional[torch.Tensor] = None
+    left_mass: Optional[torch.Tensor] = None
 
 
 def approx_denoise(index, x, t, labels=None, m: int = 64, check_pixels: int = 64) -> ApproxResult:
@@ -119,15 +122,19 @@ def approx_denoise(index, x, t, labels=None, m: int = 64, check_pixels: int = 64
         torch.from_numpy(cnt), index.k, index.keyset.query_pad, index.keyset.key_pad, True, mach.n_threads,
         None if index.patch_mask is None else torch.from_numpy(index.patch_mask))
     out, top, last, srel, arg = out_t.numpy(), top_t.numpy(), last_t.numpy(), srel_t.numpy(), arg_t.numpy()
-    bnd = error_bound(top, last, srel, cnt.sum(axis=1), np.concatenate(M_all), np.concatenate(R_all))
-    bound = np.zeros(B * HWq)
-    bound[pix] = bnd
-    key = np.full(B * HWq, -1, np.int64)
-    key[pix] = arg
+    left = left_mass(top, last, cnt.sum(axis=1), np.concatenate(M_all))
+    bnd = bound_from_mass(left, srel, np.concatenate(R_all))
+
+    def per_pixel(values, fill, dtype=np.float64):
+        full = np.full(B * HWq, fill, dtype)
+        full[pix] = values
+        return torch.from_numpy(full.reshape(B, Hq, Wq))
+
     res = torch.from_numpy(out)
     if isinstance(x, torch.Tensor):
         res = res.to(x.device)
-    out = ApproxResult(res, torch.from_numpy(bound.reshape(B, Hq, Wq)), torch.from_numpy(key.reshape(B, Hq, Wq)))
+    out = ApproxResult(res, per_pixel(bnd, 0.0), per_pixel(arg, -1, np.int64), top_logit=per_pixel(top, -np.inf),
+                       sum_rel=per_pixel(srel, 0.0), left_mass=per_pixel(left, 0.0))
     if any(index.part_kind(p) != "flat" for p in index.parts):
         check_retrieval(index, xq, t, labels, out, check_pixels)
     out.seconds = time.perf_counter() - t0

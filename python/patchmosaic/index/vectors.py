@@ -47,6 +47,22 @@ def key_vectors(images, ids: np.ndarray, H: int, W: int, k: int, pad: int) -> np
     return np.ascontiguousarray(sel.reshape(len(ids), -1))
 
 
+def patch_sq_norms(x: torch.Tensor, k: int, pad: int) -> torch.Tensor:
+    """``|P_p(x_b)|^2`` for every query image and pixel: the squared norm of the square ``k x k`` patch over all
+    channels, ``pad`` zeros or circular, in float64 ``(B, Hq, Wq)``. It is the term the engines leave out of
+    their (shifted) logits, ``l' = l + |P|^2 / (2 b^2)``; the re-scoring's logits are the true ``l``."""
+    x2 = x.detach().to(torch.float64).square().sum(1)  # (B, Hq, Wq)
+    r = int(k) // 2
+    for dim in (1, 2):  # a separable box sum: rows, then columns
+        if pad == CIRCULAR:
+            x2 = sum(torch.roll(x2, d, dims=dim) for d in range(-r, r + 1))
+        else:
+            n = x2.shape[dim]
+            padded = torch.nn.functional.pad(x2, (0, 0, r, r) if dim == 1 else (r, r))
+            x2 = sum(padded.narrow(dim, d, n) for d in range(2 * r + 1))
+    return x2
+
+
 def masked_columns(v: np.ndarray, columns: Optional[np.ndarray], scale: Optional[np.ndarray]) -> np.ndarray:
     """Rows of square patch vectors ``v`` as masked patch vectors (ops/masks.py): the mask's ``columns`` (None:
     all), each times ``scale`` (its ``sqrt`` weight; None: 1), so that squared distances are the mask's."""
