@@ -336,10 +336,14 @@ class ShardedMachine(Machine):
 
     def describe(self) -> dict:
         """What changes the results, as the one-process machine over all the images describes it (the same dict:
-        a run resumes across any number of ranks)."""
-        return {"type": self.machine_type, "rule": self.rule, "boundary": getattr(self, "boundary", None),
-                "wrapped": getattr(self, "wrapped", None), "train_shape": [self.N, self.C, self.H, self.W],
-                "data": self.data_digest, "schedule": self.schedule.describe()}
+        a run resumes across any number of ranks); with ``backend="index"`` also the index's options that change
+        the result (its retrieval size and tolerance: its results differ from the exact ones within ``tol``)."""
+        d = {"type": self.machine_type, "rule": self.rule, "boundary": getattr(self, "boundary", None),
+             "wrapped": getattr(self, "wrapped", None), "train_shape": [self.N, self.C, self.H, self.W],
+             "data": self.data_digest, "schedule": self.schedule.describe()}
+        if self.index_options is not None:
+            d["index"] = {k: v for k, v in sorted(self.index_options.items()) if k not in ("cache_dir",)}
+        return d
 
     def train_as(self, dtype, device) -> torch.Tensor:
         """This rank's training images in ``dtype`` on ``device``."""
