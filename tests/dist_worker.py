@@ -78,12 +78,60 @@ def keys(out):
                 "describe_same": sm.describe() == single.describe(),  # the data digest included
                 "bytes": hashlib.sha256(got.tobytes() + prov.image.tobytes() + prov.share.tobytes()).hexdigest(),
             }
+            if kind != "is":  # a neighbourhood mask (a random one with its centre): the same merge
+                mask = rng.random((case.k, case.k)) < 0.6
+                mask[case.k // 2, case.k // 2] = True
+                got_m = sm.denoise(x.astype(dtype), case.t, case.k, labels=case.qlabels, patch_mask=mask)
+                ref_m = single.denoise(x.astype(dtype), case.t, case.k, labels=case.qlabels, patch_mask=mask)
+                ref_m64 = one_process(case, np.float64).denoise(x, case.t, case.k, labels=case.qlabels,
+                                                                patch_mask=mask)
+                err_m = np.abs(got_m.astype(np.float64) - ref_m64)
+                entry[name]["mask_max_vs_same_dtype"] = float(np.abs(got_m.astype(np.float64) - ref_m).max())
+                entry[name]["mask_mean_vs_f64"] = [float(e.mean()) for e in err_m]
+                entry[name]["mask_max_vs_f64"] = [float(e.max()) for e in err_m]
         report.append(entry)
     hashes = [None] * world
     dist.all_gather_object(hashes, [[e[n]["bytes"] for n in ("float64", "float32")] for e in report])
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"rank": rank, "world": world, "cases": report, "identical_on_every_rank":
                    all(h == hashes[0] for h in hashes)}, f)
+
+
+def data_local(out):
+    """``ShardedDataLocal`` on uneven shards against the one-process ``DataLocal`` over all the images (both
+    boundaries, a conditional call, float32 and float64, a call with a time per image)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((70, 1, 10, 10))
+    train = np.tanh(0.5 * (x + np.roll(x, 1, 2) + 0.5 * np.roll(x, 1, 3)))  # correlated neighbours
+    labels = np.arange(70) % 3
+    counts = split(len(train), world, rng)
+    start = int(counts[:rank].sum())
+    sl = slice(start, start + int(counts[rank]))
+    q = 0.7 * train[:3] + 0.7 * rng.standard_normal((3, 1, 10, 10))
+    res = []
+    for boundary in ("zeros", "circular"):
+        for dtype in (np.float64, np.float32):
+            sm = pmd.ShardedDataLocal(train[sl].astype(dtype), labels[sl], statistics=train, boundary=boundary,
+                                      n_threads=1)
+            one = pm.DataLocal(train.astype(dtype), labels, boundary=boundary, statistics=train, n_threads=1)
+            one64 = pm.DataLocal(train, labels, boundary=boundary, n_threads=1)
+            for t, k, lab in ((0.3, 3, [0, 1, 2]), (0.8, 5, None), (np.array([0.2, 0.6, 0.2]), 3, [2, 2, 0])):
+                got = sm.denoise(q.astype(dtype), t, k, labels=lab)
+                ref = one.denoise(q.astype(dtype), t, k, labels=lab)
+                ref64 = one64.denoise(q, t, k, labels=lab)
+                err = np.abs(got.astype(np.float64) - ref64)
+                res.append({"boundary": boundary, "dtype": np.dtype(dtype).name, "k": k,
+                            "max_vs_same_dtype": float(np.abs(got.astype(np.float64) - ref).max()),
+                            "max_vs_f64": float(err.max()), "mean_vs_f64": float(err.mean()),
+                            "same_mask": bool(torch.equal(sm.mask(0.3, 3), one.mask(0.3, 3))),
+                            "describe_same": sm.describe() == one.describe(),
+                            "bytes": hashlib.sha256(got.tobytes()).hexdigest()})
+    hashes = [None] * world
+    dist.all_gather_object(hashes, [r["bytes"] for r in res])
+    with open(os.path.join(out, f"datalocal{rank}.json"), "w") as f:
+        json.dump({"rank": rank, "world": world, "counts": counts.tolist(), "cases": res,
+                   "identical_on_every_rank": all(h == hashes[0] for h in hashes)}, f)
 
 
 # the patch index backend: (name, machine, kwargs, labelled call, canvas, k, index options, engine of rank 0)
@@ -318,6 +366,8 @@ def main():
                 keys(out)
             elif step == "index":
                 index_backend(out)
+            elif step == "datalocal":
+                data_local(out)
             elif step in ("exp1", "exp2"):
                 rep.update(experiments(out, step == "exp1"))
             elif step == "cli":

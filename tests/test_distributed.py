@@ -165,9 +165,12 @@ def job2(tmp_path_factory, shared_dir):
 
 @pytest.fixture(scope="module")
 def job3(tmp_path_factory):
-    """3 ranks: key sharding (seeds 8-15 of the cases), the patch index backend."""
+    """3 ranks: key sharding (seeds 8-15 of the cases), the data-driven locality machine, the patch index
+    backend."""
     out = tmp_path_factory.mktemp("job3")
-    return torchrun(3, "keys,index", out, FIRST_SEED="8", N_SEEDS="8"), _index_reports(out, 3)
+    reports = torchrun(3, "keys,datalocal,index", out, FIRST_SEED="8", N_SEEDS="8")
+    locality = [json.load(open(os.path.join(out, f"datalocal{r}.json"))) for r in range(3)]
+    return reports, locality, _index_reports(out, 3)
 
 
 @pytest.fixture(scope="module")
@@ -196,12 +199,30 @@ def index_job(request):
     return n, request.getfixturevalue("job2" if n == 2 else "job3")[-1]
 
 
+def test_data_local_over_key_shards_equals_one_process(job3):
+    """ShardedDataLocal (masks from all the images, softmax over uneven shards) is the one-process DataLocal, for
+    both boundaries, float32 and float64, conditional calls and calls with a time per image, on every rank."""
+    reports = job3[1]
+    assert len(reports) == 3 and len(set(map(str, (r["counts"] for r in reports)))) == 1
+    assert len(set(reports[0]["counts"])) > 1  # uneven shards
+    for rep in reports:
+        assert rep["identical_on_every_rank"]
+        assert len(rep["cases"]) == 12
+        for c in rep["cases"]:
+            assert c["same_mask"] and c["describe_same"], c
+            if c["dtype"] == "float64":
+                assert c["max_vs_f64"] <= 1e-9 * RANGE, c
+            else:
+                assert c["max_vs_f64"] <= 1e-3 * RANGE and c["mean_vs_f64"] <= 1e-5 * RANGE, c
+
+
 def test_key_sharding_equals_one_process(key_job):
     """Every machine (IS, LS, ELS zeros, ELS circular, wrapped or not) on uneven shards (some empty), with class
-    conditioning (a class missing on some ranks), float32 and float64: the sharded result is the one-process
-    result within the exactness tolerances, provenance is global and identical, on every rank."""
+    conditioning (a class missing on some ranks), float32 and float64, and the local ones also with a neighbourhood
+    mask: the sharded result is the one-process result within the exactness tolerances, provenance is global and
+    identical, on every rank."""
     n, reports = key_job
-    machines = set()
+    machines, masked = set(), 0
     for rep in reports:
         assert rep["world"] == n and rep["identical_on_every_rank"]
         for case in rep["cases"]:
@@ -212,7 +233,11 @@ def test_key_sharding_equals_one_process(key_job):
             for d in (f64, f32):
                 assert d["prov_in_range"] and d["prov_label_ok"] and d["describe_same"], case
                 assert d["prov_same"] == 1.0 and d["share_max_diff"] <= 1e-6, case
-    assert machines == {"IS", "LS", "ELS_zeros", "ELS_circular"}
+            if "mask_max_vs_f64" in f64:  # the local machines with a neighbourhood mask
+                masked += 1
+                assert max(f64["mask_max_vs_f64"]) <= 1e-9 * RANGE, case
+                assert max(f32["mask_mean_vs_f64"]) <= 1e-5 * RANGE and max(f32["mask_max_vs_f64"]) <= 1e-3 * RANGE
+    assert machines == {"IS", "LS", "ELS_zeros", "ELS_circular"} and masked > 0
     counts = [c["counts"] for c in reports[0]["cases"]]
     assert any(0 in c for c in counts) and any(len(set(c)) > 1 for c in counts)  # empty and uneven shards
 

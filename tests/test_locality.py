@@ -124,6 +124,23 @@ def test_calls_are_ELS_with_the_mask_and_match_the_oracle(rng, train, boundary, 
         assert (got64 - ref).abs().max() <= 1e-9 * 2.0
 
 
+def test_field_weighting_is_the_relative_sensitivity_on_the_kept_pixels(rng, train):
+    soft = pm.DataLocal(train, weighting="field")
+    hard = pm.DataLocal(train)
+    for t, k in ((0.2, 3), (0.9, 5)):
+        w, keep = soft.mask(t, k), hard.mask(t, k)
+        assert w.shape == keep.shape and w.dtype == torch.float64
+        assert torch.equal(w > 0, keep)  # the same pixels
+        K = w.shape[-1]
+        assert w[K // 2, K // 2] == 1.0 and float(w.max()) <= 1.0 + 1e-12
+        f = soft.field(t)
+        o = (f.shape[-1] - K) // 2
+        rel = f[o : o + K, o : o + K] / f[f.shape[-1] // 2, f.shape[-1] // 2]
+        assert torch.allclose(w[keep], rel[keep].clamp(min=1e-12), rtol=1e-12, atol=0)
+        x = rng.standard_normal((2, 1, 8, 8))
+        assert np.array_equal(soft.denoise(x, t, k), pm.ELS(train).denoise(x, t, K, patch_mask=w))
+
+
 def test_one_call_with_several_times_is_the_calls_per_time(rng, train):
     m = pm.DataLocal(train[:30], statistics=train)
     x = torch.from_numpy(rng.standard_normal((4, 1, 8, 8)))
@@ -167,6 +184,10 @@ def test_bad_input_is_refused_before_work(train):
         pm.DataLocal(train, per_pixel=True).denoise(np.zeros((1, 1, 10, 10)), 0.5, 3)
     with pytest.raises(ValueError, match="boundary"):
         pm.DataLocal(train, boundary="reflect")
+    with pytest.raises(ValueError, match="weighting"):
+        pm.DataLocal(train, weighting="gaussian")
+    with pytest.raises(ValueError, match="window 17 exceeds"):
+        pm.DataLocal(train, boundary="circular", window=17)
 
 
 def test_denoiser_calibration_and_comparison(rng, train):

@@ -24,10 +24,11 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
-from ..machines.base import BACKEND_ARG, CALL_ARGS, DATA_ARGS, ENGINE_ARGS, Machine, docstring
+from ..machines.base import BACKEND_ARG, CALL_ARGS, DATA_ARGS, ENGINE_ARGS, PATCH_MASK_ARG, Machine, docstring
 from ..machines.ideal import IS
 from ..machines.local import ELS, LS
 from ..ops.checks import check_cuda_inputs
+from ..ops.masks import crop_patch_mask
 from ..schedules import ScheduleLike, get_schedule
 from ..validation import to_labels
 from ..index.bound import bound_from_mass
@@ -379,6 +380,7 @@ class ShardedMachine(Machine):
 """ + BACKEND_ARG + """\
             pixels: local machines only: a boolean mask ``(Hq, Wq)`` or ``(B, Hq, Wq)`` of the pixels to compute
                 (others are 0); None (default): every pixel.
+""" + PATCH_MASK_ARG + """                Exact engines only (not the index backend).
 
         A machine built with ``backend="index"`` also takes ``backend="index"`` here (and any engine: this rank
         then computes exactly); on a machine where some rank uses the index, :attr:`last_bound` holds the
@@ -389,12 +391,18 @@ class ShardedMachine(Machine):
             same on every rank.
         """)
     def denoise(self, x, t, k: Optional[int] = None, labels=None, *, return_provenance: bool = False,
-                backend: Optional[str] = None, pixels=None):
+                backend: Optional[str] = None, pixels=None, patch_mask=None):
         check_cuda_inputs(x=x, t=t, labels=labels, pixels=pixels)
         is_numpy = isinstance(x, np.ndarray)
+        weights, k = self._patch_mask(patch_mask, k)
         xt = self._query(x).detach()
         B, C, Hq, Wq = xt.shape
         k = self.effective_k(k, Hq, Wq)
+        if weights is not None:
+            if (backend or self.backend) == "index":
+                raise ValueError("patch_mask= runs on the exact engines of the shards; the index backend takes no "
+                                 "mask (call with backend='cpu' or 'cuda', or build the machine without the index)")
+            weights = crop_patch_mask(weights, k)
         with torch.no_grad():
             a, inv_2b2, t_check = self.coefficients(t.detach() if torch.is_tensor(t) else t, B, xt.device)
         lab = self._query_labels(labels, B)
@@ -416,7 +424,7 @@ class ShardedMachine(Machine):
                 part = self._partial_index(xt, t, a, inv_2b2, t_check, lab, sel, k, mask, return_provenance)
             else:
                 part = self._partial(xt, a, inv_2b2, t_check, lab, sel, k, mask if self.local else None, name,
-                                     return_provenance)
+                                     return_provenance, weights)
             idx = torch.as_tensor(sel, device=xt.device)
             st.m[idx], st.s[idx], st.out[idx] = part.m, part.s, part.out
             if return_provenance:
@@ -578,8 +586,8 @@ class ShardedMachine(Machine):
         mine = self.inner.label_index.values
         return np.nonzero(np.isin(lab.cpu().numpy(), mine))[0]
 
-    def _partial(self, xt, a, inv_2b2, t_check, lab, sel, k, mask, name, provenance) -> PartialState:
-        """This rank's partial state of the query images ``sel``."""
+    def _partial(self, xt, a, inv_2b2, t_check, lab, sel, k, mask, name, provenance, weights=None) -> PartialState:
+        """This rank's partial state of the query images ``sel`` (``weights``: the call's neighbourhood mask)."""
         m = self.inner
         idx = torch.as_tensor(sel, device=xt.device)
         q, aa, ss = xt[idx], a[idx], inv_2b2[idx]
@@ -591,7 +599,7 @@ class ShardedMachine(Machine):
         with torch.no_grad():
             if self.local:
                 out, stats, key, _ = ops.local_softmax(train, q, aa, ss, tc, lb, lv, lp, li, mask, k, self.rule,
-                                                      provenance, name, m.n_threads, mem)
+                                                      provenance, name, m.n_threads, mem, weights)
                 out = out.permute(0, 2, 3, 1)
                 per_image = self.H * self.W
             else:

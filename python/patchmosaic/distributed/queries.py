@@ -62,11 +62,12 @@ class Layout:
 
     def machine(self, name: str, images, labels=None, **kwargs):
         """The machine of this rank over all ``images`` (every rank passes all of them): a plain machine when
-        there is one key shard, else a :class:`ShardedMachine` over this rank's slice.
+        there is one key shard, else a key-sharded one over this rank's slice.
 
         Args:
-            name: ``"els"``, ``"ls"``, ``"is"`` (key-sharded when there are several key shards), or
-                ``"datalocal"`` / ``"wiener"`` (one key shard only; the Wiener filter is built whole on every rank).
+            name: ``"els"``, ``"ls"``, ``"is"``, ``"datalocal"`` (key-sharded when there are several key shards:
+                a :class:`ShardedMachine`, or a :class:`ShardedDataLocal` whose neighbourhoods come from all the
+                images) or ``"wiener"`` (built whole on every rank: a mean and a covariance).
             images: all the training images ``(N, C, H, W)``.
             labels: their labels, or None (default).
             kwargs: ``boundary``, ``schedule``, ``backend``, ``n_threads``, ``max_memory`` as for
@@ -78,12 +79,17 @@ class Layout:
 
         if self.n_key == 1 or name == "wiener":  # the Wiener filter: mean and covariance, cheap on every rank
             return make_machine(name, images, labels, **kwargs)
-        if name not in KINDS:
-            raise ValueError(f"machine {name!r} cannot be key-sharded (the sharded machines are {tuple(KINDS)}); "
-                             "run it with one key shard (--key-shards 1)")
+        if name not in KINDS and name != "datalocal":
+            raise ValueError(f"machine {name!r} cannot be key-sharded (the sharded machines are "
+                             f"{tuple(KINDS) + ('datalocal',)}); run it with one key shard (--key-shards 1)")
         lab = None if labels is None else to_labels(labels, len(images))
         digest = array_digest(to_tensor(images, "images"), lab)
         sl = shard_slice(len(images), self.key_index, self.n_key)
+        if name == "datalocal":
+            from .data_local import ShardedDataLocal
+
+            return ShardedDataLocal(images[sl], None if lab is None else lab[sl], statistics=images,
+                                    group=self.key_group, data_digest=digest, **kwargs)
         return ShardedMachine(name, images[sl], None if lab is None else lab[sl], group=self.key_group,
                               data_digest=digest, **kwargs)
 

@@ -136,6 +136,10 @@ LOCALITY_ARGS = """\
             stray pixels far away). At most the largest frame the boundary allows: ``2 max(H, W) - 1`` for
             zero padding, the largest odd size within ``min(H, W)`` for the periodic machine (its keys are the
             fully-inside patches of the mask's frame).
+        weighting: ``"binary"`` (default): every pixel of the neighbourhood counts fully (a boolean mask);
+            ``"field"``: each counts with its sensitivity relative to the pixel's own (the centre weighs 1; the
+            squared distance becomes ``sum w (x - a q)^2``), a soft neighbourhood that fades where the linear
+            denoiser looks less.
         statistics: the images whose mean and covariance define the Wiener filter and so the neighbourhoods,
             ``(M, C, H, W)`` of the training images' shape (e.g. the whole data set when the machine's softmax
             runs on a subset of it); None (default): the training images. With fewer images than pixels the
@@ -144,47 +148,40 @@ LOCALITY_ARGS = """\
 """
 
 
-class DataLocal(ELS):
-    __doc__ = """The data-driven locality machine: ELS over the neighbourhood that the training data's optimal
-    linear denoiser (Wiener filter) is most sensitive to at each noise level, instead of a square patch.
-
-    A call with patch size ``k`` at time ``t`` uses the ``k^2`` pixels of largest Wiener sensitivity (see the
-    module's docstring; :meth:`mask` returns it), so ``k`` means "as many pixels as a ``k x k`` patch" and a
-    k-schedule is calibrated for it with :func:`patchmosaic.calibrate` exactly as for ELS. The sensitivity
-    fields are computed once per time (cached); the Wiener filter's eigendecomposition once at construction.
+class Neighbourhoods:
+    """The neighbourhood rule of the data-driven locality machine, apart from any machine: the Wiener filter of
+    ``statistics`` and, per time and size, the mask (:meth:`mask`). :class:`DataLocal` holds one, and so does
+    its key-sharded form (``patchmosaic.distributed.ShardedDataLocal``).
 
     Args:
-""" + DATA_ARGS + LOCALITY_ARGS + ENGINE_ARGS + """
-    Raises:
-        ValueError naming a bad argument, :class:`patchmosaic.ResourceError` when the Wiener filter's
-        eigendecomposition would not fit in ``max_memory``: before any work.
+        statistics: the images whose covariance defines the neighbourhoods, ``(M, C, H, W)``.
+        boundary, per_pixel, window, weighting: as for :class:`DataLocal`.
+        schedule: the noise schedule (a :class:`patchmosaic.schedules.Schedule`).
+        max_memory: the Wiener filter's memory limit (see :class:`patchmosaic.Wiener`).
     """
 
-    def __init__(self, images, labels=None, boundary: str = "zeros", *, per_pixel: bool = False,
-                 window: Optional[int] = None, statistics=None, schedule: ScheduleLike = "cosine_legacy", backend: str = "auto",
-                 n_threads: int = 0, max_memory: Optional[int] = None):
-        super().__init__(images, labels, boundary, schedule=schedule, backend=backend, n_threads=n_threads,
-                         max_memory=max_memory)
+    def __init__(self, statistics, *, boundary: str, per_pixel: bool, window: Optional[int], weighting: str,
+                 schedule, max_memory: Optional[int] = None):
+        self.wiener = Wiener(statistics, schedule=schedule, max_memory=max_memory)
+        H, W = self.wiener.H, self.wiener.W
         if boundary == "zeros":
-            limit = 2 * max(self.H, self.W) - 1
+            limit = 2 * max(H, W) - 1
         else:
-            limit = min(self.H, self.W) - (1 - min(self.H, self.W) % 2)
+            limit = min(H, W) - (1 - min(H, W) % 2)
         self.limit = limit  # the largest frame of this boundary (the fields are computed at this size)
         if window is not None:
             if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1 or window % 2 == 0:
                 raise ValueError(f"window must be a positive odd int, got {window!r}")
             if window > limit:
                 raise ValueError(f"window {window} exceeds the largest frame of boundary={boundary!r} on "
-                                 f"{self.H}x{self.W} images ({limit})")
+                                 f"{H}x{W} images ({limit})")
         self.window = None if window is None else int(window)
+        if weighting not in ("binary", "field"):
+            raise ValueError(f"weighting must be 'binary' or 'field', got {weighting!r}")
+        self.weighting = weighting
         self.per_pixel = bool(per_pixel)
-        stats = self.images if statistics is None else statistics
-        self.wiener = Wiener(stats, schedule=self.schedule, max_memory=max_memory)
-        if (self.wiener.C, self.wiener.H, self.wiener.W) != (self.C, self.H, self.W):
-            raise ValueError(f"statistics images are {self.wiener.C}x{self.wiener.H}x{self.wiener.W}, the training "
-                             f"images {self.C}x{self.H}x{self.W}: give images of the training images' shape")
-        self._fields = {}  # t -> (K, K) shared field or (H, W, K, K) per-pixel fields
-        self._masks = {}  # (t, k) -> boolean mask
+        self._fields = {}  # t -> (L, L) shared field or (H, W, L, L) per-pixel fields
+        self._masks = {}  # (t, k) -> mask
 
     def field(self, t: float) -> torch.Tensor:
         """The sensitivity field the masks are cut from at time ``t``: float64 ``(L, L)`` (shared) or
@@ -192,36 +189,72 @@ class DataLocal(ELS):
         t = float(check_time(t))
         if t not in self._fields:
             f = pixel_fields(self.wiener, t)
-            K = self.limit
+            H, W, K = self.wiener.H, self.wiener.W, self.limit
             if self.per_pixel:
-                self._fields[t] = windowed_fields(f, self.H, self.W, K).reshape(self.H, self.W, K, K)
+                self._fields[t] = windowed_fields(f, H, W, K).reshape(H, W, K, K)
             else:
-                self._fields[t] = shared_field(f, self.H, self.W, K)
+                self._fields[t] = shared_field(f, H, W, K)
         return self._fields[t]
 
     def mask(self, t: float, k: int) -> torch.Tensor:
-        """The boolean neighbourhood of a call with patch size ``k`` at time ``t``: ``(K, K)`` shared by every
-        pixel or ``(H, W, K, K)`` one per pixel, holding the pixel itself and the ``k^2 - 1`` others of largest
-        sensitivity in the window (all of the window when ``k^2`` exceeds it), cut to the smallest centred odd
-        square ``K`` that holds them.
+        """The neighbourhood of a call with patch size ``k`` at time ``t`` (boolean, or float64 weights with
+        ``weighting="field"``): ``(K, K)`` shared by every pixel or ``(H, W, K, K)`` one per pixel, holding the
+        pixel itself and the ``k^2 - 1`` others of largest sensitivity in the window (all of the window when
+        ``k^2`` exceeds it), cut to the smallest centred odd square ``K`` that holds them.
 
         Args:
             t: diffusion time in ``(0, 1]``.
             k: the neighbourhood's size in pixels as that of a ``k x k`` patch: an odd positive int.
         """
-        k = check_k(k, self.H, self.W)
+        k = check_k(k, self.wiener.H, self.wiener.W)
         t = float(check_time(t))
         key = (t, k)
         if key not in self._masks:
             K = min(2 * k - 1 if self.window is None else self.window, self.limit)
             f = self.field(t)
             o = (f.shape[-1] - K) // 2
-            self._masks[key] = crop_to_support(top_mask(f[..., o : o + K, o : o + K], k))
+            f = f[..., o : o + K, o : o + K]
+            keep = top_mask(f, k)
+            if self.weighting == "binary":
+                self._masks[key] = crop_to_support(keep)
+            else:  # the field relative to the centre, on the kept pixels (the centre weighs exactly 1)
+                c = f[..., K // 2, K // 2].clamp_min(1e-300)[..., None, None]
+                w = torch.where(keep, (f / c).clamp(min=1e-12), torch.zeros_like(f))
+                w[..., K // 2, K // 2] = 1.0
+                r = crop_to_support(keep).shape[-1] // 2
+                self._masks[key] = w[..., K // 2 - r : K // 2 + r + 1, K // 2 - r : K // 2 + r + 1].contiguous()
         return self._masks[key]
+
+    def describe(self) -> dict:
+        """The rule's settings and the statistics' content hash (what changes the masks)."""
+        return {"rule": "k^2 pixels of largest Wiener sensitivity", "per_pixel": self.per_pixel,
+                "weighting": self.weighting, "window": self.window or "2k-1", "statistics": self.wiener.data_digest,
+                "statistics_images": self.wiener.N}
+
+
+class DataDrivenCalls:
+    """The calls of a machine with data-driven neighbourhoods (``self.neighbourhood``, a :class:`Neighbourhoods`),
+    on top of a local machine whose ``denoise`` takes ``patch_mask=`` (the next class in the method order: ELS, or a
+    key-sharded ELS)."""
+
+    neighbourhood: Neighbourhoods
+
+    def field(self, t: float) -> torch.Tensor:
+        """The sensitivity field at time ``t`` (see :meth:`Neighbourhoods.field`)."""
+        return self.neighbourhood.field(t)
+
+    def mask(self, t: float, k: int) -> torch.Tensor:
+        """The neighbourhood of size ``k`` (``k^2`` pixels) at time ``t`` (see :meth:`Neighbourhoods.mask`).
+
+        Args:
+            t: diffusion time in ``(0, 1]``.
+            k: the neighbourhood's size in pixels as that of a ``k x k`` patch: an odd positive int.
+        """
+        return self.neighbourhood.mask(t, k)
 
     @docstring("""Posterior-mean estimate ``x0_hat`` over the data-driven neighbourhood of ``k^2`` pixels at the
         call's noise level (see :meth:`mask`), differentiable in ``x`` (not in ``t``: the neighbourhood is a
-        discrete choice).
+        discrete choice) on one process.
 
         Args:
 """ + CALL_ARGS + """\
@@ -283,22 +316,60 @@ class DataLocal(ELS):
         return np.stack(outs) if isinstance(x, np.ndarray) else torch.stack(outs)
 
     def _check_canvas(self, Hq, Wq):
-        if self.per_pixel and (Hq, Wq) != (self.H, self.W):
+        if self.neighbourhood.per_pixel and (Hq, Wq) != (self.H, self.W):
             raise ValueError(f"DataLocal(per_pixel=True) needs queries of the training size {self.H}x{self.W}, got "
                              f"{Hq}x{Wq}: each pixel's mask is the Wiener field of that pixel of the training canvas")
+        super()._check_canvas(Hq, Wq)
 
     def describe(self) -> dict:
         """What changes the machine's results: the ELS description plus the neighbourhood rule."""
         d = super().describe()
-        d["neighbourhood"] = {"rule": "k^2 pixels of largest Wiener sensitivity", "per_pixel": self.per_pixel,
-                              "window": self.window or "2k-1", "statistics": self.wiener.data_digest,
-                              "statistics_images": self.wiener.N}
+        d["neighbourhood"] = self.neighbourhood.describe()
         return d
 
+
+def check_statistics(neighbourhood: Neighbourhoods, C: int, H: int, W: int) -> None:
+    """A ValueError unless the statistics images have the training images' shape ``C x H x W``."""
+    w = neighbourhood.wiener
+    if (w.C, w.H, w.W) != (C, H, W):
+        raise ValueError(f"statistics images are {w.C}x{w.H}x{w.W}, the training images {C}x{H}x{W}: give images "
+                         "of the training images' shape")
+
+
+class DataLocal(DataDrivenCalls, ELS):
+    __doc__ = """The data-driven locality machine: ELS over the neighbourhood that the training data's optimal
+    linear denoiser (Wiener filter) is most sensitive to at each noise level, instead of a square patch.
+
+    A call with patch size ``k`` at time ``t`` uses the ``k^2`` pixels of largest Wiener sensitivity (see the
+    module's docstring; :meth:`mask` returns it), so ``k`` means "as many pixels as a ``k x k`` patch" and a
+    k-schedule is calibrated for it with :func:`patchmosaic.calibrate` exactly as for ELS. The sensitivity
+    fields are computed once per time (cached); the Wiener filter's eigendecomposition once at construction.
+
+    Args:
+""" + DATA_ARGS + LOCALITY_ARGS + ENGINE_ARGS + """
+    Raises:
+        ValueError naming a bad argument, :class:`patchmosaic.ResourceError` when the Wiener filter's
+        eigendecomposition would not fit in ``max_memory``: before any work.
+    """
+
+    def __init__(self, images, labels=None, boundary: str = "zeros", *, per_pixel: bool = False,
+                 window: Optional[int] = None, weighting: str = "binary", statistics=None,
+                 schedule: ScheduleLike = "cosine_legacy", backend: str = "auto", n_threads: int = 0,
+                 max_memory: Optional[int] = None):
+        super().__init__(images, labels, boundary, schedule=schedule, backend=backend, n_threads=n_threads,
+                         max_memory=max_memory)
+        self.neighbourhood = Neighbourhoods(self.images if statistics is None else statistics, boundary=boundary,
+                                            per_pixel=per_pixel, window=window, weighting=weighting,
+                                            schedule=self.schedule, max_memory=max_memory)
+        check_statistics(self.neighbourhood, self.C, self.H, self.W)
+        self.wiener = self.neighbourhood.wiener
+
     def __repr__(self):
+        n = self.neighbourhood
         lab = "" if self.labels is None else f", {len(self.label_index.values)} labels"
         return (f"DataLocal({self.N} images {self.C}x{self.H}x{self.W}{lab}, boundary={self.boundary}, "
-                f"per_pixel={self.per_pixel}, window={self.window or '2k-1'}, schedule={self.schedule.name})")
+                f"per_pixel={n.per_pixel}, window={n.window or '2k-1'}, weighting={n.weighting}, "
+                f"schedule={self.schedule.name})")
 
 
 def _times(t) -> list:
