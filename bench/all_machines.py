@@ -11,7 +11,9 @@ The softmax machines (IS, LS, ELS, DataLocal) use the first --limit training ima
 the network's whole training set (a second-order statistic, cheap at any size). Writes per network under --out:
 calibration_<machine>.json, report.json, grid.png; and the table between the markers
 ``<!-- all-machines:begin/end -->`` of each --md file plus bench/results/all_machines/grid_all.png. Resumable:
-finished calibrations and sample files are reused by a rerun with the same settings.
+finished calibrations and sample files are reused by a rerun with the same settings; the calibrations do not
+depend on --seeds, so a rerun with more comparison seeds reuses them (remove the earlier run's
+``<network>/samples_*.npz`` first: compare refuses sample files of other seeds).
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ def run_network(name: str, args) -> dict:
         path = os.path.join(out, f"calibration_{m}.json")
         if os.path.exists(path):
             c = json.load(open(path))
-            if c.get("settings") == settings:
+            if calibration_settings(c.get("settings") or {}) == calibration_settings(settings):
                 schedules[m] = pm.KSchedule(c["times"], c["ks"])
                 cal_seconds[m] = c.get("seconds")
                 continue
@@ -78,7 +80,7 @@ def run_network(name: str, args) -> dict:
                       k_max=args.k_max, state=os.path.join(out, f"calibration_{m}.state.npz"), run_id=name,
                       progress=not args.quiet)
         cal_seconds[m] = round(time.perf_counter() - t0, 1)
-        c.to_json(path, network=name, machine=m, settings=settings, seconds=cal_seconds[m])
+        c.to_json(path, network=name, machine=m, settings=calibration_settings(settings), seconds=cal_seconds[m])
         schedules[m] = c.schedule
         print(f"{name}: {m} k-schedule {list(c.schedule.ks)} ({cal_seconds[m]:.0f} s)", flush=True)
     machines = {"IS": MachineDenoiser(pm.IS(images, labels)),
@@ -99,6 +101,11 @@ def run_network(name: str, args) -> dict:
     save_figure(comparison_grid(rows, ["noise", "network"] + MACHINES), os.path.join(out, "grid.png"))
     print(f"{name}: compared in {compare_s:.0f} s (machines built in {build_s:.0f} s)", flush=True)
     return {m: rep["summary"][m] for m in MACHINES}
+
+
+def calibration_settings(settings: dict) -> dict:
+    """What a calibration depends on: everything but the number of comparison seeds."""
+    return {k: v for k, v in settings.items() if k != "seeds"}
 
 
 def collect(out_dir: str) -> list:

@@ -7,7 +7,10 @@ DDIM sample, and the bytes each rank exchanges per call.
 The driver launches ``torchrun --nproc-per-node=R`` on this file for each R (OMP/torch threads 1, engine
 threads 1 per rank) and prints one JSON line per R and a comparison with the first rank count's result.
 ``--parts`` picks what is timed: ``call`` (one call on ``--n-train`` images), ``sample`` (a ``--steps``-step
-DDIM sample on ``--sample-n-train`` images), or both (default). The 20-step sample on all 60,000 MNIST images,
+DDIM sample on ``--sample-n-train`` images), ``index`` (the patch index backend on each shard against the exact
+engine: one call on ``--index-n-train`` images at t = 0.05, 0.2, 0.5 for each ``--index-tol``, with the share of
+pixels the index handed back to the exact engine, the merged bound and the error), or a list (default:
+call,sample). The 20-step sample on all 60,000 MNIST images,
 1 vs 2 ranks, alone:
 
     python -S bench/distributed.py --parts sample --sample-n-train 60000 --steps 20 --ranks 1,2
@@ -36,6 +39,7 @@ def worker(args):
     from patchmosaic import distributed as pmd
     from common import load
 
+    SCHED = pm.schedules.get_schedule("cosine_legacy")
     pmd.init()
     rank, world = pmd.launch.rank(), pmd.launch.world()
     res = {"ranks": world}
@@ -51,7 +55,8 @@ def worker(args):
 
     parts = args.parts.split(",")
     images, _ = load("mnist", max(args.n_train if "call" in parts else 0, args.sample_n_train if "sample" in parts
-                                  else 0))
+                                  else 0, args.index_n_train if "index" in parts else 0))
+    images = torch.from_numpy(images)
     x = torch.randn(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     res["k"] = args.k
     if "call" in parts:
@@ -70,6 +75,27 @@ def worker(args):
         sample, sec = timed(lambda: pm.ddim(den, x, steps=args.steps, progress=False))
         res.update(sample_n_train=len(small), steps=args.steps, sample_s=sec, sample=sample.numpy().ravel().tolist(),
                    sample_sent_bytes_per_step=ms.last_exchange and ms.last_exchange[0])
+    if "index" in parts:  # the patch index on each shard against the exact engine, same machine, same call
+        small = images[: args.index_n_train]
+        shard = small[pmd.shard_slice(len(small), rank, world)]
+        exact = pmd.ShardedMachine("els", shard, n_threads=1, data_digest="-")
+        xi = torch.randn(args.index_batch, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+        rows = []
+        for tol in (float(v) for v in args.index_tol.split(",")):
+            idx = pmd.ShardedMachine("els", shard, n_threads=1, data_digest="-", backend="index",
+                                     index_options=dict(tol=tol, exact_backend="cpu"))
+            for t in (0.05, 0.2, 0.5):
+                a, _ = SCHED.scalar_coefficients(t)
+                q = a * small[:args.index_batch] + (1 - a * a) ** 0.5 * xi  # noisy training-like queries
+                idx.denoise(q, t, args.k)  # builds this shard's index for k (not timed)
+                ref, sec_exact = timed(lambda: exact.denoise(q, t, args.k))
+                got, sec_index = timed(lambda: idx.denoise(q, t, args.k))
+                li = idx.last_index or {}
+                rows.append({"tol": tol, "t": t, "exact_s": sec_exact, "index_s": sec_index,
+                             "exact_fraction": li.get("exact_pixels", 0) / max(li.get("pixels", 1), 1),
+                             "max_bound": float(idx.last_bound.max()),
+                             "max_err": float((got.double() - ref.double()).abs().max())})
+        res.update(index_n_train=len(small), index_batch=args.index_batch, index=rows)
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(res, f)
@@ -83,12 +109,16 @@ def main():
     p.add_argument("--k", type=int, default=7)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--ranks", default="1,2")
-    p.add_argument("--parts", default="call,sample", help="what to time: call, sample, or call,sample (default)")
+    p.add_argument("--parts", default="call,sample",
+                   help="what to time, comma-separated: call, sample, index (default: call,sample)")
+    p.add_argument("--index-n-train", type=int, default=5000, help="training images of the index part")
+    p.add_argument("--index-batch", type=int, default=4, help="query images of the index part")
+    p.add_argument("--index-tol", default="1e-3,1e-2", help="the index tolerances tried (comma-separated)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if not args.parts or set(args.parts.split(",")) - {"call", "sample"}:
-        p.error(f"--parts takes call, sample or call,sample, got {args.parts!r}")
+    if not args.parts or set(args.parts.split(",")) - {"call", "sample", "index"}:
+        p.error(f"--parts takes call, sample, index or a comma-separated list of them, got {args.parts!r}")
     if args.worker:
         return worker(args)
     py = [sys.executable] + (["-S"] if sys.flags.no_site else [])
@@ -100,13 +130,20 @@ def main():
         cmd = py + ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={r}", "--no-python"] + py + [
             os.path.abspath(__file__), "--worker", "--out", out, "--n-train", str(args.n_train),
             "--sample-n-train", str(args.sample_n_train), "--k", str(args.k), "--steps", str(args.steps),
-            "--parts", args.parts]
+            "--parts", args.parts, "--index-n-train", str(args.index_n_train), "--index-batch", str(args.index_batch),
+            "--index-tol", args.index_tol]
         t0 = time.perf_counter()
         subprocess.run(cmd, env=env, check=True)
         res = json.load(open(out))
         res["job_s"] = time.perf_counter() - t0
         results[r] = res
-        print(json.dumps({k: v for k, v in res.items() if k not in ("call_out", "call_prov", "sample")}), flush=True)
+        print(json.dumps({k: v for k, v in res.items() if k not in ("call_out", "call_prov", "sample", "index")}),
+              flush=True)
+        for row in res.get("index", []):
+            print(f"  {r} rank(s), index part (N={res['index_n_train']}, B={res['index_batch']}, k={res['k']}): "
+                  f"tol {row['tol']:g}, t = {row['t']:g}: exact {row['exact_s']:.2f} s, index {row['index_s']:.2f} s "
+                  f"(x{row['exact_s'] / row['index_s']:.2f}); pixels computed exactly {row['exact_fraction']:.0%}; "
+                  f"largest bound {row['max_bound']:.1e}, largest error {row['max_err']:.1e}", flush=True)
     import numpy as np
 
     base = results[min(results)]
