@@ -184,6 +184,8 @@ def test_bad_input_is_refused_before_work(train):
         pm.DataLocal(train, per_pixel=True).denoise(np.zeros((1, 1, 10, 10)), 0.5, 3)
     with pytest.raises(ValueError, match="boundary"):
         pm.DataLocal(train, boundary="reflect")
+    with pytest.raises(pm.ResourceError):  # the memory check sizes the largest frame of the neighbourhood
+        pm.DataLocal(train, max_memory=10**6).check_request((64, 1, 256, 256), k=9)
     with pytest.raises(ValueError, match="weighting"):
         pm.DataLocal(train, weighting="gaussian")
     with pytest.raises(ValueError, match="window 17 exceeds"):

@@ -315,6 +315,20 @@ class DataDrivenCalls:
             outs = [self.denoise(x, t, k, labels, backend=backend) for k in ks]
         return np.stack(outs) if isinstance(x, np.ndarray) else torch.stack(outs)
 
+    def check_request(self, shape, dtype=torch.float32, backend: str = "cpu", provenance: bool = False,
+                      k: Optional[int] = None) -> None:
+        """As :meth:`patchmosaic.Machine.check_request`, for the largest frame a neighbourhood of size ``k`` may
+        have (its window, ``2 k - 1`` by default), from the shape alone.
+
+        Args:
+            shape, dtype, backend, provenance: as for :meth:`patchmosaic.Machine.check_request`.
+            k: the neighbourhood's size (``k^2`` pixels), or None (3).
+        """
+        k = 3 if k is None else check_k(k, self.H, self.W)
+        n = self.neighbourhood
+        frame = min(2 * k - 1 if n.window is None else n.window, n.limit)
+        super().check_request(shape, dtype, backend, provenance, frame)
+
     def _check_canvas(self, Hq, Wq):
         if self.neighbourhood.per_pixel and (Hq, Wq) != (self.H, self.W):
             raise ValueError(f"DataLocal(per_pixel=True) needs queries of the training size {self.H}x{self.W}, got "
