@@ -67,9 +67,10 @@ def scatter(xs: Sequence[float], ys: Sequence[float], *, xlabel: str = "", ylabe
     return fig
 
 
-def comparison_grid(rows: Sequence[np.ndarray], names: Sequence[str], tile_inches: float = 0.8) -> Figure:
+def comparison_grid(rows: Sequence[np.ndarray], names: Sequence[str], tile_inches: float = 0.8,
+                    columns: Optional[Sequence[str]] = None) -> Figure:
     """One column per seed, one row per image kind (e.g. noise, network, machine, nearest), the row names
-    as tick labels on the left.
+    as tick labels on the left; ``columns``: a label per column instead of the seed numbers.
 
     ``rows``: arrays ``(M, C, H, W)`` in [-1, 1] (a row named ``noise...`` is shown clipped to +-3, scaled
     to [-1, 1]).
@@ -91,8 +92,12 @@ def comparison_grid(rows: Sequence[np.ndarray], names: Sequence[str], tile_inche
     ax = fig.add_subplot()
     ax.imshow(pic, interpolation="nearest")
     ax.set_yticks([pad + i * (h + pad) + h / 2 for i in range(len(rows))], list(names))
-    ax.set_xticks([pad + j * (w + pad) + w / 2 for j in range(M)], [str(j) for j in range(M)])
-    ax.set_xlabel("seed")
+    if columns is not None and len(columns) != M:
+        raise ValueError(f"comparison_grid needs one column label per column, got {len(columns)} for {M}")
+    ax.set_xticks([pad + j * (w + pad) + w / 2 for j in range(M)],
+                  [str(j) for j in range(M)] if columns is None else list(columns),
+                  rotation=0 if columns is None else 90)
+    ax.set_xlabel("seed" if columns is None else "")
     ax.tick_params(length=0)
     for side in ax.spines.values():
         side.set_visible(False)
