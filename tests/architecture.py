@@ -114,6 +114,8 @@ def private_reaches() -> List[str]:
                 base = node.value
                 if isinstance(base, ast.Name) and base.id in ("self", "cls", "ctx"):
                     continue
+                if isinstance(base, ast.Call) and isinstance(base.func, ast.Name) and base.func.id == "super":
+                    continue  # super()._name: this object's own base-class member, not another object's
                 if isinstance(base, ast.Name) and base.id in ("torch", "np", "os", "sys"):
                     continue  # library namespaces (torch._C, ...) are not our objects
                 if isinstance(base, ast.Attribute) and isinstance(base.value, ast.Name) and base.value.id == "torch":

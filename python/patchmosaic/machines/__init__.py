@@ -1,11 +1,13 @@
-"""The exact machines of spec section 2: IS, LS, ELS (periodic) and boundary-aware ELS, and the linear
-baseline beside them (Wiener). Each holds a
-training set and calls one op of :mod:`patchmosaic.ops`; the key-set rules live in ops/keysets.py."""
+"""The exact machines of spec section 2: IS, LS, ELS (periodic) and boundary-aware ELS; beside them the linear
+baseline (Wiener) and the data-driven locality machine (DataLocal: ELS over the Wiener filter's most sensitive
+pixels). Each holds a training set and calls one op of :mod:`patchmosaic.ops`; the key-set rules live in
+ops/keysets.py; ``make_machine`` builds any of them by name."""
 
 from .base import Machine, Provenance
 from .ideal import IS
-from .local import ELS, LS, MACHINE_NAMES, make_machine
+from .local import ELS, LS
 from .wiener import Wiener
 from .locality import DataLocal
+from .factory import MACHINE_NAMES, make_machine
 
 __all__ = ["Machine", "Provenance", "IS", "LS", "ELS", "MACHINE_NAMES", "make_machine", "Wiener", "DataLocal"]

@@ -7,7 +7,6 @@ from typing import Optional
 
 from ..schedules import ScheduleLike
 from .base import DATA_ARGS, ENGINE_ARGS, Machine
-from .ideal import IS
 
 
 class LS(Machine):
@@ -48,35 +47,3 @@ class ELS(Machine):
 
     def _check_canvas(self, Hq, Wq):
         pass  # any canvas: the key sets say which sizes work
-
-
-MACHINE_NAMES = ("els", "ls", "is", "datalocal", "wiener")
-
-
-def make_machine(name: str, images, labels=None, *, boundary: str = "zeros", schedule: ScheduleLike = "cosine_legacy",
-                 backend: str = "auto", n_threads: int = 0, max_memory: Optional[int] = None) -> Machine:
-    """The machine called ``name``.
-
-    Args:
-        name: ``"els"``, ``"ls"``, ``"is"``, ``"datalocal"`` (:class:`patchmosaic.DataLocal`, the data-driven
-            locality machine) or ``"wiener"`` (:class:`patchmosaic.Wiener`, the optimal linear denoiser).
-        boundary: ELS and DataLocal only: ``"zeros"`` (default) or ``"circular"``; ignored by the others.
-        images, labels, schedule, backend, n_threads, max_memory: as for :class:`ELS` (same defaults; the Wiener
-            filter takes only schedule and max_memory).
-    """
-    common = dict(schedule=schedule, backend=backend, n_threads=n_threads, max_memory=max_memory)
-    if name == "datalocal":
-        from .locality import DataLocal
-
-        return DataLocal(images, labels, boundary=boundary, **common)
-    if name == "wiener":
-        from .wiener import Wiener
-
-        return Wiener(images, labels, schedule=schedule, max_memory=max_memory)
-    if name == "els":
-        return ELS(images, labels, boundary=boundary, **common)
-    if name == "ls":
-        return LS(images, labels, **common)
-    if name == "is":
-        return IS(images, labels, **common)
-    raise ValueError(f"machine must be one of {MACHINE_NAMES}, got {name!r}")

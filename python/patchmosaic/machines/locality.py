@@ -49,10 +49,7 @@ def wiener_jacobian(wiener: Wiener, t: float) -> torch.Tensor:
         wiener: the :class:`patchmosaic.Wiener` filter of the training images.
         t: diffusion time in ``(0, 1]``.
     """
-    a, b2 = (float(v) for v in wiener.schedule.coefficients(float(t)))
-    _, lam, U = wiener._decompose(None)
-    gain = a * lam / (a * a * lam + b2)
-    return (U * gain) @ U.T
+    return wiener.jacobian(t)
 
 
 def pixel_fields(wiener: Wiener, t: float) -> torch.Tensor:

@@ -19,7 +19,7 @@ from .. import ops
 from ..ops import checks
 from ..ops.checks import check_cuda_inputs
 from ..schedules import ScheduleLike
-from ..validation import check_memory
+from ..validation import check_memory, check_time
 from .base import BACKEND_ARG, CALL_ARGS, DATA_ARGS, Machine, docstring
 
 WIENER_ARGS = """\
@@ -111,6 +111,19 @@ class Wiener(Machine):
             group = int(ops.groups(torch.tensor([int(label)]), *self._label_tensors, self.N, 1).group_of_b[0])
         mu, lam, U = self._decompose(group)
         return mu.clone(), (U * lam) @ U.T
+
+    def jacobian(self, t: float) -> torch.Tensor:
+        """The filter's Jacobian ``d x0_hat / d x_t = a Sigma (a^2 Sigma + b^2 I)^-1`` over all training images
+        at time ``t``: a float64 ``(D, D)`` CPU tensor (row = output element, column = input element; ``D = C H
+        W``), the filter's sensitivity fields (used by :class:`patchmosaic.DataLocal`).
+
+        Args:
+            t: diffusion time in ``(0, 1]``.
+        """
+        a, b2 = (float(v) for v in self.schedule.coefficients(check_time(t)))
+        _, lam, U = self._decompose(None)
+        gain = a * lam / (a * a * lam + b2)
+        return (U * gain) @ U.T
 
     def _stats_on(self, group: Optional[int], device: torch.device):
         key = (group, str(device))
