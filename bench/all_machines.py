@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SHARED, machine_line  # noqa: E402
+from common import SHARED, machine_line, write_block  # noqa: E402
 from reproduce import NETWORKS, ORDER  # noqa: E402
 
 import patchmosaic as pm  # noqa: E402
@@ -177,16 +177,7 @@ def grid_all(rows, out_dir, seeds_per_net: int = 2):
 def write_md(path: str, block: str) -> None:
     if not os.path.exists(path):
         raise SystemExit(f"--md {path}: no such file")
-    text = open(path).read()
-    b, e = "<!-- all-machines:begin -->", "<!-- all-machines:end -->"
-    if b not in text:
-        return
-    head, rest = text.split(b, 1)
-    _, tail = rest.split(e, 1)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(head + b + "\n" + block + "\n" + e + tail)
-    os.replace(tmp, path)
+    write_block(path, "all-machines", block, append=False)
 
 
 def main():

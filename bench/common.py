@@ -59,3 +59,22 @@ def blas_line() -> str:
                          f"threads={i.get('num_threads')}" for i in threadpool_info())
     except ImportError:
         return "threadpoolctl not installed"
+
+
+def write_block(path: str, name: str, body: str, append: bool = True) -> bool:
+    """Replace what lies between the markers ``<!-- name:begin -->`` and ``<!-- name:end -->`` of the markdown file
+    ``path`` by ``body`` (atomically). Without the markers: with ``append`` the block goes at the end of the file
+    (created if missing), else nothing is written. Returns whether the file was written."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = open(path).read() if os.path.exists(path) else ""
+    new = begin + "\n" + body + "\n" + end
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + new + text[text.index(end) + len(end):]
+    elif append:
+        text = text.rstrip() + "\n\n" + new + "\n"
+    else:
+        return False
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    return True

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SHARED, machine_line  # noqa: E402
+from common import SHARED, machine_line, write_block  # noqa: E402
 
 import patchmosaic as pm  # noqa: E402
 from patchmosaic.experiments.calibrate import calibrate  # noqa: E402
@@ -338,19 +338,10 @@ def cost_line(name, stages) -> str:
 
 
 def write_md(path, block, results, command):
-    begin, end = f"<!-- {block}:begin -->", f"<!-- {block}:end -->"
-    lines = [begin, "", f"Command: `{command}`  ",
+    lines = ["", f"Command: `{command}`  ",
              "Compute per network and stage: " + "; ".join(cost_line(n, st) for n, _, st, _ in results) + ".",
-             "", table(results), "", end]
-    text = open(path).read() if os.path.exists(path) else ""
-    new = "\n".join(lines)
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + new + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + new + "\n"
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+             "", table(results), ""]
+    write_block(path, block, "\n".join(lines))
 
 
 def fmt_s(s: float) -> str:

@@ -58,19 +58,25 @@ def oracle(case, x, mask):
 
 
 # ------------------------------------------------------------------------------------------- the oracle
-@pytest.mark.parametrize("seed", SEEDS[:12])
-def test_oracle_matches_literal_spec(seed):
+def assert_oracle_is_the_literal_spec(seed, make_mask):
+    """The torch oracle with the mask ``make_mask(case)`` against the naive loop (tests/naive.py), float64, 1e-9 of
+    the range; cases with many patch pairs keep 2 training images so that the loop stays quick."""
     case = local_case(seed)
     N, C, H, W = case.train.shape
     if np.prod(case.size) * N * H * W > 40_000:
         case.train, case.labels = case.train[:2], case.labels[:2]
         case.qlabels = np.full(len(case.t), case.labels[0])
     x = queries(case, seed)
-    mask = random_mask(seed, case.k)
+    mask = make_mask(case)
     a, b2 = pm.schedules.cosine_legacy.coefficients(case.t)
     groups = [np.nonzero(case.labels == y)[0] for y in case.qlabels]
     ref = naive.denoise(case.machine, case.train, x, a, b2, case.k, groups, case.wrapped, mask=mask)
     assert np.abs(oracle(case, x, mask) - ref).max() <= 1e-9 * RANGE, case
+
+
+@pytest.mark.parametrize("seed", SEEDS[:12])
+def test_oracle_matches_literal_spec(seed):
+    assert_oracle_is_the_literal_spec(seed, lambda case: random_mask(seed, case.k))
 
 
 # ------------------------------------------------------------------------------------------ the CPU engine
@@ -341,17 +347,7 @@ def pixel_masks(seed, case, repeat=True):
 
 @pytest.mark.parametrize("seed", SEEDS[:9])
 def test_per_pixel_oracle_matches_literal_spec(seed):
-    case = local_case(seed)
-    N, C, H, W = case.train.shape
-    if np.prod(case.size) * N * H * W > 40_000:
-        case.train, case.labels = case.train[:2], case.labels[:2]
-        case.qlabels = np.full(len(case.t), case.labels[0])
-    x = queries(case, seed)
-    mask = pixel_masks(seed, case)
-    a, b2 = pm.schedules.cosine_legacy.coefficients(case.t)
-    groups = [np.nonzero(case.labels == y)[0] for y in case.qlabels]
-    ref = naive.denoise(case.machine, case.train, x, a, b2, case.k, groups, case.wrapped, mask=mask)
-    assert np.abs(oracle(case, x, mask) - ref).max() <= 1e-9 * RANGE, case
+    assert_oracle_is_the_literal_spec(seed, lambda case: pixel_masks(seed, case))
 
 
 @pytest.mark.parametrize("seed", SEEDS[:12])

@@ -67,6 +67,20 @@ def check_k(k, H: int, W: int) -> int:
     return k
 
 
+def check_sweep(ks, H: int, W: int) -> list:
+    """The patch sizes of a sweep (``denoise_ks``): a non-empty sequence of odd positive ints in strictly increasing
+    order, as a list, or a TypeError / ValueError naming what is wrong."""
+    if isinstance(ks, (str, bytes)) or not hasattr(ks, "__iter__"):
+        raise TypeError(f"ks must be a sequence of odd patch sizes, got {ks!r}")
+    ks = [check_k(k, H, W) for k in ks]
+    if not ks:
+        raise ValueError("ks is empty: pass at least one patch size")
+    for k0, k1 in zip(ks, ks[1:]):
+        if k1 <= k0:
+            raise ValueError(f"ks must be strictly increasing (sorted, no duplicates), got {k0} then {k1} in ks={ks}")
+    return ks
+
+
 def check_time(t) -> float:
     """One time as a Python float in ``(0, 1]``."""
     if isinstance(t, bool) or not isinstance(t, numbers.Real):

@@ -30,7 +30,7 @@ from ..machines.local import ELS, LS
 from ..ops.checks import check_cuda_inputs
 from ..ops.masks import crop_patch_mask
 from ..schedules import ScheduleLike, get_schedule
-from ..validation import to_labels
+from ..validation import check_sweep, to_labels
 from ..index.bound import bound_from_mass
 from ..index.patch_index import INDEX_OPTION_ARGS, KINDS as INDEX_KINDS, PatchIndex
 from ..index.vectors import patch_sq_norms
@@ -365,9 +365,7 @@ class ShardedMachine(Machine):
         Returns:
             ``(K, B, C, Hq, Wq)``: a torch tensor for torch input, a numpy array for numpy input.
         """
-        ks = [int(k) for k in ks]
-        if not ks or any(k1 <= k0 for k0, k1 in zip(ks, ks[1:])):
-            raise ValueError(f"ks must be a non-empty, strictly increasing list of odd patch sizes, got {ks}")
+        ks = check_sweep(ks, self.H, self.W)
         outs = [self.denoise(x, t, k, labels=labels, backend=backend) for k in ks]
         return np.stack(outs) if isinstance(x, np.ndarray) else torch.stack(outs)
     @docstring("""Posterior-mean estimate ``x0_hat`` over all the ranks' training images (a collective call: every
@@ -550,16 +548,11 @@ class ShardedMachine(Machine):
             r = torch.as_tensor(rows)
             where = torch.zeros_like(bad)
             where[r] = emask
-            sub = where[r]
+            sub = where[r]  # rows r in increasing order: where's pixels, in the order of sub's
             for name, mine in (("m", m), ("s", s), ("out", out)):
-                part = getattr(ex, name).to(mine.dtype)
-                block = mine[r]
-                block[sub] = part[sub]
-                mine[r] = block
+                mine[where] = getattr(ex, name).to(mine.dtype)[sub]
             if provenance:
-                block = key[r]
-                block[sub] = ex.key.to(key.device)[sub]
-                key[r] = block
+                key[where] = ex.key.to(key.device)[sub]
             left[where] = 0.0
             exact_pixels = int(where.sum())
         else:

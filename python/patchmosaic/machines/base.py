@@ -19,7 +19,7 @@ from .. import ops
 from ..ops.checks import check_cuda_inputs
 from ..ops.masks import check_patch_mask, crop_patch_mask
 from ..schedules import ScheduleLike, get_schedule
-from ..validation import ResourceError, as_batch, check_k, check_memory, check_time, to_labels, to_tensor
+from ..validation import ResourceError, as_batch, check_k, check_memory, check_sweep, check_time, to_labels, to_tensor
 
 
 @dataclass
@@ -221,15 +221,7 @@ class Machine:
         check_cuda_inputs(x=x, t=t, labels=labels)
         if not self.local:
             raise ValueError("denoise_ks sweeps patch sizes; the IS machine has none (use denoise)")
-        if isinstance(ks, (str, bytes)) or not hasattr(ks, "__iter__"):
-            raise TypeError(f"ks must be a sequence of odd patch sizes, got {ks!r}")
-        ks = [check_k(k, self.H, self.W) for k in ks]
-        if not ks:
-            raise ValueError("ks is empty: pass at least one patch size")
-        for k0, k1 in zip(ks, ks[1:]):
-            if k1 <= k0:
-                raise ValueError(f"ks must be strictly increasing (sorted, no duplicates), got {k0} then {k1} in "
-                                 f"ks={ks}")
+        ks = check_sweep(ks, self.H, self.W)
         is_numpy, xt, eff, a, inv_2b2, t_check, lab, name, train, max_memory = \
             self._prepare_call(x, t, ks, labels, backend)
         distinct = sorted(set(eff))  # eff: sizes past the zero-padding limit compute as the limit

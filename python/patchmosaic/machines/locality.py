@@ -35,28 +35,17 @@ import numpy as np
 import torch
 
 from ..schedules import ScheduleLike
-from ..validation import check_k, check_time
+from ..validation import check_k, check_sweep, check_time
 from .base import CALL_ARGS, DATA_ARGS, ENGINE_ARGS, docstring
 from .local import ELS
 from .wiener import Wiener
-
-
-def wiener_jacobian(wiener: Wiener, t: float) -> torch.Tensor:
-    """The Wiener filter's Jacobian ``J_t = a Sigma (a^2 Sigma + b^2 I)^-1`` over all training images, a float64
-    ``(D, D)`` CPU tensor (``D = C H W``; row = output element, column = input element).
-
-    Args:
-        wiener: the :class:`patchmosaic.Wiener` filter of the training images.
-        t: diffusion time in ``(0, 1]``.
-    """
-    return wiener.jacobian(t)
 
 
 def pixel_fields(wiener: Wiener, t: float) -> torch.Tensor:
     """Each output pixel's sensitivity field at time ``t``: ``F[p, q] = sum_{c, c'} |J_t[(c, p), (c', q)]|``,
     a float64 ``(H W, H W)`` tensor (row ``p`` = output pixel, column ``q`` = input pixel, row-major)."""
     C, H, W = wiener.C, wiener.H, wiener.W
-    J = wiener_jacobian(wiener, t).abs().reshape(C, H * W, C, H * W)
+    J = wiener.jacobian(t).abs().reshape(C, H * W, C, H * W)
     return J.sum(dim=(0, 2))
 
 
@@ -302,12 +291,7 @@ class DataDrivenCalls:
             x, t, labels, backend: as for :meth:`denoise`.
             ks: the sizes, odd positive ints in strictly increasing order.
         """
-        ks = [check_k(k, self.H, self.W) for k in ks]
-        if not ks:
-            raise ValueError("ks is empty: pass at least one size")
-        for k0, k1 in zip(ks, ks[1:]):
-            if k1 <= k0:
-                raise ValueError(f"ks must be strictly increasing (sorted, no duplicates), got {k0} then {k1}")
+        ks = check_sweep(ks, self.H, self.W)
         with torch.no_grad():
             outs = [self.denoise(x, t, k, labels, backend=backend) for k in ks]
         return np.stack(outs) if isinstance(x, np.ndarray) else torch.stack(outs)
