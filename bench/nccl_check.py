@@ -88,7 +88,7 @@ def main():
     import patchmosaic as pm
     from patchmosaic import distributed as pmd
     from patchmosaic.distributed import launch
-    from patchmosaic.distributed.merge import PartialState, merge, pack, unpack
+    from patchmosaic.ops.state import SoftmaxState, merge, pack, unpack
 
     rep = {"rank": rank, "world": world, "backend": backend, "device": str(device),
            "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
@@ -158,7 +158,7 @@ def main():
             digests.append(hashlib.sha256(got.cpu().numpy().tobytes() + prov.image.cpu().numpy().tobytes())
                            .hexdigest())
     if world == 1:  # the exchange through the backend, as ShardedMachine does it with more ranks
-        st = PartialState(torch.randn(3, 4, dtype=torch.float64), torch.rand(3, 4, dtype=torch.float64) + 1,
+        st = SoftmaxState(torch.randn(3, 4, dtype=torch.float64), torch.rand(3, 4, dtype=torch.float64) + 1,
                           torch.randn(3, 4, 2), torch.randint(0, 99, (3, 4)))
         buf = pack(st).to(cdev).contiguous()
         bufs = [torch.empty_like(buf)]

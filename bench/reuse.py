@@ -28,7 +28,7 @@ from patchmosaic.diffusion.kschedule import paper_schedule  # noqa: E402
 def process(m, x1, ks, clear: bool) -> float:
     def den(x, t, lab):
         if clear:
-            pm.ops.keysets.keyset.cache_clear()
+            pm.machines.keysets.keyset.cache_clear()
             m._train_cache.clear()
         return m.denoise(x, t, ks.k_at(t))
 

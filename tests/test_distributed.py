@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import patchmosaic as pm
-from patchmosaic.distributed import PartialState, merge
-from patchmosaic.distributed.merge import merge2, pack, unpack
+from patchmosaic.distributed import SoftmaxState, merge
+from patchmosaic.ops.state import merge2, pack, unpack
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "dist_worker.py")
@@ -34,11 +34,11 @@ def _states(rng, parts, rows=5, D=3):
     states, offset = [], 0
     for lg, v in zip(logits, values):
         if lg.shape[1] == 0:
-            states.append(PartialState.empty((rows,), D, torch.float64, provenance=True))
+            states.append(SoftmaxState.empty((rows,), D, torch.float64, provenance=True))
         else:
             m = lg.max(1)
             w = np.exp(lg - m[:, None])
-            states.append(PartialState(torch.from_numpy(m), torch.from_numpy(w.sum(1)),
+            states.append(SoftmaxState(torch.from_numpy(m), torch.from_numpy(w.sum(1)),
                                        torch.from_numpy(w @ v / w.sum(1)[:, None]),
                                        torch.from_numpy(lg.argmax(1) + offset)))
         offset += lg.shape[1]
@@ -60,7 +60,7 @@ def test_merge_is_associative_and_empty_states_are_its_identity():
     a, b, c = _states(rng, [3, 5, 2])[0]
     left, right = merge2(merge2(a, b), c), merge2(a, merge2(b, c))
     assert torch.allclose(left.out, right.out, atol=1e-13) and torch.equal(left.key, right.key)
-    e = PartialState.empty((5,), 3, torch.float64, provenance=True)
+    e = SoftmaxState.empty((5,), 3, torch.float64, provenance=True)
     assert torch.equal(merge([e, a, e]).out, a.out) and torch.equal(merge([e, a]).key, a.key)
     none = merge([e, e])
     assert (none.s == 0).all() and (none.out == 0).all() and (none.key == -1).all() and (none.share() == 0).all()
@@ -68,8 +68,8 @@ def test_merge_is_associative_and_empty_states_are_its_identity():
 
 def test_merge_keeps_the_earlier_shard_on_a_tie_and_packs_exactly():
     one = torch.ones(2, dtype=torch.float64)
-    a = PartialState(one, one, torch.zeros(2, 1), torch.tensor([3, 4]))
-    b = PartialState(one, one, torch.ones(2, 1), torch.tensor([9, 9]))
+    a = SoftmaxState(one, one, torch.zeros(2, 1), torch.tensor([3, 4]))
+    b = SoftmaxState(one, one, torch.ones(2, 1), torch.tensor([9, 9]))
     m = merge([a, b])
     assert m.key.tolist() == [3, 4] and torch.allclose(m.out, torch.full((2, 1), 0.5))
     back = unpack(pack(m), 1, torch.float32, True)

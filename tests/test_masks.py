@@ -212,8 +212,9 @@ def test_weights_scale_like_the_noise():
     lab = torch.from_numpy(case.qlabels)
     c = 2.5
     w = torch.full((case.k, case.k), c, dtype=torch.float64)
-    got = ops.local_softmax(m.images, x, a, s, None, lab, lv, lp, li, None, case.k, m.rule, False, "cpu", 0, 0, w)[0]
-    ref = ops.local_softmax(m.images, x, a, s * c, None, lab, lv, lp, li, None, case.k, m.rule, False, "cpu", 0, 0)[0]
+    cl = m.call_classes(Hq, Wq, case.k)
+    got = ops.local_softmax(m.images, x, a, s, None, lab, lv, lp, li, *cl, case.k, False, "cpu", 0, 0, w)[0]
+    ref = ops.local_softmax(m.images, x, a, s * c, None, lab, lv, lp, li, *cl, case.k, False, "cpu", 0, 0)[0]
     assert (got - ref).abs().max() <= 1e-12
 
 
@@ -301,8 +302,8 @@ def test_mask_and_k_must_agree_and_is_has_no_mask():
         pm.IS(np.zeros((2, 1, 8, 8))).denoise(np.zeros((1, 1, 8, 8)), 0.5, patch_mask=np.ones((3, 3), bool))
     with pytest.raises(ValueError, match="patch size is k=3"):
         ops.local_softmax(m.images, torch.zeros(1, 1, 8, 8, dtype=torch.float64), torch.ones(1, dtype=torch.float64),
-                          torch.ones(1, dtype=torch.float64), None, None, *m._label_tensors, None, 3, m.rule, False,
-                          "cpu", 0, 0, torch.ones(5, 5, dtype=torch.float64))
+                          torch.ones(1, dtype=torch.float64), None, None, *m._label_tensors, *m.call_classes(8, 8, 3), 3,
+                          False, "cpu", 0, 0, torch.ones(5, 5, dtype=torch.float64))
 
 
 def test_engine_refuses_a_bad_element_table():

@@ -9,6 +9,7 @@ import torch
 
 import patchmosaic as pm
 from patchmosaic import ops
+from patchmosaic.machines import keysets
 from patchmosaic.experiments.calibrate import calibrate
 from patchmosaic.ops import engines
 
@@ -64,8 +65,8 @@ def _one_pass(m, x, t, lab, eff):
     """The CPU engine's one pass itself at the sizes eff (whatever denoise_ks chooses for the rule)."""
     lv, lp, li = m.label_index.tensors()
     a, s, _ = m.coefficients(t, len(t))
-    return ops.local_softmax_ks(m.train_as(x.dtype, torch.device("cpu")), x, a, s, t, lab, lv, lp, li, eff, m.rule,
-                                "cpu")
+    return ops.local_softmax_ks(m.train_as(x.dtype, torch.device("cpu")), x, a, s, t, lab, lv, lp, li,
+                                m.multi_keyset(x.shape[2], x.shape[3], eff), "cpu")
 
 
 @pytest.fixture
@@ -114,9 +115,9 @@ def test_one_pass_equals_the_float64_oracle(rule, canvas, lists, one_torch_threa
 def test_size_masks_recover_each_sizes_key_set(rule, canvas, lists):
     for ks in lists:
         ks = tuple(k for k in ks if rule != "els_circular" or k <= min(H, W))
-        multi = ops.multi_keyset(rule, *canvas, H, W, ks)
+        multi = keysets.multi_keyset(rule, *canvas, H, W, ks)
         for j, k in enumerate(ks):
-            want = ops.keyset(rule, *canvas, H, W, k)
+            want = keysets.keyset(rule, *canvas, H, W, k)
             got = multi.size_keyset(j)
             key_of = {}
             for q, kp in want.classes():
@@ -158,13 +159,21 @@ def test_bad_size_lists_are_refused_before_any_work():
         m.denoise_ks(torch.full((1, C, H, W), float("nan")), 0.5, [3, 5])
     with pytest.raises(ValueError, match="label 7"):
         m.denoise_ks(x, 0.5, [3, 5], labels=[7])
-    # the op refuses what the machine would have caught
+    # the op refuses a table the machine would not have built
     lv, lp, li = m.label_index.tensors()
     a, s, _ = m.coefficients(0.5, 1)
+    multi = m.multi_keyset(H, W, (3, 5))
     with pytest.raises(ValueError, match="strictly increasing"):
-        ops.local_softmax_ks(m.images, x, a, s, None, None, lv, lp, li, (5, 3), "els_zeros")
+        ops.local_softmax_ks(m.images, x, a, s, None, None, lv, lp, li, ops.MultiKeySet((5, 3), multi.keyset,
+                                                                                         multi.kmask))
     with pytest.raises(ValueError, match="at most 32"):
-        ops.local_softmax_ks(m.images, x, a, s, None, None, lv, lp, li, tuple(range(1, 67, 2)), "els_zeros")
+        ops.local_softmax_ks(m.images, x, a, s, None, None, lv, lp, li,
+                             ops.MultiKeySet(tuple(range(1, 67, 2)), multi.keyset, multi.kmask))
+    with pytest.raises(ValueError, match="one size mask per key position"):
+        ops.local_softmax_ks(m.images, x, a, s, None, None, lv, lp, li,
+                             ops.MultiKeySet((3, 5), multi.keyset, multi.kmask[:-1]))
+    with pytest.raises(ValueError, match="multi_keyset sweeps patch sizes|has no key set"):
+        pm.IS(images).multi_keyset(H, W, (3,))
 
 
 def _multi_call_parts():
@@ -173,7 +182,7 @@ def _multi_call_parts():
     from patchmosaic.ops.labels import groups
 
     images, _ = _data()
-    return (images, torch.zeros(1, C, H, W), ops.multi_keyset("els_zeros", H, W, H, W, (3, 5)),
+    return (images, torch.zeros(1, C, H, W), keysets.multi_keyset("els_zeros", H, W, H, W, (3, 5)),
             groups(None, None, None, None, N, 1), torch.ones(1, dtype=torch.float64), torch.empty(2, 1, C, H, W))
 
 
@@ -279,7 +288,7 @@ def test_cuda_one_pass_equals_the_float64_oracle(dev, one_torch_thread):
     a, s, _ = g.coefficients(t, len(t))
     ks = lists[0]
     one = ops.local_softmax_ks(g.train_as(torch.float64, dev), x.to(dev), a.to(dev), s.to(dev), t.to(dev),
-                               lab.to(dev), lv, lp, li, ks, rule, "cuda")
+                               lab.to(dev), lv, lp, li, g.multi_keyset(*canvas, ks), "cuda")
     for j, k in enumerate(ks):
         _check(one[j].cpu(), m.denoise(x, t, k, labels=lab, backend="torch"), torch.float64,
                f"{rule} k={k} CUDA one pass vs float64 oracle")

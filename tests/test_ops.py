@@ -9,6 +9,7 @@ import torch
 import architecture
 import patchmosaic as pm
 from patchmosaic import ops
+from patchmosaic.machines import keysets
 
 
 @pytest.fixture(autouse=True)
@@ -31,15 +32,35 @@ def _inputs(seed=0, C=1, labelled=True):
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
-@pytest.mark.parametrize("rule", ops.RULES)
+@pytest.mark.parametrize("rule", keysets.RULES)
 @pytest.mark.parametrize("provenance", [False, True])
 def test_opcheck_local_softmax(rule, provenance, backend):
     train, x, a, s, index = _inputs()
-    pixels = torch.zeros(5, 6, dtype=torch.bool)
-    pixels[1:4, 2:5] = True
-    for labels, mask in ((torch.tensor([1, 2]), None), (None, pixels)):
-        args = (train, x, a, s, None, labels, *index, mask, 3, rule, provenance, backend, 0, 0)
+    qc, kc, qpad, kpad = keysets.class_maps(rule, 5, 6, 5, 6, 3)
+    part = qc.clone()
+    part.view(5, 6)[[0, 4]] = -1  # rows 0 and 4 not computed
+    for labels, query_class in ((torch.tensor([1, 2]), qc), (None, part)):
+        args = (train, x, a, s, None, labels, *index, query_class, kc, qpad, kpad, 3, provenance, backend, 0, 0)
         torch.library.opcheck(ops.local_softmax, args)
+
+
+def test_the_op_takes_class_maps_and_refuses_bad_ones():
+    """The op layer knows no key-set rule: it takes the class maps a machine computed, and checks them before any
+    work."""
+    train, x, a, s, index = _inputs()
+    qc, kc, qpad, kpad = keysets.class_maps("els_zeros", 5, 6, 5, 6, 3)
+    args = lambda q, k, qp=qpad, kp=kpad: (train, x.detach(), a.detach(), s.detach(), None, None, *index, q, k, qp, kp,
+                                           3, False, "cpu", 0, 0)
+    ops.local_softmax(*args(qc, kc))
+    with pytest.raises(ValueError, match="query_class must be a flat int64 tensor with one class per pixel of the "
+                                         "5x6 query canvas"):
+        ops.local_softmax(*args(qc[:-1], kc))
+    with pytest.raises(ValueError, match="key_class must be a flat int64"):
+        ops.local_softmax(*args(qc, kc.double()))
+    with pytest.raises(ValueError, match="padding codes"):
+        ops.local_softmax(*args(qc, kc, 7))
+    with pytest.raises(ValueError, match="no training position has the key class 99 of query pixel 3"):
+        ops.local_softmax(*args(torch.where(torch.arange(30) == 3, 99, qc), kc))
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
@@ -53,9 +74,10 @@ def test_opcheck_ideal_softmax(provenance, backend):
 def test_opcheck_backward_ops():
     train, x, a, s, index = _inputs(2)
     xd, ad, sd = x.detach(), a.detach(), s.detach()
-    out, stats, _, _ = ops.local_softmax(train, xd, ad, sd, None, None, *index, None, 3, "els_zeros", False, "cpu", 0, 0)
+    cl = keysets.class_maps("els_zeros", 5, 6, 5, 6, 3)
+    out, stats, _, _ = ops.local_softmax(train, xd, ad, sd, None, None, *index, *cl, 3, False, "cpu", 0, 0)
     torch.library.opcheck(ops.local_softmax_backward, (torch.randn_like(out), out, stats, train, xd, ad, sd, None,
-                                                       *index, None, 3, "els_zeros", "cpu", 0))
+                                                       *index, *cl, 3, "cpu", 0))
     out, stats, _, _ = ops.ideal_softmax(train, xd, ad, sd, None, None, *index, False, "cpu", 0, 0)
     torch.library.opcheck(ops.ideal_softmax_backward, (torch.randn_like(out), out, stats, train, xd, ad, sd, None,
                                                        *index, "cpu", 0))

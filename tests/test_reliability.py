@@ -78,7 +78,8 @@ def test_huge_k_refused_where_it_is_not_equivalent():
 
 def test_the_compiled_core_refuses_sizes_that_overflow():
     from patchmosaic import _core
-    from patchmosaic.ops import contract, keyset
+    from patchmosaic.machines.keysets import keyset
+    from patchmosaic.ops import contract
     from patchmosaic.ops.labels import Groups
 
     ks = keyset("els_zeros", 6, 6, 6, 6, 3)

@@ -119,7 +119,8 @@ def test_entry_points_check_their_call_structs_before_touching_a_buffer(entry):
     """Both engines validate the call struct on the host, index arrays included, before any buffer is
     used (on a GPU an out-of-range index would kill the CUDA context; on the CPU it would crash)."""
     from patchmosaic import _core
-    from patchmosaic.ops import contract, keyset
+    from patchmosaic.machines.keysets import keyset
+    from patchmosaic.ops import contract
     from patchmosaic.ops.labels import Groups
 
     if entry.endswith("cuda") and not _core.has_cuda:

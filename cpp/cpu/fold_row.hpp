@@ -1,5 +1,6 @@
 // fold_row.hpp -- the CPU kernels' fold of one query row's block of logits into its online softmax state
-// (softmax_state.hpp): shared by the single-size and the multi-size forward passes.
+// (softmax_state.hpp: raise_max, block_counts, the weights' cut_exp), vectorised over the block's keys: shared
+// by the single-size and the multi-size forward passes.
 #pragma once
 
 #include <cmath>
@@ -20,16 +21,15 @@ inline void fold_row(const T* __restrict L, T bmax, const KeyBlock<T>& kb, T* __
                      double* acc, int64_t& best, int C_runtime) {
   const int C = CC > 0 ? CC : C_runtime;
   const int nk = kb.nk;
-  if (static_cast<double>(bmax) < m - ExpCut<T>::value) return;  // every weight of the block is exactly 0
+  if (!block_counts<T>(bmax, m)) return;  // every weight of the block is exactly 0
   if (static_cast<double>(bmax) > m) {
     int barg = 0;
     while (L[barg] != bmax) ++barg;
-    const double f = std::isinf(m) ? 0.0 : std::exp(m - static_cast<double>(bmax));
-    s *= f;
-    for (int c = 0; c < C; ++c) acc[c] *= f;
-    m = bmax;
     best = kb.key_id[barg];
+    const double f = raise_max(m, s, static_cast<double>(bmax));
+    for (int c = 0; c < C; ++c) acc[c] *= f;
   }
+  // each key's weight: cut_exp<T> of softmax_state.hpp, vectorised (exp_nonpos: the same cut)
   const T mt = static_cast<T>(m);
   const T* __restrict V = kb.V.data();
   // (Weights first into W, then the sums: fused in one loop, the exponential's constants and the sums

@@ -119,7 +119,7 @@ inline T row_max(const T* __restrict L, int n) {
 }
 
 // Segments of the key positions: maximal runs of one class's positions with the same mask of sizes (the
-// positions of a class come sorted by mask, keysets.MultiKeySet), as a CSR over cls_kpos. An item enumerates
+// positions of a class come sorted by mask, tables.MultiKeySet), as a CSR over cls_kpos. An item enumerates
 // its keys segment by segment (within a segment: image, then position), so that every block of keys serves
 // one set of sizes and is gathered, multiplied and folded only at those.
 struct Segments {
@@ -356,18 +356,11 @@ void same_location_multi(const MultiKArgs<T>& M) {
                 double& m = Pm[st];
                 double& s = Ps[st];
                 double* acc = Pacc.data() + st * C;
-                double w;
-                if (l > m) {
-                  const double f = std::isinf(m) ? 0.0 : std::exp(m - l);
-                  s *= f;
+                double f;
+                const double w = fold_key<double>(m, s, l, f);
+                if (f != 1.0)
                   for (int c = 0; c < C; ++c) acc[c] *= f;
-                  m = l;
-                  w = 1.0;
-                } else {
-                  w = clamped_exp<double>(l - m);
-                  if (w == 0.0) continue;
-                }
-                s += w;
+                if (w == 0.0) continue;
                 for (int c = 0; c < C; ++c) acc[c] += w * static_cast<double>(phi[c * HW + p]);
               }
             }

@@ -201,11 +201,9 @@ __global__ void __launch_bounds__(NT) local_items(Geometry<T> G, const Item* __r
       }
       if (la < 0) continue;
       if (static_cast<double>(lm) > m[u]) {
-        const double f = isinf(m[u]) ? 0.0 : exp(m[u] - static_cast<double>(lm));
-        s[u] *= f;
-        for (int ch = 0; ch < CC; ++ch) acc[u][ch] *= f;
-        m[u] = lm;
         best[u] = kt + tx * 4 + la;
+        const double f = raise_max(m[u], s[u], static_cast<double>(lm));
+        for (int ch = 0; ch < CC; ++ch) acc[u][ch] *= f;
       }
       const T mt = static_cast<T>(m[u]);
 #pragma unroll

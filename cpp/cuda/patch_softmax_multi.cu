@@ -139,19 +139,11 @@ __global__ void __launch_bounds__(BM) multi_items(Geometry<T> G, Sizes S, const 
       }
       if (!((sizes >> j) & 1u)) continue;
       const double l = -dist * inv;
-      double w;
-      if (l > m[j]) {
-        const double f = isinf(m[j]) ? 0.0 : exp(m[j] - l);
-        s[j] *= f;
+      double f;
+      const double w = fold_key<T>(m[j], s[j], l, f);  // exactly 0 below the cut, as in the other kernels
+      if (f != 1.0)
         for (int ch = 0; ch < CC; ++ch) acc[j][ch] *= f;
-        m[j] = l;
-        w = 1.0;
-      } else {
-        const double x = l - m[j];
-        if (x < -ExpCut<T>::value) continue;  // weight exactly 0, as in the other kernels
-        w = exp(x);
-      }
-      s[j] += w;
+      if (w == 0.0) continue;
       for (int ch = 0; ch < CC; ++ch) acc[j][ch] = fma(w, v[ch], acc[j][ch]);
     }
   }

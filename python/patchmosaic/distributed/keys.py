@@ -35,7 +35,7 @@ from ..index.bound import bound_from_mass
 from ..index.patch_index import INDEX_OPTION_ARGS, KINDS as INDEX_KINDS, PatchIndex
 from ..index.vectors import patch_sq_norms
 from . import launch
-from .merge import PartialState, merge, pack, unpack
+from ..ops.state import SoftmaxState, merge, pack, unpack
 
 KINDS = {"els": ELS, "ls": LS, "is": IS}
 
@@ -276,7 +276,7 @@ class ShardedMachine(Machine):
         launch.collective(lambda: dist.all_gather_object(out, obj, group=self.group), what, self.group)
         return out
 
-    def _exchange(self, st: PartialState, D: int, dtype, provenance: bool, device) -> PartialState:
+    def _exchange(self, st: SoftmaxState, D: int, dtype, provenance: bool, device) -> SoftmaxState:
         if self.world == 1:
             return st
         cdev = launch.comm_device(self.group)
@@ -414,7 +414,7 @@ class ShardedMachine(Machine):
             if pixels is not None:
                 raise ValueError("pixels= selects query pixels of a local machine; the IS machine has none")
             rows, D = (B,), C * Hq * Wq
-        st = PartialState.empty(rows, D, xt.dtype, xt.device, return_provenance, bounded=self.bounded)
+        st = SoftmaxState.empty(rows, D, xt.dtype, xt.device, return_provenance, bounded=self.bounded)
         sel = self._served(lab, B)
         self.last_index = None
         if len(sel):
@@ -485,7 +485,7 @@ class ShardedMachine(Machine):
             return np.full(len(rows), self.value_range[None])
         return np.array([self.value_range[int(v)] for v in lab.cpu().numpy()[rows]], dtype=np.float64)
 
-    def _bound(self, res: PartialState, lab, B: int) -> torch.Tensor:
+    def _bound(self, res: SoftmaxState, lab, B: int) -> torch.Tensor:
         """The merged error bound per pixel of a merged state (see :attr:`last_bound`)."""
         R = self._value_range_of(lab, np.arange(B)).reshape((B,) + (1,) * (res.s.dim() - 1))
         return torch.from_numpy(bound_from_mass(res.left.cpu().numpy(), res.s.cpu().numpy(), R))
@@ -511,7 +511,7 @@ class ShardedMachine(Machine):
             self._indexes[key] = PatchIndex.open(folder, mach, int(k), tuple(canvas), progress=False, **kw)
         return self._indexes[key]
 
-    def _partial_index(self, xt, t, a, inv_2b2, t_check, lab, sel, k, mask, provenance) -> PartialState:
+    def _partial_index(self, xt, t, a, inv_2b2, t_check, lab, sel, k, mask, provenance) -> SoftmaxState:
         """This rank's partial state of the query images ``sel`` from its patch index: the softmax over the
         retrieved keys (patchmosaic.index.query), its logits shifted as the engines shift theirs, the left-out
         mass bound; the pixels whose shard bound is above ``tol`` computed exactly (:meth:`_partial`)."""
@@ -529,8 +529,8 @@ class ShardedMachine(Machine):
         # the re-scoring's logits are the true ones; the engines' (and so every other shard's) are shifted by
         # |P|^2 / (2 b^2), the same for every key of a row
         shift = patch_sq_norms(q, k, index.keyset.query_pad) * inv_2b2.cpu()[idx].reshape(n, 1, 1)
-        m, s, left = res.top_logit + shift, res.sum_rel.clone(), res.left_mass.clone()
-        out = res.x0.to(xt.dtype).permute(0, 2, 3, 1).contiguous()
+        m, s, left = res.state.m + shift, res.state.s.clone(), res.state.left.clone()
+        out = res.state.out.to(xt.dtype).contiguous()
         key = None
         if provenance:
             key = torch.where(res.arg_key >= 0, res.arg_key + self.offsets[self.rank] * self.H * self.W, res.arg_key)
@@ -568,7 +568,7 @@ class ShardedMachine(Machine):
                            "bound_conditional": bool(res.bound_conditional), "bound_valid": res.bound_valid,
                            "seconds": time.perf_counter() - t0}
         dev = xt.device
-        return PartialState(m.to(dev), s.to(dev), out.to(dev), None if key is None else key.to(dev), left.to(dev))
+        return SoftmaxState(m.to(dev), s.to(dev), out.to(dev), None if key is None else key.to(dev), left.to(dev))
 
     def _served(self, lab, B: int) -> np.ndarray:
         """The query images this rank has keys for (all of them without labels)."""
@@ -579,7 +579,7 @@ class ShardedMachine(Machine):
         mine = self.inner.label_index.values
         return np.nonzero(np.isin(lab.cpu().numpy(), mine))[0]
 
-    def _partial(self, xt, a, inv_2b2, t_check, lab, sel, k, mask, name, provenance, weights=None) -> PartialState:
+    def _partial(self, xt, a, inv_2b2, t_check, lab, sel, k, mask, name, provenance, weights=None) -> SoftmaxState:
         """This rank's partial state of the query images ``sel`` (``weights``: the call's neighbourhood mask)."""
         m = self.inner
         idx = torch.as_tensor(sel, device=xt.device)
@@ -591,18 +591,20 @@ class ShardedMachine(Machine):
         mem = 0 if m.max_memory is None else int(m.max_memory)
         with torch.no_grad():
             if self.local:
-                out, stats, key, _ = ops.local_softmax(train, q, aa, ss, tc, lb, lv, lp, li, mask, k, self.rule,
-                                                      provenance, name, m.n_threads, mem, weights)
-                out = out.permute(0, 2, 3, 1)
+                classes = m.call_classes(q.shape[2], q.shape[3], k, mask)
+                out, stats, key, _ = ops.local_softmax(train, q, aa, ss, tc, lb, lv, lp, li, *classes, k, provenance,
+                                                      name, m.n_threads, mem, weights)
                 per_image = self.H * self.W
             else:
                 out, stats, key, _ = ops.ideal_softmax(train, q, aa, ss, tc, lb, lv, lp, li, provenance, name,
                                                       m.n_threads, mem)
                 out = out.reshape(out.shape[0], -1)
                 per_image = 1
-        stats = stats.to(xt.device)
         key = key.to(xt.device) + self.offsets[self.rank] * per_image if provenance else None
-        return PartialState(stats[..., 0], stats[..., 1], out.to(xt.device), key)
+        if self.local:
+            return SoftmaxState.of_local(out.to(xt.device), stats.to(xt.device), key)
+        stats = stats.to(xt.device)
+        return SoftmaxState(stats[..., 0], stats[..., 1], out.to(xt.device), key)
 
     def sensitivity(self, x, t, k: Optional[int] = None, pixel=(0, 0), labels=None, *, backend: Optional[str] = None):
         """Not available on a sharded machine (its results are not differentiable); build a one-process machine.

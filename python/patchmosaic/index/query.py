@@ -17,6 +17,7 @@ import torch
 
 from .. import ops
 from ..ops.checks import check_cuda_inputs
+from ..ops.state import SoftmaxState
 from ..validation import check_t, to_labels, to_tensor
 from .bound import bound_from_mass, left_mass
 from .retrieval_check import check_retrieval
@@ -29,7 +30,10 @@ class ApproxResult:
 
     ``x0``: the approximate denoiser output (shape of the query); ``bound``: per pixel ``(B, Hq, Wq)``, an
     upper bound on ``|x0_exact - x0|`` (every channel); ``arg_key``: the winning candidate per pixel
-    (``n * H * W + p``, provenance); ``seconds``: the query's time.
+    (``n * H * W + p``, provenance); ``seconds``: the query's time; ``state``: the partial softmax state of the
+    retrieved keys (ops/state.py: per pixel the top logit, the weight sum relative to it, ``x0`` channels last, the
+    winning key, and ``left``: the bound on the left-out keys' weight), the form in which a key shard of a
+    distributed machine merges it with the others.
 
     The bound is a guarantee only where retrieval is exhaustive (``kind="flat"``). For an inverted-file index
     (``"ivf"``, ``"ivfpq"``) it holds *conditional on retrieval*: if the probed lists missed keys nearer than
@@ -49,9 +53,7 @@ class ApproxResult:
     failed_pixels: int = 0
     worst_excess: float = 0.0
     bound_valid: Optional[bool] = True
-    top_logit: Optional[torch.Tensor] = None
-    sum_rel: Optional[torch.Tensor] = None
-    left_mass: Optional[torch.Tensor] = None
+    state: Optional[SoftmaxState] = None
 
 
 def approx_denoise(index, x, t, labels=None, m: int = 64, check_pixels: int = 64) -> ApproxResult:
@@ -133,8 +135,10 @@ def approx_denoise(index, x, t, labels=None, m: int = 64, check_pixels: int = 64
     res = torch.from_numpy(out)
     if isinstance(x, torch.Tensor):
         res = res.to(x.device)
-    out = ApproxResult(res, per_pixel(bnd, 0.0), per_pixel(arg, -1, np.int64), top_logit=per_pixel(top, -np.inf),
-                       sum_rel=per_pixel(srel, 0.0), left_mass=per_pixel(left, 0.0))
+    key = per_pixel(arg, -1, np.int64)
+    state = SoftmaxState(per_pixel(top, -np.inf), per_pixel(srel, 0.0), res.permute(0, 2, 3, 1), key,
+                         per_pixel(left, 0.0))
+    out = ApproxResult(res, per_pixel(bnd, 0.0), key, state=state)
     if any(index.part_kind(p) != "flat" for p in index.parts):
         check_retrieval(index, xq, t, labels, out, check_pixels)
     out.seconds = time.perf_counter() - t0

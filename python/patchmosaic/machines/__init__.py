@@ -1,7 +1,7 @@
 """The exact machines of spec section 2: IS, LS, ELS (periodic) and boundary-aware ELS; beside them the linear
 baseline (Wiener) and the data-driven locality machine (DataLocal: ELS over the Wiener filter's most sensitive
 pixels). Each holds a training set and calls one op of :mod:`patchmosaic.ops`; the key-set rules live in
-ops/keysets.py; ``make_machine`` builds any of them by name."""
+machines/keysets.py; ``make_machine`` builds any of them by name."""
 
 from .base import Machine, Provenance
 from .ideal import IS

@@ -9,6 +9,7 @@ inside the op (ops/library.py).
 from __future__ import annotations
 
 import numbers
+import operator
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
 
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from .. import ops
+from . import keysets
 from ..ops.checks import check_cuda_inputs
 from ..ops.masks import check_patch_mask, crop_patch_mask
 from ..schedules import ScheduleLike, get_schedule
@@ -128,7 +130,7 @@ class Machine:
 """ + DATA_ARGS + ENGINE_ARGS
 
     local = True
-    rule: Optional[str] = None  # the key-set rule of a local machine (ops/keysets.py)
+    rule: Optional[str] = None  # the key-set rule of a local machine (machines/keysets.py)
 
     def __init__(self, images, labels=None, *, schedule: ScheduleLike = "cosine_legacy", backend: str = "auto",
                  n_threads: int = 0, max_memory: Optional[int] = None):
@@ -179,10 +181,10 @@ class Machine:
         B, C, Hq, Wq = xt.shape
         lv, lp, li = self._label_tensors
         if self.local:
-            mask = self._pixel_mask(pixels, B, Hq, Wq)
+            classes = self.call_classes(Hq, Wq, k, self._pixel_mask(pixels, B, Hq, Wq))
             if weights is not None:
                 weights = crop_patch_mask(weights, k)
-            out, _, key, share = ops.local_softmax(train, xt, a, inv_2b2, t_check, lab, lv, lp, li, mask, k, self.rule,
+            out, _, key, share = ops.local_softmax(train, xt, a, inv_2b2, t_check, lab, lv, lp, li, *classes, k,
                                                    return_provenance, name, self.n_threads, max_memory, weights)
         else:
             if pixels is not None:
@@ -226,10 +228,11 @@ class Machine:
             self._prepare_call(x, t, ks, labels, backend)
         distinct = sorted(set(eff))  # eff: sizes past the zero-padding limit compute as the limit
         lv, lp, li = self._label_tensors
+        multi = self.multi_keyset(xt.shape[2], xt.shape[3], distinct)
         with torch.no_grad():
             out = ops.local_softmax_ks(train, xt.detach(), a.detach(), inv_2b2.detach(),
-                                       None if t_check is None else t_check.detach(), lab, lv, lp, li, distinct,
-                                       self.rule, name, self.n_threads, max_memory)
+                                       None if t_check is None else t_check.detach(), lab, lv, lp, li, multi, name,
+                                       self.n_threads, max_memory)
         if distinct != eff:
             out = out[torch.as_tensor([distinct.index(k) for k in eff])]
         return out.numpy() if is_numpy else out
@@ -356,11 +359,32 @@ class Machine:
 
     def keyset(self, Hq: int, Wq: int, k: int) -> "ops.KeySet":
         """The key set of a local machine for ``Hq x Wq`` queries and patch size ``k`` (classes of query
-        pixels and their key positions, ops/keysets.py)."""
+        pixels and their key positions: the table its op takes, built by the machine's rule, machines/keysets.py)."""
         if not self.local:
             raise ValueError("the IS machine has no key set of patches")
         self._check_canvas(Hq, Wq)
-        return ops.keyset(self.rule, int(Hq), int(Wq), self.H, self.W, self.effective_k(k, Hq, Wq))
+        return keysets.keyset(self.rule, int(Hq), int(Wq), self.H, self.W, self.effective_k(k, Hq, Wq))
+
+    def multi_keyset(self, Hq: int, Wq: int, ks: Sequence[int]) -> "ops.MultiKeySet":
+        """The key sets of a local machine at the patch sizes ``ks`` (strictly increasing, as
+        :meth:`effective_k` gives them) as one table, for the one-pass calibration sweep (:meth:`denoise_ks`)."""
+        if not self.local:
+            raise ValueError("the IS machine has no key set of patches")
+        return keysets.multi_keyset(self.rule, int(Hq), int(Wq), self.H, self.W, tuple(int(k) for k in ks))
+
+    def call_classes(self, Hq, Wq, k: int, pixels: Optional[torch.Tensor] = None):
+        """The key set of a call on ``Hq x Wq`` queries at the effective patch size ``k`` as the op takes it:
+        ``(query_class, key_class, query_pad, key_pad)`` (machines/keysets.py, ``class_maps``), computed with torch
+        operations (inside the graph under ``torch.compile``); the pixels where the boolean ``(Hq, Wq)`` tensor
+        ``pixels`` is false get class -1 (not computed). Outside ``torch.compile`` the rule is checked first, so a
+        canvas it cannot serve is named in its terms (e.g. the padding signature no training patch has)."""
+        Hq, Wq = operator.index(Hq), operator.index(Wq)
+        if not torch.compiler.is_compiling():
+            self.keyset(Hq, Wq, k)  # cached; raises the rule's own message
+        qc, kc, qpad, kpad = keysets.class_maps(self.rule, Hq, Wq, self.H, self.W, k)
+        if pixels is not None:
+            qc = torch.where(pixels.reshape(-1), qc, torch.full_like(qc, -1))
+        return qc, kc, qpad, kpad
 
     @property
     def data_digest(self) -> str:

@@ -1,5 +1,5 @@
 """The local machines of spec section 2: LS, and ELS with periodic or zero-padding (boundary-aware)
-boundaries. Each names its key-set rule (ops/keysets.py); the rest is :class:`Machine`'s."""
+boundaries. Each names its key-set rule (machines/keysets.py); the rest is :class:`Machine`'s."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .keysets import KeySet
+from .tables import KeySet
 from .labels import Groups
 
 DTYPES = {torch.float32: 0, torch.float64: 1}
@@ -72,7 +72,7 @@ def local_call(module, *, train: torch.Tensor, query: torch.Tensor, k: int, keys
 
 def local_multi_call(module, *, train: torch.Tensor, query: torch.Tensor, multi, a: torch.Tensor, inv_2b2: torch.Tensor,
                      groups: Groups, out: torch.Tensor, n_threads: int = 0):
-    """The call of the multi-size forward pass; ``multi`` is a keysets.MultiKeySet, ``out`` (K, B, C, Hq, Wq)."""
+    """The call of the multi-size forward pass; ``multi`` is a tables.MultiKeySet, ``out`` (K, B, C, Hq, Wq)."""
     N, C, H, W = train.shape
     B, _, Hq, Wq = query.shape
     ks = np.ascontiguousarray(np.asarray(multi.ks, np.int32))
@@ -112,3 +112,4 @@ def candidate_call(module, *, train, query, k, query_pad, key_pad, a, inv_2b2, p
                 P=int(P), pix=pix, m=int(m), cand=cand, count=count, out=out, top_logit=top_logit,
                 last_logit=last_logit, sum_rel=sum_rel, arg_key=arg_key, arg_share=arg_share,
                 n_threads=int(n_threads))
+

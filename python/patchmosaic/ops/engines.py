@@ -23,7 +23,7 @@ import torch
 
 from .. import _core
 from . import contract
-from .keysets import KeySet
+from .tables import KeySet
 from .labels import Groups
 
 # variant name -> (module, the x86-64 level it needs; None: whatever the build machine had)
@@ -171,7 +171,7 @@ def local_forward_multi(engine: Engine, train, query, multi, a, inv_2b2, groups:
         engine: :data:`CPU` or :data:`CUDA` (its tensors on the engine's device).
         train: ``(N, C, H, W)`` training images, the dtype of ``query``, contiguous.
         query: ``(B, C, Hq, Wq)`` noisy images, contiguous.
-        multi: the key sets at every size (a keysets.MultiKeySet).
+        multi: the key sets at every size (a tables.MultiKeySet).
         a, inv_2b2: ``(B,)`` float64 coefficients of each query image.
         groups: the training images each query image attends to (labels.Groups).
         n_threads: CPU threads (0: all available); the CUDA engine ignores it.

@@ -4,7 +4,8 @@ Each op is a ``torch.library.custom_op`` with a fake implementation (shapes with
 ``torch.compile`` and meta tensors) and an autograd formula, and runs on the CPU engine, the CUDA engine
 or the torch reference (reference.py) by the device of its query and the ``backend`` argument:
 
-- ``local_softmax``: LS / ELS / boundary-aware ELS (``rule`` names the key set, ops/keysets.py);
+- ``local_softmax``: LS / ELS / boundary-aware ELS: a softmax over the key set a machine hands in as a table
+  (ops/tables.py; the rules that build the tables are the machines', machines/keysets.py);
 - ``ideal_softmax``: IS;
 - ``local_softmax_backward``, ``ideal_softmax_backward``: their vector-Jacobian products (engines.hpp);
 - ``candidate_softmax``: the patch index's exact re-scoring of candidate keys (CPU).
@@ -24,8 +25,8 @@ import torch
 from torch import Tensor
 
 from . import checks, engines, masks, reference
-from .keysets import keyset, multi_keyset
 from .labels import groups
+from .tables import KeySet, MultiKeySet
 
 BACKENDS = ("auto", "cpu", "torch", "cuda")
 
@@ -69,11 +70,17 @@ def _prepare(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor):
             a.to(device=dev, dtype=torch.float64).contiguous(), inv_2b2.to(device=dev, dtype=torch.float64).contiguous())
 
 
-def _local_keyset(rule: str, query: Tensor, train: Tensor, k: int, pixels: Optional[Tensor]):
-    ks = keyset(rule, int(query.shape[2]), int(query.shape[3]), int(train.shape[2]), int(train.shape[3]), int(k))
-    if pixels is not None:
-        ks = ks.restricted(pixels.detach().to("cpu", torch.bool).numpy())
-    return ks
+def _local_keyset(query_class: Tensor, key_class: Tensor, query_pad: int, key_pad: int, query: Tensor,
+                  train: Tensor) -> KeySet:
+    """The key set of a call from its class maps (ops/tables.py), checked against the canvas of the queries and
+    the training size before any work."""
+    for name, cls, (h, w), what in (("query_class", query_class, query.shape[2:], "query canvas"),
+                                    ("key_class", key_class, train.shape[2:], "training images")):
+        if cls.dim() != 1 or cls.dtype != torch.int64 or cls.numel() != int(h) * int(w):
+            raise ValueError(f"{name} must be a flat int64 tensor with one class per pixel of the {int(h)}x{int(w)} "
+                             f"{what}, got {tuple(cls.shape)} {cls.dtype}")
+    return KeySet.from_classes(query_class.detach().cpu().numpy(), key_class.detach().cpu().numpy(), query_pad,
+                               key_pad)
 
 
 def _check_mask(patch_mask: Optional[Tensor], k: int, query: Tensor) -> Optional[Tensor]:
@@ -113,14 +120,18 @@ def _masked_patch(engine, w: Optional[Tensor], ks, C: int, like: Tensor):
 @torch.library.custom_op("patchmosaic::local_softmax", mutates_args=())
 def local_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: Optional[Tensor],
                   labels: Optional[Tensor], label_values: Tensor, label_ptr: Tensor, label_images: Tensor,
-                  pixels: Optional[Tensor], k: int, rule: str, provenance: bool, backend: str, n_threads: int,
-                  max_memory: int, patch_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                  query_class: Tensor, key_class: Tensor, query_pad: int, key_pad: int, k: int,
+                  provenance: bool, backend: str,
+                  n_threads: int, max_memory: int, patch_mask: Optional[Tensor] = None
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Local machine (LS / ELS / boundary-aware ELS) forward pass -> ``(out, stats, arg_key, arg_share)``.
 
     ``train`` (N, C, H, W); ``query`` (B, C, Hq, Wq) float32/float64; ``a``, ``inv_2b2`` (B,) float64 from
     the noise schedule; ``t`` (B,) the times, for the check of their range (None when already checked);
-    ``labels`` (B,) int64 or None; ``label_*`` the machine's label index (ops/labels.py); ``pixels`` an
-    optional (Hq, Wq) bool mask of the pixels to compute (others give 0). ``stats`` (B, Hq, Wq, 2) float64:
+    ``labels`` (B,) int64 or None; ``label_*`` the machine's label index (ops/labels.py); ``query_class``
+    (Hq * Wq,), ``key_class`` (H * W,) int64, ``query_pad``, ``key_pad``: the key set as class maps and padding
+    codes (ops/tables.py, ``KeySet.from_classes``: a query pixel attends to the training positions of its class;
+    class -1: a pixel not computed, giving 0, or a position that is no key). ``stats`` (B, Hq, Wq, 2) float64:
     each row's softmax maximum and sum (contract.hpp); ``arg_key``/``arg_share`` (B, Hq, Wq) when
     ``provenance``, else empty. ``patch_mask``: an optional neighbourhood mask in place of the square patch
     (ops/masks.py): ``(k, k)`` shared by every pixel, or ``(Hq, Wq, k, k)`` one per query pixel; boolean, or
@@ -133,7 +144,7 @@ def local_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: O
                   f"the local machine (k={k}) on a batch of shape {tuple(query.shape)}", max_memory)
     checks.values(query, "x", t, a, inv_2b2)
     checks.scale(query, train, inv_2b2, query.shape[1] * k * k)
-    ks = _local_keyset(rule, query, train, k, pixels)
+    ks = _local_keyset(query_class, key_class, query_pad, key_pad, query, train)
     ks, mask = _masked_patch(engine, w, ks, train.shape[1], query)
     grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
@@ -143,8 +154,8 @@ def local_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: O
 
 
 @local_softmax.register_fake
-def _(train, query, a, inv_2b2, t, labels, label_values, label_ptr, label_images, pixels, k, rule, provenance, backend,
-      n_threads, max_memory, patch_mask=None):
+def _(train, query, a, inv_2b2, t, labels, label_values, label_ptr, label_images, query_class, key_class,
+      query_pad, key_pad, k, provenance, backend, n_threads, max_memory, patch_mask=None):
     B, _, Hq, Wq = query.shape
     prov = (B, Hq, Wq) if provenance else (0,)
     return (torch.empty_like(query), query.new_empty((B, Hq, Wq, 2), dtype=torch.float64),
@@ -154,12 +165,13 @@ def _(train, query, a, inv_2b2, t, labels, label_values, label_ptr, label_images
 @torch.library.custom_op("patchmosaic::local_softmax_backward", mutates_args=())
 def local_softmax_backward(grad_out: Tensor, out: Tensor, stats: Tensor, train: Tensor, query: Tensor, a: Tensor,
                            inv_2b2: Tensor, labels: Optional[Tensor], label_values: Tensor, label_ptr: Tensor,
-                           label_images: Tensor, pixels: Optional[Tensor], k: int, rule: str, backend: str,
-                           n_threads: int, patch_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                           label_images: Tensor, query_class: Tensor, key_class: Tensor, query_pad: int,
+                           key_pad: int, k: int, backend: str, n_threads: int, patch_mask: Optional[Tensor] = None
+                           ) -> Tuple[Tensor, Tensor, Tensor]:
     """The vector-Jacobian product of ``local_softmax``'s ``out`` for ``grad_out`` ->
     ``(grad_query, grad_a, grad_inv_2b2)``."""
     engine = _engine(query, backend, train.shape[1])
-    ks = _local_keyset(rule, query, train, k, pixels)
+    ks = _local_keyset(query_class, key_class, query_pad, key_pad, query, train)
     ks, mask = _masked_patch(engine, _check_mask(patch_mask, k, query), ks, train.shape[1], query)
     grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
@@ -171,32 +183,33 @@ def local_softmax_backward(grad_out: Tensor, out: Tensor, stats: Tensor, train: 
 
 
 @local_softmax_backward.register_fake
-def _(grad_out, out, stats, train, query, a, inv_2b2, labels, label_values, label_ptr, label_images, pixels, k, rule,
-      backend, n_threads, patch_mask=None):
+def _(grad_out, out, stats, train, query, a, inv_2b2, labels, label_values, label_ptr, label_images, query_class,
+      key_class, query_pad, key_pad, k, backend, n_threads, patch_mask=None):
     return torch.empty_like(query), torch.empty_like(a), torch.empty_like(inv_2b2)
 
 
-_LOCAL_INPUTS = 17
+_LOCAL_INPUTS = 19
 
 
 def _local_setup(ctx, inputs, output):
-    (train, query, a, inv_2b2, t, labels, lv, lp, li, pixels, k, rule, provenance, backend, n_threads, _,
-     patch_mask) = inputs
+    (train, query, a, inv_2b2, t, labels, lv, lp, li, query_class, key_class, query_pad, key_pad, k, provenance,
+     backend, n_threads, _, patch_mask) = inputs
     out, stats, key, share = output
     ctx.mark_non_differentiable(stats, key, share)
-    ctx.save_for_backward(train, query, a, inv_2b2, labels, lv, lp, li, pixels, out, stats, patch_mask)
-    ctx.args = (k, rule, backend, n_threads)
+    ctx.save_for_backward(train, query, a, inv_2b2, labels, lv, lp, li, query_class, key_class, out, stats,
+                          patch_mask)
+    ctx.args = (query_pad, key_pad, k, backend, n_threads)
 
 
 def _local_backward(ctx, grad_out, *unused):
-    train, query, a, inv_2b2, labels, lv, lp, li, pixels, out, stats, patch_mask = ctx.saved_tensors
+    train, query, a, inv_2b2, labels, lv, lp, li, query_class, key_class, out, stats, patch_mask = ctx.saved_tensors
     grads = [None] * _LOCAL_INPUTS
     if grad_out is None:
         return tuple(grads)
-    k, rule, backend, n_threads = ctx.args
+    query_pad, key_pad, k, backend, n_threads = ctx.args
     gq, ga, gs = torch.ops.patchmosaic.local_softmax_backward(grad_out, out, stats, train, query, a, inv_2b2, labels,
-                                                             lv, lp, li, pixels, k, rule, backend, n_threads,
-                                                             patch_mask)
+                                                             lv, lp, li, query_class, key_class, query_pad, key_pad,
+                                                             k, backend, n_threads, patch_mask)
     grads[1], grads[2], grads[3] = gq, ga.to(a.dtype), gs.to(inv_2b2.dtype)
     return tuple(grads)
 
@@ -207,24 +220,26 @@ local_softmax.register_autograd(_local_backward, setup_context=_local_setup)
 # ------------------------------------------------------------------ local machines, several sizes
 def local_softmax_ks(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: Optional[Tensor],
                      labels: Optional[Tensor], label_values: Tensor, label_ptr: Tensor, label_images: Tensor,
-                     ks, rule: str, backend: str = "auto", n_threads: int = 0, max_memory: int = 0,
+                     multi: MultiKeySet, backend: str = "auto", n_threads: int = 0, max_memory: int = 0,
                      one_pass: bool = True) -> Tensor:
     """A local machine at several patch sizes on the same queries -> ``out`` ``(K, B, C, Hq, Wq)``, ``out[j]``
-    the output at size ``ks[j]`` (what ``local_softmax`` gives at that size, to float rounding).
+    the output at size ``multi.ks[j]`` (what ``local_softmax`` gives at that size with the key set of that size,
+    to float rounding).
 
     A plain function, forward only (no autograd, no provenance, no statistics). On the compiled engines (CPU and
     CUDA) it is one pass: the squared distance at size ``ks[j]`` is that at ``ks[j-1]`` plus the ring between them,
     so each key patch is visited once, up to the largest size it serves (cpp/cpu/patch_softmax_multi.cpp,
     cpp/cuda/patch_softmax_multi.cu; boundary-aware ELS: the interior in one pass, the border pixels one size at a
-    time, keysets.MultiKeySet). The torch reference (``"torch"``) runs ``local_softmax`` once per size.
+    time, tables.MultiKeySet). The torch reference (``"torch"``) runs ``local_softmax`` once per size.
 
     Args:
-        train, query, a, inv_2b2, t, labels, label_values, label_ptr, label_images, rule, backend, n_threads,
+        train, query, a, inv_2b2, t, labels, label_values, label_ptr, label_images, backend, n_threads,
             max_memory: as for :func:`local_softmax`.
-        ks: the patch sizes, odd positive ints in strictly increasing order (1 to 32 of them).
+        multi: the key sets at every size, one table (ops/tables.py; a machine's ``multi_keyset``); its sizes
+            ``multi.ks`` are odd positive ints in strictly increasing order (1 to 32 of them).
         one_pass: False runs ``local_softmax`` once per size on every engine (for comparisons). Default True.
     """
-    ks = tuple(int(k) for k in ks)
+    ks = tuple(int(k) for k in multi.ks)
     if not ks:
         raise ValueError("ks is empty: pass at least one patch size")
     if len(ks) > 32:
@@ -237,10 +252,14 @@ def local_softmax_ks(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t
             raise ValueError(f"patch sizes must be strictly increasing (sorted, no duplicates), got {k0} then {k1} "
                              f"in ks={list(ks)}")
     engine = _engine(query, backend, train.shape[1])
+    if len(multi.kmask) != len(multi.keyset.cls_kpos):
+        raise ValueError("a multi-size table needs one size mask per key position")
     if engine is reference or not one_pass:
         name = "torch" if engine is reference else engine.name
-        outs = [local_softmax(train, query, a, inv_2b2, t, labels, label_values, label_ptr, label_images, None, k,
-                              rule, False, name, n_threads, max_memory)[0] for k in ks]
+        outs = [local_softmax(train, query, a, inv_2b2, t, labels, label_values, label_ptr, label_images,
+                              *multi.size_keyset(j).class_maps(query, train), k, False, name, n_threads,
+                              max_memory)[0]
+                for j, k in enumerate(ks)]
         return torch.stack(outs)
     K, kmax = len(ks), ks[-1]
     B, C, Hq, Wq = (int(v) for v in query.shape)
@@ -256,7 +275,6 @@ def local_softmax_ks(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t
     checks.memory(need, f"the local machine at sizes {list(ks)} on a batch of shape {tuple(query.shape)}", max_memory)
     checks.values(query, "x", t, a, inv_2b2)
     checks.scale(query, train, inv_2b2, C * kmax * kmax)
-    multi = multi_keyset(rule, Hq, Wq, int(train.shape[2]), int(train.shape[3]), ks)
     grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
     with torch.no_grad():

@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from .keysets import KeySet, _csr
+from .tables import KeySet, csr_keyset
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def split_by_mask(keyset: KeySet, weights: torch.Tensor) -> Tuple[KeySet, np.nda
         for part in np.split(order, cuts):
             groups.append((qpix[np.sort(part)], kpos))
             ids.append(int(m[part[0]]))
-    return (_csr(groups, keyset.query_pad, keyset.key_pad), np.asarray(ids, np.int64),
+    return (csr_keyset(groups, keyset.query_pad, keyset.key_pad), np.asarray(ids, np.int64),
             torch.from_numpy(distinct.reshape(-1, k, k)))
 
 

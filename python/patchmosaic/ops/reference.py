@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .keysets import CIRCULAR, KeySet
+from .tables import CIRCULAR, KeySet
 from .labels import Groups
 
 BUDGET = 1 << 22  # elements per temporary (logits chunk, patch chunk)
@@ -52,7 +52,7 @@ def _source(images: torch.Tensor, k: int, pad: int) -> torch.Tensor:
 def patches(images: torch.Tensor, img_idx: torch.Tensor, centres: torch.Tensor, k: int, pad: int) -> torch.Tensor:
     """Patches ``(len(centres), C*k*k)`` of ``images[img_idx[i]]`` centred at flat position ``centres[i]``.
 
-    ``pad``: zeros or circular (keysets.ZEROS / keysets.CIRCULAR). Element order: (c, di, dj).
+    ``pad``: zeros or circular (tables.ZEROS / tables.CIRCULAR). Element order: (c, di, dj).
     """
     return _source(images, k, pad).reshape(-1)[patch_index(images.shape, img_idx, centres, k, pad)]
 

@@ -1,4 +1,10 @@
-"""The associative merge of partial softmax states (pure torch; no processes needed).
+"""The partial softmax state: the one type in which every engine, the patch index and the distributed merge hand
+over a softmax over some of the keys, and its associative merge (pure torch; no processes needed).
+
+The compiled engines fold keys into the same state (cpp/include/patchmosaic/softmax_state.hpp) and return it as
+``(out, stats, arg_key)`` (:meth:`SoftmaxState.of_local`); the patch index returns it for the keys it retrieved,
+with the bound on the rest (index/query.py, ``ApproxResult.state``); a rank of a sharded machine computes it over
+its shard of the keys and the ranks merge theirs (distributed/keys.py).
 
 A machine's softmax over a set of keys, split into shards of the keys, leaves per query row and shard a
 *partial state*: the largest shifted logit ``m`` (the ops' ``stats[..., 0]``), the sum of weights relative to
@@ -29,7 +35,7 @@ import torch
 
 
 @dataclass
-class PartialState:
+class SoftmaxState:
     """Partial softmax state of some rows over one shard of the keys.
 
     Args:
@@ -67,12 +73,19 @@ class PartialState:
                    torch.full(rows, -1, dtype=torch.int64, device=device) if provenance else None,
                    torch.zeros(rows, **f64) if bounded else None)
 
+    @classmethod
+    def of_local(cls, out: torch.Tensor, stats: torch.Tensor, key=None) -> "SoftmaxState":
+        """The state of a local machine's op outputs (``ops.local_softmax``): ``out`` ``(B, C, Hq, Wq)``, ``stats``
+        ``(B, Hq, Wq, 2)`` (the maximum shifted logit and the sum), ``key`` ``(B, Hq, Wq)`` or None; rows are the
+        pixels ``(B, Hq, Wq)``, values their ``C`` channels."""
+        return cls(stats[..., 0], stats[..., 1], out.permute(0, 2, 3, 1), key)
+
     def share(self) -> torch.Tensor:
         """The winning key's softmax weight, ``1 / s`` (0 for a row without keys), in ``out``'s dtype."""
         return torch.where(self.s > 0, 1.0 / self.s, torch.zeros_like(self.s)).to(self.out.dtype)
 
 
-def merge2(x: PartialState, y: PartialState) -> PartialState:
+def merge2(x: SoftmaxState, y: SoftmaxState) -> SoftmaxState:
     """Merge two partial states of the same rows (``x`` the earlier shard: it keeps a tie)."""
     M = torch.maximum(x.m, y.m)
     finite = torch.isfinite(M)
@@ -92,15 +105,15 @@ def merge2(x: PartialState, y: PartialState) -> PartialState:
         for st in (x, y):
             if st.left is not None:
                 left = left + torch.where(st.s > 0, st.left * torch.exp(st.m - Mf), torch.zeros_like(st.s))
-    return PartialState(M, s, out, key, left)
+    return SoftmaxState(M, s, out, key, left)
 
 
-def merge(states: Sequence[PartialState]) -> PartialState:
+def merge(states: Sequence[SoftmaxState]) -> SoftmaxState:
     """Fold ``states`` (of the same rows) left to right with :func:`merge2`: a fixed order, so every process
     that folds the same list gets the same bits.
 
     Args:
-        states: a non-empty sequence of :class:`PartialState`, in shard (rank) order.
+        states: a non-empty sequence of :class:`SoftmaxState`, in shard (rank) order.
     """
     if not states:
         raise ValueError("nothing to merge")
@@ -110,7 +123,7 @@ def merge(states: Sequence[PartialState]) -> PartialState:
     return acc
 
 
-def pack(st: PartialState) -> torch.Tensor:
+def pack(st: SoftmaxState) -> torch.Tensor:
     """One float64 ``(*rows, 2 + D + [1] + [1])`` tensor holding a state (the key as a float64: exact below
     2^53; then ``left`` when present), the buffer the ranks exchange."""
     parts = [st.m[..., None], st.s[..., None], st.out.double()]
@@ -121,8 +134,8 @@ def pack(st: PartialState) -> torch.Tensor:
     return torch.cat(parts, -1)
 
 
-def unpack(buf: torch.Tensor, D: int, dtype, provenance: bool, bounded: bool = False) -> PartialState:
+def unpack(buf: torch.Tensor, D: int, dtype, provenance: bool, bounded: bool = False) -> SoftmaxState:
     """The inverse of :func:`pack` (``out`` back in ``dtype``); ``bounded``: the state carries ``left``."""
     key = buf[..., 2 + D].round().to(torch.int64) if provenance else None
     left = buf[..., 2 + D + int(provenance)].contiguous() if bounded else None
-    return PartialState(buf[..., 0].contiguous(), buf[..., 1].contiguous(), buf[..., 2:2 + D].to(dtype), key, left)
+    return SoftmaxState(buf[..., 0].contiguous(), buf[..., 1].contiguous(), buf[..., 2:2 + D].to(dtype), key, left)
