@@ -52,6 +52,13 @@ inline void bind_contract(py::module_& m, bool module_local) {
     PM_LOCAL_MULTI_FIELDS(PM_BIND_FIELD)
     cls.attr("FIELDS") = py::tuple(names);
   }
+  {
+    using Struct = AlignedCall;
+    auto cls = bind_call<Struct>(m, "AlignedCall", module_local);
+    py::list names;
+    PM_ALIGNED_FIELDS(PM_BIND_FIELD)
+    cls.attr("FIELDS") = py::tuple(names);
+  }
 }
 
 #undef PM_BIND_FIELD

@@ -54,6 +54,14 @@ void register_cpu(py::module_& m) {
     validate(c);
     by_dtype(c, candidate_softmax_cpu<float>, candidate_softmax_cpu<double>);
   }, "Exact softmax over a candidate key list per listed query pixel (the patch index's re-scoring).");
+  m.def("aligned_forward_cpu", [](const AlignedCall& c) {
+    validate(c, Pass::kForward, Engine::kCpu);
+    by_dtype(c, aligned_forward_cpu<float>, aligned_forward_cpu<double>);
+  }, "Same-position machines, forward pass: out, stats and provenance of an AlignedCall.");
+  m.def("aligned_backward_cpu", [](const AlignedCall& c) {
+    validate(c, Pass::kBackward, Engine::kCpu);
+    by_dtype(c, aligned_backward_cpu<float>, aligned_backward_cpu<double>);
+  }, "Same-position machines, backward pass: grad_query, grad_a, grad_inv_2b2 of an AlignedCall.");
   m.def("max_threads", []() {
 #ifdef _OPENMP
     return omp_get_max_threads();

@@ -46,6 +46,14 @@ void register_cuda(py::module_& m) {
     validate(c, Pass::kBackward, Engine::kCuda);
     by_dtype(c, stream, device, ideal_backward_cuda<float>, ideal_backward_cuda<double>);
   }, "Ideal score machine on the GPU, backward pass.");
+  m.def("aligned_forward_cuda", [](const AlignedCall& c, uintptr_t stream, int device) {
+    validate(c, Pass::kForward, Engine::kCuda);
+    by_dtype(c, stream, device, aligned_forward_cuda<float>, aligned_forward_cuda<double>);
+  }, "Same-position machines on the GPU, forward pass (an AlignedCall, a stream handle, a device index).");
+  m.def("aligned_backward_cuda", [](const AlignedCall& c, uintptr_t stream, int device) {
+    validate(c, Pass::kBackward, Engine::kCuda);
+    by_dtype(c, stream, device, aligned_backward_cuda<float>, aligned_backward_cuda<double>);
+  }, "Same-position machines on the GPU, backward pass (needs the transposed neighbourhood table).");
 }
 
 }  // namespace patchmosaic

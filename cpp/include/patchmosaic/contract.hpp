@@ -24,7 +24,7 @@ enum Dtype : int64_t { kFloat32 = 0, kFloat64 = 1 };
 enum Padding : int64_t { kPadZeros = 0, kPadCircular = 1 };
 
 // LS / ELS / boundary-aware ELS: queries grouped into classes of pixels that share key positions
-// (see python/patchmosaic/ops/keysets.py), training images grouped by label.
+// (python/patchmosaic/ops/tables.py; the rules: machines/keysets.py), training images grouped by label.
 #define PM_LOCAL_FIELDS(F)                                                                          \
   F(dtype)                       /* kFloat32 or kFloat64: the type of every T buffer below */     \
   F(train) F(N) F(C) F(H) F(W)   /* T (N, C, H, W): training images */                            \
@@ -112,11 +112,41 @@ enum Padding : int64_t { kPadZeros = 0, kPadCircular = 1 };
   F(arg_key) F(arg_share)        /* optional (P,) */                                             \
   F(n_threads)
 
+// Same-position machines (LS, PCA-locality, patch-set composites): every row is a softmax over the training images
+// (of the query's label group) at the same positions as the query. Row r of query image b has a neighbourhood of
+// elements e (flat c * H * W + i * W + j of the image) with weights w_e > 0, and a response: the elements whose
+// values the row averages. Its logit for training image n is
+//     l_n = -inv_2b2_b * sum_{e in hood(r)} w_e (x_b[e] - a_b phi_n[e])^2
+// (not shifted: stats = (max l_n, sum exp(l_n - max))), and out[b, j] = sum_n w_n phi_n[resp_elem[j]] / sum_n w_n
+// for each response entry j of the row (a row with an empty neighbourhood: every logit 0, the mean over the images).
+// The engines compute every image's squared residual once and sum it over
+// each row's neighbourhood (cpu/aligned_softmax.cpp: as runs of consecutive elements of equal weight).
+#define PM_ALIGNED_FIELDS(F)                                                                         \
+  F(dtype)                                                                                          \
+  F(train) F(N) F(D)             /* T (N, D): training images, flat (D = C H W) */                  \
+  F(query) F(B)                  /* T (B, D): noisy queries, flat */                                \
+  F(a) F(inv_2b2)                /* double (B,) */                                                  \
+  F(n_rows)                      /* rows of every query image */                                    \
+  F(hood_ptr) F(hood_elem) F(n_hood)  /* host int64 (n_rows+1,), int32 (n_hood,): ascending, distinct */ \
+  F(hood_weight)                 /* host double (n_hood,) > 0, finite; 0 address: all 1 */          \
+  F(resp_ptr) F(resp_elem) F(n_resp)  /* host int64 (n_rows+1,), int32 (n_resp,): each row >= 1 */   \
+  F(n_groups) F(grp_img_ptr) F(grp_img) F(n_grp_img) F(group_of_b)  /* as LocalCall */             \
+  F(out)                         /* forward: T (B, n_resp) */                                       \
+  F(stats)                       /* forward: double (B, n_rows, 2) = (m, s); backward: input */     \
+  F(arg_key) F(arg_share)        /* optional (B, n_rows): int64 winning image, T its weight share */ \
+  F(grad_out)                    /* backward: T (B, n_resp), with out and stats as inputs */         \
+  F(grad_query)                  /* backward: T (B, D) */                                           \
+  F(grad_a) F(grad_inv_2b2)      /* backward: double (B,) */                                        \
+  F(hoodT_ptr) F(hoodT_row) F(hoodT_weight)  /* CUDA backward: host int64 (D+1,), int32, double: the \
+                                    rows whose neighbourhood holds each element, with its weight */  \
+  F(n_threads)
+
 #define PM_DECLARE_FIELD(name) int64_t name = 0;
 struct LocalCall { PM_LOCAL_FIELDS(PM_DECLARE_FIELD) };
 struct IdealCall { PM_IDEAL_FIELDS(PM_DECLARE_FIELD) };
 struct CandidateCall { PM_CANDIDATE_FIELDS(PM_DECLARE_FIELD) };
 struct LocalMultiCall { PM_LOCAL_MULTI_FIELDS(PM_DECLARE_FIELD) };
+struct AlignedCall { PM_ALIGNED_FIELDS(PM_DECLARE_FIELD) };
 #undef PM_DECLARE_FIELD
 
 template <typename P>
@@ -253,6 +283,51 @@ inline IdealScoreArgs<T> view(const IdealCall& c) {
           addr<const int32_t*>(c.grp_img), addr<const int32_t*>(c.group_of_b), addr<T*>(c.out),
           addr<double*>(c.stats), addr<int64_t*>(c.arg_key), addr<T*>(c.arg_share), addr<const T*>(c.grad_out),
           addr<T*>(c.grad_query), addr<double*>(c.grad_a), addr<double*>(c.grad_inv_2b2), int(c.n_threads)};
+}
+
+template <typename T>
+struct AlignedArgs {
+  const T* train;
+  int64_t N, D;
+  const T* query;
+  int64_t B;
+  const double* a;
+  const double* inv_2b2;
+  int64_t n_rows;
+  const int64_t* hood_ptr;
+  const int32_t* hood_elem;
+  const double* hood_weight;  // null: all 1
+  const int64_t* resp_ptr;
+  const int32_t* resp_elem;
+  int64_t n_resp;
+  int64_t n_groups;
+  const int64_t* grp_img_ptr;
+  const int32_t* grp_img;
+  const int32_t* group_of_b;
+  T* out;
+  double* stats;
+  int64_t* arg_key;
+  T* arg_share;
+  const T* grad_out;
+  T* grad_query;
+  double* grad_a;
+  double* grad_inv_2b2;
+  const int64_t* hoodT_ptr;
+  const int32_t* hoodT_row;
+  const double* hoodT_weight;
+  int n_threads;
+};
+
+template <typename T>
+inline AlignedArgs<T> view(const AlignedCall& c) {
+  return {addr<const T*>(c.train), c.N, c.D, addr<const T*>(c.query), c.B, addr<const double*>(c.a),
+          addr<const double*>(c.inv_2b2), c.n_rows, addr<const int64_t*>(c.hood_ptr),
+          addr<const int32_t*>(c.hood_elem), addr<const double*>(c.hood_weight), addr<const int64_t*>(c.resp_ptr),
+          addr<const int32_t*>(c.resp_elem), c.n_resp, c.n_groups, addr<const int64_t*>(c.grp_img_ptr),
+          addr<const int32_t*>(c.grp_img), addr<const int32_t*>(c.group_of_b), addr<T*>(c.out), addr<double*>(c.stats),
+          addr<int64_t*>(c.arg_key), addr<T*>(c.arg_share), addr<const T*>(c.grad_out), addr<T*>(c.grad_query),
+          addr<double*>(c.grad_a), addr<double*>(c.grad_inv_2b2), addr<const int64_t*>(c.hoodT_ptr),
+          addr<const int32_t*>(c.hoodT_row), addr<const double*>(c.hoodT_weight), int(c.n_threads)};
 }
 
 template <typename T>

@@ -23,6 +23,9 @@ template <typename T> void candidate_softmax_cpu(const CandidateSoftmaxArgs<T>& 
 template <typename T> Plan plan_cpu(const PatchSoftmaxArgs<T>& A, const QueryGroups& qg);
 // every patch size of a LocalMultiCall in one pass (forward only; patch_softmax_multi.cpp)
 template <typename T> void local_forward_multi_cpu(const MultiKArgs<T>& A);
+// the same-position machines (aligned_softmax.cpp): forward (out, stats, provenance) and backward
+template <typename T> void aligned_forward_cpu(const AlignedArgs<T>& A);
+template <typename T> void aligned_backward_cpu(const AlignedArgs<T>& A);
 
 // CUDA twins (cuda/*.cu, built with PATCHMOSAIC_CUDA): `stream` is a cudaStream_t; kernels are enqueued on
 // it. `device`: the CUDA device the buffers and the stream belong to (made current for the call).
@@ -32,5 +35,8 @@ template <typename T> void ideal_forward_cuda(const IdealScoreArgs<T>& A, void* 
 template <typename T> void ideal_backward_cuda(const IdealScoreArgs<T>& A, void* stream, int device);
 // every patch size of a LocalMultiCall in one pass (forward only; cuda/patch_softmax_multi.cu)
 template <typename T> void local_forward_multi_cuda(const MultiKArgs<T>& A, void* stream, int device);
+// the same-position machines (cuda/aligned_softmax.cu)
+template <typename T> void aligned_forward_cuda(const AlignedArgs<T>& A, void* stream, int device);
+template <typename T> void aligned_backward_cuda(const AlignedArgs<T>& A, void* stream, int device);
 
 }  // namespace patchmosaic

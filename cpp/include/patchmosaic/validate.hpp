@@ -315,4 +315,57 @@ inline void validate(const LocalMultiCall& c, Engine engine = Engine::kCpu) {
   if (engine == Engine::kCuda) cuda_limits(c.C, kmax);
 }
 
+// Same-position machines: sizes, the neighbourhood table (each row's elements ascending and distinct, weights
+// finite and > 0), the response table (each row at least one element), the groups, and the pass's buffers.
+inline void validate(const AlignedCall& c, Pass pass, Engine engine) {
+  using namespace detail;
+  dtype(c.dtype);
+  present(c.train, "train");
+  present(c.query, "query");
+  positive(c.N, "N", int64_t(1) << 40);
+  positive(c.D, "D", int64_t(1) << 30);
+  positive(c.B, "B", int64_t(1) << 40);
+  positive(c.n_rows, "n_rows", int64_t(1) << 30);
+  product({c.N, c.D}, "the training set");
+  product({c.B, c.D}, "the query batch");
+  product({c.B, c.n_resp}, "the output");
+  product({c.B, c.n_rows, 2}, "the statistics");
+  present(c.a, "a");
+  present(c.inv_2b2, "inv_2b2");
+  csr(c.hood_ptr, c.n_rows, c.n_hood, "hood_ptr");
+  in_range(c.hood_elem, c.n_hood, c.D, "hood_elem");
+  csr(c.resp_ptr, c.n_rows, c.n_resp, "resp_ptr");
+  in_range(c.resp_elem, c.n_resp, c.D, "resp_elem");
+  const int64_t* hp = addr<const int64_t*>(c.hood_ptr);
+  const int32_t* he = addr<const int32_t*>(c.hood_elem);
+  const int64_t* rp = addr<const int64_t*>(c.resp_ptr);
+  for (int64_t r = 0; r < c.n_rows; ++r) {
+    if (rp[r + 1] == rp[r]) fail("resp_ptr: row " + std::to_string(r) + " has no response element");
+    for (int64_t e = hp[r] + 1; e < hp[r + 1]; ++e)
+      if (he[e] <= he[e - 1])
+        fail("hood_elem: the elements of row " + std::to_string(r) + " must be ascending and distinct");
+  }
+  if (c.hood_weight) {
+    const double* w = addr<const double*>(c.hood_weight);
+    for (int64_t e = 0; e < c.n_hood; ++e)
+      if (!(w[e] > 0.0) || !std::isfinite(w[e]))
+        fail("hood_weight must be finite and > 0 (entry " + std::to_string(e) + ")");
+  }
+  groups(c);
+  present(c.stats, "stats");
+  present(c.out, "out");
+  if (pass == Pass::kForward) {
+    if ((c.arg_key == 0) != (c.arg_share == 0)) fail("arg_key and arg_share must be given together");
+    return;
+  }
+  present(c.grad_out, "grad_out");
+  present(c.grad_query, "grad_query");
+  present(c.grad_a, "grad_a");
+  present(c.grad_inv_2b2, "grad_inv_2b2");
+  if (engine == Engine::kCuda) {
+    csr(c.hoodT_ptr, c.D, c.n_hood, "hoodT_ptr");
+    in_range(c.hoodT_row, c.n_hood, c.n_rows, "hoodT_row");
+  }
+}
+
 }  // namespace patchmosaic

@@ -113,3 +113,20 @@ def candidate_call(module, *, train, query, k, query_pad, key_pad, a, inv_2b2, p
                 last_logit=last_logit, sum_rel=sum_rel, arg_key=arg_key, arg_share=arg_share,
                 n_threads=int(n_threads))
 
+
+def aligned_call(module, *, train: torch.Tensor, query: torch.Tensor, table, a: torch.Tensor, inv_2b2: torch.Tensor,
+                 groups: Groups, out: torch.Tensor, stats: torch.Tensor, arg_key=None, arg_share=None, grad_out=None,
+                 grad_query=None, grad_a=None, grad_inv_2b2=None, transposed=None, n_threads: int = 0):
+    """The AlignedCall of a same-position machine; ``table`` a tables.ElementTable, ``transposed`` its transpose
+    ``(ptr, row, weight)`` (the CUDA engine's backward pass) or None."""
+    N, B = train.shape[0], query.shape[0]
+    D = train[0].numel()
+    tp, tr, tw = transposed if transposed is not None else (None, None, None)
+    return make(module.AlignedCall, dtype=DTYPES[query.dtype], train=train, N=N, D=D, query=query, B=B, a=a,
+                inv_2b2=inv_2b2, n_rows=table.n_rows, hood_ptr=table.hood_ptr, hood_elem=table.hood_elem,
+                n_hood=len(table.hood_elem), hood_weight=table.hood_weight, resp_ptr=table.resp_ptr,
+                resp_elem=table.resp_elem, n_resp=len(table.resp_elem), n_groups=len(groups.grp_img_ptr) - 1,
+                grp_img_ptr=groups.grp_img_ptr, grp_img=groups.grp_img, n_grp_img=len(groups.grp_img),
+                group_of_b=groups.group_of_b, out=out, stats=stats, arg_key=arg_key, arg_share=arg_share,
+                grad_out=grad_out, grad_query=grad_query, grad_a=grad_a, grad_inv_2b2=grad_inv_2b2, hoodT_ptr=tp,
+                hoodT_row=tr, hoodT_weight=tw, n_threads=int(n_threads))

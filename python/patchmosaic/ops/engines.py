@@ -201,6 +201,35 @@ def local_backward(engine: Engine, grad_out, out, stats, train, query, k: int, k
     return grad_query, grad_a, grad_s
 
 
+def aligned_forward(engine: Engine, train, query, table, a, inv_2b2, groups: Groups, provenance: bool,
+                    n_threads: int = 0):
+    """(out, stats, arg_key, arg_share) of a same-position machine (contract.hpp, AlignedCall): ``out`` ``(B,
+    n_resp)`` the rows' responses, ``stats`` ``(B, n_rows, 2)``, provenance ``(B, n_rows)`` or empty."""
+    B = query.shape[0]
+    out = torch.empty((B, len(table.resp_elem)), dtype=query.dtype, device=query.device)
+    stats = torch.empty((B, table.n_rows, 2), dtype=torch.float64, device=query.device)
+    key, share = _provenance_buffers((B, table.n_rows), query, provenance)
+    call = contract.aligned_call(engine.module, train=train, query=query, table=table, a=a, inv_2b2=inv_2b2,
+                                 groups=groups, out=out, stats=stats, arg_key=key if provenance else None,
+                                 arg_share=share if provenance else None, n_threads=n_threads)
+    engine.run("aligned_forward", call, query.device)
+    return out, stats, key, share
+
+
+def aligned_backward(engine: Engine, grad_out, out, stats, train, query, table, a, inv_2b2, groups: Groups,
+                     n_threads: int = 0, transposed=None):
+    """(grad_query, grad_a, grad_inv_2b2): the vector-Jacobian product of aligned_forward's out; ``transposed``:
+    the table's transpose (the CUDA engine needs it)."""
+    grad_query = torch.zeros_like(query)
+    grad_a = torch.zeros_like(a)
+    grad_s = torch.zeros_like(inv_2b2)
+    call = contract.aligned_call(engine.module, train=train, query=query, table=table, a=a, inv_2b2=inv_2b2,
+                                 groups=groups, out=out, stats=stats, grad_out=grad_out, grad_query=grad_query,
+                                 grad_a=grad_a, grad_inv_2b2=grad_s, transposed=transposed, n_threads=n_threads)
+    engine.run("aligned_backward", call, query.device)
+    return grad_query, grad_a, grad_s
+
+
 def ideal_forward(engine: Engine, train, query, a, inv_2b2, groups: Groups, provenance: bool, n_threads: int = 0):
     B = query.shape[0]
     out = torch.empty_like(query)

@@ -12,7 +12,7 @@ query pixel and of every training position -- tensors a machine computes with to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -160,3 +160,83 @@ class MultiKeySet:
                 groups.append((q, k[serves]))
         return csr_keyset(groups, self.keyset.query_pad, self.keyset.key_pad)
 
+
+@dataclass(frozen=True)
+class ElementTable:
+    """The rows of a same-position machine (contract.hpp, AlignedCall), as flat CSR arrays over the elements
+    ``e = c * H * W + i * W + j`` of an image.
+
+    Row ``r`` is a softmax over the training images at the query's own positions: its neighbourhood is
+    ``hood_elem[hood_ptr[r]:hood_ptr[r+1]]`` (ascending, distinct) with weights ``hood_weight`` (> 0; None: all
+    1), its logit for image ``n`` is ``-sum_e w_e (x[e] - a phi_n[e])^2 / (2 b^2)``, and its response is the
+    elements ``resp_elem[resp_ptr[r]:resp_ptr[r+1]]`` whose values it averages. LS is a row per pixel, its
+    neighbourhood the ``C k^2`` elements of its square patch inside the image, its response the pixel's ``C``
+    channels; PCA-locality a row per element, its neighbourhood a thresholded Wiener mask, its response the element.
+    """
+
+    hood_ptr: np.ndarray  # int64 (n_rows + 1,)
+    hood_elem: np.ndarray  # int32 (n_hood,)
+    hood_weight: Optional[np.ndarray]  # float64 (n_hood,) or None
+    resp_ptr: np.ndarray  # int64 (n_rows + 1,)
+    resp_elem: np.ndarray  # int32 (n_resp,)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.hood_ptr) - 1
+
+    def tensors(self) -> List[Optional[torch.Tensor]]:
+        """``[hood_ptr, hood_elem, hood_weight, resp_ptr, resp_elem]`` as the op takes them (int64, float64 CPU
+        tensors; ``hood_weight`` None when every weight is 1)."""
+        w = None if self.hood_weight is None else torch.from_numpy(self.hood_weight)
+        return [torch.from_numpy(self.hood_ptr), torch.from_numpy(self.hood_elem.astype(np.int64)), w,
+                torch.from_numpy(self.resp_ptr), torch.from_numpy(self.resp_elem.astype(np.int64))]
+
+    @classmethod
+    def from_tensors(cls, hood_ptr, hood_elem, hood_weight, resp_ptr, resp_elem, D: int) -> "ElementTable":
+        """The table of an op's arguments, checked against ``D`` elements per image: a ValueError names what is
+        wrong (the compiled core checks it again, validate.hpp)."""
+        arrays = []
+        for name, t in (("hood_ptr", hood_ptr), ("hood_elem", hood_elem), ("resp_ptr", resp_ptr),
+                        ("resp_elem", resp_elem)):
+            if not torch.is_tensor(t) or t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
+                raise ValueError(f"element table: {name} must be a 1-d integer tensor")
+            arrays.append(t.detach().cpu().numpy().astype(np.int64))
+        hp, he, rp, re = arrays
+        if len(rp) != len(hp):
+            raise ValueError("element table: hood_ptr and resp_ptr must have the same rows (one entry per row plus one)")
+        for name, ptr, vals, least in (("hood", hp, he, 0), ("resp", rp, re, 1)):
+            if len(ptr) < 1 or ptr[0] != 0 or ptr[-1] != len(vals) or bool(np.any(np.diff(ptr) < least)):
+                raise ValueError(f"element table: {name}_ptr must rise from 0 to the number of entries"
+                                 + (", by at least one per row (every row has a response)" if least else ""))
+            if len(vals) and (int(vals.min()) < 0 or int(vals.max()) >= D):
+                raise ValueError(f"element table: {name}_elem holds an element outside 0..{D - 1}")
+        step = np.diff(he)
+        starts = np.zeros(len(he) + 1, bool)
+        starts[hp[:-1]] = True  # (an empty row's start is the next row's)
+        if bool(np.any(step[~starts[1:-1]] <= 0)):
+            raise ValueError("element table: each row's neighbourhood elements must be ascending and distinct")
+        w = None
+        if hood_weight is not None:
+            w = hood_weight.detach().cpu().numpy().astype(np.float64)
+            if w.shape != he.shape or not bool(np.all(np.isfinite(w) & (w > 0))):
+                raise ValueError("element table: hood_weight needs one finite weight > 0 per neighbourhood element")
+        return cls(np.ascontiguousarray(hp), np.ascontiguousarray(he, np.int32), w, np.ascontiguousarray(rp),
+                   np.ascontiguousarray(re, np.int32))
+
+    def largest_weight_sum(self) -> float:
+        """The largest sum of a row's neighbourhood weights (the factor of ``(max|x| + max|train|)^2`` in the
+        largest possible distance; ops/checks.py, ``scale``)."""
+        w = np.ones(len(self.hood_elem)) if self.hood_weight is None else self.hood_weight
+        rows = np.repeat(np.arange(self.n_rows), np.diff(self.hood_ptr))
+        return float(np.bincount(rows, weights=w, minlength=self.n_rows).max(initial=0.0))
+
+    def runs_per_row(self) -> float:
+        """The average number of runs (maximal sequences of consecutive elements of one weight) per row: the
+        CPU engine's work per row and training image."""
+        he = self.hood_elem.astype(np.int64)
+        brk = np.ones(len(he), bool)
+        brk[1:] = np.diff(he) != 1
+        if self.hood_weight is not None:
+            brk[1:] |= np.diff(self.hood_weight) != 0
+        brk[self.hood_ptr[:-1][np.diff(self.hood_ptr) > 0]] = True
+        return float(brk.sum()) / max(1, self.n_rows)

@@ -1,0 +1,307 @@
+// aligned_softmax.cpp -- the CPU engine of the same-position machines (contract.hpp, AlignedCall): every row is a
+// softmax over the training images at the query's own positions, its logit a weighted squared distance over the
+// row's neighbourhood of elements.
+//
+// The work is O(N * (D + runs)) per query image instead of O(N * sum |hood|): for each training image n the
+// squared residual r_e = (x_e - a phi_n[e])^2 is computed once for all D elements, with its prefix sums P (in
+// double), and a row's distance is the sum over its neighbourhood's *runs* -- maximal sequences of consecutive
+// elements with one weight -- each run one difference P[hi] - P[lo]. A square k x k patch is C k runs of k
+// elements; a data-driven mask (PCA-locality) a few runs per image row it covers.
+//
+// Threads: each group's images (its label's training images) are split into as many contiguous parts as there
+// are threads; a part folds its images into its own online softmax states (softmax_state.hpp) and the parts are
+// merged in part order, so a result depends only on the thread count.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "patchmosaic/engines.hpp"
+#include "patchmosaic/softmax_state.hpp"
+#include "simd_exp.hpp"
+#include "threads.hpp"
+
+namespace patchmosaic {
+namespace {
+
+constexpr int kBlock = 16;        // training images whose logits are folded together
+constexpr int64_t kMinPart = 64;  // fewest images of a part (below it, fewer parts)
+
+// A row's neighbourhood as runs [lo, hi) of consecutive elements with one weight w.
+struct Runs {
+  std::vector<int64_t> ptr;  // (n_rows + 1,)
+  std::vector<int32_t> lo, hi;
+  std::vector<double> w;
+};
+
+template <typename T>
+Runs make_runs(const AlignedArgs<T>& A) {
+  Runs R;
+  R.ptr.assign(A.n_rows + 1, 0);
+  for (int64_t r = 0; r < A.n_rows; ++r) {
+    for (int64_t e = A.hood_ptr[r]; e < A.hood_ptr[r + 1]; ++e) {
+      const int32_t el = A.hood_elem[e];
+      const double w = A.hood_weight ? A.hood_weight[e] : 1.0;
+      if (e > A.hood_ptr[r] && R.hi.back() == el && R.w.back() == w) {
+        ++R.hi.back();
+      } else {
+        R.lo.push_back(el);
+        R.hi.push_back(el + 1);
+        R.w.push_back(w);
+      }
+    }
+    R.ptr[r + 1] = static_cast<int64_t>(R.lo.size());
+  }
+  return R;
+}
+
+// The parts of the work: group g's images grp_img[i0 .. i1), for the group's query images.
+struct Part {
+  int64_t g, i0, i1;
+};
+
+struct Groups {
+  std::vector<std::vector<int64_t>> queries;  // per group: its query images, ascending
+  std::vector<Part> parts;                    // in merge order: by group, then image range
+};
+
+template <typename T>
+Groups make_parts(const AlignedArgs<T>& A, int n_threads) {
+  Groups G;
+  G.queries.assign(A.n_groups, {});
+  for (int64_t b = 0; b < A.B; ++b) G.queries[A.group_of_b[b]].push_back(b);
+  for (int64_t g = 0; g < A.n_groups; ++g) {
+    if (G.queries[g].empty()) continue;
+    const int64_t n = A.grp_img_ptr[g + 1] - A.grp_img_ptr[g];
+    const int64_t k = std::max<int64_t>(1, std::min<int64_t>(n_threads, n / kMinPart));
+    for (int64_t p = 0; p < k; ++p)
+      G.parts.push_back({g, A.grp_img_ptr[g] + n * p / k, A.grp_img_ptr[g] + n * (p + 1) / k});
+  }
+  return G;
+}
+
+// The squared residual's prefix sums P[0..D] of query x (coefficient a) against training image phi.
+template <typename T>
+inline void residual_prefix(const T* __restrict x, const T* __restrict phi, double a, int64_t D, double* __restrict P) {
+  double acc = 0.0;
+  P[0] = 0.0;
+  for (int64_t e = 0; e < D; ++e) {
+    const double d = static_cast<double>(x[e]) - a * static_cast<double>(phi[e]);
+    acc += d * d;
+    P[e + 1] = acc;
+  }
+}
+
+// The weighted distance of row r from the prefix sums.
+inline double row_distance(const Runs& R, int64_t r, const double* __restrict P) {
+  double d = 0.0;
+  for (int64_t u = R.ptr[r]; u < R.ptr[r + 1]; ++u) d += R.w[u] * (P[R.hi[u]] - P[R.lo[u]]);
+  return d;
+}
+
+// One part's online softmax states of its group's query images: per (query, row) m, s, best; per (query,
+// response entry) the weighted sum acc.
+struct PartState {
+  std::vector<double> m, s, acc;
+  std::vector<int64_t> best;
+};
+
+template <typename T>
+void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<int64_t>& qs, const Part& part,
+               PartState& S) {
+  const int64_t nr = A.n_rows, D = A.D, nq = static_cast<int64_t>(qs.size());
+  S.m.assign(nq * nr, -std::numeric_limits<double>::infinity());
+  S.s.assign(nq * nr, 0.0);
+  S.best.assign(nq * nr, -1);
+  S.acc.assign(nq * A.n_resp, 0.0);
+  std::vector<double> P(D + 1), L(kBlock * nr), top(nr);
+  std::vector<int> arg(nr);
+  std::vector<T> w(nr);
+  for (int64_t i0 = part.i0; i0 < part.i1; i0 += kBlock) {
+    const int nb = static_cast<int>(std::min<int64_t>(kBlock, part.i1 - i0));
+    for (int64_t qi = 0; qi < nq; ++qi) {
+      const int64_t b = qs[qi];
+      const T* x = A.query + b * D;
+      const double a = A.a[b], inv = A.inv_2b2[b];
+      for (int j = 0; j < nb; ++j) {
+        residual_prefix(x, A.train + static_cast<int64_t>(A.grp_img[i0 + j]) * D, a, D, P.data());
+        double* Lj = L.data() + j * nr;
+        for (int64_t r = 0; r < nr; ++r) Lj[r] = -inv * row_distance(R, r, P.data());
+      }
+      double* m = S.m.data() + qi * nr;
+      double* s = S.s.data() + qi * nr;
+      int64_t* best = S.best.data() + qi * nr;
+      double* acc = S.acc.data() + qi * A.n_resp;
+      // the block's largest logit per row (the first image holding it); raise the rows' maxima
+      std::copy(L.begin(), L.begin() + nr, top.begin());
+      std::fill(arg.begin(), arg.end(), 0);
+      for (int j = 1; j < nb; ++j) {
+        const double* Lj = L.data() + j * nr;
+        for (int64_t r = 0; r < nr; ++r)
+          if (Lj[r] > top[r]) {
+            top[r] = Lj[r];
+            arg[r] = j;
+          }
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        if (!(top[r] > m[r])) continue;
+        best[r] = A.grp_img[i0 + arg[r]];
+        const double f = raise_max(m[r], s[r], top[r]);
+        for (int64_t j = A.resp_ptr[r]; j < A.resp_ptr[r + 1]; ++j) acc[j] *= f;
+      }
+      // every image's weights (cut_exp of softmax_state.hpp, vectorised), then the sums
+      for (int j = 0; j < nb; ++j) {
+        const double* Lj = L.data() + j * nr;
+        for (int64_t r = 0; r < nr; ++r) w[r] = exp_nonpos(static_cast<T>(Lj[r] - m[r]));
+        const T* phi = A.train + static_cast<int64_t>(A.grp_img[i0 + j]) * D;
+        for (int64_t r = 0; r < nr; ++r) {
+          if (w[r] == T(0)) continue;
+          const double wr = static_cast<double>(w[r]);
+          s[r] += wr;
+          for (int64_t e = A.resp_ptr[r]; e < A.resp_ptr[r + 1]; ++e)
+            acc[e] += wr * static_cast<double>(phi[A.resp_elem[e]]);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void aligned_forward_cpu(const AlignedArgs<T>& A) {
+  const Runs R = make_runs(A);
+  const int nt = resolve_threads(A.n_threads, std::max<int64_t>(1, A.N / kMinPart));
+  const Groups G = make_parts(A, nt);
+  std::vector<PartState> states(G.parts.size());
+  FirstError error;
+  const int64_t np = static_cast<int64_t>(G.parts.size());
+#pragma omp parallel for num_threads(resolve_threads(nt, np)) schedule(dynamic, 1)
+  for (int64_t p = 0; p < np; ++p)
+    error.run([&] { fold_part(A, R, G.queries[G.parts[p].g], G.parts[p], states[p]); });
+  error.rethrow();
+  // merge each group's parts in order
+  const int64_t nr = A.n_rows;
+  for (int64_t g = 0; g < A.n_groups; ++g) {
+    const auto& qs = G.queries[g];
+    for (size_t qi = 0; qi < qs.size(); ++qi) {
+      const int64_t b = qs[qi];
+      for (int64_t r = 0; r < nr; ++r) {
+        double m = -std::numeric_limits<double>::infinity(), s = 0.0;
+        int64_t best = -1;
+        const int64_t j0 = A.resp_ptr[r], j1 = A.resp_ptr[r + 1];
+        std::vector<double> acc(j1 - j0, 0.0);
+        for (size_t p = 0; p < G.parts.size(); ++p) {
+          if (G.parts[p].g != g) continue;
+          const PartState& P = states[p];
+          const int64_t st = static_cast<int64_t>(qi) * nr + r;
+          const MergeFactors f = merge_state(m, s, best, P.m[st], P.s[st], P.best[st]);
+          for (int64_t j = j0; j < j1; ++j)
+            acc[j - j0] = acc[j - j0] * f.self + P.acc[static_cast<int64_t>(qi) * A.n_resp + j] * f.other;
+        }
+        for (int64_t j = j0; j < j1; ++j) A.out[b * A.n_resp + j] = static_cast<T>(acc[j - j0] / s);
+        A.stats[2 * (b * nr + r)] = m;
+        A.stats[2 * (b * nr + r) + 1] = s;
+        if (A.arg_key) {
+          A.arg_key[b * nr + r] = best;
+          A.arg_share[b * nr + r] = static_cast<T>(1.0 / s);
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void aligned_backward_cpu(const AlignedArgs<T>& A) {
+  const Runs R = make_runs(A);
+  const int nt = resolve_threads(A.n_threads, std::max<int64_t>(1, A.N / kMinPart));
+  const Groups G = make_parts(A, nt);
+  const int64_t nr = A.n_rows, D = A.D, np = static_cast<int64_t>(G.parts.size());
+  // per part and query image of its group: the gradient of the query, of a and of inv_2b2
+  std::vector<std::vector<double>> gx(np), gab(np);
+  FirstError error;
+#pragma omp parallel for num_threads(resolve_threads(nt, np)) schedule(dynamic, 1)
+  for (int64_t p = 0; p < np; ++p)
+    error.run([&] {
+      const Part& part = G.parts[p];
+      const auto& qs = G.queries[part.g];
+      const int64_t nq = static_cast<int64_t>(qs.size());
+      gx[p].assign(nq * D, 0.0);
+      gab[p].assign(nq * 2, 0.0);
+      std::vector<double> P(D + 1), delta(D), dif(D + 1);
+      for (int64_t i = part.i0; i < part.i1; ++i) {
+        const T* phi = A.train + static_cast<int64_t>(A.grp_img[i]) * D;
+        for (int64_t qi = 0; qi < nq; ++qi) {
+          const int64_t b = qs[qi];
+          const T* x = A.query + b * D;
+          const double a = A.a[b], inv = A.inv_2b2[b];
+          double acc = 0.0;
+          P[0] = 0.0;
+          for (int64_t e = 0; e < D; ++e) {
+            delta[e] = static_cast<double>(x[e]) - a * static_cast<double>(phi[e]);
+            acc += delta[e] * delta[e];
+            P[e + 1] = acc;
+          }
+          std::fill(dif.begin(), dif.end(), 0.0);
+          double gs = 0.0;
+          bool any = false;
+          for (int64_t r = 0; r < nr; ++r) {
+            const double d = row_distance(R, r, P.data());
+            const double* st = A.stats + 2 * (b * nr + r);
+            const double w = cut_exp<T, double>(-inv * d - st[0]) / st[1];
+            if (w == 0.0) continue;
+            double gv = 0.0;  // <g, phi[resp] - out> over the row's response
+            for (int64_t j = A.resp_ptr[r]; j < A.resp_ptr[r + 1]; ++j)
+              gv += static_cast<double>(A.grad_out[b * A.n_resp + j]) *
+                    (static_cast<double>(phi[A.resp_elem[j]]) - static_cast<double>(A.out[b * A.n_resp + j]));
+            const double c = w * gv;  // d<g, out> / d l_n
+            if (c == 0.0) continue;
+            any = true;
+            gs -= c * d;
+            for (int64_t u = R.ptr[r]; u < R.ptr[r + 1]; ++u) {
+              dif[R.lo[u]] += c * R.w[u];
+              dif[R.hi[u]] -= c * R.w[u];
+            }
+          }
+          double* g = gx[p].data() + qi * D;
+          double ga = 0.0, G = 0.0;
+          if (any)
+            for (int64_t e = 0; e < D; ++e) {
+              G += dif[e];  // sum over the rows holding e of c * w_e
+              g[e] -= 2.0 * inv * delta[e] * G;
+              ga += 2.0 * inv * static_cast<double>(phi[e]) * delta[e] * G;
+            }
+          gab[p][2 * qi] += ga;
+          gab[p][2 * qi + 1] += gs;
+        }
+      }
+    });
+  error.rethrow();
+  std::vector<double> sum(D);
+  for (int64_t g = 0; g < A.n_groups; ++g) {
+    const auto& qs = G.queries[g];
+    for (size_t qi = 0; qi < qs.size(); ++qi) {
+      const int64_t b = qs[qi];
+      std::fill(sum.begin(), sum.end(), 0.0);
+      double ga = 0.0, gs = 0.0;
+      for (int64_t p = 0; p < np; ++p) {
+        if (G.parts[p].g != g) continue;
+        const double* gp = gx[p].data() + qi * D;
+        for (int64_t e = 0; e < D; ++e) sum[e] += gp[e];
+        ga += gab[p][2 * qi];
+        gs += gab[p][2 * qi + 1];
+      }
+      for (int64_t e = 0; e < D; ++e) A.grad_query[b * D + e] = static_cast<T>(sum[e]);
+      A.grad_a[b] = ga;
+      A.grad_inv_2b2[b] = gs;
+    }
+  }
+}
+
+template void aligned_forward_cpu<float>(const AlignedArgs<float>&);
+template void aligned_forward_cpu<double>(const AlignedArgs<double>&);
+template void aligned_backward_cpu<float>(const AlignedArgs<float>&);
+template void aligned_backward_cpu<double>(const AlignedArgs<double>&);
+
+}  // namespace patchmosaic

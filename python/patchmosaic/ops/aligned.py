@@ -1,0 +1,234 @@
+"""The same-position machines as a PyTorch custom op: ``torch.ops.patchmosaic.aligned_softmax``.
+
+A same-position machine compares each query row with the training images at the query's own positions (LS,
+PCA-locality, patch-set posteriors): every row is a softmax over the training images of the query's label group,
+its logit a weighted squared distance over the row's neighbourhood of elements, its output the weighted mean of
+its response elements (tables.ElementTable; contract.hpp, AlignedCall). Engines: the CPU engine (each image's
+squared residual once, summed over each row's runs of elements: cpu/aligned_softmax.cpp), the CUDA engine
+(cuda/aligned_softmax.cu), and the torch reference, a dense matrix product per chunk of images
+(reference_aligned.py; the float64 oracle, and the faster path when the neighbourhoods are large).
+
+The op returns the rows' responses ``(B, n_resp)``; a machine places them in its output (:func:`composite`).
+Value checks and the memory check run in the op, before any work, as for the other ops (library.py).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import checks, engines, reference, reference_aligned
+from .labels import groups
+from .library import _engine, _no_second_derivative, _prepare, _save_nothing
+from .tables import ElementTable
+
+
+def _aligned_engine(query: Tensor, backend: str):
+    """The engine of a call (library's choice by device and name); the torch reference is reference_aligned."""
+    engine = _engine(query, backend, 1)
+    return reference_aligned if engine is reference else engine
+
+
+def _table(hood_ptr, hood_elem, hood_weight, resp_ptr, resp_elem, query: Tensor) -> ElementTable:
+    return ElementTable.from_tensors(hood_ptr, hood_elem, hood_weight, resp_ptr, resp_elem, query[0].numel())
+
+
+def aligned_bytes(query_shape, dtype: torch.dtype, table_rows: int, n_resp: int, n_images: int, engine: str,
+                  threads: int = 0) -> int:
+    """Working memory of a same-position call beyond its inputs, from the sizes alone: outputs and statistics, and
+    the engine's buffers (CPU: per part of the images the rows' states and one block of logits; torch: chunks)."""
+    B = int(query_shape[0])
+    D = int(np.prod([int(v) for v in query_shape[1:]]))
+    item = torch.empty((), dtype=dtype).element_size()
+    need = B * n_resp * item + B * table_rows * (16 + 8 + item)
+    if engine == "cpu":
+        parts = max(1, threads or engines.max_threads())
+        need += parts * (B * (3 * table_rows + n_resp) * 8 + 16 * table_rows * 8 + 3 * (D + 1) * 8)
+    elif engine == "torch":
+        need += 6 * reference_aligned.BUDGET * item
+    else:
+        need += 2 * B * min(n_images, 1 << 16) // 64 * (3 * table_rows + n_resp) * 8
+    return int(need)
+
+
+@torch.library.custom_op("patchmosaic::aligned_softmax", mutates_args=())
+def aligned_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: Optional[Tensor],
+                    labels: Optional[Tensor], label_values: Tensor, label_ptr: Tensor, label_images: Tensor,
+                    hood_ptr: Tensor, hood_elem: Tensor, hood_weight: Optional[Tensor], resp_ptr: Tensor,
+                    resp_elem: Tensor, provenance: bool, backend: str, n_threads: int,
+                    max_memory: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Same-position machine forward pass -> ``(out, stats, arg_key, arg_share)``.
+
+    ``train`` (N, C, H, W); ``query`` (B, C, H, W) float32/float64; ``a``, ``inv_2b2`` (B,) float64; ``t``
+    (B,) the times for the range check (None when checked); ``labels`` and ``label_*`` as for ``local_softmax``;
+    ``hood_*``, ``resp_*``: the element table (tables.ElementTable.tensors()). ``out`` (B, n_resp): each row's
+    weighted mean of its response elements; ``stats`` (B, n_rows, 2) float64: the largest logit and the sum of
+    ``exp(logit - max)`` (logits not shifted); ``arg_key`` (B, n_rows) int64 the winning training image and
+    ``arg_share`` its weight when ``provenance``, else empty.
+    """
+    engine = _aligned_engine(query, backend)
+    table = _table(hood_ptr, hood_elem, hood_weight, resp_ptr, resp_elem, query)
+    name = "torch" if engine is reference_aligned else engine.name
+    checks.memory(aligned_bytes(query.shape, query.dtype, table.n_rows, len(table.resp_elem), train.shape[0], name,
+                                n_threads), f"the same-position machine on a batch of shape {tuple(query.shape)} "
+                  f"({table.n_rows} rows)", max_memory)
+    checks.values(query, "x", t, a, inv_2b2)
+    checks.scale(query, train, inv_2b2, table.largest_weight_sum())
+    grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
+    tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
+    if engine is reference_aligned:
+        return reference_aligned.aligned_forward(tr, q, table, aa, ss, grp, provenance)
+    return engines.aligned_forward(engine, tr, q, table, aa, ss, grp, provenance, n_threads)
+
+
+@aligned_softmax.register_fake
+def _(train, query, a, inv_2b2, t, labels, label_values, label_ptr, label_images, hood_ptr, hood_elem, hood_weight,
+      resp_ptr, resp_elem, provenance, backend, n_threads, max_memory):
+    B = query.shape[0]
+    rows = hood_ptr.shape[0] - 1
+    prov = (B, rows) if provenance else (0,)
+    return (query.new_empty((B, resp_elem.shape[0])), query.new_empty((B, rows, 2), dtype=torch.float64),
+            query.new_empty(prov, dtype=torch.int64), query.new_empty(prov))
+
+
+@torch.library.custom_op("patchmosaic::aligned_softmax_backward", mutates_args=())
+def aligned_softmax_backward(grad_out: Tensor, out: Tensor, stats: Tensor, train: Tensor, query: Tensor, a: Tensor,
+                             inv_2b2: Tensor, labels: Optional[Tensor], label_values: Tensor, label_ptr: Tensor,
+                             label_images: Tensor, hood_ptr: Tensor, hood_elem: Tensor, hood_weight: Optional[Tensor],
+                             resp_ptr: Tensor, resp_elem: Tensor, backend: str,
+                             n_threads: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """The vector-Jacobian product of ``aligned_softmax``'s ``out`` -> ``(grad_query, grad_a, grad_inv_2b2)``."""
+    engine = _aligned_engine(query, backend)
+    table = _table(hood_ptr, hood_elem, hood_weight, resp_ptr, resp_elem, query)
+    grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
+    tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
+    g = grad_out.to(q.dtype).contiguous()
+    if engine is reference_aligned:
+        return reference_aligned.aligned_backward(g, out, stats, tr, q, table, aa, ss, grp)
+    transposed = transpose(table, q[0].numel()) if engine is engines.CUDA else None
+    return engines.aligned_backward(engine, g, out.contiguous(), stats.contiguous(), tr, q, table, aa, ss, grp,
+                                    n_threads, transposed)
+
+
+@aligned_softmax_backward.register_fake
+def _(grad_out, out, stats, train, query, a, inv_2b2, labels, label_values, label_ptr, label_images, hood_ptr,
+      hood_elem, hood_weight, resp_ptr, resp_elem, backend, n_threads):
+    return torch.empty_like(query), torch.empty_like(a), torch.empty_like(inv_2b2)
+
+
+def transpose(table: ElementTable, D: int):
+    """``(ptr, row, weight)``: for each element, the rows whose neighbourhood holds it (ascending) and its weight
+    there (host arrays; the CUDA engine's backward pass reads the table by element)."""
+    rows = np.repeat(np.arange(table.n_rows, dtype=np.int32), np.diff(table.hood_ptr))
+    order = np.argsort(table.hood_elem, kind="stable")
+    ptr = np.zeros(D + 1, np.int64)
+    ptr[1:] = np.cumsum(np.bincount(table.hood_elem, minlength=D))
+    w = np.ones(len(order)) if table.hood_weight is None else table.hood_weight[order]
+    return ptr, np.ascontiguousarray(rows[order]), np.ascontiguousarray(w, np.float64)
+
+
+_INPUTS = 18
+
+
+def _setup(ctx, inputs, output):
+    (train, query, a, inv_2b2, t, labels, lv, lp, li, hp, he, hw, rp, re, provenance, backend, n_threads, _) = inputs
+    out, stats, key, share = output
+    ctx.mark_non_differentiable(stats, key, share)
+    ctx.save_for_backward(train, query, a, inv_2b2, labels, lv, lp, li, hp, he, hw, rp, re, out, stats)
+    ctx.args = (backend, n_threads)
+
+
+def _backward(ctx, grad_out, *unused):
+    train, query, a, inv_2b2, labels, lv, lp, li, hp, he, hw, rp, re, out, stats = ctx.saved_tensors
+    grads = [None] * _INPUTS
+    if grad_out is None:
+        return tuple(grads)
+    backend, n_threads = ctx.args
+    gq, ga, gs = torch.ops.patchmosaic.aligned_softmax_backward(grad_out, out, stats, train, query, a, inv_2b2, labels,
+                                                               lv, lp, li, hp, he, hw, rp, re, backend, n_threads)
+    grads[1], grads[2], grads[3] = gq, ga.to(a.dtype), gs.to(inv_2b2.dtype)
+    return tuple(grads)
+
+
+aligned_softmax.register_autograd(_backward, setup_context=_setup)
+
+
+aligned_softmax_backward.register_autograd(_no_second_derivative, setup_context=_save_nothing)
+
+
+def composite(rows_out: Tensor, resp_elem: Tensor, count: Tensor, shape) -> Tensor:
+    """The output image of a same-position machine from its rows' responses ``(B, n_resp)``: each element the mean
+    of the responses that name it (``count`` ``(D,)``: how many do; 0 gives 0), shaped ``shape``. Differentiable."""
+    B = rows_out.shape[0]
+    img = rows_out.new_zeros((B, count.shape[0])).index_add(1, resp_elem.to(rows_out.device), rows_out)
+    return (img / count.to(rows_out.device, rows_out.dtype).clamp(min=1)).reshape(shape)
+
+
+# ------------------------------------------------------------------------------- element tables
+# Two generic constructors of element tables, as custom ops with data-dependent output sizes (so that a machine
+# under torch.compile(fullgraph=True) builds its table inside the graph): from a patch mask around every pixel, and
+# from a dense matrix of neighbourhood weights. The machines decide which masks and matrices (machines/).
+
+@torch.library.custom_op("patchmosaic::patch_table", mutates_args=())
+def patch_table(weights: Tensor, C: int, H: int, W: int, pixels: Optional[Tensor]
+                ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The element table of a patch neighbourhood: one row per pixel of an ``H x W`` image (only those where the
+    boolean ``(H, W)`` tensor ``pixels`` is true, when given), in row-major order; its neighbourhood the elements of
+    the ``C`` channels at the offsets of the ``k x k`` mask ``weights`` around the pixel that lie inside the image
+    (outside: zero padding, which adds nothing to the distance) with weight ``weights > 0``; its response the
+    pixel's ``C`` channels. ``weights``: float64 ``(k, k)`` (every pixel) or ``(H, W, k, k)`` (one per pixel).
+    Returns ``(hood_ptr, hood_elem, hood_weight, resp_ptr, resp_elem)``."""
+    k = int(weights.shape[-1])
+    r = k // 2
+    dev = torch.device("cpu")
+    w = weights.detach().to(dev, torch.float64)
+    rows = torch.arange(H * W) if pixels is None else torch.nonzero(pixels.detach().to(dev).reshape(-1)).reshape(-1)
+    i, j = rows // W, rows % W
+    off = torch.arange(k) - r
+    y = i[:, None, None] + off[None, :, None]
+    x = j[:, None, None] + off[None, None, :]
+    wr = w[i, j] if w.dim() == 4 else w.expand(len(rows), k, k)
+    valid = (wr > 0) & (y >= 0) & (y < H) & (x >= 0) & (x < W)
+    ch = torch.arange(C)[None, :, None, None] * (H * W)
+    elem = (ch + (y * W + x)[:, None]).reshape(len(rows), -1)  # (rows, C k^2), ascending within a row
+    keep = valid[:, None].expand(-1, C, -1, -1).reshape(len(rows), -1)
+    wt = wr[:, None].expand(-1, C, -1, -1).reshape(len(rows), -1)
+    hood_ptr = torch.zeros(len(rows) + 1, dtype=torch.int64)
+    hood_ptr[1:] = keep.sum(1).cumsum(0)
+    resp = (torch.arange(C)[None, :] * (H * W) + rows[:, None]).reshape(-1)
+    return (hood_ptr, elem[keep].to(torch.int64), wt[keep].contiguous(), torch.arange(len(rows) + 1) * C,
+            resp.to(torch.int64))
+
+
+@patch_table.register_fake
+def _(weights, C, H, W, pixels):
+    ctx = torch.library.get_ctx()
+    n_rows = H * W if pixels is None else ctx.new_dynamic_size()
+    n_hood = ctx.new_dynamic_size()
+    i64 = dict(dtype=torch.int64, device=torch.device("cpu"))
+    return (torch.empty((n_rows + 1,), **i64), torch.empty((n_hood,), **i64),
+            torch.empty((n_hood,), dtype=torch.float64, device=torch.device("cpu")), torch.empty((n_rows + 1,), **i64),
+            torch.empty((n_rows * C,), **i64))
+
+
+@torch.library.custom_op("patchmosaic::dense_table", mutates_args=())
+def dense_table(weights: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """The neighbourhoods of rows given as a dense ``(rows, D)`` matrix of weights (0: not in the neighbourhood) ->
+    ``(hood_ptr, hood_elem, hood_weight)``. Every row needs at least one positive weight."""
+    w = weights.detach().to("cpu")
+    nz = w > 0
+    hood_ptr = torch.zeros(w.shape[0] + 1, dtype=torch.int64)
+    hood_ptr[1:] = nz.sum(1).cumsum(0)
+    r, c = torch.nonzero(nz, as_tuple=True)
+    return hood_ptr, c.to(torch.int64), w[r, c].to(torch.float64)
+
+
+@dense_table.register_fake
+def _(weights):
+    n = torch.library.get_ctx().new_dynamic_size()
+    cpu = torch.device("cpu")
+    return (torch.empty((weights.shape[0] + 1,), dtype=torch.int64, device=cpu),
+            torch.empty((n,), dtype=torch.int64, device=cpu), torch.empty((n,), dtype=torch.float64, device=cpu))

@@ -1,0 +1,215 @@
+"""The same-position engine (ops.aligned_softmax; cpu/aligned_softmax.cpp, cuda/aligned_softmax.cu and the dense
+torch reference): every engine against a literal float64 loop over rows and training images, on random element
+tables (neighbourhoods anywhere in the image, across channels, weighted or not; responses of one or several
+elements), with labels; gradients; the table constructors; bad tables refused before any work.
+
+Tolerances: float64 engines within 1e-9 of the loop (max abs), float32 within 1e-5 of the data range on average
+and 1e-3 at worst (the project's float32 contract)."""
+
+import numpy as np
+import pytest
+import torch
+
+from patchmosaic import ops
+from patchmosaic.ops.tables import ElementTable
+
+from cuda_emulation import dev  # noqa: F401  (the CUDA-or-emulator fixture)
+
+C, H, W, N, B = 2, 5, 4, 40, 3
+D = C * H * W
+
+
+def random_table(rng, weighted: bool, n_rows: int = 11) -> ElementTable:
+    hp, he, hw, rp, re = [0], [], [], [0], []
+    for row in range(n_rows):
+        size = 0 if row == 2 else int(rng.integers(1, 12))  # row 2: an empty neighbourhood (the images' mean)
+        els = np.sort(rng.choice(D, size=size, replace=False))
+        he += els.tolist()
+        hw += (rng.uniform(0.2, 3.0, len(els)) if weighted else np.ones(len(els))).tolist()
+        hp.append(len(he))
+        re += rng.choice(D, size=int(rng.integers(1, 4)), replace=False).tolist()
+        rp.append(len(re))
+    return ElementTable(np.array(hp, np.int64), np.array(he, np.int32), np.array(hw) if weighted else None,
+                        np.array(rp, np.int64), np.array(re, np.int32))
+
+
+def literal(train, x, a, inv, table, groups):
+    """out (B, n_resp), m and s (B, n_rows), the first image with the largest logit: loops, float64 numpy."""
+    out = np.zeros((len(x), len(table.resp_elem)))
+    m, s, best = (np.zeros((len(x), table.n_rows)) for _ in range(3))
+    for b in range(len(x)):
+        for r in range(table.n_rows):
+            els = table.hood_elem[table.hood_ptr[r]:table.hood_ptr[r + 1]]
+            w = np.ones(len(els)) if table.hood_weight is None else table.hood_weight[table.hood_ptr[r]:table.hood_ptr[r + 1]]
+            resp = table.resp_elem[table.resp_ptr[r]:table.resp_ptr[r + 1]]
+            logits = np.array([-inv[b] * np.sum(w * (x[b, els] - a[b] * train[n, els]) ** 2) for n in groups[b]])
+            e = np.exp(logits - logits.max())
+            out[b, table.resp_ptr[r]:table.resp_ptr[r + 1]] = (e[:, None] * train[groups[b]][:, resp]).sum(0) / e.sum()
+            m[b, r], s[b, r], best[b, r] = logits.max(), e.sum(), groups[b][int(np.argmax(logits))]
+    return out, m, s, best
+
+
+def _case(seed, weighted, t=(0.4, 0.1, 0.8)):
+    rng = np.random.default_rng(seed)
+    train = rng.uniform(-1, 1, (N, D))
+    labels = rng.integers(0, 3, N)
+    qlab = np.array([0, 2, 0])
+    x = np.stack([0.7 * train[rng.integers(N)] + 0.5 * rng.standard_normal(D) for _ in range(B)])
+    alpha_bar = np.cos(np.asarray(t) / 1.008 * np.pi / 2) ** 2
+    a, inv = np.sqrt(alpha_bar), 0.5 / (1 - alpha_bar)
+    index = ops.LabelIndex.from_labels(labels)
+    return train, x, a, inv, labels, qlab, index, random_table(rng, weighted)
+
+
+def _call(train, x, a, inv, qlab, index, table, dtype, backend, provenance=True, device="cpu"):
+    T = lambda v: torch.as_tensor(v).to(device)
+    return ops.aligned_softmax(T(train.reshape(N, C, H, W)).to(dtype), T(x.reshape(B, C, H, W)).to(dtype), T(a), T(inv),
+                               None, torch.as_tensor(qlab), *index.tensors(), *table.tensors(), provenance, backend, 0, 0)
+
+
+def _check(got, want, dtype, what):
+    err = np.abs(got - want)
+    if dtype == torch.float64:
+        assert err.max() <= 1e-9, f"{what}: float64 error {err.max():.3g}"
+    else:
+        assert err.mean() <= 1e-5 * 2 and err.max() <= 1e-3 * 2, f"{what}: float32 error {err.mean():.3g} / {err.max():.3g}"
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_engines_equal_the_literal_loop(backend, dtype, weighted):
+    train, x, a, inv, labels, qlab, index, table = _case(1, weighted)
+    groups = [np.nonzero(labels == q)[0] for q in qlab]
+    out, m, s, best = literal(train, x, a, inv, table, groups)
+    got, stats, key, share = _call(train, x, a, inv, qlab, index, table, dtype, backend)
+    _check(got.double().numpy(), out, dtype, f"{backend} out")  # values in [-1, 1]: range 2
+    assert np.allclose(stats[..., 0].numpy(), m, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-6)
+    assert np.allclose(stats[..., 1].numpy(), s, rtol=1e-5 if dtype == torch.float32 else 1e-10)
+    assert np.array_equal(key.numpy(), best)
+    assert np.allclose(share.double().numpy(), 1 / s, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_cuda_engine_equals_the_literal_loop(dev, dtype):  # noqa: F811
+    train, x, a, inv, labels, qlab, index, table = _case(2, True)
+    groups = [np.nonzero(labels == q)[0] for q in qlab]
+    out, m, s, best = literal(train, x, a, inv, table, groups)
+    got, stats, key, share = _call(train, x, a, inv, qlab, index, table, dtype, "cuda", device=dev)
+    _check(got.double().cpu().numpy(), out, dtype, "cuda out")
+    assert np.allclose(stats[..., 1].cpu().numpy(), s, rtol=1e-5)
+    assert np.array_equal(key.cpu().numpy(), best)
+
+
+def test_many_images_in_parts_and_response_sums_outside_registers(dev):  # noqa: F811
+    """More images than one part holds (several parts merged, CPU and CUDA), rows with more responses than the CUDA
+    kernel keeps in registers."""
+    rng = np.random.default_rng(3)
+    n = 700
+    train = rng.uniform(-1, 1, (n, D))
+    x = 0.6 * train[:B] + 0.6 * rng.standard_normal((B, D))
+    a, inv = np.full(B, 0.6), np.full(B, 1.2)
+    table = random_table(rng, True, 5)
+    table = ElementTable(table.hood_ptr, table.hood_elem, table.hood_weight, np.arange(6, dtype=np.int64) * 6,
+                         np.concatenate([rng.choice(D, 6, replace=False) for _ in range(5)]).astype(np.int32))
+    index = ops.LabelIndex.from_labels(None)
+    out, _, _, _ = literal(train, x, a, inv, table, [np.arange(n)] * B)
+    T = torch.as_tensor
+    for backend, device in (("cpu", "cpu"), ("cuda", dev)):
+        got = ops.aligned_softmax(T(train.reshape(n, C, H, W)).to(device), T(x.reshape(B, C, H, W)).to(device),
+                                  T(a).to(device), T(inv).to(device), None, None, *index.tensors(), *table.tensors(),
+                                  False, backend, 1 if backend == "cpu" else 0, 0)[0]
+        assert np.abs(got.cpu().numpy() - out).max() <= 1e-9, backend
+
+
+def _grads(train, x, a, inv, qlab, index, table, backend, device="cpu"):
+    xs = torch.as_tensor(x.reshape(B, C, H, W)).to(device).requires_grad_(True)
+    aa = torch.as_tensor(a).to(device).requires_grad_(True)
+    ss = torch.as_tensor(inv).to(device).requires_grad_(True)
+    out = ops.aligned_softmax(torch.as_tensor(train.reshape(N, C, H, W)).to(device), xs, aa, ss, None,
+                              torch.as_tensor(qlab), *index.tensors(), *table.tensors(), False, backend, 0, 0)[0]
+    g = torch.sin(torch.arange(out.numel(), dtype=out.dtype, device=out.device)).reshape(out.shape)
+    return [v.cpu() for v in torch.autograd.grad((out * g).sum(), (xs, aa, ss))]
+
+
+def test_gradients_gradcheck_and_engines_agree(dev):  # noqa: F811
+    train, x, a, inv, labels, qlab, index, table = _case(4, True)
+    xs = torch.as_tensor(x.reshape(B, C, H, W)).requires_grad_(True)
+    aa, ss = torch.as_tensor(a).requires_grad_(True), torch.as_tensor(inv).requires_grad_(True)
+    f = lambda xx, av, sv: ops.aligned_softmax(torch.as_tensor(train.reshape(N, C, H, W)), xx, av, sv, None,
+                                               torch.as_tensor(qlab), *index.tensors(), *table.tensors(), False, "cpu",
+                                               0, 0)[0]
+    assert torch.autograd.gradcheck(f, (xs, aa, ss), eps=1e-6, atol=1e-6)
+    ref = _grads(train, x, a, inv, qlab, index, table, "torch")
+    for backend, device in (("cpu", "cpu"), ("cuda", dev)):
+        got = _grads(train, x, a, inv, qlab, index, table, backend, device)
+        for u, v in zip(got, ref):
+            assert torch.allclose(u, v, rtol=1e-9, atol=1e-10), backend
+
+
+def test_patch_table_and_dense_table():
+    w = torch.tensor([[0, 1, 0], [1, 2, 1], [0, 1, 0]], dtype=torch.float64)
+    hp, he, hw, rp, re = ops.patch_table(w, 2, 3, 4, None)
+    assert hp.tolist()[:3] == [0, 6, 14]  # corner pixel: centre, right, below, in 2 channels
+    assert he[:6].tolist() == [0, 1, 4, 12, 13, 16] and hw[:6].tolist() == [2, 1, 1, 2, 1, 1]
+    assert rp.tolist() == list(range(0, 25, 2)) and re[:4].tolist() == [0, 12, 1, 13]
+    pixels = torch.zeros(3, 4, dtype=torch.bool)
+    pixels[1, 2] = True
+    hp, he, hw, rp, re = ops.patch_table(w, 1, 3, 4, pixels)
+    assert hp.tolist() == [0, 5] and he.tolist() == [2, 5, 6, 7, 10] and re.tolist() == [6]
+    dense = torch.zeros(3, 6, dtype=torch.float64)
+    dense[0, [1, 4]] = 1.0
+    dense[1, 0] = 0.5
+    dense[2, [0, 2, 5]] = 2.0
+    hp, he, hw = ops.dense_table(dense)
+    assert hp.tolist() == [0, 2, 3, 6] and he.tolist() == [1, 4, 0, 0, 2, 5] and hw.tolist() == [1, 1, .5, 2, 2, 2]
+
+
+def test_composite_averages_overlapping_responses():
+    rows = torch.tensor([[1.0, 3.0, 5.0]])
+    resp = torch.tensor([0, 0, 2])
+    count = torch.tensor([2.0, 0.0, 1.0])
+    assert ops.composite(rows, resp, count, (1, 3)).tolist() == [[2.0, 0.0, 5.0]]
+
+
+def test_bad_tables_are_refused_before_any_work():
+    train, x, a, inv, labels, qlab, index, table = _case(5, True)
+    hp, he, hw, rp, re = table.tensors()
+    bad = {
+        "hood_ptr must rise from 0": (torch.cat([hp[:1], hp[2:3], hp[1:2], hp[3:]]), he, hw, rp, re),
+        "by at least one per row": (hp, he, hw, torch.cat([rp[:2], rp[1:2], rp[3:]]), re),
+        "outside 0..39": (hp, torch.where(he == he[0], 40, he), hw, rp, re),
+        "ascending and distinct": (hp, torch.cat([he[1:2], he[:1], he[2:]]) if int(hp[1]) > 1 else he.flip(0), hw, rp,
+                                   re),
+        "finite weight > 0": (hp, he, -hw, rp, re),
+        "same rows": (hp, he, hw, rp[:-1], re[: int(rp[-2])]),
+        "one finite weight": (hp, he, hw[:-1], rp, re),
+    }
+    T = torch.as_tensor
+    for what, tab in bad.items():
+        with pytest.raises(ValueError, match=what):
+            ops.aligned_softmax(T(train.reshape(N, C, H, W)), T(x.reshape(B, C, H, W)), T(a), T(inv), None,
+                                T(qlab), *index.tensors(), *tab, False, "cpu", 0, 0)
+    with pytest.raises(ValueError, match="NaN"):
+        ops.aligned_softmax(T(train.reshape(N, C, H, W)), T(np.full((B, C, H, W), np.nan)), T(a), T(inv), None,
+                            T(qlab), *index.tensors(), *table.tensors(), False, "cpu", 0, 0)
+    with pytest.raises(ValueError, match="label 9"):
+        ops.aligned_softmax(T(train.reshape(N, C, H, W)), T(x.reshape(B, C, H, W)), T(a), T(inv), None,
+                            T([0, 9, 0]), *index.tensors(), *table.tensors(), False, "cpu", 0, 0)
+
+
+def test_the_compiled_core_checks_the_table_itself():
+    """The C++ validation (validate.hpp) refuses what the Python check would have: the table reaches no kernel
+    unchecked."""
+    from patchmosaic.ops import contract, engines
+
+    train, x, a, inv, labels, qlab, index, table = _case(6, False)
+    grp = ops.groups(torch.as_tensor(qlab), *index.tensors(), N, B)
+    bad = ElementTable(table.hood_ptr, table.hood_elem[::-1].copy(), None, table.resp_ptr, table.resp_elem)
+    out, stats = torch.zeros(B, len(table.resp_elem), dtype=torch.float64), torch.zeros(B, table.n_rows, 2,
+                                                                                         dtype=torch.float64)
+    call = contract.aligned_call(engines._CPU_MODULE, train=torch.as_tensor(train), query=torch.as_tensor(x),
+                                 table=bad, a=torch.as_tensor(a), inv_2b2=torch.as_tensor(inv), groups=grp, out=out,
+                                 stats=stats)
+    with pytest.raises(ValueError, match="ascending and distinct"):
+        engines._CPU_MODULE.aligned_forward_cpu(call)
