@@ -3,7 +3,6 @@ machines' to check, before the op is called; these need the data)."""
 
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
@@ -79,28 +78,19 @@ def local_bytes(query_shape, dtype: torch.dtype, train: torch.Tensor, k: int, ba
 LOGIT_LIMITS = {torch.float32: 1e30, torch.float64: 1e290}
 
 
-_LARGEST = {}  # id of a training tensor -> (weak reference, version counter, its largest magnitude)
-
-
-def largest_magnitude(train: torch.Tensor) -> float:
-    """``max |train|``, remembered while the tensor lives and is not changed in place (its version counter): a
-    machine passes the same training tensor to every call."""
-    hit = _LARGEST.get(id(train))
-    if hit is not None and hit[0]() is train and hit[1] == train._version:
-        return hit[2]
-    value = float(train.detach().abs().amax().double()) if train.numel() else 0.0
-    if len(_LARGEST) > 64:
-        _LARGEST.clear()
-    _LARGEST[id(train)] = (weakref.ref(train), train._version, value)
-    return value
+def magnitude(x: torch.Tensor) -> float:
+    """``max |x|`` (0 for an empty tensor), from one pass that allocates nothing (``aminmax``)."""
+    if x.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(x.detach())
+    return max(abs(float(lo)), abs(float(hi)))
 
 
 def scale(query: torch.Tensor, train: torch.Tensor, inv_2b2: torch.Tensor, d: int) -> None:
     """Refuse data so large that the softmax logits ``-s |Q - a K|^2`` (d elements per patch) would
     overflow the working type, which would give NaN: the logits are at most
     ``s d (max|x| + max|train|)^2`` (a <= 1)."""
-    xmax = float(query.detach().abs().amax().double())
-    kmax = largest_magnitude(train)
+    xmax, kmax = magnitude(query), magnitude(train)
     smax = float(inv_2b2.detach().amax())
     bound = smax * d * (xmax + kmax) ** 2 if max(xmax, kmax) < 1e150 else float("inf")
     limit = LOGIT_LIMITS[query.dtype]
