@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import patchmosaic as pm
-from patchmosaic.experiments.calibrate import calibrate, cosine_per_seed, median_odd
+from patchmosaic.experiments.calibrate import calibrate, cosine_per_seed, lower_median
 
 
 class MachineNet(torch.nn.Module):
@@ -74,7 +74,7 @@ def test_calibration_json_is_a_k_schedule(tmp_path):
 
 
 def test_helpers():
-    assert median_odd([3, 5, 7, 9]) == 5 and median_odd([7, 3, 5]) == 5
+    assert lower_median([3, 5, 7, 9]) == 5 and lower_median([7, 3, 5]) == 5 and lower_median([0.05, 0.01]) == 0.01
     u = torch.randn(3, 1, 4, 4)
     assert np.allclose(cosine_per_seed(u, 2 * u), 1) and np.allclose(cosine_per_seed(u, -u), -1)
 

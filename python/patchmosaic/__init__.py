@@ -7,8 +7,9 @@
 The package, by role (imports run one way, down this list):
 
     ops/          the machines' operations as PyTorch custom ops; the only door to the compiled core
-    machines/     IS, LS, ELS (periodic and boundary-aware): training sets calling the ops; Wiener, the
-                  optimal linear (Gaussian) denoiser, the closed-form baseline
+    machines/     IS, LS, ELS (periodic and boundary-aware) and the analytic machines that followed them:
+                  training sets calling the ops, each a choice of key set, neighbourhood, response and
+                  source; Wiener, the optimal linear (Gaussian) denoiser, the closed-form baseline
     index/        approximate machines through a FAISS patch index, with an error bound
     diffusion/    samplers (DDIM, DDPM), denoisers (machine, network, indexed), k-schedules
     experiments/  calibration, comparison, synthesis, the demo and the command line
@@ -18,16 +19,18 @@ experiments over torch.distributed ranks (key and query sharding).
 """
 
 from . import data, diffusion, distributed, index, metrics, networks, ops, schedules
-from .diffusion import IndexedDenoiser, KSchedule, MachineDenoiser, NetworkDenoiser, ddim, ddpm, kschedule
+from .diffusion import (IndexedDenoiser, KSchedule, MachineDenoiser, NetworkDenoiser, ThresholdSchedule, ddim, ddpm,
+                        kschedule)
 from .diffusion import samplers as sampling
 from .experiments import Calibration, calibrate, calibrate_t_max, compare
 from .index import PatchIndex
-from .machines import ELS, IS, LS, DataLocal, Machine, Provenance, Wiener
+from . import machines
+from .machines import *  # noqa: F401,F403  (every machine: machines/__init__.py lists them)
 from .ops import cuda_available
 from .validation import ResourceError
 
-__all__ = ["IS", "LS", "ELS", "Machine", "Provenance", "ResourceError", "cuda_available", "data", "kschedule",
-           "metrics", "networks", "ops", "sampling", "schedules", "diffusion", "index", "ddim", "ddpm", "KSchedule",
-           "MachineDenoiser", "NetworkDenoiser", "calibrate", "Calibration", "compare", "PatchIndex",
-           "IndexedDenoiser", "calibrate_t_max", "distributed", "Wiener", "DataLocal"]
+__all__ = machines.__all__ + [
+    "ResourceError", "cuda_available", "data", "kschedule", "metrics", "networks", "ops", "sampling", "schedules",
+    "diffusion", "index", "ddim", "ddpm", "KSchedule", "ThresholdSchedule", "MachineDenoiser", "NetworkDenoiser",
+    "calibrate", "Calibration", "compare", "PatchIndex", "IndexedDenoiser", "calibrate_t_max", "distributed"]
 __version__ = "0.1.0"

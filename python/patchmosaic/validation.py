@@ -129,3 +129,13 @@ def check_memory(nbytes: int, what: str, limit: int | None = None) -> None:
             f"{what} needs about {nbytes / 2**30:.2f} GiB of working memory, more than the "
             f"{limit / 2**30:.2f} GiB available; use a smaller batch or canvas"
         )
+
+
+def check_threshold(theta) -> float:
+    """``theta`` as a float in ``(0, 1]``, or a ValueError / TypeError naming it."""
+    if isinstance(theta, bool) or not isinstance(theta, numbers.Real):
+        raise TypeError(f"threshold must be a number in (0, 1], got {theta!r}")
+    theta = float(theta)
+    if not 0.0 < theta <= 1.0:
+        raise ValueError(f"threshold must lie in (0, 1], got {theta}")
+    return theta

@@ -32,7 +32,7 @@ from ..ops.masks import check_patch_mask, crop_patch_mask
 from ..schedules import ScheduleLike, get_schedule
 from ..validation import check_t
 from .inputs import as_images, as_labels, like_input
-from .kschedule import KSchedule
+from .kschedule import KSchedule, ThresholdSchedule
 
 
 def _call_args(times: str = "a float") -> str:
@@ -87,32 +87,36 @@ class _Denoiser:
 
 
 class MachineDenoiser(_Denoiser):
-    """A machine as a denoiser: ``denoiser(x, t, labels) = machine.denoise(x, t, k(t), labels)``.
+    """A machine as a denoiser: ``denoiser(x, t, labels) = machine.denoise(x, t, k(t), labels)``, ``k(t)`` the
+    machine's per-step parameter (``machine.parameter``): the patch size of a local machine, the threshold of
+    :class:`patchmosaic.PCALocality`, none for IS and the Wiener filter.
 
     Args:
-        machine: an :class:`patchmosaic.IS`, :class:`patchmosaic.LS` or :class:`patchmosaic.ELS`; its noise
-            schedule becomes the denoiser's.
-        k: the patch size: an odd int (every step), a :class:`KSchedule` (one k per step, looked up by the
-            step's own ``t``), or None (default; IS only, which has no patch).
+        machine: a machine (:class:`patchmosaic.IS`, :class:`patchmosaic.LS`, :class:`patchmosaic.ELS`, ...); its
+            noise schedule becomes the denoiser's.
+        k: the parameter: for a patch size an odd int (every step), a :class:`KSchedule` (one k per step, looked up
+            by the step's own ``t``), or None (IS and Wiener only, which have no patch); for a threshold a number in
+            ``(0, 1]``, a :class:`ThresholdSchedule`, or None (the machine's own).
         backend: the engine of every call (``"auto"``, ``"cpu"``, ``"cuda"``, ``"torch"``); None (default)
             keeps the machine's.
         keep_provenance: keep the :class:`patchmosaic.Provenance` of the latest call in ``.provenance``
             (default False).
-        patch_mask: local machines only: the neighbourhood of every call instead of the square ``k x k``
-            patch, a ``(k, k)`` mask shared by every pixel or ``(Hq, Wq, k, k)`` one per query pixel, boolean
-            or non-negative weights (see :meth:`patchmosaic.ELS.denoise`); with it ``k`` may be None (the
+        patch_mask: machines with a patch size only: the neighbourhood of every call instead of the square
+            ``k x k`` patch, a ``(k, k)`` mask shared by every pixel or ``(Hq, Wq, k, k)`` one per query pixel,
+            boolean or non-negative weights (see :meth:`patchmosaic.ELS.denoise`); with it ``k`` may be None (the
             mask's size), and a k-schedule crops the mask to each step's size (the mask's centre ``k x k``).
             None (default): square patches.
     """
 
-    def __init__(self, machine, k: Union[int, KSchedule, None] = None, *, backend: Optional[str] = None,
-                 keep_provenance: bool = False, patch_mask=None):
+    def __init__(self, machine, k: Union[int, float, KSchedule, ThresholdSchedule, None] = None, *,
+                 backend: Optional[str] = None, keep_provenance: bool = False, patch_mask=None):
         self.machine = machine
         self.schedule = machine.schedule
         self.patch_mask = None
+        param = machine.parameter
         if patch_mask is not None:
-            if not machine.local:
-                raise ValueError(f"patch_mask: {type(machine).__name__} has no patch (IS compares whole images)")
+            if param != "k":
+                raise ValueError(f"patch_mask: {type(machine).__name__} has no patch (it takes no patch_mask)")
             self.patch_mask = check_patch_mask(patch_mask)
             if k is None:
                 k = int(self.patch_mask.shape[-1])
@@ -121,26 +125,38 @@ class MachineDenoiser(_Denoiser):
                 what = "the k-schedule reaches" if isinstance(k, KSchedule) else "the patch size is"
                 raise ValueError(f"{what} k = {k_top}, larger than the {self.patch_mask.shape[-1]}"
                                  f"x{self.patch_mask.shape[-1]} patch_mask")
-        if machine.local and k is None:
+        if param == "k" and k is None:
             raise ValueError(f"{type(machine).__name__} needs a patch size k or a k-schedule")
+        if param == "threshold" and (isinstance(k, KSchedule) or (k is not None and not isinstance(k, ThresholdSchedule)
+                                                                 and not 0 < float(k) <= 1)):
+            raise ValueError(f"{type(machine).__name__} takes a threshold in (0, 1] or a ThresholdSchedule, got {k!r}")
+        if param == "k" and isinstance(k, ThresholdSchedule):
+            raise ValueError(f"{type(machine).__name__} takes a patch size or a KSchedule, not a ThresholdSchedule")
         self.k = k
         self.backend = backend
         self.keep_provenance = keep_provenance
         self.provenance = None
 
-    def k_at(self, t: float) -> Optional[int]:
-        """The patch size used at time ``t`` (None for IS)."""
-        if self.k is None or not self.machine.local:
+    def k_at(self, t: float):
+        """The parameter used at time ``t``: the patch size (int), the threshold (float), or None (IS, Wiener, or
+        a threshold machine's own)."""
+        if self.k is None or self.machine.parameter is None:
             return None
-        return self.k.k_at(t) if isinstance(self.k, KSchedule) else int(self.k)
+        if isinstance(self.k, (KSchedule, ThresholdSchedule)):
+            return self.k.value_at(t)
+        return int(self.k) if self.machine.parameter == "k" else float(self.k)
 
     def describe(self) -> dict:
-        """What changes this denoiser's results: the machine's description and the patch sizes."""
+        """What changes this denoiser's results: the machine's description and its per-step parameter."""
         d = {"type": "MachineDenoiser", "machine": self.machine.describe()}
         if isinstance(self.k, KSchedule):
             d["ks"], d["times"] = list(map(int, self.k.ks)), list(map(float, self.k.times))
-        elif self.k is not None and self.machine.local:
+        elif isinstance(self.k, ThresholdSchedule):
+            d["thresholds"], d["times"] = list(map(float, self.k.thresholds)), list(map(float, self.k.times))
+        elif self.k is not None and self.machine.parameter == "k":
             d["k"] = int(self.k)
+        elif self.k is not None and self.machine.parameter == "threshold":
+            d["threshold"] = float(self.k)
         if self.patch_mask is not None:
             d["patch_mask"] = {"shape": list(self.patch_mask.shape),
                                "sha256": hashlib.sha256(self.patch_mask.numpy().tobytes()).hexdigest()}

@@ -15,6 +15,26 @@ from typing import List
 import numpy as np
 
 
+def nearest_step(times, t: float) -> int:
+    """The index of the step whose time is nearest to ``t`` (the earlier step on a tie). Plain Python, so that
+    ``torch.compile`` folds it to a constant."""
+    t = float(t)
+    best, gap = 0, abs(float(times[0]) - t)
+    for i in range(1, len(times)):
+        g = abs(float(times[i]) - t)
+        if g < gap:
+            best, gap = i, g
+    return best
+
+
+def _check_times(times, n: int, what: str) -> None:
+    if len(times) != n or not n:
+        raise ValueError(f"times and {what} must be non-empty and equally long, got {len(times)} and {n}")
+    for t in times:
+        if not 0 < t <= 1:
+            raise ValueError(f"schedule times must lie in (0, 1], got {t}")
+
+
 @dataclass(frozen=True)
 class KSchedule:
     """Patch size ``ks[i]`` for the reverse-process step that starts at time ``times[i]``.
@@ -28,25 +48,21 @@ class KSchedule:
     ks: tuple
 
     def __post_init__(self):
-        if len(self.times) != len(self.ks) or not self.ks:
-            raise ValueError(f"times and ks must be non-empty and equally long, got {len(self.times)} and {len(self.ks)}")
+        _check_times(self.times, len(self.ks), "ks")
         for k in self.ks:
             if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or k % 2 == 0:
                 raise ValueError(f"every k in a k-schedule must be an odd positive integer, got {k!r}")
-        for t in self.times:
-            if not 0 < t <= 1:
-                raise ValueError(f"k-schedule times must lie in (0, 1], got {t}")
 
     def k_at(self, t: float) -> int:
         """The k of the step whose time is nearest to ``t`` (the earlier step on a tie). Plain Python, so
         that ``torch.compile`` folds it to a constant."""
-        t = float(t)
-        best, gap = 0, abs(float(self.times[0]) - t)
-        for i in range(1, len(self.times)):
-            g = abs(float(self.times[i]) - t)
-            if g < gap:
-                best, gap = i, g
-        return int(self.ks[best])
+        return int(self.ks[nearest_step(self.times, t)])
+
+    value_at = k_at  # the parameter's value at time t (the interface every schedule has)
+
+    @property
+    def values(self) -> tuple:
+        return self.ks
 
     def to_json(self, path: str) -> None:
         """Write ``{"times": [...], "ks": [...]}`` atomically to ``path``."""
@@ -88,6 +104,81 @@ class KSchedule:
         rounds up to the next odd one."""
         ks = np.linspace(k_first, k_last, steps)
         return cls(tuple(i / steps for i in range(steps, 0, -1)), tuple(int(2 * np.floor(k / 2) + 1) for k in ks))
+
+
+@dataclass(frozen=True)
+class ThresholdSchedule:
+    """The PCA-locality threshold ``thresholds[i]`` (in ``(0, 1]``) for the reverse-process step that starts at time
+    ``times[i]`` (:class:`patchmosaic.PCALocality`; what :func:`patchmosaic.calibrate` gives for it).
+
+    Args:
+        times: the steps' start times, each in ``(0, 1]``.
+        thresholds: one threshold in ``(0, 1]`` per time, as long as ``times``.
+    """
+
+    times: tuple
+    thresholds: tuple
+
+    def __post_init__(self):
+        _check_times(self.times, len(self.thresholds), "thresholds")
+        for v in self.thresholds:
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not 0 < v <= 1:
+                raise ValueError(f"every threshold of a threshold schedule must be a number in (0, 1], got {v!r}")
+
+    def value_at(self, t: float) -> float:
+        """The threshold of the step whose time is nearest to ``t`` (the earlier step on a tie)."""
+        return float(self.thresholds[nearest_step(self.times, t)])
+
+    @property
+    def values(self) -> tuple:
+        return self.thresholds
+
+    def to_json(self, path: str) -> None:
+        """Write ``{"times": [...], "thresholds": [...]}`` atomically to ``path``."""
+        from ..io.runstate import write_json
+
+        write_json(path, {"times": list(map(float, self.times)), "thresholds": list(map(float, self.thresholds))})
+
+    @classmethod
+    def from_json(cls, path: str) -> "ThresholdSchedule":
+        """Read a schedule written by :meth:`to_json` (extra keys ignored); a ValueError names the file when it is
+        not one."""
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ValueError(f"{path} is not a readable JSON threshold schedule: {e}") from None
+        if not isinstance(d, dict) or not isinstance(d.get("thresholds"), list) or not isinstance(d.get("times"), list):
+            raise ValueError(f"{path} is not a threshold schedule: it needs lists 'times' and 'thresholds'")
+        for v in d["times"] + d["thresholds"]:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{path}: times and thresholds must be numbers, got {v!r}")
+        try:
+            return cls(tuple(float(t) for t in d["times"]), tuple(float(v) for v in d["thresholds"]))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    @classmethod
+    def constant(cls, threshold: float, steps: int = 20) -> "ThresholdSchedule":
+        """The same threshold at every step of the grid ``t_i = i / steps``."""
+        return cls(tuple(i / steps for i in range(steps, 0, -1)), (float(threshold),) * steps)
+
+
+def schedule_from_spec(parameter: str, spec, steps: int = 20):
+    """A schedule of a machine's ``parameter`` from a short text: for ``"k"`` what :func:`from_spec` reads; for
+    ``"threshold"`` a number in (0, 1] (every step) or a threshold-schedule JSON file."""
+    if parameter == "k":
+        return from_spec(spec, steps)
+    if parameter != "threshold":
+        raise ValueError(f"no schedule for the parameter {parameter!r}")
+    spec = str(spec)
+    try:
+        value = float(spec)
+    except ValueError:
+        if not os.path.exists(spec):
+            raise ValueError(f"threshold schedule {spec!r} is neither a number in (0, 1] nor a JSON file") from None
+        return ThresholdSchedule.from_json(spec)
+    return ThresholdSchedule.constant(value, steps)
 
 
 def from_spec(spec, steps: int = 20) -> KSchedule:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from .. import ops
 from ..machines.base import BACKEND_ARG, CALL_ARGS, DATA_ARGS, ENGINE_ARGS, PATCH_MASK_ARG, Machine, docstring
 from ..machines.ideal import IS
-from ..machines.local import ELS, LS
+from ..machines import ELS, LS
 from ..ops.checks import check_cuda_inputs
 from ..ops.masks import crop_patch_mask
 from ..schedules import ScheduleLike, get_schedule

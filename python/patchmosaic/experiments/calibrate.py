@@ -1,9 +1,11 @@
-"""Calibration of a k-schedule against a trained network (spec section 4).
+"""Calibration of a machine's per-step parameter against a trained network (spec section 4): the patch size ``k``
+of a local machine (a k-schedule), or the threshold of PCA-locality (a threshold schedule) the same way.
 
 Along the network's own DDIM trajectory from each seed, at every step, the machine is evaluated at
-every candidate ``k`` on the network's current ``x_t`` (all candidates in one pass, ``Machine.denoise_ks``); the ``k`` whose score has the highest cosine
-similarity with the network's score is that seed's choice. The schedule is the per-step median over
-seeds (the lower median, so that it is always one of the odd candidates).
+every candidate value on the network's current ``x_t`` (all candidates in one call, ``Machine.denoise_ks``: one pass
+over the keys for patch sizes); the value whose score has the highest cosine similarity with the network's score is
+that seed's choice. The schedule is the per-step median over seeds (the lower median, so that it is always one of
+the candidates).
 
 The scores ``-eps / b`` of network and machine share the factor ``1 / b^2`` against ``a x0_hat - x_t``,
 so the cosine is computed on ``a x0_hat - x_t`` per seed over all pixels and channels.
@@ -18,23 +20,24 @@ import numpy as np
 import torch
 
 from ..diffusion.denoisers import NetworkDenoiser
-from ..diffusion.kschedule import KSchedule
+from ..diffusion.kschedule import KSchedule, ThresholdSchedule
 from ..io.progress import Progress
 from ..io.runstate import fingerprint, load_state, save_state, write_json
 from ..ops.checks import check_cuda_inputs
 from ..diffusion.samplers import check_grid, common_schedule, update
-from ..validation import check_k
+from ..validation import check_k, check_threshold
 
 
 @dataclass
 class Calibration:
-    """What :func:`calibrate` returns (S steps, M seeds, K candidate patch sizes); ``to_json`` writes it.
+    """What :func:`calibrate` returns (S steps, M seeds, K candidate values); ``to_json`` writes it.
 
     Args:
-        schedule: the calibrated :class:`KSchedule`: one k per step, the lower median over seeds of
-            ``choices[i]`` (always one of the candidates).
-        candidates: the K candidate patch sizes tried, odd positive ints in increasing order (a tuple).
-        choices: ``(S, M)`` int array; ``choices[i, m]`` is the candidate whose machine score was most
+        schedule: the calibrated :class:`KSchedule` (or :class:`ThresholdSchedule` for a threshold): one value per
+            step, the lower median over seeds of ``choices[i]`` (always one of the candidates).
+        candidates: the K candidate values tried (patch sizes: odd positive ints in increasing order; thresholds:
+            numbers in (0, 1]), a tuple.
+        choices: ``(S, M)`` array; ``choices[i, m]`` is the candidate whose machine score was most
             cosine-similar to the network's at step i for seed m.
         cosine: ``(S, M, K)`` float64 array; ``cosine[i, m, j]`` is the cosine similarity of the network's and
             the machine's scores at step i, seed m, candidate ``candidates[j]`` (in ``[-1, 1]``).
@@ -47,9 +50,11 @@ class Calibration:
 
     def to_json(self, path: str, **info) -> None:
         """The schedule (readable by ``KSchedule.from_json``) plus the per-seed choices and cosines."""
-        write_json(path, {"times": list(map(float, self.schedule.times)), "ks": list(map(int, self.schedule.ks)),
-                          "candidates": list(map(int, self.candidates)),
-                          "choices": self.choices.astype(int).tolist(),
+        k = isinstance(self.schedule, KSchedule)
+        kind, cast = ("ks", int) if k else ("thresholds", float)
+        write_json(path, {"times": list(map(float, self.schedule.times)), kind: list(map(cast, self.schedule.values)),
+                          "candidates": list(map(cast, self.candidates)),
+                          "choices": self.choices.astype(int if k else float).tolist(),
                           "cosine": np.round(self.cosine, 6).tolist(), **info})
 
 
@@ -60,10 +65,13 @@ def cosine_per_seed(u: torch.Tensor, v: torch.Tensor) -> np.ndarray:
     return (torch.sum(u * v, 1) / (u.norm(dim=1) * v.norm(dim=1)).clamp_min(1e-300)).cpu().numpy()
 
 
-def median_odd(values: np.ndarray) -> int:
-    """The lower median of odd values (always one of them)."""
+def lower_median(values: np.ndarray):
+    """The lower median of values (always one of them: for odd patch sizes, an odd one)."""
     s = np.sort(np.asarray(values).ravel())
-    return int(s[(len(s) - 1) // 2])
+    return s[(len(s) - 1) // 2].item()
+
+
+DEFAULT_THRESHOLDS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)  # PCA-locality candidates
 
 
 def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Optional[Sequence[int]] = None,
@@ -115,24 +123,14 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
     check_cuda_inputs(x1=x1, labels=labels, device=device)
     net = network if isinstance(network, NetworkDenoiser) else NetworkDenoiser(network, machine.schedule)
     common_schedule({"network": net, type(machine).__name__: machine})
-    if not machine.local:
-        raise ValueError("calibration chooses a patch size; the IS machine has none")
+    param = machine.parameter
+    if param is None:
+        raise ValueError(f"calibration chooses a per-step parameter; the {type(machine).__name__} machine has none")
     if not torch.is_tensor(x1) or x1.ndim != 4:
         raise ValueError(f"x1 must be a (M, C, H, W) tensor of seeds, got shape {tuple(getattr(x1, 'shape', ()))}")
     H, W = x1.shape[-2:]
-    if candidates is None:
-        k_max = min(31, 2 * max(H, W) - 1) if k_max is None else int(k_max)
-        candidates = list(range(3, k_max + 1, 2))
-    candidates = tuple(check_k(k, H, W) for k in candidates)
-    if not candidates:
-        raise ValueError("no candidate patch sizes")
-    limit = 2 * max(H, W) - 1
-    if max(candidates) > limit:
-        raise ValueError(f"candidate patch size {max(candidates)} is larger than any useful one for {H}x{W} images "
-                         f"(at most {limit}: a larger patch only adds zero padding); lower k_max")
+    candidates = _threshold_candidates(candidates) if param == "threshold" else _k_candidates(candidates, k_max, H, W)
     sweep = sorted(set(candidates))
-    if len(sweep) > 32:
-        raise ValueError(f"at most 32 distinct candidate patch sizes, got {len(sweep)}")
     g = check_grid(grid, steps)
     dev = x1.device if device is None else torch.device(device)
     x1 = x1.detach().cpu()
@@ -180,5 +178,39 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
                 layout.save_state(state, fp, next_step=np.array(i + 1), x=x.numpy(), cosine=cos)
     bar.close()
     choices = np.asarray(candidates)[np.argmax(cos, axis=2)]
-    ks = tuple(median_odd(choices[i]) for i in range(S))
-    return Calibration(KSchedule(tuple(float(t) for t in g[:-1]), ks), candidates, choices, cos)
+    values = tuple(lower_median(choices[i]) for i in range(S))
+    kind = ThresholdSchedule if param == "threshold" else KSchedule
+    return Calibration(kind(tuple(float(t) for t in g[:-1]), values), candidates, choices, cos)
+
+
+def _k_candidates(candidates, k_max, H: int, W: int) -> tuple:
+    """The candidate patch sizes, checked (odd, at most ``2 max(H, W) - 1``, at most 32 distinct)."""
+    if candidates is None:
+        limit = 2 * max(H, W) - 1
+        if k_max is not None and (isinstance(k_max, bool) or not isinstance(k_max, (int, np.integer))):
+            raise ValueError(f"k_max must be an odd int, got {k_max!r}")
+        k_max = min(31, limit) if k_max is None else int(k_max)
+        if k_max > limit:
+            raise ValueError(f"candidate patch size {k_max} is larger than any useful one for {H}x{W} images "
+                             f"(at most {limit}: a larger patch only adds zero padding); lower k_max")
+        candidates = list(range(3, k_max + 1, 2))
+    candidates = tuple(check_k(k, H, W) for k in candidates)
+    if not candidates:
+        raise ValueError("no candidate patch sizes")
+    limit = 2 * max(H, W) - 1
+    if max(candidates) > limit:
+        raise ValueError(f"candidate patch size {max(candidates)} is larger than any useful one for {H}x{W} images "
+                         f"(at most {limit}: a larger patch only adds zero padding); lower k_max")
+    if len(set(candidates)) > 32:
+        raise ValueError(f"at most 32 distinct candidate patch sizes, got {len(set(candidates))}")
+    return candidates
+
+
+def _threshold_candidates(candidates) -> tuple:
+    """The candidate thresholds, checked (each in (0, 1], at most 32 distinct); None: DEFAULT_THRESHOLDS."""
+    candidates = tuple(check_threshold(v) for v in (DEFAULT_THRESHOLDS if candidates is None else candidates))
+    if not candidates:
+        raise ValueError("no candidate thresholds")
+    if len(set(candidates)) > 32:
+        raise ValueError(f"at most 32 distinct candidate thresholds, got {len(set(candidates))}")
+    return candidates

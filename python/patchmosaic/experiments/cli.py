@@ -13,6 +13,8 @@ import sys
 import zipfile
 import zlib
 
+from ..machines.factory import MACHINES
+
 DATA_HELP = ("training images: 'default' (the built-in 2,000 MNIST digits), an .npz file (uint8 images under "
              "x_train/images/x, labels under y_train/labels/y) or an IDX file or directory (MNIST format)")
 FIGURE_FORMATS = ("png", "svg", "pdf")  # --figure-format
@@ -150,7 +152,14 @@ def _calibrate(args) -> int:
                          f"written beside it, as OUT with the --figure-format extension); give a .json path")
     net, images, labels, x1, y = _setup(args)
     machine = _machine(args, args.machine, images, labels, boundary=args.boundary)
-    cands = None if args.candidates is None else [int(k) for k in args.candidates.split(",")]
+    cands = None
+    if args.candidates is not None:
+        cast = int if machine.parameter == "k" else float
+        try:
+            cands = [cast(v) for v in args.candidates.split(",")]
+        except ValueError:
+            raise ValueError(f"--candidates takes comma-separated {'odd ints' if cast is int else 'numbers'}, got "
+                             f"{args.candidates!r}") from None
     state = args.state or args.out + ".state.npz"
     c = calibrate(net, machine, x1, y, candidates=cands, k_max=args.k_max, grid=time_grid(args.steps),
                   state=state, progress=not args.quiet, layout=args.layout)
@@ -160,30 +169,32 @@ def _calibrate(args) -> int:
     plot = os.path.splitext(args.out)[0] + "." + args.figure_format
     save_figure(kschedule_plot({args.machine: c.schedule}, c.choices, c.schedule.times,
                                title=os.path.basename(args.network)), plot)
-    print(f"wrote {args.out} and {plot}: k-schedule {list(c.schedule.ks)} (t = 1 -> {1 / args.steps:g})")
+    print(f"wrote {args.out} and {plot}: {machine.parameter} per step {list(c.schedule.values)} (t = 1 -> "
+          f"{1 / args.steps:g})")
     return 0
 
 
 def _compare(args) -> int:
     from .compare import compare, nearest_training
     from ..diffusion.denoisers import MachineDenoiser
-    from ..diffusion.kschedule import from_spec
+    from ..diffusion.kschedule import schedule_from_spec
     from ..io.plots import comparison_grid, save_figure, scatter
 
     net, images, labels, x1, y = _setup(args)
     machines = {}
     for spec in args.machine:
         name, _, ks = spec.partition("=")
-        if name not in ("els", "ls", "datalocal", "is", "wiener"):
-            raise ValueError(f"--machine takes els=KSCHEDULE, ls=KSCHEDULE, datalocal=KSCHEDULE, is or wiener, got "
+        if name not in MACHINES:
+            raise ValueError(f"--machine takes NAME=SCHEDULE or NAME with NAME one of {', '.join(MACHINES)}, got "
                              f"{spec!r}")
-        if name in ("is", "wiener") and ks:
-            raise ValueError(f"--machine {name} takes no k-schedule (it has no patch), got {spec!r}")
-        if name not in ("is", "wiener") and not ks:
+        param = MACHINES[name].parameter
+        if param is None and ks:
+            raise ValueError(f"--machine {name} takes no k-schedule (it has no per-step parameter), got {spec!r}")
+        if param == "k" and not ks:
             raise ValueError(f"--machine {name} needs a k-schedule: {name}=7, {name}=paper:NAME or {name}=FILE.json")
         m = _machine(args, name, images, labels, boundary=args.boundary)
         label = {"is": "IS", "wiener": "Wiener"}.get(name, spec)
-        machines[label] = MachineDenoiser(m, from_spec(ks, args.steps) if ks else None)
+        machines[label] = MachineDenoiser(m, schedule_from_spec(param, ks, args.steps) if ks else None)
     if "IS" not in machines:
         machines["IS"] = MachineDenoiser(_machine(args, "is", images, labels))
     rep = compare(net, machines, x1, y, grid=None, steps=args.steps, batch_size=args.batch, out_dir=args.out,
@@ -306,14 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", default=None, help="comma-separated classes of the data set to keep")
     s.add_argument("--labels", default=None, help="comma-separated label per seed (cycled) for a class-conditional "
                    "machine (default: unconditional)")
-    s.add_argument("--machine", default="els", choices=["els", "ls", "is", "datalocal"],
-                   help="machine; datalocal: ELS over the data's Wiener-sensitivity neighbourhood of k^2 pixels "
-                        "(default: %(default)s)")
+    s.add_argument("--machine", default="els", choices=[n for n in MACHINES if n != "wiener"],
+                   help="machine: " + "; ".join(f"{n}: {MACHINES[n].help}" for n in MACHINES if n != "wiener")
+                        + " (default: %(default)s)")
     s.add_argument("--boundary", default="zeros", choices=["zeros", "circular"],
                    help="ELS boundary: boundary-aware ('zeros') or periodic (default: %(default)s)")
-    s.add_argument("--k", default="paper:MNIST_ResNet_zeros",
-                   help="patch size per step: an odd int, ramp:K_FIRST:K_LAST, paper:NAME or a k-schedule JSON "
-                        "(default: %(default)s)")
+    s.add_argument("--k", default=None,
+                   help="the machine's parameter per step: its patch size, an odd int, ramp:K_FIRST:K_LAST, paper:NAME "
+                        "or a k-schedule JSON (default: paper:MNIST_ResNet_zeros); for pca a threshold in (0, 1] or "
+                        "a threshold-schedule JSON (default: the machine's)")
     s.add_argument("--canvas", default=None, help="output size HxW, e.g. 256x256 (default: the training size)")
     s.add_argument("--n", type=int, default=4, help="number of samples (default: %(default)s)")
     s.add_argument("--steps", type=int, default=20, help="reverse-process steps on t_i = i/steps (default: %(default)s)")
@@ -367,11 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "choices and a plot of it beside (OUT with the --figure-format extension); "
                                    "resumes from --state.")
     _add_run_options(c, "k-schedule JSON to write (not a .png/.svg/.pdf path: the plot is written beside it)")
-    c.add_argument("--machine", default="els", choices=["els", "ls", "datalocal"],
-                   help="machine to calibrate; datalocal: its k is the neighbourhood's size, k^2 pixels "
-                        "(default: %(default)s)")
+    c.add_argument("--machine", default="els", choices=[n for n in MACHINES if MACHINES[n].parameter],
+                   help="machine to calibrate: its patch size k per step (datalocal: its neighbourhood holds k^2 "
+                        "pixels), or pca's threshold (default: %(default)s)")
     c.add_argument("--k-max", type=int, default=None, help="largest candidate k (default: 31 or 2*size-1)")
-    c.add_argument("--candidates", default=None, help="comma-separated candidate k's (overrides --k-max)")
+    c.add_argument("--candidates", default=None, help="comma-separated candidate k's (overrides --k-max), or "
+                   "thresholds in (0, 1] for pca (default: 0.001,0.002,0.005,0.01,0.02,0.05,0.1,0.2)")
     c.add_argument("--state", default=None, help="resumable state file (default: OUT.state.npz)")
     c.set_defaults(func=_calibrate)
 
@@ -383,9 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "resumes from the sample files there.")
     _add_run_options(m, "output directory")
     m.add_argument("--machine", action="append", default=None,
-                   help="machine and its k-schedule: els=K, ls=K, datalocal=K with K an odd int, paper:NAME or a "
-                        "JSON file (datalocal: a neighbourhood of K^2 pixels), or is / wiener (no patch); "
-                        "repeatable (default: els=paper:MNIST_ResNet_zeros)")
+                   help="machine and its per-step parameter: els=K, ls=K, datalocal=K with K an odd int, paper:NAME "
+                        "or a JSON file (datalocal: a neighbourhood of K^2 pixels), pca or pca=THRESHOLD (a number in "
+                        "(0, 1] or a threshold-schedule JSON), or is / wiener (no parameter); repeatable (default: "
+                        "els=paper:MNIST_ResNet_zeros)")
     m.add_argument("--batch", type=int, default=8, help="seeds sampled together (default: %(default)s)")
     m.set_defaults(func=_compare)
     return p

@@ -197,9 +197,9 @@ def full_description(denoiser) -> dict:
 
 
 def describe(denoiser) -> dict:
-    """A JSON description of a denoiser (machine type, boundary, training size, k or k-schedule)."""
+    """A JSON description of a denoiser (machine type, boundary, training size, its parameter or schedule)."""
     from ..diffusion.denoisers import MachineDenoiser
-    from ..diffusion.kschedule import KSchedule
+    from ..diffusion.kschedule import KSchedule, ThresholdSchedule
 
     if not isinstance(denoiser, MachineDenoiser):
         return {"type": type(denoiser).__name__}
@@ -209,6 +209,8 @@ def describe(denoiser) -> dict:
         d["boundary"] = m.boundary
     if isinstance(denoiser.k, KSchedule):
         d["ks"] = list(map(int, denoiser.k.ks))
-    elif denoiser.k is not None and m.local:
-        d["k"] = int(denoiser.k)
+    elif isinstance(denoiser.k, ThresholdSchedule):
+        d["thresholds"] = list(map(float, denoiser.k.thresholds))
+    elif denoiser.k is not None and m.parameter is not None:
+        d[m.parameter] = int(denoiser.k) if m.parameter == "k" else float(denoiser.k)
     return d

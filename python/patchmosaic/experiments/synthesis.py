@@ -17,7 +17,7 @@ import torch
 
 from ..data import load
 from ..diffusion.denoisers import MachineDenoiser
-from ..diffusion.kschedule import from_spec
+from ..diffusion.kschedule import KSchedule, from_spec, schedule_from_spec
 from ..machines import make_machine
 from ..io.files import write_npz
 from ..io.images import grid, provenance_picture, to_uint8, write_png
@@ -33,6 +33,7 @@ def position_picture(rows: np.ndarray, cols: np.ndarray, H: int, W: int) -> np.n
     return (rgb * 255 + 0.5).astype(np.uint8)
 
 
+DEFAULT_K = "paper:MNIST_ResNet_zeros"  # the default k-schedule of a machine with a patch size
 LARGE_IMAGE = 128  # training images above this size without --crop / --canvas need force=True
 PROBE = 48  # side of the query canvas timed to estimate a run before it starts
 
@@ -45,7 +46,7 @@ def estimate(m, ks, n: int, C: int, Hq: int, Wq: int, steps: int, backend: str) 
     be = None if backend == "auto" else backend
     h, w = (Hq, Wq) if not m.local else (min(Hq, PROBE), min(Wq, PROBE))
     x = torch.randn(1, C, h, w, generator=torch.Generator().manual_seed(0))
-    k = sorted(ks.ks)[len(ks.ks) // 2] if m.local else None
+    k = sorted(ks.values)[len(ks.values) // 2] if ks is not None else None
     t0 = time.perf_counter()
     m.denoise(x, 0.5, k, backend=be)
     seconds = (time.perf_counter() - t0) * (Hq * Wq) / (h * w) * n * steps
@@ -59,7 +60,7 @@ def _duration(seconds: float) -> str:
 
 
 def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", machine: str = "els",
-               boundary: str = "zeros", k: str = "paper:MNIST_ResNet_zeros", canvas: Optional[Tuple[int, int]] = None,
+               boundary: str = "zeros", k: Optional[str] = None, canvas: Optional[Tuple[int, int]] = None,
                n: int = 4, steps: int = 20, sampler: str = "ddim", seed: int = 0,
                labels: Optional[Sequence[int]] = None, classes: Optional[Sequence[int]] = None,
                limit: Optional[int] = None, crop: Optional[int] = None, stride: Optional[int] = None,
@@ -67,6 +68,9 @@ def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", ma
                progress: bool = True, force: bool = False, layout=None) -> dict:
     """Sample ``n`` images and write a PNG (samples, then their provenance maps) and an ``.npz`` beside it.
 
+    ``k``: the machine's per-step parameter as text (:func:`patchmosaic.kschedule.schedule_from_spec`): a
+    k-schedule for a machine with a patch size (None: the paper's MNIST schedule), a threshold or threshold-schedule
+    file for PCA-locality (None: the machine's own threshold), ignored by IS.
     ``labels``: one class per seed (cycled), or None for an unconditional machine. ``provenance``:
     colour the map by the winning key's training ``"image"`` or by its ``"position"`` in that image.
     Training images larger than 128x128 (a whole photograph) without ``crop`` or ``canvas`` are refused
@@ -91,11 +95,16 @@ def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", ma
         ylab = torch.as_tensor([int(labels[i % len(labels)]) for i in range(n)])
     mk = make_machine if layout is None else layout.machine
     m = mk(machine, images, train_labels if ylab is not None else None, boundary=boundary, backend=backend)
-    ks = from_spec(k, steps) if m.local else None
+    ks = None  # the machine's per-step parameter: a k-schedule, a threshold schedule (k None: its own), or none
+    if m.parameter == "k":
+        ks = from_spec(DEFAULT_K if k is None else k, steps)
+    elif m.parameter is not None and k is not None:
+        ks = schedule_from_spec(m.parameter, k, steps)
+    sizes = sorted(set(ks.ks)) if isinstance(ks, KSchedule) else [None]
     m.check_labels(None if ylab is None else ylab.numpy(), n)
     m.check_request((n, C, Hq, Wq), torch.float32, "cpu" if backend == "auto" else backend, provenance=True,
-                    k=max(ks.ks) if m.local else None)
-    for kk in sorted(set(ks.ks)) if m.local else [None]:
+                    k=sizes[-1])
+    for kk in sizes:
         m.check_canvas(Hq, Wq, kk)
     size = f"{n} samples of {Hq}x{Wq} from {len(images)} training image(s) of {H}x{W}, {steps} steps"
     if max(H, W) > LARGE_IMAGE and crop is None and canvas is None:

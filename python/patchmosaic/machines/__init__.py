@@ -5,9 +5,11 @@ machines/keysets.py; ``make_machine`` builds any of them by name."""
 
 from .base import Machine, Provenance
 from .ideal import IS
-from .local import ELS, LS
+from .local import ELS
+from .same_position import LS, SamePosition
 from .wiener import Wiener
 from .locality import DataLocal
-from .factory import MACHINE_NAMES, make_machine
+from .factory import MACHINE_NAMES, MACHINES, make_machine
 
-__all__ = ["Machine", "Provenance", "IS", "LS", "ELS", "MACHINE_NAMES", "make_machine", "Wiener", "DataLocal"]
+__all__ = ["Machine", "Provenance", "SamePosition", "IS", "LS", "ELS", "MACHINE_NAMES", "MACHINES", "make_machine",
+           "Wiener", "DataLocal"]

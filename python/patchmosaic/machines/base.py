@@ -132,6 +132,12 @@ class Machine:
     local = True
     rule: Optional[str] = None  # the key-set rule of a local machine (machines/keysets.py)
 
+    @property
+    def parameter(self) -> Optional[str]:
+        """The per-call parameter a per-step schedule sets (MachineDenoiser, calibrate): ``"k"``, the patch size,
+        for the local machines; None for a machine without one (IS, Wiener); PCA-locality: ``"threshold"``."""
+        return "k" if self.local else None
+
     def __init__(self, images, labels=None, *, schedule: ScheduleLike = "cosine_legacy", backend: str = "auto",
                  n_threads: int = 0, max_memory: Optional[int] = None):
         check_cuda_inputs(images=images, labels=labels)
@@ -181,11 +187,11 @@ class Machine:
         B, C, Hq, Wq = xt.shape
         lv, lp, li = self._label_tensors
         if self.local:
-            classes = self.call_classes(Hq, Wq, k, self._pixel_mask(pixels, B, Hq, Wq))
             if weights is not None:
                 weights = crop_patch_mask(weights, k)
-            out, _, key, share = ops.local_softmax(train, xt, a, inv_2b2, t_check, lab, lv, lp, li, *classes, k,
-                                                   return_provenance, name, self.n_threads, max_memory, weights)
+            out, key, share = self._local_forward(train, xt, a, inv_2b2, t_check, lab, k, weights,
+                                                  self._pixel_mask(pixels, B, Hq, Wq), return_provenance, name,
+                                                  max_memory)
         else:
             if pixels is not None:
                 raise ValueError("pixels= selects query pixels of a local machine; the IS machine has none")
@@ -195,6 +201,17 @@ class Machine:
         if not return_provenance:
             return result
         return result, self._provenance(key, share, is_numpy)
+
+    def _local_forward(self, train, xt, a, inv_2b2, t_check, lab, k: int, weights, pixels, provenance: bool, name: str,
+                       max_memory: int):
+        """A local machine's op call: ``(out, arg_key, arg_share)`` with provenance per pixel ``(B, Hq, Wq)`` (empty
+        without). Here the softmax over the machine's key set (local_softmax); same-position machines compute
+        theirs on the same-position engine (machines/same_position.py)."""
+        classes = self.call_classes(xt.shape[2], xt.shape[3], k, pixels)
+        lv, lp, li = self._label_tensors
+        out, _, key, share = ops.local_softmax(train, xt, a, inv_2b2, t_check, lab, lv, lp, li, *classes, k, provenance,
+                                               name, self.n_threads, max_memory, weights)
+        return out, key, share
 
     def denoise_ks(self, x, t, ks: Sequence[int], labels=None, *, backend: Optional[str] = None):
         """Posterior-mean estimates ``x0_hat`` at several patch sizes on the same noisy images, in one pass on

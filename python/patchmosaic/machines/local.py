@@ -1,5 +1,7 @@
-"""The local machines of spec section 2: LS, and ELS with periodic or zero-padding (boundary-aware)
-boundaries. Each names its key-set rule (machines/keysets.py); the rest is :class:`Machine`'s."""
+"""The local machines of spec section 2 that compare a pixel with training patches anywhere: ELS with periodic or
+zero-padding (boundary-aware) boundaries. Each names its key-set rule (machines/keysets.py); the rest is
+:class:`Machine`'s. LS, which compares a pixel with the same position only, is a same-position machine
+(machines/same_position.py)."""
 
 from __future__ import annotations
 
@@ -7,16 +9,6 @@ from typing import Optional
 
 from ..schedules import ScheduleLike
 from .base import DATA_ARGS, ENGINE_ARGS, Machine
-
-
-class LS(Machine):
-    __doc__ = """Local score machine (eq. 7-8): each pixel attends to the same location of every training
-    image (zero-padded ``k x k`` patches). Queries have the training size.
-
-    Args:
-""" + DATA_ARGS + ENGINE_ARGS
-
-    rule = "ls"
 
 
 class ELS(Machine):
