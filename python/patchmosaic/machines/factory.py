@@ -15,6 +15,7 @@ from .base import Machine
 from .ideal import IS
 from .local import ELS
 from .locality import DataLocal
+from .pca_locality import PCALocality
 from .same_position import LS
 from .wiener import Wiener
 
@@ -42,6 +43,8 @@ MACHINES = {
     "wiener": MachineKind(Wiener, None, "the optimal linear (Gaussian) denoiser",
                           lambda im, lab, boundary, c: Wiener(im, lab, schedule=c["schedule"],
                                                               max_memory=c["max_memory"])),
+    "pca": MachineKind(PCALocality, "threshold", "PCA-locality (Lukoianov et al.): each element a softmax over its "
+                       "thresholded Wiener-matrix neighbourhood", lambda im, lab, boundary, c: PCALocality(im, lab, **c)),
 }
 MACHINE_NAMES = tuple(MACHINES)
 
