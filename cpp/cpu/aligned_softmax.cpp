@@ -2,11 +2,14 @@
 // softmax over the training images at the query's own positions, its logit a weighted squared distance over the
 // row's neighbourhood of elements.
 //
-// The work is O(N * (D + runs)) per query image instead of O(N * sum |hood|): for each training image n the
-// squared residual r_e = (x_e - a phi_n[e])^2 is computed once for all D elements, with its prefix sums P (in
-// double), and a row's distance is the sum over its neighbourhood's *runs* -- maximal sequences of consecutive
-// elements with one weight -- each run one difference P[hi] - P[lo]. A square k x k patch is C k runs of k
-// elements; a data-driven mask (PCA-locality) a few runs per image row it covers.
+// Forward: the training images kBlock at a time, transposed, with every query's squared residuals against them
+// (fold_part), so that a row's distances to the block are one kBlock-wide multiply-add per neighbourhood element:
+// O(N (D + |hood|)) per query image, vectorised over the images instead of the elements, which suits scattered
+// neighbourhoods (a thresholded data mask) as well as square patches.
+//
+// Backward: for each training image the squared residual once, with its prefix sums P (in double), a row's
+// distance as the sum over its neighbourhood's *runs* -- maximal sequences of consecutive elements with one
+// weight -- each one difference P[hi] - P[lo]; the derivatives scattered back through a difference array.
 //
 // Threads: each group's images (its label's training images) are split into as many contiguous parts as there
 // are threads; a part folds its images into its own online softmax states (softmax_state.hpp) and the parts are
@@ -25,7 +28,7 @@
 namespace patchmosaic {
 namespace {
 
-constexpr int kBlock = 16;        // training images whose logits are folded together
+constexpr int kBlock = 16;        // training images whose logits are computed and folded together
 constexpr int64_t kMinPart = 64;  // fewest images of a part (below it, fewer parts)
 
 // A row's neighbourhood as runs [lo, hi) of consecutive elements with one weight w.
@@ -107,60 +110,159 @@ struct PartState {
   std::vector<int64_t> best;
 };
 
+// A block of kBlock values of T (one per image of a block), as one GCC vector: the compiler maps it to the
+// module's registers (one zmm for float under AVX-512, two ymm under AVX2, ...), so that the block's arithmetic
+// is written once for every instruction set.
 template <typename T>
-void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<int64_t>& qs, const Part& part,
-               PartState& S) {
+struct BlockVec {
+  typedef T type __attribute__((vector_size(kBlock * sizeof(T))));
+};
+
+// Whether every weight of the table is 1 (a plain mask: the distance needs no multiplication).
+template <typename T>
+bool unit_weights(const AlignedArgs<T>& A) {
+  if (!A.hood_weight) return true;
+  for (int64_t u = 0; u < A.hood_ptr[A.n_rows]; ++u)
+    if (A.hood_weight[u] != 1.0) return false;
+  return true;
+}
+
+// The sum over row r's neighbourhood of (weight *) its elements' rows of Res: four independent accumulators (the
+// additions' latency), in T over at most kChunk elements at a time, then in double.
+template <typename T, bool WEIGHTED>
+inline typename BlockVec<double>::type row_sums(const AlignedArgs<T>& A, int64_t r,
+                                               const typename BlockVec<T>::type* __restrict Res) {
+  using V = typename BlockVec<T>::type;
+  using VD = typename BlockVec<double>::type;
+  constexpr int kChunk = 32;
+  VD L = {};
+  const int32_t* __restrict he = A.hood_elem;
+  const double* __restrict hw = A.hood_weight;
+  for (int64_t u0 = A.hood_ptr[r]; u0 < A.hood_ptr[r + 1]; u0 += kChunk) {
+    const int64_t u1 = std::min<int64_t>(A.hood_ptr[r + 1], u0 + kChunk);
+    V s0 = {}, s1 = {}, s2 = {}, s3 = {};
+    int64_t u = u0;
+    for (; u + 4 <= u1; u += 4) {
+      if constexpr (WEIGHTED) {
+        s0 += static_cast<T>(hw[u]) * Res[he[u]];
+        s1 += static_cast<T>(hw[u + 1]) * Res[he[u + 1]];
+        s2 += static_cast<T>(hw[u + 2]) * Res[he[u + 2]];
+        s3 += static_cast<T>(hw[u + 3]) * Res[he[u + 3]];
+      } else {
+        s0 += Res[he[u]];
+        s1 += Res[he[u + 1]];
+        s2 += Res[he[u + 2]];
+        s3 += Res[he[u + 3]];
+      }
+    }
+    for (; u < u1; ++u) {
+      if constexpr (WEIGHTED) s0 += static_cast<T>(hw[u]) * Res[he[u]];
+      else s0 += Res[he[u]];
+    }
+    L += __builtin_convertvector((s0 + s1) + (s2 + s3), VD);
+  }
+  return L;
+}
+
+// The same sums by the row's runs, from the block's prefix sums Pre[e] = sum_{e' < e} Res[e'] in double: one
+// difference per run (a wide neighbourhood of few runs: a large patch, a high-noise mask).
+template <typename T>
+inline typename BlockVec<double>::type row_sums_runs(const Runs& R, int64_t r,
+                                                    const typename BlockVec<double>::type* __restrict Pre) {
+  using VD = typename BlockVec<double>::type;
+  VD s0 = {}, s1 = {};
+  int64_t u = R.ptr[r];
+  for (; u + 2 <= R.ptr[r + 1]; u += 2) {
+    s0 += R.w[u] * (Pre[R.hi[u]] - Pre[R.lo[u]]);
+    s1 += R.w[u + 1] * (Pre[R.hi[u + 1]] - Pre[R.lo[u + 1]]);
+  }
+  if (u < R.ptr[r + 1]) s0 += R.w[u] * (Pre[R.hi[u]] - Pre[R.lo[u]]);
+  return s0 + s1;
+}
+
+// Per row, whether its runs cost fewer vector loads than its elements (four per run -- two prefix sums of kBlock
+// doubles -- against one per element in float, two in double).
+template <typename T>
+std::vector<char> rows_by_runs(const AlignedArgs<T>& A, const Runs& R) {
+  std::vector<char> by(A.n_rows);
+  const int64_t per_element = sizeof(T) == 4 ? 1 : 2;
+  for (int64_t r = 0; r < A.n_rows; ++r)
+    by[r] = 4 * (R.ptr[r + 1] - R.ptr[r]) < per_element * (A.hood_ptr[r + 1] - A.hood_ptr[r]);
+  return by;
+}
+
+// One part's images, kBlock at a time, for every query image of its group. The block is transposed once
+// (Phi[e][j] = phi_j[e]), and per query its squared residuals Res[e][j] = (x[e] - a Phi[e][j])^2, so that a row's
+// distances to the block's images are one kBlock-wide (multiply-)add per neighbourhood element (row_sums), or, for
+// a row of few runs, one difference of prefix sums per run (row_sums_runs); its
+// logits fold at once into the row's state (block maximum, raise_max, the weights' cut_exp vectorised) and its
+// response sums are kBlock-wide dot products with the element's row of Phi.
+template <typename T, bool WEIGHTED>
+void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& by_runs,
+               const std::vector<int64_t>& qs, const Part& part, PartState& S) {
+  using V = typename BlockVec<T>::type;
+  using VD = typename BlockVec<double>::type;
+  const bool any_runs = std::find(by_runs.begin(), by_runs.end(), 1) != by_runs.end();
+  constexpr int NB = kBlock;
   const int64_t nr = A.n_rows, D = A.D, nq = static_cast<int64_t>(qs.size());
   S.m.assign(nq * nr, -std::numeric_limits<double>::infinity());
   S.s.assign(nq * nr, 0.0);
   S.best.assign(nq * nr, -1);
   S.acc.assign(nq * A.n_resp, 0.0);
-  std::vector<double> P(D + 1), L(kBlock * nr), top(nr);
-  std::vector<int> arg(nr);
-  std::vector<T> w(nr);
-  for (int64_t i0 = part.i0; i0 < part.i1; i0 += kBlock) {
-    const int nb = static_cast<int>(std::min<int64_t>(kBlock, part.i1 - i0));
+  std::vector<V> Phi(D), Res(D);  // over-aligned element type: std::allocator aligns it
+  std::vector<VD> Pre(any_runs ? D + 1 : 0);
+  for (int64_t i0 = part.i0; i0 < part.i1; i0 += NB) {
+    const int nb = static_cast<int>(std::min<int64_t>(NB, part.i1 - i0));
+    for (int j = 0; j < NB; ++j) {  // a short block repeats its first image (its logits are never used)
+      const T* phi = A.train + static_cast<int64_t>(A.grp_img[i0 + (j < nb ? j : 0)]) * D;
+      for (int64_t e = 0; e < D; ++e) Phi[e][j] = phi[e];
+    }
     for (int64_t qi = 0; qi < nq; ++qi) {
       const int64_t b = qs[qi];
       const T* x = A.query + b * D;
-      const double a = A.a[b], inv = A.inv_2b2[b];
-      for (int j = 0; j < nb; ++j) {
-        residual_prefix(x, A.train + static_cast<int64_t>(A.grp_img[i0 + j]) * D, a, D, P.data());
-        double* Lj = L.data() + j * nr;
-        for (int64_t r = 0; r < nr; ++r) Lj[r] = -inv * row_distance(R, r, P.data());
+      const T a = static_cast<T>(A.a[b]);
+      const double inv = A.inv_2b2[b];
+      for (int64_t e = 0; e < D; ++e) {
+        const V dl = x[e] - a * Phi[e];
+        Res[e] = dl * dl;
+      }
+      if (any_runs) {
+        Pre[0] = VD{};
+        for (int64_t e = 0; e < D; ++e) Pre[e + 1] = Pre[e] + __builtin_convertvector(Res[e], VD);
       }
       double* m = S.m.data() + qi * nr;
       double* s = S.s.data() + qi * nr;
       int64_t* best = S.best.data() + qi * nr;
       double* acc = S.acc.data() + qi * A.n_resp;
-      // the block's largest logit per row (the first image holding it); raise the rows' maxima
-      std::copy(L.begin(), L.begin() + nr, top.begin());
-      std::fill(arg.begin(), arg.end(), 0);
-      for (int j = 1; j < nb; ++j) {
-        const double* Lj = L.data() + j * nr;
-        for (int64_t r = 0; r < nr; ++r)
-          if (Lj[r] > top[r]) {
-            top[r] = Lj[r];
-            arg[r] = j;
-          }
-      }
       for (int64_t r = 0; r < nr; ++r) {
-        if (!(top[r] > m[r])) continue;
-        best[r] = A.grp_img[i0 + arg[r]];
-        const double f = raise_max(m[r], s[r], top[r]);
-        for (int64_t j = A.resp_ptr[r]; j < A.resp_ptr[r + 1]; ++j) acc[j] *= f;
-      }
-      // every image's weights (cut_exp of softmax_state.hpp, vectorised), then the sums
-      for (int j = 0; j < nb; ++j) {
-        const double* Lj = L.data() + j * nr;
-        for (int64_t r = 0; r < nr; ++r) w[r] = exp_nonpos(static_cast<T>(Lj[r] - m[r]));
-        const T* phi = A.train + static_cast<int64_t>(A.grp_img[i0 + j]) * D;
-        for (int64_t r = 0; r < nr; ++r) {
-          if (w[r] == T(0)) continue;
-          const double wr = static_cast<double>(w[r]);
-          s[r] += wr;
-          for (int64_t e = A.resp_ptr[r]; e < A.resp_ptr[r + 1]; ++e)
-            acc[e] += wr * static_cast<double>(phi[A.resp_elem[e]]);
+        const VD L = -inv * (by_runs[r] ? row_sums_runs<T>(R, r, Pre.data()) : row_sums<T, WEIGHTED>(A, r, Res.data()));
+        double top = L[0];
+        int arg = 0;
+        for (int j = 1; j < nb; ++j)
+          if (L[j] > top) {
+            top = L[j];
+            arg = j;
+          }
+        if (!block_counts<T>(top, m[r])) continue;  // every weight of the block is exactly 0
+        if (top > m[r]) {
+          best[r] = A.grp_img[i0 + arg];
+          const double f = raise_max(m[r], s[r], top);
+          for (int64_t e = A.resp_ptr[r]; e < A.resp_ptr[r + 1]; ++e) acc[e] *= f;
+        }
+        const V d = __builtin_convertvector(L - m[r], V);
+        V w;  // the weights: cut_exp of softmax_state.hpp, vectorised (exp_nonpos); 0 past a short block's end
+        if constexpr (sizeof(T) == 4) w = exp_nonpos_vec(d);
+        else
+          for (int j = 0; j < NB; ++j) w[j] = exp_nonpos(d[j]);
+        for (int j = nb; j < NB; ++j) w[j] = T(0);
+        T wsum = T(0);
+        for (int j = 0; j < NB; ++j) wsum += w[j];
+        s[r] += static_cast<double>(wsum);
+        for (int64_t e = A.resp_ptr[r]; e < A.resp_ptr[r + 1]; ++e) {
+          const V p = w * Phi[A.resp_elem[e]];
+          T v = T(0);
+          for (int j = 0; j < NB; ++j) v += p[j];
+          acc[e] += static_cast<double>(v);
         }
       }
     }
@@ -171,15 +273,17 @@ void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<int64_t
 
 template <typename T>
 void aligned_forward_cpu(const AlignedArgs<T>& A) {
-  const Runs R = make_runs(A);
   const int nt = resolve_threads(A.n_threads, std::max<int64_t>(1, A.N / kMinPart));
   const Groups G = make_parts(A, nt);
   std::vector<PartState> states(G.parts.size());
   FirstError error;
   const int64_t np = static_cast<int64_t>(G.parts.size());
+  const auto fold = unit_weights(A) ? &fold_part<T, false> : &fold_part<T, true>;
+  const Runs R = make_runs(A);
+  const std::vector<char> by_runs = rows_by_runs(A, R);
 #pragma omp parallel for num_threads(resolve_threads(nt, np)) schedule(dynamic, 1)
   for (int64_t p = 0; p < np; ++p)
-    error.run([&] { fold_part(A, R, G.queries[G.parts[p].g], G.parts[p], states[p]); });
+    error.run([&] { fold(A, R, by_runs, G.queries[G.parts[p].g], G.parts[p], states[p]); });
   error.rethrow();
   // merge each group's parts in order
   const int64_t nr = A.n_rows;
