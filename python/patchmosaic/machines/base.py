@@ -317,6 +317,16 @@ class Machine:
         a, b2, t_check = self._a_b2(t, B, device)
         return a, 0.5 / b2, t_check
 
+    @staticmethod
+    def call_times(t, B: int) -> list:
+        """Every query image's time of a call as a Python float (one per image; ``t`` a float, or an array or tensor
+        of one or ``B`` times), for machines that need the times themselves (a mask or a seed per time)."""
+        if torch.is_tensor(t):
+            v = t.detach().cpu().double().reshape(-1)
+        else:
+            v = torch.as_tensor(np.asarray(t, dtype=np.float64).reshape(-1))
+        return [float(x) for x in v.expand(B)] if v.numel() == 1 else [float(x) for x in v]
+
     def _a_b2(self, t, B: int, device=None):
         device = torch.device("cpu") if device is None else device
         if isinstance(t, numbers.Real) and not isinstance(t, bool) and not isinstance(t, np.ndarray):

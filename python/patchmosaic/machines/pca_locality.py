@@ -158,7 +158,7 @@ class PCALocality(SamePosition):
         theta = self.threshold if threshold is None else check_threshold(threshold)
         is_numpy, xt, _, a, inv_2b2, t_check, lab, name, train, max_memory = \
             self._prepare_call(x, t, [None], labels, backend)
-        times = self._times(t, xt.shape[0])
+        times = self.call_times(t, xt.shape[0])
         out, key, share = self._forward(train, xt, a, inv_2b2 / self.temperature, t_check, lab, times, theta,
                                         return_provenance, name, max_memory)
         result = out.detach().numpy() if is_numpy else out
@@ -180,13 +180,6 @@ class PCALocality(SamePosition):
 
     def effective_k(self, k, Hq: int, Wq: int) -> int:
         return 0  # no patch size: the neighbourhoods are the masks'
-
-    def _times(self, t, B: int) -> list:
-        """Every query image's time as a float (the masks are per time)."""
-        if torch.is_tensor(t):
-            return [float(v) for v in t.detach().cpu().double().reshape(-1).expand(B)] if t.dim() else [float(t)] * B
-        arr = np.asarray(t, dtype=np.float64).reshape(-1)
-        return [float(v) for v in np.broadcast_to(arr, (B,))]
 
     def _forward(self, train, xt, a, inv, t_check, lab, times, theta, provenance, name, max_memory):
         B, C, H, W = xt.shape
