@@ -10,7 +10,8 @@ from .same_position import LS, SamePosition
 from .wiener import Wiener
 from .locality import DataLocal
 from .pca_locality import PCALocality
+from .smoothed import SmoothedCFDM
 from .factory import MACHINE_NAMES, MACHINES, make_machine
 
 __all__ = ["Machine", "Provenance", "SamePosition", "IS", "LS", "ELS", "MACHINE_NAMES", "MACHINES", "make_machine",
-           "Wiener", "DataLocal", "PCALocality"]
+           "Wiener", "DataLocal", "PCALocality", "SmoothedCFDM"]

@@ -17,6 +17,7 @@ from .local import ELS
 from .locality import DataLocal
 from .pca_locality import PCALocality
 from .same_position import LS
+from .smoothed import SmoothedCFDM
 from .wiener import Wiener
 
 
@@ -45,6 +46,8 @@ MACHINES = {
                                                               max_memory=c["max_memory"])),
     "pca": MachineKind(PCALocality, "threshold", "PCA-locality (Lukoianov et al.): each element a softmax over its "
                        "thresholded Wiener-matrix neighbourhood", lambda im, lab, boundary, c: PCALocality(im, lab, **c)),
+    "scfdm": MachineKind(SmoothedCFDM, None, "the smoothed closed-form denoiser (Scarvelis et al.): IS averaged over "
+                         "seeded Gaussian perturbations of its input", lambda im, lab, boundary, c: SmoothedCFDM(im, lab, **c)),
 }
 MACHINE_NAMES = tuple(MACHINES)
 

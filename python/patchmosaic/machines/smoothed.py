@@ -1,0 +1,126 @@
+"""The smoothed closed-form denoiser (Scarvelis, Borde and Solomon, "Closed-Form Diffusion Models", TMLR 2025;
+arXiv 2310.12395; the Analytic Diffusion Studio's ``scfdm``): the ideal (empirical posterior-mean) denoiser
+averaged over Gaussian perturbations of its input,
+
+    x0_hat(x_t) = (1/M) sum_m IS(x_t + s eps_m),        eps_m ~ N(0, I),
+
+which smooths the closed-form score (the average of the posterior means, converted to a score with the
+unperturbed ``x_t``, is the average of the scores). The expectation over ``eps`` has no closed form (a softmax of
+Gaussian-perturbed logits), so it is a Monte Carlo average over ``M`` draws; each IS call inside is exact over all
+training images (the Studio's takes a FAISS top-200 of each perturbed query). The draws are seeded: a call's noise is
+a function of the machine's seed, the call's time and the query's shape, so the same call gives the same result.
+
+``s`` is constant in the variance-preserving coordinates of the project (``coordinates="vp"``, as the Studio's
+``smoothing_std``; its settings: 1 for MNIST, 0.1 for the other data sets) or constant in the paper's interpolant
+coordinates ``z = x_t / (a + b)`` (``coordinates="interpolant"``: ``s_vp = s (a + b)``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import numbers
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .. import ops
+from ..schedules import ScheduleLike
+from .base import BACKEND_ARG, CALL_ARGS, DATA_ARGS, ENGINE_ARGS, Machine, docstring
+
+
+class SmoothedCFDM(Machine):
+    __doc__ = """The smoothed closed-form denoiser (Scarvelis et al.): the ideal score machine averaged over ``M``
+    seeded Gaussian perturbations of its input, ``x0_hat(x) = mean_m IS(x + s eps_m)`` (see the module), each IS
+    exact over all training images. Queries have the training size; ``k`` is ignored (no patch); no provenance
+    (each draw has its own winner).
+
+    Args:
+""" + DATA_ARGS + """\
+        smoothing: the perturbation's standard deviation ``s >= 0`` (default 0.1; 0 is IS).
+        samples: the Monte Carlo draws ``M >= 1`` per call (default 10, the Studio's).
+        coordinates: ``"vp"`` (default): ``s`` in the project's ``x_t = a x0 + b eps`` coordinates (the Studio's);
+            ``"interpolant"``: ``s`` in the paper's ``z = x_t / (a + b)`` coordinates.
+        temperature: the softmax temperature ``tau > 0`` (default 1).
+        seed: the seed of the draws (default 0).
+""" + ENGINE_ARGS
+
+    local = False
+
+    def __init__(self, images, labels=None, smoothing: float = 0.1, samples: int = 10, *, coordinates: str = "vp",
+                 temperature: float = 1.0, seed: int = 0, schedule: ScheduleLike = "cosine_legacy",
+                 backend: str = "auto", n_threads: int = 0, max_memory: Optional[int] = None):
+        if isinstance(smoothing, bool) or not isinstance(smoothing, numbers.Real) or not 0 <= smoothing < np.inf:
+            raise ValueError(f"smoothing must be a finite number >= 0, got {smoothing!r}")
+        if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 1:
+            raise ValueError(f"samples must be a positive int (draws per call), got {samples!r}")
+        if coordinates not in ("vp", "interpolant"):
+            raise ValueError(f"coordinates must be 'vp' or 'interpolant', got {coordinates!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0 \
+                or not np.isfinite(temperature):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        super().__init__(images, labels, schedule=schedule, backend=backend, n_threads=n_threads,
+                         max_memory=max_memory)
+        self.smoothing, self.samples, self.coordinates = float(smoothing), int(samples), coordinates
+        self.temperature, self.seed = float(temperature), int(seed)
+
+    def noise(self, times, shape) -> torch.Tensor:
+        """The draws of a call at ``times`` (one float per query image) on a batch of ``shape``: ``(M, B, C, H, W)``
+        float64 on the CPU, from a generator per image seeded by the machine's seed, the image's time, its index and the
+        shape, so that a call is reproducible whatever came before it."""
+        B = shape[0]
+        eps = torch.empty((self.samples,) + tuple(shape), dtype=torch.float64)
+        for b in range(B):
+            key = f"{self.seed}:{float(times[b]).hex()}:{b}:{tuple(shape)}".encode()
+            gen = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
+            eps[:, b] = torch.randn((self.samples,) + tuple(shape[1:]), generator=gen, dtype=torch.float64)
+        return eps
+
+    @docstring("""Posterior-mean estimate ``x0_hat``: the average of ``samples`` exact IS calls on the perturbed
+        queries (differentiable in ``x`` and ``t`` with the draws held fixed: they are seeded by ``t``, so the
+        function itself jumps between times).
+
+        Args:
+""" + CALL_ARGS + BACKEND_ARG + """
+        Returns:
+            ``x0_hat`` with the shape, dtype and array type (numpy or torch) of ``x``.
+        """)
+    def denoise(self, x, t, k: Optional[int] = None, labels=None, *, return_provenance: bool = False,
+                backend: Optional[str] = None):
+        if return_provenance:
+            raise ValueError("SmoothedCFDM has no provenance: each of its draws has its own winning image")
+        is_numpy, xt, _, a, inv_2b2, t_check, lab, name, train, max_memory = \
+            self._prepare_call(x, t, [k], labels, backend)
+        B = xt.shape[0]
+        times = self.call_times(t, B)
+        s = torch.full((B,), self.smoothing, dtype=torch.float64)
+        if self.coordinates == "interpolant":
+            b = torch.sqrt(0.5 / inv_2b2.detach().cpu())
+            s = s * (a.detach().cpu() + b)
+        eps = self.noise(times, xt.shape).to(xt.device, xt.dtype)  # drawn in float64: the same draws in any dtype
+        xs = (xt[None] + s.to(xt.device, xt.dtype).reshape(1, B, 1, 1, 1) * eps).reshape((-1,) + tuple(xt.shape[1:]))
+        rep = lambda v: None if v is None else v.repeat(self.samples)  # noqa: E731
+        lv, lp, li = self._label_tensors
+        out = ops.ideal_softmax(train, xs, rep(a), rep(inv_2b2 / self.temperature), rep(t_check), rep(lab), lv, lp, li,
+                                False, name, self.n_threads, max_memory)[0]
+        out = out.reshape((self.samples,) + tuple(xt.shape)).mean(0)
+        return out.detach().numpy() if is_numpy else out
+
+    def effective_k(self, k, Hq: int, Wq: int) -> int:
+        return 0  # no patch
+
+    def check_request(self, shape, dtype=torch.float32, backend: str = "cpu", provenance: bool = False,
+                      k: Optional[int] = None) -> None:
+        """Raise :class:`patchmosaic.ResourceError` if a call on a batch of ``shape`` would need more working
+        memory than allowed: ``samples`` IS calls' worth (the perturbed queries and their outputs)."""
+        shape = tuple(int(v) for v in shape)
+        super().check_request((shape[0] * self.samples,) + shape[1:], dtype, backend, provenance, k)
+
+    def describe(self) -> dict:
+        """What changes the machine's results: its kind, data, schedule, and the smoothing's settings and seed."""
+        d = super().describe()
+        d.update(smoothing=self.smoothing, samples=self.samples, coordinates=self.coordinates,
+                 temperature=self.temperature, seed=self.seed)
+        return d

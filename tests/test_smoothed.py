@@ -1,0 +1,101 @@
+"""The smoothed closed-form denoiser (machines/smoothed.py, after Scarvelis et al. and the Analytic Diffusion
+Studio's scfdm): against a float64 numpy transcription -- the mean over the draws of the exact ideal denoiser (a
+softmax over every training image) at the perturbed queries -- with the machine's own draws; seeded reproducibility;
+the interpolant coordinates; s = 0 is IS; gradients; bad input. Tolerances: float64 within 1e-9, float32 within
+1e-5 of the data range on average and 1e-3 at worst."""
+
+import numpy as np
+import pytest
+import torch
+
+import patchmosaic as pm
+
+C, H, W, N = 1, 5, 4, 25
+
+
+def data(seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-1, 1, (N, C, H, W)), rng.integers(0, 2, N)
+
+
+def literal(imgs, x, a, b2, eps, s, tau=1.0, groups=None):
+    X = imgs.reshape(len(imgs), -1)
+    out = np.zeros((len(x), X.shape[1]))
+    for b in range(len(x)):
+        idx = np.arange(len(X)) if groups is None else groups[b]
+        for m in range(len(eps)):
+            q = x[b].reshape(-1) + s[b] * eps[m, b].reshape(-1)
+            logits = -((q[None, :] - a[b] * X[idx]) ** 2).sum(1) / (2 * b2[b] * tau)
+            w = np.exp(logits - logits.max())
+            out[b] += (w[:, None] * X[idx]).sum(0) / w.sum() / len(eps)
+    return out.reshape(x.shape)
+
+
+def coefficients(t):
+    ab = np.cos(np.asarray(t, np.float64) / 1.008 * np.pi / 2) ** 2
+    return np.sqrt(ab), 1 - ab
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("coordinates", ["vp", "interpolant"])
+def test_equals_the_mean_of_exact_ideal_denoisers_at_the_draws(coordinates, dtype):
+    imgs, labels = data()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, C, H, W))
+    t = np.array([0.3, 0.6, 0.9])
+    lab = np.array([1, 0, 1])
+    m = pm.SmoothedCFDM(imgs.astype(dtype), labels, smoothing=0.4, samples=5, coordinates=coordinates,
+                        temperature=0.7, seed=3)
+    got = m.denoise(x.astype(dtype), t, labels=lab)
+    a, b2 = coefficients(t)
+    s = np.full(3, 0.4) * ((a + np.sqrt(b2)) if coordinates == "interpolant" else 1.0)
+    eps = m.noise(m.call_times(t, 3), x.shape).numpy()
+    want = literal(imgs, x, a, b2, eps, s, 0.7, [np.nonzero(labels == v)[0] for v in lab])
+    err = np.abs(got.astype(np.float64) - want)
+    assert err.max() <= (1e-9 if dtype == np.float64 else 2e-3) and err.mean() <= (1e-9 if dtype == np.float64 else 2e-5)
+
+
+def test_draws_are_seeded_and_reproducible():
+    imgs, _ = data()
+    x = np.random.default_rng(2).standard_normal((2, C, H, W))
+    m = pm.SmoothedCFDM(imgs, smoothing=0.5, samples=4, seed=7)
+    first = m.denoise(x, 0.5)
+    m.denoise(x, 0.2)  # another call in between changes nothing
+    assert np.array_equal(first, m.denoise(x, 0.5))
+    assert np.array_equal(first, pm.SmoothedCFDM(imgs, smoothing=0.5, samples=4, seed=7).denoise(x, 0.5))
+    assert not np.array_equal(first, pm.SmoothedCFDM(imgs, smoothing=0.5, samples=4, seed=8).denoise(x, 0.5))
+    assert np.allclose(pm.SmoothedCFDM(imgs, smoothing=0.0, samples=3).denoise(x, 0.5), pm.IS(imgs).denoise(x, 0.5),
+                       rtol=0, atol=1e-12)
+
+
+def test_gradients_and_the_samplers():
+    imgs, _ = data()
+    m = pm.SmoothedCFDM(imgs, smoothing=0.3, samples=3)
+    x = torch.from_numpy(np.random.default_rng(3).standard_normal((2, C, H, W))).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda xx: m.denoise(xx, 0.4), (x,), eps=1e-6, atol=1e-6)
+    # in t with the draws fixed (they are seeded by t, so finite differences in t would redraw them): the mean of the
+    # ideal denoiser's t-derivatives at the perturbed queries
+    t = torch.tensor([0.4, 0.7], dtype=torch.float64, requires_grad=True)
+    (gt,) = torch.autograd.grad(m.denoise(x.detach(), t).sum(), t)
+    eps = m.noise(m.call_times(t, 2), x.shape)
+    ref = sum(pm.IS(imgs).denoise(x.detach() + 0.3 * eps[j], t) for j in range(3)) / 3
+    (want,) = torch.autograd.grad(ref.sum(), t)
+    assert torch.allclose(gt, want, rtol=1e-10, atol=1e-12)
+    out = pm.ddim(pm.MachineDenoiser(m), torch.randn(2, C, H, W, dtype=torch.float64), steps=3, progress=False)
+    assert out.shape == (2, C, H, W) and bool(torch.isfinite(out).all())
+
+
+def test_bad_input_is_refused():
+    imgs, _ = data()
+    for kw, msg in (({"smoothing": -0.1}, "smoothing must be"), ({"smoothing": float("inf")}, "smoothing must be"),
+                    ({"samples": 0}, "samples must be a positive int"), ({"coordinates": "edm"}, "coordinates must"),
+                    ({"temperature": 0}, "temperature must"), ({"seed": 1.5}, "seed must be an int")):
+        with pytest.raises(ValueError, match=msg):
+            pm.SmoothedCFDM(imgs, **kw)
+    m = pm.SmoothedCFDM(imgs)
+    with pytest.raises(ValueError, match="no provenance"):
+        m.denoise(np.zeros((1, C, H, W)), 0.5, return_provenance=True)
+    with pytest.raises(ValueError, match=r"t must lie in \(0, 1\]"):
+        m.denoise(np.zeros((1, C, H, W)), 0.0)
+    with pytest.raises(pm.ResourceError):
+        pm.SmoothedCFDM(imgs, samples=10, max_memory=10_000).check_request((64, C, H, W))
