@@ -116,7 +116,9 @@ class MachineDenoiser(_Denoiser):
         param = machine.parameter
         if patch_mask is not None:
             if param != "k":
-                raise ValueError(f"patch_mask: {type(machine).__name__} has no patch (it takes no patch_mask)")
+                what = "IS compares whole images" if not machine.local else "its neighbourhoods are its own"
+                raise ValueError(f"patch_mask: {type(machine).__name__} has no patch ({what}; it takes no "
+                                 "patch_mask)")
             self.patch_mask = check_patch_mask(patch_mask)
             if k is None:
                 k = int(self.patch_mask.shape[-1])
