@@ -102,8 +102,8 @@ def test_cuda_engine_equals_the_literal_loop(dev, dtype):  # noqa: F811
 
 
 def test_many_images_in_parts_and_response_sums_outside_registers(dev):  # noqa: F811
-    """More images than one part holds (several parts merged, CPU and CUDA), rows with more responses than the CUDA
-    kernel keeps in registers."""
+    """More images than one part holds (several parts merged, CPU and CUDA; the same bits for any number of CPU
+    threads), rows with more responses than the CUDA kernel keeps in registers."""
     rng = np.random.default_rng(3)
     n = 700
     train = rng.uniform(-1, 1, (n, D))
@@ -120,6 +120,9 @@ def test_many_images_in_parts_and_response_sums_outside_registers(dev):  # noqa:
                                   T(a).to(device), T(inv).to(device), None, None, *index.tensors(), *table.tensors(),
                                   False, backend, 1 if backend == "cpu" else 0, 0)[0]
         assert np.abs(got.cpu().numpy() - out).max() <= 1e-9, backend
+    one, two = (ops.aligned_softmax(T(train.reshape(n, C, H, W)), T(x.reshape(B, C, H, W)), T(a), T(inv), None, None,
+                                    *index.tensors(), *table.tensors(), True, "cpu", nt, 0) for nt in (1, 2))
+    assert all(torch.equal(u, v) for u, v in zip(one, two))  # the same parts whatever the number of threads
 
 
 def _grads(train, x, a, inv, qlab, index, table, backend, device="cpu"):

@@ -11,9 +11,9 @@
 // distance as the sum over its neighbourhood's *runs* -- maximal sequences of consecutive elements with one
 // weight -- each one difference P[hi] - P[lo]; the derivatives scattered back through a difference array.
 //
-// Threads: each group's images (its label's training images) are split into as many contiguous parts as there
-// are threads; a part folds its images into its own online softmax states (softmax_state.hpp) and the parts are
-// merged in part order, so a result depends only on the thread count.
+// Threads: each group's images (its label's training images) are split into contiguous parts of about kPart
+// images; a part folds its images into its own online softmax states (softmax_state.hpp), threads take parts as
+// they come, and the parts are merged in part order: the result does not depend on the number of threads.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -29,7 +29,7 @@ namespace patchmosaic {
 namespace {
 
 constexpr int kBlock = 16;        // training images whose logits are computed and folded together
-constexpr int64_t kMinPart = 64;  // fewest images of a part (below it, fewer parts)
+constexpr int64_t kPart = 512;  // images of a part (the parts of a group: about this many each)
 
 // A row's neighbourhood as runs [lo, hi) of consecutive elements with one weight w.
 struct Runs {
@@ -69,15 +69,17 @@ struct Groups {
   std::vector<Part> parts;                    // in merge order: by group, then image range
 };
 
+// A group's images in ceil(n / kPart) contiguous parts of equal size: the same parts for any number of threads,
+// so that the merged results do not depend on it.
 template <typename T>
-Groups make_parts(const AlignedArgs<T>& A, int n_threads) {
+Groups make_parts(const AlignedArgs<T>& A) {
   Groups G;
   G.queries.assign(A.n_groups, {});
   for (int64_t b = 0; b < A.B; ++b) G.queries[A.group_of_b[b]].push_back(b);
   for (int64_t g = 0; g < A.n_groups; ++g) {
     if (G.queries[g].empty()) continue;
     const int64_t n = A.grp_img_ptr[g + 1] - A.grp_img_ptr[g];
-    const int64_t k = std::max<int64_t>(1, std::min<int64_t>(n_threads, n / kMinPart));
+    const int64_t k = std::max<int64_t>(1, (n + kPart - 1) / kPart);
     for (int64_t p = 0; p < k; ++p)
       G.parts.push_back({g, A.grp_img_ptr[g] + n * p / k, A.grp_img_ptr[g] + n * (p + 1) / k});
   }
@@ -273,8 +275,8 @@ void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& 
 
 template <typename T>
 void aligned_forward_cpu(const AlignedArgs<T>& A) {
-  const int nt = resolve_threads(A.n_threads, std::max<int64_t>(1, A.N / kMinPart));
-  const Groups G = make_parts(A, nt);
+  const Groups G = make_parts(A);
+  const int nt = resolve_threads(A.n_threads, static_cast<int64_t>(G.parts.size()));
   std::vector<PartState> states(G.parts.size());
   FirstError error;
   const int64_t np = static_cast<int64_t>(G.parts.size());
@@ -319,8 +321,8 @@ void aligned_forward_cpu(const AlignedArgs<T>& A) {
 template <typename T>
 void aligned_backward_cpu(const AlignedArgs<T>& A) {
   const Runs R = make_runs(A);
-  const int nt = resolve_threads(A.n_threads, std::max<int64_t>(1, A.N / kMinPart));
-  const Groups G = make_parts(A, nt);
+  const Groups G = make_parts(A);
+  const int nt = resolve_threads(A.n_threads, static_cast<int64_t>(G.parts.size()));
   const int64_t nr = A.n_rows, D = A.D, np = static_cast<int64_t>(G.parts.size());
   // per part and query image of its group: the gradient of the query, of a and of inv_2b2
   std::vector<std::vector<double>> gx(np), gab(np);
