@@ -216,3 +216,28 @@ def test_calibrate_refuses_a_figure_path_as_out(tmp_path, tiny, capsys):
     assert not [p for p in os.listdir(tmp_path) if p != "tiny.npz"]
     assert main(base + ["--out", str(tmp_path / "ks.json")]) == 2  # a JSON path passes on to the next check
     assert "no network" in capsys.readouterr().err
+
+
+def test_pca_locality_and_the_smoothed_denoiser_from_the_cli(tmp_path, tiny, capsys):
+    """PCA-locality calibrates its threshold per step and compares from the CLI; the smoothed closed-form denoiser
+    compares (machines from the registry: no CLI code of their own)."""
+    common = ["--data", tiny, "--quiet"]
+    net = str(tmp_path / "net")
+    assert main(["train", "--width", "8", "--depth", "1", "--steps", "3", "--batch-size", "8", "--out", net]
+                + common) == 0
+    th = str(tmp_path / "thresholds.json")
+    assert main(["calibrate", "--network", net, "--machine", "pca", "--seeds", "2", "--steps", "3",
+                 "--candidates", "0.01,0.1", "--out", th] + common) == 0
+    cal = json.load(open(th))
+    assert cal["machine"] == "pca" and set(cal["thresholds"]) <= {0.01, 0.1} and "ks" not in cal
+    out = str(tmp_path / "cmp")
+    assert main(["compare", "--network", net, "--seeds", "2", "--steps", "3", "--machine", f"pca={th}",
+                 "--machine", "pca", "--machine", "scfdm", "--out", out] + common) == 0
+    rep = json.load(open(os.path.join(out, "report.json")))
+    assert set(rep["per_seed"]) == {f"pca={th}", "pca", "scfdm", "IS"}
+    assert rep["per_seed"][f"pca={th}"]["machine"]["thresholds"] == cal["thresholds"]
+    capsys.readouterr()
+    for bad, msg in ((["--machine", "scfdm=3"], "scfdm takes no k-schedule"),
+                     (["--machine", "pca=2.0"], "threshold")):
+        assert main(["compare", "--network", net, "--seeds", "2", "--steps", "2", "--out", out] + bad + common) == 2
+        assert msg in capsys.readouterr().err

@@ -106,9 +106,11 @@ def comparison_grid(rows: Sequence[np.ndarray], names: Sequence[str], tile_inche
 
 def kschedule_plot(schedules: dict, choices: Optional[np.ndarray] = None, times: Optional[Sequence[float]] = None,
                    *, title: str = "") -> Figure:
-    """Patch size k against t (t = 1 on the left, as the reverse process runs) for named schedules
-    (``name -> KSchedule``, a step line each: ``ks[i]`` holds from ``times[i]`` to the next step);
+    """A per-step parameter against t (t = 1 on the left, as the reverse process runs) for named schedules
+    (``name -> KSchedule`` or ``ThresholdSchedule``, a step line each: ``values[i]`` holds from ``times[i]`` to the
+    next step; the y axis says which parameter: patch size k, or a threshold on a log scale);
     ``choices`` ``(steps, seeds)`` (a calibration's per-seed picks at ``times``) are grey dots behind them."""
+    integer = all(hasattr(s, "ks") for s in schedules.values())
     fig = new_figure(6.0, 4.0)
     ax = fig.add_subplot()
     if choices is not None and times is not None:
@@ -118,12 +120,16 @@ def kschedule_plot(schedules: dict, choices: Optional[np.ndarray] = None, times:
                    label="per-seed choices", zorder=1)
     for name, s in schedules.items():
         t = [float(v) for v in s.times] + [0.0]
-        k = [int(v) for v in s.ks]
+        k = [int(v) if integer else float(v) for v in s.values]
         (line,) = ax.step(t, k + k[-1:], where="post", linewidth=2, label=str(name), zorder=2)
         ax.plot(t[:-1], k, "o", color=line.get_color(), markersize=4, zorder=3)
     ax.set_xlim(1.02, -0.02)
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="diffusion time t (sampling runs from t = 1 to 0)", ylabel="patch size k", title=title)
+    if integer:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    else:
+        ax.set_yscale("log")
+    ax.set(xlabel="diffusion time t (sampling runs from t = 1 to 0)", ylabel="patch size k" if integer else
+           "threshold", title=title)
     ax.grid(True, color="0.9")
     ax.legend(loc="upper right")
     return fig
