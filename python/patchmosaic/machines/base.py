@@ -55,6 +55,10 @@ DATA_ARGS = """\
             all its training images whatever their label. A machine built without labels refuses labels at
             call time (ValueError).
 """
+SOURCE_ARGS = """\
+        xflip: also use every training image mirrored left-right (the source doubled, the labels with it; a
+            provenance image index ``n >= N`` is the mirror of image ``n - N``, :meth:`source_image`). Default False.
+"""
 ENGINE_ARGS = """\
         schedule: the noise schedule ``alpha_bar(t)``: ``"cosine_legacy"`` (the paper's, default),
             ``"cosine"``, ``"linear"``, a :class:`patchmosaic.schedules.Schedule` or any callable
@@ -127,7 +131,7 @@ class Machine:
     Use :class:`IS`, :class:`LS` or :class:`ELS`; they take the same arguments (ELS two more).
 
     Args:
-""" + DATA_ARGS + ENGINE_ARGS
+""" + DATA_ARGS + SOURCE_ARGS + ENGINE_ARGS
 
     local = True
     rule: Optional[str] = None  # the key-set rule of a local machine (machines/keysets.py)
@@ -138,14 +142,22 @@ class Machine:
         for the local machines; None for a machine without one (IS, Wiener); PCA-locality: ``"threshold"``."""
         return "k" if self.local else None
 
-    def __init__(self, images, labels=None, *, schedule: ScheduleLike = "cosine_legacy", backend: str = "auto",
-                 n_threads: int = 0, max_memory: Optional[int] = None):
+    def __init__(self, images, labels=None, *, xflip: bool = False, schedule: ScheduleLike = "cosine_legacy",
+                 backend: str = "auto", n_threads: int = 0, max_memory: Optional[int] = None):
         check_cuda_inputs(images=images, labels=labels)
         self.images = to_tensor(images, "images").contiguous()
         if self.images.device.type != "cpu":
             self.images = self.images.cpu()
+        if not isinstance(xflip, bool):
+            raise TypeError(f"xflip must be True or False, got {xflip!r}")
+        n_given = int(self.images.shape[0])
+        labels = None if labels is None else to_labels(labels, n_given)
+        self.xflip = xflip
+        if xflip:  # the source: the images, then their mirrors
+            self.images = torch.cat([self.images, self.images.flip(-1)]).contiguous()
+            labels = None if labels is None else np.concatenate([labels, labels])
         self.N, self.C, self.H, self.W = self.images.shape
-        self.labels = None if labels is None else to_labels(labels, self.N)
+        self.labels = labels
         self.label_index = ops.LabelIndex.from_labels(self.labels)
         self._label_tensors = self.label_index.tensors()
         self.schedule = get_schedule(schedule)
@@ -424,10 +436,18 @@ class Machine:
 
     def describe(self) -> dict:
         """Everything about the machine that changes its results: kind, key-set rule, boundary, training
-        data (shape and content hash) and noise schedule."""
+        data (shape and content hash, mirrors included) and noise schedule."""
         return {"type": type(self).__name__, "rule": self.rule, "boundary": getattr(self, "boundary", None),
                 "wrapped": getattr(self, "wrapped", None), "train_shape": list(self.images.shape),
-                "data": self.data_digest, "schedule": self.schedule.describe()}
+                "data": self.data_digest, "schedule": self.schedule.describe(),
+                **({"xflip": True} if getattr(self, "xflip", False) else {})}
+
+    def source_image(self, n):
+        """``(index, mirrored)`` of source image ``n`` (a provenance image index; int or array): the training
+        image it comes from and whether it is that image's mirror (``xflip=True``)."""
+        n = np.asarray(n)
+        half = self.N // 2 if getattr(self, "xflip", False) else self.N
+        return np.where(n >= half, n - half, n), n >= half
 
     def images_by_label(self) -> dict:
         """``{label: training image indices}`` (``{None: all}`` for a machine without labels)."""

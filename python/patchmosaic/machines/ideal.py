@@ -1,6 +1,6 @@
 """The ideal score machine (IS, eq. 3-4): a softmax over whole training images. It memorises."""
 
-from .base import DATA_ARGS, ENGINE_ARGS, Machine
+from .base import DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, Machine
 
 
 class IS(Machine):
@@ -8,6 +8,6 @@ class IS(Machine):
     images). As ``t -> 0`` it returns the nearest training image. Queries have the training size.
 
     Args:
-""" + DATA_ARGS + ENGINE_ARGS
+""" + DATA_ARGS + SOURCE_ARGS + ENGINE_ARGS
 
     local = False

@@ -36,7 +36,7 @@ import torch
 
 from ..schedules import ScheduleLike
 from ..validation import check_k, check_sweep, check_time
-from .base import CALL_ARGS, DATA_ARGS, ENGINE_ARGS, docstring
+from .base import CALL_ARGS, DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, docstring
 from .local import ELS
 from .wiener import Wiener
 
@@ -341,18 +341,18 @@ class DataLocal(DataDrivenCalls, ELS):
     fields are computed once per time (cached); the Wiener filter's eigendecomposition once at construction.
 
     Args:
-""" + DATA_ARGS + LOCALITY_ARGS + ENGINE_ARGS + """
+""" + DATA_ARGS + LOCALITY_ARGS + SOURCE_ARGS + ENGINE_ARGS + """
     Raises:
         ValueError naming a bad argument, :class:`patchmosaic.ResourceError` when the Wiener filter's
         eigendecomposition would not fit in ``max_memory``: before any work.
     """
 
     def __init__(self, images, labels=None, boundary: str = "zeros", *, per_pixel: bool = False,
-                 window: Optional[int] = None, weighting: str = "binary", statistics=None,
+                 window: Optional[int] = None, weighting: str = "binary", statistics=None, xflip: bool = False,
                  schedule: ScheduleLike = "cosine_legacy", backend: str = "auto", n_threads: int = 0,
                  max_memory: Optional[int] = None):
-        super().__init__(images, labels, boundary, schedule=schedule, backend=backend, n_threads=n_threads,
-                         max_memory=max_memory)
+        super().__init__(images, labels, boundary, xflip=xflip, schedule=schedule, backend=backend,
+                         n_threads=n_threads, max_memory=max_memory)
         self.neighbourhood = Neighbourhoods(self.images if statistics is None else statistics, boundary=boundary,
                                             per_pixel=per_pixel, window=window, weighting=weighting,
                                             schedule=self.schedule, max_memory=max_memory)

@@ -32,7 +32,7 @@ import torch
 from .. import ops
 from ..schedules import ScheduleLike
 from ..validation import check_memory, check_threshold, check_time
-from .base import BACKEND_ARG, DATA_ARGS, ENGINE_ARGS, docstring
+from .base import BACKEND_ARG, DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, docstring
 from .same_position import SamePosition
 
 PCA_ARGS = """\
@@ -56,7 +56,7 @@ class PCALocality(SamePosition):
     rows of its first channel.
 
     Args:
-""" + DATA_ARGS + PCA_ARGS + ENGINE_ARGS + """
+""" + DATA_ARGS + PCA_ARGS + SOURCE_ARGS + ENGINE_ARGS + """
     Raises:
         :class:`patchmosaic.ResourceError` when the float64 covariance, its eigenvectors and one noise level's
         ``D x D`` matrix (about ``4 * 8 D^2`` bytes) would not fit in ``max_memory``, before any is computed;
@@ -66,7 +66,8 @@ class PCALocality(SamePosition):
     parameter = "threshold"
 
     def __init__(self, images, labels=None, threshold: float = 0.02, temperature: float = 1.0, *,
-                 batch_average: Optional[int] = None, schedule: ScheduleLike = "cosine_legacy", backend: str = "auto",
+                 batch_average: Optional[int] = None, xflip: bool = False, schedule: ScheduleLike = "cosine_legacy",
+                 backend: str = "auto",
                  n_threads: int = 0, max_memory: Optional[int] = None):
         self.threshold = check_threshold(threshold)
         if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0 \
@@ -77,7 +78,7 @@ class PCALocality(SamePosition):
                                           or batch_average < 1):
             raise ValueError(f"batch_average must be None or a positive int (images per batch), got {batch_average!r}")
         self.batch_average = batch_average
-        super().__init__(images, labels, schedule=schedule, backend=backend, n_threads=n_threads,
+        super().__init__(images, labels, xflip=xflip, schedule=schedule, backend=backend, n_threads=n_threads,
                          max_memory=max_memory)
         self.D = self.C * self.H * self.W
         need = 4 * 8 * self.D * self.D + 8 * self.N * self.D

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .. import ops
-from .base import DATA_ARGS, ENGINE_ARGS, Machine
+from .base import DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, Machine
 
 
 class SamePosition(Machine):
@@ -23,7 +23,7 @@ class SamePosition(Machine):
     this kind defines :meth:`rows`. Use :class:`LS` or :class:`patchmosaic.PCALocality`.
 
     Args:
-""" + DATA_ARGS + ENGINE_ARGS
+""" + DATA_ARGS + SOURCE_ARGS + ENGINE_ARGS
 
     rule = "ls"  # the key set, for what reads it as a table (the patch index, the sharded machines)
 
@@ -63,7 +63,7 @@ class LS(SamePosition):
     training image's squared residual once, summed over every pixel's patch as runs of elements).
 
     Args:
-""" + DATA_ARGS + ENGINE_ARGS
+""" + DATA_ARGS + SOURCE_ARGS + ENGINE_ARGS
 
     def rows(self, t, k, weights, pixels, C, Hq, Wq):
         w = weights if weights is not None else torch.ones((k, k), dtype=torch.float64)

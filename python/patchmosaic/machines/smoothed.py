@@ -26,7 +26,7 @@ import torch
 
 from .. import ops
 from ..schedules import ScheduleLike
-from .base import BACKEND_ARG, CALL_ARGS, DATA_ARGS, ENGINE_ARGS, Machine, docstring
+from .base import BACKEND_ARG, CALL_ARGS, DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, Machine, docstring
 
 
 class SmoothedCFDM(Machine):
@@ -43,12 +43,12 @@ class SmoothedCFDM(Machine):
             ``"interpolant"``: ``s`` in the paper's ``z = x_t / (a + b)`` coordinates.
         temperature: the softmax temperature ``tau > 0`` (default 1).
         seed: the seed of the draws (default 0).
-""" + ENGINE_ARGS
+""" + SOURCE_ARGS + ENGINE_ARGS
 
     local = False
 
     def __init__(self, images, labels=None, smoothing: float = 0.1, samples: int = 10, *, coordinates: str = "vp",
-                 temperature: float = 1.0, seed: int = 0, schedule: ScheduleLike = "cosine_legacy",
+                 temperature: float = 1.0, seed: int = 0, xflip: bool = False, schedule: ScheduleLike = "cosine_legacy",
                  backend: str = "auto", n_threads: int = 0, max_memory: Optional[int] = None):
         if isinstance(smoothing, bool) or not isinstance(smoothing, numbers.Real) or not 0 <= smoothing < np.inf:
             raise ValueError(f"smoothing must be a finite number >= 0, got {smoothing!r}")
@@ -61,7 +61,7 @@ class SmoothedCFDM(Machine):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise ValueError(f"seed must be an int, got {seed!r}")
-        super().__init__(images, labels, schedule=schedule, backend=backend, n_threads=n_threads,
+        super().__init__(images, labels, xflip=xflip, schedule=schedule, backend=backend, n_threads=n_threads,
                          max_memory=max_memory)
         self.smoothing, self.samples, self.coordinates = float(smoothing), int(samples), coordinates
         self.temperature, self.seed = float(temperature), int(seed)

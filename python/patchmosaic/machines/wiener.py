@@ -20,7 +20,7 @@ from ..ops import checks
 from ..ops.checks import check_cuda_inputs
 from ..schedules import ScheduleLike
 from ..validation import check_memory, check_time
-from .base import BACKEND_ARG, CALL_ARGS, DATA_ARGS, Machine, docstring
+from .base import BACKEND_ARG, CALL_ARGS, DATA_ARGS, SOURCE_ARGS, Machine, docstring
 
 WIENER_ARGS = """\
         schedule: the noise schedule ``alpha_bar(t)``: ``"cosine_legacy"`` (the paper's, default),
@@ -45,7 +45,7 @@ class Wiener(Machine):
     The filter is not translation-equivariant: queries have the training size. ``k`` is ignored, as by IS.
 
     Args:
-""" + DATA_ARGS + WIENER_ARGS + """
+""" + DATA_ARGS + SOURCE_ARGS + WIENER_ARGS + """
     Raises:
         :class:`patchmosaic.ResourceError` when the float64 eigenbases (``8 D min(n, D)`` bytes for a class
         of ``n`` images: ``8 D^2`` for a large class) would not fit in ``max_memory``, before any is computed.
@@ -53,9 +53,9 @@ class Wiener(Machine):
 
     local = False
 
-    def __init__(self, images, labels=None, *, schedule: ScheduleLike = "cosine_legacy",
+    def __init__(self, images, labels=None, *, xflip: bool = False, schedule: ScheduleLike = "cosine_legacy",
                  max_memory: Optional[int] = None):
-        super().__init__(images, labels, schedule=schedule, backend="torch", max_memory=max_memory)
+        super().__init__(images, labels, xflip=xflip, schedule=schedule, backend="torch", max_memory=max_memory)
         self.D = self.C * self.H * self.W
         sizes = [self.N] if self.labels is None else np.diff(self.label_index.ptr).tolist()
         ranks = [min(int(n), self.D) for n in sizes] + ([] if self.labels is None else [min(self.N, self.D)])
