@@ -9,6 +9,21 @@
 
 namespace patchmosaic {
 
+// exp(r) on |r| <= ln2 / 2 for a float or a GCC vector of floats: the degree-7 Taylor polynomial (relative
+// truncation error < 6e-9), one Horner scheme for the scalar and the vector forms below.
+template <typename F>
+inline F exp_poly(F r) {
+  F p = F{} + 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  return p;
+}
+
 // exp(x) for x <= 0, branch-free so that loops over keys vectorise. Arguments below -ExpCut<float>
 // return exactly 0 (see softmax_state.hpp).
 inline float exp_nonpos(float x) {
@@ -18,15 +33,7 @@ inline float exp_nonpos(float x) {
   // Cody-Waite reduction: r = x - n ln2, |r| <= ln2 / 2
   float r = xc - n * 0.693145751953125f;
   r = r - n * 1.42860682030941723212e-6f;
-  // degree-7 Taylor polynomial: relative truncation error < 6e-9 on |r| <= 0.347
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const float p = exp_poly(r);
   const int32_t e = (static_cast<int32_t>(n) + 127) << 23;  // n >= -126: a normal float
   const float scale = std::bit_cast<float>(e);
   return x < lo ? 0.0f : p * scale;
@@ -50,14 +57,7 @@ inline V exp_nonpos_vec(V x) {
   nf = __builtin_convertvector(n, V);
   V r = xc - nf * 0.693145751953125f;
   r = r - nf * 1.42860682030941723212e-6f;
-  V p = V{} + 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const V p = exp_poly(r);
   const I e = (n + 127) << 23;
   V scale;
   __builtin_memcpy(&scale, &e, sizeof(V));

@@ -195,18 +195,6 @@ __global__ void aligned_elements(const T* __restrict__ train, const T* __restric
   ga_part[b * Tb.D + e] += gae;
 }
 
-__device__ double block_total(double v, double* sm) {
-  sm[threadIdx.x] = v;
-  __syncthreads();
-  for (int w = kRed / 2; w > 0; w >>= 1) {
-    if (threadIdx.x < w) sm[threadIdx.x] += sm[threadIdx.x + w];
-    __syncthreads();
-  }
-  const double total = sm[0];
-  __syncthreads();
-  return total;
-}
-
 // backward 3: per query, the query gradient in T and the a and inv_2b2 sums
 template <typename T>
 __global__ void aligned_finish(Table Tb, const double* __restrict__ gq, const double* __restrict__ ga_part,
@@ -220,8 +208,8 @@ __global__ void aligned_finish(Table Tb, const double* __restrict__ gq, const do
     va += ga_part[b * Tb.D + e];
   }
   for (int64_t r = threadIdx.x; r < Tb.n_rows; r += kRed) vs += gs_part[b * Tb.n_rows + r];
-  const double ta = block_total(va, sm);
-  const double ts = block_total(vs, sm);
+  const double ta = block_sum<kRed>(va, sm);
+  const double ts = block_sum<kRed>(vs, sm);
   if (threadIdx.x == 0) {
     grad_a[b] = ta;
     grad_s[b] = ts;

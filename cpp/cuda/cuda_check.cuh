@@ -18,6 +18,21 @@
 
 namespace patchmosaic {
 
+// The sum of v over a block of NT threads (a power of two), in a fixed tree order; every thread gets the total.
+// sm: NT doubles of shared memory.
+template <int NT>
+__device__ double block_sum(double v, double* sm) {
+  sm[threadIdx.x] = v;
+  __syncthreads();
+  for (int w = NT / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) sm[threadIdx.x] += sm[threadIdx.x + w];
+    __syncthreads();
+  }
+  const double total = sm[0];
+  __syncthreads();
+  return total;
+}
+
 inline void check_cuda(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA error in ") + what + ": " + cudaGetErrorString(e));
 }

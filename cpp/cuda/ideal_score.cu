@@ -147,19 +147,6 @@ __global__ void is_accumulate(const T* __restrict__ train, int64_t D, Rows R, co
   }
 }
 
-// sum over a block of kRed threads, in a fixed tree order; every thread gets the total
-__device__ double block_sum(double v, double* sm) {
-  sm[threadIdx.x] = v;
-  __syncthreads();
-  for (int w = kRed / 2; w > 0; w >>= 1) {
-    if (threadIdx.x < w) sm[threadIdx.x] += sm[threadIdx.x + w];
-    __syncthreads();
-  }
-  const double total = sm[0];
-  __syncthreads();
-  return total;
-}
-
 // backward 1: <g, out> of each row
 template <typename T>
 __global__ void is_dot(const T* __restrict__ grad_out, const T* __restrict__ out, int64_t D, double* __restrict__ dot) {
@@ -168,7 +155,7 @@ __global__ void is_dot(const T* __restrict__ grad_out, const T* __restrict__ out
   double v = 0.0;
   for (int64_t e = threadIdx.x; e < D; e += kRed)
     v += static_cast<double>(grad_out[b * D + e]) * static_cast<double>(out[b * D + e]);
-  const double total = block_sum(v, sm);
+  const double total = block_sum<kRed>(v, sm);
   if (threadIdx.x == 0) dot[b] = total;
 }
 
@@ -257,8 +244,8 @@ __global__ void is_backward_coefficients(Rows R, const double* __restrict__ pa, 
     va += pa[b * R.stride + j];
     vs += ps[b * R.stride + j];
   }
-  const double ta = block_sum(va, sm);
-  const double ts = block_sum(vs, sm);
+  const double ta = block_sum<kRed>(va, sm);
+  const double ts = block_sum<kRed>(vs, sm);
   if (threadIdx.x == 0) {
     grad_a[b] = ta;
     grad_s[b] = ts;
