@@ -410,7 +410,7 @@ class Machine:
         a, inv_2b2, t_check = self.coefficients(t, B, xt.device)
         lab = self._query_labels(labels, B)
         name = self._resolve_backend(xt, backend)
-        train = self.train_as(xt.dtype, xt.device if name in ("torch", "cuda") else torch.device("cpu"))
+        train = self.train_as(xt.dtype, xt.device if name in ("torch", "cuda", "triton") else torch.device("cpu"))
         max_memory = 0 if self.max_memory is None else int(self.max_memory)
         return _Call(is_numpy, xt, eff, a, inv_2b2, t_check, lab, name, train, max_memory)
 

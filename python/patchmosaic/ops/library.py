@@ -23,11 +23,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import checks, engines, masks, reference
+from . import checks, engines, masks, reference, triton_engine
 from .keysets import keyset, multi_keyset
 from .labels import groups
 
-BACKENDS = ("auto", "cpu", "torch", "cuda")
+BACKENDS = ("auto", "cpu", "torch", "cuda", "triton")
 
 
 # ------------------------------------------------------------------------------------------ dispatch
@@ -38,6 +38,8 @@ def _engine(query: Tensor, backend: str, C: int):
     dev = query.device.type
     if backend == "torch":
         return reference
+    if backend == "triton":  # float32: the Triton kernels; float64: the device's existing engine
+        return triton_engine.engine_for(query)
     if backend == "cuda":
         if not engines.cuda_available():
             raise RuntimeError(engines.cuda_unavailable_reason())
@@ -55,6 +57,13 @@ def _engine(query: Tensor, backend: str, C: int):
     if dev == "cuda" and engines.cuda_available() and C <= engines.CUDA_MAX_CHANNELS:
         return engines.CUDA
     return reference
+
+
+def _backward_engine(query: Tensor, backend: str, C: int):
+    """The engine of a backward pass: ``_engine``'s, except that the Triton engine's backward passes run on the
+    compiled engine of the tensors' device (ops/triton_engine/__init__.py)."""
+    engine = _engine(query, backend, C)
+    return triton_engine.backward_engine(query) if engine is triton_engine else engine
 
 
 def _run_forward(engine, name, *args, **kw):
@@ -139,6 +148,8 @@ def local_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: O
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
     if engine is reference:
         return reference.local_forward(tr, q, k, ks, aa, ss, grp, provenance, weights=mask)
+    if engine is triton_engine:
+        return triton_engine.local_forward(tr, q, k, ks, aa, ss, grp, provenance, n_threads, elements=mask)
     return engines.local_forward(engine, tr, q, k, ks, aa, ss, grp, provenance, n_threads, elements=mask)
 
 
@@ -158,7 +169,7 @@ def local_softmax_backward(grad_out: Tensor, out: Tensor, stats: Tensor, train: 
                            n_threads: int, patch_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """The vector-Jacobian product of ``local_softmax``'s ``out`` for ``grad_out`` ->
     ``(grad_query, grad_a, grad_inv_2b2)``."""
-    engine = _engine(query, backend, train.shape[1])
+    engine = _backward_engine(query, backend, train.shape[1])
     ks = _local_keyset(rule, query, train, k, pixels)
     ks, mask = _masked_patch(engine, _check_mask(patch_mask, k, query), ks, train.shape[1], query)
     grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
@@ -260,6 +271,8 @@ def local_softmax_ks(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t
     grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
     with torch.no_grad():
+        if engine is triton_engine:
+            return triton_engine.local_forward_multi(tr.detach(), q.detach(), multi, aa.detach(), ss.detach(), grp)
         return engines.local_forward_multi(engine, tr.detach(), q.detach(), multi, aa.detach(), ss.detach(), grp,
                                            n_threads)
 
@@ -281,6 +294,8 @@ def ideal_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: O
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
     if engine is reference:
         return reference.ideal_forward(tr, q, aa, ss, grp, provenance)
+    if engine is triton_engine:
+        return triton_engine.ideal_forward(tr, q, aa, ss, grp, provenance)
     return engines.ideal_forward(engine, tr, q, aa, ss, grp, provenance, n_threads)
 
 
@@ -298,7 +313,7 @@ def ideal_softmax_backward(grad_out: Tensor, out: Tensor, stats: Tensor, train: 
                            inv_2b2: Tensor, labels: Optional[Tensor], label_values: Tensor, label_ptr: Tensor,
                            label_images: Tensor, backend: str, n_threads: int) -> Tuple[Tensor, Tensor, Tensor]:
     """The vector-Jacobian product of ``ideal_softmax``'s ``out``."""
-    engine = _engine(query, backend, train.shape[1])
+    engine = _backward_engine(query, backend, train.shape[1])
     grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
     g = grad_out.to(q.dtype).contiguous()
