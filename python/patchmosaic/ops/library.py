@@ -31,8 +31,9 @@ BACKENDS = ("auto", "cpu", "torch", "cuda", "triton")
 
 
 # ------------------------------------------------------------------------------------------ dispatch
-def _engine(query: Tensor, backend: str, C: int):
-    """The engine module that runs a call: engines.CPU, engines.CUDA, or the reference."""
+def _engine(query: Tensor, backend: str, C: int, shape=None):
+    """The engine module that runs a call: engines.CPU, engines.CUDA, the Triton engine, or the reference.
+    ``shape``: ``(op, rule, k, N)`` of a forward pass, for ``auto``'s measured table (triton_engine/auto.py)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     dev = query.device.type
@@ -51,9 +52,12 @@ def _engine(query: Tensor, backend: str, C: int):
         if dev != "cpu":
             raise ValueError(f"backend='cpu' needs CPU inputs, got a tensor on {query.device}; use 'auto' or 'torch'")
         return engines.CPU
-    # auto: by device
+    # auto: by device, and on a GPU by the measured table where it has the call's shape
     if dev == "cpu":
         return engines.CPU
+    measured = triton_engine.auto_choice(query, C, shape)
+    if measured is not None:
+        return measured
     if dev == "cuda" and engines.cuda_available() and C <= engines.CUDA_MAX_CHANNELS:
         return engines.CUDA
     return reference
@@ -135,7 +139,7 @@ def local_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: O
     (ops/masks.py): ``(k, k)`` shared by every pixel, or ``(Hq, Wq, k, k)`` one per query pixel; boolean, or
     non-negative float weights.
     """
-    engine = _engine(query, backend, train.shape[1])
+    engine = _engine(query, backend, train.shape[1], ("local", rule, k, train.shape[0]))
     w = _check_mask(patch_mask, k, query)
     name = "torch" if engine is reference else engine.name
     checks.memory(checks.local_bytes(query.shape, query.dtype, train, k, name, provenance, n_threads),
@@ -247,7 +251,7 @@ def local_softmax_ks(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t
         if k1 <= k0:
             raise ValueError(f"patch sizes must be strictly increasing (sorted, no duplicates), got {k0} then {k1} "
                              f"in ks={list(ks)}")
-    engine = _engine(query, backend, train.shape[1])
+    engine = _engine(query, backend, train.shape[1], ("local", rule, ks[-1], train.shape[0]))
     if engine is reference or not one_pass:
         name = "torch" if engine is reference else engine.name
         outs = [local_softmax(train, query, a, inv_2b2, t, labels, label_values, label_ptr, label_images, None, k,
@@ -283,7 +287,7 @@ def ideal_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: O
                   labels: Optional[Tensor], label_values: Tensor, label_ptr: Tensor, label_images: Tensor,
                   provenance: bool, backend: str, n_threads: int, max_memory: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """IS forward pass -> ``(out, stats (B, 2), arg_key (B,), arg_share (B,))`` (provenance empty unless asked)."""
-    engine = _engine(query, backend, train.shape[1])
+    engine = _engine(query, backend, train.shape[1], ("ideal", None, 0, train.shape[0]))
     item = query.element_size()
     checks.memory(3 * query.numel() * item + (train.numel() * item if train.dtype != query.dtype else 0)
                   + query.shape[0] * train.shape[0] * 8,
@@ -313,10 +317,12 @@ def ideal_softmax_backward(grad_out: Tensor, out: Tensor, stats: Tensor, train: 
                            inv_2b2: Tensor, labels: Optional[Tensor], label_values: Tensor, label_ptr: Tensor,
                            label_images: Tensor, backend: str, n_threads: int) -> Tuple[Tensor, Tensor, Tensor]:
     """The vector-Jacobian product of ``ideal_softmax``'s ``out``."""
-    engine = _backward_engine(query, backend, train.shape[1])
+    engine = _engine(query, backend, train.shape[1])
     grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
     g = grad_out.to(q.dtype).contiguous()
+    if engine is triton_engine:
+        return triton_engine.ideal_backward(g, tr, q, aa, ss, grp)
     if engine is reference:
         return reference.ideal_backward(g, out, stats, tr, q, aa, ss, grp)
     return engines.ideal_backward(engine, g, out.contiguous(), stats.contiguous(), tr, q, aa, ss, grp, n_threads)

@@ -11,9 +11,10 @@ What runs where:
 - float64 calls run on the existing engines of the tensors' device (the CUDA engine, else the torch reference on
   a GPU; the CPU engine on the CPU): TF32 tensor cores have nothing to offer float64.
 - backward passes run on the compiled engine of the tensors' device (the CUDA engine on a GPU, else the torch
-  reference; the CPU engine for CPU tensors), from the Triton forward pass's ``out`` and ``stats`` (the contract's
-  shifted-logit statistics): the CUDA engine's backward is the only one written; whether a Triton backward would
-  be faster is for a GPU run to measure (bench/gpu_triton.sh times both passes).
+  reference; the CPU engine for CPU tensors): the local machines' from the Triton forward pass's ``out`` and
+  ``stats`` (the contract's shifted-logit statistics), IS's from that engine's own forward pass (see
+  :func:`ideal_backward`). The CUDA engine's backward is the only one written; whether a Triton backward would be
+  faster is for a GPU run to measure (bench/gpu_triton.py times both passes).
 
 The engine is a module with the interface of ``engines.py``'s functions (``local_forward``, ``local_forward_multi``,
 ``ideal_forward``), without the engine argument; ``engine_for`` chooses it, or the engine a call falls back to.
@@ -93,6 +94,29 @@ def backward_engine(query: torch.Tensor):
     return reference
 
 
+def auto_choice(query: torch.Tensor, C: int, shape):
+    """``backend="auto"``'s engine for a forward pass of ``shape`` ``(op, rule, k, N)`` on a GPU, from the measured
+    table (auto.py): ``engines.CUDA``, this module or the torch reference; None where the table has no row for
+    the call (then ``auto`` keeps its rule: the CUDA engine)."""
+    import sys
+
+    from .. import engines, reference
+    from . import auto
+
+    if shape is None or query.device.type != "cuda":
+        return None
+    op, rule, k, N = shape
+    found = {"torch": reference}
+    if engines.cuda_available() and C <= engines.CUDA_MAX_CHANNELS:
+        found["cuda"] = engines.CUDA
+    if query.dtype == torch.float32 and available():
+        found["triton"] = sys.modules[__name__]
+    dtype = "float32" if query.dtype == torch.float32 else "float64"
+    best = auto.choose(torch.cuda.get_device_name(query.device), op, rule, int(C), int(k or 0), int(query.shape[0]),
+                       int(N), dtype, tuple(found))
+    return found.get(best) if best else None
+
+
 def local_forward(train, query, k, keyset, a, inv_2b2, groups, provenance=False, n_threads=0, elements=None):
     """The local machines' forward pass (engines.local_forward's contract), float32."""
     from . import local
@@ -109,7 +133,27 @@ def local_forward_multi(train, query, multi, a, inv_2b2, groups, n_threads=0):
 
 
 def ideal_forward(train, query, a, inv_2b2, groups, provenance=False, n_threads=0):
-    """IS's forward pass (engines.ideal_forward's contract), float32."""
+    """IS's forward pass (engines.ideal_forward's contract), float32; its statistics in the convention of the engine
+    that runs its backward pass (the compiled engines' IS keeps the largest true logit, the torch reference the
+    shifted one)."""
+    from .. import reference
     from . import ideal
 
-    return ideal.ideal_forward(train, query, a, inv_2b2, groups, provenance, n_threads, interpreted())
+    return ideal.ideal_forward(train, query, a, inv_2b2, groups, provenance, n_threads, interpreted(),
+                               shifted=backward_engine(query) is reference)
+
+
+def ideal_backward(grad_out, train, query, a, inv_2b2, groups):
+    """IS's backward pass on the compiled engine of the tensors' device (:func:`backward_engine`), from that
+    engine's own forward pass: IS's t-gradient ``-sum_n w_n <g, phi_n - out> |x - a phi_n|^2`` cancels
+    (``sum_n w_n <g, phi_n - out> = 0``) and amplifies any difference between ``out`` and the weights the backward
+    pass forms by ``E_w |x - a phi|^2`` (the image size), so the backward engine forms both; IS's forward pass is
+    as cheap as its backward pass."""
+    from .. import engines, reference
+
+    engine = backward_engine(query)
+    if engine is reference:
+        out, stats, _, _ = reference.ideal_forward(train, query, a, inv_2b2, groups)
+        return reference.ideal_backward(grad_out, out, stats, train, query, a, inv_2b2, groups)
+    out, stats, _, _ = engines.ideal_forward(engine, train, query, a, inv_2b2, groups, False)
+    return engines.ideal_backward(engine, grad_out, out, stats, train, query, a, inv_2b2, groups)

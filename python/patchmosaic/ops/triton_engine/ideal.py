@@ -11,8 +11,11 @@ CHUNK = 4096  # training images per float64 product
 
 
 def ideal_forward(train, query, a, inv_2b2, groups, provenance: bool = False, n_threads: int = 0,
-                  interpreted: bool = False):
-    """``(out, stats (B, 2), arg_key (B,), arg_share (B,))`` of IS (engines.ideal_forward's contract)."""
+                  interpreted: bool = False, shifted: bool = False):
+    """``(out, stats (B, 2), arg_key (B,), arg_share (B,))`` of IS (engines.ideal_forward's contract).
+
+    ``stats[:, 0]`` is the largest logit ``-s |x - a phi|^2`` (the compiled engines' IS convention, which their
+    backward passes read), or with ``shifted`` that plus ``s |x|^2`` (the torch reference's, for its backward)."""
     from . import kernels
     from .local import _dev, _launch_context, triton_cdiv
 
@@ -60,7 +63,8 @@ def ideal_forward(train, query, a, inv_2b2, groups, provenance: bool = False, n_
         b = torch.from_numpy(bs.astype(np.int64)).to(dev)
         out[b] = (acc / s[:, None]).to(query.dtype)
         x = flat_q[b].double()
-        stats[b] = torch.stack([m + inv_2b2[b].double() * (x * x).sum(dim=1), s], dim=1)
+        shift = inv_2b2[b].double() * (x * x).sum(dim=1) if shifted else torch.zeros_like(m)
+        stats[b] = torch.stack([m + shift, s], dim=1)
         if provenance:
             key[b] = imgs[arg]
             share[b] = (1.0 / s).to(query.dtype)

@@ -17,7 +17,9 @@ Split precision ("tf32x3", the 3xTF32 scheme): a float32 ``x`` is ``hi + lo`` wi
 (10 mantissa bits, to nearest, ties away from zero: PTX ``cvt.rna.tf32.f32``) and ``lo`` = ``x - hi`` (exact)
 cut to TF32 by dropping its low 13 bits (what a TF32 tensor core does with the bits it ignores). The product
 ``q.k`` is ``lo_q.hi_k + hi_q.lo_k + hi_q.hi_k``, three TF32 matrix products accumulated in float32 in that order
-(the order of Triton's own ``input_precision="tf32x3"``; ``lo.lo`` is dropped). Every TF32 x TF32 product is
+(the order of Triton's own ``input_precision="tf32x3"``; ``lo.lo`` is dropped), each chunk of ``BLOCK_D`` patch
+elements into a fresh accumulator that is then added to the running sum, so that a tensor core's truncating
+accumulation (precision.py) rounds over one chunk, not over the whole patch. Every TF32 x TF32 product is
 exact in float32, so the split is written out here rather than left to the compiler: the same bits reach the
 tensor cores, and under ``TRITON_INTERPRET=1`` (which computes ``tl.dot`` in numpy float32 whatever the
 requested precision) the interpreter computes the same products, so the CPU test suite sees the split's
@@ -173,9 +175,9 @@ def local_softmax_kernel(train, q_hi, q_lo, row_b, coef_a, coef_s, items, cls_kp
             if SPLIT:
                 kh = ((kv.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
                 kl = ((kv - kh).to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
-                dot = tl.dot(ql, kh, dot, input_precision="tf32")
-                dot = tl.dot(qh, kl, dot, input_precision="tf32")
-                dot = tl.dot(qh, kh, dot, input_precision="tf32")
+                part = tl.dot(ql, kh, input_precision="tf32")
+                part = tl.dot(qh, kl, part, input_precision="tf32")
+                dot += tl.dot(qh, kh, part, input_precision="tf32")
             else:
                 dot = tl.dot(qh, kv, dot, input_precision="ieee")
         logit = s[:, None] * (two_a[:, None] * dot - aa[:, None] * kn[None, :])

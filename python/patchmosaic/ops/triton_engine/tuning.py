@@ -27,9 +27,11 @@ class Settings:
             "ieee"``, no tensor cores; for comparisons).
         skip: skip the exponentials of key tiles that cannot count (default True).
         count: make the kernel count skipped key tiles into ``last_counts`` (default False).
-        block_m: rows per tile (None: 32 under the interpreter; on a GPU 64, or 128 when the call has enough rows).
+        block_m: rows per tile (None: 64 under the interpreter; on a GPU 64, or 128 when the call has enough rows).
         block_n, block_d: key-tile width and patch-chunk width under the interpreter (on a GPU: the autotuner's);
-            ``block_d`` None: the whole padded patch in one chunk.
+            ``block_d`` None: the whole padded patch in one chunk. The interpreter's cost is per operation, not
+            per element, so its default tiles are large (64 rows, 128 keys, the whole patch); the tests of tiling,
+            splits and chunks set small ones.
         keys_per_item: keys per work item (None: all of a tile's keys under the interpreter; on a GPU about
             ``items_per_sm`` items per multiprocessor).
         items_per_sm: the GPU's split target (default 4).
@@ -39,7 +41,7 @@ class Settings:
     skip: bool = True
     count: bool = False
     block_m: Optional[int] = None
-    block_n: int = 64
+    block_n: int = 128
     block_d: Optional[int] = None
     keys_per_item: Optional[int] = None
     items_per_sm: int = 4
@@ -65,7 +67,7 @@ def block_m(n_rows_largest_segment: int, interpreted: bool) -> int:
     if settings.block_m is not None:
         return int(settings.block_m)
     if interpreted:
-        return 32
+        return 64
     return 128 if n_rows_largest_segment >= 4 * 128 else 64
 
 

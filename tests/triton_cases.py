@@ -1,0 +1,39 @@
+"""What the Triton engine's tests share: the skip mark, the device its kernels run on (CUDA where there is one,
+else the CPU under Triton's interpreter, switched on by conftest.py), and its tolerances.
+
+Tolerances (bench/RESULTS.md section 5c, bench/triton_precision.py): the split-precision logit error on MNIST and
+CIFAR-10 patches, k = 3..23, t = 0.02..1, measured against float64 with a model of the tensor cores' accumulation
+that truncates, is at most ``KAPPA`` units of ``u = 2^-24 s a |k| (2 |q| + a |k|)``, against at most ``KAPPA_F32``
+for plain float32 products (the CPU and CUDA engines). So the Triton engine is held to the float32 engines' output
+tolerances (mean 1e-5, max 1e-3 of the data range, tests/test_exactness.py), and where a test's tolerance is
+written in the float32 logit error ``lam`` it takes ``TRITON_LAM = KAPPA / KAPPA_F32`` times it (at least 1).
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(
+    not HAS_TRITON, reason='triton is not installed: pip install "patchmosaic[gpu]" (or: pip install triton); on a '
+    "machine without a GPU its kernels then run under Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py)")
+TRITON = pytest.param("triton", marks=needs_triton)
+DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+KAPPA = 6.5  # worst split-precision logit error (truncating accumulation), units of u: RESULTS 5c
+KAPPA_F32 = 8.3  # worst plain float32 logit error on the same patches (the CPU and CUDA engines)
+TRITON_LAM = max(1.0, KAPPA / KAPPA_F32)
+
+
+def on_device(x, backend: str):
+    """``x`` (numpy) as the engine takes it: a tensor on the Triton device for ``"triton"``, unchanged otherwise."""
+    import numpy as np
+
+    if backend != "triton":
+        return x
+    return torch.from_numpy(np.ascontiguousarray(x)).to(DEVICE)
+
+
+def to_numpy(y):
+    return y.detach().cpu().numpy() if torch.is_tensor(y) else y
