@@ -101,18 +101,27 @@ def query(clean: torch.Tensor, t: float, seed: int) -> torch.Tensor:
 
 
 def check_against_kernel() -> dict:
-    """The emulation against the kernel's own count (interpreter) on a small MNIST case."""
+    """The emulation against the kernel's own count (Triton's interpreter) on a small MNIST case: 12 digits cropped
+    to 16x16, one query at t = 0.05, k = 3, tiles of 32 rows and 32 keys, no split."""
     os.environ["TRITON_INTERPRET"] = "1"
+    sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+    import triton_cases  # the test suite's speed-up of the interpreter (bit-identical results)
+
+    triton_cases.interpreter_without_nested_repatching()
     from patchmosaic.ops import triton_engine as te
 
-    train = torch.from_numpy(load("mnist", 40)[0])
-    x = query(torch.from_numpy(load("mnist", 50)[0][40:]), 0.05, 3)
+    crop = (slice(None), slice(None), slice(8, 24), slice(8, 24))
+    train = torch.from_numpy(load("mnist", 12)[0][crop]).contiguous()
+    x = query(torch.from_numpy(load("mnist", 20)[0][12:][crop]).contiguous(), 0.05, 3)
     out = {}
     te.settings.count, te.settings.block_m, te.settings.block_n = True, 32, 32
     for kind in ("els_zeros", "els_circular"):
         machine(kind, train).denoise(x, 0.05, 3, backend="triton")
         tiles, skipped, _ = skip_counts(train, x, 3, 0.05, kind, 32, 32, 0)
-        out[kind] = {"kernel": dict(te.tuning.last_counts), "emulation": {"key_tiles": tiles, "skipped": skipped}}
+        kernel = dict(te.tuning.last_counts)
+        out[kind] = {"kernel": {"key_tiles": kernel["key_tiles"], "skipped": kernel["skipped"]},
+                     "emulation": {"key_tiles": tiles, "skipped": skipped}}
+    te.settings.count, te.settings.block_m, te.settings.block_n = False, None, 128
     return out
 
 

@@ -14,6 +14,9 @@ if importlib.util.find_spec("triton") is not None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+        import triton_cases
+
+        triton_cases.interpreter_without_nested_repatching()
 
 SHARED = os.environ.get("PATCHMOSAIC_SHARED") or os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 

@@ -37,3 +37,34 @@ def on_device(x, backend: str):
 
 def to_numpy(y):
     return y.detach().cpu().numpy() if torch.is_tensor(y) else y
+
+
+def interpreter_without_nested_repatching():
+    """Make Triton's interpreter (TRITON_INTERPRET=1) skip re-patching ``triton.language`` at every call of a
+    jit'd function from inside a kernel (``tl.sum``, ``tl.max``, ``tl.argmax`` are such functions; each re-patch
+    inspects every member of the language modules, about 5 ms, six times per key tile). A launch has already
+    patched ``triton.language`` and ``triton.language.core`` (the engine's kernels module imports both), so the
+    nested patch changes nothing; tests/test_triton.py checks that results are bit-identical without this. Does
+    nothing where the interpreter's internals differ from those it was written against (triton 3.x)."""
+    if not HAS_TRITON:
+        return
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    cls = getattr(interpreter, "InterpretedFunction", None)
+    if cls is None or getattr(cls, "patchmosaic_fast_nested", False) or not hasattr(cls, "rewrite"):
+        return
+    error = getattr(interpreter, "InterpreterError", RuntimeError)
+    original = cls.__call__
+
+    def call(self, *args, **kwargs):
+        fn = self.rewrite()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise error(repr(e)) from e
+
+    cls.__call__ = call
+    cls.patchmosaic_fast_nested = True
+    cls.patchmosaic_original_call = original

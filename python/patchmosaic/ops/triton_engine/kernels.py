@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+import triton.language.core as tlc  # noqa: F401  (so that an interpreted launch patches triton.language.core too)
 
 # The clamped exponential's cut for float32 (softmax_state.hpp, ExpCut<float>): weight exactly 0 below it.
 # tests/test_triton.py checks that the two agree.
