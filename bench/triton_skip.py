@@ -44,8 +44,9 @@ def machine(kind: str, train: torch.Tensor):
 
 
 def skip_counts(train: torch.Tensor, x: torch.Tensor, k: int, t: float, kind: str, block_m: int, block_n: int,
-                sms: int, items_per_sm: int = 4, key_chunk: int = 1 << 16):
-    """(key tiles, skipped key tiles) of one call (B = 1) under the engine's plan and skip rule."""
+                sms: int, items_per_sm: int = 4, key_chunk: int = 1 << 16, order: str = "pixel"):
+    """(key tiles, skipped key tiles, items) of one call (B = 1) under the engine's plan and skip rule; ``order``:
+    the rows of each class in pixel order (the engine's), or ``"norm"``: sorted by query patch norm."""
     N, C, H, W = train.shape
     ks = machine(kind, train).keyset(H, W, k)
     groups = SimpleNamespace(grp_img_ptr=np.array([0, N], np.int64), grp_img=np.arange(N, dtype=np.int32),
@@ -70,6 +71,8 @@ def skip_counts(train: torch.Tensor, x: torch.Tensor, k: int, t: float, kind: st
         r0, r1 = rows[0], max(int(p.items[i][0] + p.items[i][1]) for i in items)
         pix = torch.from_numpy(p.row_pix[r0:r1].astype(np.int64))
         Q = reference.patches(x, torch.zeros(len(pix), dtype=torch.int64), pix, k, ks.query_pad)
+        if order == "norm":  # rows of one class are independent: any order gives the same result
+            Q = Q[torch.argsort(Q.norm(dim=1), stable=True)]
         nkeys = n_img * n_pos
         n_tiles_k = -(-nkeys // block_n)
         tmax = torch.empty((r1 - r0, n_tiles_k), dtype=torch.float32)
@@ -136,12 +139,15 @@ def main():
     p.add_argument("--block-n", type=int, default=64)
     p.add_argument("--sms", type=int, default=132, help="multiprocessors of the GPU whose item split is replayed "
                    "(H100 SXM: 132; 0: no split)")
+    p.add_argument("--order", default="pixel", choices=["pixel", "norm"],
+                   help="rows of a class in pixel order (the engine's) or sorted by query patch norm")
     p.add_argument("--check", action="store_true", help="compare with the kernel's own count (interpreter)")
     p.add_argument("--json", default=os.path.join(HERE, "results", "triton_skip.json"))
     args = p.parse_args()
     torch.set_num_threads(1)
     res = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "machine": machine_line(),
-           "n_train": args.n_train, "block_m": args.block_m, "block_n": args.block_n, "sms": args.sms, "rows": []}
+           "n_train": args.n_train, "block_m": args.block_m, "block_n": args.block_n, "sms": args.sms,
+           "order": args.order, "rows": []}
     if args.check:
         res["check"] = check_against_kernel()
         print(json.dumps(res["check"]), flush=True)
@@ -159,7 +165,7 @@ def main():
                 for t in args.ts:
                     t0 = time.perf_counter()
                     tiles, skipped, n_items = skip_counts(train, query(clean, t, 1), k, t, kind, args.block_m,
-                                                          args.block_n, args.sms)
+                                                          args.block_n, args.sms, order=args.order)
                     row = {"data": name, "machine": kind, "k": k, "t": t, "key_tiles": tiles, "skipped": skipped,
                            "fraction": skipped / tiles, "items": n_items, "s": round(time.perf_counter() - t0, 1)}
                     res["rows"].append(row)

@@ -8,6 +8,8 @@ Without a GPU every kernel here runs under Triton's interpreter (conftest.py), o
 import json
 import os
 import re
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -94,6 +96,22 @@ def test_kernel_gathers_and_splits_the_query_patches_as_the_emulation():
         d = Q.shape[1]
         assert torch.equal(hi[:, :d].cpu(), ehi) and torch.equal(lo[:, :d].cpu(), elo)
         assert not hi[:, d:].cpu().any()
+
+
+@needs_triton
+def test_kernels_compile_for_hopper_without_a_gpu():
+    """Every kernel, switches on and off, C = 1 and 3, compiled to sm_90 machine code by Triton's compiler and the
+    ptxas it ships (tests/triton_aot.py, in a subprocess: this process runs the interpreter), within an H100's
+    shared memory."""
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this triton has no bundled ptxas to compile for NVIDIA GPUs with")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "triton_aot.py"), "90"], capture_output=True,
+                         text=True, timeout=900)
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    assert res.returncode == 0 and len(rows) == 6, res.stdout[-2000:] + res.stderr[-2000:]
+    assert all(r["shared"] <= 227 * 1024 and r["registers"] <= 255 for r in rows), rows
 
 
 # --------------------------------------------------------------------------------- tiles, splits, skip

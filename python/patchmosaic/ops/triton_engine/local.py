@@ -33,7 +33,7 @@ class _Null:
         return False
 
 
-def _query_patches(query, p, elem, dev_elem, d_pad: int, circular: bool, split: bool):
+def _query_patches(query, p, elem, dev_elem, d_pad: int, circular: bool, split: bool, interpreted: bool = True):
     """The query patch matrices ``(R, d_pad)`` (hi, lo; ``lo`` is ``hi`` without the split)."""
     from . import kernels
 
@@ -41,7 +41,7 @@ def _query_patches(query, p, elem, dev_elem, d_pad: int, circular: bool, split: 
     dev = query.device
     q_hi = torch.empty((max(R, 1), d_pad), dtype=torch.float32, device=dev)
     q_lo = torch.empty_like(q_hi) if split else q_hi
-    block_r, block_d = 64, min(d_pad, 1024)
+    block_r, block_d = (64, min(d_pad, 1024)) if interpreted else (32, min(d_pad, 64))
     grid = (triton_cdiv(R, block_r), triton_cdiv(d_pad, block_d))
     ech, edr, edc, esc = dev_elem
     kernels.query_patches_kernel[grid](query, _dev(p.row_b, dev), _dev(p.row_pix, dev), _dev(p.row_elem, dev), q_hi,
@@ -87,7 +87,8 @@ def partial_states(train, query, k: int, keyset, a, inv_2b2, groups, provenance:
     C_pad = tuning.next_pow2(C)
     n_items = len(p.items)
     with _launch_context(dev):
-        q_hi, q_lo = _query_patches(query, p, elem, dev_elem, d_pad, keyset.query_pad == CIRCULAR, split)
+        q_hi, q_lo = _query_patches(query, p, elem, dev_elem, d_pad, keyset.query_pad == CIRCULAR, split,
+                                    interpreted)
         part_m = torch.empty((n_items, bm), dtype=torch.float32, device=dev)
         part_s = torch.empty((n_items, bm), dtype=torch.float64, device=dev)
         part_acc = torch.empty((n_items, bm, C_pad), dtype=torch.float64, device=dev)
@@ -98,10 +99,14 @@ def partial_states(train, query, k: int, keyset, a, inv_2b2, groups, provenance:
         meta = dict(D_PAD=d_pad, C_PAD=C_pad, CIRCULAR=keyset.key_pad == CIRCULAR, SCALED=elem.scale is not None,
                     SPLIT=split, SKIP=bool(tuning.settings.skip), COUNT=count, PROVENANCE=bool(provenance),
                     BLOCK_M=bm)
+        kernel, fixed = tuning.local_kernel(interpreted)
         if interpreted:
             meta.update(BLOCK_N=bn, BLOCK_D=min(d_pad, tuning.settings.block_d or d_pad))
+        elif fixed is not None:
+            fbn, fbd, warps, stages = fixed
+            meta.update(BLOCK_N=fbn, BLOCK_D=fbd or min(d_pad, 64), num_warps=warps, num_stages=stages)
         N, _, H, W = train.shape
-        tuning.local_kernel(interpreted)[(n_items,)](
+        kernel[(n_items,)](
             train, q_hi, q_lo, _dev(p.row_b, dev), a.to(torch.float32).contiguous(),
             inv_2b2.to(torch.float32).contiguous(), _dev(p.items, dev), _dev(np.asarray(keyset.cls_kpos, np.int32), dev),
             _dev(np.asarray(groups.grp_img, np.int32), dev), *dev_elem, part_m, part_s, part_acc, part_key, skipped,

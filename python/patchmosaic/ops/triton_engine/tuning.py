@@ -12,7 +12,8 @@ are split so that there are about ``items_per_sm`` items per multiprocessor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -35,6 +36,11 @@ class Settings:
         keys_per_item: keys per work item (None: all of a tile's keys under the interpreter; on a GPU about
             ``items_per_sm`` items per multiprocessor).
         items_per_sm: the GPU's split target (default 4).
+        autotune: on a GPU, let Triton's autotuner choose ``BLOCK_N``, ``BLOCK_D``, warps and stages (default; the
+            first call of each kind compiles and times every configuration, about 1-2 s each); False, or
+            ``PATCHMOSAIC_TRITON_AUTOTUNE=0``: the single configuration ``fixed`` (the GPU tests use it: their
+            many small shapes would each be tuned).
+        fixed: that configuration: ``(BLOCK_N, BLOCK_D or None for min(D_PAD, 64), num_warps, num_stages)``.
     """
 
     split: bool = True
@@ -45,6 +51,8 @@ class Settings:
     block_d: Optional[int] = None
     keys_per_item: Optional[int] = None
     items_per_sm: int = 4
+    autotune: bool = field(default_factory=lambda: os.environ.get("PATCHMOSAIC_TRITON_AUTOTUNE", "1") != "0")
+    fixed: tuple = (64, None, 8, 2)
 
 
 settings = Settings()
@@ -85,24 +93,23 @@ def keys_per_item(total_tile_keys: int, n_tiles: int, device: torch.device, inte
 
 
 def gpu_configs():
+    """The autotuner's configurations: key tiles of 32, 64 or 128 keys, patch chunks of 16 to 128 elements (pruned
+    to those that divide the padded patch), 4 or 8 warps, 2 or 3 pipeline stages."""
     import triton
 
-    out = []
-    for bn in (32, 64, 128):
-        for bd in (16, 32, 64, 128):
-            for warps in (4, 8):
-                for stages in (2, 3):
-                    out.append(triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=warps, num_stages=stages))
-    return out
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=warps, num_stages=stages)
+            for bn in (32, 64, 128) for bd in (16, 32, 64, 128) for warps in (4, 8) for stages in (2, 3)]
 
 
 def prune(configs, named_args, **kw):
-    """Keep the configurations whose ``BLOCK_D`` divides the padded patch length (and is at most it), and whose
-    tiles fit: ``BLOCK_M x BLOCK_N`` at most 128 x 128."""
-    dp = int(named_args.get("D_PAD", kw.get("D_PAD", 0)) or kw.get("D_PAD"))
-    bm = int(named_args.get("BLOCK_M", kw.get("BLOCK_M", 64)) or 64)
-    keep = [c for c in configs if c.kwargs["BLOCK_D"] <= dp and dp % c.kwargs["BLOCK_D"] == 0
-            and bm * c.kwargs["BLOCK_N"] <= 128 * 128]
+    """Keep the configurations whose patch chunk is the whole padded patch up to 64 elements (the query tile then
+    stays in registers), else 32 or 64 elements; at most 128 x 64 logits per program with 4 warps (128 x 128 with
+    8). Compiled for sm_90 these use up to 255 registers a thread (tests/test_triton.py compiles some)."""
+    dp = int(kw.get("D_PAD", named_args.get("D_PAD")))
+    bm = int(kw.get("BLOCK_M", named_args.get("BLOCK_M")))
+    want = (dp,) if dp <= 64 else (32, 64)
+    keep = [c for c in configs if c.kwargs["BLOCK_D"] in want and dp % c.kwargs["BLOCK_D"] == 0
+            and bm * c.kwargs["BLOCK_N"] <= (128 * 128 if c.num_warps == 8 else 128 * 64)]
     return keep or configs[:1]
 
 
@@ -110,11 +117,14 @@ _tuned = None
 
 
 def local_kernel(interpreted: bool):
-    """The local kernel to launch: the raw kernel under the interpreter, the autotuned one on a GPU."""
+    """``(kernel, extra launch arguments)``: the raw kernel under the interpreter (tiles from ``settings``), the
+    autotuned one on a GPU, or with ``settings.autotune`` off the raw kernel with the ``fixed`` configuration."""
     from . import kernels
 
     if interpreted:
-        return kernels.local_softmax_kernel
+        return kernels.local_softmax_kernel, None
+    if not settings.autotune:
+        return kernels.local_softmax_kernel, settings.fixed
     global _tuned
     if _tuned is None:
         import triton
@@ -122,4 +132,4 @@ def local_kernel(interpreted: bool):
         _tuned = triton.autotune(configs=gpu_configs(), key=["D_PAD", "C_PAD", "BLOCK_M", "CIRCULAR", "SCALED",
                                                               "SPLIT", "SKIP", "PROVENANCE"],
                                  prune_configs_by={"early_config_prune": prune})(kernels.local_softmax_kernel)
-    return _tuned
+    return _tuned, None
