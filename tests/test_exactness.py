@@ -105,7 +105,10 @@ def test_float64_runs_on_the_existing_engines(seed, backend):
     x = queries(case, seed)
     got = build(case, np.float64).denoise(on_device(x, backend), case.t, case.k, labels=case.qlabels, backend=backend)
     want = build(case, np.float64).denoise(x, case.t, case.k, labels=case.qlabels, backend="cpu")
-    assert np.array_equal(to_numpy(got), want) or backend != "triton" or on_device(x, backend).is_cuda
+    if backend == "triton" and on_device(x, backend).is_cuda:  # the CUDA engine: its own rounding
+        assert np.abs(to_numpy(got) - want).max() <= 1e-9 * RANGE
+    else:
+        assert np.array_equal(to_numpy(got), want)
 
 
 def test_torch_tensors_in_torch_tensors_out():

@@ -15,9 +15,24 @@ import pytest
 import torch
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-needs_triton = pytest.mark.skipif(
-    not HAS_TRITON, reason='triton is not installed: pip install "patchmosaic[gpu]" (or: pip install triton); on a '
-    "machine without a GPU its kernels then run under Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py)")
+
+
+def _usable() -> str:
+    """Why the Triton engine's tests cannot run here ('' when they can)."""
+    if not HAS_TRITON:
+        return ('triton is not installed: pip install "patchmosaic[gpu]" (or: pip install triton); on a machine '
+                "without a GPU its kernels then run under Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py)")
+    if not torch.cuda.is_available():
+        from patchmosaic.ops import triton_engine
+
+        if triton_engine.version() < triton_engine.INTERPRETER_MIN:
+            return (f"Triton's interpreter before {'.'.join(map(str, triton_engine.INTERPRETER_MIN))} cannot run the "
+                    f"engine's kernels (triton {'.'.join(map(str, triton_engine.version()))} here): pip install "
+                    "'triton>=3.8'")
+    return ""
+
+
+needs_triton = pytest.mark.skipif(bool(_usable()), reason=_usable() or "-")
 TRITON = pytest.param("triton", marks=needs_triton)
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 

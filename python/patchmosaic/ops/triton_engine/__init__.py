@@ -43,6 +43,19 @@ def unavailable_reason() -> str:
             "GPU for speed; on a CPU it runs under its interpreter (TRITON_INTERPRET=1), for tests")
 
 
+INTERPRETER_MIN = (3, 8)  # older interpreters cannot take loop bounds loaded from memory (compiled kernels can)
+
+
+def version() -> tuple:
+    """The installed triton's (major, minor)."""
+    from importlib.metadata import version as dist_version
+
+    try:
+        return tuple(int(v) for v in dist_version("triton").split(".")[:2])
+    except Exception:  # noqa: BLE001  (a build without metadata: assume new enough)
+        return (99, 0)
+
+
 def interpreted() -> bool:
     """Whether the engine's kernels run under Triton's interpreter: decided when they are first loaded, by
     ``TRITON_INTERPRET`` (as Triton decides for every kernel)."""
@@ -58,6 +71,11 @@ def check(query: torch.Tensor) -> None:
     if query.dtype != torch.float32:
         return  # float64 runs on the existing engines
     if query.device.type == "cpu":
+        if interpreted() and version() < INTERPRETER_MIN:
+            raise RuntimeError(f"Triton's interpreter before {INTERPRETER_MIN[0]}.{INTERPRETER_MIN[1]} cannot run "
+                               f"patchmosaic's kernels (this is triton {'.'.join(map(str, version()))}); "
+                               f"pip install 'triton>={INTERPRETER_MIN[0]}.{INTERPRETER_MIN[1]}' (compiled on a GPU, "
+                               "triton 3 will do)")
         if not interpreted():
             flag = os.environ.get("TRITON_INTERPRET")
             raise ValueError("backend='triton' runs on CUDA tensors; this query is on the CPU, where Triton's kernels "

@@ -28,7 +28,7 @@ error. ``SPLIT=False`` computes plain float32 products (``input_precision="ieee"
 Skipping (``SKIP``): a key tile whose largest logit, for every row of the tile, lies more than ``EXP_CUT``
 below the row's running maximum has weight exactly 0 under the engines' clamped exponential
 (softmax_state.hpp): its exponentials, sums and value products are skipped, which changes no bit of the
-result. ``COUNT`` makes each program write how many key tiles it skipped.
+result. ``COUNT`` makes each program write how many key tiles it skipped and how many it had.
 """
 
 from __future__ import annotations
@@ -137,7 +137,9 @@ def local_softmax_kernel(train, q_hi, q_lo, row_b, coef_a, coef_s, items, cls_kp
     acc = tl.zeros([BLOCK_M, C_PAD], tl.float64)
     best = tl.full([BLOCK_M], -1, tl.int64)
     n_skip = 0
+    n_tiles = 0
     for kt in range(key_start, key_end, BLOCK_N):
+        n_tiles += 1
         j = kt + tl.arange(0, BLOCK_N)
         jv = j < key_end
         img_local = j // n_pos
@@ -217,7 +219,8 @@ def local_softmax_kernel(train, q_hi, q_lo, row_b, coef_a, coef_s, items, cls_kp
     if PROVENANCE:
         tl.store(part_key + slot, best)
     if COUNT:
-        tl.store(skipped + pid, n_skip)
+        tl.store(skipped + 2 * pid, n_skip)
+        tl.store(skipped + 2 * pid + 1, n_tiles)
 
 
 @triton.jit

@@ -95,7 +95,7 @@ def partial_states(train, query, k: int, keyset, a, inv_2b2, groups, provenance:
         part_key = torch.empty((n_items, bm), dtype=torch.int64, device=dev) if provenance else \
             torch.zeros(1, dtype=torch.int64, device=dev)
         count = bool(tuning.settings.count)
-        skipped = torch.zeros(n_items if count else 1, dtype=torch.int32, device=dev)
+        skipped = torch.zeros((n_items, 2) if count else 1, dtype=torch.int32, device=dev)
         meta = dict(D_PAD=d_pad, C_PAD=C_pad, CIRCULAR=keyset.key_pad == CIRCULAR, SCALED=elem.scale is not None,
                     SPLIT=split, SKIP=bool(tuning.settings.skip), COUNT=count, PROVENANCE=bool(provenance),
                     BLOCK_M=bm)
@@ -112,7 +112,8 @@ def partial_states(train, query, k: int, keyset, a, inv_2b2, groups, provenance:
             _dev(np.asarray(groups.grp_img, np.int32), dev), *dev_elem, part_m, part_s, part_acc, part_key, skipped,
             C, H, W, **meta)
         if count:
-            tuning.last_counts.update(items=n_items, key_tiles=p.key_tiles, skipped=int(skipped.sum()))
+            tot = skipped.sum(dim=0)
+            tuning.last_counts.update(items=n_items, key_tiles=int(tot[1]), skipped=int(tot[0]))
         index = _dev(planning.split_index(p), dev)
         m, s, mean, key = fold(index, part_m, part_s, part_acc[..., :C], part_key if provenance else None)
     return p, m, s, mean, key

@@ -93,21 +93,25 @@ def keys_per_item(total_tile_keys: int, n_tiles: int, device: torch.device, inte
 
 
 def gpu_configs():
-    """The autotuner's configurations: key tiles of 32, 64 or 128 keys, patch chunks of 16 to 128 elements (pruned
-    to those that divide the padded patch), 4 or 8 warps, 2 or 3 pipeline stages."""
+    """The autotuner's configurations: key tiles of 64 or 128 keys, 4 or 8 warps, 2 pipeline stages, patch chunks of
+    16 to 64 elements (pruned to one per shape); with ``PATCHMOSAIC_TRITON_WIDE_TUNE=1`` also 32-key tiles, 3 stages
+    and 32-element chunks of long patches (a longer first call: each configuration compiles in 1-3 s)."""
     import triton
 
+    wide = os.environ.get("PATCHMOSAIC_TRITON_WIDE_TUNE", "0") == "1"
     return [triton.Config({"BLOCK_N": bn, "BLOCK_D": bd}, num_warps=warps, num_stages=stages)
-            for bn in (32, 64, 128) for bd in (16, 32, 64, 128) for warps in (4, 8) for stages in (2, 3)]
+            for bn in ((32, 64, 128) if wide else (64, 128)) for bd in (16, 32, 64) for warps in (4, 8)
+            for stages in ((2, 3) if wide else (2,))]
 
 
 def prune(configs, named_args, **kw):
     """Keep the configurations whose patch chunk is the whole padded patch up to 64 elements (the query tile then
-    stays in registers), else 32 or 64 elements; at most 128 x 64 logits per program with 4 warps (128 x 128 with
-    8). Compiled for sm_90 these use up to 255 registers a thread (tests/test_triton.py compiles some)."""
+    stays in registers), else 64 elements (32 too with the wide search); at most 128 x 64 logits per program with
+    4 warps, 128 x 128 with 8. Compiled for sm_90 these use up to 255 registers a thread (tests/triton_aot.py)."""
     dp = int(kw.get("D_PAD", named_args.get("D_PAD")))
     bm = int(kw.get("BLOCK_M", named_args.get("BLOCK_M")))
-    want = (dp,) if dp <= 64 else (32, 64)
+    wide = os.environ.get("PATCHMOSAIC_TRITON_WIDE_TUNE", "0") == "1"
+    want = (dp,) if dp <= 64 else ((32, 64) if wide else (64,))
     keep = [c for c in configs if c.kwargs["BLOCK_D"] in want and dp % c.kwargs["BLOCK_D"] == 0
             and bm * c.kwargs["BLOCK_N"] <= (128 * 128 if c.num_warps == 8 else 128 * 64)]
     return keep or configs[:1]
