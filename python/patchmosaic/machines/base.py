@@ -58,8 +58,10 @@ ENGINE_ARGS = """\
             ``"cosine"``, ``"linear"``, a :class:`patchmosaic.schedules.Schedule` or any callable
             ``t -> alpha_bar(t)`` on ``(0, 1]``.
         backend: the engine: ``"auto"`` (default: the CPU engine for CPU tensors, the CUDA engine for CUDA
-            tensors), ``"cpu"``, ``"cuda"`` (needs a CUDA build of patchmosaic and torch), or ``"torch"``
-            (the plain PyTorch reference, any device).
+            tensors, or the faster of it and the Triton engine where a measured table has the call's shape),
+            ``"cpu"``, ``"cuda"`` (needs a CUDA build of patchmosaic and torch), ``"triton"`` (float32 on tensor
+            cores in split precision; needs ``pip install "patchmosaic[gpu]"``; CPU tensors only under Triton's
+            interpreter, ``TRITON_INTERPRET=1``), or ``"torch"`` (the plain PyTorch reference, any device).
         n_threads: CPU engine threads; 0 (default) uses all available cores.
         max_memory: bytes a call may use for its working memory; None (default) means the memory this
             machine has available. A larger request raises :class:`patchmosaic.ResourceError` before any work.
@@ -88,8 +90,8 @@ PATCH_MASK_ARG = """\
                 None (default): the square patch.
 """
 BACKEND_ARG = """\
-            backend: this call's engine, overriding the machine's: ``"auto"``, ``"cpu"``, ``"cuda"`` or
-                ``"torch"``; None (default) keeps the machine's.
+            backend: this call's engine, overriding the machine's: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"``
+                or ``"torch"``; None (default) keeps the machine's.
 """
 
 
@@ -205,8 +207,8 @@ class Machine:
             t: diffusion time in ``(0, 1]``: a float, or one per image as a ``(B,)`` array or tensor.
             ks: the patch sizes, odd positive integers in strictly increasing order (1 to 32 of them).
             labels: ``(B,)`` integer class labels, one int for all, or None (default), as for :meth:`denoise`.
-            backend: this call's engine, overriding the machine's: ``"auto"``, ``"cpu"``, ``"cuda"`` or
-                ``"torch"``; None (default) keeps the machine's. The CPU and CUDA engines compute all sizes in one
+            backend: this call's engine, overriding the machine's: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"``
+                or ``"torch"``; None (default) keeps the machine's. The CPU and CUDA engines compute all sizes in one
                 pass; the torch reference runs one :meth:`denoise` per size.
 
         Returns:
