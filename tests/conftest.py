@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import sys
 
@@ -5,6 +6,17 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# The Triton engine's kernels run on CPU tensors only under Triton's interpreter, which must be on before they are
+# first loaded: without a CUDA device the suite switches it on (tests/triton_cases.py).
+if importlib.util.find_spec("triton") is not None:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        import triton_cases
+
+        triton_cases.interpreter_without_nested_repatching()
 
 SHARED = os.environ.get("PATCHMOSAIC_SHARED") or os.path.join(os.path.dirname(__file__), "..", "..", "shared")
 

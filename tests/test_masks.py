@@ -16,6 +16,7 @@ import torch
 import cuda_emulation
 import naive
 from cases import TIMES, assert_float32_close, build, draw, queries
+from triton_cases import needs_triton, on_device, to_numpy
 
 import patchmosaic as pm
 from patchmosaic import ops
@@ -90,14 +91,15 @@ def test_cpu_float64_matches_oracle(seed):
     assert np.abs(got - oracle(case, x, mask)).max() <= 1e-9 * RANGE, case
 
 
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
-@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("seed,backend", [(s, b) for b in ("cpu", "torch") for s in SEEDS]
+                         + [pytest.param(s, "triton", marks=needs_triton) for s in SEEDS[:8]])
 def test_float32_matches_oracle(seed, backend):
+    """The Triton engine (its element table: masks and weights) on the first 8 cases: its interpreter is slow."""
     case = local_case(seed, CONTRACT_TIMES)
     x = queries(case, seed)
     mask = random_mask(seed, case.k)
-    got = build(case, np.float32).denoise(x.astype(np.float32), case.t, case.k, labels=case.qlabels,
-                                          backend=backend, patch_mask=mask)
+    got = to_numpy(build(case, np.float32).denoise(on_device(x.astype(np.float32), backend), case.t, case.k,
+                                                   labels=case.qlabels, backend=backend, patch_mask=mask))
     assert got.dtype == np.float32
     assert_float32_close(np.abs(got.astype(np.float64) - oracle(case, x, mask)), case, RANGE)
 
@@ -361,6 +363,19 @@ def test_per_pixel_cpu_matches_oracle(seed):
     assert np.abs(got - ref).max() <= 1e-9 * RANGE, case
     got = build(case, np.float32).denoise(x.astype(np.float32), case.t, case.k, labels=case.qlabels, backend="cpu",
                                           patch_mask=mask)
+    assert_float32_close(np.abs(got.astype(np.float64) - ref), case, RANGE)
+
+
+@needs_triton
+@pytest.mark.parametrize("seed", SEEDS[:4])
+def test_per_pixel_triton_matches_oracle(seed):
+    """A mask per pixel on the Triton engine (a table per class), float32, on 4 cases (its interpreter is slow)."""
+    case = local_case(seed, CONTRACT_TIMES)
+    x = queries(case, seed)
+    mask = pixel_masks(seed, case)
+    ref = oracle(case, x, mask)
+    got = to_numpy(build(case, np.float32).denoise(on_device(x.astype(np.float32), "triton"), case.t, case.k,
+                                                   labels=case.qlabels, backend="triton", patch_mask=mask))
     assert_float32_close(np.abs(got.astype(np.float64) - ref), case, RANGE)
 
 

@@ -12,6 +12,7 @@ from patchmosaic import ops
 from patchmosaic.machines import keysets
 from patchmosaic.experiments.calibrate import calibrate
 from patchmosaic.ops import engines
+from triton_cases import DEVICE, TRITON
 
 RANGE = 2.0  # the data range: images in [-1, 1]
 N, C, H, W = 10, 3, 9, 8
@@ -109,6 +110,24 @@ def test_one_pass_equals_the_float64_oracle(rule, canvas, lists, one_torch_threa
         oracle = m.denoise(x, t, k, labels=lab, backend="torch")
         _check(one[j], oracle, torch.float64, f"{rule} k={k} one pass vs float64 oracle")
         _check(out[j], oracle, torch.float64, f"{rule} k={k} denoise_ks vs float64 oracle")
+
+
+SWEEP_CASES = [("ls", (H, W), [1, 3]), ("els_zeros", (12, 11), [3, 7]), ("els_zeros", (H, W), [1, 3]),
+               ("els_circular", (11, 10), [3, 7]), ("els_wrapped", (10, 12), [3, 9, 15])]
+
+
+@pytest.mark.parametrize("rule,canvas,ks", SWEEP_CASES, ids=[f"{c[0]}-{c[1][0]}x{c[1][1]}" for c in SWEEP_CASES])
+@pytest.mark.parametrize("backend", [TRITON])
+def test_sweep_on_the_triton_engine_equals_separate_calls(rule, canvas, ks, backend):
+    """denoise_ks on the Triton engine (float32, labels; one pass of its single-size kernel per size) against one
+    float64 CPU call per size, on shorter size lists than the CPU engine's (the interpreter is slow; LS and small
+    canvases with many padding signatures launch a program per pixel class)."""
+    m, x, lab, t = _inputs(rule, canvas, torch.float32, True)
+    out = m.denoise_ks(x.to(DEVICE), t, ks, labels=lab, backend=backend)
+    assert out.shape == (len(ks), *x.shape) and out.dtype == torch.float32 and out.device.type == DEVICE.type
+    for j, k in enumerate(ks):
+        ref = m.denoise(x.double(), t, k, labels=lab, backend="cpu")
+        _check(out[j].cpu(), ref, torch.float32, f"{rule} k={k} Triton sweep vs separate call")
 
 
 @pytest.mark.parametrize("rule,canvas,lists", CASES, ids=[f"{c[0]}-{c[1][0]}x{c[1][1]}" for c in CASES])

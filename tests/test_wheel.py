@@ -50,6 +50,7 @@ def test_wheel_contents(wheel):
     expected = {"_core", "_core_avx2", "_core_avx512"} if X86 else {"_core"}
     assert modules == expected, modules  # no _core_native unless PATCHMOSAIC_NATIVE=ON
     assert "patchmosaic/data/mnist_2k.npz" in names  # the built-in default data of the main job
+    assert "patchmosaic/ops/triton_engine/auto_table.json" in names  # backend="auto"'s measured table
 
 
 def test_each_variant_holds_its_instruction_set(wheel, tmp_path):

@@ -64,8 +64,10 @@ ENGINE_ARGS = """\
             ``"cosine"``, ``"linear"``, a :class:`patchmosaic.schedules.Schedule` or any callable
             ``t -> alpha_bar(t)`` on ``(0, 1]``.
         backend: the engine: ``"auto"`` (default: the CPU engine for CPU tensors, the CUDA engine for CUDA
-            tensors), ``"cpu"``, ``"cuda"`` (needs a CUDA build of patchmosaic and torch), or ``"torch"``
-            (the plain PyTorch reference, any device).
+            tensors, or the faster of it and the Triton engine where a measured table has the call's shape),
+            ``"cpu"``, ``"cuda"`` (needs a CUDA build of patchmosaic and torch), ``"triton"`` (float32 on tensor
+            cores in split precision; needs ``pip install "patchmosaic[gpu]"``; CPU tensors only under Triton's
+            interpreter, ``TRITON_INTERPRET=1``), or ``"torch"`` (the plain PyTorch reference, any device).
         n_threads: CPU engine threads; 0 (default) uses all available cores.
         max_memory: bytes a call may use for its working memory; None (default) means the memory this
             machine has available. A larger request raises :class:`patchmosaic.ResourceError` before any work.
@@ -94,8 +96,8 @@ PATCH_MASK_ARG = """\
                 None (default): the square patch.
 """
 BACKEND_ARG = """\
-            backend: this call's engine, overriding the machine's: ``"auto"``, ``"cpu"``, ``"cuda"`` or
-                ``"torch"``; None (default) keeps the machine's.
+            backend: this call's engine, overriding the machine's: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"``
+                or ``"torch"``; None (default) keeps the machine's.
 """
 
 
@@ -236,8 +238,8 @@ class Machine:
             t: diffusion time in ``(0, 1]``: a float, or one per image as a ``(B,)`` array or tensor.
             ks: the patch sizes, odd positive integers in strictly increasing order (1 to 32 of them).
             labels: ``(B,)`` integer class labels, one int for all, or None (default), as for :meth:`denoise`.
-            backend: this call's engine, overriding the machine's: ``"auto"``, ``"cpu"``, ``"cuda"`` or
-                ``"torch"``; None (default) keeps the machine's. The CPU and CUDA engines compute all sizes in one
+            backend: this call's engine, overriding the machine's: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"``
+                or ``"torch"``; None (default) keeps the machine's. The CPU and CUDA engines compute all sizes in one
                 pass; the torch reference runs one :meth:`denoise` per size.
 
         Returns:
@@ -481,7 +483,7 @@ class Machine:
         a, inv_2b2, t_check = self.coefficients(t, B, xt.device)
         lab = self._query_labels(labels, B)
         name = self._resolve_backend(xt, backend)
-        train = self.train_as(xt.dtype, xt.device if name in ("torch", "cuda") else torch.device("cpu"))
+        train = self.train_as(xt.dtype, xt.device if name in ("torch", "cuda", "triton") else torch.device("cpu"))
         max_memory = 0 if self.max_memory is None else int(self.max_memory)
         return _Call(is_numpy, xt, eff, a, inv_2b2, t_check, lab, name, train, max_memory)
 

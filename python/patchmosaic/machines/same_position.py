@@ -35,6 +35,10 @@ class SamePosition(Machine):
 
     def _local_forward(self, train, xt, a, inv_2b2, t_check, lab, k: int, weights, pixels, provenance: bool, name: str,
                        max_memory: int):
+        if name == "triton" and self.rule is not None and type(self).rows is LS.rows:
+            # the Triton engine computes LS through its key set (it has no same-position kernel)
+            return super()._local_forward(train, xt, a, inv_2b2, t_check, lab, k, weights, pixels, provenance, name,
+                                          max_memory)
         B, C, Hq, Wq = xt.shape
         if weights is not None and weights.dim() == 4 and tuple(weights.shape[:2]) != (Hq, Wq):
             raise ValueError(f"patch_mask holds one mask per pixel of a {weights.shape[0]}x{weights.shape[1]} canvas, "

@@ -20,15 +20,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import checks, engines, reference, reference_aligned
+from . import checks, engines, reference, reference_aligned, triton_engine
 from .labels import groups
 from .library import _engine, _no_second_derivative, _prepare, _save_nothing
 from .tables import ElementTable
 
 
 def _aligned_engine(query: Tensor, backend: str):
-    """The engine of a call (library's choice by device and name); the torch reference is reference_aligned."""
+    """The engine of a call (library's choice by device and name); the torch reference is reference_aligned; the
+    Triton engine has no same-position kernel, so ``"triton"`` runs on the compiled engine of the device."""
     engine = _engine(query, backend, 1)
+    if engine is triton_engine:
+        return triton_engine.backward_engine(query)
     return reference_aligned if engine is reference else engine
 
 

@@ -71,6 +71,8 @@ def local_bytes(query_shape, dtype: torch.dtype, train: torch.Tensor, k: int, ba
         need += 8 * BUDGET * item + 4 * min(pix, 2048) * d * item
     elif backend == "cuda":
         need += pix * (C + 3) * 8 * 4
+    elif backend == "triton":  # query patches as two float32 matrices; partial states, a few key ranges per row
+        need += pix * (d + 64) * 8 + 4 * pix * (C + 3) * 8
     return need
 
 

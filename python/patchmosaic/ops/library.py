@@ -24,21 +24,25 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import checks, engines, masks, reference
+from . import checks, engines, masks, reference, triton_engine
 from .labels import groups
 from .tables import KeySet, MultiKeySet
 
-BACKENDS = ("auto", "cpu", "torch", "cuda")
+BACKENDS = ("auto", "cpu", "torch", "cuda", "triton")
 
 
 # ------------------------------------------------------------------------------------------ dispatch
-def _engine(query: Tensor, backend: str, C: int):
-    """The engine module that runs a call: engines.CPU, engines.CUDA, or the reference."""
+def _engine(query: Tensor, backend: str, C: int, shape=None):
+    """The engine module that runs a call: engines.CPU, engines.CUDA, the Triton engine, or the reference.
+    ``shape``: ``(op, kind, k, N)`` of a forward pass (``kind``: the key-set table's, ``KeySet.kind``), for
+    ``auto``'s measured table (triton_engine/auto.py)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     dev = query.device.type
     if backend == "torch":
         return reference
+    if backend == "triton":  # float32: the Triton kernels; float64: the device's existing engine
+        return triton_engine.engine_for(query)
     if backend == "cuda":
         if not engines.cuda_available():
             raise RuntimeError(engines.cuda_unavailable_reason())
@@ -50,12 +54,22 @@ def _engine(query: Tensor, backend: str, C: int):
         if dev != "cpu":
             raise ValueError(f"backend='cpu' needs CPU inputs, got a tensor on {query.device}; use 'auto' or 'torch'")
         return engines.CPU
-    # auto: by device
+    # auto: by device, and on a GPU by the measured table where it has the call's shape
     if dev == "cpu":
         return engines.CPU
+    measured = triton_engine.auto_choice(query, C, shape)
+    if measured is not None:
+        return measured
     if dev == "cuda" and engines.cuda_available() and C <= engines.CUDA_MAX_CHANNELS:
         return engines.CUDA
     return reference
+
+
+def _backward_engine(query: Tensor, backend: str, C: int):
+    """The engine of a backward pass: ``_engine``'s, except that the Triton engine's backward passes run on the
+    compiled engine of the tensors' device (ops/triton_engine/__init__.py)."""
+    engine = _engine(query, backend, C)
+    return triton_engine.backward_engine(query) if engine is triton_engine else engine
 
 
 def _run_forward(engine, name, *args, **kw):
@@ -137,19 +151,21 @@ def local_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: O
     (ops/masks.py): ``(k, k)`` shared by every pixel, or ``(Hq, Wq, k, k)`` one per query pixel; boolean, or
     non-negative float weights.
     """
-    engine = _engine(query, backend, train.shape[1])
+    ks = _local_keyset(query_class, key_class, query_pad, key_pad, query, train)
+    engine = _engine(query, backend, train.shape[1], ("local", ks.kind(), k, train.shape[0]))
     w = _check_mask(patch_mask, k, query)
     name = "torch" if engine is reference else engine.name
     checks.memory(checks.local_bytes(query.shape, query.dtype, train, k, name, provenance, n_threads),
                   f"the local machine (k={k}) on a batch of shape {tuple(query.shape)}", max_memory)
     checks.values(query, "x", t, a, inv_2b2)
     checks.scale(query, train, inv_2b2, query.shape[1] * k * k)
-    ks = _local_keyset(query_class, key_class, query_pad, key_pad, query, train)
     ks, mask = _masked_patch(engine, w, ks, train.shape[1], query)
     grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
     if engine is reference:
         return reference.local_forward(tr, q, k, ks, aa, ss, grp, provenance, weights=mask)
+    if engine is triton_engine:
+        return triton_engine.local_forward(tr, q, k, ks, aa, ss, grp, provenance, n_threads, elements=mask)
     return engines.local_forward(engine, tr, q, k, ks, aa, ss, grp, provenance, n_threads, elements=mask)
 
 
@@ -170,7 +186,7 @@ def local_softmax_backward(grad_out: Tensor, out: Tensor, stats: Tensor, train: 
                            ) -> Tuple[Tensor, Tensor, Tensor]:
     """The vector-Jacobian product of ``local_softmax``'s ``out`` for ``grad_out`` ->
     ``(grad_query, grad_a, grad_inv_2b2)``."""
-    engine = _engine(query, backend, train.shape[1])
+    engine = _backward_engine(query, backend, train.shape[1])
     ks = _local_keyset(query_class, key_class, query_pad, key_pad, query, train)
     ks, mask = _masked_patch(engine, _check_mask(patch_mask, k, query), ks, train.shape[1], query)
     grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
@@ -251,7 +267,7 @@ def local_softmax_ks(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t
         if k1 <= k0:
             raise ValueError(f"patch sizes must be strictly increasing (sorted, no duplicates), got {k0} then {k1} "
                              f"in ks={list(ks)}")
-    engine = _engine(query, backend, train.shape[1])
+    engine = _engine(query, backend, train.shape[1], ("local", multi.keyset.kind(), ks[-1], train.shape[0]))
     if len(multi.kmask) != len(multi.keyset.cls_kpos):
         raise ValueError("a multi-size table needs one size mask per key position")
     if engine is reference or not one_pass:
@@ -278,6 +294,8 @@ def local_softmax_ks(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t
     grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
     with torch.no_grad():
+        if engine is triton_engine:
+            return triton_engine.local_forward_multi(tr.detach(), q.detach(), multi, aa.detach(), ss.detach(), grp)
         return engines.local_forward_multi(engine, tr.detach(), q.detach(), multi, aa.detach(), ss.detach(), grp,
                                            n_threads)
 
@@ -288,7 +306,7 @@ def ideal_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: O
                   labels: Optional[Tensor], label_values: Tensor, label_ptr: Tensor, label_images: Tensor,
                   provenance: bool, backend: str, n_threads: int, max_memory: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """IS forward pass -> ``(out, stats (B, 2), arg_key (B,), arg_share (B,))`` (provenance empty unless asked)."""
-    engine = _engine(query, backend, train.shape[1])
+    engine = _engine(query, backend, train.shape[1], ("ideal", None, 0, train.shape[0]))
     item = query.element_size()
     checks.memory(3 * query.numel() * item + (train.numel() * item if train.dtype != query.dtype else 0)
                   + query.shape[0] * train.shape[0] * 8,
@@ -299,6 +317,8 @@ def ideal_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: O
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
     if engine is reference:
         return reference.ideal_forward(tr, q, aa, ss, grp, provenance)
+    if engine is triton_engine:
+        return triton_engine.ideal_forward(tr, q, aa, ss, grp, provenance)
     return engines.ideal_forward(engine, tr, q, aa, ss, grp, provenance, n_threads)
 
 
@@ -320,6 +340,8 @@ def ideal_softmax_backward(grad_out: Tensor, out: Tensor, stats: Tensor, train: 
     grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
     g = grad_out.to(q.dtype).contiguous()
+    if engine is triton_engine:
+        return triton_engine.ideal_backward(g, tr, q, aa, ss, grp)
     if engine is reference:
         return reference.ideal_backward(g, out, stats, tr, q, aa, ss, grp)
     return engines.ideal_backward(engine, g, out.contiguous(), stats.contiguous(), tr, q, aa, ss, grp, n_threads)

@@ -66,6 +66,18 @@ class KeySet:
         nk = np.diff(self.cls_kpos_ptr)
         return int(np.sum(nq * nk))
 
+    def kind(self) -> str:
+        """The shape of the table, in the names of the rules that make such tables (what a measured table of
+        engine timings is keyed by, ops/triton_engine/auto.py): ``"ls"`` (one query pixel and one key position per
+        class), ``"els_wrapped"`` / ``"els_circular"`` (one class, circular queries; wrapped keys or not),
+        ``"els_zeros"`` (anything else: classes of pixels sharing key positions, zero padding)."""
+        nq, nk = np.diff(self.cls_qpix_ptr), np.diff(self.cls_kpos_ptr)
+        if self.n_classes and bool(np.all(nq == 1)) and bool(np.all(nk == 1)):
+            return "ls"
+        if self.n_classes == 1 and self.query_pad == CIRCULAR:
+            return "els_wrapped" if self.key_pad == CIRCULAR else "els_circular"
+        return "els_zeros"
+
     def class_maps(self, query: torch.Tensor, train: torch.Tensor):
         """The inverse of :meth:`from_classes` for queries shaped like ``query`` and training images like
         ``train``: ``(query_class, key_class, query_pad, key_pad)``. Classes with the same key positions become one
