@@ -133,7 +133,7 @@ class PCALocality(SamePosition):
         if key not in self._tables:
             if len(self._tables) > 64:
                 self._tables.clear()
-            hp, he, hw = ops.dense_table(self.mask(t, theta).T.to(torch.float64))
+            hp, he, hw = ops.dense_table(self.mask(t, theta).T)  # boolean: every weight 1 (no float copy)
             rows = torch.arange(self.D, dtype=torch.int64)
             self._tables[key] = (hp, he, None, torch.arange(self.D + 1, dtype=torch.int64), rows)
         return self._tables[key]
