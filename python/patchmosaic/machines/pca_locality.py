@@ -106,7 +106,8 @@ class PCALocality(SamePosition):
         a, b2 = self.schedule.scalar_coefficients(t)
         a2 = a * a
         shrink = a2 * self._lam / (b2 + a2 * self._lam)
-        L = (self._U * shrink) @ self._U.T
+        V = self._U * shrink.sqrt()
+        L = V @ V.T  # = U diag(shrink) U^T, exactly symmetric
         d = torch.diagonal(L).clone()
         d[d.abs() < 1e-6] = 1.0
         return L / d[:, None]
