@@ -146,7 +146,10 @@ def run(args, DatasetBundle, pca_mod, scfdm_mod, name, n):
     out["setup_seconds"] = {"studio_pca": t_setup, "ours_pca": o_setup}
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, C, H, W, generator=gen)
-    for tau in theirs_pca.scheduler.timesteps.tolist():
+    B = args.batch
+    grid = [t_of(tau) for tau in theirs_pca.scheduler.timesteps.tolist()] + [0.0]
+    x1 = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(1))
+    for tau in ([] if args.skip_pca else theirs_pca.scheduler.timesteps.tolist()):
         t = t_of(tau)
         a = float(np.sqrt(sched.alpha_bar(t)))
         xq = (a * torch.from_numpy(x[tau % N : tau % N + 1]) + float(np.sqrt(1 - a * a)) * q).float()
@@ -179,12 +182,19 @@ def run(args, DatasetBundle, pca_mod, scfdm_mod, name, n):
               f"{c['studio_vs_exact'][0]:.3g}; |studio - ours batch-averaged| max {c['studio_vs_ours_batch_averaged'][0]:.2g}, "
               f"on their mask {c['studio_vs_ours_batch_averaged_on_their_mask'][0]:.2g}", flush=True)
     # a 20-step sample each side (B images); ours on the same timesteps (t = (tau + 1) / 1000, then 0)
-    B = args.batch
+    if not args.skip_pca:
+        pca_samples(out, theirs_pca, x, sched, grid, x1, name, N)
+    if not args.skip_scfdm:
+        scfdm_runs(args, out, b, tmp, x, sched, grid, x1, name, N, t_of)
+    return out
+
+
+def pca_samples(out, theirs_pca, x, sched, grid, x1, name, N):
+    B = x1.shape[0]
+    C, H, W = x.shape[1:]
     _, th_sample = timed(lambda: theirs_pca.sample(num_samples=B, batch_size=B, generator=torch.Generator().manual_seed(1)))
     th_sample_c = timed.last_cpu
-    grid = [t_of(tau) for tau in theirs_pca.scheduler.timesteps.tolist()] + [0.0]
     fresh = pm.PCALocality(x, threshold=THRESHOLD[name], schedule=sched)  # no mask cached: every step builds its own
-    x1 = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(1))
     _, o_sample = timed(lambda: pm.ddim(pm.MachineDenoiser(fresh), x1, grid=grid, progress=False))
     o_sample_c = timed.last_cpu
     _, o_again = timed(lambda: pm.ddim(pm.MachineDenoiser(fresh), x1 + 0.1, grid=grid, progress=False))
@@ -195,33 +205,37 @@ def run(args, DatasetBundle, pca_mod, scfdm_mod, name, n):
     print(f"{name} N={N} PCA-locality 20-step sample of {B}: CPU seconds studio {th_sample_c:.2f}, ours "
           f"{o_sample_c:.2f} ({th_sample_c / o_sample_c:.1f}x; the next batch, masks kept: {o_again_c:.2f}, "
           f"{th_sample_c / o_again_c:.1f}x); wall {th_sample:.2f} / {o_sample:.2f} / {o_again:.2f} s", flush=True)
-    if not args.skip_scfdm:
-        theirs_s, s_setup = timed(lambda: scfdm_mod.SmoothedCFDM(
-            b, "cpu", args.steps, params={"temperature": 1.0, "num_neighbors": 200, "num_noise": 10,
-                                           "smoothing_std": SMOOTHING[name], "index_path": os.path.join(tmp, "opt")}).train(b))
-        ours_s = pm.SmoothedCFDM(x, smoothing=SMOOTHING[name], samples=10, schedule=sched)
-        calls = []
-        for tau in theirs_s.scheduler.timesteps.tolist()[:: max(1, args.steps // 5)]:
-            t = t_of(tau)
-            xq = torch.randn(1, C, H, W, generator=torch.Generator().manual_seed(tau))
-            _, th = timed(lambda: theirs_s.denoise(xq, torch.tensor(tau), generator=torch.Generator().manual_seed(2)))
-            thc = timed.last_cpu
-            _, oo = timed(lambda: ours_s.denoise(xq, t))
-            ooc = timed.last_cpu
-            calls.append({"timestep": int(tau), "studio_s": th, "ours_s": oo, "studio_cpu_s": thc, "ours_cpu_s": ooc})
-            print(f"{name} N={N} scfdm tau={tau:4d}: CPU seconds studio {thc:.3f}, ours {ooc:.3f} (wall {th:.3f} / "
-                  f"{oo:.3f})", flush=True)
-        _, th_sample = timed(lambda: theirs_s.sample(num_samples=B, batch_size=B,
-                                                     generator=torch.Generator().manual_seed(1)))
+
+
+def scfdm_runs(args, out, b, tmp, x, sched, grid, x1, name, N, t_of):
+    B = x1.shape[0]
+    C, H, W = x.shape[1:]
+    scfdm_mod = args.scfdm_module
+    theirs_s, s_setup = timed(lambda: scfdm_mod.SmoothedCFDM(
+        b, "cpu", args.steps, params={"temperature": 1.0, "num_neighbors": 200, "num_noise": 10,
+                                       "smoothing_std": SMOOTHING[name], "index_path": os.path.join(tmp, "opt")}).train(b))
+    ours_s = pm.SmoothedCFDM(x, smoothing=SMOOTHING[name], samples=10, schedule=sched)
+    calls = []
+    for tau in theirs_s.scheduler.timesteps.tolist()[:: max(1, args.steps // 5)]:
+        t = t_of(tau)
+        xq = torch.randn(1, C, H, W, generator=torch.Generator().manual_seed(tau))
+        _, th = timed(lambda: theirs_s.denoise(xq, torch.tensor(tau), generator=torch.Generator().manual_seed(2)))
         thc = timed.last_cpu
-        _, o_sample = timed(lambda: pm.ddim(pm.MachineDenoiser(ours_s), x1, grid=grid, progress=False))
+        _, oo = timed(lambda: ours_s.denoise(xq, t))
         ooc = timed.last_cpu
-        out["scfdm"] = {"setup_s": s_setup, "calls": calls}
-        out["samples"]["scfdm"] = {"batch": B, "studio_s": th_sample, "ours_s": o_sample, "studio_cpu_s": thc,
-                                   "ours_cpu_s": ooc}
-        print(f"{name} N={N} scfdm 20-step sample of {B}: CPU seconds studio {thc:.2f}, ours {ooc:.2f} "
-              f"({thc / ooc:.1f}x); wall {th_sample:.2f} / {o_sample:.2f} s", flush=True)
-    return out
+        calls.append({"timestep": int(tau), "studio_s": th, "ours_s": oo, "studio_cpu_s": thc, "ours_cpu_s": ooc})
+        print(f"{name} N={N} scfdm tau={tau:4d}: CPU seconds studio {thc:.3f}, ours {ooc:.3f} (wall {th:.3f} / "
+              f"{oo:.3f})", flush=True)
+    _, th_sample = timed(lambda: theirs_s.sample(num_samples=B, batch_size=B,
+                                                 generator=torch.Generator().manual_seed(1)))
+    thc = timed.last_cpu
+    _, o_sample = timed(lambda: pm.ddim(pm.MachineDenoiser(ours_s), x1, grid=grid, progress=False))
+    ooc = timed.last_cpu
+    out["scfdm"] = {"setup_s": s_setup, "calls": calls}
+    out["samples"]["scfdm"] = {"batch": B, "studio_s": th_sample, "ours_s": o_sample, "studio_cpu_s": thc,
+                               "ours_cpu_s": ooc}
+    print(f"{name} N={N} scfdm 20-step sample of {B}: CPU seconds studio {thc:.2f}, ours {ooc:.2f} "
+          f"({thc / ooc:.1f}x); wall {th_sample:.2f} / {o_sample:.2f} s", flush=True)
 
 
 def main():
@@ -232,6 +246,7 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=1, help="images of the 20-step samples")
     p.add_argument("--skip-scfdm", action="store_true")
+    p.add_argument("--skip-pca", action="store_true", help="the smoothed denoiser only")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if not args.studio:
@@ -239,6 +254,7 @@ def main():
     from threadpoolctl import threadpool_info
 
     DatasetBundle, pca_mod, scfdm_mod = studio_modules(args.studio)
+    args.scfdm_module = scfdm_mod
     report = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or
               platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
               "blas": [(i.get("internal_api"), i.get("architecture")) for i in threadpool_info()], "runs": []}
