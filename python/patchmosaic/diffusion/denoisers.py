@@ -26,7 +26,7 @@ from ..index import PatchIndex
 from ..index.patch_index import INDEX_OPTION_ARGS
 from ..machines import Machine
 from ..machines.base import docstring
-from ..networks import network_classes
+from ..networks import network_channels, network_classes
 from ..ops.checks import check_cuda_inputs
 from ..ops.masks import check_patch_mask, crop_patch_mask
 from ..schedules import ScheduleLike, get_schedule
@@ -214,6 +214,7 @@ class NetworkDenoiser(_Denoiser):
         self.dtype = dtype
         self.conditional = conditional
         self.num_classes = network_classes(net)  # None: cannot be read from the network
+        self.channels = network_channels(net)  # None: cannot be read from the network
         if conditional is True and self.num_classes == 0:
             raise ValueError("conditional=True, but the network is unconditional (it has no class embedding: "
                              "num_classes = 0) and would ignore the labels; use a class-conditional network")
@@ -241,13 +242,17 @@ class NetworkDenoiser(_Denoiser):
             device.
 
         Raises:
-            ValueError for labels that do not match the network's conditioning (see the class), labels
-            outside its classes, or a network that returns another shape than ``x`` or non-finite values.
+            ValueError for images with other channels than the network takes (where it can be read), labels that
+            do not match the network's conditioning (see the class), labels outside its classes, or a network that
+            returns another shape than ``x`` or non-finite values.
         """)
     def eps(self, x, t, labels=None):
         xt, is_numpy = as_images(x)
         check_cuda_inputs(t=t)
         B = xt.shape[0]
+        if self.channels is not None and xt.shape[1] != self.channels:
+            raise ValueError(f"the network takes {self.channels}-channel images, but x has {xt.shape[1]} channel(s) "
+                             f"(shape {tuple(xt.shape)}); give it images of its data set")
         tv = torch.from_numpy(check_t(t, B))
         lab = self._network_labels(labels, B)
         outs = []
