@@ -377,7 +377,7 @@ def agree(fields: Optional[dict], what: str = "the run", *, error: Optional[str]
         if error is not None:
             return  # this rank raises its own error
         words = "; ".join(f"rank {r}: {msg}" for r, msg in failed)
-        raise RanksDisagree(f"{what}: stopped before the run because {'a rank' if len(failed) == 1 else 'ranks'} "
+        raise RanksDisagree(f"stopped before the run ({what}) because {'a rank' if len(failed) == 1 else 'ranks'} "
                             f"failed ({words})")
     if all(o["hash"] == out[0]["hash"] for o in out):
         return
@@ -392,6 +392,6 @@ def agree(fields: Optional[dict], what: str = "the run", *, error: Optional[str]
             groups = [f"{shown} on rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}"
                       for shown, rs in by_value.values()]
             parts.append(f"{name} ({'; '.join(groups)})")
-    raise RanksDisagree(f"{what}: the ranks were given different inputs, so their results would not fit together: "
+    raise RanksDisagree(f"the ranks were given different inputs ({what}), so their results would not fit together: "
                         f"{', '.join(parts)}. Every rank must run the same command on the same data (this is rank "
                         f"{me})")

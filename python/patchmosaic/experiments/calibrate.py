@@ -120,13 +120,22 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
     if not torch.is_tensor(x1) or x1.ndim != 4:
         raise ValueError(f"x1 must be a (M, C, H, W) tensor of seeds, got shape {tuple(getattr(x1, 'shape', ()))}")
     H, W = x1.shape[-2:]
+    limit = 2 * max(H, W) - 1
     if candidates is None:
-        k_max = min(31, 2 * max(H, W) - 1) if k_max is None else int(k_max)
+        if k_max is not None and (isinstance(k_max, bool) or not isinstance(k_max, (int, np.integer))):
+            raise TypeError(f"k_max must be an integer, got {k_max!r}")
+        k_max = min(31, limit) if k_max is None else int(k_max)
+        if k_max > limit:  # refused before the list of candidates is made
+            raise ValueError(f"k_max = {k_max} is larger than any useful patch size for {H}x{W} images (at most "
+                             f"{limit}: a larger patch only adds zero padding); lower k_max (--k-max)")
         candidates = list(range(3, k_max + 1, 2))
+    elif isinstance(candidates, (str, bytes)) or not hasattr(candidates, "__len__"):
+        raise TypeError(f"candidates must be a sequence of odd patch sizes, got {candidates!r}")
+    elif len(candidates) > 4096:
+        raise ValueError(f"at most 32 distinct candidate patch sizes, got a list of {len(candidates)}")
     candidates = tuple(check_k(k, H, W) for k in candidates)
     if not candidates:
         raise ValueError("no candidate patch sizes")
-    limit = 2 * max(H, W) - 1
     if max(candidates) > limit:
         raise ValueError(f"candidate patch size {max(candidates)} is larger than any useful one for {H}x{W} images "
                          f"(at most {limit}: a larger patch only adds zero padding); lower k_max")

@@ -111,6 +111,7 @@ class PatchIndex:
                  nlist: Optional[int] = None, nprobe: int = 16, pq_m: int = 16, flat_budget: Optional[int] = None,
                  min_index_keys: int = 20000, merge: bool = True, progress: bool = True, patch_mask=None):
         self._setup(machine, k, canvas, kind, nlist, nprobe, pq_m, min_index_keys, merge, patch_mask)
+        self.check_memory(kind)  # from the shapes (and a sample of keys), before any key is hashed or indexed
         t0 = time.perf_counter()
         if self.merge:
             bar = Progress(len(self.parts), f"merge duplicates k={self.k}", enabled=progress)
@@ -185,6 +186,70 @@ class PatchIndex:
                                   np.asarray(kpos, np.int64), HW, rng))
         return parts
 
+    SAMPLE_KEYS = 1 << 16  # keys hashed to estimate how many distinct ones merging leaves
+
+    def bytes_per_key(self, kind: str) -> int:
+        """Bytes an index of ``kind`` holds per key: its vector (or PQ code), its id and multiplicity."""
+        return (self.pq_dims()[0] if kind == "ivfpq" else self.d * 4) + 16
+
+    def check_memory(self, kind: str) -> None:
+        """Refuse (:class:`patchmosaic.ResourceError`) an index whose parts together would not fit in the available
+        memory, before any key is hashed or indexed: the merge's working memory (hashes and their sort for the
+        largest part), and the index of every part. Without merging that is exact; with merging (only a flat or
+        IVF index can be too large) the keys left are estimated from a sample of :data:`SAMPLE_KEYS` keys, on the
+        low side (the smaller of a collision count's and the sample's singletons' estimate), so that only a request
+        that would not fit is refused."""
+        totals = [p.n_total for p in self.parts]
+        n_total, largest = sum(totals), max(totals, default=0)
+        avail = available_memory()
+        size = f"{n_total:,} keys of {self.d} values (k = {self.k}, {len(self.parts)} parts)"
+        if self.merge:
+            need = largest * 64 + min(largest, 1 << 18) * self.d * 12
+            if need > avail:
+                raise ResourceError(f"merging the duplicate patches of the largest part ({largest:,} keys) needs about "
+                                    f"{need / 2**30:.1f} GiB, more than the {avail / 2**30:.1f} GiB available; use "
+                                    "fewer training images or merge=False")
+        kinds = {"auto": "ivfpq"}.get(kind, kind)  # auto falls back to IVF-PQ when flat does not fit
+        per = self.bytes_per_key(kinds)
+        if n_total * per <= avail:
+            return
+        keys, how = n_total, "without merging"
+        if self.merge and kinds != "ivfpq":
+            keys, share = self._estimate_distinct(n_total)
+            how = f"after merging duplicates: about {share:.0%} of them distinct, estimated from a sample"
+        if keys * per > avail:
+            raise ResourceError(
+                f"{'an' if kinds[0] in 'aeiou' else 'a'} {kinds} patch index of {size} needs about {keys * per / 2**30:.1f} GiB {how}, more than the "
+                f"{avail / 2**30:.1f} GiB available; use kind='ivfpq' (compressed) or 'auto', fewer training images or "
+                "a smaller k")
+
+    def _estimate_distinct(self, n_total: int):
+        """``(keys, fraction)``: a low estimate of the keys merging would leave, from the hashes of a random sample
+        of keys (duplicates merge within a part only)."""
+        s = min(n_total, self.SAMPLE_KEYS)
+        rng = np.random.default_rng(0)
+        pick = np.sort(rng.choice(n_total, size=s, replace=False))
+        starts = np.cumsum([0] + [p.n_total for p in self.parts])
+        hashes = []
+        m = self.machine
+        for i, part in enumerate(self.parts):
+            mine = pick[(pick >= starts[i]) & (pick < starts[i + 1])] - starts[i]
+            for c in range(0, len(mine), 8192):
+                v = key_vectors(m.images, part.keys[mine[c : c + 8192]], m.H, m.W, self.k, self.keyset.key_pad)
+                h = row_hashes(masked_columns(v, self.mask_columns, self.mask_scale))
+                h[:, 0] ^= np.uint64(i)  # keys of different parts never merge
+                hashes.append(h)
+        h = np.concatenate(hashes)
+        _, counts = np.unique(h.view([("a", np.uint64), ("b", np.uint64)]).ravel(), return_counts=True)
+        if s == n_total:
+            return len(counts), len(counts) / n_total
+        singles = int((counts == 1).sum())
+        by_singles = (len(counts) - singles) + singles * n_total / s  # repeated values once, singletons scaled up
+        pairs = float((counts * (counts - 1) / 2).sum())
+        by_pairs = s * (s - 1) / 2 / pairs if pairs else float(n_total)  # equally likely values: E[pairs] = C(s,2)/D
+        keys = int(min(by_singles, by_pairs, n_total))
+        return keys, keys / n_total
+
     def part_kind(self, part: Part) -> str:
         return "flat" if self.kind == "flat" or len(part.keys) <= self.min_index_keys else self.kind
 
@@ -208,9 +273,11 @@ class PatchIndex:
 
     def _build_all(self, progress: bool):
         faiss = faiss_module()
-        need = max((len(p.keys) for p in self.parts), default=0) * self.d * 4
-        if self.kind == "flat" and need > available_memory():
-            raise ResourceError(f"a flat index of {need / 2**30:.1f} GiB does not fit; use kind='ivfpq'")
+        need = sum(len(p.keys) for p in self.parts) * self.bytes_per_key(self.kind)
+        if self.kind in ("flat", "ivf") and need > available_memory():  # exact now: the keys left after merging
+            raise ResourceError(f"{'an' if self.kind[0] in 'aeiou' else 'a'} {self.kind} patch index of {sum(len(p.keys) for p in self.parts):,} distinct keys "
+                                f"of {self.d} values needs {need / 2**30:.1f} GiB, more than the "
+                                f"{available_memory() / 2**30:.1f} GiB available; use kind='ivfpq' or 'auto'")
         bar = Progress(len(self.parts), f"index k={self.k}", enabled=progress)
         for part in self.parts:
             part.index = self._build_part(faiss, part)
