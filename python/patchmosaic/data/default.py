@@ -66,7 +66,10 @@ def preprocess(images: np.ndarray, size: int | None = 32, *, layout: str | None 
     else:
         raise ValueError(f"images must be (N, H, W), (N, H, W, C) or (N, C, H, W), got shape {x.shape}")
     half = PIXEL_MAX[x.dtype] / 2
-    t = torch.from_numpy(np.ascontiguousarray(x)).float() / half - 1
+    x = np.ascontiguousarray(x)
+    if not x.flags.writeable:  # a decoded picture's buffer: torch wants memory it may write
+        x = x.copy()
+    t = torch.from_numpy(x).float() / half - 1
     if x.dtype == np.uint16:  # float32 rounding of x / 32767.5 may leave [-1, 1] by an ulp
         t = t.clamp(-1, 1)
     if size is not None and tuple(t.shape[-2:]) != (size, size):

@@ -69,6 +69,9 @@ def load(spec: str, *, limit: Optional[int] = None, size="auto", split: str = "t
         raise TypeError(f"a data set is named by a string (a path, 'default', a named set or 'skimage:NAME'), got "
                         f"{type(spec).__name__}")
     spec = os.fspath(spec)
+    if (crop is not None or stride is not None) and not spec.startswith("skimage:"):
+        raise ValueError(f"crop and stride (--crop, --stride) cut a skimage: photograph into a training set; {spec!r} "
+                         "is not one (its images are resized to size=, 32 by default)")
     opts = dict(layout=layout, alpha=alpha)
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -81,7 +84,7 @@ def load(spec: str, *, limit: Optional[int] = None, size="auto", split: str = "t
         if crop is None:
             raw, y = img[None], np.zeros(1, np.int64)
         else:
-            raw = crops(img, int(crop), int(stride or max(1, crop // 2)))
+            raw = crops(img, int(crop), int(max(1, crop // 2) if stride is None else stride))
             y = np.zeros(len(raw), np.int64)
         return _finish(raw, y, size, indices, classes, limit, layout="NHWC", alpha=alpha)
     path = spec

@@ -356,10 +356,17 @@ class IndexedDenoiser:
         index_kw = dict(kind=kind, nlist=nlist, nprobe=nprobe, pq_m=pq_m, flat_budget=flat_budget,
                         min_index_keys=min_index_keys, merge=merge)
         index_kw = {name: value for name, value in index_kw.items() if value is not None}
-        if not tol >= 0:
-            raise ValueError(f"tol must be non-negative, got {tol}")
+        if isinstance(tol, bool) or not isinstance(tol, (int, float, np.number)) or not tol >= 0:
+            raise ValueError(f"tol must be a non-negative number, got {tol!r}")
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+            raise ValueError(f"m must be a positive integer number of candidates, got {m!r}")
+        if isinstance(t_max, bool) or not isinstance(t_max, (int, float, np.number)) or not 0 <= t_max <= 1:
+            raise ValueError(f"t_max must be a number in [0, 1], got {t_max!r}")
+        if isinstance(max_exact_fraction, bool) or not isinstance(max_exact_fraction, (int, float, np.number)) or \
+                not 0 <= max_exact_fraction <= 1:
+            raise ValueError(f"max_exact_fraction must be a number in [0, 1], got {max_exact_fraction!r}")
         self.exact = MachineDenoiser(machine, k)
         self.machine, self.schedule = machine, machine.schedule
         self.tol, self.m, self.t_max, self.mode = float(tol), int(m), float(t_max), mode

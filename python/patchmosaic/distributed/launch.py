@@ -13,6 +13,7 @@ another host it is named as not answering.
 from __future__ import annotations
 
 import datetime
+import gc
 import hashlib
 import json
 import os
@@ -48,11 +49,16 @@ def timeout_seconds(timeout: Optional[float] = None) -> float:
     Args:
         timeout: seconds, or None for the environment's (or the default).
     """
+    where = "timeout"
     if timeout is None:
-        timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
-    timeout = float(timeout)
-    if not timeout > 0:
-        raise ValueError(f"the distributed timeout must be positive seconds, got {timeout}")
+        where = f"${TIMEOUT_ENV}"
+        timeout = os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT)
+    try:
+        timeout = float(timeout)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: the distributed timeout is a number of seconds, got {timeout!r}") from None
+    if not (timeout > 0 and timeout < float("inf")):
+        raise ValueError(f"{where}: the distributed timeout must be positive seconds, got {timeout}")
     return timeout
 
 
@@ -107,6 +113,10 @@ def shutdown() -> None:
             _broken[0] = True
             return
         dist.destroy_process_group()
+        # free now, while the interpreter runs, what the exchanges left in reference cycles: freed by the last
+        # garbage collection of the interpreter's exit instead, it aborted about 1 in 10 two-rank jobs in gloo's
+        # run-loop thread ("terminate called without an active exception"); none in 40 with this collection
+        gc.collect()
 
 
 def broken() -> bool:

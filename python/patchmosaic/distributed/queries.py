@@ -33,11 +33,17 @@ class Layout:
 
     def __init__(self, key_shards: Optional[int] = None):
         self.world, self.rank = launch.world(), launch.rank()
+        where = "key_shards (--key-shards)"
         if key_shards is None:
-            key_shards = int(os.environ.get(KEY_SHARDS_ENV, self.world))
-        K = int(key_shards)
+            where, key_shards = f"${KEY_SHARDS_ENV}", os.environ.get(KEY_SHARDS_ENV, self.world)
+        try:
+            K = int(key_shards)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where} is a number of ranks, got {key_shards!r}") from None
+        if isinstance(key_shards, bool) or K != key_shards and not isinstance(key_shards, str):
+            raise ValueError(f"{where} is a whole number of ranks, got {key_shards!r}")
         if K < 1 or self.world % K:
-            raise ValueError(f"key_shards must divide the {self.world} rank(s), got {K}")
+            raise ValueError(f"key_shards must divide the {self.world} rank(s), got {K} (from {where})")
         self.n_key, self.n_query = K, self.world // K
         self.key_index, self.query_index = self.rank % K, self.rank // K
         self._key_group, self._groups_made = None, False

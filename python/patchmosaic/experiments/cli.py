@@ -99,10 +99,10 @@ def _sample(args) -> int:
     from .synthesis import run_sample
 
     canvas = None
-    if args.canvas:
-        h, _, w = args.canvas.lower().partition("x")
+    if args.canvas is not None:
+        h, x, w = args.canvas.lower().partition("x")
         try:
-            canvas = (int(h, 10), int(w or h, 10))
+            canvas = (int(h, 10), int(w if x else h, 10))
         except ValueError:
             raise ValueError(f"--canvas reads HxW (e.g. 256x256), got {args.canvas!r}") from None
         if not all(1 <= v <= 1 << 20 for v in canvas):
@@ -134,6 +134,9 @@ def _train(args) -> int:
         check_output(args.out, folder=True, what="the checkpoint folder")
     widths = _ints(args.widths, "--widths", 1, 4096) if args.arch == "unet" else None
     images, labels = _load_data(args)
+    if args.conditional and len(set(labels.tolist())) < 2:
+        raise ValueError(f"--conditional: every image of --data {args.data} has label {int(labels[0])} (a file without "
+                         "labels reads as all 0); a class-conditional network needs at least two classes")
     ncls = int(labels.max()) + 1 if args.conditional else 0
     if args.arch == "resnet":
         cfg = dict(arch="resnet", channels=images.shape[1], width=args.width, depth=args.depth,
@@ -221,7 +224,8 @@ def _setup(args, fields: dict):
         classes = np.unique(labels.numpy())
         y = torch.from_numpy(classes[np.arange(args.seeds) % len(classes)])
     if x1.shape[1:] != images.shape[1:]:
-        raise ValueError(f"seeds have shape {tuple(x1.shape[1:])} but training images {tuple(images.shape[1:])}")
+        raise ValueError(f"--seeds-file {args.seeds_file}: seeds of shape {tuple(x1.shape[1:])}, but the training images "
+                         f"of --data {args.data} are {tuple(images.shape[1:])}")
     if not cond:
         y = None
     elif y is None:
@@ -591,7 +595,11 @@ def main(argv=None) -> int:
                 from ..distributed.queries import Layout
 
                 launch.init()
-                args.layout = Layout(args.key_shards)
+                try:
+                    args.layout = Layout(args.key_shards)
+                except ValueError:
+                    args.layout = Layout(1)  # a layout every rank can make, to tell the others why this one stops
+                    raise
         return args.func(args)
     except KeyboardInterrupt:
         report(f"interrupted; {_saved(args)}")

@@ -121,6 +121,9 @@ class PatchIndex:
             bar.close()
         if kind == "auto":
             n_keys = sum(len(p.keys) for p in self.parts)
+            if flat_budget is not None and (isinstance(flat_budget, bool) or not isinstance(
+                    flat_budget, (int, np.integer)) or flat_budget < 0):
+                raise ValueError(f"flat_budget must be a non-negative integer number of bytes, got {flat_budget!r}")
             budget = available_memory() // 4 if flat_budget is None else int(flat_budget)
             kind = "flat" if n_keys * self.d * 4 <= budget else "ivfpq"
         self.kind = kind
@@ -135,6 +138,13 @@ class PatchIndex:
             raise ValueError("a patch index serves the local machines (LS, ELS); IS has no patches")
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        for name, v, least in (("nprobe", nprobe, 1), ("pq_m", pq_m, 1), ("nlist", nlist, 1),
+                               ("min_index_keys", min_index_keys, 0)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least):
+                raise ValueError(f"{name} must be an integer >= {least}{' or None' if name == 'nlist' else ''}, "
+                                 f"got {v!r}")
+        if not isinstance(merge, (bool, np.bool_)):
+            raise ValueError(f"merge must be True or False, got {merge!r}")
         self.machine = machine
         self.k = check_k(k, machine.H, machine.W)
         self.canvas = tuple(canvas or (machine.H, machine.W))
