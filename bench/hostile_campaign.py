@@ -1009,10 +1009,10 @@ def cli_cases(f: Fix):
         ("calibrate --out a folder", cal + ["--out", f.root], r"directory"),
         ("calibrate --state s.json", cal + ["--out", fresh("ks.json"), "--state", f.path("s.json")], r"\.npz"),
         ("calibrate --out /dev/full", cal + ["--out", "/dev/full"], r"/dev/full"),
-        ("compare --out an existing file", cmp + ["--out", f.tiny], r"is a file"),
+        ("compare --out an existing file", cmp + ["--out", f.tiny], r"is a regular file"),
         ("compare --out /dev/null", cmp + ["--out", "/dev/null"], r"/dev/null"),
         ("train --out /dev/null", train + ["--out", "/dev/null"], r"/dev/null"),
-        ("train --out an existing file", train + ["--out", f.tiny], r"is a file"),
+        ("train --out an existing file", train + ["--out", f.tiny], r"is a regular file"),
         ("train --out x.safetensors in /proc", train + ["--out", "/proc/nope/x.safetensors"], r"cannot write|/proc"),
     ]
     for name, argv, pat in outs:

@@ -112,3 +112,12 @@ def test_gradients_agree_across_variants(restore_variant):
         grads.append(x.grad)
     for g in grads[1:]:
         assert torch.allclose(g, grads[0], rtol=0, atol=1e-9)
+
+
+def test_the_command_says_an_unrunnable_variant_in_one_line():
+    """Issue 28: a bad PATCHMOSAIC_CPU_VARIANT printed a raw traceback from ``python -m patchmosaic``; the command
+    now says it in one line (exit 2), while a program importing the package still gets the exception."""
+    r = subprocess.run([sys.executable, "-m", "patchmosaic", "--version"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PATCHMOSAIC_CPU_VARIANT": "sse9"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("patchmosaic: error: PATCHMOSAIC_CPU_VARIANT='sse9'")

@@ -421,3 +421,22 @@ def test_the_readme_torchrun_command_runs_as_written(tmp_path):
     with np.load(tmp_path / argv[argv.index("--out") + 1].replace(".png", ".npz")) as z:
         assert z["samples"].shape == (n, 1, 32, 32) and np.isfinite(z["samples"]).all()
     assert (tmp_path / argv[argv.index("--out") + 1]).exists()
+
+
+def test_launch_settings_from_the_environment_are_named(monkeypatch):
+    """Issue 28 campaign: $PATCHMOSAIC_KEY_SHARDS and $PATCHMOSAIC_DIST_TIMEOUT that are not numbers said only
+    "invalid literal for int()" / "could not convert string to float"."""
+    from patchmosaic.distributed import launch
+    from patchmosaic.distributed.queries import Layout
+
+    monkeypatch.setenv("PATCHMOSAIC_KEY_SHARDS", "two")
+    with pytest.raises(ValueError, match=r"\$PATCHMOSAIC_KEY_SHARDS is a number of ranks, got 'two'"):
+        Layout()
+    monkeypatch.setenv("PATCHMOSAIC_DIST_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match=r"\$PATCHMOSAIC_DIST_TIMEOUT: the distributed timeout is a number"):
+        launch.timeout_seconds()
+    for bad in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="positive seconds"):
+            launch.timeout_seconds(bad)
+    with pytest.raises(ValueError, match="key_shards must divide the 1 rank"):
+        Layout(2)

@@ -126,7 +126,7 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
             raise TypeError(f"k_max must be an integer, got {k_max!r}")
         k_max = min(31, limit) if k_max is None else int(k_max)
         if k_max > limit:  # refused before the list of candidates is made
-            raise ValueError(f"k_max = {k_max} is larger than any useful patch size for {H}x{W} images (at most "
+            raise ValueError(f"k_max = {k_max} is larger than any useful one for {H}x{W} images (at most "
                              f"{limit}: a larger patch only adds zero padding); lower k_max (--k-max)")
         candidates = list(range(3, k_max + 1, 2))
     elif isinstance(candidates, (str, bytes)) or not hasattr(candidates, "__len__"):

@@ -34,6 +34,12 @@ def _umask() -> int:
     return mask
 
 
+def _kind(mode: int) -> str:
+    return ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a regular file" if stat.S_ISREG(mode) else "not a regular file")
+
+
 def target_of(path: str) -> str:
     """The file a write to ``path`` replaces (symbolic links followed), or a ValueError if it is not a
     regular file."""
@@ -44,10 +50,7 @@ def target_of(path: str) -> str:
     except FileNotFoundError:
         return target
     if not stat.S_ISREG(st.st_mode):
-        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode)
-                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
-                else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
-        raise ValueError(f"cannot write {path}: it is {kind}; give the path of a regular file")
+        raise ValueError(f"cannot write {path}: it is {_kind(st.st_mode)}; give the path of a regular file")
     return target
 
 
@@ -111,7 +114,8 @@ def check_output(path: str, *, suffixes: Optional[Sequence[str]] = None, option:
         raise ValueError(f"{option} is empty: give the path of {what}")
     if folder:
         if os.path.exists(path) and not os.path.isdir(path):
-            raise ValueError(f"{option} {path}: it is a file, but {what} is a folder; give a folder path")
+            raise ValueError(f"{option} {path}: it is {_kind(os.stat(path).st_mode)}, but {what} must be a folder; give a "
+                             "folder path")
         where = path
     else:
         try:
