@@ -506,6 +506,9 @@ def mask_cases(f: Fix):
          check=lambda r: True if np.allclose(r, ls.denoise(x, 0.5, 3), atol=1e-5) else "differs from LS")
     case(A, "a k-schedule larger than the mask", "api", "error",
          lambda: pm.MachineDenoiser(m, pm.KSchedule((1.0, 0.5), (5, 3)), patch_mask=ones), r"larger than")
+    case(A, "a per-pixel mask cropped by a k-schedule", "api", "ok",
+         lambda: pm.MachineDenoiser(m, pm.KSchedule((1.0, 0.5), (5, 3)), patch_mask=np.ones((8, 8, 5, 5)))(x, 0.5),
+         check=lambda r: True if np.allclose(r, sq, atol=1e-5) else "differs from the square machine")
     case(A, "a MachineDenoiser mask on IS", "api", "error", lambda: pm.MachineDenoiser(pm.IS(f.imgs), None,
                                                                                       patch_mask=ones), r"IS")
     case(A, "eps with a mask", "api", "ok", lambda: m.eps(x, 0.5, None, patch_mask=with_centre(0.5)), check=finite)
@@ -680,6 +683,12 @@ def index_cases(f: Fix):
     case(A, "a flat index of 60,000 32x32 images at k = 31", "api", "error",
          lambda: pm.PatchIndex(pm.ELS(np.random.default_rng(0).uniform(-1, 1, (60000, 1, 32, 32)).astype(np.float32)),
                                31, kind="flat", progress=False), r"GiB", fast=30)
+    for kind in ("ivf", "ivfpq"):
+        case(A, f"an {kind} index whose parts have fewer keys than lists", "api", "ok",
+             lambda kind=kind: pm.PatchIndex(pm.ELS(f.imgs[:6]), 3, kind=kind, min_index_keys=0, progress=False)
+             .denoise(x, 0.5).x0, check=finite)
+    case(A, "open() an index saved for another k", "api", "error",
+         lambda: pm.PatchIndex.open(folder, m, 5, progress=False), r"does not match")
     case(A, "IndexedDenoiser(tol=-1)", "api", "error", lambda: pm.IndexedDenoiser(m, 3, tol=-1), r"tol")
     case(A, "IndexedDenoiser(mode='fast')", "api", "error", lambda: pm.IndexedDenoiser(m, 3, mode="fast"), r"mode")
     case(A, "IndexedDenoiser(max_exact_fraction=2)", "api", "error",
@@ -718,7 +727,10 @@ def train_cases(f: Fix):
            ("checkpoint_every=0", dict(checkpoint_every=0), r"checkpoint_every"), ("seed=-1", dict(seed=-1), r"seed"),
            ("seed=2**64", dict(seed=2**64), r"seed"), ("t_min=0", dict(t_min=0.0), r"t_min"),
            ("schedule='quadratic'", dict(schedule="quadratic"), r"schedule"),
-           ("device='gpu'", dict(device="gpu"), r"device|gpu"), ("log_every=0", dict(log_every=0), r"log_every")]
+           ("device='gpu'", dict(device="gpu"), r"device \(--device\) 'gpu'"),
+           ("device='meta'", dict(device="meta"), r"device \(--device\) 'meta'"),
+           ("device='cuda' (no CUDA here)", dict(device="cuda"), r"device='cuda'|CUDA"),
+           ("log_every=0", dict(log_every=0), r"log_every")]
     for name, kw, pat in bad:
         kw = dict(dict(steps=3, batch_size=4), **kw)
         case(A, f"TrainConfig({name})", "api", "error", lambda kw=kw: run(TrainConfig(**kw))(), pat, fast=30)
@@ -782,6 +794,13 @@ def data_cases(f: Fix):
                                    "b.png": Image.fromarray((grad16[:8, :8] >> 8).astype(np.uint8))})
     case(A, "16-bit and 8-bit grey PNGs of the same picture", "api", "ok", lambda: load(mixed, size=None)[0],
          check=lambda r: True if float((r[0] - r[1]).abs().max()) < 2 / 255 else "they differ")
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 255
+    d_mix = f.folder("grey_then_colour", {"a.png": Image.fromarray(np.zeros((8, 8), np.uint8)),
+                                          "b.png": Image.fromarray(red)})
+    case(A, "a grey picture, then a colour one", "api", "ok", lambda: load(d_mix, size=None)[0],
+         check=lambda r: True if r.shape[1] == 3 and r[1, :, 0, 0].tolist() == [1.0, -1.0, -1.0]
+         else f"shape {tuple(r.shape)}: the colour was lost")
     rgba = f.rng.integers(0, 256, (8, 8, 4), dtype=np.uint8)
     d_rgba = f.folder("rgba", {"a.png": Image.fromarray(rgba), "b.png": Image.fromarray(rgba)})
     case(A, "an RGBA PNG folder", "api", "error", lambda: load(d_rgba), r"a\.png.*alpha")
@@ -1041,6 +1060,10 @@ def cli_cases(f: Fix):
                         ("99999999x99999999", r"canvas"), ("100000x100000", r"GiB"), ("x5", r"canvas"),
                         ("5x5x5", r"canvas"), ("", r"canvas")):
         cli("error", f"sample --canvas {canvas}", sample + ["--canvas", canvas, "--out", fresh("c.png")], pat, fast=10)
+    cli("error", "sample --canvas 1x1 (no training patch has its padding)", sample + [
+        "--canvas", "1x1", "--out", fresh("c.png")], r"padding signature")
+    cli("error", "sample --k a folder", sample + ["--k", f.root, "--out", fresh("k.png")], re.escape(f.root))
+    cli("error", "train --device gpu", train + ["--device", "gpu", "--out", fresh("t")], r"--device")
     cli("error", "sample --machine ls --canvas 16x16", sample + ["--machine", "ls", "--canvas", "16x16", "--out",
                                                                 fresh("c.png")], r"training size|8x8")
     after, check = npz_samples(f.path("c16.npz"), (2, 1, 48, 48))

@@ -158,7 +158,7 @@ def job2(tmp_path_factory, shared_dir):
     """2 ranks: key sharding (seeds 0-7 of the cases), then calibrate and compare with the seeds spread over the
     ranks (pure query sharding), interrupted midway."""
     out = tmp_path_factory.mktemp("job2")
-    reports = torchrun(2, "keys,index,exp1", out, FIRST_SEED="0", N_SEEDS="8", PATCHMOSAIC_KEY_SHARDS="1",
+    reports = torchrun(2, "keys,index,exp1,mismatch", out, FIRST_SEED="0", N_SEEDS="8", PATCHMOSAIC_KEY_SHARDS="1",
                        SHARED_DIR=str(shared_dir))
     return reports, [json.load(open(os.path.join(out, f"exp{r}.json"))) for r in range(2)], _index_reports(out, 2)
 
@@ -440,3 +440,14 @@ def test_launch_settings_from_the_environment_are_named(monkeypatch):
             launch.timeout_seconds(bad)
     with pytest.raises(ValueError, match="key_shards must divide the 1 rank"):
         Layout(2)
+
+
+def test_api_calls_given_different_inputs_per_rank_refuse_on_every_rank(job2):
+    """Issue 28: Layout.sample with other seeds per rank, calibrate with other seeds per rank (its state's
+    fingerprint), and a key-sharded machine cut from other data per rank each refuse on every rank, naming the
+    ranks, before mixing anything."""
+    for rep in job2[1]:
+        sample, calib, shards = rep["mismatch"]
+        assert sample and "Layout.sample: the ranks were given different seeds" in sample and "on rank 1" in sample
+        assert calib and "the ranks were given different runs" in calib and "on rank 0" in calib
+        assert shards and "cut from different training sets" in shards

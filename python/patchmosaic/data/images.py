@@ -112,20 +112,28 @@ class FolderImages:
     """The pictures of a folder as a sequence that decodes a file only when it is indexed (so a subset or a
     ``limit`` decodes only the files it keeps): ``images[i]`` is uint8 / uint16 ``(H, W)`` or ``(H, W, 3)``,
     cropped (``crop = (r0, r1, c0, c1)``, else the centre square); ``labels`` and ``paths`` are known at once.
-    ``grey`` None: grey if the first file is (read from its header)."""
+    ``grey`` None: grey if every file kept is (read from their headers by :meth:`prepare`, so that a colour picture
+    among grey ones makes every picture RGB instead of losing its colour)."""
 
     def __init__(self, folder: str, *, grey: Optional[bool] = None, crop: Optional[Tuple[int, int, int, int]] = None,
                  alpha: str = "refuse"):
         files, self.classes = list_folder(folder)
         self.paths = [f for _, f in files]
         self.labels = np.array([lab for lab, _ in files], np.int64)
-        self.grey = is_grey(self.paths[0]) if grey is None else bool(grey)
+        self.grey = None if grey is None else bool(grey)
         self.crop, self.alpha = crop, alpha
+
+    def prepare(self, keep) -> None:
+        """Decide grey or RGB from the headers of the files ``keep`` (indices) when ``grey`` was not given."""
+        if self.grey is None:
+            self.grey = all(is_grey(self.paths[int(i)]) for i in keep)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> np.ndarray:
+        if self.grey is None:
+            self.prepare(range(len(self.paths)))
         a = read_image(self.paths[int(i)], self.grey, self.alpha)
         c = self.crop
         return a[c[0] : c[1], c[2] : c[3]] if c else _square(a)
@@ -137,11 +145,12 @@ def load_folder(folder: str, *, grey: Optional[bool] = None, crop: Optional[Tupl
     only the first ``limit`` files are decoded.
 
     Sub-folders are classes (label = index of the sorted sub-folder name); files directly inside get
-    label 0. ``grey`` None: grey if the first image is. ``crop = (r0, r1, c0, c1)``, else a centre square.
+    label 0. ``grey`` None: grey if every image read is. ``crop = (r0, r1, c0, c1)``, else a centre square.
     ``alpha``: a picture with an alpha channel is refused (``"refuse"``, default) or loses it (``"drop"``).
     """
     imgs = FolderImages(folder, grey=grey, crop=crop, alpha=alpha)
     n = len(imgs) if limit is None else min(len(imgs), int(limit))
+    imgs.prepare(range(n))
     return [imgs[i] for i in range(n)], imgs.labels[:n], imgs.classes
 
 

@@ -202,6 +202,8 @@ def _finish(raw, y, size, indices, classes, limit, layout=None, alpha="refuse"):
     if isinstance(raw, np.ndarray):
         x = preprocess(raw[keep], size, layout=layout, alpha=alpha)
     else:  # pictures one by one (a folder: decoded here, only those kept)
+        if hasattr(raw, "prepare"):
+            raw.prepare(keep)  # grey or RGB, from the headers of the pictures kept
         parts = [preprocess(raw[i][None], size, layout=layout, alpha=alpha) for i in keep]
         shapes = {tuple(p.shape[1:]) for p in parts}
         if len(shapes) > 1:

@@ -305,7 +305,8 @@ class PatchIndex:
         if kind == "flat":
             index = faiss.IndexFlatL2(d)
         else:
-            nlist = int(self.nlist or max(16, min(65536, int(np.sqrt(n)))))
+            # k-means needs at least one key per list: a part with fewer keys than lists gets one list per key
+            nlist = min(n, int(self.nlist or max(16, min(65536, int(np.sqrt(n))))))
             pq_m, d = self.pq_dims() if kind == "ivfpq" else (0, d)
             # many lists: an HNSW graph over the centroids assigns vectors in log time, not a scan of nlist
             quant = faiss.IndexHNSWFlat(d, 32) if nlist > 2048 else faiss.IndexFlatL2(d)

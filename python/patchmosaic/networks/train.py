@@ -62,6 +62,11 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be a finite number, got {v!r}")
         if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.ema_decay < 1 or not 0 < self.t_min < 1:
             raise ValueError(f"need lr > 0, weight_decay >= 0, 0 <= ema_decay < 1, 0 < t_min < 1: {self}")
+        try:  # a device torch can train on here (autocast knows its type)
+            torch.autocast(device_type=torch.device(self.device).type, enabled=False)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"TrainConfig.device (--device) {self.device!r} is not a device to train on, e.g. 'cpu' "
+                             f"or 'cuda' ({str(e).splitlines()[0][:120]})") from None
 
 
 # settings a resumed run must share with the checkpoint (the rest -- steps, checkpoint and log intervals,
