@@ -19,7 +19,7 @@ prevented), ``crash`` (a process killed by a signal), ``hang`` (past the case's 
 
     PYTHONPATH=python python bench/hostile_campaign.py [--only AREA,...] [--json bench/results/hostile_campaign.json]
 
-Areas (newest features first): distributed, masks, datalocal, wiener, index, train, data, cli. Exit status 0 when
+Areas (newest features first): distributed, masks, datalocal, wiener, index, train, samplers, data, cli. Exit status 0 when
 every case is clean. The run is limited to 12 GiB of address space (RLIMIT_AS), so that an unguarded allocation
 fails instead of swapping the shared machine.
 """
@@ -778,6 +778,33 @@ def train_cases(f: Fix):
          check=lambda net: True if all(bool(torch.isfinite(p).all()) for p in net.parameters()) else "NaN weights")
 
 
+def sampler_cases(f: Fix):
+    A = "samplers"
+    pm = f.pm
+    den = pm.MachineDenoiser(pm.ELS(f.imgs, f.labels), 3)
+    x = f.rng.standard_normal((2, 1, 8, 8)).astype(np.float32)
+    for steps, pat in ((0, r"steps"), (-1, r"steps"), (2.5, r"steps"), (True, r"steps"), ("20", r"steps"),
+                       (10**10, r"GiB")):
+        case(A, f"ddim(steps={steps!r})", "api", "error", lambda steps=steps: pm.ddim(den, x, steps=steps,
+                                                                                      progress=False), pat, fast=5)
+    for grid in ([1.0, 0.5, 0.5, 0.0], [0.5, 1.0], [1.0, float("nan")], [2.0, 0.0], [1.0], [[1.0, 0.0]]):
+        case(A, f"ddim(grid={grid})", "api", "error", lambda grid=grid: pm.ddim(den, x, grid=grid, progress=False),
+             r"grid")
+    case(A, "ddpm with a generator that is not one", "api", "error",
+         lambda: pm.ddpm(den, x, generator=5, steps=2, progress=False), r"generator")
+    case(A, "labels of a class the machine lacks", "api", "error",
+         lambda: pm.ddim(den, x, [0, 7], steps=2, progress=False), r"label")
+    case(A, "a KSchedule with an even k", "api", "error", lambda: pm.KSchedule((1.0,), (4,)), r"odd")
+    case(A, "a KSchedule with times and ks of other lengths", "api", "error",
+         lambda: pm.KSchedule((1.0, 0.5), (3,)), r"equally long")
+    case(A, "a denoiser on another schedule than the sampler's", "api", "error",
+         lambda: pm.ddim(den, x, steps=2, schedule="linear", progress=False), r"schedule")
+    case(A, "ddim answers numpy for numpy seeds", "api", "ok", lambda: pm.ddim(den, x, [0, 1], steps=2,
+                                                                               progress=False),
+         check=lambda r: True if isinstance(r, np.ndarray) and r.shape == x.shape and np.isfinite(r).all() else
+         f"{type(r).__name__}")
+
+
 def data_cases(f: Fix):
     A = "data"
     pm, torch = f.pm, f.torch
@@ -1064,6 +1091,12 @@ def cli_cases(f: Fix):
         "--canvas", "1x1", "--out", fresh("c.png")], r"padding signature")
     cli("error", "sample --k a folder", sample + ["--k", f.root, "--out", fresh("k.png")], re.escape(f.root))
     cli("error", "train --device gpu", train + ["--device", "gpu", "--out", fresh("t")], r"--device")
+    cli("error", "sample --classes 0,1 --labels 2", sample + ["--classes", "0,1", "--labels", "2", "--out",
+                                                            fresh("l.png")], r"label")
+    after, check = npz_samples(f.path("isp.npz"), (2, 1, 32, 32))
+    cli("ok", "sample --machine is --provenance position", sample + ["--machine", "is", "--provenance", "position",
+                                                                     "--out", f.path("isp.png")], after=after,
+        check=check)
     cli("error", "sample --machine ls --canvas 16x16", sample + ["--machine", "ls", "--canvas", "16x16", "--out",
                                                                 fresh("c.png")], r"training size|8x8")
     after, check = npz_samples(f.path("c16.npz"), (2, 1, 48, 48))
@@ -1190,7 +1223,7 @@ def proc_cases(f: Fix):
 
 
 AREAS = {"distributed": [distributed_cases, distributed_api_cases], "masks": [mask_cases],
-         "datalocal": [datalocal_cases], "wiener": [wiener_cases], "index": [index_cases], "train": [train_cases],
+         "datalocal": [datalocal_cases], "wiener": [wiener_cases], "index": [index_cases], "train": [train_cases], "samplers": [sampler_cases],
          "data": [data_cases], "cli": [cli_cases, proc_cases]}
 DEFECTS = ("silent", "crash", "hang", "raw", "unclear", "late", "wrong-error")
 

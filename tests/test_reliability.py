@@ -748,3 +748,36 @@ def test_a_real_ctrl_c_stops_the_command_with_one_line(tmp_path):
     assert p.returncode == 130 and err.strip() == "patchmosaic sample: interrupted; nothing was written (the files " \
                                                   "are written at the end)", err
     assert not (tmp_path / "s.png").exists()
+
+
+# ------------------------------------------------------------------ issue 28: what the hostile campaign found
+def test_what_the_campaign_found(tmp_path):
+    """bench/hostile_campaign.py's defects, each now a clear error or a correct result (see bench/RESULTS.md 11)."""
+    from PIL import Image
+
+    from patchmosaic.networks import TrainConfig, train
+
+    den = pm.MachineDenoiser(pm.ELS(IMGS), 3)
+    x = IMGS[:2]
+    with pytest.raises(TypeError, match="generator must be a seeded torch.Generator"):
+        pm.ddpm(den, x, generator=5, steps=2, progress=False)
+    t0 = time.perf_counter()
+    with pytest.raises(pm.ResourceError, match="a time grid of 10000000000 steps"):
+        pm.ddim(den, x, steps=10**10, progress=False)
+    assert time.perf_counter() - t0 < 2
+    for device in ("gpu", "meta"):
+        with pytest.raises(ValueError, match=rf"TrainConfig.device \(--device\) '{device}' is not a device"):
+            train({"arch": "resnet", "channels": 1, "width": 4, "depth": 1, "padding": "zeros", "num_classes": 0},
+                  x, out=str(tmp_path / "t"), config=TrainConfig(steps=1, device=device), progress=False)
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 255
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")  # grey first, then colour: keep colour
+    Image.fromarray(red).save(tmp_path / "b.png")
+    imgs, _ = pm.data.load(str(tmp_path), size=None)
+    assert imgs.shape == (2, 3, 8, 8) and imgs[1, :, 0, 0].tolist() == [1.0, -1.0, -1.0]
+    assert pm.data.load(str(tmp_path), size=None, limit=1)[0].shape == (1, 1, 8, 8)
+    if pytest.importorskip("faiss"):
+        small = pm.ELS(IMGS[:6])  # parts of 6 keys: fewer than the lists and the PQ codebook
+        for kind in ("ivf", "ivfpq"):
+            idx = pm.PatchIndex(small, 3, kind=kind, min_index_keys=0, progress=False)
+            assert np.isfinite(idx.denoise(x, 0.5).x0.numpy()).all()

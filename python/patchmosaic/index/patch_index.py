@@ -260,8 +260,15 @@ class PatchIndex:
         keys = int(min(by_singles, by_pairs, n_total))
         return keys, keys / n_total
 
+    PQ_CODES = 256  # an IVF-PQ part trains 2^8 centroids per sub-quantiser: it needs at least this many keys
+
     def part_kind(self, part: Part) -> str:
-        return "flat" if self.kind == "flat" or len(part.keys) <= self.min_index_keys else self.kind
+        """The index of one part: flat for a flat index, for a part of at most ``min_index_keys`` keys, and for an
+        IVF-PQ part too small to train its codebooks (fewer than :data:`PQ_CODES` keys)."""
+        n = len(part.keys)
+        if self.kind == "flat" or n <= self.min_index_keys or (self.kind == "ivfpq" and n < self.PQ_CODES):
+            return "flat"
+        return self.kind
 
     def key_chunks(self, part: Part, chunk: int = 1 << 18):
         """Yield the part's key vectors in index order, ``chunk`` keys at a time."""
