@@ -45,7 +45,8 @@ from .index import PatchIndex
 from .machines import ELS, IS, LS, DataLocal, Machine, Provenance, Wiener
 from .ops import cuda_available
 
-__all__ = ["IS", "LS", "ELS", "Machine", "Provenance", "ResourceError", "ConfigurationError", "cuda_available", "data", "kschedule",
+__all__ = ["IS", "LS", "ELS", "Machine", "Provenance", "ResourceError", "ConfigurationError", "cuda_available", "data",
+           "kschedule",
            "metrics", "networks", "ops", "sampling", "schedules", "diffusion", "index", "ddim", "ddpm", "KSchedule",
            "MachineDenoiser", "NetworkDenoiser", "calibrate", "Calibration", "compare", "PatchIndex",
            "IndexedDenoiser", "calibrate_t_max", "distributed", "Wiener", "DataLocal"]

@@ -22,7 +22,7 @@ import zlib
 from typing import Optional
 
 MAX_INT = 2**31 - 1  # the largest count an option takes (images, seeds, steps, sizes)
-MAX_STEPS = 100_000  # reverse-process or training steps beyond this are a typing mistake, not a run
+MAX_STEPS = 100_000  # reverse-process steps beyond this are a typing mistake, not a run (training: 100x)
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
 
 
@@ -113,8 +113,8 @@ def _sample(args) -> int:
                      canvas=canvas, n=args.n, steps=args.steps, sampler=args.sampler, seed=args.seed,
                      labels=labels, classes=classes, limit=args.limit, crop=args.crop, stride=args.stride,
                      provenance=args.provenance, download=args.download, backend=args.backend,
-                     progress=not args.quiet, force=args.force, layout=args.layout, data_layout=args.layout_of_data,
-                     alpha="drop" if args.drop_alpha else "refuse")
+                     progress=not args.quiet, force=args.force, layout=args.layout,
+                     data_layout=args.layout_of_data, alpha="drop" if args.drop_alpha else "refuse")
     if not _leader(args):
         return 0
     size = "x".join(map(str, res["samples"].shape[-2:]))
@@ -124,7 +124,6 @@ def _sample(args) -> int:
 
 
 def _train(args) -> int:
-    from .. import data
     from ..io.files import check_output
     from ..networks import TrainConfig, train
 
@@ -135,8 +134,8 @@ def _train(args) -> int:
     widths = _ints(args.widths, "--widths", 1, 4096) if args.arch == "unet" else None
     images, labels = _load_data(args)
     if args.conditional and len(set(labels.tolist())) < 2:
-        raise ValueError(f"--conditional: every image of --data {args.data} has label {int(labels[0])} (a file without "
-                         "labels reads as all 0); a class-conditional network needs at least two classes")
+        raise ValueError(f"--conditional: every image of --data {args.data} has label {int(labels[0])} (a file "
+                         "without labels reads as all 0); a class-conditional network needs at least two classes")
     ncls = int(labels.max()) + 1 if args.conditional else 0
     if args.arch == "resnet":
         cfg = dict(arch="resnet", channels=images.shape[1], width=args.width, depth=args.depth,
@@ -224,8 +223,8 @@ def _setup(args, fields: dict):
         classes = np.unique(labels.numpy())
         y = torch.from_numpy(classes[np.arange(args.seeds) % len(classes)])
     if x1.shape[1:] != images.shape[1:]:
-        raise ValueError(f"--seeds-file {args.seeds_file}: seeds of shape {tuple(x1.shape[1:])}, but the training images "
-                         f"of --data {args.data} are {tuple(images.shape[1:])}")
+        raise ValueError(f"--seeds-file {args.seeds_file}: seeds of shape {tuple(x1.shape[1:])}, but the training "
+                         f"images of --data {args.data} are {tuple(images.shape[1:])}")
     if not cond:
         y = None
     elif y is None:
@@ -240,10 +239,9 @@ def _setup(args, fields: dict):
 
 def _calibrate(args) -> int:
     from .calibrate import calibrate
-    from ..io.plots import kschedule_plot, save_figure
     from ..diffusion.samplers import time_grid
-
     from ..io.files import check_output
+    from ..io.plots import kschedule_plot, save_figure
 
     ext = os.path.splitext(args.out)[1].lower()
     if ext[1:] in FIGURE_FORMATS:
@@ -272,9 +270,8 @@ def _compare(args) -> int:
     from .compare import compare, nearest_training
     from ..diffusion.denoisers import MachineDenoiser
     from ..diffusion.kschedule import from_spec
-    from ..io.plots import comparison_grid, save_figure, scatter
-
     from ..io.files import check_output
+    from ..io.plots import comparison_grid, save_figure, scatter
 
     check_output(args.out, folder=True, what="the comparison folder")
     specs = {}
@@ -340,7 +337,8 @@ def _add_run_options(p, out_help):
     p.add_argument("--limit", type=_int(1), default=None, help="use only the first LIMIT training images")
     _add_data_format(p)
     p.add_argument("--seeds", type=_int(1), default=16, help="number of noise seeds (default: %(default)s)")
-    p.add_argument("--seed", type=_int(0, MAX_SEED), default=0, help="seed of the noise generator (default: %(default)s)")
+    p.add_argument("--seed", type=_int(0, MAX_SEED), default=0,
+                   help="seed of the noise generator (default: %(default)s)")
     p.add_argument("--seeds-file", default=None,
                    help="npz with 'seeds' (M, C, H, W) and optionally 'labels' (M,) to use instead of fresh noise "
                         "(e.g. a reference network's ddim20_samples.npz)")
@@ -406,9 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Sample digits with the boundary-aware ELS machine from the built-in 2,000 "
                                    "MNIST digits and write a PNG: noise, sample, nearest training image, provenance.")
     d.add_argument("--out", default="patchmosaic_demo.png", help="PNG to write (default: %(default)s)")
-    d.add_argument("--n", "--samples", dest="n", type=_int(1), default=8, help="number of seeds, one digit class each (default: %(default)s)")
-    d.add_argument("--steps", type=_int(1, MAX_STEPS), default=20, help="DDIM steps on the grid t_i = i/steps (default: %(default)s)")
-    d.add_argument("--seed", type=_int(0, MAX_SEED), default=0, help="seed of the noise generator (default: %(default)s)")
+    d.add_argument("--n", "--samples", dest="n", type=_int(1), default=8,
+                   help="number of seeds, one digit class each (default: %(default)s)")
+    d.add_argument("--steps", type=_int(1, MAX_STEPS), default=20,
+                   help="DDIM steps on the grid t_i = i/steps (default: %(default)s)")
+    d.add_argument("--seed", type=_int(0, MAX_SEED), default=0,
+                   help="seed of the noise generator (default: %(default)s)")
     d.add_argument("--train-per-class", type=_int(1), default=None,
                    help="use only this many training digits per class (default: all 200)")
     d.add_argument("--backend", default="auto", choices=["auto", "cpu", "torch", "cuda"],
@@ -446,9 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", "--samples", dest="n", type=_int(1), default=4,
                    help="number of samples; under torchrun write --samples (torchrun reads --n as its own option) "
                         "(default: %(default)s)")
-    s.add_argument("--steps", type=_int(1, MAX_STEPS), default=20, help="reverse-process steps on t_i = i/steps (default: %(default)s)")
+    s.add_argument("--steps", type=_int(1, MAX_STEPS), default=20,
+                   help="reverse-process steps on t_i = i/steps (default: %(default)s)")
     s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="(default: %(default)s)")
-    s.add_argument("--seed", type=_int(0, MAX_SEED), default=0, help="seed of the noise generator (default: %(default)s)")
+    s.add_argument("--seed", type=_int(0, MAX_SEED), default=0,
+                   help="seed of the noise generator (default: %(default)s)")
     s.add_argument("--provenance", default="image", choices=["image", "position"],
                    help="colour the provenance map by the winning patch's training image or by its position in "
                         "that image (default: %(default)s)")
@@ -470,22 +473,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_format(t)
     t.add_argument("--arch", default="resnet", choices=["resnet", "unet"], help="network family (default: %(default)s)")
     t.add_argument("--width", type=_int(2, 4096), default=128, help="ResNet channels (default: %(default)s)")
-    t.add_argument("--depth", type=_int(0, 1024), default=6, help="ResNet inner 3x3 convolutions (default: %(default)s)")
+    t.add_argument("--depth", type=_int(0, 1024), default=6,
+                   help="ResNet inner 3x3 convolutions (default: %(default)s)")
     t.add_argument("--widths", default="64,128,256", help="UNet channels per level (default: %(default)s)")
     t.add_argument("--attention", action="store_true", help="UNet: self-attention at the coarsest level")
     t.add_argument("--padding", default="zeros", choices=["zeros", "circular"], help="convolution padding (default: %(default)s)")
     t.add_argument("--conditional", action="store_true", help="add a class embedding (labels from the data)")
-    t.add_argument("--steps", type=_int(1, 100 * MAX_STEPS), default=10000, help="optimiser steps (default: %(default)s)")
+    t.add_argument("--steps", type=_int(1, 100 * MAX_STEPS), default=10000,
+                   help="optimiser steps (default: %(default)s)")
     t.add_argument("--batch-size", type=_int(1, 1 << 20), default=128, help="images per step (default: %(default)s)")
-    t.add_argument("--lr", type=_float(0, 1, lo_open=True), default=2e-4, help="AdamW learning rate (default: %(default)s)")
+    t.add_argument("--lr", type=_float(0, 1, lo_open=True), default=2e-4,
+                   help="AdamW learning rate, in (0, 1] (default: %(default)s)")
     t.add_argument("--weight-decay", type=_float(0, 1e6), default=0.0, help="AdamW weight decay (default: %(default)s)")
-    t.add_argument("--ema", type=_float(0, 1, hi_open=True), default=0.999, help="EMA decay of the weights, 0 = off (default: %(default)s)")
+    t.add_argument("--ema", type=_float(0, 1, hi_open=True), default=0.999,
+                   help="EMA decay of the weights, 0 = off (default: %(default)s)")
     t.add_argument("--seed", type=_int(0, MAX_SEED), default=0,
                    help="seed of the initial weights, data order and noise (default: %(default)s)")
     t.add_argument("--override-settings", action="store_true",
-                   help="resume a checkpoint with other optimiser settings (batch size, lr, weight decay, EMA, seed); "
-                        "without it that is refused. The checkpoint records which settings applied from which step")
-    t.add_argument("--checkpoint-every", type=_int(1), default=500, help="steps between checkpoints (default: %(default)s)")
+                   help="resume a checkpoint with other optimiser settings (batch size, lr, weight decay, EMA, seed) "
+                        "or other training data; without it that is refused. The checkpoint records which settings "
+                        "and data applied from which step")
+    t.add_argument("--checkpoint-every", type=_int(1), default=500,
+                   help="steps between checkpoints (default: %(default)s)")
     t.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (bf16 autocast on cuda) (default: %(default)s)")
     t.add_argument("--out", required=True, help="checkpoint directory (resumed if it exists)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")

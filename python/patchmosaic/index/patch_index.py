@@ -228,10 +228,11 @@ class PatchIndex:
             keys, share = self._estimate_distinct(n_total)
             how = f"after merging duplicates: about {share:.0%} of them distinct, estimated from a sample"
         if keys * per > avail:
+            article = "an" if kinds[0] in "aeiou" else "a"
             raise ResourceError(
-                f"{'an' if kinds[0] in 'aeiou' else 'a'} {kinds} patch index of {size} needs about {keys * per / 2**30:.1f} GiB {how}, more than the "
-                f"{avail / 2**30:.1f} GiB available; use kind='ivfpq' (compressed) or 'auto', fewer training images or "
-                "a smaller k")
+                f"{article} {kinds} patch index of {size} needs about {keys * per / 2**30:.1f} GiB {how}, more than "
+                f"the {avail / 2**30:.1f} GiB available; use kind='ivfpq' (compressed) or 'auto', fewer training "
+                "images or a smaller k")
 
     def _estimate_distinct(self, n_total: int):
         """``(keys, fraction)``: a low estimate of the keys merging would leave, from the hashes of a random sample
@@ -292,9 +293,11 @@ class PatchIndex:
         faiss = faiss_module()
         need = sum(len(p.keys) for p in self.parts) * self.bytes_per_key(self.kind)
         if self.kind in ("flat", "ivf") and need > available_memory():  # exact now: the keys left after merging
-            raise ResourceError(f"{'an' if self.kind[0] in 'aeiou' else 'a'} {self.kind} patch index of {sum(len(p.keys) for p in self.parts):,} distinct keys "
-                                f"of {self.d} values needs {need / 2**30:.1f} GiB, more than the "
-                                f"{available_memory() / 2**30:.1f} GiB available; use kind='ivfpq' or 'auto'")
+            article = "an" if self.kind[0] in "aeiou" else "a"
+            keys = sum(len(p.keys) for p in self.parts)
+            raise ResourceError(f"{article} {self.kind} patch index of {keys:,} distinct keys of {self.d} values needs "
+                                f"{need / 2**30:.1f} GiB, more than the {available_memory() / 2**30:.1f} GiB available; "
+                                "use kind='ivfpq' or 'auto'")
         bar = Progress(len(self.parts), f"index k={self.k}", enabled=progress)
         for part in self.parts:
             part.index = self._build_part(faiss, part)

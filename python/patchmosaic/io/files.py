@@ -112,8 +112,8 @@ def check_output(path: str, *, suffixes: Optional[Sequence[str]] = None, option:
         raise ValueError(f"{option} is empty: give the path of {what}")
     if folder:
         if os.path.exists(path) and not os.path.isdir(path):
-            raise ValueError(f"{option} {path}: it is {_kind(os.stat(path).st_mode)}, but {what} must be a folder; give a "
-                             "folder path")
+            kind = _kind(os.stat(path).st_mode)
+            raise ValueError(f"{option} {path}: it is {kind}, but {what} must be a folder; give a folder path")
         where = path
     else:
         try:

@@ -14,4 +14,5 @@ from .resnet import ResNet
 from .train import TrainConfig, train
 from .unet import UNet
 
-__all__ = ["ResNet", "UNet", "build", "save", "load", "load_network", "network_channels", "network_classes", "train", "TrainConfig"]
+__all__ = ["ResNet", "UNet", "build", "save", "load", "load_network", "network_channels", "network_classes", "train",
+           "TrainConfig"]

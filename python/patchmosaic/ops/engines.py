@@ -58,8 +58,8 @@ def _choose() -> str:
             known = ", ".join(sorted(set(_PREFERENCE)))
             from ..validation import ConfigurationError
 
-            raise ConfigurationError(f"PATCHMOSAIC_CPU_VARIANT={forced!r}: not a variant this build has and this CPU runs "
-                               f"(runnable here: {sorted(available)}; names: {known})")
+            raise ConfigurationError(f"PATCHMOSAIC_CPU_VARIANT={forced!r}: not a variant this build has and this CPU "
+                                     f"runs (runnable here: {sorted(available)}; names: {known})")
         return forced
     return next(name for name in _PREFERENCE if name in available)
 
