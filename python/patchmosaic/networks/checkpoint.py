@@ -94,7 +94,8 @@ def load_network(path: str, *, device="cpu", ema: bool = True) -> nn.Module:
     """An eps network from a patchmosaic checkpoint (directory or ``.safetensors``) or a TorchScript file.
 
     TorchScript files (such as the reference networks in ``shared/models``) are loaded with
-    ``torch.jit.load``, which runs TorchScript, not Python pickles.
+    ``torch.jit.load``, which runs TorchScript, not Python pickles (TorchScript is deprecated in torch;
+    :func:`patchmosaic.networks.convert` turns such a file into a checkpoint of this package).
 
     Args:
         path: a checkpoint directory, a ``.safetensors`` file, or a TorchScript file (e.g. ``model.pt``).
@@ -107,12 +108,9 @@ def load_network(path: str, *, device="cpu", ema: bool = True) -> nn.Module:
         return load(path, ema=ema, device=device)[0]
     if not os.path.exists(path):
         raise ValueError(f"no network at {path}")
-    try:
-        net = torch.jit.load(path, map_location=device)
-    except RuntimeError as e:
-        raise ValueError(f"{path} is neither a patchmosaic checkpoint nor a TorchScript module: "
-                         f"{str(e).splitlines()[0]}") from None
-    return net.eval()
+    from .convert import load_torchscript
+
+    return load_torchscript(path, device)
 
 
 def _weights_file(path: str, create: bool = False) -> str:
