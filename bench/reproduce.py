@@ -1,4 +1,4 @@
-"""Reproduce the paper's Tables 1-2 on the reference networks in ../shared/models.
+"""Reproduce the paper's Tables 1-2 on the reference networks in ../shared/models (or trained here).
 
 For each network: calibrate the k-schedules of the local machines (boundary-aware ELS, or for the circular
 network periodic ELS with interior keys and with wrapped keys, and LS) against the network's own DDIM
@@ -20,6 +20,16 @@ fewer training images to check the pipeline (such rows are marked with their tra
 
 Resumable per network and per stage: a finished stage (calibration of each machine, comparison, figures) with
 the same settings is skipped on a rerun; an interrupted stage resumes from its state files.
+
+Without ../shared (a clone of the repository only): `--train-missing DIR` trains every network whose folder
+../shared/models/<network> is absent from its preset (`patchmosaic train --preset <network>`, the recipe of the
+reference network's card; resumable) into DIR/<network>, on the data the machines use, and takes the reference
+seeds from that network's own 20-step DDIM samples from fixed seeds (DIR/<network>/ddim20_samples.npz). The data
+come from ../shared/data where it exists, else from the named sets (`mnist`, `fashion-mnist`, `cifar10` under
+$PATCHMOSAIC_DATA: `pm.data.load` says which files to put where). `--train-option KEY=VALUE` changes the
+preset (e.g. steps=2000 for a shorter run; the trained network records it).
+
+    python bench/reproduce.py --networks mnist_resnet_zeros --train-missing runs --device cuda
 """
 
 from __future__ import annotations
@@ -41,30 +51,37 @@ from patchmosaic.experiments.calibrate import calibrate  # noqa: E402
 from patchmosaic.experiments.compare import compare, nearest_training  # noqa: E402
 from patchmosaic.diffusion.denoisers import MachineDenoiser, NetworkDenoiser  # noqa: E402
 from patchmosaic.networks import load_network  # noqa: E402
+from patchmosaic.networks import presets  # noqa: E402
+from patchmosaic.networks.timing import estimate_text, step_seconds  # noqa: E402
 from patchmosaic.io.plots import comparison_grid, kschedule_plot, save_figure, scatter  # noqa: E402
 from patchmosaic.io.runstate import write_json  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FMNIST = "/usr/share/datasets/fashion-mnist"
-MNIST = os.path.join(SHARED, "data", "mnist.npz")
-CIFAR = os.path.join(SHARED, "data", "cifar10_10k.npz")
+# Debian's dataset-fashion-mnist, else the named set (under $PATCHMOSAIC_DATA)
+FMNIST = "/usr/share/datasets/fashion-mnist" if os.path.isdir("/usr/share/datasets/fashion-mnist") else "fashion-mnist"
+# the shared copies where they exist, else the named sets (pm.data.load: under $PATCHMOSAIC_DATA)
+MNIST = os.path.join(SHARED, "data", "mnist.npz") if os.path.exists(os.path.join(SHARED, "data", "mnist.npz")) \
+    else "mnist"
+CIFAR = os.path.join(SHARED, "data", "cifar10_10k.npz") \
+    if os.path.exists(os.path.join(SHARED, "data", "cifar10_10k.npz")) else "cifar10"
 # network -> (data, limit, padding, paper schedule, paper row (dataset, arch))
 NETWORKS = {
-    "cifar10k_resnet_zeros_cond": (CIFAR, None, "zeros", "CIFAR10_ResNet_zeros_conditional", ("CIFAR10", "ResNet")),
+    "cifar10k_resnet_zeros_cond": (CIFAR, 10000, "zeros", "CIFAR10_ResNet_zeros_conditional", ("CIFAR10", "ResNet")),
     "fmnist20k_resnet_zeros_cond": (FMNIST, 20000, "zeros", "FashionMNIST_ResNet_zeros_conditional",
                                     ("FashionMNIST", "ResNet")),
     "mnist_resnet_zeros": (MNIST, None, "zeros", "MNIST_ResNet_zeros", ("MNIST", "ResNet")),
     "mnist_resnet_circular": (MNIST, None, "circular", "MNIST_ResNet_circular", ("MNIST", "ResNet")),
     "mnist_unet_zeros": (MNIST, None, "zeros", "MNIST_UNet_zeros", ("MNIST", "UNet")),
-    "cifar10k_unet_zeros_cond": (CIFAR, None, "zeros", "CIFAR10_UNet_zeros_conditional", ("CIFAR10", "UNet")),
-    "cifar10k_unet_attn_zeros_cond": (CIFAR, None, "zeros", "CIFAR10_UNet_zeros_conditional",
+    "cifar10k_unet_zeros_cond": (CIFAR, 10000, "zeros", "CIFAR10_UNet_zeros_conditional", ("CIFAR10", "UNet")),
+    "cifar10k_unet_attn_zeros_cond": (CIFAR, 10000, "zeros", "CIFAR10_UNet_zeros_conditional",
                                       ("CIFAR10", "UNet+self-attention (pretrained, external)")),
 }
 ORDER = list(NETWORKS)
+PAPER = os.path.join(HERE, "paper_results.json")  # the paper's Table 1-2 numbers (a copy of shared/paper/results.json)
 
 
 def paper_row(dataset, arch, padding):
-    with open(os.path.join(SHARED, "paper", "results.json")) as f:
+    with open(PAPER) as f:
         rows = json.load(f)["rows"]
     for r in rows:
         if r["dataset"] == dataset and r["arch"] == arch and r["padding"] == padding:
@@ -88,6 +105,57 @@ def stages_from_report(rep_path: str) -> dict:
     return st
 
 
+def shared_model(name):
+    """The reference network's TorchScript file in ../shared/models, or None."""
+    path = os.path.join(SHARED, "models", name, "model.pt")
+    return path if os.path.exists(path) else None
+
+
+def train_options(items) -> dict:
+    """``--train-option KEY=VALUE`` items as preset overrides (values read as JSON where they parse: 2000, 1e-3,
+    [32,64,128], true; else as text)."""
+    out = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            sys.exit(f"--train-option takes KEY=VALUE (e.g. steps=2000), got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def training_data(name):
+    """The data spec and image count the preset of ``name`` trains on here: the machines' data (the shared copy
+    where there is one)."""
+    data, limit, *_ = NETWORKS[name]
+    return dict(data=data, limit=limit)
+
+
+def estimate_training(name, args) -> float:
+    """Prints and returns the seconds to train ``name`` from its preset into --train-missing."""
+    r, _ = presets.recipe(name, {**training_data(name), **train_options(args.train_option)})
+    cfg = presets.network_config(r, r["channels"], r["num_classes"])
+    timing = step_seconds(cfg, r["train"]["batch_size"], device=args.device)
+    done = 0
+    ckpt = os.path.join(args.train_missing, name, "config.json")
+    if os.path.exists(ckpt):
+        done = int(json.load(open(ckpt))["info"]["step"])
+    print(f"#   {name}: train from its preset: " + estimate_text(timing, r["train"]["steps"], done), flush=True)
+    return max(r["train"]["steps"] - done, 0) * timing["seconds_per_step"]
+
+
+def train_missing(name, args) -> str:
+    """Train ``name`` from its preset into --train-missing (resuming), with its reference samples; the folder."""
+    from patchmosaic.experiments.train_preset import run_preset
+
+    out = os.path.join(args.train_missing, name)
+    run_preset(name, out, {**training_data(name), **train_options(args.train_option)}, device=args.device,
+               progress=not args.quiet)
+    return out
+
+
 class Run:
     """One network's data, models and stage bookkeeping."""
 
@@ -96,17 +164,21 @@ class Run:
         data, limit, padding, self.paper_name, self.paper_key = NETWORKS[name]
         self.padding = padding
         self.out = os.path.join(args.out, name)
-        card_dir = os.path.join(SHARED, "models", name)
-        self.card = json.load(open(os.path.join(card_dir, "card.json")))
+        model = shared_model(name)
+        if model is not None:  # the reference network of ../shared/models, its card and seeds
+            card_dir = os.path.dirname(model)
+            self.cond = bool(json.load(open(os.path.join(card_dir, "card.json")))["conditional"])
+        else:  # trained here from its preset (train_missing): its own seeds
+            card_dir = model = os.path.join(args.train_missing, name)
+            self.cond = bool(presets.get(name)["conditional"])
         if args.limit is not None:
             limit = args.limit if limit is None else min(limit, args.limit)
         self.images, labels = pm.data.load(data, limit=limit)
-        self.cond = bool(self.card["conditional"])
         self.ref = np.load(os.path.join(card_dir, "ddim20_samples.npz"))
         self.seeds = torch.from_numpy(self.ref["seeds"][: args.seeds])
         self.ylab = torch.from_numpy(self.ref["labels"][: args.seeds]) if self.cond else None
         self.train_labels = labels if self.cond else None
-        self.net = NetworkDenoiser(load_network(os.path.join(card_dir, "model.pt")), device=args.device)
+        self.net = NetworkDenoiser(load_network(model), device=args.device)
         self.boundary = "circular" if padding == "circular" else "zeros"
         # the machines calibrated: (stage name, machine); the circular network gets both periodic key sets
         self.local = {"ELS": pm.ELS(self.images, self.train_labels, boundary=self.boundary)}
@@ -367,6 +439,11 @@ def main():
                    help="result folders whose finished networks fill the table's rows missing under --out "
                         "(default: the reduced CPU run of the MNIST rows)")
     p.add_argument("--estimate-only", action="store_true", help="print the time estimate and stop")
+    p.add_argument("--train-missing", default=None, metavar="DIR",
+                   help="train each network missing from ../shared/models from its preset into DIR/<network> "
+                        "(resumable) and use it, with its own DDIM samples as the reference seeds")
+    p.add_argument("--train-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="with --train-missing: change the preset (e.g. steps=2000, batch_size=64; repeatable)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     names = ORDER if "all" in args.networks else [n for n in ORDER if n in args.networks]
@@ -374,11 +451,30 @@ def main():
         sys.exit(f"--seeds must be in 1..128 and --calib-seeds in 1..--seeds, got {args.seeds} and {args.calib_seeds}")
     if args.device.startswith("cuda") and not pm.ops.cuda_available():
         sys.exit("--device cuda: this build has no usable CUDA engine (patchmosaic --version says why)")
-    if "fmnist20k_resnet_zeros_cond" in names and not os.path.isdir(FMNIST):
-        sys.exit(f"Fashion-MNIST not found at {FMNIST}: apt-get install -y dataset-fashion-mnist")
-    runs = [Run(n, args) for n in names]
+    for n in names:  # every data set is there before any work (the error says where to put a missing one)
+        try:
+            pm.data.load(NETWORKS[n][0], limit=1)
+        except ValueError as e:
+            sys.exit(f"{n}: {e}")
+    missing = [n for n in names if shared_model(n) is None]
+    if missing and args.train_missing is None:
+        sys.exit(f"no reference network {', '.join(missing)} in {os.path.join(SHARED, 'models')}: pass --train-missing "
+                 "DIR to train each from its preset (patchmosaic train --preset NAME), or set PATCHMOSAIC_SHARED")
+    if args.train_option and args.train_missing is None:
+        sys.exit("--train-option changes the preset of --train-missing, which is not given")
     total = 0.0
     print(f"# time estimate ({args.device}, {machine_line()}):", flush=True)
+    for n in missing:
+        total += estimate_training(n, args)
+    if missing:
+        print(f"#   (the other stages of {', '.join(missing)}: estimated once the network is trained)", flush=True)
+    runs = []
+    for n in names:
+        if n in missing and args.estimate_only:
+            continue
+        if n in missing:
+            train_missing(n, args)
+        runs.append(Run(n, args))
     for r in runs:
         est = r.estimate()
         total += sum(est.values())
@@ -398,6 +494,8 @@ def main():
             cmd += f" --{flag.replace('_', '-')} {v}"
     if args.device != "cpu":
         cmd += f" --device {args.device}"
+    if missing:
+        cmd += f" --train-missing {args.train_missing}" + "".join(f" --train-option {o}" for o in args.train_option or [])
     for path in args.md:
         write_md(path, args.block, results, cmd)
 

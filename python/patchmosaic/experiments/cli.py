@@ -1,7 +1,8 @@
 """The ``patchmosaic`` command line. Exit code 0 on success, 2 with a one-line reason on bad input, 130 when
 interrupted (Ctrl-C), with what was saved.
 
-Subcommands: ``demo`` (the main job on the built-in data), ``sample``, ``train``, ``calibrate``, ``compare``.
+Subcommands: ``demo`` (the main job on the built-in data), ``sample``, ``train`` (also ``--preset NAME``),
+``convert`` (TorchScript to a checkpoint), ``calibrate``, ``compare``.
 Every long run shows progress on stderr (``--quiet`` switches it off) and resumes when rerun with
 the same arguments.
 
@@ -136,14 +137,32 @@ def _sample(args) -> int:
     return 0
 
 
+# the train options' defaults without --preset (with a preset, an option given overrides the preset's value)
+TRAIN_DEFAULTS = dict(data="default", arch="resnet", width=128, depth=6, widths="64,128,256", attention=False,
+                      padding="zeros", conditional=False, steps=10000, batch_size=128, lr=2e-4, weight_decay=0.0,
+                      ema=0.999, seed=0)
+
+
 def _train(args) -> int:
     from ..io.files import check_output
     from ..networks import TrainConfig, train
 
+    if args.list_presets:
+        from .train_preset import list_presets
+
+        list_presets(device=args.device)
+        return 0
+    if args.out is None:
+        raise ValueError("--out is required: the checkpoint folder to write (or resume)")
     if args.out.endswith(".safetensors"):
         check_output(args.out, suffixes=(".safetensors",), what="the checkpoint")
     else:
         check_output(args.out, folder=True, what="the checkpoint folder")
+    if args.preset is not None:
+        return _train_preset(args)
+    for key, value in TRAIN_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     widths = _ints(args.widths, "--widths", 1, 4096) if args.arch == "unet" else None
     images, labels = _load_data(args)
     if args.conditional and len(set(labels.tolist())) < 2:
@@ -160,6 +179,39 @@ def _train(args) -> int:
                      ema_decay=args.ema, seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device)
     train(cfg, images, labels, out=args.out, config=tc, progress=not args.quiet, override=args.override_settings)
     print(f"wrote {os.path.join(args.out, 'model.safetensors')} ({args.arch}, {len(images)} images, {args.steps} steps)")
+    return 0
+
+
+def _train_preset(args) -> int:
+    """``train --preset NAME``: the preset's recipe, each option given on the command line overriding it."""
+    from .train_preset import run_preset
+
+    overrides = dict(data=args.data, limit=args.limit, arch=args.arch, width=args.width, depth=args.depth,
+                     widths=None if args.widths is None else _ints(args.widths, "--widths", 1, 4096),
+                     attention=args.attention, padding=args.padding, conditional=args.conditional, steps=args.steps,
+                     batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, ema_decay=args.ema,
+                     seed=args.seed)
+    res = run_preset(args.preset, args.out, overrides, device=args.device, checkpoint_every=args.checkpoint_every,
+                     progress=not args.quiet, override=args.override_settings,
+                     data_options=dict(download=args.download, layout=args.layout_of_data,
+                                       alpha="drop" if args.drop_alpha else "refuse"))
+    r = res["recipe"]
+    print(f"wrote {args.out} (preset {args.preset}: {r['network']['arch']}, {r['data']}, {r['train']['steps']} steps)")
+    return 0
+
+
+def _convert(args) -> int:
+    from ..io.files import check_output
+    from ..networks.convert import convert
+
+    if args.out.endswith(".safetensors"):
+        check_output(args.out, suffixes=(".safetensors",), what="the checkpoint")
+    else:
+        check_output(args.out, folder=True, what="the checkpoint folder")
+    info = convert(args.source, args.out)
+    chk = info["check"]
+    print(f"wrote {args.out}: {info['config']['arch']} {info['config']}; eps agrees with the TorchScript module on "
+          f"{chk['inputs']} inputs to {chk['max_abs_eps_difference']:.2g} (max |eps| {chk['max_abs_eps']:.3g})")
     return 0
 
 
@@ -478,33 +530,42 @@ def build_parser() -> argparse.ArgumentParser:
     _add_key_shards(s)
     s.set_defaults(func=_sample)
 
-    t = sub.add_parser("train", help="train a ResNet or UNet eps-prediction network",
+    t = sub.add_parser("train", help="train a ResNet or UNet eps-prediction network, or a preset's",
                        description="Train one of the paper's CNN diffusion networks by eps-prediction on the "
-                                   "cosine-legacy schedule (AdamW, EMA). Checkpoints (safetensors + config.json) "
-                                   "go to --out; rerunning the same command resumes from the last checkpoint.")
-    t.add_argument("--data", default="default", help=DATA_HELP + " (default: %(default)s)")
+                                   "cosine-legacy schedule (AdamW, EMA), from options or from a named recipe "
+                                   "(--preset: the reference networks' and small ones; a time estimate measured "
+                                   "here comes first, the network's reference samples ddim20_samples.npz last). "
+                                   "Checkpoints (safetensors + config.json) go to --out; rerunning the same command "
+                                   "resumes from the last checkpoint.")
+    t.add_argument("--preset", default=None, metavar="NAME",
+                   help="train from a named recipe (data, network, steps, optimiser; --list-presets shows them): "
+                        "the options below given on the command line override the preset's values")
+    t.add_argument("--list-presets", action="store_true",
+                   help="list the presets, with a time estimate measured here on --device, and stop")
+    t.add_argument("--data", default=None, help=DATA_HELP + " (default: default)")
     t.add_argument("--download", action="store_true",
                    help="fetch a named data set (mnist, fashion-mnist, cifar10, celeba) with torchvision if it is missing")
     t.add_argument("--limit", type=_int(1), default=None, help="use only the first LIMIT training images")
     _add_data_format(t)
-    t.add_argument("--arch", default="resnet", choices=["resnet", "unet"], help="network family (default: %(default)s)")
-    t.add_argument("--width", type=_int(2, 4096), default=128, help="ResNet channels (default: %(default)s)")
-    t.add_argument("--depth", type=_int(0, 1024), default=6,
-                   help="ResNet inner 3x3 convolutions (default: %(default)s)")
-    t.add_argument("--widths", default="64,128,256", help="UNet channels per level (default: %(default)s)")
-    t.add_argument("--attention", action="store_true", help="UNet: self-attention at the coarsest level")
-    t.add_argument("--padding", default="zeros", choices=["zeros", "circular"], help="convolution padding (default: %(default)s)")
-    t.add_argument("--conditional", action="store_true", help="add a class embedding (labels from the data)")
-    t.add_argument("--steps", type=_int(1, 100 * MAX_STEPS), default=10000,
-                   help="optimiser steps (default: %(default)s)")
-    t.add_argument("--batch-size", type=_int(1, 1 << 20), default=128, help="images per step (default: %(default)s)")
-    t.add_argument("--lr", type=_float(0, 1, lo_open=True), default=2e-4,
-                   help="AdamW learning rate, in (0, 1] (default: %(default)s)")
-    t.add_argument("--weight-decay", type=_float(0, 1e6), default=0.0, help="AdamW weight decay (default: %(default)s)")
-    t.add_argument("--ema", type=_float(0, 1, hi_open=True), default=0.999,
-                   help="EMA decay of the weights, 0 = off (default: %(default)s)")
-    t.add_argument("--seed", type=_int(0, MAX_SEED), default=0,
-                   help="seed of the initial weights, data order and noise (default: %(default)s)")
+    t.add_argument("--arch", default=None, choices=["resnet", "unet"], help="network family (default: resnet)")
+    t.add_argument("--width", type=_int(2, 4096), default=None, help="ResNet channels (default: 128)")
+    t.add_argument("--depth", type=_int(0, 1024), default=None, help="ResNet inner 3x3 convolutions (default: 6)")
+    t.add_argument("--widths", default=None, help="UNet channels per level (default: 64,128,256)")
+    t.add_argument("--attention", action=argparse.BooleanOptionalAction, default=None,
+                   help="UNet: self-attention at the coarsest level (default: off)")
+    t.add_argument("--padding", default=None, choices=["zeros", "circular"],
+                   help="convolution padding (default: zeros)")
+    t.add_argument("--conditional", action=argparse.BooleanOptionalAction, default=None,
+                   help="add a class embedding (labels from the data) (default: off)")
+    t.add_argument("--steps", type=_int(1, 100 * MAX_STEPS), default=None, help="optimiser steps (default: 10000)")
+    t.add_argument("--batch-size", type=_int(1, 1 << 20), default=None, help="images per step (default: 128)")
+    t.add_argument("--lr", type=_float(0, 1, lo_open=True), default=None,
+                   help="AdamW learning rate, in (0, 1] (default: 0.0002)")
+    t.add_argument("--weight-decay", type=_float(0, 1e6), default=None, help="AdamW weight decay (default: 0)")
+    t.add_argument("--ema", type=_float(0, 1, hi_open=True), default=None,
+                   help="EMA decay of the weights, 0 = off (default: 0.999)")
+    t.add_argument("--seed", type=_int(0, MAX_SEED), default=None,
+                   help="seed of the initial weights, data order and noise (default: 0)")
     t.add_argument("--override-settings", action="store_true",
                    help="resume a checkpoint with other optimiser settings (batch size, lr, weight decay, EMA, seed) "
                         "or other training data; without it that is refused. The checkpoint records which settings "
@@ -512,9 +573,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=_int(1), default=500,
                    help="steps between checkpoints (default: %(default)s)")
     t.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (bf16 autocast on cuda) (default: %(default)s)")
-    t.add_argument("--out", required=True, help="checkpoint directory (resumed if it exists)")
+    t.add_argument("--out", default=None, help="checkpoint directory (resumed if it exists); required unless "
+                   "--list-presets")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
+
+    v = sub.add_parser("convert", help="convert a TorchScript eps network into a patchmosaic checkpoint",
+                       description="Read a TorchScript ResNet or UNet of this package's families (such as the "
+                                   "reference networks' model.pt), build the same network here, check that both give "
+                                   "the same eps, and write it as a safetensors checkpoint plus config.json (no "
+                                   "TorchScript needed to load it).")
+    v.add_argument("source", help="the TorchScript file (e.g. model.pt)")
+    v.add_argument("out", help="checkpoint folder (or .safetensors file) to write")
+    v.set_defaults(func=_convert)
 
     c = sub.add_parser("calibrate", help="calibrate a machine's k-schedule against a trained network",
                        description="Along the network's own DDIM trajectories, pick per step and seed the patch "
@@ -564,8 +635,9 @@ def _saved(args) -> str:
                 step = json.load(f)["info"]["step"]
             return f"the checkpoint of step {step} in {args.out} is kept: rerun the same command to resume"
         except (OSError, ValueError, KeyError, TypeError):
-            return (f"no checkpoint was written yet (the first comes at step {min(args.checkpoint_every, args.steps)}"
-                    f"); rerunning the same command starts over")
+            first = args.checkpoint_every if args.steps is None else min(args.checkpoint_every, args.steps)
+            return (f"no checkpoint was written yet (the first comes at step {first}); rerunning the same command "
+                    "starts over")
     if cmd == "calibrate":
         state = args.state or args.out + ".state.npz"
         if os.path.exists(state):

@@ -94,7 +94,7 @@ def convert(source: str, out: str, *, check_inputs: int = 4) -> dict:
     if not diff <= TOLERANCE * max(scale, 1.0):
         raise ValueError(f"{source}: the converted {config['arch']} does not compute what the TorchScript module "
                          f"does (eps differs by {diff:.3g}, max |eps| {scale:.3g}); not converted")
-    info = {"converted_from": os.path.abspath(source), "sha256": _sha256(source),
+    info = {"converted_from": os.path.abspath(source), "sha256": _sha256(source), "config": config,
             "check": {"inputs": check_inputs, "max_abs_eps_difference": diff, "max_abs_eps": scale}}
     save(out, net, info=info)
     return info
