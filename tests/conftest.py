@@ -40,3 +40,15 @@ def noisy(rng, train, B, t, schedule, size=None, labels_of=None):
         x0[b] = np.clip(tile + 0.1 * rng.standard_normal(tile.shape), -1, 1)
     eps = rng.standard_normal((B, C, Hq, Wq))
     return a[:, None, None, None] * x0 + np.sqrt(b2)[:, None, None, None] * eps
+
+
+def scripted(module):
+    """``torch.jit.script(module)`` without torch's deprecation warning: TorchScript modules (such as the reference
+    networks) stay supported as inputs, which the tests that call this check; torch's deprecation is not theirs."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=DeprecationWarning)
+        return torch.jit.script(module)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import patchmosaic as pm
-from conftest import SHARED
+from conftest import SHARED, scripted
 from patchmosaic.networks import ResNet, UNet, load_network
 
 
@@ -44,7 +44,7 @@ def test_network_denoiser_matches_a_direct_call(make):
     with torch.no_grad():
         eps = net(torch.full((3,), t), x, y)
     want = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
-    for module in (net, torch.jit.script(net)):
+    for module in (net, scripted(net)):
         d = pm.NetworkDenoiser(module, batch_size=2)   # two chunks
         assert torch.allclose(d(x, t, y), want, atol=1e-5)
         assert torch.allclose(d.eps(x, t, y), eps, atol=1e-6)

@@ -26,6 +26,7 @@ import patchmosaic as pm
 from patchmosaic.experiments.cli import main
 
 from cases import MachineNet
+from conftest import scripted
 
 RNG = np.random.default_rng(14)
 IMGS = RNG.uniform(-1, 1, (40, 1, 12, 12)).astype(np.float32)
@@ -710,7 +711,7 @@ def test_a_network_of_other_channels_is_named_before_it_runs(tmp_path, tiny, cap
     with pytest.raises(ValueError, match=r"the network takes 3-channel images, but x has 1 channel"):
         pm.NetworkDenoiser(net).eps(torch.zeros(2, 1, 8, 8), 0.5)
     assert not calls
-    assert network_channels(torch.jit.script(ResNet(3, 4, 1))) == 3 and network_channels(lambda t, x, y: x) is None
+    assert network_channels(scripted(ResNet(3, 4, 1))) == 3 and network_channels(lambda t, x, y: x) is None
     save(str(tmp_path / "net3"), ResNet(3, 4, 1))
     code, err = cli(capsys, "calibrate", "--network", str(tmp_path / "net3"), "--data", tiny, "--out",
                     str(tmp_path / "k.json"))

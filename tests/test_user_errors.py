@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import patchmosaic as pm
-from conftest import SHARED
+from conftest import SHARED, scripted
 from patchmosaic.networks import ResNet, TrainConfig, load, load_network, network_classes, save, train
 
 RNG = np.random.default_rng(7)
@@ -216,7 +216,7 @@ def test_patch_index_queries_refuse_cuda_tensors_before_any_work(no_cuda):
 # ------------------------------------------------------------------ 3. labels and conditioning
 def test_network_classes_are_read_from_the_network():
     assert network_classes(ResNet(1, 4, 1, num_classes=3)) == 3
-    assert network_classes(torch.jit.script(ResNet(1, 4, 1, num_classes=3))) == 3
+    assert network_classes(scripted(ResNet(1, 4, 1, num_classes=3))) == 3
     assert network_classes(ResNet(1, 4, 1)) == 0
     assert network_classes(lambda t, x, y: x) is None
     assert network_classes(torch.nn.Identity()) is None
@@ -226,7 +226,7 @@ def test_network_classes_are_read_from_the_network():
 def test_a_conditional_network_needs_labels_and_an_unconditional_one_refuses_them(script):
     cond, uncond = ResNet(1, 4, 1, num_classes=3), ResNet(1, 4, 1)
     if script:
-        cond, uncond = torch.jit.script(cond), torch.jit.script(uncond)
+        cond, uncond = scripted(cond), scripted(uncond)
     x = torch.randn(2, 1, 8, 8)
     with pytest.raises(ValueError, match=r"class-conditional \(3 classes\) but no labels were given"):
         pm.NetworkDenoiser(cond)(x, 0.5)

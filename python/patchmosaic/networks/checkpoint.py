@@ -42,7 +42,8 @@ def save(path: str, net: nn.Module, *, extra: Optional[Dict[str, torch.Tensor]] 
     from safetensors.torch import save_file
 
     if not hasattr(net, "config"):
-        raise TypeError("save() writes networks of this package (ResNet, UNet); use torch.jit.save for others")
+        raise TypeError("save() writes networks of this package (ResNet, UNet); another module's weights go to "
+                        "safetensors.torch.save_file(net.state_dict(), path)")
     file = _weights_file(path, create=True)
     tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     for k, v in (extra or {}).items():
