@@ -77,6 +77,7 @@ NETWORKS = {
                                       ("CIFAR10", "UNet+self-attention (pretrained, external)")),
 }
 ORDER = list(NETWORKS)
+DEFAULT_OUT = os.path.join(HERE, "results", "reproduce")
 PAPER = os.path.join(HERE, "paper_results.json")  # the paper's Table 1-2 numbers (a copy of shared/paper/results.json)
 
 
@@ -431,9 +432,10 @@ def main():
     p.add_argument("--limit", type=int, default=None,
                    help="use only the first LIMIT training images (a reduced run; default: the network's whole set)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda: where network and machines run")
-    p.add_argument("--out", default=os.path.join(HERE, "results", "reproduce"))
-    p.add_argument("--md", nargs="*", default=[os.path.join(HERE, "RESULTS.md"), os.path.join(HERE, "..", "README.md")],
-                   help="markdown files whose table block is replaced (none: skip)")
+    p.add_argument("--out", default=DEFAULT_OUT)
+    p.add_argument("--md", nargs="*", default=None,
+                   help="markdown files whose table block is replaced (none: skip; default: bench/RESULTS.md and the "
+                        "README when --out is the default folder and no --train-option changes a recipe, else none)")
     p.add_argument("--block", default="reproduce", help="name of the table block in the markdown files")
     p.add_argument("--also", nargs="*", default=[os.path.join(HERE, "results", "reproduce_mnist_cpu_small")],
                    help="result folders whose finished networks fill the table's rows missing under --out "
@@ -496,7 +498,13 @@ def main():
         cmd += f" --device {args.device}"
     if missing:
         cmd += f" --train-missing {args.train_missing}" + "".join(f" --train-option {o}" for o in args.train_option or [])
-    for path in args.md:
+    md = args.md
+    if md is None:  # the project's own table only from its own run: a trial elsewhere or a changed recipe leaves it
+        own = os.path.abspath(args.out) == os.path.abspath(DEFAULT_OUT) and not args.train_option
+        md = [os.path.join(HERE, "RESULTS.md"), os.path.join(HERE, "..", "README.md")] if own else []
+        if not own:
+            print("(the README's and RESULTS.md's table left as they are: --md FILE... writes this one there)")
+    for path in md:
         write_md(path, args.block, results, cmd)
 
 
