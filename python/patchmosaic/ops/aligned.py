@@ -228,6 +228,7 @@ def patch_table(weights: Tensor, C: int, H: int, W: int, pixels: Optional[Tensor
     (outside: zero padding, which adds nothing to the distance) with weight ``weights > 0``; its response the
     pixel's ``C`` channels. ``weights``: float64 ``(k, k)`` (every pixel) or ``(H, W, k, k)`` (one per pixel).
     Returns ``(hood_ptr, hood_elem, hood_weight, resp_ptr, resp_elem)``."""
+    masks.check_patch_mask(weights)  # its values, when a compiled graph runs too (the machine checked only its shape)
     k = int(weights.shape[-1])
     r = k // 2
     dev = torch.device("cpu")

@@ -21,7 +21,9 @@ attention's backward pass does. Provenance and statistics outputs are not differ
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import hashlib
+
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -548,3 +550,26 @@ class CandidateSoftmaxFunction(torch.autograd.Function):
 
 autodiff.route("candidate_softmax", CandidateSoftmaxFunction)
 
+
+# ----------------------------------------------------------------------------------- seeded draws
+@torch.library.custom_op("patchmosaic::seeded_normal", mutates_args=())
+def seeded_normal(times: Tensor, seed: int, samples: int, shape: List[int]) -> Tensor:
+    """Standard normal draws ``(samples, *shape)`` float64 on the CPU, those of query image ``b`` (``[:, b]``)
+    from a generator seeded by ``seed``, its time ``times[b]`` (float64 ``(B,)``), ``b`` and ``shape``: the same
+    draws for the same call whatever ran before (the smoothed denoiser's perturbations). An op, so that a compiled
+    graph reads the times when it runs (a time given as a tensor) and holds the draws as one opaque node."""
+    B = int(shape[0])
+    vals = times.detach().cpu().to(torch.float64).reshape(-1).tolist()
+    if len(vals) != B:
+        raise ValueError(f"seeded_normal needs one time per image ({B}), got {len(vals)}")
+    eps = torch.empty((samples,) + tuple(shape), dtype=torch.float64)
+    for b in range(B):
+        key = f"{seed}:{float(vals[b]).hex()}:{b}:{tuple(shape)}".encode()
+        gen = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
+        eps[:, b] = torch.randn((samples,) + tuple(shape[1:]), generator=gen, dtype=torch.float64)
+    return eps
+
+
+@seeded_normal.register_fake
+def _(times, seed, samples, shape):
+    return times.new_empty((samples,) + tuple(shape), dtype=torch.float64, device="cpu")
