@@ -118,6 +118,14 @@ class _Call(NamedTuple):
     max_memory: int  # the op's byte limit (0: none)
 
 
+def traced_name(t: float, key) -> str:
+    """The attribute through which a graph being traced by ``torch.compile`` reads a machine's constant of time
+    ``t`` and ``key`` (a mask, a table), set while tracing: one name per constant, as dynamo reads an attribute it
+    has not seen from the object itself (a dict it has seen would be its own copy, without the new entry)."""
+    return "_traced_" + float(t).hex().replace(".", "_").replace("-", "m").replace("+", "p") + f"_{key}".replace(
+        ".", "_").replace("-", "m")
+
+
 def docstring(text: str):
     """Decorator: ``text`` as the function's docstring (for docstrings built from shared argument text)."""
 

@@ -40,7 +40,7 @@ import torch
 from ..schedules import ScheduleLike
 from ..validation import (check_k, check_memory, check_sweep, check_time, concrete, constant,
                           outside_transforms)
-from .base import CALL_ARGS, DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, docstring
+from .base import CALL_ARGS, DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, docstring, traced_name
 from .local import ELS
 from .wiener import Wiener
 
@@ -164,11 +164,14 @@ _HANDLES = itertools.count()
 
 
 @torch.compiler.assume_constant_result
-def _traced_mask(handle: int, t: float, k: int) -> torch.Tensor:
-    """The mask of the live :class:`Neighbourhoods` ``handle`` at ``(t, k)``, for ``torch.compile``: called while
-    a graph is traced (its arguments are constants there), the mask a constant of the graph (the graph is
-    specialised on ``t`` and ``k``, and traced again for another time)."""
-    return _LIVE[handle]._cached_mask(t, k)
+def _warm_mask(handle: int, t: float, k: int) -> bool:
+    """Compute (or find) the mask of the live :class:`Neighbourhoods` ``handle`` at ``(t, k)`` and set it as its
+    attribute :func:`traced_name`, for ``torch.compile``: called while a graph is traced (its arguments are
+    constants there), so that the trace then reads the mask as a constant of the graph (specialised on ``t`` and
+    ``k``)."""
+    n = _LIVE[handle]
+    setattr(n, traced_name(t, k), n.cached_mask(t, k))
+    return True
 
 
 class Neighbourhoods:
@@ -205,7 +208,7 @@ class Neighbourhoods:
         self.per_pixel = bool(per_pixel)
         self._fields = {}  # t -> (L, L) shared field or (H, W, L, L) per-pixel fields
         self._masks = {}  # (t, k) -> mask
-        self._handle = next(_HANDLES)  # its name in _LIVE, for a compiled graph's trace (_traced_mask)
+        self._handle = next(_HANDLES)  # its name in _LIVE, for a compiled graph's trace (_warm_mask)
         _LIVE[self._handle] = self
 
     @staticmethod
@@ -247,10 +250,13 @@ class Neighbourhoods:
         t = float(check_time(t))
         key = (t, k)
         if torch.compiler.is_compiling():  # a constant of the graph, computed (or read) while it is traced
-            return _traced_mask(self._handle, t, k)
-        return self._cached_mask(t, k)
+            _warm_mask(self._handle, t, k)
+            return getattr(self, traced_name(t, k))
+        return self.cached_mask(t, k)
 
-    def _cached_mask(self, t: float, k: int) -> torch.Tensor:
+    def cached_mask(self, t: float, k: int) -> torch.Tensor:
+        """:meth:`mask` of a checked float ``t`` and int ``k``, from the cache (computed on a miss, outside any
+        ``torch.func`` transform)."""
         key = (t, k)
         if key not in self._masks:
             with outside_transforms():  # a constant of the call: no torch.func transform sees it

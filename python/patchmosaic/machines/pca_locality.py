@@ -34,7 +34,7 @@ import torch
 from .. import ops
 from ..schedules import ScheduleLike
 from ..validation import check_memory, check_threshold, check_time, outside_transforms
-from .base import BACKEND_ARG, DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, docstring
+from .base import BACKEND_ARG, DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, docstring, traced_name
 from .same_position import SamePosition
 
 PCA_ARGS = """\
@@ -54,11 +54,14 @@ _HANDLES = itertools.count()
 
 
 @torch.compiler.assume_constant_result
-def _traced_table(handle: int, t: float, theta: float):
-    """The element table of the live :class:`PCALocality` ``handle`` at ``(t, theta)``, for ``torch.compile``:
-    called while a graph is traced (its arguments are constants there), the table constants of the graph
-    (specialised on ``t``)."""
-    return _LIVE[handle]._cached_table(t, theta)
+def _warm_table(handle: int, t: float, theta: float) -> bool:
+    """Compute (or find) the element table of the live :class:`PCALocality` ``handle`` at ``(t, theta)`` and set
+    it as its attribute ``traced_name(t, theta)`` (machines/base.py), for ``torch.compile``: called while a
+    graph is traced (its arguments are constants there), so that the trace then reads the table as constants of
+    the graph (specialised on ``t``)."""
+    m = _LIVE[handle]
+    setattr(m, traced_name(t, theta), m.cached_table(t, theta))
+    return True
 
 
 class PCALocality(SamePosition):
@@ -110,7 +113,7 @@ class PCALocality(SamePosition):
             self._lam, self._U = lam.clamp_min(0.0), U
         self._level = (None, None, None)  # (t, |M|, max |M|) of the latest noise level
         self._tables = {}  # (t, threshold) -> element table tensors
-        self._handle = next(_HANDLES)  # its name in _LIVE, for a compiled graph's trace (_traced_table)
+        self._handle = next(_HANDLES)  # its name in _LIVE, for a compiled graph's trace (_warm_table)
         _LIVE[self._handle] = self
 
     # ----- the masks -----------------------------------------------------------------------------
@@ -148,10 +151,13 @@ class PCALocality(SamePosition):
 
     def _table(self, t: float, theta: float):
         if torch.compiler.is_compiling():  # constants of the graph, computed (or read) while it is traced
-            return _traced_table(self._handle, t, theta)
-        return self._cached_table(t, theta)
+            _warm_table(self._handle, t, theta)
+            return getattr(self, traced_name(t, theta))
+        return self.cached_table(t, theta)
 
-    def _cached_table(self, t: float, theta: float):
+    def cached_table(self, t: float, theta: float):
+        """The element table of the mask at ``(t, theta)`` as ``ops.aligned_softmax`` takes it, from the cache
+        (computed on a miss, outside any ``torch.func`` transform)."""
         key = (t, theta)
         if key not in self._tables:
             if len(self._tables) > 64:
