@@ -1,6 +1,7 @@
 """The op layer (patchmosaic.ops): every op passes torch.library.opcheck (schema, autograd registration,
-fake tensors, AOT dispatch with dynamic shapes), machines compile with torch.compile(fullgraph=True) with
-results equal to eager mode, and the package's imports run one way."""
+fake tensors, AOT dispatch with dynamic shapes), every machine of the registry compiles with
+torch.compile(fullgraph=True) (every label form, neighbourhood masks) with results equal to eager mode, and the
+package's imports run one way."""
 
 import numpy as np
 import pytest
@@ -156,6 +157,112 @@ def test_compile_fullgraph_whole_ddim_loop_inductor():
     lab = torch.tensor([0, 1, 2])
     compiled = torch.compile(sample, fullgraph=True)
     assert torch.allclose(compiled(x1, lab), sample(x1, lab), rtol=0, atol=1e-6)
+
+
+# Every machine of the registry, with labels in every form the README writes them and with neighbourhood masks:
+# one graph (fullgraph=True), the same results as eager mode (torch.equal), the value checks still raised when
+# the graph runs. DataLocal and PCA-locality choose their neighbourhood by the value of t, so a graph is specialised
+# on a Python float t (a tensor t is refused: test_compile_refuses_a_tensor_time_where_t_chooses_the_mask).
+LABEL_FORMS = {"none": None, "tensor": torch.tensor([0, 2]), "list": [0, 2], "int": 1, "numpy": np.array([0, 2])}
+TIME_BY_VALUE = ("datalocal", "pca")
+
+
+def _registry_machine(name, dtype=torch.float32):
+    rng = np.random.default_rng(5)
+    train = torch.from_numpy(rng.uniform(-1, 1, (20, 1, 8, 8))).to(dtype)
+    m = pm.make_machine(name, train, np.arange(20) % 3)
+    return m, {"k": 5, "threshold": 0.02, None: None}[pm.MACHINES[name].parameter]
+
+
+@pytest.mark.parametrize("labels", list(LABEL_FORMS))
+@pytest.mark.parametrize("name", list(pm.MACHINES))
+def test_compile_fullgraph_every_machine_and_label_form(name, labels):
+    m, p = _registry_machine(name)
+    lab = LABEL_FORMS[labels]
+
+    def f(x, t):
+        return m.denoise(x, t, p, lab)
+
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    times = (0.3, 0.7) if name in TIME_BY_VALUE else (0.3, torch.tensor([0.2, 0.7]))
+    for t in times:
+        assert torch.equal(cf(x, t), f(x, t)), (name, labels, t)
+    # values checked when the graph runs, without a graph break
+    with pytest.raises(ValueError, match="x contains NaN"):
+        cf(torch.full_like(x, float("nan")), 0.3)
+    if name not in TIME_BY_VALUE:
+        with pytest.raises(ValueError, match=r"t must lie in \(0, 1\], got 1.5"):
+            cf(x, torch.tensor([0.2, 1.5]))
+    if labels == "tensor":
+        with pytest.raises(ValueError, match="label 7 has no training images"):
+            torch.compile(lambda x: m.denoise(x, 0.3, p, torch.tensor([0, 7])), fullgraph=True,
+                          backend="aot_eager")(x)
+
+
+@pytest.mark.parametrize("mask", ["boolean", "weights", "numpy", "per_pixel"])
+@pytest.mark.parametrize("name", ["ELS", "ELS_circular", "LS"])
+def test_compile_fullgraph_with_patch_masks(name, mask):
+    m = _machines()[name]
+    rng = np.random.default_rng(6)
+    w = torch.from_numpy(rng.uniform(0, 1, (3, 3)))
+    w[1, 1] = 1.0
+    per_pixel = torch.from_numpy(rng.uniform(0, 1, (8, 8, 3, 3)) > 0.4)
+    per_pixel[..., 1, 1] = True
+    pm_ = {"boolean": w > 0.5, "weights": w, "numpy": (w > 0.5).numpy(), "per_pixel": per_pixel}[mask]
+
+    def f(x, lab):
+        return m.denoise(x, 0.4, 3, lab, patch_mask=pm_)
+
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for lab in (None, [0, 2]):
+        assert torch.equal(cf(x, lab), f(x, lab))
+    # a mask's values are checked when the graph runs
+    bad = w.clone()
+    bad[0, 0] = -1.0
+    with pytest.raises(ValueError, match="negative weights"):
+        torch.compile(lambda x: m.denoise(x, 0.4, 3, patch_mask=bad), fullgraph=True, backend="aot_eager")(x)
+
+
+@pytest.mark.parametrize("name", TIME_BY_VALUE)
+def test_compile_refuses_a_tensor_time_where_t_chooses_the_mask(name):
+    m, p = _registry_machine(name)
+    x = torch.randn(2, 1, 8, 8)
+    cf = torch.compile(lambda x, t: m.denoise(x, t, p), fullgraph=True, backend="aot_eager")
+    # dynamo reports the TypeError raised while tracing with its message
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="takes t as a Python float"):
+        cf(x, torch.tensor([0.3, 0.6]))
+    assert torch.equal(cf(x, 0.6), m.denoise(x, 0.6, p))
+
+
+@pytest.mark.parametrize("name", ["datalocal", "wiener", "scfdm"])
+def test_compile_fullgraph_inductor_keeps_the_checks(name):
+    """The default backend (inductor) as well: the same result to float32 rounding (its kernels fuse and
+    reorder: atol 1e-5 on values of order 1), and the checks, ops without an output, not removed."""
+    m, p = _registry_machine(name)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    cf = torch.compile(lambda x, lab: m.denoise(x, 0.4, p, lab), fullgraph=True)
+    assert torch.allclose(cf(x, [0, 2]), m.denoise(x, 0.4, p, [0, 2]), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="x contains NaN"):
+        cf(torch.full_like(x, float("nan")), [0, 2])
+    with pytest.raises(ValueError, match="label 7 has no training images"):
+        cf(x, [0, 7])
+
+
+@pytest.mark.parametrize("name", TIME_BY_VALUE)
+def test_compile_fullgraph_ddim_loop_with_a_mask_per_time(name):
+    """A sampler passes t as a Python float: a 3-step DDIM over DataLocal or PCA-locality is one graph, each
+    step's neighbourhood a constant of it, the samples those of eager mode."""
+    m, p = _registry_machine(name)
+    den = pm.MachineDenoiser(m, p)
+
+    def sample(x1, labels):
+        return pm.ddim(den, x1, labels, steps=3, progress=False)
+
+    x1 = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+    lab = torch.tensor([0, 1])
+    assert torch.equal(torch.compile(sample, fullgraph=True, backend="aot_eager")(x1, lab), sample(x1, lab))
 
 
 # -------------------------------------------------------------------------------- architecture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 
@@ -44,6 +45,39 @@ def to_tensor(x, name: str, ndim: int = 4) -> torch.Tensor:
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or infinite values (shape {tuple(x.shape)})")
     return x
+
+
+def concrete(t) -> float:
+    """A Python number's value as a float. Under ``torch.compile``, where a float argument of the compiled function
+    may be traced as a symbol, its value read while the graph is traced: the graph is specialised on it (and
+    compiled again for another value), for what chooses its computation by a time (a neighbourhood, a table)."""
+    if torch.compiler.is_compiling():
+        return float.fromhex(float(t).hex())
+    return float(t)
+
+
+def outside_transforms():
+    """A context in which tensors are made as constants that no ``torch.func`` transform wraps (a machine's cached
+    tables, its seeded draws): ``torch.func``'s own switch, and nothing under ``torch.compile`` (which traces no
+    transform inside a graph)."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch._C._DisableFuncTorch()
+
+
+def constant(t: torch.Tensor) -> np.ndarray:
+    """The values of ``t`` as a numpy array, under the ``torch.func`` transforms too (``grad`` and ``jvp`` wrap their
+    inputs; their values are the wrapped tensor's), for reading values a computation is built from (a time's
+    neighbourhood, a draw's seed). A TypeError for a tensor ``vmap`` batches (its values differ per slice)."""
+    t = t.detach()
+    F = torch._C._functorch
+    while F.is_functorch_wrapped_tensor(t):
+        if F.is_batchedtensor(t):
+            raise TypeError("this argument is read as values that choose the computation (not differentiated): it "
+                            "cannot be batched by torch.func.vmap; vmap over x only, or loop over its values")
+        t = F.get_unwrapped(t)
+    with outside_transforms():  # (an op on a plain tensor inside a transform wraps its result)
+        return t.cpu().numpy().copy()
 
 
 def to_labels(labels, n: int, name: str = "labels") -> np.ndarray:

@@ -358,6 +358,10 @@ class PatchIndex:
         Returns:
             an :class:`patchmosaic.index.ApproxResult` (``x0``, ``bound``, ``arg_key``, the retrieval fields).
         """
+        if torch._C._functorch.maybe_current_level() is not None:
+            raise NotImplementedError("the patch index's approximate machine has no gradient and runs under no "
+                                      "torch.func transform (grad, jvp, vmap, ...); use the exact machine "
+                                      "(Machine.denoise) where you need one")
         return query.approx_denoise(self, x, t, labels, m, check_pixels)
 
     def manifest(self) -> dict:

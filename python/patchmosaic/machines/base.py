@@ -21,7 +21,8 @@ from . import keysets
 from ..ops.checks import check_cuda_inputs
 from ..ops.masks import check_patch_mask, crop_patch_mask
 from ..schedules import ScheduleLike, get_schedule
-from ..validation import ResourceError, as_batch, check_k, check_memory, check_sweep, check_time, to_labels, to_tensor
+from ..validation import (ResourceError, as_batch, check_k, check_memory, check_sweep, check_time, concrete,
+                          constant, outside_transforms, to_labels, to_tensor)
 
 
 @dataclass
@@ -115,6 +116,14 @@ class _Call(NamedTuple):
     name: str  # the resolved engine
     train: torch.Tensor  # the training images in the query's dtype, on the engine's device
     max_memory: int  # the op's byte limit (0: none)
+
+
+def traced_name(t: float, key) -> str:
+    """The attribute through which a graph being traced by ``torch.compile`` reads a machine's constant of time
+    ``t`` and ``key`` (a mask, a table), set while tracing: one name per constant, as dynamo reads an attribute it
+    has not seen from the object itself (a dict it has seen would be its own copy, without the new entry)."""
+    return "_traced_" + float(t).hex().replace(".", "_").replace("-", "m").replace("+", "p") + f"_{key}".replace(
+        ".", "_").replace("-", "m")
 
 
 def docstring(text: str):
@@ -335,8 +344,14 @@ class Machine:
     def call_times(t, B: int) -> list:
         """Every query image's time of a call as a Python float (one per image; ``t`` a float, or an array or tensor
         of one or ``B`` times), for machines that need the times themselves (a mask or a seed per time)."""
+        if isinstance(t, numbers.Real) and not isinstance(t, (bool, np.ndarray)):
+            return [concrete(t)] * B
+        if torch.compiler.is_compiling():
+            raise TypeError("this machine under torch.compile takes t as a Python float: it chooses its "
+                            "neighbourhood (or draws) by the value of t, which a compiled graph cannot read from a "
+                            "tensor or an array (pass the float; a graph is compiled per time)")
         if torch.is_tensor(t):
-            v = t.detach().cpu().double().reshape(-1)
+            v = torch.from_numpy(constant(t).astype(np.float64).reshape(-1))
         else:
             v = torch.as_tensor(np.asarray(t, dtype=np.float64).reshape(-1))
         return [float(x) for x in v.expand(B)] if v.numel() == 1 else [float(x) for x in v]
@@ -461,7 +476,8 @@ class Machine:
         """The training images in ``dtype`` on ``device`` (converted once, then cached)."""
         key = (dtype, str(device))
         if key not in self._train_cache:
-            self._train_cache[key] = self.images.to(device=device, dtype=dtype).contiguous()
+            with outside_transforms():  # a cached constant: no torch.func transform may wrap it
+                self._train_cache[key] = self.images.to(device=device, dtype=dtype).contiguous()
         return self._train_cache[key]
 
     # ----- what each machine defines --------------------------------------------------------
@@ -518,6 +534,13 @@ class Machine:
             return None
         if self.labels is None:
             raise ValueError("labels were given but this machine was built without training labels")
+        if isinstance(labels, np.ndarray) and (torch.compiler.is_compiling() or labels.dtype.kind in "iu"):
+            labels = torch.from_numpy(labels)  # (as a tensor: torch.compile traces it without a break)
+        elif isinstance(labels, numbers.Integral) and not isinstance(labels, bool):
+            return torch.full((B,), int(labels), dtype=torch.int64)
+        elif isinstance(labels, (list, tuple)) and len(labels) == B and \
+                all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in labels):
+            return torch.tensor([int(v) for v in labels], dtype=torch.int64)
         if torch.is_tensor(labels):
             if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
                 raise TypeError(f"labels must be integers, got dtype {labels.dtype}")

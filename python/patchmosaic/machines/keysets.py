@@ -45,23 +45,26 @@ def padding_signature(i: int, j: int, Hq: int, Wq: int, r: int) -> Tuple[int, in
     return (top, bottom, left, right)
 
 
-def _axis_class(n: int, r: int) -> torch.Tensor:
+def _axis_class(n: int, r: int, xp=torch):
     """``(n,)``: the padding signature of every index of an axis of length ``n`` as one id, ``before * (r + 1) +
-    after`` (the same id for the same signature on any length)."""
-    i = torch.arange(n)
-    return (r - i).clamp(min=0) * (r + 1) + (i + r - (n - 1)).clamp(min=0)
+    after`` (the same id for the same signature on any length). ``xp``: torch (tensors) or numpy (arrays)."""
+    i = xp.arange(n)
+    before, after = r - i, i + r - (n - 1)
+    return before * (before > 0) * (r + 1) + after * (after > 0)
 
 
-def _signature_class(n0: int, n1: int, r: int) -> torch.Tensor:
+def _signature_class(n0: int, n1: int, r: int, xp=torch):
     """Flat ``(n0 * n1,)``: the padding signature of every pixel of an ``n0 x n1`` image as one id."""
-    return (_axis_class(n0, r)[:, None] * (r + 1) ** 2 + _axis_class(n1, r)[None, :]).reshape(-1)
+    return (_axis_class(n0, r, xp)[:, None] * (r + 1) ** 2 + _axis_class(n1, r, xp)[None, :]).reshape(-1)
 
 
-def class_maps(rule: str, Hq: int, Wq: int, H: int, W: int, k: int):
+def class_maps(rule: str, Hq: int, Wq: int, H: int, W: int, k: int, xp=torch):
     """The key set of ``rule`` (one of :data:`RULES`) as the ops take it: ``(query_class, key_class, query_pad,
     key_pad)``, the class of every query pixel (flat ``(Hq * Wq,)`` int64) and of every training position (flat
     ``(H * W,)``; -1: no key), and the padding codes (ops/tables.py, ``KeySet.from_classes``). Torch operations
-    only, so that a machine under ``torch.compile`` computes them inside its graph.
+    only, so that a machine under ``torch.compile`` computes them inside its graph; ``xp=numpy``: the same as
+    numpy arrays (for the cached table, :func:`keyset`, which must not see the tensors of a ``torch.func``
+    transform).
 
     * ``"ls"``: each pixel its own class, the same position its key (zero padding; queries of the training size).
     * ``"els_circular"``: one class; keys at every position whose patch lies fully inside (circular query padding).
@@ -72,15 +75,15 @@ def class_maps(rule: str, Hq: int, Wq: int, H: int, W: int, k: int):
     if rule == "ls":
         if (Hq, Wq) != (H, W):
             raise ValueError(f"the LS machine needs queries of the training size {H}x{W}, got {Hq}x{Wq}")
-        pix = torch.arange(H * W)
+        pix = xp.arange(H * W)
         return pix, pix, ZEROS, ZEROS
     if rule == "els_zeros":
-        return _signature_class(Hq, Wq, r), _signature_class(H, W, r), ZEROS, ZEROS
+        return _signature_class(Hq, Wq, r, xp), _signature_class(H, W, r, xp), ZEROS, ZEROS
     if rule == "els_wrapped":
-        return torch.zeros(Hq * Wq, dtype=torch.int64), torch.zeros(H * W, dtype=torch.int64), CIRCULAR, CIRCULAR
+        return xp.zeros(Hq * Wq, dtype=xp.int64), xp.zeros(H * W, dtype=xp.int64), CIRCULAR, CIRCULAR
     if rule == "els_circular":
-        inside = (_signature_class(H, W, r) == 0).to(torch.int64)
-        return torch.zeros(Hq * Wq, dtype=torch.int64), inside - 1, CIRCULAR, ZEROS
+        inside = (_signature_class(H, W, r, xp) == 0) * 1
+        return xp.zeros(Hq * Wq, dtype=xp.int64), inside - 1, CIRCULAR, ZEROS
     raise ValueError(f"unknown key-set rule {rule!r}; known: {RULES}")
 
 
@@ -110,8 +113,8 @@ def keyset(rule: str, Hq: int, Wq: int, H: int, W: int, k: int) -> KeySet:
     and patch size ``k``, as a CSR table (cached). A ValueError names what makes it impossible (e.g. a padding
     signature no training patch has)."""
     check_rule(rule, Hq, Wq, H, W, k)
-    qc, kc, qpad, kpad = class_maps(rule, Hq, Wq, H, W, k)
-    return KeySet.from_classes(qc.numpy(), kc.numpy(), qpad, kpad)
+    qc, kc, qpad, kpad = class_maps(rule, Hq, Wq, H, W, k, np)
+    return KeySet.from_classes(np.asarray(qc, np.int64), np.asarray(kc, np.int64), qpad, kpad)
 
 
 @functools.lru_cache(maxsize=64)

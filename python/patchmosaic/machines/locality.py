@@ -29,14 +29,18 @@ The masks come from the covariance of all the training images (also for class-co
 
 from __future__ import annotations
 
+import itertools
+import numbers
+import weakref
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..schedules import ScheduleLike
-from ..validation import check_k, check_memory, check_sweep, check_time
-from .base import CALL_ARGS, DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, docstring
+from ..validation import (check_k, check_memory, check_sweep, check_time, concrete, constant,
+                          outside_transforms)
+from .base import CALL_ARGS, DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, docstring, traced_name
 from .local import ELS
 from .wiener import Wiener
 
@@ -155,6 +159,21 @@ LOCALITY_ARGS = """\
 """
 
 
+_LIVE = weakref.WeakValueDictionary()  # handle -> Neighbourhoods
+_HANDLES = itertools.count()
+
+
+@torch.compiler.assume_constant_result
+def _warm_mask(handle: int, t: float, k: int) -> bool:
+    """Compute (or find) the mask of the live :class:`Neighbourhoods` ``handle`` at ``(t, k)`` and set it as its
+    attribute :func:`traced_name`, for ``torch.compile``: called while a graph is traced (its arguments are
+    constants there), so that the trace then reads the mask as a constant of the graph (specialised on ``t`` and
+    ``k``)."""
+    n = _LIVE[handle]
+    setattr(n, traced_name(t, k), n.cached_mask(t, k))
+    return True
+
+
 class Neighbourhoods:
     """The neighbourhood rule of the data-driven locality machine, apart from any machine: the Wiener filter of
     ``statistics`` and, per time and size, the mask (:meth:`mask`). :class:`DataLocal` holds one, and so does
@@ -189,6 +208,8 @@ class Neighbourhoods:
         self.per_pixel = bool(per_pixel)
         self._fields = {}  # t -> (L, L) shared field or (H, W, L, L) per-pixel fields
         self._masks = {}  # (t, k) -> mask
+        self._handle = next(_HANDLES)  # its name in _LIVE, for a compiled graph's trace (_warm_mask)
+        _LIVE[self._handle] = self
 
     @staticmethod
     def _check_fields(C: int, H: int, W: int, boundary: str, max_memory: Optional[int]):
@@ -228,21 +249,35 @@ class Neighbourhoods:
         k = check_k(k, self.wiener.H, self.wiener.W)
         t = float(check_time(t))
         key = (t, k)
+        if torch.compiler.is_compiling():  # a constant of the graph, computed (or read) while it is traced
+            _warm_mask(self._handle, t, k)
+            return getattr(self, traced_name(t, k))
+        return self.cached_mask(t, k)
+
+    def cached_mask(self, t: float, k: int) -> torch.Tensor:
+        """:meth:`mask` of a checked float ``t`` and int ``k``, from the cache (computed on a miss, outside any
+        ``torch.func`` transform)."""
+        key = (t, k)
         if key not in self._masks:
-            K = min(2 * k - 1 if self.window is None else self.window, self.limit)
-            f = self.field(t)
-            o = (f.shape[-1] - K) // 2
-            f = f[..., o : o + K, o : o + K]
-            keep = top_mask(f, k)
-            if self.weighting == "binary":
-                self._masks[key] = crop_to_support(keep)
-            else:  # the field relative to the centre, on the kept pixels (the centre weighs exactly 1)
-                c = f[..., K // 2, K // 2].clamp_min(1e-300)[..., None, None]
-                w = torch.where(keep, (f / c).clamp(min=1e-12), torch.zeros_like(f))
-                w[..., K // 2, K // 2] = 1.0
-                r = crop_to_support(keep).shape[-1] // 2
-                self._masks[key] = w[..., K // 2 - r : K // 2 + r + 1, K // 2 - r : K // 2 + r + 1].contiguous()
+            with outside_transforms():  # a constant of the call: no torch.func transform sees it
+                self._masks[key] = self._make_mask(t, k)
         return self._masks[key]
+
+    def _make_mask(self, t: float, k: int) -> torch.Tensor:
+        """The mask of :meth:`mask` at ``(t, k)``, computed."""
+        K = min(2 * k - 1 if self.window is None else self.window, self.limit)
+        f = self.field(t)
+        o = (f.shape[-1] - K) // 2
+        f = f[..., o : o + K, o : o + K]
+        keep = top_mask(f, k)
+        if self.weighting == "binary":
+            return crop_to_support(keep)
+        # the field relative to the centre, on the kept pixels (the centre weighs exactly 1)
+        c = f[..., K // 2, K // 2].clamp_min(1e-300)[..., None, None]
+        w = torch.where(keep, (f / c).clamp(min=1e-12), torch.zeros_like(f))
+        w[..., K // 2, K // 2] = 1.0
+        r = crop_to_support(keep).shape[-1] // 2
+        return w[..., K // 2 - r : K // 2 + r + 1, K // 2 - r : K // 2 + r + 1].contiguous()
 
     def describe(self) -> dict:
         """The rule's settings and the statistics' content hash (what changes the masks)."""
@@ -303,7 +338,7 @@ class DataDrivenCalls:
             raise ValueError("DataLocal: return_provenance and pixels need one time for all images of a call")
         is_numpy = isinstance(x, np.ndarray)
         xt = self._query(x)
-        tt = torch.as_tensor(t.detach().cpu() if torch.is_tensor(t) else np.asarray(t, dtype=np.float64))
+        tt = torch.as_tensor(constant(t) if torch.is_tensor(t) else np.asarray(t, dtype=np.float64))
         tt = tt.reshape(-1).expand(xt.shape[0])
         lab = None if labels is None else self._query_labels(labels, xt.shape[0])
         out = torch.empty_like(xt)
@@ -404,9 +439,16 @@ class DataLocal(DataDrivenCalls, ELS):
 
 
 def _times(t) -> list:
-    """The distinct times of a call (a float, or one per image) as Python floats, checked."""
+    """The distinct times of a call (a float, or one per image) as Python floats, checked. Under
+    ``torch.compile`` a Python float only (a TypeError says why)."""
+    if isinstance(t, numbers.Real) and not isinstance(t, (bool, np.ndarray)):
+        return [check_time(concrete(t))]
+    if torch.compiler.is_compiling():
+        raise TypeError("DataLocal under torch.compile takes t as a Python float: its neighbourhood is chosen by "
+                        "the value of t, which a compiled graph cannot read from a tensor or an array (pass the "
+                        "float; a graph is compiled per time)")
     if torch.is_tensor(t):
-        vals = t.detach().cpu().reshape(-1).to(torch.float64).numpy()
+        vals = constant(t).reshape(-1).astype(np.float64)
     else:
         vals = np.asarray(t, dtype=np.float64).reshape(-1)
     if vals.size == 0:

@@ -23,7 +23,9 @@ image's squared residual is summed over each element's mask as runs of elements 
 
 from __future__ import annotations
 
+import itertools
 import numbers
+import weakref
 from typing import Optional, Sequence
 
 import numpy as np
@@ -31,8 +33,8 @@ import torch
 
 from .. import ops
 from ..schedules import ScheduleLike
-from ..validation import check_memory, check_threshold, check_time
-from .base import BACKEND_ARG, DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, docstring
+from ..validation import check_memory, check_threshold, check_time, outside_transforms
+from .base import BACKEND_ARG, DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, docstring, traced_name
 from .same_position import SamePosition
 
 PCA_ARGS = """\
@@ -45,6 +47,21 @@ PCA_ARGS = """\
             conditional call) in consecutive batches of ``S``, the softmax normalised within each batch and the
             batch means averaged with equal weight.
 """
+
+
+_LIVE = weakref.WeakValueDictionary()  # handle -> PCALocality
+_HANDLES = itertools.count()
+
+
+@torch.compiler.assume_constant_result
+def _warm_table(handle: int, t: float, theta: float) -> bool:
+    """Compute (or find) the element table of the live :class:`PCALocality` ``handle`` at ``(t, theta)`` and set
+    it as its attribute ``traced_name(t, theta)`` (machines/base.py), for ``torch.compile``: called while a
+    graph is traced (its arguments are constants there), so that the trace then reads the table as constants of
+    the graph (specialised on ``t``)."""
+    m = _LIVE[handle]
+    setattr(m, traced_name(t, theta), m.cached_table(t, theta))
+    return True
 
 
 class PCALocality(SamePosition):
@@ -96,6 +113,8 @@ class PCALocality(SamePosition):
             self._lam, self._U = lam.clamp_min(0.0), U
         self._level = (None, None, None)  # (t, |M|, max |M|) of the latest noise level
         self._tables = {}  # (t, threshold) -> element table tensors
+        self._handle = next(_HANDLES)  # its name in _LIVE, for a compiled graph's trace (_warm_table)
+        _LIVE[self._handle] = self
 
     # ----- the masks -----------------------------------------------------------------------------
     def matrix(self, t: float) -> torch.Tensor:
@@ -121,8 +140,9 @@ class PCALocality(SamePosition):
 
     def _abs_matrix(self, t: float):
         if self._level[0] != t:
-            absM = self.matrix(t).abs()
-            self._level = (t, absM, float(absM.max()))
+            with outside_transforms():  # a cached constant: no torch.func transform may wrap it
+                absM = self.matrix(t).abs()
+                self._level = (t, absM, float(absM.max()))
         return self._level[1], self._level[2]
 
     def neighbourhood_sizes(self, t: float, threshold: Optional[float] = None) -> torch.Tensor:
@@ -130,13 +150,22 @@ class PCALocality(SamePosition):
         return self.mask(t, threshold).sum(0).reshape(self.C, self.H, self.W)
 
     def _table(self, t: float, theta: float):
+        if torch.compiler.is_compiling():  # constants of the graph, computed (or read) while it is traced
+            _warm_table(self._handle, t, theta)
+            return getattr(self, traced_name(t, theta))
+        return self.cached_table(t, theta)
+
+    def cached_table(self, t: float, theta: float):
+        """The element table of the mask at ``(t, theta)`` as ``ops.aligned_softmax`` takes it, from the cache
+        (computed on a miss, outside any ``torch.func`` transform)."""
         key = (t, theta)
         if key not in self._tables:
             if len(self._tables) > 64:
                 self._tables.clear()
-            hp, he, hw = ops.dense_table(self.mask(t, theta).T)  # boolean: every weight 1 (no float copy)
-            rows = torch.arange(self.D, dtype=torch.int64)
-            self._tables[key] = (hp, he, None, torch.arange(self.D + 1, dtype=torch.int64), rows)
+            with outside_transforms():  # a cached constant: no torch.func transform may wrap it
+                hp, he, hw = ops.dense_table(self.mask(t, theta).T)  # boolean: every weight 1 (no float copy)
+                rows = torch.arange(self.D, dtype=torch.int64)
+                self._tables[key] = (hp, he, None, torch.arange(self.D + 1, dtype=torch.int64), rows)
         return self._tables[key]
 
     # ----- calls ---------------------------------------------------------------------------------

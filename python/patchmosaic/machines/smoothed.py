@@ -20,7 +20,6 @@ coordinates ``z = x_t / (a + b)`` (``coordinates="interpolant"``: ``s_vp = s (a 
 
 from __future__ import annotations
 
-import hashlib
 import numbers
 from typing import Optional
 
@@ -29,7 +28,7 @@ import torch
 
 from .. import ops
 from ..schedules import ScheduleLike
-from ..validation import check_memory
+from ..validation import check_memory, outside_transforms
 from .base import BACKEND_ARG, CALL_ARGS, DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, Machine, docstring
 
 
@@ -75,13 +74,9 @@ class SmoothedCFDM(Machine):
         """The draws of a call at ``times`` (one float per query image) on a batch of ``shape``: ``(M, B, C, H, W)``
         float64 on the CPU, from a generator per image seeded by the machine's seed, the image's time, its index and the
         shape, so that a call is reproducible whatever came before it."""
-        B = shape[0]
-        eps = torch.empty((self.samples,) + tuple(shape), dtype=torch.float64)
-        for b in range(B):
-            key = f"{self.seed}:{float(times[b]).hex()}:{b}:{tuple(shape)}".encode()
-            gen = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
-            eps[:, b] = torch.randn((self.samples,) + tuple(shape[1:]), generator=gen, dtype=torch.float64)
-        return eps
+        with outside_transforms():  # constants of the call: the same draws under torch.func's vmap
+            return ops.seeded_normal(torch.tensor(times, dtype=torch.float64), self.seed, self.samples,
+                                     [int(v) for v in shape])
 
     @docstring("""Posterior-mean estimate ``x0_hat``: the average of ``samples`` exact IS calls on the perturbed
         queries (differentiable in ``x`` and ``t`` with the draws held fixed: they are seeded by ``t``, so the
@@ -99,7 +94,11 @@ class SmoothedCFDM(Machine):
         is_numpy, xt, _, a, inv_2b2, t_check, lab, name, train, max_memory = \
             self._prepare_call(x, t, [k], labels, backend)
         B = xt.shape[0]
-        times = self.call_times(t, B)
+        if torch.compiler.is_compiling():  # the times read when the graph runs (ops.seeded_normal)
+            tt = (t if torch.is_tensor(t) else torch.tensor(t, dtype=torch.float64)).detach().to(torch.float64).reshape(-1)
+            eps = ops.seeded_normal(tt.expand(B).cpu(), self.seed, self.samples, list(xt.shape))
+        else:
+            eps = self.noise(self.call_times(t, B), xt.shape)
         s = torch.full((B,), self.smoothing, dtype=torch.float64)
         if self.coordinates == "interpolant":
             b = torch.sqrt(0.5 / inv_2b2.detach().cpu())
@@ -107,7 +106,7 @@ class SmoothedCFDM(Machine):
         ops.checks.values(xt, "x", t_check, a, inv_2b2)
         self.check_request(xt.shape, xt.dtype)
         dev = xt.device
-        eps = self.noise(times, xt.shape).to(dev)  # drawn in float64: the same draws in any dtype
+        eps = eps.to(dev)  # drawn in float64: the same draws in any dtype
         M = self.samples
         xs = (xt.to(torch.float64)[None] + s.to(dev).reshape(1, B, 1, 1, 1) * eps).reshape(M * B, -1)
         X, sq = self._images64(dev)
@@ -117,7 +116,7 @@ class SmoothedCFDM(Machine):
         dist = (xs * xs).sum(1, keepdim=True) - 2 * aa[:, None] * (xs @ X.T) + (aa * aa)[:, None] * sq[None, :]
         logits = -dist * inv[:, None]
         if lab is not None:
-            ops.groups(lab, *self._label_tensors, self.N, B)  # an unknown label: a ValueError naming it
+            ops.checks.labels_known(lab, *self._label_tensors, self.N)  # an unknown label: a ValueError naming it
             same = torch.from_numpy(self.labels).to(dev)[None, :] == lab.to(dev).repeat(M)[:, None]
             logits = logits.masked_fill(~same, float("-inf"))
         out = (torch.softmax(logits, 1) @ X).reshape((M,) + tuple(xt.shape)).mean(0).to(xt.dtype)
@@ -127,8 +126,9 @@ class SmoothedCFDM(Machine):
         """The training images flat in float64 on ``device`` and their squared norms (made once per device)."""
         key = ("flat64", str(device))
         if key not in self._train_cache:
-            X = self.images.reshape(self.N, -1).to(device=device, dtype=torch.float64)
-            self._train_cache[key] = (X, (X * X).sum(1))
+            with outside_transforms():  # a cached constant: no torch.func transform may wrap it
+                X = self.images.reshape(self.N, -1).to(device=device, dtype=torch.float64)
+                self._train_cache[key] = (X, (X * X).sum(1))
         return self._train_cache[key]
 
     def effective_k(self, k, Hq: int, Wq: int) -> int:
@@ -144,7 +144,7 @@ class SmoothedCFDM(Machine):
             raise ValueError(f"a batch shape is (B, C, H, W) with positive sizes, got {shape}")
         rows, D = shape[0] * self.samples, int(np.prod(shape[1:]))
         need = 8 * (self.N * D + self.N + 3 * rows * D + 3 * rows * self.N)
-        check_memory(need, f"SmoothedCFDM.denoise on a batch of shape {shape} ({self.samples} draws)", self.max_memory)
+        ops.checks.memory(need, f"SmoothedCFDM.denoise on a batch of shape {shape} ({self.samples} draws)", self.max_memory)
 
     def describe(self) -> dict:
         """What changes the machine's results: its kind, data, schedule, and the smoothing's settings and seed."""

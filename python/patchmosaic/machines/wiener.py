@@ -19,7 +19,7 @@ from .. import ops
 from ..ops import checks
 from ..ops.checks import check_cuda_inputs
 from ..schedules import ScheduleLike
-from ..validation import check_memory, check_time
+from ..validation import check_memory, check_time, outside_transforms
 from .base import BACKEND_ARG, CALL_ARGS, DATA_ARGS, SOURCE_ARGS, Machine, docstring
 
 WIENER_ARGS = """\
@@ -143,7 +143,8 @@ class Wiener(Machine):
     def _stats_on(self, group: Optional[int], device: torch.device):
         key = (group, str(device))
         if key not in self._on_device:
-            self._on_device[key] = tuple(v.to(device) for v in self._decompose(group))
+            with outside_transforms():  # a cached constant: no torch.func transform may wrap it
+                self._on_device[key] = tuple(v.to(device) for v in self._decompose(group))
         return self._on_device[key]
 
     # ----- calls -------------------------------------------------------------------------------
@@ -182,13 +183,12 @@ class Wiener(Machine):
         a, b2, t_check = self._a_b2(t, B, xt.device)
         checks.values(xt, "x", t_check, a, 0.5 / b2)
         lab = self._query_labels(labels, B)
-        if lab is None:
-            group_of_b = None
-        else:
-            group_of_b = ops.groups(lab, *self._label_tensors, self.N, B).group_of_b
         self.check_request(xt.shape, xt.dtype)
-
         y = xt.reshape(B, self.D).to(torch.float64)
+        if lab is not None and torch.compiler.is_compiling():
+            res = self._every_group(y, a, b2, lab, xt.device)
+            return res.to(xt.dtype).reshape(xt.shape)
+        group_of_b = None if lab is None else ops.groups(lab, *self._label_tensors, self.N, B).group_of_b
         todo = [(None, None)] if group_of_b is None else \
             [(int(g), np.nonzero(group_of_b == g)[0]) for g in np.unique(group_of_b)]
         parts = []
@@ -206,6 +206,21 @@ class Wiener(Machine):
             res = torch.cat([v for _, v in parts]).index_select(0, torch.argsort(order))
         res = res.to(xt.dtype).reshape(xt.shape)
         return res.detach().numpy() if is_numpy else res
+
+    def _every_group(self, y, a, b2, lab, device):
+        """The conditional filter without reading the labels' values (a compiled graph: no data-dependent
+        shape): every class's filter on every query, each row kept from its own class's (``len(values)`` times
+        the work of :meth:`denoise`'s routing, which computes each row once)."""
+        values, *_ = self._label_tensors
+        ops.checks.labels_known(lab, *self._label_tensors, self.N)
+        group = torch.searchsorted(values.to(device), lab.to(device))
+        res = torch.zeros_like(y)
+        ag, b2g = a[:, None], b2[:, None]
+        for g in range(len(self.label_index.values)):
+            mu, lam, U = self._stats_on(g, device)
+            gain = ag * lam / (ag * ag * lam + b2g)
+            res = torch.where((group == g)[:, None], mu + (((y - ag * mu) @ U) * gain) @ U.T, res)
+        return res
 
     def check_request(self, shape, dtype=torch.float32, backend: str = "torch", provenance: bool = False,
                       k: Optional[int] = None) -> None:
@@ -227,7 +242,7 @@ class Wiener(Machine):
         item = torch.empty((), dtype=dtype).element_size()
         n = int(np.prod(shape))
         need = 5 * n * 8 + n * item
-        check_memory(need, f"Wiener.denoise on a batch of shape {shape}", self.max_memory)
+        ops.checks.memory(need, f"Wiener.denoise on a batch of shape {shape}", self.max_memory)
 
     def _check_backend(self, xt: torch.Tensor, name: Optional[str]) -> None:
         if name is None or name in ("auto", "torch"):

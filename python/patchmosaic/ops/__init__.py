@@ -14,11 +14,11 @@ from .tables import CIRCULAR, MAX_MULTI_K, ZEROS, ElementTable, KeySet, MultiKey
 from .state import SoftmaxState
 from .labels import Groups, LabelIndex, groups
 from .library import (BACKENDS, candidate_softmax, ideal_softmax, ideal_softmax_backward, local_softmax,
-                      local_softmax_backward, local_softmax_ks)
+                      local_softmax_backward, local_softmax_ks, seeded_normal)
 from .aligned import aligned_softmax, aligned_softmax_backward, composite, dense_table, patch_table
 
 __all__ = ["aligned_softmax", "aligned_softmax_backward", "composite", "dense_table", "patch_table", "ElementTable", "SoftmaxState", "local_softmax",
            "local_softmax_ks", "MultiKeySet", "local_softmax_backward", "ideal_softmax", "ideal_softmax_backward",
            "candidate_softmax", "KeySet", "csr_keyset", "MAX_MULTI_K", "ZEROS", "CIRCULAR", "LabelIndex", "Groups",
-           "groups", "BACKENDS",
+           "groups", "BACKENDS", "seeded_normal",
            "cuda_available", "cuda_built", "max_threads", "cpu_variant", "cpu_variants", "use_cpu_variant", "CUDA_MAX_CHANNELS", "CUDA_MAX_K"]

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import checks, engines, reference, reference_aligned, triton_engine
+from . import autodiff, checks, engines, masks, reference, reference_aligned, triton_engine
 from .labels import groups
-from .library import _engine, _no_second_derivative, _prepare, _save_nothing
+from .library import _asked, _engine, _no_tangent, _prepare
 from .tables import ElementTable
 
 
@@ -133,33 +133,77 @@ def transpose(table: ElementTable, D: int):
     return ptr, np.ascontiguousarray(rows[order]), np.ascontiguousarray(w, np.float64)
 
 
-_INPUTS = 18
+@torch.library.custom_op("patchmosaic::aligned_softmax_jvp", mutates_args=())
+def aligned_softmax_jvp(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, labels: Optional[Tensor],
+                        label_values: Tensor, label_ptr: Tensor, label_images: Tensor, hood_ptr: Tensor,
+                        hood_elem: Tensor, hood_weight: Optional[Tensor], resp_ptr: Tensor, resp_elem: Tensor,
+                        tangent_query: Optional[Tensor], tangent_a: Optional[Tensor],
+                        tangent_inv_2b2: Optional[Tensor]) -> Tensor:
+    """The Jacobian-vector product of ``aligned_softmax``'s ``out`` for the tangents of ``query``, ``a`` and
+    ``inv_2b2`` (None: zero), computed by the torch formula on any device (reference_aligned.aligned_jvp)."""
+    table = _table(hood_ptr, hood_elem, hood_weight, resp_ptr, resp_elem, query)
+    grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
+    tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
+    return reference_aligned.aligned_jvp(tr, q, table, aa, ss, grp, tangent_query, tangent_a, tangent_inv_2b2)
 
 
-def _setup(ctx, inputs, output):
-    (train, query, a, inv_2b2, t, labels, lv, lp, li, hp, he, hw, rp, re, provenance, backend, n_threads, _) = inputs
-    out, stats, key, share = output
-    ctx.mark_non_differentiable(stats, key, share)
-    ctx.save_for_backward(train, query, a, inv_2b2, labels, lv, lp, li, hp, he, hw, rp, re, out, stats)
-    ctx.args = (backend, n_threads)
+@aligned_softmax_jvp.register_fake
+def _(train, query, a, inv_2b2, labels, label_values, label_ptr, label_images, hood_ptr, hood_elem, hood_weight,
+      resp_ptr, resp_elem, tangent_query, tangent_a, tangent_inv_2b2):
+    return query.new_empty((query.shape[0], resp_elem.shape[0]))
 
 
-def _backward(ctx, grad_out, *unused):
-    train, query, a, inv_2b2, labels, lv, lp, li, hp, he, hw, rp, re, out, stats = ctx.saved_tensors
-    grads = [None] * _INPUTS
-    if grad_out is None:
+class AlignedSoftmaxFunction(torch.autograd.Function):
+    """``aligned_softmax``'s autograd and ``torch.func`` rules (ops/autodiff.py; see
+    library.LocalSoftmaxFunction)."""
+
+    @staticmethod
+    def forward(*args):
+        return autodiff.call("aligned_softmax", *args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (train, query, a, inv_2b2, t, labels, lv, lp, li, hp, he, hw, rp, re, provenance, backend, n_threads,
+         _) = inputs
+        out, stats, key, share = output
+        ctx.mark_non_differentiable(stats, key, share)
+        ctx.save_for_backward(train, query, a, inv_2b2, labels, lv, lp, li, hp, he, hw, rp, re, out, stats)
+        ctx.save_for_forward(train, query, a, inv_2b2, labels, lv, lp, li, hp, he, hw, rp, re)
+        ctx.set_materialize_grads(False)  # None, not zeros, for an input without a tangent
+        ctx.args = (backend, n_threads)
+
+    @staticmethod
+    def backward(ctx, grad_out, *unused):
+        train, query, a, inv_2b2, labels, lv, lp, li, hp, he, hw, rp, re, out, stats = ctx.saved_tensors
+        _no_tangent(_asked(ctx), _NO_DERIVATIVE)
+        grads = [None] * _INPUTS
+        if grad_out is None:
+            return tuple(grads)
+        backend, n_threads = ctx.args
+        gq, ga, gs = torch.ops.patchmosaic.aligned_softmax_backward(grad_out, out, stats, train, query, a, inv_2b2,
+                                                                   labels, lv, lp, li, hp, he, hw, rp, re, backend,
+                                                                   n_threads)
+        grads[1], grads[2], grads[3] = gq, ga.to(a.dtype), gs.to(inv_2b2.dtype)
         return tuple(grads)
-    backend, n_threads = ctx.args
-    gq, ga, gs = torch.ops.patchmosaic.aligned_softmax_backward(grad_out, out, stats, train, query, a, inv_2b2, labels,
-                                                               lv, lp, li, hp, he, hw, rp, re, backend, n_threads)
-    grads[1], grads[2], grads[3] = gq, ga.to(a.dtype), gs.to(inv_2b2.dtype)
-    return tuple(grads)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        _no_tangent(tangents, _NO_DERIVATIVE)
+        train, query, a, inv_2b2, labels, lv, lp, li, hp, he, hw, rp, re = ctx.saved_tensors
+        dout = torch.ops.patchmosaic.aligned_softmax_jvp(train, query, a, inv_2b2, labels, lv, lp, li, hp, he, hw, rp,
+                                                        re, tangents[1], tangents[2], tangents[3])
+        return dout, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return autodiff.fold(info, in_dims, args, (1, 2, 3, 4, 5), AlignedSoftmaxFunction.apply)
 
 
-aligned_softmax.register_autograd(_backward, setup_context=_setup)
-
-
-aligned_softmax_backward.register_autograd(_no_second_derivative, setup_context=_save_nothing)
+_INPUTS = 18
+_NO_DERIVATIVE = ("the training images",) + (None,) * 10 + ("the neighbourhood weights (hood_weight)",)
+autodiff.route("aligned_softmax", AlignedSoftmaxFunction)
+AlignedSoftmaxBackwardFunction = autodiff.derivative_function("aligned_softmax_backward", (0, 1, 2, 4, 5, 6, 7))
+AlignedSoftmaxJvpFunction = autodiff.derivative_function("aligned_softmax_jvp", (1, 2, 3, 4, 13, 14, 15))
 
 
 def composite(rows_out: Tensor, resp_elem: Tensor, count: Tensor, shape) -> Tensor:
@@ -184,6 +228,7 @@ def patch_table(weights: Tensor, C: int, H: int, W: int, pixels: Optional[Tensor
     (outside: zero padding, which adds nothing to the distance) with weight ``weights > 0``; its response the
     pixel's ``C`` channels. ``weights``: float64 ``(k, k)`` (every pixel) or ``(H, W, k, k)`` (one per pixel).
     Returns ``(hood_ptr, hood_elem, hood_weight, resp_ptr, resp_elem)``."""
+    masks.check_patch_mask(weights)  # its values, when a compiled graph runs too (the machine checked only its shape)
     k = int(weights.shape[-1])
     r = k // 2
     dev = torch.device("cpu")

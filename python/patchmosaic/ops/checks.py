@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ..validation import check_memory
@@ -13,7 +14,14 @@ from ..validation import check_memory
 def values(x: torch.Tensor, name: str, t: Optional[torch.Tensor], a: torch.Tensor, inv_2b2: torch.Tensor) -> None:
     """Every value of ``x`` finite, ``t`` in (0, 1] (when given as a tensor) and a schedule that leaves noise
     to remove at every t: one reduction, read once (one device sync for CUDA tensors), and the details
-    only when something is wrong."""
+    only when something is wrong. Under the ``torch.func`` transforms the values checked are those the
+    transform wraps (every slice of a ``vmap``); under ``torch.compile`` the check is one opaque node of the
+    graph (:func:`check_values`), run with it."""
+    if torch.compiler.is_compiling():
+        torch.ops.patchmosaic.check_values(x.detach(), name, None if t is None else t.detach(), a.detach(),
+                                           inv_2b2.detach())
+        return
+    x, t, a, inv_2b2 = (None if v is None else _unwrapped(v) for v in (x, t, a, inv_2b2))
     ok = torch.isfinite(x).all() & (torch.isfinite(a) & torch.isfinite(inv_2b2) & (inv_2b2 > 0)).all()
     if t is not None:
         ok = ok & (torch.isfinite(t) & (t > 0) & (t <= 1)).all()
@@ -21,6 +29,56 @@ def values(x: torch.Tensor, name: str, t: Optional[torch.Tensor], a: torch.Tenso
         return
     finite(x, name)
     times(t, a, inv_2b2)
+
+
+def _unwrapped(v: torch.Tensor) -> torch.Tensor:
+    """The plain tensor inside ``v``'s ``torch.func`` wrappers (a ``vmap``'s: all slices, batched dimension
+    included), for reading its values in a check."""
+    v = v.detach()
+    while torch._C._functorch.is_functorch_wrapped_tensor(v):
+        v = torch._C._functorch.get_unwrapped(v)
+    return v
+
+
+@torch.library.custom_op("patchmosaic::check_values", mutates_args=())
+def check_values(x: torch.Tensor, name: str, t: Optional[torch.Tensor], a: torch.Tensor,
+                 inv_2b2: torch.Tensor) -> None:
+    """:func:`values` as an op with no output, for a compiled graph (a check that reads the data is no guard
+    of the graph; the op is marked as having a side effect, so that no compiler removes it)."""
+    values(x, name, t, a, inv_2b2)
+
+
+@check_values.register_fake
+def _(x, name, t, a, inv_2b2):
+    return None
+
+
+@torch.library.custom_op("patchmosaic::check_labels", mutates_args=())
+def check_labels(labels: torch.Tensor, label_values: torch.Tensor, label_ptr: torch.Tensor,
+                 label_images: torch.Tensor, N: int) -> None:
+    """A ValueError naming a query label no training image has (``labels.groups``' check), as an op with no
+    output for machines that route their labels themselves (Wiener, SmoothedCFDM), in eager mode and in a
+    compiled graph alike."""
+    from .labels import groups
+
+    groups(labels, label_values, label_ptr, label_images, N, labels.shape[0])
+
+
+@check_labels.register_fake
+def _(labels, label_values, label_ptr, label_images, N):
+    return None
+
+
+def labels_known(labels: torch.Tensor, label_values: torch.Tensor, label_ptr: torch.Tensor,
+                 label_images: torch.Tensor, N: int) -> None:
+    """A ValueError naming a query label no training image has: :func:`check_labels` under ``torch.compile``,
+    else the check itself."""
+    if torch.compiler.is_compiling():
+        torch.ops.patchmosaic.check_labels(labels, label_values, label_ptr, label_images, N)
+        return
+    from .labels import groups
+
+    groups(labels, label_values, label_ptr, label_images, N, labels.shape[0])
 
 
 def finite(x: torch.Tensor, name: str) -> None:
@@ -40,8 +98,26 @@ def times(t: Optional[torch.Tensor], a: torch.Tensor, inv_2b2: torch.Tensor) -> 
         raise ValueError(f"the schedule gives alpha_bar(t) = 1{at}: no noise to remove")
 
 
-def memory(nbytes: int, what: str, limit: int) -> None:
+def memory(nbytes: int, what: str, limit: Optional[int]) -> None:
+    """:func:`patchmosaic.validation.check_memory` (``limit`` None or <= 0: the memory available); under
+    ``torch.compile`` an opaque node of the graph (:func:`check_memory_op`), so that the memory free is read
+    when the graph runs, not when it is traced."""
+    limit = 0 if limit is None else int(limit)
+    if torch.compiler.is_compiling():
+        torch.ops.patchmosaic.check_memory(nbytes, what, limit)
+        return
+    check_memory(int(nbytes), what, None if limit <= 0 else limit)
+
+
+@torch.library.custom_op("patchmosaic::check_memory", mutates_args=())
+def check_memory_op(nbytes: int, what: str, limit: int) -> None:
+    """:func:`memory` as an op with no output (marked as having a side effect, as :func:`check_values`)."""
     check_memory(int(nbytes), what, None if limit <= 0 else int(limit))
+
+
+@check_memory_op.register_fake
+def _(nbytes, what, limit):
+    return None
 
 
 def local_bytes(query_shape, dtype: torch.dtype, train: torch.Tensor, k: int, backend: str, provenance: bool,
@@ -121,6 +197,8 @@ def check_cuda_inputs(**named) -> None:
     the caller's own checks to name). Raises a RuntimeError naming the argument and the reason, instead of
     torch's bare ``AssertionError: Torch not compiled with CUDA enabled`` somewhere later."""
     for name, value in named.items():
+        if isinstance(value, np.ndarray):  # (torch.compile traces an array as a tensor: it is on the CPU)
+            continue
         is_tensor = torch.is_tensor(value)
         if is_tensor:
             device = value.device
@@ -140,3 +218,9 @@ def check_cuda_inputs(**named) -> None:
         raise RuntimeError(f"{what}, but this torch has no CUDA: torch {torch.__version__} was {why} "
                            "(torch.cuda.is_available() is False); use CPU tensors and device='cpu', or install a "
                            "CUDA build of torch on a machine with a GPU")
+
+
+# the checks have no output: marked as side effects, so that no compiler removes them from a graph
+for _op in (torch.ops.patchmosaic.check_values.default, torch.ops.patchmosaic.check_labels.default,
+            torch.ops.patchmosaic.check_memory.default):
+    torch.fx.node.has_side_effect(_op)

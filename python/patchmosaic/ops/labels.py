@@ -14,6 +14,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..validation import constant
+
 
 @dataclass(frozen=True)
 class Groups:
@@ -70,13 +72,13 @@ def groups(labels: Optional[torch.Tensor], values: torch.Tensor, ptr: torch.Tens
     if labels is None:
         p, img = _all_images(int(N))
         return Groups(p, img, np.zeros(B, np.int32))
-    lab = labels.detach().to("cpu", torch.int64).numpy().reshape(-1)
-    vals = values.numpy()
+    lab = constant(labels).astype(np.int64).reshape(-1)
+    vals = constant(values)
     idx = np.searchsorted(vals, lab)
     idx_c = np.minimum(idx, max(len(vals) - 1, 0))
     ok = (idx < len(vals)) & (vals[idx_c] == lab) if len(vals) else np.zeros(len(lab), bool)
     if not ok.all():
         bad = int(lab[~ok][0])
         raise ValueError(f"label {bad} has no training images (known labels: {vals.tolist()})")
-    return Groups(np.ascontiguousarray(ptr.numpy(), np.int64), np.ascontiguousarray(images.numpy(), np.int32),
+    return Groups(np.ascontiguousarray(constant(ptr), np.int64), np.ascontiguousarray(constant(images), np.int32),
                   idx.astype(np.int32))

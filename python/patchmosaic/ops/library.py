@@ -8,6 +8,8 @@ or the torch reference (reference.py) by the device of its query and the ``backe
   (ops/tables.py; the rules that build the tables are the machines', machines/keysets.py);
 - ``ideal_softmax``: IS;
 - ``local_softmax_backward``, ``ideal_softmax_backward``: their vector-Jacobian products (engines.hpp);
+- ``local_softmax_jvp``, ``ideal_softmax_jvp``: their Jacobian-vector products (forward mode, in torch:
+  reference.py); how these meet autograd and the ``torch.func`` transforms: ops/autodiff.py;
 - ``candidate_softmax``: the patch index's exact re-scoring of candidate keys (CPU).
 
 Value checks (finite query, ``t`` in (0, 1], known labels, the key set's existence, memory) run once, in
@@ -19,12 +21,14 @@ attention's backward pass does. Provenance and statistics outputs are not differ
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import hashlib
+
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import checks, engines, masks, reference, triton_engine
+from . import autodiff, checks, engines, masks, reference, triton_engine
 from .labels import groups
 from .tables import KeySet, MultiKeySet
 
@@ -204,33 +208,98 @@ def _(grad_out, out, stats, train, query, a, inv_2b2, labels, label_values, labe
     return torch.empty_like(query), torch.empty_like(a), torch.empty_like(inv_2b2)
 
 
-_LOCAL_INPUTS = 19
+@torch.library.custom_op("patchmosaic::local_softmax_jvp", mutates_args=())
+def local_softmax_jvp(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, labels: Optional[Tensor],
+                      label_values: Tensor, label_ptr: Tensor, label_images: Tensor, query_class: Tensor,
+                      key_class: Tensor, query_pad: int, key_pad: int, k: int, patch_mask: Optional[Tensor],
+                      tangent_query: Optional[Tensor], tangent_a: Optional[Tensor],
+                      tangent_inv_2b2: Optional[Tensor]) -> Tensor:
+    """The Jacobian-vector product of ``local_softmax``'s ``out`` for the tangents of ``query``, ``a`` and
+    ``inv_2b2`` (None: zero), computed by the torch formula on any device (reference.local_jvp)."""
+    ks = _local_keyset(query_class, key_class, query_pad, key_pad, query, train)
+    ks, mask = _masked_patch(reference, _check_mask(patch_mask, k, query), ks, train.shape[1], query)
+    grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
+    tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
+    return reference.local_jvp(tr, q, k, ks, aa, ss, grp, tangent_query, tangent_a, tangent_inv_2b2, weights=mask)
 
 
-def _local_setup(ctx, inputs, output):
-    (train, query, a, inv_2b2, t, labels, lv, lp, li, query_class, key_class, query_pad, key_pad, k, provenance,
-     backend, n_threads, _, patch_mask) = inputs
-    out, stats, key, share = output
-    ctx.mark_non_differentiable(stats, key, share)
-    ctx.save_for_backward(train, query, a, inv_2b2, labels, lv, lp, li, query_class, key_class, out, stats,
-                          patch_mask)
-    ctx.args = (query_pad, key_pad, k, backend, n_threads)
+@local_softmax_jvp.register_fake
+def _(train, query, a, inv_2b2, labels, label_values, label_ptr, label_images, query_class, key_class, query_pad,
+      key_pad, k, patch_mask, tangent_query, tangent_a, tangent_inv_2b2):
+    return torch.empty_like(query)
 
 
-def _local_backward(ctx, grad_out, *unused):
-    train, query, a, inv_2b2, labels, lv, lp, li, query_class, key_class, out, stats, patch_mask = ctx.saved_tensors
-    grads = [None] * _LOCAL_INPUTS
-    if grad_out is None:
+_LOCAL_NO_DERIVATIVE = ("the training images",) + (None,) * 17 + ("patch_mask",)
+_IDEAL_NO_DERIVATIVE = ("the training images",)
+
+
+def _no_tangent(tangents, names):
+    """Refuse a tangent of an argument the ops have no derivative for (the training images, a mask's weights)."""
+    for t, name in zip(tangents, names):
+        if name is not None and t is not None:
+            raise NotImplementedError(f"patchmosaic's ops have no derivative with respect to {name}: differentiate "
+                                      "with respect to the queries x_t and the times t only")
+
+
+def _asked(ctx):
+    """The inputs a backward pass is asked a gradient of (a tangent's stand-in for :func:`_no_tangent`)."""
+    return [True if need else None for need in ctx.needs_input_grad]
+
+
+class LocalSoftmaxFunction(torch.autograd.Function):
+    """``local_softmax``'s autograd and ``torch.func`` rules (ops/autodiff.py): reverse mode by
+    ``local_softmax_backward``, forward mode by ``local_softmax_jvp``, vmap by folding into the query batch."""
+
+    @staticmethod
+    def forward(*args):
+        return autodiff.call("local_softmax", *args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (train, query, a, inv_2b2, t, labels, lv, lp, li, query_class, key_class, query_pad, key_pad, k, provenance,
+         backend, n_threads, _, patch_mask) = inputs
+        out, stats, key, share = output
+        ctx.mark_non_differentiable(stats, key, share)
+        ctx.save_for_backward(train, query, a, inv_2b2, labels, lv, lp, li, query_class, key_class, out, stats,
+                              patch_mask)
+        ctx.save_for_forward(train, query, a, inv_2b2, labels, lv, lp, li, query_class, key_class, patch_mask)
+        ctx.set_materialize_grads(False)  # None, not zeros, for an input without a tangent
+        ctx.args = (query_pad, key_pad, k, backend, n_threads)
+
+    @staticmethod
+    def backward(ctx, grad_out, *unused):
+        train, query, a, inv_2b2, labels, lv, lp, li, query_class, key_class, out, stats, patch_mask = \
+            ctx.saved_tensors
+        _no_tangent(_asked(ctx), _LOCAL_NO_DERIVATIVE)
+        grads = [None] * _LOCAL_INPUTS
+        if grad_out is None:
+            return tuple(grads)
+        query_pad, key_pad, k, backend, n_threads = ctx.args
+        gq, ga, gs = torch.ops.patchmosaic.local_softmax_backward(grad_out, out, stats, train, query, a, inv_2b2,
+                                                                 labels, lv, lp, li, query_class, key_class, query_pad,
+                                                                 key_pad, k, backend, n_threads, patch_mask)
+        grads[1], grads[2], grads[3] = gq, ga.to(a.dtype), gs.to(inv_2b2.dtype)
         return tuple(grads)
-    query_pad, key_pad, k, backend, n_threads = ctx.args
-    gq, ga, gs = torch.ops.patchmosaic.local_softmax_backward(grad_out, out, stats, train, query, a, inv_2b2, labels,
-                                                             lv, lp, li, query_class, key_class, query_pad, key_pad,
-                                                             k, backend, n_threads, patch_mask)
-    grads[1], grads[2], grads[3] = gq, ga.to(a.dtype), gs.to(inv_2b2.dtype)
-    return tuple(grads)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        _no_tangent(tangents, _LOCAL_NO_DERIVATIVE)
+        train, query, a, inv_2b2, labels, lv, lp, li, query_class, key_class, patch_mask = ctx.saved_tensors
+        query_pad, key_pad, k, _, _ = ctx.args
+        dout = torch.ops.patchmosaic.local_softmax_jvp(train, query, a, inv_2b2, labels, lv, lp, li, query_class,
+                                                      key_class, query_pad, key_pad, k, patch_mask, tangents[1],
+                                                      tangents[2], tangents[3])
+        return dout, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return autodiff.fold(info, in_dims, args, (1, 2, 3, 4, 5), LocalSoftmaxFunction.apply)
 
 
-local_softmax.register_autograd(_local_backward, setup_context=_local_setup)
+_LOCAL_INPUTS = 19
+autodiff.route("local_softmax", LocalSoftmaxFunction)
+LocalSoftmaxBackwardFunction = autodiff.derivative_function("local_softmax_backward", (0, 1, 2, 4, 5, 6, 7))
+LocalSoftmaxJvpFunction = autodiff.derivative_function("local_softmax_jvp", (1, 2, 3, 4, 14, 15, 16))
 
 
 # ------------------------------------------------------------------ local machines, several sizes
@@ -352,44 +421,69 @@ def _(grad_out, out, stats, train, query, a, inv_2b2, labels, label_values, labe
     return torch.empty_like(query), torch.empty_like(a), torch.empty_like(inv_2b2)
 
 
-_IDEAL_INPUTS = 13
+@torch.library.custom_op("patchmosaic::ideal_softmax_jvp", mutates_args=())
+def ideal_softmax_jvp(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, labels: Optional[Tensor],
+                      label_values: Tensor, label_ptr: Tensor, label_images: Tensor, tangent_query: Optional[Tensor],
+                      tangent_a: Optional[Tensor], tangent_inv_2b2: Optional[Tensor]) -> Tensor:
+    """The Jacobian-vector product of ``ideal_softmax``'s ``out`` (the torch formula, reference.ideal_jvp)."""
+    grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
+    tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
+    return reference.ideal_jvp(tr, q, aa, ss, grp, tangent_query, tangent_a, tangent_inv_2b2)
 
 
-def _ideal_setup(ctx, inputs, output):
-    (train, query, a, inv_2b2, t, labels, lv, lp, li, provenance, backend, n_threads, _) = inputs
-    out, stats, key, share = output
-    ctx.mark_non_differentiable(stats, key, share)
-    ctx.save_for_backward(train, query, a, inv_2b2, labels, lv, lp, li, out, stats)
-    ctx.args = (backend, n_threads)
+@ideal_softmax_jvp.register_fake
+def _(train, query, a, inv_2b2, labels, label_values, label_ptr, label_images, tangent_query, tangent_a,
+      tangent_inv_2b2):
+    return torch.empty_like(query)
 
 
-def _ideal_backward(ctx, grad_out, *unused):
-    train, query, a, inv_2b2, labels, lv, lp, li, out, stats = ctx.saved_tensors
-    grads = [None] * _IDEAL_INPUTS
-    if grad_out is None:
+class IdealSoftmaxFunction(torch.autograd.Function):
+    """``ideal_softmax``'s autograd and ``torch.func`` rules (see :class:`LocalSoftmaxFunction`)."""
+
+    @staticmethod
+    def forward(*args):
+        return autodiff.call("ideal_softmax", *args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        (train, query, a, inv_2b2, t, labels, lv, lp, li, provenance, backend, n_threads, _) = inputs
+        out, stats, key, share = output
+        ctx.mark_non_differentiable(stats, key, share)
+        ctx.save_for_backward(train, query, a, inv_2b2, labels, lv, lp, li, out, stats)
+        ctx.save_for_forward(train, query, a, inv_2b2, labels, lv, lp, li)
+        ctx.set_materialize_grads(False)  # None, not zeros, for an input without a tangent
+        ctx.args = (backend, n_threads)
+
+    @staticmethod
+    def backward(ctx, grad_out, *unused):
+        train, query, a, inv_2b2, labels, lv, lp, li, out, stats = ctx.saved_tensors
+        _no_tangent(_asked(ctx), _IDEAL_NO_DERIVATIVE)
+        grads = [None] * _IDEAL_INPUTS
+        if grad_out is None:
+            return tuple(grads)
+        backend, n_threads = ctx.args
+        gq, ga, gs = torch.ops.patchmosaic.ideal_softmax_backward(grad_out, out, stats, train, query, a, inv_2b2,
+                                                                 labels, lv, lp, li, backend, n_threads)
+        grads[1], grads[2], grads[3] = gq, ga.to(a.dtype), gs.to(inv_2b2.dtype)
         return tuple(grads)
-    backend, n_threads = ctx.args
-    gq, ga, gs = torch.ops.patchmosaic.ideal_softmax_backward(grad_out, out, stats, train, query, a, inv_2b2, labels,
-                                                             lv, lp, li, backend, n_threads)
-    grads[1], grads[2], grads[3] = gq, ga.to(a.dtype), gs.to(inv_2b2.dtype)
-    return tuple(grads)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        _no_tangent(tangents, _IDEAL_NO_DERIVATIVE)
+        train, query, a, inv_2b2, labels, lv, lp, li = ctx.saved_tensors
+        dout = torch.ops.patchmosaic.ideal_softmax_jvp(train, query, a, inv_2b2, labels, lv, lp, li, tangents[1],
+                                                      tangents[2], tangents[3])
+        return dout, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return autodiff.fold(info, in_dims, args, (1, 2, 3, 4, 5), IdealSoftmaxFunction.apply)
 
 
-ideal_softmax.register_autograd(_ideal_backward, setup_context=_ideal_setup)
-
-
-# ---------------------------------------------------------------- backward ops: no second derivative
-def _no_second_derivative(ctx, *grads):
-    raise NotImplementedError("second derivatives of the machines are not implemented (the backward pass of "
-                              "patchmosaic's ops is not itself differentiable)")
-
-
-def _save_nothing(ctx, inputs, output):
-    pass
-
-
-local_softmax_backward.register_autograd(_no_second_derivative, setup_context=_save_nothing)
-ideal_softmax_backward.register_autograd(_no_second_derivative, setup_context=_save_nothing)
+_IDEAL_INPUTS = 13
+autodiff.route("ideal_softmax", IdealSoftmaxFunction)
+IdealSoftmaxBackwardFunction = autodiff.derivative_function("ideal_softmax_backward", (0, 1, 2, 4, 5, 6, 7))
+IdealSoftmaxJvpFunction = autodiff.derivative_function("ideal_softmax_jvp", (1, 2, 3, 4, 8, 9, 10))
 
 
 # --------------------------------------------------------------------------- candidate re-scoring
@@ -425,13 +519,57 @@ def _(train, query, a, inv_2b2, pix, cand, count, k, query_pad, key_pad, provena
             query.new_empty((P,), **f64), query.new_empty(prov, dtype=torch.int64), query.new_empty(prov))
 
 
-def _candidate_no_gradient(ctx, *grads):
-    raise NotImplementedError("the patch index's approximate machine has no gradient; use the exact machine "
-                              "(Machine.denoise) where you need one")
+_NO_INDEX_GRADIENT = ("the patch index's approximate machine has no gradient; use the exact machine "
+                      "(Machine.denoise) where you need one")
 
 
-def _candidate_setup(ctx, inputs, output):
-    ctx.mark_non_differentiable(*output[1:])
+class CandidateSoftmaxFunction(torch.autograd.Function):
+    """``candidate_softmax``'s autograd and ``torch.func`` rules: no derivative (a clear error in reverse and
+    forward mode), vmap one slice at a time."""
+
+    @staticmethod
+    def forward(*args):
+        return autodiff.call("candidate_softmax", *args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(*output[1:])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(_NO_INDEX_GRADIENT)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(_NO_INDEX_GRADIENT)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return autodiff.fold(info, in_dims, args, (), CandidateSoftmaxFunction.apply)
 
 
-candidate_softmax.register_autograd(_candidate_no_gradient, setup_context=_candidate_setup)
+autodiff.route("candidate_softmax", CandidateSoftmaxFunction)
+
+
+# ----------------------------------------------------------------------------------- seeded draws
+@torch.library.custom_op("patchmosaic::seeded_normal", mutates_args=())
+def seeded_normal(times: Tensor, seed: int, samples: int, shape: List[int]) -> Tensor:
+    """Standard normal draws ``(samples, *shape)`` float64 on the CPU, those of query image ``b`` (``[:, b]``)
+    from a generator seeded by ``seed``, its time ``times[b]`` (float64 ``(B,)``), ``b`` and ``shape``: the same
+    draws for the same call whatever ran before (the smoothed denoiser's perturbations). An op, so that a compiled
+    graph reads the times when it runs (a time given as a tensor) and holds the draws as one opaque node."""
+    B = int(shape[0])
+    vals = times.detach().cpu().to(torch.float64).reshape(-1).tolist()
+    if len(vals) != B:
+        raise ValueError(f"seeded_normal needs one time per image ({B}), got {len(vals)}")
+    eps = torch.empty((samples,) + tuple(shape), dtype=torch.float64)
+    for b in range(B):
+        key = f"{seed}:{float(vals[b]).hex()}:{b}:{tuple(shape)}".encode()
+        gen = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little"))
+        eps[:, b] = torch.randn((samples,) + tuple(shape[1:]), generator=gen, dtype=torch.float64)
+    return eps
+
+
+@seeded_normal.register_fake
+def _(times, seed, samples, shape):
+    return times.new_empty((samples,) + tuple(shape), dtype=torch.float64, device="cpu")

@@ -43,8 +43,13 @@ def check_patch_mask(mask, name: str = "patch_mask") -> torch.Tensor:
             the element is in the neighbourhood) or real (non-negative finite weights; 0: left out); ``k`` odd,
             and every mask's centre element in its neighbourhood (True or a positive weight).
         name: the argument's name in the messages.
+
+    Under ``torch.compile`` only the type and shape are checked here (no value is read while tracing); the ops
+    that take a mask check its values when they run.
     """
-    if torch.is_tensor(mask):
+    if isinstance(mask, np.ndarray) and torch.compiler.is_compiling():  # (torch.compile traces it as a tensor)
+        t = torch.from_numpy(mask)
+    elif torch.is_tensor(mask):
         t = mask.detach().cpu()
     else:
         arr = np.asarray(mask)
@@ -61,6 +66,8 @@ def check_patch_mask(mask, name: str = "patch_mask") -> torch.Tensor:
     if k % 2 == 0:
         raise ValueError(f"{name} must have an odd size k (its centre is the pixel denoised), got {k}x{k}")
     w = t.to(torch.float64)
+    if torch.compiler.is_compiling():  # the values are the op's to check, when the graph runs (library.py)
+        return w.contiguous()
     if not bool(torch.isfinite(w).all()):
         raise ValueError(f"{name} holds NaN or infinite weights")
     if bool((w < 0).any()):

@@ -274,3 +274,127 @@ def ideal_backward(grad_out, out, stats, train, query, a, inv_2b2, groups: Group
             grad_a[b] += (2 * sb * (p * ((phi @ x[0]) - ab * (phi * phi).sum(1))).sum()).double()
             grad_s[b] -= (p * dist2).sum().double()
     return grad_query.reshape(query.shape), grad_a, grad_s
+
+
+# --------------------------------------------------------------------------------------- forward mode
+# The Jacobian-vector products of the forward passes, in plain torch on any device (every engine's forward-mode
+# derivative: the compiled engines have no JVP kernel). A row's output is a softmax average, so with the
+# tangent dl_q of each key's logit its tangent is sum_q w_q (V_q - out) dl_q. Each row's weights are recomputed
+# with an online softmax of its own (the pass reads neither the forward's statistics nor its output), over the
+# same chunks of keys as the backward pass; the tangent of a logit, l = -s |Q - a K|^2_u, is
+# dl = -ds |Q - a K|^2_u - 2 s <Q - a K, dQ - da K>_u, of which the parts the same for every key of the row
+# (-ds |Q|^2_u - 2 s <Q, dQ>_u) are left out: they add nothing to the average's tangent, and only rounding.
+
+class _OnlineTangent:
+    """Running max, sum of weights, weighted values, and the same with every weight times its logit's tangent,
+    of a set of rows: the average ``A / S`` and its tangent ``(PV - A P / S) / S``."""
+
+    def __init__(self, rows: int, channels: int, like: torch.Tensor):
+        self.m = torch.full((rows,), -float("inf"), dtype=like.dtype, device=like.device)
+        self.s = torch.zeros(rows, dtype=like.dtype, device=like.device)
+        self.p = torch.zeros(rows, dtype=like.dtype, device=like.device)
+        self.acc = torch.zeros(rows, channels, dtype=like.dtype, device=like.device)
+        self.pacc = torch.zeros(rows, channels, dtype=like.dtype, device=like.device)
+
+    def update(self, logits: torch.Tensor, tangents: torch.Tensor, values: torch.Tensor) -> None:
+        """Fold in ``logits`` and their ``tangents`` ``(rows, keys)`` of keys with ``values`` ``(keys, channels)``."""
+        new_m = torch.maximum(self.m, logits.max(dim=1).values)
+        scale = torch.exp(self.m - new_m)
+        w = torch.exp(logits - new_m[:, None])
+        wd = w * tangents
+        self.s = self.s * scale + w.sum(1)
+        self.p = self.p * scale + wd.sum(1)
+        self.acc = self.acc * scale[:, None] + w @ values
+        self.pacc = self.pacc * scale[:, None] + wd @ values
+        self.m = new_m
+
+    def tangent(self) -> torch.Tensor:
+        out = self.acc / self.s[:, None]
+        return self.pacc / self.s[:, None] - (self.p / self.s)[:, None] * out
+
+
+def _tangent_or_zero(t, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    if t is None:
+        return torch.zeros_like(like, dtype=dtype or like.dtype)
+    return t.to(device=like.device, dtype=dtype or like.dtype)
+
+
+def local_jvp(train, query, k, keyset: KeySet, a, inv_2b2, groups: Groups, tangent_query, tangent_a, tangent_s,
+              weights=None):
+    """The tangent of :func:`local_forward`'s ``out`` for the tangents of the query ``(B, C, Hq, Wq)``, of ``a``
+    and of ``inv_2b2`` ``(B,)`` (None: zero). ``weights``: as for :func:`local_forward`. Pixels without a row
+    (class -1) have tangent 0, as their output is 0."""
+    N, C, H, W = train.shape
+    B, _, Hq, Wq = query.shape
+    dev = query.device
+    d = C * k * k
+    dq = _tangent_or_zero(tangent_query, query)
+    da, ds = _tangent_or_zero(tangent_a, a, a.dtype), _tangent_or_zero(tangent_s, inv_2b2, inv_2b2.dtype)
+    dout = torch.zeros_like(query)
+    for g in range(len(groups.grp_img_ptr) - 1):
+        bs = np.nonzero(groups.group_of_b == g)[0]
+        if len(bs) == 0:
+            continue
+        imgs = torch.as_tensor(groups.images(g).astype(np.int64), device=dev)
+        for cls, (qpix, kpos) in enumerate(keyset.classes()):
+            wc = weights[cls] if isinstance(weights, list) else weights
+            npix, npos = len(qpix), len(kpos)
+            kpos_t = torch.as_tensor(kpos.astype(np.int64), device=dev)
+            b_idx = torch.as_tensor(np.repeat(bs, npix), device=dev)
+            centres = torch.as_tensor(qpix.astype(np.int64), device=dev).repeat(len(bs))
+            a_r, s_r = _rows(a, bs, npix, query), _rows(inv_2b2, bs, npix, query)
+            da_r, ds_r = _rows(da, bs, npix, query), _rows(ds, bs, npix, query)
+            nkeys = len(imgs) * npos
+            for r0 in range(0, len(b_idx), ROWS):
+                r1 = min(len(b_idx), r0 + ROWS)
+                rb, rp = b_idx[r0:r1], centres[r0:r1]
+                Q = patches(query, rb, rp, k, keyset.query_pad)
+                dQ = patches(dq, rb, rp, k, keyset.query_pad)
+                Qw = Q if wc is None else Q * wc
+                dQw = dQ if wc is None else dQ * wc
+                qn = (Q * Qw).sum(1)
+                ar, sr = a_r[r0:r1, None], s_r[r0:r1, None]
+                dar, dsr = da_r[r0:r1, None], ds_r[r0:r1, None]
+                state = _OnlineTangent(r1 - r0, C, query)
+                kc = max(1, BUDGET // max(d, r1 - r0))
+                for k0 in range(0, nkeys, kc):
+                    kk = torch.arange(k0, min(nkeys, k0 + kc), device=dev)
+                    n, pos = imgs[kk // npos], kpos_t[kk % npos]
+                    K = patches(train, n, pos, k, keyset.key_pad)
+                    Kw = K if wc is None else K * wc
+                    QK = Qw @ K.T
+                    kn = (K * Kw).sum(1)[None, :]
+                    rel = ar * ar * kn - 2 * ar * QK  # |Q - a K|^2_u - |Q|^2_u
+                    drel = 2 * dar * (ar * kn - QK) - 2 * ar * (dQw @ K.T)
+                    V = train[n[:, None], torch.arange(C, device=dev)[None, :], (pos // W)[:, None], (pos % W)[:, None]]
+                    state.update(-sr * (qn[:, None] + rel), -dsr * rel - sr * drel, V)
+                dout[rb, :, rp // Wq, rp % Wq] = state.tangent()
+    return dout
+
+
+def ideal_jvp(train, query, a, inv_2b2, groups: Groups, tangent_query, tangent_a, tangent_s):
+    """The tangent of :func:`ideal_forward`'s ``out`` (the local formula with whole images; tangents as for
+    :func:`local_jvp`)."""
+    N = train.shape[0]
+    B = query.shape[0]
+    dt = query.dtype
+    flat_train = train.reshape(N, -1)
+    D = flat_train.shape[1]
+    dq = _tangent_or_zero(tangent_query, query).reshape(B, D)
+    da, ds = _tangent_or_zero(tangent_a, a, a.dtype), _tangent_or_zero(tangent_s, inv_2b2, inv_2b2.dtype)
+    dout = torch.empty((B, D), dtype=dt, device=query.device)
+    chunk = max(1, BUDGET // D)
+    for b in range(B):
+        imgs = torch.as_tensor(groups.images(int(groups.group_of_b[b])).astype(np.int64), device=query.device)
+        x = query[b].reshape(1, D)
+        ab, sb, dab, dsb = a[b].to(dt), inv_2b2[b].to(dt), da[b].to(dt), ds[b].to(dt)
+        state = _OnlineTangent(1, D, query)
+        for i0 in range(0, len(imgs), chunk):
+            phi = flat_train[imgs[i0 : i0 + chunk]]
+            delta = x - ab * phi
+            dist2 = (delta * delta).sum(1)  # direct differences, as the forward pass
+            # the tangent of |x - a phi|^2 less the part common to every image, 2 <x, dx>
+            ddist2 = 2 * dab * (ab * (phi * phi).sum(1) - phi @ x[0]) - 2 * ab * (phi @ dq[b])
+            state.update((-sb * dist2)[None, :], (-dsb * dist2 - sb * ddist2)[None, :], phi)
+        dout[b] = state.tangent()[0]
+    return dout.reshape(query.shape)

@@ -127,3 +127,56 @@ def aligned_backward(grad_out, out, stats, train, query, table: ElementTable, a,
                 grad_a[b] += (2 * sb * (phi * delta * G).sum()).to(grad_a.dtype)
                 grad_s[b] -= (c * dist).sum().to(grad_s.dtype)
     return grad_query.reshape(query.shape), grad_a, grad_s
+
+
+def aligned_jvp(train, query, table: ElementTable, a, inv_2b2, groups: Groups, tangent_query, tangent_a,
+                tangent_s):
+    """The tangent of :func:`aligned_forward`'s ``out`` ``(B, n_resp)`` for the tangents of the query, of ``a``
+    and of ``inv_2b2`` (None: zero), in plain torch on any device (the forward-mode derivative of every engine).
+
+    A row's response is a softmax average over the images, so its tangent is ``sum_n w_n (phi_n[resp] - out)
+    dl_n`` with ``dl = -ds dist - s ddist`` and ``ddist = 2 (delta (dx - da phi)) @ M.T``; the weights are
+    recomputed with an online softmax of the pass's own (it reads neither the forward's statistics nor its
+    output), over the same chunks as :func:`aligned_backward`."""
+    N = train.shape[0]
+    B = query.shape[0]
+    dev, dt = query.device, query.dtype
+    phi_all, xs = train.reshape(N, -1), query.reshape(B, -1)
+    D = phi_all.shape[1]
+    dxs = xs.new_zeros(xs.shape) if tangent_query is None else tangent_query.to(device=dev, dtype=dt).reshape(B, -1)
+    da = a.new_zeros(a.shape) if tangent_a is None else tangent_a.to(device=dev, dtype=a.dtype)
+    ds = inv_2b2.new_zeros(inv_2b2.shape) if tangent_s is None else tangent_s.to(device=dev, dtype=inv_2b2.dtype)
+    dout = torch.empty((B, len(table.resp_elem)), dtype=dt, device=dev)
+    for r0, r1 in _row_chunks(table, D):
+        M = _dense(table, r0, r1, D, query)
+        j0, j1 = int(table.resp_ptr[r0]), int(table.resp_ptr[r1])
+        resp = torch.as_tensor(table.resp_elem[j0:j1].astype(np.int64), device=dev)
+        row_of = torch.as_tensor(np.repeat(np.arange(r1 - r0), np.diff(table.resp_ptr[r0 : r1 + 1])), device=dev)
+        for b in range(B):
+            imgs = torch.as_tensor(groups.images(int(groups.group_of_b[b])).astype(np.int64), device=dev)
+            x, dx = xs[b], dxs[b]
+            ab, sb, dab, dsb = a[b].to(dt), inv_2b2[b].to(dt), da[b].to(dt), ds[b].to(dt)
+            m = torch.full((r1 - r0,), -float("inf"), dtype=dt, device=dev)
+            s = torch.zeros(r1 - r0, dtype=dt, device=dev)
+            p = torch.zeros(r1 - r0, dtype=dt, device=dev)
+            acc = torch.zeros(j1 - j0, dtype=dt, device=dev)
+            pacc = torch.zeros(j1 - j0, dtype=dt, device=dev)
+            step = max(1, BUDGET // max(D, r1 - r0))
+            for i0 in range(0, len(imgs), step):
+                phi = phi_all[imgs[i0 : i0 + step]]
+                delta = x[None, :] - ab * phi
+                dist = (delta * delta) @ M.T  # (n, rows)
+                ddist = (2 * delta * (dx[None, :] - dab * phi)) @ M.T
+                L = -sb * dist
+                new_m = torch.maximum(m, L.max(0).values)
+                scale = torch.exp(m - new_m)
+                w = torch.exp(L - new_m[None, :])
+                wd = w * (-dsb * dist - sb * ddist)
+                s = s * scale + w.sum(0)
+                p = p * scale + wd.sum(0)
+                acc = acc * scale[row_of] + (w[:, row_of] * phi[:, resp]).sum(0)
+                pacc = pacc * scale[row_of] + (wd[:, row_of] * phi[:, resp]).sum(0)
+                m = new_m
+            out = acc / s[row_of]
+            dout[b, j0:j1] = pacc / s[row_of] - (p / s)[row_of] * out
+    return dout
