@@ -15,9 +15,11 @@ from .state import SoftmaxState
 from .labels import Groups, LabelIndex, groups
 from .library import (BACKENDS, candidate_softmax, ideal_softmax, ideal_softmax_backward, local_softmax,
                       local_softmax_backward, local_softmax_ks)
-from .aligned import aligned_softmax, aligned_softmax_backward, composite, dense_table, patch_table
+from .aligned import (aligned_softmax, aligned_softmax_backward, composite, dense_table, patch_table,
+                      response_count, window_table)
 
-__all__ = ["aligned_softmax", "aligned_softmax_backward", "composite", "dense_table", "patch_table", "ElementTable", "SoftmaxState", "local_softmax",
+__all__ = ["aligned_softmax", "aligned_softmax_backward", "composite", "dense_table", "patch_table",
+           "window_table", "response_count", "ElementTable", "SoftmaxState", "local_softmax",
            "local_softmax_ks", "MultiKeySet", "local_softmax_backward", "ideal_softmax", "ideal_softmax_backward",
            "candidate_softmax", "KeySet", "csr_keyset", "MAX_MULTI_K", "ZEROS", "CIRCULAR", "LabelIndex", "Groups",
            "groups", "BACKENDS",
