@@ -20,7 +20,7 @@ experiments over torch.distributed ranks (key and query sharding).
 
 from . import data, diffusion, distributed, index, metrics, networks, ops, schedules
 from .diffusion import (IndexedDenoiser, KSchedule, MachineDenoiser, NetworkDenoiser, ThresholdSchedule, ddim, ddpm,
-                        kschedule)
+                        kschedule, as_sigma_denoiser, from_sigma_denoiser, edm_sample, edm_sigmas)
 from .diffusion import samplers as sampling
 from .experiments import Calibration, calibrate, calibrate_t_max, compare
 from .index import PatchIndex
@@ -32,5 +32,6 @@ from .validation import ResourceError
 __all__ = machines.__all__ + [
     "ResourceError", "cuda_available", "data", "kschedule", "metrics", "networks", "ops", "sampling", "schedules",
     "diffusion", "index", "ddim", "ddpm", "KSchedule", "ThresholdSchedule", "MachineDenoiser", "NetworkDenoiser",
-    "calibrate", "Calibration", "compare", "PatchIndex", "IndexedDenoiser", "calibrate_t_max", "distributed"]
+    "calibrate", "Calibration", "compare", "PatchIndex", "IndexedDenoiser", "calibrate_t_max", "distributed",
+    "as_sigma_denoiser", "from_sigma_denoiser", "edm_sample", "edm_sigmas"]
 __version__ = "0.1.0"
