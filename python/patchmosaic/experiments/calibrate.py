@@ -52,6 +52,8 @@ class Calibration:
         """The schedule (readable by ``KSchedule.from_json``) plus the per-seed choices and cosines."""
         k = isinstance(self.schedule, KSchedule)
         kind, cast = ("ks", int) if k else ("thresholds", float)
+        if k and not self.schedule.odd:
+            info = {"odd": False, **info}
         write_json(path, {"times": list(map(float, self.schedule.times)), kind: list(map(cast, self.schedule.values)),
                           "candidates": list(map(cast, self.candidates)),
                           "choices": self.choices.astype(int if k else float).tolist(),
@@ -129,7 +131,12 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
     if not torch.is_tensor(x1) or x1.ndim != 4:
         raise ValueError(f"x1 must be a (M, C, H, W) tensor of seeds, got shape {tuple(getattr(x1, 'shape', ()))}")
     H, W = x1.shape[-2:]
-    candidates = _threshold_candidates(candidates) if param == "threshold" else _k_candidates(candidates, k_max, H, W)
+    if param == "threshold":
+        candidates = _threshold_candidates(candidates, getattr(machine, "threshold_candidates", DEFAULT_THRESHOLDS))
+    elif param == "p":
+        candidates = _p_candidates(candidates, k_max, min(H, W))
+    else:
+        candidates = _k_candidates(candidates, k_max, H, W)
     sweep = sorted(set(candidates))
     g = check_grid(grid, steps)
     dev = x1.device if device is None else torch.device(device)
@@ -179,8 +186,9 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
     bar.close()
     choices = np.asarray(candidates)[np.argmax(cos, axis=2)]
     values = tuple(lower_median(choices[i]) for i in range(S))
-    kind = ThresholdSchedule if param == "threshold" else KSchedule
-    return Calibration(kind(tuple(float(t) for t in g[:-1]), values), candidates, choices, cos)
+    times = tuple(float(t) for t in g[:-1])
+    schedule = ThresholdSchedule(times, values) if param == "threshold" else KSchedule(times, values, param != "p")
+    return Calibration(schedule, candidates, choices, cos)
 
 
 def _k_candidates(candidates, k_max, H: int, W: int) -> tuple:
@@ -206,9 +214,32 @@ def _k_candidates(candidates, k_max, H: int, W: int) -> tuple:
     return candidates
 
 
-def _threshold_candidates(candidates) -> tuple:
-    """The candidate thresholds, checked (each in (0, 1], at most 32 distinct); None: DEFAULT_THRESHOLDS."""
-    candidates = tuple(check_threshold(v) for v in (DEFAULT_THRESHOLDS if candidates is None else candidates))
+def _p_candidates(candidates, k_max, size: int) -> tuple:
+    """The candidate sizes of a patch that may be even (PSPC's square crops): ints in ``1..size`` (the largest
+    square that fits), at most 32 distinct; None: ``3, 5, ..., k_max`` (default 31) below ``size``, and ``size``
+    itself (the whole image on square images: the ideal denoiser, where PSPC's published schedules start)."""
+    if candidates is None:
+        if k_max is not None and (isinstance(k_max, bool) or not isinstance(k_max, (int, np.integer))):
+            raise ValueError(f"k_max must be an int, got {k_max!r}")
+        top = 31 if k_max is None else int(k_max)
+        candidates = [k for k in range(3, min(top, size - 1) + 1, 2)] + [size]
+    out = []
+    for k in candidates:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"candidate patch sizes must be ints, got {k!r}")
+        if not 1 <= int(k) <= size:
+            raise ValueError(f"candidate patch size {int(k)} must lie in 1..{size} (a square crop must fit inside the "
+                             "images)")
+        out.append(int(k))
+    if len(set(out)) > 32:
+        raise ValueError(f"at most 32 distinct candidate patch sizes, got {len(set(out))}")
+    return tuple(out)
+
+
+def _threshold_candidates(candidates, default=DEFAULT_THRESHOLDS) -> tuple:
+    """The candidate thresholds, checked (each in (0, 1], at most 32 distinct); None: ``default`` (the machine's:
+    PCA-locality's :data:`DEFAULT_THRESHOLDS`, PSPC-Flex's masses 0.1 ... 1)."""
+    candidates = tuple(check_threshold(v) for v in (default if candidates is None else candidates))
     if not candidates:
         raise ValueError("no candidate thresholds")
     if len(set(candidates)) > 32:

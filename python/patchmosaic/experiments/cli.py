@@ -154,7 +154,7 @@ def _calibrate(args) -> int:
     machine = _machine(args, args.machine, images, labels, boundary=args.boundary)
     cands = None
     if args.candidates is not None:
-        cast = int if machine.parameter == "k" else float
+        cast = int if machine.parameter in ("k", "p") else float
         try:
             cands = [cast(v) for v in args.candidates.split(",")]
         except ValueError:
@@ -192,6 +192,9 @@ def _compare(args) -> int:
             raise ValueError(f"--machine {name} takes no k-schedule (it has no per-step parameter), got {spec!r}")
         if param == "k" and not ks:
             raise ValueError(f"--machine {name} needs a k-schedule: {name}=7, {name}=paper:NAME or {name}=FILE.json")
+        if param == "p" and not ks:
+            raise ValueError(f"--machine {name} needs a patch-size schedule: {name}=8 (any size), {name}=pspc (the "
+                             f"published one) or {name}=FILE.json")
         m = _machine(args, name, images, labels, boundary=args.boundary)
         label = {"is": "IS", "wiener": "Wiener"}.get(name, spec)
         machines[label] = MachineDenoiser(m, schedule_from_spec(param, ks, args.steps) if ks else None)

@@ -140,8 +140,9 @@ class Machine:
 
     @property
     def parameter(self) -> Optional[str]:
-        """The per-call parameter a per-step schedule sets (MachineDenoiser, calibrate): ``"k"``, the patch size,
-        for the local machines; None for a machine without one (IS, Wiener); PCA-locality: ``"threshold"``."""
+        """The per-call parameter a per-step schedule sets (MachineDenoiser, calibrate): ``"k"``, the (odd) patch
+        size, for the local machines; None for a machine without one (IS, Wiener); PCA-locality and PSPC-Flex:
+        ``"threshold"``; PSPC-Square: ``"p"``, a patch size that may be even."""
         return "k" if self.local else None
 
     def __init__(self, images, labels=None, *, xflip: bool = False, schedule: ScheduleLike = "cosine_legacy",
