@@ -348,3 +348,38 @@ def test_bad_input_is_refused_before_any_work():
         m.denoise(np.zeros((1, C, H + 1, W)), 0.5, 3)
     with pytest.raises(ValueError, match="no key set"):
         pm.PatchIndex(m, 3)
+
+
+def test_network_heatmaps_are_the_mean_absolute_jacobian(tmp_path):
+    """network_heatmaps against autograd one output element at a time, on the same draws (seeded as documented:
+    a generator per time seeded ``seed * 1000003 + l``, an image index, then the noise); the cache file is reused;
+    a flex machine runs on the result."""
+    from patchmosaic.experiments.heatmaps import network_heatmaps
+    from patchmosaic.networks import ResNet
+
+    torch.manual_seed(0)
+    net = ResNet(channels=C, width=4, depth=1, num_classes=3)
+    den = pm.NetworkDenoiser(net)
+    imgs, labels = data(8)
+    times = [0.7, 0.3]
+    hm = network_heatmaps(den, imgs, times, labels, samples=2, seed=5, path=str(tmp_path / "h.npz"), progress=False)
+    for l, t in enumerate(times):
+        a, b2 = coefficients(t)
+        gen = torch.Generator().manual_seed(5 * 1_000_003 + l)
+        want = np.zeros((H, W, H, W))
+        for _ in range(2):
+            n = int(torch.randint(8, (1,), generator=gen))
+            z = (a * torch.from_numpy(imgs[n]) + np.sqrt(b2) * torch.randn((C, H, W), generator=gen,
+                                                                           dtype=torch.float64))
+            z = z.float().requires_grad_(True)
+            x0 = (z - np.sqrt(b2) * net(torch.full((1,), t), z[None], torch.tensor([labels[n]]))[0]) / a
+            for c in range(C):
+                for y in range(H):
+                    for x in range(W):
+                        (g,) = torch.autograd.grad(x0[c, y, x], z, retain_graph=True)
+                        want[y, x] += g[c].abs().numpy() / 2
+        assert np.allclose(hm.maps[l].numpy(), want, rtol=1e-5, atol=1e-6)
+    again = network_heatmaps(den, imgs, times, labels, samples=2, seed=5, path=str(tmp_path / "h.npz"), progress=False)
+    assert again.digest == hm.digest and not (tmp_path / "h.npz.partial.npz").exists()
+    out = pm.PSPC(imgs, labels, mode="flex", heatmaps=hm).denoise(queries(imgs, B=2), 0.5, 0.6, labels=labels[:2])
+    assert out.shape == (2, C, H, W) and np.all(np.isfinite(out))
