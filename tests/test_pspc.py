@@ -383,3 +383,38 @@ def test_network_heatmaps_are_the_mean_absolute_jacobian(tmp_path):
     assert again.digest == hm.digest and not (tmp_path / "h.npz.partial.npz").exists()
     out = pm.PSPC(imgs, labels, mode="flex", heatmaps=hm).denoise(queries(imgs, B=2), 0.5, 0.6, labels=labels[:2])
     assert out.shape == (2, C, H, W) and np.all(np.isfinite(out))
+
+
+def test_cli_takes_pspc_and_its_published_schedule(tmp_path, capsys):
+    from patchmosaic.experiments.cli import main
+
+    assert main(["sample", "--machine", "pspc", "--k", "8", "--n", "1", "--steps", "2", "--limit", "50", "--quiet",
+                 "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").exists() and "PSPC samples" in capsys.readouterr().out
+    assert main(["sample", "--machine", "pspc", "--k", "pspc", "--n", "1", "--steps", "2", "--limit", "50", "--quiet",
+                 "--out", str(tmp_path / "p.png")]) == 0
+    assert main(["sample", "--machine", "pspc", "--k", "40", "--n", "1", "--steps", "1", "--limit", "50", "--quiet",
+                 "--out", str(tmp_path / "t.png")]) == 2
+    assert "p must lie in 1..32" in capsys.readouterr().err
+
+
+def test_window_table_opcheck_and_compile_fullgraph():
+    """The table constructor is a custom op (schema, fake tensors); PSPC-Square compiles with
+    torch.compile(fullgraph=True) and gives the eager results."""
+    w = pm.ops.gaussian_mask(3, 1.0)
+    anchors = torch.tensor([[0, 0], [-1, 2], [3, 3]])
+    torch.library.opcheck(pm.ops.window_table, (w, torch.ones(3, 3, dtype=torch.float64), anchors, 2, 5, 6),
+                          test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(ValueError, match="no response element inside"):
+        pm.ops.window_table(w, w, torch.tensor([[9, 9]]), 1, 5, 6)
+    torch.compiler.reset()
+    imgs, labels = data(10)
+    for m, v in ((pm.PSPC(torch.from_numpy(imgs).float(), labels, precision=1.5), 3),):
+        def f(x, t, y):
+            return m.denoise(x, t, v, labels=y) + m.score(x, t, v, labels=y)
+
+        x = torch.from_numpy(queries(imgs, B=2)).float()
+        y = torch.tensor([0, 2])
+        cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+        assert torch.allclose(cf(x, 0.4, y), f(x, 0.4, y), rtol=0, atol=1e-6)
+        torch.compiler.reset()

@@ -187,8 +187,6 @@ def schedule_from_spec(parameter: str, spec, steps: int = 20):
     if parameter == "k":
         return from_spec(spec, steps)
     if str(spec) == "pspc" and parameter in ("p", "threshold"):
-        from ..machines.pspc import published_schedule
-
         return published_schedule("square" if parameter == "p" else "flex", steps=steps)
     if parameter == "p":
         return from_spec(spec, steps, odd=False)

@@ -328,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", default=None,
                    help="the machine's parameter per step: its patch size, an odd int, ramp:K_FIRST:K_LAST, paper:NAME "
                         "or a k-schedule JSON (default: paper:MNIST_ResNet_zeros); for pca a threshold in (0, 1] or "
-                        "a threshold-schedule JSON (default: the machine's)")
+                        "a threshold-schedule JSON (default: the machine's); for pspc a size (even too), a JSON file "
+                        "or pspc (the published schedule)")
     s.add_argument("--canvas", default=None, help="output size HxW, e.g. 256x256 (default: the training size)")
     s.add_argument("--n", type=int, default=4, help="number of samples (default: %(default)s)")
     s.add_argument("--steps", type=int, default=20, help="reverse-process steps on t_i = i/steps (default: %(default)s)")
@@ -401,8 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--machine", action="append", default=None,
                    help="machine and its per-step parameter: els=K, ls=K, datalocal=K with K an odd int, paper:NAME "
                         "or a JSON file (datalocal: a neighbourhood of K^2 pixels), pca or pca=THRESHOLD (a number in "
-                        "(0, 1] or a threshold-schedule JSON), or is / wiener (no parameter); repeatable (default: "
-                        "els=paper:MNIST_ResNet_zeros)")
+                        "(0, 1] or a threshold-schedule JSON), pspc=P (any size, a JSON file, or pspc: the published "
+                        "schedule), or is / wiener (no parameter); repeatable (default: els=paper:MNIST_ResNet_zeros)")
     m.add_argument("--batch", type=int, default=8, help="seeds sampled together (default: %(default)s)")
     m.set_defaults(func=_compare)
     return p
