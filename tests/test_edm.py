@@ -119,3 +119,19 @@ def test_bad_input():
         pm.as_sigma_denoiser(den, "linear")
     with pytest.raises(TypeError, match="callable"):
         pm.as_sigma_denoiser(3)
+
+
+def test_a_network_in_the_ve_convention_is_compared_as_any_denoiser():
+    """A network written as D(x, sigma) (here: a small eps network seen through as_sigma_denoiser) goes into compare
+    through from_sigma_denoiser, and samples as the network itself does."""
+    from patchmosaic.networks import ResNet
+
+    torch.manual_seed(0)
+    net = pm.NetworkDenoiser(ResNet(channels=1, width=4, depth=1))
+    ve = pm.as_sigma_denoiser(net)  # D(x, sigma): what a k-diffusion model offers
+    x1 = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    images = pm.data.load_default()[0][:30]
+    rep = pm.compare(pm.from_sigma_denoiser(ve),
+                     {"IS": pm.MachineDenoiser(pm.IS(images))}, x1, steps=4, progress=False)
+    direct = pm.ddim(net, x1, steps=4, progress=False)
+    assert torch.allclose(rep["samples"]["network"], direct, rtol=0, atol=1e-4)

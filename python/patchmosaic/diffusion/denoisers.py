@@ -451,4 +451,6 @@ def as_denoiser(obj, k=None, **kw):
         return MachineDenoiser(obj, k, **kw)
     if isinstance(obj, torch.nn.Module) or isinstance(obj, torch.jit.ScriptModule):
         return NetworkDenoiser(obj, **kw)
+    if callable(obj) and getattr(obj, "schedule", None) is not None:
+        return obj  # a denoiser of its own kind that owns a schedule (e.g. diffusion/edm.py's VPDenoiser)
     raise TypeError(f"cannot make a denoiser from {type(obj).__name__}")

@@ -39,6 +39,11 @@ from .inputs import as_images, as_labels, like_input
 from .samplers import denoiser_schedule
 
 
+def _name(fn) -> str:
+    """A stable name of a callable without a description (its module and qualified name, no address)."""
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"
+
+
 def _sigma_float(sigma) -> float:
     if torch.is_tensor(sigma):
         if sigma.numel() != 1:
@@ -67,6 +72,12 @@ class SigmaDenoiser:
             raise TypeError(f"denoiser must be callable as denoiser(x_t, t, labels), got {type(denoiser).__name__}")
         self.denoiser = denoiser
         self.schedule = denoiser_schedule(denoiser, schedule)
+
+    def describe(self) -> dict:
+        """What changes its results: the wrapped denoiser's description and the schedule."""
+        inner = getattr(self.denoiser, "describe", None)
+        return {"type": "SigmaDenoiser", "denoiser": inner() if callable(inner) else _name(self.denoiser),
+                "schedule": self.schedule.describe()}
 
     def time(self, sigma) -> float:
         """The denoiser's time ``t`` at the noise level ``sigma`` (a ValueError above ``sigma(t = 1)``)."""
@@ -115,7 +126,7 @@ class VPDenoiser:
 
     def describe(self) -> dict:
         inner = getattr(self.D, "describe", None)
-        return {"type": "VPDenoiser", "D": inner() if callable(inner) else repr(self.D),
+        return {"type": "VPDenoiser", "D": inner() if callable(inner) else _name(self.D),
                 "schedule": self.schedule.describe()}
 
 
