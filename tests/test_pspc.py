@@ -154,6 +154,27 @@ def test_square_equals_the_literal_definition(backend, dtype):
     _check(pm.PSPC(sq).denoise(xs, 0.5, 5), pm.IS(sq).denoise(xs, 0.5), np.float64, "p = H is IS")
 
 
+def test_a_pixel_no_flex_crop_covers_gets_its_own_crop():
+    """Every pixel's crop is the pixel itself, but pixel (0, 0)'s is pixel (5, 4): nothing covers (0, 0) (the reference
+    divides 0 by 0 there). It gets one more crop, its own with itself added, written at (0, 0) only; every other element
+    is the reference's."""
+    imgs, _ = data()
+    maps = np.full((1, H, W, H, W), 1e-3)
+    for y in range(H):
+        for x in range(W):
+            maps[0, y, x, y, x] = 10.0
+    maps[0, :, :, 0, 0] = 0.0
+    maps[0, 0, 0, 5, 4] = 10.0
+    hm = Heatmaps([0.5], maps)
+    crops = flex_crops(maps[0], 0.5)
+    assert crops[0][0][5, 4] == 1 and sum(c[1][0, 0] for c in crops) == 0
+    extra_hood, extra_resp = crops[0][0].copy(), np.zeros((H, W))
+    extra_hood[0, 0], extra_resp[0, 0] = 1.0, 1.0
+    x = queries(imgs, t=0.5)
+    want = literal(imgs, x, 0.5, lambda _: crops + [(extra_hood, extra_resp)])
+    _check(pm.PSPC(imgs, mode="flex", heatmaps=hm).denoise(x, 0.5, 0.5), want, np.float64, "uncovered pixel")
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 def test_flex_equals_the_literal_definition(dtype):
     imgs, _ = data()

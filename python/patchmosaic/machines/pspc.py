@@ -23,7 +23,8 @@ and each element of the output the average of the posterior means of every crop 
   ascending, and cut where the cumulative sum reaches ``1 - tau`` (the smallest set of largest entries whose mass is
   at least ``tau``, ties in a stable order; ``tau = 1``: the whole image, the ideal denoiser). The per-step parameter
   is ``tau`` (``denoise(x, t, tau)``; a :class:`patchmosaic.ThresholdSchedule`); the heatmap is the one at the nearest
-  of its times. A pixel that no crop covers is an error (the reference would return NaN there).
+  of its times. A pixel that no crop covers (where the reference divides 0 by 0) gets one more crop, its own with the
+  pixel added, whose mean is written at that pixel only: every other output element is the reference's.
 
 Source: ``xflip=True`` adds the left-right mirror of every training image (the reference's default, EDM's
 ``--xflip``).
@@ -178,7 +179,7 @@ class PSPC(SamePosition):
     Raises:
         ValueError for an unknown mode, a flex machine without heatmaps (or heatmaps of another size), a ``tau``
         outside ``(0, 1]``, a bad ``precision`` or ``response``; at a call, a ``p`` that is not an int in
-        ``1..min(H, W)`` (TypeError for a non-integer), a ``tau`` outside ``(0, 1]``, a pixel no flex crop covers.
+        ``1..min(H, W)`` (TypeError for a non-integer), a ``tau`` outside ``(0, 1]``.
     """
 
     rule = None  # no key set of patches (the patch index and the key-sharded machines do not serve it)
@@ -333,20 +334,25 @@ class PSPC(SamePosition):
         else:
             resp = mask.to(torch.float64) * _gaussian(d2, None if self.response == "patch" else self.response)
             resp = resp * mult[:, None]
+        cover = resp.sum(0)
+        lone = torch.nonzero(cover <= 0).reshape(-1)  # pixels no crop covers: the reference's 0 / 0
+        if len(lone):  # one more row each: the pixel's own crop with the pixel added, written at the pixel only
+            own = heatmap_mask(G[lone], tau)
+            own[torch.arange(len(lone)), lone] = True
+            d2l = ((qy[None, :] - qy[lone][:, None]) ** 2 + (qx[None, :] - qx[lone][:, None]) ** 2).to(torch.float64)
+            extra = torch.zeros((len(lone), HW), dtype=torch.float64)
+            extra[torch.arange(len(lone)), lone] = 1.0
+            hood = torch.cat([hood, own.to(torch.float64) * _gaussian(d2l, self.precision)])
+            resp = torch.cat([resp, extra])
+            pix = torch.cat([pix, lone])
+            mult = torch.cat([mult, torch.ones(len(lone), dtype=torch.float64)])
         rows = len(pix)
         hood_c = hood[:, None, :].expand(rows, C, HW).reshape(rows, C * HW)
         resp_c = resp[:, None, :].expand(rows, C, HW).reshape(rows, C * HW)
         hp, he, hw = ops.dense_table(hood_c)
         rp, re, rwt = ops.dense_table(resp_c)
-        if bool((rp[1:] == rp[:-1]).any()):
-            raise ValueError("PSPC-Flex: a crop holds no pixel")
-        cover = resp.sum(0)
-        if bool((cover <= 0).any()):
-            q = int(torch.nonzero(cover <= 0)[0])
-            raise ValueError(f"PSPC-Flex at tau = {tau} (heatmaps of t = {self.heatmaps.times[l]:g}): no crop covers "
-                             f"pixel ({q // W}, {q % W}); use a larger tau")
         plain = self.precision is None
-        uniform = self.response == "patch" and bool((mult == 1).all()) or self.response == "centre"
+        uniform = (self.response == "patch" and bool((mult == 1).all()) and not len(lone)) or self.response == "centre"
         return hp, he, None if plain else hw, rp, re, None if uniform else rwt, pix
 
     # ----- calls ------------------------------------------------------------------------------------
