@@ -215,6 +215,38 @@ def test_fpmc_options_equal_the_literal_definition():
         _check(m.denoise(x, 0.5, v), literal(imgs, x, 0.5, crops), np.float64, repr(m))
         _check(m.denoise(x.astype(np.float32), 0.5, v, backend="torch"), literal(imgs, x, 0.5, crops), np.float32,
                repr(m) + " torch f32")
+    # soft LS and ELS: a Gaussian window of width c k over each k x k patch, the same as that patch mask given
+    r = 2
+    u = np.arange(-r, r + 1)
+    g = np.exp(-(u[:, None] ** 2 + u[None, :] ** 2) / (2 * (0.4 * 5) ** 2))
+
+    def soft_ls(_):
+        out = []
+        for hood, resp in ls_crops(5):
+            y, x_ = divmod(len(out), W)
+            w = np.zeros((H, W))
+            for a in range(-r, r + 1):
+                for b in range(-r, r + 1):
+                    if 0 <= y + a < H and 0 <= x_ + b < W:
+                        w[y + a, x_ + b] = g[a + r, b + r]
+            out.append((w, resp))
+        return out
+
+    _check(pm.LS(imgs, response="patch", soft=0.4).denoise(x, 0.5, 5), literal(imgs, x, 0.5, soft_ls), np.float64,
+           "soft LS, patch response")
+    els = pm.ELS(imgs, labels, soft=0.4)
+    mask = pm.ops.gaussian_mask(5, 2.0)
+    assert np.array_equal(els.denoise(x, 0.5, 5, labels=[0, 1, 2]),
+                          pm.ELS(imgs, labels).denoise(x, 0.5, 5, labels=[0, 1, 2], patch_mask=mask))
+    sweep = els.denoise_ks(x, 0.5, [3, 5], labels=[0, 1, 2])
+    assert np.array_equal(sweep[1], els.denoise(x, 0.5, 5, labels=[0, 1, 2]))
+    assert els.describe()["soft"] == 0.4
+    with pytest.raises(ValueError, match="patch_mask= and a soft machine"):
+        els.denoise(x, 0.5, 5, patch_mask=mask)
+    with pytest.raises(ValueError, match="soft must be None or a finite number > 0"):
+        pm.ELS(imgs, soft=-1)
+    with pytest.raises(ValueError, match="this machine is soft"):
+        pm.PatchIndex(els, 3)
     # LS's centre response is LS; the patch index refuses a patch response
     _check(pm.LS(imgs).denoise(x, 0.5, 3), literal(imgs, x, 0.5, lambda _: ls_crops(3, patch=False)), np.float64, "LS")
     with pytest.raises(ValueError, match="centre response"):

@@ -135,6 +135,9 @@ class PatchIndex:
         if machine.rule is None:
             raise ValueError(f"a patch index serves the machines with a key set of patches (LS, ELS); "
                              f"{type(machine).__name__} has no key set of patches")
+        if getattr(machine, "soft", None) is not None:
+            raise ValueError(f"a patch index serves square patches or a mask given to it; this machine is soft "
+                             f"(soft={machine.soft}): build the index with patch_mask=, or use the exact machine")
         if not getattr(machine, "centre_response", True):
             raise ValueError("a patch index serves the centre response (each pixel's own value); this LS averages "
                              f"patches (response={machine.response!r}): use the exact machine")

@@ -17,7 +17,7 @@ import torch
 
 from .. import ops
 from ..validation import check_sweep
-from .base import DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, Machine
+from .base import DATA_ARGS, ENGINE_ARGS, SOFT_ARG, SOURCE_ARGS, Machine
 
 
 class SamePosition(Machine):
@@ -85,10 +85,11 @@ class LS(SamePosition):
     training image's squared residual once, summed over every pixel's patch as runs of elements).
 
     Args:
-""" + DATA_ARGS + RESPONSE_ARG + SOURCE_ARGS + ENGINE_ARGS
+""" + DATA_ARGS + RESPONSE_ARG + SOFT_ARG + SOURCE_ARGS + ENGINE_ARGS
 
-    def __init__(self, images, labels=None, *, response="centre", xflip: bool = False,
+    def __init__(self, images, labels=None, *, response="centre", soft=None, xflip: bool = False,
                  schedule="cosine_legacy", backend: str = "auto", n_threads: int = 0, max_memory=None):
+        self.soft = self._check_soft(soft)
         if isinstance(response, str):
             if response not in ("centre", "patch"):
                 raise ValueError(f"response must be 'centre', 'patch' or a Gaussian width > 0, got {response!r}")
@@ -119,7 +120,7 @@ class LS(SamePosition):
         return hp, he, hw, rp, re, None if self.response == "patch" else rwt, row_pixel
 
     def denoise_ks(self, x, t, ks, labels=None, *, backend=None):
-        if self.centre_response:
+        if self.centre_response or self.soft is not None:
             return super().denoise_ks(x, t, ks, labels, backend=backend)
         ks = check_sweep(ks, self.H, self.W)
         with torch.no_grad():
