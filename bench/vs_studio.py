@@ -14,7 +14,10 @@ first call at a time builds that time's mask; theirs rebuilds it on every call) 
 are apart: theirs against our exact machine (their approximation) and against our batch-averaged option (the same
 approximation: it should agree to float rounding). Then a 20-step sample each side. Writes JSON and prints a table.
 
-    python bench/vs_studio.py --studio /path/to/analytic-diffusion-studio --data mnist --n-train 2000
+    OMP_WAIT_POLICY=PASSIVE python bench/vs_studio.py --studio /path/to/analytic-diffusion-studio --data mnist
+
+Times: wall seconds and the process's CPU seconds (every thread) per call; on a shared machine the CPU seconds are
+the figure to compare (OMP_WAIT_POLICY=PASSIVE keeps idle OpenMP threads from spinning into them).
 """
 
 from __future__ import annotations
@@ -111,9 +114,14 @@ def same_mask_batch_averaged(machine, xq, t, mask, batch):
 
 
 def timed(fn):
-    t0 = time.perf_counter()
+    """``(result, wall seconds)``; the CPU seconds of the whole process (all its threads) go to cpu_of(). The
+    machine is shared: wall times move with the load of other processes, CPU seconds much less (with
+    OMP_WAIT_POLICY=PASSIVE, so that idle OpenMP threads do not spin)."""
+    c0, t0 = time.process_time(), time.perf_counter()
     out = fn()
-    return out, time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    timed.last_cpu = cpu
+    return out, wall
 
 
 def diff(u, v):
@@ -138,14 +146,21 @@ def run(args, DatasetBundle, pca_mod, scfdm_mod, name, n):
     out["setup_seconds"] = {"studio_pca": t_setup, "ours_pca": o_setup}
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, C, H, W, generator=gen)
-    for tau in theirs_pca.scheduler.timesteps.tolist():
+    B = args.batch
+    grid = [t_of(tau) for tau in theirs_pca.scheduler.timesteps.tolist()] + [0.0]
+    x1 = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(1))
+    for tau in ([] if args.skip_pca else theirs_pca.scheduler.timesteps.tolist()):
         t = t_of(tau)
         a = float(np.sqrt(sched.alpha_bar(t)))
         xq = (a * torch.from_numpy(x[tau % N : tau % N + 1]) + float(np.sqrt(1 - a * a)) * q).float()
         th, th_s = timed(lambda: theirs_pca.denoise(xq, torch.tensor(tau)))
+        th_c = timed.last_cpu
         _, th_s2 = timed(lambda: theirs_pca.denoise(xq, torch.tensor(tau)))
+        th_c = min(th_c, timed.last_cpu)
         ex, ours_cold = timed(lambda: ours.denoise(xq, t))
+        cold_c = timed.last_cpu
         _, ours_warm = timed(lambda: ours.denoise(xq, t))
+        warm_c = timed.last_cpu
         ba = ours_ba.denoise(xq, t)
         sizes = ours.neighbourhood_sizes(t).double()
         # their mask (float32 arithmetic) against ours (float64): the global threshold follows max |M|, which a
@@ -154,51 +169,73 @@ def run(args, DatasetBundle, pca_mod, scfdm_mod, name, n):
         our_mask = ours.mask(t)
         same = same_mask_batch_averaged(ours, xq, t, their_mask, 512)
         out["calls"].append({"timestep": int(tau), "t": t, "studio_s": min(th_s, th_s2), "ours_cold_s": ours_cold,
-                             "ours_warm_s": ours_warm, "mean_hood": float(sizes.mean()),
+                             "ours_warm_s": ours_warm, "studio_cpu_s": th_c, "ours_cold_cpu_s": cold_c,
+                             "ours_warm_cpu_s": warm_c, "mean_hood": float(sizes.mean()),
                              "mask_entries_differing": int((their_mask != our_mask).sum()),
                              "mask_entries": int(our_mask.numel()), "mean_hood_studio": float(their_mask.sum(0).double().mean()),
                              "studio_vs_exact": diff(th, ex), "studio_vs_ours_batch_averaged": diff(th, ba),
                              "studio_vs_ours_batch_averaged_on_their_mask": diff(th, same)})
         c = out["calls"][-1]
         print(f"{name} N={N} tau={tau:4d} t={t:.3f} hood {c['mean_hood']:6.1f} (theirs {c['mean_hood_studio']:6.1f}, "
-              f"{c['mask_entries_differing']} entries differ): studio {c['studio_s'] * 1e3:7.1f} ms, ours cold "
-              f"{ours_cold * 1e3:7.1f} ms warm {ours_warm * 1e3:6.1f} ms; |studio - exact| max "
+              f"{c['mask_entries_differing']} entries differ): CPU seconds studio {th_c:.3f}, ours cold {cold_c:.3f} warm "
+              f"{warm_c:.3f} (wall {c['studio_s']:.3f} / {ours_cold:.3f} / {ours_warm:.3f}); |studio - exact| max "
               f"{c['studio_vs_exact'][0]:.3g}; |studio - ours batch-averaged| max {c['studio_vs_ours_batch_averaged'][0]:.2g}, "
               f"on their mask {c['studio_vs_ours_batch_averaged_on_their_mask'][0]:.2g}", flush=True)
     # a 20-step sample each side (B images); ours on the same timesteps (t = (tau + 1) / 1000, then 0)
-    B = args.batch
-    _, th_sample = timed(lambda: theirs_pca.sample(num_samples=B, batch_size=B, generator=torch.Generator().manual_seed(1)))
-    grid = [t_of(tau) for tau in theirs_pca.scheduler.timesteps.tolist()] + [0.0]
-    fresh = pm.PCALocality(x, threshold=THRESHOLD[name], schedule=sched)  # no mask cached: every step builds its own
-    x1 = torch.randn(B, C, H, W, generator=torch.Generator().manual_seed(1))
-    _, o_sample = timed(lambda: pm.ddim(pm.MachineDenoiser(fresh), x1, grid=grid, progress=False))
-    _, o_again = timed(lambda: pm.ddim(pm.MachineDenoiser(fresh), x1 + 0.1, grid=grid, progress=False))
-    out["samples"]["pca"] = {"batch": B, "steps": len(grid) - 1, "studio_s": th_sample, "ours_s": o_sample,
-                             "ours_next_batch_s": o_again}
-    print(f"{name} N={N} PCA-locality 20-step sample of {B}: studio {th_sample:.2f} s, ours {o_sample:.2f} s "
-          f"({th_sample / o_sample:.1f}x; the next batch, masks kept: {o_again:.2f} s, {th_sample / o_again:.1f}x)",
-          flush=True)
+    if not args.skip_pca:
+        pca_samples(out, theirs_pca, x, sched, grid, x1, name, N)
     if not args.skip_scfdm:
-        theirs_s, s_setup = timed(lambda: scfdm_mod.SmoothedCFDM(
-            b, "cpu", args.steps, params={"temperature": 1.0, "num_neighbors": 200, "num_noise": 10,
-                                           "smoothing_std": SMOOTHING[name], "index_path": os.path.join(tmp, "opt")}).train(b))
-        ours_s = pm.SmoothedCFDM(x, smoothing=SMOOTHING[name], samples=10, schedule=sched)
-        calls = []
-        for tau in theirs_s.scheduler.timesteps.tolist()[:: max(1, args.steps // 5)]:
-            t = t_of(tau)
-            xq = torch.randn(1, C, H, W, generator=torch.Generator().manual_seed(tau))
-            _, th = timed(lambda: theirs_s.denoise(xq, torch.tensor(tau), generator=torch.Generator().manual_seed(2)))
-            _, oo = timed(lambda: ours_s.denoise(xq, t))
-            calls.append({"timestep": int(tau), "studio_s": th, "ours_s": oo})
-            print(f"{name} N={N} scfdm tau={tau:4d}: studio {th * 1e3:.1f} ms, ours {oo * 1e3:.1f} ms", flush=True)
-        _, th_sample = timed(lambda: theirs_s.sample(num_samples=B, batch_size=B,
-                                                     generator=torch.Generator().manual_seed(1)))
-        _, o_sample = timed(lambda: pm.ddim(pm.MachineDenoiser(ours_s), x1, grid=grid, progress=False))
-        out["scfdm"] = {"setup_s": s_setup, "calls": calls}
-        out["samples"]["scfdm"] = {"batch": B, "studio_s": th_sample, "ours_s": o_sample}
-        print(f"{name} N={N} scfdm 20-step sample of {B}: studio {th_sample:.2f} s, ours {o_sample:.2f} s "
-              f"({th_sample / o_sample:.1f}x)", flush=True)
+        scfdm_runs(args, out, b, tmp, x, sched, grid, x1, name, N, t_of)
     return out
+
+
+def pca_samples(out, theirs_pca, x, sched, grid, x1, name, N):
+    B = x1.shape[0]
+    C, H, W = x.shape[1:]
+    _, th_sample = timed(lambda: theirs_pca.sample(num_samples=B, batch_size=B, generator=torch.Generator().manual_seed(1)))
+    th_sample_c = timed.last_cpu
+    fresh = pm.PCALocality(x, threshold=THRESHOLD[name], schedule=sched)  # no mask cached: every step builds its own
+    _, o_sample = timed(lambda: pm.ddim(pm.MachineDenoiser(fresh), x1, grid=grid, progress=False))
+    o_sample_c = timed.last_cpu
+    _, o_again = timed(lambda: pm.ddim(pm.MachineDenoiser(fresh), x1 + 0.1, grid=grid, progress=False))
+    o_again_c = timed.last_cpu
+    out["samples"]["pca"] = {"batch": B, "steps": len(grid) - 1, "studio_s": th_sample, "ours_s": o_sample,
+                             "ours_next_batch_s": o_again, "studio_cpu_s": th_sample_c, "ours_cpu_s": o_sample_c,
+                             "ours_next_batch_cpu_s": o_again_c}
+    print(f"{name} N={N} PCA-locality 20-step sample of {B}: CPU seconds studio {th_sample_c:.2f}, ours "
+          f"{o_sample_c:.2f} ({th_sample_c / o_sample_c:.1f}x; the next batch, masks kept: {o_again_c:.2f}, "
+          f"{th_sample_c / o_again_c:.1f}x); wall {th_sample:.2f} / {o_sample:.2f} / {o_again:.2f} s", flush=True)
+
+
+def scfdm_runs(args, out, b, tmp, x, sched, grid, x1, name, N, t_of):
+    B = x1.shape[0]
+    C, H, W = x.shape[1:]
+    scfdm_mod = args.scfdm_module
+    theirs_s, s_setup = timed(lambda: scfdm_mod.SmoothedCFDM(
+        b, "cpu", args.steps, params={"temperature": 1.0, "num_neighbors": 200, "num_noise": 10,
+                                       "smoothing_std": SMOOTHING[name], "index_path": os.path.join(tmp, "opt")}).train(b))
+    ours_s = pm.SmoothedCFDM(x, smoothing=SMOOTHING[name], samples=10, schedule=sched)
+    calls = []
+    for tau in theirs_s.scheduler.timesteps.tolist()[:: max(1, args.steps // 5)]:
+        t = t_of(tau)
+        xq = torch.randn(1, C, H, W, generator=torch.Generator().manual_seed(tau))
+        _, th = timed(lambda: theirs_s.denoise(xq, torch.tensor(tau), generator=torch.Generator().manual_seed(2)))
+        thc = timed.last_cpu
+        _, oo = timed(lambda: ours_s.denoise(xq, t))
+        ooc = timed.last_cpu
+        calls.append({"timestep": int(tau), "studio_s": th, "ours_s": oo, "studio_cpu_s": thc, "ours_cpu_s": ooc})
+        print(f"{name} N={N} scfdm tau={tau:4d}: CPU seconds studio {thc:.3f}, ours {ooc:.3f} (wall {th:.3f} / "
+              f"{oo:.3f})", flush=True)
+    _, th_sample = timed(lambda: theirs_s.sample(num_samples=B, batch_size=B,
+                                                 generator=torch.Generator().manual_seed(1)))
+    thc = timed.last_cpu
+    _, o_sample = timed(lambda: pm.ddim(pm.MachineDenoiser(ours_s), x1, grid=grid, progress=False))
+    ooc = timed.last_cpu
+    out["scfdm"] = {"setup_s": s_setup, "calls": calls}
+    out["samples"]["scfdm"] = {"batch": B, "studio_s": th_sample, "ours_s": o_sample, "studio_cpu_s": thc,
+                               "ours_cpu_s": ooc}
+    print(f"{name} N={N} scfdm 20-step sample of {B}: CPU seconds studio {thc:.2f}, ours {ooc:.2f} "
+          f"({thc / ooc:.1f}x); wall {th_sample:.2f} / {o_sample:.2f} s", flush=True)
 
 
 def main():
@@ -209,6 +246,7 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=1, help="images of the 20-step samples")
     p.add_argument("--skip-scfdm", action="store_true")
+    p.add_argument("--skip-pca", action="store_true", help="the smoothed denoiser only")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if not args.studio:
@@ -216,6 +254,7 @@ def main():
     from threadpoolctl import threadpool_info
 
     DatasetBundle, pca_mod, scfdm_mod = studio_modules(args.studio)
+    args.scfdm_module = scfdm_mod
     report = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or
               platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
               "blas": [(i.get("internal_api"), i.get("architecture")) for i in threadpool_info()], "runs": []}

@@ -106,7 +106,8 @@ class PCALocality(SamePosition):
         a, b2 = self.schedule.scalar_coefficients(t)
         a2 = a * a
         shrink = a2 * self._lam / (b2 + a2 * self._lam)
-        L = (self._U * shrink) @ self._U.T
+        V = self._U * shrink.sqrt()
+        L = V @ V.T  # = U diag(shrink) U^T, exactly symmetric
         d = torch.diagonal(L).clone()
         d[d.abs() < 1e-6] = 1.0
         return L / d[:, None]
@@ -133,7 +134,7 @@ class PCALocality(SamePosition):
         if key not in self._tables:
             if len(self._tables) > 64:
                 self._tables.clear()
-            hp, he, hw = ops.dense_table(self.mask(t, theta).T.to(torch.float64))
+            hp, he, hw = ops.dense_table(self.mask(t, theta).T)  # boolean: every weight 1 (no float copy)
             rows = torch.arange(self.D, dtype=torch.int64)
             self._tables[key] = (hp, he, None, torch.arange(self.D + 1, dtype=torch.int64), rows)
         return self._tables[key]

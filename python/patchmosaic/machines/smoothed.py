@@ -6,8 +6,11 @@ averaged over Gaussian perturbations of its input,
 
 which smooths the closed-form score (the average of the posterior means, converted to a score with the
 unperturbed ``x_t``, is the average of the scores). The expectation over ``eps`` has no closed form (a softmax of
-Gaussian-perturbed logits), so it is a Monte Carlo average over ``M`` draws; each IS call inside is exact over all
-training images (the Studio's takes a FAISS top-200 of each perturbed query). The draws are seeded: a call's noise is
+Gaussian-perturbed logits), so it is a Monte Carlo average over ``M`` draws; each ideal denoiser inside is exact
+over all training images (the Studio's takes a FAISS top-200 of each perturbed query). The draws share the
+images: one float64 product of the perturbed queries with the images gives every distance by expansion (exact to
+float64 rounding: the terms are of the order of the data, not of their differences), another the weighted means,
+on the device of the query; autograd differentiates them. The draws are seeded: a call's noise is
 a function of the machine's seed, the call's time and the query's shape, so the same call gives the same result.
 
 ``s`` is constant in the variance-preserving coordinates of the project (``coordinates="vp"``, as the Studio's
@@ -26,6 +29,7 @@ import torch
 
 from .. import ops
 from ..schedules import ScheduleLike
+from ..validation import check_memory
 from .base import BACKEND_ARG, CALL_ARGS, DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, Machine, docstring
 
 
@@ -33,7 +37,8 @@ class SmoothedCFDM(Machine):
     __doc__ = """The smoothed closed-form denoiser (Scarvelis et al.): the ideal score machine averaged over ``M``
     seeded Gaussian perturbations of its input, ``x0_hat(x) = mean_m IS(x + s eps_m)`` (see the module), each IS
     exact over all training images. Queries have the training size; ``k`` is ignored (no patch); no provenance
-    (each draw has its own winner).
+    (each draw has its own winner). It computes with float64 matrix products on the query's device (``backend``
+    and ``n_threads`` only choose and check that device).
 
     Args:
 """ + DATA_ARGS + """\
@@ -99,14 +104,32 @@ class SmoothedCFDM(Machine):
         if self.coordinates == "interpolant":
             b = torch.sqrt(0.5 / inv_2b2.detach().cpu())
             s = s * (a.detach().cpu() + b)
-        eps = self.noise(times, xt.shape).to(xt.device, xt.dtype)  # drawn in float64: the same draws in any dtype
-        xs = (xt[None] + s.to(xt.device, xt.dtype).reshape(1, B, 1, 1, 1) * eps).reshape((-1,) + tuple(xt.shape[1:]))
-        rep = lambda v: None if v is None else v.repeat(self.samples)  # noqa: E731
-        lv, lp, li = self._label_tensors
-        out = ops.ideal_softmax(train, xs, rep(a), rep(inv_2b2 / self.temperature), rep(t_check), rep(lab), lv, lp, li,
-                                False, name, self.n_threads, max_memory)[0]
-        out = out.reshape((self.samples,) + tuple(xt.shape)).mean(0)
+        ops.checks.values(xt, "x", t_check, a, inv_2b2)
+        self.check_request(xt.shape, xt.dtype)
+        dev = xt.device
+        eps = self.noise(times, xt.shape).to(dev)  # drawn in float64: the same draws in any dtype
+        M = self.samples
+        xs = (xt.to(torch.float64)[None] + s.to(dev).reshape(1, B, 1, 1, 1) * eps).reshape(M * B, -1)
+        X, sq = self._images64(dev)
+        aa, inv = a.to(dev).repeat(M), (inv_2b2.to(dev) / self.temperature).repeat(M)
+        # every draw's distance to every image by expansion, in float64 (one product of the perturbed queries with
+        # the images: |q|^2 - 2 a <q, phi> + a^2 |phi|^2, exact to float64 rounding), the softmax, the means
+        dist = (xs * xs).sum(1, keepdim=True) - 2 * aa[:, None] * (xs @ X.T) + (aa * aa)[:, None] * sq[None, :]
+        logits = -dist * inv[:, None]
+        if lab is not None:
+            ops.groups(lab, *self._label_tensors, self.N, B)  # an unknown label: a ValueError naming it
+            same = torch.from_numpy(self.labels).to(dev)[None, :] == lab.to(dev).repeat(M)[:, None]
+            logits = logits.masked_fill(~same, float("-inf"))
+        out = (torch.softmax(logits, 1) @ X).reshape((M,) + tuple(xt.shape)).mean(0).to(xt.dtype)
         return out.detach().numpy() if is_numpy else out
+
+    def _images64(self, device):
+        """The training images flat in float64 on ``device`` and their squared norms (made once per device)."""
+        key = ("flat64", str(device))
+        if key not in self._train_cache:
+            X = self.images.reshape(self.N, -1).to(device=device, dtype=torch.float64)
+            self._train_cache[key] = (X, (X * X).sum(1))
+        return self._train_cache[key]
 
     def effective_k(self, k, Hq: int, Wq: int) -> int:
         return 0  # no patch
@@ -114,9 +137,14 @@ class SmoothedCFDM(Machine):
     def check_request(self, shape, dtype=torch.float32, backend: str = "cpu", provenance: bool = False,
                       k: Optional[int] = None) -> None:
         """Raise :class:`patchmosaic.ResourceError` if a call on a batch of ``shape`` would need more working
-        memory than allowed: ``samples`` IS calls' worth (the perturbed queries and their outputs)."""
+        memory than allowed: the float64 images, the perturbed queries, their distances and weights to every image
+        and their outputs."""
         shape = tuple(int(v) for v in shape)
-        super().check_request((shape[0] * self.samples,) + shape[1:], dtype, backend, provenance, k)
+        if len(shape) != 4 or min(shape) < 1:
+            raise ValueError(f"a batch shape is (B, C, H, W) with positive sizes, got {shape}")
+        rows, D = shape[0] * self.samples, int(np.prod(shape[1:]))
+        need = 8 * (self.N * D + self.N + 3 * rows * D + 3 * rows * self.N)
+        check_memory(need, f"SmoothedCFDM.denoise on a batch of shape {shape} ({self.samples} draws)", self.max_memory)
 
     def describe(self) -> dict:
         """What changes the machine's results: its kind, data, schedule, and the smoothing's settings and seed."""

@@ -233,8 +233,8 @@ def _(weights, C, H, W, pixels):
 
 @torch.library.custom_op("patchmosaic::dense_table", mutates_args=())
 def dense_table(weights: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """The neighbourhoods of rows given as a dense ``(rows, D)`` matrix of weights (0: not in the neighbourhood) ->
-    ``(hood_ptr, hood_elem, hood_weight)``. Every row needs at least one positive weight."""
+    """The neighbourhoods of rows given as a dense ``(rows, D)`` matrix of weights (0: not in the neighbourhood; a
+    boolean matrix: weights 1) -> ``(hood_ptr, hood_elem, hood_weight)`` (a row may be empty)."""
     w = weights.detach().to("cpu")
     nz = w > 0
     hood_ptr = torch.zeros(w.shape[0] + 1, dtype=torch.int64)
