@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -54,7 +55,7 @@ SHORT = {"cifar10k_resnet_zeros_cond": "CIFAR ResNet", "fmnist20k_resnet_zeros_c
          "cifar10k_unet_zeros_cond": "CIFAR UNet", "cifar10k_unet_attn_zeros_cond": "CIFAR attn"}
 CALIBRATED = ["LS", "ELS", "DataLocal", "PCA-cal", "PSPC", "FPMC"]
 PCA_THRESHOLD = {"cifar": 0.05, "mnist": 0.005, "fmnist": 0.005}  # the published (Analytic Diffusion Studio) settings
-DEFAULT_FPMC = "els+xflip"
+DEFAULT_FPMC = "els+soft=0.5+xflip"  # the best of bench/fpmc_explore.py on the MNIST and CIFAR-10 ResNets
 
 
 def pca_threshold(network: str) -> float:
@@ -165,7 +166,8 @@ def run_network(name: str, args) -> dict:
                                         published_tau),
         "FPMC": lambda: MachineDenoiser(local["FPMC"], schedules["FPMC"]),
     }
-    machines = {m: builders[m]() for m in MACHINES if m in wanted}
+    # the FPMC variant is compared under a name of its own (its sample file), shown as "FPMC" (collect)
+    machines = {(m if m != "FPMC" else fpmc_key(args.fpmc)): builders[m]() for m in MACHINES if m in wanted}
     if "Flex" in machines:
         heat_info = {"samples": args.heatmap_samples, "every": args.heatmap_every,
                      "times": list(map(float, machines["Flex"].machine.heatmaps.times))}
@@ -184,11 +186,16 @@ def run_network(name: str, args) -> dict:
                         "date": time.strftime("%Y-%m-%d")})
     compare_s = time.perf_counter() - t0
     k = min(8, args.seeds)
-    shown = [m for m in MACHINES if m in machines]
-    rows = [seeds[:k], rep["samples"]["network"][:k]] + [rep["samples"][m][:k] for m in shown]
+    shown = [m for m in MACHINES if m in wanted]
+    key = {m: m if m != "FPMC" else fpmc_key(args.fpmc) for m in shown}
+    rows = [seeds[:k], rep["samples"]["network"][:k]] + [rep["samples"][key[m]][:k] for m in shown]
     save_figure(comparison_grid(rows, ["noise", "network"] + shown), os.path.join(out, "grid.png"))
     print(f"{name}: compared in {compare_s:.0f} s (machines built in {build_s:.0f} s)", flush=True)
-    return {m: rep["summary"][m] for m in shown}
+    return {m: rep["summary"][key[m]] for m in shown}
+
+
+def fpmc_key(spec: str) -> str:
+    return "FPMC-" + spec
 
 
 class Lazy(dict):
@@ -236,7 +243,12 @@ def collect(out_dir: str) -> list:
     for name in ORDER:
         p = os.path.join(out_dir, name, "report.json")
         if os.path.exists(p):
-            rows.append((name, json.load(open(p))))
+            rep = json.load(open(p))
+            key = fpmc_key(rep["fpmc"]) if rep.get("fpmc") else None
+            if key in rep["summary"]:  # the variant's entries, as "FPMC"
+                rep["summary"]["FPMC"], rep["per_seed"]["FPMC"] = rep["summary"][key], rep["per_seed"][key]
+                rep["fpmc_file"] = re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
+            rows.append((name, rep))
     return rows
 
 
@@ -295,11 +307,11 @@ def grid_all(rows, out_dir, seeds_per_net: int = 2):
     has)."""
     cols = {k: [] for k in ["network"] + [m for m in MACHINES if all(m in rep["summary"] for _, rep in rows)]}
     labels = []
-    for name, _ in rows:
+    for name, rep in rows:
         labels += [f"{SHORT[name]} {j}" for j in range(seeds_per_net)]
         d = os.path.join(out_dir, name)
         for k in cols:
-            f = np.load(os.path.join(d, f"samples_{k}.npz"))
+            f = np.load(os.path.join(d, f"samples_{rep['fpmc_file'] if k == 'FPMC' else k}.npz"))
             arr = f["samples"] if "samples" in f.files else f[f.files[-1]]
             a = np.asarray(arr[:seeds_per_net], dtype=np.float64)
             if a.shape[1] == 1:
