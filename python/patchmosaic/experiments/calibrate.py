@@ -90,14 +90,17 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
     Args:
         network: an eps network module ``net(t, x, labels)`` (run on the machine's noise schedule) or a
             :class:`NetworkDenoiser` (whose schedule must be the machine's: a ValueError otherwise).
-        machine: the local machine to calibrate, :class:`LS` or :class:`ELS` (IS has no patch size: a
-            ValueError).
+        machine: the machine to calibrate: its per-step parameter (``machine.parameter``): the patch size of LS,
+            ELS and DataLocal, the size ``p`` of PSPC-Square (even sizes too), the threshold of PCA-locality or the
+            mass ``tau`` of PSPC-Flex (IS and the Wiener filter have none: a ValueError).
         x1: the noise seeds, a ``(M, C, H, W)`` float torch tensor on the CPU (a CUDA tensor on a torch
             without CUDA is a RuntimeError, before any work).
         labels: ``(M,)`` integer class labels, one per seed (numpy, a CPU torch tensor or a list), for a
             conditional network and machine; None (default): unconditional.
         candidates: the patch sizes to try, odd positive ints of at most ``2 max(H, W) - 1`` (at most 32
-            distinct ones); None (default): ``3, 5, ..., k_max``.
+            distinct ones); None (default): ``3, 5, ..., k_max``. PSPC's ``p``: ints from 1 to ``min(H, W)``; None:
+            ``3, 5, ..., k_max`` below ``min(H, W)`` and ``min(H, W)`` itself. Thresholds: numbers in ``(0, 1]``;
+            None: the machine's defaults (PCA-locality 0.001 ... 0.2, PSPC-Flex 0.1 ... 1).
         k_max: the largest candidate when ``candidates`` is None, an int of at most ``2 max(H, W) - 1``;
             None (default): 31, or ``2 max(H, W) - 1`` if smaller (a larger patch only adds zero padding).
             Ignored when ``candidates`` is given.
