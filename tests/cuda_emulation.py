@@ -69,8 +69,20 @@ def _cuda_available() -> bool:
     return pm.cuda_available()
 
 
+def _no_gpu_reason() -> str:
+    """Why the GPU tests cannot run here, precisely: the engine missing from the build, or only the device."""
+    import torch
+    from patchmosaic import ops
+
+    if not ops.cuda_built():
+        return "this build has no CUDA engine (nvcc was not found when it was compiled)"
+    if not torch.cuda.is_available():
+        return "the CUDA engine is built, but torch sees no CUDA device here"
+    return "the CUDA engine cannot run here"
+
+
 # the tests that need a real GPU
-needs_gpu = pytest.mark.skipif(not _cuda_available(), reason="no CUDA device or no CUDA engine in this build")
+needs_gpu = pytest.mark.skipif(not _cuda_available(), reason=_no_gpu_reason())
 
 
 @pytest.fixture(params=[pytest.param("gpu", marks=[pytest.mark.cuda, needs_gpu]), "emulated"])

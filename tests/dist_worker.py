@@ -352,6 +352,33 @@ def failure(out, how):
     sys.exit(0)
 
 
+def mismatch(rep):
+    """Issue 28: API calls whose ranks were given different seeds, data or runs refuse on every rank, naming the
+    ranks, instead of mixing the ranks' inputs."""
+    from cases import MachineNet
+    from patchmosaic.distributed.queries import Layout
+
+    rank = launch.rank()
+    rng = np.random.default_rng(28)
+    train = rng.uniform(-1, 1, (6, 1, 6, 6)).astype(np.float32)
+    x1 = torch.from_numpy(rng.standard_normal((2, 1, 6, 6)).astype(np.float32)) + rank  # other seeds per rank
+    layout = Layout(1)
+    den = pm.MachineDenoiser(pm.ELS(train), 3)
+    got = []
+    for call in (lambda: layout.sample(pm.ddim, den, x1, steps=2, progress=False),
+                 lambda: pm.calibrate(MachineNet(pm.ELS(train), 3), pm.ELS(train), x1, candidates=(3,), steps=2,
+                                      progress=False,
+                                      layout=layout),
+                 lambda: Layout(2).machine("els", train + rank)):
+        try:
+            call()
+            got.append(None)
+        except launch.RanksDisagree as e:
+            got.append(str(e))
+    rep["mismatch"] = got
+    rep["rank"] = rank
+
+
 def main():
     mode, out = sys.argv[1], sys.argv[2]
     os.makedirs(out, exist_ok=True)
@@ -372,6 +399,8 @@ def main():
                 rep.update(experiments(out, step == "exp1"))
             elif step == "cli":
                 cli_sample(out, rep)
+            elif step == "mismatch":
+                mismatch(rep)
     finally:
         pmd.shutdown()
     if rep:

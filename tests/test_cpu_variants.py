@@ -49,7 +49,7 @@ def test_forcing_a_runnable_variant(name):
 @pytest.mark.parametrize("name", ["avx512", "sse9"])
 def test_forcing_an_unrunnable_variant_fails_clearly(name):
     if name in VARIANTS:
-        pytest.skip(f"{name} runs on this CPU")
+        pytest.skip(f"{name} is runnable on this CPU, so forcing it cannot show the error for a variant that is not")
     r = subprocess.run([sys.executable, "-c", "import patchmosaic"], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PATCHMOSAIC_CPU_VARIANT": name})
     assert r.returncode != 0
@@ -112,3 +112,12 @@ def test_gradients_agree_across_variants(restore_variant):
         grads.append(x.grad)
     for g in grads[1:]:
         assert torch.allclose(g, grads[0], rtol=0, atol=1e-9)
+
+
+def test_the_command_says_an_unrunnable_variant_in_one_line():
+    """Issue 28: a bad PATCHMOSAIC_CPU_VARIANT printed a raw traceback from ``python -m patchmosaic``; the command
+    now says it in one line (exit 2), while a program importing the package still gets the exception."""
+    r = subprocess.run([sys.executable, "-m", "patchmosaic", "--version"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PATCHMOSAIC_CPU_VARIANT": "sse9"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("patchmosaic: error: PATCHMOSAIC_CPU_VARIANT='sse9'")

@@ -68,7 +68,7 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "patchmosaic", "demo", "--n", "0", "--out", str(tmp_path / "x.png")],
                        capture_output=True, text=True)
     assert r.returncode == 2
-    assert r.stderr.strip().count("\n") == 0 and "n must be a positive" in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "argument --n/--samples: must be a positive integer" in r.stderr
 
 
 def test_cli_help_documents_every_option():

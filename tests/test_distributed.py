@@ -158,7 +158,7 @@ def job2(tmp_path_factory, shared_dir):
     """2 ranks: key sharding (seeds 0-7 of the cases), then calibrate and compare with the seeds spread over the
     ranks (pure query sharding), interrupted midway."""
     out = tmp_path_factory.mktemp("job2")
-    reports = torchrun(2, "keys,index,exp1", out, FIRST_SEED="0", N_SEEDS="8", PATCHMOSAIC_KEY_SHARDS="1",
+    reports = torchrun(2, "keys,index,exp1,mismatch", out, FIRST_SEED="0", N_SEEDS="8", PATCHMOSAIC_KEY_SHARDS="1",
                        SHARED_DIR=str(shared_dir))
     return reports, [json.load(open(os.path.join(out, f"exp{r}.json"))) for r in range(2)], _index_reports(out, 2)
 
@@ -344,3 +344,110 @@ def test_a_dead_or_a_stalled_rank_stops_the_others_with_a_message(tmp_path):
             assert "within the timeout (3 s" in msg, msg
             assert json.load(open(tmp_path / job / f"rank{r}.json"))["seconds"] < 20
         assert procs[job, 1].returncode == -signal.SIGKILL
+
+
+# --------------------------------------------------------- issue 28: the ranks agree before their first collective
+def _ranks(tmp_path, job: str, argvs, timeout: float = 90):
+    """Start one ``python -m patchmosaic`` process per rank of a gloo job, each with its own arguments (as a launcher
+    that gave each rank other inputs would); ``[(exit code, stderr)]`` per rank."""
+    port = _free_port()
+    procs = []
+    for r, argv in enumerate(argvs):
+        env = _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(len(argvs)), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), PATCHMOSAIC_DIST_TIMEOUT="60")
+        procs.append(subprocess.Popen(_python() + ["-m", "patchmosaic"] + argv, env=env, cwd=tmp_path,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    out = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=timeout)
+            out.append((p.returncode, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return out
+
+
+def test_ranks_given_different_inputs_stop_before_the_run_naming_fields_and_ranks(tmp_path):
+    """Issue 28: two ranks given different data of the same shape, k-schedules, seeds, labels or numbers of samples
+    used to exit 0 with mixed samples (or die in gloo with SIGABRT for a different --n). Now every rank stops with
+    exit 2 before any collective of the run, naming each differing field and which rank holds which value; a rank
+    that fails before the run (a missing file) stops the others with its message."""
+    rng = np.random.default_rng(28)
+    for name in ("a", "b"):  # the same shape, other pixels
+        np.savez(tmp_path / f"{name}.npz", x_train=rng.integers(0, 256, (12, 8, 8), dtype=np.uint8),
+                 y_train=np.arange(12) % 3)
+    common = ["sample", "--steps", "2", "--quiet", "--out", "s.png"]
+    jobs = {
+        "settings": [common + ["--data", "a.npz", "--samples", "2", "--k", "3", "--seed", "0"],
+                     common + ["--data", "a.npz", "--samples", "3", "--k", "5", "--seed", "1"]],
+        "content": [common + ["--data", "a.npz", "--labels", "0,1", "--k", "3"],
+                    common + ["--data", "b.npz", "--labels", "1,0", "--k", "3"]],
+        "missing": [common + ["--data", "a.npz", "--k", "3"], common + ["--data", "none.npz", "--k", "3"]],
+    }
+    results = {job: _ranks(tmp_path, job, argvs) for job, argvs in jobs.items()}
+    for job, res in results.items():
+        assert [code for code, _ in res] == [2, 2], (job, res)
+        for code, err in res:
+            assert err.strip().count("\n") == 0 and "Traceback" not in err, (job, err)
+    for r, (_, err) in enumerate(results["settings"]):
+        assert f"patchmosaic sample (rank {r}): error: the ranks were given different inputs" in err, err
+        for field in ("n (2 on rank 0; 3 on rank 1)", "seed (0 on rank 0; 1 on rank 1)", "k_schedule ("):
+            assert field in err, (field, err)
+        assert ", data (" not in err and ": data (" not in err and "labels (" not in err, err  # only what differs
+    for _, err in results["content"]:
+        assert ": data (" in err and ", labels (" in err and " n (" not in err, err
+    assert "no data set at 'none.npz'" in results["missing"][1][1]
+    assert "stopped before the run (patchmosaic sample) because a rank failed (rank 1: no data set at 'none.npz'" in \
+        results["missing"][0][1]
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_the_readme_torchrun_command_runs_as_written(tmp_path):
+    """Issue 28: the README's torchrun command is run exactly as it is written there (torchrun is the console script
+    of torch.distributed.run; where it is not on the PATH, that module runs it)."""
+    import shlex
+    import shutil
+
+    readme = open(os.path.join(HERE, "..", "README.md")).read()
+    lines = [ln.strip() for ln in readme.splitlines() if ln.strip().startswith("torchrun ")]
+    assert len(lines) == 1, lines
+    argv = shlex.split(lines[0])
+    launcher = [shutil.which("torchrun")] if shutil.which("torchrun") else _python() + ["-m", "torch.distributed.run"]
+    res = subprocess.run(launcher + argv[1:], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    n = int(argv[argv.index("--samples") + 1])
+    with np.load(tmp_path / argv[argv.index("--out") + 1].replace(".png", ".npz")) as z:
+        assert z["samples"].shape == (n, 1, 32, 32) and np.isfinite(z["samples"]).all()
+    assert (tmp_path / argv[argv.index("--out") + 1]).exists()
+
+
+def test_launch_settings_from_the_environment_are_named(monkeypatch):
+    """Issue 28 campaign: $PATCHMOSAIC_KEY_SHARDS and $PATCHMOSAIC_DIST_TIMEOUT that are not numbers said only
+    "invalid literal for int()" / "could not convert string to float"."""
+    from patchmosaic.distributed import launch
+    from patchmosaic.distributed.queries import Layout
+
+    monkeypatch.setenv("PATCHMOSAIC_KEY_SHARDS", "two")
+    with pytest.raises(ValueError, match=r"\$PATCHMOSAIC_KEY_SHARDS is a number of ranks, got 'two'"):
+        Layout()
+    monkeypatch.setenv("PATCHMOSAIC_DIST_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match=r"\$PATCHMOSAIC_DIST_TIMEOUT: the distributed timeout is a number"):
+        launch.timeout_seconds()
+    for bad in (0, -1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="positive seconds"):
+            launch.timeout_seconds(bad)
+    with pytest.raises(ValueError, match="key_shards must divide the 1 rank"):
+        Layout(2)
+
+
+def test_api_calls_given_different_inputs_per_rank_refuse_on_every_rank(job2):
+    """Issue 28: Layout.sample with other seeds per rank, calibrate with other seeds per rank (its state's
+    fingerprint), and a key-sharded machine cut from other data per rank each refuse on every rank, naming the
+    ranks, before mixing anything."""
+    for rep in job2[1]:
+        sample, calib, shards = rep["mismatch"]
+        assert sample and "Layout.sample: the ranks were given different seeds" in sample and "on rank 1" in sample
+        assert calib and "the ranks were given different runs" in calib and "on rank 0" in calib
+        assert shards and "cut from different training sets" in shards

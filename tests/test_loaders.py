@@ -142,3 +142,122 @@ def test_download_without_torchvision_says_where_to_put_files(tmp_path):
         pass
     with pytest.raises(RuntimeError, match=r"needs torchvision; or put the four MNIST IDX files"):
         load("mnist", root=str(tmp_path), download=True)
+
+
+# ------------------------------------------------------------------------------ issue 28: the readers' classes
+def _png16(path, w, h, rows, colour_type):
+    """A 16-bit PNG written by hand (Pillow writes 16-bit grey only)."""
+    import struct
+    import zlib
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+    raw = b"".join(b"\x00" + r for r in rows)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_16_bit_grey_pngs_keep_their_full_depth(tmp_path):
+    """A full-range 16-bit gradient spans [-1, 1] (it loaded 99.6% white, clipped to 8 bits); a 16-bit and an 8-bit
+    file of the same picture load alike; 16-bit colour is read to 8 bits by Pillow, scaled (not clipped)."""
+    grad = (np.arange(64 * 64, dtype=np.uint32) * 16).reshape(64, 64).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(grad).save(tmp_path / "a16.png")
+    Image.fromarray((grad >> 8).astype(np.uint8)).save(tmp_path / "b8.png")
+    x, _ = load(str(tmp_path), size=None)
+    want = torch.from_numpy(grad.astype(np.float64) / 32767.5 - 1).float()
+    assert torch.allclose(x[0, 0], want, atol=1e-6) and float((x[0] > 0.99).float().mean()) < 0.01
+    assert float((x[0] - x[1]).abs().max()) < 2 / 255
+    rgb = tmp_path / "rgb16"
+    rgb.mkdir()
+    import struct
+    _png16(rgb / "c.png", 2, 2, [struct.pack(">HHHHHH", 0, 65535, 32768, 65535, 0, 1000)] * 2, 2)
+    c, _ = load(str(rgb), size=None)
+    assert c.shape == (1, 3, 2, 2) and torch.allclose(c[0, :, 0, 0], torch.tensor([-1.0, 1.0, 128 / 127.5 - 1]), atol=1e-6)
+
+
+def test_alpha_is_refused_in_every_reader_unless_dropped(tmp_path):
+    """RGBA PNG folders lost alpha silently while RGBA .npz was refused; now both refuse, naming the file, and
+    alpha='drop' keeps the colour channels in both."""
+    rgba = _images(2, 8, 8, 4)
+    for i, a in enumerate(rgba):
+        Image.fromarray(a).save(tmp_path / f"{i}.png")
+    with pytest.raises(ValueError, match=r"0\.png has an alpha channel \(mode RGBA\).*alpha='drop'"):
+        load(str(tmp_path))
+    x, _ = load(str(tmp_path), alpha="drop")
+    assert torch.allclose(x, _ref(rgba[..., :3]), atol=1e-6)
+    np.savez(tmp_path / "rgba.npz", x_train=rgba)
+    with pytest.raises(ValueError, match="alpha"):
+        load(str(tmp_path / "rgba.npz"))
+    assert torch.equal(load(str(tmp_path / "rgba.npz"), alpha="drop")[0], x)
+    for name, pic in (("la", Image.fromarray(_images(1, 8, 8, 2)[0], mode="LA")),
+                      ("pal", Image.fromarray(_images(1, 8, 8)[0] % 4, mode="P"))):
+        d = tmp_path / name
+        d.mkdir()
+        if name == "pal":
+            pic.info["transparency"] = 0
+        pic.save(d / "p.png")
+        with pytest.raises(ValueError, match=r"p\.png has an alpha channel"):
+            load(str(d))
+
+
+def test_an_ambiguous_channel_axis_is_refused_unless_the_layout_is_given(tmp_path):
+    """3x3 RGB pictures stored channels-last (N, 3, 3, 3) were read as channels-first; the shape cannot say, so
+    the reader asks, and layout= reads either way."""
+    x = _images(4, 3, 3, 3)
+    np.savez(tmp_path / "d.npz", x_train=x)
+    with pytest.raises(ValueError, match=r"ambiguous.*layout='NCHW' or 'NHWC'"):
+        load(str(tmp_path / "d.npz"))
+    last = load(str(tmp_path / "d.npz"), layout="NHWC", size=None)[0]
+    first = load(str(tmp_path / "d.npz"), layout="NCHW", size=None)[0]
+    assert torch.allclose(last, torch.from_numpy(x.transpose(0, 3, 1, 2) / 127.5 - 1).float(), atol=1e-6)
+    assert torch.allclose(first, torch.from_numpy(x / 127.5 - 1).float(), atol=1e-6)
+    assert load(str(tmp_path / "d.npz"), layout="NHWC")[0].shape == (4, 3, 32, 32)
+
+
+def test_unreadable_pictures_name_their_file_and_bombs_are_refused_at_once(tmp_path):
+    import struct
+    import time
+    import zlib
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+    bomb = tmp_path / "bomb"
+    bomb.mkdir()  # a few bytes that declare a 40000 x 40000 picture
+    (bomb / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 0, 0,
+                                                                                        0, 0)) + chunk(b"IEND", b""))
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"big\.png: refused, the picture is too large.*MAX_IMAGE_PIXELS"):
+        load(str(bomb))
+    assert time.perf_counter() - t0 < 2
+    good = tmp_path / "ok.png"
+    Image.fromarray(_images(1, 32, 32)[0]).save(good)
+    for name, data in (("trunc", good.read_bytes()[:200]), ("text", b"not a picture")):
+        d = tmp_path / name
+        d.mkdir()
+        (d / f"{name}.png").write_bytes(data)
+        with pytest.raises(ValueError, match=rf"{name}\.png"):
+            load(str(d))
+    np.save(tmp_path / "one.npy", np.zeros((2, 8, 8), np.uint8))
+    os.replace(tmp_path / "one.npy", tmp_path / "one.npz")
+    with pytest.raises(ValueError, match=r"one\.npz is not a readable \.npz file of images: it holds a single array"):
+        load(str(tmp_path / "one.npz"))
+
+
+def test_limit_decodes_only_the_files_it_keeps(tmp_path, monkeypatch):
+    """A folder read with limit=10 decoded every file (CelebA: about 24 GB); now only those kept, so a broken file
+    past the limit is never opened."""
+    from patchmosaic.data import images as readers
+
+    for i in range(30):
+        Image.fromarray(_images(1, 8, 8, seed=i)[0]).save(tmp_path / f"{i:02d}.png")
+    (tmp_path / "29.png").write_bytes(b"broken")
+    calls = []
+    real = readers.read_image
+    monkeypatch.setattr(readers, "read_image", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    x, _ = load(str(tmp_path), limit=10)
+    assert x.shape[0] == 10 and len(calls) == 10
+    calls.clear()
+    load(str(tmp_path), indices=[3, 20], limit=1)
+    assert [os.path.basename(c) for c in calls] == ["03.png"]
+    with pytest.raises(ValueError, match=r"29\.png"):
+        load(str(tmp_path))

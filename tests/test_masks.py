@@ -531,3 +531,23 @@ def test_machine_denoiser_with_a_patch_mask():
         pm.MachineDenoiser(els, 7, patch_mask=cross)
     with pytest.raises(ValueError, match="centre"):
         pm.MachineDenoiser(els, patch_mask=np.zeros((3, 3)))
+
+
+def test_mask_weights_that_would_overflow_the_logits_are_refused():
+    """Issue 28 campaign: patch_mask weights of 1e38 gave NaN in float32 without a word. The logits' bound counts
+    the mask's weights (the largest pixel's sum), so such a call is refused, naming the weights; float64 takes them."""
+    rng = np.random.default_rng(28)
+    train = rng.uniform(-1, 1, (10, 1, 8, 8)).astype(np.float32)
+    x = rng.standard_normal((1, 1, 8, 8)).astype(np.float32)
+    w = np.full((3, 3), 1e38)
+    w[1, 1] = 1.0
+    per_pixel = np.ones((8, 8, 3, 3))
+    per_pixel[2, 5] = w
+    for mask in (w, per_pixel):
+        with pytest.raises(ValueError, match="too large for float32.*patch_mask weights summing to"):
+            pm.ELS(train).denoise(x, 0.5, None, patch_mask=mask)
+    w[w > 1] = 1e30
+    out = pm.ELS(train.astype(np.float64)).denoise(x.astype(np.float64), 0.5, None, patch_mask=w)
+    assert np.isfinite(out).all()
+    small = np.ones((3, 3))  # the ordinary case is unchanged
+    assert np.allclose(pm.ELS(train).denoise(x, 0.5, None, patch_mask=small), pm.ELS(train).denoise(x, 0.5, 3))

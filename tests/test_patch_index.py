@@ -356,3 +356,24 @@ def test_ivf_retrieval_check_passes_where_retrieval_is_exhaustive_and_policies_f
         out = pol(xn, 0.1)
     assert pol.record[-1]["used"] == "exact" and "retrieval_failed" in pol.record[-1]
     assert torch.allclose(out, big.denoise(xn, 0.1, 5), atol=1e-6)
+
+
+def test_index_settings_out_of_range_are_refused():
+    """Issue 28 campaign: nprobe=0, pq_m=0, nlist=0, min_index_keys=-1, m=2.5, check_pixels=-1 and an
+    IndexedDenoiser's max_exact_fraction=2 were accepted without a word."""
+    rng = np.random.default_rng(5)
+    m = pm.ELS(rng.uniform(-1, 1, (6, 1, 8, 8)).astype(np.float32))
+    for kw, name in ((dict(nprobe=0), "nprobe"), (dict(pq_m=0), "pq_m"), (dict(nlist=0), "nlist"),
+                     (dict(nprobe=2.5), "nprobe"), (dict(min_index_keys=-1), "min_index_keys"),
+                     (dict(merge="yes"), "merge"), (dict(flat_budget=-1), "flat_budget")):
+        with pytest.raises(ValueError, match=name):
+            pm.PatchIndex(m, 3, progress=False, **kw)
+    idx = pm.PatchIndex(m, 3, kind="flat", progress=False)
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    for kw, name in ((dict(m=2.5), "m must be"), (dict(m=True), "m must be"), (dict(check_pixels=-1), "check_pixels")):
+        with pytest.raises(ValueError, match=name):
+            idx.denoise(x, 0.5, **kw)
+    for kw, name in ((dict(max_exact_fraction=2), "max_exact_fraction"), (dict(m=0), "m must be"),
+                     (dict(t_max=1.5), "t_max"), (dict(tol=float("nan")), "tol")):
+        with pytest.raises(ValueError, match=name):
+            pm.IndexedDenoiser(m, 3, **kw)

@@ -8,6 +8,7 @@ import gzip
 import json
 import os
 import pickle
+import re
 import signal
 import stat
 import subprocess
@@ -31,8 +32,11 @@ IMGS = RNG.uniform(-1, 1, (40, 1, 12, 12)).astype(np.float32)
 
 
 def cli(capsys, *argv):
-    """Exit code and stderr of a CLI call; a failure must be one line."""
-    code = main(list(argv))
+    """Exit code and stderr of a CLI call (an argparse error included); a failure must be one line."""
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse's own exit, on a bad option value
+        code = e.code
     err = capsys.readouterr().err.strip()
     if code:
         assert code == 2 and err.count("\n") == 0 and err.startswith("patchmosaic"), err
@@ -522,3 +526,265 @@ def _valid_call(kind, backend, N, C, H, W, B, grow, dtype, half, t, conditional,
     assert out.shape == x.shape and out.dtype == dtype and np.all(np.isfinite(out))
     ref = m.denoise(x, t, k, labels=qlab, backend="torch")
     assert np.abs(out - ref).max() <= 2e-3
+
+
+# ====================================================================== issue 28: the classes a hostile user found
+# ---------------------------------------------------------------------- outputs: checked before the run, by suffix
+def test_outputs_are_checked_before_the_run(tmp_path, tiny, capsys):
+    """``--out x.npz`` overwrote the picture with the arrays, ``--out /dev/full`` was refused after the whole run.
+    Now an output whose suffix is not what is written, a device, a folder or an unwritable place is refused before
+    the data are even read (so the data here may as well be missing)."""
+    missing = str(tmp_path / "missing.npz")
+    cases = [
+        (["sample", "--data", missing, "--out", str(tmp_path / "x.npz")], r"--out .*x\.npz: the picture .* \.png"),
+        (["sample", "--data", missing, "--out", "/dev/full"], r"/dev/full: it is a device"),
+        (["sample", "--data", missing, "--out", str(tmp_path)], r"it is a directory"),
+        (["sample", "--data", missing, "--out", "/proc/none/x.png"], r"cannot write|is not a folder"),
+        (["demo", "--out", str(tmp_path / "d.jpg")], r"demo picture is written in the \.png format"),
+        (["calibrate", "--network", missing, "--data", missing, "--out", str(tmp_path / "ks.txt")], r"\.json"),
+        (["calibrate", "--network", missing, "--data", missing, "--out", str(tmp_path / "k.json"), "--state",
+          str(tmp_path / "s.json")], r"--state .*\.npz"),
+        (["compare", "--network", missing, "--data", missing, "--out", tiny], r"is a regular file, but the comparison folder must be a folder"),
+        (["train", "--data", missing, "--out", "/dev/null"], r"/dev/null: it is a device"),
+        (["train", "--data", missing, "--out", tiny], r"tiny\.npz: it is a regular file"),
+    ]
+    for argv, pattern in cases:
+        code, err = cli(capsys, *argv)
+        assert code == 2 and re.search(pattern, err), (argv, err)
+        assert "no data set" not in err and "no network" not in err  # refused before anything was read
+    assert not (tmp_path / "x.npz").exists()
+    code, _ = cli(capsys, "sample", "--data", tiny, "--k", "3", "--n", "1", "--steps", "1", "--quiet", "--out",
+                  str(tmp_path / "UP.PNG"))
+    assert code == 0 and (tmp_path / "UP.npz").exists()
+
+
+# --------------------------------------------------------------------------- memory: estimated before allocating
+def test_memory_is_checked_before_allocating(tmp_path, capsys, monkeypatch):
+    """demo --n 400000 allocated its noise before its check; calibrate --k-max 2147483647 built a billion-element
+    list; DataLocal allocated the D x D Jacobian (and check_request approved a call needing 512 GiB). Each is now
+    refused from its arguments, at once."""
+    for argv, pattern in ((["demo", "--samples", "400000", "--quiet", "--out", str(tmp_path / "d.png")], r"GiB"),):
+        t0 = time.perf_counter()
+        code, err = cli(capsys, *argv)
+        assert code == 2 and re.search(pattern, err) and time.perf_counter() - t0 < 5, err
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"k_max = 2147483647 is larger than any useful"):
+        pm.calibrate(MachineNet(pm.ELS(IMGS), 3), pm.ELS(IMGS), torch.zeros(1, 1, 12, 12), k_max=2147483647)
+    with pytest.raises(pm.ResourceError, match=r"sensitivity fields of every pixel pair: 512\.00 GiB"):
+        pm.DataLocal(np.zeros((2, 1, 512, 512), np.float32))
+    dl = pm.DataLocal(IMGS)
+    monkeypatch.setattr("patchmosaic.validation.available_memory", lambda: 1 << 20)  # 1 MiB: the fields need more
+    with pytest.raises(pm.ResourceError, match="sensitivity fields of a new noise level"):
+        dl.check_request((1, 1, 12, 12), k=3)
+    assert time.perf_counter() - t0 < 5
+
+
+def test_large_wiener_fields_are_computed_in_blocks_equal_to_the_whole(monkeypatch):
+    from patchmosaic.machines import locality
+
+    w = pm.Wiener(np.random.default_rng(2).uniform(-1, 1, (200, 3, 6, 6)).astype(np.float32))
+    whole = locality.pixel_fields(w, 0.3)
+    monkeypatch.setattr(locality, "JACOBIAN_BLOCK", 1 << 14)  # a few rows of J at a time
+    assert torch.allclose(locality.pixel_fields(w, 0.3), whole, rtol=1e-12, atol=1e-14)
+
+
+def test_a_flat_index_counts_all_its_parts_before_hashing_a_key(monkeypatch):
+    """PatchIndex(kind='flat') compared only its largest part with the free memory, after merging duplicates (60,000
+    MNIST digits at k = 31: 236 GB, no answer in 15 minutes). Now every part counts, before any key is hashed:
+    exactly without merging, from a sample with it -- low, so that data whose duplicates merge away still passes."""
+    pytest.importorskip("faiss")
+    from patchmosaic.index import patch_index
+
+    distinct = np.random.default_rng(3).uniform(-1, 1, (60, 1, 12, 12)).astype(np.float32)
+    blank = np.zeros_like(distinct)
+    blank[:, :, 0, 0] = np.arange(60)[:, None] / 60  # few distinct 9x9 patches: most are all zero
+    need = 60 * 144 * (81 * 4 + 16)  # keys x (vector + id + count): 2.9 MB unmerged
+    monkeypatch.setattr(patch_index, "available_memory", lambda: need * 2 // 3)  # above the merge's working memory
+    hashed = []
+    real = patch_index.row_hashes
+    monkeypatch.setattr(patch_index, "row_hashes", lambda v: hashed.append(len(v)) or real(v))
+    with pytest.raises(pm.ResourceError, match=r"flat patch index of 8,640 keys .* without merging"):
+        pm.PatchIndex(pm.ELS(distinct), 9, kind="flat", merge=False, progress=False)
+    assert not hashed
+    with pytest.raises(pm.ResourceError, match=r"after merging duplicates: about 100% of them distinct"):
+        pm.PatchIndex(pm.ELS(distinct), 9, kind="flat", progress=False)
+    assert sum(hashed) <= patch_index.PatchIndex.SAMPLE_KEYS  # a sample, not the merge
+    idx = pm.PatchIndex(pm.ELS(blank), 9, kind="flat", progress=False)
+    assert sum(len(p.keys) for p in idx.parts) * (81 * 4 + 16) <= need // 2
+
+
+def test_an_index_manifest_of_the_wrong_json_shape_is_named(tmp_path):
+    pytest.importorskip("faiss")
+    m = pm.ELS(IMGS)
+    pm.PatchIndex(m, 3, kind="flat", progress=False).save(str(tmp_path / "i"))
+    for value in ([1, 2], "x", None, {"parts": [{"file": "../../etc/passwd"}]}, {"k": "3"}):
+        (tmp_path / "i" / "manifest.json").write_text(json.dumps(value))
+        with pytest.raises(ValueError, match=r"manifest\.json is not a patch index manifest"):
+            pm.PatchIndex.load(str(tmp_path / "i"), m, 3)
+
+
+# ------------------------------------------------------------------------------------- training: no NaN checkpoint
+def test_training_that_diverges_stops_without_a_nan_checkpoint(tmp_path, capsys):
+    """--lr 1e30 and --weight-decay inf exited 0 with a NaN checkpoint. Non-finite settings are refused; a run whose
+    loss or weights stop being finite stops at that step, keeping the last good checkpoint."""
+    from patchmosaic.networks import TrainConfig, load, train
+
+    x = torch.from_numpy(IMGS[:16, :, :8, :8])
+    cfg = {"arch": "resnet", "channels": 1, "width": 4, "depth": 1, "padding": "zeros", "num_classes": 0}
+    for bad in (dict(lr=float("nan")), dict(weight_decay=float("inf")), dict(ema_decay=float("nan"))):
+        with pytest.raises(ValueError, match="must be a finite number"):
+            train(dict(cfg), x, out=str(tmp_path / "n"), config=TrainConfig(steps=2, batch_size=4, **bad),
+                  progress=False)
+    with pytest.raises(ValueError, match=r"training diverged at step \d+: .*lr=1e\+30.*no checkpoint was written"):
+        train(dict(cfg), x, out=str(tmp_path / "d"), config=TrainConfig(steps=5, batch_size=4, lr=1e30),
+              progress=False)
+    assert not (tmp_path / "d" / "model.safetensors").exists()
+    train(dict(cfg), x, out=str(tmp_path / "g"), config=TrainConfig(steps=2, batch_size=4), progress=False)
+    with pytest.raises(ValueError, match=r"diverged .*the checkpoint of step 2 .* is kept"):
+        train(dict(cfg), x, out=str(tmp_path / "g"), config=TrainConfig(steps=6, batch_size=4, lr=1e30),
+              progress=False, override=True)
+    net, info, _ = load(str(tmp_path / "g"))
+    assert info["step"] == 2 and all(bool(torch.isfinite(p).all()) for p in net.parameters())
+    for argv in (["--lr", "1e30"], ["--weight-decay", "inf"], ["--lr", "nan"]):
+        code, err = cli(capsys, "train", "--steps", "2", "--out", str(tmp_path / "c"), *argv)
+        assert code == 2 and f"argument {argv[0]}" in err
+
+
+def test_resuming_on_other_data_of_the_same_shape_is_refused(tmp_path):
+    from patchmosaic.networks import TrainConfig, train
+
+    x = torch.from_numpy(IMGS[:16, :, :8, :8])
+    cfg = {"arch": "resnet", "channels": 1, "width": 4, "depth": 1, "padding": "zeros", "num_classes": 0}
+    train(dict(cfg), x, out=str(tmp_path), config=TrainConfig(steps=2, batch_size=4), progress=False)
+    with pytest.raises(ValueError, match=r"at step 2 with other training data .*override=True"):
+        train(dict(cfg), x.flip(0), out=str(tmp_path), config=TrainConfig(steps=3, batch_size=4), progress=False)
+    train(dict(cfg), x.flip(0), out=str(tmp_path), config=TrainConfig(steps=3, batch_size=4), progress=False,
+          override=True)
+    hist = json.load(open(tmp_path / "config.json"))["info"]["train"]["history"]
+    assert [h["from_step"] for h in hist] == [0, 2] and hist[0]["data"] != hist[1]["data"]
+    train(dict(cfg), x.flip(0), out=str(tmp_path), config=TrainConfig(steps=4, batch_size=4), progress=False)
+
+
+# --------------------------------------------------------------------- messages that name the option or the file
+def test_messages_name_the_option_or_the_file(tmp_path, tiny, capsys):
+    """"invalid literal for int()", "Overflow when unpacking long long", "'numpy.ndarray' object does not support the
+    context manager protocol" and a truncated image without its name: each now names what is wrong."""
+    from PIL import Image
+
+    from patchmosaic.networks import ResNet, save
+
+    net = str(tmp_path / "net")
+    save(net, ResNet(1, 4, 1))
+    np.save(tmp_path / "s.npy", np.zeros((2, 1, 32, 32), np.float32))
+    os.replace(tmp_path / "s.npy", tmp_path / "seeds.npz")
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    buf = tmp_path / "ok.png"
+    Image.fromarray(RNG.integers(0, 256, (32, 32), dtype=np.uint8)).save(buf)
+    (folder / "half.png").write_bytes(buf.read_bytes()[:150])
+    out = str(tmp_path / "o.png")
+    for argv, pattern in (
+            (["sample", "--data", tiny, "--labels", "a,b", "--out", out], r"--labels takes comma-separated integers"),
+            (["sample", "--data", tiny, "--classes", "1;2", "--out", out], r"--classes takes comma-separated"),
+            (["sample", "--data", tiny, "--seed", str(2**70), "--out", out], r"argument --seed: must lie in"),
+            (["sample", "--data", tiny, "--n", "x", "--out", out], r"argument --n/--samples: expected an integer"),
+            (["sample", "--data", tiny, "--canvas", "5x", "--out", out], r"--canvas reads HxW"),
+            (["calibrate", "--network", "n", "--data", tiny, "--candidates", "3,x", "--out",
+              str(tmp_path / "k.json")], r"--candidates takes comma-separated"),
+            (["compare", "--network", net, "--data", tiny, "--seeds-file", str(tmp_path / "seeds.npz"), "--out",
+              str(tmp_path / "c")], r"seeds\.npz is not a readable seeds \.npz .*: it holds a single array"),
+            (["sample", "--data", str(folder), "--out", out], r"half\.png is not a readable image")):
+        code, err = cli(capsys, *argv)
+        assert code == 2 and re.search(pattern, err), (argv, err)
+        assert "invalid literal" not in err and "Overflow" not in err and "context manager" not in err
+
+
+def test_a_network_of_other_channels_is_named_before_it_runs(tmp_path, tiny, capsys):
+    """A 3-channel network given 1-channel data said only "The following operation failed in the TorchScript
+    interpreter"; the mismatch is named before the network runs (API and command line)."""
+    from patchmosaic.networks import ResNet, network_channels, save
+
+    net = ResNet(3, 4, 1)
+    calls = []
+    net.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=r"the network takes 3-channel images, but x has 1 channel"):
+        pm.NetworkDenoiser(net).eps(torch.zeros(2, 1, 8, 8), 0.5)
+    assert not calls
+    assert network_channels(torch.jit.script(ResNet(3, 4, 1))) == 3 and network_channels(lambda t, x, y: x) is None
+    save(str(tmp_path / "net3"), ResNet(3, 4, 1))
+    code, err = cli(capsys, "calibrate", "--network", str(tmp_path / "net3"), "--data", tiny, "--out",
+                    str(tmp_path / "k.json"))
+    assert code == 2 and "takes 3-channel images, but --data" in err and "1-channel" in err
+
+
+# ------------------------------------------------------------------------------------------- Ctrl-C and the variant
+def test_ctrl_c_exits_130_saying_what_was_saved(tmp_path, tiny, capsys, monkeypatch):
+    from patchmosaic.experiments import synthesis
+    from patchmosaic.networks import TrainConfig, train
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthesis, "run_sample", interrupted)
+    assert main(["sample", "--data", tiny, "--out", str(tmp_path / "s.png")]) == 130
+    assert capsys.readouterr().err.strip() == "patchmosaic sample: interrupted; nothing was written (the files are " \
+                                              "written at the end)"
+    out = str(tmp_path / "net")
+    x = torch.from_numpy(IMGS[:8, :, :8, :8])
+    train({"arch": "resnet", "channels": 1, "width": 4, "depth": 1, "padding": "zeros", "num_classes": 0}, x, out=out,
+          config=TrainConfig(steps=3, batch_size=4), progress=False)
+    monkeypatch.setattr("patchmosaic.networks.train", interrupted)
+    assert main(["train", "--data", tiny, "--out", out, "--steps", "9"]) == 130
+    assert f"interrupted; the checkpoint of step 3 in {out} is kept: rerun the same command to resume" in \
+        capsys.readouterr().err
+
+
+def test_a_real_ctrl_c_stops_the_command_with_one_line(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-m", "patchmosaic", "sample", "--steps", "400", "--samples", "8", "--quiet",
+                          "--out", str(tmp_path / "s.png")], env=env, stderr=subprocess.PIPE, text=True)
+    time.sleep(5)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.strip() == "patchmosaic sample: interrupted; nothing was written (the files " \
+                                                  "are written at the end)", err
+    assert not (tmp_path / "s.png").exists()
+
+
+# ------------------------------------------------------------------ issue 28: what the hostile campaign found
+def test_what_the_campaign_found(tmp_path):
+    """bench/hostile_campaign.py's defects, each now a clear error or a correct result (see bench/RESULTS.md 11)."""
+    from PIL import Image
+
+    from patchmosaic.networks import TrainConfig, train
+
+    den = pm.MachineDenoiser(pm.ELS(IMGS), 3)
+    x = IMGS[:2]
+    with pytest.raises(TypeError, match="generator must be a seeded torch.Generator"):
+        pm.ddpm(den, x, generator=5, steps=2, progress=False)
+    t0 = time.perf_counter()
+    with pytest.raises(pm.ResourceError, match="a time grid of 10000000000 steps"):
+        pm.ddim(den, x, steps=10**10, progress=False)
+    assert time.perf_counter() - t0 < 2
+    for device in ("gpu", "meta"):
+        with pytest.raises(ValueError, match=rf"TrainConfig.device \(--device\) '{device}' is not a device"):
+            train({"arch": "resnet", "channels": 1, "width": 4, "depth": 1, "padding": "zeros", "num_classes": 0},
+                  x, out=str(tmp_path / "t"), config=TrainConfig(steps=1, device=device), progress=False)
+    red = np.zeros((8, 8, 3), np.uint8)
+    red[..., 0] = 255
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")  # grey first, then colour: keep colour
+    Image.fromarray(red).save(tmp_path / "b.png")
+    imgs, _ = pm.data.load(str(tmp_path), size=None)
+    assert imgs.shape == (2, 3, 8, 8) and imgs[1, :, 0, 0].tolist() == [1.0, -1.0, -1.0]
+    assert pm.data.load(str(tmp_path), size=None, limit=1)[0].shape == (1, 1, 8, 8)
+
+
+def test_inverted_file_parts_smaller_than_their_lists_are_built():
+    """The campaign: an IVF index over parts with fewer keys than lists (or than an IVF-PQ codebook) stopped with
+    faiss's raw "Number of training points should be at least as large as number of clusters"."""
+    pytest.importorskip("faiss")
+    small = pm.ELS(IMGS[:6])  # parts of 6 keys
+    x = IMGS[:2]
+    for kind in ("ivf", "ivfpq"):
+        idx = pm.PatchIndex(small, 3, kind=kind, min_index_keys=0, progress=False)
+        assert np.isfinite(idx.denoise(x, 0.5).x0.numpy()).all()

@@ -108,8 +108,10 @@ def test_kernels_compile_for_hopper_without_a_gpu():
 
     if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
         pytest.skip("this triton has no bundled ptxas to compile for NVIDIA GPUs with")
+    # the package this process imported (installed, or a source tree on PYTHONPATH), not a guess at its place
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
     res = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "triton_aot.py"), "90"], capture_output=True,
-                         text=True, timeout=900)
+                         text=True, timeout=900, env=env)
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     assert res.returncode == 0 and len(rows) == 6, res.stdout[-2000:] + res.stderr[-2000:]
     assert all(r["shared"] <= 227 * 1024 and r["registers"] <= 255 for r in rows), rows

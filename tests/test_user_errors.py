@@ -146,7 +146,7 @@ def test_cuda_tensors_are_refused_clearly_before_any_work(no_cuda):
     assert den.calls == 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a real CUDA tensor")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device here (the test needs a real CUDA tensor)")
 def test_a_real_cuda_tensor_when_torch_stops_seeing_cuda(monkeypatch):
     x = torch.zeros(2, 1, 8, 8, device="cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

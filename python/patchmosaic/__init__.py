@@ -18,7 +18,27 @@ data (data sets) and networks (the paper's CNNs and their training); distributed
 experiments over torch.distributed ranks (key and query sharding).
 """
 
-from . import data, diffusion, distributed, index, metrics, networks, ops, schedules
+import os as _os
+import sys as _sys
+
+from .validation import ConfigurationError, ResourceError
+
+
+def _run_as_command() -> bool:
+    """Whether this process is the ``patchmosaic`` command (``python -m patchmosaic`` or the script)."""
+    argv = list(getattr(_sys, "orig_argv", []))
+    if "-m" in argv:
+        return argv[argv.index("-m") + 1 : argv.index("-m") + 2] == ["patchmosaic"]
+    return _os.path.basename(_sys.argv[0] if _sys.argv else "") == "patchmosaic"
+
+
+try:
+    from . import data, diffusion, distributed, index, metrics, networks, ops, schedules
+except ConfigurationError as _e:  # the command says it in one line; a program importing the package gets the error
+    if _run_as_command():
+        print(f"patchmosaic: error: {_e}", file=_sys.stderr)
+        raise SystemExit(2) from None
+    raise
 from .diffusion import (IndexedDenoiser, KSchedule, MachineDenoiser, NetworkDenoiser, ThresholdSchedule, ddim, ddpm,
                         kschedule, as_sigma_denoiser, from_sigma_denoiser, edm_sample, edm_sigmas)
 from .diffusion import samplers as sampling
@@ -27,11 +47,10 @@ from .index import PatchIndex
 from . import machines
 from .machines import *  # noqa: F401,F403  (every machine: machines/__init__.py lists them)
 from .ops import cuda_available
-from .validation import ResourceError
 
 __all__ = machines.__all__ + [
-    "ResourceError", "cuda_available", "data", "kschedule", "metrics", "networks", "ops", "sampling", "schedules",
-    "diffusion", "index", "ddim", "ddpm", "KSchedule", "ThresholdSchedule", "MachineDenoiser", "NetworkDenoiser",
-    "calibrate", "Calibration", "compare", "PatchIndex", "IndexedDenoiser", "calibrate_t_max", "distributed",
-    "as_sigma_denoiser", "from_sigma_denoiser", "edm_sample", "edm_sigmas"]
+    "ResourceError", "ConfigurationError", "cuda_available", "data", "kschedule", "metrics", "networks", "ops",
+    "sampling", "schedules", "diffusion", "index", "ddim", "ddpm", "KSchedule", "ThresholdSchedule", "MachineDenoiser",
+    "NetworkDenoiser", "calibrate", "Calibration", "compare", "PatchIndex", "IndexedDenoiser", "calibrate_t_max",
+    "distributed", "as_sigma_denoiser", "from_sigma_denoiser", "edm_sample", "edm_sigmas"]
 __version__ = "0.1.0"

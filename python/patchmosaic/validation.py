@@ -13,6 +13,11 @@ class ResourceError(ValueError, MemoryError):
     """A request whose working memory would exceed what this machine has."""
 
 
+class ConfigurationError(RuntimeError):
+    """The environment asks for something this installation cannot do (e.g. a ``PATCHMOSAIC_CPU_VARIANT`` this
+    build lacks or this CPU cannot run); raised when the package is imported."""
+
+
 def as_batch(x, name: str, ndim: int = 4) -> torch.Tensor:
     """numpy or torch -> torch tensor (no copy where possible); checks type, rank and dtype, from the
     metadata alone (no look at the values: this runs inside ``torch.compile`` without a graph break)."""
@@ -121,13 +126,16 @@ def available_memory() -> int:
         return 1 << 62
 
 
-def check_memory(nbytes: int, what: str, limit: int | None = None) -> None:
-    """Refuse a request whose working memory exceeds ``limit`` (default: what the machine has)."""
+def check_memory(nbytes: int, what: str, limit: int | None = None,
+                 advice: str = "use a smaller batch or canvas") -> None:
+    """Refuse a request whose working memory exceeds ``limit`` (default: what the machine has): the one check
+    every entry point runs on its estimate, from the arguments alone, before allocating; ``advice`` ends the
+    message."""
     limit = available_memory() if limit is None else limit
     if nbytes > limit:
         raise ResourceError(
             f"{what} needs about {nbytes / 2**30:.2f} GiB of working memory, more than the "
-            f"{limit / 2**30:.2f} GiB available; use a smaller batch or canvas"
+            f"{limit / 2**30:.2f} GiB available; {advice}"
         )
 
 

@@ -15,30 +15,63 @@ import torch
 import torch.nn.functional as F
 
 
-def preprocess(images: np.ndarray, size: int | None = 32) -> torch.Tensor:
-    """uint8 ``(N, H, W)`` or ``(N, H, W, C)`` / ``(N, C, H, W)`` -> float32 ``(N, C, size, size)`` in [-1, 1].
+LAYOUTS = ("NHWC", "NCHW")
+PIXEL_MAX = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 
-    The paper's recipe: ``x / 127.5 - 1``, then, when the size differs, bilinear resizing with
-    antialiasing (``align_corners=False``), clamped to [-1, 1].
+
+def preprocess(images: np.ndarray, size: int | None = 32, *, layout: str | None = None,
+               alpha: str = "refuse") -> torch.Tensor:
+    """uint8 or uint16 ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, C, H, W)`` -> float32 ``(N, C, size, size)`` in
+    [-1, 1].
+
+    The paper's recipe: ``x / 127.5 - 1`` (uint16: ``x / 32767.5 - 1``, the full 16 bits), then, when the size
+    differs, bilinear resizing with antialiasing (``align_corners=False``), clamped to [-1, 1].
+
+    The channel axis: ``layout="NHWC"`` or ``"NCHW"`` says where it is; None (default) reads it from the shape
+    -- the axis of 1 to 4 entries, axis 1 or the last -- and refuses a shape where both are (e.g. 3x3 RGB
+    pictures ``(N, 3, 3, 3)``), naming both readings. Images with an alpha channel (2 or 4 channels) are
+    refused, unless ``alpha="drop"`` (then the grey or RGB channels are kept).
     """
     x = np.asarray(images)
-    if x.dtype != np.uint8:
-        raise TypeError(f"preprocess expects uint8 images, got {x.dtype} with shape {x.shape}")
+    if x.dtype not in PIXEL_MAX:
+        raise TypeError(f"preprocess expects uint8 or uint16 images, got {x.dtype} with shape {x.shape}")
+    if layout not in (None,) + LAYOUTS:
+        raise ValueError(f"layout must be 'NHWC', 'NCHW' or None (read from the shape), got {layout!r}")
+    if alpha not in ("refuse", "drop"):
+        raise ValueError(f"alpha must be 'refuse' or 'drop', got {alpha!r}")
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4:
         first, last = x.shape[1] in (1, 2, 3, 4), x.shape[-1] in (1, 2, 3, 4)
-        if last and not first:
+        if layout is None:
+            if first and last:
+                raise ValueError(f"images of shape {x.shape} are ambiguous: (N, C, H, W) with {x.shape[1]} channels "
+                                 f"of {x.shape[2]}x{x.shape[3]}, or (N, H, W, C) with {x.shape[3]} channels of "
+                                 f"{x.shape[1]}x{x.shape[2]}; say which with layout='NCHW' or 'NHWC' (--layout)")
+            if not first and not last:
+                raise ValueError(f"images of shape {x.shape}: neither axis 1 nor the last axis is a channel axis "
+                                 "(1 grey or 3 RGB channels)")
+            layout = "NHWC" if last else "NCHW"
+        if layout == "NHWC":
             x = x.transpose(0, 3, 1, 2)
-        elif not first:
-            raise ValueError(f"images of shape {x.shape}: neither axis 1 nor the last axis is a channel axis "
-                             "(1 grey or 3 RGB channels)")
+        if x.shape[1] not in (1, 2, 3, 4):
+            raise ValueError(f"images of shape {np.shape(images)} read as {layout} have {x.shape[1]} channels; "
+                             "images are grey (1) or RGB (3)")
         if x.shape[1] in (2, 4):
-            raise ValueError(f"images of shape {images.shape} have {x.shape[1]} channels (grey or RGB with an alpha "
-                             "channel); drop the alpha channel first (e.g. x[..., :3] or x[..., :1])")
+            if alpha != "drop":
+                raise ValueError(f"images of shape {np.shape(images)} have {x.shape[1]} channels (grey or RGB with "
+                                 "an alpha channel); drop the alpha channel first (e.g. x[..., :3] or x[..., :1]), "
+                                 "or pass alpha='drop' (--drop-alpha)")
+            x = x[:, : x.shape[1] - 1]
     else:
         raise ValueError(f"images must be (N, H, W), (N, H, W, C) or (N, C, H, W), got shape {x.shape}")
-    t = torch.from_numpy(np.ascontiguousarray(x)).float() / 127.5 - 1
+    half = PIXEL_MAX[x.dtype] / 2
+    x = np.ascontiguousarray(x)
+    if not x.flags.writeable:  # a decoded picture's buffer: torch wants memory it may write
+        x = x.copy()
+    t = torch.from_numpy(x).float() / half - 1
+    if x.dtype == np.uint16:  # float32 rounding of x / 32767.5 may leave [-1, 1] by an ulp
+        t = t.clamp(-1, 1)
     if size is not None and tuple(t.shape[-2:]) != (size, size):
         t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(-1, 1)
     return t.contiguous()

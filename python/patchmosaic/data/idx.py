@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from typing import Tuple
@@ -23,7 +24,7 @@ def read_idx(path: str) -> np.ndarray:
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
+    if data.size != math.prod(dims):
         raise ValueError(f"{path}: header says {dims} but holds {data.size} bytes")
     return data.reshape(dims).copy()
 

@@ -21,11 +21,70 @@ def _pil():
     return Image
 
 
-def _read(path: str, grey: Optional[bool]) -> np.ndarray:
+GREY_MODES = ("L", "1", "I;16", "I;16L", "I;16B", "I;16N", "I", "LA", "La")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _open(path: str):
+    """``Image.open`` of one file, with a picture above Pillow's pixel limit (``Image.MAX_IMAGE_PIXELS``, a
+    decompression bomb: a small file that decodes to gigabytes) and an unreadable file refused by a
+    ValueError naming ``path``."""
+    import warnings
+
     Image = _pil()
-    with Image.open(path) as im:
-        im = im.convert("L" if grey else "RGB")
-        return np.asarray(im, dtype=np.uint8)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ValueError(f"{path}: refused, the picture is too large to decode safely ({e}); raise "
+                         "PIL.Image.MAX_IMAGE_PIXELS to read it on purpose") from None
+    except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
+        raise ValueError(f"{path} is not a readable image ({type(e).__name__}: {e})") from None
+
+
+def has_alpha(im) -> bool:
+    """Whether a Pillow image carries transparency (an alpha channel or a transparent palette entry)."""
+    return im.mode in ALPHA_MODES or "transparency" in im.info
+
+
+def is_grey(path: str) -> bool:
+    """Whether the picture at ``path`` is grey (read from its header, nothing decoded)."""
+    with _open(path) as im:
+        return im.mode in GREY_MODES
+
+
+def read_image(path: str, grey: Optional[bool] = None, alpha: str = "refuse") -> np.ndarray:
+    """One picture as ``(H, W)`` (grey) or ``(H, W, 3)``: uint8, or uint16 with the full range of a 16-bit
+    grey file (scaled by 65535 in :func:`patchmosaic.data.preprocess`; Pillow reads 16-bit colour files as
+    8 bits, scaled). ``grey``: convert to grey (True) or RGB (False); None: as the file is. A picture with an
+    alpha channel (or a transparent palette) is refused unless ``alpha="drop"``. Every failure -- not an
+    image, truncated, too large (a decompression bomb) -- is a ValueError naming ``path``."""
+    if alpha not in ("refuse", "drop"):
+        raise ValueError(f"alpha must be 'refuse' or 'drop', got {alpha!r}")
+    with _open(path) as im:
+        mode = im.mode
+        if has_alpha(im) and alpha != "drop":
+            raise ValueError(f"{path} has an alpha channel (mode {mode}); images are grey or RGB: drop the alpha "
+                             "channel first, or pass alpha='drop' (--drop-alpha) to drop it")
+        if grey is None:
+            grey = mode in GREY_MODES
+        try:
+            if mode in SIXTEEN_BIT or mode == "I":
+                a = np.asarray(im)
+                if mode == "I" and (a.min() < 0 or a.max() > 65535):
+                    raise ValueError(f"{path}: 32-bit integer pixels outside 0..65535 (mode I) are not supported")
+                a = a.astype(np.uint16)
+                return a if grey else np.repeat(a[:, :, None], 3, axis=2)
+            if mode == "F":
+                raise ValueError(f"{path}: floating-point pixels (mode F) are not supported; save 8- or 16-bit "
+                                 "images")
+            return np.asarray(im.convert("L" if grey else "RGB"), dtype=np.uint8)
+        except ValueError:
+            raise
+        except (OSError, SyntaxError) as e:  # a truncated or corrupt file fails while decoding
+            raise ValueError(f"{path} is not a readable image ({type(e).__name__}: {e})") from None
 
 
 def _square(a: np.ndarray) -> np.ndarray:
@@ -34,13 +93,9 @@ def _square(a: np.ndarray) -> np.ndarray:
     return a[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
 
 
-def load_folder(folder: str, *, grey: Optional[bool] = None, crop: Optional[Tuple[int, int, int, int]] = None,
-                limit: Optional[int] = None) -> Tuple[List[np.ndarray], np.ndarray, List[str]]:
-    """Images of ``folder`` in sorted order (uint8 ``(H, W)`` or ``(H, W, 3)``), labels and class names.
-
-    Sub-folders are classes (label = index of the sorted sub-folder name); files directly inside get
-    label 0. ``grey`` None: grey if the first image is. ``crop = (r0, r1, c0, c1)``, else a centre square.
-    """
+def list_folder(folder: str) -> Tuple[List[Tuple[int, str]], List[str]]:
+    """``([(label, path), ...], class names)`` of the image files of ``folder`` in sorted order, nothing decoded:
+    sub-folders are classes (label = index of the sorted sub-folder name); files directly inside get label 0."""
     if not os.path.isdir(folder):
         raise ValueError(f"no image folder at {folder}")
     subs = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
@@ -50,16 +105,53 @@ def load_folder(folder: str, *, grey: Optional[bool] = None, crop: Optional[Tupl
         files += [(lab, os.path.join(d, f)) for f in sorted(os.listdir(d)) if f.lower().endswith(EXTENSIONS)]
     if not files:
         raise ValueError(f"{folder} holds no images ({', '.join(EXTENSIONS)})")
-    files = files[:limit]
-    if grey is None:
-        Image = _pil()
-        with Image.open(files[0][1]) as im:
-            grey = im.mode in ("L", "1", "I;16", "I")
-    out = []
-    for _, f in files:
-        a = _read(f, grey)
-        out.append(a[crop[0] : crop[1], crop[2] : crop[3]] if crop else _square(a))
-    return out, np.array([lab for lab, _ in files], np.int64), subs or [os.path.basename(folder)]
+    return files, subs or [os.path.basename(folder)]
+
+
+class FolderImages:
+    """The pictures of a folder as a sequence that decodes a file only when it is indexed (so a subset or a
+    ``limit`` decodes only the files it keeps): ``images[i]`` is uint8 / uint16 ``(H, W)`` or ``(H, W, 3)``,
+    cropped (``crop = (r0, r1, c0, c1)``, else the centre square); ``labels`` and ``paths`` are known at once.
+    ``grey`` None: grey if every file kept is (read from their headers by :meth:`prepare`, so that a colour picture
+    among grey ones makes every picture RGB instead of losing its colour)."""
+
+    def __init__(self, folder: str, *, grey: Optional[bool] = None, crop: Optional[Tuple[int, int, int, int]] = None,
+                 alpha: str = "refuse"):
+        files, self.classes = list_folder(folder)
+        self.paths = [f for _, f in files]
+        self.labels = np.array([lab for lab, _ in files], np.int64)
+        self.grey = None if grey is None else bool(grey)
+        self.crop, self.alpha = crop, alpha
+
+    def prepare(self, keep) -> None:
+        """Decide grey or RGB from the headers of the files ``keep`` (indices) when ``grey`` was not given."""
+        if self.grey is None:
+            self.grey = all(is_grey(self.paths[int(i)]) for i in keep)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        if self.grey is None:
+            self.prepare(range(len(self.paths)))
+        a = read_image(self.paths[int(i)], self.grey, self.alpha)
+        c = self.crop
+        return a[c[0] : c[1], c[2] : c[3]] if c else _square(a)
+
+
+def load_folder(folder: str, *, grey: Optional[bool] = None, crop: Optional[Tuple[int, int, int, int]] = None,
+                limit: Optional[int] = None, alpha: str = "refuse") -> Tuple[List[np.ndarray], np.ndarray, List[str]]:
+    """Images of ``folder`` in sorted order (uint8 or uint16 ``(H, W)`` or ``(H, W, 3)``), labels and class names;
+    only the first ``limit`` files are decoded.
+
+    Sub-folders are classes (label = index of the sorted sub-folder name); files directly inside get
+    label 0. ``grey`` None: grey if every image read is. ``crop = (r0, r1, c0, c1)``, else a centre square.
+    ``alpha``: a picture with an alpha channel is refused (``"refuse"``, default) or loses it (``"drop"``).
+    """
+    imgs = FolderImages(folder, grey=grey, crop=crop, alpha=alpha)
+    n = len(imgs) if limit is None else min(len(imgs), int(limit))
+    imgs.prepare(range(n))
+    return [imgs[i] for i in range(n)], imgs.labels[:n], imgs.classes
 
 
 def load_photo(name: str) -> np.ndarray:

@@ -16,14 +16,15 @@ bilinear antialiased resize when the size differs, e.g. MNIST 28 -> 32); ``label
   ``y_train``/``labels``/``y``), an IDX image file, or a folder holding IDX files, CIFAR-10 python
   batches, CelebA's ``img_align_celeba`` or any images (sub-folders = classes).
 
-Subsets: ``indices`` (positions in the file order), then ``classes`` (labels to keep), then ``limit``.
+Subsets: ``indices`` (positions in the file order), then ``classes`` (labels to keep), then ``limit``; in a
+folder of image files only the files kept are decoded. ``layout`` (``"NHWC"`` / ``"NCHW"``) says where an
+``.npz`` file's channel axis is when its shape leaves it open; ``alpha="drop"`` drops an alpha channel (refused
+otherwise, in every format).
 """
 
 from __future__ import annotations
 
 import os
-import zipfile
-import zlib
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -32,7 +33,8 @@ import torch
 from .cifar import check_labels, load_cifar10
 from .default import load_default_raw, preprocess
 from .idx import find_idx, load_idx
-from .images import CELEBA_CROP, crops, load_folder, load_photo
+from ..io.files import read_npz
+from .images import CELEBA_CROP, FolderImages, crops, load_photo
 
 IMAGE_KEYS = ("x_train", "images", "x")
 LABEL_KEYS = ("y_train", "labels", "y")
@@ -54,70 +56,86 @@ def data_root(root: Optional[str] = None) -> str:
 def load(spec: str, *, limit: Optional[int] = None, size="auto", split: str = "train",
          indices: Optional[Sequence[int]] = None, classes: Optional[Sequence[int]] = None,
          root: Optional[str] = None, download: bool = False, crop: Optional[int] = None,
-         stride: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+         stride: Optional[int] = None, layout: Optional[str] = None,
+         alpha: str = "refuse") -> Tuple[torch.Tensor, torch.Tensor]:
     """Load ``spec`` (see the module docstring) as ``(images (N, C, size, size) float32, labels (N,) int64)``.
 
     ``size="auto"``: 32 (the paper's size) for image data sets; the picture's own size (or ``crop``) for
     ``skimage:`` photographs. ``size=None`` keeps every image's size (they must then agree).
     """
-    if limit is not None and int(limit) < 1:
+    if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
         raise ValueError(f"limit must be a positive number of images, got {limit}")
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"a data set is named by a string (a path, 'default', a named set or 'skimage:NAME'), got "
+                        f"{type(spec).__name__}")
+    spec = os.fspath(spec)
+    if (crop is not None or stride is not None) and not spec.startswith("skimage:"):
+        raise ValueError(f"crop and stride (--crop, --stride) cut a skimage: photograph into a training set; {spec!r} "
+                         "is not one (its images are resized to size=, 32 by default)")
+    opts = dict(layout=layout, alpha=alpha)
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if size == "auto":
         size = None if spec.startswith("skimage:") else 32
     if spec == "default":
-        return _finish(*load_default_raw(), size, indices, classes, limit)
+        return _finish(*load_default_raw(), size, indices, classes, limit, **opts)
     if spec.startswith("skimage:"):
         img = load_photo(spec.split(":", 1)[1])
         if crop is None:
             raw, y = img[None], np.zeros(1, np.int64)
         else:
-            raw = crops(img, int(crop), int(stride or max(1, crop // 2)))
+            raw = crops(img, int(crop), int(max(1, crop // 2) if stride is None else stride))
             y = np.zeros(len(raw), np.int64)
-        return _finish(raw, y, size, indices, classes, limit)
+        return _finish(raw, y, size, indices, classes, limit, layout="NHWC", alpha=alpha)
     path = spec
     if spec in NAMED:
         path = _named(spec, data_root(root), download, split)
-    raw, y = _read_path(path, split)
-    return _finish(raw, y, size, indices, classes, limit)
+    raw, y, fixed = _read_path(path, split, alpha)
+    return _finish(raw, y, size, indices, classes, limit, layout=fixed or layout, alpha=alpha)
 
 
-def _read_path(path: str, split: str):
+def _read_path(path: str, split: str, alpha: str = "refuse"):
+    """``(images, labels, layout)``: images as one array or a sequence of pictures decoded when indexed, and the
+    layout the format fixes (None where the shape must say it)."""
     if not os.path.exists(path):
         raise ValueError(f"no data set at {path!r} (give 'default', a named set {NAMED}, 'skimage:NAME', "
                          "an .npz or IDX file, or a folder)")
     if path.endswith(".npz"):
-        return _read_npz(path)
+        return _read_npz(path) + (None,)
     if os.path.isfile(path):
-        return load_idx(path)
+        return load_idx(path) + (None,)
     names = os.listdir(path)
     if any("idx3-ubyte" in n for n in names):
-        return load_idx(*find_idx(path, split))
+        return load_idx(*find_idx(path, split)) + (None,)
     if "cifar-10-batches-py" in names or "data_batch_1" in names or "test_batch" in names:
-        return load_cifar10(path, split)
+        return load_cifar10(path, split) + ("NHWC",)
     if "img_align_celeba" in names or os.path.basename(os.path.normpath(path)) == "img_align_celeba":
         folder = path if "img_align_celeba" not in names else os.path.join(path, "img_align_celeba")
-        imgs, y, _ = load_folder(folder, grey=False, crop=CELEBA_CROP)
-        return imgs, y
-    imgs, y, _ = load_folder(path)
-    return imgs, y
+        imgs = FolderImages(folder, grey=False, crop=CELEBA_CROP, alpha=alpha)
+        return imgs, imgs.labels, "NHWC"
+    imgs = FolderImages(path, alpha=alpha)
+    return imgs, imgs.labels, "NHWC"
 
 
 def _read_npz(path: str):
-    """uint8 images and int64 labels from an .npz of named arrays (no pickles)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            if not hasattr(z, "files"):
-                raise ValueError("it holds a single array, not named arrays")
-            ik = next((k for k in IMAGE_KEYS if k in z.files), None)
-            lk = next((k for k in LABEL_KEYS if k in z.files), None)
-            if ik is None:
-                raise ValueError(f"it has none of the image keys {IMAGE_KEYS} (it has {z.files})")
-            x = z[ik]
-            y = z[lk] if lk is not None else None
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:
-        raise ValueError(f"{path} is not a readable .npz file of images: {e}") from None
+    """uint8 (or uint16) images and int64 labels from an .npz of named arrays (no pickles)."""
+    names = {}
+
+    def pick(files):
+        names["all"] = files
+        names["x"] = next((k for k in IMAGE_KEYS if k in files), None)
+        names["y"] = next((k for k in LABEL_KEYS if k in files), None)
+        return [k for k in (names["x"], names["y"]) if k is not None]
+
+    arrays = read_npz(path, "a readable .npz file of images", pick)
+    if names["x"] is None:
+        raise ValueError(f"{path} is not a readable .npz file of images: it has none of the image keys {IMAGE_KEYS} "
+                         f"(it has {names['all']})")
+    x = arrays[names["x"]]
+    y = arrays.get(names["y"]) if names["y"] is not None else None
+    if x.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"{path}: images under {names['x']!r} must be uint8 (or uint16) pixels, got {x.dtype}; "
+                         "floats in [-1, 1] go straight to the machines (pm.ELS(images)), not through a data file")
     if x.ndim not in (3, 4) or len(x) == 0:
         raise ValueError(f"{path}: images must be (N, H, W) or (N, H, W, C) with N > 0, got shape {x.shape}")
     y = np.zeros(len(x), np.int64) if y is None else check_labels(y, len(x), path)
@@ -179,12 +197,14 @@ def _subset(n: int, y: np.ndarray, indices, classes, limit) -> np.ndarray:
     return keep[:limit]
 
 
-def _finish(raw, y, size, indices, classes, limit):
+def _finish(raw, y, size, indices, classes, limit, layout=None, alpha="refuse"):
     keep = _subset(len(raw), np.asarray(y), indices, classes, limit)
     if isinstance(raw, np.ndarray):
-        x = preprocess(raw[keep], size)
-    else:
-        parts = [preprocess(raw[i][None], size) for i in keep]
+        x = preprocess(raw[keep], size, layout=layout, alpha=alpha)
+    else:  # pictures one by one (a folder: decoded here, only those kept)
+        if hasattr(raw, "prepare"):
+            raw.prepare(keep)  # grey or RGB, from the headers of the pictures kept
+        parts = [preprocess(raw[i][None], size, layout=layout, alpha=alpha) for i in keep]
         shapes = {tuple(p.shape[1:]) for p in parts}
         if len(shapes) > 1:
             raise ValueError(f"images of different sizes {sorted(shapes)[:3]}; pass a size to resize them to")

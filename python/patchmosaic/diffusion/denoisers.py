@@ -26,7 +26,7 @@ from ..index import PatchIndex
 from ..index.patch_index import INDEX_OPTION_ARGS
 from ..machines import Machine
 from ..machines.base import docstring
-from ..networks import network_classes
+from ..networks import network_channels, network_classes
 from ..ops.checks import check_cuda_inputs
 from ..ops.masks import check_patch_mask, crop_patch_mask
 from ..schedules import ScheduleLike, get_schedule
@@ -236,6 +236,7 @@ class NetworkDenoiser(_Denoiser):
         self.dtype = dtype
         self.conditional = conditional
         self.num_classes = network_classes(net)  # None: cannot be read from the network
+        self.channels = network_channels(net)  # None: cannot be read from the network
         if conditional is True and self.num_classes == 0:
             raise ValueError("conditional=True, but the network is unconditional (it has no class embedding: "
                              "num_classes = 0) and would ignore the labels; use a class-conditional network")
@@ -263,13 +264,17 @@ class NetworkDenoiser(_Denoiser):
             device.
 
         Raises:
-            ValueError for labels that do not match the network's conditioning (see the class), labels
-            outside its classes, or a network that returns another shape than ``x`` or non-finite values.
+            ValueError for images with other channels than the network takes (where it can be read), labels that
+            do not match the network's conditioning (see the class), labels outside its classes, or a network that
+            returns another shape than ``x`` or non-finite values.
         """)
     def eps(self, x, t, labels=None):
         xt, is_numpy = as_images(x)
         check_cuda_inputs(t=t)
         B = xt.shape[0]
+        if self.channels is not None and xt.shape[1] != self.channels:
+            raise ValueError(f"the network takes {self.channels}-channel images, but x has {xt.shape[1]} channel(s) "
+                             f"(shape {tuple(xt.shape)}); give it images of its data set")
         tv = torch.from_numpy(check_t(t, B))
         lab = self._network_labels(labels, B)
         outs = []
@@ -373,10 +378,17 @@ class IndexedDenoiser:
         index_kw = dict(kind=kind, nlist=nlist, nprobe=nprobe, pq_m=pq_m, flat_budget=flat_budget,
                         min_index_keys=min_index_keys, merge=merge)
         index_kw = {name: value for name, value in index_kw.items() if value is not None}
-        if not tol >= 0:
-            raise ValueError(f"tol must be non-negative, got {tol}")
+        if isinstance(tol, bool) or not isinstance(tol, (int, float, np.number)) or not tol >= 0:
+            raise ValueError(f"tol must be a non-negative number, got {tol!r}")
         if mode not in self.MODES:
             raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+            raise ValueError(f"m must be a positive integer number of candidates, got {m!r}")
+        if isinstance(t_max, bool) or not isinstance(t_max, (int, float, np.number)) or not 0 <= t_max <= 1:
+            raise ValueError(f"t_max must be a number in [0, 1], got {t_max!r}")
+        if isinstance(max_exact_fraction, bool) or not isinstance(max_exact_fraction, (int, float, np.number)) or \
+                not 0 <= max_exact_fraction <= 1:
+            raise ValueError(f"max_exact_fraction must be a number in [0, 1], got {max_exact_fraction!r}")
         self.exact = MachineDenoiser(machine, k)
         self.machine, self.schedule = machine, machine.schedule
         self.tol, self.m, self.t_max, self.mode = float(tol), int(m), float(t_max), mode

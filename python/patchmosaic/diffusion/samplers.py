@@ -31,14 +31,23 @@ import torch
 from ..io.progress import Progress
 from ..machines.base import docstring
 from ..schedules import Schedule, ScheduleLike, get_schedule, same_schedule
+from ..validation import check_memory
 from .inputs import as_images, as_labels, like_input
 
 
 def time_grid(steps: int = 20) -> np.ndarray:
     """The default grid ``[1, (S-1)/S, ..., 1/S, 0]`` (descending, ``S + 1`` points)."""
-    if isinstance(steps, bool) or int(steps) != steps or int(steps) < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps}")
+    _check_steps(steps)
     return np.arange(steps, -1, -1, dtype=np.float64) / steps
+
+
+def _check_steps(steps) -> None:
+    """A positive integer number of steps whose grid (as Python floats: 32 bytes a step) fits in memory."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer, float)) or int(steps) != steps or \
+            int(steps) < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if int(steps) > 1_000_000:  # only a grid above 32 MB is worth a look at the memory (none under torch.compile)
+        check_memory(32 * (int(steps) + 1), f"a time grid of {int(steps)} steps", advice="use fewer steps")
 
 
 def check_grid(grid: Optional[Sequence[float]], steps: int = 20) -> np.ndarray:
@@ -54,8 +63,7 @@ def check_grid(grid: Optional[Sequence[float]], steps: int = 20) -> np.ndarray:
 def _grid_floats(grid: Optional[Sequence[float]], steps: int) -> list:
     """The grid as Python floats (constants for ``torch.compile``); checked like :func:`check_grid`."""
     if grid is None:
-        if isinstance(steps, bool) or int(steps) != steps or int(steps) < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps}")
+        _check_steps(steps)
         return [i / steps for i in range(int(steps), -1, -1)]
     return [float(v) for v in check_grid(grid, steps)]
 
@@ -162,6 +170,9 @@ def reverse_process(denoiser: Callable, x1, labels=None, *, eta: float = 0.0,
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
     if eta > 0 and generator is None:
         raise ValueError("a stochastic sampler (eta > 0) needs a seeded torch.Generator")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a seeded torch.Generator (torch.Generator().manual_seed(s)), got "
+                        f"{type(generator).__name__}")
     bar = Progress(len(g) - 1, desc, enabled=progress and not torch.compiler.is_compiling())
     for i in range(len(g) - 1):
         t, t_next = g[i], g[i + 1]

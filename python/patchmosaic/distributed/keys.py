@@ -226,11 +226,18 @@ class ShardedMachine(Machine):
         me = {"kind": machine, "shape": shape[1:], "dtype": dtype, "schedule": sched.describe(),
               "labelled": lab is not None, "boundary": boundary, "wrapped": bool(wrapped), "N": n_local,
               "labels": lab, "index": backend == "index",
-              "ranges": {} if self.inner is None else _value_ranges(self.inner.images, lab)}
+              "ranges": {} if self.inner is None else _value_ranges(self.inner.images, lab), "data": data_digest}
         infos = self._all_gather_object(me, "exchange of the shard descriptions")
-        for key in ("kind", "shape", "dtype", "schedule", "labelled", "boundary", "wrapped"):
+        given = all(i["data"] is not None for i in infos)  # every rank sliced the same full data set (Layout)
+        for key in ("kind", "shape", "dtype", "schedule", "labelled", "boundary", "wrapped") + (("data",) if given
+                                                                                               else ()):
             vals = [i[key] for i in infos]
             if any(v != vals[0] for v in vals):
+                if key == "data":
+                    vals = [v[:12] for v in vals]
+                    raise launch.RanksDisagree(
+                        f"the ranks' shards were cut from different training sets (SHA-256 of all the images and "
+                        f"labels per rank, in rank order: {vals}); every rank must load the same data")
                 raise ValueError(f"the ranks' shards disagree on {key}: {vals} (rank order); every rank must build "
                                  "the same machine over its slice of the images")
         self.counts = [int(i["N"]) for i in infos]

@@ -33,19 +33,52 @@ class Layout:
 
     def __init__(self, key_shards: Optional[int] = None):
         self.world, self.rank = launch.world(), launch.rank()
+        where = "key_shards (--key-shards)"
         if key_shards is None:
-            key_shards = int(os.environ.get(KEY_SHARDS_ENV, self.world))
-        K = int(key_shards)
+            where, key_shards = f"${KEY_SHARDS_ENV}", os.environ.get(KEY_SHARDS_ENV, self.world)
+        try:
+            K = int(key_shards)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where} is a number of ranks, got {key_shards!r}") from None
+        if isinstance(key_shards, bool) or K != key_shards and not isinstance(key_shards, str):
+            raise ValueError(f"{where} is a whole number of ranks, got {key_shards!r}")
         if K < 1 or self.world % K:
-            raise ValueError(f"key_shards must divide the {self.world} rank(s), got {K}")
+            raise ValueError(f"key_shards must divide the {self.world} rank(s), got {K} (from {where})")
         self.n_key, self.n_query = K, self.world // K
         self.key_index, self.query_index = self.rank % K, self.rank // K
-        self.key_group = None  # the world, when K is the world size
-        if 1 < K < self.world:
-            for q in range(self.n_query):  # every rank creates every group, in the same order
-                g = dist.new_group(list(range(q * K, (q + 1) * K)))
-                if q == self.query_index:
-                    self.key_group = g
+        self._key_group, self._groups_made = None, False
+        self.agreed = False  # whether agree() has run (the CLI's first collective)
+
+    @property
+    def key_group(self):
+        """The process group of this rank's key shards (None: the world, when every rank is a key shard). Made on
+        first use, by every rank (the ranks must agree on the layout first: see :meth:`agree`)."""
+        if not self._groups_made:
+            K = self.n_key
+            if 1 < K < self.world:
+                for q in range(self.n_query):  # every rank creates every group, in the same order
+                    g = dist.new_group(list(range(q * K, (q + 1) * K)))
+                    if q == self.query_index:
+                        self._key_group = g
+            self._groups_made = True
+        return self._key_group
+
+    def agree(self, fields: Optional[dict] = None, what: str = "the run", error: Optional[str] = None) -> None:
+        """:func:`patchmosaic.distributed.launch.agree` over the world, with the layout itself among the fields:
+        before the first collective of a run, every rank checks that all were given the same ``fields`` (or learns
+        which rank failed before the run, ``error``). Raises ``RanksDisagree`` (a ValueError) naming the fields and
+        ranks that differ.
+
+        Args:
+            fields: what must match across the ranks (settings, digests of data, seeds and labels).
+            what: the run, for the message.
+            error: this rank's error before the run, if any.
+        """
+        full = None if fields is None else dict(fields, key_shards=self.n_key, world=self.world)
+        try:
+            launch.agree(full, what, error=error)
+        finally:
+            self.agreed = True
 
     @property
     def leader(self) -> bool:
@@ -135,6 +168,9 @@ class Layout:
         Args:
             path: the state file (None: no state).
             fp: the run's fingerprint.
+
+        Every rank's ``fp`` must be the same (a run whose ranks were given different seeds, labels, data, network or
+        settings is refused on every rank, naming the ranks, before any work).
         """
         from ..io.runstate import load_state
 
@@ -144,7 +180,21 @@ class Layout:
                 got = ("ok", load_state(path, fp))
             except ValueError as e:
                 got = ("error", str(e))
-        got = self.broadcast(got, "resume from the saved state")
+        if self.world == 1:
+            every = [(fp, got)]
+        else:
+            every = [None] * self.world
+            launch.collective(lambda: dist.all_gather_object(every, (fp, got)), "resume from the saved state")
+        if any(f != every[0][0] for f, _ in every):
+            groups = {}
+            for r, (f, _) in enumerate(every):
+                groups.setdefault(f, []).append(r)
+            raise launch.RanksDisagree(
+                "the ranks were given different runs (the fingerprint of the network, machine, seeds, labels and "
+                "settings differs: " + "; ".join(f"{f} on rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}"
+                                                 for f, rs in groups.items()) + "); every rank must run the same "
+                "command on the same data")
+        got = every[0][1]
         if got[0] == "error":
             raise ValueError(got[1])
         return got[1]
@@ -174,6 +224,25 @@ class Layout:
             labels: their ``(M,)`` labels or None (default).
             kwargs: the sampler's other arguments.
         """
+        if self.world > 1:  # the seeds, labels and settings must be every rank's: else the gathered samples mix runs
+            from ..io.runstate import fingerprint
+
+            fp = fingerprint(x1=torch.as_tensor(np.asarray(x1) if not torch.is_tensor(x1) else x1),
+                             labels=None if labels is None else np.asarray(torch.as_tensor(labels).cpu()),
+                             sampler=getattr(sampler, "__name__", str(sampler)),
+                             settings={k: (np.asarray(v).tolist() if hasattr(v, "__len__") else v)
+                                       for k, v in kwargs.items()
+                                       if k not in ("progress", "generator") and not callable(v)})
+            every = [None] * self.world
+            launch.collective(lambda: dist.all_gather_object(every, fp), "agreement on the samples' seeds")
+            if any(f != every[0] for f in every):
+                groups = {}
+                for r, f in enumerate(every):
+                    groups.setdefault(f, []).append(r)
+                raise launch.RanksDisagree(
+                    "Layout.sample: the ranks were given different seeds, labels or sampler settings ("
+                    + "; ".join(f"{f} on rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}"
+                                for f, rs in groups.items()) + "); every rank passes all the seeds")
         M = len(x1)
         sl = self.seeds(M)
         lab = labels

@@ -195,20 +195,24 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
 
 
 def _k_candidates(candidates, k_max, H: int, W: int) -> tuple:
-    """The candidate patch sizes, checked (odd, at most ``2 max(H, W) - 1``, at most 32 distinct)."""
+    """The candidate patch sizes, checked (odd, at most ``2 max(H, W) - 1``, at most 32 distinct), ``k_max``
+    before any list of candidates is made."""
+    limit = 2 * max(H, W) - 1
     if candidates is None:
-        limit = 2 * max(H, W) - 1
         if k_max is not None and (isinstance(k_max, bool) or not isinstance(k_max, (int, np.integer))):
-            raise ValueError(f"k_max must be an odd int, got {k_max!r}")
+            raise TypeError(f"k_max must be an integer, got {k_max!r}")
         k_max = min(31, limit) if k_max is None else int(k_max)
-        if k_max > limit:
-            raise ValueError(f"candidate patch size {k_max} is larger than any useful one for {H}x{W} images "
-                             f"(at most {limit}: a larger patch only adds zero padding); lower k_max")
+        if k_max > limit:  # refused before the list of candidates is made
+            raise ValueError(f"k_max = {k_max} is larger than any useful one for {H}x{W} images (at most "
+                             f"{limit}: a larger patch only adds zero padding); lower k_max (--k-max)")
         candidates = list(range(3, k_max + 1, 2))
+    elif isinstance(candidates, (str, bytes)) or not hasattr(candidates, "__len__"):
+        raise TypeError(f"candidates must be a sequence of odd patch sizes, got {candidates!r}")
+    elif len(candidates) > 4096:
+        raise ValueError(f"at most 32 distinct candidate patch sizes, got a list of {len(candidates)}")
     candidates = tuple(check_k(k, H, W) for k in candidates)
     if not candidates:
         raise ValueError("no candidate patch sizes")
-    limit = 2 * max(H, W) - 1
     if max(candidates) > limit:
         raise ValueError(f"candidate patch size {max(candidates)} is larger than any useful one for {H}x{W} images "
                          f"(at most {limit}: a larger patch only adds zero padding); lower k_max")
@@ -223,9 +227,13 @@ def _p_candidates(candidates, k_max, size: int) -> tuple:
     itself (the whole image on square images: the ideal denoiser, where PSPC's published schedules start)."""
     if candidates is None:
         if k_max is not None and (isinstance(k_max, bool) or not isinstance(k_max, (int, np.integer))):
-            raise ValueError(f"k_max must be an int, got {k_max!r}")
+            raise TypeError(f"k_max must be an integer, got {k_max!r}")
         top = 31 if k_max is None else int(k_max)
         candidates = [k for k in range(3, min(top, size - 1) + 1, 2)] + [size]
+    elif isinstance(candidates, (str, bytes)) or not hasattr(candidates, "__len__"):
+        raise TypeError(f"candidates must be a sequence of patch sizes, got {candidates!r}")
+    elif len(candidates) > 4096:
+        raise ValueError(f"at most 32 distinct candidate patch sizes, got a list of {len(candidates)}")
     out = []
     for k in candidates:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
@@ -242,6 +250,9 @@ def _p_candidates(candidates, k_max, size: int) -> tuple:
 def _threshold_candidates(candidates, default=DEFAULT_THRESHOLDS) -> tuple:
     """The candidate thresholds, checked (each in (0, 1], at most 32 distinct); None: ``default`` (the machine's:
     PCA-locality's :data:`DEFAULT_THRESHOLDS`, PSPC-Flex's masses 0.1 ... 1)."""
+    if candidates is not None and (isinstance(candidates, (str, bytes)) or not hasattr(candidates, "__len__")
+                                   or len(candidates) > 4096):
+        raise TypeError(f"candidates must be a sequence of at most 32 distinct thresholds, got {candidates!r}")
     candidates = tuple(check_threshold(v) for v in (default if candidates is None else candidates))
     if not candidates:
         raise ValueError("no candidate thresholds")

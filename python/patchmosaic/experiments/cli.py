@@ -1,19 +1,95 @@
-"""The ``patchmosaic`` command line. Exit code 0 on success, 2 with a one-line reason on bad input.
+"""The ``patchmosaic`` command line. Exit code 0 on success, 2 with a one-line reason on bad input, 130 when
+interrupted (Ctrl-C), with what was saved.
 
-Subcommands: ``demo`` (the main job on the built-in data), ``train``, ``calibrate``, ``compare``.
+Subcommands: ``demo`` (the main job on the built-in data), ``sample``, ``train``, ``calibrate``, ``compare``.
 Every long run shows progress on stderr (``--quiet`` switches it off) and resumes when rerun with
 the same arguments.
+
+Every failure goes through :func:`main`: options are checked by their argparse types (ranges included), outputs
+are checked before the run (:func:`patchmosaic.io.files.check_output`), and an error becomes one line naming
+the command (and, under torchrun, the rank). Under torchrun the ranks agree on a fingerprint of everything that
+must match before their first collective (:meth:`patchmosaic.distributed.queries.Layout.agree`).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import zipfile
 import zlib
+from typing import Optional
 
-from ..machines.factory import MACHINES
+from ..machines.factory import MACHINES  # the registry: every command's machines
+
+MAX_INT = 2**31 - 1  # the largest count an option takes (images, seeds, steps, sizes)
+MAX_STEPS = 100_000  # reverse-process steps beyond this are a typing mistake, not a run (training: 100x)
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``patchmosaic CMD: error: argument --n: ...``), exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int(lo: int, hi: int = MAX_INT):
+    """An argparse type: a base-10 integer in ``lo .. hi``."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if not lo <= v <= hi:
+            if hi == MAX_INT and lo in (0, 1) and v < lo:
+                raise argparse.ArgumentTypeError(f"must be a {'positive' if lo else 'non-negative'} integer, got {v}")
+            raise argparse.ArgumentTypeError(f"must lie in {lo}..{hi}, got {v}")
+        return v
+    return parse
+
+
+def _float(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
+    """An argparse type: a finite float in the interval ``lo .. hi`` (each end open or closed)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+        if not ok:
+            span = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {span}, got {text}")
+        return v
+    return parse
+
+
+def _ints(text: Optional[str], option: str, lo: int = 0, hi: int = MAX_INT) -> Optional[list]:
+    """A comma-separated list of integers in ``lo .. hi`` (None stays None), or a ValueError naming ``option``."""
+    if text is None:
+        return None
+    items = [v.strip() for v in text.split(",")]
+    try:
+        vals = [int(v, 10) for v in items]
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated integers (e.g. 1,2,3), got {text!r}") from None
+    bad = [v for v in vals if not lo <= v <= hi]
+    if bad:
+        raise ValueError(f"{option}: every entry must lie in {lo}..{hi}, got {bad[0]}")
+    return vals
+
+
+def _numbers(text: Optional[str], option: str) -> Optional[list]:
+    """A comma-separated list of numbers (None stays None), or a ValueError naming ``option``."""
+    if text is None:
+        return None
+    try:
+        return [float(v.strip()) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated numbers (e.g. 0.005,0.02), got {text!r}") from None
+
+
 
 DATA_HELP = ("training images: 'default' (the built-in 2,000 MNIST digits), an .npz file (uint8 images under "
              "x_train/images/x, labels under y_train/labels/y) or an IDX file or directory (MNIST format)")
@@ -36,19 +112,22 @@ def _sample(args) -> int:
     from .synthesis import run_sample
 
     canvas = None
-    if args.canvas:
+    if args.canvas is not None:
+        h, x, w = args.canvas.lower().partition("x")
         try:
-            h, _, w = args.canvas.lower().partition("x")
-            canvas = (int(h), int(w or h))
+            canvas = (int(h, 10), int(w if x else h, 10))
         except ValueError:
             raise ValueError(f"--canvas reads HxW (e.g. 256x256), got {args.canvas!r}") from None
-    labels = None if args.labels is None else [int(v) for v in args.labels.split(",")]
-    classes = None if args.classes is None else [int(v) for v in args.classes.split(",")]
+        if not all(1 <= v <= 1 << 20 for v in canvas):
+            raise ValueError(f"--canvas: each side must lie in 1..{1 << 20}, got {args.canvas!r}")
+    labels = _ints(args.labels, "--labels")
+    classes = _ints(args.classes, "--classes")
     res = run_sample(args.data, out=args.out, machine=args.machine, boundary=args.boundary, k=args.k,
                      canvas=canvas, n=args.n, steps=args.steps, sampler=args.sampler, seed=args.seed,
                      labels=labels, classes=classes, limit=args.limit, crop=args.crop, stride=args.stride,
                      provenance=args.provenance, download=args.download, backend=args.backend,
-                     progress=not args.quiet, force=args.force, layout=args.layout)
+                     progress=not args.quiet, force=args.force, layout=args.layout,
+                     data_layout=args.layout_of_data, alpha="drop" if args.drop_alpha else "refuse")
     if not _leader(args):
         return 0
     size = "x".join(map(str, res["samples"].shape[-2:]))
@@ -58,22 +137,39 @@ def _sample(args) -> int:
 
 
 def _train(args) -> int:
-    from .. import data
+    from ..io.files import check_output
     from ..networks import TrainConfig, train
 
-    images, labels = data.load(args.data, limit=args.limit, download=args.download)
+    if args.out.endswith(".safetensors"):
+        check_output(args.out, suffixes=(".safetensors",), what="the checkpoint")
+    else:
+        check_output(args.out, folder=True, what="the checkpoint folder")
+    widths = _ints(args.widths, "--widths", 1, 4096) if args.arch == "unet" else None
+    images, labels = _load_data(args)
+    if args.conditional and len(set(labels.tolist())) < 2:
+        raise ValueError(f"--conditional: every image of --data {args.data} has label {int(labels[0])} (a file "
+                         "without labels reads as all 0); a class-conditional network needs at least two classes")
     ncls = int(labels.max()) + 1 if args.conditional else 0
     if args.arch == "resnet":
         cfg = dict(arch="resnet", channels=images.shape[1], width=args.width, depth=args.depth,
                    padding=args.padding, num_classes=ncls)
     else:
-        cfg = dict(arch="unet", channels=images.shape[1], widths=[int(w) for w in args.widths.split(",")],
+        cfg = dict(arch="unet", channels=images.shape[1], widths=widths,
                    padding=args.padding, num_classes=ncls, attention=args.attention)
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                      ema_decay=args.ema, seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device)
     train(cfg, images, labels, out=args.out, config=tc, progress=not args.quiet, override=args.override_settings)
     print(f"wrote {os.path.join(args.out, 'model.safetensors')} ({args.arch}, {len(images)} images, {args.steps} steps)")
     return 0
+
+
+def _load_data(args):
+    """The training images of ``--data`` with the data options of the command (``--limit``, ``--layout``,
+    ``--drop-alpha``, ``--download``)."""
+    from .. import data
+
+    return data.load(args.data, limit=args.limit, download=args.download, layout=args.layout_of_data,
+                     alpha="drop" if args.drop_alpha else "refuse")
 
 
 def _leader(args) -> bool:
@@ -90,18 +186,25 @@ def _machine(args, name, images, labels, **kw):
     return args.layout.machine(name, images, labels, **kw)
 
 
-def _setup(args):
-    """Network, data, machine factory inputs, seeds and labels shared by calibrate and compare."""
+def _setup(args, fields: dict):
+    """Network, data, machine factory inputs, seeds and labels shared by calibrate and compare; under torchrun the
+    ranks then agree on all of it and on ``fields`` (the command's own settings) before any collective."""
     import numpy as np
     import torch
 
-    from .. import data
     from ..data.cifar import check_labels
     from ..diffusion.denoisers import NetworkDenoiser
-    from ..networks import load_network, network_classes
+    from ..io.files import read_npz
+    from ..io.runstate import array_digest, module_digest
+    from ..networks import load_network, network_channels, network_classes
 
     net = load_network(args.network)
-    images, labels = data.load(args.data, limit=args.limit, download=args.download)
+    images, labels = _load_data(args)
+    channels = network_channels(net)
+    if channels is not None and channels != images.shape[1]:
+        raise ValueError(f"--network {args.network} takes {channels}-channel images, but --data {args.data} holds "
+                         f"{images.shape[1]}-channel images of shape {tuple(images.shape[1:])}; give data with "
+                         f"{channels} channel(s)")
     classes = network_classes(net)  # 0: unconditional, None: cannot be told
     cond = args.conditional
     if cond is None:
@@ -112,15 +215,12 @@ def _setup(args):
         # the user asked for it: the network runs without its class embedding (NetworkDenoiser warns)
         net = NetworkDenoiser(net, conditional=False)
     if args.seeds_file:
-        try:
-            with np.load(args.seeds_file, allow_pickle=False) as z:
-                if "seeds" not in z.files:
-                    raise ValueError(f"it has no 'seeds' array (it has {z.files})")
-                seeds = z["seeds"][: args.seeds]
-                lab = z["labels"][: args.seeds] if "labels" in z.files else None
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-            raise ValueError(f"--seeds-file {args.seeds_file} is not a readable seeds .npz: {e}") from None
-        if seeds.dtype.kind != "f" or seeds.ndim != 4 or not np.all(np.isfinite(seeds)):
+        z = read_npz(args.seeds_file, "a readable seeds .npz (--seeds-file)", ("seeds", "labels"))
+        if "seeds" not in z:
+            raise ValueError(f"--seeds-file {args.seeds_file} is not a readable seeds .npz: it has no 'seeds' array")
+        seeds = z["seeds"][: args.seeds]
+        lab = z["labels"][: args.seeds] if "labels" in z else None
+        if seeds.dtype.kind != "f" or seeds.ndim != 4 or len(seeds) == 0 or not np.all(np.isfinite(seeds)):
             raise ValueError(f"--seeds-file {args.seeds_file}: 'seeds' must be finite floats (M, C, H, W), got "
                              f"{seeds.dtype} of shape {seeds.shape}")
         x1 = torch.from_numpy(seeds.astype(np.float32))
@@ -128,49 +228,56 @@ def _setup(args):
     else:
         if args.seeds < 1:
             raise ValueError(f"--seeds must be positive, got {args.seeds}")
+        from ..validation import check_memory
+
+        check_memory(4 * args.seeds * int(np.prod(images.shape[1:])) * 4, f"--seeds {args.seeds} noise seeds")
         gen = torch.Generator().manual_seed(args.seed)
         x1 = torch.randn((args.seeds,) + tuple(images.shape[1:]), generator=gen)
         classes = np.unique(labels.numpy())
         y = torch.from_numpy(classes[np.arange(args.seeds) % len(classes)])
     if x1.shape[1:] != images.shape[1:]:
-        raise ValueError(f"seeds have shape {tuple(x1.shape[1:])} but training images {tuple(images.shape[1:])}")
+        raise ValueError(f"--seeds-file {args.seeds_file}: seeds of shape {tuple(x1.shape[1:])}, but the training "
+                         f"images of --data {args.data} are {tuple(images.shape[1:])}")
     if not cond:
         y = None
     elif y is None:
         raise ValueError("a conditional comparison needs labels (the seeds file has none)")
+    if args.layout is not None:  # every rank must hold the same network, data, seeds and settings
+        args.layout.agree(dict(fields, command=args.command, network=module_digest(net),
+                               data=array_digest(images, labels), train_shape=list(images.shape),
+                               seeds=x1, labels=y, conditional=bool(cond), steps=args.steps, boundary=args.boundary,
+                               torch=torch.__version__), f"patchmosaic {args.command}")
     return net, images, (labels if cond else None), x1, y
 
 
 def _calibrate(args) -> int:
     from .calibrate import calibrate
-    from ..io.plots import kschedule_plot, save_figure
     from ..diffusion.samplers import time_grid
+    from ..io.files import check_output
+    from ..io.plots import kschedule_plot, save_figure
 
     ext = os.path.splitext(args.out)[1].lower()
     if ext[1:] in FIGURE_FORMATS:
         raise ValueError(f"--out is the k-schedule JSON; {args.out!r} has the figure extension {ext} (the plot is "
                          f"written beside it, as OUT with the --figure-format extension); give a .json path")
-    net, images, labels, x1, y = _setup(args)
-    machine = _machine(args, args.machine, images, labels, boundary=args.boundary)
-    cands = None
-    if args.candidates is not None:
-        cast = int if machine.parameter in ("k", "p") else float
-        try:
-            cands = [cast(v) for v in args.candidates.split(",")]
-        except ValueError:
-            raise ValueError(f"--candidates takes comma-separated {'odd ints' if cast is int else 'numbers'}, got "
-                             f"{args.candidates!r}") from None
+    check_output(args.out, suffixes=(".json",), what="the k-schedule JSON")
+    plot = os.path.splitext(args.out)[0] + "." + args.figure_format
+    check_output(plot, option="--out (its plot)", what="the k-schedule plot")
     state = args.state or args.out + ".state.npz"
+    check_output(state, suffixes=(".npz",), option="--state", what="the resumable state")
+    param = MACHINES[args.machine].parameter
+    cands = (_ints(args.candidates, "--candidates", 1) if param in ("k", "p")
+             else _numbers(args.candidates, "--candidates"))
+    net, images, labels, x1, y = _setup(args, dict(machine=args.machine, k_max=args.k_max, candidates=cands))
+    machine = _machine(args, args.machine, images, labels, boundary=args.boundary)
     c = calibrate(net, machine, x1, y, candidates=cands, k_max=args.k_max, grid=time_grid(args.steps),
                   state=state, progress=not args.quiet, layout=args.layout)
     if not _leader(args):
         return 0
     c.to_json(args.out, network=args.network, machine=args.machine, seeds=int(x1.shape[0]))
-    plot = os.path.splitext(args.out)[0] + "." + args.figure_format
     save_figure(kschedule_plot({args.machine: c.schedule}, c.choices, c.schedule.times,
                                title=os.path.basename(args.network)), plot)
-    print(f"wrote {args.out} and {plot}: {machine.parameter} per step {list(c.schedule.values)} (t = 1 -> "
-          f"{1 / args.steps:g})")
+    print(f"wrote {args.out} and {plot}: {param} per step {list(c.schedule.values)} (t = 1 -> {1 / args.steps:g})")
     return 0
 
 
@@ -178,10 +285,11 @@ def _compare(args) -> int:
     from .compare import compare, nearest_training
     from ..diffusion.denoisers import MachineDenoiser
     from ..diffusion.kschedule import schedule_from_spec
+    from ..io.files import check_output
     from ..io.plots import comparison_grid, save_figure, scatter
 
-    net, images, labels, x1, y = _setup(args)
-    machines = {}
+    check_output(args.out, folder=True, what="the comparison folder")
+    specs = {}
     for spec in args.machine:
         name, _, ks = spec.partition("=")
         if name not in MACHINES:
@@ -195,9 +303,20 @@ def _compare(args) -> int:
         if param == "p" and not ks:
             raise ValueError(f"--machine {name} needs a patch-size schedule: {name}=8 (any size), {name}=pspc (the "
                              f"published one) or {name}=FILE.json")
-        m = _machine(args, name, images, labels, boundary=args.boundary)
         label = {"is": "IS", "wiener": "Wiener"}.get(name, spec)
-        machines[label] = MachineDenoiser(m, schedule_from_spec(param, ks, args.steps) if ks else None)
+        if label in specs:
+            raise ValueError(f"--machine {spec} is given twice")
+        try:
+            specs[label] = (name, schedule_from_spec(param, ks, args.steps) if ks else None)
+        except ValueError as e:
+            raise ValueError(f"--machine {spec}: {e}") from None
+    net, images, labels, x1, y = _setup(args, dict(
+        batch=args.batch, machines={label: [name, None if k is None else [list(k.times), list(k.values)]]
+                                    for label, (name, k) in specs.items()}))
+    machines = {}
+    for label, (name, ks) in specs.items():
+        m = _machine(args, name, images, labels, boundary=args.boundary)
+        machines[label] = MachineDenoiser(m, ks)
     if "IS" not in machines:
         machines["IS"] = MachineDenoiser(_machine(args, "is", images, labels))
     rep = compare(net, machines, x1, y, grid=None, steps=args.steps, batch_size=args.batch, out_dir=args.out,
@@ -234,9 +353,11 @@ def _add_run_options(p, out_help):
     p.add_argument("--data", default="default", help=DATA_HELP + " (default: %(default)s)")
     p.add_argument("--download", action="store_true",
                    help="fetch a named data set (mnist, fashion-mnist, cifar10, celeba) with torchvision if it is missing")
-    p.add_argument("--limit", type=int, default=None, help="use only the first LIMIT training images")
-    p.add_argument("--seeds", type=int, default=16, help="number of noise seeds (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the noise generator (default: %(default)s)")
+    p.add_argument("--limit", type=_int(1), default=None, help="use only the first LIMIT training images")
+    _add_data_format(p)
+    p.add_argument("--seeds", type=_int(1), default=16, help="number of noise seeds (default: %(default)s)")
+    p.add_argument("--seed", type=_int(0, MAX_SEED), default=0,
+                   help="seed of the noise generator (default: %(default)s)")
     p.add_argument("--seeds-file", default=None,
                    help="npz with 'seeds' (M, C, H, W) and optionally 'labels' (M,) to use instead of fresh noise "
                         "(e.g. a reference network's ddim20_samples.npz)")
@@ -247,7 +368,8 @@ def _add_run_options(p, out_help):
     p.add_argument("--boundary", default="zeros", choices=["zeros", "circular"],
                    help="ELS boundary: 'zeros' (boundary-aware, for zero-padded networks) or 'circular' "
                         "(periodic) (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=20, help="DDIM steps on the grid t_i = i/steps (default: %(default)s)")
+    p.add_argument("--steps", type=_int(1, MAX_STEPS), default=20,
+                   help="DDIM steps on the grid t_i = i/steps (default: %(default)s)")
     p.add_argument("--out", required=True, help=out_help)
     p.add_argument("--figure-format", default="png", choices=list(FIGURE_FORMATS),
                    help="file format of the figures written beside the results (default: %(default)s)")
@@ -255,8 +377,16 @@ def _add_run_options(p, out_help):
     _add_key_shards(p)
 
 
+def _add_data_format(p):
+    p.add_argument("--layout", dest="layout_of_data", default=None, choices=["NHWC", "NCHW"],
+                   help="where an .npz file's channel axis is, when its shape leaves it open (e.g. 3x3 RGB images: "
+                        "(N, 3, 3, 3)); default: read from the shape")
+    p.add_argument("--drop-alpha", action="store_true",
+                   help="drop an alpha channel of the images (RGBA / grey+alpha); refused without it")
+
+
 def _add_key_shards(p):
-    p.add_argument("--key-shards", type=int, default=None,
+    p.add_argument("--key-shards", type=_int(1), default=None,
                    help="under torchrun: ranks that share the training images of a machine (a divisor of the number "
                         "of ranks; the others split the seeds). Default: $PATCHMOSAIC_KEY_SHARDS, else all ranks")
 
@@ -284,7 +414,7 @@ class _Version(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="patchmosaic", description="Equivariant local score machines: patch mosaics.")
+    p = _Parser(prog="patchmosaic", description="Equivariant local score machines: patch mosaics.")
     p.add_argument("--version", action=_Version,
                    help="print the version, the CPU engine variant in use (and those this CPU can run) and the "
                         "CUDA engine's state")
@@ -293,10 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Sample digits with the boundary-aware ELS machine from the built-in 2,000 "
                                    "MNIST digits and write a PNG: noise, sample, nearest training image, provenance.")
     d.add_argument("--out", default="patchmosaic_demo.png", help="PNG to write (default: %(default)s)")
-    d.add_argument("--n", type=int, default=8, help="number of seeds, one digit class each (default: %(default)s)")
-    d.add_argument("--steps", type=int, default=20, help="DDIM steps on the grid t_i = i/steps (default: %(default)s)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the noise generator (default: %(default)s)")
-    d.add_argument("--train-per-class", type=int, default=None,
+    d.add_argument("--n", "--samples", dest="n", type=_int(1), default=8,
+                   help="number of seeds, one digit class each (default: %(default)s)")
+    d.add_argument("--steps", type=_int(1, MAX_STEPS), default=20,
+                   help="DDIM steps on the grid t_i = i/steps (default: %(default)s)")
+    d.add_argument("--seed", type=_int(0, MAX_SEED), default=0,
+                   help="seed of the noise generator (default: %(default)s)")
+    d.add_argument("--train-per-class", type=_int(1), default=None,
                    help="use only this many training digits per class (default: all 200)")
     d.add_argument("--backend", default="auto", choices=["auto", "cpu", "torch", "cuda"],
                    help="engine (default: %(default)s)")
@@ -311,12 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(with --crop) and named sets mnist, fashion-mnist, cifar10, celeba (default: %(default)s)")
     s.add_argument("--download", action="store_true",
                    help="fetch a named data set (mnist, fashion-mnist, cifar10, celeba) with torchvision if it is missing")
-    s.add_argument("--crop", type=int, default=None, help="skimage photographs: train on all CROPxCROP crops")
+    s.add_argument("--crop", type=_int(1), default=None, help="skimage photographs: train on all CROPxCROP crops")
     s.add_argument("--force", action="store_true",
                    help="run on training images larger than 128x128 without --crop or --canvas (refused otherwise, "
                         "with the run's size and estimated time)")
-    s.add_argument("--stride", type=int, default=None, help="stride of those crops (default: CROP/2)")
-    s.add_argument("--limit", type=int, default=None, help="use only the first LIMIT training images")
+    s.add_argument("--stride", type=_int(1), default=None, help="stride of those crops (default: CROP/2)")
+    s.add_argument("--limit", type=_int(1), default=None, help="use only the first LIMIT training images")
+    _add_data_format(s)
     s.add_argument("--classes", default=None, help="comma-separated classes of the data set to keep")
     s.add_argument("--labels", default=None, help="comma-separated label per seed (cycled) for a class-conditional "
                    "machine (default: unconditional)")
@@ -331,10 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "a threshold-schedule JSON (default: the machine's); for pspc a size (even too), a JSON file "
                         "or pspc (the published schedule)")
     s.add_argument("--canvas", default=None, help="output size HxW, e.g. 256x256 (default: the training size)")
-    s.add_argument("--n", type=int, default=4, help="number of samples (default: %(default)s)")
-    s.add_argument("--steps", type=int, default=20, help="reverse-process steps on t_i = i/steps (default: %(default)s)")
+    s.add_argument("--n", "--samples", dest="n", type=_int(1), default=4,
+                   help="number of samples; under torchrun write --samples (torchrun reads --n as its own option) "
+                        "(default: %(default)s)")
+    s.add_argument("--steps", type=_int(1, MAX_STEPS), default=20,
+                   help="reverse-process steps on t_i = i/steps (default: %(default)s)")
     s.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="(default: %(default)s)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the noise generator (default: %(default)s)")
+    s.add_argument("--seed", type=_int(0, MAX_SEED), default=0,
+                   help="seed of the noise generator (default: %(default)s)")
     s.add_argument("--provenance", default="image", choices=["image", "position"],
                    help="colour the provenance map by the winning patch's training image or by its position in "
                         "that image (default: %(default)s)")
@@ -352,25 +490,32 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default="default", help=DATA_HELP + " (default: %(default)s)")
     t.add_argument("--download", action="store_true",
                    help="fetch a named data set (mnist, fashion-mnist, cifar10, celeba) with torchvision if it is missing")
-    t.add_argument("--limit", type=int, default=None, help="use only the first LIMIT training images")
+    t.add_argument("--limit", type=_int(1), default=None, help="use only the first LIMIT training images")
+    _add_data_format(t)
     t.add_argument("--arch", default="resnet", choices=["resnet", "unet"], help="network family (default: %(default)s)")
-    t.add_argument("--width", type=int, default=128, help="ResNet channels (default: %(default)s)")
-    t.add_argument("--depth", type=int, default=6, help="ResNet inner 3x3 convolutions (default: %(default)s)")
+    t.add_argument("--width", type=_int(2, 4096), default=128, help="ResNet channels (default: %(default)s)")
+    t.add_argument("--depth", type=_int(0, 1024), default=6,
+                   help="ResNet inner 3x3 convolutions (default: %(default)s)")
     t.add_argument("--widths", default="64,128,256", help="UNet channels per level (default: %(default)s)")
     t.add_argument("--attention", action="store_true", help="UNet: self-attention at the coarsest level")
     t.add_argument("--padding", default="zeros", choices=["zeros", "circular"], help="convolution padding (default: %(default)s)")
     t.add_argument("--conditional", action="store_true", help="add a class embedding (labels from the data)")
-    t.add_argument("--steps", type=int, default=10000, help="optimiser steps (default: %(default)s)")
-    t.add_argument("--batch-size", type=int, default=128, help="images per step (default: %(default)s)")
-    t.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default: %(default)s)")
-    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
-    t.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights, 0 = off (default: %(default)s)")
-    t.add_argument("--seed", type=int, default=0,
+    t.add_argument("--steps", type=_int(1, 100 * MAX_STEPS), default=10000,
+                   help="optimiser steps (default: %(default)s)")
+    t.add_argument("--batch-size", type=_int(1, 1 << 20), default=128, help="images per step (default: %(default)s)")
+    t.add_argument("--lr", type=_float(0, 1, lo_open=True), default=2e-4,
+                   help="AdamW learning rate, in (0, 1] (default: %(default)s)")
+    t.add_argument("--weight-decay", type=_float(0, 1e6), default=0.0, help="AdamW weight decay (default: %(default)s)")
+    t.add_argument("--ema", type=_float(0, 1, hi_open=True), default=0.999,
+                   help="EMA decay of the weights, 0 = off (default: %(default)s)")
+    t.add_argument("--seed", type=_int(0, MAX_SEED), default=0,
                    help="seed of the initial weights, data order and noise (default: %(default)s)")
     t.add_argument("--override-settings", action="store_true",
-                   help="resume a checkpoint with other optimiser settings (batch size, lr, weight decay, EMA, seed); "
-                        "without it that is refused. The checkpoint records which settings applied from which step")
-    t.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default: %(default)s)")
+                   help="resume a checkpoint with other optimiser settings (batch size, lr, weight decay, EMA, seed) "
+                        "or other training data; without it that is refused. The checkpoint records which settings "
+                        "and data applied from which step")
+    t.add_argument("--checkpoint-every", type=_int(1), default=500,
+                   help="steps between checkpoints (default: %(default)s)")
     t.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (bf16 autocast on cuda) (default: %(default)s)")
     t.add_argument("--out", required=True, help="checkpoint directory (resumed if it exists)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -386,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--machine", default="els", choices=[n for n in MACHINES if MACHINES[n].parameter],
                    help="machine to calibrate: its patch size k per step (datalocal: its neighbourhood holds k^2 "
                         "pixels), or pca's threshold (default: %(default)s)")
-    c.add_argument("--k-max", type=int, default=None, help="largest candidate k (default: 31 or 2*size-1)")
+    c.add_argument("--k-max", type=_int(1), default=None, help="largest candidate k (default: 31 or 2*size-1)")
     c.add_argument("--candidates", default=None, help="comma-separated candidate k's (overrides --k-max), or "
                    "thresholds in (0, 1] for pca (default: 0.001,0.002,0.005,0.01,0.02,0.05,0.1,0.2)")
     c.add_argument("--state", default=None, help="resumable state file (default: OUT.state.npz)")
@@ -404,9 +549,48 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a JSON file (datalocal: a neighbourhood of K^2 pixels), pca or pca=THRESHOLD (a number in "
                         "(0, 1] or a threshold-schedule JSON), pspc=P (any size, a JSON file, or pspc: the published "
                         "schedule), or is / wiener (no parameter); repeatable (default: els=paper:MNIST_ResNet_zeros)")
-    m.add_argument("--batch", type=int, default=8, help="seeds sampled together (default: %(default)s)")
+    m.add_argument("--batch", type=_int(1), default=8, help="seeds sampled together (default: %(default)s)")
     m.set_defaults(func=_compare)
     return p
+
+
+def _saved(args) -> str:
+    """What an interrupted run leaves behind, in words (for the Ctrl-C message)."""
+    import glob
+    import json
+
+    cmd = args.command
+    if cmd in ("demo", "sample"):
+        return "nothing was written (the files are written at the end)"
+    if cmd == "train":
+        folder = os.path.dirname(args.out) if args.out.endswith(".safetensors") else args.out
+        try:
+            with open(os.path.join(folder, "config.json")) as f:
+                step = json.load(f)["info"]["step"]
+            return f"the checkpoint of step {step} in {args.out} is kept: rerun the same command to resume"
+        except (OSError, ValueError, KeyError, TypeError):
+            return (f"no checkpoint was written yet (the first comes at step {min(args.checkpoint_every, args.steps)}"
+                    f"); rerunning the same command starts over")
+    if cmd == "calibrate":
+        state = args.state or args.out + ".state.npz"
+        if os.path.exists(state):
+            return f"the finished steps are kept in {state}: rerun the same command to resume"
+        return "no step had finished (nothing was written)"
+    if cmd == "compare":
+        if glob.glob(os.path.join(args.out, "*.npz")):
+            return f"the finished batches are kept in {args.out}: rerun the same command to resume"
+        return "no batch had finished (nothing was written)"
+    return "nothing was saved"
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip()
+    if isinstance(e, KeyError) and msg.startswith("'") and msg.endswith("'"):
+        msg = f"missing entry {msg}"
+    return msg.splitlines()[0] if msg else type(e).__name__
+
+
+EXPECTED = (ValueError, TypeError, RuntimeError, OSError, KeyError, EOFError, zlib.error, zipfile.BadZipFile)
 
 
 def main(argv=None) -> int:
@@ -415,6 +599,26 @@ def main(argv=None) -> int:
     if getattr(args, "func", None) is _compare and args.machine is None:
         args.machine = ["els=paper:MNIST_ResNet_zeros"]
     args.layout = None
+
+    def report(msg: str) -> None:
+        rank = "" if args.layout is None else f" (rank {args.layout.rank})"
+        print(f"patchmosaic {args.command}{rank}: {msg}", file=sys.stderr)
+
+    def leave(code: int, msg: Optional[str] = None) -> int:
+        """Under torchrun: a rank that fails before the ranks agreed tells the others (they stop with its message
+        instead of waiting for it); after a failed collective, leave at once (a broken group cannot be torn down)."""
+        if args.layout is not None:
+            from ..distributed import launch
+
+            if msg is not None and not args.layout.agreed and not launch.broken():
+                try:
+                    args.layout.agree(None, f"patchmosaic {args.command}", error=msg)
+                except Exception:
+                    pass
+            if launch.broken() or code == 130:
+                launch.exit_now(code)
+        return code
+
     try:
         if args.command in ("sample", "calibrate", "compare"):
             from ..distributed import launch
@@ -423,24 +627,32 @@ def main(argv=None) -> int:
                 from ..distributed.queries import Layout
 
                 launch.init()
-                args.layout = Layout(args.key_shards)
+                try:
+                    args.layout = Layout(args.key_shards)
+                except ValueError:
+                    args.layout = Layout(1)  # a layout every rank can make, to tell the others why this one stops
+                    raise
         return args.func(args)
+    except KeyboardInterrupt:
+        report(f"interrupted; {_saved(args)}")
+        return leave(130)
     except MemoryError as e:
-        print(f"patchmosaic {args.command}: error: out of memory{': ' + str(e) if str(e) else ''}; use a smaller "
-              "batch, canvas or data set", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError, RuntimeError, OSError, KeyError, EOFError, zlib.error, zipfile.BadZipFile) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        from ..validation import ResourceError
+
+        msg = str(e) if isinstance(e, ResourceError) else \
+            f"out of memory{': ' + str(e) if str(e) else ''}; use a smaller batch, canvas or data set"
+        report(f"error: {msg}")
+        return leave(2, msg)
+    except EXPECTED as e:
+        msg = _one_line(e)
         if isinstance(e, RuntimeError) and ("alloc" in msg.lower() or "out of memory" in msg.lower()):
             msg = f"out of memory ({msg}); use a smaller batch, canvas or data set"
-        rank = "" if args.layout is None else f" (rank {args.layout.rank})"
-        print(f"patchmosaic {args.command}{rank}: error: {msg}", file=sys.stderr)
-        if args.layout is not None:
-            from ..distributed import launch
-
-            if launch.broken():  # a peer died or stalled: leave now, the broken group cannot be torn down
-                launch.exit_now(2)
-        return 2
+        report(f"error: {msg}")
+        return leave(2, msg)
+    except Exception as e:  # a bug: still one line, and a different exit code
+        msg = f"internal error: {type(e).__name__}: {_one_line(e)} (a bug in patchmosaic; please report it)"
+        report(msg)
+        return leave(1, msg)
     finally:
         if args.layout is not None:
             from ..distributed import launch

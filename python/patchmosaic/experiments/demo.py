@@ -17,15 +17,23 @@ import torch
 from ..data import load_default
 from ..diffusion.kschedule import paper_schedule
 from ..machines import ELS
+from ..io.files import check_output
 from ..io.images import grid, provenance_picture, to_uint8, write_png
+from ..validation import check_memory
 from ..diffusion.samplers import ddim
 
 
 def run_demo(out: str = "patchmosaic_demo.png", n: int = 8, steps: int = 20, seed: int = 0,
              train_per_class: int | None = None, backend: str = "auto", progress: bool = True) -> dict:
-    """Run the demo; returns a summary dict (samples, nearest distances, provenance, timings)."""
-    if n < 1:
-        raise ValueError(f"n must be a positive number of seeds, got {n}")
+    """Run the demo; returns a summary dict (samples, nearest distances, provenance, timings). ``out`` (a ``.png``
+    path where a file can be written) and the memory of the run (``n`` seeds: samples, distances, the picture) are
+    checked before any work."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be a positive number of seeds, got {n!r}")
+    check_output(out, suffixes=(".png",), what="the demo picture")
+    # the ELS calls on n queries, the n x 2000 distances to the training set, and the picture of 4 x n tiles
+    tile = (32 * 3 + 2) ** 2 * 3
+    check_memory(4 * n * tile + n * 2000 * 8 * 3, f"the demo with n = {n} seeds (distances and the picture)")
     images, labels = load_default()
     if train_per_class is not None:
         if train_per_class < 1:
@@ -34,6 +42,8 @@ def run_demo(out: str = "patchmosaic_demo.png", n: int = 8, steps: int = 20, see
         images, labels = images[keep], labels[keep]
     machine = ELS(images, labels, backend=backend)
     ksched = paper_schedule("MNIST_ResNet_zeros", steps)
+    machine.check_request((n, 1, 32, 32), torch.float32, "cpu" if backend == "auto" else backend, provenance=True,
+                          k=max(ksched.ks))
     gen = torch.Generator().manual_seed(seed)
     x1 = torch.randn(n, 1, 32, 32, generator=gen)
     ylab = torch.arange(n) % 10

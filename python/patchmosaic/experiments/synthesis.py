@@ -18,9 +18,10 @@ import torch
 from ..data import load
 from ..diffusion.denoisers import MachineDenoiser
 from ..diffusion.kschedule import KSchedule, from_spec, schedule_from_spec
-from ..machines import make_machine
-from ..io.files import write_npz
+from ..machines import MACHINES, make_machine
+from ..io.files import check_output, write_npz
 from ..io.images import grid, provenance_picture, to_uint8, write_png
+from ..validation import check_memory
 from ..diffusion.samplers import ddim, ddpm
 
 
@@ -65,7 +66,8 @@ def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", ma
                labels: Optional[Sequence[int]] = None, classes: Optional[Sequence[int]] = None,
                limit: Optional[int] = None, crop: Optional[int] = None, stride: Optional[int] = None,
                provenance: str = "image", download: bool = False, backend: str = "auto",
-               progress: bool = True, force: bool = False, layout=None) -> dict:
+               progress: bool = True, force: bool = False, layout=None, data_layout: Optional[str] = None,
+               alpha: str = "refuse") -> dict:
     """Sample ``n`` images and write a PNG (samples, then their provenance maps) and an ``.npz`` beside it.
 
     ``k``: the machine's per-step parameter as text (:func:`patchmosaic.kschedule.schedule_from_spec`): a
@@ -77,29 +79,54 @@ def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", ma
     with their size and the estimated time unless ``force=True``: train on crops instead. With
     ``progress``, the size of the run and its estimated time are printed before it starts.
     ``layout`` (distributed/queries.py): under torchrun, the machine's training images and the seeds spread over
-    the ranks; every rank returns the summary, rank 0 writes the files. Returns a summary dict.
+    the ranks; every rank returns the summary, rank 0 writes the files. The ranks first agree that they were given
+    the same data, k-schedule, seeds, labels and settings (a ValueError naming what differs, before any work).
+    ``data_layout`` and ``alpha``: as ``layout`` and ``alpha`` of :func:`patchmosaic.data.load`.
+    ``out`` must be a ``.png`` path where a file can be written (the ``.npz`` goes beside it): checked first.
+    Returns a summary dict.
     """
-    if n < 1 or steps < 1:
-        raise ValueError(f"n and steps must be positive, got {n}, {steps}")
+    for name, v in (("n", n), ("steps", steps)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
     if provenance not in ("image", "position"):
         raise ValueError(f"provenance must be 'image' or 'position', got {provenance!r}")
     if sampler not in ("ddim", "ddpm"):
         raise ValueError(f"sampler must be 'ddim' or 'ddpm', got {sampler!r}")
-    images, train_labels = load(data, limit=limit, classes=classes, crop=crop, stride=stride, download=download)
+    leader = layout is None or layout.leader
+    if leader:  # rank 0 writes them: refuse a path that cannot be written before the run, not after it
+        check_output(out, suffixes=(".png",), what="the picture (the .npz of the samples goes beside it)")
+        check_output(os.path.splitext(out)[0] + ".npz", option="--out (its .npz)", what="the samples' .npz")
+    images, train_labels = load(data, limit=limit, classes=classes, crop=crop, stride=stride, download=download,
+                                layout=data_layout, alpha=alpha)
     _, C, H, W = images.shape
     Hq, Wq = canvas or (H, W)
     if Hq < 1 or Wq < 1:
         raise ValueError(f"canvas must be positive, got {Hq}x{Wq}")
     ylab = None
     if labels is not None:
+        if len(labels) == 0:
+            raise ValueError("labels is empty: give one label per seed (cycled), or None")
         ylab = torch.as_tensor([int(labels[i % len(labels)]) for i in range(n)])
+    param = MACHINES[machine].parameter if machine in MACHINES else None  # (an unknown name: make_machine says so)
+    ks = None  # the machine's per-step parameter: a k-schedule, a threshold schedule (k None: its own), or none
+    if param == "k":
+        ks = from_spec(DEFAULT_K if k is None else k, steps)
+    elif param is not None and k is not None:
+        ks = schedule_from_spec(param, k, steps)
+    # the pictures (a grid of n tiles, twice for a local machine, up to 3x upscaled), the .npz and the sampler's state
+    scale = max(1, 96 // max(Hq, Wq)) if max(Hq, Wq) < 96 else 1
+    tiles = n * (2 if machine != "is" else 1) * (Hq * scale + 2) * (Wq * scale + 2) * 3
+    check_memory(3 * tiles + 8 * n * C * Hq * Wq * 4 + n * Hq * Wq * 24,
+                 f"sampling {n} images of {C}x{Hq}x{Wq} (the samples, their noise and provenance, the picture)")
+    if layout is not None:  # every rank must sample the same thing: agree before the first collective
+        from ..io.runstate import array_digest
+
+        layout.agree(dict(command="sample", data=array_digest(images, train_labels), train_shape=list(images.shape),
+                          machine=machine, boundary=boundary, canvas=[Hq, Wq], n=n, steps=steps, sampler=sampler,
+                          seed=seed, labels=ylab, k_schedule=None if ks is None else [list(ks.times), list(ks.values)],
+                          provenance=provenance, torch=torch.__version__), "patchmosaic sample")
     mk = make_machine if layout is None else layout.machine
     m = mk(machine, images, train_labels if ylab is not None else None, boundary=boundary, backend=backend)
-    ks = None  # the machine's per-step parameter: a k-schedule, a threshold schedule (k None: its own), or none
-    if m.parameter == "k":
-        ks = from_spec(DEFAULT_K if k is None else k, steps)
-    elif m.parameter is not None and k is not None:
-        ks = schedule_from_spec(m.parameter, k, steps)
     sizes = sorted(set(ks.ks)) if isinstance(ks, KSchedule) else [None]
     m.check_labels(None if ylab is None else ylab.numpy(), n)
     m.check_request((n, C, Hq, Wq), torch.float32, "cpu" if backend == "auto" else backend, provenance=True,
@@ -115,7 +142,6 @@ def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", ma
             raise ValueError(f"{data}: training images of {H}x{W} (larger than {LARGE_IMAGE}x{LARGE_IMAGE}) without "
                              f"--crop or --canvas: {size}. Train on crops (e.g. --crop 64 --canvas 256x256) or pass "
                              f"--force to run it anyway")
-    leader = layout is None or layout.leader
     if progress and leader:
         print(f"patchmosaic sample: {size}", file=sys.stderr)
     den = MachineDenoiser(m, ks, keep_provenance=True)
@@ -144,7 +170,6 @@ def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", ma
             pics += [provenance_picture(x[b].numpy(), prov.image[b].numpy()) for b in range(n)]
         else:
             pics += [position_picture(prov.row[b].numpy(), prov.col[b].numpy(), H, W) for b in range(n)]
-    scale = max(1, 96 // max(Hq, Wq)) if max(Hq, Wq) < 96 else 1
     write_png(out, grid(pics, 2 if m.local else 1, n, pad=2, scale=scale))
     npz = os.path.splitext(out)[0] + ".npz"
     write_npz(npz, samples=x.numpy(), noise=x1.numpy(), labels=np.zeros(0) if ylab is None else ylab.numpy(),

@@ -111,6 +111,7 @@ class PatchIndex:
                  nlist: Optional[int] = None, nprobe: int = 16, pq_m: int = 16, flat_budget: Optional[int] = None,
                  min_index_keys: int = 20000, merge: bool = True, progress: bool = True, patch_mask=None):
         self._setup(machine, k, canvas, kind, nlist, nprobe, pq_m, min_index_keys, merge, patch_mask)
+        self.check_memory(kind)  # from the shapes (and a sample of keys), before any key is hashed or indexed
         t0 = time.perf_counter()
         if self.merge:
             bar = Progress(len(self.parts), f"merge duplicates k={self.k}", enabled=progress)
@@ -120,6 +121,9 @@ class PatchIndex:
             bar.close()
         if kind == "auto":
             n_keys = sum(len(p.keys) for p in self.parts)
+            if flat_budget is not None and (isinstance(flat_budget, bool) or not isinstance(
+                    flat_budget, (int, np.integer)) or flat_budget < 0):
+                raise ValueError(f"flat_budget must be a non-negative integer number of bytes, got {flat_budget!r}")
             budget = available_memory() // 4 if flat_budget is None else int(flat_budget)
             kind = "flat" if n_keys * self.d * 4 <= budget else "ivfpq"
         self.kind = kind
@@ -143,6 +147,13 @@ class PatchIndex:
                              f"patches (response={machine.response!r}): use the exact machine")
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        for name, v, least in (("nprobe", nprobe, 1), ("pq_m", pq_m, 1), ("nlist", nlist, 1),
+                               ("min_index_keys", min_index_keys, 0)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least):
+                raise ValueError(f"{name} must be an integer >= {least}{' or None' if name == 'nlist' else ''}, "
+                                 f"got {v!r}")
+        if not isinstance(merge, (bool, np.bool_)):
+            raise ValueError(f"merge must be True or False, got {merge!r}")
         self.machine = machine
         self.k = check_k(k, machine.H, machine.W)
         self.canvas = tuple(canvas or (machine.H, machine.W))
@@ -194,8 +205,80 @@ class PatchIndex:
                                   np.asarray(kpos, np.int64), HW, rng))
         return parts
 
+    SAMPLE_KEYS = 1 << 16  # keys hashed to estimate how many distinct ones merging leaves
+
+    def bytes_per_key(self, kind: str) -> int:
+        """Bytes an index of ``kind`` holds per key: its vector (or PQ code), its id and multiplicity."""
+        return (self.pq_dims()[0] if kind == "ivfpq" else self.d * 4) + 16
+
+    def check_memory(self, kind: str) -> None:
+        """Refuse (:class:`patchmosaic.ResourceError`) an index whose parts together would not fit in the available
+        memory, before any key is hashed or indexed: the merge's working memory (hashes and their sort for the
+        largest part), and the index of every part. Without merging that is exact; with merging (only a flat or
+        IVF index can be too large) the keys left are estimated from a sample of :data:`SAMPLE_KEYS` keys, on the
+        low side (the smaller of a collision count's and the sample's singletons' estimate), so that only a request
+        that would not fit is refused."""
+        totals = [p.n_total for p in self.parts]
+        n_total, largest = sum(totals), max(totals, default=0)
+        avail = available_memory()
+        size = f"{n_total:,} keys of {self.d} values (k = {self.k}, {len(self.parts)} parts)"
+        if self.merge:
+            need = largest * 64 + min(largest, 1 << 18) * self.d * 12
+            if need > avail:
+                raise ResourceError(f"merging the duplicate patches of the largest part ({largest:,} keys) needs about "
+                                    f"{need / 2**30:.1f} GiB, more than the {avail / 2**30:.1f} GiB available; use "
+                                    "fewer training images or merge=False")
+        kinds = {"auto": "ivfpq"}.get(kind, kind)  # auto falls back to IVF-PQ when flat does not fit
+        per = self.bytes_per_key(kinds)
+        if n_total * per <= avail:
+            return
+        keys, how = n_total, "without merging"
+        if self.merge and kinds != "ivfpq":
+            keys, share = self._estimate_distinct(n_total)
+            how = f"after merging duplicates: about {share:.0%} of them distinct, estimated from a sample"
+        if keys * per > avail:
+            article = "an" if kinds[0] in "aeiou" else "a"
+            raise ResourceError(
+                f"{article} {kinds} patch index of {size} needs about {keys * per / 2**30:.1f} GiB {how}, more than "
+                f"the {avail / 2**30:.1f} GiB available; use kind='ivfpq' (compressed) or 'auto', fewer training "
+                "images or a smaller k")
+
+    def _estimate_distinct(self, n_total: int):
+        """``(keys, fraction)``: a low estimate of the keys merging would leave, from the hashes of a random sample
+        of keys (duplicates merge within a part only)."""
+        s = min(n_total, self.SAMPLE_KEYS)
+        rng = np.random.default_rng(0)
+        pick = np.sort(rng.choice(n_total, size=s, replace=False))
+        starts = np.cumsum([0] + [p.n_total for p in self.parts])
+        hashes = []
+        m = self.machine
+        for i, part in enumerate(self.parts):
+            mine = pick[(pick >= starts[i]) & (pick < starts[i + 1])] - starts[i]
+            for c in range(0, len(mine), 8192):
+                v = key_vectors(m.images, part.keys[mine[c : c + 8192]], m.H, m.W, self.k, self.keyset.key_pad)
+                h = row_hashes(masked_columns(v, self.mask_columns, self.mask_scale))
+                h[:, 0] ^= np.uint64(i)  # keys of different parts never merge
+                hashes.append(h)
+        h = np.concatenate(hashes)
+        _, counts = np.unique(h.view([("a", np.uint64), ("b", np.uint64)]).ravel(), return_counts=True)
+        if s == n_total:
+            return len(counts), len(counts) / n_total
+        singles = int((counts == 1).sum())
+        by_singles = (len(counts) - singles) + singles * n_total / s  # repeated values once, singletons scaled up
+        pairs = float((counts * (counts - 1) / 2).sum())
+        by_pairs = s * (s - 1) / 2 / pairs if pairs else float(n_total)  # equally likely values: E[pairs] = C(s,2)/D
+        keys = int(min(by_singles, by_pairs, n_total))
+        return keys, keys / n_total
+
+    PQ_CODES = 256  # an IVF-PQ part trains 2^8 centroids per sub-quantiser: it needs at least this many keys
+
     def part_kind(self, part: Part) -> str:
-        return "flat" if self.kind == "flat" or len(part.keys) <= self.min_index_keys else self.kind
+        """The index of one part: flat for a flat index, for a part of at most ``min_index_keys`` keys, and for an
+        IVF-PQ part too small to train its codebooks (fewer than :data:`PQ_CODES` keys)."""
+        n = len(part.keys)
+        if self.kind == "flat" or n <= self.min_index_keys or (self.kind == "ivfpq" and n < self.PQ_CODES):
+            return "flat"
+        return self.kind
 
     def key_chunks(self, part: Part, chunk: int = 1 << 18):
         """Yield the part's key vectors in index order, ``chunk`` keys at a time."""
@@ -217,9 +300,13 @@ class PatchIndex:
 
     def _build_all(self, progress: bool):
         faiss = faiss_module()
-        need = max((len(p.keys) for p in self.parts), default=0) * self.d * 4
-        if self.kind == "flat" and need > available_memory():
-            raise ResourceError(f"a flat index of {need / 2**30:.1f} GiB does not fit; use kind='ivfpq'")
+        need = sum(len(p.keys) for p in self.parts) * self.bytes_per_key(self.kind)
+        if self.kind in ("flat", "ivf") and need > available_memory():  # exact now: the keys left after merging
+            article = "an" if self.kind[0] in "aeiou" else "a"
+            keys = sum(len(p.keys) for p in self.parts)
+            raise ResourceError(f"{article} {self.kind} patch index of {keys:,} distinct keys of {self.d} values needs "
+                                f"{need / 2**30:.1f} GiB, more than the {available_memory() / 2**30:.1f} GiB available; "
+                                "use kind='ivfpq' or 'auto'")
         bar = Progress(len(self.parts), f"index k={self.k}", enabled=progress)
         for part in self.parts:
             part.index = self._build_part(faiss, part)
@@ -237,7 +324,8 @@ class PatchIndex:
         if kind == "flat":
             index = faiss.IndexFlatL2(d)
         else:
-            nlist = int(self.nlist or max(16, min(65536, int(np.sqrt(n)))))
+            # k-means needs at least one key per list: a part with fewer keys than lists gets one list per key
+            nlist = min(n, int(self.nlist or max(16, min(65536, int(np.sqrt(n))))))
             pq_m, d = self.pq_dims() if kind == "ivfpq" else (0, d)
             # many lists: an HNSW graph over the centroids assigns vectors in log time, not a scan of nlist
             quant = faiss.IndexHNSWFlat(d, 32) if nlist > 2048 else faiss.IndexFlatL2(d)

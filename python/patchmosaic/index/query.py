@@ -71,8 +71,10 @@ def approx_denoise(index, x, t, labels=None, m: int = 64, check_pixels: int = 64
     if (C, Hq, Wq) != (mach.C,) + index.canvas:
         raise ValueError(f"this index is for queries of shape (B, {mach.C}, {index.canvas[0]}, {index.canvas[1]}), "
                          f"got {tuple(xt.shape)}")
-    if int(m) < 1:
-        raise ValueError(f"m must be a positive number of candidates, got {m}")
+    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+        raise ValueError(f"m must be a positive integer number of candidates, got {m!r}")
+    if isinstance(check_pixels, bool) or not isinstance(check_pixels, (int, np.integer)) or check_pixels < 0:
+        raise ValueError(f"check_pixels must be a non-negative integer, got {check_pixels!r}")
     tt = check_t(t, B)
     mach.check_labels(labels, B)
     lab = None if labels is None else to_labels(labels, B)

@@ -55,9 +55,42 @@ def read_manifest(folder: str) -> dict:
         raise ValueError(f"no patch index at {folder} (manifest.json missing)")
     try:
         with open(mpath) as f:
-            return json.load(f)
+            man = json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f"unreadable index manifest {mpath}: {e}") from None
+    check_manifest(man, mpath)
+    return man
+
+
+# the manifest's entries and their JSON types (None allowed where the value may be null)
+_TYPES = {"format": (str,), "fingerprint": (str,), "machine": (str,), "k": (int,), "kind": (str,),
+          "train_shape": (list,), "canvas": (list,), "parts": (list,), "nprobe": (int,), "pq_m": (int,),
+          "nlist": (int, type(None)), "merge": (bool,), "build_seconds": (int, float)}
+_PART_TYPES = {"file": (str,), "keys": (str,), "n_total": (int,), "n_keys": (int,), "index": (str,),
+               "sha256": (str,), "keys_sha256": (str,)}
+
+
+def check_manifest(man, mpath: str) -> None:
+    """A ValueError naming ``mpath`` unless ``man`` is a manifest this package writes: a JSON object with entries
+    of the right types, ``parts`` a list of objects whose files are plain names inside the index folder."""
+    def bad(what):
+        raise ValueError(f"index manifest {mpath} is not a patch index manifest: {what}; rebuild the index")
+
+    if not isinstance(man, dict):
+        bad(f"it holds a JSON {type(man).__name__}, not an object")
+    for key, types in _TYPES.items():
+        if key in man and (not isinstance(man[key], types) or (isinstance(man[key], bool) and bool not in types)):
+            bad(f"{key!r} is {man[key]!r}")
+    for i, part in enumerate(man.get("parts", [])):
+        if not isinstance(part, dict):
+            bad(f"part {i} is not an object")
+        for key, types in _PART_TYPES.items():
+            if key in part and (not isinstance(part[key], types) or isinstance(part[key], bool)):
+                bad(f"part {i}'s {key!r} is {part[key]!r}")
+        for key in ("file", "keys"):
+            name = part.get(key, "")
+            if os.path.basename(name) != name or name in ("", ".", ".."):
+                bad(f"part {i}'s {key!r} {name!r} is not a file name inside the index folder")
 
 
 def read_into(index, folder: str, man: dict) -> None:

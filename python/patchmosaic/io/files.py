@@ -8,6 +8,10 @@ run) never sees half a file. What ``path`` names decides what happens:
 - a symbolic link: written through, to the file it points to (the link stays a link);
 - a directory, FIFO, device or socket: refused with a ValueError naming it (replacing ``/dev/full`` or a
   named pipe with a regular file would be a silent surprise).
+
+:func:`check_output` makes the same checks before a run starts (with the suffix the writer will use and a
+trial file in the target's folder), so that a long run is not refused at its end; :func:`read_npz` is the one
+reader of ``.npz`` files: named arrays only, never a pickle, every failure a ValueError naming the file.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import json
 import os
 import stat
 import tempfile
-from typing import Callable, Iterator
+from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -26,6 +30,12 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _kind(mode: int) -> str:
+    return ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a regular file" if stat.S_ISREG(mode) else "not a regular file")
 
 
 def target_of(path: str) -> str:
@@ -38,10 +48,7 @@ def target_of(path: str) -> str:
     except FileNotFoundError:
         return target
     if not stat.S_ISREG(st.st_mode):
-        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(st.st_mode)
-                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
-                else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
-        raise ValueError(f"cannot write {path}: it is {kind}; give the path of a regular file")
+        raise ValueError(f"cannot write {path}: it is {_kind(st.st_mode)}; give the path of a regular file")
     return target
 
 
@@ -89,3 +96,74 @@ def write_with(path: str, writer: Callable[[str], None], suffix: str = ".tmp") -
     """Atomic write by a library that takes a file name: ``writer(tmp)`` writes the file."""
     with atomic_path(path, suffix) as tmp:
         writer(tmp)
+
+
+def check_output(path: str, *, suffixes: Optional[Sequence[str]] = None, option: str = "--out",
+                 what: str = "the output", folder: bool = False) -> str:
+    """Check, before any work, that ``path`` can be written as ``what``; returns the path.
+
+    Refused with a ValueError naming ``option``: a suffix other than ``suffixes`` (e.g. ``(".png",)``:
+    the format the writer produces), a directory, device, FIFO or socket where a file is written (or a
+    file where a folder is, ``folder=True``), and a place where no file can be created (a trial file is
+    created and removed in the folder that will hold the output, or in its nearest existing parent).
+    """
+    path = os.fspath(path)
+    if not path:
+        raise ValueError(f"{option} is empty: give the path of {what}")
+    if folder:
+        if os.path.exists(path) and not os.path.isdir(path):
+            kind = _kind(os.stat(path).st_mode)
+            raise ValueError(f"{option} {path}: it is {kind}, but {what} must be a folder; give a folder path")
+        where = path
+    else:
+        try:
+            target = target_of(path)
+        except ValueError as e:
+            raise ValueError(f"{option}: {e}") from None
+        if suffixes is not None:
+            ext = os.path.splitext(path)[1].lower()
+            if ext not in [s.lower() for s in suffixes]:
+                want = " or ".join(suffixes)
+                raise ValueError(f"{option} {path}: {what} is written in the {want} format, but the path has "
+                                 f"{'the suffix ' + ext if ext else 'no suffix'}; give a path ending in {want}")
+        where = os.path.dirname(target) or "."
+    probe = where
+    while not os.path.exists(probe):  # the folder is created by the writer: check its nearest parent
+        parent = os.path.dirname(os.path.abspath(probe))
+        if parent == os.path.abspath(probe):
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ValueError(f"{option} {path}: {probe} is not a folder, so {what} cannot be written there")
+    try:
+        fd, trial = tempfile.mkstemp(dir=probe, prefix=".patchmosaic-write-check.")
+        os.close(fd)
+        os.remove(trial)
+    except OSError as e:
+        raise ValueError(f"{option} {path}: cannot write in {probe} ({e.strerror or e})") from None
+    return path
+
+
+def read_npz(path: str, what: str = "an .npz file",
+             keys: Union[None, Iterable[str], Callable[[list], Iterable[str]]] = None) -> Dict[str, np.ndarray]:
+    """The named arrays of an ``.npz`` file (all of them, the names ``keys``, or those ``keys(names)``
+    picks), read without pickles. Anything else -- a missing, truncated or foreign file, a single ``.npy``
+    array, an object array -- is a ValueError that names ``path`` and says it is not ``what``."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except MemoryError:
+        raise
+    except Exception as e:  # OSError, zip and deflate errors, format errors: all mean "not this kind of file"
+        raise ValueError(f"{path} is not {what}: {type(e).__name__}: {e}") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is not {what}: it holds a single array of shape {getattr(z, 'shape', '?')} "
+                         "(an .npy file), not named arrays")
+    with z:
+        names = list(z.files)
+        pick = names if keys is None else list(keys(names) if callable(keys) else keys)
+        try:
+            return {k: z[k] for k in pick if k in names}
+        except MemoryError:
+            raise
+        except Exception as e:  # a member that does not decompress or parse (an object array: a pickle)
+            raise ValueError(f"{path} is not {what}: {type(e).__name__}: {e}") from None

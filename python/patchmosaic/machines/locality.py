@@ -35,18 +35,39 @@ import numpy as np
 import torch
 
 from ..schedules import ScheduleLike
-from ..validation import check_k, check_sweep, check_time
+from ..validation import check_k, check_memory, check_sweep, check_time
 from .base import CALL_ARGS, DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, docstring
 from .local import ELS
 from .wiener import Wiener
 
 
+JACOBIAN_BLOCK = 1 << 28  # bytes of Wiener Jacobian rows computed at once for a field (the whole D x D below it)
+
+
 def pixel_fields(wiener: Wiener, t: float) -> torch.Tensor:
     """Each output pixel's sensitivity field at time ``t``: ``F[p, q] = sum_{c, c'} |J_t[(c, p), (c', q)]|``,
-    a float64 ``(H W, H W)`` tensor (row ``p`` = output pixel, column ``q`` = input pixel, row-major)."""
+    a float64 ``(H W, H W)`` tensor (row ``p`` = output pixel, column ``q`` = input pixel, row-major). The Jacobian
+    is computed whole while it takes at most :data:`JACOBIAN_BLOCK` bytes, else in blocks of rows (never the
+    whole ``D x D`` matrix of a large image)."""
     C, H, W = wiener.C, wiener.H, wiener.W
-    J = wiener.jacobian(t).abs().reshape(C, H * W, C, H * W)
-    return J.sum(dim=(0, 2))
+    HW, D = H * W, wiener.D
+    if 2 * D * D * 8 <= JACOBIAN_BLOCK:
+        J = wiener.jacobian(t).abs().reshape(C, HW, C, HW)
+        return J.sum(dim=(0, 2))
+    F = torch.empty(HW, HW, dtype=torch.float64)
+    per = max(1, JACOBIAN_BLOCK // (2 * C * D * 8))
+    for p0 in range(0, HW, per):
+        p1 = min(HW, p0 + per)
+        rows = (torch.arange(C)[:, None] * HW + torch.arange(p0, p1)[None]).reshape(-1)
+        F[p0:p1] = wiener.jacobian_rows(t, rows).abs().reshape(C, p1 - p0, C, HW).sum(dim=(0, 2))
+    return F
+
+
+def field_bytes(C: int, H: int, W: int, K: int) -> int:
+    """Working memory of one sensitivity field (:func:`pixel_fields` and its windows of side ``K``): the
+    ``(H W)^2`` fields and a normalised copy, the windows' values and indices, a block of Jacobian rows."""
+    HW, D = H * W, C * H * W
+    return 2 * HW * HW * 8 + HW * K * K * 17 + min(2 * D * D * 8, JACOBIAN_BLOCK + 2 * C * D * 8)
 
 
 def _offsets(H: int, W: int, K: int):
@@ -148,19 +169,19 @@ class Neighbourhoods:
 
     def __init__(self, statistics, *, boundary: str, per_pixel: bool, window: Optional[int], weighting: str,
                  schedule, max_memory: Optional[int] = None):
+        shape = tuple(getattr(statistics, "shape", ()))
+        if len(shape) == 4 and min(shape) > 0:  # refused from the shape alone, before the Wiener filter is built
+            self._check_fields(*(int(v) for v in shape[1:]), boundary, max_memory)
         self.wiener = Wiener(statistics, schedule=schedule, max_memory=max_memory)
-        H, W = self.wiener.H, self.wiener.W
-        if boundary == "zeros":
-            limit = 2 * max(H, W) - 1
-        else:
-            limit = min(H, W) - (1 - min(H, W) % 2)
-        self.limit = limit  # the largest frame of this boundary (the fields are computed at this size)
+        self.limit, self.field_bytes = self._check_fields(self.wiener.C, self.wiener.H, self.wiener.W, boundary,
+                                                          max_memory)
+        self.max_memory = max_memory
         if window is not None:
             if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1 or window % 2 == 0:
                 raise ValueError(f"window must be a positive odd int, got {window!r}")
-            if window > limit:
+            if window > self.limit:
                 raise ValueError(f"window {window} exceeds the largest frame of boundary={boundary!r} on "
-                                 f"{H}x{W} images ({limit})")
+                                 f"{self.wiener.H}x{self.wiener.W} images ({self.limit})")
         self.window = None if window is None else int(window)
         if weighting not in ("binary", "field"):
             raise ValueError(f"weighting must be 'binary' or 'field', got {weighting!r}")
@@ -168,6 +189,18 @@ class Neighbourhoods:
         self.per_pixel = bool(per_pixel)
         self._fields = {}  # t -> (L, L) shared field or (H, W, L, L) per-pixel fields
         self._masks = {}  # (t, k) -> mask
+
+    @staticmethod
+    def _check_fields(C: int, H: int, W: int, boundary: str, max_memory: Optional[int]):
+        """``(limit, bytes)``: the largest frame of ``boundary`` on ``H x W`` images (the fields are computed at this
+        size) and the working memory of one noise level's fields, refused (ResourceError) above ``max_memory``."""
+        limit = 2 * max(H, W) - 1 if boundary == "zeros" else min(H, W) - (1 - min(H, W) % 2)
+        need = field_bytes(C, H, W, limit)
+        check_memory(need, f"the data-driven neighbourhoods of {C}x{H}x{W} images (each noise level's sensitivity "
+                     f"fields of every pixel pair: {(H * W) ** 2 * 8 / 2**30:.2f} GiB of float64, and their "
+                     f"{limit}x{limit} windows)", max_memory,
+                     "use smaller images (the fields grow as (H W)^2), or the ELS machine")
+        return limit, need
 
     def field(self, t: float) -> torch.Tensor:
         """The sensitivity field the masks are cut from at time ``t``: float64 ``(L, L)`` (shared) or
@@ -308,6 +341,9 @@ class DataDrivenCalls:
         k = 3 if k is None else check_k(k, self.H, self.W)
         n = self.neighbourhood
         frame = min(2 * k - 1 if n.window is None else n.window, n.limit)
+        # a call at a new noise level first computes its sensitivity fields (freed before the softmax runs)
+        check_memory(n.field_bytes, f"{type(self).__name__}: the sensitivity fields of a new noise level",
+                     self.max_memory, "use smaller images (the fields grow as (H W)^2), or the ELS machine")
         super().check_request(shape, dtype, backend, provenance, frame)
 
     def _check_canvas(self, Hq, Wq):

@@ -121,9 +121,24 @@ class Wiener(Machine):
             t: diffusion time in ``(0, 1]``.
         """
         a, b2 = (float(v) for v in self.schedule.coefficients(check_time(t)))
+        check_memory(2 * self.D * self.D * 8, f"the {self.D} x {self.D} float64 Jacobian of the Wiener filter",
+                     self.max_memory, "use jacobian_rows for a few rows, or smaller images")
         _, lam, U = self._decompose(None)
         gain = a * lam / (a * a * lam + b2)
         return (U * gain) @ U.T
+
+    def jacobian_rows(self, t: float, rows) -> torch.Tensor:
+        """Rows ``rows`` (output elements, an index tensor or array) of :meth:`jacobian` at time ``t``, without the
+        whole ``D x D`` matrix: a float64 ``(len(rows), D)`` CPU tensor.
+
+        Args:
+            t: diffusion time in ``(0, 1]``.
+            rows: the output elements (indices into ``C H W``).
+        """
+        a, b2 = (float(v) for v in self.schedule.coefficients(check_time(t)))
+        _, lam, U = self._decompose(None)
+        gain = a * lam / (a * a * lam + b2)
+        return (U[torch.as_tensor(rows, dtype=torch.long)] * gain) @ U.T
 
     def _stats_on(self, group: Optional[int], device: torch.device):
         key = (group, str(device))

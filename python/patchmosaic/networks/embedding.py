@@ -52,3 +52,26 @@ def network_classes(net) -> Optional[int]:
     if isinstance(n, bool) or not isinstance(n, int):
         return None
     return max(n, 0)
+
+
+def network_channels(net) -> Optional[int]:
+    """The number of image channels an eps network takes, None when it cannot be told: ``net.config["channels"]``
+    (this package's ResNet and UNet), else the input channels of the first convolution of the two families as the
+    TorchScript reference networks (``shared/models``) hold it (``conv_in`` of a ResNet, ``downs.0.conv1`` of a UNet),
+    checked against the output convolution ``conv_out`` (an eps network returns as many channels as it takes)."""
+    config = getattr(net, "config", None)
+    n = config.get("channels") if isinstance(config, dict) else None
+    if isinstance(n, int) and not isinstance(n, bool):
+        return n
+    named = getattr(net, "named_parameters", None)
+    if named is None:
+        return None
+    try:
+        params = dict(named())
+    except Exception:  # not a torch module after all
+        return None
+    first = params.get("conv_in.weight", params.get("downs.0.conv1.weight"))
+    out = params.get("conv_out.weight")
+    if first is None or out is None or first.dim() != 4 or out.dim() != 4 or int(first.shape[1]) != int(out.shape[0]):
+        return None
+    return int(first.shape[1])

@@ -4,8 +4,10 @@ AdamW, optional EMA of the weights, bf16 autocast on CUDA, a progress bar with t
 safetensors checkpoints every ``checkpoint_every`` steps, and resume: calling :func:`train` again with
 the same output directory continues from the last checkpoint (weights, EMA, optimiser, random state).
 A network built here from a config is initialised from ``seed`` (the same seed gives the same weights,
-bit for bit). A resumed run must keep the settings that shape the training (:data:`RESUME_FIXED`) unless
-``override=True``; the checkpoint records which settings were used from which step on.
+bit for bit). A resumed run must keep the settings that shape the training (:data:`RESUME_FIXED`) and its
+training data (images and labels, by their SHA-256) unless ``override=True``; the checkpoint records which
+settings and data were used from which step on. A run whose loss or weights stop being finite (a learning rate
+far too large, say) stops with a ValueError at that step; the last checkpoint, written before, is kept.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 from torch import nn
 
 from ..io.progress import Progress
+from ..io.runstate import array_digest
 from ..ops.checks import check_cuda_inputs
 from ..schedules import get_schedule
 from ..validation import to_labels, to_tensor
@@ -45,10 +48,25 @@ class TrainConfig:
     device: str = "cpu"
 
     def check(self):
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"TrainConfig.{name} must be an integer, got {v!r}")
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError(f"steps, batch_size, checkpoint_every and log_every must be positive: {self}")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"TrainConfig.seed must lie in 0 .. 2^63 - 1, got {self.seed}")
+        for name in ("lr", "weight_decay", "ema_decay", "t_min"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not np.isfinite(v):
+                raise ValueError(f"TrainConfig.{name} must be a finite number, got {v!r}")
         if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.ema_decay < 1 or not 0 < self.t_min < 1:
             raise ValueError(f"need lr > 0, weight_decay >= 0, 0 <= ema_decay < 1, 0 < t_min < 1: {self}")
+        try:  # a device torch can train on here (autocast knows its type)
+            torch.autocast(device_type=torch.device(self.device).type, enabled=False)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"TrainConfig.device (--device) {self.device!r} is not a device to train on, e.g. 'cpu' "
+                             f"or 'cuda' ({str(e).splitlines()[0][:120]})") from None
 
 
 # settings a resumed run must share with the checkpoint (the rest -- steps, checkpoint and log intervals,
@@ -99,13 +117,14 @@ def train(net, images, labels=None, *, out: str, config: Optional[TrainConfig] =
         if int(y.min()) < 0 or int(y.max()) >= net.config["num_classes"]:
             raise ValueError(f"labels must lie in [0, {net.config['num_classes']}), got {int(y.min())}..{int(y.max())}")
     sched = get_schedule(cfg.schedule)
+    data = array_digest(x, y)  # a resumed run must see the same images and labels
 
     net.to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = copy.deepcopy(net).eval() if cfg.ema_decay > 0 else None
     gen = torch.Generator().manual_seed(cfg.seed)
     step, losses = 0, []
-    history = [{"from_step": 0, "config": asdict(cfg)}]
+    history = [{"from_step": 0, "config": asdict(cfg), "data": data}]
     try:
         saved, info, extra = load(out, ema=False)
     except ValueError as e:
@@ -119,17 +138,24 @@ def train(net, images, labels=None, *, out: str, config: Optional[TrainConfig] =
         history = record.get("history") or [{"from_step": 0, "config": record.get("config", {})}]
         used = history[-1]["config"]
         changed = {k: (used.get(k), getattr(cfg, k)) for k in RESUME_FIXED if used.get(k) != getattr(cfg, k)}
+        old_data = history[-1].get("data")  # None: a checkpoint from before data digests were recorded
+        other_data = old_data is not None and old_data != data
         step, losses = int(info["step"]), info.get("losses", [])
-        if changed and not override:
-            what = ", ".join(f"{k}={new!r} (it was trained with {old!r})" for k, (old, new) in changed.items())
-            raise ValueError(f"resuming {out} at step {step} with other settings: {what}; pass override=True "
-                             "(--override-settings) to continue with the new settings, or use another directory")
+        if (changed or other_data) and not override:
+            what = [f"{k}={new!r} (it was trained with {old!r})" for k, (old, new) in changed.items()]
+            if other_data:
+                what.append(f"other training data (SHA-256 of the images and labels {data[:12]}, it was trained on "
+                            f"{old_data[:12]})")
+            raise ValueError(f"resuming {out} at step {step} with {', '.join(what)}; pass override=True "
+                             "(--override-settings) to continue with the new settings and data, or use another "
+                             "directory")
         net.load_state_dict(saved.state_dict())
         _restore(net, opt, ema, gen, extra, info, device)
         if changed:
             for group in opt.param_groups:
                 group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
-            history.append({"from_step": step, "config": asdict(cfg)})
+        if changed or other_data:
+            history.append({"from_step": step, "config": asdict(cfg), "data": data})
     if step >= cfg.steps:
         return (ema or net).eval()
 
@@ -157,14 +183,33 @@ def train(net, images, labels=None, *, out: str, config: Optional[TrainConfig] =
                     pe.lerp_(p, 1 - cfg.ema_decay)
         step += 1
         lv = float(loss.detach())
+        if not np.isfinite(lv):
+            _diverged(out, step, f"the loss is {lv}", cfg)
         run_loss = lv if run_loss is None else 0.98 * run_loss + 0.02 * lv
         if step % cfg.log_every == 0 or step == cfg.steps:
             losses.append([step, round(time.perf_counter() - t0, 2), run_loss])
         bar.update(postfix=f"loss {run_loss:.4f}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            bad = [name for name, p in list(net.named_parameters()) + ([] if ema is None else [
+                ("EMA " + n, p) for n, p in ema.named_parameters()]) if not bool(torch.isfinite(p).all())]
+            if bad:  # never a checkpoint of NaN weights
+                _diverged(out, step, f"the weights {bad[0]}{' and others' if len(bad) > 1 else ''} are not finite",
+                          cfg)
             _checkpoint(out, net, opt, ema, gen, step, losses, cfg, history)
     bar.close()
     return (ema or net).eval()
+
+
+def _diverged(out, step: int, what: str, cfg: TrainConfig) -> None:
+    """Stop a run whose loss or weights stopped being finite, naming the step and the settings; the checkpoint
+    on disk (if any) is the last good one."""
+    try:
+        _, info, _ = load(out, ema=False)
+        kept = f"the checkpoint of step {info['step']} in {out} is kept"
+    except ValueError:
+        kept = "no checkpoint was written"
+    raise ValueError(f"training diverged at step {step}: {what} (lr={cfg.lr:g}, weight_decay={cfg.weight_decay:g}); "
+                     f"{kept}; lower the learning rate (--lr) or the weight decay")
 
 
 def _checkpoint(out, net, opt, ema, gen, step, losses, cfg, history):

@@ -88,19 +88,31 @@ def magnitude(x: torch.Tensor) -> float:
     return max(abs(float(lo)), abs(float(hi)))
 
 
-def scale(query: torch.Tensor, train: torch.Tensor, inv_2b2: torch.Tensor, d: int) -> None:
-    """Refuse data so large that the softmax logits ``-s |Q - a K|^2`` (d elements per patch) would
-    overflow the working type, which would give NaN: the logits are at most
-    ``s d (max|x| + max|train|)^2`` (a <= 1)."""
+def mask_weight(weights: Optional[torch.Tensor], C: int, k: int) -> float:
+    """The largest total weight of one pixel's patch elements over all channels: ``C k^2`` for the square patch
+    (``weights`` None), else ``C`` times the largest sum of a ``(k, k)`` mask's weights (per-pixel masks: of any
+    pixel's) -- the factor of the logits' bound in :func:`scale`."""
+    if weights is None:
+        return float(C * k * k)
+    w = weights.detach().to(torch.float64)
+    return float(C) * float(w.reshape(-1, w.shape[-2] * w.shape[-1]).sum(1).amax())
+
+
+def scale(query: torch.Tensor, train: torch.Tensor, inv_2b2: torch.Tensor, d: float) -> None:
+    """Refuse data so large that the softmax logits ``-s |Q - a K|^2`` (``d`` elements per patch, or the total
+    weight of a neighbourhood mask's elements: :func:`mask_weight`) would overflow the working type, which would
+    give NaN: the logits are at most ``s d (max|x| + max|train|)^2`` (a <= 1)."""
     xmax, kmax = magnitude(query), magnitude(train)
     smax = float(inv_2b2.detach().amax())
-    bound = smax * d * (xmax + kmax) ** 2 if max(xmax, kmax) < 1e150 else float("inf")
+    bound = smax * d * (xmax + kmax) ** 2 if max(xmax, kmax, d) < 1e150 else float("inf")
     limit = LOGIT_LIMITS[query.dtype]
     if not bound <= limit:
         kind = "float32" if query.dtype == torch.float32 else "float64"
+        weighted = f" and patch_mask weights summing to {d:.3g}" if d > 1e6 else ""
         raise ValueError(f"the data are too large for {kind}: queries up to {xmax:.3g} and training values up to "
-                         f"{kmax:.3g} make softmax logits up to {bound:.3g} (limit {limit:.0e}); rescale the data "
-                         f"(e.g. to [-1, 1]){' or use float64' if kind == 'float32' else ''}")
+                         f"{kmax:.3g}{weighted} make softmax logits up to {bound:.3g} (limit {limit:.0e}); rescale "
+                         f"the data (e.g. to [-1, 1]){' or the mask weights' if weighted else ''}"
+                         f"{' or use float64' if kind == 'float32' else ''}")
 
 
 def check_cuda_inputs(**named) -> None:

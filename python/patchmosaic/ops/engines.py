@@ -56,8 +56,10 @@ def _choose() -> str:
     if forced:
         if forced not in available:
             known = ", ".join(sorted(set(_PREFERENCE)))
-            raise RuntimeError(f"PATCHMOSAIC_CPU_VARIANT={forced!r}: not a variant this build has and this CPU runs "
-                               f"(runnable here: {sorted(available)}; names: {known})")
+            from ..validation import ConfigurationError
+
+            raise ConfigurationError(f"PATCHMOSAIC_CPU_VARIANT={forced!r}: not a variant this build has and this CPU "
+                                     f"runs (runnable here: {sorted(available)}; names: {known})")
         return forced
     return next(name for name in _PREFERENCE if name in available)
 

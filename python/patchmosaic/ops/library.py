@@ -158,7 +158,7 @@ def local_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: O
     checks.memory(checks.local_bytes(query.shape, query.dtype, train, k, name, provenance, n_threads),
                   f"the local machine (k={k}) on a batch of shape {tuple(query.shape)}", max_memory)
     checks.values(query, "x", t, a, inv_2b2)
-    checks.scale(query, train, inv_2b2, query.shape[1] * k * k)
+    checks.scale(query, train, inv_2b2, checks.mask_weight(w, query.shape[1], k))
     ks, mask = _masked_patch(engine, w, ks, train.shape[1], query)
     grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
