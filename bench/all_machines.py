@@ -171,6 +171,7 @@ def run_network(name: str, args) -> dict:
     if "Flex" in machines:
         heat_info = {"samples": args.heatmap_samples, "every": args.heatmap_every,
                      "times": list(map(float, machines["Flex"].machine.heatmaps.times))}
+    earlier = earlier_report(os.path.join(out, "report.json"), settings)
     t0 = time.perf_counter()
     rep = compare(net, machines, seeds, ylab, out_dir=out, run_id=name + json.dumps(settings, sort_keys=True),
                   batch_size=args.batch, progress=not args.quiet,
@@ -185,13 +186,59 @@ def run_network(name: str, args) -> dict:
                         "calibration_seconds": cal_seconds, "machine": machine_line(),
                         "date": time.strftime("%Y-%m-%d")})
     compare_s = time.perf_counter() - t0
+    carried = carry_earlier(rep, earlier, os.path.join(out, "report.json"))
     k = min(8, args.seeds)
-    shown = [m for m in MACHINES if m in wanted]
-    key = {m: m if m != "FPMC" else fpmc_key(args.fpmc) for m in shown}
-    rows = [seeds[:k], rep["samples"]["network"][:k]] + [rep["samples"][key[m]][:k] for m in shown]
+    key = {m: m if m != "FPMC" else fpmc_key(args.fpmc) for m in MACHINES}
+    shown, pictures = [], []
+    for m in MACHINES:  # every machine with samples: this run's, or an earlier run's sample file
+        if key[m] in rep["samples"]:
+            pictures.append(rep["samples"][key[m]][:k])
+        elif key[m] in rep["summary"] and os.path.exists(os.path.join(out, f"samples_{safe_name(key[m])}.npz")):
+            pictures.append(torch.from_numpy(read_samples(os.path.join(out, f"samples_{safe_name(key[m])}.npz"))[:k]))
+        else:
+            continue
+        shown.append(m)
+    rows = [seeds[:k], rep["samples"]["network"][:k]] + pictures
     save_figure(comparison_grid(rows, ["noise", "network"] + shown), os.path.join(out, "grid.png"))
-    print(f"{name}: compared in {compare_s:.0f} s (machines built in {build_s:.0f} s)", flush=True)
-    return {m: rep["summary"][key[m]] for m in shown}
+    print(f"{name}: compared in {compare_s:.0f} s (machines built in {build_s:.0f} s)" +
+          (f"; kept from the earlier run: {', '.join(carried)}" if carried else ""), flush=True)
+    return {m: rep["summary"][key[m]] for m in MACHINES if key[m] in rep["summary"]}
+
+
+def earlier_report(path: str, settings: dict):
+    """The earlier ``report.json`` of this network if it was made with the same settings (the same seeds, training
+    images and calibration settings), else None: its machines that this run does not sample are kept."""
+    if not os.path.exists(path):
+        return None
+    rep = json.load(open(path))
+    return rep if rep.get("settings") == settings else None
+
+
+def carry_earlier(rep: dict, earlier, path: str) -> list:
+    """Adds to ``rep`` (and its ``report.json``) the machines of the earlier report that this run did not sample
+    (their per-seed scores on the same seeds, their schedules, calibration times and dates), and returns their
+    names."""
+    if not earlier:
+        return []
+    carried = [m for m in earlier["summary"] if m not in rep["summary"]]
+    if not carried:
+        return []
+    for m in carried:
+        rep["summary"][m], rep["per_seed"][m] = earlier["summary"][m], earlier["per_seed"][m]
+    for entry in ("k_schedules", "threshold_schedules", "calibration_seconds"):
+        rep[entry] = {**{m: v for m, v in (earlier.get(entry) or {}).items() if m in carried}, **(rep.get(entry) or {})}
+    dates = dict(earlier.get("dates") or {})
+    rep["dates"] = {**{m: dates.get(m, earlier.get("date")) for m in carried},
+                    **{m: rep["date"] for m in rep["per_seed"] if m not in carried}}
+    rep["machines_of"] = {**{m: (earlier.get("machines_of") or {}).get(m, earlier.get("machine")) for m in carried},
+                          **{m: rep["machine"] for m in rep["per_seed"] if m not in carried}}
+    write_json(path, {k: v for k, v in rep.items() if k != "samples"})
+    return carried
+
+
+def read_samples(path: str) -> np.ndarray:
+    f = np.load(path)
+    return np.asarray(f["samples"] if "samples" in f.files else f[f.files[-1]])
 
 
 def fpmc_key(spec: str) -> str:
@@ -282,6 +329,7 @@ def table(rows) -> str:
     lines += ["", "Seed by seed against calibrated ELS: median r difference [95% bootstrap interval], seeds higher:", "",
               "| network | " + " | ".join(f"{m} − ELS" for m in others) + " |", "|" + "---|" * (len(others) + 1)]
     sure = {m: 0 for m in others}
+    beaten = {}  # network -> the machines whose interval lies above 0
     for name, rep in rows:
         cells = []
         for m in others:
@@ -290,10 +338,15 @@ def table(rows) -> str:
                 continue
             med, (lo, hi), frac = paired(rep, m)
             sure[m] += lo > 0
+            if lo > 0:
+                beaten.setdefault(name, []).append(m)
             cells.append(f"{'**' if lo > 0 else ''}{med:+.3f} [{lo:+.3f}, {hi:+.3f}], {frac:.0%}{'**' if lo > 0 else ''}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Networks where a machine beats calibrated ELS seed by seed (the interval above 0, in bold): " +
               ", ".join(f"{m} {sure[m]}" for m in others) + f" (of {len(rows)}).", "",
+              f"Networks where some machine beats calibrated ELS seed by seed: {len(beaten)} of {len(rows)}" +
+              (" (" + "; ".join(f"{SHORT.get(n, n)}: {', '.join(ms)}" for n, ms in beaten.items()) + ")" if beaten
+               else "") + ".", "",
               "Schedules (t = 1 → 0.05): "]
     for name, rep in rows:
         ks = {**rep.get("k_schedules", {}), **rep.get("threshold_schedules", {})}
@@ -303,17 +356,23 @@ def table(rows) -> str:
 
 
 def grid_all(rows, out_dir, seeds_per_net: int = 2):
-    """One picture: for each network its first seeds, rows network and every machine (the machines every network
-    has)."""
-    cols = {k: [] for k in ["network"] + [m for m in MACHINES if all(m in rep["summary"] for _, rep in rows)]}
+    """One picture: for each network with sample files its first seeds, rows network and every machine (the machines
+    whose sample files every such network has)."""
+    def file(name, rep, k):
+        return os.path.join(out_dir, name, f"samples_{rep.get('fpmc_file') if k == 'FPMC' else k}.npz")
+
+    rows = [(name, rep) for name, rep in rows if os.path.exists(file(name, rep, "network"))]
+    if not rows:
+        return None
+
+    cols = {k: [] for k in ["network"] + [m for m in MACHINES if all(m in rep["summary"] and
+                                                                       os.path.exists(file(name, rep, m))
+                                                                       for name, rep in rows)]}
     labels = []
     for name, rep in rows:
         labels += [f"{SHORT[name]} {j}" for j in range(seeds_per_net)]
-        d = os.path.join(out_dir, name)
         for k in cols:
-            f = np.load(os.path.join(d, f"samples_{rep['fpmc_file'] if k == 'FPMC' else k}.npz"))
-            arr = f["samples"] if "samples" in f.files else f[f.files[-1]]
-            a = np.asarray(arr[:seeds_per_net], dtype=np.float64)
+            a = read_samples(file(name, rep, k))[:seeds_per_net].astype(np.float64)
             if a.shape[1] == 1:
                 a = np.repeat(a, 3, axis=1)
             cols[k].append(a)
@@ -363,10 +422,11 @@ def main():
     rows = collect(args.out)
     block = table(rows) + f"\n\n(`python bench/all_machines.py --networks {args.networks} --limit {args.limit} --seeds {args.seeds} " \
         f"--calib-seeds {args.calib_seeds} --k-max {args.k_max} --fpmc {args.fpmc} --heatmap-samples " \
-        f"{args.heatmap_samples}`; {time.strftime('%Y-%m-%d')}; {machine_line()})"
+        f"{args.heatmap_samples} --heatmap-every {args.heatmap_every}`; {time.strftime('%Y-%m-%d')}; {machine_line()})"
     print(block)
-    if rows:
-        save_figure(grid_all(rows, args.out), os.path.join(args.out, "grid_all.png"))
+    picture = grid_all(rows, args.out) if rows else None
+    if picture is not None:
+        save_figure(picture, os.path.join(args.out, "grid_all.png"))
     for md in args.md or [os.path.join(HERE, "RESULTS.md"), os.path.join(HERE, "..", "README.md")]:
         write_md(md, block)
 
