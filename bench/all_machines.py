@@ -356,23 +356,29 @@ def table(rows) -> str:
 
 
 def grid_all(rows, out_dir, seeds_per_net: int = 2):
-    """One picture: for each network with sample files its first seeds, rows network and every machine (the machines
-    whose sample files every such network has)."""
+    """One picture: for each network with finished sample files its first seeds, rows network and every machine that
+    any of these networks has samples of (a mid-grey tile where a network has none: that machine was not run there)."""
     def file(name, rep, k):
         return os.path.join(out_dir, name, f"samples_{rep.get('fpmc_file') if k == 'FPMC' else k}.npz")
 
-    rows = [(name, rep) for name, rep in rows if os.path.exists(file(name, rep, "network"))]
+    def finished(path):
+        if not os.path.exists(path):
+            return False
+        with np.load(path) as f:
+            return bool(np.asarray(f["done"]).all()) if "done" in f.files else True
+
+    rows = [(name, rep) for name, rep in rows if finished(file(name, rep, "network"))]
     if not rows:
         return None
-
-    cols = {k: [] for k in ["network"] + [m for m in MACHINES if all(m in rep["summary"] and
-                                                                       os.path.exists(file(name, rep, m))
-                                                                       for name, rep in rows)]}
+    have = {(name, m) for name, rep in rows for m in MACHINES if m in rep["summary"] and finished(file(name, rep, m))}
+    cols = {k: [] for k in ["network"] + [m for m in MACHINES if any((name, m) in have for name, _ in rows)]}
     labels = []
     for name, rep in rows:
         labels += [f"{SHORT[name]} {j}" for j in range(seeds_per_net)]
+        shape = read_samples(file(name, rep, "network"))[:seeds_per_net].shape
         for k in cols:
-            a = read_samples(file(name, rep, k))[:seeds_per_net].astype(np.float64)
+            a = (read_samples(file(name, rep, k))[:seeds_per_net].astype(np.float64)
+                 if k == "network" or (name, k) in have else np.zeros(shape))
             if a.shape[1] == 1:
                 a = np.repeat(a, 3, axis=1)
             cols[k].append(a)
