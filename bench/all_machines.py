@@ -226,7 +226,7 @@ def carry_earlier(rep: dict, earlier, path: str) -> list:
     for m in carried:
         rep["summary"][m], rep["per_seed"][m] = earlier["summary"][m], earlier["per_seed"][m]
     for entry in ("k_schedules", "threshold_schedules", "calibration_seconds"):
-        rep[entry] = {**{m: v for m, v in (earlier.get(entry) or {}).items() if m in carried}, **(rep.get(entry) or {})}
+        rep[entry] = {**(earlier.get(entry) or {}), **(rep.get(entry) or {})}  # (FPMC's schedule is under "FPMC")
     dates = dict(earlier.get("dates") or {})
     rep["dates"] = {**{m: dates.get(m, earlier.get("date")) for m in carried},
                     **{m: rep["date"] for m in rep["per_seed"] if m not in carried}}
@@ -351,7 +351,7 @@ def table(rows) -> str:
     for name, rep in rows:
         ks = {**rep.get("k_schedules", {}), **rep.get("threshold_schedules", {})}
         lines.append(f"- {name}: " + "; ".join(f"{m} {','.join(map(str, v))}" for m, v in ks.items()) +
-                     (f"; FPMC = {rep['fpmc']}" if rep.get("fpmc") else ""))
+                     (f"; FPMC = {rep['fpmc']}" if rep.get("fpmc") and "FPMC" in rep["summary"] else ""))
     return "\n".join(lines)
 
 
