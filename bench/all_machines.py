@@ -21,7 +21,9 @@ and ``per_seed``), grid.png; and the tables between the markers ``<!-- all-machi
 plus bench/results/all_machines/grid_all.png. Resumable per network and machine: finished calibrations, heatmaps and
 per-machine sample files are reused by a rerun with the same settings (a machine added later is computed alone); the
 calibrations do not depend on --seeds, so a rerun with more comparison seeds reuses them (remove the earlier run's
-``<network>/samples_*.npz`` first: compare refuses sample files of other seeds). ``--machines`` runs a subset.
+``<network>/samples_*.npz`` first: compare refuses sample files of other seeds). ``--machines`` runs a subset; the
+network's earlier ``report.json`` (same seeds and settings) keeps its other machines, with their dates (``dates``,
+``machines_of``), so machines can be added a few at a time.
 """
 
 from __future__ import annotations
