@@ -1,19 +1,29 @@
-"""Every analytic machine against every reference network (issue 19): IS, LS, boundary-aware (or periodic) ELS,
-the Wiener filter, and the data-driven locality machine (DataLocal: ELS over the k^2 pixels the data's Wiener
-filter is most sensitive to), sampled from the same seeds as the network and scored seed by seed (Pearson r,
-R^2). The k-schedules of LS, ELS and DataLocal are each calibrated against the network on the same seeds,
-training images and candidates, so the machines compete on equal terms.
+"""Every analytic machine against every reference network (issues 19 and 27): IS, LS, boundary-aware (or periodic)
+ELS, the Wiener filter, the data-driven locality machine (DataLocal), PCA-locality with the published threshold and
+with a calibrated threshold schedule, PSPC-Square with a calibrated patch-size schedule and with its published
+schedule, PSPC-Flex (crops from the network's own sensitivity heatmaps, the published mass schedule) and a filtered
+posterior mean collection variant (--fpmc), all sampled from the same seeds as the network and scored seed by seed
+(Pearson r, R^2), each against calibrated ELS by paired per-seed differences with bootstrap intervals. The calibrated
+schedules are each calibrated against the network on the same seeds, training images and candidates.
 
-    python bench/all_machines.py --networks all --limit 2000 --seeds 8 --calib-seeds 2 --k-max 15
+    python bench/all_machines.py --networks all --limit 2000 --seeds 32 --calib-seeds 2 --k-max 15
 
-The softmax machines (IS, LS, ELS, DataLocal) use the first --limit training images of the network's data set
-(a reduced size for this 2-core CPU); the Wiener filter and DataLocal's neighbourhoods use the covariance of
-the network's whole training set (a second-order statistic, cheap at any size). Writes per network under --out:
-calibration_<machine>.json, report.json, grid.png; and the table between the markers
-``<!-- all-machines:begin/end -->`` of each --md file plus bench/results/all_machines/grid_all.png. Resumable:
-finished calibrations and sample files are reused by a rerun with the same settings; the calibrations do not
-depend on --seeds, so a rerun with more comparison seeds reuses them (remove the earlier run's
-``<network>/samples_*.npz`` first: compare refuses sample files of other seeds).
+The softmax machines use the first --limit training images of the network's data set (a reduced size for this 2-core
+CPU); the Wiener filter, DataLocal's neighbourhoods and PCA-locality's masks use the statistics of the network's whole
+training set (for PCA-locality: its machine holds the --limit images, its masks come from the covariance of those).
+The published settings: PCA-locality's threshold 0.005 (MNIST, Fashion-MNIST) and 0.05 (CIFAR-10); PSPC's CIFAR-10
+schedules (the patch size, and Flex's mass tau) mapped to our time by the nearest EDM noise level, with the source's
+left-right mirrors (their default). Flex's heatmaps are the network's mean absolute input gradient per output pixel
+(--heatmap-samples noisy inputs per time, at the steps' times where tau < 1), cached per network.
+
+Writes per network under --out: calibration_<machine>.json, heatmaps.npz, report.json (every machine in ``summary``
+and ``per_seed``), grid.png; and the tables between the markers ``<!-- all-machines:begin/end -->`` of each --md file
+plus bench/results/all_machines/grid_all.png. Resumable per network and machine: finished calibrations, heatmaps and
+per-machine sample files are reused by a rerun with the same settings (a machine added later is computed alone); the
+calibrations do not depend on --seeds, so a rerun with more comparison seeds reuses them (remove the earlier run's
+``<network>/samples_*.npz`` first: compare refuses sample files of other seeds). ``--machines`` runs a subset; the
+network's earlier ``report.json`` (same seeds and settings) keeps its other machines, with their dates (``dates``,
+``machines_of``), so machines can be added a few at a time.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -40,11 +51,53 @@ from patchmosaic.io.runstate import write_json  # noqa: E402
 from patchmosaic.networks import load_network  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MACHINES = ["IS", "LS", "ELS", "Wiener", "DataLocal"]
+MACHINES = ["IS", "LS", "ELS", "Wiener", "DataLocal", "PCA", "PCA-cal", "PSPC", "PSPC-pub", "Flex", "FPMC"]
 SHORT = {"cifar10k_resnet_zeros_cond": "CIFAR ResNet", "fmnist20k_resnet_zeros_cond": "FMNIST ResNet",
          "mnist_resnet_zeros": "MNIST ResNet", "mnist_resnet_circular": "MNIST circ.", "mnist_unet_zeros": "MNIST UNet",
          "cifar10k_unet_zeros_cond": "CIFAR UNet", "cifar10k_unet_attn_zeros_cond": "CIFAR attn"}
-CALIBRATED = ["LS", "ELS", "DataLocal"]
+CALIBRATED = ["LS", "ELS", "DataLocal", "PCA-cal", "PSPC", "FPMC"]
+PCA_THRESHOLD = {"cifar": 0.05, "mnist": 0.005, "fmnist": 0.005}  # the published (Analytic Diffusion Studio) settings
+DEFAULT_FPMC = "els+soft=0.5+xflip"  # the best of bench/fpmc_explore.py on the MNIST and CIFAR-10 ResNets
+
+
+def pca_threshold(network: str) -> float:
+    return PCA_THRESHOLD["cifar" if network.startswith("cifar") else "fmnist" if network.startswith("fmnist") else "mnist"]
+
+
+def parse_fpmc(spec: str) -> dict:
+    """A filtered posterior mean collection variant: ``BASE[+OPTION...]`` with BASE ``els``, ``ls`` or ``pspc`` and
+    options ``xflip`` (the source's mirrors), ``soft=C`` (ELS, LS: a Gaussian window of width C k over each step's
+    k x k patch), ``prec=S`` (PSPC: Gaussian query precision of width S pixels), ``patch`` (LS: whole-patch response),
+    ``resp=S`` (LS, PSPC: Gaussian response weights of width S pixels). Its size (or patch size) schedule is calibrated
+    like the others'."""
+    base, *opts = spec.split("+")
+    if base not in ("els", "ls", "pspc"):
+        raise SystemExit(f"--fpmc {spec!r}: the base must be els, ls or pspc")
+    out = {"base": base, "xflip": False, "soft": None, "prec": None,
+           "response": "patch" if base == "pspc" else "centre"}
+    for o in opts:
+        name, _, val = o.partition("=")
+        if name == "xflip" and not val:
+            out["xflip"] = True
+        elif name == "soft" and val and base in ("els", "ls"):
+            out["soft"] = float(val)
+        elif name == "prec" and val and base == "pspc":
+            out["prec"] = float(val)
+        elif name == "patch" and not val and base == "ls":
+            out["response"] = "patch"
+        elif name == "resp" and val and base in ("ls", "pspc"):
+            out["response"] = float(val)
+        else:
+            raise SystemExit(f"--fpmc {spec!r}: unknown option {o!r} for {base}")
+    return out
+
+
+def fpmc_machine(v: dict, images, labels, boundary):
+    if v["base"] == "pspc":
+        return pm.PSPC(images, labels, xflip=v["xflip"], precision=v["prec"], response=v["response"])
+    if v["base"] == "ls":
+        return pm.LS(images, labels, xflip=v["xflip"], response=v["response"], soft=v["soft"])
+    return pm.ELS(images, labels, boundary=boundary, xflip=v["xflip"], soft=v["soft"])
 
 
 def run_network(name: str, args) -> dict:
@@ -63,47 +116,170 @@ def run_network(name: str, args) -> dict:
     net = NetworkDenoiser(load_network(os.path.join(card_dir, "model.pt")))
     boundary = "circular" if padding == "circular" else "zeros"
     t0 = time.perf_counter()
-    local = {"LS": pm.LS(images, labels), "ELS": pm.ELS(images, labels, boundary=boundary),
-             "DataLocal": pm.DataLocal(images, labels, boundary=boundary, statistics=everything)}
-    wiener = pm.Wiener(everything, all_labels if cond else None)
+    wanted = args.machine_list
+    fpmc = parse_fpmc(args.fpmc)
+    local = Lazy({"LS": lambda: pm.LS(images, labels), "ELS": lambda: pm.ELS(images, labels, boundary=boundary),
+                  "DataLocal": lambda: pm.DataLocal(images, labels, boundary=boundary, statistics=everything),
+                  "PCA-cal": lambda: pm.PCALocality(images, labels, threshold=pca_threshold(name)),
+                  "PSPC": lambda: pm.PSPC(images, labels),
+                  "FPMC": lambda: fpmc_machine(fpmc, images, labels, boundary)})
     build_s = time.perf_counter() - t0
     settings = {"train_images": n, "statistics_images": len(everything), "seeds": args.seeds,
                 "calib_seeds": args.calib_seeds, "k_max": args.k_max}
     schedules, cal_seconds = {}, {}
-    for m in CALIBRATED:
-        path = os.path.join(out, f"calibration_{m}.json")
+    for m in [m for m in CALIBRATED if m in wanted]:
+        label = m if m != "FPMC" else "FPMC-" + args.fpmc
+        path = os.path.join(out, f"calibration_{safe_name(label)}.json")
+        cands = list(range(3, args.k_max + 1, 2)) + [min(images.shape[-2:])] if m == "PSPC" or \
+            (m == "FPMC" and fpmc["base"] == "pspc") else None
         if os.path.exists(path):
             c = json.load(open(path))
-            if calibration_settings(c.get("settings") or {}) == calibration_settings(settings):
-                schedules[m] = pm.KSchedule(c["times"], c["ks"])
+            if calibration_settings(c.get("settings") or {}) == calibration_settings(settings) and \
+                    c.get("candidates_requested", None) == cands:
+                schedules[m] = read_schedule(c)
                 cal_seconds[m] = c.get("seconds")
                 continue
         t0 = time.perf_counter()
         c = calibrate(net, local[m], seeds[: args.calib_seeds], None if ylab is None else ylab[: args.calib_seeds],
-                      k_max=args.k_max, state=os.path.join(out, f"calibration_{m}.state.npz"), run_id=name,
+                      candidates=cands, k_max=None if local[m].parameter == "threshold" else args.k_max,
+                      state=os.path.join(out, f"calibration_{safe_name(label)}.state.npz"), run_id=name,
                       progress=not args.quiet)
         cal_seconds[m] = round(time.perf_counter() - t0, 1)
-        c.to_json(path, network=name, machine=m, settings=calibration_settings(settings), seconds=cal_seconds[m])
+        c.to_json(path, network=name, machine=label, settings=calibration_settings(settings), seconds=cal_seconds[m],
+                  candidates_requested=cands)
         schedules[m] = c.schedule
-        print(f"{name}: {m} k-schedule {list(c.schedule.ks)} ({cal_seconds[m]:.0f} s)", flush=True)
-    machines = {"IS": MachineDenoiser(pm.IS(images, labels)),
-                "LS": MachineDenoiser(local["LS"], schedules["LS"]),
-                "ELS": MachineDenoiser(local["ELS"], schedules["ELS"]),
-                "Wiener": MachineDenoiser(wiener),
-                "DataLocal": MachineDenoiser(local["DataLocal"], schedules["DataLocal"])}
+        print(f"{name}: {label} schedule {list(c.schedule.values)} ({cal_seconds[m]:.0f} s)", flush=True)
+    published_p = pm.kschedule.published_schedule("square", steps=20, max_size=min(images.shape[-2:]))
+    published_tau = pm.kschedule.published_schedule("flex", steps=20)
+    heat_info = None
+    builders = {
+        "IS": lambda: MachineDenoiser(pm.IS(images, labels)),
+        "LS": lambda: MachineDenoiser(local["LS"], schedules["LS"]),
+        "ELS": lambda: MachineDenoiser(local["ELS"], schedules["ELS"]),
+        "Wiener": lambda: MachineDenoiser(pm.Wiener(everything, all_labels if cond else None)),
+        "DataLocal": lambda: MachineDenoiser(local["DataLocal"], schedules["DataLocal"]),
+        "PCA": lambda: MachineDenoiser(pm.PCALocality(images, labels, threshold=pca_threshold(name))),
+        "PCA-cal": lambda: MachineDenoiser(local["PCA-cal"], schedules["PCA-cal"]),
+        "PSPC": lambda: MachineDenoiser(local["PSPC"], schedules["PSPC"]),
+        "PSPC-pub": lambda: MachineDenoiser(pm.PSPC(images, labels, xflip=True), published_p),
+        "Flex": lambda: MachineDenoiser(pm.PSPC(images, labels, mode="flex", xflip=True,
+                                                heatmaps=flex_heatmaps(name, net, everything, all_labels if cond
+                                                                       else None, published_tau, out, args)),
+                                        published_tau),
+        "FPMC": lambda: MachineDenoiser(local["FPMC"], schedules["FPMC"]),
+    }
+    # the FPMC variant is compared under a name of its own (its sample file), shown as "FPMC" (collect)
+    machines = {(m if m != "FPMC" else fpmc_key(args.fpmc)): builders[m]() for m in MACHINES if m in wanted}
+    if "Flex" in machines:
+        heat_info = {"samples": args.heatmap_samples, "every": args.heatmap_every,
+                     "times": list(map(float, machines["Flex"].machine.heatmaps.times))}
+    earlier = earlier_report(os.path.join(out, "report.json"), settings)
     t0 = time.perf_counter()
     rep = compare(net, machines, seeds, ylab, out_dir=out, run_id=name + json.dumps(settings, sort_keys=True),
                   batch_size=args.batch, progress=not args.quiet,
                   info={"network": name, "settings": settings, "boundary": boundary, "conditional": cond,
-                        "k_schedules": {m: list(map(int, schedules[m].ks)) for m in CALIBRATED},
+                        "k_schedules": {m: list(map(int, schedules[m].values)) for m in schedules
+                                        if isinstance(schedules[m], pm.KSchedule)},
+                        "threshold_schedules": {m: list(map(float, schedules[m].values)) for m in schedules
+                                                if isinstance(schedules[m], pm.ThresholdSchedule)},
+                        "published": {"PCA_threshold": pca_threshold(name), "PSPC_p": list(map(int, published_p.ks)),
+                                      "Flex_tau": list(map(float, published_tau.thresholds))},
+                        "fpmc": args.fpmc, "heatmaps": heat_info,
                         "calibration_seconds": cal_seconds, "machine": machine_line(),
                         "date": time.strftime("%Y-%m-%d")})
     compare_s = time.perf_counter() - t0
+    carried = carry_earlier(rep, earlier, os.path.join(out, "report.json"))
     k = min(8, args.seeds)
-    rows = [seeds[:k], rep["samples"]["network"][:k]] + [rep["samples"][m][:k] for m in MACHINES]
-    save_figure(comparison_grid(rows, ["noise", "network"] + MACHINES), os.path.join(out, "grid.png"))
-    print(f"{name}: compared in {compare_s:.0f} s (machines built in {build_s:.0f} s)", flush=True)
-    return {m: rep["summary"][m] for m in MACHINES}
+    key = {m: m if m != "FPMC" else fpmc_key(args.fpmc) for m in MACHINES}
+    shown, pictures = [], []
+    for m in MACHINES:  # every machine with samples: this run's, or an earlier run's sample file
+        if key[m] in rep["samples"]:
+            pictures.append(rep["samples"][key[m]][:k])
+        elif key[m] in rep["summary"] and os.path.exists(os.path.join(out, f"samples_{safe_name(key[m])}.npz")):
+            pictures.append(torch.from_numpy(read_samples(os.path.join(out, f"samples_{safe_name(key[m])}.npz"))[:k]))
+        else:
+            continue
+        shown.append(m)
+    rows = [seeds[:k], rep["samples"]["network"][:k]] + pictures
+    save_figure(comparison_grid(rows, ["noise", "network"] + shown), os.path.join(out, "grid.png"))
+    print(f"{name}: compared in {compare_s:.0f} s (machines built in {build_s:.0f} s)" +
+          (f"; kept from the earlier run: {', '.join(carried)}" if carried else ""), flush=True)
+    return {m: rep["summary"][key[m]] for m in MACHINES if key[m] in rep["summary"]}
+
+
+def earlier_report(path: str, settings: dict):
+    """The earlier ``report.json`` of this network if it was made with the same settings (the same seeds, training
+    images and calibration settings), else None: its machines that this run does not sample are kept."""
+    if not os.path.exists(path):
+        return None
+    rep = json.load(open(path))
+    return rep if rep.get("settings") == settings else None
+
+
+def carry_earlier(rep: dict, earlier, path: str) -> list:
+    """Adds to ``rep`` (and its ``report.json``) the machines of the earlier report that this run did not sample
+    (their per-seed scores on the same seeds, their schedules, calibration times and dates), and returns their
+    names."""
+    if not earlier:
+        return []
+    carried = [m for m in earlier["summary"] if m not in rep["summary"]]
+    if not carried:
+        return []
+    for m in carried:
+        rep["summary"][m], rep["per_seed"][m] = earlier["summary"][m], earlier["per_seed"][m]
+    for entry in ("k_schedules", "threshold_schedules", "calibration_seconds"):
+        rep[entry] = {**(earlier.get(entry) or {}), **(rep.get(entry) or {})}  # (FPMC's schedule is under "FPMC")
+    dates = dict(earlier.get("dates") or {})
+    rep["dates"] = {**{m: dates.get(m, earlier.get("date")) for m in carried},
+                    **{m: rep["date"] for m in rep["per_seed"] if m not in carried}}
+    rep["machines_of"] = {**{m: (earlier.get("machines_of") or {}).get(m, earlier.get("machine")) for m in carried},
+                          **{m: rep["machine"] for m in rep["per_seed"] if m not in carried}}
+    write_json(path, {k: v for k, v in rep.items() if k != "samples"})
+    return carried
+
+
+def read_samples(path: str) -> np.ndarray:
+    f = np.load(path)
+    return np.asarray(f["samples"] if "samples" in f.files else f[f.files[-1]])
+
+
+def fpmc_key(spec: str) -> str:
+    return "FPMC-" + spec
+
+
+class Lazy(dict):
+    """Machines built on first use (a subset of --machines builds only what it needs)."""
+
+    def __init__(self, builders):
+        super().__init__()
+        self.builders = builders
+
+    def __missing__(self, key):
+        self[key] = self.builders[key]()
+        return self[key]
+
+
+def safe_name(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+
+
+def read_schedule(c: dict):
+    if "thresholds" in c:
+        return pm.ThresholdSchedule(tuple(c["times"]), tuple(c["thresholds"]))
+    return pm.KSchedule(tuple(c["times"]), tuple(c["ks"]), c.get("odd", True))
+
+
+def flex_heatmaps(name, net, images, labels, taus, out, args):
+    """The network's heatmaps at the steps' times where the published tau is below 1 (every --heatmap-every-th of
+    them), cached in ``<out>/heatmaps.npz``; at tau = 1 the crop is the whole image whatever the heatmap."""
+    from patchmosaic.experiments.heatmaps import network_heatmaps
+
+    times = [t for t, tau in zip(taus.times, taus.thresholds) if tau < 1][:: args.heatmap_every]
+    t0 = time.perf_counter()
+    hm = network_heatmaps(net, images, times, labels, samples=args.heatmap_samples, seed=0,
+                          path=os.path.join(out, "heatmaps.npz"), progress=not args.quiet)
+    print(f"{name}: heatmaps at {len(times)} times ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return hm
 
 
 def calibration_settings(settings: dict) -> dict:
@@ -116,11 +292,16 @@ def collect(out_dir: str) -> list:
     for name in ORDER:
         p = os.path.join(out_dir, name, "report.json")
         if os.path.exists(p):
-            rows.append((name, json.load(open(p))))
+            rep = json.load(open(p))
+            key = fpmc_key(rep["fpmc"]) if rep.get("fpmc") else None
+            if key in rep["summary"]:  # the variant's entries, as "FPMC"
+                rep["summary"]["FPMC"], rep["per_seed"]["FPMC"] = rep["summary"][key], rep["per_seed"][key]
+                rep["fpmc_file"] = re.sub(r"[^A-Za-z0-9_.-]+", "_", key)
+            rows.append((name, rep))
     return rows
 
 
-def paired(rep, a: str = "DataLocal", b: str = "ELS", n_boot: int = 4000):
+def paired(rep, a: str, b: str = "ELS", n_boot: int = 4000):
     """Seed by seed, ``r`` of machine ``a`` minus ``r`` of machine ``b``: (median, 95% bootstrap interval of the
     median, fraction of seeds where ``a`` is higher)."""
     d = np.asarray(rep["per_seed"][a]["r"]) - np.asarray(rep["per_seed"][b]["r"])
@@ -130,43 +311,76 @@ def paired(rep, a: str = "DataLocal", b: str = "ELS", n_boot: int = 4000):
 
 
 def table(rows) -> str:
-    head = "| network | " + " | ".join(f"{m} r" for m in MACHINES) + " | " + \
-        " | ".join(f"{m} R²" for m in MACHINES) + \
-        " | best r | DataLocal − ELS per seed: median r diff [95% CI], seeds higher | k-schedules (t = 1 → 0.05) |"
-    lines = [head, "|" + "---|" * (2 * len(MACHINES) + 4)]
-    wins = sure = 0
+    present = [m for m in MACHINES if any(m in rep["summary"] for _, rep in rows)]
+    cell = lambda rep, m, f: f(rep) if m in rep["summary"] else "—"  # noqa: E731
+    lines = ["Median Pearson r against the network (best in bold), then median R²:", "",
+             "| network | " + " | ".join(f"{m} r" for m in present) + " | best r |",
+             "|" + "---|" * (len(present) + 2)]
     for name, rep in rows:
         s = rep["summary"]
-        r = {m: s[m]["r"]["median"] for m in MACHINES}
-        best = max(MACHINES, key=lambda m: r[m])
-        beats = r["DataLocal"] > r["ELS"]
-        wins += beats
-        med, (lo, hi), frac = paired(rep)
-        sure += lo > 0
-        ks = rep["k_schedules"]
-        sched = "; ".join(f"{m} {','.join(map(str, ks[m]))}" for m in CALIBRATED)
-        cells = [f"**{r[m]:.3f}**" if m == best else f"{r[m]:.3f}" for m in MACHINES]
-        cells += [f"{s[m]['R2']['median']:.2f}" for m in MACHINES]
+        r = {m: s[m]["r"]["median"] for m in present if m in s}
+        best = max(r, key=lambda m: r[m])
+        cells = [cell(rep, m, lambda _: f"**{r[m]:.3f}**" if m == best else f"{r[m]:.3f}") for m in present]
         st = rep["settings"]
-        lines.append(f"| {name} ({st['train_images']} imgs, {st['seeds']} seeds) | " + " | ".join(cells) +
-                     f" | {best} | {med:+.3f} [{lo:+.3f}, {hi:+.3f}], {frac:.0%} | {sched} |")
-    lines.append("")
-    lines.append(f"DataLocal's median r above calibrated ELS's on {wins} of {len(rows)} networks; the paired per-seed "
-                 f"difference's 95% bootstrap interval lies above 0 on {sure} of them.")
+        lines.append(f"| {name} ({st['train_images']} imgs, {st['seeds']} seeds) | " + " | ".join(cells) + f" | {best} |")
+    lines += ["", "| network | " + " | ".join(f"{m} R²" for m in present) + " |", "|" + "---|" * (len(present) + 1)]
+    for name, rep in rows:
+        lines.append(f"| {name} | " + " | ".join(cell(rep, m, lambda rp: f"{rp['summary'][m]['R2']['median']:.2f}")
+                                               for m in present) + " |")
+    others = [m for m in present if m != "ELS"]
+    lines += ["", "Seed by seed against calibrated ELS: median r difference [95% bootstrap interval], seeds higher:", "",
+              "| network | " + " | ".join(f"{m} − ELS" for m in others) + " |", "|" + "---|" * (len(others) + 1)]
+    sure = {m: 0 for m in others}
+    beaten = {}  # network -> the machines whose interval lies above 0
+    for name, rep in rows:
+        cells = []
+        for m in others:
+            if m not in rep["summary"] or "ELS" not in rep["summary"]:
+                cells.append("—")
+                continue
+            med, (lo, hi), frac = paired(rep, m)
+            sure[m] += lo > 0
+            if lo > 0:
+                beaten.setdefault(name, []).append(m)
+            cells.append(f"{'**' if lo > 0 else ''}{med:+.3f} [{lo:+.3f}, {hi:+.3f}], {frac:.0%}{'**' if lo > 0 else ''}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Networks where a machine beats calibrated ELS seed by seed (the interval above 0, in bold): " +
+              ", ".join(f"{m} {sure[m]}" for m in others) + f" (of {len(rows)}).", "",
+              f"Networks where some machine beats calibrated ELS seed by seed: {len(beaten)} of {len(rows)}" +
+              (" (" + "; ".join(f"{SHORT.get(n, n)}: {', '.join(ms)}" for n, ms in beaten.items()) + ")" if beaten
+               else "") + ".", "",
+              "Schedules (t = 1 → 0.05): "]
+    for name, rep in rows:
+        ks = {**rep.get("k_schedules", {}), **rep.get("threshold_schedules", {})}
+        lines.append(f"- {name}: " + "; ".join(f"{m} {','.join(map(str, v))}" for m, v in ks.items()) +
+                     (f"; FPMC = {rep['fpmc']}" if rep.get("fpmc") and "FPMC" in rep["summary"] else ""))
     return "\n".join(lines)
 
 
 def grid_all(rows, out_dir, seeds_per_net: int = 2):
-    """One picture: for each network its first seeds, rows network and every machine."""
-    cols = {k: [] for k in ["network"] + MACHINES}
+    """One picture: for each network with finished sample files its first seeds, rows network and every machine that
+    any of these networks has samples of (a mid-grey tile where a network has none: that machine was not run there)."""
+    def file(name, rep, k):
+        return os.path.join(out_dir, name, f"samples_{rep.get('fpmc_file') if k == 'FPMC' else k}.npz")
+
+    def finished(path):
+        if not os.path.exists(path):
+            return False
+        with np.load(path) as f:
+            return bool(np.asarray(f["done"]).all()) if "done" in f.files else True
+
+    rows = [(name, rep) for name, rep in rows if finished(file(name, rep, "network"))]
+    if not rows:
+        return None
+    have = {(name, m) for name, rep in rows for m in MACHINES if m in rep["summary"] and finished(file(name, rep, m))}
+    cols = {k: [] for k in ["network"] + [m for m in MACHINES if any((name, m) in have for name, _ in rows)]}
     labels = []
-    for name, _ in rows:
+    for name, rep in rows:
         labels += [f"{SHORT[name]} {j}" for j in range(seeds_per_net)]
-        d = os.path.join(out_dir, name)
+        shape = read_samples(file(name, rep, "network"))[:seeds_per_net].shape
         for k in cols:
-            f = np.load(os.path.join(d, f"samples_{k}.npz"))
-            arr = f["samples"] if "samples" in f.files else f[f.files[-1]]
-            a = np.asarray(arr[:seeds_per_net], dtype=np.float64)
+            a = (read_samples(file(name, rep, k))[:seeds_per_net].astype(np.float64)
+                 if k == "network" or (name, k) in have else np.zeros(shape))
             if a.shape[1] == 1:
                 a = np.repeat(a, 3, axis=1)
             cols[k].append(a)
@@ -190,6 +404,11 @@ def main():
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--out", default=os.path.join(HERE, "results", "all_machines"))
     p.add_argument("--md", action="append", default=None, help="markdown files with the table markers")
+    p.add_argument("--machines", default="all", help="comma-separated machines of " + ",".join(MACHINES) + ", or all")
+    p.add_argument("--fpmc", default=DEFAULT_FPMC, help="the FPMC variant: BASE[+OPTION...], BASE els, ls or pspc; "
+                   "options xflip, soft=C (ELS, LS), prec=S (PSPC), patch (LS), resp=S (default: %(default)s)")
+    p.add_argument("--heatmap-samples", type=int, default=2, help="noisy inputs per time of Flex's heatmaps")
+    p.add_argument("--heatmap-every", type=int, default=1, help="heatmaps at every n-th step where tau < 1")
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
@@ -197,6 +416,11 @@ def main():
     for n in names:
         if n not in NETWORKS:
             raise SystemExit(f"unknown network {n!r}; choose from {ORDER}")
+    args.machine_list = MACHINES if args.machines == "all" else args.machines.split(",")
+    bad = [m for m in args.machine_list if m not in MACHINES]
+    if bad:
+        raise SystemExit(f"--machines: unknown {bad}")
+    parse_fpmc(args.fpmc)
     torch.manual_seed(0)
     if not args.table_only:
         for n in names:
@@ -204,11 +428,13 @@ def main():
             run_network(n, args)
             print(f"{n}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     rows = collect(args.out)
-    block = table(rows) + f"\n\n(`python bench/all_machines.py --networks all --limit {args.limit} --seeds {args.seeds} " \
-        f"--calib-seeds {args.calib_seeds} --k-max {args.k_max}`; {time.strftime('%Y-%m-%d')}; {machine_line()})"
+    block = table(rows) + f"\n\n(`python bench/all_machines.py --networks {args.networks} --limit {args.limit} --seeds {args.seeds} " \
+        f"--calib-seeds {args.calib_seeds} --k-max {args.k_max} --fpmc {args.fpmc} --heatmap-samples " \
+        f"{args.heatmap_samples} --heatmap-every {args.heatmap_every}`; {time.strftime('%Y-%m-%d')}; {machine_line()})"
     print(block)
-    if rows:
-        save_figure(grid_all(rows, args.out), os.path.join(args.out, "grid_all.png"))
+    picture = grid_all(rows, args.out) if rows else None
+    if picture is not None:
+        save_figure(picture, os.path.join(args.out, "grid_all.png"))
     for md in args.md or [os.path.join(HERE, "RESULTS.md"), os.path.join(HERE, "..", "README.md")]:
         write_md(md, block)
 

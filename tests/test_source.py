@@ -15,7 +15,8 @@ BOTH = np.concatenate([IMGS, IMGS[..., ::-1]])
 X = RNG.standard_normal((2, 1, 8, 8))
 
 MACHINES = {"IS": (pm.IS, {}), "LS": (pm.LS, {"k": 3}), "ELS": (pm.ELS, {"k": 3}), "DataLocal": (pm.DataLocal, {"k": 3}),
-            "PCALocality": (pm.PCALocality, {}), "SmoothedCFDM": (pm.SmoothedCFDM, {}), "Wiener": (pm.Wiener, {})}
+            "PCALocality": (pm.PCALocality, {}), "SmoothedCFDM": (pm.SmoothedCFDM, {}), "Wiener": (pm.Wiener, {}),
+            "PSPC": (pm.PSPC, {"k": 4})}
 
 
 @pytest.mark.parametrize("name", list(MACHINES))

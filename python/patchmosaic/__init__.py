@@ -40,7 +40,7 @@ except ConfigurationError as _e:  # the command says it in one line; a program i
         raise SystemExit(2) from None
     raise
 from .diffusion import (IndexedDenoiser, KSchedule, MachineDenoiser, NetworkDenoiser, ThresholdSchedule, ddim, ddpm,
-                        kschedule)
+                        kschedule, as_sigma_denoiser, from_sigma_denoiser, edm_sample, edm_sigmas)
 from .diffusion import samplers as sampling
 from .experiments import Calibration, calibrate, calibrate_t_max, compare
 from .index import PatchIndex
@@ -52,5 +52,5 @@ __all__ = machines.__all__ + [
     "ResourceError", "ConfigurationError", "cuda_available", "data", "kschedule", "metrics", "networks", "ops",
     "sampling", "schedules", "diffusion", "index", "ddim", "ddpm", "KSchedule", "ThresholdSchedule", "MachineDenoiser",
     "NetworkDenoiser", "calibrate", "Calibration", "compare", "PatchIndex", "IndexedDenoiser", "calibrate_t_max",
-    "distributed"]
+    "distributed", "as_sigma_denoiser", "from_sigma_denoiser", "edm_sample", "edm_sigmas"]
 __version__ = "0.1.0"

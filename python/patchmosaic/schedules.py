@@ -69,6 +69,44 @@ class Schedule:
     def __call__(self, t):
         return self.alpha_bar(t)
 
+    # ----- the variance-exploding (EDM) view: x_VE = x_t / a, sigma = b / a ----------------------------------
+    def sigma(self, t):
+        """The variance-exploding noise level of time ``t``: ``sigma = b / a = sqrt((1 - alpha_bar) / alpha_bar)``
+        (so ``alpha_bar = 1 / (1 + sigma^2)``); a float for a float ``t``, else an array or tensor."""
+        xp = _xp(t)
+        return xp.sqrt(self.one_minus_alpha_bar(t) / self.alpha_bar(t))
+
+    def time_at_sigma(self, sigma: float) -> float:
+        """The time ``t`` in ``(0, 1]`` whose noise level :meth:`sigma` is ``sigma > 0`` (the inverse of the
+        schedule at ``alpha_bar(t) = 1 / (1 + sigma^2)``): a closed form for the built-in schedules, bisection to
+        float rounding for others (their ``b^2 / a^2`` must rise with ``t``). A ValueError for a ``sigma`` that is
+        not a finite number > 0 or lies above the schedule's largest, ``sigma(1)``."""
+        if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not 0 < float(sigma) < math.inf:
+            raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
+        sigma = float(sigma)
+        top = float(self.sigma(1.0))
+        if sigma > top * (1 + 1e-12):
+            raise ValueError(f"sigma = {sigma:g} lies above the largest noise level of the schedule {self.name!r}, "
+                             f"sigma(t = 1) = {top:g}")
+        if sigma >= top:
+            return 1.0
+        return min(max(self._time_at_sigma(sigma), math.ulp(0.0)), 1.0)
+
+    def _time_at_sigma(self, sigma: float) -> float:
+        """Bisection on ``log(b^2 / a^2)``, which rises with ``t`` (to the last float)."""
+        target = 2 * math.log(sigma)
+        lo, hi = 0.0, 1.0
+        for _ in range(200):
+            mid = 0.5 * (lo + hi)
+            if mid <= lo or mid >= hi:
+                break
+            ab, b2 = float(self.alpha_bar(mid)), float(self.one_minus_alpha_bar(mid))
+            if b2 <= 0 or math.log(b2) - math.log(ab) < target:
+                lo = mid
+            else:
+                hi = mid
+        return hi if abs(float(self.sigma(hi)) - sigma) <= abs(float(self.sigma(lo)) - sigma) or lo == 0 else lo
+
     def describe(self) -> dict:
         """The schedule as it matters for results: its name and alpha_bar on a grid of t (a custom callable
         is told apart by its values)."""
@@ -90,6 +128,12 @@ class CosineLegacy(Schedule):
     def one_minus_alpha_bar(self, t):
         return _xp(t).sin(_as(t) / 1.008 * math.pi / 2) ** 2
 
+    def sigma(self, t):
+        return _xp(t).tan(_as(t) / 1.008 * math.pi / 2)
+
+    def _time_at_sigma(self, sigma: float) -> float:
+        return math.atan(sigma) / (math.pi / 2) * 1.008
+
 
 class Cosine(Schedule):
     """Nichol & Dhariwal: ``f(t) = cos((t + s) / (1 + s) * pi / 2) ** 2``, ``alpha_bar = f(t) / f(0)``,
@@ -108,6 +152,12 @@ class Cosine(Schedule):
         # (cos^2 th0 - cos^2 th) / cos^2 th0 = sin(th - th0) sin(th + th0) / cos^2 th0
         xp, th, th0 = _xp(t), self._angle(t), self._angle(0.0)
         return xp.sin(th - th0) * xp.sin(th + th0) / math.cos(th0) ** 2
+
+    def _time_at_sigma(self, sigma: float) -> float:
+        # cos^2 th = cos^2 th0 / (1 + sigma^2)  <=>  tan th = sqrt(sigma^2 + sin^2 th0) / cos th0
+        th0 = self._angle(0.0)
+        th = math.atan2(math.sqrt(sigma * sigma + math.sin(th0) ** 2), math.cos(th0))
+        return th / (math.pi / 2) * (1 + self.s) - self.s
 
 
 @dataclass
@@ -128,6 +178,12 @@ class Linear(Schedule):
 
     def one_minus_alpha_bar(self, t):
         return -_xp(t).expm1(-self._integral(t))
+
+    def _time_at_sigma(self, sigma: float) -> float:
+        # beta_min t + (beta_max - beta_min) t^2 / 2 = log(1 + sigma^2), the root in its cancellation-free form
+        L = math.log1p(sigma * sigma)
+        d = self.beta_max - self.beta_min
+        return 2 * L / (self.beta_min + math.sqrt(self.beta_min ** 2 + 2 * d * L))
 
 
 class FromCallable(Schedule):

@@ -88,15 +88,16 @@ class _Denoiser:
 
 class MachineDenoiser(_Denoiser):
     """A machine as a denoiser: ``denoiser(x, t, labels) = machine.denoise(x, t, k(t), labels)``, ``k(t)`` the
-    machine's per-step parameter (``machine.parameter``): the patch size of a local machine, the threshold of
-    :class:`patchmosaic.PCALocality`, none for IS and the Wiener filter.
+    machine's per-step parameter (``machine.parameter``): the patch size of a local machine (``"k"``, odd; ``"p"``,
+    any size: PSPC's square crops), the threshold of :class:`patchmosaic.PCALocality` or the mass ``tau`` of
+    PSPC-Flex (``"threshold"``), none for IS and the Wiener filter.
 
     Args:
         machine: a machine (:class:`patchmosaic.IS`, :class:`patchmosaic.LS`, :class:`patchmosaic.ELS`, ...); its
             noise schedule becomes the denoiser's.
-        k: the parameter: for a patch size an odd int (every step), a :class:`KSchedule` (one k per step, looked up
-            by the step's own ``t``), or None (IS and Wiener only, which have no patch); for a threshold a number in
-            ``(0, 1]``, a :class:`ThresholdSchedule`, or None (the machine's own).
+        k: the parameter: for a patch size an int (every step; odd for ``"k"``), a :class:`KSchedule` (one k per
+            step, looked up by the step's own ``t``), or None (IS and Wiener only, which have no patch); for a
+            threshold a number in ``(0, 1]``, a :class:`ThresholdSchedule`, or None (the machine's own).
         backend: the engine of every call (``"auto"``, ``"cpu"``, ``"cuda"``, ``"torch"``); None (default)
             keeps the machine's.
         keep_provenance: keep the :class:`patchmosaic.Provenance` of the latest call in ``.provenance``
@@ -129,10 +130,13 @@ class MachineDenoiser(_Denoiser):
                                  f"x{self.patch_mask.shape[-1]} patch_mask")
         if param == "k" and k is None:
             raise ValueError(f"{type(machine).__name__} needs a patch size k or a k-schedule")
+        if param == "p" and k is None:
+            raise ValueError(f"{type(machine).__name__} needs a patch size p or a k-schedule (KSchedule(..., odd=False) "
+                             "for even sizes)")
         if param == "threshold" and (isinstance(k, KSchedule) or (k is not None and not isinstance(k, ThresholdSchedule)
                                                                  and not 0 < float(k) <= 1)):
             raise ValueError(f"{type(machine).__name__} takes a threshold in (0, 1] or a ThresholdSchedule, got {k!r}")
-        if param == "k" and isinstance(k, ThresholdSchedule):
+        if param in ("k", "p") and isinstance(k, ThresholdSchedule):
             raise ValueError(f"{type(machine).__name__} takes a patch size or a KSchedule, not a ThresholdSchedule")
         self.k = k
         self.backend = backend
@@ -146,7 +150,7 @@ class MachineDenoiser(_Denoiser):
             return None
         if isinstance(self.k, (KSchedule, ThresholdSchedule)):
             return self.k.value_at(t)
-        return int(self.k) if self.machine.parameter == "k" else float(self.k)
+        return int(self.k) if self.machine.parameter in ("k", "p") else float(self.k)
 
     def describe(self) -> dict:
         """What changes this denoiser's results: the machine's description and its per-step parameter."""
@@ -155,7 +159,7 @@ class MachineDenoiser(_Denoiser):
             d["ks"], d["times"] = list(map(int, self.k.ks)), list(map(float, self.k.times))
         elif isinstance(self.k, ThresholdSchedule):
             d["thresholds"], d["times"] = list(map(float, self.k.thresholds)), list(map(float, self.k.times))
-        elif self.k is not None and self.machine.parameter == "k":
+        elif self.k is not None and self.machine.parameter in ("k", "p"):
             d["k"] = int(self.k)
         elif self.k is not None and self.machine.parameter == "threshold":
             d["threshold"] = float(self.k)
@@ -459,4 +463,6 @@ def as_denoiser(obj, k=None, **kw):
         return MachineDenoiser(obj, k, **kw)
     if isinstance(obj, torch.nn.Module) or isinstance(obj, torch.jit.ScriptModule):
         return NetworkDenoiser(obj, **kw)
+    if callable(obj) and getattr(obj, "schedule", None) is not None:
+        return obj  # a denoiser of its own kind that owns a schedule (e.g. diffusion/edm.py's VPDenoiser)
     raise TypeError(f"cannot make a denoiser from {type(obj).__name__}")

@@ -10,7 +10,7 @@ import json
 import os
 from dataclasses import dataclass
 from importlib import resources
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 
@@ -41,17 +41,26 @@ class KSchedule:
 
     Args:
         times: the steps' start times, each in ``(0, 1]`` (e.g. ``(1.0, 0.95, ..., 0.05)``).
-        ks: one odd positive patch size (pixels) per time, as long as ``times``.
+        ks: one positive patch size (pixels) per time, as long as ``times``; odd unless ``odd=False``.
+        odd: True (default): every size odd, as the centred patches of LS and ELS need. False: any positive size,
+            for the corner-anchored patches of :class:`patchmosaic.PSPC` (whose published CIFAR-10 schedule
+            starts with the whole 32 x 32 image; the machines with centred patches refuse an even size).
     """
 
     times: tuple
     ks: tuple
+    odd: bool = True
 
     def __post_init__(self):
         _check_times(self.times, len(self.ks), "ks")
+        if not isinstance(self.odd, bool):
+            raise TypeError(f"odd must be True or False, got {self.odd!r}")
         for k in self.ks:
-            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or k % 2 == 0:
-                raise ValueError(f"every k in a k-schedule must be an odd positive integer, got {k!r}")
+            if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or (self.odd and k % 2 == 0):
+                what = "an odd positive integer" if self.odd else "a positive integer"
+                raise ValueError(f"every k in a k-schedule must be {what}, got {k!r}"
+                                 + (" (KSchedule(..., odd=False) holds even sizes too)" if self.odd and not
+                                    isinstance(k, bool) and isinstance(k, (int, np.integer)) and k >= 1 else ""))
 
     def k_at(self, t: float) -> int:
         """The k of the step whose time is nearest to ``t`` (the earlier step on a tie). Plain Python, so
@@ -65,10 +74,12 @@ class KSchedule:
         return self.ks
 
     def to_json(self, path: str) -> None:
-        """Write ``{"times": [...], "ks": [...]}`` atomically to ``path``."""
+        """Write ``{"times": [...], "ks": [...]}`` atomically to ``path`` (and ``"odd": false`` for a schedule that
+        may hold even sizes)."""
         from ..io.runstate import write_json
 
-        write_json(path, {"times": list(map(float, self.times)), "ks": list(map(int, self.ks))})
+        write_json(path, {"times": list(map(float, self.times)), "ks": list(map(int, self.ks)),
+                          **({} if self.odd else {"odd": False})})
 
     @classmethod
     def from_json(cls, path: str) -> "KSchedule":
@@ -82,21 +93,24 @@ class KSchedule:
             raise ValueError(f"{path} is not a readable JSON k-schedule: {e}") from None
         if not isinstance(d, dict) or not isinstance(d.get("ks"), list) or not isinstance(d.get("times"), list):
             raise ValueError(f"{path} is not a k-schedule: it needs lists 'times' and 'ks'")
+        odd = d.get("odd", True)
+        if not isinstance(odd, bool):
+            raise ValueError(f"{path}: 'odd' must be true or false, got {odd!r}")
         for k in d["ks"]:
             if isinstance(k, bool) or not isinstance(k, int):
-                raise ValueError(f"{path}: every k must be an odd integer, got {k!r}")
+                raise ValueError(f"{path}: every k must be an {'odd ' if odd else ''}integer, got {k!r}")
         for t in d["times"]:
             if isinstance(t, bool) or not isinstance(t, (int, float)):
                 raise ValueError(f"{path}: every time must be a number in (0, 1], got {t!r}")
         try:
-            return cls(tuple(float(t) for t in d["times"]), tuple(d["ks"]))
+            return cls(tuple(float(t) for t in d["times"]), tuple(d["ks"]), odd)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
 
     @classmethod
-    def constant(cls, k: int, steps: int = 20) -> "KSchedule":
-        """The same ``k`` at every step of the grid ``t_i = i / steps``."""
-        return cls(tuple(i / steps for i in range(steps, 0, -1)), (int(k),) * steps)
+    def constant(cls, k: int, steps: int = 20, odd: bool = True) -> "KSchedule":
+        """The same ``k`` at every step of the grid ``t_i = i / steps`` (``odd=False``: ``k`` may be even)."""
+        return cls(tuple(i / steps for i in range(steps, 0, -1)), (int(k),) * steps, odd)
 
     @classmethod
     def ramp(cls, k_first: int, k_last: int, steps: int = 20) -> "KSchedule":
@@ -108,8 +122,9 @@ class KSchedule:
 
 @dataclass(frozen=True)
 class ThresholdSchedule:
-    """The PCA-locality threshold ``thresholds[i]`` (in ``(0, 1]``) for the reverse-process step that starts at time
-    ``times[i]`` (:class:`patchmosaic.PCALocality`; what :func:`patchmosaic.calibrate` gives for it).
+    """A threshold ``thresholds[i]`` (in ``(0, 1]``) for the reverse-process step that starts at time ``times[i]``:
+    PCA-locality's ``theta`` (:class:`patchmosaic.PCALocality`), PSPC-Flex's mass ``tau`` (:class:`patchmosaic.PSPC`);
+    what :func:`patchmosaic.calibrate` gives for them.
 
     Args:
         times: the steps' start times, each in ``(0, 1]``.
@@ -166,9 +181,15 @@ class ThresholdSchedule:
 
 def schedule_from_spec(parameter: str, spec, steps: int = 20):
     """A schedule of a machine's ``parameter`` from a short text: for ``"k"`` what :func:`from_spec` reads; for
-    ``"threshold"`` a number in (0, 1] (every step) or a threshold-schedule JSON file."""
+    ``"p"`` (a size that may be even: PSPC) the same with even sizes allowed, or ``pspc`` (the published CIFAR-10
+    schedule on this grid); for ``"threshold"`` a number in (0, 1] (every step), a threshold-schedule JSON file, or
+    ``pspc`` (PSPC-Flex's published mass schedule)."""
     if parameter == "k":
         return from_spec(spec, steps)
+    if str(spec) == "pspc" and parameter in ("p", "threshold"):
+        return published_schedule("square" if parameter == "p" else "flex", steps=steps)
+    if parameter == "p":
+        return from_spec(spec, steps, odd=False)
     if parameter != "threshold":
         raise ValueError(f"no schedule for the parameter {parameter!r}")
     spec = str(spec)
@@ -181,8 +202,9 @@ def schedule_from_spec(parameter: str, spec, steps: int = 20):
     return ThresholdSchedule.constant(value, steps)
 
 
-def from_spec(spec, steps: int = 20) -> KSchedule:
-    """A k-schedule from a short text: ``"7"`` (constant), ``"ramp:15:5"``, ``"paper:NAME"`` or a JSON file."""
+def from_spec(spec, steps: int = 20, odd: bool = True) -> KSchedule:
+    """A k-schedule from a short text: ``"7"`` (constant), ``"ramp:15:5"``, ``"paper:NAME"`` or a JSON file;
+    ``odd=False``: a constant may be even (a JSON file says itself whether it may)."""
     spec = str(spec)
     if spec.startswith("paper:"):
         return paper_schedule(spec[6:], steps)
@@ -192,7 +214,7 @@ def from_spec(spec, steps: int = 20) -> KSchedule:
             raise ValueError(f"a ramp k-schedule reads ramp:K_FIRST:K_LAST, got {spec!r}")
         return KSchedule.ramp(int(parts[1]), int(parts[2]), steps)
     if spec.lstrip("-").isdigit():
-        return KSchedule.constant(int(spec), steps)
+        return KSchedule.constant(int(spec), steps, odd)
     if not os.path.exists(spec):
         raise ValueError(f"k-schedule {spec!r} is neither an odd integer, ramp:A:B, paper:NAME nor a JSON file")
     return KSchedule.from_json(spec)
@@ -222,3 +244,52 @@ def paper_schedule(name: str, steps: int = 20) -> KSchedule:
 def _paper():
     with resources.files("patchmosaic.data").joinpath("paper_kschedules.json").open("r") as f:
         return json.load(f)
+
+
+# PSPC's published CIFAR-10 schedules (plai-group/pspc, pspc/denoisers.py: CIFAR_PATCH_SCHEDULE and
+# CIFAR_THRESHOLD_SCHEDULE), one entry per noise level of EDM's 18-step grid (sigma 80 -> 0.002, rho 7)
+PSPC_SQUARE_SIZES = (32, 32, 32, 32, 32, 32, 32, 23, 15, 11, 7, 5, 3, 3, 3, 3, 3, 3)
+PSPC_FLEX_TAUS = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.7, 0.7, 0.5, 0.4, 0.4, 0.4, 0.4, 0.3, 0.3, 0.3, 0.3)
+
+
+def published_schedule(kind: str = "square", steps: Optional[int] = 20, grid=None, schedule="cosine_legacy",
+                       max_size: Optional[int] = None):
+    """PSPC's published CIFAR-10 schedule (Niedoba et al. 2025) on this project's time grid: ``kind="square"`` the
+    patch sizes (a :class:`KSchedule` with ``odd=False``: it starts at 32, the whole image), ``"flex"`` the masses
+    ``tau`` (a :class:`ThresholdSchedule`).
+
+    Their denoiser takes, at noise level ``sigma``, the entry of the EDM noise level nearest to it (``argmin |sigma_i
+    - sigma|`` over the 18 levels, the first on a tie); here each step's time ``t`` is mapped to ``sigma(t) = b / a`` of
+    ``schedule`` and looked up by the same rule.
+
+    Args:
+        kind: ``"square"`` or ``"flex"``.
+        steps: the grid ``t_i = i / steps`` (default 20); None: their own 18 noise levels, as times of ``schedule``
+            (an EDM sampler on :func:`patchmosaic.edm_sigmas` then meets the published values exactly).
+        grid: descending times instead of ``steps`` (a final 0 is dropped).
+        schedule: the noise schedule mapping times to noise levels (default cosine-legacy, whose ``sigma(1)`` is
+            80.2).
+        max_size: square only: sizes above it are cut to it (for images smaller than 32 x 32); None: as published.
+    """
+    from ..schedules import get_schedule
+    from .edm import edm_sigmas
+
+    if kind not in ("square", "flex"):
+        raise ValueError(f"kind must be 'square' or 'flex', got {kind!r}")
+    sched = get_schedule(schedule)
+    edm = edm_sigmas(len(PSPC_SQUARE_SIZES))[:-1]
+    if grid is not None:
+        times = tuple(float(t) for t in grid if float(t) > 0)
+    elif steps is None:
+        times = tuple(sched.time_at_sigma(float(s)) for s in edm)
+    else:
+        if isinstance(steps, bool) or int(steps) != steps or int(steps) < 1:
+            raise ValueError(f"steps must be a positive integer or None, got {steps!r}")
+        times = tuple(i / steps for i in range(int(steps), 0, -1))
+    idx = [int(np.argmin(np.abs(edm - float(sched.sigma(t))))) for t in times]
+    if kind == "flex":
+        return ThresholdSchedule(times, tuple(PSPC_FLEX_TAUS[j] for j in idx))
+    sizes = [PSPC_SQUARE_SIZES[j] for j in idx]
+    if max_size is not None:
+        sizes = [min(int(p), int(max_size)) for p in sizes]
+    return KSchedule(times, tuple(sizes), odd=False)

@@ -52,6 +52,8 @@ class Calibration:
         """The schedule (readable by ``KSchedule.from_json``) plus the per-seed choices and cosines."""
         k = isinstance(self.schedule, KSchedule)
         kind, cast = ("ks", int) if k else ("thresholds", float)
+        if k and not self.schedule.odd:
+            info = {"odd": False, **info}
         write_json(path, {"times": list(map(float, self.schedule.times)), kind: list(map(cast, self.schedule.values)),
                           "candidates": list(map(cast, self.candidates)),
                           "choices": self.choices.astype(int if k else float).tolist(),
@@ -88,14 +90,17 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
     Args:
         network: an eps network module ``net(t, x, labels)`` (run on the machine's noise schedule) or a
             :class:`NetworkDenoiser` (whose schedule must be the machine's: a ValueError otherwise).
-        machine: the local machine to calibrate, :class:`LS` or :class:`ELS` (IS has no patch size: a
-            ValueError).
+        machine: the machine to calibrate: its per-step parameter (``machine.parameter``): the patch size of LS,
+            ELS and DataLocal, the size ``p`` of PSPC-Square (even sizes too), the threshold of PCA-locality or the
+            mass ``tau`` of PSPC-Flex (IS and the Wiener filter have none: a ValueError).
         x1: the noise seeds, a ``(M, C, H, W)`` float torch tensor on the CPU (a CUDA tensor on a torch
             without CUDA is a RuntimeError, before any work).
         labels: ``(M,)`` integer class labels, one per seed (numpy, a CPU torch tensor or a list), for a
             conditional network and machine; None (default): unconditional.
         candidates: the patch sizes to try, odd positive ints of at most ``2 max(H, W) - 1`` (at most 32
-            distinct ones); None (default): ``3, 5, ..., k_max``.
+            distinct ones); None (default): ``3, 5, ..., k_max``. PSPC's ``p``: ints from 1 to ``min(H, W)``; None:
+            ``3, 5, ..., k_max`` below ``min(H, W)`` and ``min(H, W)`` itself. Thresholds: numbers in ``(0, 1]``;
+            None: the machine's defaults (PCA-locality 0.001 ... 0.2, PSPC-Flex 0.1 ... 1).
         k_max: the largest candidate when ``candidates`` is None, an int of at most ``2 max(H, W) - 1``;
             None (default): 31, or ``2 max(H, W) - 1`` if smaller (a larger patch only adds zero padding).
             Ignored when ``candidates`` is given.
@@ -129,7 +134,12 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
     if not torch.is_tensor(x1) or x1.ndim != 4:
         raise ValueError(f"x1 must be a (M, C, H, W) tensor of seeds, got shape {tuple(getattr(x1, 'shape', ()))}")
     H, W = x1.shape[-2:]
-    candidates = _threshold_candidates(candidates) if param == "threshold" else _k_candidates(candidates, k_max, H, W)
+    if param == "threshold":
+        candidates = _threshold_candidates(candidates, getattr(machine, "threshold_candidates", DEFAULT_THRESHOLDS))
+    elif param == "p":
+        candidates = _p_candidates(candidates, k_max, min(H, W))
+    else:
+        candidates = _k_candidates(candidates, k_max, H, W)
     sweep = sorted(set(candidates))
     g = check_grid(grid, steps)
     dev = x1.device if device is None else torch.device(device)
@@ -179,8 +189,9 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
     bar.close()
     choices = np.asarray(candidates)[np.argmax(cos, axis=2)]
     values = tuple(lower_median(choices[i]) for i in range(S))
-    kind = ThresholdSchedule if param == "threshold" else KSchedule
-    return Calibration(kind(tuple(float(t) for t in g[:-1]), values), candidates, choices, cos)
+    times = tuple(float(t) for t in g[:-1])
+    schedule = ThresholdSchedule(times, values) if param == "threshold" else KSchedule(times, values, param != "p")
+    return Calibration(schedule, candidates, choices, cos)
 
 
 def _k_candidates(candidates, k_max, H: int, W: int) -> tuple:
@@ -210,12 +221,39 @@ def _k_candidates(candidates, k_max, H: int, W: int) -> tuple:
     return candidates
 
 
-def _threshold_candidates(candidates) -> tuple:
-    """The candidate thresholds, checked (each in (0, 1], at most 32 distinct); None: DEFAULT_THRESHOLDS."""
+def _p_candidates(candidates, k_max, size: int) -> tuple:
+    """The candidate sizes of a patch that may be even (PSPC's square crops): ints in ``1..size`` (the largest
+    square that fits), at most 32 distinct; None: ``3, 5, ..., k_max`` (default 31) below ``size``, and ``size``
+    itself (the whole image on square images: the ideal denoiser, where PSPC's published schedules start)."""
+    if candidates is None:
+        if k_max is not None and (isinstance(k_max, bool) or not isinstance(k_max, (int, np.integer))):
+            raise TypeError(f"k_max must be an integer, got {k_max!r}")
+        top = 31 if k_max is None else int(k_max)
+        candidates = [k for k in range(3, min(top, size - 1) + 1, 2)] + [size]
+    elif isinstance(candidates, (str, bytes)) or not hasattr(candidates, "__len__"):
+        raise TypeError(f"candidates must be a sequence of patch sizes, got {candidates!r}")
+    elif len(candidates) > 4096:
+        raise ValueError(f"at most 32 distinct candidate patch sizes, got a list of {len(candidates)}")
+    out = []
+    for k in candidates:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise TypeError(f"candidate patch sizes must be ints, got {k!r}")
+        if not 1 <= int(k) <= size:
+            raise ValueError(f"candidate patch size {int(k)} must lie in 1..{size} (a square crop must fit inside the "
+                             "images)")
+        out.append(int(k))
+    if len(set(out)) > 32:
+        raise ValueError(f"at most 32 distinct candidate patch sizes, got {len(set(out))}")
+    return tuple(out)
+
+
+def _threshold_candidates(candidates, default=DEFAULT_THRESHOLDS) -> tuple:
+    """The candidate thresholds, checked (each in (0, 1], at most 32 distinct); None: ``default`` (the machine's:
+    PCA-locality's :data:`DEFAULT_THRESHOLDS`, PSPC-Flex's masses 0.1 ... 1)."""
     if candidates is not None and (isinstance(candidates, (str, bytes)) or not hasattr(candidates, "__len__")
                                    or len(candidates) > 4096):
         raise TypeError(f"candidates must be a sequence of at most 32 distinct thresholds, got {candidates!r}")
-    candidates = tuple(check_threshold(v) for v in (DEFAULT_THRESHOLDS if candidates is None else candidates))
+    candidates = tuple(check_threshold(v) for v in (default if candidates is None else candidates))
     if not candidates:
         raise ValueError("no candidate thresholds")
     if len(set(candidates)) > 32:

@@ -318,7 +318,8 @@ def _calibrate(args) -> int:
     state = args.state or args.out + ".state.npz"
     check_output(state, suffixes=(".npz",), option="--state", what="the resumable state")
     param = MACHINES[args.machine].parameter
-    cands = _ints(args.candidates, "--candidates", 1) if param == "k" else _numbers(args.candidates, "--candidates")
+    cands = (_ints(args.candidates, "--candidates", 1) if param in ("k", "p")
+             else _numbers(args.candidates, "--candidates"))
     net, images, labels, x1, y = _setup(args, dict(machine=args.machine, k_max=args.k_max, candidates=cands))
     machine = _machine(args, args.machine, images, labels, boundary=args.boundary)
     c = calibrate(net, machine, x1, y, candidates=cands, k_max=args.k_max, grid=time_grid(args.steps),
@@ -351,6 +352,9 @@ def _compare(args) -> int:
             raise ValueError(f"--machine {name} takes no k-schedule (it has no per-step parameter), got {spec!r}")
         if param == "k" and not ks:
             raise ValueError(f"--machine {name} needs a k-schedule: {name}=7, {name}=paper:NAME or {name}=FILE.json")
+        if param == "p" and not ks:
+            raise ValueError(f"--machine {name} needs a patch-size schedule: {name}=8 (any size), {name}=pspc (the "
+                             f"published one) or {name}=FILE.json")
         label = {"is": "IS", "wiener": "Wiener"}.get(name, spec)
         if label in specs:
             raise ValueError(f"--machine {spec} is given twice")
@@ -510,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--k", default=None,
                    help="the machine's parameter per step: its patch size, an odd int, ramp:K_FIRST:K_LAST, paper:NAME "
                         "or a k-schedule JSON (default: paper:MNIST_ResNet_zeros); for pca a threshold in (0, 1] or "
-                        "a threshold-schedule JSON (default: the machine's)")
+                        "a threshold-schedule JSON (default: the machine's); for pspc a size (even too), a JSON file "
+                        "or pspc (the published schedule)")
     s.add_argument("--canvas", default=None, help="output size HxW, e.g. 256x256 (default: the training size)")
     s.add_argument("--n", "--samples", dest="n", type=_int(1), default=4,
                    help="number of samples; under torchrun write --samples (torchrun reads --n as its own option) "
@@ -613,8 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--machine", action="append", default=None,
                    help="machine and its per-step parameter: els=K, ls=K, datalocal=K with K an odd int, paper:NAME "
                         "or a JSON file (datalocal: a neighbourhood of K^2 pixels), pca or pca=THRESHOLD (a number in "
-                        "(0, 1] or a threshold-schedule JSON), or is / wiener (no parameter); repeatable (default: "
-                        "els=paper:MNIST_ResNet_zeros)")
+                        "(0, 1] or a threshold-schedule JSON), pspc=P (any size, a JSON file, or pspc: the published "
+                        "schedule), or is / wiener (no parameter); repeatable (default: els=paper:MNIST_ResNet_zeros)")
     m.add_argument("--batch", type=_int(1), default=8, help="seeds sampled together (default: %(default)s)")
     m.set_defaults(func=_compare)
     return p

@@ -212,5 +212,5 @@ def describe(denoiser) -> dict:
     elif isinstance(denoiser.k, ThresholdSchedule):
         d["thresholds"] = list(map(float, denoiser.k.thresholds))
     elif denoiser.k is not None and m.parameter is not None:
-        d[m.parameter] = int(denoiser.k) if m.parameter == "k" else float(denoiser.k)
+        d[m.parameter] = int(denoiser.k) if m.parameter in ("k", "p") else float(denoiser.k)
     return d

@@ -136,6 +136,15 @@ class PatchIndex:
         and a loaded index share. ``kind`` is checked, not stored (``"auto"`` is resolved by the caller)."""
         if not machine.local:
             raise ValueError("a patch index serves the local machines (LS, ELS); IS has no patches")
+        if machine.rule is None:
+            raise ValueError(f"a patch index serves the machines with a key set of patches (LS, ELS); "
+                             f"{type(machine).__name__} has no key set of patches")
+        if getattr(machine, "soft", None) is not None:
+            raise ValueError(f"a patch index serves square patches or a mask given to it; this machine is soft "
+                             f"(soft={machine.soft}): build the index with patch_mask=, or use the exact machine")
+        if not getattr(machine, "centre_response", True):
+            raise ValueError("a patch index serves the centre response (each pixel's own value); this LS averages "
+                             f"patches (response={machine.response!r}): use the exact machine")
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         for name, v, least in (("nprobe", nprobe, 1), ("pq_m", pq_m, 1), ("nlist", nlist, 1),

@@ -11,7 +11,8 @@ from .wiener import Wiener
 from .locality import DataLocal
 from .pca_locality import PCALocality
 from .smoothed import SmoothedCFDM
+from .pspc import PSPC, Heatmaps
 from .factory import MACHINE_NAMES, MACHINES, make_machine
 
 __all__ = ["Machine", "Provenance", "SamePosition", "IS", "LS", "ELS", "MACHINE_NAMES", "MACHINES", "make_machine",
-           "Wiener", "DataLocal", "PCALocality", "SmoothedCFDM"]
+           "Wiener", "DataLocal", "PCALocality", "SmoothedCFDM", "PSPC", "Heatmaps"]

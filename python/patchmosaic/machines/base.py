@@ -19,7 +19,7 @@ import torch
 from .. import ops
 from . import keysets
 from ..ops.checks import check_cuda_inputs
-from ..ops.masks import check_patch_mask, crop_patch_mask
+from ..ops.masks import check_patch_mask, crop_patch_mask, gaussian_mask
 from ..schedules import ScheduleLike, get_schedule
 from ..validation import (ResourceError, as_batch, check_k, check_memory, check_sweep, check_time, concrete,
                           constant, outside_transforms, to_labels, to_tensor)
@@ -59,6 +59,13 @@ DATA_ARGS = """\
 SOURCE_ARGS = """\
         xflip: also use every training image mirrored left-right (the source doubled, the labels with it; a
             provenance image index ``n >= N`` is the mirror of image ``n - N``, :meth:`source_image`). Default False.
+"""
+SOFT_ARG = """\
+        soft: None (default): the square ``k x k`` patch. A number ``c > 0``: a soft patch, every element of the
+            ``k x k`` window weighted by ``exp(-d^2 / (2 (c k)^2))``, ``d`` its distance in pixels from the centre
+            (the soft query precision of the filtered posterior mean collections), at every ``k`` of a call or a
+            k-schedule; a call's own ``patch_mask`` is then refused. Patch sizes are swept one call each, and the
+            patch index does not serve it.
 """
 ENGINE_ARGS = """\
         schedule: the noise schedule ``alpha_bar(t)``: ``"cosine_legacy"`` (the paper's, default),
@@ -146,12 +153,23 @@ class Machine:
 
     local = True
     rule: Optional[str] = None  # the key-set rule of a local machine (machines/keysets.py)
+    soft: Optional[float] = None  # LS and ELS: a Gaussian window of width soft * k instead of the square patch
 
     @property
     def parameter(self) -> Optional[str]:
-        """The per-call parameter a per-step schedule sets (MachineDenoiser, calibrate): ``"k"``, the patch size,
-        for the local machines; None for a machine without one (IS, Wiener); PCA-locality: ``"threshold"``."""
+        """The per-call parameter a per-step schedule sets (MachineDenoiser, calibrate): ``"k"``, the (odd) patch
+        size, for the local machines; None for a machine without one (IS, Wiener); PCA-locality and PSPC-Flex:
+        ``"threshold"``; PSPC-Square: ``"p"``, a patch size that may be even."""
         return "k" if self.local else None
+
+    @staticmethod
+    def _check_soft(soft) -> Optional[float]:
+        if soft is None:
+            return None
+        if isinstance(soft, bool) or not isinstance(soft, numbers.Real) or not 0 < float(soft) < np.inf:
+            raise ValueError(f"soft must be None or a finite number > 0 (the Gaussian's width over the patch size), "
+                             f"got {soft!r}")
+        return float(soft)
 
     def __init__(self, images, labels=None, *, xflip: bool = False, schedule: ScheduleLike = "cosine_legacy",
                  backend: str = "auto", n_threads: int = 0, max_memory: Optional[int] = None):
@@ -212,6 +230,8 @@ class Machine:
         if self.local:
             if weights is not None:
                 weights = crop_patch_mask(weights, k)
+            elif self.soft is not None:
+                weights = gaussian_mask(k, self.soft * k)
             out, key, share = self._local_forward(train, xt, a, inv_2b2, t_check, lab, k, weights,
                                                   self._pixel_mask(pixels, B, Hq, Wq), return_provenance, name,
                                                   max_memory)
@@ -264,6 +284,10 @@ class Machine:
         if not self.local:
             raise ValueError("denoise_ks sweeps patch sizes; the IS machine has none (use denoise)")
         ks = check_sweep(ks, self.H, self.W)
+        if self.soft is not None:  # a soft window: one call per size (the one-pass sweep takes square patches)
+            with torch.no_grad():
+                outs = [torch.as_tensor(self.denoise(x, t, k, labels, backend=backend)) for k in ks]
+            return torch.stack(outs).numpy() if isinstance(x, np.ndarray) else torch.stack(outs)
         is_numpy, xt, eff, a, inv_2b2, t_check, lab, name, train, max_memory = \
             self._prepare_call(x, t, ks, labels, backend)
         distinct = sorted(set(eff))  # eff: sizes past the zero-padding limit compute as the limit
@@ -457,7 +481,8 @@ class Machine:
         return {"type": type(self).__name__, "rule": self.rule, "boundary": getattr(self, "boundary", None),
                 "wrapped": getattr(self, "wrapped", None), "train_shape": list(self.images.shape),
                 "data": self.data_digest, "schedule": self.schedule.describe(),
-                **({"xflip": True} if getattr(self, "xflip", False) else {})}
+                **({"xflip": True} if getattr(self, "xflip", False) else {}),
+                **({} if self.soft is None else {"soft": self.soft})}
 
     def source_image(self, n):
         """``(index, mirrored)`` of source image ``n`` (a provenance image index; int or array): the training
@@ -584,6 +609,9 @@ class Machine:
             return None, k
         if not self.local:
             raise ValueError("patch_mask= is a local machine's neighbourhood; the IS machine has none")
+        if self.soft is not None:
+            raise ValueError(f"patch_mask= and a soft machine (soft={self.soft}): its neighbourhood is its Gaussian "
+                             "window; build it without soft to give a mask of your own")
         weights = check_patch_mask(patch_mask)
         K = int(weights.shape[-1])
         if k is None:

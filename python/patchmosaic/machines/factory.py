@@ -1,7 +1,7 @@
 """Every machine by its name, for the CLI and the distributed layout: ``make_machine("els", images, ...)``.
 
 :data:`MACHINES` is the registry: a machine's name, its class, the parameter a per-step schedule sets (``"k"``,
-``"threshold"`` or None) and how to build it from the CLI's common options. A machine added here is known to the
+``"p"``, ``"threshold"`` or None) and how to build it from the CLI's common options. A machine added here is known to the
 CLI (``--machine NAME``), the distributed layout and the comparison scripts without changes there.
 """
 
@@ -16,6 +16,7 @@ from .ideal import IS
 from .local import ELS
 from .locality import DataLocal
 from .pca_locality import PCALocality
+from .pspc import PSPC
 from .same_position import LS
 from .smoothed import SmoothedCFDM
 from .wiener import Wiener
@@ -46,6 +47,9 @@ MACHINES = {
                                                               max_memory=c["max_memory"])),
     "pca": MachineKind(PCALocality, "threshold", "PCA-locality (Lukoianov et al.): each element a softmax over its "
                        "thresholded Wiener-matrix neighbourhood", lambda im, lab, boundary, c: PCALocality(im, lab, **c)),
+    "pspc": MachineKind(PSPC, "p", "PSPC-Square (Niedoba et al.): each p x p crop's posterior mean over the same crop "
+                        "of every training image, averaged where crops overlap",
+                        lambda im, lab, boundary, c: PSPC(im, lab, **c)),
     "scfdm": MachineKind(SmoothedCFDM, None, "the smoothed closed-form denoiser (Scarvelis et al.): IS averaged over "
                          "seeded Gaussian perturbations of its input", lambda im, lab, boundary, c: SmoothedCFDM(im, lab, **c)),
 }

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..schedules import ScheduleLike
-from .base import DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, Machine
+from .base import DATA_ARGS, ENGINE_ARGS, SOFT_ARG, SOURCE_ARGS, Machine
 
 
 class ELS(Machine):
@@ -22,11 +22,12 @@ class ELS(Machine):
             rule). ``"circular"``: the periodic ELS (eq. 9-10), matched to circularly padded CNNs.
         wrapped: with ``boundary="circular"`` only: also include the training patches that wrap around the
             image edges (the exact equivariant key set of a circularly padded network). Default False.
-""" + SOURCE_ARGS + ENGINE_ARGS
+""" + SOFT_ARG + SOURCE_ARGS + ENGINE_ARGS
 
-    def __init__(self, images, labels=None, boundary: str = "zeros", *, wrapped: bool = False, xflip: bool = False,
-                 schedule: ScheduleLike = "cosine_legacy", backend: str = "auto", n_threads: int = 0,
-                 max_memory: Optional[int] = None):
+    def __init__(self, images, labels=None, boundary: str = "zeros", *, wrapped: bool = False, soft=None,
+                 xflip: bool = False, schedule: ScheduleLike = "cosine_legacy", backend: str = "auto",
+                 n_threads: int = 0, max_memory: Optional[int] = None):
+        self.soft = self._check_soft(soft)
         if boundary not in ("zeros", "circular"):
             raise ValueError(f"boundary must be 'zeros' or 'circular', got {boundary!r}")
         if wrapped and boundary != "circular":

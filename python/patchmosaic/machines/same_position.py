@@ -9,12 +9,15 @@ response the pixel's channels. PCA-locality (machines/pca_locality.py) has a row
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .. import ops
-from .base import DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, Machine
+from ..validation import check_sweep
+from .base import DATA_ARGS, ENGINE_ARGS, SOFT_ARG, SOURCE_ARGS, Machine
 
 
 class SamePosition(Machine):
@@ -30,12 +33,13 @@ class SamePosition(Machine):
     def rows(self, t, k: int, weights: Optional[torch.Tensor], pixels: Optional[torch.Tensor], C: int, Hq: int,
              Wq: int):
         """The element table of a call (ops/aligned.py): ``(hood_ptr, hood_elem, hood_weight, resp_ptr,
-        resp_elem)`` tensors, and each row's pixel ``(n_rows,)`` (for provenance). ``t``: the call's time."""
+        resp_elem, resp_weight)`` tensors (``resp_weight`` None: every response counts 1 in the composite), and each
+        row's pixel ``(n_rows,)`` (for provenance). ``t``: the call's time."""
         raise NotImplementedError
 
     def _local_forward(self, train, xt, a, inv_2b2, t_check, lab, k: int, weights, pixels, provenance: bool, name: str,
                        max_memory: int):
-        if name == "triton" and self.rule is not None and type(self).rows is LS.rows:
+        if name == "triton" and self.rule is not None and type(self).rows is LS.rows and self.centre_response:
             # the Triton engine computes LS through its key set (it has no same-position kernel)
             return super()._local_forward(train, xt, a, inv_2b2, t_check, lab, k, weights, pixels, provenance, name,
                                           max_memory)
@@ -43,13 +47,13 @@ class SamePosition(Machine):
         if weights is not None and weights.dim() == 4 and tuple(weights.shape[:2]) != (Hq, Wq):
             raise ValueError(f"patch_mask holds one mask per pixel of a {weights.shape[0]}x{weights.shape[1]} canvas, "
                              f"but the queries are {Hq}x{Wq}")
-        *table, row_pixel = self.rows(None, k, weights, pixels, C, Hq, Wq)
+        *table, resp_weight, row_pixel = self.rows(None, k, weights, pixels, C, Hq, Wq)
         lv, lp, li = self._label_tensors
         out_rows, _, img, share = ops.aligned_softmax(train, xt, a, inv_2b2, t_check, lab, lv, lp, li, *table,
                                                       provenance, name, self.n_threads, max_memory)
         D = C * Hq * Wq
-        count = torch.zeros(D, dtype=xt.dtype).index_add_(0, table[4], torch.ones(len(table[4]), dtype=xt.dtype))
-        out = ops.composite(out_rows, table[4], count, xt.shape)
+        count = ops.response_count(table[4], D, resp_weight, xt.dtype)
+        out = ops.composite(out_rows, table[4], count, xt.shape, resp_weight)
         if not provenance:
             return out, img, share
         HW = Hq * Wq
@@ -61,16 +65,73 @@ class SamePosition(Machine):
         return out, key.reshape(B, Hq, Wq), keyshare.reshape(B, Hq, Wq)
 
 
+    centre_response = True  # each row's response is its own pixel (LS(response=...) changes it)
+
+
+RESPONSE_ARG = """\
+        response: what each pixel's softmax averages (the response axis of the filtered posterior mean
+            collections): ``"centre"`` (default, LS): the pixel's own channels; ``"patch"``: its whole ``k x k``
+            patch (inside the image), each output element the mean of the patch means that cover it (PSPC's
+            composite, on centred patches); a Gaussian width ``s > 0``: the patch means weighted by
+            ``exp(-d^2 / (2 s^2))``, ``d`` the distance in pixels from the patch's centre. A non-centre response
+            takes a patch mask shared by every pixel, runs on the same-position engine only (the patch index and the
+            key-sharded machines serve the centre response), and sweeps patch sizes one call each.
+"""
+
+
 class LS(SamePosition):
     __doc__ = """Local score machine (eq. 7-8): each pixel attends to the same location of every training image
     (zero-padded ``k x k`` patches). Queries have the training size. Computed on the same-position engine (each
     training image's squared residual once, summed over every pixel's patch as runs of elements).
 
     Args:
-""" + DATA_ARGS + SOURCE_ARGS + ENGINE_ARGS
+""" + DATA_ARGS + RESPONSE_ARG + SOFT_ARG + SOURCE_ARGS + ENGINE_ARGS
+
+    def __init__(self, images, labels=None, *, response="centre", soft=None, xflip: bool = False,
+                 schedule="cosine_legacy", backend: str = "auto", n_threads: int = 0, max_memory=None):
+        self.soft = self._check_soft(soft)
+        if isinstance(response, str):
+            if response not in ("centre", "patch"):
+                raise ValueError(f"response must be 'centre', 'patch' or a Gaussian width > 0, got {response!r}")
+        elif isinstance(response, bool) or not isinstance(response, numbers.Real) or not 0 < float(response) < np.inf:
+            raise ValueError(f"response must be 'centre', 'patch' or a Gaussian width > 0, got {response!r}")
+        else:
+            response = float(response)
+        self.response = response
+        self.centre_response = response == "centre"
+        super().__init__(images, labels, xflip=xflip, schedule=schedule, backend=backend, n_threads=n_threads,
+                         max_memory=max_memory)
 
     def rows(self, t, k, weights, pixels, C, Hq, Wq):
         w = weights if weights is not None else torch.ones((k, k), dtype=torch.float64)
-        hp, he, hw, rp, re = ops.patch_table(w, C, Hq, Wq, pixels)
-        row_pixel = re.reshape(-1, C)[:, 0]
-        return hp, he, hw, rp, re, row_pixel
+        if self.centre_response:
+            hp, he, hw, rp, re = ops.patch_table(w, C, Hq, Wq, pixels)
+            row_pixel = re.reshape(-1, C)[:, 0]
+            return hp, he, hw, rp, re, None, row_pixel
+        if w.dim() != 2:
+            raise ValueError("LS(response=...) takes a patch mask shared by every pixel, (k, k), not one per pixel")
+        r = k // 2
+        u = torch.arange(k, dtype=torch.float64) - r
+        rw = torch.ones((k, k), dtype=torch.float64) if self.response == "patch" else \
+            torch.exp(-(u[:, None] ** 2 + u[None, :] ** 2) / (2 * self.response ** 2))
+        row_pixel = torch.arange(Hq * Wq) if pixels is None else torch.nonzero(pixels.reshape(-1)).reshape(-1)
+        anchors = torch.stack([row_pixel // Wq - r, row_pixel % Wq - r], 1)
+        hp, he, hw, rp, re, rwt = ops.window_table(w, rw, anchors, C, Hq, Wq)
+        return hp, he, hw, rp, re, None if self.response == "patch" else rwt, row_pixel
+
+    def denoise_ks(self, x, t, ks, labels=None, *, backend=None):
+        if self.centre_response or self.soft is not None:
+            return super().denoise_ks(x, t, ks, labels, backend=backend)
+        ks = check_sweep(ks, self.H, self.W)
+        with torch.no_grad():
+            outs = [torch.as_tensor(self.denoise(x, t, k, labels, backend=backend)) for k in ks]
+        out = torch.stack(outs)
+        return out.numpy() if isinstance(x, np.ndarray) else out
+
+    denoise_ks.__doc__ = Machine.denoise_ks.__doc__
+
+    def describe(self) -> dict:
+        d = super().describe()
+        if not self.centre_response:
+            d["response"] = self.response
+        return d

@@ -12,12 +12,15 @@ from .engines import (CUDA_MAX_CHANNELS, CUDA_MAX_K, cpu_variant, cpu_variants, 
                       max_threads, use_cpu_variant)
 from .tables import CIRCULAR, MAX_MULTI_K, ZEROS, ElementTable, KeySet, MultiKeySet, csr_keyset
 from .state import SoftmaxState
+from .masks import gaussian_mask
 from .labels import Groups, LabelIndex, groups
 from .library import (BACKENDS, candidate_softmax, ideal_softmax, ideal_softmax_backward, local_softmax,
                       local_softmax_backward, local_softmax_ks, seeded_normal)
-from .aligned import aligned_softmax, aligned_softmax_backward, composite, dense_table, patch_table
+from .aligned import (aligned_softmax, aligned_softmax_backward, composite, dense_table, patch_table,
+                      response_count, window_table)
 
-__all__ = ["aligned_softmax", "aligned_softmax_backward", "composite", "dense_table", "patch_table", "ElementTable", "SoftmaxState", "local_softmax",
+__all__ = ["aligned_softmax", "aligned_softmax_backward", "composite", "dense_table", "patch_table",
+           "window_table", "response_count", "gaussian_mask", "ElementTable", "SoftmaxState", "local_softmax",
            "local_softmax_ks", "MultiKeySet", "local_softmax_backward", "ideal_softmax", "ideal_softmax_backward",
            "candidate_softmax", "KeySet", "csr_keyset", "MAX_MULTI_K", "ZEROS", "CIRCULAR", "LabelIndex", "Groups",
            "groups", "BACKENDS", "seeded_normal",

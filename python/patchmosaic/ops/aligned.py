@@ -206,12 +206,26 @@ AlignedSoftmaxBackwardFunction = autodiff.derivative_function("aligned_softmax_b
 AlignedSoftmaxJvpFunction = autodiff.derivative_function("aligned_softmax_jvp", (1, 2, 3, 4, 13, 14, 15))
 
 
-def composite(rows_out: Tensor, resp_elem: Tensor, count: Tensor, shape) -> Tensor:
+def composite(rows_out: Tensor, resp_elem: Tensor, count: Tensor, shape, resp_weight: Optional[Tensor] = None
+              ) -> Tensor:
     """The output image of a same-position machine from its rows' responses ``(B, n_resp)``: each element the mean
-    of the responses that name it (``count`` ``(D,)``: how many do; 0 gives 0), shaped ``shape``. Differentiable."""
+    of the responses that name it, shaped ``shape``. Differentiable.
+
+    ``resp_weight`` None: the plain mean, ``count`` ``(D,)`` how many responses name each element. ``resp_weight``
+    ``(n_resp,)`` (> 0): the weighted mean ``sum w v / sum w``, ``count`` the sum of the weights that name each element
+    (:func:`response_count` gives it). An element no response names is 0."""
     B = rows_out.shape[0]
-    img = rows_out.new_zeros((B, count.shape[0])).index_add(1, resp_elem.to(rows_out.device), rows_out)
-    return (img / count.to(rows_out.device, rows_out.dtype).clamp(min=1)).reshape(shape)
+    vals = rows_out if resp_weight is None else rows_out * resp_weight.to(rows_out.device, rows_out.dtype)
+    img = rows_out.new_zeros((B, count.shape[0])).index_add(1, resp_elem.to(rows_out.device), vals)
+    c = count.to(rows_out.device, rows_out.dtype)
+    return (img / torch.where(c > 0, c, torch.ones_like(c))).reshape(shape)
+
+
+def response_count(resp_elem: Tensor, D: int, resp_weight: Optional[Tensor] = None, dtype=torch.float64) -> Tensor:
+    """``(D,)``: how many responses name each element (with ``resp_weight``, the sum of their weights): the ``count``
+    of :func:`composite`."""
+    w = torch.ones(len(resp_elem), dtype=dtype) if resp_weight is None else resp_weight.to(dtype)
+    return torch.zeros(D, dtype=dtype).index_add_(0, resp_elem.cpu(), w.cpu())
 
 
 # ------------------------------------------------------------------------------- element tables
@@ -280,3 +294,57 @@ def _(weights):
     cpu = torch.device("cpu")
     return (torch.empty((weights.shape[0] + 1,), dtype=torch.int64, device=cpu),
             torch.empty((n,), dtype=torch.int64, device=cpu), torch.empty((n,), dtype=torch.float64, device=cpu))
+
+
+@torch.library.custom_op("patchmosaic::window_table", mutates_args=())
+def window_table(weights: Tensor, resp_weights: Tensor, anchors: Tensor, C: int, H: int, W: int
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The element table of windows: one row per anchor, the top-left corner ``(i, j)`` of a ``kh x kw`` window
+    (``anchors`` int64 ``(n, 2)``, in order; a window may reach past the ``H x W`` image, where it is cut off). Its
+    neighbourhood: the elements of the ``C`` channels at the window's positions where ``weights`` (float64
+    ``(kh, kw)``) is ``> 0``, with that weight; its response: the elements where ``resp_weights`` (float64
+    ``(kh, kw)``) is ``> 0``, with that weight (for :func:`composite`). Positions outside the image are left out
+    (zero padding adds nothing to a distance). Every row needs a response element inside the image (a ValueError
+    otherwise). Returns ``(hood_ptr, hood_elem, hood_weight, resp_ptr, resp_elem, resp_weight)``."""
+    dev = torch.device("cpu")
+    w = weights.detach().to(dev, torch.float64)
+    rw = resp_weights.detach().to(dev, torch.float64)
+    if w.dim() != 2 or rw.shape != w.shape:
+        raise ValueError(f"window_table: weights and resp_weights must be equal (kh, kw) matrices, got "
+                         f"{tuple(w.shape)} and {tuple(rw.shape)}")
+    kh, kw = int(w.shape[0]), int(w.shape[1])
+    anc = anchors.detach().to(dev, torch.int64).reshape(-1, 2)
+    n = anc.shape[0]
+    y = anc[:, 0, None, None] + torch.arange(kh)[None, :, None]
+    x = anc[:, 1, None, None] + torch.arange(kw)[None, None, :]
+    inside = (y >= 0) & (y < H) & (x >= 0) & (x < W)
+    ch = torch.arange(C)[None, :, None, None] * (H * W)
+    elem = (ch + (y * W + x)[:, None]).reshape(n, -1)  # (n, C kh kw), ascending within a row
+
+    def part(wt):
+        keep = ((wt[None] > 0) & inside)[:, None].expand(-1, C, -1, -1).reshape(n, -1)
+        vals = wt[None, None].expand(n, C, -1, -1).reshape(n, -1)
+        ptr = torch.zeros(n + 1, dtype=torch.int64)
+        ptr[1:] = keep.sum(1).cumsum(0)
+        return ptr, elem[keep].to(torch.int64), vals[keep].contiguous()
+
+    hood_ptr, hood_elem, hood_weight = part(w)
+    resp_ptr, resp_elem, resp_weight = part(rw)
+    empty = torch.nonzero(resp_ptr[1:] == resp_ptr[:-1]).reshape(-1)
+    if len(empty):
+        i, j = (int(v) for v in anc[int(empty[0])])
+        raise ValueError(f"window_table: the window at anchor ({i}, {j}) has no response element inside the "
+                         f"{H}x{W} image")
+    return hood_ptr, hood_elem, hood_weight, resp_ptr, resp_elem, resp_weight
+
+
+@window_table.register_fake
+def _(weights, resp_weights, anchors, C, H, W):
+    ctx = torch.library.get_ctx()
+    n_rows = anchors.shape[0]
+    n_hood, n_resp = ctx.new_dynamic_size(), ctx.new_dynamic_size()
+    cpu = torch.device("cpu")
+    i64 = dict(dtype=torch.int64, device=cpu)
+    f64 = dict(dtype=torch.float64, device=cpu)
+    return (torch.empty((n_rows + 1,), **i64), torch.empty((n_hood,), **i64), torch.empty((n_hood,), **f64),
+            torch.empty((n_rows + 1,), **i64), torch.empty((n_resp,), **i64), torch.empty((n_resp,), **f64))

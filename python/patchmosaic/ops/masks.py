@@ -150,3 +150,15 @@ def crop_patch_mask(weights: torch.Tensor, k: int) -> torch.Tensor:
         return weights
     o = (K - k) // 2
     return weights[..., o : o + k, o : o + k].contiguous()
+
+
+def gaussian_mask(k: int, width: float) -> torch.Tensor:
+    """A soft ``k x k`` neighbourhood (odd ``k``): the weight ``exp(-d^2 / (2 width^2))`` of each element, ``d`` its
+    distance in pixels from the centre (whose weight is 1); float64. A ``patch_mask`` for LS and ELS (the soft query
+    precision of the filtered posterior mean collections); cropping it to a smaller ``k`` gives the same Gaussian."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1 or k % 2 == 0:
+        raise ValueError(f"gaussian_mask: k must be an odd positive int, got {k!r}")
+    if isinstance(width, bool) or not isinstance(width, (int, float, np.floating, np.integer)) or not 0 < width < np.inf:
+        raise ValueError(f"gaussian_mask: width must be a finite number > 0, got {width!r}")
+    u = torch.arange(k, dtype=torch.float64) - k // 2
+    return torch.exp(-(u[:, None] ** 2 + u[None, :] ** 2) / (2.0 * float(width) ** 2))
