@@ -203,7 +203,7 @@ def _registry_call(name, labelled=False, seed=80):
     rng = np.random.default_rng(seed)
     train = torch.from_numpy(rng.uniform(-1, 1, (20, 1, 8, 8)))
     m = pm.make_machine(name, train, np.arange(20) % 3 if labelled else None)
-    p = {"k": 5, "threshold": 0.01, None: None}[pm.MACHINES[name].parameter]
+    p = {"k": 5, "threshold": 0.01, "p": 4, None: None}[pm.MACHINES[name].parameter]
     labels = torch.tensor([0, 2]) if labelled else None
 
     def f(x, t):

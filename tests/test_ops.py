@@ -171,7 +171,7 @@ def _registry_machine(name, dtype=torch.float32):
     rng = np.random.default_rng(5)
     train = torch.from_numpy(rng.uniform(-1, 1, (20, 1, 8, 8))).to(dtype)
     m = pm.make_machine(name, train, np.arange(20) % 3)
-    return m, {"k": 5, "threshold": 0.02, None: None}[pm.MACHINES[name].parameter]
+    return m, {"k": 5, "threshold": 0.02, "p": 4, None: None}[pm.MACHINES[name].parameter]
 
 
 @pytest.mark.parametrize("labels", list(LABEL_FORMS))
