@@ -27,7 +27,7 @@ from common import SHARED, load, machine_line  # noqa: E402
 import patchmosaic as pm  # noqa: E402
 from patchmosaic.diffusion.samplers import time_grid  # noqa: E402
 from patchmosaic.experiments.calibrate import calibrate  # noqa: E402
-from patchmosaic.networks.checkpoint import load_network  # noqa: E402
+from patchmosaic.networks import load_network  # noqa: E402
 
 
 def main():

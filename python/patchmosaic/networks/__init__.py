@@ -8,7 +8,8 @@
   :func:`network_channels`: the image channels it takes.
 """
 
-from .checkpoint import build, load, load_network, save
+from .checkpoint import build, load, save
+from .loading import load_network
 from .embedding import network_channels, network_classes
 from .resnet import ResNet
 from .train import TrainConfig, train
