@@ -97,20 +97,20 @@ def _rows(v: torch.Tensor, bs: np.ndarray, npix: int, like: torch.Tensor) -> tor
     return v[torch.as_tensor(np.repeat(bs, npix), device=v.device)].to(like.dtype)
 
 
-def local_forward(train, query, k, keyset: KeySet, a, inv_2b2, groups: Groups, provenance=False, n_threads=0,
-                  weights=None):
-    """(out, stats, arg_key, arg_share) of a local machine. ``weights``: a masked neighbourhood as the weight of
-    every patch element ``(C k^2,)`` (masks.element_weights; the distance is ``sum_e w_e (Q_e - a K_e)^2``), a
-    list of them (one per class of ``keyset``), or None for the square patch."""
+class _RowBlock:
+    """One block of query rows of one image group and key class (see :func:`_row_blocks`)."""
+
+    __slots__ = ("rb", "rp", "wc", "Q", "Qw", "qn", "rows", "keys")
+
+
+def _row_blocks(train, query, k, keyset: KeySet, groups: Groups, weights, *per_image):
+    """Every block of at most ``ROWS`` query rows, per image group and key class: its images ``rb`` and pixels
+    ``rp``, the class's element weights ``wc``, the query patches ``Q`` (``Qw`` weighted, ``qn = <Q, Qw>``), the
+    per-image values of ``per_image`` as ``(rows, 1)`` columns, and ``keys``: the class's key blocks, each
+    ``(n, pos, K, Kw, V)`` (image, key position, patch, weighted patch, centre), within ``BUDGET`` elements."""
     N, C, H, W = train.shape
-    B, _, Hq, Wq = query.shape
     dev = query.device
     d = C * k * k
-    partial = keyset.n_rows_per_image < Hq * Wq
-    out = torch.zeros_like(query) if partial else torch.empty_like(query)
-    stats = torch.zeros((B, Hq, Wq, 2), dtype=torch.float64, device=dev)
-    arg_key = torch.full((B, Hq, Wq), -1, dtype=torch.int64, device=dev)
-    arg_share = torch.zeros((B, Hq, Wq), dtype=query.dtype, device=dev)
     for g in range(len(groups.grp_img_ptr) - 1):
         bs = np.nonzero(groups.group_of_b == g)[0]
         if len(bs) == 0:
@@ -119,35 +119,61 @@ def local_forward(train, query, k, keyset: KeySet, a, inv_2b2, groups: Groups, p
         for cls, (qpix, kpos) in enumerate(keyset.classes()):
             wc = weights[cls] if isinstance(weights, list) else weights
             npix, npos = len(qpix), len(kpos)
-            qpix_t = torch.as_tensor(qpix.astype(np.int64), device=dev)
             kpos_t = torch.as_tensor(kpos.astype(np.int64), device=dev)
             b_idx = torch.as_tensor(np.repeat(bs, npix), device=dev)
-            centres = qpix_t.repeat(len(bs))
-            a_r, s_r = _rows(a, bs, npix, query), _rows(inv_2b2, bs, npix, query)
-            nkeys = len(imgs) * npos
+            centres = torch.as_tensor(qpix.astype(np.int64), device=dev).repeat(len(bs))
+            columns = [_rows(v, bs, npix, query) for v in per_image]
             for r0 in range(0, len(b_idx), ROWS):
                 r1 = min(len(b_idx), r0 + ROWS)
-                Q = patches(query, b_idx[r0:r1], centres[r0:r1], k, keyset.query_pad)
-                Qw = Q if wc is None else Q * wc
-                qn = (Q * Qw).sum(1)
-                ar, sr = a_r[r0:r1, None], s_r[r0:r1, None]
-                state = OnlineSoftmax(r1 - r0, C, query)
-                kc = max(1, BUDGET // max(d, r1 - r0))
-                for k0 in range(0, nkeys, kc):
-                    kk = torch.arange(k0, min(nkeys, k0 + kc), device=dev)
-                    n, pos = imgs[kk // npos], kpos_t[kk % npos]
-                    K = patches(train, n, pos, k, keyset.key_pad)
-                    Kw = K if wc is None else K * wc
-                    dist2 = qn[:, None] - 2 * ar * (Qw @ K.T) + ar * ar * (K * Kw).sum(1)[None, :]
-                    V = train[n[:, None], torch.arange(C, device=dev)[None, :], (pos // W)[:, None], (pos % W)[:, None]]
-                    state.update(-dist2 * sr, V, n * (H * W) + pos)
-                x0, best, share = state.result()
-                rows_b, rows_p = b_idx[r0:r1], centres[r0:r1]
-                out[rows_b, :, rows_p // Wq, rows_p % Wq] = x0
-                arg_key[rows_b, rows_p // Wq, rows_p % Wq] = best
-                arg_share[rows_b, rows_p // Wq, rows_p % Wq] = share
-                st = torch.stack([(state.m + sr[:, 0] * qn).double(), state.s.double()], 1)
-                stats[rows_b, rows_p // Wq, rows_p % Wq] = st.detach()
+                blk = _RowBlock()
+                blk.rb, blk.rp, blk.wc = b_idx[r0:r1], centres[r0:r1], wc
+                blk.Q = patches(query, blk.rb, blk.rp, k, keyset.query_pad)
+                blk.Qw = blk.Q if wc is None else blk.Q * wc
+                blk.qn = (blk.Q * blk.Qw).sum(1)
+                blk.rows = [c[r0:r1, None] for c in columns]
+                blk.keys = _key_blocks(train, k, keyset.key_pad, imgs, kpos_t, wc, max(1, BUDGET // max(d, r1 - r0)))
+                yield blk
+
+
+def _key_blocks(train, k, pad, imgs, kpos_t, wc, chunk):
+    C, W = train.shape[1], train.shape[3]
+    npos = len(kpos_t)
+    nkeys = len(imgs) * npos
+    ch = torch.arange(C, device=imgs.device)[None, :]
+    for k0 in range(0, nkeys, chunk):
+        kk = torch.arange(k0, min(nkeys, k0 + chunk), device=imgs.device)
+        n, pos = imgs[kk // npos], kpos_t[kk % npos]
+        K = patches(train, n, pos, k, pad)
+        V = train[n[:, None], ch, (pos // W)[:, None], (pos % W)[:, None]]
+        yield n, pos, K, (K if wc is None else K * wc), V
+
+
+def local_forward(train, query, k, keyset: KeySet, a, inv_2b2, groups: Groups, provenance=False, n_threads=0,
+                  weights=None):
+    """(out, stats, arg_key, arg_share) of a local machine. ``weights``: a masked neighbourhood as the weight of
+    every patch element ``(C k^2,)`` (masks.element_weights; the distance is ``sum_e w_e (Q_e - a K_e)^2``), a
+    list of them (one per class of ``keyset``), or None for the square patch."""
+    _, C, H, W = train.shape
+    B, _, Hq, Wq = query.shape
+    dev = query.device
+    partial = keyset.n_rows_per_image < Hq * Wq
+    out = torch.zeros_like(query) if partial else torch.empty_like(query)
+    stats = torch.zeros((B, Hq, Wq, 2), dtype=torch.float64, device=dev)
+    arg_key = torch.full((B, Hq, Wq), -1, dtype=torch.int64, device=dev)
+    arg_share = torch.zeros((B, Hq, Wq), dtype=query.dtype, device=dev)
+    for blk in _row_blocks(train, query, k, keyset, groups, weights, a, inv_2b2):
+        ar, sr = blk.rows
+        state = OnlineSoftmax(len(blk.rb), C, query)
+        for n, pos, K, Kw, V in blk.keys:
+            dist2 = blk.qn[:, None] - 2 * ar * (blk.Qw @ K.T) + ar * ar * (K * Kw).sum(1)[None, :]
+            state.update(-dist2 * sr, V, n * (H * W) + pos)
+        x0, best, share = state.result()
+        rows_b, rows_p = blk.rb, blk.rp
+        out[rows_b, :, rows_p // Wq, rows_p % Wq] = x0
+        arg_key[rows_b, rows_p // Wq, rows_p % Wq] = best
+        arg_share[rows_b, rows_p // Wq, rows_p % Wq] = share
+        st = torch.stack([(state.m + sr[:, 0] * blk.qn).double(), state.s.double()], 1)
+        stats[rows_b, rows_p // Wq, rows_p % Wq] = st.detach()
     if not provenance:
         arg_key, arg_share = query.new_empty((0,), dtype=torch.int64), query.new_empty((0,))
     return out, stats, arg_key, arg_share
@@ -193,58 +219,33 @@ def local_backward(grad_out, out, stats, train, query, k, keyset: KeySet, a, inv
     d/dQ = 2 s sum w delta (a K - Q), d/da = 2 s sum w delta <Q - a K, K>, d/ds = -sum w delta |Q - a K|^2.
     ``weights``: a masked neighbourhood's element weights u (as for :func:`local_forward`): every product then
     carries them (d/dQ = 2 s sum w delta u (a K - Q), <., .>_u, |.|^2_u)."""
-    N, C, H, W = train.shape
-    B, _, Hq, Wq = query.shape
+    B, Wq = query.shape[0], query.shape[3]
     dev, dt = query.device, query.dtype
-    d = C * k * k
     grad_query = torch.zeros_like(query)
     grad_a = torch.zeros(B, dtype=torch.float64, device=dev)
     grad_s = torch.zeros(B, dtype=torch.float64, device=dev)
-    for g in range(len(groups.grp_img_ptr) - 1):
-        bs = np.nonzero(groups.group_of_b == g)[0]
-        if len(bs) == 0:
-            continue
-        imgs = torch.as_tensor(groups.images(g).astype(np.int64), device=dev)
-        for cls, (qpix, kpos) in enumerate(keyset.classes()):
-            wc = weights[cls] if isinstance(weights, list) else weights
-            npix, npos = len(qpix), len(kpos)
-            kpos_t = torch.as_tensor(kpos.astype(np.int64), device=dev)
-            b_idx = torch.as_tensor(np.repeat(bs, npix), device=dev)
-            centres = torch.as_tensor(qpix.astype(np.int64), device=dev).repeat(len(bs))
-            a_r, s_r = _rows(a, bs, npix, query), _rows(inv_2b2, bs, npix, query)
-            nkeys = len(imgs) * npos
-            for r0 in range(0, len(b_idx), ROWS):
-                r1 = min(len(b_idx), r0 + ROWS)
-                rb, rp = b_idx[r0:r1], centres[r0:r1]
-                Q = patches(query, rb, rp, k, keyset.query_pad)
-                Qw = Q if wc is None else Q * wc
-                qn = (Q * Qw).sum(1)
-                ar, sr = a_r[r0:r1, None], s_r[r0:r1, None]
-                gr = grad_out[rb, :, rp // Wq, rp % Wq]  # (rows, C)
-                Dr = (gr * out[rb, :, rp // Wq, rp % Wq]).sum(1, keepdim=True)
-                st = stats[rb, rp // Wq, rp % Wq]
-                m = st[:, 0].to(dt) - sr[:, 0] * qn  # the maximum of the true logits
-                S = st[:, 1].to(dt)
-                G = torch.zeros_like(Q)
-                ga = torch.zeros(r1 - r0, dtype=dt, device=dev)
-                gs = torch.zeros(r1 - r0, dtype=dt, device=dev)
-                kc = max(1, BUDGET // max(d, r1 - r0))
-                for k0 in range(0, nkeys, kc):
-                    kk = torch.arange(k0, min(nkeys, k0 + kc), device=dev)
-                    n, pos = imgs[kk // npos], kpos_t[kk % npos]
-                    K = patches(train, n, pos, k, keyset.key_pad)
-                    Kw = K if wc is None else K * wc
-                    QK = Qw @ K.T
-                    kn = (K * Kw).sum(1)[None, :]
-                    dist2 = qn[:, None] - 2 * ar * QK + ar * ar * kn
-                    V = train[n[:, None], torch.arange(C, device=dev)[None, :], (pos // W)[:, None], (pos % W)[:, None]]
-                    p = _weights(-dist2 * sr, m, S) * (gr @ V.T - Dr)
-                    G += ar * (p @ Kw) - Qw * p.sum(1, keepdim=True)
-                    ga += (2 * sr[:, 0]) * (p * (QK - ar * kn)).sum(1)
-                    gs -= (p * dist2).sum(1)
-                grad_query += unpatch(2 * sr * G, query.shape, rb, rp, k, keyset.query_pad)
-                grad_a.index_add_(0, rb, ga.double())
-                grad_s.index_add_(0, rb, gs.double())
+    for blk in _row_blocks(train, query, k, keyset, groups, weights, a, inv_2b2):
+        ar, sr = blk.rows
+        rb, rp, Q, Qw, qn = blk.rb, blk.rp, blk.Q, blk.Qw, blk.qn
+        gr = grad_out[rb, :, rp // Wq, rp % Wq]  # (rows, C)
+        Dr = (gr * out[rb, :, rp // Wq, rp % Wq]).sum(1, keepdim=True)
+        st = stats[rb, rp // Wq, rp % Wq]
+        m = st[:, 0].to(dt) - sr[:, 0] * qn  # the maximum of the true logits
+        S = st[:, 1].to(dt)
+        G = torch.zeros_like(Q)
+        ga = torch.zeros(len(rb), dtype=dt, device=dev)
+        gs = torch.zeros(len(rb), dtype=dt, device=dev)
+        for _, _, K, Kw, V in blk.keys:
+            QK = Qw @ K.T
+            kn = (K * Kw).sum(1)[None, :]
+            dist2 = qn[:, None] - 2 * ar * QK + ar * ar * kn
+            p = _weights(-dist2 * sr, m, S) * (gr @ V.T - Dr)
+            G += ar * (p @ Kw) - Qw * p.sum(1, keepdim=True)
+            ga += (2 * sr[:, 0]) * (p * (QK - ar * kn)).sum(1)
+            gs -= (p * dist2).sum(1)
+        grad_query += unpatch(2 * sr * G, query.shape, rb, rp, k, keyset.query_pad)
+        grad_a.index_add_(0, rb, ga.double())
+        grad_s.index_add_(0, rb, gs.double())
     return grad_query, grad_a, grad_s
 
 
@@ -324,51 +325,23 @@ def local_jvp(train, query, k, keyset: KeySet, a, inv_2b2, groups: Groups, tange
     """The tangent of :func:`local_forward`'s ``out`` for the tangents of the query ``(B, C, Hq, Wq)``, of ``a``
     and of ``inv_2b2`` ``(B,)`` (None: zero). ``weights``: as for :func:`local_forward`. Pixels without a row
     (class -1) have tangent 0, as their output is 0."""
-    N, C, H, W = train.shape
-    B, _, Hq, Wq = query.shape
-    dev = query.device
-    d = C * k * k
+    C, Wq = train.shape[1], query.shape[3]
     dq = _tangent_or_zero(tangent_query, query)
     da, ds = _tangent_or_zero(tangent_a, a, a.dtype), _tangent_or_zero(tangent_s, inv_2b2, inv_2b2.dtype)
     dout = torch.zeros_like(query)
-    for g in range(len(groups.grp_img_ptr) - 1):
-        bs = np.nonzero(groups.group_of_b == g)[0]
-        if len(bs) == 0:
-            continue
-        imgs = torch.as_tensor(groups.images(g).astype(np.int64), device=dev)
-        for cls, (qpix, kpos) in enumerate(keyset.classes()):
-            wc = weights[cls] if isinstance(weights, list) else weights
-            npix, npos = len(qpix), len(kpos)
-            kpos_t = torch.as_tensor(kpos.astype(np.int64), device=dev)
-            b_idx = torch.as_tensor(np.repeat(bs, npix), device=dev)
-            centres = torch.as_tensor(qpix.astype(np.int64), device=dev).repeat(len(bs))
-            a_r, s_r = _rows(a, bs, npix, query), _rows(inv_2b2, bs, npix, query)
-            da_r, ds_r = _rows(da, bs, npix, query), _rows(ds, bs, npix, query)
-            nkeys = len(imgs) * npos
-            for r0 in range(0, len(b_idx), ROWS):
-                r1 = min(len(b_idx), r0 + ROWS)
-                rb, rp = b_idx[r0:r1], centres[r0:r1]
-                Q = patches(query, rb, rp, k, keyset.query_pad)
-                dQ = patches(dq, rb, rp, k, keyset.query_pad)
-                Qw = Q if wc is None else Q * wc
-                dQw = dQ if wc is None else dQ * wc
-                qn = (Q * Qw).sum(1)
-                ar, sr = a_r[r0:r1, None], s_r[r0:r1, None]
-                dar, dsr = da_r[r0:r1, None], ds_r[r0:r1, None]
-                state = _OnlineTangent(r1 - r0, C, query)
-                kc = max(1, BUDGET // max(d, r1 - r0))
-                for k0 in range(0, nkeys, kc):
-                    kk = torch.arange(k0, min(nkeys, k0 + kc), device=dev)
-                    n, pos = imgs[kk // npos], kpos_t[kk % npos]
-                    K = patches(train, n, pos, k, keyset.key_pad)
-                    Kw = K if wc is None else K * wc
-                    QK = Qw @ K.T
-                    kn = (K * Kw).sum(1)[None, :]
-                    rel = ar * ar * kn - 2 * ar * QK  # |Q - a K|^2_u - |Q|^2_u
-                    drel = 2 * dar * (ar * kn - QK) - 2 * ar * (dQw @ K.T)
-                    V = train[n[:, None], torch.arange(C, device=dev)[None, :], (pos // W)[:, None], (pos % W)[:, None]]
-                    state.update(-sr * (qn[:, None] + rel), -dsr * rel - sr * drel, V)
-                dout[rb, :, rp // Wq, rp % Wq] = state.tangent()
+    for blk in _row_blocks(train, query, k, keyset, groups, weights, a, inv_2b2, da, ds):
+        ar, sr, dar, dsr = blk.rows
+        rb, rp, Qw, qn, wc = blk.rb, blk.rp, blk.Qw, blk.qn, blk.wc
+        dQ = patches(dq, rb, rp, k, keyset.query_pad)
+        dQw = dQ if wc is None else dQ * wc
+        state = _OnlineTangent(len(rb), C, query)
+        for _, _, K, Kw, V in blk.keys:
+            QK = Qw @ K.T
+            kn = (K * Kw).sum(1)[None, :]
+            rel = ar * ar * kn - 2 * ar * QK  # |Q - a K|^2_u - |Q|^2_u
+            drel = 2 * dar * (ar * kn - QK) - 2 * ar * (dQw @ K.T)
+            state.update(-sr * (qn[:, None] + rel), -dsr * rel - sr * drel, V)
+        dout[rb, :, rp // Wq, rp % Wq] = state.tangent()
     return dout
 
 
