@@ -35,10 +35,17 @@ def _dense(table: ElementTable, r0: int, r1: int, D: int, like: torch.Tensor) ->
     return M
 
 
-def _row_chunks(table: ElementTable, D: int):
+def _row_chunks(table: ElementTable, D: int, query: torch.Tensor):
+    """Chunks of the table's rows within ``BUDGET``: ``(r0, r1, M, j0, j1, resp, row_of)``: the rows, their dense
+    neighbourhood weights ``M`` ``(rows, D)``, their responses ``j0:j1`` (elements ``resp``, owning row ``row_of``)."""
     step = max(1, BUDGET // max(D, 1))
+    dev = query.device
     for r0 in range(0, table.n_rows, step):
-        yield r0, min(table.n_rows, r0 + step)
+        r1 = min(table.n_rows, r0 + step)
+        j0, j1 = int(table.resp_ptr[r0]), int(table.resp_ptr[r1])
+        resp = torch.as_tensor(table.resp_elem[j0:j1].astype(np.int64), device=dev)
+        row_of = torch.as_tensor(np.repeat(np.arange(r1 - r0), np.diff(table.resp_ptr[r0 : r1 + 1])), device=dev)
+        yield r0, r1, _dense(table, r0, r1, D, query), j0, j1, resp, row_of
 
 
 def _logits(x, phi, a, inv, M):
@@ -59,11 +66,7 @@ def aligned_forward(train, query, table: ElementTable, a, inv_2b2, groups: Group
     stats = torch.empty((B, table.n_rows, 2), dtype=torch.float64, device=dev)
     key = torch.full((B, table.n_rows), -1, dtype=torch.int64, device=dev)
     share = torch.zeros((B, table.n_rows), dtype=dt, device=dev)
-    for r0, r1 in _row_chunks(table, D):
-        M = _dense(table, r0, r1, D, query)
-        j0, j1 = int(table.resp_ptr[r0]), int(table.resp_ptr[r1])
-        resp = torch.as_tensor(table.resp_elem[j0:j1].astype(np.int64), device=dev)
-        row_of = torch.as_tensor(np.repeat(np.arange(r1 - r0), np.diff(table.resp_ptr[r0 : r1 + 1])), device=dev)
+    for r0, r1, M, j0, j1, resp, row_of in _row_chunks(table, D, query):
         for b in range(B):
             imgs = torch.as_tensor(groups.images(int(groups.group_of_b[b])).astype(np.int64), device=dev)
             ab, sb = a[b].to(dt), inv_2b2[b].to(dt)
@@ -103,11 +106,7 @@ def aligned_backward(grad_out, out, stats, train, query, table: ElementTable, a,
     grad_query = torch.zeros((B, D), dtype=dt, device=dev)
     grad_a = torch.zeros(B, dtype=a.dtype, device=dev)
     grad_s = torch.zeros(B, dtype=inv_2b2.dtype, device=dev)
-    for r0, r1 in _row_chunks(table, D):
-        M = _dense(table, r0, r1, D, query)
-        j0, j1 = int(table.resp_ptr[r0]), int(table.resp_ptr[r1])
-        resp = torch.as_tensor(table.resp_elem[j0:j1].astype(np.int64), device=dev)
-        row_of = torch.as_tensor(np.repeat(np.arange(r1 - r0), np.diff(table.resp_ptr[r0 : r1 + 1])), device=dev)
+    for r0, r1, M, j0, j1, resp, row_of in _row_chunks(table, D, query):
         for b in range(B):
             imgs = torch.as_tensor(groups.images(int(groups.group_of_b[b])).astype(np.int64), device=dev)
             m, s = stats[b, r0:r1, 0].to(dt), stats[b, r0:r1, 1].to(dt)
@@ -147,11 +146,7 @@ def aligned_jvp(train, query, table: ElementTable, a, inv_2b2, groups: Groups, t
     da = a.new_zeros(a.shape) if tangent_a is None else tangent_a.to(device=dev, dtype=a.dtype)
     ds = inv_2b2.new_zeros(inv_2b2.shape) if tangent_s is None else tangent_s.to(device=dev, dtype=inv_2b2.dtype)
     dout = torch.empty((B, len(table.resp_elem)), dtype=dt, device=dev)
-    for r0, r1 in _row_chunks(table, D):
-        M = _dense(table, r0, r1, D, query)
-        j0, j1 = int(table.resp_ptr[r0]), int(table.resp_ptr[r1])
-        resp = torch.as_tensor(table.resp_elem[j0:j1].astype(np.int64), device=dev)
-        row_of = torch.as_tensor(np.repeat(np.arange(r1 - r0), np.diff(table.resp_ptr[r0 : r1 + 1])), device=dev)
+    for r0, r1, M, j0, j1, resp, row_of in _row_chunks(table, D, query):
         for b in range(B):
             imgs = torch.as_tensor(groups.images(int(groups.group_of_b[b])).astype(np.int64), device=dev)
             x, dx = xs[b], dxs[b]
