@@ -27,6 +27,15 @@ def nearest_step(times, t: float) -> int:
     return best
 
 
+def _read_json(path: str, what: str):
+    """The JSON value in ``path``; a ValueError naming the file and ``what`` it should hold when it cannot be read."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable JSON {what}: {e}") from None
+
+
 def _check_times(times, n: int, what: str) -> None:
     if len(times) != n or not n:
         raise ValueError(f"times and {what} must be non-empty and equally long, got {len(times)} and {n}")
@@ -86,11 +95,7 @@ class KSchedule:
         """Read a schedule written by :meth:`to_json` (extra keys, e.g. a calibration's, are ignored). A
         ValueError names the file when it is not a k-schedule: no ``times``/``ks`` lists of equal length,
         a ``k`` that is not an integer (``7.9`` or ``"7"`` are refused, not rounded), a time outside (0, 1]."""
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise ValueError(f"{path} is not a readable JSON k-schedule: {e}") from None
+        d = _read_json(path, "k-schedule")
         if not isinstance(d, dict) or not isinstance(d.get("ks"), list) or not isinstance(d.get("times"), list):
             raise ValueError(f"{path} is not a k-schedule: it needs lists 'times' and 'ks'")
         odd = d.get("odd", True)
@@ -158,11 +163,7 @@ class ThresholdSchedule:
     def from_json(cls, path: str) -> "ThresholdSchedule":
         """Read a schedule written by :meth:`to_json` (extra keys ignored); a ValueError names the file when it is
         not one."""
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise ValueError(f"{path} is not a readable JSON threshold schedule: {e}") from None
+        d = _read_json(path, "threshold schedule")
         if not isinstance(d, dict) or not isinstance(d.get("thresholds"), list) or not isinstance(d.get("times"), list):
             raise ValueError(f"{path} is not a threshold schedule: it needs lists 'times' and 'thresholds'")
         for v in d["times"] + d["thresholds"]:
