@@ -39,10 +39,10 @@ except ConfigurationError as _e:  # the command says it in one line; a program i
         print(f"patchmosaic: error: {_e}", file=_sys.stderr)
         raise SystemExit(2) from None
     raise
-from .diffusion import (IndexedDenoiser, KSchedule, MachineDenoiser, NetworkDenoiser, ThresholdSchedule, ddim, ddpm,
+from .diffusion import (BlendDenoiser, WeightSchedule, IndexedDenoiser, KSchedule, MachineDenoiser, NetworkDenoiser, ThresholdSchedule, ddim, ddpm,
                         kschedule, as_sigma_denoiser, from_sigma_denoiser, edm_sample, edm_sigmas)
 from .diffusion import samplers as sampling
-from .experiments import Calibration, calibrate, calibrate_t_max, compare
+from .experiments import BlendCalibration, Calibration, calibrate, calibrate_blend, calibrate_t_max, compare
 from .index import PatchIndex
 from . import machines
 from .machines import *  # noqa: F401,F403  (every machine: machines/__init__.py lists them)
@@ -52,5 +52,6 @@ __all__ = machines.__all__ + [
     "ResourceError", "ConfigurationError", "cuda_available", "data", "kschedule", "metrics", "networks", "ops",
     "sampling", "schedules", "diffusion", "index", "ddim", "ddpm", "KSchedule", "ThresholdSchedule", "MachineDenoiser",
     "NetworkDenoiser", "calibrate", "Calibration", "compare", "PatchIndex", "IndexedDenoiser", "calibrate_t_max",
-    "distributed", "as_sigma_denoiser", "from_sigma_denoiser", "edm_sample", "edm_sigmas"]
+    "distributed", "as_sigma_denoiser", "from_sigma_denoiser", "edm_sample", "edm_sigmas", "BlendDenoiser",
+    "WeightSchedule", "calibrate_blend", "BlendCalibration"]
 __version__ = "0.1.0"

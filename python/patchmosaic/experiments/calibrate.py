@@ -140,7 +140,6 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
         candidates = _p_candidates(candidates, k_max, min(H, W))
     else:
         candidates = _k_candidates(candidates, k_max, H, W)
-    sweep = sorted(set(candidates))
     g = check_grid(grid, steps)
     dev = x1.device if device is None else torch.device(device)
     x1 = x1.detach().cpu()
@@ -150,6 +149,29 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
     fp = fingerprint(kind="calibrate", run_id=run_id, network=net.describe(), machine=machine.describe(),
                      grid=g.tolist(), candidates=list(candidates), x1=x1.float(),
                      labels=None if lab is None else lab.numpy())
+    sweep = sorted(set(candidates))
+
+    def x0_of(xd, t, lab_mine):  # every candidate in one pass over the keys (Machine.denoise_ks)
+        x0_all = machine.denoise_ks(xd, t, sweep, labels=lab_mine)
+        return [x0_all[sweep.index(k)] for k in candidates]
+
+    cos = trajectory_cosines(net, machine.schedule, x1, lab, candidates, x0_of, grid=g, state=state, fp=fp,
+                             layout=layout, progress=progress, device=dev, desc=f"calibrate {type(machine).__name__}")
+    choices = np.asarray(candidates)[np.argmax(cos, axis=2)]
+    values = tuple(lower_median(choices[i]) for i in range(S))
+    times = tuple(float(t) for t in g[:-1])
+    schedule = ThresholdSchedule(times, values) if param == "threshold" else KSchedule(times, values, param != "p")
+    return Calibration(schedule, candidates, choices, cos)
+
+
+def trajectory_cosines(net, schedule, x1: torch.Tensor, lab, candidates, x0_of, *, grid, state, fp, layout, progress,
+                       device, desc: str) -> np.ndarray:
+    """The calibration sweep: along the network's DDIM trajectory from each seed ``x1[m]`` over ``grid``, at every
+    step the cosine of the network's score with the score of each candidate's ``x0_hat`` (``x0_of(x_t, t, labels)``:
+    one ``x0_hat`` per candidate, in the order of ``candidates``). Saved to ``state`` after every step (fingerprint
+    ``fp``) and resumed from it; ``layout`` spreads the seeds over the ranks of a torchrun job. Returns the
+    ``(S, M, K)`` float64 cosines."""
+    S, M, K = len(grid) - 1, x1.shape[0], len(candidates)
     saved = load_state(state, fp) if layout is None else layout.load_state(state, fp)
     x = x1.float()
     cos = np.full((S, M, K), np.nan)
@@ -159,23 +181,22 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
     mine = slice(0, M) if layout is None else layout.seeds(M)  # this rank's seeds
     lab_mine = None if lab is None else lab[mine]
     leader = layout is None or layout.leader
-    bar = Progress(S * K, f"calibrate {type(machine).__name__}", enabled=progress and leader, initial=start * K)
+    bar = Progress(S * K, desc, enabled=progress and leader, initial=start * K)
     for i in range(start, S):
-        t, t_next = float(g[i]), float(g[i + 1])
-        a, b2 = (float(v) for v in machine.schedule.coefficients(t))
+        t, t_next = float(grid[i]), float(grid[i + 1])
+        a, b2 = (float(v) for v in schedule.coefficients(t))
         xm = x[mine]
         if len(xm):
-            xd = xm.to(dev)
+            xd = xm.to(device)
             eps_net = net.eps(xd, t, lab_mine)
             target = -np.sqrt(b2) * eps_net          # = a x0_net - x_t
-            # every candidate in one pass over the keys (Machine.denoise_ks): sizes in increasing order, each once
-            x0_all = machine.denoise_ks(xd, t, sweep, labels=lab_mine)
+            x0_all = x0_of(xd, t, lab_mine)
         for j, k in enumerate(candidates):
             if len(xm):
-                cos[i, mine, j] = cosine_per_seed(a * x0_all[sweep.index(k)] - xd, target)
-            bar.update(postfix=f"t={t:.2f} k={k}")
+                cos[i, mine, j] = cosine_per_seed(a * x0_all[j] - xd, target)
+            bar.update(postfix=f"t={t:.2f} {k}")
         if len(xm):
-            xm = update(machine.schedule, xd, (xd - np.sqrt(b2) * eps_net) / a, t, t_next, eps=eps_net).cpu()
+            xm = update(schedule, xd, (xd - np.sqrt(b2) * eps_net) / a, t, t_next, eps=eps_net).cpu()
         if layout is None:
             x = xm
         else:
@@ -187,11 +208,7 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
             else:
                 layout.save_state(state, fp, next_step=np.array(i + 1), x=x.numpy(), cosine=cos)
     bar.close()
-    choices = np.asarray(candidates)[np.argmax(cos, axis=2)]
-    values = tuple(lower_median(choices[i]) for i in range(S))
-    times = tuple(float(t) for t in g[:-1])
-    schedule = ThresholdSchedule(times, values) if param == "threshold" else KSchedule(times, values, param != "p")
-    return Calibration(schedule, candidates, choices, cos)
+    return cos
 
 
 def _k_candidates(candidates, k_max, H: int, W: int) -> tuple:
