@@ -2,7 +2,9 @@
 ELS, the Wiener filter, the data-driven locality machine (DataLocal), PCA-locality with the published threshold and
 with a calibrated threshold schedule, PSPC-Square with a calibrated patch-size schedule and with its published
 schedule, PSPC-Flex (crops from the network's own sensitivity heatmaps, the published mass schedule) and a filtered
-posterior mean collection variant (--fpmc), all sampled from the same seeds as the network and scored seed by seed
+posterior mean collection variant (--fpmc), and the blends of calibrated ELS with the Wiener filter (Blend) and with
+calibrated DataLocal (Blend-DL) (``pm.BlendDenoiser``: the parts with their own schedules, the weight of ELS calibrated
+per step by ``pm.calibrate_blend``), all sampled from the same seeds as the network and scored seed by seed
 (Pearson r, R^2), each against calibrated ELS by paired per-seed differences with bootstrap intervals. The calibrated
 schedules are each calibrated against the network on the same seeds, training images and candidates.
 
@@ -29,6 +31,7 @@ network's earlier ``report.json`` (same seeds and settings) keeps its other mach
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -51,11 +54,13 @@ from patchmosaic.io.runstate import write_json  # noqa: E402
 from patchmosaic.networks import load_network  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MACHINES = ["IS", "LS", "ELS", "Wiener", "DataLocal", "PCA", "PCA-cal", "PSPC", "PSPC-pub", "Flex", "FPMC"]
+MACHINES = ["IS", "LS", "ELS", "Wiener", "DataLocal", "PCA", "PCA-cal", "PSPC", "PSPC-pub", "Flex", "FPMC", "Blend",
+            "Blend-DL"]
 SHORT = {"cifar10k_resnet_zeros_cond": "CIFAR ResNet", "fmnist20k_resnet_zeros_cond": "FMNIST ResNet",
          "mnist_resnet_zeros": "MNIST ResNet", "mnist_resnet_circular": "MNIST circ.", "mnist_unet_zeros": "MNIST UNet",
          "cifar10k_unet_zeros_cond": "CIFAR UNet", "cifar10k_unet_attn_zeros_cond": "CIFAR attn"}
 CALIBRATED = ["LS", "ELS", "DataLocal", "PCA-cal", "PSPC", "FPMC"]
+BLENDS = {"Blend": ("ELS", "Wiener"), "Blend-DL": ("ELS", "DataLocal")}  # calibrated ELS and a second machine
 PCA_THRESHOLD = {"cifar": 0.05, "mnist": 0.005, "fmnist": 0.005}  # the published (Analytic Diffusion Studio) settings
 DEFAULT_FPMC = "els+soft=0.5+xflip"  # the best of bench/fpmc_explore.py on the MNIST and CIFAR-10 ResNets
 
@@ -127,7 +132,8 @@ def run_network(name: str, args) -> dict:
     settings = {"train_images": n, "statistics_images": len(everything), "seeds": args.seeds,
                 "calib_seeds": args.calib_seeds, "k_max": args.k_max}
     schedules, cal_seconds = {}, {}
-    for m in [m for m in CALIBRATED if m in wanted]:
+    parts = {p for b, pair in BLENDS.items() if b in wanted for p in pair}  # the blends' machines, calibrated first
+    for m in [m for m in CALIBRATED if m in wanted or m in parts]:
         label = m if m != "FPMC" else "FPMC-" + args.fpmc
         path = os.path.join(out, f"calibration_{safe_name(label)}.json")
         cands = list(range(3, args.k_max + 1, 2)) + [min(images.shape[-2:])] if m == "PSPC" or \
@@ -149,6 +155,13 @@ def run_network(name: str, args) -> dict:
                   candidates_requested=cands)
         schedules[m] = c.schedule
         print(f"{name}: {label} schedule {list(c.schedule.values)} ({cal_seconds[m]:.0f} s)", flush=True)
+    def denoiser(m):  # a blend's part
+        return MachineDenoiser(pm.Wiener(everything, all_labels if cond else None)) if m == "Wiener" else \
+            MachineDenoiser(local[m], schedules[m])
+
+    for b in [b for b in BLENDS if b in wanted]:
+        schedules[b], cal_seconds[b] = blend_weights(name, b, net, *map(denoiser, BLENDS[b]), seeds, ylab, out,
+                                                     settings, args)
     published_p = pm.kschedule.published_schedule("square", steps=20, max_size=min(images.shape[-2:]))
     published_tau = pm.kschedule.published_schedule("flex", steps=20)
     heat_info = None
@@ -167,6 +180,7 @@ def run_network(name: str, args) -> dict:
                                                                        else None, published_tau, out, args)),
                                         published_tau),
         "FPMC": lambda: MachineDenoiser(local["FPMC"], schedules["FPMC"]),
+        **{b: (lambda b=b: pm.BlendDenoiser(*map(denoiser, BLENDS[b]), schedules[b])) for b in BLENDS},
     }
     # the FPMC variant is compared under a name of its own (its sample file), shown as "FPMC" (collect)
     machines = {(m if m != "FPMC" else fpmc_key(args.fpmc)): builders[m]() for m in MACHINES if m in wanted}
@@ -182,6 +196,8 @@ def run_network(name: str, args) -> dict:
                                         if isinstance(schedules[m], pm.KSchedule)},
                         "threshold_schedules": {m: list(map(float, schedules[m].values)) for m in schedules
                                                 if isinstance(schedules[m], pm.ThresholdSchedule)},
+                        "weight_schedules": {m: list(map(float, schedules[m].values)) for m in schedules
+                                             if isinstance(schedules[m], pm.WeightSchedule)},
                         "published": {"PCA_threshold": pca_threshold(name), "PSPC_p": list(map(int, published_p.ks)),
                                       "Flex_tau": list(map(float, published_tau.thresholds))},
                         "fpmc": args.fpmc, "heatmaps": heat_info,
@@ -207,6 +223,29 @@ def run_network(name: str, args) -> dict:
     return {m: rep["summary"][key[m]] for m in MACHINES if key[m] in rep["summary"]}
 
 
+def blend_weights(name, blend, net, first, second, seeds, ylab, out, settings, args):
+    """A blend's weight schedule: the weight of its first machine (calibrated ELS) against its second, calibrated per
+    step on the calibration seeds (``pm.calibrate_blend``, candidates 0, 0.1, ..., 1), cached in
+    ``calibration_<blend>.json`` (with the parts' descriptions); and the seconds it took."""
+    path = os.path.join(out, f"calibration_{blend}.json")
+    parts = {"first": first.describe(), "second": second.describe()}
+    parts_key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    if os.path.exists(path):
+        c = json.load(open(path))
+        if calibration_settings(c.get("settings") or {}) == calibration_settings(settings) and \
+                c.get("parts") == parts_key:
+            return pm.WeightSchedule.from_json(path), c.get("seconds")
+    t0 = time.perf_counter()
+    c = pm.calibrate_blend(net, first, second, seeds[: args.calib_seeds],
+                           None if ylab is None else ylab[: args.calib_seeds], run_id=name,
+                           state=os.path.join(out, f"calibration_{blend}.state.npz"), progress=not args.quiet)
+    seconds = round(time.perf_counter() - t0, 1)
+    c.to_json(path, network=name, machine=f"{blend}: " + " + ".join(BLENDS[blend]),
+              settings=calibration_settings(settings), seconds=seconds, parts=parts_key)
+    print(f"{name}: {blend} weights of {BLENDS[blend][0]} {list(c.schedule.weights)} ({seconds:.0f} s)", flush=True)
+    return c.schedule, seconds
+
+
 def earlier_report(path: str, settings: dict):
     """The earlier ``report.json`` of this network if it was made with the same settings (the same seeds, training
     images and calibration settings), else None: its machines that this run does not sample are kept."""
@@ -227,7 +266,7 @@ def carry_earlier(rep: dict, earlier, path: str) -> list:
         return []
     for m in carried:
         rep["summary"][m], rep["per_seed"][m] = earlier["summary"][m], earlier["per_seed"][m]
-    for entry in ("k_schedules", "threshold_schedules", "calibration_seconds"):
+    for entry in ("k_schedules", "threshold_schedules", "weight_schedules", "calibration_seconds"):
         rep[entry] = {**(earlier.get(entry) or {}), **(rep.get(entry) or {})}  # (FPMC's schedule is under "FPMC")
     dates = dict(earlier.get("dates") or {})
     rep["dates"] = {**{m: dates.get(m, earlier.get("date")) for m in carried},
@@ -351,7 +390,7 @@ def table(rows) -> str:
                else "") + ".", "",
               "Schedules (t = 1 → 0.05): "]
     for name, rep in rows:
-        ks = {**rep.get("k_schedules", {}), **rep.get("threshold_schedules", {})}
+        ks = {**rep.get("k_schedules", {}), **rep.get("threshold_schedules", {}), **rep.get("weight_schedules", {})}
         lines.append(f"- {name}: " + "; ".join(f"{m} {','.join(map(str, v))}" for m, v in ks.items()) +
                      (f"; FPMC = {rep['fpmc']}" if rep.get("fpmc") and "FPMC" in rep["summary"] else ""))
     return "\n".join(lines)
