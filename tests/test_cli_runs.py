@@ -241,3 +241,38 @@ def test_pca_locality_and_the_smoothed_denoiser_from_the_cli(tmp_path, tiny, cap
                      (["--machine", "pca=2.0"], "threshold")):
         assert main(["compare", "--network", net, "--seeds", "2", "--steps", "2", "--out", out] + bad + common) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_blends_calibrate_and_compare_from_the_cli(tmp_path, tiny, capsys):
+    """calibrate --blend writes the weight of the first part per step; compare --blend samples the blend with it
+    (or a fixed weight); bad blends exit 2 with the problem named."""
+    common = ["--data", tiny, "--quiet"]
+    net = str(tmp_path / "net")
+    assert main(["train", "--width", "8", "--depth", "1", "--steps", "3", "--batch-size", "8", "--out", net]
+                + common) == 0
+    w = str(tmp_path / "weights.json")
+    assert main(["calibrate", "--network", net, "--blend", "els=3+wiener", "--seeds", "2", "--steps", "3",
+                 "--candidates", "0,0.5,1", "--out", w] + common) == 0
+    cal = json.load(open(w))
+    assert cal["blend"] == "els=3+wiener" and len(cal["weights"]) == 3 and set(cal["weights"]) <= {0.0, 0.5, 1.0}
+    out = str(tmp_path / "cmp")
+    assert main(["compare", "--network", net, "--seeds", "2", "--steps", "3", "--blend", f"els=3+wiener@{w}",
+                 "--blend", "els=3+wiener@0.25", "--out", out] + common) == 0
+    rep = json.load(open(os.path.join(out, "report.json")))
+    assert set(rep["per_seed"]) == {f"els=3+wiener@{w}", "els=3+wiener@0.25", "IS"}
+    d = rep["per_seed"][f"els=3+wiener@{w}"]["machine"]
+    assert d["type"] == "BlendDenoiser" and d["weights"] == cal["weights"] and d["first"]["ks"] == [3, 3, 3]
+    assert d["second"]["type"] == "Wiener"
+    capsys.readouterr()
+    for bad, msg in ((["--blend", "els=3+wiener"], "FIRST+SECOND@WEIGHT"),
+                     (["--blend", "els=3+wiener@1.5"], "weight must be a number in [0, 1]"),
+                     (["--blend", "els+wiener@0.5"], "els needs a k-schedule"),
+                     (["--blend", "els=3@0.5"], "FIRST+SECOND@WEIGHT")):
+        assert main(["compare", "--network", net, "--seeds", "2", "--steps", "2", "--out", out] + bad + common) == 2
+        assert msg in capsys.readouterr().err
+    for bad, msg in ((["--blend", "els=3+wiener@0.5"], "FIRST+SECOND (e.g."),
+                     (["--blend", "els=3+wiener", "--machine", "ls"], "leave out --machine"),
+                     (["--blend", "els=3+wiener", "--candidates", "0,2"], "weight")):
+        assert main(["calibrate", "--network", net, "--seeds", "2", "--steps", "2", "--out",
+                     str(tmp_path / "w2.json")] + bad + common) == 2
+        assert msg in capsys.readouterr().err

@@ -314,9 +314,14 @@ def _calibrate(args) -> int:
                          f"written beside it, as OUT with the --figure-format extension); give a .json path")
     check_output(args.out, suffixes=(".json",), what="the k-schedule JSON")
     plot = os.path.splitext(args.out)[0] + "." + args.figure_format
-    check_output(plot, option="--out (its plot)", what="the k-schedule plot")
+    if not args.blend:
+        check_output(plot, option="--out (its plot)", what="the k-schedule plot")
     state = args.state or args.out + ".state.npz"
     check_output(state, suffixes=(".npz",), option="--state", what="the resumable state")
+    if args.blend:
+        return _calibrate_blend(args, state)
+    if args.machine is None:
+        args.machine = "els"
     param = MACHINES[args.machine].parameter
     cands = (_ints(args.candidates, "--candidates", 1) if param in ("k", "p")
              else _numbers(args.candidates, "--candidates"))
@@ -333,42 +338,104 @@ def _calibrate(args) -> int:
     return 0
 
 
+def _calibrate_blend(args, state: str) -> int:
+    """``calibrate --blend FIRST+SECOND``: the weight of FIRST per step (a weight-schedule JSON at --out)."""
+    from .blend_calibration import calibrate_blend
+    from ..diffusion.denoisers import MachineDenoiser
+    from ..diffusion.samplers import time_grid
+
+    if args.machine is not None or args.k_max is not None:
+        raise ValueError("--blend calibrates the blend's weights: leave out --machine and --k-max (each part is "
+                         "given with its own schedule in FIRST+SECOND)")
+    if args.layout is not None:
+        raise ValueError("--blend runs in one process (not under torchrun)")
+    parts, _ = _blend_spec(args.blend, args.steps, weights=False)
+    cands = _numbers(args.candidates, "--candidates")
+    net, images, labels, x1, y = _setup(args, dict(blend=args.blend, candidates=cands))
+    first, second = (MachineDenoiser(_machine(args, name, images, labels, boundary=args.boundary), ks)
+                     for name, ks in parts)
+    c = calibrate_blend(net, first, second, x1, y, candidates=cands, grid=time_grid(args.steps), state=state,
+                        progress=not args.quiet)
+    c.to_json(args.out, network=args.network, blend=args.blend, seeds=int(x1.shape[0]))
+    print(f"wrote {args.out}: the weight of {args.blend.split('+')[0]} per step {list(c.schedule.weights)} "
+          f"(t = 1 -> {1 / args.steps:g})")
+    return 0
+
+
+def _machine_spec(spec: str, steps: int, option: str):
+    """``NAME`` or ``NAME=SCHEDULE`` of ``--machine`` (and of a blend's parts): the machine's name and its schedule
+    (None for a machine without a per-step parameter), or a ValueError naming the problem."""
+    from ..diffusion.kschedule import schedule_from_spec
+
+    name, _, ks = spec.partition("=")
+    if name not in MACHINES:
+        raise ValueError(f"{option} takes NAME=SCHEDULE or NAME with NAME one of {', '.join(MACHINES)}, got {spec!r}")
+    param = MACHINES[name].parameter
+    if param is None and ks:
+        raise ValueError(f"{option} {name} takes no k-schedule (it has no per-step parameter), got {spec!r}")
+    if param == "k" and not ks:
+        raise ValueError(f"{option} {name} needs a k-schedule: {name}=7, {name}=paper:NAME or {name}=FILE.json")
+    if param == "p" and not ks:
+        raise ValueError(f"{option} {name} needs a patch-size schedule: {name}=8 (any size), {name}=pspc (the "
+                         f"published one) or {name}=FILE.json")
+    try:
+        return name, (schedule_from_spec(param, ks, steps) if ks else None)
+    except ValueError as e:
+        raise ValueError(f"{option} {spec}: {e}") from None
+
+
+def _blend_spec(spec: str, steps: int, weights: bool):
+    """``FIRST+SECOND`` (calibrate) or ``FIRST+SECOND@WEIGHT`` (compare; WEIGHT a number in [0, 1] or a weight-schedule
+    JSON) of ``--blend``: the two parts as :func:`_machine_spec` reads them, and the weight (None for calibrate)."""
+    from ..diffusion.blend import WeightSchedule, check_weight
+
+    pair, at, w = spec.partition("@")
+    parts = pair.split("+")
+    form = "FIRST+SECOND@WEIGHT (e.g. els=ks.json+wiener@weights.json or @0.6)" if weights else \
+        "FIRST+SECOND (e.g. els=ks.json+wiener)"
+    if len(parts) != 2 or not all(parts) or bool(at) != weights or (weights and not w):
+        raise ValueError(f"--blend takes {form}, got {spec!r}")
+    parts = tuple(_machine_spec(p, steps, "--blend") for p in parts)
+    if not weights:
+        return parts, None
+    try:
+        weight = WeightSchedule.from_json(w) if w.lower().endswith(".json") else check_weight(float(w))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"--blend {spec}: {e}") from None
+    if isinstance(weight, WeightSchedule) and len(weight.times) != steps:
+        raise ValueError(f"--blend {spec}: the weight schedule has {len(weight.times)} steps, the run {steps}")
+    return parts, weight
+
+
 def _compare(args) -> int:
     from .compare import compare, nearest_training
+    from ..diffusion.blend import BlendDenoiser
     from ..diffusion.denoisers import MachineDenoiser
-    from ..diffusion.kschedule import schedule_from_spec
     from ..io.files import check_output
     from ..io.plots import comparison_grid, save_figure, scatter
 
     check_output(args.out, folder=True, what="the comparison folder")
-    specs = {}
-    for spec in args.machine:
-        name, _, ks = spec.partition("=")
-        if name not in MACHINES:
-            raise ValueError(f"--machine takes NAME=SCHEDULE or NAME with NAME one of {', '.join(MACHINES)}, got "
-                             f"{spec!r}")
-        param = MACHINES[name].parameter
-        if param is None and ks:
-            raise ValueError(f"--machine {name} takes no k-schedule (it has no per-step parameter), got {spec!r}")
-        if param == "k" and not ks:
-            raise ValueError(f"--machine {name} needs a k-schedule: {name}=7, {name}=paper:NAME or {name}=FILE.json")
-        if param == "p" and not ks:
-            raise ValueError(f"--machine {name} needs a patch-size schedule: {name}=8 (any size), {name}=pspc (the "
-                             f"published one) or {name}=FILE.json")
+    specs, blends = {}, {}
+    for spec in args.machine or []:
+        name, ks = _machine_spec(spec, args.steps, "--machine")
         label = {"is": "IS", "wiener": "Wiener"}.get(name, spec)
         if label in specs:
             raise ValueError(f"--machine {spec} is given twice")
-        try:
-            specs[label] = (name, schedule_from_spec(param, ks, args.steps) if ks else None)
-        except ValueError as e:
-            raise ValueError(f"--machine {spec}: {e}") from None
+        specs[label] = (name, ks)
+    for spec in args.blend or []:
+        if spec in blends:
+            raise ValueError(f"--blend {spec} is given twice")
+        blends[spec] = _blend_spec(spec, args.steps, weights=True)
     net, images, labels, x1, y = _setup(args, dict(
         batch=args.batch, machines={label: [name, None if k is None else [list(k.times), list(k.values)]]
-                                    for label, (name, k) in specs.items()}))
+                                    for label, (name, k) in specs.items()}, blends=sorted(blends)))
     machines = {}
     for label, (name, ks) in specs.items():
         m = _machine(args, name, images, labels, boundary=args.boundary)
         machines[label] = MachineDenoiser(m, ks)
+    for label, (parts, w) in blends.items():
+        machines[label] = BlendDenoiser(*(MachineDenoiser(_machine(args, name, images, labels, boundary=args.boundary),
+                                                          ks) for name, ks in parts), w)
     if "IS" not in machines:
         machines["IS"] = MachineDenoiser(_machine(args, "is", images, labels))
     rep = compare(net, machines, x1, y, grid=None, steps=args.steps, batch_size=args.batch, out_dir=args.out,
@@ -381,7 +448,7 @@ def _compare(args) -> int:
     r = rep["per_seed"]
     ext = "." + args.figure_format
     if local:
-        other = local[0].split("=")[0].upper()
+        other = local[0].split("=")[0].split("+")[0].upper() if local[0] not in blends else "the blend"
         save_figure(scatter(r["IS"]["r"], r[local[0]]["r"], xlabel="Pearson r of IS with the network",
                             ylabel=f"Pearson r of {other} with the network", title=os.path.basename(args.network)),
                     os.path.join(args.out, "scatter" + ext))
@@ -389,7 +456,7 @@ def _compare(args) -> int:
     n = min(8, x1.shape[0])
     near = nearest_training(u[:n], images, None if y is None else y[:n], labels)
     rows = [x1[:n], u[:n]] + [rep["samples"][m][:n] for m in machines] + [images[near]]
-    names = ["noise", "network"] + [m.split("=")[0] for m in machines] + ["nearest"]
+    names = ["noise", "network"] + [m.split("=")[0] if m not in blends else "blend" for m in machines] + ["nearest"]
     save_figure(comparison_grid(rows, names), os.path.join(args.out, "grid" + ext))
     for name, s in rep["summary"].items():
         extra = f", beats IS on {s['frac_beats_IS_r']:.0%} of seeds" if "frac_beats_IS_r" in s else ""
@@ -599,9 +666,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "choices and a plot of it beside (OUT with the --figure-format extension); "
                                    "resumes from --state.")
     _add_run_options(c, "k-schedule JSON to write (not a .png/.svg/.pdf path: the plot is written beside it)")
-    c.add_argument("--machine", default="els", choices=[n for n in MACHINES if MACHINES[n].parameter],
+    c.add_argument("--machine", default=None, choices=[n for n in MACHINES if MACHINES[n].parameter],
                    help="machine to calibrate: its patch size k per step (datalocal: its neighbourhood holds k^2 "
-                        "pixels), or pca's threshold (default: %(default)s)")
+                        "pixels), or pca's threshold (default: els)")
+    c.add_argument("--blend", default=None, help="calibrate instead the weight of FIRST per step in a blend "
+                   "FIRST+SECOND, each part as for compare --machine (e.g. els=ks.json+wiener); writes a weight-schedule "
+                   "JSON for compare --blend FIRST+SECOND@OUT (--candidates: weights in [0, 1], default 0, 0.1, ..., 1)")
     c.add_argument("--k-max", type=_int(1), default=None, help="largest candidate k (default: 31 or 2*size-1)")
     c.add_argument("--candidates", default=None, help="comma-separated candidate k's (overrides --k-max), or "
                    "thresholds in (0, 1] for pca (default: 0.001,0.002,0.005,0.01,0.02,0.05,0.1,0.2)")
@@ -619,7 +689,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="machine and its per-step parameter: els=K, ls=K, datalocal=K with K an odd int, paper:NAME "
                         "or a JSON file (datalocal: a neighbourhood of K^2 pixels), pca or pca=THRESHOLD (a number in "
                         "(0, 1] or a threshold-schedule JSON), pspc=P (any size, a JSON file, or pspc: the published "
-                        "schedule), or is / wiener (no parameter); repeatable (default: els=paper:MNIST_ResNet_zeros)")
+                        "schedule), or is / wiener (no parameter); repeatable (default without --blend: "
+                        "els=paper:MNIST_ResNet_zeros)")
+    m.add_argument("--blend", action="append", default=None,
+                   help="a blend of two machines, FIRST+SECOND@WEIGHT: each part as for --machine, WEIGHT the first's "
+                        "weight, a number in [0, 1] or a weight-schedule JSON (calibrate --blend writes one); e.g. "
+                        "els=ks.json+wiener@weights.json; repeatable")
     m.add_argument("--batch", type=_int(1), default=8, help="seeds sampled together (default: %(default)s)")
     m.set_defaults(func=_compare)
     return p
@@ -668,7 +743,7 @@ EXPECTED = (ValueError, TypeError, RuntimeError, OSError, KeyError, EOFError, zl
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "func", None) is _compare and args.machine is None:
+    if getattr(args, "func", None) is _compare and args.machine is None and not args.blend:
         args.machine = ["els=paper:MNIST_ResNet_zeros"]
     args.layout = None
 

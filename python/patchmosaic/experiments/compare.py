@@ -201,6 +201,12 @@ def describe(denoiser) -> dict:
     from ..diffusion.denoisers import MachineDenoiser
     from ..diffusion.kschedule import KSchedule, ThresholdSchedule
 
+    from ..diffusion.blend import BlendDenoiser, WeightSchedule
+
+    if isinstance(denoiser, BlendDenoiser):  # its parts, and the first's weight
+        w = denoiser.weight
+        return {"type": "BlendDenoiser", "first": describe(denoiser.first), "second": describe(denoiser.second),
+                **({"weights": list(map(float, w.weights))} if isinstance(w, WeightSchedule) else {"weight": w})}
     if not isinstance(denoiser, MachineDenoiser):
         return {"type": type(denoiser).__name__}
     m = denoiser.machine
