@@ -3,8 +3,8 @@ ELS, the Wiener filter, the data-driven locality machine (DataLocal), PCA-locali
 with a calibrated threshold schedule, PSPC-Square with a calibrated patch-size schedule and with its published
 schedule, PSPC-Flex (crops from the network's own sensitivity heatmaps, the published mass schedule) and a filtered
 posterior mean collection variant (--fpmc), and the blends of calibrated ELS with the Wiener filter (Blend) and with
-calibrated DataLocal (Blend-DL) (``pm.BlendDenoiser``: the parts with their own schedules, the weight of ELS calibrated
-per step by ``pm.calibrate_blend``), all sampled from the same seeds as the network and scored seed by seed
+calibrated DataLocal (Blend-DL), and of Blend-DL with the Wiener filter (Blend-3) (``pm.BlendDenoiser``: the parts with
+their own schedules, the first part's weight calibrated per step by ``pm.calibrate_blend``), all sampled from the same seeds as the network and scored seed by seed
 (Pearson r, R^2), each against calibrated ELS by paired per-seed differences with bootstrap intervals. The calibrated
 schedules are each calibrated against the network on the same seeds, training images and candidates.
 
@@ -55,12 +55,13 @@ from patchmosaic.networks import load_network  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MACHINES = ["IS", "LS", "ELS", "Wiener", "DataLocal", "PCA", "PCA-cal", "PSPC", "PSPC-pub", "Flex", "FPMC", "Blend",
-            "Blend-DL"]
+            "Blend-DL", "Blend-3"]
 SHORT = {"cifar10k_resnet_zeros_cond": "CIFAR ResNet", "fmnist20k_resnet_zeros_cond": "FMNIST ResNet",
          "mnist_resnet_zeros": "MNIST ResNet", "mnist_resnet_circular": "MNIST circ.", "mnist_unet_zeros": "MNIST UNet",
          "cifar10k_unet_zeros_cond": "CIFAR UNet", "cifar10k_unet_attn_zeros_cond": "CIFAR attn"}
 CALIBRATED = ["LS", "ELS", "DataLocal", "PCA-cal", "PSPC", "FPMC"]
-BLENDS = {"Blend": ("ELS", "Wiener"), "Blend-DL": ("ELS", "DataLocal")}  # calibrated ELS and a second machine
+# the blends: calibrated ELS and a second machine; Blend-3: Blend-DL and the Wiener filter (a blend of a blend)
+BLENDS = {"Blend": ("ELS", "Wiener"), "Blend-DL": ("ELS", "DataLocal"), "Blend-3": ("Blend-DL", "Wiener")}
 PCA_THRESHOLD = {"cifar": 0.05, "mnist": 0.005, "fmnist": 0.005}  # the published (Analytic Diffusion Studio) settings
 DEFAULT_FPMC = "els+soft=0.5+xflip"  # the best of bench/fpmc_explore.py on the MNIST and CIFAR-10 ResNets
 
@@ -132,7 +133,12 @@ def run_network(name: str, args) -> dict:
     settings = {"train_images": n, "statistics_images": len(everything), "seeds": args.seeds,
                 "calib_seeds": args.calib_seeds, "k_max": args.k_max}
     schedules, cal_seconds = {}, {}
-    parts = {p for b, pair in BLENDS.items() if b in wanted for p in pair}  # the blends' machines, calibrated first
+    blends = {b for b in BLENDS if b in wanted}
+    while True:  # a blend's parts (blends among them), calibrated first
+        parts = blends | {p for b in blends for p in BLENDS[b]}
+        if {p for p in parts if p in BLENDS} <= blends:
+            break
+        blends |= {p for p in parts if p in BLENDS}
     for m in [m for m in CALIBRATED if m in wanted or m in parts]:
         label = m if m != "FPMC" else "FPMC-" + args.fpmc
         path = os.path.join(out, f"calibration_{safe_name(label)}.json")
@@ -156,10 +162,12 @@ def run_network(name: str, args) -> dict:
         schedules[m] = c.schedule
         print(f"{name}: {label} schedule {list(c.schedule.values)} ({cal_seconds[m]:.0f} s)", flush=True)
     def denoiser(m):  # a blend's part
+        if m in BLENDS:
+            return pm.BlendDenoiser(*map(denoiser, BLENDS[m]), schedules[m])
         return MachineDenoiser(pm.Wiener(everything, all_labels if cond else None)) if m == "Wiener" else \
             MachineDenoiser(local[m], schedules[m])
 
-    for b in [b for b in BLENDS if b in wanted]:
+    for b in [b for b in BLENDS if b in blends]:  # in BLENDS' order: a blend after the blends it is made of
         schedules[b], cal_seconds[b] = blend_weights(name, b, net, *map(denoiser, BLENDS[b]), seeds, ylab, out,
                                                      settings, args)
     published_p = pm.kschedule.published_schedule("square", steps=20, max_size=min(images.shape[-2:]))
@@ -180,7 +188,7 @@ def run_network(name: str, args) -> dict:
                                                                        else None, published_tau, out, args)),
                                         published_tau),
         "FPMC": lambda: MachineDenoiser(local["FPMC"], schedules["FPMC"]),
-        **{b: (lambda b=b: pm.BlendDenoiser(*map(denoiser, BLENDS[b]), schedules[b])) for b in BLENDS},
+        **{b: (lambda b=b: denoiser(b)) for b in BLENDS},
     }
     # the FPMC variant is compared under a name of its own (its sample file), shown as "FPMC" (collect)
     machines = {(m if m != "FPMC" else fpmc_key(args.fpmc)): builders[m]() for m in MACHINES if m in wanted}
