@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .denoisers import _Denoiser, _call_args
 from .inputs import as_images, like_input
-from .kschedule import _check_times, _read_json, nearest_step
+from .kschedule import NumberSchedule, _check_times
 from .samplers import common_schedule
 from ..machines.base import docstring
 
@@ -30,9 +30,9 @@ def check_weight(w) -> float:
 
 
 @dataclass(frozen=True)
-class WeightSchedule:
+class WeightSchedule(NumberSchedule):
     """The weight ``weights[i]`` (in ``[0, 1]``) of a blend's first denoiser in the reverse-process step that starts
-    at time ``times[i]``.
+    at time ``times[i]``. ``to_json`` / ``from_json``: ``{"times": [...], "weights": [...]}``.
 
     Args:
         times: the steps' start times, each in ``(0, 1]``.
@@ -41,37 +41,13 @@ class WeightSchedule:
 
     times: tuple
     weights: tuple
+    FIELD = "weights"
+    WHAT = "weight schedule"
 
     def __post_init__(self):
         _check_times(self.times, len(self.weights), "weights")
         for w in self.weights:
             check_weight(w)
-
-    def value_at(self, t: float) -> float:
-        """The weight of the step whose time is nearest to ``t`` (the earlier step on a tie)."""
-        return float(self.weights[nearest_step(self.times, t)])
-
-    @property
-    def values(self) -> tuple:
-        return self.weights
-
-    def to_json(self, path: str) -> None:
-        """Write ``{"times": [...], "weights": [...]}`` atomically to ``path``."""
-        from ..io.runstate import write_json
-
-        write_json(path, {"times": list(map(float, self.times)), "weights": list(map(float, self.weights))})
-
-    @classmethod
-    def from_json(cls, path: str) -> "WeightSchedule":
-        """Read a schedule written by :meth:`to_json` (extra keys ignored); a ValueError names the file when it is
-        not one."""
-        d = _read_json(path, "weight schedule")
-        if not isinstance(d, dict) or not isinstance(d.get("weights"), list) or not isinstance(d.get("times"), list):
-            raise ValueError(f"{path} is not a weight schedule: it needs lists 'times' and 'weights'")
-        try:
-            return cls(tuple(float(v) for v in d["times"]), tuple(float(v) for v in d["weights"]))
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path} is not a valid weight schedule: {e}") from None
 
 
 def _description(denoiser) -> dict:

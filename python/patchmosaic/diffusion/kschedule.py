@@ -125,11 +125,49 @@ class KSchedule:
         return cls(tuple(i / steps for i in range(steps, 0, -1)), tuple(int(2 * np.floor(k / 2) + 1) for k in ks))
 
 
+class NumberSchedule:
+    """What a schedule of one number per step (a :class:`ThresholdSchedule`, a blend's
+    :class:`patchmosaic.WeightSchedule`) does with its ``times`` and its values (the field named ``FIELD``)."""
+
+    FIELD = "values"
+    WHAT = "schedule"
+
+    @property
+    def values(self) -> tuple:
+        return getattr(self, self.FIELD)
+
+    def value_at(self, t: float) -> float:
+        """The value of the step whose time is nearest to ``t`` (the earlier step on a tie)."""
+        return float(self.values[nearest_step(self.times, t)])
+
+    def to_json(self, path: str) -> None:
+        """Write ``{"times": [...], FIELD: [...]}`` atomically to ``path``."""
+        from ..io.runstate import write_json
+
+        write_json(path, {"times": list(map(float, self.times)), self.FIELD: list(map(float, self.values))})
+
+    @classmethod
+    def from_json(cls, path: str):
+        """Read a schedule written by :meth:`to_json` (extra keys ignored); a ValueError names the file when it is
+        not one."""
+        d = _read_json(path, cls.WHAT)
+        if not isinstance(d, dict) or not isinstance(d.get(cls.FIELD), list) or not isinstance(d.get("times"), list):
+            raise ValueError(f"{path} is not a {cls.WHAT}: it needs lists 'times' and '{cls.FIELD}'")
+        for v in d["times"] + d[cls.FIELD]:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{path}: times and {cls.FIELD} must be numbers, got {v!r}")
+        try:
+            return cls(tuple(float(t) for t in d["times"]), tuple(float(v) for v in d[cls.FIELD]))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
 @dataclass(frozen=True)
-class ThresholdSchedule:
+class ThresholdSchedule(NumberSchedule):
     """A threshold ``thresholds[i]`` (in ``(0, 1]``) for the reverse-process step that starts at time ``times[i]``:
     PCA-locality's ``theta`` (:class:`patchmosaic.PCALocality`), PSPC-Flex's mass ``tau`` (:class:`patchmosaic.PSPC`);
-    what :func:`patchmosaic.calibrate` gives for them.
+    what :func:`patchmosaic.calibrate` gives for them. ``to_json`` / ``from_json``: ``{"times": [...],
+    "thresholds": [...]}``.
 
     Args:
         times: the steps' start times, each in ``(0, 1]``.
@@ -138,41 +176,14 @@ class ThresholdSchedule:
 
     times: tuple
     thresholds: tuple
+    FIELD = "thresholds"
+    WHAT = "threshold schedule"
 
     def __post_init__(self):
         _check_times(self.times, len(self.thresholds), "thresholds")
         for v in self.thresholds:
             if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not 0 < v <= 1:
                 raise ValueError(f"every threshold of a threshold schedule must be a number in (0, 1], got {v!r}")
-
-    def value_at(self, t: float) -> float:
-        """The threshold of the step whose time is nearest to ``t`` (the earlier step on a tie)."""
-        return float(self.thresholds[nearest_step(self.times, t)])
-
-    @property
-    def values(self) -> tuple:
-        return self.thresholds
-
-    def to_json(self, path: str) -> None:
-        """Write ``{"times": [...], "thresholds": [...]}`` atomically to ``path``."""
-        from ..io.runstate import write_json
-
-        write_json(path, {"times": list(map(float, self.times)), "thresholds": list(map(float, self.thresholds))})
-
-    @classmethod
-    def from_json(cls, path: str) -> "ThresholdSchedule":
-        """Read a schedule written by :meth:`to_json` (extra keys ignored); a ValueError names the file when it is
-        not one."""
-        d = _read_json(path, "threshold schedule")
-        if not isinstance(d, dict) or not isinstance(d.get("thresholds"), list) or not isinstance(d.get("times"), list):
-            raise ValueError(f"{path} is not a threshold schedule: it needs lists 'times' and 'thresholds'")
-        for v in d["times"] + d["thresholds"]:
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"{path}: times and thresholds must be numbers, got {v!r}")
-        try:
-            return cls(tuple(float(t) for t in d["times"]), tuple(float(v) for v in d["thresholds"]))
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
 
     @classmethod
     def constant(cls, threshold: float, steps: int = 20) -> "ThresholdSchedule":
