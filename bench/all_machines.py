@@ -134,11 +134,10 @@ def run_network(name: str, args) -> dict:
                 "calib_seeds": args.calib_seeds, "k_max": args.k_max}
     schedules, cal_seconds = {}, {}
     blends = {b for b in BLENDS if b in wanted}
-    while True:  # a blend's parts (blends among them), calibrated first
-        parts = blends | {p for b in blends for p in BLENDS[b]}
-        if {p for p in parts if p in BLENDS} <= blends:
-            break
-        blends |= {p for p in parts if p in BLENDS}
+    for b in reversed(BLENDS):  # a blend's parts come before it in BLENDS: one backward pass adds the blends among them
+        if b in blends:
+            blends |= {p for p in BLENDS[b] if p in BLENDS}
+    parts = {p for b in blends for p in BLENDS[b]}  # the machines the blends need, calibrated first
     for m in [m for m in CALIBRATED if m in wanted or m in parts]:
         label = m if m != "FPMC" else "FPMC-" + args.fpmc
         path = os.path.join(out, f"calibration_{safe_name(label)}.json")

@@ -13,7 +13,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from .denoisers import _Denoiser, _call_args
+from .denoisers import _Denoiser, _call_args, full_description
 from .inputs import as_images, like_input
 from .kschedule import NumberSchedule, _check_times
 from .samplers import common_schedule
@@ -50,11 +50,6 @@ class WeightSchedule(NumberSchedule):
             check_weight(w)
 
 
-def _description(denoiser) -> dict:
-    fn = getattr(denoiser, "describe", None)
-    return fn() if callable(fn) else {"type": type(denoiser).__name__}
-
-
 class BlendDenoiser(_Denoiser):
     """``w(t) first(x, t, labels) + (1 - w(t)) second(x, t, labels)``: two denoisers on the same noise schedule
     (a :class:`MachineDenoiser`, :class:`NetworkDenoiser`, or another blend), mixed per step.
@@ -80,7 +75,8 @@ class BlendDenoiser(_Denoiser):
 
     def describe(self) -> dict:
         """What changes this denoiser's results: both denoisers' descriptions and the weights."""
-        d = {"type": "BlendDenoiser", "first": _description(self.first), "second": _description(self.second)}
+        d = {"type": "BlendDenoiser", "first": full_description(self.first),
+             "second": full_description(self.second)}
         if isinstance(self.weight, WeightSchedule):
             d["weights"], d["times"] = list(map(float, self.weight.weights)), list(map(float, self.weight.times))
         else:

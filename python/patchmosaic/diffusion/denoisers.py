@@ -45,6 +45,12 @@ def _call_args(times: str = "a float") -> str:
 """
 
 
+def full_description(denoiser) -> dict:
+    """Everything that changes a denoiser's samples (weights and data hashes included), for fingerprints."""
+    fn = getattr(denoiser, "describe", None)
+    return fn() if callable(fn) else {"type": type(denoiser).__name__}
+
+
 class _Denoiser:
     schedule = None
 

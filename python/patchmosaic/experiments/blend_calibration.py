@@ -14,13 +14,12 @@ import numpy as np
 import torch
 
 from ..diffusion.blend import BlendDenoiser, WeightSchedule, check_weight
-from ..diffusion.denoisers import NetworkDenoiser
+from ..diffusion.denoisers import NetworkDenoiser, full_description
 from ..diffusion.inputs import as_labels
 from ..diffusion.samplers import check_grid, common_schedule
 from ..io.runstate import fingerprint, write_json
 from ..ops.checks import check_cuda_inputs
-from .calibrate import lower_median, trajectory_cosines
-from .compare import full_description
+from .calibrate import per_step_choices, trajectory_cosines
 
 DEFAULT_WEIGHTS = tuple(i / 10 for i in range(11))  # 0, 0.1, ..., 1
 
@@ -103,7 +102,6 @@ def calibrate_blend(network, first, second, x1: torch.Tensor, labels=None, *,
 
     cos = trajectory_cosines(net, probe.schedule, x1, lab, candidates, x0_of, grid=g, state=state, fp=fp,
                              layout=None, progress=progress, device=dev, desc="calibrate blend")
-    choices = np.asarray(candidates)[np.argmax(cos, axis=2)]
-    schedule = WeightSchedule(tuple(float(t) for t in g[:-1]),
-                              tuple(float(lower_median(choices[i])) for i in range(len(g) - 1)))
+    choices, times, values = per_step_choices(cos, candidates, g)
+    schedule = WeightSchedule(times, tuple(float(v) for v in values))
     return BlendCalibration(schedule, candidates, choices, cos)

@@ -143,7 +143,7 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
     g = check_grid(grid, steps)
     dev = x1.device if device is None else torch.device(device)
     x1 = x1.detach().cpu()
-    S, M, K = len(g) - 1, x1.shape[0], len(candidates)
+    M = x1.shape[0]
     lab = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     machine.check_labels(None if lab is None else lab.numpy(), M)
     fp = fingerprint(kind="calibrate", run_id=run_id, network=net.describe(), machine=machine.describe(),
@@ -157,11 +157,16 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
 
     cos = trajectory_cosines(net, machine.schedule, x1, lab, candidates, x0_of, grid=g, state=state, fp=fp,
                              layout=layout, progress=progress, device=dev, desc=f"calibrate {type(machine).__name__}")
-    choices = np.asarray(candidates)[np.argmax(cos, axis=2)]
-    values = tuple(lower_median(choices[i]) for i in range(S))
-    times = tuple(float(t) for t in g[:-1])
+    choices, times, values = per_step_choices(cos, candidates, g)
     schedule = ThresholdSchedule(times, values) if param == "threshold" else KSchedule(times, values, param != "p")
     return Calibration(schedule, candidates, choices, cos)
+
+
+def per_step_choices(cos: np.ndarray, candidates, grid):
+    """From the ``(S, M, K)`` cosines of a sweep: each seed's best candidate per step ``(S, M)``, the steps' start
+    times, and per step the lower median of the seeds' choices (always one of the candidates)."""
+    choices = np.asarray(candidates)[np.argmax(cos, axis=2)]
+    return choices, tuple(float(t) for t in grid[:-1]), tuple(lower_median(c) for c in choices)
 
 
 def trajectory_cosines(net, schedule, x1: torch.Tensor, lab, candidates, x0_of, *, grid, state, fp, layout, progress,

@@ -448,7 +448,7 @@ def _compare(args) -> int:
     r = rep["per_seed"]
     ext = "." + args.figure_format
     if local:
-        other = local[0].split("=")[0].split("+")[0].upper() if local[0] not in blends else "the blend"
+        other = local[0].split("=")[0].upper() if local[0] not in blends else "the blend"
         save_figure(scatter(r["IS"]["r"], r[local[0]]["r"], xlabel="Pearson r of IS with the network",
                             ylabel=f"Pearson r of {other} with the network", title=os.path.basename(args.network)),
                     os.path.join(args.out, "scatter" + ext))

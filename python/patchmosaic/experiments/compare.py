@@ -16,7 +16,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from ..diffusion.denoisers import NetworkDenoiser, as_denoiser
+from ..diffusion.denoisers import NetworkDenoiser, as_denoiser, full_description
 from ..diffusion.samplers import check_grid, common_schedule, ddim
 from ..io.progress import Progress
 from ..io.runstate import fingerprint, load_state, save_state, write_json
@@ -190,18 +190,11 @@ def compare(network, machines: Dict[str, object], x1: torch.Tensor, labels=None,
     return report
 
 
-def full_description(denoiser) -> dict:
-    """Everything that changes a denoiser's samples (weights and data hashes included), for fingerprints."""
-    fn = getattr(denoiser, "describe", None)
-    return fn() if callable(fn) else {"type": type(denoiser).__name__}
-
-
 def describe(denoiser) -> dict:
     """A JSON description of a denoiser (machine type, boundary, training size, its parameter or schedule)."""
+    from ..diffusion.blend import BlendDenoiser, WeightSchedule
     from ..diffusion.denoisers import MachineDenoiser
     from ..diffusion.kschedule import KSchedule, ThresholdSchedule
-
-    from ..diffusion.blend import BlendDenoiser, WeightSchedule
 
     if isinstance(denoiser, BlendDenoiser):  # its parts, and the first's weight
         w = denoiser.weight
