@@ -23,6 +23,7 @@ from torch import Tensor
 from . import autodiff, checks, engines, masks, reference, reference_aligned, triton_engine
 from .labels import groups
 from .library import _asked, _engine, _no_tangent, _prepare
+from .memo import Memo
 from .tables import ElementTable
 
 
@@ -35,8 +36,14 @@ def _aligned_engine(query: Tensor, backend: str):
     return reference_aligned if engine is reference else engine
 
 
+TABLES = Memo()  # checked element tables (ops.memo: kept while their tensors live unchanged)
+
+
 def _table(hood_ptr, hood_elem, hood_weight, resp_ptr, resp_elem, query: Tensor) -> ElementTable:
-    return ElementTable.from_tensors(hood_ptr, hood_elem, hood_weight, resp_ptr, resp_elem, query[0].numel())
+    D = query[0].numel()
+    return TABLES.get((hood_ptr, hood_elem, hood_weight, resp_ptr, resp_elem),
+                      lambda: ElementTable.from_tensors(hood_ptr, hood_elem, hood_weight, resp_ptr, resp_elem, D),
+                      extra=(D,))
 
 
 def aligned_bytes(query_shape, dtype: torch.dtype, table_rows: int, n_resp: int, n_images: int, engine: str,

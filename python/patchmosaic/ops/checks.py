@@ -9,6 +9,9 @@ import numpy as np
 import torch
 
 from ..validation import check_memory
+from .memo import Memo
+
+MAGNITUDES = Memo()  # the training images' max |value| (ops.memo: kept while the tensor lives unchanged)
 
 
 def values(x: torch.Tensor, name: str, t: Optional[torch.Tensor], a: torch.Tensor, inv_2b2: torch.Tensor) -> None:
@@ -178,7 +181,7 @@ def scale(query: torch.Tensor, train: torch.Tensor, inv_2b2: torch.Tensor, d: fl
     """Refuse data so large that the softmax logits ``-s |Q - a K|^2`` (``d`` elements per patch, or the total
     weight of a neighbourhood mask's elements: :func:`mask_weight`) would overflow the working type, which would
     give NaN: the logits are at most ``s d (max|x| + max|train|)^2`` (a <= 1)."""
-    xmax, kmax = magnitude(query), magnitude(train)
+    xmax, kmax = magnitude(query), MAGNITUDES.get((train,), lambda: magnitude(train))
     smax = float(inv_2b2.detach().amax())
     bound = smax * d * (xmax + kmax) ** 2 if max(xmax, kmax, d) < 1e150 else float("inf")
     limit = LOGIT_LIMITS[query.dtype]

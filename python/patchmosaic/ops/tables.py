@@ -238,9 +238,10 @@ class ElementTable:
     def largest_weight_sum(self) -> float:
         """The largest sum of a row's neighbourhood weights (the factor of ``(max|x| + max|train|)^2`` in the
         largest possible distance; ops/checks.py, ``scale``)."""
-        w = np.ones(len(self.hood_elem)) if self.hood_weight is None else self.hood_weight
-        rows = np.repeat(np.arange(self.n_rows), np.diff(self.hood_ptr))
-        return float(np.bincount(rows, weights=w, minlength=self.n_rows).max(initial=0.0))
+        if self.hood_weight is None:
+            return float(np.diff(self.hood_ptr).max(initial=0))
+        total = np.concatenate([[0.0], np.cumsum(self.hood_weight)])
+        return float((total[self.hood_ptr[1:]] - total[self.hood_ptr[:-1]]).max(initial=0.0))
 
     def runs_per_row(self) -> float:
         """The average number of runs (maximal sequences of consecutive elements of one weight) per row: the
