@@ -38,23 +38,42 @@ struct Runs {
   std::vector<double> w;
 };
 
+// A neighbourhood element starts a run unless it follows its predecessor in the row with the same weight.
+template <typename T>
+inline bool starts_run(const AlignedArgs<T>& A, int64_t r, int64_t e) {
+  if (e == A.hood_ptr[r]) return true;
+  const double w = A.hood_weight ? A.hood_weight[e] : 1.0, wp = A.hood_weight ? A.hood_weight[e - 1] : 1.0;
+  return A.hood_elem[e] != A.hood_elem[e - 1] + 1 || w != wp;
+}
+
+// The runs of every row: counted, then written, row by row in parallel (a wide mask holds millions of elements).
 template <typename T>
 Runs make_runs(const AlignedArgs<T>& A) {
   Runs R;
-  R.ptr.assign(A.n_rows + 1, 0);
-  for (int64_t r = 0; r < A.n_rows; ++r) {
+  const int64_t nr = A.n_rows;
+  R.ptr.assign(nr + 1, 0);
+  const int nt = resolve_threads(A.n_threads, nr / 64 + 1);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t r = 0; r < nr; ++r) {
+    int64_t n = 0;
+    for (int64_t e = A.hood_ptr[r]; e < A.hood_ptr[r + 1]; ++e) n += starts_run(A, r, e);
+    R.ptr[r + 1] = n;
+  }
+  for (int64_t r = 0; r < nr; ++r) R.ptr[r + 1] += R.ptr[r];
+  R.lo.resize(R.ptr[nr]);
+  R.hi.resize(R.ptr[nr]);
+  R.w.resize(R.ptr[nr]);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t r = 0; r < nr; ++r) {
+    int64_t u = R.ptr[r] - 1;
     for (int64_t e = A.hood_ptr[r]; e < A.hood_ptr[r + 1]; ++e) {
-      const int32_t el = A.hood_elem[e];
-      const double w = A.hood_weight ? A.hood_weight[e] : 1.0;
-      if (e > A.hood_ptr[r] && R.hi.back() == el && R.w.back() == w) {
-        ++R.hi.back();
-      } else {
-        R.lo.push_back(el);
-        R.hi.push_back(el + 1);
-        R.w.push_back(w);
+      if (starts_run(A, r, e)) {
+        ++u;
+        R.lo[u] = A.hood_elem[e];
+        R.w[u] = A.hood_weight ? A.hood_weight[e] : 1.0;
       }
+      R.hi[u] = A.hood_elem[e] + 1;
     }
-    R.ptr[r + 1] = static_cast<int64_t>(R.lo.size());
   }
   return R;
 }
@@ -118,6 +137,36 @@ struct PartState {
 template <typename T>
 struct BlockVec {
   typedef T type __attribute__((vector_size(kBlock * sizeof(T))));
+};
+
+// The largest and the sum of a GCC vector's W lanes, by halves (a tree of log2 W vector operations instead of a
+// serial chain of W - 1 dependent scalar ones: the chain's latency was most of a small neighbourhood's time).
+template <typename T, int W>
+struct Lanes {
+  typedef T type __attribute__((vector_size(W * sizeof(T))));
+  typedef T half __attribute__((vector_size(W / 2 * sizeof(T))));
+  static inline void split(const type& v, half& lo, half& hi) {
+    __builtin_memcpy(&lo, &v, sizeof(half));
+    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(half), sizeof(half));
+  }
+  static inline T sum(const type& v) {
+    if constexpr (W == 2) {
+      return v[0] + v[1];
+    } else {
+      half lo, hi;
+      split(v, lo, hi);
+      return Lanes<T, W / 2>::sum(lo + hi);
+    }
+  }
+  static inline T max(const type& v) {
+    if constexpr (W == 2) {
+      return v[0] > v[1] ? v[0] : v[1];
+    } else {
+      half lo, hi;
+      split(v, lo, hi);
+      return Lanes<T, W / 2>::max(lo > hi ? lo : hi);
+    }
+  }
 };
 
 // Whether every weight of the table is 1 (a plain mask: the distance needs no multiplication).
@@ -215,6 +264,8 @@ void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& 
   std::vector<VD> Pre(any_runs ? D + 1 : 0);
   for (int64_t i0 = part.i0; i0 < part.i1; i0 += NB) {
     const int nb = static_cast<int>(std::min<int64_t>(NB, part.i1 - i0));
+    V tail;  // 1 for the block's images, 0 for a short block's repeated lanes
+    for (int j = 0; j < NB; ++j) tail[j] = j < nb ? T(1) : T(0);
     for (int j = 0; j < NB; ++j) {  // a short block repeats its first image (its logits are never used)
       const T* phi = A.train + static_cast<int64_t>(A.grp_img[i0 + (j < nb ? j : 0)]) * D;
       for (int64_t e = 0; e < D; ++e) Phi[e][j] = phi[e];
@@ -238,15 +289,11 @@ void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& 
       double* acc = S.acc.data() + qi * A.n_resp;
       for (int64_t r = 0; r < nr; ++r) {
         const VD L = -inv * (by_runs[r] ? row_sums_runs<T>(R, r, Pre.data()) : row_sums<T, WEIGHTED>(A, r, Res.data()));
-        double top = L[0];
-        int arg = 0;
-        for (int j = 1; j < nb; ++j)
-          if (L[j] > top) {
-            top = L[j];
-            arg = j;
-          }
+        const double top = Lanes<double, NB>::max(L);  // a short block's repeated lanes equal its first
         if (!block_counts<T>(top, m[r])) continue;  // every weight of the block is exactly 0
         if (top > m[r]) {
+          int arg = 0;  // the block's first image of the largest logit
+          while (L[arg] != top) ++arg;
           best[r] = A.grp_img[i0 + arg];
           const double f = raise_max(m[r], s[r], top);
           for (int64_t e = A.resp_ptr[r]; e < A.resp_ptr[r + 1]; ++e) acc[e] *= f;
@@ -256,16 +303,10 @@ void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& 
         if constexpr (sizeof(T) == 4) w = exp_nonpos_vec(d);
         else
           for (int j = 0; j < NB; ++j) w[j] = exp_nonpos(d[j]);
-        for (int j = nb; j < NB; ++j) w[j] = T(0);
-        T wsum = T(0);
-        for (int j = 0; j < NB; ++j) wsum += w[j];
-        s[r] += static_cast<double>(wsum);
-        for (int64_t e = A.resp_ptr[r]; e < A.resp_ptr[r + 1]; ++e) {
-          const V p = w * Phi[A.resp_elem[e]];
-          T v = T(0);
-          for (int j = 0; j < NB; ++j) v += p[j];
-          acc[e] += static_cast<double>(v);
-        }
+        if (nb < NB) w *= tail;
+        s[r] += static_cast<double>(Lanes<T, NB>::sum(w));
+        for (int64_t e = A.resp_ptr[r]; e < A.resp_ptr[r + 1]; ++e)
+          acc[e] += static_cast<double>(Lanes<T, NB>::sum(w * Phi[A.resp_elem[e]]));
       }
     }
   }
@@ -289,6 +330,7 @@ void aligned_forward_cpu(const AlignedArgs<T>& A) {
   error.rethrow();
   // merge each group's parts in order
   const int64_t nr = A.n_rows;
+  std::vector<double> acc;
   for (int64_t g = 0; g < A.n_groups; ++g) {
     const auto& qs = G.queries[g];
     for (size_t qi = 0; qi < qs.size(); ++qi) {
@@ -297,7 +339,7 @@ void aligned_forward_cpu(const AlignedArgs<T>& A) {
         double m = -std::numeric_limits<double>::infinity(), s = 0.0;
         int64_t best = -1;
         const int64_t j0 = A.resp_ptr[r], j1 = A.resp_ptr[r + 1];
-        std::vector<double> acc(j1 - j0, 0.0);
+        acc.assign(j1 - j0, 0.0);
         for (size_t p = 0; p < G.parts.size(); ++p) {
           if (G.parts[p].g != g) continue;
           const PartState& P = states[p];
