@@ -1,7 +1,10 @@
 // bindings_cpu.cpp -- the CPU engine's entry points, registered in every module that carries a build of
 // the CPU kernels (_core, and the instruction-set variants _core_avx2, ...; see CMakeLists.txt). Each
 // validates its struct (validate.hpp) before it touches a buffer and releases the GIL while it runs.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+
+#include <string>
 
 #include "bind_contract.hpp"
 #include "patchmosaic/engines.hpp"
@@ -23,6 +26,44 @@ void by_dtype(const Call& c, F32 f32, F64 f64) {
   py::gil_scoped_release nogil;
   if (c.dtype == kFloat32) f32(view<float>(c));
   else f64(view<double>(c));
+}
+
+template <typename T>
+using Array = py::array_t<T, py::array::c_style>;  // no forcecast: a wrong dtype is refused, not copied
+
+template <typename T>
+const T* vector_of(const Array<T>& a, int64_t n, const char* name) {
+  if (a.ndim() != 1 || a.shape(0) != n)
+    throw py::value_error(std::string("wiener_mask: ") + name + " must have shape (" + std::to_string(n) + ",)");
+  return a.data();
+}
+
+// The WienerMaskArgs of Python's arrays, checked (shapes and dtypes; the values are the caller's).
+WienerMaskArgs wiener_args(const py::array& L, const Array<double>& U, const Array<double>& w,
+                           const Array<double>& inv_dd,
+                           const Array<double>& sq, const Array<double>& s, const Array<double>& tail,
+                           const Array<double>& p, const Array<double>& t, double c, int n_threads) {
+  WienerMaskArgs A{};
+  const bool f32 = py::isinstance<Array<float>>(L), f64 = py::isinstance<Array<double>>(L);
+  if (!(f32 || f64) || L.ndim() != 2 || L.shape(0) != L.shape(1) || !(L.flags() & py::array::c_style))
+    throw py::value_error("wiener_mask: L must be a C-contiguous square float32 or float64 array");
+  A.L = L.data();
+  A.f32 = f32;
+  A.D = L.shape(0);
+  if (U.ndim() != 2 || U.shape(0) != A.D) throw py::value_error("wiener_mask: U must have shape (D, r)");
+  A.r = U.shape(1);
+  A.U = U.data();
+  A.w = vector_of(w, A.r, "w");
+  A.inv_dd = vector_of(inv_dd, A.D, "inv_dd");
+  A.sq = vector_of(sq, A.D, "sq");
+  A.s = vector_of(s, A.D, "s");
+  A.tail = vector_of(tail, A.D, "tail");
+  A.p = vector_of(p, A.D, "p");
+  A.t = vector_of(t, A.D, "t");
+  if (!(c >= 0.0)) throw py::value_error("wiener_mask: c must be >= 0");
+  A.c = c;
+  A.n_threads = n_threads;
+  return A;
 }
 
 }  // namespace
@@ -62,6 +103,39 @@ void register_cpu(py::module_& m) {
     validate(c, Pass::kBackward, Engine::kCpu);
     by_dtype(c, aligned_backward_cpu<float>, aligned_backward_cpu<double>);
   }, "Same-position machines, backward pass: grad_query, grad_a, grad_inv_2b2 of an AlignedCall.");
+  m.def("wiener_mask_max", [](const py::array& L, const Array<double>& U, const Array<double>& w,
+                              const Array<double>& inv_dd,
+                              const Array<double>& sq, const Array<double>& s, const Array<double>& tail,
+                              const Array<double>& p, const Array<double>& t, double c, int n_threads) {
+    const WienerMaskArgs A = wiener_args(L, U, w, inv_dd, sq, s, tail, p, t, c, n_threads);
+    int64_t checked = 0;
+    double top;
+    {
+      py::gil_scoped_release nogil;
+      top = wiener_mask_max(A, &checked);
+    }
+    return py::make_tuple(top, checked);
+  }, "PCA-locality: the largest entry of |L| / dd (exact) from an approximate L and its error bound -> (max, "
+     "entries recomputed).");
+  m.def("wiener_mask_rows", [](const py::array& L, const Array<double>& U, const Array<double>& w,
+                               const Array<double>& inv_dd,
+                               const Array<double>& sq, const Array<double>& s, const Array<double>& tail,
+                               const Array<double>& p, const Array<double>& t, double c, double tau, int n_threads) {
+    const WienerMaskArgs A = wiener_args(L, U, w, inv_dd, sq, s, tail, p, t, c, n_threads);
+    std::vector<int64_t> ptr;
+    std::vector<int32_t> elem;
+    int64_t checked = 0;
+    {
+      py::gil_scoped_release nogil;
+      wiener_mask_rows(A, tau, ptr, elem, &checked);
+    }
+    Array<int64_t> ptr_out(static_cast<py::ssize_t>(ptr.size()));
+    Array<int32_t> elem_out(static_cast<py::ssize_t>(elem.size()));
+    std::copy(ptr.begin(), ptr.end(), ptr_out.mutable_data());
+    std::copy(elem.begin(), elem.end(), elem_out.mutable_data());
+    return py::make_tuple(ptr_out, elem_out, checked);
+  }, "PCA-locality: each row's neighbourhood {n : |L[m, n]| / dd[n] >= tau} (exact) as CSR -> (ptr, elem, entries "
+     "recomputed).");
   m.def("max_threads", []() {
 #ifdef _OPENMP
     return omp_get_max_threads();

@@ -105,6 +105,60 @@ def test_equals_the_literal_definition(N, backend, dtype):
     assert np.allclose(m.denoise(x, 0.4).reshape(3, -1)[:, 5], 0.25)
 
 
+def _exact_ratios(L):
+    """|L| / dd in float64 (the diagonal divided by 1 below 1e-6), row m = output element m."""
+    dd = np.diag(L).copy()
+    dd[np.abs(dd) < 1e-6] = 1.0
+    return np.abs(L) / dd[None, :]
+
+
+def test_mask_search_decides_entries_closer_to_the_threshold_than_float32_resolves():
+    """The masks come from a float32 product and its error bound (cpu/wiener_mask.cpp): entries the bound cannot
+    decide are recomputed in float64. A threshold 1e-12 (relative) on either side of an entry -- far below float32
+    resolution, far above float64's -- must put that entry in and out exactly as float64 does; so must the
+    largest entry, and the search must have recomputed some entries to get there."""
+    from patchmosaic.ops import wiener_mask_max, wiener_mask_rows, wiener_masks
+
+    rng = np.random.default_rng(3)
+    U = rng.standard_normal((40, 30))
+    U[7] *= 1e-4  # a row with a small diagonal (its entries divided by it are large)
+    U[11] = 0.0  # a constant element: zero diagonal, divided by 1
+    w = np.logspace(0, -12, 30)  # decreasing shrinkage: the trailing columns are left out of the float32 product
+    L = (U * w) @ U.T
+    A = _exact_ratios(L)
+    Ut = torch.from_numpy(U)
+    args = wiener_masks(Ut, Ut * Ut, Ut.float(), torch.from_numpy(w))
+    assert float(args[6].max()) > 0  # some columns were left out (the bound's tail term)
+    top, _ = wiener_mask_max(args)
+    assert top == pytest.approx(A.max(), rel=1e-14)
+    m, n = 5, 23
+    for factor, inside in ((1 - 1e-12, True), (1 + 1e-12, False)):
+        tau = A[m, n] * factor
+        ptr, elem, checked = wiener_mask_rows(args, tau)
+        got = np.zeros_like(A, dtype=bool)
+        got[np.repeat(np.arange(len(A)), np.diff(ptr)), elem] = True
+        assert np.array_equal(got, A >= tau) and bool(got[m, n]) == inside and checked >= 1
+    # the float64 matrix itself (no error to bound) decides everything, recomputing nothing
+    zero = np.zeros(40)
+    exact = (L, *args[1:6], zero, zero, zero, 0.0, 0)
+    ptr, elem, checked = wiener_mask_rows(exact, A[m, n])
+    assert checked == 0 and len(elem) == int((A >= A[m, n]).sum())
+
+
+def test_mask_search_keeps_float32_products_exact_and_the_user_setting():
+    """A user's reduced float32 matmul precision would break the error bound: the search runs in full precision
+    and leaves the setting as it was."""
+    imgs, _ = data(30)
+    want = literal_mask(imgs, 0.4, 0.05)
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert np.array_equal(pm.PCALocality(imgs, threshold=0.05).mask(0.4).numpy(), want)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
 def test_labels_per_image_times_and_a_call_threshold(dev):  # noqa: F811
     imgs, labels = data(30)
     x = queries(imgs, B=3)

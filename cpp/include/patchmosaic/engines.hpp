@@ -10,6 +10,8 @@
 // and the gradient of a query image is the sum of its rows' patch gradients (the adjoint of the gather).
 #pragma once
 
+#include <vector>
+
 #include "contract.hpp"
 #include "plan.hpp"
 
@@ -26,6 +28,25 @@ template <typename T> void local_forward_multi_cpu(const MultiKArgs<T>& A);
 // the same-position machines (aligned_softmax.cpp): forward (out, stats, provenance) and backward
 template <typename T> void aligned_forward_cpu(const AlignedArgs<T>& A);
 template <typename T> void aligned_backward_cpu(const AlignedArgs<T>& A);
+
+// the PCA-locality machine's masks from an approximate Wiener matrix and a bound on its error (wiener_mask.cpp):
+// row m's neighbourhood is {n : |L[m, n]| inv_dd[n] >= tau}, L = U diag(w) U^T (float64, U D x r), decided from
+// L~ (float32 or float64, D x D) where |L~ - L| <= c sq[m] sq[n] + tail[m] tail[n] + eta, i.e. an error of
+// c sq[m] s[n] + tail[m] p[n] + t[n] in the entry (s = sq inv_dd, p = tail inv_dd, t = eta inv_dd), and recomputed
+// from U and w where the bound cannot decide.
+struct WienerMaskArgs {
+  const void* L;  // L~, row-major D x D
+  bool f32;       // L~ is float32 (else float64)
+  int64_t D, r;
+  const double *U, *w, *inv_dd, *sq, *s, *tail, *p, *t;
+  double c;
+  int n_threads;
+};
+// max over m, n of |L[m, n]| inv_dd[n] (exact); n_checked: the entries recomputed
+double wiener_mask_max(const WienerMaskArgs& A, int64_t* n_checked);
+// the rows' neighbourhoods at threshold tau as CSR (ptr: D + 1 offsets into elem, each row ascending)
+void wiener_mask_rows(const WienerMaskArgs& A, double tau, std::vector<int64_t>& ptr, std::vector<int32_t>& elem,
+                      int64_t* n_checked);
 
 // CUDA twins (cuda/*.cu, built with PATCHMOSAIC_CUDA): `stream` is a cudaStream_t; kernels are enqueued on
 // it. `device`: the CUDA device the buffers and the stream belong to (made current for the call).

@@ -98,7 +98,7 @@ class PCALocality(SamePosition):
         super().__init__(images, labels, xflip=xflip, schedule=schedule, backend=backend, n_threads=n_threads,
                          max_memory=max_memory)
         self.D = self.C * self.H * self.W
-        need = 4 * 8 * self.D * self.D + 8 * self.N * self.D
+        need = 4 * 8 * self.D * self.D + 8 * self.N * self.D + 12 * self.D * min(self.D, self.N)
         check_memory(need, f"PCALocality on {self.N} images of {self.C}x{self.H}x{self.W} (D = {self.D} elements: "
                            f"float64 D x D covariance, eigenvectors and one noise level's matrix, "
                            f"{8 * self.D * self.D / 2**30:.2f} GiB each)", self.max_memory)
@@ -110,8 +110,11 @@ class PCALocality(SamePosition):
             self._lam, self._U = s * s, Vh.T.contiguous()
         else:
             lam, U = torch.linalg.eigh(Xc.T @ Xc / denom)
-            self._lam, self._U = lam.clamp_min(0.0), U
-        self._level = (None, None, None)  # (t, |M|, max |M|) of the latest noise level
+            self._lam, self._U = lam.clamp_min(0.0).flip(0), U.flip(1).contiguous()  # by decreasing variance
+        self._U = self._U.contiguous()
+        self._U2, self._U32 = self._U * self._U, self._U.to(torch.float32)  # for the masks' search
+        self._level = (None, None, None)  # (t, mask search arguments, max |M|) of the latest noise level
+        self._checked = 0  # entries the latest mask search recomputed in float64
         self._tables = {}  # (t, threshold) -> element table tensors
         self._handle = next(_HANDLES)  # its name in _LIVE, for a compiled graph's trace (_warm_table)
         _LIVE[self._handle] = self
@@ -122,32 +125,44 @@ class PCALocality(SamePosition):
         by its diagonal (by 1 where that is below 1e-6 in magnitude); float64 ``(D, D)``, row ``n`` = input
         element, column ``m`` = output element."""
         t = check_time(t)
-        a, b2 = self.schedule.scalar_coefficients(t)
-        a2 = a * a
-        shrink = a2 * self._lam / (b2 + a2 * self._lam)
-        V = self._U * shrink.sqrt()
-        L = V @ V.T  # = U diag(shrink) U^T, exactly symmetric
+        V = self._factor(t)
+        L = V @ V.T  # = U diag(shrink) U^T
         d = torch.diagonal(L).clone()
         d[d.abs() < 1e-6] = 1.0
         return L / d[:, None]
+
+    def _shrink(self, t: float) -> torch.Tensor:
+        """The Wiener filter's shrinkage ``a^2 lam / (b^2 + a^2 lam)`` of each principal direction at time ``t``."""
+        a, b2 = self.schedule.scalar_coefficients(t)
+        a2 = a * a
+        return a2 * self._lam / (b2 + a2 * self._lam)
+
+    def _factor(self, t: float) -> torch.Tensor:
+        """``V = U diag(shrink)^(1/2)`` at time ``t`` (float64 ``(D, r)``): the Wiener matrix is ``V V^T``."""
+        return (self._U * self._shrink(t).sqrt()).contiguous()
 
     def mask(self, t: float, threshold: Optional[float] = None) -> torch.Tensor:
         """The boolean ``(D, D)`` mask at time ``t``: column ``m`` is output element ``m``'s neighbourhood
         (``|M| >= threshold * max |M|``; ``threshold`` None: the machine's)."""
         theta = self.threshold if threshold is None else check_threshold(threshold)
-        absM, top = self._abs_matrix(float(t))
-        return absM >= theta * top
+        hp, he = self.cached_table(check_time(t), theta)[:2]
+        out = torch.zeros((self.D, self.D), dtype=torch.bool)
+        out[he, torch.repeat_interleave(torch.arange(self.D), hp.diff())] = True
+        return out
 
-    def _abs_matrix(self, t: float):
+    def _noise_level(self, t: float):
+        """The arguments of the compiled mask search at time ``t`` (``ops.wiener_masks``), and ``max |M|``."""
         if self._level[0] != t:
             with outside_transforms():  # a cached constant: no torch.func transform may wrap it
-                absM = self.matrix(t).abs()
-                self._level = (t, absM, float(absM.max()))
+                args = ops.wiener_masks(self._U, self._U2, self._U32, self._shrink(t), self.n_threads)
+                top, self._checked = ops.wiener_mask_max(args)
+                self._level = (t, args, top)
         return self._level[1], self._level[2]
 
     def neighbourhood_sizes(self, t: float, threshold: Optional[float] = None) -> torch.Tensor:
         """How many elements each output element's neighbourhood holds at time ``t``: ``(C, H, W)`` int64."""
-        return self.mask(t, threshold).sum(0).reshape(self.C, self.H, self.W)
+        theta = self.threshold if threshold is None else check_threshold(threshold)
+        return self.cached_table(check_time(t), theta)[0].diff().reshape(self.C, self.H, self.W)
 
     def _table(self, t: float, theta: float):
         if torch.compiler.is_compiling():  # constants of the graph, computed (or read) while it is traced
@@ -162,10 +177,12 @@ class PCALocality(SamePosition):
         if key not in self._tables:
             if len(self._tables) > 64:
                 self._tables.clear()
+            args, top = self._noise_level(t)
             with outside_transforms():  # a cached constant: no torch.func transform may wrap it
-                hp, he, hw = ops.dense_table(self.mask(t, theta).T)  # boolean: every weight 1 (no float copy)
+                ptr, elem, self._checked = ops.wiener_mask_rows(args, theta * top)
                 rows = torch.arange(self.D, dtype=torch.int64)
-                self._tables[key] = (hp, he, None, torch.arange(self.D + 1, dtype=torch.int64), rows)
+                self._tables[key] = (torch.from_numpy(ptr), torch.from_numpy(elem).to(torch.int64), None,
+                                     torch.arange(self.D + 1, dtype=torch.int64), rows)
         return self._tables[key]
 
     # ----- calls ---------------------------------------------------------------------------------

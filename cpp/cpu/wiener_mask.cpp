@@ -1,0 +1,140 @@
+// wiener_mask.cpp -- the PCA-locality machine's neighbourhoods (machines/pca_locality.py), exactly, from a cheap
+// approximation of its Wiener matrix L = U diag(w) U^T (U the data's principal directions, float64 D x r, w the
+// noise level's shrinkage).
+//
+// Output element m's neighbourhood is {n : A[m, n] >= tau}, A[m, n] = |L[m, n]| / dd[n] (L is symmetric: row m
+// of L is column m of the row-normalised matrix M), tau = theta * max A. The caller passes an approximation Lt of
+// L (float32: half the time of the float64 product) and a bound on its error,
+//     |Lt[m, n] - L[m, n]| <= c sq[m] sq[n] + tail[m] tail[n] + eta     (sq = sqrt(diag L); tail: of the terms
+//                                                                         left out of Lt, e.g. a low-rank one),
+// so that every entry is decided by the bound where it can be, and recomputed exactly (sum_k U[m, k] w[k] U[n, k]
+// in float64) only where its interval holds the threshold, or may hold the maximum. The result is the mask
+// of the float64 matrix, at the cost of one pass over Lt and a few dot products. With c = eta = 0 (Lt the float64
+// matrix itself) nothing is recomputed.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "patchmosaic/engines.hpp"
+#include "threads.hpp"
+
+namespace patchmosaic {
+namespace {
+
+constexpr int kLanes = 16;  // partial maxima per row (independent lanes: the loop vectorises)
+
+inline double exact_entry(const WienerMaskArgs& A, int64_t m, int64_t n) {
+  const double* __restrict um = A.U + m * A.r;
+  const double* __restrict un = A.U + n * A.r;
+  const double* __restrict w = A.w;
+  double acc = 0.0;
+  for (int64_t k = 0; k < A.r; ++k) acc += um[k] * w[k] * un[k];
+  return std::fabs(acc) * A.inv_dd[n];
+}
+
+// The largest lower bound of row m's entries: max_n (A~[m, n] - err[m, n]).
+template <typename L>
+double row_lower_max(const WienerMaskArgs& A, const L* __restrict row, int64_t m) {
+  double part[kLanes];
+  std::fill(part, part + kLanes, -std::numeric_limits<double>::infinity());
+  const double cm = A.c * A.sq[m], pm = A.tail[m];
+  int64_t n = 0;
+  for (; n + kLanes <= A.D; n += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const double v = std::fabs(static_cast<double>(row[n + j])) * A.inv_dd[n + j] - (cm * A.s[n + j] + pm * A.p[n + j] + A.t[n + j]);
+      part[j] = v > part[j] ? v : part[j];
+    }
+  for (; n < A.D; ++n) {
+    const double v = std::fabs(static_cast<double>(row[n])) * A.inv_dd[n] - (cm * A.s[n] + pm * A.p[n] + A.t[n]);
+    part[0] = v > part[0] ? v : part[0];
+  }
+  return *std::max_element(part, part + kLanes);
+}
+
+template <typename L>
+double mask_max_t(const WienerMaskArgs& A, int64_t* n_checked) {
+  const L* Lt = static_cast<const L*>(A.L);
+  const int64_t D = A.D;
+  const int nt = resolve_threads(A.n_threads, D);
+  std::vector<double> lo(D);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t m = 0; m < D; ++m) lo[m] = row_lower_max(A, Lt + m * D, m);
+  const double bound = D ? *std::max_element(lo.begin(), lo.end()) : 0.0;
+  // every entry whose upper bound reaches the largest lower bound may be the maximum: recomputed exactly
+  std::vector<double> best(D, 0.0);
+  std::vector<int64_t> checked(D, 0);
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 16)
+  for (int64_t m = 0; m < D; ++m) {
+    const L* row = Lt + m * D;
+    const double cm = A.c * A.sq[m], pm = A.tail[m];
+    double b = 0.0;
+    for (int64_t n = 0; n < D; ++n) {
+      const double a = std::fabs(static_cast<double>(row[n])) * A.inv_dd[n];
+      const double e = cm * A.s[n] + pm * A.p[n] + A.t[n];
+      if (a + e < bound) continue;
+      if (e == 0.0) {
+        b = std::max(b, a);
+      } else {
+        b = std::max(b, exact_entry(A, m, n));
+        ++checked[m];
+      }
+    }
+    best[m] = b;
+  }
+  *n_checked = 0;
+  for (int64_t m = 0; m < D; ++m) *n_checked += checked[m];
+  return D ? *std::max_element(best.begin(), best.end()) : 0.0;
+}
+
+template <typename L>
+void mask_rows_t(const WienerMaskArgs& A, double tau, std::vector<int64_t>& ptr, std::vector<int32_t>& elem,
+                 int64_t* n_checked) {
+  const L* Lt = static_cast<const L*>(A.L);
+  const int64_t D = A.D;
+  const int nt = resolve_threads(A.n_threads, D);
+  std::vector<std::vector<int32_t>> rows(D);
+  std::vector<int64_t> checked(D, 0);
+  FirstError error;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 16)
+  for (int64_t m = 0; m < D; ++m) error.run([&] {
+    const L* row = Lt + m * D;
+    const double cm = A.c * A.sq[m], pm = A.tail[m];
+    auto& out = rows[m];
+    for (int64_t n = 0; n < D; ++n) {
+      const double a = std::fabs(static_cast<double>(row[n])) * A.inv_dd[n];
+      const double e = cm * A.s[n] + pm * A.p[n] + A.t[n];
+      if (a + e < tau) continue;  // certainly out (a + e < tau), certainly in (a - e >= tau), else exactly
+      if (a - e < tau) {
+        ++checked[m];
+        if (exact_entry(A, m, n) < tau) continue;
+      }
+      out.push_back(static_cast<int32_t>(n));
+    }
+  });
+  error.rethrow();
+  ptr.assign(D + 1, 0);
+  *n_checked = 0;
+  for (int64_t m = 0; m < D; ++m) {
+    ptr[m + 1] = ptr[m] + static_cast<int64_t>(rows[m].size());
+    *n_checked += checked[m];
+  }
+  elem.resize(ptr[D]);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t m = 0; m < D; ++m) std::copy(rows[m].begin(), rows[m].end(), elem.begin() + ptr[m]);
+}
+
+}  // namespace
+
+double wiener_mask_max(const WienerMaskArgs& A, int64_t* n_checked) {
+  return A.f32 ? mask_max_t<float>(A, n_checked) : mask_max_t<double>(A, n_checked);
+}
+
+void wiener_mask_rows(const WienerMaskArgs& A, double tau, std::vector<int64_t>& ptr, std::vector<int32_t>& elem,
+                      int64_t* n_checked) {
+  if (A.f32) mask_rows_t<float>(A, tau, ptr, elem, n_checked);
+  else mask_rows_t<double>(A, tau, ptr, elem, n_checked);
+}
+
+}  // namespace patchmosaic
