@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "patchmosaic/engines.hpp"
@@ -169,6 +170,47 @@ struct Lanes {
   }
 };
 
+// The 16 x 16 transpose of rows r[0..15] (r[i][l] -> r[l][i]) in registers: four stages that each swap the
+// off-diagonal blocks of side b = 8, 4, 2, 1 between rows i and i + b (two shuffles per pair of rows), instead of
+// 256 scalar stores at a 64-byte stride -- the block copy was a quarter of a small neighbourhood's time.
+template <int b, typename V, size_t... L>
+inline V swap_low(const V& x, const V& y, std::index_sequence<L...>) {
+  return __builtin_shufflevector(x, y, ((L & b) == 0 ? L : kBlock + L - b)...);
+}
+template <int b, typename V, size_t... L>
+inline V swap_high(const V& x, const V& y, std::index_sequence<L...>) {
+  return __builtin_shufflevector(x, y, ((L & b) == 0 ? L + b : kBlock + L)...);
+}
+template <int b, typename V>
+inline void transpose_stage(V* r) {
+  constexpr auto lanes = std::make_index_sequence<kBlock>{};
+  for (int i = 0; i < kBlock; ++i) {
+    if (i & b) continue;
+    const V lo = swap_low<b>(r[i], r[i + b], lanes), hi = swap_high<b>(r[i], r[i + b], lanes);
+    r[i] = lo;
+    r[i + b] = hi;
+  }
+}
+
+// Phi[e][j] = rows[j][e] for e < D: the block's images, transposed (kBlock of them, as kBlock-lane vectors).
+template <typename T>
+inline void transpose_block(const T* const* rows, int64_t D, typename BlockVec<T>::type* __restrict Phi) {
+  using V = typename BlockVec<T>::type;
+  static_assert(kBlock == 16, "the register transpose is written for 16 lanes");
+  int64_t e0 = 0;
+  for (; e0 + kBlock <= D; e0 += kBlock) {
+    V r[kBlock];
+    for (int j = 0; j < kBlock; ++j) __builtin_memcpy(&r[j], rows[j] + e0, sizeof(V));
+    transpose_stage<8>(r);
+    transpose_stage<4>(r);
+    transpose_stage<2>(r);
+    transpose_stage<1>(r);
+    for (int l = 0; l < kBlock; ++l) Phi[e0 + l] = r[l];
+  }
+  for (int j = 0; j < kBlock; ++j)
+    for (int64_t e = e0; e < D; ++e) Phi[e][j] = rows[j][e];
+}
+
 // Whether every weight of the table is 1 (a plain mask: the distance needs no multiplication).
 template <typename T>
 bool unit_weights(const AlignedArgs<T>& A) {
@@ -266,10 +308,9 @@ void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& 
     const int nb = static_cast<int>(std::min<int64_t>(NB, part.i1 - i0));
     V tail;  // 1 for the block's images, 0 for a short block's repeated lanes
     for (int j = 0; j < NB; ++j) tail[j] = j < nb ? T(1) : T(0);
-    for (int j = 0; j < NB; ++j) {  // a short block repeats its first image (its logits are never used)
-      const T* phi = A.train + static_cast<int64_t>(A.grp_img[i0 + (j < nb ? j : 0)]) * D;
-      for (int64_t e = 0; e < D; ++e) Phi[e][j] = phi[e];
-    }
+    const T* rows[NB];  // a short block repeats its first image (its logits are never used)
+    for (int j = 0; j < NB; ++j) rows[j] = A.train + static_cast<int64_t>(A.grp_img[i0 + (j < nb ? j : 0)]) * D;
+    transpose_block<T>(rows, D, Phi.data());
     for (int64_t qi = 0; qi < nq; ++qi) {
       const int64_t b = qs[qi];
       const T* x = A.query + b * D;
