@@ -181,7 +181,7 @@ class PCALocality(SamePosition):
             with outside_transforms():  # a cached constant: no torch.func transform may wrap it
                 ptr, elem, self._checked = ops.wiener_mask_rows(args, theta * top)
                 rows = torch.arange(self.D, dtype=torch.int64)
-                self._tables[key] = (torch.from_numpy(ptr), torch.from_numpy(elem).to(torch.int64), None,
+                self._tables[key] = (torch.from_numpy(ptr), torch.from_numpy(elem), None,
                                      torch.arange(self.D + 1, dtype=torch.int64), rows)
         return self._tables[key]
 

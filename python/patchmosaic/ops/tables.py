@@ -212,7 +212,8 @@ class ElementTable:
                         ("resp_elem", resp_elem)):
             if not torch.is_tensor(t) or t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
                 raise ValueError(f"element table: {name} must be a 1-d integer tensor")
-            arrays.append(t.detach().cpu().numpy().astype(np.int64))
+            v = t.detach().cpu().numpy()
+            arrays.append(v if v.dtype in (np.int32, np.int64) else v.astype(np.int64))  # (no copy of a large table)
         hp, he, rp, re = arrays
         if len(rp) != len(hp):
             raise ValueError("element table: hood_ptr and resp_ptr must have the same rows (one entry per row plus one)")
@@ -222,10 +223,10 @@ class ElementTable:
                                  + (", by at least one per row (every row has a response)" if least else ""))
             if len(vals) and (int(vals.min()) < 0 or int(vals.max()) >= D):
                 raise ValueError(f"element table: {name}_elem holds an element outside 0..{D - 1}")
-        step = np.diff(he)
-        starts = np.zeros(len(he) + 1, bool)
-        starts[hp[:-1]] = True  # (an empty row's start is the next row's)
-        if bool(np.any(step[~starts[1:-1]] <= 0)):
+        rising = he[1:] > he[:-1]
+        bounds = hp[1:-1]
+        rising[bounds[(bounds > 0) & (bounds < len(he))] - 1] = True  # a row's first element follows another row's
+        if not bool(rising.all()):
             raise ValueError("element table: each row's neighbourhood elements must be ascending and distinct")
         w = None
         if hood_weight is not None:
