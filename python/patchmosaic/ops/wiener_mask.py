@@ -52,11 +52,29 @@ def wiener_masks(U: torch.Tensor, U2: torch.Tensor, U32: torch.Tensor, shrink: t
     V32 = U32[:, :keep] * shrink[:keep].sqrt().to(torch.float32)
     V32 = torch.where(V32.abs() < 1e-18, torch.zeros((), dtype=torch.float32), V32)
     with full_float32_products():
-        L32 = V32 @ V32.T
+        L32 = symmetric_product(V32)
     eta = 2.0 * keep * F32_TINY
     sq, tail = d.sqrt(), (rest + keep * 1e-36).sqrt() * 1.01
     return (L32.numpy(), U.numpy(), shrink.numpy(), inv_dd.numpy(), sq.numpy(), (sq * inv_dd).numpy(), tail.numpy(),
             (tail * inv_dd).numpy(), (eta * inv_dd).numpy(), c, int(n_threads))
+
+
+def symmetric_product(V: torch.Tensor) -> torch.Tensor:
+    """``V V^T``, exactly symmetric, from the products of the row blocks on and above the diagonal (``k`` blocks:
+    ``(k + 1) / 2k`` of the full product's work; the blocks below are their transposes): a quarter less time on
+    CIFAR-10's ``3,072 x 3,072``."""
+    D = V.shape[0]
+    k = 4 if D >= 2048 else 2 if D >= 512 else 1
+    if k == 1:
+        return V @ V.T
+    edge = [D * i // k for i in range(k + 1)]
+    L = torch.empty((D, D), dtype=V.dtype)
+    for i in range(k):
+        L[edge[i] : edge[i + 1], edge[i] :] = V[edge[i] : edge[i + 1]] @ V[edge[i] :].T
+    for i in range(k):
+        for j in range(i):
+            L[edge[i] : edge[i + 1], edge[j] : edge[j + 1]] = L[edge[j] : edge[j + 1], edge[i] : edge[i + 1]].T
+    return L
 
 
 class full_float32_products:
