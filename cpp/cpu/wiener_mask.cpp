@@ -29,9 +29,14 @@ inline double exact_entry(const WienerMaskArgs& A, int64_t m, int64_t n) {
   const double* __restrict um = A.U + m * A.r;
   const double* __restrict un = A.U + n * A.r;
   const double* __restrict w = A.w;
-  double acc = 0.0;
-  for (int64_t k = 0; k < A.r; ++k) acc += um[k] * w[k] * un[k];
-  return std::fabs(acc) * A.inv_dd[n];
+  double part[kLanes] = {};  // independent partial sums (the loop vectorises), added by halves
+  int64_t k = 0;
+  for (; k + kLanes <= A.r; k += kLanes)
+    for (int j = 0; j < kLanes; ++j) part[j] += um[k + j] * w[k + j] * un[k + j];
+  for (; k < A.r; ++k) part[0] += um[k] * w[k] * un[k];
+  for (int h = kLanes / 2; h > 0; h /= 2)
+    for (int j = 0; j < h; ++j) part[j] += part[j + h];
+  return std::fabs(part[0]) * A.inv_dd[n];
 }
 
 // The largest lower bound of row m's entries: max_n (A~[m, n] - err[m, n]).
