@@ -112,12 +112,16 @@ def _exact_ratios(L):
     return np.abs(L) / dd[None, :]
 
 
-def test_mask_search_decides_entries_closer_to_the_threshold_than_float32_resolves():
+@pytest.mark.parametrize("chunk", [2048, 8], ids=["one-product", "chunked"])
+def test_mask_search_decides_entries_closer_to_the_threshold_than_float32_resolves(chunk, monkeypatch):
     """The masks come from a float32 product and its error bound (cpu/wiener_mask.cpp): entries the bound cannot
     decide are recomputed in float64. A threshold 1e-12 (relative) on either side of an entry -- far below float32
     resolution, far above float64's -- must put that entry in and out exactly as float64 does; so must the
-    largest entry, and the search must have recomputed some entries to get there."""
-    from patchmosaic.ops import wiener_mask_max, wiener_mask_rows, wiener_masks
+    largest entry, and the search must have recomputed some entries to get there. Also with the columns in
+    float32 products of ``chunk`` each, summed in float64 (the path of long products, r > 2048)."""
+    from patchmosaic.ops import wiener_mask, wiener_mask_max, wiener_mask_rows, wiener_masks
+
+    monkeypatch.setattr(wiener_mask, "CHUNK", chunk)
 
     rng = np.random.default_rng(3)
     U = rng.standard_normal((40, 30))
@@ -129,6 +133,7 @@ def test_mask_search_decides_entries_closer_to_the_threshold_than_float32_resolv
     Ut = torch.from_numpy(U)
     args = wiener_masks(Ut, Ut * Ut, Ut.float(), torch.from_numpy(w))
     assert float(args[6].max()) > 0  # some columns were left out (the bound's tail term)
+    assert args[0].dtype == (np.float64 if chunk < 30 else np.float32)
     top, _ = wiener_mask_max(args)
     assert top == pytest.approx(A.max(), rel=1e-14)
     m, n = 5, 23

@@ -17,6 +17,7 @@ F32_TINY = 2.0 ** -126  # smallest normal float32
 
 
 TAIL_BLOCK = 32  # trailing columns tried at a time when the float32 product leaves some out
+CHUNK = 2048  # columns per float32 product when there are more (each product's error bound grows with its length)
 
 
 def wiener_masks(U: torch.Tensor, U2: torch.Tensor, U32: torch.Tensor, shrink: torch.Tensor, n_threads: int = 0):
@@ -28,8 +29,8 @@ def wiener_masks(U: torch.Tensor, U2: torch.Tensor, U32: torch.Tensor, shrink: t
         |L32 - L| <= c sqrt(L_mm L_nn) + tail_m tail_n + eta
 
     -- ``c``: rounding ``V = U diag(w)^(1/2)`` to float32 (three roundings per entry, ``6u`` in a product), then
-    float32 dot products of ``r'`` terms (``gamma_r' = r' u / (1 - r' u)``) times ``sum_k |V_mk V_nk| <=
-    sqrt(L_mm L_nn)``; ``tail_m``: the norm of row ``m``'s part left out (trailing columns, dropped while that costs
+    float32 dot products of ``r'`` terms (``gamma_r' = r' u / (1 - r' u)``; beyond :data:`CHUNK` columns, products of
+    ``CHUNK`` columns summed in float64: ``gamma_CHUNK``) times ``sum_k |V_mk V_nk| <= sqrt(L_mm L_nn)``; ``tail_m``: the norm of row ``m``'s part left out (trailing columns, dropped while that costs
     each row at most the rounding's error, and entries below ``1e-18``, whose products would be float32 denormals);
     ``eta``: underflow. Each row's diagonal is divided by 1 below 1e-6. Returns ``(L32, U, w, inv_dd, sq, s, tail,
     p, t, c, n_threads)`` (numpy arrays and numbers)."""
@@ -39,7 +40,8 @@ def wiener_masks(U: torch.Tensor, U2: torch.Tensor, U32: torch.Tensor, shrink: t
     dd[dd.abs() < 1e-6] = 1.0
     inv_dd = 1.0 / dd
     u = F32_UNIT
-    c = 1.01 * (6.1 * u + r * u / (1 - r * u) * (1 + 3.1 * u) ** 2)
+    span = min(r, CHUNK)  # the float32 dot products' length: chunks of columns, summed in float64 when r is larger
+    c = 1.01 * (6.1 * u + span * u / (1 - span * u) * (1 + 3.1 * u) ** 2 + (r // CHUNK + 1) * 2.0 ** -52)
     limit = (c * c) * d
     rest = torch.zeros(D, dtype=torch.float64)  # the squared norm of each row's dropped columns
     keep = r
@@ -52,7 +54,12 @@ def wiener_masks(U: torch.Tensor, U2: torch.Tensor, U32: torch.Tensor, shrink: t
     V32 = U32[:, :keep] * shrink[:keep].sqrt().to(torch.float32)
     V32 = torch.where(V32.abs() < 1e-18, torch.zeros((), dtype=torch.float32), V32)
     with full_float32_products():
-        L32 = symmetric_product(V32)
+        if keep <= CHUNK:
+            L32 = symmetric_product(V32)
+        else:  # float32 products of CHUNK columns each, summed in float64: a bound CHUNK / r times as tight
+            L32 = torch.zeros((D, D), dtype=torch.float64)
+            for k0 in range(0, keep, CHUNK):
+                L32 += symmetric_product(V32[:, k0 : k0 + CHUNK].contiguous())
     eta = 2.0 * keep * F32_TINY
     sq, tail = d.sqrt(), (rest + keep * 1e-36).sqrt() * 1.01
     return (L32.numpy(), U.numpy(), shrink.numpy(), inv_dd.numpy(), sq.numpy(), (sq * inv_dd).numpy(), tail.numpy(),
