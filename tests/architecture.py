@@ -104,7 +104,8 @@ def cycles(pairs) -> List[List[str]]:
     return found
 
 
-TORCH_TENSOR_MEMBERS = {"_version"}  # torch.Tensor's in-place version counter (no public name; torch's own checks read it)
+# torch.Tensor's in-place version counter (no public name; torch's own checks read it)
+TORCH_TENSOR_MEMBERS = {"_version"}
 
 
 def private_reaches() -> List[str]:

@@ -20,7 +20,8 @@ from .wiener_mask import wiener_mask_max, wiener_mask_rows, wiener_masks
 from .aligned import (aligned_softmax, aligned_softmax_backward, composite, dense_table, patch_table,
                       response_count, window_table)
 
-__all__ = ["wiener_masks", "wiener_mask_max", "wiener_mask_rows", "aligned_softmax", "aligned_softmax_backward", "composite", "dense_table", "patch_table",
+__all__ = ["wiener_masks", "wiener_mask_max", "wiener_mask_rows",
+           "aligned_softmax", "aligned_softmax_backward", "composite", "dense_table", "patch_table",
            "window_table", "response_count", "gaussian_mask", "ElementTable", "SoftmaxState", "local_softmax",
            "local_softmax_ks", "MultiKeySet", "local_softmax_backward", "ideal_softmax", "ideal_softmax_backward",
            "candidate_softmax", "KeySet", "csr_keyset", "MAX_MULTI_K", "ZEROS", "CIRCULAR", "LabelIndex", "Groups",

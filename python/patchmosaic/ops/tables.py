@@ -213,7 +213,7 @@ class ElementTable:
             if not torch.is_tensor(t) or t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
                 raise ValueError(f"element table: {name} must be a 1-d integer tensor")
             v = t.detach().cpu().numpy()
-            arrays.append(v if v.dtype in (np.int32, np.int64) else v.astype(np.int64))  # (no copy of a large table)
+            arrays.append(v if v.dtype in (np.int32, np.int64) else v.astype(np.int64))  # no copy of a large table
         hp, he, rp, re = arrays
         if len(rp) != len(hp):
             raise ValueError("element table: hood_ptr and resp_ptr must have the same rows (one entry per row plus one)")

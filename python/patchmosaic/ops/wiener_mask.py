@@ -29,10 +29,11 @@ def wiener_masks(U: torch.Tensor, U2: torch.Tensor, U32: torch.Tensor, shrink: t
         |L32 - L| <= c sqrt(L_mm L_nn) + tail_m tail_n + eta
 
     -- ``c``: rounding ``V = U diag(w)^(1/2)`` to float32 (three roundings per entry, ``6u`` in a product), then
-    float32 dot products of ``r'`` terms (``gamma_r' = r' u / (1 - r' u)``; beyond :data:`CHUNK` columns, products of
-    ``CHUNK`` columns summed in float64: ``gamma_CHUNK``) times ``sum_k |V_mk V_nk| <= sqrt(L_mm L_nn)``; ``tail_m``: the norm of row ``m``'s part left out (trailing columns, dropped while that costs
-    each row at most the rounding's error, and entries below ``1e-18``, whose products would be float32 denormals);
-    ``eta``: underflow. Each row's diagonal is divided by 1 below 1e-6. Returns ``(L32, U, w, inv_dd, sq, s, tail,
+    float32 dot products of ``r'`` terms (``gamma_r' = r' u / (1 - r' u)``; beyond :data:`CHUNK` columns, products
+    of ``CHUNK`` columns summed in float64: ``gamma_CHUNK``) times ``sum_k |V_mk V_nk| <= sqrt(L_mm L_nn)``;
+    ``tail_m``: the norm of row ``m``'s part left out (trailing columns, dropped while that costs each row at most
+    the rounding's error, and entries below ``1e-18``, whose products would be float32 denormals); ``eta``:
+    underflow. Each row's diagonal is divided by 1 below 1e-6. Returns ``(L32, U, w, inv_dd, sq, s, tail,
     p, t, c, n_threads)`` (numpy arrays and numbers)."""
     D, r = U.shape
     d = U2 @ shrink  # the diagonal of L, float64
