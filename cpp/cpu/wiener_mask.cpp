@@ -39,45 +39,52 @@ inline double exact_entry(const WienerMaskArgs& A, int64_t m, int64_t n) {
   return std::fabs(part[0]) * A.inv_dd[n];
 }
 
+// Row m of the approximation, read entry by entry: the approximate value a = |L~[m, n]| / dd[n] and the bound e on
+// its error (the terms of row m computed once).
+template <typename L>
+struct RowBound {
+  const WienerMaskArgs& A;
+  const L* __restrict row;
+  double cm, pm;
+  RowBound(const WienerMaskArgs& args, int64_t m)
+      : A(args), row(static_cast<const L*>(args.L) + m * args.D), cm(args.c * args.sq[m]), pm(args.tail[m]) {}
+  inline double value(int64_t n) const { return std::fabs(static_cast<double>(row[n])) * A.inv_dd[n]; }
+  inline double error(int64_t n) const { return cm * A.s[n] + pm * A.p[n] + A.t[n]; }
+};
+
 // The largest lower bound of row m's entries: max_n (A~[m, n] - err[m, n]).
 template <typename L>
-double row_lower_max(const WienerMaskArgs& A, const L* __restrict row, int64_t m) {
+double row_lower_max(const RowBound<L>& R) {
   double part[kLanes];
   std::fill(part, part + kLanes, -std::numeric_limits<double>::infinity());
-  const double cm = A.c * A.sq[m], pm = A.tail[m];
+  const int64_t D = R.A.D;
   int64_t n = 0;
-  for (; n + kLanes <= A.D; n += kLanes)
+  for (; n + kLanes <= D; n += kLanes)
     for (int j = 0; j < kLanes; ++j) {
-      const double v = std::fabs(static_cast<double>(row[n + j])) * A.inv_dd[n + j] - (cm * A.s[n + j] + pm * A.p[n + j] + A.t[n + j]);
+      const double v = R.value(n + j) - R.error(n + j);
       part[j] = v > part[j] ? v : part[j];
     }
-  for (; n < A.D; ++n) {
-    const double v = std::fabs(static_cast<double>(row[n])) * A.inv_dd[n] - (cm * A.s[n] + pm * A.p[n] + A.t[n]);
-    part[0] = v > part[0] ? v : part[0];
-  }
+  for (; n < D; ++n) part[0] = std::max(part[0], R.value(n) - R.error(n));
   return *std::max_element(part, part + kLanes);
 }
 
 template <typename L>
 double mask_max_t(const WienerMaskArgs& A, int64_t* n_checked) {
-  const L* Lt = static_cast<const L*>(A.L);
   const int64_t D = A.D;
   const int nt = resolve_threads(A.n_threads, D);
   std::vector<double> lo(D);
 #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t m = 0; m < D; ++m) lo[m] = row_lower_max(A, Lt + m * D, m);
+  for (int64_t m = 0; m < D; ++m) lo[m] = row_lower_max(RowBound<L>(A, m));
   const double bound = D ? *std::max_element(lo.begin(), lo.end()) : 0.0;
   // every entry whose upper bound reaches the largest lower bound may be the maximum: recomputed exactly
   std::vector<double> best(D, 0.0);
   std::vector<int64_t> checked(D, 0);
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 16)
   for (int64_t m = 0; m < D; ++m) {
-    const L* row = Lt + m * D;
-    const double cm = A.c * A.sq[m], pm = A.tail[m];
+    const RowBound<L> R(A, m);
     double b = 0.0;
     for (int64_t n = 0; n < D; ++n) {
-      const double a = std::fabs(static_cast<double>(row[n])) * A.inv_dd[n];
-      const double e = cm * A.s[n] + pm * A.p[n] + A.t[n];
+      const double a = R.value(n), e = R.error(n);
       if (a + e < bound) continue;
       if (e == 0.0) {
         b = std::max(b, a);
@@ -96,7 +103,6 @@ double mask_max_t(const WienerMaskArgs& A, int64_t* n_checked) {
 template <typename L>
 void mask_rows_t(const WienerMaskArgs& A, double tau, std::vector<int64_t>& ptr, std::vector<int32_t>& elem,
                  int64_t* n_checked) {
-  const L* Lt = static_cast<const L*>(A.L);
   const int64_t D = A.D;
   const int nt = resolve_threads(A.n_threads, D);
   std::vector<std::vector<int32_t>> rows(D);
@@ -104,12 +110,10 @@ void mask_rows_t(const WienerMaskArgs& A, double tau, std::vector<int64_t>& ptr,
   FirstError error;
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 16)
   for (int64_t m = 0; m < D; ++m) error.run([&] {
-    const L* row = Lt + m * D;
-    const double cm = A.c * A.sq[m], pm = A.tail[m];
+    const RowBound<L> R(A, m);
     auto& out = rows[m];
     for (int64_t n = 0; n < D; ++n) {
-      const double a = std::fabs(static_cast<double>(row[n])) * A.inv_dd[n];
-      const double e = cm * A.s[n] + pm * A.p[n] + A.t[n];
+      const double a = R.value(n), e = R.error(n);
       if (a + e < tau) continue;  // certainly out (a + e < tau), certainly in (a - e >= tau), else exactly
       if (a - e < tau) {
         ++checked[m];

@@ -14,8 +14,6 @@ from . import engines
 
 F32_UNIT = 2.0 ** -24  # float32 unit roundoff
 F32_TINY = 2.0 ** -126  # smallest normal float32
-
-
 TAIL_BLOCK = 32  # trailing columns tried at a time when the float32 product leaves some out
 CHUNK = 2048  # columns per float32 product when there are more (each product's error bound grows with its length)
 
@@ -99,8 +97,6 @@ class full_float32_products:
         if self._old != "highest":
             torch.set_float32_matmul_precision(self._old)
         return False
-
-
 
 
 def wiener_mask_max(args) -> Tuple[float, int]:
