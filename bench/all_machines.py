@@ -55,13 +55,15 @@ from patchmosaic.networks import load_network  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MACHINES = ["IS", "LS", "ELS", "Wiener", "DataLocal", "PCA", "PCA-cal", "PSPC", "PSPC-pub", "Flex", "FPMC", "Blend",
-            "Blend-DL", "Blend-3"]
+            "Blend-DL", "Blend-3", "Blend-F"]
 SHORT = {"cifar10k_resnet_zeros_cond": "CIFAR ResNet", "fmnist20k_resnet_zeros_cond": "FMNIST ResNet",
          "mnist_resnet_zeros": "MNIST ResNet", "mnist_resnet_circular": "MNIST circ.", "mnist_unet_zeros": "MNIST UNet",
          "cifar10k_unet_zeros_cond": "CIFAR UNet", "cifar10k_unet_attn_zeros_cond": "CIFAR attn"}
 CALIBRATED = ["LS", "ELS", "DataLocal", "PCA-cal", "PSPC", "FPMC"]
-# the blends: calibrated ELS and a second machine; Blend-3: Blend-DL and the Wiener filter (a blend of a blend)
-BLENDS = {"Blend": ("ELS", "Wiener"), "Blend-DL": ("ELS", "DataLocal"), "Blend-3": ("Blend-DL", "Wiener")}
+# the blends: calibrated ELS and a second machine; Blend-3: Blend-DL and the Wiener filter (a blend of a blend);
+# Blend-F: the FPMC variant (ELS with a soft window and the mirrored source) and the Wiener filter
+BLENDS = {"Blend": ("ELS", "Wiener"), "Blend-DL": ("ELS", "DataLocal"), "Blend-3": ("Blend-DL", "Wiener"),
+          "Blend-F": ("FPMC", "Wiener")}
 PCA_THRESHOLD = {"cifar": 0.05, "mnist": 0.005, "fmnist": 0.005}  # the published (Analytic Diffusion Studio) settings
 DEFAULT_FPMC = "els+soft=0.5+xflip"  # the best of bench/fpmc_explore.py on the MNIST and CIFAR-10 ResNets
 
@@ -117,8 +119,17 @@ def run_network(name: str, args) -> dict:
     n = len(everything) if args.limit is None else min(args.limit, len(everything))
     images, labels = everything[:n], (all_labels[:n] if cond else None)
     ref = np.load(os.path.join(card_dir, "ddim20_samples.npz"))
-    seeds = torch.from_numpy(ref["seeds"][: args.seeds])
-    ylab = torch.from_numpy(ref["labels"][: args.seeds]) if cond else None
+    if args.first_seed + args.seeds > len(ref["seeds"]):
+        raise SystemExit(f"{name}: --first-seed {args.first_seed} --seeds {args.seeds} asks for more than the "
+                         f"{len(ref['seeds'])} reference seeds")
+    # calibration on the first --calib-seeds reference seeds, comparison on --seeds of them from --first-seed
+    cal_seeds = torch.from_numpy(ref["seeds"][: args.calib_seeds])
+    cal_lab = torch.from_numpy(ref["labels"][: args.calib_seeds]) if cond else None
+    chosen = slice(args.first_seed, args.first_seed + args.seeds)
+    seeds = torch.from_numpy(ref["seeds"][chosen])
+    ylab = torch.from_numpy(ref["labels"][chosen]) if cond else None
+    cal_dir = os.path.join(args.calibration_dir, name) if args.calibration_dir else out
+    os.makedirs(cal_dir, exist_ok=True)
     net = NetworkDenoiser(load_network(os.path.join(card_dir, "model.pt")))
     boundary = "circular" if padding == "circular" else "zeros"
     t0 = time.perf_counter()
@@ -132,6 +143,8 @@ def run_network(name: str, args) -> dict:
     build_s = time.perf_counter() - t0
     settings = {"train_images": n, "statistics_images": len(everything), "seeds": args.seeds,
                 "calib_seeds": args.calib_seeds, "k_max": args.k_max}
+    if args.first_seed:
+        settings["first_seed"] = args.first_seed
     schedules, cal_seconds = {}, {}
     blends = {b for b in BLENDS if b in wanted}
     for b in reversed(BLENDS):  # a blend's parts come before it in BLENDS: one backward pass adds the blends among them
@@ -140,7 +153,7 @@ def run_network(name: str, args) -> dict:
     parts = {p for b in blends for p in BLENDS[b]}  # the machines the blends need, calibrated first
     for m in [m for m in CALIBRATED if m in wanted or m in parts]:
         label = m if m != "FPMC" else "FPMC-" + args.fpmc
-        path = os.path.join(out, f"calibration_{safe_name(label)}.json")
+        path = os.path.join(cal_dir, f"calibration_{safe_name(label)}.json")
         cands = list(range(3, args.k_max + 1, 2)) + [min(images.shape[-2:])] if m == "PSPC" or \
             (m == "FPMC" and fpmc["base"] == "pspc") else None
         if os.path.exists(path):
@@ -151,9 +164,9 @@ def run_network(name: str, args) -> dict:
                 cal_seconds[m] = c.get("seconds")
                 continue
         t0 = time.perf_counter()
-        c = calibrate(net, local[m], seeds[: args.calib_seeds], None if ylab is None else ylab[: args.calib_seeds],
+        c = calibrate(net, local[m], cal_seeds, cal_lab,
                       candidates=cands, k_max=None if local[m].parameter == "threshold" else args.k_max,
-                      state=os.path.join(out, f"calibration_{safe_name(label)}.state.npz"), run_id=name,
+                      state=os.path.join(cal_dir, f"calibration_{safe_name(label)}.state.npz"), run_id=name,
                       progress=not args.quiet)
         cal_seconds[m] = round(time.perf_counter() - t0, 1)
         c.to_json(path, network=name, machine=label, settings=calibration_settings(settings), seconds=cal_seconds[m],
@@ -167,8 +180,8 @@ def run_network(name: str, args) -> dict:
             MachineDenoiser(local[m], schedules[m])
 
     for b in [b for b in BLENDS if b in blends]:  # in BLENDS' order: a blend after the blends it is made of
-        schedules[b], cal_seconds[b] = blend_weights(name, b, net, *map(denoiser, BLENDS[b]), seeds, ylab, out,
-                                                     settings, args)
+        schedules[b], cal_seconds[b] = blend_weights(name, b, net, *map(denoiser, BLENDS[b]), cal_seeds, cal_lab,
+                                                     cal_dir, settings, args)
     published_p = pm.kschedule.published_schedule("square", steps=20, max_size=min(images.shape[-2:]))
     published_tau = pm.kschedule.published_schedule("flex", steps=20)
     heat_info = None
@@ -230,10 +243,10 @@ def run_network(name: str, args) -> dict:
     return {m: rep["summary"][key[m]] for m in MACHINES if key[m] in rep["summary"]}
 
 
-def blend_weights(name, blend, net, first, second, seeds, ylab, out, settings, args):
+def blend_weights(name, blend, net, first, second, cal_seeds, cal_lab, out, settings, args):
     """A blend's weight schedule: the weight of its first machine (calibrated ELS) against its second, calibrated per
     step on the calibration seeds (``pm.calibrate_blend``, candidates 0, 0.1, ..., 1), cached in
-    ``calibration_<blend>.json`` (with the parts' descriptions); and the seconds it took."""
+    ``calibration_<blend>.json`` under ``out`` (with the parts' descriptions); and the seconds it took."""
     path = os.path.join(out, f"calibration_{blend}.json")
     parts = {"first": first.describe(), "second": second.describe()}
     parts_key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
@@ -243,8 +256,7 @@ def blend_weights(name, blend, net, first, second, seeds, ylab, out, settings, a
                 c.get("parts") == parts_key:
             return pm.WeightSchedule.from_json(path), c.get("seconds")
     t0 = time.perf_counter()
-    c = pm.calibrate_blend(net, first, second, seeds[: args.calib_seeds],
-                           None if ylab is None else ylab[: args.calib_seeds], run_id=name,
+    c = pm.calibrate_blend(net, first, second, cal_seeds, cal_lab, run_id=name,
                            state=os.path.join(out, f"calibration_{blend}.state.npz"), progress=not args.quiet)
     seconds = round(time.perf_counter() - t0, 1)
     c.to_json(path, network=name, machine=f"{blend}: " + " + ".join(BLENDS[blend]),
@@ -329,8 +341,8 @@ def flex_heatmaps(name, net, images, labels, taus, out, args):
 
 
 def calibration_settings(settings: dict) -> dict:
-    """What a calibration depends on: everything but the number of comparison seeds."""
-    return {k: v for k, v in settings.items() if k != "seeds"}
+    """What a calibration depends on: everything but the comparison seeds (how many, and the first)."""
+    return {k: v for k, v in settings.items() if k not in ("seeds", "first_seed")}
 
 
 def collect(out_dir: str) -> list:
@@ -434,10 +446,10 @@ def grid_all(rows, out_dir, seeds_per_net: int = 2):
     return comparison_grid(rows_img, list(cols), columns=labels)
 
 
-def write_md(path: str, block: str) -> None:
+def write_md(path: str, block: str, marker: str = "all-machines") -> None:
     if not os.path.exists(path):
         raise SystemExit(f"--md {path}: no such file")
-    write_block(path, "all-machines", block, append=False)
+    write_block(path, marker, block, append=False)
 
 
 def main():
@@ -445,6 +457,10 @@ def main():
     p.add_argument("--networks", default="all", help="comma-separated names, or all")
     p.add_argument("--limit", type=int, default=2000, help="training images of the softmax machines")
     p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--first-seed", type=int, default=0, help="the comparison's first reference seed (its index); "
+                   "32 with --seeds 32: a held-out replication on seeds no calibration or choice has seen")
+    p.add_argument("--calibration-dir", default=None, help="read (and write) the calibrations here, one folder per "
+                   "network, instead of under --out: a held-out run reuses the main run's")
     p.add_argument("--calib-seeds", type=int, default=2)
     p.add_argument("--k-max", type=int, default=15)
     p.add_argument("--batch", type=int, default=8)
@@ -474,15 +490,22 @@ def main():
             run_network(n, args)
             print(f"{n}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     rows = collect(args.out)
+    held_out = f" --first-seed {args.first_seed} --out {os.path.relpath(args.out)}" + \
+        (f" --calibration-dir {os.path.relpath(args.calibration_dir)}" if args.calibration_dir else "") \
+        if args.first_seed else ""
     block = table(rows) + f"\n\n(`python bench/all_machines.py --networks {args.networks} --limit {args.limit} --seeds {args.seeds} " \
         f"--calib-seeds {args.calib_seeds} --k-max {args.k_max} --fpmc {args.fpmc} --heatmap-samples " \
-        f"{args.heatmap_samples} --heatmap-every {args.heatmap_every}`; {time.strftime('%Y-%m-%d')}; {machine_line()})"
+        f"{args.heatmap_samples} --heatmap-every {args.heatmap_every}{held_out}`; {time.strftime('%Y-%m-%d')}; " \
+        f"{machine_line()})"
     print(block)
     picture = grid_all(rows, args.out) if rows else None
     if picture is not None:
         save_figure(picture, os.path.join(args.out, "grid_all.png"))
-    for md in args.md or [os.path.join(HERE, "RESULTS.md"), os.path.join(HERE, "..", "README.md")]:
-        write_md(md, block)
+    # a held-out replication has its own block (RESULTS only); the main table goes to RESULTS and the README
+    marker = "all-machines-heldout" if args.first_seed else "all-machines"
+    default_md = [os.path.join(HERE, "RESULTS.md")] + ([] if args.first_seed else [os.path.join(HERE, "..", "README.md")])
+    for md in args.md or default_md:
+        write_md(md, block, marker)
 
 
 if __name__ == "__main__":
