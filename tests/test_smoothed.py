@@ -99,3 +99,58 @@ def test_bad_input_is_refused():
         m.denoise(np.zeros((1, C, H, W)), 0.0)
     with pytest.raises(pm.ResourceError):
         pm.SmoothedCFDM(imgs, samples=10, max_memory=10_000).check_request((64, C, H, W))
+
+
+def test_weighted_means_gathers_only_the_kept_images_when_few(monkeypatch):
+    """A weight below e^-60 of its row's largest is left out; when the images some row keeps are at most a tenth
+    of them, the means are taken over those alone (an image no row keeps is never read: a NaN there stays out), else
+    over every image; both equal the softmax means to float64 rounding, and logits spread far beyond the denormal
+    range (-708) are no problem for either."""
+    from patchmosaic.machines import smoothed
+
+    rng = np.random.default_rng(6)
+    R, D, n = 3, 7, 50
+    XT = torch.from_numpy(rng.uniform(-1, 1, (D, n)))
+    logits = torch.from_numpy(rng.uniform(-5000, -1000, (R, n)))
+    logits[:, :3] = torch.from_numpy(rng.uniform(-3, 0, (R, 3)))  # three images carry every row's weight
+    want = (torch.softmax(logits, 1) @ XT.T)
+    assert torch.allclose(smoothed.weighted_means(logits, XT), want, rtol=0, atol=1e-14)
+    poisoned = XT.clone()
+    poisoned[:, 10] = float("nan")
+    assert torch.isfinite(smoothed.weighted_means(logits, poisoned)).all()  # gathered: column 10 never read
+    monkeypatch.setattr(smoothed, "SPARSE", -1.0)  # every image
+    assert torch.allclose(smoothed.weighted_means(logits, XT), want, rtol=0, atol=1e-14)
+    assert torch.isnan(smoothed.weighted_means(logits, poisoned)).all()
+    # rows whose kept images differ: the union is gathered, each row's own weights used
+    logits2 = logits.clone()
+    logits2[1, :3] -= 200.0
+    logits2[1, 20] = 0.0
+    monkeypatch.setattr(smoothed, "SPARSE", 0.1)
+    assert torch.allclose(smoothed.weighted_means(logits2, XT), torch.softmax(logits2, 1) @ XT.T, rtol=0, atol=1e-14)
+
+
+def test_low_noise_on_many_images_equals_the_literal():
+    """At low noise the draws keep 2 of 300 images of 8 x 8 pixels (the gathered means, spied on): still the
+    literal's output to 1e-9."""
+    from patchmosaic.machines import smoothed
+
+    rng = np.random.default_rng(8)
+    imgs = rng.uniform(-1, 1, (300, 1, 8, 8))
+    t = np.array([0.05, 0.2])
+    a, b2 = coefficients(t)
+    x = a[:, None, None, None] * imgs[[4, 9]] + np.sqrt(b2)[:, None, None, None] * rng.standard_normal((2, 1, 8, 8))
+    m = pm.SmoothedCFDM(imgs, smoothing=0.05, samples=4, seed=1)
+    kept = []
+    means = smoothed.weighted_means
+
+    def spy(logits, XT):
+        kept.append(int((logits - logits.amax(1, keepdim=True) >= -smoothed.CUT).any(0).sum()))
+        return means(logits, XT)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(smoothed, "weighted_means", spy)
+        got = m.denoise(x, t)
+    assert kept and kept[0] <= smoothed.SPARSE * len(imgs)
+    eps = m.noise(m.call_times(t, 2), x.shape).numpy()
+    want = literal(imgs, x, a, b2, eps, np.full(2, 0.05))
+    assert np.abs(got - want).max() <= 1e-9

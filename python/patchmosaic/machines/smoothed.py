@@ -10,7 +10,9 @@ Gaussian-perturbed logits), so it is a Monte Carlo average over ``M`` draws; eac
 over all training images (the Studio's takes a FAISS top-200 of each perturbed query). The draws share the
 images: one float64 product of the perturbed queries with the images gives every distance by expansion (exact to
 float64 rounding: the terms are of the order of the data, not of their differences), another the weighted means,
-on the device of the query; autograd differentiates them. The draws are seeded: a call's noise is
+on the device of the query; autograd differentiates them. Weights below e^-60 of a draw's largest are left out
+(below float64 rounding, and no exp among the denormals); where the draws keep few images, as at all but the
+highest noise levels, the means are taken over those alone. The draws are seeded: a call's noise is
 a function of the machine's seed, the call's time and the query's shape, so the same call gives the same result.
 
 ``s`` is constant in the variance-preserving coordinates of the project (``coordinates="vp"``, as the Studio's
@@ -30,6 +32,30 @@ from .. import ops
 from ..schedules import ScheduleLike
 from ..validation import check_memory, outside_transforms
 from .base import BACKEND_ARG, CALL_ARGS, DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, Machine, docstring
+
+
+# A weight below e^-60 of its row's largest (each under 1e-26 of it: N of them below float64 rounding for any N under
+# 10^9) is left out, so that no exp lands among the denormals (below e^-708: 50-100x slower on a CPU)
+CUT = 60.0
+# the means over the images some draw keeps, gathered, when they are at most this share of the images (at all but
+# the highest noise levels a draw keeps a few of them: one product with every image instead of two)
+SPARSE = 0.1
+
+
+def weighted_means(logits: torch.Tensor, XT: torch.Tensor) -> torch.Tensor:
+    """Softmax-weighted means of the images ``XT`` (``(D, N)``) by the rows of ``logits`` (``(R, N)``): ``(R, D)``,
+    the weights below e^-CUT of a row's largest left out. Eager and outside the ``torch.func`` transforms, the means
+    are taken over the images that some row keeps when they are few (a gather: its size depends on the values); the
+    same function either way, differentiable in both."""
+    d = logits - logits.amax(1, keepdim=True).detach()
+    keep = d >= -CUT
+    if not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(d):
+        cols = keep.any(0).nonzero().squeeze(1)
+        if cols.numel() <= SPARSE * d.shape[1]:
+            w = torch.where(keep[:, cols], d[:, cols], float("-inf")).exp()
+            return (w @ XT[:, cols].T) / w.sum(1, keepdim=True)
+    w = torch.where(keep, d, float("-inf")).exp()
+    return (XT @ w.T).T / w.sum(1, keepdim=True)
 
 
 class SmoothedCFDM(Machine):
@@ -111,15 +137,15 @@ class SmoothedCFDM(Machine):
         xs = (xt.to(torch.float64)[None] + s.to(dev).reshape(1, B, 1, 1, 1) * eps).reshape(M * B, -1)
         XT, sq = self._images64(dev)
         aa, inv = a.to(dev).repeat(M), (inv_2b2.to(dev) / self.temperature).repeat(M)
-        # every draw's distance to every image by expansion, in float64 (one product of the perturbed queries with
-        # the images: |q|^2 - 2 a <q, phi> + a^2 |phi|^2, exact to float64 rounding), the softmax, the means
-        dist = (xs * xs).sum(1, keepdim=True) - 2 * aa[:, None] * (xs @ XT) + (aa * aa)[:, None] * sq[None, :]
-        logits = -dist * inv[:, None]
+        # every draw's logits for every image by expansion, in float64 (one product of the perturbed queries with
+        # the images: -(|q|^2 - 2 a <q, phi> + a^2 |phi|^2) / (2 b^2 tau) less its row constant |q|^2, exact to
+        # float64 rounding), the weights, the means
+        logits = (2 * aa * inv)[:, None] * (xs @ XT) - (aa * aa * inv)[:, None] * sq[None, :]
         if lab is not None:
             ops.checks.labels_known(lab, *self._label_tensors, self.N)  # an unknown label: a ValueError naming it
             same = torch.from_numpy(self.labels).to(dev)[None, :] == lab.to(dev).repeat(M)[:, None]
             logits = logits.masked_fill(~same, float("-inf"))
-        out = (XT @ torch.softmax(logits, 1).T).T.reshape((M,) + tuple(xt.shape)).mean(0).to(xt.dtype)
+        out = weighted_means(logits, XT).reshape((M,) + tuple(xt.shape)).mean(0).to(xt.dtype)
         return out.detach().numpy() if is_numpy else out
 
     def _images64(self, device):
