@@ -154,3 +154,21 @@ def test_low_noise_on_many_images_equals_the_literal():
     eps = m.noise(m.call_times(t, 2), x.shape).numpy()
     want = literal(imgs, x, a, b2, eps, np.full(2, 0.05))
     assert np.abs(got - want).max() <= 1e-9
+
+
+def test_compiled_equals_eager_where_eager_gathers_the_kept_images():
+    """Eager, the means at low noise run over the few images the draws keep (a gather whose size depends on the
+    values); a compiled graph takes them over every image (the left-out weights as zeros): the same function, equal
+    to float64 rounding (1e-12)."""
+    from patchmosaic.machines import smoothed
+
+    rng = np.random.default_rng(8)
+    imgs = torch.from_numpy(rng.uniform(-1, 1, (300, 1, 8, 8)))
+    m = pm.SmoothedCFDM(imgs, smoothing=0.05, samples=3, seed=2)
+    x = 0.99 * imgs[[3]] + 0.05 * torch.randn(1, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    eager = m.denoise(x, 0.05)
+    compiled = torch.compile(lambda q: m.denoise(q, 0.05), fullgraph=True, backend="aot_eager")(x)
+    assert torch.allclose(compiled, eager, rtol=0, atol=1e-12)
+    logits = torch.zeros(1, 300, dtype=torch.float64)
+    logits[0, 5:] = -1e4
+    assert (smoothed.weighted_means(logits, imgs.reshape(300, -1).T) - imgs[:5].reshape(5, -1).mean(0)).abs().max() < 1e-14
