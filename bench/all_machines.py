@@ -3,7 +3,8 @@ ELS, the Wiener filter, the data-driven locality machine (DataLocal), PCA-locali
 with a calibrated threshold schedule, PSPC-Square with a calibrated patch-size schedule and with its published
 schedule, PSPC-Flex (crops from the network's own sensitivity heatmaps, the published mass schedule) and a filtered
 posterior mean collection variant (--fpmc), and the blends of calibrated ELS with the Wiener filter (Blend) and with
-calibrated DataLocal (Blend-DL), and of Blend-DL with the Wiener filter (Blend-3) (``pm.BlendDenoiser``: the parts with
+calibrated DataLocal (Blend-DL), of Blend-DL with the Wiener filter (Blend-3), and of the FPMC variant with the Wiener
+filter (Blend-F) (``pm.BlendDenoiser``: the parts with
 their own schedules, the first part's weight calibrated per step by ``pm.calibrate_blend``), all sampled from the same seeds as the network and scored seed by seed
 (Pearson r, R^2), each against calibrated ELS by paired per-seed differences with bootstrap intervals. The calibrated
 schedules are each calibrated against the network on the same seeds, training images and candidates.
@@ -26,6 +27,12 @@ calibrations do not depend on --seeds, so a rerun with more comparison seeds reu
 ``<network>/samples_*.npz`` first: compare refuses sample files of other seeds). ``--machines`` runs a subset; the
 network's earlier ``report.json`` (same seeds and settings) keeps its other machines, with their dates (``dates``,
 ``machines_of``), so machines can be added a few at a time.
+
+A held-out replication compares on other reference seeds with the main run's calibrations, in a folder of its own and
+a table block of its own in RESULTS (``all-machines-heldout``):
+
+    python bench/all_machines.py --networks NET --limit 2000 --seeds 32 --first-seed 32 --calib-seeds 2 --k-max 15 \
+        --machines ELS,Blend-3 --out bench/results/all_machines_heldout --calibration-dir bench/results/all_machines
 """
 
 from __future__ import annotations
