@@ -456,7 +456,8 @@ def grid_all(rows, out_dir, seeds_per_net: int = 2):
 def write_md(path: str, block: str, marker: str = "all-machines") -> None:
     if not os.path.exists(path):
         raise SystemExit(f"--md {path}: no such file")
-    write_block(path, marker, block, append=False)
+    if not write_block(path, marker, block, append=False):
+        raise SystemExit(f"--md {path}: no <!-- {marker}:begin --> ... <!-- {marker}:end --> markers to write between")
 
 
 def main():
@@ -490,6 +491,9 @@ def main():
     if bad:
         raise SystemExit(f"--machines: unknown {bad}")
     parse_fpmc(args.fpmc)
+    if args.first_seed < 0 or (args.first_seed and args.first_seed < args.calib_seeds):
+        raise SystemExit(f"--first-seed {args.first_seed}: a held-out comparison starts at or after the calibration "
+                         f"seeds (0..{args.calib_seeds - 1}), or at 0 for the main run")
     torch.manual_seed(0)
     if not args.table_only:
         for n in names:
