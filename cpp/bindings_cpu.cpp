@@ -32,9 +32,9 @@ template <typename T>
 using Array = py::array_t<T, py::array::c_style>;  // no forcecast: a wrong dtype is refused, not copied
 
 template <typename T>
-const T* vector_of(const Array<T>& a, int64_t n, const char* name) {
+const T* vector_of(const Array<T>& a, int64_t n, const char* name, const char* op = "wiener_mask") {
   if (a.ndim() != 1 || a.shape(0) != n)
-    throw py::value_error(std::string("wiener_mask: ") + name + " must have shape (" + std::to_string(n) + ",)");
+    throw py::value_error(std::string(op) + ": " + name + " must have shape (" + std::to_string(n) + ",)");
   return a.data();
 }
 
@@ -136,6 +136,46 @@ void register_cpu(py::module_& m) {
     return py::make_tuple(ptr_out, elem_out, checked);
   }, "PCA-locality: each row's neighbourhood {n : |L[m, n]| / dd[n] >= tau} (exact) as CSR -> (ptr, elem, entries "
      "recomputed).");
+  m.def("expansion_means", [](const py::array& X, const Array<double>& sq, const Array<double>& Q,
+                              const Array<double>& c1, const Array<double>& c2, const py::object& row_label,
+                              const py::object& img_label, double cut, int n_threads) {
+    ExpansionMeansArgs A{};
+    const bool f32 = py::isinstance<Array<float>>(X), f64 = py::isinstance<Array<double>>(X);
+    if (!(f32 || f64) || X.ndim() != 2 || !(X.flags() & py::array::c_style))
+      throw py::value_error("expansion_means: X must be a C-contiguous 2-d float32 or float64 array");
+    A.X = X.data();
+    A.f32 = f32;
+    A.N = X.shape(0);
+    A.D = X.shape(1);
+    if (Q.ndim() != 2 || Q.shape(1) != A.D) throw py::value_error("expansion_means: Q must have shape (R, D)");
+    A.R = Q.shape(0);
+    if (A.N < 1 || A.R < 1 || A.D < 1) throw py::value_error("expansion_means: empty X or Q");
+    A.Q = Q.data();
+    A.sq = vector_of(sq, A.N, "sq", "expansion_means");
+    A.c1 = vector_of(c1, A.R, "c1", "expansion_means");
+    A.c2 = vector_of(c2, A.R, "c2", "expansion_means");
+    if (row_label.is_none() != img_label.is_none())
+      throw py::value_error("expansion_means: row_label and img_label must both be given or both be None");
+    Array<int64_t> rl, il;  // kept alive to the end of the call
+    if (!row_label.is_none()) {
+      rl = row_label.cast<Array<int64_t>>();
+      il = img_label.cast<Array<int64_t>>();
+      A.row_label = vector_of(rl, A.R, "row_label", "expansion_means");
+      A.img_label = vector_of(il, A.N, "img_label", "expansion_means");
+    }
+    if (!(cut > 0.0)) throw py::value_error("expansion_means: cut must be > 0");
+    A.cut = cut;
+    A.n_threads = n_threads;
+    Array<double> out({static_cast<py::ssize_t>(A.R), static_cast<py::ssize_t>(A.D)});
+    A.out = out.mutable_data();
+    int64_t kept;
+    {
+      py::gil_scoped_release nogil;
+      kept = expansion_means(A);
+    }
+    return py::make_tuple(out, kept);
+  }, "Softmax-weighted means of whole images X (N, D) for the rows of Q (R, D), logits c1 <Q_r, X_n> - c2 sq_n in "
+     "float64, weights below e^-cut and other labels left out -> (out (R, D) float64, images kept).");
   m.def("max_threads", []() {
 #ifdef _OPENMP
     return omp_get_max_threads();

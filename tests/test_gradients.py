@@ -224,7 +224,7 @@ def test_forward_mode_agrees_with_finite_differences(name, labelled):
     rng = np.random.default_rng(81)
     v, dt = torch.from_numpy(rng.standard_normal(x.shape)), torch.tensor([1.0, -0.5], dtype=torch.float64)
     out, tan = torch.func.jvp(lambda x: f(x, t), (x,), (v,))
-    assert torch.equal(out, f(x, t))
+    assert_same_primal(name, out, f(x, t))
     fd = _central(lambda x: f(x, t), x, v)
     assert fd.abs().max() > 1e-3  # a tangent to find, not zeros on both sides
     assert torch.allclose(tan, fd, **FD), (tan - fd).abs().max()
@@ -244,6 +244,16 @@ def test_forward_mode_agrees_with_finite_differences(name, labelled):
     assert torch.allclose(tan_t, ref, **FD), (tan_t - ref).abs().max()
 
 
+def assert_same_primal(name, got, want):
+    """A transformed call's output against the plain call's: bitwise, as every machine runs the same kernels both
+    ways, except the smoothed denoiser, whose plain CPU call runs a compiled forward-only kernel and a transformed
+    one torch operations (machines/smoothed.py): the same function, equal to float64 rounding (1e-12)."""
+    if name == "scfdm":
+        assert torch.allclose(got, want, rtol=0, atol=1e-12), (got - want).abs().max()
+    else:
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("name", list(pm.MACHINES))
 def test_reverse_mode_transforms_equal_autograd(name):
     f, x, t = _registry_call(name, seed=82)
@@ -254,7 +264,8 @@ def test_reverse_mode_transforms_equal_autograd(name):
     assert torch.equal(fx, gx) and torch.equal(ft, gt)
     out, pull = torch.func.vjp(f, x, t)
     vx, vt = pull(w)
-    assert torch.equal(out, f(x, t)) and torch.equal(vx, gx) and torch.equal(vt, gt)
+    assert_same_primal(name, out, f(x, t))
+    assert torch.equal(vx, gx) and torch.equal(vt, gt)
     # jacrev (a vmap of the backward pass) against jacfwd (a vmap of the forward-mode rule): the same Jacobian
     one = x[:1]
     Jr = torch.func.jacrev(lambda x: f(x, t[:1]))(one)

@@ -129,9 +129,11 @@ def test_weighted_means_gathers_only_the_kept_images_when_few(monkeypatch):
     assert torch.allclose(smoothed.weighted_means(logits2, XT), torch.softmax(logits2, 1) @ XT.T, rtol=0, atol=1e-14)
 
 
-def test_low_noise_on_many_images_equals_the_literal():
-    """At low noise the draws keep 2 of 300 images of 8 x 8 pixels (the gathered means, spied on): still the
-    literal's output to 1e-9."""
+@pytest.mark.parametrize("path", ["compiled", "torch"])
+def test_low_noise_on_many_images_equals_the_literal(path):
+    """At low noise the draws keep 2 of 300 images of 8 x 8 pixels (spied on: the compiled call's count of kept
+    images; on the torch path, taken when x requires a gradient, the gathered means): still the literal's output to
+    1e-9."""
     from patchmosaic.machines import smoothed
 
     rng = np.random.default_rng(8)
@@ -141,19 +143,73 @@ def test_low_noise_on_many_images_equals_the_literal():
     x = a[:, None, None, None] * imgs[[4, 9]] + np.sqrt(b2)[:, None, None, None] * rng.standard_normal((2, 1, 8, 8))
     m = pm.SmoothedCFDM(imgs, smoothing=0.05, samples=4, seed=1)
     kept = []
-    means = smoothed.weighted_means
+    means, compiled = smoothed.weighted_means, smoothed.ops.expansion_means
 
     def spy(logits, XT):
         kept.append(int((logits - logits.amax(1, keepdim=True) >= -smoothed.CUT).any(0).sum()))
         return means(logits, XT)
 
+    def spy_compiled(*args):
+        out, n = compiled(*args)
+        kept.append(n)
+        return out, n
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(smoothed, "weighted_means", spy)
-        got = m.denoise(x, t)
-    assert kept and kept[0] <= smoothed.SPARSE * len(imgs)
+        mp.setattr(smoothed.ops, "expansion_means", spy_compiled)
+        if path == "compiled":
+            got = m.denoise(x, t)
+        else:
+            got = m.denoise(torch.from_numpy(x).requires_grad_(True), t).detach().numpy()
+    assert len(kept) == 1 and 2 <= kept[0] <= smoothed.SPARSE * len(imgs)
     eps = m.noise(m.call_times(t, 2), x.shape).numpy()
     want = literal(imgs, x, a, b2, eps, np.full(2, 0.05))
     assert np.abs(got - want).max() <= 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_compiled_means_equal_the_torch_means(dtype):
+    """The compiled CPU path (ops.expansion_means: no derivative asked for) and the torch operations (taken when
+    one is) compute the same function: equal to float64 rounding (1e-12 relative to the data) at high noise (every
+    image kept), middle and low noise (few kept), with labels, images stored in float32 or float64, sizes that are
+    not multiples of the kernel's tiles (301 images, 3 x 10 x 10 = 300 elements, 7 draws x 3 queries = 21 rows); and
+    the compiled result is the same for 1 and 2 threads, bit for bit."""
+    rng = np.random.default_rng(11)
+    imgs = torch.from_numpy(rng.uniform(-1, 1, (301, 3, 10, 10))).to(dtype)
+    labels = rng.integers(0, 3, 301)
+    x = torch.from_numpy(rng.standard_normal((3, 3, 10, 10)))
+    x[1] = 0.9 * imgs[7].double() + 0.1 * x[1]
+    lab = np.array([2, 0, 1])
+    for smoothing, t in ((1.0, 0.95), (0.3, 0.5), (0.02, 0.05)):
+        for labels_or_none, lab_or_none in ((None, None), (labels, lab)):
+            m = pm.SmoothedCFDM(imgs, labels_or_none, smoothing=smoothing, samples=7, seed=4)
+            fast = m.denoise(x.to(dtype), t, labels=lab_or_none)
+            slow = m.denoise(x.to(dtype).clone().requires_grad_(True), t, labels=lab_or_none).detach()
+            assert (fast.double() - slow.double()).abs().max() <= (1e-12 if dtype == torch.float64 else 1e-6)
+            one = pm.SmoothedCFDM(imgs, labels_or_none, smoothing=smoothing, samples=7, seed=4, n_threads=1)
+            assert torch.equal(one.denoise(x.to(dtype), t, labels=lab_or_none), fast)
+
+
+def test_compiled_means_refuse_bad_arguments():
+    """The compiled op checks its arrays before it reads them: a ValueError naming the argument."""
+    from patchmosaic import ops
+
+    X, Q, v = torch.zeros(5, 4), torch.zeros(2, 4, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    sq = torch.zeros(5, dtype=torch.float64)
+    out, kept = ops.expansion_means(X, sq, Q, v, v)
+    assert out.shape == (2, 4) and kept == 5
+    with pytest.raises(ValueError, match="Q must have shape"):
+        ops.expansion_means(X, sq, torch.zeros(2, 3, dtype=torch.float64), v, v)
+    with pytest.raises(ValueError, match="sq must have shape"):
+        ops.expansion_means(X, sq[:4], Q, v, v)
+    with pytest.raises(ValueError, match="c2 must have shape"):
+        ops.expansion_means(X, sq, Q, v, v[:1])
+    with pytest.raises(ValueError, match="img_label must have shape"):
+        ops.expansion_means(X, sq, Q, v, v, torch.zeros(2, dtype=torch.int64), np.zeros(4, np.int64))
+    with pytest.raises(ValueError, match="X must be a 2-d float32 or float64"):
+        ops.expansion_means(X.half(), sq, Q, v, v)
+    with pytest.raises(ValueError, match="cut must be > 0"):
+        ops.expansion_means(X, sq, Q, v, v, cut=0.0)
 
 
 def test_compiled_equals_eager_where_eager_gathers_the_kept_images():
