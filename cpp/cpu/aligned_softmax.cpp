@@ -140,6 +140,29 @@ struct BlockVec {
   typedef T type __attribute__((vector_size(kBlock * sizeof(T))));
 };
 
+// The widest vector the module's instruction set holds in one register, and a block as such pieces: GCC keeps a
+// vector wider than that (a block of 16 doubles anywhere, of 16 floats under AVX2 or SSE) in memory, so a
+// loop-carried accumulator of the block type is stored and reloaded at every step (measured: the AVX2 build of this
+// kernel was slower than the SSE one); the accumulating loops below hold their sums as arrays of native pieces,
+// which stay in registers, lane for lane the same arithmetic.
+#if defined(__AVX512F__)
+constexpr int kNativeBytes = 64;
+#elif defined(__AVX__)
+constexpr int kNativeBytes = 32;
+#else
+constexpr int kNativeBytes = 16;
+#endif
+template <typename T>
+struct Pieces {
+  typedef T type __attribute__((vector_size(kNativeBytes)));
+  static constexpr int n = kBlock * static_cast<int>(sizeof(T)) / kNativeBytes;  // native vectors per block
+  static inline type load(const void* block, int p) {
+    type v;
+    __builtin_memcpy(&v, static_cast<const char*>(block) + p * kNativeBytes, kNativeBytes);
+    return v;
+  }
+};
+
 // The largest and the sum of a GCC vector's W lanes, by halves (a tree of log2 W vector operations instead of a
 // serial chain of W - 1 dependent scalar ones: the chain's latency was most of a small neighbourhood's time).
 template <typename T, int W>
@@ -227,32 +250,43 @@ inline typename BlockVec<double>::type row_sums(const AlignedArgs<T>& A, int64_t
                                                const typename BlockVec<T>::type* __restrict Res) {
   using V = typename BlockVec<T>::type;
   using VD = typename BlockVec<double>::type;
+  using N = typename Pieces<T>::type;
+  constexpr int P = Pieces<T>::n;
   constexpr int kChunk = 32;
   VD L = {};
   const int32_t* __restrict he = A.hood_elem;
   const double* __restrict hw = A.hood_weight;
   for (int64_t u0 = A.hood_ptr[r]; u0 < A.hood_ptr[r + 1]; u0 += kChunk) {
     const int64_t u1 = std::min<int64_t>(A.hood_ptr[r + 1], u0 + kChunk);
-    V s0 = {}, s1 = {}, s2 = {}, s3 = {};
+    N s0[P] = {}, s1[P] = {}, s2[P] = {}, s3[P] = {};
     int64_t u = u0;
     for (; u + 4 <= u1; u += 4) {
-      if constexpr (WEIGHTED) {
-        s0 += static_cast<T>(hw[u]) * Res[he[u]];
-        s1 += static_cast<T>(hw[u + 1]) * Res[he[u + 1]];
-        s2 += static_cast<T>(hw[u + 2]) * Res[he[u + 2]];
-        s3 += static_cast<T>(hw[u + 3]) * Res[he[u + 3]];
-      } else {
-        s0 += Res[he[u]];
-        s1 += Res[he[u + 1]];
-        s2 += Res[he[u + 2]];
-        s3 += Res[he[u + 3]];
+      const V *r0 = Res + he[u], *r1 = Res + he[u + 1], *r2 = Res + he[u + 2], *r3 = Res + he[u + 3];
+      for (int p = 0; p < P; ++p) {
+        if constexpr (WEIGHTED) {
+          s0[p] += static_cast<T>(hw[u]) * Pieces<T>::load(r0, p);
+          s1[p] += static_cast<T>(hw[u + 1]) * Pieces<T>::load(r1, p);
+          s2[p] += static_cast<T>(hw[u + 2]) * Pieces<T>::load(r2, p);
+          s3[p] += static_cast<T>(hw[u + 3]) * Pieces<T>::load(r3, p);
+        } else {
+          s0[p] += Pieces<T>::load(r0, p);
+          s1[p] += Pieces<T>::load(r1, p);
+          s2[p] += Pieces<T>::load(r2, p);
+          s3[p] += Pieces<T>::load(r3, p);
+        }
       }
     }
-    for (; u < u1; ++u) {
-      if constexpr (WEIGHTED) s0 += static_cast<T>(hw[u]) * Res[he[u]];
-      else s0 += Res[he[u]];
+    for (; u < u1; ++u)
+      for (int p = 0; p < P; ++p) {
+        if constexpr (WEIGHTED) s0[p] += static_cast<T>(hw[u]) * Pieces<T>::load(Res + he[u], p);
+        else s0[p] += Pieces<T>::load(Res + he[u], p);
+      }
+    V sum;
+    for (int p = 0; p < P; ++p) {
+      const N piece = (s0[p] + s1[p]) + (s2[p] + s3[p]);
+      __builtin_memcpy(reinterpret_cast<char*>(&sum) + p * kNativeBytes, &piece, kNativeBytes);
     }
-    L += __builtin_convertvector((s0 + s1) + (s2 + s3), VD);
+    L += __builtin_convertvector(sum, VD);
   }
   return L;
 }
@@ -263,14 +297,27 @@ template <typename T>
 inline typename BlockVec<double>::type row_sums_runs(const Runs& R, int64_t r,
                                                     const typename BlockVec<double>::type* __restrict Pre) {
   using VD = typename BlockVec<double>::type;
-  VD s0 = {}, s1 = {};
+  using N = typename Pieces<double>::type;
+  constexpr int P = Pieces<double>::n;
+  N s0[P] = {}, s1[P] = {};
   int64_t u = R.ptr[r];
   for (; u + 2 <= R.ptr[r + 1]; u += 2) {
-    s0 += R.w[u] * (Pre[R.hi[u]] - Pre[R.lo[u]]);
-    s1 += R.w[u + 1] * (Pre[R.hi[u + 1]] - Pre[R.lo[u + 1]]);
+    const VD *h0 = Pre + R.hi[u], *l0 = Pre + R.lo[u], *h1 = Pre + R.hi[u + 1], *l1 = Pre + R.lo[u + 1];
+    const double w0 = R.w[u], w1 = R.w[u + 1];
+    for (int p = 0; p < P; ++p) {
+      s0[p] += w0 * (Pieces<double>::load(h0, p) - Pieces<double>::load(l0, p));
+      s1[p] += w1 * (Pieces<double>::load(h1, p) - Pieces<double>::load(l1, p));
+    }
   }
-  if (u < R.ptr[r + 1]) s0 += R.w[u] * (Pre[R.hi[u]] - Pre[R.lo[u]]);
-  return s0 + s1;
+  if (u < R.ptr[r + 1])
+    for (int p = 0; p < P; ++p)
+      s0[p] += R.w[u] * (Pieces<double>::load(Pre + R.hi[u], p) - Pieces<double>::load(Pre + R.lo[u], p));
+  VD out;
+  for (int p = 0; p < P; ++p) {
+    const N piece = s0[p] + s1[p];
+    __builtin_memcpy(reinterpret_cast<char*>(&out) + p * kNativeBytes, &piece, kNativeBytes);
+  }
+  return out;
 }
 
 // Per row, whether its runs cost fewer vector loads than its elements (four per run -- two prefix sums of kBlock

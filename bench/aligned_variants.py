@@ -1,0 +1,82 @@
+"""The same-position engine (cpu/aligned_softmax.cpp: LS, PCA-locality, DataLocal) per instruction-set variant of
+the CPU engine: per machine, noise level and variant the best of ``--repeat`` calls (CPU seconds of the process),
+one query image, float32, the variants alternating. The package is the one Python imports (``PYTHONPATH=python``
+for the checkout's build; an older build cannot share the process: its call structs are registered under the
+same names), so an older build is timed by running this script on it in turns with the current one
+(``bench/make_baseline.sh COMMIT DIR``, then a folder holding DIR as ``patchmosaic`` on ``PYTHONPATH``).
+
+    OMP_WAIT_POLICY=PASSIVE PYTHONPATH=python python bench/aligned_variants.py --n-train 5000 --json now.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import patchmosaic as pm  # noqa: E402
+from common import blas_line, load, machine_line  # noqa: E402
+
+
+def cpu_seconds(fn) -> float:
+    c = time.process_time()
+    fn()
+    return time.process_time() - c
+
+
+def machines(lib, x):
+    """(name, call) of the timed machines of the package ``lib`` on images ``x``."""
+    ls, pca = lib.LS(x), lib.PCALocality(x, threshold=0.005)
+    q = torch.randn(1, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    out = []
+    for k in (3, 7, 11):
+        out.append((f"LS k={k}", lambda t, k=k: ls.denoise(q, t, k)))
+    out.append(("PCA-locality (mask kept)", lambda t: pca.denoise(q, t)))
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="mnist", choices=["mnist", "cifar10"])
+    p.add_argument("--n-train", type=int, default=5000)
+    p.add_argument("--times", default="0.9,0.5,0.2")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    print(machine_line(), "|", blas_line(), flush=True)
+    x = torch.from_numpy(np.asarray(load(a.data, a.n_train)[0], np.float32))
+    print("package:", os.path.dirname(pm.__file__), flush=True)
+    variants, chosen = list(pm.ops.cpu_variants()), pm.ops.cpu_variant()
+    rows = []
+    for name, f in machines(pm, x):
+        for t in [float(v) for v in a.times.split(",")]:
+            best = {}
+            for v in variants:
+                pm.ops.use_cpu_variant(v)
+                f(t)  # warm-up: masks, tables, caches
+                best[v] = float("inf")
+            for _ in range(a.repeat):
+                for v in variants:  # alternating
+                    pm.ops.use_cpu_variant(v)
+                    best[v] = min(best[v], cpu_seconds(lambda: f(t)))
+            for v in variants:
+                rows.append({"machine": name, "t": t, "variant": v, "cpu_s": best[v]})
+            print(f"{name:26s} t={t:.1f} " + "  ".join(f"{v} {best[v]:.4f}" for v in variants), flush=True)
+    pm.ops.use_cpu_variant(chosen)
+    if a.json:
+        with open(a.json + ".tmp", "w") as fh:
+            json.dump({"command": " ".join(sys.argv), "machine": machine_line(), "blas": blas_line(), "rows": rows},
+                      fh, indent=1)
+        os.replace(a.json + ".tmp", a.json)
+
+
+if __name__ == "__main__":
+    main()
