@@ -193,6 +193,47 @@ struct Lanes {
   }
 };
 
+// A block's largest lane, the lane-wise tree sum of its lanes (the order of Lanes::sum: halves, then halves of
+// those), and exp_nonpos of every lane, taken by its native pieces (Pieces): lane for lane the values of the
+// block-wide forms, without a vector wider than a register.
+template <typename T, int P = Pieces<T>::n>
+inline typename Pieces<T>::type piece_tree(const typename Pieces<T>::type* v) {
+  if constexpr (P == 1) {
+    return v[0];
+  } else {
+    typename Pieces<T>::type h[P / 2];
+    for (int i = 0; i < P / 2; ++i) h[i] = v[i] + v[i + P / 2];
+    return piece_tree<T, P / 2>(h);
+  }
+}
+template <typename T, typename B>
+inline T block_sum(const B& v) {
+  if constexpr (kNativeBytes == 64) return Lanes<T, kBlock>::sum(v);
+  typename Pieces<T>::type p[Pieces<T>::n];
+  for (int i = 0; i < Pieces<T>::n; ++i) p[i] = Pieces<T>::load(&v, i);
+  return Lanes<T, kNativeBytes / static_cast<int>(sizeof(T))>::sum(piece_tree<T>(p));
+}
+template <typename T, typename B>
+inline T block_max(const B& v) {
+  if constexpr (kNativeBytes == 64) return Lanes<T, kBlock>::max(v);
+  using N = typename Pieces<T>::type;
+  N m = Pieces<T>::load(&v, 0);
+  for (int i = 1; i < Pieces<T>::n; ++i) {
+    const N x = Pieces<T>::load(&v, i);
+    m = m > x ? m : x;
+  }
+  return Lanes<T, kNativeBytes / static_cast<int>(sizeof(T))>::max(m);
+}
+template <typename B>
+inline B block_exp(const B& d) {
+  B w;
+  for (int i = 0; i < Pieces<float>::n; ++i) {
+    const typename Pieces<float>::type x = exp_nonpos_vec(Pieces<float>::load(&d, i));
+    __builtin_memcpy(reinterpret_cast<char*>(&w) + i * kNativeBytes, &x, kNativeBytes);
+  }
+  return w;
+}
+
 // The 16 x 16 transpose of rows r[0..15] (r[i][l] -> r[l][i]) in registers: four stages that each swap the
 // off-diagonal blocks of side b = 8, 4, 2, 1 between rows i and i + b (two shuffles per pair of rows), instead of
 // 256 scalar stores at a 64-byte stride -- the block copy was a quarter of a small neighbourhood's time.
@@ -234,6 +275,29 @@ inline void transpose_block(const T* const* rows, int64_t D, typename BlockVec<T
     for (int64_t e = e0; e < D; ++e) Phi[e][j] = rows[j][e];
 }
 
+// scale * v and the float block of v - m, by native pieces (the same values as the block-wide expressions).
+// (Under AVX-512 a block of doubles is two registers and the block-wide forms measured faster.)
+inline typename BlockVec<double>::type scaled(const typename BlockVec<double>::type& v, double scale) {
+  if constexpr (kNativeBytes == 64) return scale * v;
+  typename BlockVec<double>::type out;
+  for (int p = 0; p < Pieces<double>::n; ++p) {
+    const typename Pieces<double>::type x = scale * Pieces<double>::load(&v, p);
+    __builtin_memcpy(reinterpret_cast<char*>(&out) + p * kNativeBytes, &x, kNativeBytes);
+  }
+  return out;
+}
+inline typename BlockVec<float>::type shifted_float(const typename BlockVec<double>::type& v, double m) {
+  if constexpr (kNativeBytes == 64) return __builtin_convertvector(v - m, typename BlockVec<float>::type);
+  constexpr int ld = kNativeBytes / static_cast<int>(sizeof(double));  // doubles per piece
+  typedef float H __attribute__((vector_size(ld * sizeof(float))));
+  typename BlockVec<float>::type out;
+  for (int p = 0; p < Pieces<double>::n; ++p) {
+    const H x = __builtin_convertvector(Pieces<double>::load(&v, p) - m, H);
+    __builtin_memcpy(reinterpret_cast<char*>(&out) + p * ld * sizeof(float), &x, sizeof(H));
+  }
+  return out;
+}
+
 // Whether every weight of the table is 1 (a plain mask: the distance needs no multiplication).
 template <typename T>
 bool unit_weights(const AlignedArgs<T>& A) {
@@ -247,7 +311,7 @@ bool unit_weights(const AlignedArgs<T>& A) {
 // additions' latency), in T over at most kChunk elements at a time, then in double.
 template <typename T, bool WEIGHTED>
 inline typename BlockVec<double>::type row_sums(const AlignedArgs<T>& A, int64_t r,
-                                               const typename BlockVec<T>::type* __restrict Res) {
+                                               const typename BlockVec<T>::type* __restrict Res, double scale) {
   using V = typename BlockVec<T>::type;
   using VD = typename BlockVec<double>::type;
   using N = typename Pieces<T>::type;
@@ -288,14 +352,15 @@ inline typename BlockVec<double>::type row_sums(const AlignedArgs<T>& A, int64_t
     }
     L += __builtin_convertvector(sum, VD);
   }
-  return L;
+  return scaled(L, scale);
 }
 
 // The same sums by the row's runs, from the block's prefix sums Pre[e] = sum_{e' < e} Res[e'] in double: one
 // difference per run (a wide neighbourhood of few runs: a large patch, a high-noise mask).
 template <typename T>
 inline typename BlockVec<double>::type row_sums_runs(const Runs& R, int64_t r,
-                                                    const typename BlockVec<double>::type* __restrict Pre) {
+                                                    const typename BlockVec<double>::type* __restrict Pre,
+                                                    double scale) {
   using VD = typename BlockVec<double>::type;
   using N = typename Pieces<double>::type;
   constexpr int P = Pieces<double>::n;
@@ -314,7 +379,7 @@ inline typename BlockVec<double>::type row_sums_runs(const Runs& R, int64_t r,
       s0[p] += R.w[u] * (Pieces<double>::load(Pre + R.hi[u], p) - Pieces<double>::load(Pre + R.lo[u], p));
   VD out;
   for (int p = 0; p < P; ++p) {
-    const N piece = s0[p] + s1[p];
+    const N piece = scale * (s0[p] + s1[p]);
     __builtin_memcpy(reinterpret_cast<char*>(&out) + p * kNativeBytes, &piece, kNativeBytes);
   }
   return out;
@@ -367,17 +432,26 @@ void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& 
         const V dl = x[e] - a * Phi[e];
         Res[e] = dl * dl;
       }
-      if (any_runs) {
+      if (any_runs) {  // the running sum in registers (native pieces), each prefix stored as it is made
+        using ND = typename Pieces<double>::type;
+        constexpr int PD = Pieces<double>::n;
+        ND run[PD] = {};
         Pre[0] = VD{};
-        for (int64_t e = 0; e < D; ++e) Pre[e + 1] = Pre[e] + __builtin_convertvector(Res[e], VD);
+        for (int64_t e = 0; e < D; ++e) {
+          const VD r = __builtin_convertvector(Res[e], VD);
+          for (int p = 0; p < PD; ++p) {
+            run[p] += Pieces<double>::load(&r, p);
+            __builtin_memcpy(reinterpret_cast<char*>(&Pre[e + 1]) + p * kNativeBytes, &run[p], kNativeBytes);
+          }
+        }
       }
       double* m = S.m.data() + qi * nr;
       double* s = S.s.data() + qi * nr;
       int64_t* best = S.best.data() + qi * nr;
       double* acc = S.acc.data() + qi * A.n_resp;
       for (int64_t r = 0; r < nr; ++r) {
-        const VD L = -inv * (by_runs[r] ? row_sums_runs<T>(R, r, Pre.data()) : row_sums<T, WEIGHTED>(A, r, Res.data()));
-        const double top = Lanes<double, NB>::max(L);  // a short block's repeated lanes equal its first
+        const VD L = by_runs[r] ? row_sums_runs<T>(R, r, Pre.data(), -inv) : row_sums<T, WEIGHTED>(A, r, Res.data(), -inv);
+        const double top = block_max<double>(L);  // a short block's repeated lanes equal its first
         if (!block_counts<T>(top, m[r])) continue;  // every weight of the block is exactly 0
         if (top > m[r]) {
           int arg = 0;  // the block's first image of the largest logit
@@ -386,15 +460,17 @@ void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& 
           const double f = raise_max(m[r], s[r], top);
           for (int64_t e = A.resp_ptr[r]; e < A.resp_ptr[r + 1]; ++e) acc[e] *= f;
         }
-        const V d = __builtin_convertvector(L - m[r], V);
+        V d;
+        if constexpr (sizeof(T) == 4) d = shifted_float(L, m[r]);
+        else d = L - m[r];
         V w;  // the weights: cut_exp of softmax_state.hpp, vectorised (exp_nonpos); 0 past a short block's end
-        if constexpr (sizeof(T) == 4) w = exp_nonpos_vec(d);
+        if constexpr (sizeof(T) == 4) w = block_exp(d);
         else
           for (int j = 0; j < NB; ++j) w[j] = exp_nonpos(d[j]);
         if (nb < NB) w *= tail;
-        s[r] += static_cast<double>(Lanes<T, NB>::sum(w));
+        s[r] += static_cast<double>(block_sum<T>(w));
         for (int64_t e = A.resp_ptr[r]; e < A.resp_ptr[r + 1]; ++e)
-          acc[e] += static_cast<double>(Lanes<T, NB>::sum(w * Phi[A.resp_elem[e]]));
+          acc[e] += static_cast<double>(block_sum<T>(w * Phi[A.resp_elem[e]]));
       }
     }
   }
