@@ -11,7 +11,6 @@ same names), so an older build is timed by running this script on it in turns wi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -23,13 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import patchmosaic as pm  # noqa: E402
-from common import blas_line, load, machine_line  # noqa: E402
-
-
-def cpu_seconds(fn) -> float:
-    c = time.process_time()
-    fn()
-    return time.process_time() - c
+from common import best_time, blas_line, load, machine_line, write_rows  # noqa: E402
 
 
 def machines(lib, x):
@@ -66,16 +59,13 @@ def main():
             for _ in range(a.repeat):
                 for v in variants:  # alternating
                     pm.ops.use_cpu_variant(v)
-                    best[v] = min(best[v], cpu_seconds(lambda: f(t)))
+                    best[v] = min(best[v], best_time(lambda: f(t), 1, time.process_time))
             for v in variants:
                 rows.append({"machine": name, "t": t, "variant": v, "cpu_s": best[v]})
             print(f"{name:26s} t={t:.1f} " + "  ".join(f"{v} {best[v]:.4f}" for v in variants), flush=True)
     pm.ops.use_cpu_variant(chosen)
     if a.json:
-        with open(a.json + ".tmp", "w") as fh:
-            json.dump({"command": " ".join(sys.argv), "machine": machine_line(), "blas": blas_line(), "rows": rows},
-                      fh, indent=1)
-        os.replace(a.json + ".tmp", a.json)
+        write_rows(a.json, rows)
 
 
 if __name__ == "__main__":

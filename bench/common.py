@@ -29,13 +29,26 @@ def load(name: str, n: int | None = None):
     return preprocess(x).numpy(), y
 
 
-def best_time(fn, repeat: int = 1) -> float:
+def best_time(fn, repeat: int = 1, clock=time.perf_counter) -> float:
+    """The best of ``repeat`` calls of ``fn`` by ``clock`` (wall seconds; ``time.process_time``: CPU seconds of the
+    process, every thread)."""
     best = float("inf")
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return best
+
+
+def write_rows(path: str, rows) -> None:
+    """``rows`` as JSON at ``path``, with the command, machine and BLAS, written atomically (a temporary file renamed)."""
+    import json
+    import sys
+
+    with open(path + ".tmp", "w") as fh:
+        json.dump({"command": " ".join(sys.argv), "machine": machine_line(), "blas": blas_line(), "rows": rows}, fh,
+                  indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def machine_line() -> str:

@@ -12,7 +12,6 @@ The data as ``bench/vs_studio.py`` uses them: MNIST at 28 x 28 (smoothing 1), CI
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,18 +24,9 @@ sys.path.insert(0, os.path.join(HERE, "..", "python"))
 sys.path.insert(0, HERE)
 
 import patchmosaic as pm  # noqa: E402
-from common import blas_line, load, machine_line  # noqa: E402
+from common import best_time, blas_line, load, machine_line, write_rows  # noqa: E402
 
 SMOOTHING = {"mnist": 1.0, "cifar10": 0.1}
-
-
-def cpu_best(fn, repeat):
-    best = float("inf")
-    for _ in range(repeat):
-        c = time.process_time()
-        fn()
-        best = min(best, time.process_time() - c)
-    return best
 
 
 def main():
@@ -60,8 +50,9 @@ def main():
         for t in [float(v) for v in a.times.split(",")]:
             kernel, torch_ops = float("inf"), float("inf")
             for _ in range(a.repeat):  # interleaved
-                kernel = min(kernel, cpu_best(lambda: m.denoise(q, t), 1))
-                torch_ops = min(torch_ops, cpu_best(lambda: m.denoise(q.clone().requires_grad_(True), t), 1))
+                kernel = min(kernel, best_time(lambda: m.denoise(q, t), 1, time.process_time))
+                torch_ops = min(torch_ops, best_time(lambda: m.denoise(q.clone().requires_grad_(True), t), 1,
+                                                       time.process_time))
             q64 = q.double()  # the difference in float64 (float32 outputs would round it away)
             diff = float((m.denoise(q64, t) - m.denoise(q64.clone().requires_grad_(True), t).detach()).abs().max())
             rows.append({"data": name, "n_train": a.n_train, "t": t, "kernel_cpu_s": kernel,
@@ -69,10 +60,7 @@ def main():
             print(f"{name} N={a.n_train} t={t:.2f}: CPU seconds kernel {kernel:.4f}, torch operations {torch_ops:.4f} "
                   f"({torch_ops / kernel:.1f}x); largest difference {diff:.1e}", flush=True)
     if a.json:
-        with open(a.json + ".tmp", "w") as f:
-            json.dump({"command": " ".join(sys.argv), "machine": machine_line(), "blas": blas_line(), "rows": rows},
-                      f, indent=1)
-        os.replace(a.json + ".tmp", a.json)
+        write_rows(a.json, rows)
 
 
 if __name__ == "__main__":
