@@ -41,7 +41,8 @@ def best_time(fn, repeat: int = 1, clock=time.perf_counter) -> float:
 
 
 def write_rows(path: str, rows) -> None:
-    """``rows`` as JSON at ``path``, with the command, machine and BLAS, written atomically (a temporary file renamed)."""
+    """``rows`` as JSON at ``path``, with the command, machine and BLAS, written atomically (a temporary file
+    renamed)."""
     import json
     import sys
 

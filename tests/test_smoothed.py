@@ -142,16 +142,16 @@ def test_low_noise_on_many_images_equals_the_literal(path):
     a, b2 = coefficients(t)
     x = a[:, None, None, None] * imgs[[4, 9]] + np.sqrt(b2)[:, None, None, None] * rng.standard_normal((2, 1, 8, 8))
     m = pm.SmoothedCFDM(imgs, smoothing=0.05, samples=4, seed=1)
-    kept = []
+    kept = {"torch": [], "compiled": []}  # images kept, per path that ran
     means, compiled = smoothed.weighted_means, smoothed.ops.expansion_means
 
     def spy(logits, XT):
-        kept.append(int((logits - logits.amax(1, keepdim=True) >= -smoothed.CUT).any(0).sum()))
+        kept["torch"].append(int((logits - logits.amax(1, keepdim=True) >= -smoothed.CUT).any(0).sum()))
         return means(logits, XT)
 
     def spy_compiled(*args):
         out, n = compiled(*args)
-        kept.append(n)
+        kept["compiled"].append(n)
         return out, n
 
     with pytest.MonkeyPatch.context() as mp:
@@ -161,7 +161,8 @@ def test_low_noise_on_many_images_equals_the_literal(path):
             got = m.denoise(x, t)
         else:
             got = m.denoise(torch.from_numpy(x).requires_grad_(True), t).detach().numpy()
-    assert len(kept) == 1 and 2 <= kept[0] <= smoothed.SPARSE * len(imgs)
+    other = "torch" if path == "compiled" else "compiled"
+    assert kept[other] == [] and len(kept[path]) == 1 and 2 <= kept[path][0] <= smoothed.SPARSE * len(imgs)
     eps = m.noise(m.call_times(t, 2), x.shape).numpy()
     want = literal(imgs, x, a, b2, eps, np.full(2, 0.05))
     assert np.abs(got - want).max() <= 1e-9
@@ -172,8 +173,18 @@ def test_compiled_means_equal_the_torch_means(dtype):
     """The compiled CPU path (ops.expansion_means: no derivative asked for) and the torch operations (taken when
     one is) compute the same function: equal to float64 rounding (1e-12 relative to the data) at high noise (every
     image kept), middle and low noise (few kept), with labels, images stored in float32 or float64, sizes that are
-    not multiples of the kernel's tiles (301 images, 3 x 10 x 10 = 300 elements, 7 draws x 3 queries = 21 rows); and
-    the compiled result is the same for 1 and 2 threads, bit for bit."""
+    not multiples of the kernel's tiles (301 images, 3 x 10 x 10 = 300 elements, 7 draws x 3 queries = 21 rows) (the
+    compiled op counted: it runs for the plain calls, not for those that ask for a gradient); and the compiled result
+    is the same for 1, 2, 3 and 5 threads, bit for bit."""
+    from patchmosaic.machines import smoothed
+
+    calls = []
+    compiled = smoothed.ops.expansion_means
+
+    def counted(*args):
+        calls.append(1)
+        return compiled(*args)
+
     rng = np.random.default_rng(11)
     imgs = torch.from_numpy(rng.uniform(-1, 1, (301, 3, 10, 10))).to(dtype)
     labels = rng.integers(0, 3, 301)
@@ -182,12 +193,19 @@ def test_compiled_means_equal_the_torch_means(dtype):
     lab = np.array([2, 0, 1])
     for smoothing, t in ((1.0, 0.95), (0.3, 0.5), (0.02, 0.05)):
         for labels_or_none, lab_or_none in ((None, None), (labels, lab)):
-            m = pm.SmoothedCFDM(imgs, labels_or_none, smoothing=smoothing, samples=7, seed=4)
-            fast = m.denoise(x.to(dtype), t, labels=lab_or_none)
-            slow = m.denoise(x.to(dtype).clone().requires_grad_(True), t, labels=lab_or_none).detach()
+            m = pm.SmoothedCFDM(imgs, labels_or_none, smoothing=smoothing, samples=7, seed=4, n_threads=1)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(smoothed.ops, "expansion_means", counted)
+                fast = m.denoise(x.to(dtype), t, labels=lab_or_none)
+                assert len(calls) == 1
+                slow = m.denoise(x.to(dtype).clone().requires_grad_(True), t, labels=lab_or_none).detach()
+                assert len(calls) == 1
+                calls.clear()
             assert (fast.double() - slow.double()).abs().max() <= (1e-12 if dtype == torch.float64 else 1e-6)
-            one = pm.SmoothedCFDM(imgs, labels_or_none, smoothing=smoothing, samples=7, seed=4, n_threads=1)
-            assert torch.equal(one.denoise(x.to(dtype), t, labels=lab_or_none), fast)
+            for n_threads in (2, 3, 5):
+                more = pm.SmoothedCFDM(imgs, labels_or_none, smoothing=smoothing, samples=7, seed=4,
+                                       n_threads=n_threads)
+                assert torch.equal(more.denoise(x.to(dtype), t, labels=lab_or_none), fast)
 
 
 def test_compiled_means_refuse_bad_arguments():

@@ -450,7 +450,8 @@ void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& 
       int64_t* best = S.best.data() + qi * nr;
       double* acc = S.acc.data() + qi * A.n_resp;
       for (int64_t r = 0; r < nr; ++r) {
-        const VD L = by_runs[r] ? row_sums_runs<T>(R, r, Pre.data(), -inv) : row_sums<T, WEIGHTED>(A, r, Res.data(), -inv);
+        const VD L = by_runs[r] ? row_sums_runs<T>(R, r, Pre.data(), -inv)
+                                : row_sums<T, WEIGHTED>(A, r, Res.data(), -inv);
         const double top = block_max<double>(L);  // a short block's repeated lanes equal its first
         if (!block_counts<T>(top, m[r])) continue;  // every weight of the block is exactly 0
         if (top > m[r]) {

@@ -75,10 +75,14 @@ inline double dot(const double* q, const double* x, int64_t D) {
 template <typename T>
 void logits(const ExpansionMeansArgs& A, const T* X, double* L, int nt) {
   const int64_t n_tiles = (A.N + kTile - 1) / kTile;
+  // each thread's tile of images and their dot products (row-major), allocated before the parallel region (an
+  // exception may not leave one)
+  std::vector<std::vector<double>> tiles(nt, std::vector<double>(static_cast<size_t>(kTile * A.D)));
+  std::vector<std::vector<double>> sums(nt, std::vector<double>(static_cast<size_t>(A.R * kTile)));
 #pragma omp parallel num_threads(nt)
   {
-    std::vector<double> tile(static_cast<size_t>(kTile * A.D));
-    std::vector<double> S(static_cast<size_t>(A.R * kTile));  // the tile's dot products, row-major
+    std::vector<double>& tile = tiles[thread_index()];
+    std::vector<double>& S = sums[thread_index()];
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < n_tiles; ++it) {
       const int64_t n0 = it * kTile, nn = std::min<int64_t>(kTile, A.N - n0);
@@ -126,27 +130,30 @@ template <typename T>
 void means(const ExpansionMeansArgs& A, const T* X, const double* W, const double* sums,
            const std::vector<int64_t>& kept, int nt) {
   // each thread a range of elements (a multiple of 16, so that threads do not share cache lines of out), taken
-  // kChunk at a time: the rows' sums of that chunk stay in the first-level cache while four images at a time are
-  // added to them (four multiply-adds per load and store of a sum)
+  // cw at a time: the rows' sums of that chunk (R x cw, in the first-level cache for a few tens of rows) while four
+  // images at a time are added to them (four multiply-adds per load and store of a sum)
   const int64_t per = ((A.D + nt - 1) / nt + 15) / 16 * 16, K = static_cast<int64_t>(kept.size());
+  const int64_t cw = std::min(kChunk, per);  // elements per step (a range's sums: R x cw)
   const int n_ranges = static_cast<int>((A.D + per - 1) / per);
+  std::vector<std::vector<double>> accs(n_ranges, std::vector<double>(static_cast<size_t>(A.R * cw)));
+  std::vector<std::vector<double>> xs(n_ranges, std::vector<double>(static_cast<size_t>(kTile * cw), 0.0));
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int g = 0; g < n_ranges; ++g) {
     const int64_t e0 = g * per, e1 = std::min(A.D, e0 + per);
-    std::vector<double> acc(static_cast<size_t>(A.R * kChunk)), x(static_cast<size_t>(kTile * kChunk), 0.0);
-    for (int64_t c0 = e0; c0 < e1; c0 += kChunk) {
-      const int64_t len = std::min(kChunk, e1 - c0);
+    std::vector<double>&acc = accs[g], &x = xs[g];
+    for (int64_t c0 = e0; c0 < e1; c0 += cw) {
+      const int64_t len = std::min(cw, e1 - c0);
       std::fill(acc.begin(), acc.end(), 0.0);
       for (int64_t k0 = 0; k0 < K; k0 += kTile) {
         const int64_t kn = std::min(kTile, K - k0);
-        for (int64_t j = 0; j < kn; ++j) to_double(X + kept[k0 + j] * A.D + c0, x.data() + j * kChunk, len);
-        const double *x0 = x.data(), *x1 = x0 + kChunk, *x2 = x1 + kChunk, *x3 = x2 + kChunk;
+        for (int64_t j = 0; j < kn; ++j) to_double(X + kept[k0 + j] * A.D + c0, x.data() + j * cw, len);
+        const double *x0 = x.data(), *x1 = x0 + cw, *x2 = x1 + cw, *x3 = x2 + cw;
         double w[4][kTile] = {};  // 0 beyond the last kept image (whose x stays finite)
         int64_t r = 0;
         for (; r + 4 <= A.R; r += 4) {  // four rows at a time: sixteen multiply-adds per eight loads
           for (int64_t i = 0; i < 4; ++i)
             for (int64_t j = 0; j < kn; ++j) w[i][j] = W[(r + i) * A.N + kept[k0 + j]];
-          double *a0 = acc.data() + r * kChunk, *a1 = a0 + kChunk, *a2 = a1 + kChunk, *a3 = a2 + kChunk;
+          double *a0 = acc.data() + r * cw, *a1 = a0 + cw, *a2 = a1 + cw, *a3 = a2 + cw;
 #pragma omp simd
           for (int64_t e = 0; e < len; ++e) {
             const double v0 = x0[e], v1 = x1[e], v2 = x2[e], v3 = x3[e];
@@ -158,14 +165,15 @@ void means(const ExpansionMeansArgs& A, const T* X, const double* W, const doubl
         }
         for (; r < A.R; ++r) {
           for (int64_t j = 0; j < kn; ++j) w[0][j] = W[r * A.N + kept[k0 + j]];
-          double* a0 = acc.data() + r * kChunk;
+          double* a0 = acc.data() + r * cw;
 #pragma omp simd
-          for (int64_t e = 0; e < len; ++e) a0[e] += w[0][0] * x0[e] + w[0][1] * x1[e] + w[0][2] * x2[e] + w[0][3] * x3[e];
+          for (int64_t e = 0; e < len; ++e)
+            a0[e] += w[0][0] * x0[e] + w[0][1] * x1[e] + w[0][2] * x2[e] + w[0][3] * x3[e];
         }
       }
       for (int64_t r = 0; r < A.R; ++r) {
         const double inv = 1.0 / sums[r];
-        for (int64_t e = 0; e < len; ++e) A.out[r * A.D + c0 + e] = acc[r * kChunk + e] * inv;
+        for (int64_t e = 0; e < len; ++e) A.out[r * A.D + c0 + e] = acc[r * cw + e] * inv;
       }
     }
   }
@@ -177,13 +185,12 @@ int64_t run(const ExpansionMeansArgs& A) {
   std::vector<double> L(static_cast<size_t>(A.R * A.N)), sums(static_cast<size_t>(A.R));
   logits(A, X, L.data(), resolve_threads(A.n_threads, (A.N + kTile - 1) / kTile));
   weights(A, L.data(), sums.data(), resolve_threads(A.n_threads, A.R));
+  std::vector<char> keep(static_cast<size_t>(A.N), 0);  // the images some row keeps, row by row (contiguous)
+  for (int64_t r = 0; r < A.R; ++r)
+    for (int64_t n = 0; n < A.N; ++n) keep[n] |= L[r * A.N + n] != 0.0;
   std::vector<int64_t> kept;
   for (int64_t n = 0; n < A.N; ++n)
-    for (int64_t r = 0; r < A.R; ++r)
-      if (L[r * A.N + n] != 0.0) {
-        kept.push_back(n);
-        break;
-      }
+    if (keep[n]) kept.push_back(n);
   means(A, X, L.data(), sums.data(), kept, resolve_threads(A.n_threads, (A.D + 15) / 16));
   return static_cast<int64_t>(kept.size());
 }

@@ -23,6 +23,15 @@ inline int resolve_threads(int requested, int64_t n_items) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, n_items)));
 }
 
+// The calling thread's index in the current OpenMP team (0 outside one or without OpenMP).
+inline int thread_index() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
 // An exception may not leave an OpenMP region (the runtime aborts the process): work inside one runs
 // through run(), which keeps the first exception; rethrow() raises it after the region.
 class FirstError {
