@@ -161,6 +161,9 @@ struct Pieces {
     __builtin_memcpy(&v, static_cast<const char*>(block) + p * kNativeBytes, kNativeBytes);
     return v;
   }
+  static inline void store(void* block, int p, const type& v) {
+    __builtin_memcpy(static_cast<char*>(block) + p * kNativeBytes, &v, kNativeBytes);
+  }
 };
 
 // The largest and the sum of a GCC vector's W lanes, by halves (a tree of log2 W vector operations instead of a
@@ -228,8 +231,7 @@ template <typename B>
 inline B block_exp(const B& d) {
   B w;
   for (int i = 0; i < Pieces<float>::n; ++i) {
-    const typename Pieces<float>::type x = exp_nonpos_vec(Pieces<float>::load(&d, i));
-    __builtin_memcpy(reinterpret_cast<char*>(&w) + i * kNativeBytes, &x, kNativeBytes);
+    Pieces<float>::store(&w, i, exp_nonpos_vec(Pieces<float>::load(&d, i)));
   }
   return w;
 }
@@ -275,14 +277,14 @@ inline void transpose_block(const T* const* rows, int64_t D, typename BlockVec<T
     for (int64_t e = e0; e < D; ++e) Phi[e][j] = rows[j][e];
 }
 
-// scale * v and the float block of v - m, by native pieces (the same values as the block-wide expressions).
-// (Under AVX-512 a block of doubles is two registers and the block-wide forms measured faster.)
+// scale * v and the float block of v - m, by native pieces (the same values as the block-wide expressions). Under
+// AVX-512 these, block_sum and block_max keep the block-wide forms of before this file's change (tried while
+// looking for LS's k = 3 slowdown there, RESULTS section 7: the pieces measured no different, within noise).
 inline typename BlockVec<double>::type scaled(const typename BlockVec<double>::type& v, double scale) {
   if constexpr (kNativeBytes == 64) return scale * v;
   typename BlockVec<double>::type out;
   for (int p = 0; p < Pieces<double>::n; ++p) {
-    const typename Pieces<double>::type x = scale * Pieces<double>::load(&v, p);
-    __builtin_memcpy(reinterpret_cast<char*>(&out) + p * kNativeBytes, &x, kNativeBytes);
+    Pieces<double>::store(&out, p, scale * Pieces<double>::load(&v, p));
   }
   return out;
 }
@@ -347,8 +349,7 @@ inline typename BlockVec<double>::type row_sums(const AlignedArgs<T>& A, int64_t
       }
     V sum;
     for (int p = 0; p < P; ++p) {
-      const N piece = (s0[p] + s1[p]) + (s2[p] + s3[p]);
-      __builtin_memcpy(reinterpret_cast<char*>(&sum) + p * kNativeBytes, &piece, kNativeBytes);
+      Pieces<T>::store(&sum, p, (s0[p] + s1[p]) + (s2[p] + s3[p]));
     }
     L += __builtin_convertvector(sum, VD);
   }
@@ -379,8 +380,7 @@ inline typename BlockVec<double>::type row_sums_runs(const Runs& R, int64_t r,
       s0[p] += R.w[u] * (Pieces<double>::load(Pre + R.hi[u], p) - Pieces<double>::load(Pre + R.lo[u], p));
   VD out;
   for (int p = 0; p < P; ++p) {
-    const N piece = scale * (s0[p] + s1[p]);
-    __builtin_memcpy(reinterpret_cast<char*>(&out) + p * kNativeBytes, &piece, kNativeBytes);
+    Pieces<double>::store(&out, p, scale * (s0[p] + s1[p]));
   }
   return out;
 }
@@ -441,7 +441,7 @@ void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& 
           const VD r = __builtin_convertvector(Res[e], VD);
           for (int p = 0; p < PD; ++p) {
             run[p] += Pieces<double>::load(&r, p);
-            __builtin_memcpy(reinterpret_cast<char*>(&Pre[e + 1]) + p * kNativeBytes, &run[p], kNativeBytes);
+            Pieces<double>::store(&Pre[e + 1], p, run[p]);
           }
         }
       }
