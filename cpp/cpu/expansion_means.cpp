@@ -1,15 +1,20 @@
 // expansion_means.cpp -- softmax-weighted means of whole training images for query rows that share them (the
-// smoothed closed-form denoiser's draws, machines/smoothed.py), in three passes over the images as they are
-// stored (float32 or float64; each pass converts to double as it reads, so float32 images are read at half the
-// bytes of a float64 copy):
+// smoothed closed-form denoiser's draws, machines/smoothed.py), in one pass over the images as they are stored
+// (float32 or float64, converted to double as they are read: float32 images are read at half the bytes of a float64
+// copy, and once, not once for the logits and again for the means):
 //
-//   1. logits  l[r, n] = c1[r] <q_r, x_n> - c2[r] sq[n]   (float64 dot products, four images at a time);
-//   2. weights w[r, n] = exp(l[r, n] - max_n l[r, n]), 0 below e^-cut or where the labels differ; their sums;
-//   3. means   out[r] = sum_n w[r, n] x_n / sum_n w[r, n], over the images some row keeps, in image order.
+//   logits  l[r, n] = c1[r] <q_r, x_n> - c2[r] sq[n]   (float64 dot products, four images and four rows at a time);
+//   means   out[r] = sum_n w[r, n] x_n / sum_n w[r, n],  w[r, n] = exp(l[r, n] - max_n l[r, n]),
+//           left out below e^-cut of the row's largest and where the labels differ.
 //
-// Every value depends only on its own row and image (pass 1), on its row (pass 2) or on its row and element
-// (pass 3, each thread a range of elements), and sums run in image order: the result does not depend on the
-// number of threads.
+// The images are cut into blocks fixed by N alone (not by the thread count), each a streaming softmax of its own
+// (flash-attention's online form): a segment of 16 images is converted to double once, its logits taken, each row's
+// running maximum raised (the block's sums rescaled when it rises), and the segment's weighted images added, so the
+// images leave the first- and second-level caches after one visit. The blocks' maxima, sums and weighted sums are
+// merged in block order at the end. Every value depends only on its row, its block and the order within the block:
+// the result does not depend on the number of threads. A block adds an image whose weight is below e^-cut of the
+// block's running maximum but not of the row's (an image the merge would have left out): below e^-cut relative,
+// under float64 rounding for any N under 10^9 (cut 60).
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -21,8 +26,11 @@
 namespace patchmosaic {
 namespace {
 
-constexpr int64_t kTile = 4;     // images per tile of pass 1
+constexpr int64_t kTile = 4;     // images per tile of the dot products
 constexpr int64_t kChunk = 256;  // elements per step of a tile's dot products
+constexpr int64_t kSeg = 16;     // images per segment (converted once, used for the logits and the sums)
+constexpr int64_t kAcc = 128;    // elements per step of a segment's weighted sums
+constexpr double kBlockBudget = 64.0 * (1 << 20);  // bytes of the blocks' weighted sums (rows in groups to fit)
 
 template <typename T>
 inline void to_double(const T* x, double* out, int64_t D) {
@@ -30,9 +38,9 @@ inline void to_double(const T* x, double* out, int64_t D) {
   for (int64_t e = 0; e < D; ++e) out[e] = static_cast<double>(x[e]);
 }
 
-// adds <q_i, x_j> for four rows q_0..q_3 (ld apart) and the tile's four images x_0..x_3 (double): s[4 i + j]. Sixteen
-// sums from eight loads per element: the loop runs at the multiply-adds' rate, not the loads'
-inline void dots44(const double* q, const double* x, int64_t D, int64_t ld, double* s) {
+// adds <q_i, x_j> for four rows q_0..q_3 (ld apart) and four images x_0..x_3 (double, ld apart) to s[i * ls + j].
+// Sixteen sums from eight loads per element: the loop runs at the multiply-adds' rate, not the loads'
+inline void dots44(const double* q, const double* x, int64_t D, int64_t ld, double* s, int64_t ls) {
   double s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
   double s20 = 0, s21 = 0, s22 = 0, s23 = 0, s30 = 0, s31 = 0, s32 = 0, s33 = 0;
   const double *q0 = q, *q1 = q + ld, *q2 = q + 2 * ld, *q3 = q + 3 * ld;
@@ -46,11 +54,12 @@ inline void dots44(const double* q, const double* x, int64_t D, int64_t ld, doub
     s20 += a2 * b0, s21 += a2 * b1, s22 += a2 * b2, s23 += a2 * b3;
     s30 += a3 * b0, s31 += a3 * b1, s32 += a3 * b2, s33 += a3 * b3;
   }
-  const double v[16] = {s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33};
-  for (int i = 0; i < 16; ++i) s[i] += v[i];
+  const double v[4][4] = {{s00, s01, s02, s03}, {s10, s11, s12, s13}, {s20, s21, s22, s23}, {s30, s31, s32, s33}};
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) s[i * ls + j] += v[i][j];
 }
 
-// adds <q, x_j> for one row and the tile's four images (ld apart)
+// adds <q, x_j> for one row and four images (ld apart) to s[j]
 inline void dots14(const double* q, const double* x, int64_t D, int64_t ld, double* s) {
   double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
   const double *x0 = x, *x1 = x + ld, *x2 = x + 2 * ld, *x3 = x + 3 * ld;
@@ -72,127 +81,203 @@ inline double dot(const double* q, const double* x, int64_t D) {
   return s;
 }
 
-template <typename T>
-void logits(const ExpansionMeansArgs& A, const T* X, double* L, int nt) {
-  const int64_t n_tiles = (A.N + kTile - 1) / kTile;
-  // each thread's tile of images and their dot products (row-major), allocated before the parallel region (an
-  // exception may not leave one)
-  std::vector<std::vector<double>> tiles(nt, std::vector<double>(static_cast<size_t>(kTile * A.D)));
-  std::vector<std::vector<double>> sums(nt, std::vector<double>(static_cast<size_t>(A.R * kTile)));
-#pragma omp parallel num_threads(nt)
-  {
-    std::vector<double>& tile = tiles[thread_index()];
-    std::vector<double>& S = sums[thread_index()];
-#pragma omp for schedule(static)
-    for (int64_t it = 0; it < n_tiles; ++it) {
-      const int64_t n0 = it * kTile, nn = std::min<int64_t>(kTile, A.N - n0);
-      for (int64_t j = 0; j < nn; ++j) to_double(X + (n0 + j) * A.D, tile.data() + j * A.D, A.D);
-      std::fill(S.begin(), S.end(), 0.0);
-      if (nn == kTile)  // the four images against every row, kChunk elements at a time (the tile's and the
-        for (int64_t e0 = 0; e0 < A.D; e0 += kChunk) {  // rows' chunks stay in the first-level cache)
-          const int64_t len = std::min(kChunk, A.D - e0);
-          int64_t r = 0;
-          for (; r + 4 <= A.R; r += 4) dots44(A.Q + r * A.D + e0, tile.data() + e0, len, A.D, S.data() + r * kTile);
-          for (; r < A.R; ++r) dots14(A.Q + r * A.D + e0, tile.data() + e0, len, A.D, S.data() + r * kTile);
-        }
-      else
-        for (int64_t r = 0; r < A.R; ++r)
-          for (int64_t j = 0; j < nn; ++j) S[r * kTile + j] = dot(A.Q + r * A.D, tile.data() + j * A.D, A.D);
-      for (int64_t r = 0; r < A.R; ++r)
-        for (int64_t j = 0; j < nn; ++j)
-          L[r * A.N + n0 + j] = A.c1[r] * S[r * kTile + j] - A.c2[r] * A.sq[n0 + j];
-    }
-  }
+// images per block: at least 256, at most 32 blocks; a function of N alone, so that the result is one of N alone
+inline int64_t block_images(int64_t N) {
+  const int64_t b = std::max<int64_t>(256, (N + 31) / 32);
+  return (b + kSeg - 1) / kSeg * kSeg;
 }
 
-// logits -> weights in place (0 where left out), their sums per row
-void weights(const ExpansionMeansArgs& A, double* L, double* sums, int nt) {
-  const double inf = std::numeric_limits<double>::infinity();
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t r = 0; r < A.R; ++r) {
-    double* l = L + r * A.N;
-    if (A.row_label)
-      for (int64_t n = 0; n < A.N; ++n)
-        if (A.img_label[n] != A.row_label[r]) l[n] = -inf;
-    double m = -inf;
-    for (int64_t n = 0; n < A.N; ++n) m = std::max(m, l[n]);
-    double s = 0.0;
-    for (int64_t n = 0; n < A.N; ++n) {
-      const double d = l[n] - m;
-      l[n] = d >= -A.cut ? std::exp(d) : 0.0;  // also 0 for -inf (an image of another label)
-      s += l[n];
-    }
-    sums[r] = s;
-  }
-}
+// a block's streaming softmax for rows [r0, r0 + nr): running maxima m and weight sums s (nr), weighted sums a
+// (nr x D), the sums scaled to e^-m
+struct BlockState {
+  double *m, *s, *a;
+};
 
-template <typename T>
-void means(const ExpansionMeansArgs& A, const T* X, const double* W, const double* sums,
-           const std::vector<int64_t>& kept, int nt) {
-  // each thread a range of elements (a multiple of 16, so that threads do not share cache lines of out), taken
-  // cw at a time: the rows' sums of that chunk (R x cw, in the first-level cache for a few tens of rows) while four
-  // images at a time are added to them (four multiply-adds per load and store of a sum)
-  const int64_t per = ((A.D + nt - 1) / nt + 15) / 16 * 16, K = static_cast<int64_t>(kept.size());
-  const int64_t cw = std::min(kChunk, per);  // elements per step (a range's sums: R x cw)
-  const int n_ranges = static_cast<int>((A.D + per - 1) / per);
-  std::vector<std::vector<double>> accs(n_ranges, std::vector<double>(static_cast<size_t>(A.R * cw)));
-  std::vector<std::vector<double>> xs(n_ranges, std::vector<double>(static_cast<size_t>(kTile * cw), 0.0));
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int g = 0; g < n_ranges; ++g) {
-    const int64_t e0 = g * per, e1 = std::min(A.D, e0 + per);
-    std::vector<double>&acc = accs[g], &x = xs[g];
-    for (int64_t c0 = e0; c0 < e1; c0 += cw) {
-      const int64_t len = std::min(cw, e1 - c0);
-      std::fill(acc.begin(), acc.end(), 0.0);
-      for (int64_t k0 = 0; k0 < K; k0 += kTile) {
-        const int64_t kn = std::min(kTile, K - k0);
-        for (int64_t j = 0; j < kn; ++j) to_double(X + kept[k0 + j] * A.D + c0, x.data() + j * cw, len);
-        const double *x0 = x.data(), *x1 = x0 + cw, *x2 = x1 + cw, *x3 = x2 + cw;
-        double w[4][kTile] = {};  // 0 beyond the last kept image (whose x stays finite)
+// a thread's working space for one segment, allocated before the parallel region (an exception may not leave one)
+struct Scratch {
+  std::vector<double> tile;   // the segment's images in double (kSeg x D)
+  std::vector<double> l;      // their logits, then weights (nr x kSeg)
+  std::vector<int64_t> kept;  // the segment's images that some row keeps
+  Scratch(int64_t D, int64_t nr)
+      : tile(static_cast<size_t>(kSeg * D)), l(static_cast<size_t>(nr * kSeg)), kept(static_cast<size_t>(kSeg)) {}
+};
+
+// asks for the next segment's images (bytes [p, end)) a slice at a time while this one's are multiplied, so that
+// memory is read while the products run (the hardware's prefetcher alone ran out of reach of a segment's 50 KB)
+struct Prefetch {
+  const char *p, *end;
+  int64_t step;  // bytes per slice
+  void slice() {
+    for (const char* q = p, *stop = std::min(end, p + step); q < stop; q += 64) __builtin_prefetch(q, 0, 1);
+    p = std::min(end, p + step);
+  }
+};
+
+// the dot products of rows [r0, r0 + nr) with the segment's ns images (in sc.tile) -> sc.l (row stride kSeg)
+void segment_dots(const ExpansionMeansArgs& A, int64_t r0, int64_t nr, int64_t ns, Scratch& sc, Prefetch& pf) {
+  const int64_t D = A.D;
+  const double* Q = A.Q + r0 * D;
+  double* S = sc.l.data();
+  std::fill(sc.l.begin(), sc.l.end(), 0.0);
+  for (int64_t j0 = 0; j0 < ns; j0 += kTile) {
+    const double* x = sc.tile.data() + j0 * D;
+    if (ns - j0 >= kTile)  // four images against every row, kChunk elements at a time (the images' and the rows'
+      for (int64_t e0 = 0; e0 < D; e0 += kChunk) {  // chunks stay in the first-level cache)
+        const int64_t len = std::min(kChunk, D - e0);
+        pf.slice();
         int64_t r = 0;
-        for (; r + 4 <= A.R; r += 4) {  // four rows at a time: sixteen multiply-adds per eight loads
-          for (int64_t i = 0; i < 4; ++i)
-            for (int64_t j = 0; j < kn; ++j) w[i][j] = W[(r + i) * A.N + kept[k0 + j]];
-          double *a0 = acc.data() + r * cw, *a1 = a0 + cw, *a2 = a1 + cw, *a3 = a2 + cw;
+        for (; r + 4 <= nr; r += 4) dots44(Q + r * D + e0, x + e0, len, D, S + r * kSeg + j0, kSeg);
+        for (; r < nr; ++r) dots14(Q + r * D + e0, x + e0, len, D, S + r * kSeg + j0);
+      }
+    else
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t j = 0; j < ns - j0; ++j) S[r * kSeg + j0 + j] = dot(Q + r * D, x + j * D, D);
+  }
+}
+
+// one segment of images [n0, n0 + ns) into a block's state: logits (also written to L), each row's running maximum
+// raised (the block's sums rescaled), the weights, and the weighted images of those some row keeps
+template <typename T>
+void segment(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, int64_t n0, int64_t ns, int64_t n_next,
+             double* L, const BlockState& st, Scratch& sc) {
+  const int64_t D = A.D;
+  const double inf = std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < ns; ++j) to_double(X + (n0 + j) * D, sc.tile.data() + j * D, D);
+  // the next segment's images (up to n_next), spread over this one's chunks of products
+  const char* next = reinterpret_cast<const char*>(X + (n0 + ns) * D);
+  const int64_t bytes = (n_next - n0 - ns) * D * static_cast<int64_t>(sizeof(T));
+  const int64_t slices = (ns / kTile) * ((D + kChunk - 1) / kChunk);
+  Prefetch pf{next, next + bytes, slices > 0 ? (bytes / slices + 64) / 64 * 64 : 0};
+  segment_dots(A, r0, nr, ns, sc, pf);
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t rr = r0 + r;
+    double* l = sc.l.data() + r * kSeg;
+    double mx = -inf;
+    for (int64_t j = 0; j < ns; ++j) {
+      const int64_t n = n0 + j;
+      l[j] = A.row_label && A.img_label[n] != A.row_label[rr] ? -inf : A.c1[rr] * l[j] - A.c2[rr] * A.sq[n];
+      L[rr * A.N + n] = l[j];
+      mx = std::max(mx, l[j]);
+    }
+    if (mx > st.m[r]) {  // a new largest logit: what the block has added so far, scaled to it
+      if (st.s[r] > 0.0) {
+        const double f = st.m[r] - mx >= -A.cut ? std::exp(st.m[r] - mx) : 0.0;
+        double* a = st.a + r * D;
 #pragma omp simd
-          for (int64_t e = 0; e < len; ++e) {
-            const double v0 = x0[e], v1 = x1[e], v2 = x2[e], v3 = x3[e];
-            a0[e] += w[0][0] * v0 + w[0][1] * v1 + w[0][2] * v2 + w[0][3] * v3;
-            a1[e] += w[1][0] * v0 + w[1][1] * v1 + w[1][2] * v2 + w[1][3] * v3;
-            a2[e] += w[2][0] * v0 + w[2][1] * v1 + w[2][2] * v2 + w[2][3] * v3;
-            a3[e] += w[3][0] * v0 + w[3][1] * v1 + w[3][2] * v2 + w[3][3] * v3;
-          }
-        }
-        for (; r < A.R; ++r) {
-          for (int64_t j = 0; j < kn; ++j) w[0][j] = W[r * A.N + kept[k0 + j]];
-          double* a0 = acc.data() + r * cw;
+        for (int64_t e = 0; e < D; ++e) a[e] *= f;
+        st.s[r] *= f;
+      }
+      st.m[r] = mx;
+    }
+    for (int64_t j = 0; j < ns; ++j) {
+      const double d = l[j] - st.m[r];  // NaN where both are -inf (no image of the row's label yet): left out
+      l[j] = d >= -A.cut ? std::exp(d) : 0.0;
+      st.s[r] += l[j];
+    }
+    std::fill(l + ns, l + kSeg, 0.0);
+  }
+  int64_t K = 0;  // the images some row keeps, in image order
+  for (int64_t j = 0; j < ns; ++j)
+    for (int64_t r = 0; r < nr; ++r)
+      if (sc.l[r * kSeg + j] != 0.0) {
+        sc.kept[K++] = j;
+        break;
+      }
+  // their weighted sums, kAcc elements at a time (the rows' sums and the images' chunks in the first-level cache),
+  // four images and four rows at a time (sixteen multiply-adds per eight loads); an image short of four is the last
+  // kept one again with weight 0
+  for (int64_t e0 = 0; e0 < D; e0 += kAcc) {
+    const int64_t len = std::min(kAcc, D - e0);
+    for (int64_t k0 = 0; k0 < K; k0 += kTile) {
+      const int64_t kn = std::min(kTile, K - k0);
+      int64_t idx[kTile];
+      for (int64_t j = 0; j < kTile; ++j) idx[j] = sc.kept[std::min(k0 + j, K - 1)];
+      const double *x0 = sc.tile.data() + idx[0] * D + e0, *x1 = sc.tile.data() + idx[1] * D + e0;
+      const double *x2 = sc.tile.data() + idx[2] * D + e0, *x3 = sc.tile.data() + idx[3] * D + e0;
+      double w[4][kTile];
+      int64_t r = 0;
+      for (; r + 4 <= nr; r += 4) {
+        for (int64_t i = 0; i < 4; ++i)
+          for (int64_t j = 0; j < kTile; ++j) w[i][j] = j < kn ? sc.l[(r + i) * kSeg + idx[j]] : 0.0;
+        double *a0 = st.a + r * D + e0, *a1 = a0 + D, *a2 = a1 + D, *a3 = a2 + D;
 #pragma omp simd
-          for (int64_t e = 0; e < len; ++e)
-            a0[e] += w[0][0] * x0[e] + w[0][1] * x1[e] + w[0][2] * x2[e] + w[0][3] * x3[e];
+        for (int64_t e = 0; e < len; ++e) {
+          const double v0 = x0[e], v1 = x1[e], v2 = x2[e], v3 = x3[e];
+          a0[e] += w[0][0] * v0 + w[0][1] * v1 + w[0][2] * v2 + w[0][3] * v3;
+          a1[e] += w[1][0] * v0 + w[1][1] * v1 + w[1][2] * v2 + w[1][3] * v3;
+          a2[e] += w[2][0] * v0 + w[2][1] * v1 + w[2][2] * v2 + w[2][3] * v3;
+          a3[e] += w[3][0] * v0 + w[3][1] * v1 + w[3][2] * v2 + w[3][3] * v3;
         }
       }
-      for (int64_t r = 0; r < A.R; ++r) {
-        const double inv = 1.0 / sums[r];
-        for (int64_t e = 0; e < len; ++e) A.out[r * A.D + c0 + e] = acc[r * cw + e] * inv;
+      for (; r < nr; ++r) {
+        for (int64_t j = 0; j < kTile; ++j) w[0][j] = j < kn ? sc.l[r * kSeg + idx[j]] : 0.0;
+        double* a0 = st.a + r * D + e0;
+#pragma omp simd
+        for (int64_t e = 0; e < len; ++e)
+          a0[e] += w[0][0] * x0[e] + w[0][1] * x1[e] + w[0][2] * x2[e] + w[0][3] * x3[e];
       }
     }
+  }
+}
+
+// rows [r0, r0 + nr): every block's streaming softmax (blocks in parallel), then their merge in block order into
+// out; M gets each row's largest logit
+template <typename T>
+void row_group(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, double* L, double* M,
+               std::vector<double>& bm, std::vector<double>& bs, std::vector<double>& ba,
+               std::vector<Scratch>& scratch, int nt) {
+  const int64_t D = A.D, per = block_images(A.N), nb = (A.N + per - 1) / per;
+#pragma omp parallel for num_threads(nt) schedule(dynamic)
+  for (int64_t b = 0; b < nb; ++b) {  // nothing here allocates or throws
+    const BlockState st{bm.data() + b * nr, bs.data() + b * nr, ba.data() + b * nr * D};
+    std::fill(st.m, st.m + nr, -std::numeric_limits<double>::infinity());
+    std::fill(st.s, st.s + nr, 0.0);
+    std::fill(st.a, st.a + nr * D, 0.0);
+    const int64_t n1 = std::min(A.N, (b + 1) * per);
+    for (int64_t n0 = b * per; n0 < n1; n0 += kSeg)
+      segment(A, X, r0, nr, n0, std::min(kSeg, n1 - n0), std::min(n1, n0 + 2 * kSeg), L, st,
+              scratch[thread_index()]);
+  }
+#pragma omp parallel for num_threads(std::min<int64_t>(nt, nr)) schedule(static)
+  for (int64_t r = 0; r < nr; ++r) {
+    double top = -std::numeric_limits<double>::infinity(), tot = 0.0;
+    for (int64_t b = 0; b < nb; ++b) top = std::max(top, bm[b * nr + r]);
+    double* out = A.out + (r0 + r) * D;
+    std::fill(out, out + D, 0.0);
+    for (int64_t b = 0; b < nb; ++b) {
+      const double d = bm[b * nr + r] - top;
+      if (!(d >= -A.cut) || bs[b * nr + r] == 0.0) continue;  // the block's images all below e^-cut of the row's
+      const double f = std::exp(d), *a = ba.data() + (b * nr + r) * D;
+      tot += f * bs[b * nr + r];
+#pragma omp simd
+      for (int64_t e = 0; e < D; ++e) out[e] += f * a[e];
+    }
+    const double inv = 1.0 / tot;
+    for (int64_t e = 0; e < D; ++e) out[e] *= inv;
+    M[r0 + r] = top;
   }
 }
 
 template <typename T>
 int64_t run(const ExpansionMeansArgs& A) {
   const T* X = static_cast<const T*>(A.X);
-  std::vector<double> L(static_cast<size_t>(A.R * A.N)), sums(static_cast<size_t>(A.R));
-  logits(A, X, L.data(), resolve_threads(A.n_threads, (A.N + kTile - 1) / kTile));
-  weights(A, L.data(), sums.data(), resolve_threads(A.n_threads, A.R));
-  std::vector<char> keep(static_cast<size_t>(A.N), 0);  // the images some row keeps, row by row (contiguous)
+  const int64_t D = A.D, per = block_images(A.N), nb = (A.N + per - 1) / per;
+  // rows in groups whose blocks' weighted sums fit the budget (a multiple of four rows: a row's dot products take
+  // the same path in any group)
+  int64_t rg = A.R;
+  if (static_cast<double>(nb) * A.R * D * 8.0 > kBlockBudget)
+    rg = std::min(A.R, std::max<int64_t>(4, static_cast<int64_t>(kBlockBudget / (8.0 * nb * D)) / 4 * 4));
+  const int nt = resolve_threads(A.n_threads, nb);
+  std::vector<double> L(static_cast<size_t>(A.R * A.N)), M(static_cast<size_t>(A.R));
+  std::vector<double> bm(static_cast<size_t>(nb * rg)), bs(static_cast<size_t>(nb * rg));
+  std::vector<double> ba(static_cast<size_t>(nb * rg * D));
+  std::vector<Scratch> scratch(static_cast<size_t>(nt), Scratch(D, rg));
+  for (int64_t r0 = 0; r0 < A.R; r0 += rg)
+    row_group(A, X, r0, std::min(rg, A.R - r0), L.data(), M.data(), bm, bs, ba, scratch, nt);
+  std::vector<char> keep(static_cast<size_t>(A.N), 0);  // the images whose weight some row keeps
   for (int64_t r = 0; r < A.R; ++r)
-    for (int64_t n = 0; n < A.N; ++n) keep[n] |= L[r * A.N + n] != 0.0;
-  std::vector<int64_t> kept;
-  for (int64_t n = 0; n < A.N; ++n)
-    if (keep[n]) kept.push_back(n);
-  means(A, X, L.data(), sums.data(), kept, resolve_threads(A.n_threads, (A.D + 15) / 16));
-  return static_cast<int64_t>(kept.size());
+    for (int64_t n = 0; n < A.N; ++n) keep[n] |= L[r * A.N + n] - M[r] >= -A.cut;
+  return std::count(keep.begin(), keep.end(), 1);
 }
 
 }  // namespace

@@ -14,9 +14,10 @@ on the device of the query; autograd differentiates them. Weights below e^-60 of
 (below float64 rounding, and no exp among the denormals); where the draws keep few images, as at all but the
 highest noise levels, the means are taken over those alone. On the CPU a call that nothing differentiates,
 transforms or traces runs the same function as one compiled forward-only kernel (``ops.expansion_means``: the
-logits and means in float64 from the images as stored, float32 read at half the bytes, 2.3-4.5x faster than the
-two products), equal to the torch operations to float64 rounding. The draws are seeded: a call's noise is
-a function of the machine's seed, the call's time and the query's shape, so the same call gives the same result.
+logits and means in float64 from the images as stored, float32 read at half the bytes and each image once, a
+streaming softmax per block of images), equal to the torch operations to float64 rounding. The draws are seeded:
+a call's noise is a function of the machine's seed, the call's time and the query's shape, so the same call gives
+the same result.
 
 ``s`` is constant in the variance-preserving coordinates of the project (``coordinates="vp"``, as the Studio's
 ``smoothing_std``; its settings: 1 for MNIST, 0.1 for the other data sets) or constant in the paper's interpolant
@@ -203,9 +204,11 @@ class SmoothedCFDM(Machine):
         if len(shape) != 4 or min(shape) < 1:
             raise ValueError(f"a batch shape is (B, C, H, W) with positive sizes, got {shape}")
         rows, D = shape[0] * self.samples, int(np.prod(shape[1:]))
-        # the compiled kernel's buffers per thread: a tile of 4 images, their dot products, a range's sums
+        # the compiled kernel's buffers: per thread a segment of 16 images and their logits; the blocks' (at most 32)
+        # weighted sums, rows in groups that keep them within 64 MiB (at least four rows at a time)
         threads = self.n_threads if self.n_threads > 0 else self._default_threads
-        need = 8 * (self.N * D + self.N + 3 * rows * D + 3 * rows * self.N + threads * (4 * D + 4 * rows + 256 * rows))
+        blocks = min(32 * rows * (D + 2), max(2 ** 23, 32 * 4 * (D + 2)))
+        need = 8 * (self.N * D + self.N + 3 * rows * D + 3 * rows * self.N + threads * 16 * (D + rows) + blocks)
         ops.checks.memory(need, f"SmoothedCFDM.denoise on a batch of shape {shape} ({self.samples} draws)", self.max_memory)
 
     def describe(self) -> dict:

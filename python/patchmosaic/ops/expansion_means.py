@@ -1,8 +1,8 @@
 """Softmax-weighted means of whole training images for query rows that share them, on the compiled CPU engine
 (cpu/expansion_means.cpp): the smoothed closed-form denoiser's draws in one call, the logits by expansion in float64
-from the images as they are stored (float32 images are read at half the bytes of a float64 copy, and once for the
-logits, once more only where some row keeps an image). Forward only: callers that need derivatives compose the
-same function from torch operations."""
+from the images as they are stored (float32 images are read at half the bytes of a float64 copy), each image read
+once: a streaming softmax per block of images (the blocks fixed by N), merged in block order. Forward only: callers
+that need derivatives compose the same function from torch operations."""
 
 from __future__ import annotations
 
@@ -21,7 +21,9 @@ def expansion_means(X: torch.Tensor, sq: torch.Tensor, Q: torch.Tensor, c1: torc
     c1[r] <Q[r], X[n]> - c2[r] sq[n]`` in float64, the weights below ``e^-cut`` of a row's largest and the images
     whose label is not the row's left out. ``X``: ``(N, D)`` float32 or float64 on the CPU; ``sq``: ``(N,)``
     float64; ``Q``: ``(R, D)``, ``c1``, ``c2``: ``(R,)``, taken in float64. Returns ``(out (R, D) float64, how
-    many images some row keeps)``; the result does not depend on ``n_threads``."""
+    many images some row keeps)``; the result does not depend on ``n_threads``. A block may add an image below
+    ``e^-cut`` of its row's largest weight but not of the block's running largest (below float64 rounding of the
+    sum for cut 60)."""
     if X.device.type != "cpu" or X.dtype not in (torch.float32, torch.float64) or X.dim() != 2:
         raise ValueError(f"X must be a 2-d float32 or float64 CPU tensor, got {X.dtype} {tuple(X.shape)} on {X.device}")
 
