@@ -68,6 +68,21 @@ def test_draws_are_seeded_and_reproducible():
                        rtol=0, atol=1e-12)
 
 
+
+def test_eager_draws_are_the_ops_draws():
+    """An eager call takes its draws from ``ops.seeded_draws`` (no op dispatch); a compiled graph from the op
+    ``ops.seeded_normal`` (times read when the graph runs): the same draws, bit for bit."""
+    from patchmosaic import ops
+
+    times = [0.25, 0.5, 0.5]
+    shape = [3, C, H, W]
+    eager = ops.seeded_draws(times, 5, 4, shape)
+    assert eager.shape == (4, 3, C, H, W) and eager.dtype == torch.float64
+    assert torch.equal(eager, ops.seeded_normal(torch.tensor(times, dtype=torch.float64), 5, 4, shape))
+    assert not torch.equal(eager[:, 1], eager[:, 2])  # the image's index is in the seed
+    with pytest.raises(ValueError, match="one time per image"):
+        ops.seeded_draws(times[:2], 5, 4, shape)
+
 def test_gradients_and_the_samplers():
     imgs, _ = data()
     m = pm.SmoothedCFDM(imgs, smoothing=0.3, samples=3)
@@ -246,3 +261,37 @@ def test_compiled_equals_eager_where_eager_gathers_the_kept_images():
     logits = torch.zeros(1, 300, dtype=torch.float64)
     logits[0, 5:] = -1e4
     assert (smoothed.weighted_means(logits, imgs.reshape(300, -1).T) - imgs[:5].reshape(5, -1).mean(0)).abs().max() < 1e-14
+
+
+@pytest.mark.parametrize("N,D,R", [(17, 129, 1), (257, 300, 5), (600, 7, 9), (1000, 64, 4)])
+def test_compiled_means_across_blocks_and_segments(N, D, R):
+    """The compiled op streams the images in blocks (at least 256 images each, fixed by N) of 16-image segments and
+    merges the blocks at the end: against the softmax means written out in numpy (float64, e^-60 cut) to 1e-12 of
+    the data (times |L| / 1000 where the logits are larger) at three logit scales (every image kept, some, one), with labels, images in float32; the images kept
+    counted as the reference does; the same bits on 1, 2 and 3 threads."""
+    from patchmosaic import ops
+
+    rng = np.random.default_rng(N + D + R)
+    X = rng.uniform(-1, 1, (N, D)).astype(np.float32)
+    Xd = X.astype(np.float64)
+    sq = (Xd ** 2).sum(1)
+    Q = rng.standard_normal((R, D))
+    lab, rl = rng.integers(0, 3, N), np.arange(R) % 3
+    for scale in (0.01, 3.0, 1000.0):
+        c1 = rng.uniform(0.5, 1.5, R) * scale
+        c2 = c1 * rng.uniform(0.3, 0.6, R)
+        for labelled in (False, True):
+            L = c1[:, None] * (Q @ Xd.T) - c2[:, None] * sq[None]
+            if labelled:
+                L = np.where(lab[None] == rl[:, None], L, -np.inf)
+            d = L - L.max(1, keepdims=True)
+            Wt = np.where(d >= -60, np.exp(d), 0.0)
+            want = (Wt @ Xd) / Wt.sum(1, keepdims=True)
+            args = [torch.from_numpy(v) for v in (X, sq, Q, c1, c2)]
+            kw = dict(row_label=torch.from_numpy(rl), img_label=lab) if labelled else {}
+            outs = [ops.expansion_means(*args, **kw, n_threads=n) for n in (1, 2, 3)]
+            assert all(k == int((Wt > 0).any(0).sum()) for _, k in outs)
+            # both sides round logits of size |L| (to ~1e-16 |L|), which moves the weights' ratios by that much
+            tol = 1e-12 * max(1.0, np.abs(L[np.isfinite(L)]).max() / 1e3)
+            assert np.abs(outs[0][0].numpy() - want).max() <= tol
+            assert all(torch.equal(o, outs[0][0]) for o, _ in outs[1:])

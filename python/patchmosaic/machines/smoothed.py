@@ -116,8 +116,7 @@ class SmoothedCFDM(Machine):
         float64 on the CPU, from a generator per image seeded by the machine's seed, the image's time, its index and the
         shape, so that a call is reproducible whatever came before it."""
         with outside_transforms():  # constants of the call: the same draws under torch.func's vmap
-            return ops.seeded_normal(torch.tensor(times, dtype=torch.float64), self.seed, self.samples,
-                                     [int(v) for v in shape])
+            return ops.seeded_draws([float(v) for v in times], self.seed, self.samples, [int(v) for v in shape])
 
     @docstring("""Posterior-mean estimate ``x0_hat``: the average of ``samples`` exact IS calls on the perturbed
         queries (differentiable in ``x`` and ``t`` with the draws held fixed: they are seeded by ``t``, so the

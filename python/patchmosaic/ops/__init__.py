@@ -15,7 +15,7 @@ from .state import SoftmaxState
 from .masks import gaussian_mask
 from .labels import Groups, LabelIndex, groups
 from .library import (BACKENDS, candidate_softmax, ideal_softmax, ideal_softmax_backward, local_softmax,
-                      local_softmax_backward, local_softmax_ks, seeded_normal)
+                      local_softmax_backward, local_softmax_ks, seeded_draws, seeded_normal)
 from .wiener_mask import wiener_mask_max, wiener_mask_rows, wiener_masks
 from .expansion_means import expansion_means
 from .aligned import (aligned_softmax, aligned_softmax_backward, composite, dense_table, patch_table,
@@ -26,5 +26,5 @@ __all__ = ["wiener_masks", "wiener_mask_max", "wiener_mask_rows", "expansion_mea
            "window_table", "response_count", "gaussian_mask", "ElementTable", "SoftmaxState", "local_softmax",
            "local_softmax_ks", "MultiKeySet", "local_softmax_backward", "ideal_softmax", "ideal_softmax_backward",
            "candidate_softmax", "KeySet", "csr_keyset", "MAX_MULTI_K", "ZEROS", "CIRCULAR", "LabelIndex", "Groups",
-           "groups", "BACKENDS", "seeded_normal",
+           "groups", "BACKENDS", "seeded_draws", "seeded_normal",
            "cuda_available", "cuda_built", "max_threads", "cpu_variant", "cpu_variants", "use_cpu_variant", "CUDA_MAX_CHANNELS", "CUDA_MAX_K"]

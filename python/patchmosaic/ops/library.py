@@ -558,8 +558,13 @@ def seeded_normal(times: Tensor, seed: int, samples: int, shape: List[int]) -> T
     from a generator seeded by ``seed``, its time ``times[b]`` (float64 ``(B,)``), ``b`` and ``shape``: the same
     draws for the same call whatever ran before (the smoothed denoiser's perturbations). An op, so that a compiled
     graph reads the times when it runs (a time given as a tensor) and holds the draws as one opaque node."""
+    return seeded_draws(times.detach().cpu().to(torch.float64).reshape(-1).tolist(), seed, samples, shape)
+
+
+def seeded_draws(vals: List[float], seed: int, samples: int, shape: List[int]) -> Tensor:
+    """:func:`seeded_normal` for times given as Python floats, without the op's dispatch (an eager caller's path:
+    the same draws)."""
     B = int(shape[0])
-    vals = times.detach().cpu().to(torch.float64).reshape(-1).tolist()
     if len(vals) != B:
         raise ValueError(f"seeded_normal needs one time per image ({B}), got {len(vals)}")
     eps = torch.empty((samples,) + tuple(shape), dtype=torch.float64)
