@@ -295,3 +295,19 @@ def test_compiled_means_across_blocks_and_segments(N, D, R):
             tol = 1e-12 * max(1.0, np.abs(L[np.isfinite(L)]).max() / 1e3)
             assert np.abs(outs[0][0].numpy() - want).max() <= tol
             assert all(torch.equal(o, outs[0][0]) for o, _ in outs[1:])
+
+
+def test_calls_make_no_copy_of_the_images_in_the_query_dtype(monkeypatch):
+    """The machine reads its images as stored (the compiled path) or as its float64 columns (the torch path): a call
+    never asks the base class for the images in the query's dtype (a float64 query on float32 images made a float64
+    copy it did not use)."""
+    imgs, _ = data()
+    m = pm.SmoothedCFDM(imgs.astype(np.float32), smoothing=0.3, samples=3)
+
+    def refused(*args):
+        raise AssertionError("train_as called")
+
+    monkeypatch.setattr(m, "train_as", refused)
+    x = np.random.default_rng(5).standard_normal((2, C, H, W))
+    assert m.denoise(x, 0.5).dtype == np.float64 and m.denoise(x.astype(np.float32), 0.5).dtype == np.float32
+    m.denoise(torch.from_numpy(x).requires_grad_(True), 0.5).sum().backward()

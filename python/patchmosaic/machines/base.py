@@ -154,6 +154,9 @@ class Machine:
     local = True
     rule: Optional[str] = None  # the key-set rule of a local machine (machines/keysets.py)
     soft: Optional[float] = None  # LS and ELS: a Gaussian window of width soft * k instead of the square patch
+    # whether a call takes the training images in the query's dtype on the engine's device (train_as, made once);
+    # False for a machine that reads them as stored (SmoothedCFDM): a call's `train` is then None
+    converts_images = True
 
     @property
     def parameter(self) -> Optional[str]:
@@ -524,7 +527,9 @@ class Machine:
         a, inv_2b2, t_check = self.coefficients(t, B, xt.device)
         lab = self._query_labels(labels, B)
         name = self._resolve_backend(xt, backend)
-        train = self.train_as(xt.dtype, xt.device if name in ("torch", "cuda", "triton") else torch.device("cpu"))
+        train = None
+        if self.converts_images:
+            train = self.train_as(xt.dtype, xt.device if name in ("torch", "cuda", "triton") else torch.device("cpu"))
         max_memory = 0 if self.max_memory is None else int(self.max_memory)
         return _Call(is_numpy, xt, eff, a, inv_2b2, t_check, lab, name, train, max_memory)
 

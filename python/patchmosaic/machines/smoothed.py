@@ -90,6 +90,7 @@ class SmoothedCFDM(Machine):
 """ + SOURCE_ARGS + ENGINE_ARGS
 
     local = False
+    converts_images = False  # it reads its images as stored (_images_stored, _images64)
 
     def __init__(self, images, labels=None, smoothing: float = 0.1, samples: int = 10, *, coordinates: str = "vp",
                  temperature: float = 1.0, seed: int = 0, xflip: bool = False, schedule: ScheduleLike = "cosine_legacy",
@@ -131,7 +132,7 @@ class SmoothedCFDM(Machine):
                 backend: Optional[str] = None):
         if return_provenance:
             raise ValueError("SmoothedCFDM has no provenance: each of its draws has its own winning image")
-        is_numpy, xt, _, a, inv_2b2, t_check, lab, name, train, max_memory = \
+        is_numpy, xt, _, a, inv_2b2, t_check, lab, name, _, max_memory = \
             self._prepare_call(x, t, [k], labels, backend)
         B = xt.shape[0]
         if torch.compiler.is_compiling():  # the times read when the graph runs (ops.seeded_normal)
