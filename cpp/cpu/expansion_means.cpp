@@ -10,14 +10,17 @@
 // The images are cut into blocks fixed by N alone (not by the thread count), each a streaming softmax of its own
 // (flash-attention's online form): a segment of 16 images is converted to double once, its logits taken, each row's
 // running maximum raised (the block's sums rescaled when it rises), and the segment's weighted images added, so the
-// images leave the first- and second-level caches after one visit. The blocks' maxima, sums and weighted sums are
-// merged in block order at the end. Every value depends only on its row, its block and the order within the block:
-// the result does not depend on the number of threads. A block adds an image whose weight is below e^-cut of the
-// block's running maximum but not of the row's (an image the merge would have left out): below e^-cut relative,
-// under float64 rounding for any N under 10^9 (cut 60).
+// images leave the caches after one visit. The running maxima start at a floor that every block shares (the
+// largest logit over the first segment of every block), so that a block does not add what only its own first
+// segments keep. The blocks' maxima, sums and weighted sums are merged in block order at the end. Every value
+// depends only on its row, its block and the order within the block: the result does not depend on the number of
+// threads. A block may add an image whose weight is below e^-cut of the row's largest but not of the block's
+// running maximum (an image the merge would have left out): below e^-cut relative, under float64 rounding for any
+// N under 10^9 (cut 60).
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "patchmosaic/engines.hpp"
@@ -135,13 +138,12 @@ void segment_dots(const ExpansionMeansArgs& A, int64_t r0, int64_t nr, int64_t n
   }
 }
 
-// one segment of images [n0, n0 + ns) into a block's state: logits (also written to L), each row's running maximum
-// raised (the block's sums rescaled), the weights, and the weighted images of those some row keeps
+// the logits of rows [r0, r0 + nr) for the segment of images [n0, n0 + ns) -> sc.l (row stride kSeg) and L (the
+// row's label differing: -inf), the images converted to double in sc.tile; the images up to n_next asked for
 template <typename T>
-void segment(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, int64_t n0, int64_t ns, int64_t n_next,
-             double* L, const BlockState& st, Scratch& sc) {
+void segment_logits(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, int64_t n0, int64_t ns,
+                    int64_t n_next, double* L, Scratch& sc) {
   const int64_t D = A.D;
-  const double inf = std::numeric_limits<double>::infinity();
   for (int64_t j = 0; j < ns; ++j) to_double(X + (n0 + j) * D, sc.tile.data() + j * D, D);
   // the next segment's images (up to n_next), spread over this one's chunks of products
   const char* next = reinterpret_cast<const char*>(X + (n0 + ns) * D);
@@ -152,13 +154,25 @@ void segment(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, in
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t rr = r0 + r;
     double* l = sc.l.data() + r * kSeg;
-    double mx = -inf;
     for (int64_t j = 0; j < ns; ++j) {
       const int64_t n = n0 + j;
-      l[j] = A.row_label && A.img_label[n] != A.row_label[rr] ? -inf : A.c1[rr] * l[j] - A.c2[rr] * A.sq[n];
+      l[j] = A.row_label && A.img_label[n] != A.row_label[rr] ? -std::numeric_limits<double>::infinity()
+                                                              : A.c1[rr] * l[j] - A.c2[rr] * A.sq[n];
       L[rr * A.N + n] = l[j];
-      mx = std::max(mx, l[j]);
     }
+  }
+}
+
+// one segment of images [n0, n0 + ns) into a block's state: its logits, each row's running maximum raised (the
+// block's sums rescaled), the weights, and the weighted images of those some row keeps
+template <typename T>
+void segment(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, int64_t n0, int64_t ns, int64_t n_next,
+             double* L, const BlockState& st, Scratch& sc) {
+  const int64_t D = A.D;
+  segment_logits(A, X, r0, nr, n0, ns, n_next, L, sc);
+  for (int64_t r = 0; r < nr; ++r) {
+    double* l = sc.l.data() + r * kSeg;
+    const double mx = *std::max_element(l, l + ns);
     if (mx > st.m[r]) {  // a new largest logit: what the block has added so far, scaled to it
       if (st.s[r] > 0.0) {
         const double f = st.m[r] - mx >= -A.cut ? std::exp(st.m[r] - mx) : 0.0;
@@ -169,11 +183,13 @@ void segment(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, in
       }
       st.m[r] = mx;
     }
+    const bool fresh = st.s[r] == 0.0;  // the block's sums of this row not yet begun (their memory not yet set)
     for (int64_t j = 0; j < ns; ++j) {
       const double d = l[j] - st.m[r];  // NaN where both are -inf (no image of the row's label yet): left out
       l[j] = d >= -A.cut ? std::exp(d) : 0.0;
       st.s[r] += l[j];
     }
+    if (fresh && st.s[r] > 0.0) std::fill(st.a + r * D, st.a + (r + 1) * D, 0.0);
     std::fill(l + ns, l + kSeg, 0.0);
   }
   int64_t K = 0;  // the images some row keeps, in image order
@@ -184,37 +200,39 @@ void segment(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, in
         break;
       }
   // their weighted sums, kAcc elements at a time (the rows' sums and the images' chunks in the first-level cache),
-  // four images and four rows at a time (sixteen multiply-adds per eight loads); an image short of four is the last
-  // kept one again with weight 0
+  // four images and four rows at a time (sixteen multiply-adds per eight loads); fewer than four images (as at low
+  // noise, where a segment keeps one image or none) and the rows short of four one image and one row at a time
   for (int64_t e0 = 0; e0 < D; e0 += kAcc) {
     const int64_t len = std::min(kAcc, D - e0);
     for (int64_t k0 = 0; k0 < K; k0 += kTile) {
       const int64_t kn = std::min(kTile, K - k0);
-      int64_t idx[kTile];
-      for (int64_t j = 0; j < kTile; ++j) idx[j] = sc.kept[std::min(k0 + j, K - 1)];
-      const double *x0 = sc.tile.data() + idx[0] * D + e0, *x1 = sc.tile.data() + idx[1] * D + e0;
-      const double *x2 = sc.tile.data() + idx[2] * D + e0, *x3 = sc.tile.data() + idx[3] * D + e0;
-      double w[4][kTile];
+      const double* x[kTile];
+      for (int64_t j = 0; j < kn; ++j) x[j] = sc.tile.data() + sc.kept[k0 + j] * D + e0;
       int64_t r = 0;
-      for (; r + 4 <= nr; r += 4) {
-        for (int64_t i = 0; i < 4; ++i)
-          for (int64_t j = 0; j < kTile; ++j) w[i][j] = j < kn ? sc.l[(r + i) * kSeg + idx[j]] : 0.0;
-        double *a0 = st.a + r * D + e0, *a1 = a0 + D, *a2 = a1 + D, *a3 = a2 + D;
+      if (kn == kTile)
+        for (; r + 4 <= nr; r += 4) {
+          double w[4][kTile];
+          for (int64_t i = 0; i < 4; ++i)
+            for (int64_t j = 0; j < kTile; ++j) w[i][j] = sc.l[(r + i) * kSeg + sc.kept[k0 + j]];
+          double *a0 = st.a + r * D + e0, *a1 = a0 + D, *a2 = a1 + D, *a3 = a2 + D;
+          const double *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
 #pragma omp simd
-        for (int64_t e = 0; e < len; ++e) {
-          const double v0 = x0[e], v1 = x1[e], v2 = x2[e], v3 = x3[e];
-          a0[e] += w[0][0] * v0 + w[0][1] * v1 + w[0][2] * v2 + w[0][3] * v3;
-          a1[e] += w[1][0] * v0 + w[1][1] * v1 + w[1][2] * v2 + w[1][3] * v3;
-          a2[e] += w[2][0] * v0 + w[2][1] * v1 + w[2][2] * v2 + w[2][3] * v3;
-          a3[e] += w[3][0] * v0 + w[3][1] * v1 + w[3][2] * v2 + w[3][3] * v3;
+          for (int64_t e = 0; e < len; ++e) {
+            const double v0 = x0[e], v1 = x1[e], v2 = x2[e], v3 = x3[e];
+            a0[e] += w[0][0] * v0 + w[0][1] * v1 + w[0][2] * v2 + w[0][3] * v3;
+            a1[e] += w[1][0] * v0 + w[1][1] * v1 + w[1][2] * v2 + w[1][3] * v3;
+            a2[e] += w[2][0] * v0 + w[2][1] * v1 + w[2][2] * v2 + w[2][3] * v3;
+            a3[e] += w[3][0] * v0 + w[3][1] * v1 + w[3][2] * v2 + w[3][3] * v3;
+          }
         }
-      }
       for (; r < nr; ++r) {
-        for (int64_t j = 0; j < kTile; ++j) w[0][j] = j < kn ? sc.l[r * kSeg + idx[j]] : 0.0;
         double* a0 = st.a + r * D + e0;
+        for (int64_t j = 0; j < kn; ++j) {
+          const double c = sc.l[r * kSeg + sc.kept[k0 + j]], *v = x[j];
+          if (c == 0.0) continue;
 #pragma omp simd
-        for (int64_t e = 0; e < len; ++e)
-          a0[e] += w[0][0] * x0[e] + w[0][1] * x1[e] + w[0][2] * x2[e] + w[0][3] * x3[e];
+          for (int64_t e = 0; e < len; ++e) a0[e] += c * v[e];
+        }
       }
     }
   }
@@ -224,15 +242,28 @@ void segment(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, in
 // out; M gets each row's largest logit
 template <typename T>
 void row_group(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, double* L, double* M,
-               std::vector<double>& bm, std::vector<double>& bs, std::vector<double>& ba,
+               std::vector<double>& bm, std::vector<double>& bs, double* ba, std::vector<double>& lower,
                std::vector<Scratch>& scratch, int nt) {
   const int64_t D = A.D, per = block_images(A.N), nb = (A.N + per - 1) / per;
+  // a floor under each row's largest logit: the largest over every block's first segment (a function of the data
+  // alone). The blocks start their running maxima there, so that no block adds images below e^-cut of it (the
+  // merge would leave them out): without it a block adds what its first segments keep against their own maxima
+#pragma omp parallel for num_threads(nt) schedule(dynamic)
+  for (int64_t b = 0; b < nb; ++b) {
+    Scratch& sc = scratch[thread_index()];
+    const int64_t n0 = b * per, ns = std::min(kSeg, A.N - n0);
+    segment_logits(A, X, r0, nr, n0, ns, n0 + ns, L, sc);
+    for (int64_t r = 0; r < nr; ++r) bm[b * nr + r] = *std::max_element(&sc.l[r * kSeg], &sc.l[r * kSeg] + ns);
+  }
+  for (int64_t r = 0; r < nr; ++r) {
+    lower[r] = -std::numeric_limits<double>::infinity();
+    for (int64_t b = 0; b < nb; ++b) lower[r] = std::max(lower[r], bm[b * nr + r]);
+  }
 #pragma omp parallel for num_threads(nt) schedule(dynamic)
   for (int64_t b = 0; b < nb; ++b) {  // nothing here allocates or throws
-    const BlockState st{bm.data() + b * nr, bs.data() + b * nr, ba.data() + b * nr * D};
-    std::fill(st.m, st.m + nr, -std::numeric_limits<double>::infinity());
-    std::fill(st.s, st.s + nr, 0.0);
-    std::fill(st.a, st.a + nr * D, 0.0);
+    const BlockState st{bm.data() + b * nr, bs.data() + b * nr, ba + b * nr * D};
+    std::copy(lower.begin(), lower.begin() + nr, st.m);
+    std::fill(st.s, st.s + nr, 0.0);  // a row's weighted sums are set where its first weight is added
     const int64_t n1 = std::min(A.N, (b + 1) * per);
     for (int64_t n0 = b * per; n0 < n1; n0 += kSeg)
       segment(A, X, r0, nr, n0, std::min(kSeg, n1 - n0), std::min(n1, n0 + 2 * kSeg), L, st,
@@ -247,7 +278,7 @@ void row_group(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, 
     for (int64_t b = 0; b < nb; ++b) {
       const double d = bm[b * nr + r] - top;
       if (!(d >= -A.cut) || bs[b * nr + r] == 0.0) continue;  // the block's images all below e^-cut of the row's
-      const double f = std::exp(d), *a = ba.data() + (b * nr + r) * D;
+      const double f = std::exp(d), *a = ba + (b * nr + r) * D;
       tot += f * bs[b * nr + r];
 #pragma omp simd
       for (int64_t e = 0; e < D; ++e) out[e] += f * a[e];
@@ -270,10 +301,11 @@ int64_t run(const ExpansionMeansArgs& A) {
   const int nt = resolve_threads(A.n_threads, nb);
   std::vector<double> L(static_cast<size_t>(A.R * A.N)), M(static_cast<size_t>(A.R));
   std::vector<double> bm(static_cast<size_t>(nb * rg)), bs(static_cast<size_t>(nb * rg));
-  std::vector<double> ba(static_cast<size_t>(nb * rg * D));
+  std::vector<double> lower(static_cast<size_t>(rg));
+  std::unique_ptr<double[]> ba(new double[static_cast<size_t>(nb * rg * D)]);  // set row by row where first used
   std::vector<Scratch> scratch(static_cast<size_t>(nt), Scratch(D, rg));
   for (int64_t r0 = 0; r0 < A.R; r0 += rg)
-    row_group(A, X, r0, std::min(rg, A.R - r0), L.data(), M.data(), bm, bs, ba, scratch, nt);
+    row_group(A, X, r0, std::min(rg, A.R - r0), L.data(), M.data(), bm, bs, ba.get(), lower, scratch, nt);
   std::vector<char> keep(static_cast<size_t>(A.N), 0);  // the images whose weight some row keeps
   for (int64_t r = 0; r < A.R; ++r)
     for (int64_t n = 0; n < A.N; ++n) keep[n] |= L[r * A.N + n] - M[r] >= -A.cut;
