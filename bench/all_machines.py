@@ -29,7 +29,8 @@ network's earlier ``report.json`` (same seeds and settings) keeps its other mach
 ``machines_of``), so machines can be added a few at a time.
 
 A held-out replication compares on other reference seeds with the main run's calibrations, in a folder of its own and
-a table block of its own in RESULTS (``all-machines-heldout``):
+a table block of its own in RESULTS (``all-machines-heldout`` for seeds 32-63, ``all-machines-seeds<first>``
+for another first seed):
 
     python bench/all_machines.py --networks NET --limit 2000 --seeds 32 --first-seed 32 --calib-seeds 2 --k-max 15 \
         --machines ELS,Blend-3 --out bench/results/all_machines_heldout --calibration-dir bench/results/all_machines
@@ -513,7 +514,9 @@ def main():
     if picture is not None:
         save_figure(picture, os.path.join(args.out, "grid_all.png"))
     # a held-out replication has its own block (RESULTS only); the main table goes to RESULTS and the README
-    marker = "all-machines-heldout" if args.first_seed else "all-machines"
+    # (seeds 32-63: "all-machines-heldout"; another held-out set: "all-machines-seeds<first>")
+    marker = "all-machines" if not args.first_seed else \
+        ("all-machines-heldout" if args.first_seed == 32 else f"all-machines-seeds{args.first_seed}")
     default_md = [os.path.join(HERE, "RESULTS.md")] + ([] if args.first_seed else [os.path.join(HERE, "..", "README.md")])
     for md in args.md or default_md:
         write_md(md, block, marker)
