@@ -163,7 +163,9 @@ void register_cpu(py::module_& m) {
       A.row_label = vector_of(rl, A.R, "row_label", "expansion_means");
       A.img_label = vector_of(il, A.N, "img_label", "expansion_means");
     }
-    if (!(cut > 0.0)) throw py::value_error("expansion_means: cut must be > 0");
+    if (!(cut >= 30.0))  // the means are the exact cut's to N e^-cut relative (a block keeps what its own maximum does)
+      throw py::value_error("expansion_means: cut must be >= 30 (the means differ from the exact cut's by up to "
+                            "N e^-cut relative)");
     A.cut = cut;
     A.n_threads = n_threads;
     Array<double> out({static_cast<py::ssize_t>(A.R), static_cast<py::ssize_t>(A.D)});

@@ -241,8 +241,8 @@ def test_compiled_means_refuse_bad_arguments():
         ops.expansion_means(X, sq, Q, v, v, torch.zeros(2, dtype=torch.int64), np.zeros(4, np.int64))
     with pytest.raises(ValueError, match="X must be a 2-d float32 or float64"):
         ops.expansion_means(X.half(), sq, Q, v, v)
-    with pytest.raises(ValueError, match="cut must be > 0"):
-        ops.expansion_means(X, sq, Q, v, v, cut=0.0)
+    with pytest.raises(ValueError, match="cut must be >= 30"):
+        ops.expansion_means(X, sq, Q, v, v, cut=10.0)
 
 
 def test_compiled_equals_eager_where_eager_gathers_the_kept_images():
@@ -311,3 +311,33 @@ def test_calls_make_no_copy_of_the_images_in_the_query_dtype(monkeypatch):
     x = np.random.default_rng(5).standard_normal((2, C, H, W))
     assert m.denoise(x, 0.5).dtype == np.float64 and m.denoise(x.astype(np.float32), 0.5).dtype == np.float32
     m.denoise(torch.from_numpy(x).requires_grad_(True), 0.5).sum().backward()
+
+
+def test_compiled_means_with_labels_sorted_by_block():
+    """Labels sorted so that a row's label lies in the first blocks only, or only in the last block after its first
+    segment (no block's first segment has it: that row's shared floor is -inf), six blocks: against the numpy
+    softmax means to 1e-12 at a low and a high logit scale, the kept counts the reference's, 1 and 3 threads
+    bit-identical."""
+    from patchmosaic import ops
+
+    rng = np.random.default_rng(3)
+    N, D = 1500, 9
+    X = rng.uniform(-1, 1, (N, D))
+    sq = (X ** 2).sum(1)
+    lab = np.zeros(N, np.int64)
+    lab[700:] = 1
+    lab[1490:1496] = 2  # the last block (1280-1499) only, not its first 16 images
+    rl = np.array([0, 1, 2, 2, 0])
+    Q = rng.standard_normal((5, D))
+    for scale in (0.01, 50.0):
+        c1 = np.full(5, scale)
+        c2 = 0.5 * c1
+        L = np.where(lab[None] == rl[:, None], c1[:, None] * (Q @ X.T) - c2[:, None] * sq[None], -np.inf)
+        d = L - L.max(1, keepdims=True)
+        Wt = np.where(d >= -60, np.exp(d), 0.0)
+        want = (Wt @ X) / Wt.sum(1, keepdims=True)
+        args = [torch.from_numpy(v) for v in (X, sq, Q, c1, c2)]
+        outs = [ops.expansion_means(*args, row_label=torch.from_numpy(rl), img_label=lab, n_threads=n) for n in (1, 3)]
+        assert outs[0][1] == outs[1][1] == int((Wt > 0).any(0).sum())
+        assert np.abs(outs[0][0].numpy() - want).max() <= 1e-12
+        assert torch.equal(outs[0][0], outs[1][0])

@@ -1,7 +1,7 @@
 // expansion_means.cpp -- softmax-weighted means of whole training images for query rows that share them (the
-// smoothed closed-form denoiser's draws, machines/smoothed.py), in one pass over the images as they are stored
-// (float32 or float64, converted to double as they are read: float32 images are read at half the bytes of a float64
-// copy, and once, not once for the logits and again for the means):
+// smoothed closed-form denoiser's draws, machines/smoothed.py), reading the images as they are stored (float32 or
+// float64, converted to double as they are read: float32 images are read at half the bytes of a float64 copy) once
+// for both the logits and the means (the first 16 images of each block twice):
 //
 //   logits  l[r, n] = c1[r] <q_r, x_n> - c2[r] sq[n]   (float64 dot products, four images and four rows at a time);
 //   means   out[r] = sum_n w[r, n] x_n / sum_n w[r, n],  w[r, n] = exp(l[r, n] - max_n l[r, n]),
@@ -12,11 +12,12 @@
 // running maximum raised (the block's sums rescaled when it rises), and the segment's weighted images added, so the
 // images leave the caches after one visit. The running maxima start at a floor that every block shares (the
 // largest logit over the first segment of every block), so that a block does not add what only its own first
-// segments keep. The blocks' maxima, sums and weighted sums are merged in block order at the end. Every value
-// depends only on its row, its block and the order within the block: the result does not depend on the number of
-// threads. A block may add an image whose weight is below e^-cut of the row's largest but not of the block's
-// running maximum (an image the merge would have left out): below e^-cut relative, under float64 rounding for any
-// N under 10^9 (cut 60).
+// segments keep. The blocks' maxima, sums and weighted sums are merged in block order at the end. Which images a
+// block adds, and in which order, depends only on the data: the result does not depend on the number of threads.
+// A block may add an image whose weight is below e^-cut of the row's largest but not of the block's running
+// maximum (one the merge would have left out): each below e^-cut of the row's largest weight, so the means differ
+// from those of the exact cut by at most N e^-cut relative (below float64 rounding for N under 10^9 at cut 60; the
+// op refuses cut < 30).
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -94,7 +95,15 @@ inline int64_t block_images(int64_t N) {
 // (nr x D), the sums scaled to e^-m
 struct BlockState {
   double *m, *s, *a;
+  bool begun;  // a set (zeroed) at the first segment that adds an image: a block that adds none never writes it
 };
+
+// the largest of l[0..n), NaN ignored (-inf if there is nothing else)
+inline double largest(const double* l, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, l[j]);
+  return m;
+}
 
 // a thread's working space for one segment, allocated before the parallel region (an exception may not leave one)
 struct Scratch {
@@ -167,12 +176,12 @@ void segment_logits(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t
 // block's sums rescaled), the weights, and the weighted images of those some row keeps
 template <typename T>
 void segment(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, int64_t n0, int64_t ns, int64_t n_next,
-             double* L, const BlockState& st, Scratch& sc) {
+             double* L, BlockState& st, Scratch& sc) {
   const int64_t D = A.D;
   segment_logits(A, X, r0, nr, n0, ns, n_next, L, sc);
   for (int64_t r = 0; r < nr; ++r) {
     double* l = sc.l.data() + r * kSeg;
-    const double mx = *std::max_element(l, l + ns);
+    const double mx = largest(l, ns);
     if (mx > st.m[r]) {  // a new largest logit: what the block has added so far, scaled to it
       if (st.s[r] > 0.0) {
         const double f = st.m[r] - mx >= -A.cut ? std::exp(st.m[r] - mx) : 0.0;
@@ -183,13 +192,11 @@ void segment(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, in
       }
       st.m[r] = mx;
     }
-    const bool fresh = st.s[r] == 0.0;  // the block's sums of this row not yet begun (their memory not yet set)
     for (int64_t j = 0; j < ns; ++j) {
       const double d = l[j] - st.m[r];  // NaN where both are -inf (no image of the row's label yet): left out
       l[j] = d >= -A.cut ? std::exp(d) : 0.0;
       st.s[r] += l[j];
     }
-    if (fresh && st.s[r] > 0.0) std::fill(st.a + r * D, st.a + (r + 1) * D, 0.0);
     std::fill(l + ns, l + kSeg, 0.0);
   }
   int64_t K = 0;  // the images some row keeps, in image order
@@ -199,6 +206,11 @@ void segment(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, in
         sc.kept[K++] = j;
         break;
       }
+  if (K == 0) return;
+  if (!st.begun) {  // the block's first image: its sums set (every row: the rows go four at a time)
+    std::fill(st.a, st.a + nr * D, 0.0);
+    st.begun = true;
+  }
   // their weighted sums, kAcc elements at a time (the rows' sums and the images' chunks in the first-level cache),
   // four images and four rows at a time (sixteen multiply-adds per eight loads); fewer than four images (as at low
   // noise, where a segment keeps one image or none) and the rows short of four one image and one row at a time
@@ -253,7 +265,7 @@ void row_group(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, 
     Scratch& sc = scratch[thread_index()];
     const int64_t n0 = b * per, ns = std::min(kSeg, A.N - n0);
     segment_logits(A, X, r0, nr, n0, ns, n0 + ns, L, sc);
-    for (int64_t r = 0; r < nr; ++r) bm[b * nr + r] = *std::max_element(&sc.l[r * kSeg], &sc.l[r * kSeg] + ns);
+    for (int64_t r = 0; r < nr; ++r) bm[b * nr + r] = largest(&sc.l[r * kSeg], ns);
   }
   for (int64_t r = 0; r < nr; ++r) {
     lower[r] = -std::numeric_limits<double>::infinity();
@@ -261,9 +273,9 @@ void row_group(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, 
   }
 #pragma omp parallel for num_threads(nt) schedule(dynamic)
   for (int64_t b = 0; b < nb; ++b) {  // nothing here allocates or throws
-    const BlockState st{bm.data() + b * nr, bs.data() + b * nr, ba + b * nr * D};
+    BlockState st{bm.data() + b * nr, bs.data() + b * nr, ba + b * nr * D, false};
     std::copy(lower.begin(), lower.begin() + nr, st.m);
-    std::fill(st.s, st.s + nr, 0.0);  // a row's weighted sums are set where its first weight is added
+    std::fill(st.s, st.s + nr, 0.0);  // the weighted sums are set where the block adds its first image
     const int64_t n1 = std::min(A.N, (b + 1) * per);
     for (int64_t n0 = b * per; n0 < n1; n0 += kSeg)
       segment(A, X, r0, nr, n0, std::min(kSeg, n1 - n0), std::min(n1, n0 + 2 * kSeg), L, st,

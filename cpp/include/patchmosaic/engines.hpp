@@ -51,7 +51,8 @@ void wiener_mask_rows(const WienerMaskArgs& A, double tau, std::vector<int64_t>&
 // softmax-weighted means of whole images for rows that share them (expansion_means.cpp; the smoothed closed-form
 // denoiser): l[r, n] = c1[r] <Q_r, X_n> - c2[r] sq[n] in float64, w = exp(l - max_n l) with the weights below
 // e^-cut and the images of another label (row_label[r] != img_label[n]; both null: no labels) left out,
-// out[r] = sum_n w[r, n] X_n / sum_n w[r, n]. Returns how many images some row keeps.
+// out[r] = sum_n w[r, n] X_n / sum_n w[r, n] (to N e^-cut relative: a block of images may keep some below the cut;
+// cut >= 30). Returns how many images some row keeps (against the exact cut).
 struct ExpansionMeansArgs {
   const void* X;  // images, row-major N x D
   bool f32;       // X is float32 (else float64)

@@ -199,7 +199,7 @@ class SmoothedCFDM(Machine):
                       k: Optional[int] = None) -> None:
         """Raise :class:`patchmosaic.ResourceError` if a call on a batch of ``shape`` would need more working
         memory than allowed: the float64 images, the perturbed queries, their distances and weights to every image
-        and their outputs, and the compiled kernel's buffers per thread."""
+        and their outputs, and the compiled kernel's buffers (per thread, and the blocks' sums)."""
         shape = tuple(int(v) for v in shape)
         if len(shape) != 4 or min(shape) < 1:
             raise ValueError(f"a batch shape is (B, C, H, W) with positive sizes, got {shape}")
