@@ -95,7 +95,7 @@ inline int64_t block_images(int64_t N) {
 // (nr x D), the sums scaled to e^-m
 struct BlockState {
   double *m, *s, *a;
-  bool begun;  // a set (zeroed) at the first segment that adds an image: a block that adds none never writes it
+  char* set;  // per row: its sums a set (zeroed) yet; a row is set where it (or its group of four) first adds
 };
 
 // the largest of l[0..n), NaN ignored (-inf if there is nothing else)
@@ -110,8 +110,10 @@ struct Scratch {
   std::vector<double> tile;   // the segment's images in double (kSeg x D)
   std::vector<double> l;      // their logits, then weights (nr x kSeg)
   std::vector<int64_t> kept;  // the segment's images that some row keeps
+  std::vector<char> active;   // the rows that keep one of them
   Scratch(int64_t D, int64_t nr)
-      : tile(static_cast<size_t>(kSeg * D)), l(static_cast<size_t>(nr * kSeg)), kept(static_cast<size_t>(kSeg)) {}
+      : tile(static_cast<size_t>(kSeg * D)), l(static_cast<size_t>(nr * kSeg)), kept(static_cast<size_t>(kSeg)),
+        active(static_cast<size_t>(nr)) {}
 };
 
 // asks for the next segment's images (bytes [p, end)) a slice at a time while this one's are multiplied, so that
@@ -176,7 +178,7 @@ void segment_logits(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t
 // block's sums rescaled), the weights, and the weighted images of those some row keeps
 template <typename T>
 void segment(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, int64_t n0, int64_t ns, int64_t n_next,
-             double* L, BlockState& st, Scratch& sc) {
+             double* L, const BlockState& st, Scratch& sc) {
   const int64_t D = A.D;
   segment_logits(A, X, r0, nr, n0, ns, n_next, L, sc);
   for (int64_t r = 0; r < nr; ++r) {
@@ -207,9 +209,20 @@ void segment(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, in
         break;
       }
   if (K == 0) return;
-  if (!st.begun) {  // the block's first image: its sums set (every row: the rows go four at a time)
-    std::fill(st.a, st.a + nr * D, 0.0);
-    st.begun = true;
+  // the rows that add something, and the groups of four (in the four-row path) that hold one: their sums set first
+  const int64_t n4 = nr / 4 * 4;
+  for (int64_t r = 0; r < nr; ++r) {
+    sc.active[r] = 0;
+    for (int64_t j = 0; j < ns && !sc.active[r]; ++j) sc.active[r] = sc.l[r * kSeg + j] != 0.0;
+  }
+  for (int64_t r = 0; r < nr; r += r < n4 ? 4 : 1) {
+    const int64_t g = r < n4 ? 4 : 1;
+    if (!std::any_of(&sc.active[r], &sc.active[r] + g, [](char c) { return c != 0; })) continue;
+    for (int64_t i = r; i < r + g; ++i)
+      if (!st.set[i]) {
+        std::fill(st.a + i * D, st.a + (i + 1) * D, 0.0);
+        st.set[i] = 1;
+      }
   }
   // their weighted sums, kAcc elements at a time (the rows' sums and the images' chunks in the first-level cache),
   // four images and four rows at a time (sixteen multiply-adds per eight loads); fewer than four images (as at low
@@ -223,6 +236,7 @@ void segment(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, in
       int64_t r = 0;
       if (kn == kTile)
         for (; r + 4 <= nr; r += 4) {
+          if (!(sc.active[r] | sc.active[r + 1] | sc.active[r + 2] | sc.active[r + 3])) continue;
           double w[4][kTile];
           for (int64_t i = 0; i < 4; ++i)
             for (int64_t j = 0; j < kTile; ++j) w[i][j] = sc.l[(r + i) * kSeg + sc.kept[k0 + j]];
@@ -254,7 +268,8 @@ void segment(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, in
 // out; M gets each row's largest logit
 template <typename T>
 void row_group(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, double* L, double* M,
-               std::vector<double>& bm, std::vector<double>& bs, double* ba, std::vector<double>& lower,
+               std::vector<double>& bm, std::vector<double>& bs, double* ba, std::vector<char>& bset,
+               std::vector<double>& lower,
                std::vector<Scratch>& scratch, int nt) {
   const int64_t D = A.D, per = block_images(A.N), nb = (A.N + per - 1) / per;
   // a floor under each row's largest logit: the largest over every block's first segment (a function of the data
@@ -273,9 +288,10 @@ void row_group(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, 
   }
 #pragma omp parallel for num_threads(nt) schedule(dynamic)
   for (int64_t b = 0; b < nb; ++b) {  // nothing here allocates or throws
-    BlockState st{bm.data() + b * nr, bs.data() + b * nr, ba + b * nr * D, false};
+    const BlockState st{bm.data() + b * nr, bs.data() + b * nr, ba + b * nr * D, bset.data() + b * nr};
     std::copy(lower.begin(), lower.begin() + nr, st.m);
-    std::fill(st.s, st.s + nr, 0.0);  // the weighted sums are set where the block adds its first image
+    std::fill(st.s, st.s + nr, 0.0);
+    std::fill(st.set, st.set + nr, 0);  // the weighted sums: set where first used
     const int64_t n1 = std::min(A.N, (b + 1) * per);
     for (int64_t n0 = b * per; n0 < n1; n0 += kSeg)
       segment(A, X, r0, nr, n0, std::min(kSeg, n1 - n0), std::min(n1, n0 + 2 * kSeg), L, st,
@@ -315,9 +331,10 @@ int64_t run(const ExpansionMeansArgs& A) {
   std::vector<double> bm(static_cast<size_t>(nb * rg)), bs(static_cast<size_t>(nb * rg));
   std::vector<double> lower(static_cast<size_t>(rg));
   std::unique_ptr<double[]> ba(new double[static_cast<size_t>(nb * rg * D)]);  // set row by row where first used
+  std::vector<char> bset(static_cast<size_t>(nb * rg));
   std::vector<Scratch> scratch(static_cast<size_t>(nt), Scratch(D, rg));
   for (int64_t r0 = 0; r0 < A.R; r0 += rg)
-    row_group(A, X, r0, std::min(rg, A.R - r0), L.data(), M.data(), bm, bs, ba.get(), lower, scratch, nt);
+    row_group(A, X, r0, std::min(rg, A.R - r0), L.data(), M.data(), bm, bs, ba.get(), bset, lower, scratch, nt);
   std::vector<char> keep(static_cast<size_t>(A.N), 0);  // the images whose weight some row keeps
   for (int64_t r = 0; r < A.R; ++r)
     for (int64_t n = 0; n < A.N; ++n) keep[n] |= L[r * A.N + n] - M[r] >= -A.cut;
