@@ -15,8 +15,6 @@ import json
 import os
 import sys
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from all_machines import paired  # noqa: E402
 from common import write_rows  # noqa: E402

@@ -2,8 +2,7 @@
 (cpu/expansion_means.cpp): the smoothed closed-form denoiser's draws in one call, the logits by expansion in float64
 from the images as they are stored (float32 images are read at half the bytes of a float64 copy), each image read
 once for the logits and the means: a streaming softmax per block of images (the blocks fixed by N), merged in block
-order. Forward only: callers
-that need derivatives compose the same function from torch operations."""
+order. Forward only: callers that need derivatives compose the same function from torch operations."""
 
 from __future__ import annotations
 
