@@ -125,6 +125,32 @@ def test_many_images_in_parts_and_response_sums_outside_registers(dev):  # noqa:
     assert all(torch.equal(u, v) for u, v in zip(one, two))  # the same parts whatever the number of threads
 
 
+@pytest.mark.parametrize("order", ["closer", "farther"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_maximum_rising_past_the_cut_and_blocks_below_it(order, dtype):
+    """The CPU engine's per-lane sums across a part: images ordered so that each block is much closer to the query
+    than the last ("closer": the row's maximum rises by far more than the cut within a part, so the lanes' earlier
+    sums are rescaled to exactly 0) or much farther ("farther": whole blocks below the cut, skipped), 601 images (two
+    parts, a short last block), against the literal loop."""
+    rng = np.random.default_rng(7)
+    n = 601
+    x = rng.uniform(-1, 1, (1, D))
+    spread = np.geomspace(3.0, 0.01, n) if order == "closer" else np.geomspace(0.01, 3.0, n)
+    train = x + spread[:, None] * rng.standard_normal((n, D)) / np.sqrt(D)
+    a, inv = np.ones(1), np.full(1, 40.0)  # logits from about -360 to -0.004
+    table = random_table(rng, False, 6)
+    index = ops.LabelIndex.from_labels(None)
+    out, m, s, best = literal(train, x, a, inv, table, [np.arange(n)])
+    T = torch.as_tensor
+    for nt in (1, 2):
+        got, stats, key, _ = ops.aligned_softmax(T(train.reshape(n, C, H, W)).to(dtype), T(x.reshape(1, C, H, W)).to(dtype),
+                                                 T(a), T(inv), None, None, *index.tensors(), *table.tensors(), True,
+                                                 "cpu", nt, 0)
+        _check(got.double().numpy(), out, dtype, f"{order}, {nt} threads")
+        assert np.allclose(stats[..., 1].numpy(), s, rtol=1e-5 if dtype == torch.float32 else 1e-10)
+        assert np.array_equal(key.numpy(), best)
+
+
 def _grads(train, x, a, inv, qlab, index, table, backend, device="cpu"):
     xs = torch.as_tensor(x.reshape(B, C, H, W)).to(device).requires_grad_(True)
     aa = torch.as_tensor(a).to(device).requires_grad_(True)

@@ -21,6 +21,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 #include "patchmosaic/engines.hpp"
 #include "patchmosaic/softmax_state.hpp"
 #include "simd_exp.hpp"
@@ -196,7 +200,7 @@ struct Lanes {
   }
 };
 
-// A block's largest lane, the lane-wise tree sum of its lanes (the order of Lanes::sum: halves, then halves of
+// The lane-wise tree sum of a block's lanes (the order of Lanes::sum: halves, then halves of
 // those), and exp_nonpos of every lane, taken by its native pieces (Pieces): lane for lane the values of the
 // block-wide forms, without a vector wider than a register.
 template <typename T, int P = Pieces<T>::n>
@@ -215,17 +219,6 @@ inline T block_sum(const B& v) {
   typename Pieces<T>::type p[Pieces<T>::n];
   for (int i = 0; i < Pieces<T>::n; ++i) p[i] = Pieces<T>::load(&v, i);
   return Lanes<T, kNativeBytes / static_cast<int>(sizeof(T))>::sum(piece_tree<T>(p));
-}
-template <typename T, typename B>
-inline T block_max(const B& v) {
-  if constexpr (kNativeBytes == 64) return Lanes<T, kBlock>::max(v);
-  using N = typename Pieces<T>::type;
-  N m = Pieces<T>::load(&v, 0);
-  for (int i = 1; i < Pieces<T>::n; ++i) {
-    const N x = Pieces<T>::load(&v, i);
-    m = m > x ? m : x;
-  }
-  return Lanes<T, kNativeBytes / static_cast<int>(sizeof(T))>::max(m);
 }
 template <typename B>
 inline B block_exp(const B& d) {
@@ -277,27 +270,112 @@ inline void transpose_block(const T* const* rows, int64_t D, typename BlockVec<T
     for (int64_t e = e0; e < D; ++e) Phi[e][j] = rows[j][e];
 }
 
-// scale * v and the float block of v - m, by native pieces (the same values as the block-wide expressions). Under
-// AVX-512 these, block_sum and block_max keep the block-wide forms of before this file's change (tried while
-// looking for LS's k = 3 slowdown there, RESULTS section 7: the pieces measured no different, within noise).
-inline typename BlockVec<double>::type scaled(const typename BlockVec<double>::type& v, double scale) {
-  if constexpr (kNativeBytes == 64) return scale * v;
-  typename BlockVec<double>::type out;
-  for (int p = 0; p < Pieces<double>::n; ++p) {
-    Pieces<double>::store(&out, p, scale * Pieces<double>::load(&v, p));
+// A block's logits in double, as the module's native vectors (two zmm under AVX-512): GCC keeps a 16-double vector
+// in memory, and its stores and reloads between a row's sums, its tests and its weights were a large part of a
+// small neighbourhood's time.
+struct Logits {
+  using N = typename Pieces<double>::type;
+  static constexpr int P = Pieces<double>::n;  // pieces
+  static constexpr int W = kNativeBytes / static_cast<int>(sizeof(double));  // lanes per piece
+  N p[P];
+  double lane(int j) const { return p[j / W][j % W]; }
+};
+
+// Lanes [p W, (p + 1) W) of a block of T as doubles (W: Logits::W), by lane shuffles (a copy through memory
+// stalled on its store).
+template <int p, size_t... L>
+inline typename Logits::N float_lanes_as_double(const typename BlockVec<float>::type& v, std::index_sequence<L...>) {
+  return __builtin_convertvector(__builtin_shufflevector(v, v, (p * Logits::W + L)...), typename Logits::N);
+}
+template <typename T, int p>
+inline typename Logits::N piece_as_double(const typename BlockVec<T>::type& v) {
+  if constexpr (sizeof(T) == 8) return Pieces<double>::load(&v, p);
+  else return float_lanes_as_double<p>(v, std::make_index_sequence<Logits::W>{});
+}
+
+// f(std::integral_constant<int, p>{}) for p = 0 .. P - 1 (a piece index the shuffles can take as a constant).
+template <int P, typename F>
+inline void for_pieces(F&& f) {
+  [&]<int... p>(std::integer_sequence<int, p...>) { (f(std::integral_constant<int, p>{}), ...); }(
+      std::make_integer_sequence<int, P>{});
+}
+
+// The block of T of L - m (for float: each lane rounded once, from the double difference).
+template <typename T>
+inline typename BlockVec<T>::type shifted(const Logits& L, double m) {
+  typename BlockVec<T>::type out;
+  if constexpr (sizeof(T) == 8) {
+    for (int p = 0; p < Logits::P; ++p) Pieces<double>::store(&out, p, L.p[p] - m);
+  } else {
+    typedef float H __attribute__((vector_size(Logits::W * sizeof(float))));
+#if defined(__AVX512F__)  // the two halves joined by a shuffle
+    const H lo = __builtin_convertvector(L.p[0] - m, H), hi = __builtin_convertvector(L.p[1] - m, H);
+    out = __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+    for (int p = 0; p < Logits::P; ++p) {
+      const H x = __builtin_convertvector(L.p[p] - m, H);
+      __builtin_memcpy(reinterpret_cast<char*>(&out) + p * Logits::W * sizeof(float), &x, sizeof(H));
+    }
+#endif
   }
   return out;
 }
-inline typename BlockVec<float>::type shifted_float(const typename BlockVec<double>::type& v, double m) {
-  if constexpr (kNativeBytes == 64) return __builtin_convertvector(v - m, typename BlockVec<float>::type);
-  constexpr int ld = kNativeBytes / static_cast<int>(sizeof(double));  // doubles per piece
-  typedef float H __attribute__((vector_size(ld * sizeof(float))));
-  typename BlockVec<float>::type out;
-  for (int p = 0; p < Pieces<double>::n; ++p) {
-    const H x = __builtin_convertvector(Pieces<double>::load(&v, p) - m, H);
-    __builtin_memcpy(reinterpret_cast<char*>(&out) + p * ld * sizeof(float), &x, sizeof(H));
-  }
-  return out;
+
+// The largest lane of L (a NaN lane may or may not be taken, as Lanes::max).
+inline double logits_max(const Logits& L) {
+  typename Logits::N m = L.p[0];
+  for (int p = 1; p < Logits::P; ++p) m = m > L.p[p] ? m : L.p[p];
+  return Lanes<double, Logits::W>::max(m);
+}
+
+// Whether some lane of L is not below `lim` (a NaN lane counts), and whether some lane is above `m`: lane-wise
+// comparisons folded into one flag instead of the block's largest logit (a horizontal reduction), which a row needs
+// only when its maximum rises.
+inline bool any_not_below(const Logits& L, double lim) {
+#if defined(__AVX512F__)
+  const __m512d l = _mm512_set1_pd(lim);
+  __mmask8 k = 0;
+  for (int p = 0; p < Logits::P; ++p) k |= _mm512_cmp_pd_mask(reinterpret_cast<const __m512d&>(L.p[p]), l, _CMP_NLT_UQ);
+  return k != 0;
+#elif defined(__AVX__)
+  const __m256d l = _mm256_set1_pd(lim);
+  int k = 0;
+  for (int p = 0; p < Logits::P; ++p)
+    k |= _mm256_movemask_pd(_mm256_cmp_pd(reinterpret_cast<const __m256d&>(L.p[p]), l, _CMP_NLT_UQ));
+  return k != 0;
+#elif defined(__SSE2__)
+  const __m128d l = _mm_set1_pd(lim);
+  int k = 0;
+  for (int p = 0; p < Logits::P; ++p) k |= _mm_movemask_pd(_mm_cmpnlt_pd(reinterpret_cast<const __m128d&>(L.p[p]), l));
+  return k != 0;
+#else
+  for (int j = 0; j < kBlock; ++j)
+    if (!(L.lane(j) < lim)) return true;
+  return false;
+#endif
+}
+inline bool any_above(const Logits& L, double m) {
+#if defined(__AVX512F__)
+  const __m512d l = _mm512_set1_pd(m);
+  __mmask8 k = 0;
+  for (int p = 0; p < Logits::P; ++p) k |= _mm512_cmp_pd_mask(reinterpret_cast<const __m512d&>(L.p[p]), l, _CMP_GT_OQ);
+  return k != 0;
+#elif defined(__AVX__)
+  const __m256d l = _mm256_set1_pd(m);
+  int k = 0;
+  for (int p = 0; p < Logits::P; ++p)
+    k |= _mm256_movemask_pd(_mm256_cmp_pd(reinterpret_cast<const __m256d&>(L.p[p]), l, _CMP_GT_OQ));
+  return k != 0;
+#elif defined(__SSE2__)
+  const __m128d l = _mm_set1_pd(m);
+  int k = 0;
+  for (int p = 0; p < Logits::P; ++p) k |= _mm_movemask_pd(_mm_cmpgt_pd(reinterpret_cast<const __m128d&>(L.p[p]), l));
+  return k != 0;
+#else
+  for (int j = 0; j < kBlock; ++j)
+    if (L.lane(j) > m) return true;
+  return false;
+#endif
 }
 
 // Whether every weight of the table is 1 (a plain mask: the distance needs no multiplication).
@@ -312,14 +390,13 @@ bool unit_weights(const AlignedArgs<T>& A) {
 // The sum over row r's neighbourhood of (weight *) its elements' rows of Res: four independent accumulators (the
 // additions' latency), in T over at most kChunk elements at a time, then in double.
 template <typename T, bool WEIGHTED>
-inline typename BlockVec<double>::type row_sums(const AlignedArgs<T>& A, int64_t r,
-                                               const typename BlockVec<T>::type* __restrict Res, double scale) {
+inline void row_sums(const AlignedArgs<T>& A, int64_t r, const typename BlockVec<T>::type* __restrict Res,
+                     double scale, Logits& out) {
   using V = typename BlockVec<T>::type;
-  using VD = typename BlockVec<double>::type;
   using N = typename Pieces<T>::type;
   constexpr int P = Pieces<T>::n;
   constexpr int kChunk = 32;
-  VD L = {};
+  typename Logits::N L[Logits::P] = {};
   const int32_t* __restrict he = A.hood_elem;
   const double* __restrict hw = A.hood_weight;
   for (int64_t u0 = A.hood_ptr[r]; u0 < A.hood_ptr[r + 1]; u0 += kChunk) {
@@ -351,17 +428,16 @@ inline typename BlockVec<double>::type row_sums(const AlignedArgs<T>& A, int64_t
     for (int p = 0; p < P; ++p) {
       Pieces<T>::store(&sum, p, (s0[p] + s1[p]) + (s2[p] + s3[p]));
     }
-    L += __builtin_convertvector(sum, VD);
+    for_pieces<Logits::P>([&](auto p) { L[p] += piece_as_double<T, p>(sum); });
   }
-  return scaled(L, scale);
+  for (int p = 0; p < Logits::P; ++p) out.p[p] = scale * L[p];
 }
 
 // The same sums by the row's runs, from the block's prefix sums Pre[e] = sum_{e' < e} Res[e'] in double: one
 // difference per run (a wide neighbourhood of few runs: a large patch, a high-noise mask).
 template <typename T>
-inline typename BlockVec<double>::type row_sums_runs(const Runs& R, int64_t r,
-                                                    const typename BlockVec<double>::type* __restrict Pre,
-                                                    double scale) {
+inline void row_sums_runs(const Runs& R, int64_t r, const typename BlockVec<double>::type* __restrict Pre,
+                          double scale, Logits& out) {
   using VD = typename BlockVec<double>::type;
   using N = typename Pieces<double>::type;
   constexpr int P = Pieces<double>::n;
@@ -378,11 +454,7 @@ inline typename BlockVec<double>::type row_sums_runs(const Runs& R, int64_t r,
   if (u < R.ptr[r + 1])
     for (int p = 0; p < P; ++p)
       s0[p] += R.w[u] * (Pieces<double>::load(Pre + R.hi[u], p) - Pieces<double>::load(Pre + R.lo[u], p));
-  VD out;
-  for (int p = 0; p < P; ++p) {
-    Pieces<double>::store(&out, p, scale * (s0[p] + s1[p]));
-  }
-  return out;
+  for (int p = 0; p < P; ++p) out.p[p] = scale * (s0[p] + s1[p]);
 }
 
 // Per row, whether its runs cost fewer vector loads than its elements (four per run -- two prefix sums of kBlock
@@ -399,9 +471,10 @@ std::vector<char> rows_by_runs(const AlignedArgs<T>& A, const Runs& R) {
 // One part's images, kBlock at a time, for every query image of its group. The block is transposed once
 // (Phi[e][j] = phi_j[e]), and per query its squared residuals Res[e][j] = (x[e] - a Phi[e][j])^2, so that a row's
 // distances to the block's images are one kBlock-wide (multiply-)add per neighbourhood element (row_sums), or, for
-// a row of few runs, one difference of prefix sums per run (row_sums_runs); its
-// logits fold at once into the row's state (block maximum, raise_max, the weights' cut_exp vectorised) and its
-// response sums are kBlock-wide dot products with the element's row of Phi.
+// a row of few runs, one difference of prefix sums per run (row_sums_runs); its logits fold at once into the
+// row's state: a block none of whose logits is within the cut of the row's maximum is skipped, the maximum is
+// raised (raise_max; the block's largest logit taken only then), and the weights (cut_exp vectorised) and the
+// weighted response values are added lane by lane, summed over the lanes at the part's end.
 template <typename T, bool WEIGHTED>
 void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& by_runs,
                const std::vector<int64_t>& qs, const Part& part, PartState& S) {
@@ -415,6 +488,10 @@ void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& 
   S.best.assign(nq * nr, -1);
   S.acc.assign(nq * A.n_resp, 0.0);
   std::vector<V> Phi(D), Res(D);  // over-aligned element type: std::allocator aligns it
+  // Per (query, row) and per (query, response entry): the weights' and the weighted values' sums lane by lane
+  // (image j of every block adds to lane j), each rescaled with its row's maximum, and summed over the lanes at
+  // the part's end: no horizontal sum per row and block. A lane adds at most kPart / kBlock blocks in T.
+  std::vector<V> sl(nq * nr, V{}), al(nq * A.n_resp, V{});
   std::vector<VD> Pre(any_runs ? D + 1 : 0);
   for (int64_t i0 = part.i0; i0 < part.i1; i0 += NB) {
     const int nb = static_cast<int>(std::min<int64_t>(NB, part.i1 - i0));
@@ -438,43 +515,48 @@ void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& 
         ND run[PD] = {};
         Pre[0] = VD{};
         for (int64_t e = 0; e < D; ++e) {
-          const VD r = __builtin_convertvector(Res[e], VD);
-          for (int p = 0; p < PD; ++p) {
-            run[p] += Pieces<double>::load(&r, p);
+          for_pieces<PD>([&](auto p) {
+            run[p] += piece_as_double<T, p>(Res[e]);
             Pieces<double>::store(&Pre[e + 1], p, run[p]);
-          }
+          });
         }
       }
       double* m = S.m.data() + qi * nr;
-      double* s = S.s.data() + qi * nr;
       int64_t* best = S.best.data() + qi * nr;
-      double* acc = S.acc.data() + qi * A.n_resp;
+      V* sq = sl.data() + qi * nr;
+      V* aq = al.data() + qi * A.n_resp;
       for (int64_t r = 0; r < nr; ++r) {
-        const VD L = by_runs[r] ? row_sums_runs<T>(R, r, Pre.data(), -inv)
-                                : row_sums<T, WEIGHTED>(A, r, Res.data(), -inv);
-        const double top = block_max<double>(L);  // a short block's repeated lanes equal its first
-        if (!block_counts<T>(top, m[r])) continue;  // every weight of the block is exactly 0
-        if (top > m[r]) {
+        Logits L;
+        if (by_runs[r]) row_sums_runs<T>(R, r, Pre.data(), -inv, L);
+        else row_sums<T, WEIGHTED>(A, r, Res.data(), -inv, L);
+        // every weight of the block exactly 0 (block_counts of its largest logit; a short block's repeated
+        // lanes equal its first)
+        if (!any_not_below(L, m[r] - ExpCut<T>::value)) continue;
+        if (any_above(L, m[r])) {
+          const double top = logits_max(L);
           int arg = 0;  // the block's first image of the largest logit
-          while (L[arg] != top) ++arg;
+          while (L.lane(arg) != top) ++arg;
           best[r] = A.grp_img[i0 + arg];
-          const double f = raise_max(m[r], s[r], top);
-          for (int64_t e = A.resp_ptr[r]; e < A.resp_ptr[r + 1]; ++e) acc[e] *= f;
+          double unused = 0.0;
+          const double f = raise_max(m[r], unused, top);
+          const T ft = f < static_cast<double>(std::numeric_limits<T>::min()) ? T(0) : static_cast<T>(f);
+          sq[r] *= ft;
+          for (int64_t e = A.resp_ptr[r]; e < A.resp_ptr[r + 1]; ++e) aq[e] *= ft;
         }
-        V d;
-        if constexpr (sizeof(T) == 4) d = shifted_float(L, m[r]);
-        else d = L - m[r];
+        const V d = shifted<T>(L, m[r]);
         V w;  // the weights: cut_exp of softmax_state.hpp, vectorised (exp_nonpos); 0 past a short block's end
         if constexpr (sizeof(T) == 4) w = block_exp(d);
         else
           for (int j = 0; j < NB; ++j) w[j] = exp_nonpos(d[j]);
         if (nb < NB) w *= tail;
-        s[r] += static_cast<double>(block_sum<T>(w));
-        for (int64_t e = A.resp_ptr[r]; e < A.resp_ptr[r + 1]; ++e)
-          acc[e] += static_cast<double>(block_sum<T>(w * Phi[A.resp_elem[e]]));
+        sq[r] += w;
+        for (int64_t e = A.resp_ptr[r]; e < A.resp_ptr[r + 1]; ++e) aq[e] += w * Phi[A.resp_elem[e]];
       }
     }
   }
+  // the lanes' sums, each in the order of block_sum, into the part's state
+  for (int64_t u = 0; u < nq * nr; ++u) S.s[u] = static_cast<double>(block_sum<T>(sl[u]));
+  for (int64_t u = 0; u < nq * A.n_resp; ++u) S.acc[u] = static_cast<double>(block_sum<T>(al[u]));
 }
 
 }  // namespace

@@ -56,7 +56,10 @@ def aligned_bytes(query_shape, dtype: torch.dtype, table_rows: int, n_resp: int,
     need = B * n_resp * item + B * table_rows * (16 + 8 + item)
     if engine == "cpu":
         parts = max(1, threads or engines.max_threads())
-        need += parts * (B * (3 * table_rows + n_resp) * 8 + 16 * table_rows * 8 + 3 * (D + 1) * 8)
+        # per running part: the rows' states, its 16 lanes of weight and response sums, one block of logits, the
+        # block of images, its residuals and their prefix sums
+        need += parts * (B * (3 * table_rows + n_resp) * 8 + B * (table_rows + n_resp) * 16 * item
+                         + 16 * table_rows * 8 + 3 * (D + 1) * 8 * 16)
     elif engine == "torch":
         need += 6 * reference_aligned.BUDGET * item
     else:
