@@ -263,7 +263,8 @@ def test_compiled_equals_eager_where_eager_gathers_the_kept_images():
     assert (smoothed.weighted_means(logits, imgs.reshape(300, -1).T) - imgs[:5].reshape(5, -1).mean(0)).abs().max() < 1e-14
 
 
-@pytest.mark.parametrize("N,D,R", [(17, 129, 1), (257, 300, 5), (600, 7, 9), (1000, 64, 4)])
+@pytest.mark.parametrize("N,D,R", [(17, 129, 1), (257, 300, 5), (600, 7, 9), (1000, 64, 4), (257, 300, 10), (600, 7, 7),
+                                   (1000, 64, 3)])
 def test_compiled_means_across_blocks_and_segments(N, D, R):
     """The compiled op streams the images in blocks (at least 256 images each, fixed by N) of 16-image segments and
     merges the blocks at the end: against the softmax means written out in numpy (float64, e^-60 cut) to 1e-12 of

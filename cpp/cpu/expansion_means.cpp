@@ -3,7 +3,8 @@
 // float64, converted to double as they are read: float32 images are read at half the bytes of a float64 copy) once
 // for both the logits and the means (the first 16 images of each block twice):
 //
-//   logits  l[r, n] = c1[r] <q_r, x_n> - c2[r] sq[n]   (float64 dot products, four images and four rows at a time);
+//   logits  l[r, n] = c1[r] <q_r, x_n> - c2[r] sq[n]   (float64 dot products, four images and four rows at a time,
+//           the rows short of four two and one at a time);
 //   means   out[r] = sum_n w[r, n] x_n / sum_n w[r, n],  w[r, n] = exp(l[r, n] - max_n l[r, n]),
 //           left out below e^-cut of the row's largest and where the labels differ.
 //
@@ -36,6 +37,16 @@ constexpr int64_t kSeg = 16;     // images per segment (converted once, used for
 constexpr int64_t kAcc = 128;    // elements per step of a segment's weighted sums
 constexpr double kBlockBudget = 64.0 * (1 << 20);  // bytes of the blocks' weighted sums (rows in groups to fit)
 
+// c + a * b: one fused multiply-add where the module's instruction set has one (a library call where it does not
+// would be slow, so there it is a multiplication and an addition)
+inline double madd(double a, double b, double c) {
+#if defined(__FMA__)
+  return __builtin_fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
 template <typename T>
 inline void to_double(const T* x, double* out, int64_t D) {
 #pragma omp simd
@@ -61,6 +72,23 @@ inline void dots44(const double* q, const double* x, int64_t D, int64_t ld, doub
   const double v[4][4] = {{s00, s01, s02, s03}, {s10, s11, s12, s13}, {s20, s21, s22, s23}, {s30, s31, s32, s33}};
   for (int i = 0; i < 4; ++i)
     for (int j = 0; j < 4; ++j) s[i * ls + j] += v[i][j];
+}
+
+// adds <q_i, x_j> for two rows q_0, q_1 (ld apart) and four images (ld apart) to s[i * ls + j]: eight sums from six
+// loads per element (the rows short of four: one row at a time took five loads per four multiply-adds)
+inline void dots24(const double* q, const double* x, int64_t D, int64_t ld, double* s, int64_t ls) {
+  double s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
+  const double *q0 = q, *q1 = q + ld;
+  const double *x0 = x, *x1 = x + ld, *x2 = x + 2 * ld, *x3 = x + 3 * ld;
+#pragma omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13)
+  for (int64_t e = 0; e < D; ++e) {
+    const double a0 = q0[e], a1 = q1[e];
+    const double b0 = x0[e], b1 = x1[e], b2 = x2[e], b3 = x3[e];
+    s00 += a0 * b0, s01 += a0 * b1, s02 += a0 * b2, s03 += a0 * b3;
+    s10 += a1 * b0, s11 += a1 * b1, s12 += a1 * b2, s13 += a1 * b3;
+  }
+  s[0] += s00, s[1] += s01, s[2] += s02, s[3] += s03;
+  s[ls] += s10, s[ls + 1] += s11, s[ls + 2] += s12, s[ls + 3] += s13;
 }
 
 // adds <q, x_j> for one row and four images (ld apart) to s[j]
@@ -141,6 +169,7 @@ void segment_dots(const ExpansionMeansArgs& A, int64_t r0, int64_t nr, int64_t n
         pf.slice();
         int64_t r = 0;
         for (; r + 4 <= nr; r += 4) dots44(Q + r * D + e0, x + e0, len, D, S + r * kSeg + j0, kSeg);
+        for (; r + 2 <= nr; r += 2) dots24(Q + r * D + e0, x + e0, len, D, S + r * kSeg + j0, kSeg);
         for (; r < nr; ++r) dots14(Q + r * D + e0, x + e0, len, D, S + r * kSeg + j0);
       }
     else
@@ -194,12 +223,14 @@ void segment(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, in
       }
       st.m[r] = mx;
     }
+    char active = 0;  // whether the row adds something
     for (int64_t j = 0; j < ns; ++j) {
       const double d = l[j] - st.m[r];  // NaN where both are -inf (no image of the row's label yet): left out
       l[j] = d >= -A.cut ? std::exp(d) : 0.0;
       st.s[r] += l[j];
+      active |= l[j] != 0.0;
     }
-    std::fill(l + ns, l + kSeg, 0.0);
+    sc.active[r] = active;
   }
   int64_t K = 0;  // the images some row keeps, in image order
   for (int64_t j = 0; j < ns; ++j)
@@ -209,14 +240,11 @@ void segment(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, in
         break;
       }
   if (K == 0) return;
-  // the rows that add something, and the groups of four (in the four-row path) that hold one: their sums set first
-  const int64_t n4 = nr / 4 * 4;
-  for (int64_t r = 0; r < nr; ++r) {
-    sc.active[r] = 0;
-    for (int64_t j = 0; j < ns && !sc.active[r]; ++j) sc.active[r] = sc.l[r * kSeg + j] != 0.0;
-  }
-  for (int64_t r = 0; r < nr; r += r < n4 ? 4 : 1) {
-    const int64_t g = r < n4 ? 4 : 1;
+  // the groups of four and the pairs (of the four- and two-row paths) that hold a row adding something: their sums
+  // set first
+  const int64_t n4 = nr / 4 * 4, n2 = n4 + (nr - n4) / 2 * 2;
+  for (int64_t r = 0, g = 0; r < nr; r += g) {
+    g = r < n4 ? 4 : r < n2 ? 2 : 1;
     if (!std::any_of(&sc.active[r], &sc.active[r] + g, [](char c) { return c != 0; })) continue;
     for (int64_t i = r; i < r + g; ++i)
       if (!st.set[i]) {
@@ -225,8 +253,9 @@ void segment(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, in
       }
   }
   // their weighted sums, kAcc elements at a time (the rows' sums and the images' chunks in the first-level cache),
-  // four images and four rows at a time (sixteen multiply-adds per eight loads); fewer than four images (as at low
-  // noise, where a segment keeps one image or none) and the rows short of four one image and one row at a time
+  // four images and four rows at a time (sixteen multiply-adds per eight loads), the rows short of four two and one
+  // at a time; fewer than four images (as at low noise, where a segment keeps one image or none) one image and one
+  // row at a time
   for (int64_t e0 = 0; e0 < D; e0 += kAcc) {
     const int64_t len = std::min(kAcc, D - e0);
     for (int64_t k0 = 0; k0 < K; k0 += kTile) {
@@ -243,21 +272,47 @@ void segment(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, in
           double *a0 = st.a + r * D + e0, *a1 = a0 + D, *a2 = a1 + D, *a3 = a2 + D;
           const double *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
 #pragma omp simd
+          for (int64_t e = 0; e < len; ++e) {  // each sum a chain of four multiply-adds, image by image
+            const double v0 = x0[e], v1 = x1[e], v2 = x2[e], v3 = x3[e];
+            a0[e] = madd(w[0][3], v3, madd(w[0][2], v2, madd(w[0][1], v1, madd(w[0][0], v0, a0[e]))));
+            a1[e] = madd(w[1][3], v3, madd(w[1][2], v2, madd(w[1][1], v1, madd(w[1][0], v0, a1[e]))));
+            a2[e] = madd(w[2][3], v3, madd(w[2][2], v2, madd(w[2][1], v1, madd(w[2][0], v0, a2[e]))));
+            a3[e] = madd(w[3][3], v3, madd(w[3][2], v2, madd(w[3][1], v1, madd(w[3][0], v0, a3[e]))));
+          }
+        }
+      if (kn == kTile)  // two rows and four images at once (eight multiply-adds per six loads and two stores)
+        for (; r + 2 <= nr; r += 2) {
+          if (!(sc.active[r] | sc.active[r + 1])) continue;
+          double w[2][kTile];
+          for (int64_t i = 0; i < 2; ++i)
+            for (int64_t j = 0; j < kTile; ++j) w[i][j] = sc.l[(r + i) * kSeg + sc.kept[k0 + j]];
+          double *a0 = st.a + r * D + e0, *a1 = a0 + D;
+          const double *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+#pragma omp simd
           for (int64_t e = 0; e < len; ++e) {
             const double v0 = x0[e], v1 = x1[e], v2 = x2[e], v3 = x3[e];
-            a0[e] += w[0][0] * v0 + w[0][1] * v1 + w[0][2] * v2 + w[0][3] * v3;
-            a1[e] += w[1][0] * v0 + w[1][1] * v1 + w[1][2] * v2 + w[1][3] * v3;
-            a2[e] += w[2][0] * v0 + w[2][1] * v1 + w[2][2] * v2 + w[2][3] * v3;
-            a3[e] += w[3][0] * v0 + w[3][1] * v1 + w[3][2] * v2 + w[3][3] * v3;
+            a0[e] = madd(w[0][3], v3, madd(w[0][2], v2, madd(w[0][1], v1, madd(w[0][0], v0, a0[e]))));
+            a1[e] = madd(w[1][3], v3, madd(w[1][2], v2, madd(w[1][1], v1, madd(w[1][0], v0, a1[e]))));
           }
         }
       for (; r < nr; ++r) {
         double* a0 = st.a + r * D + e0;
+        if (kn == kTile) {  // four images at once (one load and store of the row's sums per four multiply-adds)
+          const double* wr = sc.l.data() + r * kSeg;
+          const double c0 = wr[sc.kept[k0]], c1 = wr[sc.kept[k0 + 1]], c2 = wr[sc.kept[k0 + 2]],
+                       c3 = wr[sc.kept[k0 + 3]];
+          if (c0 == 0.0 && c1 == 0.0 && c2 == 0.0 && c3 == 0.0) continue;
+          const double *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+#pragma omp simd
+          for (int64_t e = 0; e < len; ++e)
+            a0[e] = madd(c3, x3[e], madd(c2, x2[e], madd(c1, x1[e], madd(c0, x0[e], a0[e]))));
+          continue;
+        }
         for (int64_t j = 0; j < kn; ++j) {
           const double c = sc.l[r * kSeg + sc.kept[k0 + j]], *v = x[j];
           if (c == 0.0) continue;
 #pragma omp simd
-          for (int64_t e = 0; e < len; ++e) a0[e] += c * v[e];
+          for (int64_t e = 0; e < len; ++e) a0[e] = madd(c, v[e], a0[e]);
         }
       }
     }
