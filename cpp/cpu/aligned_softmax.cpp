@@ -328,52 +328,36 @@ inline double logits_max(const Logits& L) {
   return Lanes<double, Logits::W>::max(m);
 }
 
-// Whether some lane of L is not below `lim` (a NaN lane counts), and whether some lane is above `m`: lane-wise
-// comparisons folded into one flag instead of the block's largest logit (a horizontal reduction), which a row needs
-// only when its maximum rises.
-inline bool any_not_below(const Logits& L, double lim) {
+// Whether some lane of L is not below v (kNotBelow: a NaN lane counts) or above v (kAbove): lane-wise comparisons
+// folded into one flag instead of the block's largest logit (a horizontal reduction), which a row needs only when its
+// maximum rises.
+enum class Cmp { kNotBelow, kAbove };
+template <Cmp c>
+inline bool any_lane(const Logits& L, double v) {
 #if defined(__AVX512F__)
-  const __m512d l = _mm512_set1_pd(lim);
+  constexpr int pred = c == Cmp::kNotBelow ? _CMP_NLT_UQ : _CMP_GT_OQ;
+  const __m512d b = _mm512_set1_pd(v);
   __mmask8 k = 0;
-  for (int p = 0; p < Logits::P; ++p) k |= _mm512_cmp_pd_mask(reinterpret_cast<const __m512d&>(L.p[p]), l, _CMP_NLT_UQ);
+  for (int p = 0; p < Logits::P; ++p) k |= _mm512_cmp_pd_mask(reinterpret_cast<const __m512d&>(L.p[p]), b, pred);
   return k != 0;
 #elif defined(__AVX__)
-  const __m256d l = _mm256_set1_pd(lim);
+  constexpr int pred = c == Cmp::kNotBelow ? _CMP_NLT_UQ : _CMP_GT_OQ;
+  const __m256d b = _mm256_set1_pd(v);
   int k = 0;
   for (int p = 0; p < Logits::P; ++p)
-    k |= _mm256_movemask_pd(_mm256_cmp_pd(reinterpret_cast<const __m256d&>(L.p[p]), l, _CMP_NLT_UQ));
+    k |= _mm256_movemask_pd(_mm256_cmp_pd(reinterpret_cast<const __m256d&>(L.p[p]), b, pred));
   return k != 0;
 #elif defined(__SSE2__)
-  const __m128d l = _mm_set1_pd(lim);
+  const __m128d b = _mm_set1_pd(v);
   int k = 0;
-  for (int p = 0; p < Logits::P; ++p) k |= _mm_movemask_pd(_mm_cmpnlt_pd(reinterpret_cast<const __m128d&>(L.p[p]), l));
+  for (int p = 0; p < Logits::P; ++p) {
+    const __m128d x = reinterpret_cast<const __m128d&>(L.p[p]);
+    k |= _mm_movemask_pd(c == Cmp::kNotBelow ? _mm_cmpnlt_pd(x, b) : _mm_cmpgt_pd(x, b));
+  }
   return k != 0;
 #else
   for (int j = 0; j < kBlock; ++j)
-    if (!(L.lane(j) < lim)) return true;
-  return false;
-#endif
-}
-inline bool any_above(const Logits& L, double m) {
-#if defined(__AVX512F__)
-  const __m512d l = _mm512_set1_pd(m);
-  __mmask8 k = 0;
-  for (int p = 0; p < Logits::P; ++p) k |= _mm512_cmp_pd_mask(reinterpret_cast<const __m512d&>(L.p[p]), l, _CMP_GT_OQ);
-  return k != 0;
-#elif defined(__AVX__)
-  const __m256d l = _mm256_set1_pd(m);
-  int k = 0;
-  for (int p = 0; p < Logits::P; ++p)
-    k |= _mm256_movemask_pd(_mm256_cmp_pd(reinterpret_cast<const __m256d&>(L.p[p]), l, _CMP_GT_OQ));
-  return k != 0;
-#elif defined(__SSE2__)
-  const __m128d l = _mm_set1_pd(m);
-  int k = 0;
-  for (int p = 0; p < Logits::P; ++p) k |= _mm_movemask_pd(_mm_cmpgt_pd(reinterpret_cast<const __m128d&>(L.p[p]), l));
-  return k != 0;
-#else
-  for (int j = 0; j < kBlock; ++j)
-    if (L.lane(j) > m) return true;
+    if (c == Cmp::kNotBelow ? !(L.lane(j) < v) : L.lane(j) > v) return true;
   return false;
 #endif
 }
@@ -531,8 +515,8 @@ void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& 
         else row_sums<T, WEIGHTED>(A, r, Res.data(), -inv, L);
         // every weight of the block exactly 0 (block_counts of its largest logit; a short block's repeated
         // lanes equal its first)
-        if (!any_not_below(L, m[r] - ExpCut<T>::value)) continue;
-        if (any_above(L, m[r])) {
+        if (!any_lane<Cmp::kNotBelow>(L, m[r] - ExpCut<T>::value)) continue;
+        if (any_lane<Cmp::kAbove>(L, m[r])) {
           const double top = logits_max(L);
           int arg = 0;  // the block's first image of the largest logit
           while (L.lane(arg) != top) ++arg;
