@@ -151,6 +151,43 @@ def test_maximum_rising_past_the_cut_and_blocks_below_it(order, dtype):
         assert np.array_equal(key.numpy(), best)
 
 
+def test_float32_data_whose_squared_distances_overflow_are_refused():
+    """A training value of 2e19 overflows float32 when squared, whatever the (tiny) inverse temperature: refused
+    before any work (the CPU engine's prefix sums then held inf - inf = NaN, and the maximum's search ran past its
+    block: a review's reproducer). In float64 the same data are taken and the row, which leaves that element out,
+    is right (its prefix differences would lose the row's distance to cancellation: the engine sums it element by
+    element there), its gradient too."""
+    rng = np.random.default_rng(0)
+    n = 16
+    train = rng.uniform(-1, 1, (n, D))
+    train[15, 0] = 2e19
+    x = rng.uniform(-1, 1, (1, D))
+    table = ElementTable(np.array([0, 30], np.int64), np.arange(10, 40, dtype=np.int32), None,
+                         np.array([0, 1], np.int64), np.array([20], np.int32))
+    index = ops.LabelIndex.from_labels(None)
+    T = torch.as_tensor
+    call = lambda dt: ops.aligned_softmax(T(train.reshape(n, C, H, W)).to(dt), T(x.reshape(1, C, H, W)).to(dt),
+                                         T(np.ones(1)), T(np.full(1, 1e-12)), None, None, *index.tensors(),
+                                         *table.tensors(), True, "cpu", 1, 0)
+    with pytest.raises(ValueError, match="too large for float32.*squared distances"):
+        call(torch.float32)
+    out, _, key, _ = call(torch.float64)
+    els = np.arange(10, 40)
+    logits = -1e-12 * ((x[0, els] - train[:, els]) ** 2).sum(1)
+    w = np.exp(logits - logits.max())
+    assert key.item() == int(np.argmax(logits))
+    assert abs(out.item() - (w * train[:, 20]).sum() / w.sum()) <= 1e-9
+    xs = T(x.reshape(1, C, H, W)).requires_grad_(True)
+    got = ops.aligned_softmax(T(train.reshape(n, C, H, W)), xs, T(np.ones(1)), T(np.full(1, 1e-12)), None, None,
+                              *index.tensors(), *table.tensors(), False, "cpu", 1, 0)[0]
+    g = torch.autograd.grad(got.sum(), xs)[0].reshape(-1).numpy()
+    # d out / d x[e] = sum_n w_n (phi_n[20] - out) * d l_n / d x[e], d l_n / d x[e] = -2e-12 (x[e] - phi_n[e])
+    p = w / w.sum()
+    want = np.zeros(D)
+    want[els] = (p[:, None] * (train[:, 20] - out.item())[:, None] * -2e-12 * (x[0, els] - train[:, els])).sum(0)
+    assert np.abs(want).max() > 0 and np.abs(g - want).max() <= 1e-7 * np.abs(want).max()
+
+
 def _grads(train, x, a, inv, qlab, index, table, backend, device="cpu"):
     xs = torch.as_tensor(x.reshape(B, C, H, W)).to(device).requires_grad_(True)
     aa = torch.as_tensor(a).to(device).requires_grad_(True)

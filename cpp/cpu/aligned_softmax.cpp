@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -41,7 +42,21 @@ struct Runs {
   std::vector<int64_t> ptr;  // (n_rows + 1,)
   std::vector<int32_t> lo, hi;
   std::vector<double> w;
+  std::vector<double> wsum;  // per row: the sum of |weight| over its elements
 };
+
+// Whether a row's distance from prefix sums is precise enough. A difference P[hi] - P[lo] of double prefix sums
+// carries the rounding of every step between lo and hi, each at most 2^-53 of the prefix there (at most `ptot`, the
+// squared residual's total over the image, the largest of the block's), so the row's distance is within
+// 2^-53 wsum ptot and its logit within inv times that. Taken where that is at most 1e-10 for double (weights within
+// 1e-10 relative) and 1e-6 for float (far below float's rounding of the logits); elsewhere the row is summed
+// element by element: an element far from the query outside the row, or a very low noise level, would make the
+// prefix differences lose the row's distance to cancellation.
+template <typename T>
+inline bool runs_precise(double inv, double wsum, double ptot) {
+  constexpr double tol = sizeof(T) == 8 ? 1e-10 : 1e-6;
+  return inv * wsum * ptot * 1.12e-16 <= tol;
+}
 
 // A neighbourhood element starts a run unless it follows its predecessor in the row with the same weight.
 template <typename T>
@@ -68,6 +83,7 @@ Runs make_runs(const AlignedArgs<T>& A) {
   R.lo.resize(R.ptr[nr]);
   R.hi.resize(R.ptr[nr]);
   R.w.resize(R.ptr[nr]);
+  R.wsum.assign(nr, 0.0);
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t r = 0; r < nr; ++r) {
     int64_t u = R.ptr[r] - 1;
@@ -78,6 +94,7 @@ Runs make_runs(const AlignedArgs<T>& A) {
         R.w[u] = A.hood_weight ? A.hood_weight[e] : 1.0;
       }
       R.hi[u] = A.hood_elem[e] + 1;
+      R.wsum[r] += std::fabs(A.hood_weight ? A.hood_weight[e] : 1.0);
     }
   }
   return R;
@@ -122,10 +139,20 @@ inline void residual_prefix(const T* __restrict x, const T* __restrict phi, doub
   }
 }
 
-// The weighted distance of row r from the prefix sums.
-inline double row_distance(const Runs& R, int64_t r, const double* __restrict P) {
+// The weighted distance of row r from the prefix sums P of the squared residual delta^2 (P[D]: its total), or
+// element by element where the prefix differences would not be precise enough (runs_precise).
+template <typename T>
+inline double row_distance(const AlignedArgs<T>& A, const Runs& R, int64_t r, double inv, const double* __restrict P,
+                           const double* __restrict delta) {
   double d = 0.0;
-  for (int64_t u = R.ptr[r]; u < R.ptr[r + 1]; ++u) d += R.w[u] * (P[R.hi[u]] - P[R.lo[u]]);
+  if (runs_precise<double>(inv, R.wsum[r], P[A.D])) {
+    for (int64_t u = R.ptr[r]; u < R.ptr[r + 1]; ++u) d += R.w[u] * (P[R.hi[u]] - P[R.lo[u]]);
+  } else {
+    for (int64_t e = A.hood_ptr[r]; e < A.hood_ptr[r + 1]; ++e) {
+      const double v = delta[A.hood_elem[e]];
+      d += (A.hood_weight ? A.hood_weight[e] : 1.0) * v * v;
+    }
+  }
   return d;
 }
 
@@ -362,6 +389,15 @@ inline bool any_lane(const Logits& L, double v) {
 #endif
 }
 
+// v with its lanes below the smallest normal T in magnitude set to 0 (a rescaled sum that small is below T's
+// resolution of the row's new sums, whose largest weight is 1)
+template <typename V>
+inline V flush_tiny(const V& v) {
+  using T = std::remove_cvref_t<decltype(v[0])>;
+  constexpr T tiny = std::numeric_limits<T>::min();
+  return (v < tiny && v > -tiny) ? V{} : v;
+}
+
 // Whether every weight of the table is 1 (a plain mask: the distance needs no multiplication).
 template <typename T>
 bool unit_weights(const AlignedArgs<T>& A) {
@@ -505,27 +541,31 @@ void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& 
           });
         }
       }
+      // the block's largest total of the squared residual (the precision of its prefix differences)
+      double ptot = 0.0;
+      if (any_runs)
+        for (int j = 0; j < nb; ++j) ptot = std::max(ptot, Pre[D][j]);
       double* m = S.m.data() + qi * nr;
       int64_t* best = S.best.data() + qi * nr;
       V* sq = sl.data() + qi * nr;
       V* aq = al.data() + qi * A.n_resp;
       for (int64_t r = 0; r < nr; ++r) {
         Logits L;
-        if (by_runs[r]) row_sums_runs<T>(R, r, Pre.data(), -inv, L);
+        if (by_runs[r] && runs_precise<T>(inv, R.wsum[r], ptot)) row_sums_runs<T>(R, r, Pre.data(), -inv, L);
         else row_sums<T, WEIGHTED>(A, r, Res.data(), -inv, L);
         // every weight of the block exactly 0 (block_counts of its largest logit; a short block's repeated
         // lanes equal its first)
         if (!any_lane<Cmp::kNotBelow>(L, m[r] - ExpCut<T>::value)) continue;
-        if (any_lane<Cmp::kAbove>(L, m[r])) {
-          const double top = logits_max(L);
+        const double top = any_lane<Cmp::kAbove>(L, m[r]) ? logits_max(L) : m[r];
+        if (top > m[r]) {  // (a NaN lane may make `top` NaN: then, as for a block below the maximum, no raise)
           int arg = 0;  // the block's first image of the largest logit
-          while (L.lane(arg) != top) ++arg;
+          while (arg < kBlock - 1 && L.lane(arg) != top) ++arg;
           best[r] = A.grp_img[i0 + arg];
           double unused = 0.0;
           const double f = raise_max(m[r], unused, top);
           const T ft = f < static_cast<double>(std::numeric_limits<T>::min()) ? T(0) : static_cast<T>(f);
-          sq[r] *= ft;
-          for (int64_t e = A.resp_ptr[r]; e < A.resp_ptr[r + 1]; ++e) aq[e] *= ft;
+          sq[r] = flush_tiny(sq[r] * ft);  // (no subnormal lane stays for later blocks to add to)
+          for (int64_t e = A.resp_ptr[r]; e < A.resp_ptr[r + 1]; ++e) aq[e] = flush_tiny(aq[e] * ft);
         }
         const V d = shifted<T>(L, m[r]);
         V w;  // the weights: cut_exp of softmax_state.hpp, vectorised (exp_nonpos); 0 past a short block's end
@@ -626,7 +666,7 @@ void aligned_backward_cpu(const AlignedArgs<T>& A) {
           double gs = 0.0;
           bool any = false;
           for (int64_t r = 0; r < nr; ++r) {
-            const double d = row_distance(R, r, P.data());
+            const double d = row_distance(A, R, r, inv, P.data(), delta.data());
             const double* st = A.stats + 2 * (b * nr + r);
             const double w = cut_exp<T, double>(-inv * d - st[0]) / st[1];
             if (w == 0.0) continue;

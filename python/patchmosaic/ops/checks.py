@@ -178,19 +178,20 @@ def mask_weight(weights: Optional[torch.Tensor], C: int, k: int) -> float:
 
 
 def scale(query: torch.Tensor, train: torch.Tensor, inv_2b2: torch.Tensor, d: float) -> None:
-    """Refuse data so large that the softmax logits ``-s |Q - a K|^2`` (``d`` elements per patch, or the total
-    weight of a neighbourhood mask's elements: :func:`mask_weight`) would overflow the working type, which would
-    give NaN: the logits are at most ``s d (max|x| + max|train|)^2`` (a <= 1)."""
+    """Refuse data so large that the squared distances ``|Q - a K|^2`` (``d`` elements per patch, or the total
+    weight of a neighbourhood mask's elements: :func:`mask_weight`) or the softmax logits ``-s |Q - a K|^2`` would
+    overflow the working type, which would give NaN: both are at most ``max(s, 1) d (max|x| + max|train|)^2``
+    (a <= 1; the engines form the distances in the working type before scaling them by s)."""
     xmax, kmax = magnitude(query), MAGNITUDES.get((train,), lambda: magnitude(train))
-    smax = float(inv_2b2.detach().amax())
+    smax = max(float(inv_2b2.detach().amax()), 1.0)
     bound = smax * d * (xmax + kmax) ** 2 if max(xmax, kmax, d) < 1e150 else float("inf")
     limit = LOGIT_LIMITS[query.dtype]
     if not bound <= limit:
         kind = "float32" if query.dtype == torch.float32 else "float64"
         weighted = f" and patch_mask weights summing to {d:.3g}" if d > 1e6 else ""
         raise ValueError(f"the data are too large for {kind}: queries up to {xmax:.3g} and training values up to "
-                         f"{kmax:.3g}{weighted} make softmax logits up to {bound:.3g} (limit {limit:.0e}); rescale "
-                         f"the data (e.g. to [-1, 1]){' or the mask weights' if weighted else ''}"
+                         f"{kmax:.3g}{weighted} make squared distances or softmax logits up to {bound:.3g} (limit "
+                         f"{limit:.0e}); rescale the data (e.g. to [-1, 1]){' or the mask weights' if weighted else ''}"
                          f"{' or use float64' if kind == 'float32' else ''}")
 
 
