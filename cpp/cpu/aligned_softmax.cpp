@@ -3,13 +3,16 @@
 // row's neighbourhood of elements.
 //
 // Forward: the training images kBlock at a time, transposed, with every query's squared residuals against them
-// (fold_part), so that a row's distances to the block are one kBlock-wide multiply-add per neighbourhood element:
-// O(N (D + |hood|)) per query image, vectorised over the images instead of the elements, which suits scattered
-// neighbourhoods (a thresholded data mask) as well as square patches.
+// (fold_part), so that a row's distances to the block are one kBlock-wide multiply-add per neighbourhood element,
+// or for a row of few runs one difference of prefix sums per run: O(N (D + |hood|)) per query image, vectorised over
+// the images instead of the elements, which suits scattered neighbourhoods (a thresholded data mask) as well as
+// square patches.
 //
 // Backward: for each training image the squared residual once, with its prefix sums P (in double), a row's
 // distance as the sum over its neighbourhood's *runs* -- maximal sequences of consecutive elements with one
 // weight -- each one difference P[hi] - P[lo]; the derivatives scattered back through a difference array.
+// Forward and backward take a row's distance from prefix sums only where their rounding cannot matter
+// (runs_precise), element by element elsewhere.
 //
 // Threads: each group's images (its label's training images) are split into contiguous parts of about kPart
 // images; a part folds its images into its own online softmax states (softmax_state.hpp), threads take parts as
@@ -125,18 +128,6 @@ Groups make_parts(const AlignedArgs<T>& A) {
       G.parts.push_back({g, A.grp_img_ptr[g] + n * p / k, A.grp_img_ptr[g] + n * (p + 1) / k});
   }
   return G;
-}
-
-// The squared residual's prefix sums P[0..D] of query x (coefficient a) against training image phi.
-template <typename T>
-inline void residual_prefix(const T* __restrict x, const T* __restrict phi, double a, int64_t D, double* __restrict P) {
-  double acc = 0.0;
-  P[0] = 0.0;
-  for (int64_t e = 0; e < D; ++e) {
-    const double d = static_cast<double>(x[e]) - a * static_cast<double>(phi[e]);
-    acc += d * d;
-    P[e + 1] = acc;
-  }
 }
 
 // The weighted distance of row r from the prefix sums P of the squared residual delta^2 (P[D]: its total), or
