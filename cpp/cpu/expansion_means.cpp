@@ -203,6 +203,26 @@ void segment_logits(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t
   }
 }
 
+// adds four weighted images x[0..3] (len elements each) to the sums a of M rows (D apart), row i's weights
+// l[i * kSeg + kept[j]]: each sum a chain of four multiply-adds, image by image (M = 4: sixteen multiply-adds per
+// eight loads; M = 2: eight per six; M = 1: one load and store of the row's sums per four)
+template <int M>
+inline void add_rows4(const double* l, const int64_t* kept, const double* const* x, int64_t len, double* a,
+                      int64_t D) {
+  double w[M][kTile];
+  for (int i = 0; i < M; ++i)
+    for (int64_t j = 0; j < kTile; ++j) w[i][j] = l[i * kSeg + kept[j]];
+  const double *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+#pragma omp simd
+  for (int64_t e = 0; e < len; ++e) {
+    const double v0 = x0[e], v1 = x1[e], v2 = x2[e], v3 = x3[e];
+    for (int i = 0; i < M; ++i) {
+      double& ai = a[i * D + e];
+      ai = madd(w[i][3], v3, madd(w[i][2], v2, madd(w[i][1], v1, madd(w[i][0], v0, ai))));
+    }
+  }
+}
+
 // one segment of images [n0, n0 + ns) into a block's state: its logits, each row's running maximum raised (the
 // block's sums rescaled), the weights, and the weighted images of those some row keeps
 template <typename T>
@@ -263,49 +283,22 @@ void segment(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, in
       const double* x[kTile];
       for (int64_t j = 0; j < kn; ++j) x[j] = sc.tile.data() + sc.kept[k0 + j] * D + e0;
       int64_t r = 0;
-      if (kn == kTile)
+      if (kn == kTile) {
         for (; r + 4 <= nr; r += 4) {
           if (!(sc.active[r] | sc.active[r + 1] | sc.active[r + 2] | sc.active[r + 3])) continue;
-          double w[4][kTile];
-          for (int64_t i = 0; i < 4; ++i)
-            for (int64_t j = 0; j < kTile; ++j) w[i][j] = sc.l[(r + i) * kSeg + sc.kept[k0 + j]];
-          double *a0 = st.a + r * D + e0, *a1 = a0 + D, *a2 = a1 + D, *a3 = a2 + D;
-          const double *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
-#pragma omp simd
-          for (int64_t e = 0; e < len; ++e) {  // each sum a chain of four multiply-adds, image by image
-            const double v0 = x0[e], v1 = x1[e], v2 = x2[e], v3 = x3[e];
-            a0[e] = madd(w[0][3], v3, madd(w[0][2], v2, madd(w[0][1], v1, madd(w[0][0], v0, a0[e]))));
-            a1[e] = madd(w[1][3], v3, madd(w[1][2], v2, madd(w[1][1], v1, madd(w[1][0], v0, a1[e]))));
-            a2[e] = madd(w[2][3], v3, madd(w[2][2], v2, madd(w[2][1], v1, madd(w[2][0], v0, a2[e]))));
-            a3[e] = madd(w[3][3], v3, madd(w[3][2], v2, madd(w[3][1], v1, madd(w[3][0], v0, a3[e]))));
-          }
+          add_rows4<4>(sc.l.data() + r * kSeg, &sc.kept[k0], x, len, st.a + r * D + e0, D);
         }
-      if (kn == kTile)  // two rows and four images at once (eight multiply-adds per six loads and two stores)
         for (; r + 2 <= nr; r += 2) {
           if (!(sc.active[r] | sc.active[r + 1])) continue;
-          double w[2][kTile];
-          for (int64_t i = 0; i < 2; ++i)
-            for (int64_t j = 0; j < kTile; ++j) w[i][j] = sc.l[(r + i) * kSeg + sc.kept[k0 + j]];
-          double *a0 = st.a + r * D + e0, *a1 = a0 + D;
-          const double *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
-#pragma omp simd
-          for (int64_t e = 0; e < len; ++e) {
-            const double v0 = x0[e], v1 = x1[e], v2 = x2[e], v3 = x3[e];
-            a0[e] = madd(w[0][3], v3, madd(w[0][2], v2, madd(w[0][1], v1, madd(w[0][0], v0, a0[e]))));
-            a1[e] = madd(w[1][3], v3, madd(w[1][2], v2, madd(w[1][1], v1, madd(w[1][0], v0, a1[e]))));
-          }
+          add_rows4<2>(sc.l.data() + r * kSeg, &sc.kept[k0], x, len, st.a + r * D + e0, D);
         }
+      }
       for (; r < nr; ++r) {
         double* a0 = st.a + r * D + e0;
-        if (kn == kTile) {  // four images at once (one load and store of the row's sums per four multiply-adds)
+        if (kn == kTile) {
           const double* wr = sc.l.data() + r * kSeg;
-          const double c0 = wr[sc.kept[k0]], c1 = wr[sc.kept[k0 + 1]], c2 = wr[sc.kept[k0 + 2]],
-                       c3 = wr[sc.kept[k0 + 3]];
-          if (c0 == 0.0 && c1 == 0.0 && c2 == 0.0 && c3 == 0.0) continue;
-          const double *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
-#pragma omp simd
-          for (int64_t e = 0; e < len; ++e)
-            a0[e] = madd(c3, x3[e], madd(c2, x2[e], madd(c1, x1[e], madd(c0, x0[e], a0[e]))));
+          if (std::all_of(&sc.kept[k0], &sc.kept[k0] + kTile, [wr](int64_t j) { return wr[j] == 0.0; })) continue;
+          add_rows4<1>(wr, &sc.kept[k0], x, len, a0, D);
           continue;
         }
         for (int64_t j = 0; j < kn; ++j) {
