@@ -4,6 +4,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <string>
 
 #include "bind_contract.hpp"
@@ -138,7 +139,7 @@ void register_cpu(py::module_& m) {
      "recomputed).");
   m.def("expansion_means", [](const py::array& X, const Array<double>& sq, const Array<double>& Q,
                               const Array<double>& c1, const Array<double>& c2, const py::object& row_label,
-                              const py::object& img_label, double cut, int n_threads) {
+                              const py::object& img_label, double cut, int64_t groups, int n_threads) {
     ExpansionMeansArgs A{};
     const bool f32 = py::isinstance<Array<float>>(X), f64 = py::isinstance<Array<double>>(X);
     if (!(f32 || f64) || X.ndim() != 2 || !(X.flags() & py::array::c_style))
@@ -163,12 +164,15 @@ void register_cpu(py::module_& m) {
       A.row_label = vector_of(rl, A.R, "row_label", "expansion_means");
       A.img_label = vector_of(il, A.N, "img_label", "expansion_means");
     }
-    if (!(cut >= 30.0))  // the means are the exact cut's to N e^-cut relative (a block keeps what its own maximum does)
-      throw py::value_error("expansion_means: cut must be >= 30 (the means differ from the exact cut's by up to "
-                            "N e^-cut relative)");
+    if (!(cut > 0.0) || !std::isfinite(cut))
+      throw py::value_error("expansion_means: cut must be a finite number > 0");
+    if (groups < 1 || A.R % groups != 0)
+      throw py::value_error("expansion_means: groups must be >= 1 and divide the rows of Q (" + std::to_string(A.R) +
+                            "), got " + std::to_string(groups));
+    A.groups = groups;
     A.cut = cut;
     A.n_threads = n_threads;
-    Array<double> out({static_cast<py::ssize_t>(A.R), static_cast<py::ssize_t>(A.D)});
+    Array<double> out({static_cast<py::ssize_t>(A.groups), static_cast<py::ssize_t>(A.D)});
     A.out = out.mutable_data();
     int64_t kept;
     {
@@ -177,7 +181,8 @@ void register_cpu(py::module_& m) {
     }
     return py::make_tuple(out, kept);
   }, "Softmax-weighted means of whole images X (N, D) for the rows of Q (R, D), logits c1 <Q_r, X_n> - c2 sq_n in "
-     "float64, weights below e^-cut and other labels left out -> (out (R, D) float64, images kept).");
+     "float64, weights below e^-cut and other labels left out, averaged over the rows r = g, g + G, ... of each group "
+     "-> (out (G, D) float64, images kept).");
   m.def("max_threads", []() {
 #ifdef _OPENMP
     return omp_get_max_threads();

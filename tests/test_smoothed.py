@@ -164,8 +164,8 @@ def test_low_noise_on_many_images_equals_the_literal(path):
         kept["torch"].append(int((logits - logits.amax(1, keepdim=True) >= -smoothed.CUT).any(0).sum()))
         return means(logits, XT)
 
-    def spy_compiled(*args):
-        out, n = compiled(*args)
+    def spy_compiled(*args, **kw):
+        out, n = compiled(*args, **kw)
         kept["compiled"].append(n)
         return out, n
 
@@ -196,9 +196,9 @@ def test_compiled_means_equal_the_torch_means(dtype):
     calls = []
     compiled = smoothed.ops.expansion_means
 
-    def counted(*args):
+    def counted(*args, **kw):
         calls.append(1)
-        return compiled(*args)
+        return compiled(*args, **kw)
 
     rng = np.random.default_rng(11)
     imgs = torch.from_numpy(rng.uniform(-1, 1, (301, 3, 10, 10))).to(dtype)
@@ -241,8 +241,55 @@ def test_compiled_means_refuse_bad_arguments():
         ops.expansion_means(X, sq, Q, v, v, torch.zeros(2, dtype=torch.int64), np.zeros(4, np.int64))
     with pytest.raises(ValueError, match="X must be a 2-d float32 or float64"):
         ops.expansion_means(X.half(), sq, Q, v, v)
-    with pytest.raises(ValueError, match="cut must be >= 30"):
-        ops.expansion_means(X, sq, Q, v, v, cut=10.0)
+    for cut in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="cut must be a finite number > 0"):
+            ops.expansion_means(X, sq, Q, v, v, cut=cut)
+    for groups in (0, 3, -2):
+        with pytest.raises(ValueError, match="groups must be >= 1 and divide the rows of Q"):
+            ops.expansion_means(X, sq, Q, v, v, groups=groups)
+
+
+@pytest.mark.parametrize("N,D,R,G", [(17, 129, 6, 3), (600, 7, 10, 1), (1000, 64, 12, 4), (257, 300, 10, 5),
+                                     (300, 33, 8, 8)])
+def test_compiled_means_averaged_over_groups(N, D, R, G):
+    """``groups=G``: out[g] is the mean of the softmax means of rows g, g + G, ... (the smoothed denoiser's draws of
+    one query), taken by the op as one weighted sum per group: against the per-row means written out in numpy and
+    averaged, to 1e-12 of the data (times |L| / 1000 where the logits are larger), with labels (one row's label has
+    no image: its group is NaN, the others unaffected), at the default cut and at cut 5 (the cut is exact: every
+    row's largest logit is known before its weights are made), images in float32 and float64; the images kept
+    counted as the reference does; the same bits on 1, 2 and 3 threads."""
+    from patchmosaic import ops
+
+    rng = np.random.default_rng(N + D + R + G)
+    X64 = rng.uniform(-1, 1, (N, D))
+    lab, rl = rng.integers(0, 3, N), np.arange(R) % 4  # label 3: no image
+    for dtype in (np.float32, np.float64):
+        X = X64.astype(dtype)
+        Xd = X.astype(np.float64)
+        sq = (Xd ** 2).sum(1)
+        Q = rng.standard_normal((R, D))
+        for scale, cut, labelled in ((0.01, 60.0, False), (3.0, 60.0, True), (3.0, 5.0, False), (300.0, 60.0, True)):
+            c1 = rng.uniform(0.5, 1.5, R) * scale
+            c2 = c1 * rng.uniform(0.3, 0.6, R)
+            L = c1[:, None] * (Q @ Xd.T) - c2[:, None] * sq[None]
+            if labelled:
+                L = np.where(lab[None] == rl[:, None], L, -np.inf)
+            with np.errstate(invalid="ignore"):
+                d = L - L.max(1, keepdims=True)
+                Wt = np.where(d >= -cut, np.exp(d), 0.0)
+                per_row = (Wt @ Xd) / Wt.sum(1, keepdims=True)
+            want = per_row.reshape(R // G, G, D).mean(0)
+            args = [torch.from_numpy(v) for v in (X, sq, Q, c1, c2)]
+            kw = dict(row_label=torch.from_numpy(rl), img_label=lab) if labelled else {}
+            outs = [ops.expansion_means(*args, **kw, cut=cut, groups=G, n_threads=n) for n in (1, 2, 3)]
+            assert all(k == int((Wt > 0).any(0).sum()) for _, k in outs)
+            got = outs[0][0].numpy()
+            assert got.shape == (G, D)
+            empty = np.isnan(want).any(1)
+            assert labelled == empty.any() and (np.isnan(got).all(1) == empty).all()
+            tol = 1e-12 * max(1.0, np.abs(L[np.isfinite(L)]).max() / 1e3)
+            assert np.abs(got[~empty] - want[~empty]).max(initial=0.0) <= tol
+            assert all(np.array_equal(o.numpy(), got, equal_nan=True) for o, _ in outs[1:])
 
 
 def test_compiled_equals_eager_where_eager_gathers_the_kept_images():
@@ -266,8 +313,8 @@ def test_compiled_equals_eager_where_eager_gathers_the_kept_images():
 @pytest.mark.parametrize("N,D,R", [(17, 129, 1), (257, 300, 5), (600, 7, 9), (1000, 64, 4), (257, 300, 10), (600, 7, 7),
                                    (1000, 64, 3)])
 def test_compiled_means_across_blocks_and_segments(N, D, R):
-    """The compiled op streams the images in blocks (at least 256 images each, fixed by N) of 16-image segments and
-    merges the blocks at the end: against the softmax means written out in numpy (float64, e^-60 cut) to 1e-12 of
+    """The compiled op takes the logits and the weighted sums in blocks of images (at least 256 images each, fixed by
+    N) of 16-image segments and merges the blocks' sums at the end: against the softmax means written out in numpy (float64, e^-60 cut) to 1e-12 of
     the data (times |L| / 1000 where the logits are larger) at three logit scales (every image kept, some, one), with labels, images in float32; the images kept
     counted as the reference does; the same bits on 1, 2 and 3 threads."""
     from patchmosaic import ops
@@ -316,7 +363,7 @@ def test_calls_make_no_copy_of_the_images_in_the_query_dtype(monkeypatch):
 
 def test_compiled_means_with_labels_sorted_by_block():
     """Labels sorted so that a row's label lies in the first blocks only, or only in the last block after its first
-    segment (no block's first segment has it: that row's shared floor is -inf), six blocks: against the numpy
+    segment (every other block adds nothing for that row), six blocks: against the numpy
     softmax means to 1e-12 at a low and a high logit scale, the kept counts the reference's, 1 and 3 threads
     bit-identical."""
     from patchmosaic import ops

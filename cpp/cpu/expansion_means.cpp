@@ -1,24 +1,22 @@
-// expansion_means.cpp -- softmax-weighted means of whole training images for query rows that share them (the
-// smoothed closed-form denoiser's draws, machines/smoothed.py), reading the images as they are stored (float32 or
-// float64, converted to double as they are read: float32 images are read at half the bytes of a float64 copy) once
-// for both the logits and the means (the first 16 images of each block twice):
+// expansion_means.cpp -- softmax-weighted means of whole training images for query rows that share them, averaged
+// over groups of rows (the smoothed closed-form denoiser: the draws of each query, machines/smoothed.py), reading
+// the images as they are stored (float32 or float64, converted to double as they are read: float32 images are read
+// at half the bytes of a float64 copy):
 //
-//   logits  l[r, n] = c1[r] <q_r, x_n> - c2[r] sq[n]   (float64 dot products, four images and four rows at a time,
-//           the rows short of four two and one at a time);
-//   means   out[r] = sum_n w[r, n] x_n / sum_n w[r, n],  w[r, n] = exp(l[r, n] - max_n l[r, n]),
-//           left out below e^-cut of the row's largest and where the labels differ.
+//   logits  l[r, n] = c1[r] <q_r, x_n> - c2[r] sq[n]   (float64 dot products, segments of 16 images converted to
+//           double once, four images and four rows at a time, the rows short of four two and one at a time);
+//   weights w[r, n] = exp(l[r, n] - max_n l[r, n]), left out (0) below e^-cut and where the labels differ, and
+//           their sums Z[r];
+//   means   out[g] = (1 / |g|) sum_{r in g} sum_n w[r, n] x_n / Z[r] = sum_n c[g, n] x_n,
+//           c[g, n] = (1 / |g|) sum_{r in g} w[r, n] / Z[r]   (the rows r = g, g + G, g + 2G, ... of group g).
 //
-// The images are cut into blocks fixed by N alone (not by the thread count), each a streaming softmax of its own
-// (flash-attention's online form): a segment of 16 images is converted to double once, its logits taken, each row's
-// running maximum raised (the block's sums rescaled when it rises), and the segment's weighted images added, so the
-// images leave the caches after one visit. The running maxima start at a floor that every block shares (the
-// largest logit over the first segment of every block), so that a block does not add what only its own first
-// segments keep. The blocks' maxima, sums and weighted sums are merged in block order at the end. Which images a
-// block adds, and in which order, depends only on the data: the result does not depend on the number of threads.
-// A block may add an image whose weight is below e^-cut of the row's largest but not of the block's running
-// maximum (one the merge would have left out): each below e^-cut of the row's largest weight, so the means differ
-// from those of the exact cut by at most N e^-cut relative (below float64 rounding for N under 10^9 at cut 60; the
-// op refuses cut < 30).
+// Two passes over the images: the first takes every row's logits, the second one weighted sum per group, not per
+// row: the mean of a group's softmax means is one weighted sum of the images, so the smoothed denoiser's ten draws
+// of a query need one pass of weighted sums, not ten (where most images keep weight, as at high noise, the sums
+// had cost as much as the dot products). The cut is exact (every row's largest logit is known before any weight
+// is made). Both passes run over blocks of images fixed by N (not by the thread count); the second's blocks add
+// their images in a fixed order (the reverse of the first pass's: the images read last are still in the caches)
+// into sums of their own, merged in block order: the result does not depend on the number of threads.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -34,8 +32,8 @@ namespace {
 constexpr int64_t kTile = 4;     // images per tile of the dot products
 constexpr int64_t kChunk = 256;  // elements per step of a tile's dot products
 constexpr int64_t kSeg = 16;     // images per segment (converted once, used for the logits and the sums)
-constexpr int64_t kAcc = 128;    // elements per step of a segment's weighted sums
-constexpr double kBlockBudget = 64.0 * (1 << 20);  // bytes of the blocks' weighted sums (rows in groups to fit)
+constexpr int64_t kAcc = 512;    // elements per step of the weighted sums
+constexpr double kBlockBudget = 64.0 * (1 << 20);  // bytes of the blocks' weighted sums (groups in chunks to fit)
 
 // c + a * b: one fused multiply-add where the module's instruction set has one (a library call where it does not
 // would be slow, so there it is a multiplication and an addition)
@@ -119,13 +117,6 @@ inline int64_t block_images(int64_t N) {
   return (b + kSeg - 1) / kSeg * kSeg;
 }
 
-// a block's streaming softmax for rows [r0, r0 + nr): running maxima m and weight sums s (nr), weighted sums a
-// (nr x D), the sums scaled to e^-m
-struct BlockState {
-  double *m, *s, *a;
-  char* set;  // per row: its sums a set (zeroed) yet; a row is set where it (or its group of four) first adds
-};
-
 // the largest of l[0..n), NaN ignored (-inf if there is nothing else)
 inline double largest(const double* l, int64_t n) {
   double m = -std::numeric_limits<double>::infinity();
@@ -133,15 +124,13 @@ inline double largest(const double* l, int64_t n) {
   return m;
 }
 
-// a thread's working space for one segment, allocated before the parallel region (an exception may not leave one)
+// a thread's working space, allocated before the parallel regions (an exception may not leave one)
 struct Scratch {
-  std::vector<double> tile;   // the segment's images in double (kSeg x D)
-  std::vector<double> l;      // their logits, then weights (nr x kSeg)
-  std::vector<int64_t> kept;  // the segment's images that some row keeps
-  std::vector<char> active;   // the rows that keep one of them
+  std::vector<double> tile;   // a segment's images in double (kSeg x D)
+  std::vector<double> l;      // their logits (nr x kSeg), then the groups' weights (gc x kSeg)
+  std::vector<int64_t> kept;  // the segment's images that some group of the chunk keeps
   Scratch(int64_t D, int64_t nr)
-      : tile(static_cast<size_t>(kSeg * D)), l(static_cast<size_t>(nr * kSeg)), kept(static_cast<size_t>(kSeg)),
-        active(static_cast<size_t>(nr)) {}
+      : tile(static_cast<size_t>(kSeg * D)), l(static_cast<size_t>(nr * kSeg)), kept(static_cast<size_t>(kSeg)) {}
 };
 
 // asks for the next segment's images (bytes [p, end)) a slice at a time while this one's are multiplied, so that
@@ -155,10 +144,10 @@ struct Prefetch {
   }
 };
 
-// the dot products of rows [r0, r0 + nr) with the segment's ns images (in sc.tile) -> sc.l (row stride kSeg)
-void segment_dots(const ExpansionMeansArgs& A, int64_t r0, int64_t nr, int64_t ns, Scratch& sc, Prefetch& pf) {
-  const int64_t D = A.D;
-  const double* Q = A.Q + r0 * D;
+// the dot products of every row with the segment's ns images (in sc.tile) -> sc.l (row stride kSeg)
+void segment_dots(const ExpansionMeansArgs& A, int64_t ns, Scratch& sc, Prefetch& pf) {
+  const int64_t D = A.D, nr = A.R;
+  const double* Q = A.Q;
   double* S = sc.l.data();
   std::fill(sc.l.begin(), sc.l.end(), 0.0);
   for (int64_t j0 = 0; j0 < ns; j0 += kTile) {
@@ -178,11 +167,11 @@ void segment_dots(const ExpansionMeansArgs& A, int64_t r0, int64_t nr, int64_t n
   }
 }
 
-// the logits of rows [r0, r0 + nr) for the segment of images [n0, n0 + ns) -> sc.l (row stride kSeg) and L (the
-// row's label differing: -inf), the images converted to double in sc.tile; the images up to n_next asked for
+// every row's logits for the segment of images [n0, n0 + ns) -> L (R x N; the row's label differing: -inf), the
+// images converted to double in sc.tile; the images up to n_next asked for
 template <typename T>
-void segment_logits(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, int64_t n0, int64_t ns,
-                    int64_t n_next, double* L, Scratch& sc) {
+void segment_logits(const ExpansionMeansArgs& A, const T* X, int64_t n0, int64_t ns, int64_t n_next, double* L,
+                    Scratch& sc) {
   const int64_t D = A.D;
   for (int64_t j = 0; j < ns; ++j) to_double(X + (n0 + j) * D, sc.tile.data() + j * D, D);
   // the next segment's images (up to n_next), spread over this one's chunks of products
@@ -190,29 +179,25 @@ void segment_logits(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t
   const int64_t bytes = (n_next - n0 - ns) * D * static_cast<int64_t>(sizeof(T));
   const int64_t slices = (ns / kTile) * ((D + kChunk - 1) / kChunk);
   Prefetch pf{next, next + bytes, slices > 0 ? (bytes / slices + 64) / 64 * 64 : 0};
-  segment_dots(A, r0, nr, ns, sc, pf);
-  for (int64_t r = 0; r < nr; ++r) {
-    const int64_t rr = r0 + r;
-    double* l = sc.l.data() + r * kSeg;
+  segment_dots(A, ns, sc, pf);
+  for (int64_t r = 0; r < A.R; ++r) {
+    const double* l = sc.l.data() + r * kSeg;
     for (int64_t j = 0; j < ns; ++j) {
       const int64_t n = n0 + j;
-      l[j] = A.row_label && A.img_label[n] != A.row_label[rr] ? -std::numeric_limits<double>::infinity()
-                                                              : A.c1[rr] * l[j] - A.c2[rr] * A.sq[n];
-      L[rr * A.N + n] = l[j];
+      L[r * A.N + n] = A.row_label && A.img_label[n] != A.row_label[r] ? -std::numeric_limits<double>::infinity()
+                                                                       : A.c1[r] * l[j] - A.c2[r] * A.sq[n];
     }
   }
 }
 
-// adds four weighted images x[0..3] (len elements each) to the sums a of M rows (D apart), row i's weights
-// l[i * kSeg + kept[j]]: each sum a chain of four multiply-adds, image by image (M = 4: sixteen multiply-adds per
-// eight loads; M = 2: eight per six; M = 1: one load and store of the row's sums per four)
-template <int M>
-inline void add_rows4(const double* l, const int64_t* kept, const double* const* x, int64_t len, double* a,
-                      int64_t D) {
+// adds four weighted images x[0..3] (len elements each, converted to double as read) to the sums a of M groups (D
+// apart), group i's weights c[i * kSeg + kept[j]]: each sum a chain of four multiply-adds, image by image
+template <int M, typename T>
+inline void add_rows4(const double* c, const int64_t* kept, const T* const* x, int64_t len, double* a, int64_t D) {
   double w[M][kTile];
   for (int i = 0; i < M; ++i)
-    for (int64_t j = 0; j < kTile; ++j) w[i][j] = l[i * kSeg + kept[j]];
-  const double *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
+    for (int64_t j = 0; j < kTile; ++j) w[i][j] = c[i * kSeg + kept[j]];
+  const T *x0 = x[0], *x1 = x[1], *x2 = x[2], *x3 = x[3];
 #pragma omp simd
   for (int64_t e = 0; e < len; ++e) {
     const double v0 = x0[e], v1 = x1[e], v2 = x2[e], v3 = x3[e];
@@ -223,170 +208,136 @@ inline void add_rows4(const double* l, const int64_t* kept, const double* const*
   }
 }
 
-// one segment of images [n0, n0 + ns) into a block's state: its logits, each row's running maximum raised (the
-// block's sums rescaled), the weights, and the weighted images of those some row keeps
+// the weights and weighted sums of groups [g0, g0 + gc) for the segment of images [n0, n0 + ns) into a block's
+// sums a (gc x D; set[i]: group i's sums zeroed yet). W: the rows' weights (R x N), inv[r] = 1 / (|g| Z[r]) (0
+// where the row has no image). Returns how many of the segment's images some row (of any group) keeps
 template <typename T>
-void segment(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, int64_t n0, int64_t ns, int64_t n_next,
-             double* L, const BlockState& st, Scratch& sc) {
-  const int64_t D = A.D;
-  segment_logits(A, X, r0, nr, n0, ns, n_next, L, sc);
-  for (int64_t r = 0; r < nr; ++r) {
-    double* l = sc.l.data() + r * kSeg;
-    const double mx = largest(l, ns);
-    if (mx > st.m[r]) {  // a new largest logit: what the block has added so far, scaled to it
-      if (st.s[r] > 0.0) {
-        const double f = st.m[r] - mx >= -A.cut ? std::exp(st.m[r] - mx) : 0.0;
-        double* a = st.a + r * D;
-#pragma omp simd
-        for (int64_t e = 0; e < D; ++e) a[e] *= f;
-        st.s[r] *= f;
-      }
-      st.m[r] = mx;
+int64_t segment_sums(const ExpansionMeansArgs& A, const T* X, int64_t G, int64_t g0, int64_t gc, int64_t n0,
+                     int64_t ns, const double* W, const double* inv, double* a, char* set, Scratch& sc) {
+  const int64_t D = A.D, N = A.N;
+  double* c = sc.l.data();  // gc x kSeg
+  int64_t K = 0, any = 0;
+  for (int64_t j = 0; j < ns; ++j) {
+    const int64_t n = n0 + j;
+    bool kept = false;  // by a row of the chunk's groups
+    for (int64_t i = 0; i < gc; ++i) {
+      double s = 0.0;
+      for (int64_t r = g0 + i; r < A.R; r += G) s += W[r * N + n] * inv[r];
+      c[i * kSeg + j] = s;
+      kept |= s != 0.0;
     }
-    char active = 0;  // whether the row adds something
-    for (int64_t j = 0; j < ns; ++j) {
-      const double d = l[j] - st.m[r];  // NaN where both are -inf (no image of the row's label yet): left out
-      l[j] = d >= -A.cut ? std::exp(d) : 0.0;
-      st.s[r] += l[j];
-      active |= l[j] != 0.0;
+    bool some = kept;  // by any row
+    for (int64_t r = 0; r < A.R && !some; ++r) some = W[r * N + n] != 0.0;
+    any += some;
+    if (kept) sc.kept[K++] = j;
+  }
+  if (K == 0) return any;
+  for (int64_t i = 0; i < gc; ++i)  // a group's sums set where it first adds
+    if (!set[i] && std::any_of(sc.kept.begin(), sc.kept.begin() + K, [&](int64_t j) { return c[i * kSeg + j] != 0; })) {
+      std::fill(a + i * D, a + (i + 1) * D, 0.0);
+      set[i] = 1;
     }
-    sc.active[r] = active;
-  }
-  int64_t K = 0;  // the images some row keeps, in image order
-  for (int64_t j = 0; j < ns; ++j)
-    for (int64_t r = 0; r < nr; ++r)
-      if (sc.l[r * kSeg + j] != 0.0) {
-        sc.kept[K++] = j;
-        break;
-      }
-  if (K == 0) return;
-  // the groups of four and the pairs (of the four- and two-row paths) that hold a row adding something: their sums
-  // set first
-  const int64_t n4 = nr / 4 * 4, n2 = n4 + (nr - n4) / 2 * 2;
-  for (int64_t r = 0, g = 0; r < nr; r += g) {
-    g = r < n4 ? 4 : r < n2 ? 2 : 1;
-    if (!std::any_of(&sc.active[r], &sc.active[r] + g, [](char c) { return c != 0; })) continue;
-    for (int64_t i = r; i < r + g; ++i)
-      if (!st.set[i]) {
-        std::fill(st.a + i * D, st.a + (i + 1) * D, 0.0);
-        st.set[i] = 1;
-      }
-  }
-  // their weighted sums, kAcc elements at a time (the rows' sums and the images' chunks in the first-level cache),
-  // four images and four rows at a time (sixteen multiply-adds per eight loads), the rows short of four two and one
-  // at a time; fewer than four images (as at low noise, where a segment keeps one image or none) one image and one
-  // row at a time
+  // kAcc elements at a time (the groups' sums in the first-level cache), four images and four groups at a time, the
+  // groups short of four two and one at a time; the images short of four one at a time
   for (int64_t e0 = 0; e0 < D; e0 += kAcc) {
     const int64_t len = std::min(kAcc, D - e0);
     for (int64_t k0 = 0; k0 < K; k0 += kTile) {
       const int64_t kn = std::min(kTile, K - k0);
-      const double* x[kTile];
-      for (int64_t j = 0; j < kn; ++j) x[j] = sc.tile.data() + sc.kept[k0 + j] * D + e0;
-      int64_t r = 0;
+      const T* x[kTile];
+      for (int64_t j = 0; j < kn; ++j) x[j] = X + (n0 + sc.kept[k0 + j]) * D + e0;
+      const int64_t* kj = &sc.kept[k0];
+      int64_t i = 0;
       if (kn == kTile) {
-        for (; r + 4 <= nr; r += 4) {
-          if (!(sc.active[r] | sc.active[r + 1] | sc.active[r + 2] | sc.active[r + 3])) continue;
-          add_rows4<4>(sc.l.data() + r * kSeg, &sc.kept[k0], x, len, st.a + r * D + e0, D);
-        }
-        for (; r + 2 <= nr; r += 2) {
-          if (!(sc.active[r] | sc.active[r + 1])) continue;
-          add_rows4<2>(sc.l.data() + r * kSeg, &sc.kept[k0], x, len, st.a + r * D + e0, D);
-        }
+        for (; i + 4 <= gc; i += 4) add_rows4<4>(c + i * kSeg, kj, x, len, a + i * D + e0, D);
+        for (; i + 2 <= gc; i += 2) add_rows4<2>(c + i * kSeg, kj, x, len, a + i * D + e0, D);
+        for (; i < gc; ++i) add_rows4<1>(c + i * kSeg, kj, x, len, a + i * D + e0, D);
+        continue;
       }
-      for (; r < nr; ++r) {
-        double* a0 = st.a + r * D + e0;
-        if (kn == kTile) {
-          const double* wr = sc.l.data() + r * kSeg;
-          if (std::all_of(&sc.kept[k0], &sc.kept[k0] + kTile, [wr](int64_t j) { return wr[j] == 0.0; })) continue;
-          add_rows4<1>(wr, &sc.kept[k0], x, len, a0, D);
-          continue;
-        }
+      for (; i < gc; ++i) {
+        double* ai = a + i * D + e0;
         for (int64_t j = 0; j < kn; ++j) {
-          const double c = sc.l[r * kSeg + sc.kept[k0 + j]], *v = x[j];
-          if (c == 0.0) continue;
+          const double w = c[i * kSeg + kj[j]];
+          const T* v = x[j];
+          if (w == 0.0) continue;
 #pragma omp simd
-          for (int64_t e = 0; e < len; ++e) a0[e] = madd(c, v[e], a0[e]);
+          for (int64_t e = 0; e < len; ++e) ai[e] = madd(w, static_cast<double>(v[e]), ai[e]);
         }
       }
     }
   }
-}
-
-// rows [r0, r0 + nr): every block's streaming softmax (blocks in parallel), then their merge in block order into
-// out; M gets each row's largest logit
-template <typename T>
-void row_group(const ExpansionMeansArgs& A, const T* X, int64_t r0, int64_t nr, double* L, double* M,
-               std::vector<double>& bm, std::vector<double>& bs, double* ba, std::vector<char>& bset,
-               std::vector<double>& lower,
-               std::vector<Scratch>& scratch, int nt) {
-  const int64_t D = A.D, per = block_images(A.N), nb = (A.N + per - 1) / per;
-  // a floor under each row's largest logit: the largest over every block's first segment (a function of the data
-  // alone). The blocks start their running maxima there, so that no block adds images below e^-cut of it (the
-  // merge would leave them out): without it a block adds what its first segments keep against their own maxima
-#pragma omp parallel for num_threads(nt) schedule(dynamic)
-  for (int64_t b = 0; b < nb; ++b) {
-    Scratch& sc = scratch[thread_index()];
-    const int64_t n0 = b * per, ns = std::min(kSeg, A.N - n0);
-    segment_logits(A, X, r0, nr, n0, ns, n0 + ns, L, sc);
-    for (int64_t r = 0; r < nr; ++r) bm[b * nr + r] = largest(&sc.l[r * kSeg], ns);
-  }
-  for (int64_t r = 0; r < nr; ++r) {
-    lower[r] = -std::numeric_limits<double>::infinity();
-    for (int64_t b = 0; b < nb; ++b) lower[r] = std::max(lower[r], bm[b * nr + r]);
-  }
-#pragma omp parallel for num_threads(nt) schedule(dynamic)
-  for (int64_t b = 0; b < nb; ++b) {  // nothing here allocates or throws
-    const BlockState st{bm.data() + b * nr, bs.data() + b * nr, ba + b * nr * D, bset.data() + b * nr};
-    std::copy(lower.begin(), lower.begin() + nr, st.m);
-    std::fill(st.s, st.s + nr, 0.0);
-    std::fill(st.set, st.set + nr, 0);  // the weighted sums: set where first used
-    const int64_t n1 = std::min(A.N, (b + 1) * per);
-    for (int64_t n0 = b * per; n0 < n1; n0 += kSeg)
-      segment(A, X, r0, nr, n0, std::min(kSeg, n1 - n0), std::min(n1, n0 + 2 * kSeg), L, st,
-              scratch[thread_index()]);
-  }
-#pragma omp parallel for num_threads(std::min<int64_t>(nt, nr)) schedule(static)
-  for (int64_t r = 0; r < nr; ++r) {
-    double top = -std::numeric_limits<double>::infinity(), tot = 0.0;
-    for (int64_t b = 0; b < nb; ++b) top = std::max(top, bm[b * nr + r]);
-    double* out = A.out + (r0 + r) * D;
-    std::fill(out, out + D, 0.0);
-    for (int64_t b = 0; b < nb; ++b) {
-      const double d = bm[b * nr + r] - top;
-      if (!(d >= -A.cut) || bs[b * nr + r] == 0.0) continue;  // the block's images all below e^-cut of the row's
-      const double f = std::exp(d), *a = ba + (b * nr + r) * D;
-      tot += f * bs[b * nr + r];
-#pragma omp simd
-      for (int64_t e = 0; e < D; ++e) out[e] += f * a[e];
-    }
-    const double inv = 1.0 / tot;
-    for (int64_t e = 0; e < D; ++e) out[e] *= inv;
-    M[r0 + r] = top;
-  }
+  return any;
 }
 
 template <typename T>
 int64_t run(const ExpansionMeansArgs& A) {
   const T* X = static_cast<const T*>(A.X);
-  const int64_t D = A.D, per = block_images(A.N), nb = (A.N + per - 1) / per;
-  // rows in groups whose blocks' weighted sums fit the budget (a multiple of four rows: a row's dot products take
-  // the same path in any group)
-  int64_t rg = A.R;
-  if (static_cast<double>(nb) * A.R * D * 8.0 > kBlockBudget)
-    rg = std::min(A.R, std::max<int64_t>(4, static_cast<int64_t>(kBlockBudget / (8.0 * nb * D)) / 4 * 4));
+  const int64_t N = A.N, D = A.D, R = A.R, G = A.groups, per = block_images(N), nb = (N + per - 1) / per;
   const int nt = resolve_threads(A.n_threads, nb);
-  std::vector<double> L(static_cast<size_t>(A.R * A.N)), M(static_cast<size_t>(A.R));
-  std::vector<double> bm(static_cast<size_t>(nb * rg)), bs(static_cast<size_t>(nb * rg));
-  std::vector<double> lower(static_cast<size_t>(rg));
-  std::unique_ptr<double[]> ba(new double[static_cast<size_t>(nb * rg * D)]);  // set row by row where first used
-  std::vector<char> bset(static_cast<size_t>(nb * rg));
-  std::vector<Scratch> scratch(static_cast<size_t>(nt), Scratch(D, rg));
-  for (int64_t r0 = 0; r0 < A.R; r0 += rg)
-    row_group(A, X, r0, std::min(rg, A.R - r0), L.data(), M.data(), bm, bs, ba.get(), bset, lower, scratch, nt);
-  std::vector<char> keep(static_cast<size_t>(A.N), 0);  // the images whose weight some row keeps
-  for (int64_t r = 0; r < A.R; ++r)
-    for (int64_t n = 0; n < A.N; ++n) keep[n] |= L[r * A.N + n] - M[r] >= -A.cut;
-  return std::count(keep.begin(), keep.end(), 1);
+  std::vector<double> W(static_cast<size_t>(R * N)), inv(static_cast<size_t>(R));
+  // groups in chunks whose blocks' sums fit the budget
+  const int64_t gch = std::min(G, std::max<int64_t>(1, static_cast<int64_t>(kBlockBudget / (8.0 * nb * D))));
+  std::unique_ptr<double[]> sums(new double[static_cast<size_t>(nb * gch * D)]);  // zeroed where first used
+  std::vector<char> set(static_cast<size_t>(nb * gch));
+  std::vector<int64_t> kept_in(static_cast<size_t>(nb));
+  std::vector<Scratch> scratch(static_cast<size_t>(nt), Scratch(D, R));  // gch <= G <= R
+  // pass 1: every row's logits
+#pragma omp parallel for num_threads(nt) schedule(dynamic)
+  for (int64_t b = 0; b < nb; ++b) {  // nothing here allocates or throws
+    const int64_t n1 = std::min(N, (b + 1) * per);
+    for (int64_t n0 = b * per; n0 < n1; n0 += kSeg)
+      segment_logits(A, X, n0, std::min(kSeg, n1 - n0), std::min(n1, n0 + 2 * kSeg), W.data(),
+                     scratch[thread_index()]);
+  }
+  // each row's weights (in place of its logits) and their sum; inv: 1 / (|g| Z[r])
+  std::vector<int64_t> size(static_cast<size_t>(G), 0);
+  for (int64_t r = 0; r < R; ++r) ++size[r % G];
+#pragma omp parallel for num_threads(std::min<int64_t>(nt, R)) schedule(static)
+  for (int64_t r = 0; r < R; ++r) {
+    double* w = W.data() + r * N;
+    const double top = largest(w, N);
+    double z = 0.0;
+    for (int64_t n = 0; n < N; ++n) {
+      const double d = w[n] - top;  // NaN where both are -inf (no image of the row's label): left out
+      w[n] = d >= -A.cut ? std::exp(d) : 0.0;
+      z += w[n];
+    }
+    inv[r] = z > 0.0 ? 1.0 / (static_cast<double>(size[r % G]) * z) : 0.0;
+  }
+  // pass 2: each group's weighted sum, per block, merged in block order
+  int64_t kept = 0;
+  for (int64_t g0 = 0; g0 < G; g0 += gch) {
+    const int64_t gc = std::min(gch, G - g0);
+#pragma omp parallel for num_threads(nt) schedule(dynamic)
+    for (int64_t bi = 0; bi < nb; ++bi) {
+      const int64_t b = nb - 1 - bi;  // the blocks and their segments in reverse: those read last are still cached
+      double* a = sums.get() + b * gch * D;
+      char* st = set.data() + b * gch;
+      std::fill(st, st + gc, 0);
+      const int64_t nfirst = b * per, n1 = std::min(N, (b + 1) * per);
+      int64_t k = 0;
+      for (int64_t n0 = nfirst + (n1 - nfirst - 1) / kSeg * kSeg; n0 >= nfirst; n0 -= kSeg)
+        k += segment_sums(A, X, G, g0, gc, n0, std::min(kSeg, n1 - n0), W.data(), inv.data(), a, st,
+                          scratch[thread_index()]);
+      kept_in[b] = k;
+    }
+    if (g0 == 0)
+      for (int64_t b = 0; b < nb; ++b) kept += kept_in[b];
+#pragma omp parallel for num_threads(std::min<int64_t>(nt, gc)) schedule(static)
+    for (int64_t i = 0; i < gc; ++i) {
+      double* out = A.out + (g0 + i) * D;
+      std::fill(out, out + D, 0.0);
+      for (int64_t b = 0; b < nb; ++b) {
+        if (!set[b * gch + i]) continue;
+        const double* a = sums.get() + (b * gch + i) * D;
+#pragma omp simd
+        for (int64_t e = 0; e < D; ++e) out[e] += a[e];
+      }
+    }
+  }
+  // a group with a row that keeps no image (every logit -inf or NaN) has no mean
+  for (int64_t r = 0; r < R; ++r)
+    if (inv[r] == 0.0) std::fill(A.out + (r % G) * D, A.out + (r % G + 1) * D, std::numeric_limits<double>::quiet_NaN());
+  return kept;
 }
 
 }  // namespace

@@ -48,19 +48,20 @@ double wiener_mask_max(const WienerMaskArgs& A, int64_t* n_checked);
 void wiener_mask_rows(const WienerMaskArgs& A, double tau, std::vector<int64_t>& ptr, std::vector<int32_t>& elem,
                       int64_t* n_checked);
 
-// softmax-weighted means of whole images for rows that share them (expansion_means.cpp; the smoothed closed-form
-// denoiser): l[r, n] = c1[r] <Q_r, X_n> - c2[r] sq[n] in float64, w = exp(l - max_n l) with the weights below
-// e^-cut and the images of another label (row_label[r] != img_label[n]; both null: no labels) left out,
-// out[r] = sum_n w[r, n] X_n / sum_n w[r, n] (to N e^-cut relative: a block of images may keep some below the cut;
-// cut >= 30). Returns how many images some row keeps (against the exact cut).
+// softmax-weighted means of whole images for rows that share them, averaged over groups of rows (expansion_means.cpp;
+// the smoothed closed-form denoiser): l[r, n] = c1[r] <Q_r, X_n> - c2[r] sq[n] in float64, w = exp(l - max_n l)
+// with the weights below e^-cut and the images of another label (row_label[r] != img_label[n]; both null: no
+// labels) left out, out[g] = mean over the rows r = g, g + G, ... of sum_n w[r, n] X_n / sum_n w[r, n] (NaN where
+// such a row keeps no image). Returns how many images some row keeps.
 struct ExpansionMeansArgs {
   const void* X;  // images, row-major N x D
   bool f32;       // X is float32 (else float64)
   int64_t N, D, R;
+  int64_t groups;  // G: rows r belong to group r % G (R a multiple of G; G = R: each row its own mean)
   const double *sq, *Q, *c1, *c2;  // sq (N), Q (R x D), c1 and c2 (R)
   const int64_t *row_label, *img_label;
   double cut;
-  double* out;  // R x D
+  double* out;  // G x D
   int n_threads;
 };
 int64_t expansion_means(const ExpansionMeansArgs& A);

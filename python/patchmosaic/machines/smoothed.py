@@ -14,8 +14,8 @@ on the device of the query; autograd differentiates them. Weights below e^-60 of
 (below float64 rounding, and no exp among the denormals); where the draws keep few images, as at all but the
 highest noise levels, the means are taken over those alone. On the CPU a call that nothing differentiates,
 transforms or traces runs the same function as one compiled forward-only kernel (``ops.expansion_means``: the
-logits and means in float64 from the images as stored, float32 read at half the bytes and each image once, a
-streaming softmax per block of images), equal to the torch operations to float64 rounding. The draws are seeded:
+logits in float64 from the images as stored, float32 read at half the bytes, then one weighted sum of the images per
+query: the mean of its draws' means), equal to the torch operations to float64 rounding. The draws are seeded:
 a call's noise is a function of the machine's seed, the call's time and the query's shape, so the same call gives
 the same result.
 
@@ -159,15 +159,16 @@ class SmoothedCFDM(Machine):
         if dev.type == "cpu" and plain(xs, c1, c2):  # nothing to differentiate: one compiled call
             X, sq = self._images_stored()
             rows, images = (None, None) if lab is None else (lab.repeat(M), self.labels)
-            means, _ = ops.expansion_means(X, sq, xs, c1, c2, rows, images, CUT, self.n_threads)
+            # the draws of query b are the rows b, B + b, 2B + b, ...: their means averaged as one weighted sum
+            out, _ = ops.expansion_means(X, sq, xs, c1, c2, rows, images, CUT, self.n_threads, groups=B)
         else:  # torch operations (autograd, torch.func, torch.compile, CUDA): one product, the weights, the means
             XT, sq = self._images64(dev)
             logits = c1[:, None] * (xs @ XT) - c2[:, None] * sq[None, :]
             if lab is not None:
                 same = torch.from_numpy(self.labels).to(dev)[None, :] == lab.to(dev).repeat(M)[:, None]
                 logits = logits.masked_fill(~same, float("-inf"))
-            means = weighted_means(logits, XT)
-        out = means.reshape((M,) + tuple(xt.shape)).mean(0).to(xt.dtype)
+            out = weighted_means(logits, XT).reshape(M, B, -1).mean(0)
+        out = out.reshape(xt.shape).to(xt.dtype)
         return out.detach().numpy() if is_numpy else out
 
     def _images_stored(self):
@@ -205,9 +206,9 @@ class SmoothedCFDM(Machine):
             raise ValueError(f"a batch shape is (B, C, H, W) with positive sizes, got {shape}")
         rows, D = shape[0] * self.samples, int(np.prod(shape[1:]))
         # the compiled kernel's buffers: per thread a segment of 16 images and their logits; the blocks' (at most 32)
-        # weighted sums, rows in groups that keep them within 64 MiB (at least four rows at a time)
+        # weighted sums, one per query, queries in chunks that keep them within 64 MiB (at least one at a time)
         threads = self.n_threads if self.n_threads > 0 else self._default_threads
-        blocks = min(32 * rows * (D + 2), max(2 ** 23, 32 * 4 * (D + 2)))
+        blocks = min(32 * shape[0] * (D + 1), max(2 ** 23, 32 * (D + 1)))
         need = 8 * (self.N * D + self.N + 3 * rows * D + 3 * rows * self.N + threads * 16 * (D + rows) + blocks)
         ops.checks.memory(need, f"SmoothedCFDM.denoise on a batch of shape {shape} ({self.samples} draws)", self.max_memory)
 
