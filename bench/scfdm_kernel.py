@@ -1,5 +1,5 @@
 """The smoothed closed-form denoiser's compiled kernel (cpu/expansion_means.cpp) alone, per data set and noise level:
-the best of ``--repeat`` eager calls (CPU seconds of the process), one query, 10 draws, the data as
+the best of ``--repeat`` eager calls (CPU seconds of the process), ``--batch`` queries (default one), 10 draws, the data as
 ``bench/vs_studio.py`` uses them (MNIST at 28 x 28 with smoothing 1, CIFAR-10 at 32 x 32 with smoothing 0.1).
 
 The package is the one Python imports (``PYTHONPATH``), so that two builds are compared by running this script on
@@ -32,6 +32,7 @@ def main():
     p.add_argument("--sets", default="mnist:10000,cifar10:10000,mnist:2000")
     p.add_argument("--times", default="0.95,0.7,0.5,0.3,0.1")
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--batch", type=int, default=1, help="queries per call")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     print(machine_line(), "|", blas_line(), "| package:", os.path.dirname(pm.__file__), flush=True)
@@ -42,12 +43,12 @@ def main():
         if name == "mnist":
             x = x[:, :, 2:30, 2:30].contiguous()  # the Studio's 28 x 28
         m = pm.SmoothedCFDM(x, smoothing=SMOOTHING[name], samples=10)
-        q = torch.randn(1, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+        q = torch.randn(a.batch, *x.shape[1:], generator=torch.Generator().manual_seed(0))
         m.denoise(q, 0.5)  # one-off set-up
         for t in [float(v) for v in a.times.split(",")]:
             cpu = best_time(lambda: m.denoise(q, t), a.repeat, time.process_time)
-            rows.append({"data": name, "n_train": int(n), "t": t, "cpu_s": cpu})
-            print(f"{name} N={n} t={t:.2f}: {cpu * 1e3:.2f} ms CPU", flush=True)
+            rows.append({"data": name, "n_train": int(n), "batch": a.batch, "t": t, "cpu_s": cpu})
+            print(f"{name} N={n} B={a.batch} t={t:.2f}: {cpu * 1e3:.2f} ms CPU", flush=True)
     if a.json:
         write_rows(a.json, rows)
 
