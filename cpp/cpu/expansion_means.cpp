@@ -209,11 +209,12 @@ inline void add_rows4(const double* c, const int64_t* kept, const T* const* x, i
 }
 
 // the weights and weighted sums of groups [g0, g0 + gc) for the segment of images [n0, n0 + ns) into a block's
-// sums a (gc x D; set[i]: group i's sums zeroed yet). W: the rows' weights (R x N), inv[r] = 1 / (|g| Z[r]) (0
-// where the row has no image). Returns how many of the segment's images some row (of any group) keeps
+// sums a (gc x D; set: zeroed yet, at the block's first image that a group keeps). W: the rows' weights (R x N),
+// inv[r] = 1 / (|g| Z[r]) (0 where the row has no image). Returns how many of the segment's images some row (of any
+// group) keeps where count is set (the first chunk of groups), else 0
 template <typename T>
 int64_t segment_sums(const ExpansionMeansArgs& A, const T* X, int64_t G, int64_t g0, int64_t gc, int64_t n0,
-                     int64_t ns, const double* W, const double* inv, double* a, char* set, Scratch& sc) {
+                     int64_t ns, const double* W, const double* inv, double* a, char& set, bool count, Scratch& sc) {
   const int64_t D = A.D, N = A.N;
   double* c = sc.l.data();  // gc x kSeg
   int64_t K = 0, any = 0;
@@ -226,17 +227,18 @@ int64_t segment_sums(const ExpansionMeansArgs& A, const T* X, int64_t G, int64_t
       c[i * kSeg + j] = s;
       kept |= s != 0.0;
     }
-    bool some = kept;  // by any row
-    for (int64_t r = 0; r < A.R && !some; ++r) some = W[r * N + n] != 0.0;
-    any += some;
+    if (count) {
+      bool some = kept;  // by any row
+      for (int64_t r = 0; r < A.R && !some; ++r) some = W[r * N + n] != 0.0;
+      any += some;
+    }
     if (kept) sc.kept[K++] = j;
   }
   if (K == 0) return any;
-  for (int64_t i = 0; i < gc; ++i)  // a group's sums set where it first adds
-    if (!set[i] && std::any_of(sc.kept.begin(), sc.kept.begin() + K, [&](int64_t j) { return c[i * kSeg + j] != 0; })) {
-      std::fill(a + i * D, a + (i + 1) * D, 0.0);
-      set[i] = 1;
-    }
+  if (!set) {  // every group's sums (the paths below add zero weights to the groups of four or two they share)
+    std::fill(a, a + gc * D, 0.0);
+    set = 1;
+  }
   // kAcc elements at a time (the groups' sums in the first-level cache), four images and four groups at a time, the
   // groups short of four two and one at a time; the images short of four one at a time
   for (int64_t e0 = 0; e0 < D; e0 += kAcc) {
@@ -277,7 +279,7 @@ int64_t run(const ExpansionMeansArgs& A) {
   // groups in chunks whose blocks' sums fit the budget
   const int64_t gch = std::min(G, std::max<int64_t>(1, static_cast<int64_t>(kBlockBudget / (8.0 * nb * D))));
   std::unique_ptr<double[]> sums(new double[static_cast<size_t>(nb * gch * D)]);  // zeroed where first used
-  std::vector<char> set(static_cast<size_t>(nb * gch));
+  std::vector<char> set(static_cast<size_t>(nb));  // a block's sums zeroed (it adds an image)
   std::vector<int64_t> kept_in(static_cast<size_t>(nb));
   std::vector<Scratch> scratch(static_cast<size_t>(nt), Scratch(D, R));  // gch <= G <= R
   // pass 1: every row's logits
@@ -311,12 +313,11 @@ int64_t run(const ExpansionMeansArgs& A) {
     for (int64_t bi = 0; bi < nb; ++bi) {
       const int64_t b = nb - 1 - bi;  // the blocks and their segments in reverse: those read last are still cached
       double* a = sums.get() + b * gch * D;
-      char* st = set.data() + b * gch;
-      std::fill(st, st + gc, 0);
+      set[b] = 0;
       const int64_t nfirst = b * per, n1 = std::min(N, (b + 1) * per);
       int64_t k = 0;
       for (int64_t n0 = nfirst + (n1 - nfirst - 1) / kSeg * kSeg; n0 >= nfirst; n0 -= kSeg)
-        k += segment_sums(A, X, G, g0, gc, n0, std::min(kSeg, n1 - n0), W.data(), inv.data(), a, st,
+        k += segment_sums(A, X, G, g0, gc, n0, std::min(kSeg, n1 - n0), W.data(), inv.data(), a, set[b], g0 == 0,
                           scratch[thread_index()]);
       kept_in[b] = k;
     }
@@ -327,7 +328,7 @@ int64_t run(const ExpansionMeansArgs& A) {
       double* out = A.out + (g0 + i) * D;
       std::fill(out, out + D, 0.0);
       for (int64_t b = 0; b < nb; ++b) {
-        if (!set[b * gch + i]) continue;
+        if (!set[b]) continue;
         const double* a = sums.get() + (b * gch + i) * D;
 #pragma omp simd
         for (int64_t e = 0; e < D; ++e) out[e] += a[e];

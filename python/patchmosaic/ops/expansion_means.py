@@ -22,8 +22,9 @@ def expansion_means(X: torch.Tensor, sq: torch.Tensor, Q: torch.Tensor, c1: torc
     whose label is not the row's left out; ``out[g]`` the mean of ``m[r]`` over the rows ``r = g, g + G, g + 2G, ...``
     (``G = groups``, which must divide the rows; default: every row its own group, ``out = m``). ``X``: ``(N, D)``
     float32 or float64 on the CPU; ``sq``: ``(N,)`` float64; ``Q``: ``(R, D)``, ``c1``, ``c2``: ``(R,)``, taken in
-    float64. Returns ``(out (G, D) float64, how many images some row keeps)``; a group with a row that keeps no
-    image is NaN. The result does not depend on ``n_threads``."""
+    float64. Returns ``(out (G, D) float64, how many images some row keeps)``; a NaN logit leaves its image out of
+    its row, and a group with a row that keeps no image (its logits all -inf or NaN) is NaN. The result does not
+    depend on ``n_threads``."""
     if X.device.type != "cpu" or X.dtype not in (torch.float32, torch.float64) or X.dim() != 2:
         raise ValueError(f"X must be a 2-d float32 or float64 CPU tensor, got {X.dtype} {tuple(X.shape)} on {X.device}")
 
