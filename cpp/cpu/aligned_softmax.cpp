@@ -445,8 +445,10 @@ inline void row_sums(const AlignedArgs<T>& A, int64_t r, const typename BlockVec
 }
 
 // The same sums by the row's runs, from the block's prefix sums Pre[e] = sum_{e' < e} Res[e'] in double: one
-// difference per run (a wide neighbourhood of few runs: a large patch, a high-noise mask).
-template <typename T>
+// difference per run (a wide neighbourhood of few runs: a large patch, a high-noise mask). Unit weights (WEIGHTED
+// false: every mask of PCA-locality, LS, PSPC) add the differences without reading or multiplying a weight (the
+// same values: 1 * d is d).
+template <typename T, bool WEIGHTED>
 inline void row_sums_runs(const Runs& R, int64_t r, const typename BlockVec<double>::type* __restrict Pre,
                           double scale, Logits& out) {
   using VD = typename BlockVec<double>::type;
@@ -456,15 +458,24 @@ inline void row_sums_runs(const Runs& R, int64_t r, const typename BlockVec<doub
   int64_t u = R.ptr[r];
   for (; u + 2 <= R.ptr[r + 1]; u += 2) {
     const VD *h0 = Pre + R.hi[u], *l0 = Pre + R.lo[u], *h1 = Pre + R.hi[u + 1], *l1 = Pre + R.lo[u + 1];
-    const double w0 = R.w[u], w1 = R.w[u + 1];
     for (int p = 0; p < P; ++p) {
-      s0[p] += w0 * (Pieces<double>::load(h0, p) - Pieces<double>::load(l0, p));
-      s1[p] += w1 * (Pieces<double>::load(h1, p) - Pieces<double>::load(l1, p));
+      const N d0 = Pieces<double>::load(h0, p) - Pieces<double>::load(l0, p);
+      const N d1 = Pieces<double>::load(h1, p) - Pieces<double>::load(l1, p);
+      if constexpr (WEIGHTED) {
+        s0[p] += R.w[u] * d0;
+        s1[p] += R.w[u + 1] * d1;
+      } else {
+        s0[p] += d0;
+        s1[p] += d1;
+      }
     }
   }
   if (u < R.ptr[r + 1])
-    for (int p = 0; p < P; ++p)
-      s0[p] += R.w[u] * (Pieces<double>::load(Pre + R.hi[u], p) - Pieces<double>::load(Pre + R.lo[u], p));
+    for (int p = 0; p < P; ++p) {
+      const N d = Pieces<double>::load(Pre + R.hi[u], p) - Pieces<double>::load(Pre + R.lo[u], p);
+      if constexpr (WEIGHTED) s0[p] += R.w[u] * d;
+      else s0[p] += d;
+    }
   for (int p = 0; p < P; ++p) out.p[p] = scale * (s0[p] + s1[p]);
 }
 
@@ -542,8 +553,10 @@ void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& 
       V* aq = al.data() + qi * A.n_resp;
       for (int64_t r = 0; r < nr; ++r) {
         Logits L;
-        if (by_runs[r] && runs_precise<T>(inv, R.wsum[r], ptot)) row_sums_runs<T>(R, r, Pre.data(), -inv, L);
-        else row_sums<T, WEIGHTED>(A, r, Res.data(), -inv, L);
+        if (by_runs[r] && runs_precise<T>(inv, R.wsum[r], ptot))
+          row_sums_runs<T, WEIGHTED>(R, r, Pre.data(), -inv, L);
+        else
+          row_sums<T, WEIGHTED>(A, r, Res.data(), -inv, L);
         // every weight of the block exactly 0 (block_counts of its largest logit; a short block's repeated
         // lanes equal its first)
         if (!any_lane<Cmp::kNotBelow>(L, m[r] - ExpCut<T>::value)) continue;
