@@ -31,7 +31,7 @@ namespace {
 
 constexpr int64_t kTile = 4;     // images per tile of the dot products
 constexpr int64_t kChunk = 256;  // elements per step of a tile's dot products
-constexpr int64_t kSeg = 16;     // images per segment (converted once, used for the logits and the sums)
+constexpr int64_t kSeg = 16;     // images per segment (converted to double once for the logits; the sums' unit)
 constexpr int64_t kAcc = 512;    // elements per step of the weighted sums
 constexpr double kBlockBudget = 64.0 * (1 << 20);  // bytes of the blocks' weighted sums (groups in chunks to fit)
 
