@@ -61,12 +61,17 @@ inline bool runs_precise(double inv, double wsum, double ptot) {
   return inv * wsum * ptot * 1.12e-16 <= tol;
 }
 
+// The weight of neighbourhood entry e (1 where the table has no weights).
+template <typename T>
+inline double entry_weight(const AlignedArgs<T>& A, int64_t e) {
+  return A.hood_weight ? A.hood_weight[e] : 1.0;
+}
+
 // A neighbourhood element starts a run unless it follows its predecessor in the row with the same weight.
 template <typename T>
 inline bool starts_run(const AlignedArgs<T>& A, int64_t r, int64_t e) {
   if (e == A.hood_ptr[r]) return true;
-  const double w = A.hood_weight ? A.hood_weight[e] : 1.0, wp = A.hood_weight ? A.hood_weight[e - 1] : 1.0;
-  return A.hood_elem[e] != A.hood_elem[e - 1] + 1 || w != wp;
+  return A.hood_elem[e] != A.hood_elem[e - 1] + 1 || entry_weight(A, e) != entry_weight(A, e - 1);
 }
 
 // The runs of every row: counted, then written, row by row in parallel (a wide mask holds millions of elements).
@@ -94,10 +99,10 @@ Runs make_runs(const AlignedArgs<T>& A) {
       if (starts_run(A, r, e)) {
         ++u;
         R.lo[u] = A.hood_elem[e];
-        R.w[u] = A.hood_weight ? A.hood_weight[e] : 1.0;
+        R.w[u] = entry_weight(A, e);
       }
       R.hi[u] = A.hood_elem[e] + 1;
-      R.wsum[r] += std::fabs(A.hood_weight ? A.hood_weight[e] : 1.0);
+      R.wsum[r] += std::fabs(entry_weight(A, e));
     }
   }
   return R;
@@ -141,7 +146,7 @@ inline double row_distance(const AlignedArgs<T>& A, const Runs& R, int64_t r, do
   } else {
     for (int64_t e = A.hood_ptr[r]; e < A.hood_ptr[r + 1]; ++e) {
       const double v = delta[A.hood_elem[e]];
-      d += (A.hood_weight ? A.hood_weight[e] : 1.0) * v * v;
+      d += entry_weight(A, e) * v * v;
     }
   }
   return d;
