@@ -570,8 +570,7 @@ void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& 
           int arg = 0;  // the block's first image of the largest logit
           while (arg < kBlock - 1 && L.lane(arg) != top) ++arg;
           best[r] = A.grp_img[i0 + arg];
-          double unused = 0.0;
-          const double f = raise_max(m[r], unused, top);
+          const double f = raise_max(m[r], top);
           const T ft = f < static_cast<double>(std::numeric_limits<T>::min()) ? T(0) : static_cast<T>(f);
           sq[r] = flush_tiny(sq[r] * ft);  // (no subnormal lane stays for later blocks to add to)
           for (int64_t e = A.resp_ptr[r]; e < A.resp_ptr[r + 1]; ++e) aq[e] = flush_tiny(aq[e] * ft);

@@ -49,13 +49,20 @@ PM_HD double clamped_exp(T v) {
 // raise_max's factor; then each key adds its weight exp(logit - m) (cut_exp: exactly 0 below the cut) to s and
 // weight * value to acc. A block whose top is more than the cut below m adds exactly nothing (block_counts).
 
-// Raise the row's maximum m to `top` when larger, rescaling s: returns the factor for the row's weighted sums
-// (1 when the maximum stays; 0 for a row that held no key yet).
-PM_HD double raise_max(double& m, double& s, double top) {
+// Raise the row's maximum m to `top` when larger: returns the factor for the row's sums (1 when the maximum stays;
+// 0 for a row that held no key yet). For callers that hold their sums elsewhere (the CPU same-position engine's
+// lanes).
+PM_HD double raise_max(double& m, double top) {
   if (!(top > m)) return 1.0;
   const double f = m == -INFINITY ? 0.0 : exp(m - top);
-  s *= f;
   m = top;
+  return f;
+}
+
+// The same, rescaling the row's weight sum s (the factor is for its weighted sums).
+PM_HD double raise_max(double& m, double& s, double top) {
+  const double f = raise_max(m, top);
+  s *= f;
   return f;
 }
 
