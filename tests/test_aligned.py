@@ -151,6 +151,58 @@ def test_maximum_rising_past_the_cut_and_blocks_below_it(order, dtype):
         assert np.array_equal(key.numpy(), best)
 
 
+def chained_table(rows: int = 24, size: int = 256) -> ElementTable:
+    """Rows whose neighbourhoods differ from the previous row's in two elements but hold 40-100 runs (a shared
+    scattered set plus a row's own elements), the kind the CPU engine sums from the previous row's distances
+    (cpu/hood_chain.hpp); every sixth row a different pattern (a chain's end), one row empty."""
+    hp, he = [0], []
+    for r in range(rows):
+        if r == 9:
+            els = []
+        elif r % 6 == 5:
+            els = list(range(r, size, 3))
+        else:
+            els = sorted(set(range(0, 200, 2)) - {2 * r} | {201 + r, 230 + (r % 4)})
+        he += els
+        hp.append(len(he))
+    return ElementTable(np.array(hp, np.int64), np.array(he, np.int32), None, np.arange(rows + 1, dtype=np.int64),
+                        np.arange(rows, dtype=np.int32) * 7 % size)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", ["long chains", "restarts"])
+def test_rows_summed_from_the_previous_rows(dtype, case):
+    """The CPU engine's chained rows in float32 (each row's distances from the previous row's, plus the elements it
+    adds, less those it drops; a chain restarts where its rounding could exceed kChainSlack times the row's own
+    element sum's; float64 sums every row on its own) against the literal loop, 300 images, 1 and 2 threads: "long
+    chains" at high noise; "restarts": images near the query, one of them equal to it (over a) but on the rows' own
+    elements, so that its distance is about what a row adds and drops and its chains restart every few rows."""
+    rng = np.random.default_rng(11)
+    n, size = 300, 256
+    train = rng.uniform(-1, 1, (n, size))
+    if case == "long chains":
+        a, inv = np.full(1, 0.3), np.full(1, 0.6)
+        x = 0.3 * train[17:18] + rng.standard_normal((1, size))
+    else:
+        a, inv = np.full(1, 0.8), np.full(1, 2.0)
+        x = rng.uniform(-0.8, 0.8, (1, size))
+        train = x / a + 0.05 * rng.standard_normal((n, size))
+        train[17, :200] = x[0, :200] / a[0]
+    table = chained_table(size=size)
+    index = ops.LabelIndex.from_labels(None)
+    out, m, s, best = literal(train, x, a, inv, table, [np.arange(n)])
+    T = torch.as_tensor
+    shape = (1, 16, 16)
+    for nt in (1, 2):
+        got, stats, key, _ = ops.aligned_softmax(T(train.reshape(n, *shape)).to(dtype), T(x.reshape(1, *shape)).to(dtype),
+                                                 T(a), T(inv), None, None, *index.tensors(), *table.tensors(), True,
+                                                 "cpu", nt, 0)
+        _check(got.double().numpy(), out, dtype, f"{case}, {nt} threads")
+        assert np.allclose(stats[..., 0].numpy(), m, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-6)
+        assert np.allclose(stats[..., 1].numpy(), s, rtol=1e-5 if dtype == torch.float32 else 1e-10)
+        assert np.array_equal(key.numpy(), best)
+
+
 def test_float32_data_whose_squared_distances_overflow_are_refused():
     """A training value of 2e19 overflows float32 when squared, whatever the (tiny) inverse temperature: refused
     before any work (the CPU engine's prefix sums then held inf - inf = NaN, and the maximum's search ran past its

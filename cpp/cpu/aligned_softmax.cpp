@@ -6,7 +6,9 @@
 // (fold_part), so that a row's distances to the block are one kBlock-wide multiply-add per neighbourhood element,
 // or for a row of few runs one difference of prefix sums per run: O(N (D + |hood|)) per query image, vectorised over
 // the images instead of the elements, which suits scattered neighbourhoods (a thresholded data mask) as well as
-// square patches.
+// square patches. A row whose neighbourhood differs from the previous row's in fewer elements than that costs takes
+// the previous row's distances plus what it adds, less what it drops (hood_chain.hpp, chain_sums), while the
+// rounding that accumulates allows.
 //
 // Backward: for each training image the squared residual once, with its prefix sums P (in double), a row's
 // distance as the sum over its neighbourhood's *runs* -- maximal sequences of consecutive elements with one
@@ -31,6 +33,7 @@
 
 #include "patchmosaic/engines.hpp"
 #include "patchmosaic/softmax_state.hpp"
+#include "hood_chain.hpp"
 #include "simd_exp.hpp"
 #include "threads.hpp"
 
@@ -403,23 +406,20 @@ bool unit_weights(const AlignedArgs<T>& A) {
   return true;
 }
 
-// The sum over row r's neighbourhood of (weight *) its elements' rows of Res: four independent accumulators (the
-// additions' latency), in T over at most kChunk elements at a time, then in double.
+// The sum over the elements he[u0 .. u1) of (weight hw[u] *) their rows of Res, added to L in double: four
+// independent accumulators (the additions' latency), in T over at most kChunk elements at a time, then in double.
 template <typename T, bool WEIGHTED>
-inline void row_sums(const AlignedArgs<T>& A, int64_t r, const typename BlockVec<T>::type* __restrict Res,
-                     double scale, Logits& out) {
+inline void element_sums(const int32_t* __restrict he, const double* __restrict hw, int64_t u0, int64_t u1,
+                         const typename BlockVec<T>::type* __restrict Res, typename Logits::N* L) {
   using V = typename BlockVec<T>::type;
   using N = typename Pieces<T>::type;
   constexpr int P = Pieces<T>::n;
   constexpr int kChunk = 32;
-  typename Logits::N L[Logits::P] = {};
-  const int32_t* __restrict he = A.hood_elem;
-  const double* __restrict hw = A.hood_weight;
-  for (int64_t u0 = A.hood_ptr[r]; u0 < A.hood_ptr[r + 1]; u0 += kChunk) {
-    const int64_t u1 = std::min<int64_t>(A.hood_ptr[r + 1], u0 + kChunk);
+  for (; u0 < u1; u0 += kChunk) {
+    const int64_t u2 = std::min<int64_t>(u1, u0 + kChunk);
     N s0[P] = {}, s1[P] = {}, s2[P] = {}, s3[P] = {};
     int64_t u = u0;
-    for (; u + 4 <= u1; u += 4) {
+    for (; u + 4 <= u2; u += 4) {
       const V *r0 = Res + he[u], *r1 = Res + he[u + 1], *r2 = Res + he[u + 2], *r3 = Res + he[u + 3];
       for (int p = 0; p < P; ++p) {
         if constexpr (WEIGHTED) {
@@ -435,7 +435,7 @@ inline void row_sums(const AlignedArgs<T>& A, int64_t r, const typename BlockVec
         }
       }
     }
-    for (; u < u1; ++u)
+    for (; u < u2; ++u)
       for (int p = 0; p < P; ++p) {
         if constexpr (WEIGHTED) s0[p] += static_cast<T>(hw[u]) * Pieces<T>::load(Res + he[u], p);
         else s0[p] += Pieces<T>::load(Res + he[u], p);
@@ -446,6 +446,14 @@ inline void row_sums(const AlignedArgs<T>& A, int64_t r, const typename BlockVec
     }
     for_pieces<Logits::P>([&](auto p) { L[p] += piece_as_double<T, p>(sum); });
   }
+}
+
+// The sum over row r's neighbourhood of (weight *) its elements' rows of Res, times scale.
+template <typename T, bool WEIGHTED>
+inline void row_sums(const AlignedArgs<T>& A, int64_t r, const typename BlockVec<T>::type* __restrict Res,
+                     double scale, Logits& out) {
+  typename Logits::N L[Logits::P] = {};
+  element_sums<T, WEIGHTED>(A.hood_elem, A.hood_weight, A.hood_ptr[r], A.hood_ptr[r + 1], Res, L);
   for (int p = 0; p < Logits::P; ++p) out.p[p] = scale * L[p];
 }
 
@@ -484,6 +492,35 @@ inline void row_sums_runs(const Runs& R, int64_t r, const typename BlockVec<doub
   for (int p = 0; p < P; ++p) out.p[p] = scale * (s0[p] + s1[p]);
 }
 
+// Row r's distances from row r - 1's (prev), plus the elements it adds and less those it drops (hood_chain.hpp). A
+// chain starts at a row summed on its own: by its runs (exact to runs_precise's tolerance; acc starts at 0) or by
+// its elements (within 10 u of its distance, u T's unit roundoff: acc starts at the distance). The added and
+// dropped elements are summed as row_sums sums elements (in T over chunks of 32, then in double), within 10 u of
+// their total, which acc adds up; so a chained distance is within 10 u acc of its exact value, lane by lane, and a
+// row is chained only while acc is below kChainSlack times its distance in every lane: within kChainSlack times the
+// bound of summing the row element by element. Returns false, with L and acc unchanged, where it is not (a new
+// chain starts there).
+constexpr double kChainSlack = 4.0;
+template <typename T>
+inline bool chain_sums(const Chain& C, int64_t r, const typename BlockVec<T>::type* __restrict Res,
+                       const typename Logits::N* prev, typename Logits::N* acc, Logits& out) {
+  typename Logits::N add[Logits::P] = {}, drop[Logits::P] = {};
+  const int64_t u0 = C.ptr[r], um = u0 + C.n_add[r], u1 = C.ptr[r + 1];
+  element_sums<T, false>(C.elem.data(), nullptr, u0, um, Res, add);
+  element_sums<T, false>(C.elem.data(), nullptr, um, u1, Res, drop);
+  Logits cand, over;
+  typename Logits::N next[Logits::P];
+  for (int p = 0; p < Logits::P; ++p) {
+    cand.p[p] = (prev[p] + add[p]) - drop[p];
+    next[p] = (acc[p] + add[p]) + drop[p];
+    over.p[p] = next[p] - kChainSlack * cand.p[p];
+  }
+  if (any_lane<Cmp::kNotBelow>(over, 0.0)) return false;  // (a NaN lane counts: summed on its own)
+  out = cand;
+  for (int p = 0; p < Logits::P; ++p) acc[p] = next[p];
+  return true;
+}
+
 // Per row, whether its runs cost fewer vector loads than its elements (four per run -- two prefix sums of kBlock
 // doubles -- against one per element in float, two in double).
 template <typename T>
@@ -495,6 +532,26 @@ std::vector<char> rows_by_runs(const AlignedArgs<T>& A, const Runs& R) {
   return by;
 }
 
+// The rows summed from their predecessor's (hood_chain.hpp; float and unit weights only: in double, chains were
+// 0.89-0.97x as fast on LS and PCA-locality): where the elements a row adds and drops cost less than the row on its
+// own. Measured costs, in vector loads: an element gathered from Res about 2 (an 11 x 11 square chained, 22
+// elements instead of 11 runs, was no faster); a run 4 (two prefix sums of two loads); kChainOverhead for the
+// chaining itself (small rows at low noise were slower chained at 4); and chains only where they save at least
+// kChainSaving of the table's loads (LS's squares and low-noise masks, which save less, were up to 8% slower).
+constexpr int64_t kChainOverhead = 8;
+constexpr double kChainSaving = 0.1;
+template <typename T>
+Chain chain_rows(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& by_runs) {
+  const int64_t nr = A.n_rows, per_element = 2;
+  if (sizeof(T) == 8 || !unit_weights(A)) return Chain{std::vector<char>(nr + 1, 0), {}, {}, {}, false};
+  std::vector<int64_t> direct(nr);
+  for (int64_t r = 0; r < nr; ++r)  // (a row summed by its elements counted at 3/4: at low noise, where rows are,
+                                    // their distances are small and chains restart more often)
+    direct[r] = by_runs[r] ? 4 * (R.ptr[r + 1] - R.ptr[r]) : 3 * per_element * (A.hood_ptr[r + 1] - A.hood_ptr[r]) / 4;
+  return make_chain(nr, R.ptr.data(), R.lo.data(), R.hi.data(), direct, per_element, kChainOverhead, kChainSaving,
+                    A.n_threads);
+}
+
 // One part's images, kBlock at a time, for every query image of its group. The block is transposed once
 // (Phi[e][j] = phi_j[e]), and per query its squared residuals Res[e][j] = (x[e] - a Phi[e][j])^2, so that a row's
 // distances to the block's images are one kBlock-wide (multiply-)add per neighbourhood element (row_sums), or, for
@@ -503,7 +560,7 @@ std::vector<char> rows_by_runs(const AlignedArgs<T>& A, const Runs& R) {
 // raised (raise_max; the block's largest logit taken only then), and the weights (cut_exp vectorised) and the
 // weighted response values are added lane by lane, summed over the lanes at the part's end.
 template <typename T, bool WEIGHTED>
-void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& by_runs,
+void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& by_runs, const Chain& C,
                const std::vector<int64_t>& qs, const Part& part, PartState& S) {
   using V = typename BlockVec<T>::type;
   using VD = typename BlockVec<double>::type;
@@ -556,12 +613,26 @@ void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& 
       int64_t* best = S.best.data() + qi * nr;
       V* sq = sl.data() + qi * nr;
       V* aq = al.data() + qi * A.n_resp;
+      // row r - 1's distances and its chain's terms' total, kept where row r is chained
+      typename Logits::N prev[Logits::P], acc[Logits::P];
       for (int64_t r = 0; r < nr; ++r) {
         Logits L;
-        if (by_runs[r] && runs_precise<T>(inv, R.wsum[r], ptot))
-          row_sums_runs<T, WEIGHTED>(R, r, Pre.data(), -inv, L);
-        else
-          row_sums<T, WEIGHTED>(A, r, Res.data(), -inv, L);
+        const bool runs = by_runs[r] && runs_precise<T>(inv, R.wsum[r], ptot);
+        if (!C.any) {  // (no row chained: the row's sums scaled as they are made)
+          if (runs) row_sums_runs<T, WEIGHTED>(R, r, Pre.data(), -inv, L);
+          else row_sums<T, WEIGHTED>(A, r, Res.data(), -inv, L);
+        } else {
+          if (!(C.on[r] && chain_sums<T>(C, r, Res.data(), prev, acc, L))) {  // summed on its own
+            if (runs) row_sums_runs<T, WEIGHTED>(R, r, Pre.data(), 1.0, L);
+            else row_sums<T, WEIGHTED>(A, r, Res.data(), 1.0, L);
+            if (C.on[r + 1])  // a chain starts here: its rounding so far (by runs: none; by elements: 10 u L)
+              for (int p = 0; p < Logits::P; ++p) acc[p] = runs ? typename Logits::N{} : L.p[p];
+          }
+          for (int p = 0; p < Logits::P; ++p) {
+            if (C.on[r + 1]) prev[p] = L.p[p];
+            L.p[p] *= -inv;
+          }
+        }
         // every weight of the block exactly 0 (block_counts of its largest logit; a short block's repeated
         // lanes equal its first)
         if (!any_lane<Cmp::kNotBelow>(L, m[r] - ExpCut<T>::value)) continue;
@@ -603,9 +674,10 @@ void aligned_forward_cpu(const AlignedArgs<T>& A) {
   const auto fold = unit_weights(A) ? &fold_part<T, false> : &fold_part<T, true>;
   const Runs R = make_runs(A);
   const std::vector<char> by_runs = rows_by_runs(A, R);
+  const Chain C = chain_rows(A, R, by_runs);
 #pragma omp parallel for num_threads(resolve_threads(nt, np)) schedule(dynamic, 1)
   for (int64_t p = 0; p < np; ++p)
-    error.run([&] { fold(A, R, by_runs, G.queries[G.parts[p].g], G.parts[p], states[p]); });
+    error.run([&] { fold(A, R, by_runs, C, G.queries[G.parts[p].g], G.parts[p], states[p]); });
   error.rethrow();
   // merge each group's parts in order
   const int64_t nr = A.n_rows;
