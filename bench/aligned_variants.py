@@ -1,9 +1,10 @@
 """The same-position engine (cpu/aligned_softmax.cpp: LS, PCA-locality, DataLocal) per instruction-set variant of
 the CPU engine: per machine, noise level and variant the best of ``--repeat`` calls (CPU seconds of the process),
-one query image, float32, the variants alternating. The package is the one Python imports (``PYTHONPATH=python``
-for the checkout's build; an older build cannot share the process: its call structs are registered under the
-same names), so an older build is timed by running this script on it in turns with the current one
-(``bench/make_baseline.sh COMMIT DIR``, then a folder holding DIR as ``patchmosaic`` on ``PYTHONPATH``).
+one query image, float32 (``--dtype float64``: images and query in float64), the variants alternating. The package
+is the one Python imports (``PYTHONPATH=python`` for the checkout's build; an older build cannot share the process:
+its call structs are registered under the same names), so an older build is timed by running this script on it in
+turns with the current one (``bench/make_baseline.sh COMMIT DIR``, then a folder holding DIR as ``patchmosaic`` on
+``PYTHONPATH``).
 
     OMP_WAIT_POLICY=PASSIVE PYTHONPATH=python python bench/aligned_variants.py --n-train 5000 --json now.json
 
@@ -32,7 +33,7 @@ THRESHOLD = {"mnist": 0.005, "cifar10": 0.05}  # the published thresholds
 
 def machines(lib, x, data, which):
     """(name, call) of the timed machines (``which``: "ls", "pca") of the package ``lib`` on images ``x``."""
-    q = torch.randn(1, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    q = torch.randn(1, *x.shape[1:], generator=torch.Generator().manual_seed(0)).to(x.dtype)
     out = []
     if "ls" in which:
         ls = lib.LS(x)
@@ -52,10 +53,11 @@ def main():
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--machines", default="ls,pca", help="which machines: ls, pca")
     p.add_argument("--variants", default=None, help="instruction-set variants to time (default: every one)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--json", default=None)
     a = p.parse_args()
     print(machine_line(), "|", blas_line(), flush=True)
-    x = torch.from_numpy(np.asarray(load(a.data, a.n_train)[0], np.float32))
+    x = torch.from_numpy(np.asarray(load(a.data, a.n_train)[0], a.dtype))
     print("package:", os.path.dirname(pm.__file__), flush=True)
     variants, chosen = list(pm.ops.cpu_variants()), pm.ops.cpu_variant()
     if a.variants:
@@ -73,7 +75,7 @@ def main():
                     pm.ops.use_cpu_variant(v)
                     best[v] = min(best[v], best_time(lambda: f(t), 1, time.process_time))
             for v in variants:
-                rows.append({"machine": name, "t": t, "variant": v, "cpu_s": best[v]})
+                rows.append({"machine": name, "t": t, "variant": v, "dtype": a.dtype, "cpu_s": best[v]})
             print(f"{name:26s} t={t:.1f} " + "  ".join(f"{v} {best[v]:.4f}" for v in variants), flush=True)
     pm.ops.use_cpu_variant(chosen)
     if a.json:
