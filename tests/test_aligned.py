@@ -152,9 +152,10 @@ def test_maximum_rising_past_the_cut_and_blocks_below_it(order, dtype):
 
 
 def chained_table(rows: int = 24, size: int = 256) -> ElementTable:
-    """Rows whose neighbourhoods differ from the previous row's in two elements but hold 40-100 runs (a shared
-    scattered set plus a row's own elements), the kind the CPU engine sums from the previous row's distances
-    (cpu/hood_chain.hpp); every sixth row a different pattern (a chain's end), one row empty."""
+    """Rows whose neighbourhoods differ from the previous row's in six elements (three added, three dropped) but
+    hold 78-101 runs (a shared scattered set plus a row's own elements), the kind the CPU engine sums from the
+    previous row's distances (cpu/hood_chain.hpp); every sixth row a different pattern (a chain's end), one row
+    empty."""
     hp, he = [0], []
     for r in range(rows):
         if r == 9:
@@ -201,6 +202,45 @@ def test_rows_summed_from_the_previous_rows(dtype, case):
         assert np.allclose(stats[..., 0].numpy(), m, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-6)
         assert np.allclose(stats[..., 1].numpy(), s, rtol=1e-5 if dtype == torch.float32 else 1e-10)
         assert np.array_equal(key.numpy(), best)
+
+
+def test_chains_restart_where_their_rounding_would_exceed_the_rows_own():
+    """Float32 chains that must restart: every row holds a scattered set of elements where three images are near the
+    queries plus 56 elements where every image is far from them; rows 20-39 drop the far elements three at a time, so
+    that a near image's distance shrinks to a small part of the terms its chain has added and dropped; rows 40-79
+    toggle one near element each. Without the restart (a review's mutant: kChainSlack 1e30) the largest logit of the
+    later rows was 3e-4 off relative; with it 1.6e-7, as without chains. The reference: the literal loop on the
+    float32-rounded inputs (their rounding alone moves the logits by about 2e-5 here); 1 and 2 threads alike."""
+    rng = np.random.default_rng(5)
+    size, n = 256, 40
+    a, inv = np.array([0.9, 0.9]), np.array([50.0, 8.0])
+    x = rng.uniform(-0.5, 0.5, (2, size))
+    x[:, 200:] = 1.0
+    train = rng.uniform(-1, 1, (n, size))
+    train[:3] = x[[0, 1, 0]] / a[0] + 0.01 * rng.standard_normal((3, size))
+    train[:3, 200:] = -1.0
+    near = set(np.flatnonzero(rng.random(200) < 0.55).tolist())
+    rows, cur = [], near | set(range(200, size))
+    for r in range(80):
+        if 20 <= r < 40:
+            cur -= set(sorted(cur - near)[:3])
+        elif r >= 40:
+            cur ^= {int(rng.integers(0, 200))}
+        rows.append(sorted(cur))
+    table = ElementTable(np.cumsum([0] + [len(v) for v in rows]).astype(np.int64), np.concatenate(rows).astype(np.int32),
+                         None, np.arange(81, dtype=np.int64), (np.arange(80) * 3 % size).astype(np.int32))
+    train32, x32 = (torch.as_tensor(v, dtype=torch.float32) for v in (train, x))
+    out, m, s, best = literal(train32.double().numpy(), x32.double().numpy(), a, inv, table, [np.arange(n)] * 2)
+    index = ops.LabelIndex.from_labels(None)
+    T = torch.as_tensor
+    runs = [ops.aligned_softmax(train32.reshape(n, 1, 16, 16), x32.reshape(2, 1, 16, 16), T(a), T(inv), None, None,
+                                *index.tensors(), *table.tensors(), True, "cpu", nt, 0) for nt in (1, 2)]
+    assert all(torch.equal(u, v) for u, v in zip(runs[0], runs[1]))
+    got, stats, key, _ = runs[0]
+    _check(got.double().numpy(), out, torch.float32, "restarting chains")
+    rel = np.abs(stats[..., 0].numpy() - m) / np.abs(m)
+    assert rel.max() <= 1e-6, f"largest logit {rel.max():.2g} off relative"
+    assert np.array_equal(key.numpy(), best)
 
 
 def test_float32_data_whose_squared_distances_overflow_are_refused():

@@ -498,7 +498,7 @@ inline void row_sums_runs(const Runs& R, int64_t r, const typename BlockVec<doub
 // dropped elements are summed as row_sums sums elements (in T over chunks of 32, then in double), within 10 u of
 // their total, which acc adds up; so a chained distance is within 10 u acc of its exact value, lane by lane, and a
 // row is chained only while acc is below kChainSlack times its distance in every lane: within kChainSlack times the
-// bound of summing the row element by element. Returns false, with L and acc unchanged, where it is not (a new
+// bound of summing the row element by element. Returns false, with out and acc unchanged, where it is not (a new
 // chain starts there).
 constexpr double kChainSlack = 4.0;
 template <typename T>

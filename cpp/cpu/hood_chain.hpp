@@ -80,7 +80,7 @@ inline Chain make_chain(int64_t n_rows, const int64_t* ptr, const int32_t* lo, c
   };
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t r = 0; r < n_rows; ++r) ascending[r] = runs_ascending(ptr, lo, hi, r);
-  int64_t total = 0, saved = 0;
+  int64_t total = direct[0], saved = 0;
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : total, saved)
   for (int64_t r = 1; r < n_rows; ++r) {
     total += direct[r];
@@ -93,7 +93,7 @@ inline Chain make_chain(int64_t n_rows, const int64_t* ptr, const int32_t* lo, c
     C.n_add[r] = static_cast<int32_t>(na);
     C.ptr[r + 1] = na + nd;
   }
-  if (saved < min_saving * static_cast<double>(total)) {  // too little to gain: no row chained
+  if (saved == 0 || saved < min_saving * static_cast<double>(total)) {  // too little to gain: no row chained
     std::fill(C.on.begin(), C.on.end(), 0);
     std::fill(C.ptr.begin(), C.ptr.end(), 0);
     return C;
