@@ -195,9 +195,9 @@ def test_rows_summed_from_the_previous_rows(dtype, case):
     T = torch.as_tensor
     shape = (1, 16, 16)
     for nt in (1, 2):
-        got, stats, key, _ = ops.aligned_softmax(T(train.reshape(n, *shape)).to(dtype), T(x.reshape(1, *shape)).to(dtype),
-                                                 T(a), T(inv), None, None, *index.tensors(), *table.tensors(), True,
-                                                 "cpu", nt, 0)
+        got, stats, key, _ = ops.aligned_softmax(T(train.reshape(n, *shape)).to(dtype),
+                                                 T(x.reshape(1, *shape)).to(dtype), T(a), T(inv), None, None,
+                                                 *index.tensors(), *table.tensors(), True, "cpu", nt, 0)
         _check(got.double().numpy(), out, dtype, f"{case}, {nt} threads")
         assert np.allclose(stats[..., 0].numpy(), m, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-6)
         assert np.allclose(stats[..., 1].numpy(), s, rtol=1e-5 if dtype == torch.float32 else 1e-10)
@@ -227,8 +227,9 @@ def test_chains_restart_where_their_rounding_would_exceed_the_rows_own():
         elif r >= 40:
             cur ^= {int(rng.integers(0, 200))}
         rows.append(sorted(cur))
-    table = ElementTable(np.cumsum([0] + [len(v) for v in rows]).astype(np.int64), np.concatenate(rows).astype(np.int32),
-                         None, np.arange(81, dtype=np.int64), (np.arange(80) * 3 % size).astype(np.int32))
+    table = ElementTable(np.cumsum([0] + [len(v) for v in rows]).astype(np.int64),
+                         np.concatenate(rows).astype(np.int32), None, np.arange(81, dtype=np.int64),
+                         (np.arange(80) * 3 % size).astype(np.int32))
     train32, x32 = (torch.as_tensor(v, dtype=torch.float32) for v in (train, x))
     out, m, s, best = literal(train32.double().numpy(), x32.double().numpy(), a, inv, table, [np.arange(n)] * 2)
     index = ops.LabelIndex.from_labels(None)
