@@ -541,9 +541,9 @@ std::vector<char> rows_by_runs(const AlignedArgs<T>& A, const Runs& R) {
 constexpr int64_t kChainOverhead = 8;
 constexpr double kChainSaving = 0.1;
 template <typename T>
-Chain chain_rows(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& by_runs) {
+Chain chain_rows(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& by_runs, bool unit) {
   const int64_t nr = A.n_rows, per_element = 2;
-  if (sizeof(T) == 8 || !unit_weights(A)) return Chain{std::vector<char>(nr + 1, 0), {}, {}, {}, false};
+  if (sizeof(T) == 8 || !unit) return Chain{};
   std::vector<int64_t> direct(nr);
   for (int64_t r = 0; r < nr; ++r)  // (a row summed by its elements counted at 3/4: at low noise, where rows are,
                                     // their distances are small and chains restart more often)
@@ -671,10 +671,11 @@ void aligned_forward_cpu(const AlignedArgs<T>& A) {
   std::vector<PartState> states(G.parts.size());
   FirstError error;
   const int64_t np = static_cast<int64_t>(G.parts.size());
-  const auto fold = unit_weights(A) ? &fold_part<T, false> : &fold_part<T, true>;
+  const bool unit = unit_weights(A);
+  const auto fold = unit ? &fold_part<T, false> : &fold_part<T, true>;
   const Runs R = make_runs(A);
   const std::vector<char> by_runs = rows_by_runs(A, R);
-  const Chain C = chain_rows(A, R, by_runs);
+  const Chain C = chain_rows(A, R, by_runs, unit);
 #pragma omp parallel for num_threads(resolve_threads(nt, np)) schedule(dynamic, 1)
   for (int64_t p = 0; p < np; ++p)
     error.run([&] { fold(A, R, by_runs, C, G.queries[G.parts[p].g], G.parts[p], states[p]); });

@@ -13,9 +13,9 @@
 
 namespace patchmosaic {
 
-// Per row: whether it is summed from row r - 1's distances (on, n_rows + 1 entries, the last 0), and if so its terms
-// elem[ptr[r] .. ptr[r + 1]): the first n_add[r] of them the elements it adds, the rest those it drops; any: whether
-// some row is.
+// any: whether some row is summed from row r - 1's distances; if so, per row, whether it is (on, n_rows + 1 entries,
+// the last 0) and its terms elem[ptr[r] .. ptr[r + 1]): the first n_add[r] of them the elements it adds, the rest
+// those it drops (all empty where no row is).
 struct Chain {
   std::vector<char> on;
   std::vector<int64_t> ptr;
@@ -53,18 +53,12 @@ inline int64_t runs_difference(const int32_t* alo, const int32_t* ahi, int64_t n
   return n;
 }
 
-// Whether row r's runs are ascending and disjoint (a table whose elements repeat or are out of order is not).
-inline bool runs_ascending(const int64_t* ptr, const int32_t* lo, const int32_t* hi, int64_t r) {
-  for (int64_t u = ptr[r] + 1; u < ptr[r + 1]; ++u)
-    if (lo[u] <= hi[u - 1]) return false;
-  return true;
-}
-
 // The chain of a table of unit-weight neighbourhoods given as runs (ptr, lo, hi: row r's runs [lo[u], hi[u]) for u
-// in [ptr[r], ptr[r + 1])), given each row's cost on its own (`direct`, in vector loads) and an added or dropped
-// element's (`per_element`): a row is chained where its added and dropped elements, with `overhead` loads for the
-// chaining itself, cost less; and none is unless that saves at least `min_saving` of the table's cost (the chains'
-// bookkeeping slows every row). O(runs + chained elements).
+// in [ptr[r], ptr[r + 1]), ascending and disjoint: validate.hpp refuses a table whose rows are not), given each
+// row's cost on its own (`direct`, in vector loads) and an added or dropped element's (`per_element`): a row is
+// chained where its added and dropped elements, with `overhead` loads for the chaining itself, cost less; and none
+// is unless that saves at least `min_saving` of the table's cost (the chains' bookkeeping slows every row).
+// O(runs + chained elements).
 inline Chain make_chain(int64_t n_rows, const int64_t* ptr, const int32_t* lo, const int32_t* hi,
                         const std::vector<int64_t>& direct, int64_t per_element, int64_t overhead, double min_saving,
                         int n_threads) {
@@ -72,19 +66,15 @@ inline Chain make_chain(int64_t n_rows, const int64_t* ptr, const int32_t* lo, c
   C.on.assign(n_rows + 1, 0);
   C.ptr.assign(n_rows + 1, 0);
   C.n_add.assign(n_rows, 0);
-  std::vector<char> ascending(n_rows);
   const int nt = resolve_threads(n_threads, n_rows / 64 + 1);
   auto difference = [&](int64_t a, int64_t b, int32_t* out) {
     return runs_difference(lo + ptr[a], hi + ptr[a], ptr[a + 1] - ptr[a], lo + ptr[b], hi + ptr[b],
                            ptr[b + 1] - ptr[b], out);
   };
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t r = 0; r < n_rows; ++r) ascending[r] = runs_ascending(ptr, lo, hi, r);
   int64_t total = direct[0], saved = 0;
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : total, saved)
   for (int64_t r = 1; r < n_rows; ++r) {
     total += direct[r];
-    if (!ascending[r] || !ascending[r - 1]) continue;
     const int64_t na = difference(r, r - 1, nullptr), nd = difference(r - 1, r, nullptr);
     const int64_t cost = per_element * (na + nd) + overhead;
     if (cost >= direct[r]) continue;
@@ -93,11 +83,7 @@ inline Chain make_chain(int64_t n_rows, const int64_t* ptr, const int32_t* lo, c
     C.n_add[r] = static_cast<int32_t>(na);
     C.ptr[r + 1] = na + nd;
   }
-  if (saved == 0 || saved < min_saving * static_cast<double>(total)) {  // too little to gain: no row chained
-    std::fill(C.on.begin(), C.on.end(), 0);
-    std::fill(C.ptr.begin(), C.ptr.end(), 0);
-    return C;
-  }
+  if (saved == 0 || saved < min_saving * static_cast<double>(total)) return Chain{};  // too little to gain
   C.any = true;
   for (int64_t r = 0; r < n_rows; ++r) C.ptr[r + 1] += C.ptr[r];
   C.elem.resize(C.ptr[n_rows]);
