@@ -29,6 +29,10 @@ void by_dtype(const Call& c, F32 f32, F64 f64) {
   else f64(view<double>(c));
 }
 
+struct HoodPlanHandle {
+  std::shared_ptr<const HoodPlan> plan;
+};
+
 template <typename T>
 using Array = py::array_t<T, py::array::c_style>;  // no forcecast: a wrong dtype is refused, not copied
 
@@ -96,14 +100,33 @@ void register_cpu(py::module_& m) {
     validate(c);
     by_dtype(c, candidate_softmax_cpu<float>, candidate_softmax_cpu<double>);
   }, "Exact softmax over a candidate key list per listed query pixel (the patch index's re-scoring).");
-  m.def("aligned_forward_cpu", [](const AlignedCall& c) {
+  // A table's HoodPlan, held by Python with the table (module-local: each variant module has its own)
+  py::class_<HoodPlanHandle>(m, "HoodPlan", py::module_local(true));
+  m.def("hood_plan_cpu", [](const AlignedCall& c) {
     validate(c, Pass::kForward, Engine::kCpu);
-    by_dtype(c, aligned_forward_cpu<float>, aligned_forward_cpu<double>);
-  }, "Same-position machines, forward pass: out, stats and provenance of an AlignedCall.");
-  m.def("aligned_backward_cpu", [](const AlignedCall& c) {
+    HoodPlanHandle h;
+    {
+      py::gil_scoped_release nogil;
+      if (c.dtype == kFloat32) h.plan = hood_plan_cpu(view<float>(c));
+      else h.plan = hood_plan_cpu(view<double>(c));
+    }
+    return h;
+  }, "The element table's runs and chains for the same-position passes of an AlignedCall's dtype, derived once.");
+  m.def("aligned_forward_cpu", [](const AlignedCall& c, const HoodPlanHandle* h) {
+    validate(c, Pass::kForward, Engine::kCpu);
+    const HoodPlan* plan = h ? h->plan.get() : nullptr;
+    by_dtype(c, [plan](const auto& A) { aligned_forward_cpu(A, plan); },
+             [plan](const auto& A) { aligned_forward_cpu(A, plan); });
+  }, py::arg("call"), py::arg("plan") = nullptr,
+     "Same-position machines, forward pass: out, stats and provenance of an AlignedCall (`plan`: its table's "
+     "HoodPlan, or None to derive it in the call).");
+  m.def("aligned_backward_cpu", [](const AlignedCall& c, const HoodPlanHandle* h) {
     validate(c, Pass::kBackward, Engine::kCpu);
-    by_dtype(c, aligned_backward_cpu<float>, aligned_backward_cpu<double>);
-  }, "Same-position machines, backward pass: grad_query, grad_a, grad_inv_2b2 of an AlignedCall.");
+    const HoodPlan* plan = h ? h->plan.get() : nullptr;
+    by_dtype(c, [plan](const auto& A) { aligned_backward_cpu(A, plan); },
+             [plan](const auto& A) { aligned_backward_cpu(A, plan); });
+  }, py::arg("call"), py::arg("plan") = nullptr,
+     "Same-position machines, backward pass: grad_query, grad_a, grad_inv_2b2 of an AlignedCall.");
   m.def("wiener_mask_max", [](const py::array& L, const Array<double>& U, const Array<double>& w,
                               const Array<double>& inv_dd,
                               const Array<double>& sq, const Array<double>& s, const Array<double>& tail,

@@ -372,3 +372,44 @@ def test_the_compiled_core_checks_the_table_itself():
                                  stats=stats)
     with pytest.raises(ValueError, match="ascending and distinct"):
         engines._CPU_MODULE.aligned_forward_cpu(call)
+
+
+def test_the_table_plan_is_derived_once_and_refused_for_another_table():
+    """The CPU engine's HoodPlan (a table's runs and chains, derived at its first call and kept with the table):
+    outputs with the kept plan equal those of a call that derives its own, bit for bit, in both dtypes; the plan is
+    kept once per module and dtype; a plan handed to a call on another table, or of another dtype, is refused."""
+    from patchmosaic.ops import contract, engines
+
+    train, x, a, inv, labels, qlab, index, table = _case(8, False)
+    other = random_table(np.random.default_rng(9), False)
+    grp = ops.groups(torch.as_tensor(qlab), *index.tensors(), N, B)
+    module = engines._CPU_MODULE
+
+    kept = []  # the call's buffers, alive while it may run (a call holds their addresses only)
+
+    def call(tab, dtype):
+        out = torch.zeros(B, len(tab.resp_elem), dtype=dtype)
+        stats = torch.zeros(B, tab.n_rows, 2, dtype=torch.float64)
+        tr, q = torch.as_tensor(train).to(dtype), torch.as_tensor(x).to(dtype)
+        kept.append((tr, q))
+        c = contract.aligned_call(module, train=tr, query=q, table=tab, a=torch.as_tensor(a),
+                                  inv_2b2=torch.as_tensor(inv), groups=grp, out=out, stats=stats)
+        return c, out, stats
+
+    plans = {}
+    for dtype in (torch.float32, torch.float64):
+        c, out, stats = call(table, dtype)
+        (plan,) = engines.hood_plan(engines.CPU, c, table, dtype)
+        assert engines.hood_plan(engines.CPU, c, table, dtype)[0] is plan
+        module.aligned_forward_cpu(c, plan)
+        c2, out2, stats2 = call(table, dtype)
+        module.aligned_forward_cpu(c2)
+        assert torch.equal(out, out2) and torch.equal(stats, stats2)
+        plans[dtype] = plan
+    assert len(table.plans) == 2
+    c, _, _ = call(other, torch.float32)
+    with pytest.raises(ValueError, match="another element table or dtype"):
+        module.aligned_forward_cpu(c, plans[torch.float32])
+    c, _, _ = call(table, torch.float32)
+    with pytest.raises(ValueError, match="another element table or dtype"):
+        module.aligned_forward_cpu(c, plans[torch.float64])

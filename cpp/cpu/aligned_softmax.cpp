@@ -23,6 +23,8 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
+#include <stdexcept>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -664,21 +666,71 @@ void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& 
 
 }  // namespace
 
+// A table's rows as the passes sum them, derived once per table and T instead of at every call (on PCA-locality's
+// MNIST masks at high noise that took a quarter of a call): every row's runs, which rows are summed by their runs,
+// and the chains; with the buffers and sizes of the table they were derived from, so that a call with another
+// table refuses the plan (plan_of).
+struct HoodPlan {
+  const int64_t* hood_ptr;
+  const int32_t* hood_elem;
+  const double* hood_weight;
+  int64_t n_rows, n_hood, D;
+  size_t elem_size;
+  bool unit;
+  Runs R;
+  std::vector<char> by_runs;
+  Chain C;
+};
+
 template <typename T>
-void aligned_forward_cpu(const AlignedArgs<T>& A) {
+std::shared_ptr<const HoodPlan> hood_plan_cpu(const AlignedArgs<T>& A) {
+  auto P = std::make_shared<HoodPlan>();
+  P->hood_ptr = A.hood_ptr;
+  P->hood_elem = A.hood_elem;
+  P->hood_weight = A.hood_weight;
+  P->n_rows = A.n_rows;
+  P->n_hood = A.hood_ptr[A.n_rows];
+  P->D = A.D;
+  P->elem_size = sizeof(T);
+  P->unit = unit_weights(A);
+  P->R = make_runs(A);
+  P->by_runs = rows_by_runs(A, P->R);
+  P->C = chain_rows(A, P->R, P->by_runs, P->unit);
+  return P;
+}
+
+namespace {
+
+// The call's plan: `given` where it was derived from this call's table and T, else an error; derived here (held by
+// `own`) where none is given.
+template <typename T>
+const HoodPlan& plan_of(const AlignedArgs<T>& A, const HoodPlan* given, std::shared_ptr<const HoodPlan>& own) {
+  if (!given) {
+    own = hood_plan_cpu(A);
+    return *own;
+  }
+  if (given->hood_ptr != A.hood_ptr || given->hood_elem != A.hood_elem || given->hood_weight != A.hood_weight ||
+      given->n_rows != A.n_rows || given->n_hood != A.hood_ptr[A.n_rows] || given->D != A.D ||
+      given->elem_size != sizeof(T))
+    throw std::invalid_argument("aligned_softmax: the HoodPlan was derived from another element table or dtype");
+  return *given;
+}
+
+}  // namespace
+
+template <typename T>
+void aligned_forward_cpu(const AlignedArgs<T>& A, const HoodPlan* given) {
+  std::shared_ptr<const HoodPlan> own;
+  const HoodPlan& plan = plan_of(A, given, own);
   const Groups G = make_parts(A);
   const int nt = resolve_threads(A.n_threads, static_cast<int64_t>(G.parts.size()));
   std::vector<PartState> states(G.parts.size());
   FirstError error;
   const int64_t np = static_cast<int64_t>(G.parts.size());
-  const bool unit = unit_weights(A);
-  const auto fold = unit ? &fold_part<T, false> : &fold_part<T, true>;
-  const Runs R = make_runs(A);
-  const std::vector<char> by_runs = rows_by_runs(A, R);
-  const Chain C = chain_rows(A, R, by_runs, unit);
+  const auto fold = plan.unit ? &fold_part<T, false> : &fold_part<T, true>;
 #pragma omp parallel for num_threads(resolve_threads(nt, np)) schedule(dynamic, 1)
   for (int64_t p = 0; p < np; ++p)
-    error.run([&] { fold(A, R, by_runs, C, G.queries[G.parts[p].g], G.parts[p], states[p]); });
+    error.run([&] { fold(A, plan.R, plan.by_runs, plan.C, G.queries[G.parts[p].g], G.parts[p], states[p]); });
   error.rethrow();
   // merge each group's parts in order
   const int64_t nr = A.n_rows;
@@ -713,8 +765,9 @@ void aligned_forward_cpu(const AlignedArgs<T>& A) {
 }
 
 template <typename T>
-void aligned_backward_cpu(const AlignedArgs<T>& A) {
-  const Runs R = make_runs(A);
+void aligned_backward_cpu(const AlignedArgs<T>& A, const HoodPlan* given) {
+  std::shared_ptr<const HoodPlan> own;
+  const Runs& R = plan_of(A, given, own).R;
   const Groups G = make_parts(A);
   const int nt = resolve_threads(A.n_threads, static_cast<int64_t>(G.parts.size()));
   const int64_t nr = A.n_rows, D = A.D, np = static_cast<int64_t>(G.parts.size());
@@ -799,9 +852,11 @@ void aligned_backward_cpu(const AlignedArgs<T>& A) {
   }
 }
 
-template void aligned_forward_cpu<float>(const AlignedArgs<float>&);
-template void aligned_forward_cpu<double>(const AlignedArgs<double>&);
-template void aligned_backward_cpu<float>(const AlignedArgs<float>&);
-template void aligned_backward_cpu<double>(const AlignedArgs<double>&);
+template std::shared_ptr<const HoodPlan> hood_plan_cpu<float>(const AlignedArgs<float>&);
+template std::shared_ptr<const HoodPlan> hood_plan_cpu<double>(const AlignedArgs<double>&);
+template void aligned_forward_cpu<float>(const AlignedArgs<float>&, const HoodPlan*);
+template void aligned_forward_cpu<double>(const AlignedArgs<double>&, const HoodPlan*);
+template void aligned_backward_cpu<float>(const AlignedArgs<float>&, const HoodPlan*);
+template void aligned_backward_cpu<double>(const AlignedArgs<double>&, const HoodPlan*);
 
 }  // namespace patchmosaic

@@ -10,6 +10,7 @@
 // and the gradient of a query image is the sum of its rows' patch gradients (the adjoint of the gather).
 #pragma once
 
+#include <memory>
 #include <vector>
 
 #include "contract.hpp"
@@ -25,9 +26,12 @@ template <typename T> void candidate_softmax_cpu(const CandidateSoftmaxArgs<T>& 
 template <typename T> Plan plan_cpu(const PatchSoftmaxArgs<T>& A, const QueryGroups& qg);
 // every patch size of a LocalMultiCall in one pass (forward only; patch_softmax_multi.cpp)
 template <typename T> void local_forward_multi_cpu(const MultiKArgs<T>& A);
-// the same-position machines (aligned_softmax.cpp): forward (out, stats, provenance) and backward
-template <typename T> void aligned_forward_cpu(const AlignedArgs<T>& A);
-template <typename T> void aligned_backward_cpu(const AlignedArgs<T>& A);
+// the same-position machines (aligned_softmax.cpp): forward (out, stats, provenance) and backward. `plan`: the
+// table's HoodPlan for T (hood_plan_cpu), or null to derive it within the call.
+struct HoodPlan;
+template <typename T> std::shared_ptr<const HoodPlan> hood_plan_cpu(const AlignedArgs<T>& A);
+template <typename T> void aligned_forward_cpu(const AlignedArgs<T>& A, const HoodPlan* plan = nullptr);
+template <typename T> void aligned_backward_cpu(const AlignedArgs<T>& A, const HoodPlan* plan = nullptr);
 
 // the PCA-locality machine's masks from an approximate Wiener matrix and a bound on its error (wiener_mask.cpp):
 // row m's neighbourhood is {n : |L[m, n]| inv_dd[n] >= tau}, L = U diag(w) U^T (float64, U D x r), decided from

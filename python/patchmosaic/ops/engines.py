@@ -123,10 +123,11 @@ class Engine:
             return _CPU_MODULE
         return _EMULATOR if _EMULATOR is not None else _core
 
-    def run(self, entry: str, call, device: torch.device) -> None:
+    def run(self, entry: str, call, device: torch.device, *cpu_args) -> None:
+        """Runs ``entry`` on ``call``; ``cpu_args``: further arguments of the CPU entry point."""
         fn = getattr(self.module, f"{entry}_{self.name}")
         if self.name == "cpu":
-            fn(call)
+            fn(call, *cpu_args)
             return
         if _EMULATOR is not None:
             fn(call, 0, 0)
@@ -214,8 +215,20 @@ def aligned_forward(engine: Engine, train, query, table, a, inv_2b2, groups: Gro
     call = contract.aligned_call(engine.module, train=train, query=query, table=table, a=a, inv_2b2=inv_2b2,
                                  groups=groups, out=out, stats=stats, arg_key=key if provenance else None,
                                  arg_share=share if provenance else None, n_threads=n_threads)
-    engine.run("aligned_forward", call, query.device)
+    engine.run("aligned_forward", call, query.device, *hood_plan(engine, call, table, query.dtype))
     return out, stats, key, share
+
+
+def hood_plan(engine: Engine, call, table, dtype: torch.dtype) -> tuple:
+    """``(plan,)``: the CPU engine's HoodPlan of ``table`` for ``dtype`` (its rows' runs and chains, cpu/aligned_softmax.cpp),
+    derived by the first call on this module and dtype and kept with the table; ``()`` for the CUDA engine."""
+    if engine.name != "cpu":
+        return ()
+    key = (engine.module.__name__, dtype)
+    plan = table.plans.get(key)
+    if plan is None:
+        plan = table.plans[key] = engine.module.hood_plan_cpu(call)
+    return (plan,)
 
 
 def aligned_backward(engine: Engine, grad_out, out, stats, train, query, table, a, inv_2b2, groups: Groups,
@@ -228,7 +241,7 @@ def aligned_backward(engine: Engine, grad_out, out, stats, train, query, table, 
     call = contract.aligned_call(engine.module, train=train, query=query, table=table, a=a, inv_2b2=inv_2b2,
                                  groups=groups, out=out, stats=stats, grad_out=grad_out, grad_query=grad_query,
                                  grad_a=grad_a, grad_inv_2b2=grad_s, transposed=transposed, n_threads=n_threads)
-    engine.run("aligned_backward", call, query.device)
+    engine.run("aligned_backward", call, query.device, *hood_plan(engine, call, table, query.dtype))
     return grad_query, grad_a, grad_s
 
 

@@ -11,7 +11,7 @@ query pixel and of every training position -- tensors a machine computes with to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -191,6 +191,8 @@ class ElementTable:
     hood_weight: Optional[np.ndarray]  # float64 (n_hood,) or None
     resp_ptr: np.ndarray  # int64 (n_rows + 1,)
     resp_elem: np.ndarray  # int32 (n_resp,)
+    # the CPU engine's plans of these arrays (engines.hood_plan), per module and dtype, derived at their first call
+    plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_rows(self) -> int:
