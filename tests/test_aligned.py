@@ -413,3 +413,48 @@ def test_the_table_plan_is_derived_once_and_refused_for_another_table():
     c, _, _ = call(table, torch.float32)
     with pytest.raises(ValueError, match="another element table or dtype"):
         module.aligned_forward_cpu(c, plans[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_empty_neighbourhoods_average_every_image_of_the_group(dtype):
+    """Rows with an empty neighbourhood (a constant pixel's row in a PCA-locality mask), which the CPU engine folds
+    without distances or exponentials: every logit 0, so the output is the group's mean at the response, the largest
+    logit 0, the sum of weights the group's size, the winner its first image and its share 1 / size; over several
+    parts (1,100 images, of which 733 in the queried classes, a short last block), next to rows that are not empty
+    and rows chained from their predecessor."""
+    rng = np.random.default_rng(21)
+    n, size = 1100, 256
+    train = rng.uniform(-1, 1, (n, size))
+    labels = rng.integers(0, 3, n)
+    labels[:5] = 2  # the first images of class 0 come later
+    index = ops.LabelIndex.from_labels(labels)
+    base = chained_table(rows=50, size=size)
+    empty = {0, 1, 7, 30, 31, 32, 49}  # first rows, single ones and a run of them, the last row
+    hp, he = [0], []
+    for r in range(base.n_rows):
+        if r not in empty:
+            he += base.hood_elem[base.hood_ptr[r]:base.hood_ptr[r + 1]].tolist()
+        hp.append(len(he))
+    table = ElementTable(np.array(hp, np.int64), np.array(he, np.int32), None, base.resp_ptr, base.resp_elem)
+    assert max(empty) == table.n_rows - 1
+    qlab = np.array([0, 1])
+    x = rng.uniform(-0.8, 0.8, (2, size))
+    a, inv = np.full(2, 0.3), np.full(2, 0.6)
+    groups = [np.nonzero(labels == q)[0] for q in qlab]
+    out, m, s, best = literal(train, x, a, inv, table, groups)
+    T = torch.as_tensor
+    got, stats, key, share = ops.aligned_softmax(T(train.reshape(n, 1, 16, 16)).to(dtype),
+                                                 T(x.reshape(2, 1, 16, 16)).to(dtype), T(a), T(inv), None, T(qlab),
+                                                 *index.tensors(), *table.tensors(), True, "cpu", 0, 0)
+    _check(got.double().numpy(), out, dtype, "out")
+    rows = sorted(empty)
+    for b, g in enumerate(groups):
+        slot = table.resp_ptr[rows]  # (one response element per row)
+        assert np.allclose(got[b, slot].double().numpy(), train[g][:, table.resp_elem[slot]].mean(0),
+                           atol=1e-12 if dtype == torch.float64 else 1e-6)
+        assert np.all(stats[b, rows, 0].numpy() == 0) and np.all(stats[b, rows, 1].numpy() == len(g))
+        assert np.all(key[b, rows].numpy() == g[0])
+        assert np.allclose(share[b, rows].double().numpy(), 1 / len(g), rtol=1e-6)
+    assert np.allclose(stats[..., 0].numpy(), m, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-6)
+    assert np.allclose(stats[..., 1].numpy(), s, rtol=1e-5 if dtype == torch.float32 else 1e-10)
+    assert np.array_equal(key.numpy(), best)

@@ -618,6 +618,16 @@ void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& 
       // row r - 1's distances and its chain's terms' total, kept where row r is chained
       typename Logits::N prev[Logits::P], acc[Logits::P];
       for (int64_t r = 0; r < nr; ++r) {
+        if (A.hood_ptr[r + 1] == A.hood_ptr[r]) {  // an empty neighbourhood (a constant pixel's row in a PCA
+          // mask): every logit -inv * 0, every weight 1 -- the fold's own values, without its exponentials
+          if (m[r] == -std::numeric_limits<double>::infinity()) {
+            m[r] = -0.0;
+            best[r] = A.grp_img[i0];
+          }
+          sq[r] += tail;
+          for (int64_t e = A.resp_ptr[r]; e < A.resp_ptr[r + 1]; ++e) aq[e] += tail * Phi[A.resp_elem[e]];
+          continue;
+        }
         Logits L;
         const bool runs = by_runs[r] && runs_precise<T>(inv, R.wsum[r], ptot);
         if (!C.any) {  // (no row chained: the row's sums scaled as they are made)

@@ -57,8 +57,8 @@ inline int64_t runs_difference(const int32_t* alo, const int32_t* ahi, int64_t n
 // in [ptr[r], ptr[r + 1]), ascending and disjoint: validate.hpp refuses a table whose rows are not), given each
 // row's cost on its own (`direct`, in vector loads) and an added or dropped element's (`per_element`): a row is
 // chained where its added and dropped elements, with `overhead` loads for the chaining itself, cost less; and none
-// is unless that saves at least `min_saving` of the table's cost (the chains' bookkeeping slows every row).
-// O(runs + chained elements).
+// is unless that saves at least `min_saving` of the table's cost (the chains' bookkeeping slows every row). A row
+// after an empty one is never chained (the engine folds empty rows without distances). O(runs + chained elements).
 inline Chain make_chain(int64_t n_rows, const int64_t* ptr, const int32_t* lo, const int32_t* hi,
                         const std::vector<int64_t>& direct, int64_t per_element, int64_t overhead, double min_saving,
                         int n_threads) {
@@ -75,6 +75,7 @@ inline Chain make_chain(int64_t n_rows, const int64_t* ptr, const int32_t* lo, c
 #pragma omp parallel for num_threads(nt) schedule(static) reduction(+ : total, saved)
   for (int64_t r = 1; r < n_rows; ++r) {
     total += direct[r];
+    if (ptr[r - 1] == ptr[r]) continue;  // (an empty row's distances are not kept for its successor)
     const int64_t na = difference(r, r - 1, nullptr), nd = difference(r - 1, r, nullptr);
     const int64_t cost = per_element * (na + nd) + overhead;
     if (cost >= direct[r]) continue;

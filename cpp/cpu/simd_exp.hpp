@@ -5,6 +5,10 @@
 #include <cmath>
 #include <cstdint>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "patchmosaic/softmax_state.hpp"
 
 namespace patchmosaic {
@@ -50,6 +54,16 @@ inline V exp_nonpos_vec(V x) {
   const float lo = -static_cast<float>(ExpCut<float>::value);
   const V xc = x < lo ? V{} + lo : x;
   const V y = xc * 1.44269504088896341f + 0.5f;
+#if defined(__AVX512F__)
+  if constexpr (sizeof(V) == 64) {  // 16 floats: floor(y) and p 2^n in one instruction each (the same values: y's
+                                    // floor; 2^n is normal for n >= -126, so p 2^n is one rounding of the same product)
+    const V nf = (V)_mm512_roundscale_ps((__m512)y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    V r = xc - nf * 0.693145751953125f;
+    r = r - nf * 1.42860682030941723212e-6f;
+    const V p = exp_poly(r);
+    return x < lo ? V{} : (V)_mm512_scalef_ps((__m512)p, (__m512)nf);
+  }
+#endif
   I n = __builtin_convertvector(y, I);  // truncation toward 0
   V nf = __builtin_convertvector(n, V);
   const I up = nf > y;                  // -1 where truncation rounded up (negative y)
