@@ -406,7 +406,7 @@ def test_the_table_plan_is_derived_once_and_refused_for_another_table():
         module.aligned_forward_cpu(c2)
         assert torch.equal(out, out2) and torch.equal(stats, stats2)
         plans[dtype] = plan
-    assert len(table.plans) == 2
+    assert sum(key[0] == "hood_plan" for key in table.derived) == 2
     c, _, _ = call(other, torch.float32)
     with pytest.raises(ValueError, match="another element table or dtype"):
         module.aligned_forward_cpu(c, plans[torch.float32])
@@ -458,3 +458,28 @@ def test_empty_neighbourhoods_average_every_image_of_the_group(dtype):
     assert np.allclose(stats[..., 0].numpy(), m, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=1e-6)
     assert np.allclose(stats[..., 1].numpy(), s, rtol=1e-5 if dtype == torch.float32 else 1e-10)
     assert np.array_equal(key.numpy(), best)
+
+
+def test_ls_keeps_the_plain_patch_tables_and_their_plans():
+    """LS's plain square patch (no mask, every pixel) is one element table per patch size and canvas, made at the
+    first call and reused (with the engine's plan kept on it), also where that first call runs under a torch.func
+    transform; the outputs equal a fresh machine's for each k, in any order of calls."""
+    import patchmosaic as pm
+    from patchmosaic.ops import aligned
+
+    rng = np.random.default_rng(5)
+    images = rng.uniform(-1, 1, (60, 2, 6, 5))
+    q = torch.as_tensor(rng.uniform(-1, 1, (2, 2, 6, 5)))
+    ls = pm.LS(images)
+    g = torch.func.grad(lambda v: ls.denoise(v, 0.4, 3).square().sum())(q)  # the first call: under a transform
+    assert torch.isfinite(g).all()
+    tables = {}
+    for k in (3, 5, 3, 7, 5):
+        got = ls.denoise(q, 0.4, k)
+        want = pm.LS(images).denoise(q, 0.4, k)
+        assert torch.equal(got, want), k
+        table = ls._plain_rows[(k, 2, 6, 5)]
+        assert tables.setdefault(k, table) is table  # the same tensors at every call with this k
+        element_table = aligned._table(*table[:5], q)
+        assert any(key[0] == "hood_plan" for key in element_table.derived)
+    assert set(ls._plain_rows) == {(3, 2, 6, 5), (5, 2, 6, 5), (7, 2, 6, 5)}

@@ -224,10 +224,10 @@ def hood_plan(engine: Engine, call, table, dtype: torch.dtype) -> tuple:
     derived by the first call on this module and dtype and kept with the table; ``()`` for the CUDA engine."""
     if engine.name != "cpu":
         return ()
-    key = (engine.module.__name__, dtype)
-    plan = table.plans.get(key)
+    key = ("hood_plan", engine.module.__name__, dtype)
+    plan = table.derived.get(key)
     if plan is None:
-        plan = table.plans[key] = engine.module.hood_plan_cpu(call)
+        plan = table.derived[key] = engine.module.hood_plan_cpu(call)
     return (plan,)
 
 

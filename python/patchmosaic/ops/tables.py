@@ -191,8 +191,9 @@ class ElementTable:
     hood_weight: Optional[np.ndarray]  # float64 (n_hood,) or None
     resp_ptr: np.ndarray  # int64 (n_rows + 1,)
     resp_elem: np.ndarray  # int32 (n_resp,)
-    # the CPU engine's plans of these arrays (engines.hood_plan), per module and dtype, derived at their first call
-    plans: dict = field(default_factory=dict, repr=False, compare=False)
+    # values derived from these arrays at their first use and kept with them: the CPU engine's plans
+    # (engines.hood_plan, per module and dtype), the largest weight sum
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_rows(self) -> int:
@@ -241,10 +242,14 @@ class ElementTable:
     def largest_weight_sum(self) -> float:
         """The largest sum of a row's neighbourhood weights (the factor of ``(max|x| + max|train|)^2`` in the
         largest possible distance; ops/checks.py, ``scale``)."""
-        if self.hood_weight is None:
-            return float(np.diff(self.hood_ptr).max(initial=0))
-        total = np.concatenate([[0.0], np.cumsum(self.hood_weight)])
-        return float((total[self.hood_ptr[1:]] - total[self.hood_ptr[:-1]]).max(initial=0.0))
+        if "largest_weight_sum" not in self.derived:
+            if self.hood_weight is None:
+                value = float(np.diff(self.hood_ptr).max(initial=0))
+            else:
+                total = np.concatenate([[0.0], np.cumsum(self.hood_weight)])
+                value = float((total[self.hood_ptr[1:]] - total[self.hood_ptr[:-1]]).max(initial=0.0))
+            self.derived["largest_weight_sum"] = value
+        return self.derived["largest_weight_sum"]
 
     def runs_per_row(self) -> float:
         """The average number of runs (maximal sequences of consecutive elements of one weight) per row: the
