@@ -478,8 +478,74 @@ def test_ls_keeps_the_plain_patch_tables_and_their_plans():
         got = ls.denoise(q, 0.4, k)
         want = pm.LS(images).denoise(q, 0.4, k)
         assert torch.equal(got, want), k
-        table = ls._plain_rows[(k, 2, 6, 5)]
+        table = ls.rows(None, k, None, None, 2, 6, 5)
         assert tables.setdefault(k, table) is table  # the same tensors at every call with this k
         element_table = aligned._table(*table[:5], q)
         assert any(key[0] == "hood_plan" for key in element_table.derived)
-    assert set(ls._plain_rows) == {(3, 2, 6, 5), (5, 2, 6, 5), (7, 2, 6, 5)}
+    assert sorted(ls._kept_rows.keys()) == [(k, 2, 6, 5, "centre") for k in (3, 5, 7)]
+
+
+def test_kept_tables_stay_within_their_budget(monkeypatch):
+    """A sweep over many patch sizes keeps only the most recent tables within the budget of neighbourhood elements,
+    and a table above the budget is not kept; the outputs do not change."""
+    import patchmosaic as pm
+    from patchmosaic.machines.same_position import KeptTables
+
+    rng = np.random.default_rng(6)
+    images = rng.uniform(-1, 1, (30, 1, 8, 8))
+    q = torch.as_tensor(rng.uniform(-1, 1, (1, 1, 8, 8)))
+    ls = pm.LS(images)
+    size = {k: int(ls.rows(None, k, None, None, 1, 8, 8)[1].numel()) for k in (3, 5, 7, 9, 11)}
+    monkeypatch.setattr(KeptTables, "BUDGET", size[9] + size[7])
+    ls = pm.LS(images)
+    for k in (3, 5, 7, 9):
+        assert torch.equal(ls.denoise(q, 0.5, k), pm.LS(images).denoise(q, 0.5, k))
+    assert [key[0] for key in ls._kept_rows.keys()] == [7, 9]  # 3 and 5 went first
+    ls.denoise(q, 0.5, 7)  # used again: now the most recent
+    monkeypatch.setattr(KeptTables, "BUDGET", size[7] + size[3] + 1)
+    ls.denoise(q, 0.5, 3)
+    assert [key[0] for key in ls._kept_rows.keys()] == [7, 3]
+    monkeypatch.setattr(KeptTables, "BUDGET", size[11] - 1)
+    assert torch.equal(ls.denoise(q, 0.5, 11), pm.LS(images).denoise(q, 0.5, 11))
+    assert 11 not in [key[0] for key in ls._kept_rows.keys()]
+
+
+def test_constants_first_made_under_inference_mode_serve_autograd_later():
+    """A machine's kept tables made by a first call under torch.inference_mode() are ordinary tensors: a later call
+    that autograd records works (LS's patch tables, PCA-locality's mask tables)."""
+    import patchmosaic as pm
+
+    rng = np.random.default_rng(7)
+    images = rng.uniform(-1, 1, (40, 1, 6, 6))
+    q = torch.as_tensor(rng.uniform(-1, 1, (1, 1, 6, 6)))
+    for machine, args in ((pm.LS(images), (0.4, 3)), (pm.PCALocality(images, threshold=0.05), (0.4,))):
+        with torch.inference_mode():
+            first = machine.denoise(q, *args)
+        x = q.clone().requires_grad_()
+        out = machine.denoise(x, *args)
+        out.sum().backward()
+        assert torch.equal(out.detach(), first) and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_element_tables_copy_without_their_plans():
+    """copy.deepcopy and dataclasses.replace of a table that carries an engine plan give a table of their own arrays
+    with nothing derived (a replaced weight is not answered from the old table's kept sum)."""
+    import copy
+    import dataclasses
+
+    from patchmosaic.ops import contract, engines
+
+    train, x, a, inv, labels, qlab, index, table = _case(4, True)
+    grp = ops.groups(torch.as_tensor(qlab), *index.tensors(), N, B)
+    tr, q = torch.as_tensor(train), torch.as_tensor(x)
+    out, stats = torch.zeros(B, len(table.resp_elem), dtype=torch.float64), torch.zeros(B, table.n_rows, 2,
+                                                                                          dtype=torch.float64)
+    call = contract.aligned_call(engines._CPU_MODULE, train=tr, query=q, table=table, a=torch.as_tensor(a),
+                                 inv_2b2=torch.as_tensor(inv), groups=grp, out=out, stats=stats)
+    (plan,) = engines.hood_plan(engines.CPU, call, table, torch.float64)
+    first = table.largest_weight_sum()
+    assert len(table.derived) == 2
+    twin = copy.deepcopy(table)
+    assert not twin.derived and np.array_equal(twin.hood_elem, table.hood_elem)
+    heavier = dataclasses.replace(table, hood_weight=table.hood_weight * 5)
+    assert not heavier.derived and heavier.largest_weight_sum() == pytest.approx(5 * first)

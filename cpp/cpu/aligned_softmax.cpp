@@ -16,6 +16,9 @@
 // Forward and backward take a row's distance from prefix sums only where their rounding cannot matter
 // (runs_precise), element by element elsewhere.
 //
+// How each row is summed (its runs, runs or elements, its chain) is the table's HoodPlan, derived once per table and
+// handed to every call on it (hood_plan_cpu; a call without one derives its own).
+//
 // Threads: each group's images (its label's training images) are split into contiguous parts of about kPart
 // images; a part folds its images into its own online softmax states (softmax_state.hpp), threads take parts as
 // they come, and the parts are merged in part order: the result does not depend on the number of threads.
@@ -678,8 +681,9 @@ void fold_part(const AlignedArgs<T>& A, const Runs& R, const std::vector<char>& 
 
 // A table's rows as the passes sum them, derived once per table and T instead of at every call (on PCA-locality's
 // MNIST masks at high noise that took a quarter of a call): every row's runs, which rows are summed by their runs,
-// and the chains; with the buffers and sizes of the table they were derived from, so that a call with another
-// table refuses the plan (plan_of).
+// and the chains. It records the buffers and sizes of the table it was derived from, and a call whose table has
+// other buffers or sizes, or another T, refuses it (plan_of); it holds no reference to them, so it is valid only
+// while those buffers live unchanged: Python keeps it on the ElementTable that owns them (ops/engines.py).
 struct HoodPlan {
   const int64_t* hood_ptr;
   const int32_t* hood_elem;

@@ -58,11 +58,15 @@ def concrete(t) -> float:
 
 def outside_transforms():
     """A context in which tensors are made as constants that no ``torch.func`` transform wraps (a machine's cached
-    tables, its seeded draws): ``torch.func``'s own switch, and nothing under ``torch.compile`` (which traces no
-    transform inside a graph)."""
+    tables, its seeded draws): ``torch.func``'s own switch; and outside inference mode, so that a constant first made
+    under ``torch.inference_mode()`` can serve a later call that autograd records (an inference tensor cannot be saved
+    for backward). Nothing under ``torch.compile`` (which traces no transform inside a graph)."""
     if torch.compiler.is_compiling():
         return contextlib.nullcontext()
-    return torch._C._DisableFuncTorch()
+    both = contextlib.ExitStack()  # (entered here; the `with` statement's exit leaves both)
+    both.enter_context(torch._C._DisableFuncTorch())
+    both.enter_context(torch.inference_mode(False))
+    return both
 
 
 def constant(t: torch.Tensor) -> np.ndarray:

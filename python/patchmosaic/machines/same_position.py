@@ -37,21 +37,6 @@ class SamePosition(Machine):
         row's pixel ``(n_rows,)`` (for provenance). ``t``: the call's time."""
         raise NotImplementedError
 
-    def _call_rows(self, k: int, weights, pixels, C: int, Hq: int, Wq: int):
-        """:meth:`rows` of a call. Those of the plain patch (no mask, every pixel) are kept per patch size and canvas
-        (the last 64), so that the table, and the engine's plan that is kept with it (ops/engines.py, hood_plan), is
-        made once rather than at every call (LS k = 7 on 200 MNIST images: 2.5 of 5.5 ms per call)."""
-        if weights is not None or pixels is not None or torch.compiler.is_compiling():
-            return self.rows(None, k, weights, pixels, C, Hq, Wq)
-        kept = self.__dict__.setdefault("_plain_rows", {})
-        key = (int(k), int(C), int(Hq), int(Wq))
-        if key not in kept:
-            if len(kept) >= 64:
-                kept.clear()
-            with outside_transforms():  # a cached constant: no torch.func transform may wrap it
-                kept[key] = self.rows(None, k, None, None, C, Hq, Wq)
-        return kept[key]
-
     def _local_forward(self, train, xt, a, inv_2b2, t_check, lab, k: int, weights, pixels, provenance: bool, name: str,
                        max_memory: int):
         if name == "triton" and self.rule is not None and type(self).rows is LS.rows and self.centre_response:
@@ -62,7 +47,7 @@ class SamePosition(Machine):
         if weights is not None and weights.dim() == 4 and tuple(weights.shape[:2]) != (Hq, Wq):
             raise ValueError(f"patch_mask holds one mask per pixel of a {weights.shape[0]}x{weights.shape[1]} canvas, "
                              f"but the queries are {Hq}x{Wq}")
-        *table, resp_weight, row_pixel = self._call_rows(k, weights, pixels, C, Hq, Wq)
+        *table, resp_weight, row_pixel = self.rows(None, k, weights, pixels, C, Hq, Wq)
         lv, lp, li = self._label_tensors
         out_rows, _, img, share = ops.aligned_softmax(train, xt, a, inv_2b2, t_check, lab, lv, lp, li, *table,
                                                       provenance, name, self.n_threads, max_memory)
@@ -94,6 +79,39 @@ RESPONSE_ARG = """\
 """
 
 
+class KeptTables:
+    """Element tables of a machine kept for its later calls, the most recently used last, within a budget of
+    neighbourhood elements: a kept table also keeps the checked copy the op makes of it (ops.memo, while its tensors
+    live) and the CPU engine's plan, about 40 bytes per element in all, so a sweep over many patch sizes keeps only
+    the last few (a table above the budget is not kept). Safe to share between threads (a lost race makes a table
+    twice)."""
+
+    BUDGET = 1 << 22  # neighbourhood elements over all kept tables (about 170 MB)
+
+    def __init__(self):
+        self._tables = {}
+
+    def get(self, key, make):
+        """The table kept under ``key``, or ``make()`` (made outside any torch.func transform and inference mode),
+        kept if it fits."""
+        table = self._tables.pop(key, None)
+        if table is None:
+            with outside_transforms():  # a cached constant: no torch.func transform may wrap it
+                table = make()
+        size = int(table[1].numel())
+        if size <= self.BUDGET:
+            self._tables[key] = table  # (the most recent last)
+            while sum(int(v[1].numel()) for v in list(self._tables.values())) > self.BUDGET:
+                self._tables.pop(next(iter(self._tables), None), None)
+        return table
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+    def keys(self):
+        return list(self._tables)
+
+
 class LS(SamePosition):
     __doc__ = """Local score machine (eq. 7-8): each pixel attends to the same location of every training image
     (zero-padded ``k x k`` patches). Queries have the training size. Computed on the same-position engine (each
@@ -118,6 +136,14 @@ class LS(SamePosition):
                          max_memory=max_memory)
 
     def rows(self, t, k, weights, pixels, C, Hq, Wq):
+        if weights is None and pixels is None and not torch.compiler.is_compiling():
+            # the plain patch: its table kept (and the engine's plan with it, ops/engines.py), not made per call
+            key = (int(k), int(C), int(Hq), int(Wq), self.response)
+            return self.__dict__.setdefault("_kept_rows", KeptTables()).get(
+                key, lambda: self._rows(k, None, None, C, Hq, Wq))
+        return self._rows(k, weights, pixels, C, Hq, Wq)
+
+    def _rows(self, k, weights, pixels, C, Hq, Wq):
         w = weights if weights is not None else torch.ones((k, k), dtype=torch.float64)
         if self.centre_response:
             hp, he, hw, rp, re = ops.patch_table(w, C, Hq, Wq, pixels)

@@ -193,11 +193,16 @@ class ElementTable:
     resp_elem: np.ndarray  # int32 (n_resp,)
     # values derived from these arrays at their first use and kept with them: the CPU engine's plans
     # (engines.hood_plan, per module and dtype), the largest weight sum
-    derived: dict = field(default_factory=dict, repr=False, compare=False)
+    derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def n_rows(self) -> int:
         return len(self.hood_ptr) - 1
+
+    def __deepcopy__(self, memo) -> "ElementTable":
+        """A copy of the arrays, without what was derived from them (an engine's plan is not copied)."""
+        return ElementTable(*(None if v is None else v.copy() for v in
+                              (self.hood_ptr, self.hood_elem, self.hood_weight, self.resp_ptr, self.resp_elem)))
 
     def tensors(self) -> List[Optional[torch.Tensor]]:
         """``[hood_ptr, hood_elem, hood_weight, resp_ptr, resp_elem]`` as the op takes them (int64, float64 CPU
