@@ -220,8 +220,9 @@ def aligned_forward(engine: Engine, train, query, table, a, inv_2b2, groups: Gro
 
 
 def hood_plan(engine: Engine, call, table, dtype: torch.dtype) -> tuple:
-    """``(plan,)``: the CPU engine's HoodPlan of ``table`` for ``dtype`` (its rows' runs and chains, cpu/aligned_softmax.cpp),
-    derived by the first call on this module and dtype and kept with the table; ``()`` for the CUDA engine."""
+    """``(plan,)``: the CPU engine's HoodPlan of ``table`` for ``dtype`` (its rows' runs and chains,
+    cpu/aligned_softmax.cpp), derived by the first call on this module and dtype and kept with the table; ``()`` for
+    the CUDA engine."""
     if engine.name != "cpu":
         return ()
     key = ("hood_plan", engine.module.__name__, dtype)
