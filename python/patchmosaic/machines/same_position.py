@@ -105,9 +105,6 @@ class KeptTables:
                 self._tables.pop(next(iter(self._tables), None), None)
         return table
 
-    def __len__(self) -> int:
-        return len(self._tables)
-
     def keys(self):
         return list(self._tables)
 
@@ -132,6 +129,7 @@ class LS(SamePosition):
             response = float(response)
         self.response = response
         self.centre_response = response == "centre"
+        self._kept_rows = KeptTables()  # the plain patch's tables (rows)
         super().__init__(images, labels, xflip=xflip, schedule=schedule, backend=backend, n_threads=n_threads,
                          max_memory=max_memory)
 
@@ -139,8 +137,7 @@ class LS(SamePosition):
         if weights is None and pixels is None and not torch.compiler.is_compiling():
             # the plain patch: its table kept (and the engine's plan with it, ops/engines.py), not made per call
             key = (int(k), int(C), int(Hq), int(Wq), self.response)
-            return self.__dict__.setdefault("_kept_rows", KeptTables()).get(
-                key, lambda: self._rows(k, None, None, C, Hq, Wq))
+            return self._kept_rows.get(key, lambda: self._rows(k, None, None, C, Hq, Wq))
         return self._rows(k, weights, pixels, C, Hq, Wq)
 
     def _rows(self, k, weights, pixels, C, Hq, Wq):
