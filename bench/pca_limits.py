@@ -1,15 +1,17 @@
 """What bounds a warm PCA-locality call on MNIST (issue 25's 20x target), measured on the machine's own masks.
 
-Three questions, each on the Studio's DDIM timesteps (linear betas 1e-4..0.02 over 1000 steps, t = (tau + 1) / 1000)
+Four questions, each on the Studio's DDIM timesteps (linear betas 1e-4..0.02 over 1000 steps, t = (tau + 1) / 1000)
 and MNIST's published threshold 0.005:
 
 1. ``--part significance``: along a 20-step DDIM sample from one seed, the share of (pixel, training image) pairs
    whose logit is within 60 of its pixel's largest (weight above e^-60 of the largest), and the share of blocks of
-   16 images holding at least one. Any pruning that is exact to e^-60 must still compute these.
-2. ``--part plans``: per row, the vector loads of the engine's plan as its cost model counts them (an element 2, a
-   run 4, a chained row's added and dropped elements 2 each plus 8), against plans the engine does not have: the
-   added and dropped elements as horizontal or vertical runs of prefix sums (4 each), and a row chained from the
-   row above (r - W) or other earlier rows as well as from r - 1.
+   16 images holding at least one (a trailing partial block left out). Any pruning that is exact to e^-60 must
+   still compute these.
+2. ``--part plans``: per row, the vector loads of the engine's plan in a simplified form of its cost model (an
+   element 2, a run 4, a chained row's added and dropped elements 2 each plus 8; runs split at image rows; no
+   minimum saving for chains), against plans the engine does not have: the added and dropped elements as
+   horizontal or vertical runs of prefix sums (4 each), and a row chained from the row above (r - W) or other
+   earlier rows as well as from r - 1.
 3. ``--part overhead``: the engine alone (one thread) on a synthetic table of 4 scattered elements per row (N images of
    uniform noise, MNIST's 784 rows): what a row costs besides its distances, per row and block of 16 images.
 4. ``--part bounds``: the share of the Wiener matrix's entries that the Cauchy-Schwarz bound
