@@ -10,8 +10,9 @@ and MNIST's published threshold 0.005:
 2. ``--part plans``: per row, the vector loads of the engine's plan in a simplified form of its cost model (an
    element 2, a run 4, a chained row's added and dropped elements 2 each plus 8; runs split at image rows; no
    minimum saving for chains), against plans the engine does not have: the added and dropped elements as
-   horizontal or vertical runs of prefix sums (4 each), and a row chained from the row above (r - W) or other
-   earlier rows as well as from r - 1.
+   horizontal or vertical runs of prefix sums (4 each), a row chained from the row above (r - W) or other
+   earlier rows as well as from r - 1, and the best any chaining can do: every row summed from whichever row (or on
+   its own) makes the total least, a minimum spanning tree over the rows (scipy).
 3. ``--part overhead``: the engine alone (one thread) on a synthetic table of 4 scattered elements per row (N images of
    uniform noise, MNIST's 784 rows): what a row costs besides its distances, per row and block of 16 images.
 4. ``--part bounds``: the share of the Wiener matrix's entries that the Cauchy-Schwarz bound
@@ -86,7 +87,30 @@ def plan_costs(rows, side: int) -> dict:
             best["five_predecessors"] = min(best["five_predecessors"], by_elements)
         for k in total:
             total[k] += best[k]
+    total["tree"] = tree_cost(rows, side)
     return {k: v / len(rows) for k, v in total.items()}
+
+
+def tree_cost(rows, side: int) -> float:
+    """The least total over rows each summed on its own or from any other row (added and dropped elements): a minimum
+    spanning tree over the rows and a root whose edge to each row is that row's own cost."""
+    from scipy.sparse.csgraph import minimum_spanning_tree
+
+    D = len(rows)
+    M = np.zeros((D, D))  # (PCA-locality: a row per element)
+    for r, S in enumerate(rows):
+        M[r, S] = 1.0
+    sizes = M.sum(1)
+    delta = sizes[:, None] + sizes[None, :] - 2 * (M @ M.T)
+    direct = np.array([min(RUN * len(runs(S, side, False)), EL * len(S)) for S in rows], np.float64)
+    w = np.zeros((D + 1, D + 1))
+    w[:D, :D] = EL * delta + OVERHEAD
+    w[:D, :D][(sizes[:, None] == 0) | (sizes[None, :] == 0)] = np.inf  # an empty row is nobody's predecessor
+    w[D, :D] = w[:D, D] = direct
+    w[w == 0] = 1e-12  # (a zero weight means no edge to scipy)
+    w[np.isinf(w)] = 0
+    np.fill_diagonal(w, 0)
+    return float(minimum_spanning_tree(w).sum())
 
 
 def row_overhead(n: int, per_row: int = 4, repeat: int = 30) -> dict:
