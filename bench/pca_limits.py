@@ -67,11 +67,11 @@ def set_cost(S: np.ndarray, side: int) -> int:
 
 def plan_costs(rows, side: int) -> dict:
     total = {"engine": 0, "delta_runs": 0, "row_above": 0, "five_predecessors": 0}
+    own = np.array([min(RUN * len(runs(S, side, False)), EL * len(S)) for S in rows], np.float64)  # on its own
     for r, S in enumerate(rows):
         if len(S) == 0:
             continue
-        direct = min(RUN * len(runs(S, side, False)), EL * len(S))
-        best = {k: direct for k in total}
+        best = {k: own[r] for k in total}
         for off in (1, 2, side - 1, side, side + 1):
             p = r - off
             if p < 0 or len(rows[p]) == 0:
@@ -87,13 +87,13 @@ def plan_costs(rows, side: int) -> dict:
             best["five_predecessors"] = min(best["five_predecessors"], by_elements)
         for k in total:
             total[k] += best[k]
-    total["tree"] = tree_cost(rows, side)
+    total["tree"] = tree_cost(rows, own)
     return {k: v / len(rows) for k, v in total.items()}
 
 
-def tree_cost(rows, side: int) -> float:
-    """The least total over rows each summed on its own or from any other row (added and dropped elements): a minimum
-    spanning tree over the rows and a root whose edge to each row is that row's own cost."""
+def tree_cost(rows, own: np.ndarray) -> float:
+    """The least total over rows each summed on its own (cost ``own``) or from any other row (added and dropped
+    elements): a minimum spanning tree over the rows and a root whose edge to each row is that row's own cost."""
     from scipy.sparse.csgraph import minimum_spanning_tree
 
     D = len(rows)
@@ -102,11 +102,10 @@ def tree_cost(rows, side: int) -> float:
         M[r, S] = 1.0
     sizes = M.sum(1)
     delta = sizes[:, None] + sizes[None, :] - 2 * (M @ M.T)
-    direct = np.array([min(RUN * len(runs(S, side, False)), EL * len(S)) for S in rows], np.float64)
     w = np.zeros((D + 1, D + 1))
     w[:D, :D] = EL * delta + OVERHEAD
     w[:D, :D][(sizes[:, None] == 0) | (sizes[None, :] == 0)] = np.inf  # an empty row is nobody's predecessor
-    w[D, :D] = w[:D, D] = direct
+    w[D, :D] = w[:D, D] = own
     w[w == 0] = 1e-12  # (a zero weight means no edge to scipy)
     w[np.isinf(w)] = 0
     np.fill_diagonal(w, 0)
@@ -180,12 +179,11 @@ def main():
             rows = [np.sort(he[hp[r] : hp[r + 1]]) for r in range(len(hp) - 1)]
             row["loads_per_row"] = plan_costs(rows, side)
         if "bounds" in parts:
-            L = m._factor(t) @ m._factor(t).T
-            d = torch.diagonal(L).clamp(min=0)
-            dd = torch.where(torch.diagonal(L).abs() < 1e-6, torch.ones_like(d), torch.diagonal(L))
-            M = L / dd[:, None]
+            M = m.matrix(t)  # L with each row divided by its diagonal (by 1 below 1e-6)
+            d = (m._factor(t) ** 2).sum(1)  # L's diagonal
+            dd = torch.where(d.abs() < 1e-6, torch.ones_like(d), d)
             top = M.abs().max()
-            bound = torch.sqrt(d[:, None] * d[None, :]) / dd.abs()[:, None]
+            bound = torch.sqrt(d[:, None] * d[None, :]) / dd[:, None]
             row["mask_share"] = float((M.abs() >= THETA * top).double().mean())
             row["cauchy_schwarz_undecided"] = float((bound >= THETA * top).double().mean())
         print(json.dumps(row), flush=True)

@@ -115,16 +115,16 @@ void register_cpu(py::module_& m) {
   m.def("aligned_forward_cpu", [](const AlignedCall& c, const HoodPlanHandle* h) {
     validate(c, Pass::kForward, Engine::kCpu);
     const HoodPlan* plan = h ? h->plan.get() : nullptr;
-    by_dtype(c, [plan](const auto& A) { aligned_forward_cpu(A, plan); },
-             [plan](const auto& A) { aligned_forward_cpu(A, plan); });
+    const auto run = [plan](const auto& A) { aligned_forward_cpu(A, plan); };
+    by_dtype(c, run, run);
   }, py::arg("call"), py::arg("plan") = nullptr,
      "Same-position machines, forward pass: out, stats and provenance of an AlignedCall (`plan`: its table's "
      "HoodPlan, or None to derive it in the call).");
   m.def("aligned_backward_cpu", [](const AlignedCall& c, const HoodPlanHandle* h) {
     validate(c, Pass::kBackward, Engine::kCpu);
     const HoodPlan* plan = h ? h->plan.get() : nullptr;
-    by_dtype(c, [plan](const auto& A) { aligned_backward_cpu(A, plan); },
-             [plan](const auto& A) { aligned_backward_cpu(A, plan); });
+    const auto run = [plan](const auto& A) { aligned_backward_cpu(A, plan); };
+    by_dtype(c, run, run);
   }, py::arg("call"), py::arg("plan") = nullptr,
      "Same-position machines, backward pass: grad_query, grad_a, grad_inv_2b2 of an AlignedCall.");
   m.def("wiener_mask_max", [](const py::array& L, const Array<double>& U, const Array<double>& w,
