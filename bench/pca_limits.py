@@ -18,6 +18,16 @@ and MNIST's published threshold 0.005:
 4. ``--part bounds``: the share of the Wiener matrix's entries that the Cauchy-Schwarz bound
    ``|L[m, n]| <= sqrt(L[m, m] L[n, n])`` leaves undecided (at or above the threshold): the entries a mask build
    that skips the decided ones would still compute.
+5. ``--part orders``: the same cost model with the elements and the rows in other orders than the image's (a
+   permutation of the pixels, applied once to the training images and each query, leaves the function unchanged
+   and changes which elements form runs; one of the rows changes which row a row is chained from). Each order is a
+   short path through the elements (or rows), each step to the one whose membership over the 20 masks differs
+   least (nearest neighbour, then 2-opt): the total of a table's runs is half the sum of the path's steps'
+   differences plus its ends. One order for all 20 timesteps (one permuted copy of the training images), and as a
+   bound each timestep's own element order. Here runs are not split at image rows (the engine does not split them).
+   Then the engine itself on both orders (one thread, the same call's op arguments with the training images, the
+   query and the table permuted; best of 3 rounds of 30 calls in turns) at six of the noise levels, and the two
+   outputs' largest difference after the rows are put back in order.
 
     python bench/pca_limits.py --n-train 2000 --json bench/results/pca_limits/mnist2000.json
 """
@@ -139,10 +149,146 @@ def row_overhead(n: int, per_row: int = 4, repeat: int = 30) -> dict:
     return {"per_row": per_row, "ms_per_call": ms, "ns_per_row_and_block": 1e6 * ms / (D * -(-n // 16))}
 
 
+def path_order(F: np.ndarray, passes: int = 30) -> np.ndarray:
+    """An order of F's rows (0/1 features) along which consecutive rows differ little: nearest neighbour from the
+    row with fewest ones, then 2-opt (segment reversals) until no reversal shortens the path's Hamming length."""
+    F = F.astype(np.float32)
+    G = F @ F.T
+    size = np.diag(G).copy()
+    H = size[:, None] + size[None, :] - 2 * G
+    n = len(H)
+    order = [int(np.argmin(size))]
+    seen = np.zeros(n, bool)
+    seen[order[0]] = True
+    for _ in range(n - 1):
+        h = np.where(seen, np.inf, H[order[-1]])
+        order.append(int(np.argmin(h)))
+        seen[order[-1]] = True
+    order = np.array(order)
+    for _ in range(passes):
+        improved = False
+        for i in range(1, n - 1):  # reverse order[i .. j]: edges (a, b) and (c, d) become (a, c) and (b, d)
+            a, b, c = order[i - 1], order[i], order[i + 1 :]
+            d = np.append(order[i + 2 :], -1)
+            tail_old = np.where(d >= 0, H[c, np.maximum(d, 0)], 0)
+            tail_new = np.where(d >= 0, H[b, np.maximum(d, 0)], 0)
+            gain = (H[a, b] + tail_old) - (H[a, c] + tail_new)
+            j = int(np.argmax(gain))
+            if gain[j] > 1e-9:
+                order[i : i + 2 + j] = order[i : i + 2 + j][::-1].copy()
+                improved = True
+        if not improved:
+            break
+    return order
+
+
+def flat_runs(v: np.ndarray) -> np.ndarray:
+    """Lengths of the runs of ones of a 0/1 vector (consecutive indices, not split at image rows)."""
+    idx = np.flatnonzero(v)
+    if len(idx) == 0:
+        return np.zeros(0, np.int64)
+    brk = np.flatnonzero(np.diff(idx) != 1)
+    return np.diff(np.concatenate([[0], brk + 1, [len(idx)]]))
+
+
+def ordered_cost(M: np.ndarray, elems: np.ndarray, rows: np.ndarray) -> dict:
+    """Loads per row of mask M (rows x elements, 0/1) with its elements and rows in the given orders: the engine's
+    plan (a row on its own by runs or elements, or chained from the row before by its added and dropped elements),
+    and with the added and dropped elements as runs where cheaper."""
+    A = M[np.ix_(rows, elems)]
+    n_runs = A[:, :1].sum(1) + (A[:, 1:] & ~A[:, :-1]).sum(1)
+    n_el = A.sum(1)
+    own = np.minimum(RUN * n_runs, EL * n_el).astype(np.float64)
+    total = {"engine": own[0], "delta_runs": own[0]}
+    for r in range(1, len(A)):
+        if n_el[r] == 0:
+            continue
+        if n_el[r - 1] == 0:
+            total["engine"] += own[r]
+            total["delta_runs"] += own[r]
+            continue
+        add, drop = A[r] & ~A[r - 1], A[r - 1] & ~A[r]
+        total["engine"] += min(own[r], EL * (add.sum() + drop.sum()) + OVERHEAD)
+        by_runs = sum(int(np.minimum(RUN, EL * flat_runs(v)).sum()) for v in (add, drop)) + OVERHEAD
+        total["delta_runs"] += min(own[r], by_runs)
+    out = {k: v / len(A) for k, v in total.items()}
+    out["runs_per_row"] = float(n_runs.mean())
+    return out
+
+
+def orders_part(masks: list) -> dict:
+    """--part orders over the 20 masks (each rows x elements, 0/1), in the cost model."""
+    D = masks[0].shape[1]
+    ident = np.arange(D)
+    elems = path_order(np.concatenate([M.T for M in masks], 1))  # an element's membership in every row, every t
+    rows = path_order(np.concatenate(masks, 1))
+    plans = {"image": (ident, ident), "elements": (elems, ident), "rows": (ident, rows), "both": (elems, rows)}
+    per_t = []
+    for M in masks:
+        c = {k: ordered_cost(M, e, r) for k, (e, r) in plans.items()}
+        c["own_elements"] = ordered_cost(M, path_order(M.T), ident)
+        per_t.append(c)
+    totals = {k: {m: sum(c[k][m] for c in per_t) for m in ("engine", "delta_runs", "runs_per_row")} for k in per_t[0]}
+    base = totals["image"]["engine"]
+    return {"per_t": per_t, "totals": totals, "orders": (elems, rows),
+            "ratio_to_engine": {k: {m: base / v[m] for m in ("engine", "delta_runs")} for k, v in totals.items()}}
+
+
+def orders_timed(m, x, masks: list, orders: tuple, times=(0.951, 0.801, 0.601, 0.451, 0.301, 0.101)) -> list:
+    """CPU ms per engine call (one thread) on the image's order and on the path orders (elements, rows)."""
+    from patchmosaic import ops
+    from patchmosaic.machines import pca_locality
+
+    torch.set_num_threads(1)
+    elems, rows = (torch.from_numpy(o) for o in orders)
+    D = masks[0].shape[1]
+    inv = torch.empty(D, dtype=torch.int64)
+    inv[elems] = torch.arange(D)
+    op, seen = ops.aligned_softmax, {}
+
+    def spy(*args):
+        seen["args"] = list(args)
+        return op(*args)
+
+    q = torch.randn(1, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    out = []
+    for t in times:
+        pca_locality.ops.aligned_softmax = spy  # (the machine's own call, to take its arguments)
+        try:
+            m.denoise(q, t)
+        finally:
+            pca_locality.ops.aligned_softmax = op
+        A = seen["args"]
+        A[-2] = 1  # n_threads
+        train, xt, hp, he = A[0], A[1], A[9], A[10]
+        assert A[11] is None and torch.equal(A[13], torch.arange(D, dtype=A[13].dtype))  # a row per element
+        hood = [torch.sort(inv[he[hp[r] : hp[r + 1]].long()]).values for r in rows.tolist()]
+        B = list(A)
+        B[0] = train.reshape(len(train), D)[:, elems].contiguous().reshape(train.shape)
+        B[1] = xt.reshape(len(xt), D)[:, elems].contiguous().reshape(xt.shape)
+        B[9] = torch.tensor([0] + [len(h) for h in hood]).cumsum(0)
+        B[10] = torch.cat(hood).to(torch.int32)
+        B[13] = inv[rows].to(torch.int32)
+        back = torch.empty_like(op(*A)[0])
+        back[:, rows] = op(*B)[0]
+        best = {"image": np.inf, "paths": np.inf}
+        for _ in range(3):
+            for name, args in (("image", A), ("paths", B)):
+                c0 = time.process_time()
+                for _ in range(30):
+                    op(*args)
+                best[name] = min(best[name], 1e3 * (time.process_time() - c0) / 30)
+        row = {"t": t, "image_ms": best["image"], "paths_ms": best["paths"], "ratio": best["image"] / best["paths"],
+               "max_difference": float((back - op(*A)[0]).abs().max())}
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--part", default="significance,plans,overhead,bounds")
+    p.add_argument("--part", default="significance,plans,overhead,bounds,orders")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -159,6 +305,7 @@ def main():
     if "overhead" in parts:
         out["overhead"] = row_overhead(args.n_train)
         print(json.dumps(out["overhead"]), flush=True)
+    masks = []
     for k, tau in enumerate(TAUS):
         t = (tau + 1) / 1000
         a, b2 = sched.scalar_coefficients(t)
@@ -178,6 +325,12 @@ def main():
             hp, he = (v.numpy() for v in m.cached_table(t, THETA)[:2])
             rows = [np.sort(he[hp[r] : hp[r + 1]]) for r in range(len(hp) - 1)]
             row["loads_per_row"] = plan_costs(rows, side)
+        if "orders" in parts:
+            hp, he = (v.numpy() for v in m.cached_table(t, THETA)[:2])
+            M = np.zeros((len(hp) - 1, int(np.prod(x.shape[1:]))), bool)
+            for r in range(len(hp) - 1):
+                M[r, he[hp[r] : hp[r + 1]]] = True
+            masks.append(M)
         if "bounds" in parts:
             M = m.matrix(t)  # L with each row divided by its diagonal (by 1 below 1e-6)
             d = (m._factor(t) ** 2).sum(1)  # L's diagonal
@@ -192,6 +345,13 @@ def main():
         tot = {k: sum(r["loads_per_row"][k] for r in out["rows"]) for k in out["rows"][0]["loads_per_row"]}
         out["plans_total_ratio"] = {k: tot["engine"] / v for k, v in tot.items()}
         print("loads, engine / alternative, over the 20 timesteps:", out["plans_total_ratio"])
+    if "orders" in parts:
+        out["orders"] = orders_part(masks)
+        orders = out["orders"].pop("orders")
+        for k, v in out["orders"]["totals"].items():
+            print(f"orders {k}: runs per row {v['runs_per_row'] / len(TAUS):.1f}, loads engine / this",
+                  {m: round(r, 3) for m, r in out["orders"]["ratio_to_engine"][k].items()}, flush=True)
+        out["orders"]["timed"] = orders_timed(m, x, masks, orders)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         tmp = args.json + ".tmp"
