@@ -233,10 +233,11 @@ def orders_part(masks: list) -> dict:
         c = {k: ordered_cost(M, e, r) for k, (e, r) in plans.items()}
         c["own_elements"] = ordered_cost(M, path_order(M.T), ident)
         per_t.append(c)
-    totals = {k: {m: sum(c[k][m] for c in per_t) for m in ("engine", "delta_runs", "runs_per_row")} for k in per_t[0]}
+    sums = ("engine", "delta_runs", "runs_per_row")
+    totals = {k: {s: sum(c[k][s] for c in per_t) for s in sums} for k in per_t[0]}
     base = totals["image"]["engine"]
     return {"per_t": per_t, "totals": totals, "orders": (elems, rows),
-            "ratio_to_engine": {k: {m: base / v[m] for m in ("engine", "delta_runs")} for k, v in totals.items()}}
+            "ratio_to_engine": {k: {s: base / v[s] for s in sums[:2]} for k, v in totals.items()}}
 
 
 def orders_timed(m, x, masks: list, orders: tuple, times=(0.951, 0.801, 0.601, 0.451, 0.301, 0.101)) -> list:
@@ -415,9 +416,10 @@ def main():
     if "orders" in parts:
         out["orders"] = orders_part(masks)
         orders = out["orders"].pop("orders")
-        for k, v in out["orders"]["totals"].items():
-            print(f"orders {k}: runs per row {v['runs_per_row'] / len(TAUS):.1f}, loads engine / this",
-                  {m: round(r, 3) for m, r in out["orders"]["ratio_to_engine"][k].items()}, flush=True)
+        for name, total in out["orders"]["totals"].items():
+            ratios = {plan: round(r, 3) for plan, r in out["orders"]["ratio_to_engine"][name].items()}
+            print(f"orders {name}: runs per row {total['runs_per_row'] / len(TAUS):.1f}, loads engine / this",
+                  ratios, flush=True)
         out["orders"]["timed"] = orders_timed(m, x, masks, orders)
     if "python" in parts:
         out["python"] = python_share(x, sched)
