@@ -187,15 +187,6 @@ def path_order(F: np.ndarray, passes: int = 30) -> np.ndarray:
     return order
 
 
-def flat_runs(v: np.ndarray) -> np.ndarray:
-    """Lengths of the runs of ones of a 0/1 vector (consecutive indices, not split at image rows)."""
-    idx = np.flatnonzero(v)
-    if len(idx) == 0:
-        return np.zeros(0, np.int64)
-    brk = np.flatnonzero(np.diff(idx) != 1)
-    return np.diff(np.concatenate([[0], brk + 1, [len(idx)]]))
-
-
 def ordered_cost(M: np.ndarray, elems: np.ndarray, rows: np.ndarray) -> dict:
     """Loads per row of mask M (rows x elements, 0/1) with its elements and rows in the given orders: the engine's
     plan (a row on its own by runs or elements, or chained from the row before by its added and dropped elements),
@@ -214,7 +205,9 @@ def ordered_cost(M: np.ndarray, elems: np.ndarray, rows: np.ndarray) -> dict:
             continue
         add, drop = A[r] & ~A[r - 1], A[r - 1] & ~A[r]
         total["engine"] += min(own[r], EL * (add.sum() + drop.sum()) + OVERHEAD)
-        by_runs = sum(int(np.minimum(RUN, EL * flat_runs(v)).sum()) for v in (add, drop)) + OVERHEAD
+        # (runs of the whole vector: one "image row" as wide as the table, so none is split)
+        by_runs = sum(int(np.minimum(RUN, EL * runs(np.flatnonzero(v), len(v), False)).sum()) for v in (add, drop))
+        by_runs += OVERHEAD
         total["delta_runs"] += min(own[r], by_runs)
     out = {k: v / len(A) for k, v in total.items()}
     out["runs_per_row"] = float(n_runs.mean())
@@ -275,7 +268,8 @@ def orders_timed(m, x, masks: list, orders: tuple, times=(0.951, 0.801, 0.601, 0
         B[9] = torch.tensor([0] + [len(h) for h in hood]).cumsum(0)
         B[10] = torch.cat(hood).to(torch.int32)
         B[13] = inv[rows].to(torch.int32)
-        back = torch.empty_like(op(*A)[0])
+        ref = op(*A)[0]
+        back = torch.empty_like(ref)
         back[:, rows] = op(*B)[0]
         best = {"image": np.inf, "paths": np.inf}
         for _ in range(3):
@@ -285,7 +279,7 @@ def orders_timed(m, x, masks: list, orders: tuple, times=(0.951, 0.801, 0.601, 0
                     op(*args)
                 best[name] = min(best[name], 1e3 * (time.process_time() - c0) / 30)
         row = {"t": t, "image_ms": best["image"], "paths_ms": best["paths"], "ratio": best["image"] / best["paths"],
-               "max_difference": float((back - op(*A)[0]).abs().max())}
+               "max_difference": float((back - ref).abs().max())}
         print(json.dumps(row), flush=True)
         out.append(row)
     return out
@@ -305,11 +299,12 @@ def python_share(x: np.ndarray, sched, times=(0.001, 0.301, 0.601, 0.951), calls
             inside[0] += time.perf_counter() - c0
 
     q = torch.randn(1, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+    machines = {n: pm.PCALocality(x[:n], threshold=THETA, schedule=sched, n_threads=1) for n in (16, len(x))}
+    small, big = machines[16], machines[len(x)]
     out = []
     engines.Engine.run = timed
     try:
-        for n in (16, len(x)):
-            m = pm.PCALocality(x[:n], threshold=THETA, schedule=sched, n_threads=1)
+        for n, m in machines.items():
             for t in times:
                 m.denoise(q, t)
                 best = None
@@ -326,8 +321,6 @@ def python_share(x: np.ndarray, sched, times=(0.001, 0.301, 0.601, 0.951), calls
                 print(json.dumps(row), flush=True)
                 out.append(row)
         sweep = np.zeros(8 << 20, np.float32)
-        big = pm.PCALocality(x, threshold=THETA, schedule=sched, n_threads=1)
-        small = pm.PCALocality(x[:16], threshold=THETA, schedule=sched, n_threads=1)
         for t in times:
             big.denoise(q, t)
             small.denoise(q, t)
@@ -389,12 +382,12 @@ def main():
             if k + 1 < len(TAUS):
                 a1, b21 = sched.scalar_coefficients((TAUS[k + 1] + 1) / 1000)
                 xt = a1 * x0 + np.sqrt(b21) * (xt - a * x0) / np.sqrt(b2)
-        if "plans" in parts:
+        if "plans" in parts or "orders" in parts:
             hp, he = (v.numpy() for v in m.cached_table(t, THETA)[:2])
+        if "plans" in parts:
             rows = [np.sort(he[hp[r] : hp[r + 1]]) for r in range(len(hp) - 1)]
             row["loads_per_row"] = plan_costs(rows, side)
         if "orders" in parts:
-            hp, he = (v.numpy() for v in m.cached_table(t, THETA)[:2])
             M = np.zeros((len(hp) - 1, int(np.prod(x.shape[1:]))), bool)
             for r in range(len(hp) - 1):
                 M[r, he[hp[r] : hp[r + 1]]] = True
