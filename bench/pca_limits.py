@@ -49,18 +49,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import patchmosaic as pm  # noqa: E402
+from vs_studio import raw_images, studio_schedule  # noqa: E402
 
-SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared")
 THETA = 0.005
 EL, RUN, OVERHEAD = 2, 4, 8  # the engine's cost model (aligned_softmax.cpp: chain_rows), in vector loads
 TAUS = list(range(950, -1, -50))
-
-
-def studio_schedule():
-    ac = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
-    grid = (np.arange(1000) + 1) / 1000.0
-    return pm.schedules.FromCallable(lambda t: np.interp(np.asarray(t, np.float64), grid, ac), name="studio_ddim")
 
 
 def runs(S: np.ndarray, side: int, vertical: bool) -> np.ndarray:
@@ -354,9 +349,8 @@ def main():
     p.add_argument("--json", default=None)
     args = p.parse_args()
     parts = args.part.split(",")
-    x = np.load(os.path.join(SHARED, "data", "mnist.npz"))["x_train"][: args.n_train][:, None]
-    x = (x.astype(np.float32) / 255.0 - 0.5) * 2
-    sched = studio_schedule()
+    x = raw_images("mnist", args.n_train)
+    sched = studio_schedule(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))  # the Studio's linear betas
     m = pm.PCALocality(x, threshold=THETA, schedule=sched)
     side = x.shape[-1]
     out = {"command": " ".join(["bench/pca_limits.py"] + sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
