@@ -1,6 +1,6 @@
 """What bounds a warm PCA-locality call on MNIST (issue 25's 20x target), measured on the machine's own masks.
 
-Four questions, each on the Studio's DDIM timesteps (linear betas 1e-4..0.02 over 1000 steps, t = (tau + 1) / 1000)
+Seven questions, each on the Studio's DDIM timesteps (linear betas 1e-4..0.02 over 1000 steps, t = (tau + 1) / 1000)
 and MNIST's published threshold 0.005:
 
 1. ``--part significance``: along a 20-step DDIM sample from one seed, the share of (pixel, training image) pairs
@@ -33,6 +33,12 @@ and MNIST's published threshold 0.005:
    the same Python code, next to an engine call that has just passed every image through the caches; and the
    16-image call timed alone, right after an untimed call on all the images, and right after a sweep over 32 MB of
    memory (no engine call).
+7. ``--part blank``: MNIST's background. Where all 16 images of a block equal the background (each pixel's most
+   common value: -1 on MNIST) on a row's neighbourhood and its centre, their logits and responses are equal and known
+   before the call, and the block could skip that row. The share of (row, block) pairs that are blank, as counted
+   and weighted by the row's cost in the engine's model (its elements or runs, whichever is fewer loads, plus the
+   chain overhead), in the image order and in a clustered order (recursive bisection of the images' ink by its
+   leading principal direction into blocks of 16).
 
     python bench/pca_limits.py --n-train 2000 --json bench/results/pca_limits/mnist2000.json
 """
@@ -280,6 +286,42 @@ def orders_timed(m, x, masks: list, orders: tuple, times=(0.951, 0.801, 0.601, 0
     return out
 
 
+def cluster_order(F: np.ndarray, size: int = 16) -> np.ndarray:
+    """Images ordered so that each block of ``size`` holds similar rows of F: split by the leading principal
+    direction at a multiple of ``size`` near the middle, recursively."""
+    def split(idx):
+        if len(idx) <= size:
+            return [idx]
+        X = F[idx].astype(np.float64)
+        X -= X.mean(0)
+        v = np.linalg.svd(X, full_matrices=False)[2][0]
+        o = idx[np.argsort(X @ v, kind="stable")]
+        h = max(size, len(o) // (2 * size) * size)
+        return split(o[:h]) + split(o[h:])
+
+    return np.concatenate(split(np.arange(len(F))))
+
+
+def blank_shares(ink: np.ndarray, hp: np.ndarray, he: np.ndarray, side: int, orders: dict) -> dict:
+    """Per order: the share of (row, full block of 16) pairs whose images show no ink on the row's neighbourhood and
+    centre, counted and weighted by the row's modelled loads."""
+    D = len(hp) - 1
+    S = np.zeros((D, ink.shape[1]), np.float32)
+    cost = np.zeros(D)
+    for r in range(D):
+        h = np.sort(he[hp[r] : hp[r + 1]])
+        S[r, h] = 1.0
+        S[r, r] = 1.0  # the centre: the response
+        cost[r] = min(RUN * len(runs(h, side, False)), EL * len(h)) + OVERHEAD if len(h) else 0.0
+    out = {}
+    for name, o in orders.items():
+        nb = len(o) // 16
+        blank = (ink[o[: nb * 16]].astype(np.float32) @ S.T) == 0  # (images, rows)
+        per_block = blank.reshape(nb, 16, D).all(1)  # (blocks, rows)
+        out[name] = {"blocks": float(per_block.mean()), "weighted": float((per_block * cost).sum() / (nb * cost.sum()))}
+    return out
+
+
 def python_share(x: np.ndarray, sched, times=(0.001, 0.301, 0.601, 0.951), calls: int = 300) -> list:
     """Per warm call: wall ms of ``denoise`` and of the compiled engine call inside it, on 16 images and on all."""
     from patchmosaic.ops import engines
@@ -344,7 +386,7 @@ def python_share(x: np.ndarray, sched, times=(0.001, 0.301, 0.601, 0.951), calls
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--part", default="significance,plans,overhead,bounds,orders,python")
+    p.add_argument("--part", default="significance,plans,overhead,bounds,orders,python,blank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -361,6 +403,12 @@ def main():
         out["overhead"] = row_overhead(args.n_train)
         print(json.dumps(out["overhead"]), flush=True)
     masks = []
+    if "blank" in parts:
+        flat = x.reshape(len(x), -1)
+        background = np.array([(lambda v, n: v[n.argmax()])(*np.unique(c, return_counts=True)) for c in flat.T])
+        ink = flat != background
+        blank_orders = {"image": np.arange(len(x)), "clustered": cluster_order(ink)}
+        out["background_values"] = sorted(set(background.tolist()))
     for k, tau in enumerate(TAUS):
         t = (tau + 1) / 1000
         a, b2 = sched.scalar_coefficients(t)
@@ -376,7 +424,7 @@ def main():
             if k + 1 < len(TAUS):
                 a1, b21 = sched.scalar_coefficients((TAUS[k + 1] + 1) / 1000)
                 xt = a1 * x0 + np.sqrt(b21) * (xt - a * x0) / np.sqrt(b2)
-        if "plans" in parts or "orders" in parts:
+        if "plans" in parts or "orders" in parts or "blank" in parts:
             hp, he = (v.numpy() for v in m.cached_table(t, THETA)[:2])
         if "plans" in parts:
             rows = [np.sort(he[hp[r] : hp[r + 1]]) for r in range(len(hp) - 1)]
@@ -386,6 +434,8 @@ def main():
             for r in range(len(hp) - 1):
                 M[r, he[hp[r] : hp[r + 1]]] = True
             masks.append(M)
+        if "blank" in parts:
+            row["blank_row_blocks"] = blank_shares(ink, hp, he, side, blank_orders)
         if "bounds" in parts:
             M = m.matrix(t)  # L with each row divided by its diagonal (by 1 below 1e-6)
             d = (m._factor(t) ** 2).sum(1)  # L's diagonal
@@ -400,6 +450,10 @@ def main():
         tot = {k: sum(r["loads_per_row"][k] for r in out["rows"]) for k in out["rows"][0]["loads_per_row"]}
         out["plans_total_ratio"] = {k: tot["engine"] / v for k, v in tot.items()}
         print("loads, engine / alternative, over the 20 timesteps:", out["plans_total_ratio"])
+    if "blank" in parts:
+        for name in blank_orders:
+            print(f"blank {name}: (row, block) pairs", [round(r["blank_row_blocks"][name]["blocks"], 3) for r in out["rows"]],
+                  "weighted", [round(r["blank_row_blocks"][name]["weighted"], 3) for r in out["rows"]], flush=True)
     if "orders" in parts:
         out["orders"] = orders_part(masks)
         orders = out["orders"].pop("orders")
