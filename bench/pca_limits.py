@@ -81,9 +81,21 @@ def set_cost(S: np.ndarray, side: int) -> int:
     return min(int(np.minimum(RUN, EL * runs(S, side, v)).sum()) for v in (False, True))
 
 
+def own_cost(S: np.ndarray, side: int) -> int:
+    """A row's loads summed on its own: its runs of prefix sums or its elements, whichever is fewer."""
+    return min(RUN * len(runs(S, side, False)), EL * len(S))
+
+
+def table_matrix(hp: np.ndarray, he: np.ndarray, n_elements: int) -> np.ndarray:
+    """The element table as a (rows, elements) 0/1 matrix: row r holds its neighbourhood's elements."""
+    M = np.zeros((len(hp) - 1, n_elements), bool)
+    M[np.repeat(np.arange(len(hp) - 1), np.diff(hp)), he[: hp[-1]]] = True
+    return M
+
+
 def plan_costs(rows, side: int) -> dict:
     total = {"engine": 0, "delta_runs": 0, "row_above": 0, "five_predecessors": 0}
-    own = np.array([min(RUN * len(runs(S, side, False)), EL * len(S)) for S in rows], np.float64)  # on its own
+    own = np.array([own_cost(S, side) for S in rows], np.float64)
     for r, S in enumerate(rows):
         if len(S) == 0:
             continue
@@ -302,17 +314,17 @@ def cluster_order(F: np.ndarray, size: int = 16) -> np.ndarray:
     return np.concatenate(split(np.arange(len(F))))
 
 
-def blank_shares(ink: np.ndarray, hp: np.ndarray, he: np.ndarray, side: int, orders: dict) -> dict:
-    """Per order: the share of (row, full block of 16) pairs whose images show no ink on the row's neighbourhood and
-    centre, counted and weighted by the row's modelled loads."""
-    D = len(hp) - 1
-    S = np.zeros((D, ink.shape[1]), np.float32)
-    cost = np.zeros(D)
-    for r in range(D):
-        h = np.sort(he[hp[r] : hp[r + 1]])
-        S[r, h] = 1.0
-        S[r, r] = 1.0  # the centre: the response
-        cost[r] = min(RUN * len(runs(h, side, False)), EL * len(h)) + OVERHEAD if len(h) else 0.0
+def most_common(values: np.ndarray) -> float:
+    v, n = np.unique(values, return_counts=True)
+    return v[n.argmax()]
+
+
+def blank_shares(ink: np.ndarray, M: np.ndarray, side: int, orders: dict) -> dict:
+    """Per order: the share of (row, full block of 16) pairs whose images show no ink on the row's neighbourhood (M:
+    table_matrix) and centre, counted and weighted by the row's modelled loads."""
+    D = len(M)
+    S = (M | np.eye(D, M.shape[1], dtype=bool)).astype(np.float32)  # the centre: the response
+    cost = np.array([own_cost(np.flatnonzero(h), side) + OVERHEAD if h.any() else 0.0 for h in M])
     out = {}
     for name, o in orders.items():
         nb = len(o) // 16
@@ -405,7 +417,7 @@ def main():
     masks = []
     if "blank" in parts:
         flat = x.reshape(len(x), -1)
-        background = np.array([(lambda v, n: v[n.argmax()])(*np.unique(c, return_counts=True)) for c in flat.T])
+        background = np.array([most_common(c) for c in flat.T])
         ink = flat != background
         blank_orders = {"image": np.arange(len(x)), "clustered": cluster_order(ink)}
         out["background_values"] = sorted(set(background.tolist()))
@@ -429,13 +441,12 @@ def main():
         if "plans" in parts:
             rows = [np.sort(he[hp[r] : hp[r + 1]]) for r in range(len(hp) - 1)]
             row["loads_per_row"] = plan_costs(rows, side)
+        if "orders" in parts or "blank" in parts:
+            M = table_matrix(hp, he, int(np.prod(x.shape[1:])))
         if "orders" in parts:
-            M = np.zeros((len(hp) - 1, int(np.prod(x.shape[1:]))), bool)
-            for r in range(len(hp) - 1):
-                M[r, he[hp[r] : hp[r + 1]]] = True
             masks.append(M)
         if "blank" in parts:
-            row["blank_row_blocks"] = blank_shares(ink, hp, he, side, blank_orders)
+            row["blank_row_blocks"] = blank_shares(ink, M, side, blank_orders)
         if "bounds" in parts:
             M = m.matrix(t)  # L with each row divided by its diagonal (by 1 below 1e-6)
             d = (m._factor(t) ** 2).sum(1)  # L's diagonal
@@ -452,8 +463,9 @@ def main():
         print("loads, engine / alternative, over the 20 timesteps:", out["plans_total_ratio"])
     if "blank" in parts:
         for name in blank_orders:
-            print(f"blank {name}: (row, block) pairs", [round(r["blank_row_blocks"][name]["blocks"], 3) for r in out["rows"]],
-                  "weighted", [round(r["blank_row_blocks"][name]["weighted"], 3) for r in out["rows"]], flush=True)
+            shares = [r["blank_row_blocks"][name] for r in out["rows"]]
+            print(f"blank {name}: (row, block) pairs", [round(b["blocks"], 3) for b in shares],
+                  "weighted", [round(b["weighted"], 3) for b in shares], flush=True)
     if "orders" in parts:
         out["orders"] = orders_part(masks)
         orders = out["orders"].pop("orders")
