@@ -1,6 +1,6 @@
 """What bounds a warm PCA-locality call on MNIST (issue 25's 20x target), measured on the machine's own masks.
 
-Seven questions, each on the Studio's DDIM timesteps (linear betas 1e-4..0.02 over 1000 steps, t = (tau + 1) / 1000)
+Eight questions, each on the Studio's DDIM timesteps (linear betas 1e-4..0.02 over 1000 steps, t = (tau + 1) / 1000)
 and MNIST's published threshold 0.005:
 
 1. ``--part significance``: along a 20-step DDIM sample from one seed, the share of (pixel, training image) pairs
@@ -39,6 +39,13 @@ and MNIST's published threshold 0.005:
    and weighted by the row's cost in the engine's model (its elements or runs, whichever is fewer loads, plus the
    chain overhead), in the image order and in a clustered order (recursive bisection of the images' ink by its
    leading principal direction into blocks of 16).
+8. ``--part ink``: the same distances summed per image over its ink only. A row's distance to image i is the
+   background's distance (the same for every image, so it cancels in the softmax) plus, over i's ink elements q in
+   the row's neighbourhood, (x_q - y_iq)^2 - (x_q - c_q)^2 (c_q: the background). Summed per image and element q
+   into every row whose neighbourhood holds q, in float64 vectors of 8 rows, it costs one vector addition per (image,
+   ink element, group of 8 rows that holds it): counted against the engine's modelled loads (an element 2 per 16
+   images, as in ``--part plans``) with each addition as 1 (the accumulator in a register: the idea's best case) and
+   as 2 (its load and store), and the best of the two forms chosen per timestep.
 
     python bench/pca_limits.py --n-train 2000 --json bench/results/pca_limits/mnist2000.json
 """
@@ -334,6 +341,14 @@ def blank_shares(ink: np.ndarray, M: np.ndarray, side: int, orders: dict) -> dic
     return out
 
 
+def ink_loads(ink: np.ndarray, M: np.ndarray) -> float:
+    """Vector additions per call of the ink-only sums: per (image, ink element q), the groups of 8 rows (float64
+    lanes) that hold q in their neighbourhood (M: table_matrix, rows by elements)."""
+    D = len(M)
+    groups = np.pad(M, ((0, -D % 8), (0, 0))).reshape(-1, 8, M.shape[1]).any(1).sum(0)  # per element
+    return float((ink.astype(np.int64) @ groups).sum())
+
+
 def python_share(x: np.ndarray, sched, times=(0.001, 0.301, 0.601, 0.951), calls: int = 300) -> list:
     """Per warm call: wall ms of ``denoise`` and of the compiled engine call inside it, on 16 images and on all."""
     from patchmosaic.ops import engines
@@ -415,12 +430,13 @@ def main():
         out["overhead"] = row_overhead(args.n_train)
         print(json.dumps(out["overhead"]), flush=True)
     masks = []
-    if "blank" in parts:
+    if "blank" in parts or "ink" in parts:
         flat = x.reshape(len(x), -1)
         background = np.array([most_common(c) for c in flat.T])
         ink = flat != background
-        blank_orders = {"image": np.arange(len(x)), "clustered": cluster_order(ink)}
         out["background_values"] = sorted(set(background.tolist()))
+    if "blank" in parts:
+        blank_orders = {"image": np.arange(len(x)), "clustered": cluster_order(ink)}
     for k, tau in enumerate(TAUS):
         t = (tau + 1) / 1000
         a, b2 = sched.scalar_coefficients(t)
@@ -436,15 +452,18 @@ def main():
             if k + 1 < len(TAUS):
                 a1, b21 = sched.scalar_coefficients((TAUS[k + 1] + 1) / 1000)
                 xt = a1 * x0 + np.sqrt(b21) * (xt - a * x0) / np.sqrt(b2)
-        if "plans" in parts or "orders" in parts or "blank" in parts:
+        if "plans" in parts or "orders" in parts or "blank" in parts or "ink" in parts:
             hp, he = (v.numpy() for v in m.cached_table(t, THETA)[:2])
-        if "plans" in parts:
+        if "plans" in parts or "ink" in parts:
             rows = [np.sort(he[hp[r] : hp[r + 1]]) for r in range(len(hp) - 1)]
             row["loads_per_row"] = plan_costs(rows, side)
-        if "orders" in parts or "blank" in parts:
+        if "orders" in parts or "blank" in parts or "ink" in parts:
             M = table_matrix(hp, he, int(np.prod(x.shape[1:])))
         if "orders" in parts:
             masks.append(M)
+        if "ink" in parts:
+            engine = row["loads_per_row"]["engine"] * len(rows) * (len(x) // 16)
+            row["ink"] = {"ink_share": float(ink.mean()), "engine_loads": engine, "ink_additions": ink_loads(ink, M)}
         if "blank" in parts:
             row["blank_row_blocks"] = blank_shares(ink, M, side, blank_orders)
         if "bounds" in parts:
@@ -466,6 +485,17 @@ def main():
             shares = [r["blank_row_blocks"][name] for r in out["rows"]]
             print(f"blank {name}: (row, block) pairs", [round(b["blocks"], 3) for b in shares],
                   "weighted", [round(b["weighted"], 3) for b in shares], flush=True)
+    if "ink" in parts:
+        eng = np.array([r["ink"]["engine_loads"] for r in out["rows"]])
+        add = np.array([r["ink"]["ink_additions"] for r in out["rows"]])
+        out["ink_total_ratio"] = {}
+        for w in (1, 2):  # an addition with its accumulator in a register / loaded and stored
+            out["ink_total_ratio"][f"weight_{w}"] = {"engine_over_ink": float(eng.sum() / (w * add).sum()),
+                                                     "engine_over_best_per_t": float(eng.sum() /
+                                                                                     np.minimum(eng, w * add).sum())}
+        print("ink: engine loads / ink-only additions per timestep:", [round(float(v), 2) for v in eng / add],
+              flush=True)
+        print("ink: engine loads / ink-only additions over the 20 timesteps:", out["ink_total_ratio"], flush=True)
     if "orders" in parts:
         out["orders"] = orders_part(masks)
         orders = out["orders"].pop("orders")
