@@ -413,11 +413,11 @@ def python_share(x: np.ndarray, sched, times=(0.001, 0.301, 0.601, 0.951), calls
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n-train", type=int, default=2000)
-    p.add_argument("--part", default="significance,plans,overhead,bounds,orders,python,blank")
+    p.add_argument("--part", default="significance,plans,overhead,bounds,orders,python,blank,ink")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    parts = args.part.split(",")
+    parts = set(args.part.split(","))
     x = raw_images("mnist", args.n_train)
     sched = studio_schedule(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))  # the Studio's linear betas
     m = pm.PCALocality(x, threshold=THETA, schedule=sched)
@@ -430,11 +430,12 @@ def main():
         out["overhead"] = row_overhead(args.n_train)
         print(json.dumps(out["overhead"]), flush=True)
     masks = []
-    if "blank" in parts or "ink" in parts:
+    if parts & {"blank", "ink"}:
         flat = x.reshape(len(x), -1)
         background = np.array([most_common(c) for c in flat.T])
         ink = flat != background
         out["background_values"] = sorted(set(background.tolist()))
+        out["ink_share"] = float(ink.mean())
     if "blank" in parts:
         blank_orders = {"image": np.arange(len(x)), "clustered": cluster_order(ink)}
     for k, tau in enumerate(TAUS):
@@ -452,18 +453,18 @@ def main():
             if k + 1 < len(TAUS):
                 a1, b21 = sched.scalar_coefficients((TAUS[k + 1] + 1) / 1000)
                 xt = a1 * x0 + np.sqrt(b21) * (xt - a * x0) / np.sqrt(b2)
-        if "plans" in parts or "orders" in parts or "blank" in parts or "ink" in parts:
+        if parts & {"plans", "orders", "blank", "ink"}:
             hp, he = (v.numpy() for v in m.cached_table(t, THETA)[:2])
-        if "plans" in parts or "ink" in parts:
+        if parts & {"plans", "ink"}:
             rows = [np.sort(he[hp[r] : hp[r + 1]]) for r in range(len(hp) - 1)]
             row["loads_per_row"] = plan_costs(rows, side)
-        if "orders" in parts or "blank" in parts or "ink" in parts:
+        if parts & {"orders", "blank", "ink"}:
             M = table_matrix(hp, he, int(np.prod(x.shape[1:])))
         if "orders" in parts:
             masks.append(M)
         if "ink" in parts:
             engine = row["loads_per_row"]["engine"] * len(rows) * (len(x) // 16)
-            row["ink"] = {"ink_share": float(ink.mean()), "engine_loads": engine, "ink_additions": ink_loads(ink, M)}
+            row["ink"] = {"engine_loads": engine, "ink_additions": ink_loads(ink, M)}
         if "blank" in parts:
             row["blank_row_blocks"] = blank_shares(ink, M, side, blank_orders)
         if "bounds" in parts:
