@@ -740,15 +740,34 @@ def test_ctrl_c_exits_130_saying_what_was_saved(tmp_path, tiny, capsys, monkeypa
         capsys.readouterr().err
 
 
+def _as_from_a_terminal():
+    """A child's SIGINT as a terminal's Ctrl-C finds it: a shell without job control starts background jobs with
+    SIGINT ignored, the suite's children inherit that, and Python installs no KeyboardInterrupt where SIGINT is
+    ignored at start-up (the command then runs on, rightly: it was started to ignore Ctrl-C)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _interrupted(cmd, env, delay):
+    """Run cmd, send it SIGINT after `delay` seconds; its exit code and stderr (the child killed if it outlives
+    the check, so that a failure leaves no process behind)."""
+    p = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=_as_from_a_terminal)
+    try:
+        time.sleep(delay)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    return p.returncode, err
+
+
 def test_a_real_ctrl_c_stops_the_command_with_one_line(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), OMP_NUM_THREADS="1")
-    p = subprocess.Popen([sys.executable, "-m", "patchmosaic", "sample", "--steps", "400", "--samples", "8", "--quiet",
-                          "--out", str(tmp_path / "s.png")], env=env, stderr=subprocess.PIPE, text=True)
-    time.sleep(5)
-    p.send_signal(signal.SIGINT)
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and err.strip() == "patchmosaic sample: interrupted; nothing was written (the files " \
-                                                  "are written at the end)", err
+    rc, err = _interrupted([sys.executable, "-m", "patchmosaic", "sample", "--steps", "400", "--samples", "8",
+                            "--quiet", "--out", str(tmp_path / "s.png")], env, 5)
+    assert rc == 130 and err.strip() == "patchmosaic sample: interrupted; nothing was written (the files " \
+                                        "are written at the end)", err
     assert not (tmp_path / "s.png").exists()
 
 
