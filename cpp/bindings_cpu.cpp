@@ -8,6 +8,7 @@
 #include <string>
 
 #include "bind_contract.hpp"
+#include "cpu/threads.hpp"
 #include "patchmosaic/engines.hpp"
 #include "patchmosaic/validate.hpp"
 
@@ -71,9 +72,29 @@ WienerMaskArgs wiener_args(const py::array& L, const Array<double>& U, const Arr
   return A;
 }
 
+// The CPU engine's stop poll (threads.hpp), on the thread that made the call: where that is Python's main thread
+// (the only one that runs signal handlers; elsewhere the GIL is not taken and the answer is no), the pending signal
+// handlers run, and one that raises -- Ctrl-C's KeyboardInterrupt -- stops the call, its exception left set for the
+// translator below to hand on.
+unsigned long python_main_thread = 0;
+bool python_asks_stop() {
+  if (PyThread_get_thread_ident() != python_main_thread) return false;
+  py::gil_scoped_acquire gil;
+  return PyErr_CheckSignals() != 0;
+}
+
 }  // namespace
 
 void register_cpu(py::module_& m) {
+  python_main_thread = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
+  stop_poll().store(&python_asks_stop);
+  py::register_local_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const StopRequested& e) {  // the signal handler's exception, else (none set) a KeyboardInterrupt
+      if (!PyErr_Occurred()) PyErr_SetString(PyExc_KeyboardInterrupt, e.what());
+    }
+  });
   m.def("local_forward_cpu", [](const LocalCall& c) {
     validate(c, Pass::kForward, Engine::kCpu);
     by_dtype(c, local_forward_cpu<float>, local_forward_cpu<double>);

@@ -771,6 +771,44 @@ def test_a_real_ctrl_c_stops_the_command_with_one_line(tmp_path):
     assert not (tmp_path / "s.png").exists()
 
 
+@pytest.mark.parametrize("machine", ["ELS", "LS"])
+def test_ctrl_c_stops_a_long_cpu_engine_call_early(machine):
+    """A Ctrl-C inside one long compiled call (the patch engine: ELS; the same-position one: LS) stops it between
+    work items, not when the call ends: the call's thread asks Python's signal handlers every 50 ms. The signal comes
+    a quarter of the way into a call measured beforehand; the interrupted call must end before three quarters of
+    it (one thread; the same-position engine's items are parts of 512 images, an eighth of this call each). The
+    machine answers the same afterwards, bit for bit."""
+    import threading
+
+    x = np.tile(IMGS[:, :, :12, :12], (-(-4096 // len(IMGS)), 1, 1, 1))[:4096].astype(np.float32)
+    m = getattr(pm, machine)(x)
+    q = torch.from_numpy(np.random.default_rng(3).uniform(-1, 1, (4, 1, 12, 12)).astype(np.float32))
+    small = m.denoise(q[:1], 0.5, k=3)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)  # (as a terminal's Ctrl-C finds it)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        while True:  # a call long enough for the clock's and the timer's resolution
+            t0 = time.perf_counter()
+            m.denoise(q, 0.9, k=11)
+            full = time.perf_counter() - t0
+            if full >= 0.4 or len(q) >= 256:
+                break
+            q = torch.cat([q, q])
+        timer = threading.Timer(full / 4, os.kill, (os.getpid(), signal.SIGINT))
+        t0 = time.perf_counter()
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            m.denoise(q, 0.9, k=11)
+        took = time.perf_counter() - t0
+        timer.join()
+    finally:
+        torch.set_num_threads(threads)
+        signal.signal(signal.SIGINT, old)
+    assert took < 0.75 * full, (took, full)
+    assert torch.equal(m.denoise(q[:1], 0.5, k=3), small)
+
+
 # ------------------------------------------------------------------ issue 28: what the hostile campaign found
 def test_what_the_campaign_found(tmp_path):
     """bench/hostile_campaign.py's defects, each now a clear error or a correct result (see bench/RESULTS.md 11)."""
