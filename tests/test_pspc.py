@@ -322,11 +322,17 @@ def test_per_step_p_even_sizes_and_calibration():
         x0 = target.denoise(xt.double(), t.double(), 4)
         return ((xt - a[:, None, None, None] * x0) / torch.sqrt(b2)[:, None, None, None]).float()
 
-    c = calibrate(net, m, torch.randn(2, C, H, W), candidates=(2, 3, 4, 5), steps=4, progress=False)
+    seeds = torch.randn(2, C, H, W, generator=torch.Generator().manual_seed(5))
+    c = calibrate(net, m, seeds, candidates=(2, 3, 4, 5), steps=4, progress=False)
     assert c.schedule.odd is False and set(c.schedule.ks) <= {2, 3, 4, 5}
-    for i in range(4):  # where the candidates' outputs differ, the network's own p wins
-        if np.ptp(c.cosine[i], axis=1).min() > 1e-4:
-            assert np.all(c.choices[i] == 4), (i, c.cosine[i])
+    # the network's own p is never behind another candidate (beyond the float32 network's rounding), and wins
+    # wherever it is ahead of all others; elsewhere p = 5 can tie it (both reproduce one training image at low
+    # noise: for about 1 in 8 seeds at the last step)
+    own = c.cosine[:, :, 2]
+    others = np.delete(c.cosine, 2, axis=2).max(2)
+    assert np.all(own >= others - 1e-6), c.cosine
+    ahead = own > others + 1e-6
+    assert ahead.sum() >= 4 and np.all(c.choices[ahead] == 4), (c.choices, c.cosine)
     assert np.ptp(c.cosine, axis=2).max() > 1e-4
     cd = calibrate(net, m, torch.randn(1, C, H, W), k_max=3, steps=1, progress=False)
     assert cd.candidates == (3, 5)  # default candidates: odd sizes up to k_max, and the largest square that fits
