@@ -306,3 +306,97 @@ def test_machine_labels_mismatches():
     assert "all its training images" in pm.ELS.__doc__ and "None uses all training images" in pm.ELS.denoise.__doc__
     assert np.array_equal(cond.denoise(x, 0.5, 3), plain.denoise(x, 0.5, 3))
     assert not np.array_equal(cond.denoise(x, 0.5, 3, [0, 0]), plain.denoise(x, 0.5, 3))
+
+
+# ------------------------------------------------------------------ found by a review of the API's bad input
+def test_bad_times_and_labels_are_named_on_every_path():
+    """A NaN among a tensor's times (PCA-locality groups its queries by time: it matched none of them), an unknown
+    label under PCA-locality's batch average (a KeyError), and a time list of the wrong length on DataLocal's
+    several-times path (a torch broadcasting error): each the error the other machines give."""
+    x = RNG.standard_normal((2, 1, 8, 8))
+    pca = pm.PCALocality(IMGS.astype(np.float64), LABELS)
+    for t in (torch.tensor([0.5, float("nan")]), np.array([0.5, 0.0]), [0.5, 2.0]):
+        with pytest.raises(ValueError, match=r"t must lie in \(0, 1\], got"):
+            pca.denoise(x, t)
+    batched = pm.PCALocality(IMGS.astype(np.float64), LABELS, batch_average=4)
+    for labels in ([0, 5], [0, -1]):
+        with pytest.raises(ValueError, match=f"label {labels[1]} has no training images"):
+            batched.denoise(x, 0.5, labels=labels)
+    local = pm.DataLocal(IMGS)
+    for t in ([0.3, 0.5, 0.7], torch.tensor([0.3, 0.5, 0.7]), np.array([[0.3, 0.5]])):
+        with pytest.raises(ValueError, match=r"t must be a float or have shape \(2,\)"):
+            local.denoise(x, t, 3)
+    both = local.denoise(x, [0.3, 0.5], 3)  # one call per time, the rows back in order
+    assert np.array_equal(both[1:], local.denoise(x[1:], 0.5, 3))
+
+
+def test_machine_denoiser_refuses_a_patch_size_it_would_truncate():
+    els, pspc = pm.ELS(IMGS), pm.PSPC(IMGS)
+    for k in (3.5, 3.0, True):
+        with pytest.raises(TypeError, match="the patch size k must be an int or a KSchedule"):
+            pm.MachineDenoiser(els, k)
+    with pytest.raises(ValueError, match="odd positive integer, got 4"):
+        pm.MachineDenoiser(els, 4)
+    with pytest.raises(TypeError, match="the patch size p must be an int"):
+        pm.MachineDenoiser(pspc, 2.9)
+    with pytest.raises(ValueError, match="p must be a positive int, got 0"):
+        pm.MachineDenoiser(pspc, 0)
+    assert pm.MachineDenoiser(els, np.int64(5)).k_at(0.5) == 5 and pm.MachineDenoiser(pspc, 2).k_at(0.5) == 2
+
+
+@pytest.mark.parametrize("case", ["ls", "pspc", "scfdm"])
+def test_a_call_over_the_memory_limit_is_refused_before_its_tables_and_draws(case, monkeypatch):
+    """LS's element table, PSPC's table of crops and the smoothed denoiser's draws were made before the limit was
+    checked (LS did not check its table at all): hundreds of MB before a refusal, or none. Now the refusal comes
+    first: the functions that make them fail the test if called."""
+    def made(*args, **kwargs):
+        raise AssertionError("made before the memory check")
+
+    rng = np.random.default_rng(0)
+    if case == "ls":
+        monkeypatch.setattr(pm.ops, "patch_table", made)
+        m, x, k = pm.LS(rng.uniform(-1, 1, (2, 1, 64, 64)), max_memory=20 << 20), rng.standard_normal((1, 1, 64, 64)), 63
+        what = "element table of 4096 rows of 1x63x63"
+    elif case == "pspc":
+        monkeypatch.setattr(pm.ops, "window_table", made)
+        m, x, k = pm.PSPC(rng.uniform(-1, 1, (2, 3, 96, 96)), max_memory=20 << 20), rng.standard_normal((1, 3, 96, 96)), 48
+        what = "PSPC.denoise on a batch of shape"
+    else:
+        monkeypatch.setattr(pm.ops, "seeded_draws", made)
+        m, x, k = pm.SmoothedCFDM(IMGS, samples=200_000, max_memory=50 << 20), rng.standard_normal((2, 1, 8, 8)), None
+        what = "200000 draws"
+    with pytest.raises(pm.ResourceError, match=what):
+        m.denoise(x, 0.5, k)
+    with pytest.raises(pm.ResourceError):  # and check_request, which says so from the shape alone
+        m.check_request(x.shape, torch.float64, k=k)
+    if case == "ls":
+        with pytest.raises(pm.ResourceError, match="LS.denoise's element table"):
+            pm.LS(rng.uniform(-1, 1, (2, 1, 64, 64)), max_memory=300 << 20).check_request((1, 1, 64, 64), k=63)
+
+
+def test_max_memory_is_none_or_a_positive_number_of_bytes_everywhere():
+    """0 and -1 meant "no limit" to some machines and "refuse everything" to others; a string failed in int()."""
+    for machine in (pm.ELS, pm.LS, pm.IS, pm.Wiener, pm.DataLocal, pm.PCALocality, pm.PSPC, pm.SmoothedCFDM):
+        for bad, err in ((0, ValueError), (-1, ValueError), (float("nan"), ValueError), ("1G", TypeError),
+                         (True, TypeError)):
+            with pytest.raises(err, match="max_memory must be None or a"):
+                machine(IMGS, max_memory=bad)
+        assert machine(IMGS, max_memory=1.5e9).max_memory == 1_500_000_000
+
+
+def test_a_schedule_callable_outside_zero_one_is_named_not_clipped():
+    x = RNG.standard_normal((2, 1, 8, 8))
+    for value in (float("nan"), 2.0, -0.5):
+        m = pm.ELS(IMGS, schedule=lambda t, v=value: np.full_like(t, v))
+        for t in (0.5, torch.tensor([0.5, 0.6])):
+            with pytest.raises(ValueError, match=r"must return alpha_bar\(t\) in \[0, 1\], got"):
+                m.denoise(x, t, 3)
+    ok = pm.ELS(IMGS, schedule=lambda t: np.cos(np.asarray(t) * np.pi / 2) ** 2)
+    assert np.isfinite(ok.denoise(x, 0.5, 3)).all()
+
+
+def test_data_local_names_its_statistics_when_they_hold_nan():
+    stats = IMGS.copy()
+    stats[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="statistics contains NaN or infinite values"):
+        pm.DataLocal(IMGS, statistics=stats)

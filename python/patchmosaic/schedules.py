@@ -204,6 +204,8 @@ class FromCallable(Schedule):
                 out = torch.as_tensor(self._checked(np.asarray(t.detach().cpu().numpy(), np.float64)), device=t.device)
             elif out.shape != t.shape:
                 raise ValueError(self._shape_message(tuple(t.shape), tuple(out.shape)))
+            if not torch.compiler.is_compiling():  # (a compiled graph cannot branch on the values)
+                self._in_range(out.detach().cpu().numpy(), t.detach().cpu().numpy())
             return out.to(torch.float64)
         if _xp(t) is math:
             return float(self._checked(np.asarray([t], dtype=np.float64))[0])
@@ -213,6 +215,16 @@ class FromCallable(Schedule):
         out = np.asarray(self.fn(t), dtype=np.float64)
         if out.shape != t.shape:
             raise ValueError(self._shape_message(t.shape, out.shape))
+        return self._in_range(out, t)
+
+    def _in_range(self, out: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """``out`` where every alpha_bar lies in [0, 1] (to rounding: 1e-12), else a ValueError naming the first
+        that does not (a NaN, a negative value or one above 1 is not a noise level, and is not clipped silently)."""
+        bad = ~((out >= -1e-12) & (out <= 1 + 1e-12))
+        if bad.any():
+            i = np.flatnonzero(bad.reshape(-1))[0]
+            raise ValueError(f"the schedule callable {getattr(self.fn, '__name__', self.name)!r} must return "
+                             f"alpha_bar(t) in [0, 1], got {float(out.reshape(-1)[i])} at t = {float(t.reshape(-1)[i])}")
         return out
 
     def _shape_message(self, want, got) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import os
 
@@ -162,6 +163,18 @@ def available_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 1 << 62
+
+
+def check_max_memory(limit) -> int | None:
+    """A machine's ``max_memory``: None (the memory available) or a positive number of bytes, as an int; a
+    TypeError / ValueError naming it otherwise (0 or a negative limit is not "no limit")."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Real):
+        raise TypeError(f"max_memory must be None or a number of bytes, got {limit!r}")
+    if not (math.isfinite(float(limit)) and limit >= 1):
+        raise ValueError(f"max_memory must be None or a positive number of bytes, got {limit!r}")
+    return int(limit)
 
 
 def check_memory(nbytes: int, what: str, limit: int | None = None,

@@ -14,6 +14,7 @@ takes ``x`` as ``Machine.denoise`` does (numpy or torch, float32 or float64) and
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
 import time
 import warnings
@@ -30,7 +31,7 @@ from ..networks import network_channels, network_classes
 from ..ops.checks import check_cuda_inputs
 from ..ops.masks import check_patch_mask, crop_patch_mask
 from ..schedules import ScheduleLike, get_schedule
-from ..validation import check_t
+from ..validation import check_k, check_t
 from .inputs import as_images, as_labels, like_input
 from .kschedule import KSchedule, ThresholdSchedule
 
@@ -121,6 +122,14 @@ class MachineDenoiser(_Denoiser):
         self.schedule = machine.schedule
         self.patch_mask = None
         param = machine.parameter
+        if param in ("k", "p") and k is not None and not isinstance(k, (KSchedule, ThresholdSchedule)):
+            if isinstance(k, bool) or not isinstance(k, numbers.Integral):  # (not truncated to an int)
+                raise TypeError(f"{type(machine).__name__}: the patch size {param} must be an int or a KSchedule, "
+                                f"got {k!r}")
+            if param == "k":
+                check_k(k, 0, 0)
+            elif k < 1:
+                raise ValueError(f"{type(machine).__name__}: the patch size p must be a positive int, got {k}")
         if patch_mask is not None:
             if param != "k":
                 what = "IS compares whole images" if not machine.local else "its neighbourhoods are its own"

@@ -30,7 +30,7 @@ from ..machines import ELS, LS
 from ..ops.checks import check_cuda_inputs
 from ..ops.masks import crop_patch_mask
 from ..schedules import ScheduleLike, get_schedule
-from ..validation import check_sweep, to_labels
+from ..validation import check_max_memory, check_sweep, to_labels
 from ..index.bound import bound_from_mass
 from ..index.patch_index import INDEX_OPTION_ARGS, KINDS as INDEX_KINDS, PatchIndex
 from ..index.vectors import patch_sq_norms
@@ -194,6 +194,7 @@ class ShardedMachine(Machine):
                  data_digest: Optional[str] = None):
         if machine not in KINDS:
             raise ValueError(f"machine must be one of {tuple(KINDS)}, got {machine!r}")
+        max_memory = check_max_memory(max_memory)
         check_cuda_inputs(images=images, labels=labels)
         self.index_options = None
         engine = backend

@@ -21,8 +21,8 @@ from . import keysets
 from ..ops.checks import check_cuda_inputs
 from ..ops.masks import check_patch_mask, crop_patch_mask, gaussian_mask
 from ..schedules import ScheduleLike, get_schedule
-from ..validation import (ResourceError, as_batch, check_k, check_memory, check_sweep, check_time, concrete,
-                          constant, outside_transforms, to_labels, to_tensor)
+from ..validation import (ResourceError, as_batch, check_k, check_max_memory, check_memory, check_sweep, check_time,
+                          concrete, constant, outside_transforms, to_labels, to_tensor)
 
 
 @dataclass
@@ -197,7 +197,7 @@ class Machine:
             raise ValueError(f"unknown backend {backend!r}; choose one of {ops.BACKENDS}")
         self.backend = backend
         self.n_threads = int(n_threads)
-        self.max_memory = max_memory
+        self.max_memory = check_max_memory(max_memory)
         self._train_cache = {}
         self._digest = None
 
@@ -370,7 +370,8 @@ class Machine:
     @staticmethod
     def call_times(t, B: int) -> list:
         """Every query image's time of a call as a Python float (one per image; ``t`` a float, or an array or tensor
-        of one or ``B`` times), for machines that need the times themselves (a mask or a seed per time)."""
+        of one or ``B`` times), for machines that need the times themselves (a mask or a seed per time); each checked
+        to lie in (0, 1] (a NaN among a tensor's times would otherwise match no time of its own)."""
         if isinstance(t, numbers.Real) and not isinstance(t, (bool, np.ndarray)):
             return [concrete(t)] * B
         if torch.compiler.is_compiling():
@@ -381,7 +382,7 @@ class Machine:
             v = torch.from_numpy(constant(t).astype(np.float64).reshape(-1))
         else:
             v = torch.as_tensor(np.asarray(t, dtype=np.float64).reshape(-1))
-        return [float(x) for x in v.expand(B)] if v.numel() == 1 else [float(x) for x in v]
+        return [check_time(float(x)) for x in (v.expand(B) if v.numel() == 1 else v)]
 
     def _a_b2(self, t, B: int, device=None):
         device = torch.device("cpu") if device is None else device

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from ..schedules import ScheduleLike
-from ..validation import (check_k, check_memory, check_sweep, check_time, concrete, constant,
-                          outside_transforms)
+from ..validation import (check_k, check_max_memory, check_memory, check_sweep, check_time, concrete, constant,
+                          outside_transforms, to_tensor)
 from .base import CALL_ARGS, DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, docstring, traced_name
 from .local import ELS
 from .wiener import Wiener
@@ -188,6 +188,8 @@ class Neighbourhoods:
 
     def __init__(self, statistics, *, boundary: str, per_pixel: bool, window: Optional[int], weighting: str,
                  schedule, max_memory: Optional[int] = None):
+        max_memory = check_max_memory(max_memory)
+        statistics = to_tensor(statistics, "statistics")  # (named as such: the Wiener filter would say "images")
         shape = tuple(getattr(statistics, "shape", ()))
         if len(shape) == 4 and min(shape) > 0:  # refused from the shape alone, before the Wiener filter is built
             self._check_fields(*(int(v) for v in shape[1:]), boundary, max_memory)
@@ -339,7 +341,8 @@ class DataDrivenCalls:
         is_numpy = isinstance(x, np.ndarray)
         xt = self._query(x)
         tt = torch.as_tensor(constant(t) if torch.is_tensor(t) else np.asarray(t, dtype=np.float64))
-        tt = tt.reshape(-1).expand(xt.shape[0])
+        if tuple(tt.shape) != (xt.shape[0],):  # (several times: one per image)
+            raise ValueError(f"t must be a float or have shape ({xt.shape[0]},), got shape {tuple(tt.shape)}")
         lab = None if labels is None else self._query_labels(labels, xt.shape[0])
         out = torch.empty_like(xt)
         for tv in times:

@@ -53,7 +53,6 @@ import torch
 from .. import ops
 from ..io.files import write_npz
 from ..schedules import ScheduleLike
-from ..validation import check_memory
 from .base import BACKEND_ARG, DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, docstring
 from .same_position import SamePosition
 
@@ -377,6 +376,7 @@ class PSPC(SamePosition):
         is_numpy, xt, _, a, inv_2b2, t_check, lab, name, train, max_memory = \
             self._prepare_call(x, t, [None], labels, backend)
         B = xt.shape[0]
+        self.check_request(xt.shape, xt.dtype, name, return_provenance, k=value if self.mode == "square" else None)
         if self.mode == "square":
             groups = [(None, list(range(B)))]
         else:
@@ -474,7 +474,7 @@ class PSPC(SamePosition):
                       k=None) -> None:
         """Raise :class:`patchmosaic.ResourceError` if a call on a batch of ``shape`` would need more working
         memory than allowed (the engine's per-row states and the composite; at most ``H W`` crops of ``D``
-        elements)."""
+        elements; a square call's table of crops)."""
         shape = tuple(int(v) for v in shape)
         if len(shape) != 4 or min(shape) < 1:
             raise ValueError(f"a batch shape is (B, C, H, W) with positive sizes, got {shape}")
@@ -482,7 +482,10 @@ class PSPC(SamePosition):
         rows = self.H * self.W
         n_resp = rows * D if self.mode == "flex" else D * (self.H if k is None else self.check_p(k)) ** 2
         need = ops.aligned.aligned_bytes(shape, dtype, rows, min(n_resp, rows * D), self.N, backend, self.n_threads)
-        check_memory(need, f"PSPC.denoise on a batch of shape {shape}", self.max_memory)
+        if self.mode == "square":  # the crops' table, made before the call (a flex call's masks: its heatmaps')
+            p = min(self.H, self.W) if k is None else self.check_p(k)
+            need += ops.aligned.table_bytes((self.H - p + 1) * (self.W - p + 1), 2 * self.C * p * p)
+        ops.checks.memory(need, f"PSPC.denoise on a batch of shape {shape}", self.max_memory)  # (compile-safe)
 
     def describe(self) -> dict:
         """What changes the machine's results: kind, data (mirrors included), schedule, mode, the FPMC options and

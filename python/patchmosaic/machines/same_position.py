@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .. import ops
-from ..validation import check_sweep, outside_transforms
+from ..validation import check_memory, check_sweep, outside_transforms
 from .base import DATA_ARGS, ENGINE_ARGS, SOFT_ARG, SOURCE_ARGS, Machine
 
 
@@ -47,6 +47,8 @@ class SamePosition(Machine):
         if weights is not None and weights.dim() == 4 and tuple(weights.shape[:2]) != (Hq, Wq):
             raise ValueError(f"patch_mask holds one mask per pixel of a {weights.shape[0]}x{weights.shape[1]} canvas, "
                              f"but the queries are {Hq}x{Wq}")
+        ops.checks.memory(ops.aligned.table_bytes(Hq * Wq, C * k * k), f"the element table of {Hq * Wq} rows of "
+                          f"{C}x{k}x{k} patch elements", max_memory)  # (before it is made)
         *table, resp_weight, row_pixel = self.rows(None, k, weights, pixels, C, Hq, Wq)
         lv, lp, li = self._label_tensors
         out_rows, _, img, share = ops.aligned_softmax(train, xt, a, inv_2b2, t_check, lab, lv, lp, li, *table,
@@ -167,6 +169,16 @@ class LS(SamePosition):
         return out.numpy() if isinstance(x, np.ndarray) else out
 
     denoise_ks.__doc__ = Machine.denoise_ks.__doc__
+
+    def check_request(self, shape, dtype=torch.float32, backend: str = "cpu", provenance: bool = False,
+                      k: Optional[int] = None) -> None:
+        super().check_request(shape, dtype, backend, provenance, k)
+        B, C, Hq, Wq = (int(v) for v in shape)
+        kk = self.effective_k(3 if k is None else k, Hq, Wq)
+        check_memory(ops.aligned.table_bytes(Hq * Wq, C * kk * kk), f"LS.denoise's element table of {Hq * Wq} rows "
+                     f"of {C}x{kk}x{kk} patch elements", self.max_memory)
+
+    check_request.__doc__ = Machine.check_request.__doc__
 
     def describe(self) -> dict:
         d = super().describe()

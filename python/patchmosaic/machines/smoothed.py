@@ -135,6 +135,8 @@ class SmoothedCFDM(Machine):
         is_numpy, xt, _, a, inv_2b2, t_check, lab, name, _, max_memory = \
             self._prepare_call(x, t, [k], labels, backend)
         B = xt.shape[0]
+        ops.checks.values(xt, "x", t_check, a, inv_2b2)
+        self.check_request(xt.shape, xt.dtype)  # (before the draws: M B D float64 values)
         if torch.compiler.is_compiling():  # the times read when the graph runs (ops.seeded_normal)
             tt = (t if torch.is_tensor(t) else torch.tensor(t, dtype=torch.float64)).detach().to(torch.float64).reshape(-1)
             eps = ops.seeded_normal(tt.expand(B).cpu(), self.seed, self.samples, list(xt.shape))
@@ -144,8 +146,6 @@ class SmoothedCFDM(Machine):
         if self.coordinates == "interpolant":
             b = torch.sqrt(0.5 / inv_2b2.detach().cpu())
             s = s * (a.detach().cpu() + b)
-        ops.checks.values(xt, "x", t_check, a, inv_2b2)
-        self.check_request(xt.shape, xt.dtype)
         dev = xt.device
         eps = eps.to(dev)  # drawn in float64: the same draws in any dtype
         M = self.samples

@@ -46,6 +46,13 @@ def _table(hood_ptr, hood_elem, hood_weight, resp_ptr, resp_elem, query: Tensor)
                       extra=(D,))
 
 
+def table_bytes(n_rows: int, row_elements: int) -> int:
+    """Memory to make an element table of ``n_rows`` rows of at most ``row_elements`` elements (``patch_table``,
+    ``window_table``: dense ``(rows, elements)`` index, mask and weight tensors), with its checked copy and the CPU
+    engine's plan: about 40 bytes per element, from the sizes alone."""
+    return 40 * int(n_rows) * int(row_elements)
+
+
 def aligned_bytes(query_shape, dtype: torch.dtype, table_rows: int, n_resp: int, n_images: int, engine: str,
                   threads: int = 0) -> int:
     """Working memory of a same-position call beyond its inputs, from the sizes alone: outputs and statistics, and
