@@ -207,8 +207,8 @@ class PCALocality(SamePosition):
         is_numpy, xt, _, a, inv_2b2, t_check, lab, name, train, max_memory = \
             self._prepare_call(x, t, [None], labels, backend)
         times = self.call_times(t, xt.shape[0])
-        if lab is not None:  # unknown or empty classes refused before any work (the batch average reads them itself)
-            ops.groups(lab, *self._label_tensors, self.N, xt.shape[0])
+        if lab is not None and self.batch_average is not None:  # the exact path's op checks them; the batch average
+            ops.groups(lab, *self._label_tensors, self.N, xt.shape[0])  # reads the classes itself: checked first
         out, key, share = self._forward(train, xt, a, inv_2b2 / self.temperature, t_check, lab, times, theta,
                                         return_provenance, name, max_memory)
         result = out.detach().numpy() if is_numpy else out
