@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import patchmosaic as pm
 from patchmosaic.networks import ResNet, TrainConfig, UNet, build, load, load_network, save, train
 
 
@@ -123,3 +124,45 @@ def test_training_rejects_bad_input(tmp_path):
     train(ResNet(1, 4, 1), x, out=str(tmp_path / "c"), config=TrainConfig(steps=2), progress=False)
     with pytest.raises(ValueError, match="different network"):
         train(ResNet(1, 8, 1), x, out=str(tmp_path / "c"), config=TrainConfig(steps=4), progress=False)
+
+
+def test_a_checkpoint_with_corrupt_metadata_names_its_file_and_the_problem(tmp_path):
+    """Rewritten metadata used to surface as 'Error(s) in loading state_dict for ResNet:' (the first line of torch's
+    message), "'NoneType' object is not iterable" or a bare JSON error."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    net = build({"arch": "resnet", "channels": 1, "width": 4, "depth": 1, "padding": "zeros", "num_classes": 0})
+    save(str(tmp_path / "ok"), net)
+    with safe_open(str(tmp_path / "ok" / "model.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    cfg = json.loads(meta["config"])
+    cases = {"channels": (dict(meta, config=json.dumps(dict(cfg, channels=3))),
+                          r"does not match its config .*size mismatch for conv_in.weight"),
+             "null": (dict(meta, config="null"), "unreadable network config: a JSON object was expected, got 'null'"),
+             "list": (dict(meta, config="[1, 2]"), "unreadable network config: a JSON object was expected"),
+             "info": (dict(meta, info="{bad"), "unreadable training information in its metadata"),
+             "arch": (dict(meta, config=json.dumps(dict(cfg, arch="vit"))), "unknown network architecture 'vit'")}
+    for name, (m, message) in cases.items():
+        path = str(tmp_path / f"{name}.safetensors")
+        save_file(tensors, path, metadata=m)
+        with pytest.raises(ValueError, match=message) as e:
+            load(path)
+        assert path in str(e.value) and "\n" not in str(e.value)
+
+
+def test_training_that_cannot_fit_in_memory_is_refused_before_it_starts(tmp_path):
+    """A batch of a million images (141 GiB) or a 4096-wide, 1024-deep ResNet (about 4 TiB) ran until the machine's
+    memory was gone; the estimate comes from the network built on the meta device, and matches the real use."""
+    from patchmosaic.networks.train import train_bytes
+
+    x = np.random.default_rng(0).uniform(-1, 1, (20, 1, 8, 8)).astype(np.float32)
+    small = {"arch": "resnet", "channels": 1, "width": 8, "depth": 1, "padding": "zeros", "num_classes": 0}
+    for cfg, batch in ((small, 10 ** 7), (dict(small, width=4096, depth=1024), 4)):
+        with pytest.raises(pm.ResourceError, match="training this network .* needs about"):
+            train(cfg, x, out=str(tmp_path / "never"), config=TrainConfig(steps=2, batch_size=batch), progress=False)
+    assert not (tmp_path / "never").exists()
+    # the estimate: parameters five times, and what the forward pass keeps (64 x 8x8 activations per layer)
+    params = sum(p.numel() for p in build(small).parameters())
+    est = train_bytes(small, 32, (1, 8, 8))
+    assert 20 * params + 4 * 32 * 8 * 64 < est < 20 * params + 4 * 32 * 8 * 64 * 40

@@ -80,15 +80,30 @@ def load(path: str, *, ema: bool = True, device="cpu") -> Tuple[nn.Module, dict,
         config = json.loads(meta["config"])
     except ValueError as e:
         raise ValueError(f"{file} has an unreadable network config: {e}") from None
-    net = build(config)
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} has an unreadable network config: a JSON object was expected, got "
+                         f"{meta['config'][:80]!r}")
+    try:
+        info = json.loads(meta.get("info", "{}"))
+    except ValueError as e:
+        raise ValueError(f"{file} has unreadable training information in its metadata: {e}") from None
+    try:
+        net = build(config)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
     prefix = "ema." if ema and any(k.startswith("ema.") for k in tensors) else "net."
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # torch's message: a header line, then one line per mismatched tensor
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise ValueError(f"{file} does not match its config {config}: {lines[1] if len(lines) > 1 else lines[0]}"
+                         f"{f' (and {len(lines) - 2} more)' if len(lines) > 2 else ''}") from None
     if missing or unexpected:
         raise ValueError(f"{file} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     net.to(device).eval()
     extra = {k: v for k, v in tensors.items() if not k.startswith("net.")}
-    return net, json.loads(meta.get("info", "{}")), extra
+    return net, info, extra
 
 
 def _weights_file(path: str, create: bool = False) -> str:

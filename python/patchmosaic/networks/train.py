@@ -25,7 +25,7 @@ from ..io.progress import Progress
 from ..io.runstate import array_digest
 from ..ops.checks import check_cuda_inputs
 from ..schedules import get_schedule
-from ..validation import to_labels, to_tensor
+from ..validation import check_memory, to_labels, to_tensor
 from .checkpoint import build, load, save
 
 
@@ -74,6 +74,28 @@ class TrainConfig:
 RESUME_FIXED = ("batch_size", "lr", "weight_decay", "ema_decay", "schedule", "t_min", "seed")
 
 
+def train_bytes(config: dict, batch: int, shape) -> int:
+    """Memory a training step of the network ``config`` on ``batch`` images of ``shape`` ``(C, H, W)`` needs, from
+    the sizes alone: the network built on the meta device (nothing allocated), its float32 parameters five times
+    (weights, gradients, AdamW's two moments, the EMA copy), and the tensors its forward pass keeps for the backward
+    pass, counted through autograd's saved-tensor hooks on meta tensors, plus the batch's inputs and outputs."""
+    saved = 0
+
+    def pack(t):
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    with torch.device("meta"):
+        net = build(config)
+        x = torch.empty((batch,) + tuple(shape))
+        y = torch.zeros(batch, dtype=torch.int64) if config.get("num_classes", 0) > 0 else None
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            net(torch.empty(batch), x, y)
+    params = sum(p.numel() for p in net.parameters())
+    return 5 * 4 * params + saved + 4 * 4 * batch * int(np.prod(shape))
+
+
 def train(net, images, labels=None, *, out: str, config: Optional[TrainConfig] = None,
           progress: bool = True, override: bool = False) -> nn.Module:
     """Train an eps network; returns the trained network (EMA weights when EMA is on), in eval mode.
@@ -101,21 +123,26 @@ def train(net, images, labels=None, *, out: str, config: Optional[TrainConfig] =
     cfg.check()
     check_cuda_inputs(**{"config.device": cfg.device})
     device = torch.device(cfg.device)
+    spec = net if isinstance(net, dict) else net.config  # (a dict is built only after the checks below)
+    x = to_tensor(images, "images").float()
+    N, C = x.shape[:2]
+    if C != spec.get("channels"):
+        raise ValueError(f"the network expects {spec.get('channels')} channels, images have shape {tuple(x.shape)}")
+    y = None
+    if spec.get("num_classes", 0) > 0:
+        if labels is None:
+            raise ValueError("a class-conditional network needs labels")
+        y = torch.as_tensor(to_labels(labels, N), dtype=torch.int64)
+        if int(y.min()) < 0 or int(y.max()) >= spec["num_classes"]:
+            raise ValueError(f"labels must lie in [0, {spec['num_classes']}), got {int(y.min())}..{int(y.max())}")
+    shape = tuple(x.shape[1:])
+    check_memory(train_bytes(spec, cfg.batch_size, shape),  # before the network is built or anything trained
+                 f"training this network ({spec}) on batches of {cfg.batch_size} images of "
+                 f"{'x'.join(map(str, shape))}", advice="use a smaller batch size, width or depth")
     if isinstance(net, dict):
         with torch.random.fork_rng(devices=[]):  # the initial weights from the seed, not the global generator
             torch.manual_seed(cfg.seed)
             net = build(net)
-    x = to_tensor(images, "images").float()
-    N, C = x.shape[:2]
-    if C != net.config["channels"]:
-        raise ValueError(f"the network expects {net.config['channels']} channels, images have shape {tuple(x.shape)}")
-    y = None
-    if net.config.get("num_classes", 0) > 0:
-        if labels is None:
-            raise ValueError("a class-conditional network needs labels")
-        y = torch.as_tensor(to_labels(labels, N), dtype=torch.int64)
-        if int(y.min()) < 0 or int(y.max()) >= net.config["num_classes"]:
-            raise ValueError(f"labels must lie in [0, {net.config['num_classes']}), got {int(y.min())}..{int(y.max())}")
     sched = get_schedule(cfg.schedule)
     data = array_digest(x, y)  # a resumed run must see the same images and labels
 
