@@ -276,3 +276,32 @@ def test_blends_calibrate_and_compare_from_the_cli(tmp_path, tiny, capsys):
         assert main(["calibrate", "--network", net, "--seeds", "2", "--steps", "2", "--out",
                      str(tmp_path / "w2.json")] + bad + common) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_sample_with_a_machine_without_provenance_and_without_a_parameter(tmp_path, tiny, capsys):
+    """`sample --machine scfdm` always failed ('SmoothedCFDM has no provenance': sample asked every machine for it);
+    `--k` given to a machine without a per-step parameter was ignored silently (compare refuses it)."""
+    out = str(tmp_path / "s.png")
+    assert main(["sample", "--data", tiny, "--machine", "scfdm", "--steps", "2", "--samples", "2", "--quiet",
+                 "--out", out]) == 0
+    with np.load(str(tmp_path / "s.npz")) as z:
+        assert z["samples"].shape[:2] == (2, 1) and np.isfinite(z["samples"]).all()
+        assert "provenance_image" not in z.files
+    capsys.readouterr()
+    for machine in ("is", "scfdm"):
+        assert main(["sample", "--data", tiny, "--machine", machine, "--k", "5", "--steps", "2", "--quiet",
+                     "--out", str(tmp_path / "t.png")]) == 2
+        assert f"--k: the {machine} machine takes no k-schedule" in capsys.readouterr().err
+    assert not (tmp_path / "t.png").exists()
+
+
+def test_train_says_when_its_checkpoint_is_already_past_steps(tmp_path, tiny, capsys):
+    net = str(tmp_path / "net")
+    args = ["train", "--data", tiny, "--width", "4", "--depth", "1", "--batch-size", "4", "--quiet", "--out", net]
+    assert main(args + ["--steps", "4"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    before = os.path.getmtime(os.path.join(net, "model.safetensors"))
+    assert main(args + ["--steps", "2"]) == 0
+    assert capsys.readouterr().out.strip() == f"kept {net}: its checkpoint is already at step 4, past --steps 2; " \
+                                              "nothing was trained (another --out trains a new network)"
+    assert os.path.getmtime(os.path.join(net, "model.safetensors")) == before

@@ -1,6 +1,7 @@
 """Comparison metrics (spec section 5) and the resumable comparison run."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -126,3 +127,25 @@ def test_compare_device_argument():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="device='cuda' asks for a CUDA device"):
             compare(MachineNet(els, 5), machines, x1, y, steps=2, progress=False, device="cuda")
+
+
+def test_a_sample_file_of_another_run_is_refused_before_any_sampling(tmp_path):
+    """A corrupt or stale samples_<name>.npz was found only when compare reached that machine, after the network
+    and the machines before it had been sampled; now every file is read before the first step."""
+    train, lab, els, iss, x1, y = _setup()
+
+    class Counted(torch.nn.Module):
+        calls = 0
+
+        def forward(self, t, x, labels=None):
+            Counted.calls += 1
+            return torch.zeros_like(x)
+
+    machines = {"ELS": pm.MachineDenoiser(els, 3), "IS": pm.MachineDenoiser(iss)}
+    (tmp_path / "samples_IS.npz").write_text("not a state file")
+    with pytest.raises(ValueError, match="samples_IS.npz is not a readable state file"):
+        compare(Counted(), machines, x1, y, steps=2, out_dir=str(tmp_path), progress=False)
+    np.savez(tmp_path / "samples_IS.npz", fingerprint=np.array("another run"), samples=np.zeros(1), done=np.array(0))
+    with pytest.raises(ValueError, match="samples_IS.npz is the state of a different run"):
+        compare(Counted(), machines, x1, y, steps=2, out_dir=str(tmp_path), progress=False)
+    assert Counted.calls == 0 and sorted(os.listdir(tmp_path)) == ["samples_IS.npz"]

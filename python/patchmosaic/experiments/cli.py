@@ -178,6 +178,13 @@ def _train(args) -> int:
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                      ema_decay=args.ema, seed=args.seed, checkpoint_every=args.checkpoint_every, device=args.device)
     train(cfg, images, labels, out=args.out, config=tc, progress=not args.quiet, override=args.override_settings)
+    from ..networks.checkpoint import load as load_checkpoint
+
+    step = int(load_checkpoint(args.out, ema=False)[1].get("step", args.steps))
+    if step > args.steps:  # a finished checkpoint past --steps is returned as it is: nothing was trained or written
+        print(f"kept {args.out}: its checkpoint is already at step {step}, past --steps {args.steps}; nothing was "
+              "trained (another --out trains a new network)")
+        return 0
     print(f"wrote {os.path.join(args.out, 'model.safetensors')} ({args.arch}, {len(images)} images, {args.steps} steps)")
     return 0
 

@@ -157,16 +157,20 @@ def compare(network, machines: Dict[str, object], x1: torch.Tensor, labels=None,
     else:
         net = as_denoiser(network)
     common_schedule({"network": net, **dens})
-    u = sample_batched(net, x1, lab, grid=g, batch_size=batch_size, state=state("network"),
-                       fp=fingerprint(who="network", denoiser=full_description(net), **base_fp), progress=progress,
-                       desc="network", layout=layout, device=dev)
+    fps = {"network": fingerprint(who="network", denoiser=full_description(net), **base_fp)}
+    fps.update({name: fingerprint(who=name, machine=describe(d), denoiser=full_description(d), **base_fp)
+                for name, d in dens.items()})
+    if out_dir is not None:  # every sample file left by another run (or not one) refused before any sampling
+        for name, fp in fps.items():
+            (load_state if layout is None else layout.load_state)(state(name), fp)
+    u = sample_batched(net, x1, lab, grid=g, batch_size=batch_size, state=state("network"), fp=fps["network"],
+                       progress=progress, desc="network", layout=layout, device=dev)
     if not np.all(np.isfinite(u.numpy())):
         raise ValueError("the network's samples are not finite (NaN or infinite values); check its weights")
     samples, per_seed = {"network": u}, {}
     for name, d in dens.items():
         desc = describe(d)
-        v = sample_batched(d, x1, lab, grid=g, batch_size=batch_size, state=state(name),
-                           fp=fingerprint(who=name, machine=desc, denoiser=full_description(d), **base_fp),
+        v = sample_batched(d, x1, lab, grid=g, batch_size=batch_size, state=state(name), fp=fps[name],
                            progress=progress, desc=name, layout=layout, device=dev)
         if not np.all(np.isfinite(v.numpy())):
             raise ValueError(f"the samples of {name!r} are not finite; nothing to compare")

@@ -72,7 +72,7 @@ def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", ma
 
     ``k``: the machine's per-step parameter as text (:func:`patchmosaic.kschedule.schedule_from_spec`): a
     k-schedule for a machine with a patch size (None: the paper's MNIST schedule), a threshold or threshold-schedule
-    file for PCA-locality (None: the machine's own threshold), ignored by IS.
+    file for PCA-locality (None: the machine's own threshold), refused for IS and the smoothed denoiser.
     ``labels``: one class per seed (cycled), or None for an unconditional machine. ``provenance``:
     colour the map by the winning key's training ``"image"`` or by its ``"position"`` in that image.
     Training images larger than 128x128 (a whole photograph) without ``crop`` or ``canvas`` are refused
@@ -113,6 +113,8 @@ def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", ma
         ks = from_spec(DEFAULT_K if k is None else k, steps)
     elif param is not None and k is not None:
         ks = schedule_from_spec(param, k, steps)
+    elif machine in MACHINES and k is not None:  # (not ignored silently: compare refuses it too)
+        raise ValueError(f"--k: the {machine} machine takes no k-schedule (it has no per-step parameter), got {k!r}")
     # the pictures (a grid of n tiles, twice for a local machine, up to 3x upscaled), the .npz and the sampler's state
     scale = max(1, 96 // max(Hq, Wq)) if max(Hq, Wq) < 96 else 1
     tiles = n * (2 if machine != "is" else 1) * (Hq * scale + 2) * (Wq * scale + 2) * 3
@@ -129,8 +131,8 @@ def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", ma
     m = mk(machine, images, train_labels if ylab is not None else None, boundary=boundary, backend=backend)
     sizes = sorted(set(ks.ks)) if isinstance(ks, KSchedule) else [None]
     m.check_labels(None if ylab is None else ylab.numpy(), n)
-    m.check_request((n, C, Hq, Wq), torch.float32, "cpu" if backend == "auto" else backend, provenance=True,
-                    k=sizes[-1])
+    m.check_request((n, C, Hq, Wq), torch.float32, "cpu" if backend == "auto" else backend,
+                    provenance=m.has_provenance, k=sizes[-1])
     for kk in sizes:
         m.check_canvas(Hq, Wq, kk)
     size = f"{n} samples of {Hq}x{Wq} from {len(images)} training image(s) of {H}x{W}, {steps} steps"
@@ -144,7 +146,7 @@ def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", ma
                              f"--force to run it anyway")
     if progress and leader:
         print(f"patchmosaic sample: {size}", file=sys.stderr)
-    den = MachineDenoiser(m, ks, keep_provenance=True)
+    den = MachineDenoiser(m, ks, keep_provenance=m.has_provenance)
     gen = torch.Generator().manual_seed(seed)
     x1 = torch.randn(n, C, Hq, Wq, generator=gen)
     t0 = time.perf_counter()
@@ -158,9 +160,9 @@ def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", ma
 
         mine = den.provenance  # this rank's seeds (None where it had none)
         names = ("image", "row", "col", "share")
-        prov = Provenance(*(None if not m.local and f in ("row", "col") else
-                            layout.gather(None if mine is None else getattr(mine, f), n, "gather of the provenance")
-                            for f in names))
+        prov = None if not m.has_provenance else Provenance(*(
+            None if not m.local and f in ("row", "col") else
+            layout.gather(None if mine is None else getattr(mine, f), n, "gather of the provenance") for f in names))
     seconds = time.perf_counter() - t0
     if not leader:
         return {"out": out, "samples": x, "seconds": seconds, "train_images": len(images)}
@@ -173,6 +175,6 @@ def run_sample(data: str = "default", *, out: str = "patchmosaic_sample.png", ma
     write_png(out, grid(pics, 2 if m.local else 1, n, pad=2, scale=scale))
     npz = os.path.splitext(out)[0] + ".npz"
     write_npz(npz, samples=x.numpy(), noise=x1.numpy(), labels=np.zeros(0) if ylab is None else ylab.numpy(),
-              provenance_image=prov.image.numpy())
+              **({} if prov is None else {"provenance_image": prov.image.numpy()}))
     return {"out": out, "npz": npz, "samples": x, "seconds": seconds, "k_schedule": ks, "train_images": len(images),
             "sources_per_sample": [int(np.unique(prov.image[b].numpy()).size) for b in range(n)] if m.local else None}

@@ -157,6 +157,7 @@ class Machine:
     # whether a call takes the training images in the query's dtype on the engine's device (train_as, made once);
     # False for a machine that reads them as stored (SmoothedCFDM): a call's `train` is then None
     converts_images = True
+    has_provenance = True  # whether denoise(..., return_provenance=True) has an answer (SmoothedCFDM: no)
 
     @property
     def parameter(self) -> Optional[str]:

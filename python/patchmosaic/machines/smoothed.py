@@ -91,6 +91,7 @@ class SmoothedCFDM(Machine):
 
     local = False
     converts_images = False  # it reads its images as stored (_images_stored, _images64)
+    has_provenance = False  # each draw has its own winning image
 
     def __init__(self, images, labels=None, smoothing: float = 0.1, samples: int = 10, *, coordinates: str = "vp",
                  temperature: float = 1.0, seed: int = 0, xflip: bool = False, schedule: ScheduleLike = "cosine_legacy",
