@@ -261,3 +261,36 @@ def test_limit_decodes_only_the_files_it_keeps(tmp_path, monkeypatch):
     assert [os.path.basename(c) for c in calls] == ["03.png"]
     with pytest.raises(ValueError, match=r"29\.png"):
         load(str(tmp_path))
+
+
+def test_a_tampered_cifar_batch_is_an_error_not_a_crash(tmp_path):
+    """numpy's own array reconstruction, which the loader used to let the pickle call, crashed the process
+    (segmentation fault) on a one-byte change of a batch; the loader now reads the arrays through stand-ins of its
+    own and checks them. Run in a child process: a crash there fails the test instead of killing the suite."""
+    import pickle
+    import subprocess
+    import sys
+
+    good = pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0]}, protocol=2)
+    cases = {"state": good.replace(b"|q\x13NNN", b"|q\x13NNb", 1),
+             "shape": good.replace(b"K\x01M\x00\x0c\x86", b"K\x02M\x00\x0c\x86", 1),  # 2 x 3072 for 3072 bytes
+             "dtype": good.replace(b"X\x02\x00\x00\x00u1", b"X\x02\x00\x00\x00O8", 1)}
+    for name, blob in cases.items():
+        assert blob != good, name
+        d = tmp_path / name / "cifar-10-batches-py"
+        d.mkdir(parents=True)
+        (d / "data_batch_1").write_bytes(blob)
+    code = ("import sys, patchmosaic as pm\n"
+            "for path in sys.argv[1:]:\n"
+            "    try:\n"
+            "        x, y = pm.data.load(path)\n"
+            "        print('loaded', tuple(x.shape))\n"
+            "    except ValueError as e:\n"
+            "        print('refused', e)\n")
+    p = subprocess.run([sys.executable, "-c", code] + [str(tmp_path / n) for n in cases], capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert p.returncode == 0, (p.returncode, p.stderr[-2000:])
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("loaded (1, 1, 32, 32)") or lines[0].startswith("loaded (1, 3, 32, 32)"), lines
+    assert "refused" in lines[1] and "an array of shape (2, 3072)" in lines[1], lines
+    assert "refused" in lines[2] and "a data type 'O8'" in lines[2], lines

@@ -1,7 +1,8 @@
 """CIFAR-10 "python version" batches (``cifar-10-batches-py``), read without executing code.
 
-The batches are pickles; they are opened with an unpickler that refuses every global except the few
-numpy constructors a plain array needs, so a tampered file cannot run code.
+The batches are pickles; they are opened with an unpickler that refuses every global except the few a plain array
+needs, and gives those as stand-ins of its own (no numpy reconstruction runs on the file's data: a tampered state
+crashed the process there), checked and made into arrays afterwards, so a tampered file cannot run code.
 """
 
 from __future__ import annotations
@@ -13,18 +14,98 @@ from typing import Tuple
 
 import numpy as np
 
-_ALLOWED = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-}
+# The numeric types a batch's arrays and scalars may have (CIFAR-10: uint8 pixels; labels as Python ints).
+_NUMERIC = {"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "f4", "f8", "b1"}
+
+
+class _Dtype:
+    """A dtype as the pickle describes it (numpy.dtype(name, align, copy), then its state): nothing of numpy's runs
+    until :func:`_realise` checks it (numpy's own reconstruction crashed the process on a tampered state)."""
+
+    def __init__(self, name=None, align=False, copy=False):
+        self.name, self.order = name, "|"
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "|", "="):
+            self.order = state[1]
+
+    def realise(self) -> np.dtype:
+        if not isinstance(self.name, str) or self.name not in _NUMERIC:
+            raise ValueError(f"a data type {self.name!r} (only plain numbers are allowed)")
+        return np.dtype(self.name).newbyteorder(self.order if self.order in "<>" else "=")
+
+
+class _Array:
+    """An array as the pickle describes it (_reconstruct, then the state (version, shape, dtype, fortran, bytes))."""
+
+    def __init__(self, *args):
+        self.state = None
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def realise(self) -> np.ndarray:
+        st = self.state
+        if not (isinstance(st, tuple) and len(st) == 5):
+            raise ValueError("an array without a plain state")
+        _, shape, dtype, fortran, raw = st
+        if not (isinstance(shape, tuple) and all(isinstance(v, int) and 0 <= v < 2**40 for v in shape)):
+            raise ValueError(f"an array of shape {shape!r}")
+        if not isinstance(dtype, _Dtype) or not isinstance(raw, (bytes, bytearray)):
+            raise ValueError("an array that is not plain numbers stored as bytes")
+        dt = dtype.realise()
+        if len(raw) != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
+            raise ValueError(f"an array of shape {shape} and type {dt} with {len(raw)} bytes")
+        return np.frombuffer(bytes(raw), dtype=dt).reshape(shape, order="F" if fortran else "C")
+
+
+def _scalar(dtype, raw=None):
+    if not isinstance(dtype, _Dtype) or not isinstance(raw, (bytes, bytearray)):
+        raise ValueError("a scalar that is not a plain number")
+    dt = dtype.realise()
+    if len(raw) != dt.itemsize:
+        raise ValueError(f"a scalar of type {dt} with {len(raw)} bytes")
+    return np.frombuffer(bytes(raw), dtype=dt)[0]
+
+
+def _frombuffer(raw, dtype, shape, order="C"):  # (pickle protocol 5's form of an array)
+    a = _Array()
+    a.state = (1, shape, dtype, order == "F", bytes(raw) if isinstance(raw, (bytes, bytearray, memoryview)) else raw)
+    return a
+
+
+def _encode(text, encoding="latin1"):
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise ValueError("an encoded string other than latin-1 text")
+    return text.encode("latin1")
+
+
+_STAND_INS = {("numpy", "dtype"): _Dtype, ("numpy", "ndarray"): _Array, ("_codecs", "encode"): _encode}
+for _m in ("numpy.core.multiarray", "numpy._core.multiarray"):
+    _STAND_INS[(_m, "_reconstruct")] = _Array
+    _STAND_INS[(_m, "scalar")] = _scalar
+for _m in ("numpy.core.numeric", "numpy._core.numeric"):
+    _STAND_INS[(_m, "_frombuffer")] = _frombuffer
 
 
 class _ArraysOnly(pickle.Unpickler):
+    """Refuses every global but the few a plain array needs, and gives those as stand-ins of this module's own."""
+
     def find_class(self, module, name):
-        if (module, name) not in _ALLOWED:
+        if (module, name) not in _STAND_INS:
             raise ValueError(f"refusing to load {module}.{name} from a data file (only plain arrays are allowed)")
-        return super().find_class(module, name)
+        return _STAND_INS[(module, name)]
+
+
+def _realise(v):
+    """The loaded object with its stand-ins checked and made into numpy arrays and scalars."""
+    if isinstance(v, (_Array, _Dtype)):
+        return v.realise()
+    if isinstance(v, dict):
+        return {k: _realise(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_realise(x) for x in v)
+    return v
 
 
 def check_labels(y: np.ndarray, n: int, where: str) -> np.ndarray:
@@ -43,8 +124,9 @@ def read_batch(path: str) -> Tuple[np.ndarray, np.ndarray]:
     """One batch: uint8 images ``(N, 32, 32, 3)`` and int64 labels."""
     with open(path, "rb") as f:
         try:
-            d = _ArraysOnly(io.BytesIO(f.read()), encoding="bytes").load()
-        except (pickle.UnpicklingError, EOFError) as e:
+            d = _realise(_ArraysOnly(io.BytesIO(f.read()), encoding="bytes").load())
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+                RecursionError) as e:
             raise ValueError(f"{path} is not a CIFAR-10 python batch: {e}") from None
     if not isinstance(d, dict):
         raise ValueError(f"{path} is not a CIFAR-10 python batch (no dictionary inside)")
