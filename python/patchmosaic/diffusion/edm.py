@@ -35,8 +35,9 @@ import torch
 from ..io.progress import Progress
 from ..machines.base import docstring
 from ..schedules import ScheduleLike, get_schedule
+from ..validation import check_memory, check_time
 from .inputs import as_images, as_labels, like_input
-from .samplers import denoiser_schedule
+from .samplers import check_callback, check_x0, denoiser_schedule
 
 
 def _name(fn) -> str:
@@ -105,7 +106,7 @@ class VPDenoiser:
         self.accepts_labels = bool(accepts_labels)
 
     def __call__(self, x, t, labels=None):
-        t = float(t)
+        t = check_time(float(t))
         a, b2 = self.schedule.scalar_coefficients(t)
         if not b2 > 0 or not a > 0:
             raise ValueError(f"t = {t} has no finite noise level sigma on the schedule {self.schedule.name!r}")
@@ -177,6 +178,8 @@ def edm_sigmas(steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.
     """
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
         raise ValueError(f"steps must be an int >= 2, got {steps!r}")
+    if steps > 1_000_000:  # three float64 arrays of the levels
+        check_memory(24 * (int(steps) + 1), f"EDM's noise levels for {int(steps)} steps", advice="use fewer steps")
     if not 0 < sigma_min < sigma_max < math.inf:
         raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got {sigma_min!r}, {sigma_max!r}")
     if not rho > 0:
@@ -228,16 +231,21 @@ def edm_sample(D: Callable, x, labels=None, *, sigmas=None, solver: str = "euler
     s = _check_sigmas(edm_sigmas() if sigmas is None else sigmas)
     z, is_numpy = as_images(x, "x")
     labels = as_labels(labels, z.shape[0])
+    check_callback(callback)
     bar = Progress(len(s) - 1, f"edm {solver}", enabled=progress and not torch.compiler.is_compiling())
     for i in range(len(s) - 1):
         sg, sn = s[i], s[i + 1]
-        x0 = torch.as_tensor(D(z, sg, labels)).to(z.dtype)
+        x0 = D(z, sg, labels)
+        check_x0(x0, z, i, f"sigma = {sg}")
+        x0 = torch.as_tensor(x0).to(z.dtype)
         if callback is not None:
             callback(i, sg, z, x0)
         d = (z - x0) / sg
         z_next = x0 + (sn / sg) * (z - x0) if sn > 0 else x0  # = z + (sn - sg) d, the Euler step, without cancellation
         if solver == "heun" and sn > 0:
-            x0n = torch.as_tensor(D(z_next, sn, labels)).to(z.dtype)
+            x0n = D(z_next, sn, labels)
+            check_x0(x0n, z, i, f"sigma = {sn}, Heun's second evaluation")
+            x0n = torch.as_tensor(x0n).to(z.dtype)
             z_next = z + (sn - sg) * 0.5 * (d + (z_next - x0n) / sn)
         z = z_next
         bar.update()

@@ -43,8 +43,8 @@ def time_grid(steps: int = 20) -> np.ndarray:
 
 def _check_steps(steps) -> None:
     """A positive integer number of steps whose grid (as Python floats: 32 bytes a step) fits in memory."""
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer, float)) or int(steps) != steps or \
-            int(steps) < 1:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer, float)) or not np.isfinite(steps) or \
+            int(steps) != steps or int(steps) < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if int(steps) > 1_000_000:  # only a grid above 32 MB is worth a look at the memory (none under torch.compile)
         check_memory(32 * (int(steps) + 1), f"a time grid of {int(steps)} steps", advice="use fewer steps")
@@ -158,6 +158,21 @@ RETURNS = """
         generator: a seeded ``torch.Generator`` drawing the noise, required when ``eta > 0``; default None.
         desc: the progress bar's label (default ``"sampling"``).
 """ + RETURNS)
+def check_callback(callback) -> None:
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable as callback(i, t, x_t, x0), got {type(callback).__name__}")
+
+
+def check_x0(x0, x: torch.Tensor, i: int, where: str) -> None:
+    """A ValueError unless a denoiser's answer at step ``i`` has the images' shape and finite values (not checked
+    under torch.compile: a compiled graph cannot branch on the values)."""
+    if tuple(getattr(x0, "shape", ())) != tuple(x.shape):
+        raise ValueError(f"the denoiser returned {type(x0).__name__} of shape {tuple(getattr(x0, 'shape', ()))} "
+                         f"for images of shape {tuple(x.shape)} (step {i}, {where})")
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(torch.as_tensor(x0)).all()):
+        raise ValueError(f"the denoiser returned NaN or infinite values at step {i} ({where})")
+
+
 def reverse_process(denoiser: Callable, x1, labels=None, *, eta: float = 0.0,
                     generator: Optional[torch.Generator] = None, grid: Optional[Sequence[float]] = None,
                     steps: int = 20, schedule: Optional[ScheduleLike] = None, callback: Optional[Callable] = None,
@@ -173,10 +188,12 @@ def reverse_process(denoiser: Callable, x1, labels=None, *, eta: float = 0.0,
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a seeded torch.Generator (torch.Generator().manual_seed(s)), got "
                         f"{type(generator).__name__}")
+    check_callback(callback)
     bar = Progress(len(g) - 1, desc, enabled=progress and not torch.compiler.is_compiling())
     for i in range(len(g) - 1):
         t, t_next = g[i], g[i + 1]
         x0 = denoiser(x, t, labels)
+        check_x0(x0, x, i, f"t = {t}")
         if callback is not None:
             callback(i, t, x, x0)
         x = update(sched, x, x0, t, t_next, eta, generator)
