@@ -7,6 +7,7 @@ name (:func:`paper_schedule`), translated from its index convention to ours.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import dataclass
 from importlib import resources
@@ -32,16 +33,19 @@ def _read_json(path: str, what: str):
     try:
         with open(path) as f:
             return json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable JSON {what}: {e}") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path} is not a readable JSON {what}: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 def _check_times(times, n: int, what: str) -> None:
     if len(times) != n or not n:
         raise ValueError(f"times and {what} must be non-empty and equally long, got {len(times)} and {n}")
     for t in times:
-        if not 0 < t <= 1:
-            raise ValueError(f"schedule times must lie in (0, 1], got {t}")
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 < t <= 1:
+            raise ValueError(f"schedule times must be numbers in (0, 1], got {t!r}")
+    if len({float(t) for t in times}) != len(times):
+        raise ValueError(f"schedule times must be distinct (a repeated time's {what} would never be used), got "
+                         f"{tuple(map(float, times))}")
 
 
 @dataclass(frozen=True)
@@ -115,7 +119,7 @@ class KSchedule:
     @classmethod
     def constant(cls, k: int, steps: int = 20, odd: bool = True) -> "KSchedule":
         """The same ``k`` at every step of the grid ``t_i = i / steps`` (``odd=False``: ``k`` may be even)."""
-        return cls(tuple(i / steps for i in range(steps, 0, -1)), (int(k),) * steps, odd)
+        return cls(tuple(i / steps for i in range(steps, 0, -1)), (k,) * steps, odd)  # (k checked, not truncated)
 
     @classmethod
     def ramp(cls, k_first: int, k_last: int, steps: int = 20) -> "KSchedule":
@@ -158,7 +162,7 @@ class NumberSchedule:
                 raise ValueError(f"{path}: times and {cls.FIELD} must be numbers, got {v!r}")
         try:
             return cls(tuple(float(t) for t in d["times"]), tuple(float(v) for v in d[cls.FIELD]))
-        except ValueError as e:
+        except (ValueError, OverflowError) as e:
             raise ValueError(f"{path}: {e}") from None
 
 
