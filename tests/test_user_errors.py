@@ -400,3 +400,88 @@ def test_data_local_names_its_statistics_when_they_hold_nan():
     stats[0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="statistics contains NaN or infinite values"):
         pm.DataLocal(IMGS, statistics=stats)
+
+
+def test_metrics_refuse_pairs_of_different_shapes():
+    """numpy broadcast (1, n) against (3, n) into three answers, and (2, 3) against (2, 1); a scalar raised an
+    IndexError and summary([]) a TypeError."""
+    from patchmosaic.metrics import METRICS, summary
+
+    for fn in METRICS.values():
+        for u, v in ((np.zeros((1, 4)), np.ones((3, 4))), (np.zeros((2, 3)), np.zeros((2, 1)))):
+            with pytest.raises(ValueError, match="must have the same shape"):
+                fn(u, v)
+        with pytest.raises(ValueError, match=r"\(M, \.\.\.\) batches"):
+            fn(np.float64(1), np.float64(2))
+    with pytest.raises(ValueError, match="summary of no values"):
+        summary([])
+    assert summary([np.nan])["n"] == 0 and summary([1, 2, 3])["median"] == 2
+
+
+def test_samplers_check_their_arguments_and_each_answer_of_the_denoiser():
+    m = pm.ELS(IMGS)
+    d = pm.MachineDenoiser(m, 3)
+    x1 = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="steps must be a positive integer, got inf"):
+        pm.ddim(d, x1, steps=float("inf"), progress=False)
+    calls = Counting()
+    calls.schedule = m.schedule
+    with pytest.raises(TypeError, match="callback must be callable"):
+        pm.ddim(calls, x1, steps=2, callback=3, progress=False)
+    assert calls.calls == 0
+
+    def small(x, t, labels=None):
+        return x[:, :, :1, :1]
+
+    def nan(x, t, labels=None):
+        return x * float("nan")
+
+    for f, message in ((small, r"returned Tensor of shape \(2, 1, 1, 1\) for images of shape \(2, 1, 8, 8\)"),
+                       (nan, "returned NaN or infinite values at step 0")):
+        f.schedule = m.schedule
+        with pytest.raises(ValueError, match=message):
+            pm.ddim(f, x1, steps=2, progress=False)
+        with pytest.raises(ValueError, match=message):
+            pm.edm_sample(lambda x, s, labels=None: f(x, 0.5), x1, sigmas=pm.edm_sigmas(3), progress=False)
+    with pytest.raises(ValueError, match=r"t must lie in \(0, 1\], got 1.5"):
+        pm.from_sigma_denoiser(lambda x, s, labels=None: x)(x1, 1.5)
+    with pytest.raises(pm.ResourceError, match="EDM's noise levels for 1000000000000 steps"):
+        pm.edm_sigmas(10 ** 12)
+
+
+def test_schedules_refuse_repeated_times_truncated_sizes_and_unreadable_numbers(tmp_path):
+    with pytest.raises(ValueError, match="schedule times must be distinct"):
+        pm.KSchedule((0.5, 0.5), (3, 5))
+    with pytest.raises(ValueError, match="every k in a k-schedule must be an odd positive integer, got 7.9"):
+        pm.KSchedule.constant(7.9, 2)
+    assert pm.KSchedule.constant(7, 2).ks == (7, 7)
+    path = tmp_path / "s.json"
+    path.write_text('{"times": [1.0], "thresholds": [1' + "0" * 400 + "]}")
+    with pytest.raises(ValueError, match="s.json: int too large to convert to float"):
+        pm.ThresholdSchedule.from_json(str(path))
+    path.write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ValueError, match="s.json is not a readable JSON threshold schedule: RecursionError"):
+        pm.ThresholdSchedule.from_json(str(path))
+
+
+def test_data_load_refuses_selections_it_would_misread(tmp_path):
+    """classes=[] loaded no image, classes=[1.9] class 1, a boolean mask as indices images 0 and 1, limit=2.5 and
+    size=0 failed inside numpy or torch, and an array of empty images inside torch."""
+    path = str(tmp_path / "a.npz")
+    np.savez(path, x_train=np.random.default_rng(0).integers(0, 256, (6, 8, 8), dtype=np.uint8),
+             y_train=np.arange(6) % 3)
+    cases = [(dict(classes=[]), "classes is empty"), (dict(classes=[1.9]), "classes must be integers"),
+             (dict(indices=np.arange(6) % 2 == 0), "indices must be integers, got bool"),
+             (dict(indices=[6]), r"indices must lie in \[0, 6\)"),
+             (dict(limit=2.5), "limit must be a positive integer"), (dict(limit=float("inf")), "limit must be"),
+             (dict(size=0), "size must be 'auto', None or an integer side"), (dict(size=10 ** 6), "size must be")]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            pm.data.load(path, **kwargs)
+    with pytest.raises(pm.ResourceError, match="6 images resized to 60000x60000"):
+        pm.data.load(path, size=60000)
+    assert tuple(pm.data.load(path, classes=[1], limit=np.int64(1))[0].shape) == (1, 1, 32, 32)
+    empty = str(tmp_path / "e.npz")
+    np.savez(empty, x_train=np.zeros((2, 0, 0), np.uint8), y_train=np.arange(2))
+    with pytest.raises(ValueError, match=r"images have no pixels: array of shape \(2, 0, 0\)"):
+        pm.data.load(empty)

@@ -24,6 +24,7 @@ otherwise, in every format).
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Optional, Sequence, Tuple
 
@@ -34,6 +35,7 @@ from .cifar import check_labels, load_cifar10
 from .default import load_default_raw, preprocess
 from .idx import find_idx, load_idx
 from ..io.files import read_npz
+from ..validation import check_memory
 from .images import CELEBA_CROP, FolderImages, crops, load_photo
 
 IMAGE_KEYS = ("x_train", "images", "x")
@@ -63,8 +65,11 @@ def load(spec: str, *, limit: Optional[int] = None, size="auto", split: str = "t
     ``size="auto"``: 32 (the paper's size) for image data sets; the picture's own size (or ``crop``) for
     ``skimage:`` photographs. ``size=None`` keeps every image's size (they must then agree).
     """
-    if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
-        raise ValueError(f"limit must be a positive number of images, got {limit}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
+        raise ValueError(f"limit must be a positive integer number of images, got {limit!r}")
+    if size not in ("auto", None) and (isinstance(size, bool) or not isinstance(size, numbers.Integral) or
+                                       not 1 <= size <= 1 << 16):
+        raise ValueError(f"size must be 'auto', None or an integer side in 1..65536, got {size!r}")
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"a data set is named by a string (a path, 'default', a named set or 'skimage:NAME'), got "
                         f"{type(spec).__name__}")
@@ -183,13 +188,23 @@ def _download(name: str, folder: str) -> None:
 def _subset(n: int, y: np.ndarray, indices, classes, limit) -> np.ndarray:
     keep = np.arange(n)
     if indices is not None:
-        idx = np.asarray(indices, dtype=np.int64).ravel()
+        idx = np.asarray(indices)
+        if idx.dtype.kind not in "iu":  # (a boolean mask would be read as indices 0 and 1; floats truncated)
+            raise ValueError(f"indices must be integers, got {idx.dtype} values")
+        if idx.size and (idx.max() >= n or idx.min() < -n):
+            raise ValueError(f"indices must lie in [0, {n}), got {idx.min()}..{idx.max()}")
+        idx = idx.astype(np.int64).ravel()
         if idx.size == 0 or idx.min() < -n or idx.max() >= n:
             raise ValueError(f"indices must be non-empty and lie in [0, {n}), got {idx.min() if idx.size else 'none'}.."
                              f"{idx.max() if idx.size else ''}")
         keep = keep[idx]
     if classes is not None:
-        cls = [int(c) for c in np.asarray(classes).ravel()]
+        given = np.asarray(classes).ravel()
+        if given.size == 0:
+            raise ValueError("classes is empty: name at least one class to keep (or pass None for all)")
+        if given.dtype.kind not in "iu":
+            raise ValueError(f"classes must be integers, got {given.tolist()[:5]}")
+        cls = [int(c) for c in given]
         for c in cls:
             if not np.any(y[keep] == c):
                 raise ValueError(f"class {c} has no images in this data set (labels present: {sorted(set(y[keep].tolist()))})")
@@ -198,7 +213,15 @@ def _subset(n: int, y: np.ndarray, indices, classes, limit) -> np.ndarray:
 
 
 def _finish(raw, y, size, indices, classes, limit, layout=None, alpha="refuse"):
+    if len(raw) == 0:
+        raise ValueError("the data set holds no images")
+    if isinstance(raw, np.ndarray) and (raw.ndim < 3 or 0 in raw.shape[1:]):
+        raise ValueError(f"the data set's images have no pixels: array of shape {raw.shape}")
     keep = _subset(len(raw), np.asarray(y), indices, classes, limit)
+    if size is not None:  # the float32 result, before any image is resized
+        c = 3 if getattr(raw, "ndim", 0) == 4 else 1
+        check_memory(4 * len(keep) * c * size * size, f"{len(keep)} images resized to {size}x{size}",
+                     advice="use a smaller size or limit")
     if isinstance(raw, np.ndarray):
         x = preprocess(raw[keep], size, layout=layout, alpha=alpha)
     else:  # pictures one by one (a folder: decoded here, only those kept)
