@@ -485,3 +485,34 @@ def test_data_load_refuses_selections_it_would_misread(tmp_path):
     np.savez(empty, x_train=np.zeros((2, 0, 0), np.uint8), y_train=np.arange(2))
     with pytest.raises(ValueError, match=r"images have no pixels: array of shape \(2, 0, 0\)"):
         pm.data.load(empty)
+
+
+def test_indexed_denoiser_takes_what_the_machine_takes_and_checks_before_building():
+    """float64 queries (documented) were refused by the float32 index; a conditional machine called without labels
+    and one int label failed inside numpy and torch; NaN, t = 0, a wrong canvas and an unknown label were found
+    only after the index was built; IS and PSPC were accepted until the first call."""
+    imgs = torch.from_numpy(IMGS)
+    m = pm.ELS(imgs, LABELS)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    d = pm.IndexedDenoiser(m, 3, kind="flat")
+    for bad, err, message in ((x * float("nan"), ValueError, "x contains NaN"), (x[:, :, :7], ValueError,
+                              "serve queries of 8x8")):
+        with pytest.raises(err, match=message):
+            d(bad, 0.5, [0, 1])
+    with pytest.raises(ValueError, match=r"t must lie in \(0, 1\], got 0.0"):
+        d(x, 0.0, [0, 1])
+    with pytest.raises(ValueError, match="label 5 has no training images"):
+        d(x, 0.5, [0, 5])
+    assert d.indexes == {}  # nothing built for the refused calls
+    y64 = d(x.double(), 0.5, [0, 1])
+    assert y64.dtype == torch.float64 and torch.allclose(y64, m.denoise(x.double(), 0.5, 3, [0, 1]), atol=1e-4)
+    assert d(x.double().numpy(), 0.5, [0, 1]).dtype == np.float64
+    assert torch.equal(d(x, 0.5), m.denoise(x, 0.5, 3)) and d.record[-1]["used"] == "exact"  # no labels: exact
+    mixed = pm.IndexedDenoiser(m, 3, kind="flat", tol=0.0, max_exact_fraction=1.0)
+    assert torch.allclose(mixed(x, 0.5, 1), m.denoise(x, 0.5, 3, 1), atol=1e-5)
+    for machine in (pm.IS(IMGS), pm.PSPC(IMGS)):
+        with pytest.raises(ValueError, match="no key set of patches"):
+            pm.IndexedDenoiser(machine, None if isinstance(machine, pm.IS) else 3)
+    for canvas in ((10 ** 9, 10 ** 9), (-8, 8), (8.5, 8), (8,)):
+        with pytest.raises(ValueError, match=r"canvas must be None or \(Hq, Wq\)"):
+            pm.PatchIndex(m, 3, canvas=canvas)

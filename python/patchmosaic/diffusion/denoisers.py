@@ -24,14 +24,14 @@ import numpy as np
 import torch
 
 from ..index import PatchIndex
-from ..index.patch_index import INDEX_OPTION_ARGS
+from ..index.patch_index import INDEX_OPTION_ARGS, check_canvas_size
 from ..machines import Machine
 from ..machines.base import docstring
 from ..networks import network_channels, network_classes
 from ..ops.checks import check_cuda_inputs
 from ..ops.masks import check_patch_mask, crop_patch_mask
 from ..schedules import ScheduleLike, get_schedule
-from ..validation import check_k, check_t
+from ..validation import check_k, check_t, check_time
 from .inputs import as_images, as_labels, like_input
 from .kschedule import KSchedule, ThresholdSchedule
 
@@ -406,6 +406,8 @@ class IndexedDenoiser:
             raise ValueError(f"max_exact_fraction must be a number in [0, 1], got {max_exact_fraction!r}")
         self.exact = MachineDenoiser(machine, k)
         self.machine, self.schedule = machine, machine.schedule
+        self.query_size = check_canvas_size(canvas, machine)
+        machine.keyset(*self.query_size, self.exact.k_at(1.0))  # (IS, PSPC, PCA-locality: no patches to index)
         self.tol, self.m, self.t_max, self.mode = float(tol), int(m), float(t_max), mode
         self.max_exact_fraction = float(max_exact_fraction)
         self.cache_dir, self.canvas, self.progress, self.index_kw = cache_dir, canvas, progress, index_kw
@@ -429,14 +431,31 @@ class IndexedDenoiser:
         """)
     def __call__(self, x, t, labels=None):
         check_cuda_inputs(x=x, t=t, labels=labels)
-        k = self.exact.k_at(float(t))
+        # the call's input checked before an index is built for it (its k may not have one yet)
+        xt, is_numpy = as_images(x)
+        if xt.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"x must be float32 or float64, got {xt.dtype}")
+        one = t.numel() == 1 if torch.is_tensor(t) else isinstance(t, np.ndarray) and t.size == 1
+        if isinstance(t, bool) or not (isinstance(t, numbers.Real) or one):
+            raise TypeError(f"IndexedDenoiser takes t as one float in (0, 1], got {type(t).__name__}"
+                            f"{f' of shape {tuple(t.shape)}' if hasattr(t, 'shape') else ''}")
+        t = check_time(float(t))
+        lab = as_labels(labels, xt.shape[0])
+        k = self.exact.k_at(t)
+        self.machine.check_labels(None if lab is None else lab.cpu().numpy(), xt.shape[0])
+        if tuple(xt.shape[2:]) != self.query_size:
+            raise ValueError(f"this denoiser's indexes serve queries of {self.query_size[0]}x{self.query_size[1]} "
+                             f"(canvas=), got shape {tuple(xt.shape)}")
+        if not bool(torch.isfinite(xt).all()):
+            raise ValueError(f"x contains NaN or infinite values (shape {tuple(xt.shape)})")
         t0 = time.perf_counter()
-        entry = {"t": float(t), "k": k}
-        if float(t) > self.t_max:
+        entry = {"t": t, "k": k}
+        if t > self.t_max or (lab is None and self.machine.labels is not None):
+            # (a class-conditional machine's index serves a class: a call without labels runs over all images)
             return self._finish(entry, t0, self.exact(x, t, labels), "exact", 1.0)
-        res = self.index(k).denoise(x, t, labels, self.m)
+        res = self.index(k).denoise(xt.float(), t, lab, self.m)  # (the index works in float32)
         bound = res.bound
-        x0 = res.x0.to(x.dtype) if torch.is_tensor(x) else res.x0.numpy()
+        x0 = like_input(res.x0.to(xt.dtype), is_numpy)
         if self.mode == "measured":
             entry.update(bound_max=float(bound.max()), bound_mean=float(bound.mean()))
             return self._finish(entry, t0, x0, "index", 0.0)
@@ -453,16 +472,13 @@ class IndexedDenoiser:
         kept = bound[~bad]
         entry.update(bound_max=float(kept.max()) if len(kept) else 0.0,
                      bound_mean=float(kept.mean()) if len(kept) else 0.0)
-        xt = torch.as_tensor(x)
         out = torch.as_tensor(x0).clone()
-        tt = np.broadcast_to(np.asarray(t, dtype=np.float64), (xt.shape[0],))
         for b in np.nonzero(bad.reshape(len(bad), -1).any(1).numpy())[0]:
-            lab = None if labels is None else torch.as_tensor(np.asarray(labels))[b : b + 1]
             mask = bad[b]
-            ex = self.machine.denoise(xt[b : b + 1], float(tt[b]), k, lab, pixels=mask)
+            ex = self.machine.denoise(xt[b : b + 1], t, k, None if lab is None else lab[b : b + 1], pixels=mask)
             out[b][:, mask.to(out.device)] = ex[0][:, mask.to(ex.device)].to(out.dtype)
         frac = float(bad.float().mean())
-        return self._finish(entry, t0, out if torch.is_tensor(x) else out.numpy(), "mixed", frac)
+        return self._finish(entry, t0, like_input(out, is_numpy), "mixed", frac)
 
     def _finish(self, entry, t0, out, used, exact_fraction):
         entry.update(used=used, exact_fraction=exact_fraction, seconds=time.perf_counter() - t0)

@@ -43,7 +43,8 @@ def time_grid(steps: int = 20) -> np.ndarray:
 
 def _check_steps(steps) -> None:
     """A positive integer number of steps whose grid (as Python floats: 32 bytes a step) fits in memory."""
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer, float)) or not np.isfinite(steps) or \
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer, float)) or \
+            (isinstance(steps, float) and not math.isfinite(steps)) or \
             int(steps) != steps or int(steps) < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if int(steps) > 1_000_000:  # only a grid above 32 MB is worth a look at the memory (none under torch.compile)

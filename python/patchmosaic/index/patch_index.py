@@ -73,6 +73,17 @@ INDEX_OPTION_ARGS = '''        kind: the FAISS index: ``"auto"``, ``"flat"``, ``
 '''
 
 
+def check_canvas_size(canvas, machine) -> Tuple[int, int]:
+    """``(Hq, Wq)`` of the queries an index serves: the training size for None, else two integers in 1..65536 (a
+    ValueError naming ``canvas`` otherwise)."""
+    if canvas is None:
+        return int(machine.H), int(machine.W)
+    if not (isinstance(canvas, (tuple, list)) and len(canvas) == 2 and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 1 <= v <= 1 << 16 for v in canvas)):
+        raise ValueError(f"canvas must be None or (Hq, Wq), two integers in 1..65536, got {canvas!r}")
+    return int(canvas[0]), int(canvas[1])
+
+
 class PatchIndex:
     """A FAISS index over the key patches of ``machine`` at patch size ``k`` for ``canvas`` queries.
 
@@ -156,7 +167,7 @@ class PatchIndex:
             raise ValueError(f"merge must be True or False, got {merge!r}")
         self.machine = machine
         self.k = check_k(k, machine.H, machine.W)
-        self.canvas = tuple(canvas or (machine.H, machine.W))
+        self.canvas = check_canvas_size(canvas, machine)
         if machine.effective_k(self.k, *self.canvas) != self.k:
             raise ValueError(f"patch size k={self.k} is larger than any useful one for this machine and canvas "
                              f"(at most {machine.effective_k(self.k, *self.canvas)}: a larger patch only adds zero "
