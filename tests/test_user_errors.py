@@ -516,3 +516,45 @@ def test_indexed_denoiser_takes_what_the_machine_takes_and_checks_before_buildin
     for canvas in ((10 ** 9, 10 ** 9), (-8, 8), (8.5, 8), (8,)):
         with pytest.raises(ValueError, match=r"canvas must be None or \(Hq, Wq\)"):
             pm.PatchIndex(m, 3, canvas=canvas)
+
+
+def test_compare_and_calibrate_refuse_what_would_fail_after_the_network_has_run(tmp_path):
+    """Each of these failed only after the network's whole trajectory (or with an AttributeError): a blend part that
+    does not know a label, an unknown backend, out_dir a file, info that JSON cannot hold, a machine list instead of
+    a dict, a MachineDenoiser where calibrate takes the machine; and float labels were truncated."""
+    from patchmosaic.experiments.calibrate import calibrate
+    from patchmosaic.experiments.compare import compare
+
+    class Net(torch.nn.Module):
+        calls = 0
+
+        def forward(self, t, x, labels=None):
+            Net.calls += 1
+            return torch.zeros_like(x)
+
+    imgs = torch.from_numpy(IMGS)
+    m = pm.ELS(imgs, LABELS)
+    x1 = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    d = {"a": pm.MachineDenoiser(m, 3)}
+    (tmp_path / "file").write_text("x")
+    blend = pm.BlendDenoiser(pm.MachineDenoiser(m, 3), pm.MachineDenoiser(pm.ELS(imgs, LABELS * 0 + 5), 3), 0.5)
+    cases = [(lambda: compare(Net(), {"b": blend}, x1, [0, 1], steps=2, progress=False), ValueError,
+              "label 0 has no training images"),
+             (lambda: compare(Net(), d, x1, [0.7, 1.9], steps=2, progress=False), TypeError, "labels must be integers"),
+             (lambda: compare(Net(), list(d.values()), x1, [0, 1], steps=2, progress=False), TypeError,
+              "machines must be a dict"),
+             (lambda: compare(Net(), d, x1, [0, 1], steps=2, out_dir=str(tmp_path / "file"), progress=False),
+              ValueError, "is a file, not a folder"),
+             (lambda: compare(Net(), d, x1, [0, 1], steps=2, info={"a": object()}, progress=False), TypeError,
+              "info must hold JSON-able entries"),
+             (lambda: calibrate(Net(), pm.MachineDenoiser(m, 3), x1, [0, 1], steps=2, progress=False), TypeError,
+              "calibrate takes the machine itself"),
+             (lambda: calibrate(Net(), m, x1, [0.7, 1.9], steps=2, progress=False), TypeError,
+              "labels must be integers"),
+             (lambda: pm.MachineDenoiser(m, 3, backend="bogus"), ValueError, "unknown backend 'bogus'"),
+             (lambda: pm.MachineDenoiser(None, 3), TypeError, "machine must be a machine"),
+             (lambda: pm.NetworkDenoiser(Net(), dtype=torch.int64), TypeError, "dtype must be a torch floating")]
+    for call, err, message in cases:
+        with pytest.raises(err, match=message):
+            call()
+    assert Net.calls == 0

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Union
 import numpy as np
 import torch
 
+from .. import ops
 from ..index import PatchIndex
 from ..index.patch_index import INDEX_OPTION_ARGS, check_canvas_size
 from ..machines import Machine
@@ -118,6 +119,10 @@ class MachineDenoiser(_Denoiser):
 
     def __init__(self, machine, k: Union[int, float, KSchedule, ThresholdSchedule, None] = None, *,
                  backend: Optional[str] = None, keep_provenance: bool = False, patch_mask=None):
+        if not isinstance(machine, Machine) and not hasattr(machine, "denoise"):
+            raise TypeError(f"machine must be a machine (pm.ELS, pm.LS, pm.IS, ...), got {type(machine).__name__}")
+        if backend is not None and backend not in ops.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {ops.BACKENDS}")
         self.machine = machine
         self.schedule = machine.schedule
         self.patch_mask = None
@@ -248,6 +253,9 @@ class NetworkDenoiser(_Denoiser):
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.batch_size = int(batch_size)
+        if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            raise TypeError(f"dtype must be a torch floating dtype (torch.float32, float64, float16, bfloat16), got "
+                            f"{dtype!r}")
         self.dtype = dtype
         self.conditional = conditional
         self.num_classes = network_classes(net)  # None: cannot be read from the network

@@ -20,11 +20,13 @@ import numpy as np
 import torch
 
 from ..diffusion.denoisers import NetworkDenoiser
+from ..diffusion.inputs import as_labels
 from ..diffusion.kschedule import KSchedule, ThresholdSchedule
 from ..io.progress import Progress
 from ..io.runstate import fingerprint, load_state, save_state, write_json
 from ..ops.checks import check_cuda_inputs
 from ..diffusion.samplers import check_grid, common_schedule, update
+from ..machines import Machine
 from ..validation import check_k, check_threshold
 
 
@@ -126,6 +128,9 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
         a :class:`Calibration`: the schedule, the candidates, the per-seed choices and all cosines.
     """
     check_cuda_inputs(x1=x1, labels=labels, device=device)
+    if not isinstance(machine, Machine):
+        raise TypeError(f"calibrate takes the machine itself (pm.ELS, pm.LS, pm.PCALocality, ...), got "
+                        f"{type(machine).__name__}")
     net = network if isinstance(network, NetworkDenoiser) else NetworkDenoiser(network, machine.schedule)
     common_schedule({"network": net, type(machine).__name__: machine})
     param = machine.parameter
@@ -144,7 +149,8 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
     dev = x1.device if device is None else torch.device(device)
     x1 = x1.detach().cpu()
     M = x1.shape[0]
-    lab = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    lab = as_labels(labels, M)  # (integers: not truncated)
+    lab = None if lab is None else lab.cpu()
     machine.check_labels(None if lab is None else lab.numpy(), M)
     fp = fingerprint(kind="calibrate", run_id=run_id, network=net.describe(), machine=machine.describe(),
                      grid=g.tolist(), candidates=list(candidates), x1=x1.float(),

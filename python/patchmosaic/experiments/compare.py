@@ -9,6 +9,7 @@ interrupted comparison resumes where it stopped.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Dict, Optional, Sequence
@@ -121,18 +122,29 @@ def compare(network, machines: Dict[str, object], x1: torch.Tensor, labels=None,
     dev = x1.device if device is None else torch.device(device)
     dev = None if dev.type == "cpu" else dev
     x1 = x1.detach().cpu()
+    if not isinstance(machines, dict):
+        raise TypeError(f"machines must be a dict from a name to a denoiser, got {type(machines).__name__}")
     if not machines:
         raise ValueError("give at least one machine to compare")
     if int(batch_size) < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"out_dir {out_dir} is a file, not a folder for the sample files and the report")
+    if info is not None:
+        try:
+            json.dumps(info)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"info must hold JSON-able entries for report.json: {e}") from None
     g = check_grid(grid, steps)
     M = x1.shape[0]
-    lab = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    lab = None if labels is None else torch.as_tensor(np.asarray(labels))
+    if lab is not None and (lab.dtype.is_floating_point or lab.dtype == torch.bool):
+        raise TypeError(f"labels must be integers, got {lab.dtype}")  # (not truncated)
+    lab = None if lab is None else lab.to(torch.int64)
     if lab is not None and lab.shape != (M,):
         raise ValueError(f"labels must have shape ({M},), got {tuple(lab.shape)}")
     for d in machines.values():
-        if hasattr(d, "machine"):
-            d.machine.check_labels(None if lab is None else lab.numpy(), M)
+        check_parts_labels(d, None if lab is None else lab.numpy(), M)
     x1 = x1.float()
     base_fp = dict(kind="compare", run_id=run_id, grid=g.tolist(), x1=x1, labels=None if lab is None else lab.numpy())
 
@@ -192,6 +204,16 @@ def compare(network, machines: Dict[str, object], x1: torch.Tensor, labels=None,
         write_json(os.path.join(out_dir, "report.json"), report)
     report["samples"] = samples
     return report
+
+
+def check_parts_labels(denoiser, labels, M: int) -> None:
+    """Every machine inside ``denoiser`` (a MachineDenoiser's, a blend's two parts') checks ``labels``: an unknown
+    label found before any sampling, not after the network's trajectories."""
+    if hasattr(denoiser, "machine"):
+        denoiser.machine.check_labels(labels, M)
+    for part in (getattr(denoiser, "first", None), getattr(denoiser, "second", None)):
+        if part is not None:
+            check_parts_labels(part, labels, M)
 
 
 def describe(denoiser) -> dict:
