@@ -553,7 +553,12 @@ def test_compare_and_calibrate_refuse_what_would_fail_after_the_network_has_run(
               "labels must be integers"),
              (lambda: pm.MachineDenoiser(m, 3, backend="bogus"), ValueError, "unknown backend 'bogus'"),
              (lambda: pm.MachineDenoiser(None, 3), TypeError, "machine must be a machine"),
-             (lambda: pm.NetworkDenoiser(Net(), dtype=torch.int64), TypeError, "dtype must be a torch floating")]
+             (lambda: pm.NetworkDenoiser(Net(), dtype=torch.int64), TypeError, "dtype must be a torch floating"),
+             (lambda: compare(Net(), d, x1 * float("nan"), [0, 1], steps=2, progress=False), ValueError,
+              "x1 contains NaN"),
+             (lambda: calibrate(Net(), m, x1 * float("inf"), [0, 1], steps=2, progress=False), ValueError,
+              "x1 contains NaN or infinite"),
+             (lambda: pm.PatchIndex(None, 3), TypeError, "a patch index is built over a machine")]
     for call, err, message in cases:
         with pytest.raises(err, match=message):
             call()

@@ -138,6 +138,8 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
         raise ValueError(f"calibration chooses a per-step parameter; the {type(machine).__name__} machine has none")
     if not torch.is_tensor(x1) or x1.ndim != 4:
         raise ValueError(f"x1 must be a (M, C, H, W) tensor of seeds, got shape {tuple(getattr(x1, 'shape', ()))}")
+    if not bool(torch.isfinite(x1).all()):
+        raise ValueError(f"x1 contains NaN or infinite values (shape {tuple(x1.shape)})")
     H, W = x1.shape[-2:]
     if param == "threshold":
         candidates = _threshold_candidates(candidates, getattr(machine, "threshold_candidates", DEFAULT_THRESHOLDS))

@@ -119,6 +119,8 @@ def compare(network, machines: Dict[str, object], x1: torch.Tensor, labels=None,
     check_cuda_inputs(x1=x1, labels=labels, device=device)
     if not torch.is_tensor(x1) or x1.ndim != 4:
         raise ValueError(f"x1 must be a (M, C, H, W) tensor of seeds, got shape {tuple(getattr(x1, 'shape', ()))}")
+    if not bool(torch.isfinite(x1).all()):
+        raise ValueError(f"x1 contains NaN or infinite values (shape {tuple(x1.shape)})")
     dev = x1.device if device is None else torch.device(device)
     dev = None if dev.type == "cpu" else dev
     x1 = x1.detach().cpu()

@@ -145,6 +145,8 @@ class PatchIndex:
     def _setup(self, machine, k, canvas, kind, nlist, nprobe, pq_m, min_index_keys, merge, patch_mask=None) -> None:
         """Check the arguments and set up the parts (their keys not yet merged or indexed): what a built
         and a loaded index share. ``kind`` is checked, not stored (``"auto"`` is resolved by the caller)."""
+        if not all(hasattr(machine, a) for a in ("local", "keyset", "schedule")):
+            raise TypeError(f"a patch index is built over a machine (pm.ELS, pm.LS), got {type(machine).__name__}")
         if not machine.local:
             raise ValueError("a patch index serves the local machines (LS, ELS); IS has no patches")
         if machine.rule is None:
