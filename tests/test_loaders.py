@@ -294,3 +294,24 @@ def test_a_tampered_cifar_batch_is_an_error_not_a_crash(tmp_path):
     assert lines[0].startswith("loaded (1, 1, 32, 32)") or lines[0].startswith("loaded (1, 3, 32, 32)"), lines
     assert "refused" in lines[1] and "an array of shape (2, 3072)" in lines[1], lines
     assert "refused" in lines[2] and "a data type 'O8'" in lines[2], lines
+
+
+def test_an_idx_file_that_would_expand_past_memory_is_refused_before_it_is_read(tmp_path):
+    """A small .gz whose header announces 10^11 bytes was decompressed whole before its size was looked at; now the
+    header is read first and the size checked; a file with bytes past its array is refused as before."""
+    import struct
+
+    bomb = tmp_path / "train-images-idx3-ubyte.gz"
+    with gzip.open(bomb, "wb") as f:
+        f.write(b"\x00\x00\x08\x03" + struct.pack(">III", 100000, 1000, 1000) + bytes(1 << 20))
+    assert bomb.stat().st_size < 1 << 16
+    with pytest.raises(pm.ResourceError, match=r"an IDX array of shape \(100000, 1000, 1000\)"):
+        pm.data.load(str(bomb))
+    good = tmp_path / "g-images-idx3-ubyte"
+    good.write_bytes(b"\x00\x00\x08\x03" + struct.pack(">III", 2, 3, 3) + bytes(range(18)))
+    from patchmosaic.data.idx import read_idx
+
+    assert read_idx(str(good)).tolist() == np.arange(18).reshape(2, 3, 3).tolist()
+    good.write_bytes(good.read_bytes() + b"\x00")
+    with pytest.raises(ValueError, match=r"header says \[2, 3, 3\] but holds 19\+ bytes"):
+        read_idx(str(good))

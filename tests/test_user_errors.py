@@ -510,6 +510,8 @@ def test_indexed_denoiser_takes_what_the_machine_takes_and_checks_before_buildin
     assert torch.equal(d(x, 0.5), m.denoise(x, 0.5, 3)) and d.record[-1]["used"] == "exact"  # no labels: exact
     mixed = pm.IndexedDenoiser(m, 3, kind="flat", tol=0.0, max_exact_fraction=1.0)
     assert torch.allclose(mixed(x, 0.5, 1), m.denoise(x, 0.5, 3, 1), atol=1e-5)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        pm.IndexedDenoiser(m, 3, kind="bogus")
     for machine in (pm.IS(IMGS), pm.PSPC(IMGS)):
         with pytest.raises(ValueError, match="no key set of patches"):
             pm.IndexedDenoiser(machine, None if isinstance(machine, pm.IS) else 3)

@@ -10,23 +10,33 @@ from typing import Tuple
 
 import numpy as np
 
+from ..validation import check_memory
+
 
 def read_idx(path: str) -> np.ndarray:
-    """An IDX array of unsigned bytes, shape from its header."""
+    """An IDX array of unsigned bytes, shape from its header. The header is read first and the array's size checked
+    against the memory before the rest is read, and no more than it is read (a small .gz that would expand to more
+    than the machine holds is refused, not decompressed)."""
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08:
+                raise ValueError(f"{path} is not an unsigned-byte IDX file")
+            ndim = head[3]
+            dim_bytes = f.read(4 * ndim)
+            if len(dim_bytes) != 4 * ndim:
+                raise ValueError(f"{path}: its header is cut short ({len(dim_bytes)} of {4 * ndim} bytes of sizes)")
+            dims = [int.from_bytes(dim_bytes[4 * i : 4 * i + 4], "big") for i in range(ndim)]
+            n = math.prod(dims)
+            check_memory(2 * n, f"{path}: an IDX array of shape {tuple(dims)}", advice="use a smaller file")
+            raw = f.read(n)
+            extra = len(f.read(1))
     except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # truncated or corrupt compression
         raise ValueError(f"{path} is not a readable IDX file ({type(e).__name__}: {e})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
-    if data.size != math.prod(dims):
-        raise ValueError(f"{path}: header says {dims} but holds {data.size} bytes")
-    return data.reshape(dims).copy()
+    if len(raw) != n or extra:
+        raise ValueError(f"{path}: header says {dims} but holds {len(raw) + extra}{'+' if extra else ''} bytes")
+    return np.frombuffer(raw, np.uint8).reshape(dims).copy()
 
 
 def find_idx(folder: str, split: str = "train") -> Tuple[str, str]:

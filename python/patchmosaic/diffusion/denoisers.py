@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .. import ops
-from ..index import PatchIndex
+from ..index import KINDS, PatchIndex
 from ..index.patch_index import INDEX_OPTION_ARGS, check_canvas_size
 from ..machines import Machine
 from ..machines.base import docstring
@@ -401,6 +401,8 @@ class IndexedDenoiser:
         index_kw = dict(kind=kind, nlist=nlist, nprobe=nprobe, pq_m=pq_m, flat_budget=flat_budget,
                         min_index_keys=min_index_keys, merge=merge)
         index_kw = {name: value for name, value in index_kw.items() if value is not None}
+        if kind is not None and kind not in KINDS:  # (at construction, not at the first call)
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if isinstance(tol, bool) or not isinstance(tol, (int, float, np.number)) or not tol >= 0:
             raise ValueError(f"tol must be a non-negative number, got {tol!r}")
         if mode not in self.MODES:
