@@ -223,8 +223,9 @@ class FromCallable(Schedule):
         bad = ~((out >= -1e-12) & (out <= 1 + 1e-12))
         if bad.any():
             i = np.flatnonzero(bad.reshape(-1))[0]
+            got, at = float(out.reshape(-1)[i]), float(t.reshape(-1)[i])
             raise ValueError(f"the schedule callable {getattr(self.fn, '__name__', self.name)!r} must return "
-                             f"alpha_bar(t) in [0, 1], got {float(out.reshape(-1)[i])} at t = {float(t.reshape(-1)[i])}")
+                             f"alpha_bar(t) in [0, 1], got {got} at t = {at}")
         return out
 
     def _shape_message(self, want, got) -> str:

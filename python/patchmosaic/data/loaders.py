@@ -189,14 +189,12 @@ def _subset(n: int, y: np.ndarray, indices, classes, limit) -> np.ndarray:
     keep = np.arange(n)
     if indices is not None:
         idx = np.asarray(indices)
-        if idx.dtype.kind not in "iu":  # (a boolean mask would be read as indices 0 and 1; floats truncated)
+        if idx.size and idx.dtype.kind not in "iu":  # (a boolean mask would be read as indices 0 and 1)
             raise ValueError(f"indices must be integers, got {idx.dtype} values")
-        if idx.size and (idx.max() >= n or idx.min() < -n):
-            raise ValueError(f"indices must lie in [0, {n}), got {idx.min()}..{idx.max()}")
+        if idx.size == 0 or idx.max() >= n or idx.min() < -n:
+            raise ValueError(f"indices must lie in [0, {n}) (at least one), got "
+                             f"{f'{idx.min()}..{idx.max()}' if idx.size else 'none'}")
         idx = idx.astype(np.int64).ravel()
-        if idx.size == 0 or idx.min() < -n or idx.max() >= n:
-            raise ValueError(f"indices must be non-empty and lie in [0, {n}), got {idx.min() if idx.size else 'none'}.."
-                             f"{idx.max() if idx.size else ''}")
         keep = keep[idx]
     if classes is not None:
         given = np.asarray(classes).ravel()

@@ -442,9 +442,7 @@ class IndexedDenoiser:
     def __call__(self, x, t, labels=None):
         check_cuda_inputs(x=x, t=t, labels=labels)
         # the call's input checked before an index is built for it (its k may not have one yet)
-        xt, is_numpy = as_images(x)
-        if xt.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"x must be float32 or float64, got {xt.dtype}")
+        xt, is_numpy = as_images(x)  # (float32 or float64, (B, C, H, W))
         one = t.numel() == 1 if torch.is_tensor(t) else isinstance(t, np.ndarray) and t.size == 1
         if isinstance(t, bool) or not (isinstance(t, numbers.Real) or one):
             raise TypeError(f"IndexedDenoiser takes t as one float in (0, 1], got {type(t).__name__}"

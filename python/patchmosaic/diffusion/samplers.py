@@ -150,15 +150,6 @@ RETURNS = """
 """
 
 
-@docstring("""The update of the module docstring, with any ``eta``, from ``x1`` at ``t = grid[0]`` down to
-    ``grid[-1]``. :func:`ddim` (``eta = 0``) and :func:`ddpm` (``eta = 1``) call it.
-
-    Args:
-""" + SAMPLER_ARGS + """\
-        eta: the noise scale in ``[0, 1]``: 0 (default) deterministic DDIM, 1 the DDPM posterior.
-        generator: a seeded ``torch.Generator`` drawing the noise, required when ``eta > 0``; default None.
-        desc: the progress bar's label (default ``"sampling"``).
-""" + RETURNS)
 def check_callback(callback) -> None:
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable as callback(i, t, x_t, x0), got {type(callback).__name__}")
@@ -174,6 +165,15 @@ def check_x0(x0, x: torch.Tensor, i: int, where: str) -> None:
         raise ValueError(f"the denoiser returned NaN or infinite values at step {i} ({where})")
 
 
+@docstring("""The update of the module docstring, with any ``eta``, from ``x1`` at ``t = grid[0]`` down to
+    ``grid[-1]``. :func:`ddim` (``eta = 0``) and :func:`ddpm` (``eta = 1``) call it.
+
+    Args:
+""" + SAMPLER_ARGS + """\
+        eta: the noise scale in ``[0, 1]``: 0 (default) deterministic DDIM, 1 the DDPM posterior.
+        generator: a seeded ``torch.Generator`` drawing the noise, required when ``eta > 0``; default None.
+        desc: the progress bar's label (default ``"sampling"``).
+""" + RETURNS)
 def reverse_process(denoiser: Callable, x1, labels=None, *, eta: float = 0.0,
                     generator: Optional[torch.Generator] = None, grid: Optional[Sequence[float]] = None,
                     steps: int = 20, schedule: Optional[ScheduleLike] = None, callback: Optional[Callable] = None,

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..diffusion.denoisers import NetworkDenoiser, as_denoiser, full_description
+from ..diffusion.inputs import as_labels
 from ..diffusion.samplers import check_grid, common_schedule, ddim
 from ..io.progress import Progress
 from ..io.runstate import fingerprint, load_state, save_state, write_json
@@ -140,11 +141,9 @@ def compare(network, machines: Dict[str, object], x1: torch.Tensor, labels=None,
     g = check_grid(grid, steps)
     M = x1.shape[0]
     lab = None if labels is None else torch.as_tensor(np.asarray(labels))
-    if lab is not None and (lab.dtype.is_floating_point or lab.dtype == torch.bool):
-        raise TypeError(f"labels must be integers, got {lab.dtype}")  # (not truncated)
-    lab = None if lab is None else lab.to(torch.int64)
     if lab is not None and lab.shape != (M,):
         raise ValueError(f"labels must have shape ({M},), got {tuple(lab.shape)}")
+    lab = as_labels(lab, M)  # (integers: float labels refused, not truncated)
     for d in machines.values():
         check_parts_labels(d, None if lab is None else lab.numpy(), M)
     x1 = x1.float()
