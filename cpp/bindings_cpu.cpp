@@ -88,6 +88,11 @@ bool python_asks_stop() {
 void register_cpu(py::module_& m) {
   python_main_thread = py::module_::import("threading").attr("main_thread")().attr("ident").cast<unsigned long>();
   stop_poll().store(&python_asks_stop);
+  m.def("_set_stop_poll", [](bool enabled) {
+    return stop_poll().exchange(enabled ? &python_asks_stop : nullptr) != nullptr;
+  }, py::arg("enabled"),
+        "Register (True) or withdraw (False) this module's Ctrl-C poll of its CPU engine calls; returns whether it was "
+        "registered. For bench/stop_poll.py, which times calls with and without it.");
   py::register_local_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);

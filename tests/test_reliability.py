@@ -777,7 +777,8 @@ def test_ctrl_c_stops_a_long_cpu_engine_call_early(machine):
     work items, not when the call ends: the call's thread asks Python's signal handlers every 50 ms. The signal comes
     a quarter of the way into a call measured beforehand; the interrupted call must end before three quarters of
     it (one thread; the same-position engine's items are parts of 512 images, an eighth of this call each). The
-    machine answers the same afterwards, bit for bit."""
+    machine answers the same afterwards, bit for bit. With the poll withdrawn (the switch bench/stop_poll.py times
+    with), the same signal waits for the call's end."""
     import threading
 
     x = np.tile(IMGS[:, :, :12, :12], (-(-4096 // len(IMGS)), 1, 1, 1))[:4096].astype(np.float32)
@@ -802,10 +803,23 @@ def test_ctrl_c_stops_a_long_cpu_engine_call_early(machine):
             m.denoise(q, 0.9, k=11)
         took = time.perf_counter() - t0
         timer.join()
+        module = pm.ops.engines._CPU_MODULE
+        assert module._set_stop_poll(False) is True
+        try:
+            timer = threading.Timer(full / 4, os.kill, (os.getpid(), signal.SIGINT))
+            t0 = time.perf_counter()
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                m.denoise(q, 0.9, k=11)
+            took_without = time.perf_counter() - t0
+            timer.join()
+        finally:
+            assert module._set_stop_poll(True) is False
     finally:
         torch.set_num_threads(threads)
         signal.signal(signal.SIGINT, old)
     assert took < 0.75 * full, (took, full)
+    assert took_without > 0.75 * full, (took_without, full)  # (0.97-1.03 of it in 6 runs here)
     assert torch.equal(m.denoise(q[:1], 0.5, k=3), small)
 
 
