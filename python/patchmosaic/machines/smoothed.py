@@ -145,8 +145,8 @@ class SmoothedCFDM(Machine):
             eps = self.noise(self.call_times(t, B), xt.shape)
         s = torch.full((B,), self.smoothing, dtype=torch.float64)
         if self.coordinates == "interpolant":
-            b = torch.sqrt(0.5 / inv_2b2.detach().cpu())
-            s = s * (a.detach().cpu() + b)
+            b = torch.sqrt(0.5 / inv_2b2.cpu())  # (attached: s depends on t, and so does the gradient in t)
+            s = s * (a.cpu() + b)
         dev = xt.device
         eps = eps.to(dev)  # drawn in float64: the same draws in any dtype
         M = self.samples
