@@ -62,6 +62,11 @@ def test_demo_samples_are_a_deterministic_function_of_the_seed(tmp_path):
     keep = np.concatenate([np.nonzero(labels.numpy() == c)[0][:10] for c in range(10)])
     for s in range(2):
         assert set(labels.numpy()[keep][np.unique(a["provenance"].image[s].numpy())]) == {s}
+    # the nearest training image and its Euclidean distance (once reported as that distance's square root)
+    images = pm.data.load_default()[0][keep].double().reshape(len(keep), -1)
+    dist = (a["samples"].double().reshape(2, 1, -1) - images[None]).pow(2).sum(-1).sqrt()
+    assert torch.equal(a["nearest_index"], dist.argmin(1))
+    assert torch.allclose(a["nearest_distance"], dist.min(1).values, rtol=1e-12, atol=1e-12)
 
 
 def test_cli_bad_input_exits_2_with_one_line(tmp_path):

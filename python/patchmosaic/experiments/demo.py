@@ -59,8 +59,8 @@ def run_demo(out: str = "patchmosaic_demo.png", n: int = 8, steps: int = 20, see
     elapsed = time.perf_counter() - t0
 
     flat = images.reshape(len(images), -1)
-    d2 = torch.cdist(sample.reshape(n, -1).double(), flat.double())
-    nearest = d2.argmin(1)
+    dist = torch.cdist(sample.reshape(n, -1).double(), flat.double())  # (Euclidean, not squared)
+    nearest = dist.argmin(1)
     prov = last["prov"]
     tiles = []
     for row in range(4):
@@ -76,7 +76,7 @@ def run_demo(out: str = "patchmosaic_demo.png", n: int = 8, steps: int = 20, see
     write_png(out, grid(tiles, 4, n, pad=2, scale=3))
     return {
         "out": out, "seconds": elapsed, "samples": sample, "labels": ylab,
-        "nearest_index": nearest, "nearest_distance": d2.min(1).values.sqrt(),
+        "nearest_index": nearest, "nearest_distance": dist.min(1).values,
         "provenance": prov, "k_schedule": ksched,
         "sources_per_sample": [int(np.unique(prov.image[b].numpy()).size) for b in range(n)],
     }
