@@ -109,6 +109,11 @@ def test_training_reduces_the_loss_and_resumes_bitwise(tmp_path):
     losses = load(str(tmp_path / "a"))[1]["losses"]
     assert [s for s, _, _ in losses] == list(range(5, 61, 5))
     assert losses[-1][2] < losses[0][2]
+    # the resumed run's loss record goes on from the checkpoint's: the same smoothed losses (the smoothing once
+    # restarted at the resumed step), its seconds never running backwards (they once restarted at 0)
+    resumed = load(str(tmp_path / "b"))[1]["losses"]
+    assert [(s, v) for s, _, v in resumed] == [(s, v) for s, _, v in losses]
+    assert all(p[1] <= q[1] for p, q in zip(resumed, resumed[1:])), resumed
 
 
 def test_training_rejects_bad_input(tmp_path):
@@ -149,6 +154,19 @@ def test_a_checkpoint_with_corrupt_metadata_names_its_file_and_the_problem(tmp_p
         with pytest.raises(ValueError, match=message) as e:
             load(path)
         assert path in str(e.value) and "\n" not in str(e.value)
+    # a training checkpoint whose loss record cannot be gone on from: named when the run resumes
+    x = np.random.default_rng(0).uniform(-1, 1, (8, 1, 8, 8)).astype(np.float32)
+    out = str(tmp_path / "run")
+    train(net.config, x, out=out, config=TrainConfig(steps=2, batch_size=4), progress=False)
+    with safe_open(out + "/model.safetensors", framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    for key, value, message in (("running_loss", "NaN", "running_loss must be a finite number, got nan"),
+                                ("elapsed", "-3", "elapsed seconds must be a finite number >= 0, got -3")):
+        info = json.loads(meta["info"])
+        info[key] = json.loads(value)
+        save_file(tensors, out + "/model.safetensors", metadata=dict(meta, info=json.dumps(info)))
+        with pytest.raises(ValueError, match=message):
+            train(net.config, x, out=out, config=TrainConfig(steps=4, batch_size=4), progress=False)
 
 
 def test_training_that_cannot_fit_in_memory_is_refused_before_it_starts(tmp_path):

@@ -150,7 +150,7 @@ def train(net, images, labels=None, *, out: str, config: Optional[TrainConfig] =
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = copy.deepcopy(net).eval() if cfg.ema_decay > 0 else None
     gen = torch.Generator().manual_seed(cfg.seed)
-    step, losses = 0, []
+    step, losses, run_loss, elapsed = 0, [], None, 0.0
     history = [{"from_step": 0, "config": asdict(cfg), "data": data}]
     try:
         saved, info, extra = load(out, ema=False)
@@ -168,6 +168,7 @@ def train(net, images, labels=None, *, out: str, config: Optional[TrainConfig] =
         old_data = history[-1].get("data")  # None: a checkpoint from before data digests were recorded
         other_data = old_data is not None and old_data != data
         step, losses = int(info["step"]), info.get("losses", [])
+        run_loss, elapsed = _resumed_record(out, info, losses)
         if (changed or other_data) and not override:
             what = [f"{k}={new!r} (it was trained with {old!r})" for k, (old, new) in changed.items()]
             if other_data:
@@ -188,7 +189,7 @@ def train(net, images, labels=None, *, out: str, config: Optional[TrainConfig] =
 
     x, y = x.to(device), None if y is None else y.to(device)
     bar = Progress(cfg.steps, "train", enabled=progress, initial=step)
-    run_loss, t0 = None, time.perf_counter()
+    t0 = time.perf_counter() - elapsed  # (a resumed run's loss record goes on from the checkpoint's)
     while step < cfg.steps:
         idx = torch.randint(0, N, (cfg.batch_size,), generator=gen)
         t = cfg.t_min + (1 - cfg.t_min) * torch.rand(cfg.batch_size, generator=gen, dtype=torch.float64)
@@ -222,7 +223,8 @@ def train(net, images, labels=None, *, out: str, config: Optional[TrainConfig] =
             if bad:  # never a checkpoint of NaN weights
                 _diverged(out, step, f"the weights {bad[0]}{' and others' if len(bad) > 1 else ''} are not finite",
                           cfg)
-            _checkpoint(out, net, opt, ema, gen, step, losses, cfg, history)
+            _checkpoint(out, net, opt, ema, gen, step, losses, cfg, history, run_loss,
+                        time.perf_counter() - t0)
     bar.close()
     return (ema or net).eval()
 
@@ -239,7 +241,23 @@ def _diverged(out, step: int, what: str, cfg: TrainConfig) -> None:
                      f"{kept}; lower the learning rate (--lr) or the weight decay")
 
 
-def _checkpoint(out, net, opt, ema, gen, step, losses, cfg, history):
+def _resumed_record(out, info, losses):
+    """The smoothed loss and the seconds of training a checkpoint records, to go on from (a checkpoint written
+    before they were saved: the smoothing starts again, the time from its last logged row)."""
+    run_loss = info.get("running_loss")
+    if run_loss is not None and (isinstance(run_loss, bool) or not isinstance(run_loss, (int, float))
+                                 or not np.isfinite(run_loss)):
+        raise ValueError(f"{out}: the checkpoint's running_loss must be a finite number, got {run_loss!r}")
+    elapsed = info.get("elapsed")
+    if elapsed is None:
+        last = losses[-1] if isinstance(losses, list) and losses and isinstance(losses[-1], list) else None
+        elapsed = last[1] if last and len(last) == 3 else 0.0
+    if isinstance(elapsed, bool) or not isinstance(elapsed, (int, float)) or not (0 <= elapsed < float("inf")):
+        raise ValueError(f"{out}: the checkpoint's elapsed seconds must be a finite number >= 0, got {elapsed!r}")
+    return (None if run_loss is None else float(run_loss)), float(elapsed)
+
+
+def _checkpoint(out, net, opt, ema, gen, step, losses, cfg, history, run_loss, elapsed):
     extra = {"rng": gen.get_state()}
     state = opt.state_dict()
     for i, st in state["state"].items():
@@ -247,7 +265,7 @@ def _checkpoint(out, net, opt, ema, gen, step, losses, cfg, history):
             extra[f"opt.{i}.{name}"] = torch.as_tensor(v)
     if ema is not None:
         extra.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    info = {"step": step, "losses": losses,
+    info = {"step": step, "losses": losses, "running_loss": run_loss, "elapsed": elapsed,
             "train": {"network": net.config, "config": asdict(cfg), "history": history},
             "param_groups": state["param_groups"]}
     save(out, net, extra=extra, info=info)
