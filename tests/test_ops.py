@@ -97,10 +97,78 @@ def test_opcheck_candidate_softmax():
                                                                                   "test_aot_dispatch_dynamic"))
 
 
-def test_ops_are_registered_with_torch():
-    for name in ("local_softmax", "local_softmax_backward", "ideal_softmax", "ideal_softmax_backward",
-                 "candidate_softmax"):
-        assert hasattr(torch.ops.patchmosaic, name)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_opcheck_aligned_softmax_its_backward_and_jvp(dtype, weighted):
+    train, x, a, s, index = _inputs(5, C=2)
+    x = x.detach().to(dtype).requires_grad_(True)
+    w = torch.ones(3, 3, dtype=torch.float64)
+    if weighted:
+        w[0, 0] = 0.5
+    hp, he, hw, rp, re = ops.patch_table(w, 2, 5, 6, None)
+    hw = hw if weighted else None
+    for prov in (False, True):
+        torch.library.opcheck(ops.aligned_softmax, (train, x, a, s, None, torch.tensor([1, 2]), *index, hp, he, hw,
+                                                    rp, re, prov, "cpu", 0, 0))
+    xd, ad, sd = x.detach(), a.detach(), s.detach()
+    out, stats, _, _ = ops.aligned_softmax(train, xd, ad, sd, None, None, *index, hp, he, hw, rp, re, False, "cpu", 0,
+                                           0)
+    torch.library.opcheck(ops.aligned_softmax_backward, (torch.randn_like(out), out, stats, train, xd, ad, sd, None,
+                                                         *index, hp, he, hw, rp, re, "cpu", 0))
+    torch.library.opcheck(ops.aligned.aligned_softmax_jvp, (train, xd, ad, sd, None, *index, hp, he, hw, rp, re,
+                                                            torch.randn_like(xd), None, torch.randn_like(sd)))
+
+
+def test_opcheck_jvp_ops():
+    train, x, a, s, index = _inputs(6)
+    xd, ad, sd = x.detach(), a.detach(), s.detach()
+    cl = keysets.class_maps("els_zeros", 5, 6, 5, 6, 3)
+    mask = torch.tensor([[0., 1, 0], [1, 1, 1], [0, 1, 2]], dtype=torch.float64)
+    for m in (None, mask):
+        torch.library.opcheck(ops.library.local_softmax_jvp, (train, xd, ad, sd, None, *index, *cl, 3, m,
+                                                              torch.randn_like(xd), torch.randn_like(ad), None))
+    torch.library.opcheck(ops.library.ideal_softmax_jvp, (train, xd, ad, sd, None, *index, torch.randn_like(xd), None,
+                                                          torch.randn_like(sd)))
+
+
+def test_opcheck_tables_draws_and_checks():
+    """The ops that build tables, draw noise or check values. dense_table's real outputs were views of
+    torch.nonzero's (n, 2) result (stride 2, storage offset 1) where its fake promised fresh tensors."""
+    w = torch.ones(3, 3, dtype=torch.float64)
+    torch.library.opcheck(ops.patch_table, (w, 2, 5, 6, None))
+    torch.library.opcheck(ops.patch_table, (w, 2, 5, 6, torch.rand(5, 6, generator=torch.Generator().manual_seed(0))
+                                            > 0.5))
+    dense = torch.tensor([[0.0, 1.0, 0.0, 2.0], [3.0, 0.0, 4.0, 0.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    for weights in (dense, dense[2:], dense[:1, :2], dense > 0):  # an empty row, no element, one element, boolean
+        torch.library.opcheck(ops.dense_table, (weights,))
+    torch.library.opcheck(ops.library.seeded_normal, (torch.tensor([0.3, 0.5], dtype=torch.float64), 0, 3,
+                                                      [2, 1, 3, 3]))
+    train, x, a, s, index = _inputs(7)
+    t = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    torch.library.opcheck(ops.checks.check_values, (x.detach(), "x", t, a.detach(), s.detach()))
+    torch.library.opcheck(ops.checks.check_labels, (torch.tensor([0, 2]), *index, 6))
+    torch.library.opcheck(ops.checks.check_memory_op, (1024, "a small request", 0))
+
+
+def test_ops_are_registered_with_torch_and_each_is_opchecked_here():
+    """Every op the package registers under patchmosaic:: is registered with torch, and this file or its named
+    neighbours (window_table: test_pspc; local_softmax on Triton: test_triton) runs opcheck on it."""
+    import pathlib
+    import re
+
+    import patchmosaic.ops.triton_engine  # noqa: F401  (registers its ops, if any)
+
+    root = pathlib.Path(pm.__file__).parent
+    names = set()
+    for path in root.rglob("*.py"):
+        names |= set(re.findall(r'custom_op\("patchmosaic::(\w+)"', path.read_text()))
+    assert len(names) >= 17, names
+    here = pathlib.Path(__file__).parent
+    checked = "".join((here / f).read_text() for f in ("test_ops.py", "test_pspc.py"))
+    for name in sorted(names):
+        assert hasattr(torch.ops.patchmosaic, name), name
+        assert re.search(rf"opcheck\((?:pm\.)?ops\.(?:\w+\.)?{name}\b", checked) or \
+            (name == "check_memory" and "opcheck(ops.checks.check_memory_op" in checked), f"{name}: no opcheck"
 
 
 # ------------------------------------------------------------------------------------- compile

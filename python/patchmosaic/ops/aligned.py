@@ -301,8 +301,8 @@ def dense_table(weights: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     nz = w > 0
     hood_ptr = torch.zeros(w.shape[0] + 1, dtype=torch.int64)
     hood_ptr[1:] = nz.sum(1).cumsum(0)
-    r, c = torch.nonzero(nz, as_tuple=True)
-    return hood_ptr, c.to(torch.int64), w[r, c].to(torch.float64)
+    r, c = torch.nonzero(nz, as_tuple=True)  # (views of one (n, 2) tensor: copied, as register_fake says)
+    return hood_ptr, c.clone(memory_format=torch.contiguous_format), w[r, c].to(torch.float64)
 
 
 @dense_table.register_fake
