@@ -106,10 +106,14 @@ def test_one_pass_equals_the_float64_oracle(rule, canvas, lists, one_torch_threa
     ks = lists[0]
     out = m.denoise_ks(x, t, ks, labels=lab)
     one = _one_pass(m, x, t, lab, ks)
+    # the sweep on the torch engine: one oracle call per size, through each size's class maps from the multi-size
+    # table (boundary-aware ELS's were once refused: "share some but not all key positions")
+    swept = m.denoise_ks(x, t, ks, labels=lab, backend="torch")
     for j, k in enumerate(ks):
         oracle = m.denoise(x, t, k, labels=lab, backend="torch")
         _check(one[j], oracle, torch.float64, f"{rule} k={k} one pass vs float64 oracle")
         _check(out[j], oracle, torch.float64, f"{rule} k={k} denoise_ks vs float64 oracle")
+        _check(swept[j], oracle, torch.float64, f"{rule} k={k} torch sweep vs float64 oracle")
 
 
 SWEEP_CASES = [("ls", (H, W), [1, 3]), ("els_zeros", (12, 11), [3, 7]), ("els_zeros", (H, W), [1, 3]),
@@ -146,6 +150,11 @@ def test_size_masks_recover_each_sizes_key_set(rule, canvas, lists):
                 for p in q:
                     assert set(kp.tolist()) == key_of.pop(int(p)), f"{rule} k={k} pixel {p}"
             assert not key_of
+            # as class maps (what the torch engine takes): each query pixel's class holds its key positions
+            qc, kc, _, _ = got.class_maps(torch.empty(1, 1, *canvas), torch.empty(1, 1, H, W))
+            for q, kp in want.classes():
+                for p in q:
+                    assert set(np.nonzero(kc.numpy() == int(qc[p]))[0].tolist()) == set(kp.tolist()), (rule, k, p)
 
 
 def test_numpy_in_numpy_out_and_sizes_past_the_padding_limit():

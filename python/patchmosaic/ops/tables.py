@@ -87,7 +87,7 @@ class KeySet:
         kc = np.full(int(train.shape[2]) * int(train.shape[3]), -1, dtype=np.int64)
         ids = {}
         for q, k in self.classes():
-            key = k.tobytes()
+            key = np.sort(k).tobytes()  # (a set: a multi-size table orders a class's positions by their sizes)
             if key not in ids and bool((kc[k] >= 0).any()):
                 raise ValueError("a key set whose classes share some but not all key positions has no class maps")
             c = ids.setdefault(key, len(ids))
