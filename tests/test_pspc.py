@@ -477,3 +477,31 @@ def test_window_table_opcheck_and_compile_fullgraph():
         cf = torch.compile(f, fullgraph=True, backend="aot_eager")
         assert torch.allclose(cf(x, 0.4, y), f(x, 0.4, y), rtol=0, atol=1e-6)
         torch.compiler.reset()
+
+
+@pytest.mark.parametrize("options", [{}, {"response": "centre"}, {"precision": 1.0, "response": 1.5}],
+                         ids=["patch", "centre", "soft"])
+def test_flex_compiles_fullgraph_with_t_a_float(options):
+    """PSPC-Flex under torch.compile(fullgraph=True): its crops (sorts and merges of data-dependent size) are made
+    while the graph is traced, as constants of a graph per (t, tau), like PCA-locality's masks; t a Python float
+    (it chooses the heatmap), a tensor t a TypeError. Values and gradients those of eager mode (it once failed:
+    'Could not extract specialized integer from data-dependent expression')."""
+    torch.compiler.reset()
+    imgs, labels = data(10)
+    m = pm.PSPC(imgs, labels, mode="flex", heatmaps=heatmaps(), **options)
+    x = torch.from_numpy(queries(imgs, B=2)).requires_grad_(True)
+    y = torch.tensor([0, 2])
+
+    def f(x, t):
+        return m.denoise(x, t, 0.6, labels=y)
+
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for t in (0.9, 0.3):  # the two heatmaps
+        want = f(x, t)
+        (gw,) = torch.autograd.grad(want.sum(), x)
+        got = cf(x, t)
+        (gg,) = torch.autograd.grad(got.sum(), x)
+        assert torch.equal(got, want) and torch.equal(gg, gw), t
+    with pytest.raises(torch._dynamo.exc.Unsupported, match="takes t as a Python float"):  # (its TypeError)
+        cf(x, torch.tensor([0.9, 0.3], dtype=torch.float64))
+    torch.compiler.reset()

@@ -44,7 +44,9 @@ computed once and counted with their multiplicity.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import numbers
+import weakref
 from typing import Optional, Sequence
 
 import numpy as np
@@ -53,7 +55,8 @@ import torch
 from .. import ops
 from ..io.files import write_npz
 from ..schedules import ScheduleLike
-from .base import BACKEND_ARG, DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, docstring
+from ..validation import outside_transforms
+from .base import BACKEND_ARG, DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, docstring, traced_name
 from .same_position import SamePosition
 
 MODES = ("square", "flex")
@@ -81,6 +84,7 @@ class Heatmaps:
         if not bool(torch.isfinite(m).all()) or bool((m < 0).any()):
             raise ValueError("heatmaps must be finite and non-negative")
         self.times, self.maps, self.info = t, m.contiguous(), dict(info or {})
+        self._time_list = tuple(float(v) for v in t)  # (for index under torch.compile)
         self._digest = None
 
     @property
@@ -89,7 +93,10 @@ class Heatmaps:
 
     def index(self, t: float) -> int:
         """The index of the time nearest to ``t`` (the first on a tie)."""
-        return int(np.argmin(np.abs(self.times - float(t))))
+        # (Python arithmetic, not numpy: under torch.compile dynamo would trace numpy into tensors, and the index
+        # would be a value the graph cannot read)
+        t, times = float(t), self._time_list
+        return min(range(len(times)), key=lambda i: (abs(times[i] - t), i))
 
     @property
     def digest(self) -> str:
@@ -135,6 +142,25 @@ def heatmap_mask(G: torch.Tensor, tau: float) -> torch.Tensor:
     vals, order = torch.sort(G / total, dim=1, stable=True)
     keep_sorted = torch.cumsum(vals, 1) >= 1.0 - tau
     return torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
+
+
+_LIVE = weakref.WeakValueDictionary()  # handle -> PSPC
+_HANDLES = itertools.count()
+
+
+@torch.compiler.assume_constant_result
+def _warm_flex_table(handle: int, tau: float, hm_index: int) -> bool:
+    """Compute (or find) the flex table of the live :class:`PSPC` ``handle`` at mass ``tau`` and heatmap
+    ``hm_index`` and set it as its attribute ``traced_name(tau, hm_index)`` (machines/base.py), for
+    ``torch.compile``: called while a graph is traced (its arguments are constants there), so that the trace reads
+    the table as constants of the graph (its crops come from data-dependent sorts and merges a graph cannot hold)."""
+    m = _LIVE[handle]
+    key = (tau, hm_index)
+    if key not in m._tables:
+        with outside_transforms():
+            m._tables[key] = m._flex_table(tau, hm_index)
+    setattr(m, traced_name(tau, hm_index), m._tables[key])
+    return True
 
 
 def _gaussian(d2: torch.Tensor, s: Optional[float]) -> torch.Tensor:
@@ -222,6 +248,8 @@ class PSPC(SamePosition):
                                  f"{self.H}x{self.W}")
             self.heatmaps = hm
         self._tables = {}
+        self._handle = next(_HANDLES)  # its name in _LIVE, for a compiled graph's trace (_warm_flex_table)
+        _LIVE[self._handle] = self
 
     # ----- the per-step parameter ------------------------------------------------------------------
     @property
@@ -288,6 +316,9 @@ class PSPC(SamePosition):
     def _table(self, value, hm_index: Optional[int]):
         """``(hood_ptr, hood_elem, hood_weight, resp_ptr, resp_elem, resp_weight, row_pixel)`` of a call; cached."""
         key = (value, hm_index)
+        if self.mode == "flex" and torch.compiler.is_compiling():  # constants of the graph, made while it is traced
+            _warm_flex_table(self._handle, value, hm_index)
+            return getattr(self, traced_name(value, hm_index))
         if key in self._tables and not torch.compiler.is_compiling():
             return self._tables[key]
         table = self._square_table(value) if self.mode == "square" else self._flex_table(value, hm_index)
