@@ -155,11 +155,7 @@ def _warm_flex_table(handle: int, tau: float, hm_index: int) -> bool:
     ``torch.compile``: called while a graph is traced (its arguments are constants there), so that the trace reads
     the table as constants of the graph (its crops come from data-dependent sorts and merges a graph cannot hold)."""
     m = _LIVE[handle]
-    key = (tau, hm_index)
-    if key not in m._tables:
-        with outside_transforms():
-            m._tables[key] = m._flex_table(tau, hm_index)
-    setattr(m, traced_name(tau, hm_index), m._tables[key])
+    setattr(m, traced_name(tau, hm_index), m.cached_table(tau, hm_index))
     return True
 
 
@@ -315,18 +311,24 @@ class PSPC(SamePosition):
 
     def _table(self, value, hm_index: Optional[int]):
         """``(hood_ptr, hood_elem, hood_weight, resp_ptr, resp_elem, resp_weight, row_pixel)`` of a call; cached."""
-        key = (value, hm_index)
-        if self.mode == "flex" and torch.compiler.is_compiling():  # constants of the graph, made while it is traced
-            _warm_flex_table(self._handle, value, hm_index)
+        if torch.compiler.is_compiling():
+            if self.mode == "square":  # (traced: window_table is an op)
+                return self._square_table(value)
+            _warm_flex_table(self._handle, value, hm_index)  # constants of the graph, made while it is traced
             return getattr(self, traced_name(value, hm_index))
-        if key in self._tables and not torch.compiler.is_compiling():
-            return self._tables[key]
-        table = self._square_table(value) if self.mode == "square" else self._flex_table(value, hm_index)
-        if not torch.compiler.is_compiling():
+        return self.cached_table(value, hm_index)
+
+    def cached_table(self, value, hm_index: Optional[int]):
+        """The table of :meth:`_table` at a checked ``value`` (``p`` or ``tau``) and heatmap index (flex; None for
+        square), from the cache (computed on a miss, outside any ``torch.func`` transform)."""
+        key = (value, hm_index)
+        if key not in self._tables:
             if len(self._tables) > 64:
                 self._tables.clear()
-            self._tables[key] = table
-        return table
+            with outside_transforms():  # a cached constant: no torch.func transform may wrap it
+                self._tables[key] = self._square_table(value) if self.mode == "square" else \
+                    self._flex_table(value, hm_index)
+        return self._tables[key]
 
     def _square_table(self, p: int):
         H, W, C = self.H, self.W, self.C
