@@ -242,6 +242,16 @@ def _registry_machine(name, dtype=torch.float32):
     return m, {"k": 5, "threshold": 0.02, "p": 4, None: None}[pm.MACHINES[name].parameter]
 
 
+@pytest.mark.parametrize("name", list(pm.MACHINES))
+def test_every_machine_answers_a_meta_query_with_a_meta_result(name):
+    """Shapes without data: a query on the meta device gives the result's shape and dtype on it (Wiener and the
+    smoothed denoiser once failed in their value check, 'Tensor.item() cannot be called on meta tensors')."""
+    m, p = _registry_machine(name)
+    for dtype in (torch.float32, torch.float64):
+        out = m.denoise(torch.empty(2, 1, 8, 8, dtype=dtype, device="meta"), 0.4, p, [0, 2])
+        assert out.device.type == "meta" and out.shape == (2, 1, 8, 8) and out.dtype == dtype, name
+
+
 @pytest.mark.parametrize("labels", list(LABEL_FORMS))
 @pytest.mark.parametrize("name", list(pm.MACHINES))
 def test_compile_fullgraph_every_machine_and_label_form(name, labels):

@@ -54,7 +54,7 @@ def weighted_means(logits: torch.Tensor, XT: torch.Tensor) -> torch.Tensor:
     same function either way, differentiable in both."""
     d = logits - logits.amax(1, keepdim=True).detach()
     keep = d >= -CUT
-    if not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(d):
+    if not (torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(d) or d.is_meta):
         cols = keep.any(0).nonzero().squeeze(1)
         if cols.numel() <= SPARSE * d.shape[1]:
             w = torch.where(keep[:, cols], d[:, cols], float("-inf")).exp()
@@ -143,14 +143,14 @@ class SmoothedCFDM(Machine):
             eps = ops.seeded_normal(tt.expand(B).cpu(), self.seed, self.samples, list(xt.shape))
         else:
             eps = self.noise(self.call_times(t, B), xt.shape)
-        s = torch.full((B,), self.smoothing, dtype=torch.float64)
-        if self.coordinates == "interpolant":
-            b = torch.sqrt(0.5 / inv_2b2.cpu())  # (attached: s depends on t, and so does the gradient in t)
-            s = s * (a.cpu() + b)
         dev = xt.device
+        s = torch.full((B,), self.smoothing, dtype=torch.float64, device=dev)
+        if self.coordinates == "interpolant":
+            b = torch.sqrt(0.5 / inv_2b2.to(dev))  # (attached: s depends on t, and so does the gradient in t)
+            s = s * (a.to(dev) + b)
         eps = eps.to(dev)  # drawn in float64: the same draws in any dtype
         M = self.samples
-        xs = (xt.to(torch.float64)[None] + s.to(dev).reshape(1, B, 1, 1, 1) * eps).reshape(M * B, -1)
+        xs = (xt.to(torch.float64)[None] + s.reshape(1, B, 1, 1, 1) * eps).reshape(M * B, -1)
         aa, inv = a.to(dev).repeat(M), (inv_2b2.to(dev) / self.temperature).repeat(M)
         if lab is not None:
             ops.checks.labels_known(lab, *self._label_tensors, self.N)  # an unknown label: a ValueError naming it

@@ -25,6 +25,8 @@ def values(x: torch.Tensor, name: str, t: Optional[torch.Tensor], a: torch.Tenso
                                            inv_2b2.detach())
         return
     x, t, a, inv_2b2 = (None if v is None else _unwrapped(v) for v in (x, t, a, inv_2b2))
+    if x.is_meta:  # shapes only (a meta-device query: nothing to read)
+        return
     ok = torch.isfinite(x).all() & (torch.isfinite(a) & torch.isfinite(inv_2b2) & (inv_2b2 > 0)).all()
     if t is not None:
         ok = ok & (torch.isfinite(t) & (t > 0) & (t <= 1)).all()
