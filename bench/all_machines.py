@@ -151,6 +151,8 @@ def run_network(name: str, args) -> dict:
     build_s = time.perf_counter() - t0
     settings = {"train_images": n, "statistics_images": len(everything), "seeds": args.seeds,
                 "calib_seeds": args.calib_seeds, "k_max": args.k_max}
+    if args.median != "lower":  # (no key: the lower median, the rule of every run before 2026-12-07)
+        settings["median"] = args.median
     if args.first_seed:
         settings["first_seed"] = args.first_seed
     schedules, cal_seconds = {}, {}
@@ -175,7 +177,7 @@ def run_network(name: str, args) -> dict:
         c = calibrate(net, local[m], cal_seeds, cal_lab,
                       candidates=cands, k_max=None if local[m].parameter == "threshold" else args.k_max,
                       state=os.path.join(cal_dir, f"calibration_{safe_name(label)}.state.npz"), run_id=name,
-                      progress=not args.quiet)
+                      progress=not args.quiet, median=args.median)
         cal_seconds[m] = round(time.perf_counter() - t0, 1)
         c.to_json(path, network=name, machine=label, settings=calibration_settings(settings), seconds=cal_seconds[m],
                   candidates_requested=cands)
@@ -265,7 +267,8 @@ def blend_weights(name, blend, net, first, second, cal_seeds, cal_lab, out, sett
             return pm.WeightSchedule.from_json(path), c.get("seconds")
     t0 = time.perf_counter()
     c = pm.calibrate_blend(net, first, second, cal_seeds, cal_lab, run_id=name,
-                           state=os.path.join(out, f"calibration_{blend}.state.npz"), progress=not args.quiet)
+                           state=os.path.join(out, f"calibration_{blend}.state.npz"), progress=not args.quiet,
+                           median=args.median)
     seconds = round(time.perf_counter() - t0, 1)
     c.to_json(path, network=name, machine=f"{blend}: " + " + ".join(BLENDS[blend]),
               settings=calibration_settings(settings), seconds=seconds, parts=parts_key)
@@ -471,6 +474,9 @@ def main():
     p.add_argument("--calibration-dir", default=None, help="read (and write) the calibrations here, one folder per "
                    "network, instead of under --out: a held-out run reuses the main run's")
     p.add_argument("--calib-seeds", type=int, default=2)
+    p.add_argument("--median", default="rounded", choices=["rounded", "lower"],
+                   help="the calibrations' per-step rule (pm.calibrate's median=); the runs recorded in RESULTS "
+                        "section 10 used 'lower'")
     p.add_argument("--k-max", type=int, default=15)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--out", default=os.path.join(HERE, "results", "all_machines"))
@@ -506,7 +512,8 @@ def main():
         (f" --calibration-dir {os.path.relpath(args.calibration_dir)}" if args.calibration_dir else "") \
         if args.first_seed else ""
     block = table(rows) + f"\n\n(`python bench/all_machines.py --networks {args.networks} --limit {args.limit} --seeds {args.seeds} " \
-        f"--calib-seeds {args.calib_seeds} --k-max {args.k_max} --fpmc {args.fpmc} --heatmap-samples " \
+        f"--calib-seeds {args.calib_seeds} --median {args.median} --k-max {args.k_max} --fpmc {args.fpmc} " \
+        f"--heatmap-samples " \
         f"{args.heatmap_samples} --heatmap-every {args.heatmap_every}{held_out}`; {time.strftime('%Y-%m-%d')}; " \
         f"{machine_line()})"
     print(block)

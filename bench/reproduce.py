@@ -189,6 +189,8 @@ class Run:
         self.iss = pm.IS(self.images, self.train_labels)
         self.settings = {"seeds": args.seeds, "calib_seeds": args.calib_seeds, "k_max": args.k_max,
                          "train_images": int(len(self.images))}
+        if args.median != "lower":  # (no key: the lower median, the rule of every run before 2026-12-07)
+            self.settings["median"] = args.median
         self.stages = self._load_stages()
 
     # -- stages -------------------------------------------------------------------------------------------
@@ -285,7 +287,7 @@ class Run:
             t0 = time.perf_counter()
             c = calibrate(self.net, machine, self.seeds[:mc], None if self.ylab is None else self.ylab[:mc],
                           k_max=a.k_max, state=os.path.join(self.out, f"calibration_{m}.state.npz"), run_id=self.name,
-                          progress=not a.quiet, device=a.device)
+                          progress=not a.quiet, device=a.device, median=a.median)
             c.to_json(path, network=self.name, seeds=mc, train_images=len(self.images))
             cal[m] = c.schedule
             self.mark(stage, time.perf_counter() - t0)
@@ -428,6 +430,9 @@ def main():
     p.add_argument("--seeds", type=int, default=32, help="comparison seeds (at most 128; default 32)")
     p.add_argument("--calib-seeds", type=int, default=8, help="seeds of the calibration (the first ones; default 8)")
     p.add_argument("--k-max", type=int, default=23, help="largest candidate patch size (default 23)")
+    p.add_argument("--median", default="rounded", choices=["rounded", "lower"],
+                   help="the calibrations' per-step rule (pm.calibrate's median=); the runs recorded in RESULTS "
+                        "section 3 used 'lower'")
     p.add_argument("--batch", type=int, default=8, help="seeds sampled per machine call (default 8)")
     p.add_argument("--limit", type=int, default=None,
                    help="use only the first LIMIT training images (a reduced run; default: the network's whole set)")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import patchmosaic as pm
-from patchmosaic.experiments.calibrate import calibrate, cosine_per_seed, lower_median
+from patchmosaic.experiments.calibrate import calibrate, cosine_per_seed, lower_median, per_step_choices, rounded_median
 
 
 class MachineNet(torch.nn.Module):
@@ -75,6 +75,19 @@ def test_calibration_json_is_a_k_schedule(tmp_path):
 
 def test_helpers():
     assert lower_median([3, 5, 7, 9]) == 5 and lower_median([7, 3, 5]) == 5 and lower_median([0.05, 0.01]) == 0.01
+    # spec section 4: the median over seeds rounded to an odd size (a candidate; the smaller of two equally near)
+    ks = (3, 5, 7, 9, 11)
+    assert rounded_median([3, 9], ks) == 5 and lower_median([3, 9]) == 3  # median 6: 5 and 7 equally near
+    assert rounded_median([3, 11], ks) == 7 and rounded_median([3, 3, 9, 11], ks) == 5  # medians 7 and 6
+    assert rounded_median([3, 5], ks) == 3 and rounded_median([9, 3, 5], ks) == 5  # (odd count: the median itself)
+    assert rounded_median([3, 9], (3, 9)) == 3  # the candidates tried, not every odd size
+    assert rounded_median([0.001, 0.1], (0.001, 0.01, 0.05, 0.1)) == 0.05  # thresholds: the nearest candidate
+    cos = np.zeros((2, 2, 3))
+    cos[0, 0, 0] = cos[0, 1, 2] = cos[1, 0, 1] = cos[1, 1, 1] = 1  # step 0: seeds choose 3 and 11; step 1: 7, 7
+    assert per_step_choices(cos, (3, 7, 11), [1.0, 0.5, 0.0])[2] == (7, 7)
+    assert per_step_choices(cos, (3, 7, 11), [1.0, 0.5, 0.0], "lower")[2] == (3, 7)
+    with pytest.raises(ValueError, match="median must be one of 'rounded', 'lower', got 'mean'"):
+        per_step_choices(cos, (3, 7, 11), [1.0, 0.5, 0.0], "mean")
     u = torch.randn(3, 1, 4, 4)
     assert np.allclose(cosine_per_seed(u, 2 * u), 1) and np.allclose(cosine_per_seed(u, -u), -1)
 
@@ -84,6 +97,9 @@ def test_calibration_rejects_bad_input():
     net = MachineNet(m, true)
     with pytest.raises(ValueError, match="odd"):
         calibrate(net, m, x1, candidates=(3, 4), steps=5, progress=False)
+    with pytest.raises(ValueError, match="median must be one of 'rounded', 'lower', got 'mean'"):
+        calibrate(net, m, x1, steps=5, progress=False, median="mean")
+    assert net.calls == 0
     with pytest.raises(ValueError, match="IS machine"):
         calibrate(net, pm.IS(np.zeros((2, 1, 10, 10))), x1, steps=5, progress=False)
     with pytest.raises(ValueError, match=r"\(M, C, H, W\)"):

@@ -2,7 +2,8 @@
 network, the way :func:`patchmosaic.calibrate` calibrates a k-schedule: along the network's own DDIM trajectory from
 each seed, at every step, the blend at every candidate weight on the network's current ``x_t`` (each denoiser
 called once per step); the weight whose score is most cosine-similar to the network's is that seed's choice, and the
-schedule takes the lower median over seeds per step.
+schedule takes the median over seeds per step, rounded to the nearest candidate weight (``median="lower"``: the
+lower median), as :func:`patchmosaic.calibrate` does.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..diffusion.inputs import as_labels
 from ..diffusion.samplers import check_grid, common_schedule
 from ..io.runstate import fingerprint, write_json
 from ..ops.checks import check_cuda_inputs
-from .calibrate import per_step_choices, trajectory_cosines
+from .calibrate import check_median, per_step_choices, trajectory_cosines
 
 DEFAULT_WEIGHTS = tuple(i / 10 for i in range(11))  # 0, 0.1, ..., 1
 
@@ -29,7 +30,8 @@ class BlendCalibration:
     """What :func:`calibrate_blend` returns (S steps, M seeds, K candidate weights).
 
     Args:
-        schedule: the calibrated :class:`WeightSchedule`, the lower median over seeds of ``choices[i]``.
+        schedule: the calibrated :class:`WeightSchedule`, per step the median over seeds of ``choices[i]`` rounded
+            to the nearest candidate (or their lower median, with ``median="lower"``).
         candidates: the K candidate weights tried, a tuple.
         choices: ``(S, M)``: the weight chosen at step i for seed m.
         cosine: ``(S, M, K)`` float64: the cosine of the network's and the blend's scores.
@@ -55,7 +57,7 @@ class BlendCalibration:
 def calibrate_blend(network, first, second, x1: torch.Tensor, labels=None, *,
                     candidates: Optional[Sequence[float]] = None, grid: Optional[Sequence[float]] = None,
                     steps: int = 20, state: Optional[str] = None, run_id: str = "", progress: bool = True,
-                    device=None) -> BlendCalibration:
+                    device=None, median: str = "rounded") -> BlendCalibration:
     """Calibrate the weight of ``first`` in a blend with ``second`` against ``network``, step by step.
 
     Args:
@@ -71,11 +73,13 @@ def calibrate_blend(network, first, second, x1: torch.Tensor, labels=None, *,
         run_id: a string that goes into the state's fingerprint.
         progress: a progress bar on stderr.
         device: where the trajectories run; None: the device of ``x1``.
+        median: ``"rounded"`` (default) or ``"lower"``, as for :func:`patchmosaic.calibrate`.
 
     Returns:
         a :class:`BlendCalibration`.
     """
     check_cuda_inputs(x1=x1, labels=labels, device=device)
+    check_median(median)
     probe = BlendDenoiser(first, second, 1.0)  # checks both denoisers and their common schedule
     net = network if isinstance(network, NetworkDenoiser) else NetworkDenoiser(network, probe.schedule)
     common_schedule({"network": net, "blend": probe})
@@ -102,6 +106,6 @@ def calibrate_blend(network, first, second, x1: torch.Tensor, labels=None, *,
 
     cos = trajectory_cosines(net, probe.schedule, x1, lab, candidates, x0_of, grid=g, state=state, fp=fp,
                              layout=None, progress=progress, device=dev, desc="calibrate blend")
-    choices, times, values = per_step_choices(cos, candidates, g)
+    choices, times, values = per_step_choices(cos, candidates, g, median)
     schedule = WeightSchedule(times, tuple(float(v) for v in values))
     return BlendCalibration(schedule, candidates, choices, cos)

@@ -4,8 +4,11 @@ of a local machine (a k-schedule), or the threshold of PCA-locality (a threshold
 Along the network's own DDIM trajectory from each seed, at every step, the machine is evaluated at
 every candidate value on the network's current ``x_t`` (all candidates in one call, ``Machine.denoise_ks``: one pass
 over the keys for patch sizes); the value whose score has the highest cosine similarity with the network's score is
-that seed's choice. The schedule is the per-step median over seeds (the lower median, so that it is always one of
-the candidates).
+that seed's choice. The schedule is the per-step median over seeds, rounded to the nearest candidate (for patch
+sizes, odd ones: "rounded to an odd size", spec section 4; of two candidates equally near, the smaller):
+``median="rounded"``, the default. ``median="lower"`` takes the lower median instead (the smaller of the two middle
+choices with an even number of seeds; the rule before 2026-12-07, which biased two-seed schedules to the smaller
+choice); both are the plain median with an odd number of seeds.
 
 The scores ``-eps / b`` of network and machine share the factor ``1 / b^2`` against ``a x0_hat - x_t``,
 so the cosine is computed on ``a x0_hat - x_t`` per seed over all pixels and channels.
@@ -36,7 +39,8 @@ class Calibration:
 
     Args:
         schedule: the calibrated :class:`KSchedule` (or :class:`ThresholdSchedule` for a threshold): one value per
-            step, the lower median over seeds of ``choices[i]`` (always one of the candidates).
+            step, the median over seeds of ``choices[i]`` rounded to the nearest candidate (``median="rounded"``)
+            or their lower median (``median="lower"``).
         candidates: the K candidate values tried (patch sizes: odd positive ints in increasing order; thresholds:
             numbers in (0, 1]), a tuple.
         choices: ``(S, M)`` array; ``choices[i, m]`` is the candidate whose machine score was most
@@ -75,18 +79,36 @@ def lower_median(values: np.ndarray):
     return s[(len(s) - 1) // 2].item()
 
 
+MEDIANS = ("rounded", "lower")
+
+
+def rounded_median(values: np.ndarray, candidates):
+    """The median of values (the mean of the two middle ones for an even count) rounded to the nearest of
+    ``candidates``, the smaller of two equally near (spec section 4: for odd patch sizes, the median rounded to an
+    odd size)."""
+    m = float(np.median(np.asarray(values, dtype=np.float64).ravel()))
+    c = sorted(set(np.asarray(candidates).ravel().tolist()))
+    return min(c, key=lambda v: (abs(v - m), v))
+
+
+def check_median(median) -> str:
+    if median not in MEDIANS:
+        raise ValueError(f"median must be one of {', '.join(map(repr, MEDIANS))}, got {median!r}")
+    return median
+
+
 DEFAULT_THRESHOLDS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)  # PCA-locality candidates
 
 
 def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Optional[Sequence[int]] = None,
               k_max: Optional[int] = None, grid: Optional[Sequence[float]] = None, steps: int = 20,
               state: Optional[str] = None, run_id: str = "", progress: bool = True, layout=None,
-              device=None) -> Calibration:
+              device=None, median: str = "rounded") -> Calibration:
     """Calibrate a k-schedule for ``machine`` against ``network`` from the noise seeds ``x1``.
 
     Along the network's DDIM trajectory from each seed, at every step, the machine is evaluated at every
     candidate k on the network's current ``x_t``; the k whose score is most cosine-similar to the network's is
-    that seed's choice, and the schedule takes the lower median over seeds per step. Everything runs in float32
+    that seed's choice, and the schedule takes the median over seeds per step, rounded to the nearest candidate. Everything runs in float32
     (the engines' precision); cosines are accumulated in float64.
 
     Args:
@@ -123,11 +145,16 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
             sees ``x_t`` there, so a CUDA device runs it on the CUDA engine (the network runs on its own device);
             the result and the state stay on the CPU, and a state resumes on any device. None (default): the
             device of ``x1``.
+        median: ``"rounded"`` (default): per step the median of the seeds' choices rounded to the nearest
+            candidate, the smaller of two equally near (spec section 4); ``"lower"``: the lower median (the rule
+            before 2026-12-07; the same with an odd number of seeds). Not part of the state: a finished state
+            gives either schedule.
 
     Returns:
         a :class:`Calibration`: the schedule, the candidates, the per-seed choices and all cosines.
     """
     check_cuda_inputs(x1=x1, labels=labels, device=device)
+    check_median(median)
     if not isinstance(machine, Machine):
         raise TypeError(f"calibrate takes the machine itself (pm.ELS, pm.LS, pm.PCALocality, ...), got "
                         f"{type(machine).__name__}")
@@ -165,16 +192,18 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
 
     cos = trajectory_cosines(net, machine.schedule, x1, lab, candidates, x0_of, grid=g, state=state, fp=fp,
                              layout=layout, progress=progress, device=dev, desc=f"calibrate {type(machine).__name__}")
-    choices, times, values = per_step_choices(cos, candidates, g)
+    choices, times, values = per_step_choices(cos, candidates, g, median)
     schedule = ThresholdSchedule(times, values) if param == "threshold" else KSchedule(times, values, param != "p")
     return Calibration(schedule, candidates, choices, cos)
 
 
-def per_step_choices(cos: np.ndarray, candidates, grid):
+def per_step_choices(cos: np.ndarray, candidates, grid, median: str = "rounded"):
     """From the ``(S, M, K)`` cosines of a sweep: each seed's best candidate per step ``(S, M)``, the steps' start
-    times, and per step the lower median of the seeds' choices (always one of the candidates)."""
+    times, and per step the seeds' median (``"rounded"``: rounded to the nearest candidate; ``"lower"``: the lower
+    median), always one of the candidates."""
     choices = np.asarray(candidates)[np.argmax(cos, axis=2)]
-    return choices, tuple(float(t) for t in grid[:-1]), tuple(lower_median(c) for c in choices)
+    pick = (lambda c: rounded_median(c, candidates)) if check_median(median) == "rounded" else lower_median
+    return choices, tuple(float(t) for t in grid[:-1]), tuple(pick(c) for c in choices)
 
 
 def trajectory_cosines(net, schedule, x1: torch.Tensor, lab, candidates, x0_of, *, grid, state, fp, layout, progress,

@@ -335,7 +335,7 @@ def _calibrate(args) -> int:
     net, images, labels, x1, y = _setup(args, dict(machine=args.machine, k_max=args.k_max, candidates=cands))
     machine = _machine(args, args.machine, images, labels, boundary=args.boundary)
     c = calibrate(net, machine, x1, y, candidates=cands, k_max=args.k_max, grid=time_grid(args.steps),
-                  state=state, progress=not args.quiet, layout=args.layout)
+                  state=state, progress=not args.quiet, layout=args.layout, median=args.median)
     if not _leader(args):
         return 0
     c.to_json(args.out, network=args.network, machine=args.machine, seeds=int(x1.shape[0]))
@@ -362,7 +362,7 @@ def _calibrate_blend(args, state: str) -> int:
     first, second = (MachineDenoiser(_machine(args, name, images, labels, boundary=args.boundary), ks)
                      for name, ks in parts)
     c = calibrate_blend(net, first, second, x1, y, candidates=cands, grid=time_grid(args.steps), state=state,
-                        progress=not args.quiet)
+                        progress=not args.quiet, median=args.median)
     c.to_json(args.out, network=args.network, blend=args.blend, seeds=int(x1.shape[0]))
     print(f"wrote {args.out}: the weight of {args.blend.split('+')[0]} per step {list(c.schedule.weights)} "
           f"(t = 1 -> {1 / args.steps:g})")
@@ -683,6 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--candidates", default=None, help="comma-separated candidate k's (overrides --k-max), or "
                    "thresholds in (0, 1] for pca (default: 0.001,0.002,0.005,0.01,0.02,0.05,0.1,0.2)")
     c.add_argument("--state", default=None, help="resumable state file (default: OUT.state.npz)")
+    c.add_argument("--median", default="rounded", choices=["rounded", "lower"],
+                   help="per step, the seeds' median rounded to the nearest candidate (default; the smaller of two "
+                        "equally near) or their lower median (the rule before 2026-12-07)")
     c.set_defaults(func=_calibrate)
 
     m = sub.add_parser("compare", help="sample network and machines from the same seeds and compare them",
