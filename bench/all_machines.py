@@ -9,7 +9,7 @@ their own schedules, the first part's weight calibrated per step by ``pm.calibra
 (Pearson r, R^2), each against calibrated ELS by paired per-seed differences with bootstrap intervals. The calibrated
 schedules are each calibrated against the network on the same seeds, training images and candidates.
 
-    python bench/all_machines.py --networks all --limit 2000 --seeds 32 --calib-seeds 2 --k-max 15
+    python bench/all_machines.py --networks all --limit 2000 --seeds 32 --calib-seeds 2 --median lower --k-max 15
 
 The softmax machines use the first --limit training images of the network's data set (a reduced size for this 2-core
 CPU); the Wiener filter, DataLocal's neighbourhoods and PCA-locality's masks use the statistics of the network's whole
@@ -32,7 +32,7 @@ A held-out replication compares on other reference seeds with the main run's cal
 a table block of its own in RESULTS (``all-machines-heldout`` for seeds 32-63, ``all-machines-seeds<first>``
 for another first seed):
 
-    python bench/all_machines.py --networks NET --limit 2000 --seeds 32 --first-seed 32 --calib-seeds 2 --k-max 15 \
+    python bench/all_machines.py --networks NET --limit 2000 --seeds 32 --first-seed 32 --calib-seeds 2 --median lower --k-max 15 \
         --machines ELS,Blend-3 --out bench/results/all_machines_heldout --calibration-dir bench/results/all_machines
 """
 
