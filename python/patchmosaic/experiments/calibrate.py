@@ -108,8 +108,8 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
 
     Along the network's DDIM trajectory from each seed, at every step, the machine is evaluated at every
     candidate k on the network's current ``x_t``; the k whose score is most cosine-similar to the network's is
-    that seed's choice, and the schedule takes the median over seeds per step, rounded to the nearest candidate. Everything runs in float32
-    (the engines' precision); cosines are accumulated in float64.
+    that seed's choice, and the schedule takes the median over seeds per step, rounded to the nearest candidate.
+    Everything runs in float32 (the engines' precision); cosines are accumulated in float64.
 
     Args:
         network: an eps network module ``net(t, x, labels)`` (run on the machine's noise schedule) or a
