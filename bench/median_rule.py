@@ -5,10 +5,17 @@ candidate (spec section 4, ``pm.calibrate``'s default since then). No machine or
 the runs' own.
 
     PYTHONPATH=python python bench/median_rule.py
+
+With ``--compare OLD NEW`` (two bench/all_machines.py output folders, e.g. a run with ``--median lower`` and one with
+``--median rounded``): per network and machine present in both, the median Pearson r and R² of each run and their
+difference.
+
+    PYTHONPATH=python python bench/median_rule.py --compare bench/results/all_machines bench/results/all_machines_rounded
 """
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -20,7 +27,42 @@ from patchmosaic.experiments.calibrate import lower_median, rounded_median
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def compare(old: str, new: str) -> None:
+    """Per network and machine in both runs: median r and R² of each, and seed by seed (the same seeds) the median
+    of r(new) - r(old) with a 95% bootstrap interval of that median and the share of seeds higher."""
+    print("| network | machine | steps whose k differs | r, old | r, new | per seed: new - old [95% interval], "
+          "higher | R², old | R², new |")
+    print("|---|---|---|---|---|---|---|---|")
+    for path in sorted(glob.glob(os.path.join(new, "*", "report.json"))):
+        net = os.path.basename(os.path.dirname(path))
+        other = os.path.join(old, net, "report.json")
+        if not os.path.exists(other):
+            continue
+        with open(path) as fh:
+            b = json.load(fh)
+        with open(other) as fh:
+            a = json.load(fh)
+        for m in sorted(set(a["summary"]) & set(b["summary"])):
+            if m == "IS":
+                continue
+            d = np.asarray(b["per_seed"][m]["r"]) - np.asarray(a["per_seed"][m]["r"])
+            boots = np.median(d[np.random.default_rng(0).integers(0, len(d), (4000, len(d)))], axis=1)
+            lo, hi = np.quantile(boots, [0.025, 0.975])
+            ka, kb = a["k_schedules"].get(m), b["k_schedules"].get(m)
+            steps = "—" if ka is None or kb is None else sum(x != y for x, y in zip(ka, kb))
+            sa, sb = a["summary"][m], b["summary"][m]
+            print(f"| {net} | {m} | {steps} | {sa['r']['median']:.3f} | {sb['r']['median']:.3f} | "
+                  f"{np.median(d):+.4f} [{lo:+.4f}, {hi:+.4f}], {np.mean(d > 0):.0%} | {sa['R2']['median']:.2f} | "
+                  f"{sb['R2']['median']:.2f} |")
+
+
 def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--compare", nargs=2, metavar=("OLD", "NEW"), default=None)
+    args = p.parse_args()
+    if args.compare:
+        compare(*args.compare)
+        return
     per = {}
     for path in sorted(glob.glob(os.path.join(HERE, "results", "**", "calibration_*.json"), recursive=True)):
         with open(path) as fh:
