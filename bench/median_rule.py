@@ -73,18 +73,24 @@ def main():
         low = [lower_median(r) for r in choices]
         rnd = [rounded_median(r, c["candidates"]) for r in choices]
         recorded = next((c[k] for k in ("ks", "thresholds", "weights") if k in c), None)
+        rule = (c.get("settings") or {}).get("median", "lower")  # (no key: made before the rule was recorded)
+        made = rnd if rule == "rounded" else low
         folder = os.path.relpath(path, os.path.join(HERE, "results")).split(os.sep)[0]
-        row = per.setdefault(folder, {"files": 0, "seeds": set(), "steps": 0, "changed": 0, "recorded_not_lower": 0})
+        row = per.setdefault(folder, {"files": 0, "seeds": set(), "steps": 0, "changed": 0, "recorded_not_rule": 0,
+                                      "rules": set()})
+        row["rules"].add(rule)
         row["files"] += 1
         row["seeds"].add(choices.shape[1])
         row["steps"] += len(low)
         row["changed"] += sum(a != b for a, b in zip(low, rnd))
-        row["recorded_not_lower"] += recorded is not None and [float(v) for v in recorded] != [float(v) for v in low]
-    print("| results folder | calibrations | seeds each | steps | steps whose value changes | recorded != lower median |")
-    print("|---|---|---|---|---|---|")
+        row["recorded_not_rule"] += recorded is not None and [float(v) for v in recorded] != [float(v) for v in made]
+    print("| results folder | calibrations | seeds each | rule it was made with | steps | steps whose value differs "
+          "between the rules | recorded != its rule's |")
+    print("|---|---|---|---|---|---|---|")
     for folder, r in per.items():
-        print(f"| {folder} | {r['files']} | {', '.join(map(str, sorted(r['seeds'])))} | {r['steps']} | "
-              f"{r['changed']} ({100 * r['changed'] / r['steps']:.0f}%) | {r['recorded_not_lower']} |")
+        print(f"| {folder} | {r['files']} | {', '.join(map(str, sorted(r['seeds'])))} | "
+              f"{', '.join(sorted(r['rules']))} | {r['steps']} | {r['changed']} "
+              f"({100 * r['changed'] / r['steps']:.0f}%) | {r['recorded_not_rule']} |")
 
 
 if __name__ == "__main__":
