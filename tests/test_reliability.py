@@ -796,23 +796,22 @@ def test_ctrl_c_stops_a_long_cpu_engine_call_early(machine):
             if full >= 0.4 or len(q) >= 256:
                 break
             q = torch.cat([q, q])
-        timer = threading.Timer(full / 4, os.kill, (os.getpid(), signal.SIGINT))
-        t0 = time.perf_counter()
-        timer.start()
-        with pytest.raises(KeyboardInterrupt):
-            m.denoise(q, 0.9, k=11)
-        took = time.perf_counter() - t0
-        timer.join()
-        module = pm.ops.engines._CPU_MODULE
-        assert module._set_stop_poll(False) is True
-        try:
+
+        def interrupted():  # seconds until the call, sent SIGINT a quarter of the way in, raised
             timer = threading.Timer(full / 4, os.kill, (os.getpid(), signal.SIGINT))
             t0 = time.perf_counter()
             timer.start()
             with pytest.raises(KeyboardInterrupt):
                 m.denoise(q, 0.9, k=11)
-            took_without = time.perf_counter() - t0
+            took = time.perf_counter() - t0
             timer.join()
+            return took
+
+        took = interrupted()
+        module = pm.ops.engines._CPU_MODULE
+        assert module._set_stop_poll(False) is True
+        try:
+            took_without = interrupted()
         finally:
             assert module._set_stop_poll(True) is False
     finally:
