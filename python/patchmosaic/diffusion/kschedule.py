@@ -244,8 +244,9 @@ def paper_schedule_names() -> List[str]:
 def paper_schedule(name: str, steps: int = 20) -> KSchedule:
     """The paper's calibrated schedule ``name`` on our grid ``t_i = i / steps``, ``i = steps..1``.
 
-    The paper stores entry ``i`` for ``t = i / 20`` (entry 0 unused, its machine starting at t = 0.95);
-    our step at ``t = 1`` takes the entry of ``t = 0.95``.
+    The paper stores entry ``i`` for ``t = i / 20`` (entry 0 unused, its machine starting at t = 0.95): its
+    sampler (``ScheduledScoreMachine.forward`` in the paper's code) steps ``i = len(scales) - 1, ..., 1`` at
+    ``t = i / len(scales)`` with patch size ``scales[i]``. Our step at ``t = 1`` takes the entry of ``t = 0.95``.
     """
     table = _paper()["schedules"]
     if name not in table:
