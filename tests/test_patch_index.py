@@ -377,3 +377,99 @@ def test_index_settings_out_of_range_are_refused():
                      (dict(t_max=1.5), "t_max"), (dict(tol=float("nan")), "tol")):
         with pytest.raises(ValueError, match=name):
             pm.IndexedDenoiser(m, 3, **kw)
+
+
+def test_a_loaded_index_keeps_each_parts_kind_and_checks_an_inverted_file_bound(tmp_path):
+    # the parts' kinds come from the saved FAISS files, not from the default min_index_keys: a loaded IVF part's
+    # bound stays conditional on retrieval and is checked (it was called exact, and unchecked, before)
+    tr, lab, rng = _data(0, N=40)
+    mach = pm.ELS(tr)
+    idx = PatchIndex(mach, 5, kind="ivf", nlist=16, nprobe=1, min_index_keys=50, progress=False)
+    kinds = [idx.part_kind(p) for p in idx.parts]
+    assert "ivf" in kinds
+    idx.save(str(tmp_path / "i"))
+    back = PatchIndex.load(str(tmp_path / "i"), mach, 5)
+    assert [back.part_kind(p) for p in back.parts] == kinds
+    x = torch.from_numpy(rng.standard_normal((2, 1, 10, 12)).astype(np.float32))
+    with pytest.warns(pm.index.RetrievalWarning):
+        r = back.denoise(x, 0.3, m=8)
+    assert r.bound_conditional and r.checked_pixels == 64 and r.bound_valid is False
+    # saved again and reloaded: the same kinds (an IVF-PQ part re-saved as flat could not be read back)
+    pq = PatchIndex(mach, 5, kind="ivfpq", nlist=4, pq_m=5, min_index_keys=300, progress=False)
+    pq.save(str(tmp_path / "pq"))
+    again = PatchIndex.load(str(tmp_path / "pq"), mach, 5)
+    again.save(str(tmp_path / "pq2"))
+    twice = PatchIndex.load(str(tmp_path / "pq2"), mach, 5)
+    assert [twice.part_kind(p) for p in twice.parts] == [pq.part_kind(p) for p in pq.parts]
+    assert "ivfpq" in [twice.part_kind(p) for p in twice.parts]
+
+
+def test_open_checks_the_build_settings_asked_for_and_takes_the_search_setting(tmp_path):
+    tr, lab, rng = _data(0, N=40)
+    mach = pm.ELS(tr)
+    folder = str(tmp_path / "k5")
+    PatchIndex.open(folder, mach, 5, kind="ivf", nlist=16, nprobe=1, min_index_keys=50, progress=False)
+    for name, value in (("kind", "flat"), ("nlist", 8), ("min_index_keys", 100), ("merge", False)):
+        with pytest.raises(ValueError, match=f"built with {name}=.*not the {name}="):
+            PatchIndex.open(folder, mach, 5, **{name: value})
+    idx = PatchIndex.open(folder, mach, 5, kind="auto", nprobe=16)
+    assert idx.nprobe == 16 and idx.kind == "ivf"
+    assert all(p.index.nprobe == min(16, p.index.nlist) for p in idx.parts if idx.part_kind(p) == "ivf")
+    den = IndexedDenoiser(mach, 5, cache_dir=str(tmp_path), kind="flat")
+    with pytest.raises(ValueError, match="built with kind='ivf'"):
+        den.index(5)
+
+
+def test_the_index_keeps_its_own_copy_of_the_mask_and_equal_masks_share_a_cached_index():
+    tr, lab, rng = _data(0)
+    mach = pm.ELS(tr)
+    x = torch.from_numpy(rng.standard_normal((2, 1, 10, 12)).astype(np.float32))
+    w = torch.ones(5, 5, dtype=torch.float64)
+    w[0, 0] = 0
+    idx = PatchIndex(mach, 5, kind="flat", progress=False, patch_mask=w)
+    before = idx.denoise(x, 0.2, m=4)
+    w[:] = 0
+    w[2, 2] = 1  # the caller reuses its tensor
+    after = idx.denoise(x, 0.2, m=4)
+    assert torch.equal(before.x0, after.x0) and torch.equal(before.bound, after.bound)
+    assert idx.manifest()["patch_mask"][0][0] == 0.0 and idx.manifest()["patch_mask"][0][1] == 1.0
+    mask = np.ones((5, 5), bool)
+    mask[0] = False
+    outs = [pm.index.approx_denoise(mach, x, 0.3, 5, m=4, kind="flat", patch_mask=m_)
+            for m_ in (mask, torch.from_numpy(mask), mask.tolist())]
+    assert all(torch.equal(o.x0, outs[0].x0) for o in outs)
+    from patchmosaic.index.cache import cached_index
+    assert cached_index(mach, 5, (10, 12), kind="flat", patch_mask=mask) is \
+        cached_index(mach, 5, (10, 12), kind="flat", patch_mask=torch.from_numpy(mask.copy()))
+
+
+def test_a_conditional_index_asks_for_labels_and_flat_budget_is_checked_before_work():
+    tr, lab, rng = _data(0)
+    mach = pm.ELS(tr, lab)
+    idx = PatchIndex(mach, 5, kind="flat", progress=False)
+    x = torch.from_numpy(rng.standard_normal((2, 1, 10, 12)).astype(np.float32))
+    with pytest.raises(ValueError, match="class-conditional.*pass labels"):
+        idx.denoise(x, 0.3)
+    for kind, budget in (("auto", -1), ("ivf", "lots"), ("flat", -5), ("ivfpq", 1.5)):
+        with pytest.raises(ValueError, match="flat_budget"):
+            PatchIndex(mach, 5, kind=kind, flat_budget=budget, progress=False)
+
+
+def test_the_bound_allows_for_faiss_float32_ranking_of_near_ties():
+    # two +-1 images, m = 1 of M = 2 keys per pixel, queries at their midpoint: the two keys' distances differ
+    # below float32's resolution, which at low noise is a large difference of logits; FAISS may return the
+    # farther key, and the bound must cover that (it said R / 2 = 1 where the error was 1.13)
+    rng = np.random.default_rng(1)
+    tr = np.where(rng.random((2, 1, 16, 16)) < 0.5, -1.0, 1.0).astype(np.float32)
+    mach = pm.LS(tr)
+    idx = PatchIndex(mach, 15, kind="flat", progress=False)
+    worst = -np.inf
+    for t in (0.05, 0.01, 0.003, 0.001):
+        a = float(mach.schedule.coefficients(np.array([t]))[0][0])
+        for sigma in (1e-3, 1e-4, 1e-5):
+            x = torch.from_numpy((a * (tr[0:1] + tr[1:2]) / 2 + sigma * rng.standard_normal((4, 1, 16, 16)))
+                                 .astype(np.float32))
+            r = idx.denoise(x, t, m=1)
+            err = (mach.denoise(x.double(), t, 15) - r.x0.double()).abs().amax(1)
+            worst = max(worst, float((err - r.bound).max()))
+    assert worst <= F32, worst

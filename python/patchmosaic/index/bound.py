@@ -9,8 +9,10 @@ a range of width ``R``,
 
     |x0_hat - x0_hat_approx| <= R * eps / (1 + eps)     per pixel and channel.
 
-Exact for a flat index; for an inverted-file index it holds *conditional on retrieval* (if the true m
-nearest were found).
+FAISS ranks the keys by float32 distances, so a key left out may be nearer than the m-th retrieved one by the
+rounding of two float32 distances; ``l_m`` above is therefore taken plus that rounding's bound in logits
+(``query.ranking_slack``). With it the bound is a guarantee for a flat index; for an inverted-file index it holds
+*conditional on retrieval* (if the probed lists held the m nearest).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import weakref
 from typing import Optional, Tuple
 
+from ..ops.masks import check_patch_mask
 from .patch_index import PatchIndex
 
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -14,10 +15,20 @@ def cached_index(machine, k: int, canvas: Optional[Tuple[int, int]] = None, **in
     """The :class:`PatchIndex` of ``machine`` at ``k`` for ``canvas`` queries with ``index_kw`` (``kind``,
     ``nprobe``, ...): built on first use, then the same object while the machine lives."""
     per_machine = _CACHE.setdefault(machine, {})
-    key = (int(k), None if canvas is None else tuple(canvas), tuple(sorted(index_kw.items())))
+    key = (int(k), None if canvas is None else tuple(canvas),
+           tuple(sorted((name, _setting_key(name, v)) for name, v in index_kw.items())))
     if key not in per_machine:
         per_machine[key] = PatchIndex(machine, int(k), canvas, progress=False, **index_kw)
     return per_machine[key]
+
+
+def _setting_key(name: str, value):
+    """A hashable stand-in for one index setting: a neighbourhood mask (numpy, torch or lists) by its values, so
+    that equal masks share an index and a mask changed in place later does not find the old one."""
+    if name == "patch_mask" and value is not None:
+        w = check_patch_mask(value).numpy()
+        return ("mask", w.shape, w.tobytes())
+    return value
 
 
 def approx_denoise(machine, x, t, k: int, labels=None, *, m: int = 64, **index_kw):

@@ -49,6 +49,8 @@ class Part:
     HW: int
     value_range: float
     index: object = None
+    kind: Optional[str] = None  # the FAISS index the part holds ("flat", "ivf", "ivfpq"), once built or loaded
+    absmax: float = float("inf")  # the largest |value| of the part's images (bounds its key vectors' norms)
     keys: np.ndarray = field(init=False)
     count: Optional[np.ndarray] = field(init=False, default=None)
     n_total: int = field(init=False)
@@ -109,7 +111,7 @@ class PatchIndex:
         min_index_keys: parts with at most this many keys always use a flat index (default 20000).
         merge: store each distinct key patch once with its multiplicity (default True; exact, since identical
             patches have identical centres; on MNIST it removes the thousands of blank patches that tie at the
-            top and would make the bound vacuous).
+            top and would make the bound vacuous at low noise; at high noise the bound stays loose there).
         progress: progress bars on stderr while duplicates are merged and parts are built (default True;
             shown only on a terminal).
         patch_mask: a ``(k, k)`` neighbourhood mask shared by every pixel, boolean or non-negative weights, as
@@ -121,6 +123,9 @@ class PatchIndex:
     def __init__(self, machine, k: int, canvas: Optional[Tuple[int, int]] = None, *, kind: str = "auto",
                  nlist: Optional[int] = None, nprobe: int = 16, pq_m: int = 16, flat_budget: Optional[int] = None,
                  min_index_keys: int = 20000, merge: bool = True, progress: bool = True, patch_mask=None):
+        if flat_budget is not None and (isinstance(flat_budget, bool) or not isinstance(
+                flat_budget, (int, np.integer)) or flat_budget < 0):
+            raise ValueError(f"flat_budget must be a non-negative integer number of bytes or None, got {flat_budget!r}")
         self._setup(machine, k, canvas, kind, nlist, nprobe, pq_m, min_index_keys, merge, patch_mask)
         self.check_memory(kind)  # from the shapes (and a sample of keys), before any key is hashed or indexed
         t0 = time.perf_counter()
@@ -132,9 +137,6 @@ class PatchIndex:
             bar.close()
         if kind == "auto":
             n_keys = sum(len(p.keys) for p in self.parts)
-            if flat_budget is not None and (isinstance(flat_budget, bool) or not isinstance(
-                    flat_budget, (int, np.integer)) or flat_budget < 0):
-                raise ValueError(f"flat_budget must be a non-negative integer number of bytes, got {flat_budget!r}")
             budget = available_memory() // 4 if flat_budget is None else int(flat_budget)
             kind = "flat" if n_keys * self.d * 4 <= budget else "ivfpq"
         self.kind = kind
@@ -196,7 +198,7 @@ class PatchIndex:
                              "supported (use the exact machine)")
         if w.shape[0] != self.k:
             raise ValueError(f"patch_mask is {w.shape[0]}x{w.shape[1]} but the index's patch size is k={self.k}")
-        self.patch_mask = w.numpy()
+        self.patch_mask = w.numpy().copy()  # (never a view of the caller's mask: it may change it later)
         flat = np.tile(self.patch_mask.ravel(), C)  # the weight of every column, (channel, row, column) order
         cols = np.nonzero(flat > 0)[0]
         if len(cols) == len(flat) and bool(np.all(flat == 1.0)):
@@ -213,12 +215,19 @@ class PatchIndex:
         for label, imgs in groups:
             vals = m.images[torch.as_tensor(imgs, dtype=torch.long)]
             rng = float(vals.max() - vals.min())
+            absmax = float(vals.abs().max())
             for c, (qpix, kpos) in enumerate(self.keyset.classes()):
                 parts.append(Part(label, c, np.asarray(qpix, np.int64), np.asarray(imgs, np.int64),
-                                  np.asarray(kpos, np.int64), HW, rng))
+                                  np.asarray(kpos, np.int64), HW, rng, absmax=absmax))
         return parts
 
     SAMPLE_KEYS = 1 << 16  # keys hashed to estimate how many distinct ones merging leaves
+
+    def key_norm_bound(self, part: Part) -> float:
+        """An upper bound on the Euclidean norm of every key vector of ``part`` (its values at most ``absmax`` in
+        size, times the mask's square-root weights; zero padding only lowers it)."""
+        weight = self.d if self.mask_scale is None else float(np.sum(self.mask_scale.astype(np.float64) ** 2))
+        return part.absmax * float(np.sqrt(weight * (1 + 1e-6)))
 
     def bytes_per_key(self, kind: str) -> int:
         """Bytes an index of ``kind`` holds per key: its vector (or PQ code), its id and multiplicity."""
@@ -286,8 +295,11 @@ class PatchIndex:
     PQ_CODES = 256  # an IVF-PQ part trains 2^8 centroids per sub-quantiser: it needs at least this many keys
 
     def part_kind(self, part: Part) -> str:
-        """The index of one part: flat for a flat index, for a part of at most ``min_index_keys`` keys, and for an
-        IVF-PQ part too small to train its codebooks (fewer than :data:`PQ_CODES` keys)."""
+        """The index of one part: the one it holds once built or loaded; before that, flat for a flat index, for a
+        part of at most ``min_index_keys`` keys, and for an IVF-PQ part too small to train its codebooks (fewer
+        than :data:`PQ_CODES` keys)."""
+        if part.kind is not None:
+            return part.kind
         n = len(part.keys)
         if self.kind == "flat" or n <= self.min_index_keys or (self.kind == "ivfpq" and n < self.PQ_CODES):
             return "flat"
@@ -322,7 +334,9 @@ class PatchIndex:
                                 "use kind='ivfpq' or 'auto'")
         bar = Progress(len(self.parts), f"index k={self.k}", enabled=progress)
         for part in self.parts:
+            kind = self.part_kind(part)
             part.index = self._build_part(faiss, part)
+            part.kind = kind
             bar.update(postfix=f"{len(part.keys)} keys, {self.part_kind(part)}")
         bar.close()
 
@@ -396,23 +410,46 @@ class PatchIndex:
 
     @classmethod
     def load(cls, folder: str, machine, k: int, canvas: Optional[Tuple[int, int]] = None, *,
-             patch_mask=None) -> "PatchIndex":
+             patch_mask=None, nprobe: Optional[int] = None) -> "PatchIndex":
         """Load an index saved by :meth:`save`; a ValueError if it was built for other data or settings (the
-        neighbourhood mask ``patch_mask`` included)."""
+        neighbourhood mask ``patch_mask`` included). ``nprobe`` (a search setting, not a build one): the inverted
+        lists searched per query; None (default): the saved index's."""
         man = store.read_manifest(folder)
         kind = man.get("kind", "flat")  # as built: never "auto"
         self = cls.__new__(cls)  # set up for the machine, then filled from the folder: nothing merged or built
-        self._setup(machine, k, canvas, kind, man.get("nlist"), man.get("nprobe", 16), man.get("pq_m", 16),
-                    20000, bool(man.get("merge", False)), patch_mask)
+        self._setup(machine, k, canvas, kind, man.get("nlist"), man.get("nprobe", 16) if nprobe is None else nprobe,
+                    man.get("pq_m", 16), man.get("min_index_keys", 20000), bool(man.get("merge", False)), patch_mask)
         self.kind = kind
-        store.read_into(self, folder, man)
+        store.read_into(self, folder, man)  # (each part's kind from the FAISS index its file holds)
         return self
+
+    # the build settings a saved index must match when :meth:`open` is asked for them
+    BUILD_SETTINGS = ("kind", "nlist", "pq_m", "min_index_keys", "merge")
 
     @classmethod
     def open(cls, folder: Optional[str], machine, k: int, canvas=None, **kw) -> "PatchIndex":
-        """Load the index in ``folder`` if it matches, else build it (and save it there when ``folder``)."""
+        """The index saved in ``folder`` if it holds one, else a new one, built with ``kw`` (saved there when
+        ``folder`` is given).
+
+        A saved index is checked against the machine, ``k``, the canvas and ``patch_mask`` (as :meth:`load`), and
+        against every build setting in ``kw`` (``kind``: any for ``"auto"``; ``nlist``, ``pq_m``,
+        ``min_index_keys``, ``merge``): a ValueError names a difference (remove the folder, or use another, to build
+        one with the new settings). ``nprobe`` is a search setting: the loaded index takes the one asked for.
+        ``flat_budget`` and ``progress`` concern building only."""
         if folder is not None and store.exists(folder):
-            return cls.load(folder, machine, k, canvas, patch_mask=kw.get("patch_mask"))
+            kind = kw.get("kind", "auto")
+            if kind not in KINDS:
+                raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+            idx = cls.load(folder, machine, k, canvas, patch_mask=kw.get("patch_mask"), nprobe=kw.get("nprobe"))
+            for name in cls.BUILD_SETTINGS:
+                want, have = kw.get(name), getattr(idx, name)
+                if want is None or (name == "kind" and want == "auto"):
+                    continue
+                if (bool(want) if name == "merge" else want) != have:
+                    raise ValueError(f"the patch index at {folder} was built with {name}={have!r}, not the "
+                                     f"{name}={want!r} asked for; remove that folder (or use another) to build one "
+                                     "with these settings")
+            return idx
         idx = cls(machine, k, canvas, **kw)
         if folder is not None:
             idx.save(folder)

@@ -56,6 +56,25 @@ class ApproxResult:
     state: Optional[SoftmaxState] = None
 
 
+U32 = 2.0 ** -24  # float32's unit roundoff
+
+
+def ranking_slack(q: np.ndarray, key_norm: float, scale: np.ndarray, per_image: int) -> np.ndarray:
+    """Per query row, how much larger than the m-th retrieved key's logit a left-out key's logit can be because
+    FAISS computes and ranks the distances ``|q - y|^2`` in float32 (``q`` the row's query vector over ``a``).
+
+    Each float32 distance of a ``d``-vector, in any summation order and directly or as ``|q|^2 + |y|^2 - 2 q.y``,
+    is within ``gamma (|q| + |y|)^2`` of the exact one, ``gamma = n u / (1 - n u)`` with ``n = d + 2`` and ``u``
+    float32's unit roundoff. A key left out has a float32 distance at least the m-th's, so its exact distance is
+    at least the m-th's exact distance less twice that; times ``a^2 / (2 b^2)`` (``scale``, per image, the rows of
+    one image ``per_image`` in a row) it is a slack in logits. At high noise it is negligible; at very low noise,
+    or for queries far larger than the data, it can make the bound vacuous, as it should."""
+    n = q.shape[1] + 2
+    gamma = n * U32 / (1 - n * U32)
+    qn = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
+    return 2 * gamma * (qn + key_norm) ** 2 * np.repeat(np.asarray(scale, np.float64), per_image)
+
+
 def approx_denoise(index, x, t, labels=None, m: int = 64, check_pixels: int = 64) -> ApproxResult:
     """The softmax over the ``m`` nearest keys per pixel of ``index`` (a :class:`PatchIndex`), re-scored
     exactly, with the per-pixel error bound. ``x`` ``(B, C, Hq, Wq)`` float32 on the CPU. Where the bound is
@@ -77,13 +96,16 @@ def approx_denoise(index, x, t, labels=None, m: int = 64, check_pixels: int = 64
         raise ValueError(f"check_pixels must be a non-negative integer, got {check_pixels!r}")
     tt = check_t(t, B)
     mach.check_labels(labels, B)
+    if labels is None and any(p.label is not None for p in index.parts):
+        raise ValueError("this patch index was built over a class-conditional machine (its keys are split by class): "
+                         "pass labels, one per query image (the exact machine runs over every image without them)")
     lab = None if labels is None else to_labels(labels, B)
     a, b2 = mach.schedule.coefficients(tt)
     inv_2b2 = 0.5 / b2
     xq = xt.cpu().contiguous()
     HWq = Hq * Wq
     m = min(int(m), max(len(p.keys) for p in index.parts))
-    pix_all, cand_all, cnt_all, M_all, R_all = [], [], [], [], []
+    pix_all, cand_all, cnt_all, M_all, R_all, slack_all = [], [], [], [], [], []
     allpix = np.arange(HWq)
     cols = {}  # query patches / a of each label group, once: (nb, Hq Wq, d)
     for part in index.parts:
@@ -99,6 +121,7 @@ def approx_denoise(index, x, t, labels=None, m: int = 64, check_pixels: int = 64
         mm = min(m, len(part.keys))
         q = pad_to(np.ascontiguousarray(q, dtype=np.float32), part.index.d)
         _, ids = part.index.search(q, mm)
+        slack_all.append(ranking_slack(q, index.key_norm_bound(part), a[bs] ** 2 * inv_2b2[bs], len(part.qpix)))
         short = np.nonzero((ids < 0).any(1))[0]
         if len(short) and hasattr(part.index, "nprobe"):
             # the probed lists held fewer than mm keys (e.g. many identical patches all filed in one
@@ -126,7 +149,9 @@ def approx_denoise(index, x, t, labels=None, m: int = 64, check_pixels: int = 64
         torch.from_numpy(cnt), index.k, index.keyset.query_pad, index.keyset.key_pad, True, mach.n_threads,
         None if index.patch_mask is None else torch.from_numpy(index.patch_mask))
     out, top, last, srel, arg = out_t.numpy(), top_t.numpy(), last_t.numpy(), srel_t.numpy(), arg_t.numpy()
-    left = left_mass(top, last, cnt.sum(axis=1), np.concatenate(M_all))
+    # FAISS ranks in float32: a key left out may be nearer than the m-th retrieved by its rounding, so the
+    # left-out keys' logits are bounded by the m-th's plus the slack of that rounding (ranking_slack)
+    left = left_mass(top, last + np.concatenate(slack_all), cnt.sum(axis=1), np.concatenate(M_all))
     bnd = bound_from_mass(left, srel, np.concatenate(R_all))
 
     def per_pixel(values, fill, dtype=np.float64):

@@ -23,6 +23,7 @@ def manifest(index) -> dict:
             "train_shape": list(m.images.shape), "k": index.k, "canvas": list(index.canvas), "kind": index.kind,
             "patch_mask": None if index.patch_mask is None else index.patch_mask.tolist(),
             "nprobe": index.nprobe, "pq_m": index.pq_m, "nlist": index.nlist, "merge": index.merge,
+            "min_index_keys": index.min_index_keys,
             "parts": [{"label": p.label, "cls": p.cls, "n_total": int(p.n_total), "n_keys": int(len(p.keys)),
                        "file": f"part_{i}.faiss", "keys": f"part_{i}.keys.npz", "index": index.part_kind(p)}
                       for i, p in enumerate(index.parts)],
@@ -65,7 +66,7 @@ def read_manifest(folder: str) -> dict:
 # the manifest's entries and their JSON types (None allowed where the value may be null)
 _TYPES = {"format": (str,), "fingerprint": (str,), "machine": (str,), "k": (int,), "kind": (str,),
           "train_shape": (list,), "canvas": (list,), "parts": (list,), "nprobe": (int,), "pq_m": (int,),
-          "nlist": (int, type(None)), "merge": (bool,), "build_seconds": (int, float)}
+          "nlist": (int, type(None)), "merge": (bool,), "build_seconds": (int, float), "min_index_keys": (int,)}
 _PART_TYPES = {"file": (str,), "keys": (str,), "n_total": (int,), "n_keys": (int,), "index": (str,),
                "sha256": (str,), "keys_sha256": (str,)}
 
@@ -116,14 +117,29 @@ def read_into(index, folder: str, man: dict) -> None:
             p.index = faiss.read_index(path)
         except RuntimeError as e:
             raise ValueError(f"corrupt or unreadable index file {path}: {str(e).splitlines()[0][:200]}") from None
+        # the part's kind is the index the file holds (whether its bound is exact or conditional on retrieval
+        # depends on it), checked against the manifest's
+        p.kind = faiss_kind(faiss, p.index)
+        if p.kind != meta.get("index"):
+            raise ValueError(f"index file {path} holds {p.kind!r} index but the manifest says "
+                             f"{meta.get('index')!r}; rebuild the index")
         load_keys(p, os.path.join(folder, meta.get("keys", "")))
-        want_d = index.pq_dims()[1] if meta.get("index") == "ivfpq" else index.d
+        want_d = index.pq_dims()[1] if p.kind == "ivfpq" else index.d
         if p.index.ntotal != len(p.keys) or p.index.d != want_d:
             raise ValueError(f"index file {path} holds {p.index.ntotal} vectors of size {p.index.d}, "
                              f"expected {len(p.keys)} of size {want_d}; rebuild it")
         if hasattr(p.index, "nprobe"):
             p.index.nprobe = min(index.nprobe, p.index.nlist)
     index.build_seconds = man.get("build_seconds", 0.0)
+
+
+def faiss_kind(faiss, index) -> str:
+    """``"flat"``, ``"ivf"`` or ``"ivfpq"``: the kind of a FAISS index this package builds (a ValueError for any
+    other)."""
+    for cls, kind in ((faiss.IndexFlat, "flat"), (faiss.IndexIVFPQ, "ivfpq"), (faiss.IndexIVFFlat, "ivf")):
+        if isinstance(index, cls):
+            return kind
+    raise ValueError(f"a patch index part holds a FAISS {type(index).__name__}, which this package does not build")
 
 
 def load_keys(part, path: str) -> None:
