@@ -747,11 +747,14 @@ def _as_from_a_terminal():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _interrupted(cmd, env, delay):
-    """Run cmd, send it SIGINT after `delay` seconds; its exit code and stderr (the child killed if it outlives
-    the check, so that a failure leaves no process behind)."""
+def _interrupted(cmd, env, ready, delay):
+    """Run cmd, send it SIGINT `delay` seconds after its stderr's first line (`ready` begins it: the command has
+    started its work; a fixed delay from the start raced the imports on a loaded machine); its exit code and the
+    rest of its stderr (the child killed if it outlives the check, so that a failure leaves no process behind)."""
     p = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=_as_from_a_terminal)
     try:
+        first = p.stderr.readline()
+        assert first.startswith(ready), first
         time.sleep(delay)
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
@@ -765,7 +768,7 @@ def _interrupted(cmd, env, delay):
 def test_a_real_ctrl_c_stops_the_command_with_one_line(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), OMP_NUM_THREADS="1")
     rc, err = _interrupted([sys.executable, "-m", "patchmosaic", "sample", "--steps", "400", "--samples", "8",
-                            "--quiet", "--out", str(tmp_path / "s.png")], env, 5)
+                            "--out", str(tmp_path / "s.png")], env, "patchmosaic sample: 8 samples", 1)
     assert rc == 130 and err.strip() == "patchmosaic sample: interrupted; nothing was written (the files " \
                                         "are written at the end)", err
     assert not (tmp_path / "s.png").exists()
