@@ -115,10 +115,81 @@ def test_cuda_devices_are_refused_clearly(no_cuda, tmp_path):
     ]
     if os.path.isdir(MODELS):  # a TorchScript file (torch's own message here blamed the file)
         calls.append(lambda: load_network(os.path.join(MODELS, "mnist_resnet_zeros", "model.pt"), device="cuda:0"))
+    from patchmosaic.experiments.train_preset import list_presets, run_preset
+    from patchmosaic.networks.timing import step_seconds
+
+    said = []
+    calls += [lambda: run_preset("mnist2k_resnet_tiny", str(tmp_path / "p"), device="cuda", say=said.append),
+              lambda: list_presets(device="cuda", say=said.append),
+              lambda: step_seconds({"arch": "resnet", "channels": 1, "width": 4, "depth": 1}, 2, device="cuda")]
     for call in calls:
         with pytest.raises(RuntimeError, match=f"asks for a CUDA device, {NO_CUDA}.*is_available\\(\\) is False"):
             call()
-    assert not os.path.exists(tmp_path / "t")  # refused before any work
+    assert not os.path.exists(tmp_path / "t") and not os.path.exists(tmp_path / "p")  # refused before any work
+    assert said == []
+    # the CLI: exit code 2 and the one-line reason (it was an "internal error" for a preset and --list-presets)
+    from patchmosaic.experiments.cli import main
+
+    for argv in (["train", "--preset", "mnist2k_resnet_tiny", "--device", "cuda", "--out", str(tmp_path / "c"),
+                  "--quiet"], ["train", "--list-presets", "--device", "cuda"]):
+        assert main(argv) == 2, argv
+    assert not os.path.exists(tmp_path / "c")
+
+
+def test_a_network_denoiser_refuses_non_finite_noise_before_the_network_runs():
+    class Net(torch.nn.Module):
+        calls = 0
+
+        def forward(self, t, x, labels=None):
+            Net.calls += 1
+            return torch.zeros_like(x)
+
+    x = torch.zeros(2, 1, 8, 8)
+    x[1, 0, 3, 3] = float("nan")
+    for call in (lambda: pm.NetworkDenoiser(Net())(x, 0.5), lambda: pm.NetworkDenoiser(Net()).eps(x, 0.5),
+                 lambda: pm.ddim(pm.NetworkDenoiser(Net()), x, steps=2, progress=False)):
+        with pytest.raises(ValueError, match=r"x contains NaN or infinite values \(shape \(2, 1, 8, 8\)\)"):
+            call()
+    assert Net.calls == 0
+
+
+def test_a_schedule_callable_of_one_float_works_and_a_broken_one_is_named():
+    import math
+
+    by_float = pm.ELS(IMGS, schedule=lambda t: math.cos(t * math.pi / 2) ** 2)
+    by_array = pm.ELS(IMGS, schedule=lambda t: np.cos(t * np.pi / 2) ** 2)
+    x = torch.from_numpy(RNG.standard_normal((2, 1, 8, 8)))
+    assert torch.equal(by_float.denoise(x, 0.4, 3), by_array.denoise(x, 0.4, 3))
+    both = np.array([0.3, 0.6])
+    assert torch.equal(by_float.denoise(x, both, 3), by_array.denoise(x, both, 3))
+    assert torch.equal(by_float.denoise(x, torch.from_numpy(both), 3), by_float.denoise(x, both, 3))
+
+    def broken(t):
+        raise KeyError("no")
+
+    with pytest.raises(TypeError, match="schedule callable 'broken' failed on a numpy array of times .* and on a "
+                                        "single float time"):
+        pm.ELS(IMGS, schedule=broken).denoise(x, 0.4, 3)
+
+
+def test_times_that_are_no_numbers_are_a_type_error_on_every_machine():
+    x = torch.zeros(1, 1, 8, 8)
+    machines = [lambda t: pm.ELS(IMGS).denoise(x, t, 3), lambda t: pm.DataLocal(IMGS).denoise(x, t, 3),
+                lambda t: pm.IS(IMGS).denoise(x, t), lambda t: pm.Wiener(IMGS).denoise(x, t)]
+    for call in machines:
+        for t in (None, "0.5", True, np.array([True])):
+            with pytest.raises(TypeError, match="t must be a float in \\(0, 1\\] or an array of them"):
+                call(t)
+
+
+def test_the_query_sharding_module_is_reached_from_the_package():
+    import subprocess
+    import sys
+
+    code = "import patchmosaic as pm; print(pm.distributed.queries.Layout.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p)))
+    assert out.returncode == 0 and out.stdout.strip() == "Layout", out.stderr
 
 
 def test_cuda_tensors_are_refused_clearly_before_any_work(no_cuda):

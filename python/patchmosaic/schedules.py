@@ -187,8 +187,9 @@ class Linear(Schedule):
 
 
 class FromCallable(Schedule):
-    """Wrap a user callable ``t -> alpha_bar(t)`` that takes a float64 numpy array (a callable that also
-    takes torch tensors keeps gradients with respect to ``t``)."""
+    """Wrap a user callable ``t -> alpha_bar(t)``: one that takes a float64 numpy array of times is called once per
+    array (a callable that also takes torch tensors keeps gradients with respect to ``t``); one that takes only a
+    float (e.g. written with ``math.cos``) is called once per time."""
 
     def __init__(self, fn: Callable, name: str = "custom"):
         self.fn = fn
@@ -212,7 +213,16 @@ class FromCallable(Schedule):
         return self._checked(np.asarray(t, dtype=np.float64))
 
     def _checked(self, t: np.ndarray) -> np.ndarray:
-        out = np.asarray(self.fn(t), dtype=np.float64)
+        try:
+            out = np.asarray(self.fn(t), dtype=np.float64)
+        except Exception as array_error:  # a callable of one float (math.cos, ...): once per time
+            try:
+                out = np.array([float(self.fn(float(v))) for v in t.reshape(-1)], dtype=np.float64).reshape(t.shape)
+            except Exception as e:
+                raise TypeError(f"the schedule callable {getattr(self.fn, '__name__', self.name)!r} failed on a "
+                                f"numpy array of times ({type(array_error).__name__}: {array_error}) and on a single "
+                                f"float time ({type(e).__name__}: {e}); it must map t in (0, 1] to alpha_bar(t)") \
+                    from None
         if out.shape != t.shape:
             raise ValueError(self._shape_message(t.shape, out.shape))
         return self._in_range(out, t)

@@ -135,10 +135,20 @@ def check_time(t) -> float:
     return t
 
 
+def check_time_type(t) -> None:
+    """A TypeError for a time that is no number nor an array of them (None, a string, a bool, a boolean or object
+    array), which numpy would read as NaN, fail to parse, or take as 0 and 1."""
+    if t is None or isinstance(t, (str, bytes, bool, np.bool_)) or (
+            isinstance(t, np.ndarray) and t.dtype.kind not in "iuf"):
+        what = f"an array of dtype {t.dtype}" if isinstance(t, np.ndarray) else f"{type(t).__name__} {t!r}"
+        raise TypeError(f"t must be a float in (0, 1] or an array of them, got {what}")
+
+
 def check_t(t, B: int) -> np.ndarray:
     """Time as a float64 array of shape ``(B,)``, every entry in ``(0, 1]``."""
     if isinstance(t, torch.Tensor):
         t = t.detach().cpu().double().numpy()
+    check_time_type(t)
     t = np.asarray(t, dtype=np.float64)
     if t.ndim == 0:
         t = np.full(B, float(t))

@@ -287,7 +287,8 @@ class NetworkDenoiser(_Denoiser):
             device.
 
         Raises:
-            ValueError for images with other channels than the network takes (where it can be read), labels that
+            ValueError for images with other channels than the network takes (where it can be read) or with NaN or
+                infinite values, labels that
             do not match the network's conditioning (see the class), labels outside its classes, or a network that
             returns another shape than ``x`` or non-finite values.
         """)
@@ -298,6 +299,8 @@ class NetworkDenoiser(_Denoiser):
         if self.channels is not None and xt.shape[1] != self.channels:
             raise ValueError(f"the network takes {self.channels}-channel images, but x has {xt.shape[1]} channel(s) "
                              f"(shape {tuple(xt.shape)}); give it images of its data set")
+        if not bool(torch.isfinite(xt).all()):  # (before the network runs: its output would be blamed)
+            raise ValueError(f"x contains NaN or infinite values (shape {tuple(xt.shape)})")
         tv = torch.from_numpy(check_t(t, B))
         lab = self._network_labels(labels, B)
         outs = []

@@ -12,6 +12,7 @@ The partial softmax states the ranks exchange and merge are the ops' own type (o
 from .data_local import ShardedDataLocal
 from .keys import ShardedMachine, shard, shard_slice
 from .launch import DistributedError, init, launched, shutdown
+from . import queries  # (pm.distributed.queries.Layout, as the README writes it)
 from ..ops.state import SoftmaxState, merge
 
 __all__ = ["ShardedMachine", "ShardedDataLocal", "shard", "shard_slice", "DistributedError", "init", "launched", "shutdown",

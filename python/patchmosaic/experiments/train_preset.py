@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..networks import presets as P
+from ..ops.checks import check_cuda_inputs
 from ..networks.timing import duration, estimate_text, step_seconds
 
 SAMPLES_FILE = "ddim20_samples.npz"
@@ -22,6 +23,7 @@ REFERENCE_SEEDS = 128  # seeds of a reference samples file, as in shared/models
 def list_presets(device: str = "cpu", measure: bool = True, say: Callable[[str], None] = print) -> None:
     """One line per preset: data, network, steps x batch, and the time on this machine (a few timed steps,
     scaled; ``measure=False`` leaves it out) beside the reference run's time where it had one."""
+    check_cuda_inputs(device=device)  # (a CUDA device on a torch without CUDA: refused before any line)
     say(f"presets (time: measured here on {'the CPU' if device == 'cpu' else device}, a few steps scaled; "
         "reference: the reference network's own run):")
     for name, r in P.presets().items():
@@ -57,6 +59,7 @@ def run_preset(name: str, out: str, overrides: Optional[dict] = None, *, device:
     from .. import data
     from ..networks import load, train
 
+    check_cuda_inputs(device=device)  # before the data are loaded or a step is timed
     r, changed = P.recipe(name, overrides)
     if changed:
         say(f"preset {name} with " + ", ".join(f"{k}={new!r} (preset: {old!r})" for k, old, new in changed))

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from ..schedules import ScheduleLike
-from ..validation import (check_k, check_max_memory, check_memory, check_sweep, check_time, concrete, constant,
-                          outside_transforms, to_tensor)
+from ..validation import (check_k, check_max_memory, check_memory, check_sweep, check_time, check_time_type, concrete,
+                          constant, outside_transforms, to_tensor)
 from .base import CALL_ARGS, DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, docstring, traced_name
 from .local import ELS
 from .wiener import Wiener
@@ -453,6 +453,7 @@ def _times(t) -> list:
     if torch.is_tensor(t):
         vals = constant(t).reshape(-1).astype(np.float64)
     else:
+        check_time_type(t)
         vals = np.asarray(t, dtype=np.float64).reshape(-1)
     if vals.size == 0:
         raise ValueError("t is empty")

@@ -12,6 +12,7 @@ import time
 
 import torch
 
+from ..ops.checks import check_cuda_inputs
 from .checkpoint import build
 
 CPU_PROBE_BATCH = 8  # images per timed step on a CPU
@@ -24,6 +25,7 @@ def step_seconds(config: dict, batch_size: int, *, device="cpu", steps: int = 2,
     then ``steps`` timed ones of ``probe_batch`` images (default: :data:`CPU_PROBE_BATCH` on a CPU, the full
     batch on a GPU), scaled by ``batch_size / probe_batch``.
     """
+    check_cuda_inputs(device=device)
     dev = torch.device(device)
     probe = probe_batch or (min(batch_size, CPU_PROBE_BATCH) if dev.type == "cpu" else batch_size)
     with torch.random.fork_rng(devices=[]):
