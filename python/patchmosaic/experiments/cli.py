@@ -699,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="machine and its per-step parameter: els=K, ls=K, datalocal=K with K an odd int, paper:NAME "
                         "or a JSON file (datalocal: a neighbourhood of K^2 pixels), pca or pca=THRESHOLD (a number in "
                         "(0, 1] or a threshold-schedule JSON), pspc=P (any size, a JSON file, or pspc: the published "
-                        "schedule), or is / wiener (no parameter); repeatable (default without --blend: "
+                        "schedule), or is / wiener / scfdm (no parameter); repeatable (default without --blend: "
                         "els=paper:MNIST_ResNet_zeros)")
     m.add_argument("--blend", action="append", default=None,
                    help="a blend of two machines, FIRST+SECOND@WEIGHT: each part as for --machine, WEIGHT the first's "
