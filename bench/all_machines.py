@@ -373,7 +373,7 @@ def collect(out_dir: str) -> list:
 def paired(rep, a: str, b: str = "ELS", n_boot: int = 4000):
     """Seed by seed, ``r`` of machine ``a`` minus ``r`` of machine ``b``: (median, 95% bootstrap interval of the
     median, fraction of seeds where ``a`` is higher)."""
-    d = np.asarray(rep["per_seed"][a]["r"]) - np.asarray(rep["per_seed"][b]["r"])
+    d = np.asarray(rep["per_seed"][a]["r"], np.float64) - np.asarray(rep["per_seed"][b]["r"], np.float64)
     rng = np.random.default_rng(0)
     boots = np.median(d[rng.integers(0, len(d), (n_boot, len(d)))], axis=1)
     return float(np.median(d)), np.quantile(boots, [0.025, 0.975]).tolist(), float(np.mean(d > 0))

@@ -82,6 +82,17 @@ def test_helpers():
     assert rounded_median([3, 5], ks) == 3 and rounded_median([9, 3, 5], ks) == 5  # (odd count: the median itself)
     assert rounded_median([3, 9], (3, 9)) == 3  # the candidates tried, not every odd size
     assert rounded_median([0.001, 0.1], (0.001, 0.01, 0.05, 0.1)) == 0.05  # thresholds: the nearest candidate
+    # decimal candidates: the mean of two adjacent ones lies a rounding off halfway (0.1, 0.2: 0.15000000000000002),
+    # still a tie, to the smaller (the larger won at 3 of 10 pairs of the blend weights)
+    weights = tuple(np.round(np.linspace(0, 1, 11), 10))
+    assert all(rounded_median([a, b], weights) == a for a, b in zip(weights, weights[1:]))
+    thresholds = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+    assert all(rounded_median([b, a], thresholds) == a for a, b in zip(thresholds, thresholds[1:]))
+    from patchmosaic.diffusion.kschedule import KSchedule
+
+    ten = KSchedule(tuple(i / 10 for i in range(10, 0, -1)), tuple(range(21, 1, -2)))
+    halfway = [(i + 0.5) / 10 for i in range(1, 10)]  # each between two steps: the earlier (larger t) one
+    assert [ten.k_at(t) for t in halfway] == [ten.k_at((i + 1) / 10) for i in range(1, 10)]
     cos = np.zeros((2, 2, 3))
     cos[0, 0, 0] = cos[0, 1, 2] = cos[1, 0, 1] = cos[1, 1, 1] = 1  # step 0: seeds choose 3 and 11; step 1: 7, 7
     assert per_step_choices(cos, (3, 7, 11), [1.0, 0.5, 0.0])[2] == (7, 7)

@@ -64,6 +64,21 @@ def test_a_machine_compared_with_itself_is_perfect(tmp_path):
     assert torch.allclose(rep["samples"]["IS"], torch.from_numpy(train[near]), atol=1e-4)
 
 
+def test_a_constant_network_sample_gives_undefined_metrics_and_strict_json(tmp_path):
+    train, lab, els, iss, x1, y = _setup()
+    constant = pm.MachineDenoiser(pm.IS(torch.full((1, 1, 8, 8), 0.25)))  # one training image: every sample is it
+    rep = compare(constant, {"ELS": pm.MachineDenoiser(pm.ELS(train), 3), "IS": pm.MachineDenoiser(pm.IS(train))},
+                  x1, steps=3, out_dir=str(tmp_path), progress=False)
+    assert torch.all(rep["samples"]["network"] == 0.25)
+    assert rep["summary"]["ELS"]["r"]["n"] == 0 and rep["summary"]["ELS"]["frac_beats_IS_r"] is None
+
+    def refuse(token):
+        raise ValueError(f"report.json holds {token}, which strict JSON refuses")
+
+    on_disk = json.loads((tmp_path / "report.json").read_text(), parse_constant=refuse)
+    assert on_disk["per_seed"]["ELS"]["r"] == [None] * 5 and on_disk["summary"]["ELS"]["r"]["median"] is None
+
+
 def test_comparison_resumes_from_saved_samples(tmp_path):
     train, lab, els, iss, x1, y = _setup()
     machines = {"ELS": pm.MachineDenoiser(els, 3), "IS": pm.MachineDenoiser(iss)}

@@ -88,7 +88,9 @@ def rounded_median(values: np.ndarray, candidates):
     odd size)."""
     m = float(np.median(np.asarray(values, dtype=np.float64).ravel()))
     c = sorted(set(np.asarray(candidates).ravel().tolist()))
-    return min(c, key=lambda v: (abs(v - m), v))
+    # "equally near" up to the rounding of the mean of two decimal candidates (0.1 and 0.2: 0.15000000000000002)
+    near = min(abs(v - m) for v in c)
+    return min(v for v in c if abs(v - m) <= near + 1e-9 * max(1.0, abs(m)))
 
 
 def check_median(median) -> str:
@@ -200,8 +202,10 @@ def calibrate(network, machine, x1: torch.Tensor, labels=None, *, candidates: Op
 def per_step_choices(cos: np.ndarray, candidates, grid, median: str = "rounded"):
     """From the ``(S, M, K)`` cosines of a sweep: each seed's best candidate per step ``(S, M)``, the steps' start
     times, and per step the seeds' median (``"rounded"``: rounded to the nearest candidate; ``"lower"``: the lower
-    median), always one of the candidates."""
-    choices = np.asarray(candidates)[np.argmax(cos, axis=2)]
+    median), always one of the candidates. Candidates whose cosines tie exactly: the smallest (whatever their order)."""
+    cand = np.asarray(candidates)
+    order = np.argsort(cand, kind="stable")  # (argmax takes the first of equal values: the smallest candidate)
+    choices = cand[order][np.argmax(np.asarray(cos)[..., order], axis=2)]
     pick = (lambda c: rounded_median(c, candidates)) if check_median(median) == "rounded" else lower_median
     return choices, tuple(float(t) for t in grid[:-1]), tuple(pick(c) for c in choices)
 

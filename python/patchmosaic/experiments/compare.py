@@ -194,17 +194,32 @@ def compare(network, machines: Dict[str, object], x1: torch.Tensor, labels=None,
     for name, vals in per_seed.items():
         summ[name] = {metric: summary(vals[metric]) for metric in METRICS}
         if baseline in per_seed and name != baseline:
-            beats = np.asarray(vals["r"]) > np.asarray(per_seed[baseline]["r"])
-            summ[name]["frac_beats_" + baseline + "_r"] = float(np.mean(beats))
+            # over the seeds where both r are defined (None where none is: every network sample constant)
+            mine, base = np.asarray(vals["r"], np.float64), np.asarray(per_seed[baseline]["r"], np.float64)
+            defined = np.isfinite(mine) & np.isfinite(base)
+            summ[name]["frac_beats_" + baseline + "_r"] = \
+                float(np.mean(mine[defined] > base[defined])) if defined.any() else None
     report = {"seeds": M, "grid": g.tolist(), "baseline": baseline,
-              "metrics": {"r": "Pearson correlation over all pixels and channels (the paper's 'r^2')",
+              "metrics": {"r": "Pearson correlation over all pixels and channels (the paper's 'r^2'); in report.json "
+                               "null where undefined (a constant image), as R2",
                           "R2": "1 - |u - v|^2 / |u - mean(u)|^2, u = network sample, v = machine sample",
                           "mse": "mean squared difference"},
               "summary": summ, "per_seed": per_seed, **(info or {})}
     if out_dir is not None and (layout is None or layout.leader):
-        write_json(os.path.join(out_dir, "report.json"), report)
+        write_json(os.path.join(out_dir, "report.json"), json_null_for_nan(report))
     report["samples"] = samples
     return report
+
+
+def json_null_for_nan(obj):
+    """``obj`` with every NaN or infinite float replaced by None (JSON's null: strict parsers refuse ``NaN``)."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_null_for_nan(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_null_for_nan(v) for v in obj]
+    return obj
 
 
 def check_parts_labels(denoiser, labels, M: int) -> None:
