@@ -17,7 +17,8 @@ and the winning key ``key`` (the global index of a key with logit ``m``). Two st
 
 The merge is associative; folding the states in a fixed order (rank order) makes the result independent of
 the order in which they were produced, and a tie keeps the earlier shard's key (the lower global index, as the
-engines keep the first key on a tie). The weights are formed in float64; only ``out`` carries the rounding of
+engines keep the first key among equal computed logits; equal patches whose distances were summed in different
+orders may differ by rounding, and then either wins). The weights are formed in float64; only ``out`` carries the rounding of
 the dtype it was computed in. The winning key's weight share of the merged row is ``1 / s``.
 
 A shard computed from a patch index (only its retrieved keys) also carries ``left``, an upper bound on the
