@@ -315,3 +315,74 @@ def test_an_idx_file_that_would_expand_past_memory_is_refused_before_it_is_read(
     good.write_bytes(good.read_bytes() + b"\x00")
     with pytest.raises(ValueError, match=r"header says \[2, 3, 3\] but holds 19\+ bytes"):
         read_idx(str(good))
+
+
+def test_an_npz_test_split_is_read_and_sets_without_one_say_so(tmp_path):
+    xtr, xte = _images(5, 28, 28, seed=1), _images(3, 28, 28, seed=2)
+    with open(tmp_path / "d.NPZ", "wb") as f:  # (np.savez would add ".npz" to the name)
+        np.savez(f, x_train=xtr, y_train=np.arange(5) % 2, x_test=xte, y_test=np.array([7, 8, 9]))
+    imgs, labs = load(str(tmp_path / "d.NPZ"), split="test")  # (the suffix in any case)
+    assert torch.allclose(imgs, _ref(xte), atol=1e-6) and labs.tolist() == [7, 8, 9]
+    assert load(str(tmp_path / "d.NPZ"))[1].tolist() == [0, 1, 0, 1, 0]
+    np.savez(tmp_path / "train_only.npz", images=xtr)
+    with pytest.raises(ValueError, match="train_only.npz is not a readable .npz file of images with a test split"):
+        load(str(tmp_path / "train_only.npz"), split="test")
+    for spec in ("default", "skimage:camera"):
+        with pytest.raises(ValueError, match=f"split='test': '{spec}' has no test split"):
+            load(spec, split="test")
+    d = tmp_path / "pics"
+    d.mkdir()
+    Image.fromarray(xtr[0]).save(d / "a.png")
+    with pytest.raises(ValueError, match="split='test': .*pics is a folder of images, one set"):
+        load(str(d), split="test")
+
+
+def test_folders_mixing_files_and_classes_empty_classes_and_hidden_folders(tmp_path):
+    pics = _images(4, 8, 8)
+    root = tmp_path / "r"
+    for sub in ("cat", "dog", ".ipynb_checkpoints"):
+        (root / sub).mkdir(parents=True)
+    for i, sub in enumerate(("cat", "dog", ".ipynb_checkpoints")):
+        Image.fromarray(pics[i]).save(root / sub / f"{i}.png")
+    _, labs = load(str(root), size=8)
+    assert labs.tolist() == [0, 1]  # the hidden folder is no class, and its copy no image
+    (root / "aaa_empty").mkdir()
+    with pytest.raises(ValueError, match="class folder .*aaa_empty holds no images.*an empty class"):
+        load(str(root), size=8)
+    (root / "aaa_empty").rmdir()
+    Image.fromarray(pics[3]).save(root / "top.png")
+    with pytest.raises(ValueError, match="holds both image files \\(top.png, ...\\) and class sub-folders \\(cat, dog\\)"):
+        load(str(root), size=8)
+
+
+def test_a_jpeg_is_read_as_its_exif_orientation_shows_it(tmp_path):
+    stored = np.zeros((10, 20, 3), np.uint8)
+    stored[:, :10] = 255  # the left half white as stored
+    im = Image.fromarray(stored)
+    exif = im.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    im.save(tmp_path / "p.png", exif=exif.tobytes())
+    shown = np.asarray(Image.open(tmp_path / "p.png").transpose(Image.Transpose.ROTATE_270))  # 20 x 10, upright
+    from patchmosaic.data.images import read_image
+
+    got = read_image(str(tmp_path / "p.png"))
+    assert got.shape == (20, 10, 3) and np.array_equal(got, shown)
+
+
+def test_npz_sizes_are_checked_before_reading_and_object_arrays_never_written(tmp_path, monkeypatch):
+    from patchmosaic.io.files import write_npz
+    from patchmosaic.validation import ResourceError
+
+    np.savez(tmp_path / "big.npz", images=_images(50, 28, 28))
+    monkeypatch.setattr("patchmosaic.validation.available_memory", lambda: 1000)
+    with pytest.raises(ResourceError, match="reading .*big.npz needs about"):
+        load(str(tmp_path / "big.npz"))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="array 'a' holds Python objects"):
+        write_npz(str(tmp_path / "o.npz"), a=np.array([{"x": 1}], dtype=object))
+    assert not os.path.exists(tmp_path / "o.npz")
+    from patchmosaic.machines.pspc import Heatmaps
+
+    (tmp_path / "h.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="h.npz is not a heatmap file"):
+        Heatmaps.load(str(tmp_path / "h.npz"))

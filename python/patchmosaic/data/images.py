@@ -63,7 +63,8 @@ def read_image(path: str, grey: Optional[bool] = None, alpha: str = "refuse") ->
     image, truncated, too large (a decompression bomb) -- is a ValueError naming ``path``."""
     if alpha not in ("refuse", "drop"):
         raise ValueError(f"alpha must be 'refuse' or 'drop', got {alpha!r}")
-    with _open(path) as im:
+    with _open(path) as stored:
+        im = _upright(stored, path)
         mode = im.mode
         if has_alpha(im) and alpha != "drop":
             raise ValueError(f"{path} has an alpha channel (mode {mode}); images are grey or RGB: drop the alpha "
@@ -87,6 +88,23 @@ def read_image(path: str, grey: Optional[bool] = None, alpha: str = "refuse") ->
             raise ValueError(f"{path} is not a readable image ({type(e).__name__}: {e})") from None
 
 
+def _upright(im, path: str):
+    """The picture as it is meant to be seen: a JPEG's (or TIFF's) EXIF orientation tag applied (a camera's portrait
+    photograph is stored sideways); ``im`` itself when it has none."""
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # (an unreadable EXIF block: the stored picture)
+        return im
+    if orientation in (None, 1):
+        return im
+    from PIL import ImageOps
+
+    try:
+        return ImageOps.exif_transpose(im)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ValueError(f"{path} is not a readable image ({type(e).__name__}: {e})") from None
+
+
 def _square(a: np.ndarray) -> np.ndarray:
     h, w = a.shape[:2]
     s = min(h, w)
@@ -95,14 +113,31 @@ def _square(a: np.ndarray) -> np.ndarray:
 
 def list_folder(folder: str) -> Tuple[List[Tuple[int, str]], List[str]]:
     """``([(label, path), ...], class names)`` of the image files of ``folder`` in sorted order, nothing decoded:
-    sub-folders are classes (label = index of the sorted sub-folder name); files directly inside get label 0."""
+    sub-folders are classes (label = index of the sorted sub-folder name; hidden ones, ``.name``, are skipped);
+    without sub-folders the files directly inside get label 0. A folder holding both image files and class
+    sub-folders, or a class sub-folder without images, is refused (a ValueError naming it)."""
     if not os.path.isdir(folder):
         raise ValueError(f"no image folder at {folder}")
-    subs = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
-    groups = [(i, os.path.join(folder, d)) for i, d in enumerate(subs)] or [(0, folder)]
+
+    def images_in(d):
+        return [os.path.join(d, f) for f in sorted(os.listdir(d))
+                if not f.startswith(".") and f.lower().endswith(EXTENSIONS) and os.path.isfile(os.path.join(d, f))]
+
+    subs = sorted(d for d in os.listdir(folder) if not d.startswith(".") and os.path.isdir(os.path.join(folder, d)))
+    top = images_in(folder)
+    if subs and top:
+        raise ValueError(f"{folder} holds both image files ({os.path.basename(top[0])}, ...) and class sub-folders "
+                         f"({', '.join(subs[:3])}{', ...' if len(subs) > 3 else ''}): move the files into a class "
+                         "folder, or give a folder of files only")
     files = []
-    for lab, d in groups:
-        files += [(lab, os.path.join(d, f)) for f in sorted(os.listdir(d)) if f.lower().endswith(EXTENSIONS)]
+    for lab, d in enumerate(subs):
+        mine = images_in(os.path.join(folder, d))
+        if not mine:
+            raise ValueError(f"class folder {os.path.join(folder, d)} holds no images ({', '.join(EXTENSIONS)}): an "
+                             "empty class; remove it or add its images")
+        files += [(lab, f) for f in mine]
+    if not subs:
+        files = [(0, f) for f in top]
     if not files:
         raise ValueError(f"{folder} holds no images ({', '.join(EXTENSIONS)})")
     return files, subs or [os.path.basename(folder)]

@@ -13,8 +13,11 @@ bilinear antialiased resize when the size differs, e.g. MNIST 28 -> 32); ``label
 - ``"skimage:NAME"``: a ``skimage.data`` photograph or texture (``brick``, ``grass``, ``astronaut``, ...):
   the whole picture at its own size, or with ``crop=S`` all ``S x S`` crops at ``stride`` as a training set;
 - a path: an ``.npz`` file (uint8 images under ``x_train``/``images``/``x``, labels under
-  ``y_train``/``labels``/``y``), an IDX image file, or a folder holding IDX files, CIFAR-10 python
-  batches, CelebA's ``img_align_celeba`` or any images (sub-folders = classes).
+  ``y_train``/``labels``/``y``; with ``split="test"`` under ``x_test``/``y_test``), an IDX image file, or a folder
+  holding IDX files, CIFAR-10 python batches, CelebA's ``img_align_celeba`` or any images (sub-folders = classes,
+  hidden ones skipped; files beside class folders, or a class folder without images, are refused). JPEG's EXIF
+  orientation is applied. ``split="test"`` where a set has no test split (the default set, a photograph, a folder
+  of images) is refused.
 
 Subsets: ``indices`` (positions in the file order), then ``classes`` (labels to keep), then ``limit``; in a
 folder of image files only the files kept are decoded. ``layout`` (``"NHWC"`` / ``"NCHW"``) says where an
@@ -40,6 +43,7 @@ from .images import CELEBA_CROP, FolderImages, crops, load_photo
 
 IMAGE_KEYS = ("x_train", "images", "x")
 LABEL_KEYS = ("y_train", "labels", "y")
+TEST_KEYS = ("x_test", "y_test")  # an .npz file's test split (split="test")
 NAMED = ("mnist", "fashion-mnist", "cifar10", "celeba")
 WHERE = {
     "mnist": "the four MNIST IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, ...) in ROOT/mnist",
@@ -82,6 +86,9 @@ def load(spec: str, *, limit: Optional[int] = None, size="auto", split: str = "t
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if size == "auto":
         size = None if spec.startswith("skimage:") else 32
+    if split == "test" and (spec == "default" or spec.startswith("skimage:")):
+        raise ValueError(f"split='test': {spec!r} has no test split ("
+                         f"{'2,000 training digits' if spec == 'default' else 'one photograph'})")
     if spec == "default":
         return _finish(*load_default_raw(), size, indices, classes, limit, **opts)
     if spec.startswith("skimage:"):
@@ -105,10 +112,10 @@ def _read_path(path: str, split: str, alpha: str = "refuse"):
     if not os.path.exists(path):
         raise ValueError(f"no data set at {path!r} (give 'default', a named set {NAMED}, 'skimage:NAME', "
                          "an .npz or IDX file, or a folder)")
-    if path.endswith(".npz"):
-        return _read_npz(path) + (None,)
+    if path.lower().endswith(".npz"):
+        return _read_npz(path, split) + (None,)
     if os.path.isfile(path):
-        return load_idx(path) + (None,)
+        return load_idx(path) + (None,)  # (one IDX file: its path names the split)
     names = os.listdir(path)
     if any("idx3-ubyte" in n for n in names):
         return load_idx(*find_idx(path, split)) + (None,)
@@ -118,24 +125,29 @@ def _read_path(path: str, split: str, alpha: str = "refuse"):
         folder = path if "img_align_celeba" not in names else os.path.join(path, "img_align_celeba")
         imgs = FolderImages(folder, grey=False, crop=CELEBA_CROP, alpha=alpha)
         return imgs, imgs.labels, "NHWC"
+    if split == "test":
+        raise ValueError(f"split='test': {path} is a folder of images, one set; give the test images' folder itself")
     imgs = FolderImages(path, alpha=alpha)
     return imgs, imgs.labels, "NHWC"
 
 
-def _read_npz(path: str):
-    """uint8 (or uint16) images and int64 labels from an .npz of named arrays (no pickles)."""
+def _read_npz(path: str, split: str = "train"):
+    """uint8 (or uint16) images and int64 labels from an .npz of named arrays (no pickles); ``split="test"``: those
+    under ``x_test`` / ``y_test``."""
     names = {}
+    image_keys, label_keys = (IMAGE_KEYS, LABEL_KEYS) if split == "train" else (TEST_KEYS[:1], TEST_KEYS[1:])
 
     def pick(files):
         names["all"] = files
-        names["x"] = next((k for k in IMAGE_KEYS if k in files), None)
-        names["y"] = next((k for k in LABEL_KEYS if k in files), None)
+        names["x"] = next((k for k in image_keys if k in files), None)
+        names["y"] = next((k for k in label_keys if k in files), None)
         return [k for k in (names["x"], names["y"]) if k is not None]
 
     arrays = read_npz(path, "a readable .npz file of images", pick)
     if names["x"] is None:
-        raise ValueError(f"{path} is not a readable .npz file of images: it has none of the image keys {IMAGE_KEYS} "
-                         f"(it has {names['all']})")
+        what = f"the image keys {image_keys}" if split == "train" else "a test split (x_test, with labels y_test)"
+        raise ValueError(f"{path} is not a readable .npz file of images{' with a test split' if split == 'test' else ''}"
+                         f": it has none of {what} (it has {names['all']})")
     x = arrays[names["x"]]
     y = arrays.get(names["y"]) if names["y"] is not None else None
     if x.dtype not in (np.uint8, np.uint16):

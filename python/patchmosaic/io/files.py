@@ -85,8 +85,29 @@ def write_json(path: str, obj) -> None:
     write_text(path, json.dumps(obj, indent=1))
 
 
+def _member_bytes(z, name: str) -> int:
+    """The bytes array ``name`` of the open ``.npz`` ``z`` says it holds, from its ``.npy`` header alone (0 where the
+    header cannot be read here: reading the array then names the problem)."""
+    fmt = np.lib.format
+    try:
+        with z.zip.open(name + ".npy") as f:
+            version = fmt.read_magic(f)
+            read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+            if read is None:
+                return 0
+            shape, _, dtype = read(f)
+        return int(np.prod(shape, dtype=object)) * dtype.itemsize
+    except Exception:
+        return 0
+
+
 def write_npz(path: str, **arrays) -> None:
-    """numpy arrays to an ``.npz`` (no object arrays: readable with ``allow_pickle=False``)."""
+    """numpy arrays to an ``.npz`` (no object arrays, refused by a ValueError before anything is written: the file
+    stays readable with ``allow_pickle=False``)."""
+    for name, a in arrays.items():
+        if np.asarray(a).dtype.hasobject:
+            raise ValueError(f"write_npz({path!r}): array {name!r} holds Python objects (dtype object); an .npz of this "
+                             "package holds numbers and strings only, read back without pickles")
     with atomic_path(path, ".npz") as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
@@ -161,6 +182,10 @@ def read_npz(path: str, what: str = "an .npz file",
     with z:
         names = list(z.files)
         pick = names if keys is None else list(keys(names) if callable(keys) else keys)
+        nbytes = sum(_member_bytes(z, k) for k in pick if k in names)  # from the headers, before any is read
+        from ..validation import check_memory
+
+        check_memory(nbytes, f"reading {path}", advice="use a smaller data file")
         try:
             return {k: z[k] for k in pick if k in names}
         except MemoryError:

@@ -120,11 +120,16 @@ class Heatmaps:
         """Read a file written by :meth:`save` (``allow_pickle=False``: loading runs no code)."""
         import json
 
-        with np.load(path, allow_pickle=False) as f:
-            if "times" not in f.files or "maps" not in f.files:
-                raise ValueError(f"{path} is not a heatmap file: it needs arrays 'times' and 'maps'")
-            info = json.loads(str(f["info"])) if "info" in f.files else {}
-            return cls(f["times"], f["maps"].astype(np.float64), info)
+        from ..io.files import read_npz
+
+        arrays = read_npz(path, "a heatmap file (written by Heatmaps.save)")
+        if "times" not in arrays or "maps" not in arrays:
+            raise ValueError(f"{path} is not a heatmap file: it needs arrays 'times' and 'maps'")
+        try:
+            info = json.loads(str(arrays["info"])) if "info" in arrays else {}
+        except ValueError as e:
+            raise ValueError(f"{path} is not a heatmap file: its 'info' is not JSON ({e})") from None
+        return cls(arrays["times"], arrays["maps"].astype(np.float64), info)
 
     def __repr__(self):
         return f"Heatmaps({len(self.times)} times, {self.size[0]}x{self.size[1]})"
