@@ -505,3 +505,52 @@ def test_flex_compiles_fullgraph_with_t_a_float(options):
     with pytest.raises(torch._dynamo.exc.Unsupported, match="takes t as a Python float"):  # (its TypeError)
         cf(x, torch.tensor([0.9, 0.3], dtype=torch.float64))
     torch.compiler.reset()
+
+
+def _literal_log_response(imgs, x, t, p, s):
+    """As :func:`literal` for square crops of size p with a Gaussian response of width s, its weights formed per
+    element relative to the largest (the plain weights underflow at small widths: an element's 0 / 0)."""
+    X = imgs.astype(np.float64)
+    a, b2 = coefficients(t)
+    c = (p - 1) / 2
+    out = np.zeros(x.shape)
+    for b in range(len(x)):
+        logs, means = [], []
+        for i in range(H - p + 1):
+            for j in range(W - p + 1):
+                hood = np.zeros((H, W))
+                hood[i:i + p, j:j + p] = 1.0
+                lr = np.full((H, W), -np.inf)
+                for u in range(p):
+                    for v in range(p):
+                        lr[i + u, j + v] = -((u - c) ** 2 + (v - c) ** 2) / (2 * s * s)
+                logits = np.array([-np.sum(hood[None] * (x[b] - a * X[n]) ** 2) / (2 * b2) for n in range(len(X))])
+                w = np.exp(logits - logits.max())
+                logs.append(lr)
+                means.append(np.tensordot(w / w.sum(), X, axes=1))
+        logs, means = np.array(logs), np.array(means)  # (crops, H, W), (crops, C, H, W)
+        rw = np.exp(logs - logs.max(0))
+        out[b] = np.sum(rw[:, None] * means, 0) / np.sum(rw, 0)[None]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_a_narrow_gaussian_response_does_not_underflow(dtype):
+    # the corner of a 5x5 crop lies d^2 = 8 from its centre: at width 0.15 its weight underflows in float32, at 0.07
+    # in float64, and the corner element (covered by that crop only) came out 0
+    imgs, _ = data()
+    x = queries(imgs, t=0.4)
+    for p, s in ((5, 0.15), (5, 0.07), (3, 0.1)):
+        m = pm.PSPC(imgs.astype(dtype), response=s)
+        _check(m.denoise(x.astype(dtype), 0.4, p), _literal_log_response(imgs, x, 0.4, p, s), dtype, f"p={p} s={s}")
+    # Flex with a narrow response: it failed building its table ("resp_ptr must rise")
+    hm = heatmaps()
+    got = pm.PSPC(imgs.astype(dtype), mode="flex", heatmaps=hm, response=0.05).denoise(x.astype(dtype), 0.3, 0.6)
+    assert np.all(np.isfinite(np.asarray(got)))
+
+
+def test_heatmap_times_halfway_between_two_take_the_first():
+    maps = np.ones((10, H, W, H, W))
+    hm = Heatmaps([i / 10 for i in range(10, 0, -1)], maps)  # heatmaps at every second step of a 20-step grid
+    assert [hm.index((i + 0.5) / 10) for i in range(9, 0, -1)] == list(range(0, 9))
+    assert Heatmaps([0.2, 0.6], np.ones((2, H, W, H, W))).index(0.4) == 0

@@ -20,8 +20,11 @@ and each element of the output the average of the posterior means of every crop 
 - ``mode="flex"``: one crop per pixel, the input pixels a trained network's denoiser is most sensitive to at that
   pixel: the heatmap ``G`` of the pixel (the mean over noisy inputs of ``sum_c |d D(z)[c, pixel] / d z[c]|``, :class:
   `Heatmaps`, computed by :func:`patchmosaic.experiments.heatmaps.network_heatmaps`), normalised to sum 1, sorted
-  ascending, and cut where the cumulative sum reaches ``1 - tau`` (the smallest set of largest entries whose mass is
-  at least ``tau``, ties in a stable order; ``tau = 1``: the whole image, the ideal denoiser). The per-step parameter
+  ascending, and cut where the cumulative sum reaches ``1 - tau``: the entries at which it is at least ``1 - tau``
+  are kept (the reference's rule), so the smallest are dropped while their mass stays below ``1 - tau`` and the kept
+  mass is at least ``tau`` (an entry at which the sum reaches ``1 - tau`` exactly is kept: one entry more than the
+  smallest set of mass ``tau`` then); ties in a stable order (the later of equal entries kept); ``tau = 1``: the
+  whole image, the ideal denoiser). The per-step parameter
   is ``tau`` (``denoise(x, t, tau)``; a :class:`patchmosaic.ThresholdSchedule`); the heatmap is the one at the nearest
   of its times. A pixel that no crop covers (where the reference divides 0 by 0) gets one more crop, its own with the
   pixel added, whose mean is written at that pixel only: every other output element is the reference's.
@@ -92,11 +95,13 @@ class Heatmaps:
         return int(self.maps.shape[1]), int(self.maps.shape[2])
 
     def index(self, t: float) -> int:
-        """The index of the time nearest to ``t`` (the first on a tie)."""
+        """The index of the time nearest to ``t`` (the first on a tie, equal distances up to 1e-12: a time halfway
+        between two, computed in floating point, is a tie, as for the schedules)."""
         # (Python arithmetic, not numpy: under torch.compile dynamo would trace numpy into tensors, and the index
         # would be a value the graph cannot read)
         t, times = float(t), self._time_list
-        return min(range(len(times)), key=lambda i: (abs(times[i] - t), i))
+        best = min(abs(v - t) for v in times)
+        return next(i for i, v in enumerate(times) if abs(v - t) <= best + 1e-12)
 
     @property
     def digest(self) -> str:
@@ -345,6 +350,8 @@ class PSPC(SamePosition):
         ii, jj = torch.meshgrid(torch.arange(H - p + 1), torch.arange(W - p + 1), indexing="ij")
         anchors = torch.stack([ii.reshape(-1), jj.reshape(-1)], 1).to(torch.int64)
         hp, he, hw, rp, re, rwt = ops.window_table(w, rw, anchors, C, H, W)
+        if self.response != "patch":  # Gaussian responses normalised per element (they underflow at small widths)
+            rp, re, rwt = ops.window_response_weights(-d2 / (2 * self.response ** 2), C, H, W, anchors)
         centre = (anchors[:, 0] + p // 2) * W + anchors[:, 1] + p // 2  # the pixel at (or past) each crop's centre
         return (hp, he, None if self.precision is None else hw, rp, re,
                 None if self.response == "patch" else rwt, centre)
@@ -368,9 +375,14 @@ class PSPC(SamePosition):
         if self.response == "centre":
             resp = torch.zeros_like(hood)
             resp[torch.arange(len(pix)), pix] = 1.0
-        else:
-            resp = mask.to(torch.float64) * _gaussian(d2, None if self.response == "patch" else self.response)
-            resp = resp * mult[:, None]
+        elif self.response == "patch":
+            resp = mask.to(torch.float64) * mult[:, None]
+        else:  # a Gaussian: its logarithm, normalised per element (column) by the largest that names it, so that
+            # an element far from every crop centre that covers it is not left out by underflow (ops.element_weights)
+            logr = torch.where(mask, -d2 / (2 * self.response ** 2) + torch.log(mult)[:, None], -torch.inf)
+            top = logr.max(0).values
+            resp = torch.where(mask, torch.exp(torch.clamp(logr - torch.where(torch.isfinite(top), top, 0.0),
+                                                           min=-690.0)), 0.0)
         cover = resp.sum(0)
         lone = torch.nonzero(cover <= 0).reshape(-1)  # pixels no crop covers: the reference's 0 / 0
         if len(lone):  # one more row each: the pixel's own crop with the pixel added, written at the pixel only

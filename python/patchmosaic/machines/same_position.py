@@ -157,6 +157,9 @@ class LS(SamePosition):
         row_pixel = torch.arange(Hq * Wq) if pixels is None else torch.nonzero(pixels.reshape(-1)).reshape(-1)
         anchors = torch.stack([row_pixel // Wq - r, row_pixel % Wq - r], 1)
         hp, he, hw, rp, re, rwt = ops.window_table(w, rw, anchors, C, Hq, Wq)
+        if self.response != "patch":  # Gaussian responses normalised per element (they underflow at small widths)
+            rp, re, rwt = ops.window_response_weights(-(u[:, None] ** 2 + u[None, :] ** 2) / (2 * self.response ** 2),
+                                                      C, Hq, Wq, anchors)
         return hp, he, hw, rp, re, None if self.response == "patch" else rwt, row_pixel
 
     def denoise_ks(self, x, t, ks, labels=None, *, backend=None):

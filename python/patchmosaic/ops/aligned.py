@@ -238,6 +238,29 @@ def composite(rows_out: Tensor, resp_elem: Tensor, count: Tensor, shape, resp_we
     return (img / torch.where(c > 0, c, torch.ones_like(c))).reshape(shape)
 
 
+def element_weights(resp_elem: Tensor, log_weight: Tensor, D: int) -> Tensor:
+    """Response weights ``exp(log_weight)`` for :func:`composite`, each divided by the largest weight among the
+    responses that name the same element (float64, the largest per element 1, none below ``e^-690``): the
+    composite's ratios are unchanged, but a Gaussian response far from every crop centre that names an element (the
+    corner of a whole-image crop at a small width) no longer underflows to 0 in float64, nor in the float32 of the
+    composite, where the element came out 0. ``resp_elem`` ``(n,)`` element per response, ``log_weight`` ``(n,)``."""
+    e = resp_elem.to(torch.int64).cpu()
+    lw = log_weight.to(torch.float64).cpu()
+    top = torch.full((D,), -torch.inf, dtype=torch.float64).scatter_reduce(0, e, lw, "amax")
+    return torch.exp(torch.clamp(lw - top[e], min=-690.0))
+
+
+def window_response_weights(log_kernel: Tensor, C: int, H: int, W: int, anchors: Tensor):
+    """``(resp_ptr, resp_elem, resp_weight)`` of :func:`window_table`'s windows for a Gaussian response given by its
+    logarithm ``log_kernel`` (float64 ``(kh, kw)``, finite), weighted as :func:`element_weights` does (the response
+    kernel itself would underflow at small widths, and leave elements out)."""
+    kh, kw = log_kernel.shape
+    marker = torch.arange(1, kh * kw + 1, dtype=torch.float64).reshape(kh, kw)  # > 0 everywhere: each position's id
+    _, _, _, rp, re, pos = window_table(marker, marker, anchors, C, H, W)
+    lw = log_kernel.to(torch.float64).reshape(-1)[pos.to(torch.int64) - 1]
+    return rp, re, element_weights(re, lw, C * H * W)
+
+
 def response_count(resp_elem: Tensor, D: int, resp_weight: Optional[Tensor] = None, dtype=torch.float64) -> Tensor:
     """``(D,)``: how many responses name each element (with ``resp_weight``, the sum of their weights): the ``count``
     of :func:`composite`."""
