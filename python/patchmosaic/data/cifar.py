@@ -143,12 +143,20 @@ def read_batch(path: str) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def load_cifar10(folder: str, split: str = "train") -> Tuple[np.ndarray, np.ndarray]:
-    """All training batches (``data_batch_1..5``, in order) or ``test_batch`` of a ``cifar-10-batches-py`` folder."""
+    """All training batches (``data_batch_1..5``, in order) or ``test_batch`` of a ``cifar-10-batches-py`` folder.
+    A folder with some of the training batches loads those, with a warning naming the missing ones."""
     if os.path.isdir(os.path.join(folder, "cifar-10-batches-py")):
         folder = os.path.join(folder, "cifar-10-batches-py")
     names = ["test_batch"] if split == "test" else [f"data_batch_{i}" for i in range(1, 6)]
     paths = [os.path.join(folder, n) for n in names if os.path.exists(os.path.join(folder, n))]
     if not paths:
         raise ValueError(f"{folder} holds no CIFAR-10 python batches ({', '.join(names)})")
+    if len(paths) < len(names):
+        import warnings
+
+        missing = [n for n in names if not os.path.exists(os.path.join(folder, n))]
+        warnings.warn(f"{folder}: CIFAR-10 training batches {', '.join(missing)} are missing; loading the "
+                      f"{len(paths)} present",
+                      UserWarning, stacklevel=3)
     parts = [read_batch(p) for p in paths]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
