@@ -157,7 +157,7 @@ def test_a_schedule_callable_of_one_float_works_and_a_broken_one_is_named():
     import math
 
     by_float = pm.ELS(IMGS, schedule=lambda t: math.cos(t * math.pi / 2) ** 2)
-    by_array = pm.ELS(IMGS, schedule=lambda t: np.cos(t * np.pi / 2) ** 2)
+    by_array = pm.ELS(IMGS, schedule=lambda t: np.cos(np.asarray(t) * np.pi / 2) ** 2)
     x = torch.from_numpy(RNG.standard_normal((2, 1, 8, 8)))
     assert torch.equal(by_float.denoise(x, 0.4, 3), by_array.denoise(x, 0.4, 3))
     both = np.array([0.3, 0.6])
