@@ -75,6 +75,12 @@ def restore_variant():
     ops.use_cpu_variant(chosen)
 
 
+def _switch(v):
+    """Run the CPU engine from variant v, and check that the module the calls go to is v's (its compiled level)."""
+    ops.use_cpu_variant(v)
+    assert ops.cpu_variant() == v and pm.ops.engines._CPU_MODULE.CPU_VARIANT == ops.cpu_variants()[v], v
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_every_variant_matches_the_oracle(dtype, restore_variant):
     rng = np.random.default_rng(3)
@@ -86,7 +92,7 @@ def test_every_variant_matches_the_oracle(dtype, restore_variant):
         m = make(train.astype(dtype))
         outs = {}
         for v in VARIANTS:
-            ops.use_cpu_variant(v)
+            _switch(v)
             outs[v] = np.asarray(m.denoise(x.astype(dtype), 0.4, k, labels=y, backend="cpu"), np.float64)
             err = np.abs(outs[v] - ref) / rng_span
             if dtype == np.float32:
@@ -106,7 +112,7 @@ def test_gradients_agree_across_variants(restore_variant):
     x0 = torch.tensor(rng.standard_normal((1, 1, 8, 8)))
     grads = []
     for v in VARIANTS:
-        ops.use_cpu_variant(v)
+        _switch(v)
         x = x0.clone().requires_grad_()
         pm.ELS(train).denoise(x, 0.5, 3, backend="cpu").pow(2).sum().backward()
         grads.append(x.grad)

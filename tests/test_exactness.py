@@ -100,11 +100,13 @@ def test_float32_on_fewer_mnist_digits(machine, k, t, backend):
 @pytest.mark.parametrize("backend", ["cpu", TRITON])
 @pytest.mark.parametrize("seed", SEEDS[::6])
 def test_float64_runs_on_the_existing_engines(seed, backend):
-    """float64 with backend="triton" runs on the existing engine of the tensors' device: the CPU engine's bits."""
+    """float64 with backend="triton" runs on the existing engine of the tensors' device: the CPU engine's bits; and
+    that engine is the float64 oracle's within 1e-9 of the range."""
     case = draw(seed)
     x = queries(case, seed)
     got = build(case, np.float64).denoise(on_device(x, backend), case.t, case.k, labels=case.qlabels, backend=backend)
     want = build(case, np.float64).denoise(x, case.t, case.k, labels=case.qlabels, backend="cpu")
+    assert np.abs(want - oracle(case, x)).max() <= 1e-9 * RANGE
     if backend == "triton" and on_device(x, backend).is_cuda:  # the CUDA engine: its own rounding
         assert np.abs(to_numpy(got) - want).max() <= 1e-9 * RANGE
     else:

@@ -204,5 +204,7 @@ def test_denoiser_calibration_and_comparison(rng, train):
                                         "Wiener": pm.MachineDenoiser(pm.Wiener(train))}, x1, steps=4,
                      progress=False)
     assert rep["summary"]["DataLocal"]["r"]["median"] > 0.999  # the same machine: the same samples
-    assert "neighbourhood" in rep["per_seed"]["DataLocal"]["machine"] or \
-        "neighbourhood" in pm.MachineDenoiser(m, 5).describe()["machine"]
+    assert rep["per_seed"]["DataLocal"]["machine"] == {"type": "DataLocal", "train_images": 30, "boundary": "zeros",
+                                                       "ks": [5, 5, 5, 5]}
+    assert rep["per_seed"]["Wiener"]["machine"]["type"] == "Wiener"
+    assert "neighbourhood" in pm.MachineDenoiser(m, 5).describe()["machine"]  # the denoiser's own, fuller record

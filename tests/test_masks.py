@@ -316,12 +316,13 @@ def test_engine_refuses_a_bad_element_table():
     a, s, _ = m.coefficients(0.5, 1)
     grp = ops.groups(None, *m._label_tensors, m.N, 1)
     ks = m.keyset(8, 8, 3)
-    bad = [masks.PatchElements(np.array([0, 3 << 12], np.int32), None),
-           masks.PatchElements(np.array([0, 0], np.int32), None),
-           masks.PatchElements(np.array([1 << 24], np.int32), None),
-           masks.PatchElements(np.array([0, 1], np.int32), np.array([1.0, -1.0]))]
-    for el in bad:
-        with pytest.raises(ValueError):
+    bad = [(masks.PatchElements(np.array([0, 3 << 12], np.int32), None), "entry 1 is not an element of the C x k x k"),
+           (masks.PatchElements(np.array([0, 0], np.int32), None), "entry 1 repeats a patch element"),
+           (masks.PatchElements(np.array([1 << 24], np.int32), None), "entry 0 is not an element of the C x k x k"),
+           (masks.PatchElements(np.array([0, 1], np.int32), np.array([1.0, -1.0])),
+            "elem_scale entry 1 must be finite and positive")]
+    for el, words in bad:
+        with pytest.raises(ValueError, match=words):
             engines.local_forward(engines.CPU, m.images, x, 3, ks, a, s, grp, False, elements=el)
 
 

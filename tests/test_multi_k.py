@@ -175,9 +175,9 @@ def test_bad_size_lists_are_refused_before_any_work():
                       ([3, 3, 5], "strictly increasing"), ([0, 3], "odd")]:
         with pytest.raises(ValueError, match=words):
             m.denoise_ks(x, 0.5, ks)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="ks must be a sequence of odd patch sizes, got 3"):
         m.denoise_ks(x, 0.5, 3)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="patch size k must be an odd positive integer, got 3.0"):
         m.denoise_ks(x, 0.5, [3.0, 5])
     with pytest.raises(ValueError, match="IS machine"):
         pm.IS(images).denoise_ks(x, 0.5, [3])
