@@ -27,10 +27,21 @@ from patchmosaic.experiments.calibrate import lower_median, rounded_median
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def schedule_of(report: dict, machine: str):
+    """The calibrated per-step values of ``machine`` in a report: its k, threshold or weight schedule (the FPMC
+    variant's under "FPMC"); None if it has none."""
+    for entry in ("k_schedules", "threshold_schedules", "weight_schedules"):
+        table = report.get(entry) or {}
+        for name in (machine, "FPMC" if machine.startswith("FPMC") else None):
+            if name in table:
+                return table[name]
+    return None
+
+
 def compare(old: str, new: str) -> None:
     """Per network and machine in both runs: median r and R² of each, and seed by seed (the same seeds) the median
     of r(new) - r(old) with a 95% bootstrap interval of that median and the share of seeds higher."""
-    print("| network | machine | steps whose k differs | r, old | r, new | per seed: new - old [95% interval], "
+    print("| network | machine | steps whose value differs | r, old | r, new | per seed: new - old [95% interval], "
           "higher | R², old | R², new |")
     print("|---|---|---|---|---|---|---|---|")
     for path in sorted(glob.glob(os.path.join(new, "*", "report.json"))):
@@ -48,8 +59,8 @@ def compare(old: str, new: str) -> None:
             d = np.asarray(b["per_seed"][m]["r"]) - np.asarray(a["per_seed"][m]["r"])
             boots = np.median(d[np.random.default_rng(0).integers(0, len(d), (4000, len(d)))], axis=1)
             lo, hi = np.quantile(boots, [0.025, 0.975])
-            ka, kb = a["k_schedules"].get(m), b["k_schedules"].get(m)
-            steps = "—" if ka is None or kb is None else sum(x != y for x, y in zip(ka, kb))
+            ka, kb = schedule_of(a, m), schedule_of(b, m)
+            steps = "—" if ka is None or kb is None else sum(float(x) != float(y) for x, y in zip(ka, kb))
             sa, sb = a["summary"][m], b["summary"][m]
             print(f"| {net} | {m} | {steps} | {sa['r']['median']:.3f} | {sb['r']['median']:.3f} | "
                   f"{np.median(d):+.4f} [{lo:+.4f}, {hi:+.4f}], {np.mean(d > 0):.0%} | {sa['R2']['median']:.2f} | "
