@@ -253,6 +253,19 @@ SCHEDULES = {"cosine_legacy": cosine_legacy, "cosine": cosine, "linear": linear}
 ScheduleLike = Union[str, Schedule, Callable]
 
 
+def nearest_step(times, t: float) -> int:
+    """The index of the step whose time is nearest to ``t`` (the earlier step on a tie, equal gaps up to 1e-12: a
+    time halfway between two steps of a grid, computed in floating point, is a tie). Plain Python, so that
+    ``torch.compile`` folds it to a constant."""
+    t = float(t)
+    best, gap = 0, abs(float(times[0]) - t)
+    for i in range(1, len(times)):
+        g = abs(float(times[i]) - t)
+        if g < gap - 1e-12:
+            best, gap = i, g
+    return best
+
+
 def get_schedule(schedule: ScheduleLike = "cosine_legacy") -> Schedule:
     """Resolve a schedule name, object or callable to a :class:`Schedule`."""
     if isinstance(schedule, Schedule):

@@ -15,18 +15,8 @@ from typing import List, Optional
 
 import numpy as np
 
+from ..schedules import nearest_step
 
-def nearest_step(times, t: float) -> int:
-    """The index of the step whose time is nearest to ``t`` (the earlier step on a tie, equal gaps up to 1e-12: a
-    time halfway between two steps of a grid, computed in floating point, is a tie). Plain Python, so that
-    ``torch.compile`` folds it to a constant."""
-    t = float(t)
-    best, gap = 0, abs(float(times[0]) - t)
-    for i in range(1, len(times)):
-        g = abs(float(times[i]) - t)
-        if g < gap - 1e-12:
-            best, gap = i, g
-    return best
 
 
 def _read_json(path: str, what: str):

@@ -57,7 +57,7 @@ import torch
 
 from .. import ops
 from ..io.files import write_npz
-from ..schedules import ScheduleLike
+from ..schedules import ScheduleLike, nearest_step
 from ..validation import outside_transforms
 from .base import BACKEND_ARG, DATA_ARGS, ENGINE_ARGS, SOURCE_ARGS, docstring, traced_name
 from .same_position import SamePosition
@@ -95,13 +95,11 @@ class Heatmaps:
         return int(self.maps.shape[1]), int(self.maps.shape[2])
 
     def index(self, t: float) -> int:
-        """The index of the time nearest to ``t`` (the first on a tie, equal distances up to 1e-12: a time halfway
-        between two, computed in floating point, is a tie, as for the schedules)."""
+        """The index of the time nearest to ``t`` (the first on a tie, as the schedules' steps: :func:`patchmosaic.
+        schedules.nearest_step`)."""
         # (Python arithmetic, not numpy: under torch.compile dynamo would trace numpy into tensors, and the index
         # would be a value the graph cannot read)
-        t, times = float(t), self._time_list
-        best = min(abs(v - t) for v in times)
-        return next(i for i, v in enumerate(times) if abs(v - t) <= best + 1e-12)
+        return nearest_step(self._time_list, t)
 
     @property
     def digest(self) -> str:
