@@ -344,12 +344,12 @@ class PSPC(SamePosition):
         u = torch.arange(p, dtype=torch.float64) - c
         d2 = u[:, None] ** 2 + u[None, :] ** 2
         w = _gaussian(d2, self.precision)
-        rw = _gaussian(d2, None if self.response == "patch" else self.response)
         ii, jj = torch.meshgrid(torch.arange(H - p + 1), torch.arange(W - p + 1), indexing="ij")
         anchors = torch.stack([ii.reshape(-1), jj.reshape(-1)], 1).to(torch.int64)
-        hp, he, hw, rp, re, rwt = ops.window_table(w, rw, anchors, C, H, W)
-        if self.response != "patch":  # Gaussian responses normalised per element (they underflow at small widths)
-            rp, re, rwt = ops.window_response_weights(-d2 / (2 * self.response ** 2), C, H, W, anchors)
+        if self.response == "patch":
+            hp, he, hw, rp, re, rwt = ops.window_table(w, torch.ones_like(d2), anchors, C, H, W)
+        else:  # Gaussian responses formed per element (they underflow at small widths)
+            hp, he, hw, rp, re, rwt = ops.window_table_log_response(w, -d2 / (2 * self.response ** 2), anchors, C, H, W)
         centre = (anchors[:, 0] + p // 2) * W + anchors[:, 1] + p // 2  # the pixel at (or past) each crop's centre
         return (hp, he, None if self.precision is None else hw, rp, re,
                 None if self.response == "patch" else rwt, centre)

@@ -152,14 +152,13 @@ class LS(SamePosition):
             raise ValueError("LS(response=...) takes a patch mask shared by every pixel, (k, k), not one per pixel")
         r = k // 2
         u = torch.arange(k, dtype=torch.float64) - r
-        rw = torch.ones((k, k), dtype=torch.float64) if self.response == "patch" else \
-            torch.exp(-(u[:, None] ** 2 + u[None, :] ** 2) / (2 * self.response ** 2))
         row_pixel = torch.arange(Hq * Wq) if pixels is None else torch.nonzero(pixels.reshape(-1)).reshape(-1)
         anchors = torch.stack([row_pixel // Wq - r, row_pixel % Wq - r], 1)
-        hp, he, hw, rp, re, rwt = ops.window_table(w, rw, anchors, C, Hq, Wq)
-        if self.response != "patch":  # Gaussian responses normalised per element (they underflow at small widths)
-            rp, re, rwt = ops.window_response_weights(-(u[:, None] ** 2 + u[None, :] ** 2) / (2 * self.response ** 2),
-                                                      C, Hq, Wq, anchors)
+        if self.response == "patch":
+            hp, he, hw, rp, re, rwt = ops.window_table(w, torch.ones((k, k), dtype=torch.float64), anchors, C, Hq, Wq)
+        else:  # Gaussian responses formed per element (they underflow at small widths)
+            log_rw = -(u[:, None] ** 2 + u[None, :] ** 2) / (2 * self.response ** 2)
+            hp, he, hw, rp, re, rwt = ops.window_table_log_response(w, log_rw, anchors, C, Hq, Wq)
         return hp, he, hw, rp, re, None if self.response == "patch" else rwt, row_pixel
 
     def denoise_ks(self, x, t, ks, labels=None, *, backend=None):

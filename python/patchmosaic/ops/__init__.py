@@ -19,11 +19,11 @@ from .library import (BACKENDS, candidate_softmax, ideal_softmax, ideal_softmax_
 from .wiener_mask import wiener_mask_max, wiener_mask_rows, wiener_masks
 from .expansion_means import expansion_means
 from .aligned import (aligned_softmax, aligned_softmax_backward, composite, dense_table, patch_table,
-                      element_weights, response_count, window_response_weights, window_table)
+                      element_weights, response_count, window_table, window_table_log_response)
 
 __all__ = ["wiener_masks", "wiener_mask_max", "wiener_mask_rows", "expansion_means",
            "aligned_softmax", "aligned_softmax_backward", "composite", "dense_table", "patch_table",
-           "window_table", "response_count", "element_weights", "window_response_weights", "gaussian_mask", "ElementTable", "SoftmaxState", "local_softmax",
+           "window_table", "response_count", "element_weights", "window_table_log_response", "gaussian_mask", "ElementTable", "SoftmaxState", "local_softmax",
            "local_softmax_ks", "MultiKeySet", "local_softmax_backward", "ideal_softmax", "ideal_softmax_backward",
            "candidate_softmax", "KeySet", "csr_keyset", "MAX_MULTI_K", "ZEROS", "CIRCULAR", "LabelIndex", "Groups",
            "groups", "BACKENDS", "seeded_draws", "seeded_normal",

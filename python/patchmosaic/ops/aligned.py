@@ -250,15 +250,15 @@ def element_weights(resp_elem: Tensor, log_weight: Tensor, D: int) -> Tensor:
     return torch.exp(torch.clamp(lw - top[e], min=-690.0))
 
 
-def window_response_weights(log_kernel: Tensor, C: int, H: int, W: int, anchors: Tensor):
-    """``(resp_ptr, resp_elem, resp_weight)`` of :func:`window_table`'s windows for a Gaussian response given by its
-    logarithm ``log_kernel`` (float64 ``(kh, kw)``, finite), weighted as :func:`element_weights` does (the response
-    kernel itself would underflow at small widths, and leave elements out)."""
-    kh, kw = log_kernel.shape
+def window_table_log_response(weights: Tensor, log_resp: Tensor, anchors: Tensor, C: int, H: int, W: int):
+    """:func:`window_table` with the response weights given by their logarithm ``log_resp`` (float64 ``(kh, kw)``,
+    finite: every position of a window responds), formed as :func:`element_weights` does (a Gaussian response kernel
+    itself would underflow at small widths, and leave elements out). Returns the same six tensors."""
+    kh, kw = log_resp.shape
     marker = torch.arange(1, kh * kw + 1, dtype=torch.float64).reshape(kh, kw)  # > 0 everywhere: each position's id
-    _, _, _, rp, re, pos = window_table(marker, marker, anchors, C, H, W)
-    lw = log_kernel.to(torch.float64).reshape(-1)[pos.to(torch.int64) - 1]
-    return rp, re, element_weights(re, lw, C * H * W)
+    hp, he, hw, rp, re, pos = window_table(weights, marker, anchors, C, H, W)
+    lw = log_resp.to(torch.float64).reshape(-1)[pos.to(torch.int64) - 1]
+    return hp, he, hw, rp, re, element_weights(re, lw, C * H * W)
 
 
 def response_count(resp_elem: Tensor, D: int, resp_weight: Optional[Tensor] = None, dtype=torch.float64) -> Tensor:
