@@ -19,10 +19,14 @@ import argparse
 import glob
 import json
 import os
+import sys
 
 import numpy as np
 
 from patchmosaic.experiments.calibrate import lower_median, rounded_median
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from all_machines import paired  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -56,14 +60,13 @@ def compare(old: str, new: str) -> None:
         for m in sorted(set(a["summary"]) & set(b["summary"])):
             if m == "IS":
                 continue
-            d = np.asarray(b["per_seed"][m]["r"]) - np.asarray(a["per_seed"][m]["r"])
-            boots = np.median(d[np.random.default_rng(0).integers(0, len(d), (4000, len(d)))], axis=1)
-            lo, hi = np.quantile(boots, [0.025, 0.975])
+            # (all_machines.paired: the same seeds' r, new run against old)
+            med, (lo, hi), higher = paired({"per_seed": {"new": b["per_seed"][m], "old": a["per_seed"][m]}}, "new", "old")
             ka, kb = schedule_of(a, m), schedule_of(b, m)
             steps = "—" if ka is None or kb is None else sum(float(x) != float(y) for x, y in zip(ka, kb))
             sa, sb = a["summary"][m], b["summary"][m]
             print(f"| {net} | {m} | {steps} | {sa['r']['median']:.3f} | {sb['r']['median']:.3f} | "
-                  f"{np.median(d):+.4f} [{lo:+.4f}, {hi:+.4f}], {np.mean(d > 0):.0%} | {sa['R2']['median']:.2f} | "
+                  f"{med:+.4f} [{lo:+.4f}, {hi:+.4f}], {higher:.0%} | {sa['R2']['median']:.2f} | "
                   f"{sb['R2']['median']:.2f} |")
 
 
