@@ -375,12 +375,12 @@ class PSPC(SamePosition):
             resp[torch.arange(len(pix)), pix] = 1.0
         elif self.response == "patch":
             resp = mask.to(torch.float64) * mult[:, None]
-        else:  # a Gaussian: its logarithm, normalised per element (column) by the largest that names it, so that
-            # an element far from every crop centre that covers it is not left out by underflow (ops.element_weights)
-            logr = torch.where(mask, -d2 / (2 * self.response ** 2) + torch.log(mult)[:, None], -torch.inf)
-            top = logr.max(0).values
-            resp = torch.where(mask, torch.exp(torch.clamp(logr - torch.where(torch.isfinite(top), top, 0.0),
-                                                           min=-690.0)), 0.0)
+        else:  # a Gaussian, formed per element (column) by ops.element_weights: an element far from every crop
+            # centre that covers it is not left out by underflow
+            r_i, c_i = torch.nonzero(mask, as_tuple=True)
+            resp = torch.zeros_like(hood)
+            resp[r_i, c_i] = ops.element_weights(c_i, -d2[r_i, c_i] / (2 * self.response ** 2) + torch.log(mult)[r_i],
+                                                 HW)
         cover = resp.sum(0)
         lone = torch.nonzero(cover <= 0).reshape(-1)  # pixels no crop covers: the reference's 0 / 0
         if len(lone):  # one more row each: the pixel's own crop with the pixel added, written at the pixel only
