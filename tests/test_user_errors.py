@@ -164,6 +164,19 @@ def test_a_schedule_callable_of_one_float_works_and_a_broken_one_is_named():
     assert torch.equal(by_float.denoise(x, both, 3), by_array.denoise(x, both, 3))
     assert torch.equal(by_float.denoise(x, torch.from_numpy(both), 3), by_float.denoise(x, both, 3))
 
+    def old_numpy_cos(t):  # math.cos of an array on numpy < 2.3: a float for one element, with a warning
+        if isinstance(t, np.ndarray):
+            if t.size != 1:
+                raise TypeError("only length-1 arrays can be converted to Python scalars")
+            import warnings
+
+            warnings.warn("Conversion of an array with ndim > 0 to a scalar is deprecated", DeprecationWarning)
+            t = float(t.reshape(-1)[0])
+        return math.cos(t * math.pi / 2) ** 2
+
+    one = x[:1]
+    assert torch.equal(pm.ELS(IMGS, schedule=old_numpy_cos).denoise(one, 0.4, 3), by_array.denoise(one, 0.4, 3))
+
     def broken(t):
         raise KeyError("no")
 

@@ -213,8 +213,13 @@ class FromCallable(Schedule):
         return self._checked(np.asarray(t, dtype=np.float64))
 
     def _checked(self, t: np.ndarray) -> np.ndarray:
+        import warnings
+
         try:
-            out = np.asarray(self.fn(t), dtype=np.float64)
+            with warnings.catch_warnings():
+                # (numpy < 2.3 lets math.cos take a one-element array, with a DeprecationWarning, returning a float)
+                warnings.simplefilter("error", DeprecationWarning)
+                out = np.asarray(self.fn(t), dtype=np.float64)
         except Exception as array_error:  # a callable of one float (math.cos, ...): once per time
             try:
                 out = np.array([float(self.fn(float(v))) for v in t.reshape(-1)], dtype=np.float64).reshape(t.shape)
