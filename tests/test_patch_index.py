@@ -418,6 +418,14 @@ def test_open_checks_the_build_settings_asked_for_and_takes_the_search_setting(t
     den = IndexedDenoiser(mach, 5, cache_dir=str(tmp_path), kind="flat")
     with pytest.raises(ValueError, match="built with kind='ivf'"):
         den.index(5)
+    # an index saved before the manifest recorded min_index_keys: that setting cannot be checked, the others are
+    man_path = tmp_path / "k5" / "manifest.json"
+    man = json.loads(man_path.read_text())
+    del man["min_index_keys"]
+    man_path.write_text(json.dumps(man))
+    assert PatchIndex.open(folder, mach, 5, kind="ivf", nlist=16, min_index_keys=50).kind == "ivf"
+    with pytest.raises(ValueError, match="built with nlist=16, not the nlist=8"):
+        PatchIndex.open(folder, mach, 5, nlist=8, min_index_keys=50)
 
 
 def test_the_index_keeps_its_own_copy_of_the_mask_and_equal_masks_share_a_cached_index():

@@ -421,6 +421,8 @@ class PatchIndex:
                     man.get("pq_m", 16), man.get("min_index_keys", 20000), bool(man.get("merge", False)), patch_mask)
         self.kind = kind
         store.read_into(self, folder, man)  # (each part's kind from the FAISS index its file holds)
+        # the build settings the manifest records (an index saved before min_index_keys was recorded lacks it)
+        self.saved_settings = {name: man[name] for name in cls.BUILD_SETTINGS if name in man}
         return self
 
     # the build settings a saved index must match when :meth:`open` is asked for them
@@ -432,8 +434,8 @@ class PatchIndex:
         ``folder`` is given).
 
         A saved index is checked against the machine, ``k``, the canvas and ``patch_mask`` (as :meth:`load`), and
-        against every build setting in ``kw`` (``kind``: any for ``"auto"``; ``nlist``, ``pq_m``,
-        ``min_index_keys``, ``merge``): a ValueError names a difference (remove the folder, or use another, to build
+        against every build setting in ``kw`` that its manifest records (``kind``: any for ``"auto"``; ``nlist``,
+        ``pq_m``, ``min_index_keys``, ``merge``): a ValueError names a difference (remove the folder, or use another, to build
         one with the new settings). ``nprobe`` is a search setting: the loaded index takes the one asked for.
         ``flat_budget`` and ``progress`` concern building only."""
         if folder is not None and store.exists(folder):
@@ -442,8 +444,8 @@ class PatchIndex:
                 raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
             idx = cls.load(folder, machine, k, canvas, patch_mask=kw.get("patch_mask"), nprobe=kw.get("nprobe"))
             for name in cls.BUILD_SETTINGS:
-                want, have = kw.get(name), getattr(idx, name)
-                if want is None or (name == "kind" and want == "auto"):
+                want, have = kw.get(name), idx.saved_settings.get(name)
+                if want is None or have is None or (name == "kind" and want == "auto"):
                     continue
                 if (bool(want) if name == "merge" else want) != have:
                     raise ValueError(f"the patch index at {folder} was built with {name}={have!r}, not the "
