@@ -81,6 +81,11 @@ DEFAULT_OUT = os.path.join(HERE, "results", "reproduce")
 PAPER = os.path.join(HERE, "paper_results.json")  # the paper's Table 1-2 numbers (a copy of shared/paper/results.json)
 
 
+def fraction(value) -> str:
+    """A share for the table, or a dash where it is undefined (None: no seed where both r are defined)."""
+    return "—" if value is None else f"{value:.2f}"
+
+
 def paper_row(dataset, arch, padding):
     with open(PAPER) as f:
         rows = json.load(f)["rows"]
@@ -394,7 +399,7 @@ def table(results) -> str:
                 lines.append(
                     f"| {name} | {rep['train_images']} | {rep['seeds']} | {label}, {which}: {','.join(map(str, ks))} | "
                     f"{e['r']['median']:.3f} [{e['r']['q25']:.2f}, {e['r']['q75']:.2f}] | {l_['r']['median']:.3f} | "
-                    f"{i['r']['median']:.3f} | {e['frac_beats_IS_r']:.2f} | {e['R2']['median']:.3f} | "
+                    f"{i['r']['median']:.3f} | {fraction(e['frac_beats_IS_r'])} | {e['R2']['median']:.3f} | "
                     f"{l_['R2']['median']:.3f} | {i['R2']['median']:.3f} |")
         if prow is not None:
             lines.append(f"| paper: {prow['dataset']} {prow['arch']} {prow['padding']} (Table 2, 20 steps) | full set | "

@@ -305,3 +305,25 @@ def test_train_says_when_its_checkpoint_is_already_past_steps(tmp_path, tiny, ca
     assert capsys.readouterr().out.strip() == f"kept {net}: its checkpoint is already at step 4, past --steps 2; " \
                                               "nothing was trained (another --out trains a new network)"
     assert os.path.getmtime(os.path.join(net, "model.safetensors")) == before
+
+
+def test_compare_prints_its_summary_when_r_is_undefined_on_every_seed(tmp_path, capsys):
+    """A network whose every sample is one constant image leaves r undefined on every seed (frac_beats_IS_r None):
+    the summary says so (formatting None as a percentage failed at the end of the run)."""
+    import math
+    from typing import Optional
+
+    import torch
+
+    class ZeroX0(torch.nn.Module):  # eps = x / b under cosine_legacy: x0_hat = 0
+        def forward(self, t: torch.Tensor, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+            b = torch.sin(t.double() / 1.008 * math.pi / 2).reshape(-1, 1, 1, 1)
+            return (x.double() / b).to(x.dtype)
+
+    torch.jit.script(ZeroX0()).save(str(tmp_path / "net.pt"))
+    np.savez(tmp_path / "flat.npz", x_train=np.full((40, 8, 8), 128, np.uint8), y_train=np.arange(40) % 4)
+    rc = main(["compare", "--network", str(tmp_path / "net.pt"), "--data", str(tmp_path / "flat.npz"), "--seeds", "2",
+               "--steps", "2", "--machine", "ls=3", "--out", str(tmp_path / "cmp"), "--quiet", "--unconditional"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "ls=3: median r nan" in out and "r undefined on every seed" in out
+    assert json.loads((tmp_path / "cmp" / "report.json").read_text())["summary"]["ls=3"]["frac_beats_IS_r"] is None

@@ -466,7 +466,13 @@ def _compare(args) -> int:
     names = ["noise", "network"] + [m.split("=")[0] if m not in blends else "blend" for m in machines] + ["nearest"]
     save_figure(comparison_grid(rows, names), os.path.join(args.out, "grid" + ext))
     for name, s in rep["summary"].items():
-        extra = f", beats IS on {s['frac_beats_IS_r']:.0%} of seeds" if "frac_beats_IS_r" in s else ""
+        beats = s.get("frac_beats_IS_r")
+        if "frac_beats_IS_r" not in s:
+            extra = ""
+        elif beats is None:  # (no seed where both r are defined: e.g. every network sample constant)
+            extra = ", r undefined on every seed"
+        else:
+            extra = f", beats IS on {beats:.0%} of seeds"
         print(f"{name}: median r {s['r']['median']:.3f} [IQR {s['r']['q25']:.3f}, {s['r']['q75']:.3f}], "
               f"median R2 {s['R2']['median']:.3f}{extra}")
     print(f"wrote {args.out}/report.json, grid{ext}" + (f", scatter{ext}" if local else ""))
