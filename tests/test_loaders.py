@@ -334,8 +334,14 @@ def test_an_npz_test_split_is_read_and_sets_without_one_say_so(tmp_path):
     d = tmp_path / "pics"
     d.mkdir()
     Image.fromarray(xtr[0]).save(d / "a.png")
-    with pytest.raises(ValueError, match="split='test': .*pics is a folder of images, one set"):
+    with pytest.raises(ValueError, match="split='test': .*pics is a folder of images, one set; .*with the default"):
         load(str(d), split="test")
+    assert load(str(d), size=8)[0].shape == (1, 1, 8, 8)  # (the advice: the folder itself, the default split)
+    celeba = tmp_path / "img_align_celeba"
+    celeba.mkdir()
+    Image.fromarray(_images(1, 218, 178, 3)[0]).save(celeba / "000001.png")
+    with pytest.raises(ValueError, match="split='test': .*img_align_celeba is a folder of images"):
+        load(str(tmp_path / "img_align_celeba"), split="test")
 
 
 def test_folders_mixing_files_and_classes_empty_classes_and_hidden_folders(tmp_path):

@@ -121,12 +121,13 @@ def _read_path(path: str, split: str, alpha: str = "refuse"):
         return load_idx(*find_idx(path, split)) + (None,)
     if "cifar-10-batches-py" in names or "data_batch_1" in names or "test_batch" in names:
         return load_cifar10(path, split) + ("NHWC",)
+    if split == "test":  # (CelebA's folder included: one set of images)
+        raise ValueError(f"split='test': {path} is a folder of images, one set; give the test images' folder "
+                         "itself, with the default split")
     if "img_align_celeba" in names or os.path.basename(os.path.normpath(path)) == "img_align_celeba":
         folder = path if "img_align_celeba" not in names else os.path.join(path, "img_align_celeba")
         imgs = FolderImages(folder, grey=False, crop=CELEBA_CROP, alpha=alpha)
         return imgs, imgs.labels, "NHWC"
-    if split == "test":
-        raise ValueError(f"split='test': {path} is a folder of images, one set; give the test images' folder itself")
     imgs = FolderImages(path, alpha=alpha)
     return imgs, imgs.labels, "NHWC"
 
