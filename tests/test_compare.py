@@ -164,3 +164,39 @@ def test_a_sample_file_of_another_run_is_refused_before_any_sampling(tmp_path):
     with pytest.raises(ValueError, match="samples_IS.npz is the state of a different run"):
         compare(Counted(), machines, x1, y, steps=2, out_dir=str(tmp_path), progress=False)
     assert Counted.calls == 0 and sorted(os.listdir(tmp_path)) == ["samples_IS.npz"]
+
+
+def test_a_run_resumed_with_another_batch_size_is_refused_before_any_sampling(tmp_path):
+    """A network's outputs depend on the batch they run in (here by design: it adds the batch's size); a
+    comparison stopped after two batches of 2 seeds and rerun with batches of 5 went on silently, and its samples
+    matched neither an uninterrupted run with 2 nor one with 5. Now the sample file records its batch size and
+    a resume with another is refused by name before any call; with the same size it equals the uninterrupted run."""
+    train, lab, els, iss, x1, y = _setup()
+
+    class BatchDependent(torch.nn.Module):
+        calls, stop_after = 0, None
+
+        def forward(self, t, x, labels=None):
+            BatchDependent.calls += 1
+            if BatchDependent.stop_after is not None and BatchDependent.calls > BatchDependent.stop_after:
+                raise KeyboardInterrupt
+            return els.eps(x, float(t[0]), 3, labels=labels) + 1e-3 * x.shape[0]
+
+    machines = {"IS": pm.MachineDenoiser(iss)}
+    kw = dict(steps=2, progress=False)
+    whole = compare(BatchDependent(), machines, x1, y, batch_size=2, out_dir=str(tmp_path / "whole"), **kw)
+    BatchDependent.calls, BatchDependent.stop_after = 0, 4  # two batches of 2 seeds, 2 steps each
+    with pytest.raises(KeyboardInterrupt):
+        compare(BatchDependent(), machines, x1, y, batch_size=2, out_dir=str(tmp_path / "run"), **kw)
+    BatchDependent.calls, BatchDependent.stop_after = 0, None
+    with pytest.raises(ValueError, match=r"samples_network.npz holds samples made 2 seeds at a time, and this run "
+                                         r"asks for 5 .*batch_size=2 \(CLI: --batch 2\)"):
+        compare(BatchDependent(), machines, x1, y, batch_size=5, out_dir=str(tmp_path / "run"), **kw)
+    assert BatchDependent.calls == 0
+    resumed = compare(BatchDependent(), machines, x1, y, batch_size=2, out_dir=str(tmp_path / "run"), **kw)
+    assert BatchDependent.calls == 2  # the last seed only: one batch of 1, two steps
+    assert torch.equal(resumed["samples"]["network"], whole["samples"]["network"])
+    np.savez(tmp_path / "run" / "samples_IS.npz", **{k: v for k, v in np.load(tmp_path / "run" / "samples_IS.npz").items()
+                                                    if k != "batch_size"})
+    with pytest.raises(ValueError, match="samples_IS.npz does not record the batch size"):
+        compare(BatchDependent(), machines, x1, y, batch_size=2, out_dir=str(tmp_path / "run"), **kw)

@@ -37,6 +37,7 @@ def sample_batched(denoiser, x1: torch.Tensor, labels, *, grid, batch_size: int,
     (None: the CPU); the samples come back to the CPU."""
     M, steps = x1.shape[0], len(grid) - 1
     saved = load_state(state, fp) if layout is None else layout.load_state(state, fp)
+    check_saved_batch(saved, state, batch_size)
     out = torch.from_numpy(saved["samples"]) if saved is not None else torch.full_like(x1, float("nan"))
     done = int(saved["done"]) if saved is not None else 0
     bar = Progress(M * steps, desc, enabled=progress and (layout is None or layout.leader), initial=done * steps)
@@ -49,12 +50,25 @@ def sample_batched(denoiser, x1: torch.Tensor, labels, *, grid, batch_size: int,
         xs = x1[s:e] if device is None else x1[s:e].to(device)
         out[s:e] = (ddim(denoiser, xs, lab, **kw) if layout is None else layout.sample(ddim, denoiser, xs, lab, **kw)).cpu()
         if state is not None:
-            if layout is None:
-                save_state(state, fp, samples=out.numpy(), done=np.array(e))
-            else:
-                layout.save_state(state, fp, samples=out.numpy(), done=np.array(e))
+            arrays = dict(samples=out.numpy(), done=np.array(e), batch_size=np.array(batch_size))
+            (save_state if layout is None else layout.save_state)(state, fp, **arrays)
     bar.close()
     return out
+
+
+def check_saved_batch(saved: Optional[dict], state: Optional[str], batch_size: int) -> None:
+    """A sample file is resumed with the batch size it was made with: a network's outputs depend (in the last
+    digits) on how many seeds run together, so a resume with another would mix two runs' samples."""
+    if saved is None:
+        return
+    if "batch_size" not in saved:
+        raise ValueError(f"{state} does not record the batch size its samples were made with (an earlier "
+                         "version wrote it); delete it to start again")
+    if int(saved["batch_size"]) != int(batch_size):
+        raise ValueError(f"{state} holds samples made {int(saved['batch_size'])} seeds at a time, and this run "
+                         f"asks for {int(batch_size)} (a network's outputs depend on the batch it runs in): resume "
+                         f"with batch_size={int(saved['batch_size'])} (CLI: --batch {int(saved['batch_size'])}) "
+                         "or delete the file")
 
 
 def nearest_training(samples: torch.Tensor, images: torch.Tensor, labels=None, train_labels=None) -> np.ndarray:
@@ -175,7 +189,8 @@ def compare(network, machines: Dict[str, object], x1: torch.Tensor, labels=None,
                 for name, d in dens.items()})
     if out_dir is not None:  # every sample file left by another run (or not one) refused before any sampling
         for name, fp in fps.items():
-            (load_state if layout is None else layout.load_state)(state(name), fp)
+            check_saved_batch((load_state if layout is None else layout.load_state)(state(name), fp), state(name),
+                              batch_size)
     u = sample_batched(net, x1, lab, grid=g, batch_size=batch_size, state=state("network"), fp=fps["network"],
                        progress=progress, desc="network", layout=layout, device=dev)
     if not np.all(np.isfinite(u.numpy())):
