@@ -562,6 +562,29 @@ def test_outputs_are_checked_before_the_run(tmp_path, tiny, capsys):
     assert code == 0 and (tmp_path / "UP.npz").exists()
 
 
+def test_output_names_near_the_file_systems_limit(tmp_path, tiny, capsys):
+    """A 254-character name (legal: the limit is 255 bytes) passed the check and the run, then its atomic write
+    failed ('File name too long': the temporary name was '.' + name + '.XXXXXXXX.png'); a name over the limit
+    passed the check too. Now the temporary name holds at most 64 characters of the target's, and the check's
+    trial file is as long as the output's name."""
+    from patchmosaic.io.files import check_output, write_npz
+
+    long = tmp_path / ("a" * 250 + ".png")
+    code, err = cli(capsys, "sample", "--data", tiny, "--k", "3", "--n", "1", "--steps", "1", "--quiet",
+                    "--out", str(long))
+    assert code == 0 and long.exists() and (tmp_path / ("a" * 250 + ".npz")).exists(), err
+    write_npz(str(tmp_path / ("b" * 251 + ".npz")), x=np.zeros(2))
+    assert sorted(len(p.name) for p in tmp_path.iterdir()) == [8, 254, 254, 255]  # tiny.npz and no temporary left
+    too_long = str(tmp_path / ("c" * 256 + ".png"))
+    with pytest.raises(ValueError, match=r"cannot write .*c\.png: its name is longer than the file system allows"):
+        check_output(too_long, suffixes=(".png",))
+    code, err = cli(capsys, "sample", "--data", str(tmp_path / "missing.npz"), "--out", too_long)
+    assert code == 2 and "File name too long" in err and "no data set" not in err, err
+    new_folder = str(tmp_path / "new" / ("d" * 256 + ".png"))  # its folder made by the writer: the trial file's name
+    with pytest.raises(ValueError, match=r"cannot write a file named 'd+\.png' in .*\(File name too long\)"):
+        check_output(new_folder, suffixes=(".png",))
+
+
 # --------------------------------------------------------------------------- memory: estimated before allocating
 def test_memory_is_checked_before_allocating(tmp_path, capsys, monkeypatch):
     """demo --n 400000 allocated its noise before its check; calibrate --k-max 2147483647 built a billion-element

@@ -17,6 +17,7 @@ reader of ``.npz`` files: named arrays only, never a pickle, every failure a Val
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import stat
@@ -47,6 +48,11 @@ def target_of(path: str) -> str:
         st = os.stat(target)
     except FileNotFoundError:
         return target
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            raise ValueError(f"cannot write {path}: its name is longer than the file system allows "
+                             f"({e.strerror})") from None
+        raise
     if not stat.S_ISREG(st.st_mode):
         raise ValueError(f"cannot write {path}: it is {_kind(st.st_mode)}; give the path of a regular file")
     return target
@@ -59,7 +65,9 @@ def atomic_path(path: str, suffix: str = ".tmp") -> Iterator[str]:
     target = target_of(path)
     folder = os.path.dirname(target) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(target) + ".", suffix=suffix)
+    # the temporary name starts with at most 64 characters of the target's: a target name near the file system's
+    # limit (255 bytes) must not make a temporary name over it
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(target)[:64] + ".", suffix=suffix)
     os.close(fd)
     try:
         yield tmp
@@ -156,12 +164,18 @@ def check_output(path: str, *, suffixes: Optional[Sequence[str]] = None, option:
         probe = parent
     if not os.path.isdir(probe):
         raise ValueError(f"{option} {path}: {probe} is not a folder, so {what} cannot be written there")
+    # the trial file's name is as long as the output's (a name over the file system's limit fails here, not at
+    # the end of the run)
+    name = "" if folder else os.path.basename(target)
+    head = ".patchmosaic-write-check."
     try:
-        fd, trial = tempfile.mkstemp(dir=probe, prefix=".patchmosaic-write-check.")
+        fd, trial = tempfile.mkstemp(dir=probe, prefix=head + "x" * max(0, len(name.encode()) - len(head) - 8))
         os.close(fd)
         os.remove(trial)
     except OSError as e:
-        raise ValueError(f"{option} {path}: cannot write in {probe} ({e.strerror or e})") from None
+        raise ValueError(f"{option} {path}: cannot write "
+                         f"{'a file named ' + repr(name) + ' ' if len(name) > 64 else ''}in {probe} "
+                         f"({e.strerror or e})") from None
     return path
 
 
