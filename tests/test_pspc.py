@@ -409,6 +409,25 @@ def test_bad_input_is_refused_before_any_work():
         pm.PatchIndex(m, 3)
 
 
+def test_a_soft_window_keeps_its_width_at_a_patch_size_above_the_equivalent_one():
+    """LS and boundary-aware ELS compute a k above 2 max(H, W, Hq, Wq) - 1 at that size (the rest is padding), but a
+    soft machine then built its Gaussian of width soft * (the cut size): on 5 x 5 images, k = 13 with soft = 0.2
+    was the k = 9 window's result (2e-2 of the data range off on average, 0.4 at worst). Now the width is
+    soft * k as asked, the window cropped; against the literal oracle (tests/naive.py) with the full k x k window."""
+    import naive
+
+    rng = np.random.default_rng(45)
+    tr, x = rng.uniform(-1, 1, (6, 1, 5, 5)), rng.standard_normal((2, 1, 5, 5))
+    a, b2 = coefficients(0.3)
+    for k in (7, 9, 11, 13):
+        mask = pm.ops.gaussian_mask(k, 0.2 * k).numpy()
+        for cls, name in ((pm.LS, "LS"), (pm.ELS, "ELS_zeros")):
+            got = cls(tr, soft=0.2).denoise(x, 0.3, k)
+            want = naive.denoise(name, tr, x, np.full(2, a), np.full(2, b2), k, mask=mask)
+            assert np.abs(got - want).max() <= 1e-9 * 2, (name, k, np.abs(got - want).max())  # data range 2
+    assert not np.allclose(pm.ELS(tr, soft=0.2).denoise(x, 0.3, 13), pm.ELS(tr, soft=0.2).denoise(x, 0.3, 9))
+
+
 def test_network_heatmaps_are_the_mean_absolute_jacobian(tmp_path):
     """network_heatmaps against autograd one output element at a time, on the same draws (seeded as documented:
     a generator per time seeded ``seed * 1000003 + l``, an image index, then the noise); the cache file is reused;

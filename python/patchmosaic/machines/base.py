@@ -227,6 +227,7 @@ class Machine:
                 backend: Optional[str] = None, pixels=None, patch_mask=None):
         check_cuda_inputs(x=x, t=t, labels=labels, pixels=pixels)
         weights, k = self._patch_mask(patch_mask, k)
+        asked = k
         is_numpy, xt, (k,), a, inv_2b2, t_check, lab, name, train, max_memory = \
             self._prepare_call(x, t, [k], labels, backend)
         B, C, Hq, Wq = xt.shape
@@ -235,7 +236,9 @@ class Machine:
             if weights is not None:
                 weights = crop_patch_mask(weights, k)
             elif self.soft is not None:
-                weights = gaussian_mask(k, self.soft * k)
+                # the width from the size asked for: a k cut to its equivalent size (effective_k) keeps its
+                # Gaussian, cropped (the elements cut off lie outside every image)
+                weights = gaussian_mask(k, self.soft * check_k(asked, self.H, self.W))
             out, key, share = self._local_forward(train, xt, a, inv_2b2, t_check, lab, k, weights,
                                                   self._pixel_mask(pixels, B, Hq, Wq), return_provenance, name,
                                                   max_memory)
