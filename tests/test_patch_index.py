@@ -316,7 +316,29 @@ def test_measured_policy_and_its_calibrated_switch_time():
         assert [e["used"] for e in pol.record] == ["exact" if e["t"] > t_s + 1e-9 else "index" for e in pol.record]
     # targets that every / no switch time meets
     assert pm.calibrate_t_max(mach, ks, x1, steps=10, target_r=-1.0, t_max=0.3, m=8, kind="flat")[0] == 0.3
-    assert pm.calibrate_t_max(mach, ks, x1, steps=10, target_r=1.5, m=8, kind="flat")[0] == 0.0
+    assert pm.calibrate_t_max(mach, ks, x1, steps=10, target_r=1.0, m=8, kind="flat")[0] == 0.0  # (r_min < 1: 1e-8)
+
+
+def test_calibrate_t_max_refuses_bad_settings_before_the_exact_trajectory(monkeypatch):
+    """target_r = NaN was taken and returned the latest switch time, target_r > 1 or t_max = NaN / -3 returned 0.0
+    having tried nothing, and m = 0 or an unknown index kind were refused only after the exact trajectory had been
+    sampled: each is now a ValueError naming it before any sampling."""
+    import patchmosaic.experiments.switch_time as st
+
+    tr, rng = _blank_heavy(12, N=20, n_drawn=10)
+    mach = pm.ELS(tr)
+    x1 = torch.from_numpy(rng.standard_normal((1, 1, 10, 12)).astype(np.float32))
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled before the settings were checked")
+
+    monkeypatch.setattr(st, "ddim", no_sampling)
+    for kw, msg in ((dict(target_r=float("nan")), r"target_r must be a number in \[-1, 1\], got nan"),
+                    (dict(target_r=1.5), r"target_r .* got 1.5"), (dict(target_r="0.9"), r"target_r .* got '0.9'"),
+                    (dict(t_max=float("nan")), r"t_max must be a number in \[0, 1\], got nan"),
+                    (dict(t_max=-3.0), r"t_max .* got -3.0"), (dict(m=0), r"\bm\b"), (dict(kind="nope"), "nope")):
+        with pytest.raises(ValueError, match=msg):
+            pm.calibrate_t_max(mach, 3, x1, steps=4, **kw)
 
 
 def test_ivf_bound_is_flagged_conditional_and_a_retrieval_failure_is_caught():

@@ -585,6 +585,53 @@ def test_output_names_near_the_file_systems_limit(tmp_path, tiny, capsys):
         check_output(new_folder, suffixes=(".png",))
 
 
+def test_api_output_paths_are_checked_before_any_work(tmp_path, monkeypatch):
+    """The CLI checked its outputs before the run, the Python API did not: compare(out_dir=<under a file>) ran the
+    network first, calibrate(state=<under a file>) failed after its first step, network_heatmaps(path=<under a
+    file>) after its first Jacobians (a NotADirectoryError each); a garbage or foreign heatmaps .partial.npz gave a
+    KeyError or a message that did not name it. Each is now a ValueError naming the path before any work."""
+    import patchmosaic.experiments.heatmaps as heat
+    from patchmosaic.experiments.calibrate import calibrate
+    from patchmosaic.experiments.compare import compare
+    from patchmosaic.networks import ResNet
+
+    a_file = tmp_path / "f.npz"
+    a_file.write_bytes(b"x")
+    tr = RNG.uniform(-1, 1, (10, 1, 6, 6)).astype(np.float32)
+    els = pm.ELS(tr)
+
+    class Counted(MachineNet):
+        calls = 0
+
+        def forward(self, t, x, labels=None):
+            Counted.calls += 1
+            return super().forward(t, x, labels)
+
+    x1 = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"out_dir .*f\.npz/out: .*f\.npz is not a folder"):
+        compare(Counted(els, 3), {"ELS": pm.MachineDenoiser(els, 3)}, x1, steps=2, out_dir=str(a_file / "out"),
+                progress=False)
+    with pytest.raises(ValueError, match=r"state file .*f\.npz/s\.npz: .*f\.npz is not a folder"):
+        calibrate(Counted(els, 3), els, x1, candidates=(3, 5), steps=2, state=str(a_file / "s.npz"), progress=False)
+    assert Counted.calls == 0
+
+    def no_jacobian(*a, **k):
+        raise AssertionError("a Jacobian was computed before the path was checked")
+
+    monkeypatch.setattr(heat, "_jacobian", no_jacobian)
+    torch.manual_seed(0)
+    den = pm.NetworkDenoiser(ResNet(channels=1, width=4, depth=1))
+    with pytest.raises(ValueError, match=r"path .*f\.npz/heat\.npz: .*f\.npz is not a folder"):
+        heat.network_heatmaps(den, tr, [0.5], path=str(a_file / "heat.npz"), progress=False)
+    partial = tmp_path / "heat.npz.partial.npz"
+    partial.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"heat\.npz\.partial\.npz is not a heatmaps' partial file"):
+        heat.network_heatmaps(den, tr, [0.5], path=str(tmp_path / "heat.npz"), progress=False)
+    np.savez(partial, maps=np.zeros(3))
+    with pytest.raises(ValueError, match=r"heat\.npz\.partial\.npz is not .* needs arrays 'fingerprint'"):
+        heat.network_heatmaps(den, tr, [0.5], path=str(tmp_path / "heat.npz"), progress=False)
+
+
 # --------------------------------------------------------------------------- memory: estimated before allocating
 def test_memory_is_checked_before_allocating(tmp_path, capsys, monkeypatch):
     """demo --n 400000 allocated its noise before its check; calibrate --k-max 2147483647 built a billion-element

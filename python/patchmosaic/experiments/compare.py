@@ -20,6 +20,7 @@ import torch
 from ..diffusion.denoisers import NetworkDenoiser, as_denoiser, full_description
 from ..diffusion.inputs import as_labels
 from ..diffusion.samplers import check_grid, common_schedule, ddim
+from ..io.files import check_output
 from ..io.progress import Progress
 from ..io.runstate import fingerprint, load_state, save_state, write_json
 from ..metrics import METRICS, summary
@@ -147,6 +148,8 @@ def compare(network, machines: Dict[str, object], x1: torch.Tensor, labels=None,
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if out_dir is not None and os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"out_dir {out_dir} is a file, not a folder for the sample files and the report")
+    if out_dir is not None:  # (a path under a file, or a folder that cannot be written)
+        check_output(out_dir, option="out_dir", what="the folder of the sample files and the report", folder=True)
     if info is not None:
         try:
             json.dumps(info)

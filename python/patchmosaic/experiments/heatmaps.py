@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..diffusion.denoisers import NetworkDenoiser
-from ..io.files import write_npz
+from ..io.files import check_output, read_npz, write_npz
 from ..io.progress import Progress
 from ..io.runstate import array_digest, fingerprint
 from ..machines.pspc import Heatmaps
@@ -65,17 +65,23 @@ def network_heatmaps(network, images, times: Sequence[float], labels=None, *, sa
                      times=times, samples=int(samples), seed=int(seed))
     info = {"fingerprint": fp, "samples": int(samples), "seed": int(seed), "train_images": int(N),
             "rule": "mean over noisy inputs of sum_c |d x0_hat[c, y, x] / d z[c]|"}
+    partial = None if path is None else os.fspath(path) + ".partial.npz"
+    if path is not None:  # both files writable, before any Jacobian
+        check_output(path, option="path", what="the heatmaps' cache")
+        check_output(partial, option="path (its .partial.npz)", what="the heatmaps' finished times")
     if path is not None and os.path.exists(path):
         hm = Heatmaps.load(path)
         if hm.info.get("fingerprint") == fp:
             return hm
-    partial = None if path is None else path + ".partial.npz"
     maps = np.zeros((len(times), H, W, H, W), np.float64)
     done = np.zeros(len(times), bool)
     if partial is not None and os.path.exists(partial):
-        with np.load(partial, allow_pickle=False) as f:
-            if str(f["fingerprint"]) == fp:
-                maps, done = f["maps"].astype(np.float64), f["done"].astype(bool)
+        what = "a heatmaps' partial file (written by network_heatmaps)"
+        f = read_npz(partial, what)
+        if any(k not in f for k in ("fingerprint", "maps", "done")):
+            raise ValueError(f"{partial} is not {what}: it needs arrays 'fingerprint', 'maps' and 'done'; delete it")
+        if str(f["fingerprint"]) == fp:  # (another run's: recomputed and overwritten)
+            maps, done = f["maps"].astype(np.float64), f["done"].astype(bool)
     bar = Progress(len(times) * samples, "heatmaps", enabled=progress, initial=int(done.sum()) * samples)
     for l, t in enumerate(times):
         if done[l]:

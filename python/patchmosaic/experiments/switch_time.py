@@ -54,7 +54,14 @@ def calibrate_t_max(machine, k, x1, labels=None, *, target_r: float = 0.999, ste
                     nprobe: Optional[int] = None, pq_m: Optional[int] = None, flat_budget: Optional[int] = None,
                     min_index_keys: Optional[int] = None, merge: Optional[bool] = None) -> Tuple[float, List[dict]]:
     check_cuda_inputs(x1=x1, labels=labels, **{f"states[{i}]": s for i, s in enumerate(states or ())})
+    for name, v, lo, hi in (("target_r", target_r, -1.0, 1.0), ("t_max", t_max, 0.0, 1.0)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not lo <= v <= hi:
+            raise ValueError(f"{name} must be a number in [{lo:g}, {hi:g}], got {v!r}")
     grid = time_grid(steps)
+    # the index's settings (m, kind, ...) checked before the exact trajectory is sampled
+    pol = IndexedDenoiser(machine, k, m=m, t_max=1.0, mode="measured", progress=progress, kind=kind, nlist=nlist,
+                          nprobe=nprobe, pq_m=pq_m, flat_budget=flat_budget, min_index_keys=min_index_keys,
+                          merge=merge)
     if states is None:
         states = []
         final = ddim(MachineDenoiser(machine, k), torch.as_tensor(x1).float(), labels, steps=steps,
@@ -62,9 +69,6 @@ def calibrate_t_max(machine, k, x1, labels=None, *, target_r: float = 0.999, ste
         states.append(final)
     if len(states) != steps + 1:
         raise ValueError(f"states must hold the {steps + 1} states of the exact trajectory, got {len(states)}")
-    pol = IndexedDenoiser(machine, k, m=m, t_max=1.0, mode="measured", progress=progress, kind=kind, nlist=nlist,
-                          nprobe=nprobe, pq_m=pq_m, flat_budget=flat_budget, min_index_keys=min_index_keys,
-                          merge=merge)
     if indexes:
         pol.indexes.update(indexes)
     report, best = [], 0.0

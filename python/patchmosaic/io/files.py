@@ -46,7 +46,7 @@ def target_of(path: str) -> str:
     target = os.path.realpath(path)
     try:
         st = os.stat(target)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (a path under a regular file: check_output names that file)
         return target
     except OSError as e:
         if e.errno == errno.ENAMETOOLONG:

@@ -72,8 +72,12 @@ def save_state(path: str, fp: str, **arrays) -> None:
 
 def load_state(path: Optional[str], fp: str) -> Optional[dict]:
     """The arrays saved at ``path`` (None if there is no file); a ValueError if it belongs to another run or
-    is not a state file."""
-    if path is None or not os.path.exists(path):
+    is not a state file, or if ``path`` cannot be written (the run saves its state there: refused before any
+    work, :func:`patchmosaic.io.files.check_output`)."""
+    if path is None:
+        return None
+    files.check_output(path, option="state file", what="the run's state")
+    if not os.path.exists(path):
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
