@@ -1,5 +1,6 @@
 """The ``patchmosaic`` command line. Exit code 0 on success, 2 with a one-line reason on bad input, 130 when
-interrupted (Ctrl-C), with what was saved.
+interrupted (Ctrl-C), with what was saved (from :func:`main` on: a Ctrl-C while the package and torch are still
+being imported, before any work, is Python's own KeyboardInterrupt).
 
 Subcommands: ``demo`` (the main job on the built-in data), ``sample``, ``train`` (also ``--preset NAME``),
 ``convert`` (TorchScript to a checkpoint), ``calibrate``, ``compare``.
