@@ -379,6 +379,49 @@ def mismatch(rep):
     rep["rank"] = rank
 
 
+def one_sided(rep):
+    """Failures that only some ranks see (a NaN in one rank's slice, a query whose class or keys only one rank
+    holds) raise on every rank, and the calls after them stay in step; mixed engines, the DataLocal statistics,
+    the DDPM generators and IS's patch-size sweep (reviews of 2026-12-08)."""
+    from patchmosaic.distributed.queries import Layout
+
+    rank = launch.rank()
+    rng = np.random.default_rng(5)
+    train = rng.uniform(-1, 1, (4, 1, 6, 6))
+    x = rng.standard_normal((1, 1, 6, 6))
+    got = {}
+
+    def attempt(name, call):
+        try:
+            call()
+            got[name] = None
+        except (ValueError, TypeError) as e:
+            got[name] = f"{type(e).__name__}: {e}"
+
+    lone = pmd.ShardedMachine("els", train[:1] if rank == 0 else train[:0], n_threads=1)  # rank 1: no keys
+    attempt("nan_query", lambda: lone.denoise(np.full_like(x, np.nan), 0.5, 3))
+    good = lone.denoise(x, 0.5, 3)  # the next call: in step, the one-process result
+    got["after_diff"] = float(np.abs(good - pm.ELS(train[:1]).denoise(x, 0.5, 3)).max())
+    bad = train.copy()
+    bad[3, 0, 2, 2] = np.nan
+    attempt("nan_shard", lambda: pmd.ShardedMachine("ls", bad[:2] if rank == 0 else bad[2:], n_threads=1))
+    lab = np.array([0, 0, 1, 1])  # rank 0 holds class 0, rank 1 class 1
+    by_class = pmd.ShardedMachine("ls", train[:2] if rank == 0 else train[2:], lab[:2] if rank == 0 else lab[2:],
+                                  n_threads=1)
+    attempt("t_range", lambda: by_class.denoise(np.concatenate([x, x]), [0.5, 1.5], 3, labels=[0, 1]))
+    mixed = pmd.ShardedMachine("is", train[:2] if rank == 0 else train[2:], n_threads=1,
+                               backend="torch" if rank == 0 else "cpu")
+    got["is_mixed_diff"] = float(np.abs(mixed.denoise(x, 0.3) - pm.IS(train).denoise(x, 0.3)).max())
+    attempt("is_denoise_ks", lambda: mixed.denoise_ks(x, 0.3, [3, 5]))
+    attempt("datalocal_own_statistics", lambda: pmd.ShardedDataLocal(train[2 * rank: 2 * rank + 2],
+                                                                       statistics=train[2 * rank: 2 * rank + 2]))
+    lay = Layout(2)  # the two ranks share one query shard
+    den = pm.MachineDenoiser(lay.machine("els", train.astype(np.float32), n_threads=1), 3)
+    attempt("ddpm_generators", lambda: lay.sample(pm.ddpm, den, torch.from_numpy(x.astype(np.float32)), steps=2,
+                                                  progress=False, generator=torch.Generator().manual_seed(rank)))
+    rep["one_sided"] = got
+
+
 def main():
     mode, out = sys.argv[1], sys.argv[2]
     os.makedirs(out, exist_ok=True)
@@ -401,6 +444,8 @@ def main():
                 cli_sample(out, rep)
             elif step == "mismatch":
                 mismatch(rep)
+            elif step == "onesided":
+                one_sided(rep)
     finally:
         pmd.shutdown()
     if rep:

@@ -7,6 +7,7 @@ The jobs start real processes (each imports torch: a few seconds); each job runs
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -125,6 +126,22 @@ def test_the_index_backend_in_one_process_and_its_bad_input():
         SM("ls", train).denoise(x, 0.05, 3, backend="index")
 
 
+def test_index_caches_of_other_machines_share_a_cache_dir(tmp_path):
+    """The index's cache subfolders were named by shard, canvas and k only: after ELS with zero padding, ELS with
+    circular padding or LS on the same cache_dir found its folder and refused it ('boundary is 'zeros' there')."""
+    rng = np.random.default_rng(6)
+    train = rng.uniform(-1, 1, (6, 1, 6, 7)).astype(np.float32)
+    x = (0.99 * train[[1, 4]] + 0.05 * rng.standard_normal((2, 1, 6, 7))).astype(np.float32)
+    opts = {"m": 4, "tol": 1e-5, "cache_dir": str(tmp_path)}
+    for kind, kw, exact in (("els", {}, pm.ELS(train.astype(np.float64))),
+                            ("els", {"boundary": "circular"}, pm.ELS(train.astype(np.float64), boundary="circular")),
+                            ("ls", {}, pm.LS(train.astype(np.float64)))):
+        got = pm.distributed.ShardedMachine(kind, train, backend="index", index_options=opts, **kw).denoise(x, 0.05, 3)
+        err = np.abs(got - exact.denoise(x.astype(np.float64), 0.05, 3))
+        assert err.mean() <= 1e-5 * RANGE and err.max() <= 1e-3 * RANGE, (kind, kw)
+    assert len(list(tmp_path.glob("images0-6of6/*"))) == 3
+
+
 # ------------------------------------------------------------------------------------ the process jobs
 def _env(**extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(p for p in sys.path if p), **extra)
@@ -158,7 +175,7 @@ def job2(tmp_path_factory, shared_dir):
     """2 ranks: key sharding (seeds 0-7 of the cases), then calibrate and compare with the seeds spread over the
     ranks (pure query sharding), interrupted midway."""
     out = tmp_path_factory.mktemp("job2")
-    reports = torchrun(2, "keys,index,exp1,mismatch", out, FIRST_SEED="0", N_SEEDS="8", PATCHMOSAIC_KEY_SHARDS="1",
+    reports = torchrun(2, "keys,index,exp1,mismatch,onesided", out, FIRST_SEED="0", N_SEEDS="8", PATCHMOSAIC_KEY_SHARDS="1",
                        SHARED_DIR=str(shared_dir))
     return reports, [json.load(open(os.path.join(out, f"exp{r}.json"))) for r in range(2)], _index_reports(out, 2)
 
@@ -451,3 +468,28 @@ def test_api_calls_given_different_inputs_per_rank_refuse_on_every_rank(job2):
         assert sample and "Layout.sample: the ranks were given different seeds" in sample and "on rank 1" in sample
         assert calib and "the ranks were given different runs" in calib and "on rank 0" in calib
         assert shards and "cut from different training sets" in shards
+
+
+def test_a_failure_on_one_rank_is_raised_on_every_rank_and_the_ranks_stay_in_step(job2):
+    """A NaN query where only rank 0 holds keys, a NaN in rank 1's slice, a time out of range in a class only
+    rank 1 holds: the ranks that did not compute waited in the exchange and blamed the failing rank as dead (or,
+    caught and retried, returned the next call's result for the bad one). Now each is the one-process error on
+    every rank (the others' naming the failing rank), and the next call is in step. Also: IS with the torch engine
+    on one rank and the CPU engine on the other merged two conventions of the partial maximum (1.6 off); a
+    DataLocal whose ranks pass their own shards as statistics, DDPM generators in other states per rank, and IS's
+    patch-size sweep were taken silently."""
+    for r, rep in enumerate(job2[1]):
+        got = rep["one_sided"]
+        other = "" if r == 0 else r" \(rank 0, its part of the call\)"
+        assert re.fullmatch(r"ValueError: x contains NaN or infinite values \(shape \(1, 1, 6, 6\)\)" + other,
+                            got["nan_query"]), got
+        assert got["after_diff"] <= 1e-12
+        assert re.fullmatch(r"ValueError: images contains NaN .*" + ("" if r == 1 else r" \(rank 1, building the "
+                                                                    r"machine\)"), got["nan_shard"]), got
+        assert re.fullmatch(r"ValueError: t must lie in \(0, 1\], got 1.5" + ("" if r == 1 else r" \(rank 1, its "
+                                                                             r"part of the call\)"),
+                            got["t_range"]), got
+        assert got["is_mixed_diff"] <= 1e-12
+        assert "the IS machine has none" in got["is_denoise_ks"]
+        assert "the ranks' neighbourhood rules differ" in got["datalocal_own_statistics"]
+        assert "different seeds, labels, generator states" in got["ddpm_generators"]

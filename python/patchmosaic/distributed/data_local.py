@@ -5,11 +5,13 @@ the images; only the softmax over the training patches is sharded."""
 
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 from ..machines.locality import DataDrivenCalls, Neighbourhoods, check_statistics
 from ..schedules import ScheduleLike
-from .keys import ShardedMachine
+from . import launch
+from .keys import ShardedMachine, error_of, raise_shared
 
 
 class ShardedDataLocal(DataDrivenCalls, ShardedMachine):
@@ -34,9 +36,24 @@ class ShardedDataLocal(DataDrivenCalls, ShardedMachine):
         super().__init__("els", images, labels, group=group, boundary=boundary, schedule=schedule, backend=backend,
                          n_threads=n_threads, max_memory=max_memory, data_digest=data_digest)
         self.machine_type = "DataLocal"  # describe() as the one-process machine: runs resume across rank counts
-        self.neighbourhood = Neighbourhoods(statistics, boundary=boundary, per_pixel=per_pixel, window=window,
-                                            weighting=weighting, schedule=self.schedule, max_memory=max_memory)
-        check_statistics(self.neighbourhood, self.C, self.H, self.W)
+        error, rule = None, None
+        try:  # (a failure on one rank raised on every rank; the rules compared: they must be one machine's)
+            self.neighbourhood = Neighbourhoods(statistics, boundary=boundary, per_pixel=per_pixel, window=window,
+                                                weighting=weighting, schedule=self.schedule, max_memory=max_memory)
+            check_statistics(self.neighbourhood, self.C, self.H, self.W)
+            rule = self.neighbourhood.describe()
+        except Exception as e:
+            error = e
+        infos = self._all_gather_object((error_of(error), rule), "exchange of the neighbourhood rules")
+        raise_shared(error, [i[0] for i in infos], "building the neighbourhoods")
+        if any(i[1] != infos[0][1] for i in infos):
+            groups = {}
+            for r, (_, d) in enumerate(infos):
+                groups.setdefault(json.dumps(d, sort_keys=True, default=str), []).append(r)
+            raise launch.RanksDisagree(
+                "ShardedDataLocal: the ranks' neighbourhood rules differ (statistics, window, weighting or "
+                "per_pixel): " + "; ".join(f"ranks {rs}: {d}" for d, rs in groups.items())
+                + "; every rank passes the same statistics (e.g. all the images) and settings")
         self.wiener = self.neighbourhood.wiener
 
     def __repr__(self):

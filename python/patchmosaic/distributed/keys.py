@@ -30,7 +30,7 @@ from ..machines import ELS, LS
 from ..ops.checks import check_cuda_inputs
 from ..ops.masks import crop_patch_mask
 from ..schedules import ScheduleLike, get_schedule
-from ..validation import check_max_memory, check_sweep, to_labels
+from ..validation import ResourceError, check_max_memory, check_sweep, to_labels
 from ..index.bound import bound_from_mass
 from ..index.patch_index import INDEX_OPTION_ARGS, KINDS as INDEX_KINDS, PatchIndex
 from ..index.vectors import patch_sq_norms
@@ -106,6 +106,30 @@ def _value_ranges(images: torch.Tensor, labels) -> dict:
     return out
 
 
+# the exceptions a rank's failure is raised as on the other ranks (others: RuntimeError), by name
+_SHARED_ERRORS = {cls.__name__: cls for cls in (ValueError, TypeError, IndexError, KeyError, MemoryError,
+                                                RuntimeError, ResourceError)}
+
+
+def error_of(error: Optional[BaseException]):
+    """What a rank sends of its failure: None, or its type's name and message."""
+    return None if error is None else (type(error).__name__, str(error))
+
+
+def raise_shared(own: Optional[BaseException], errors: Sequence, what: str) -> None:
+    """After an exchange: if any rank failed (``errors[r]`` not None), raise on every rank -- the failing rank
+    its own exception, the others the first failing rank's, of the same type where it is a standard one (so a
+    bad input is the same ValueError on every rank, not a wait for a rank that left the collectives)."""
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if not failed:
+        return
+    if own is not None:
+        raise own
+    r, (name, msg) = failed[0]
+    cls = _SHARED_ERRORS.get(name, RuntimeError)
+    raise cls(f"{msg} (rank {r}, {what}{'' if len(failed) == 1 else f'; also ranks {[f[0] for f in failed[1:]]}'})")
+
+
 def shard_slice(N: int, rank: int, world: int) -> slice:
     """The contiguous slice of ``N`` items that rank ``rank`` of ``world`` holds: sizes differ by at most one,
     the first ``N % world`` ranks hold one more (a rank may hold none when ``N < world``).
@@ -179,7 +203,7 @@ class ShardedMachine(Machine):
             retrieval (default 64; 0: no check); ``max_exact_fraction``, above this fraction of a shard's pixels
             to recompute the shard computes the whole call exactly (default 0.5); ``exact_backend``, the engine
             of the exact pixels (default ``"auto"``); ``cache_dir``, a folder for the indexes on disk (a
-            subfolder per shard, patch size and canvas), reused when they match (default None: in memory); and
+            subfolder per shard, machine rule, patch size and canvas), reused when they match (default None: in memory); and
             :class:`patchmosaic.PatchIndex`'s options, each None (default) for its own default:
 """ + "".join("    " + line + "\n" for line in INDEX_OPTION_ARGS.rstrip("\n").split("\n")) + """\
             An unknown option or a bad value is a ValueError (TypeError) at construction, before any work.
@@ -195,7 +219,6 @@ class ShardedMachine(Machine):
         if machine not in KINDS:
             raise ValueError(f"machine must be one of {tuple(KINDS)}, got {machine!r}")
         max_memory = check_max_memory(max_memory)
-        check_cuda_inputs(images=images, labels=labels)
         self.index_options = None
         engine = backend
         if backend == "index":
@@ -203,32 +226,40 @@ class ShardedMachine(Machine):
                 raise ValueError("backend='index' serves the local machines (LS, ELS); IS has no patches")
             self.index_options = check_index_options(index_options)
             engine = self.index_options["exact_backend"]
-            dt = images.dtype if torch.is_tensor(images) else np.asarray(images).dtype
-            if dt not in (np.float32, torch.float32):
-                raise TypeError(f"backend='index' works in float32; the training images are {dt}")
         elif index_options is not None:
             raise ValueError(f"index_options= configures backend='index', but backend={backend!r}")
         self.group = group
         self.rank, self.world = launch.rank(group), launch.world(group)
         self.kind = machine
         self.machine_type = KINDS[machine].__name__  # "ELS", "LS" or "IS": what describe() calls it
-        shape = tuple(images.shape)
-        if len(shape) != 4:
-            raise ValueError(f"images must have shape (N, C, H, W), got {shape}")
-        n_local = int(shape[0])
-        lab = None if labels is None else to_labels(labels, n_local)
+        sched = get_schedule(schedule)
         extra = dict(boundary=boundary, wrapped=wrapped) if machine == "els" else {}
         common = dict(schedule=schedule, backend=engine, n_threads=n_threads, max_memory=max_memory)
-        self.inner = KINDS[machine](images, lab, **extra, **common) if n_local else None
         self._inner_args = dict(extra, **common)
-        dtype = str(self.inner.images.dtype) if self.inner is not None else str(torch.as_tensor(
-            np.asarray(images) if not torch.is_tensor(images) else images).dtype)
-        sched = get_schedule(schedule)
+        # this rank's shard: its checks can fail on one rank only (a NaN in its slice, its labels), so a failure
+        # is carried through the exchange below and raised on every rank, instead of leaving the others waiting
+        error, shape, n_local, lab, dtype, ranges, self.inner = None, (), 0, None, "", {}, None
+        try:
+            check_cuda_inputs(images=images, labels=labels)
+            shape = tuple(images.shape)
+            if len(shape) != 4:
+                raise ValueError(f"images must have shape (N, C, H, W), got {shape}")
+            if backend == "index" and images.dtype not in (np.float32, torch.float32):
+                raise TypeError(f"backend='index' works in float32; the training images are {images.dtype}")
+            n_local = int(shape[0])
+            lab = None if labels is None else to_labels(labels, n_local)
+            self.inner = KINDS[machine](images, lab, **extra, **common) if n_local else None
+            dtype = str(self.inner.images.dtype) if self.inner is not None else str(torch.as_tensor(
+                np.asarray(images) if not torch.is_tensor(images) else images).dtype)
+            ranges = {} if self.inner is None else _value_ranges(self.inner.images, lab)
+        except Exception as e:
+            error = e
         me = {"kind": machine, "shape": shape[1:], "dtype": dtype, "schedule": sched.describe(),
               "labelled": lab is not None, "boundary": boundary, "wrapped": bool(wrapped), "N": n_local,
-              "labels": lab, "index": backend == "index",
-              "ranges": {} if self.inner is None else _value_ranges(self.inner.images, lab), "data": data_digest}
+              "labels": lab, "index": backend == "index", "ranges": ranges, "data": data_digest,
+              "error": error_of(error)}
         infos = self._all_gather_object(me, "exchange of the shard descriptions")
+        raise_shared(error, [i["error"] for i in infos], "building the machine")
         given = all(i["data"] is not None for i in infos)  # every rank sliced the same full data set (Layout)
         for key in ("kind", "shape", "dtype", "schedule", "labelled", "boundary", "wrapped") + (("data",) if given
                                                                                                else ()):
@@ -284,17 +315,28 @@ class ShardedMachine(Machine):
         launch.collective(lambda: dist.all_gather_object(out, obj, group=self.group), what, self.group)
         return out
 
-    def _exchange(self, st: SoftmaxState, D: int, dtype, provenance: bool, device) -> SoftmaxState:
+    def _exchange(self, st: SoftmaxState, D: int, dtype, provenance: bool, device,
+                  error: Optional[BaseException] = None) -> SoftmaxState:
+        """Every rank's partial state, merged in rank order. ``error``: this rank's failure computing its state
+        (its last entry flags it): raised on every rank when any rank failed."""
         if self.world == 1:
+            if error is not None:
+                raise error
             return st
         cdev = launch.comm_device(self.group)
-        buf = pack(st).to(cdev).contiguous()
+        packed = pack(st)
+        flag = torch.tensor([0.0 if error is None else 1.0], dtype=packed.dtype, device=packed.device)
+        buf = torch.cat([packed.reshape(-1), flag]).to(cdev).contiguous()
         bufs = [torch.empty_like(buf) for _ in range(self.world)]
         launch.collective(lambda: dist.all_gather(bufs, buf, group=self.group),
                           f"merge of the {self.kind.upper()} softmax states", self.group)
         nbytes = buf.numel() * buf.element_size()
         self.last_exchange = (nbytes, nbytes * (self.world - 1))
-        return merge([unpack(b.to(device), D, dtype, provenance, st.left is not None) for b in bufs])
+        if any(float(b[-1]) != 0.0 for b in bufs):  # (a second collective, only when some rank failed)
+            errors = self._all_gather_object(error_of(error), "exchange of a rank's error")
+            raise_shared(error, errors, "its part of the call")
+        return merge([unpack(b[:-1].reshape(packed.shape).to(device), D, dtype, provenance, st.left is not None)
+                      for b in bufs])
 
     # ----- what differs from a one-process machine -------------------------------------------------
     def _check_canvas(self, Hq: int, Wq: int) -> None:
@@ -373,6 +415,8 @@ class ShardedMachine(Machine):
         Returns:
             ``(K, B, C, Hq, Wq)``: a torch tensor for torch input, a numpy array for numpy input.
         """
+        if not self.local:
+            raise ValueError("denoise_ks sweeps the patch sizes of a local machine; the IS machine has none")
         ks = check_sweep(ks, self.H, self.W)
         outs = [self.denoise(x, t, k, labels=labels, backend=backend) for k in ks]
         return np.stack(outs) if isinstance(x, np.ndarray) else torch.stack(outs)
@@ -425,19 +469,23 @@ class ShardedMachine(Machine):
         st = SoftmaxState.empty(rows, D, xt.dtype, xt.device, return_provenance, bounded=self.bounded)
         sel = self._served(lab, B)
         self.last_index = None
+        error = None
         if len(sel):
-            if name == "index":
-                part = self._partial_index(xt, t, a, inv_2b2, t_check, lab, sel, k, mask, return_provenance)
-            else:
-                part = self._partial(xt, a, inv_2b2, t_check, lab, sel, k, mask if self.local else None, name,
-                                     return_provenance, weights)
-            idx = torch.as_tensor(sel, device=xt.device)
-            st.m[idx], st.s[idx], st.out[idx] = part.m, part.s, part.out
-            if return_provenance:
-                st.key[idx] = part.key
-            if self.bounded and part.left is not None:
-                st.left[idx] = part.left
-        res = self._exchange(st, D, xt.dtype, return_provenance, xt.device)
+            try:  # (the op's value checks run on the ranks that compute: a failure is shared by the exchange)
+                if name == "index":
+                    part = self._partial_index(xt, t, a, inv_2b2, t_check, lab, sel, k, mask, return_provenance)
+                else:
+                    part = self._partial(xt, a, inv_2b2, t_check, lab, sel, k, mask if self.local else None, name,
+                                         return_provenance, weights)
+                idx = torch.as_tensor(sel, device=xt.device)
+                st.m[idx], st.s[idx], st.out[idx] = part.m, part.s, part.out
+                if return_provenance:
+                    st.key[idx] = part.key
+                if self.bounded and part.left is not None:
+                    st.left[idx] = part.left
+            except Exception as e:
+                error = e
+        res = self._exchange(st, D, xt.dtype, return_provenance, xt.device, error)
         self.last_bound = self._bound(res, lab, B) if self.bounded else None
         if self.local:
             out = res.out.permute(0, 3, 1, 2).contiguous()
@@ -515,7 +563,8 @@ class ShardedMachine(Machine):
                 start = self.offsets[self.rank]
                 folder = os.path.join(os.fspath(opts["cache_dir"]),
                                       f"images{start}-{start + self.counts[self.rank]}of{self.N}",
-                                      f"{'by_label' if conditional else 'all'}_{canvas[0]}x{canvas[1]}_k{k}")
+                                      f"{self.rule}_{'by_label' if conditional else 'all'}_{canvas[0]}x{canvas[1]}"
+                                      f"_k{k}")
             self._indexes[key] = PatchIndex.open(folder, mach, int(k), tuple(canvas), progress=False, **kw)
         return self._indexes[key]
 
@@ -612,7 +661,11 @@ class ShardedMachine(Machine):
         if self.local:
             return SoftmaxState.of_local(out.to(xt.device), stats.to(xt.device), key)
         stats = stats.to(xt.device)
-        return SoftmaxState(stats[..., 0], stats[..., 1], out.to(xt.device), key)
+        m_ = stats[..., 0]
+        if name == "torch":  # its IS maximum is shifted by s |x|^2 (what its backward reads); the compiled engines'
+            # is the largest logit itself, and ranks may run different engines: one convention in the merge
+            m_ = m_ - (ss.double() * q.reshape(len(sel), -1).double().pow(2).sum(1)).to(m_.device)
+        return SoftmaxState(m_, stats[..., 1], out.to(xt.device), key)
 
     def sensitivity(self, x, t, k: Optional[int] = None, pixel=(0, 0), labels=None, *, backend: Optional[str] = None):
         """Not available on a sharded machine (its results are not differentiable); build a one-process machine.

@@ -215,7 +215,8 @@ class Layout:
     def sample(self, sampler: Callable, denoiser, x1, labels=None, **kwargs):
         """``sampler(denoiser, x1, labels, **kwargs)`` (e.g. :func:`patchmosaic.ddim`) with the seeds spread over
         the query shards; the full result on every rank. With ``ddpm``, each shard draws its noise from
-        ``generator`` as given, so the samples differ from one process's.
+        ``generator`` as given, so the samples differ from one process's; every rank's generator must be in the
+        same state (else refused on every rank, as different seeds are).
 
         Args:
             sampler: a sampler of :mod:`patchmosaic.sampling`.
@@ -227,8 +228,10 @@ class Layout:
         if self.world > 1:  # the seeds, labels and settings must be every rank's: else the gathered samples mix runs
             from ..io.runstate import fingerprint
 
+            gen = kwargs.get("generator")  # (ddpm's noise: every rank's generator in the same state)
             fp = fingerprint(x1=torch.as_tensor(np.asarray(x1) if not torch.is_tensor(x1) else x1),
                              labels=None if labels is None else np.asarray(torch.as_tensor(labels).cpu()),
+                             generator=None if gen is None else gen.get_state(),
                              sampler=getattr(sampler, "__name__", str(sampler)),
                              settings={k: (np.asarray(v).tolist() if hasattr(v, "__len__") else v)
                                        for k, v in kwargs.items()
@@ -240,7 +243,8 @@ class Layout:
                 for r, f in enumerate(every):
                     groups.setdefault(f, []).append(r)
                 raise launch.RanksDisagree(
-                    "Layout.sample: the ranks were given different seeds, labels or sampler settings ("
+                    "Layout.sample: the ranks were given different seeds, labels, generator states or sampler "
+                    "settings ("
                     + "; ".join(f"{f} on rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}"
                                 for f, rs in groups.items()) + "); every rank passes all the seeds")
         M = len(x1)
