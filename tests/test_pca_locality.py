@@ -105,6 +105,30 @@ def test_equals_the_literal_definition(N, backend, dtype):
     assert np.allclose(m.denoise(x, 0.4).reshape(3, -1)[:, 5], 0.25)
 
 
+def test_threshold_one_keeps_each_elements_own_diagonal():
+    """Each row of M is divided by its diagonal, so every diagonal entry is exactly 1, and at threshold 1 (allowed)
+    on data whose off-diagonal entries stay below 1 all of them tie with the maximum: each element's neighbourhood
+    is itself. The mask search computed the diagonal ratios as a sum times the inverse of the diagonal summed in
+    another order, a few ulp either side of 1: only the largest survived, 24 of 25 neighbourhoods were empty
+    (outputs the images' mean, 1.95 off)."""
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((20, 1, 7, 7))
+    imgs = (base[:, :, :-2, :-2] + base[:, :, 1:-1, 1:-1] + base[:, :, 2:, 2:]) / 3  # smooth fields, 5 x 5
+    t = 0.3
+    m = pm.PCALocality(imgs, threshold=1.0)
+    M = m.matrix(t).numpy()
+    assert np.all(np.diag(M) == 1.0) and np.abs(M - np.eye(25)).max() < 1  # (the tie the test is about)
+    assert np.array_equal(m.mask(t).numpy(), literal_mask(imgs, t, 1.0)) and np.array_equal(m.mask(t).numpy(),
+                                                                                             np.eye(25, dtype=bool))
+    a, b2 = coefficients(t)
+    x = a * imgs[:2] + np.sqrt(b2) * rng.standard_normal((2, 1, 5, 5))
+    X, q = imgs.reshape(20, 25), x.reshape(2, 25)
+    logits = -(q[:, None, :] - a * X[None]) ** 2 / (2 * b2)  # (query, image, element): each element alone
+    w = np.exp(logits - logits.max(1, keepdims=True))
+    want = (w * X[None]).sum(1) / w.sum(1)
+    assert np.abs(m.denoise(x, t).reshape(2, 25) - want).max() <= 1e-9
+
+
 def _exact_ratios(L):
     """|L| / dd in float64 (the diagonal divided by 1 below 1e-6), row m = output element m."""
     dd = np.diag(L).copy()

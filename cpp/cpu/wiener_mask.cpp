@@ -36,7 +36,12 @@ inline double exact_entry(const WienerMaskArgs& A, int64_t m, int64_t n) {
   for (; k < A.r; ++k) part[0] += um[k] * w[k] * un[k];
   for (int h = kLanes / 2; h > 0; h /= 2)
     for (int j = 0; j < h; ++j) part[j] += part[j + h];
-  return std::fabs(part[0]) * A.inv_dd[n];
+  const double v = std::fabs(part[0]);
+  // A diagonal entry is its row's diagonal divided by itself: exactly 1 (this sum and the caller's dd, summed in
+  // another order, differ by a few ulp, and at theta = 1 every diagonal ties with the maximum), or the diagonal
+  // itself where it lies below 1e-6 (divided by 1: inv_dd 1 and v tiny)
+  if (m == n) return (A.inv_dd[n] == 1.0 && v < 0.5) ? v : 1.0;
+  return v * A.inv_dd[n];
 }
 
 // Row m of the approximation, read entry by entry: the approximate value a = |L~[m, n]| / dd[n] and the bound e on
