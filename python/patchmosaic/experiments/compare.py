@@ -59,7 +59,8 @@ def sample_batched(denoiser, x1: torch.Tensor, labels, *, grid, batch_size: int,
 
 def check_saved_batch(saved: Optional[dict], state: Optional[str], batch_size: int) -> None:
     """A sample file is resumed with the batch size it was made with: a network's outputs depend (in the last
-    digits) on how many seeds run together, so a resume with another would mix two runs' samples."""
+    digits) on how many seeds run together, and the smoothed denoiser's draws on an image's place in its batch, so
+    a resume with another would mix two runs' samples."""
     if saved is None:
         return
     if "batch_size" not in saved:
@@ -67,7 +68,7 @@ def check_saved_batch(saved: Optional[dict], state: Optional[str], batch_size: i
                          "version wrote it); delete it to start again")
     if int(saved["batch_size"]) != int(batch_size):
         raise ValueError(f"{state} holds samples made {int(saved['batch_size'])} seeds at a time, and this run "
-                         f"asks for {int(batch_size)} (a network's outputs depend on the batch it runs in): resume "
+                         f"asks for {int(batch_size)} (a network's outputs, and seeded draws, depend on the batch): resume "
                          f"with batch_size={int(saved['batch_size'])} (CLI: --batch {int(saved['batch_size'])}) "
                          "or delete the file")
 

@@ -17,7 +17,9 @@ transforms or traces runs the same function as one compiled forward-only kernel 
 logits in float64 from the images as stored, float32 read at half the bytes, then one weighted sum of the images per
 query: the mean of its draws' means), equal to the torch operations to float64 rounding. The draws are seeded:
 a call's noise is a function of the machine's seed, the call's time and the query's shape, so the same call gives
-the same result.
+the same result. A query image's draws depend on its place in the batch and on the batch's shape: the same image
+in another batch gets other draws (another Monte Carlo estimate), so a sample is reproduced with the same batch
+(``compare`` refuses to resume a run with another batch size).
 
 ``s`` is constant in the variance-preserving coordinates of the project (``coordinates="vp"``, as the Studio's
 ``smoothing_std``; its settings: 1 for MNIST, 0.1 for the other data sets) or constant in the paper's interpolant
