@@ -28,6 +28,7 @@ import patchmosaic as pm  # noqa: E402
 from patchmosaic.diffusion.samplers import time_grid  # noqa: E402
 from patchmosaic.experiments.calibrate import calibrate  # noqa: E402
 from patchmosaic.networks import load_network  # noqa: E402
+from patchmosaic.networks.checkpoint import side_file  # noqa: E402
 
 
 def main():
@@ -45,7 +46,7 @@ def main():
     images, labels = load("cifar10", args.n_train)
     net = load_network(args.network)
     m = pm.LS(images, labels) if args.machine == "ls" else pm.ELS(images, labels)
-    ref = os.path.join(os.path.dirname(args.network), "ddim20_samples.npz")
+    ref = side_file(args.network, "ddim20_samples.npz")  # (NAME.ddim20_samples.npz beside a NAME.safetensors)
     if os.path.exists(ref):  # the network's own reference seeds and labels, as bench/reproduce.py
         d = np.load(ref)
         x1, y = torch.from_numpy(d["seeds"][: args.seeds]), d["labels"][: args.seeds]

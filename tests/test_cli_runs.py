@@ -327,3 +327,55 @@ def test_compare_prints_its_summary_when_r_is_undefined_on_every_seed(tmp_path, 
     out = capsys.readouterr().out
     assert rc == 0 and "ls=3: median r nan" in out and "r undefined on every seed" in out
     assert json.loads((tmp_path / "cmp" / "report.json").read_text())["summary"]["ls=3"]["frac_beats_IS_r"] is None
+
+
+def test_train_refuses_the_options_of_the_other_architecture(tmp_path, tiny, capsys):
+    """Without --preset, --arch unet --width 64 --depth 9 and --arch resnet --widths 3,5 --attention trained (exit 0)
+    with those options unused; they are refused before any work, as with --preset."""
+    out = tmp_path / "n"
+    for argv, option, arch in ((["--arch", "unet", "--widths", "4,8", "--width", "64", "--depth", "9"], "--width",
+                                "unet"),
+                               (["--arch", "unet", "--depth", "9"], "--depth", "unet"),
+                               (["--width", "4", "--widths", "3,5", "--attention"], "--widths", "resnet"),
+                               (["--arch", "resnet", "--no-attention"], "--attention", "resnet")):
+        assert main(["train", "--data", tiny, "--steps", "1", "--quiet", "--out", str(out)] + argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"patchmosaic train: error: {option} is not an option of a {arch} (its options: ")
+        assert err.count("\n") == 1 and not out.exists()
+
+
+def test_train_messages_name_the_file_written_and_what_is_wrong(tmp_path, tiny, capsys, monkeypatch):
+    """--out f.safetensors printed "wrote f.safetensors/model.safetensors"; Ctrl-C during --list-presets crashed in
+    the interrupt message; widths that attention cannot split were an internal error (AssertionError) or a GroupNorm
+    message not naming widths."""
+    import patchmosaic.experiments.train_preset as TP
+    import patchmosaic.networks as N
+    from patchmosaic.networks import UNet
+
+    f = tmp_path / "f.safetensors"
+    args = ["train", "--data", tiny, "--width", "4", "--depth", "1", "--batch-size", "2", "--quiet", "--out", str(f)]
+    assert main(args + ["--steps", "1"]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {f} (resnet, ") and f.is_file()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(N, "train", interrupted)
+    assert main(args + ["--steps", "3"]) == 130
+    assert capsys.readouterr().err == f"patchmosaic train: interrupted; the checkpoint of step 1 in {f} is kept: " \
+                                      "rerun the same command to resume\n"
+    monkeypatch.setattr(TP, "list_presets", interrupted)
+    assert main(["train", "--list-presets"]) == 130
+    assert capsys.readouterr().err == "patchmosaic train: interrupted; nothing was written\n"
+    monkeypatch.undo()
+    for widths in ("4,6", "4,12"):
+        assert main(["train", "--data", tiny, "--arch", "unet", "--widths", widths, "--attention", "--steps", "1",
+                     "--quiet", "--out", str(tmp_path / "u")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("patchmosaic train: error: widths: with attention the last width must be a multiple of "
+                              "the 4 attention heads and, above 8, of the 8 GroupNorm groups (e.g. 8), got widths")
+        assert err.count("\n") == 1
+        with pytest.raises(ValueError, match=r"^widths: .* got widths \[4, 1?[26]\]$"):
+            UNet(1, [int(w) for w in widths.split(",")], attention=True)
+    UNet(1, [4, 16], attention=True)
+    UNet(1, [4, 8], attention=True, heads=8)

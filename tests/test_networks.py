@@ -184,3 +184,73 @@ def test_training_that_cannot_fit_in_memory_is_refused_before_it_starts(tmp_path
     params = sum(p.numel() for p in build(small).parameters())
     est = train_bytes(small, 32, (1, 8, 8))
     assert 20 * params + 4 * 32 * 8 * 64 < est < 20 * params + 4 * 32 * 8 * 64 * 40
+
+
+def test_numpy_numbers_in_the_train_config_are_stored_as_python_numbers(tmp_path):
+    """steps=np.int64(50) and the like trained up to the first checkpoint, then failed to write it as JSON (a numpy
+    seed failed at once); they are stored as the Python numbers they equal and train as those do."""
+    x = np.random.default_rng(0).uniform(-1, 1, (12, 1, 8, 8)).astype(np.float32)
+    cfg = {"arch": "resnet", "channels": 1, "width": 4, "depth": 1, "padding": "zeros", "num_classes": 0}
+    given = TrainConfig(steps=np.int64(3), batch_size=np.int32(4), lr=np.float32(1e-3), seed=np.int64(3),
+                        ema_decay=np.float64(0.9), checkpoint_every=np.int16(2))
+    a = train(dict(cfg), x, out=str(tmp_path / "a"), config=given, progress=False)
+    used = load(str(tmp_path / "a"))[1]["train"]["config"]
+    assert (type(used["steps"]), type(used["seed"]), type(used["lr"])) == (int, int, float)
+    assert used["lr"] == float(np.float32(1e-3)) and used["seed"] == 3 and used["checkpoint_every"] == 2
+    b = train(dict(cfg), x, out=str(tmp_path / "b"), progress=False,
+              config=TrainConfig(steps=3, batch_size=4, lr=float(np.float32(1e-3)), seed=3, ema_decay=0.9,
+                                 checkpoint_every=2))
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_the_train_schedule_is_a_known_name_or_its_schedule(tmp_path):
+    """A callable schedule trained to the first checkpoint, then failed to write it; a Schedule object was recorded
+    without its kind, and resuming with the very same object was refused as another schedule."""
+    from patchmosaic.schedules import Linear, get_schedule
+
+    x = np.random.default_rng(0).uniform(-1, 1, (12, 1, 8, 8)).astype(np.float32)
+    cfg = {"arch": "resnet", "channels": 1, "width": 4, "depth": 1, "padding": "zeros", "num_classes": 0}
+    lin = get_schedule("linear")
+    out = str(tmp_path / "a")
+    train(dict(cfg), x, out=out, config=TrainConfig(steps=2, batch_size=4, schedule=lin), progress=False)
+    assert load(out)[1]["train"]["config"]["schedule"] == "linear"
+    train(dict(cfg), x, out=out, config=TrainConfig(steps=4, batch_size=4, schedule=lin), progress=False)
+    assert load(out)[1]["step"] == 4
+    for bad in (lambda t: np.cos(t * np.pi / 2) ** 2, Linear(beta_min=0.5), "cosine_new", None):
+        with pytest.raises(ValueError, match="schedule must name a schedule of the package "
+                                             r"\(cosine_legacy, cosine, linear;"):
+            train(dict(cfg), x, out=str(tmp_path / "bad"), config=TrainConfig(steps=2, batch_size=4, schedule=bad),
+                  progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_network_denoiser_runs_the_network_in_its_dtype():
+    """NetworkDenoiser(dtype=torch.float64) cast the images but not the network ("Input type (double) and bias type
+    (float) should be the same"), and a network cast to float64 failed in its float32 time embedding. A network in
+    float64 now runs in float64; a dtype its weights do not have, or a TorchScript network outside float32, is
+    refused when the denoiser is made."""
+    from conftest import scripted
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 16, 16, dtype=torch.float64)
+    t = np.array([0.1, 0.5, 0.9])
+    for net in (ResNet(1, 8, 2, num_classes=4), UNet(1, (4, 8), attention=True, num_classes=4)):
+        y = torch.tensor([0, 3, 1])
+        ref = pm.NetworkDenoiser(net).eps(x, t, y)
+        net64 = build(net.config)
+        net64.load_state_dict(net.state_dict())
+        den = pm.NetworkDenoiser(net64.double(), dtype=torch.float64)
+        out = den.eps(x, t, y)
+        assert out.dtype == torch.float64 and den(x, t, y).dtype == torch.float64
+        assert torch.allclose(out, ref, rtol=0, atol=1e-5) and not torch.equal(out, ref)
+        with torch.no_grad():  # the network itself ran in float64, its time embedding too
+            assert torch.equal(out, net64(torch.tensor(t, dtype=torch.float32), x, y))
+            assert net64.embed(torch.tensor(t), y).dtype == torch.float64
+        with pytest.raises(ValueError, match=r"dtype=torch.float64\): the network runs in dtype, but its weights are "
+                                             r"torch.float32; cast the network first \(net.to\(torch.float64\)\)"):
+            pm.NetworkDenoiser(net, dtype=torch.float64)
+        with pytest.raises(ValueError, match=r"dtype=torch.float32\): .* its weights are torch.float64"):
+            pm.NetworkDenoiser(net64)
+        with pytest.raises(ValueError, match="a TorchScript network runs in torch.float32 only .*patchmosaic convert"):
+            pm.NetworkDenoiser(scripted(net), dtype=torch.bfloat16)
+        assert torch.allclose(pm.NetworkDenoiser(scripted(net)).eps(x, t, y), ref, rtol=0, atol=1e-6)

@@ -87,3 +87,40 @@ def test_preset_errors_are_one_line(tmp_path, capsys):
         load_network(f"preset:{TINY}")
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         load_network("preset:nope")
+
+
+def test_preset_checkpoints_in_one_folder_keep_their_own_samples_and_config(tmp_path):
+    """Two runs saved as .safetensors files in one folder wrote the same ddim20_samples.npz and config.json (the
+    second run's samples were not written at all: the file's step matched). Each checkpoint now has its own, and
+    the samples are rewritten whenever they are of other weights than the checkpoint's."""
+    from patchmosaic.experiments.train_preset import run_preset, write_reference_samples
+    from patchmosaic.io.runstate import module_digest
+
+    quiet = dict(progress=False, say=lambda s: None)
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    net_a = run_preset(TINY, a, {"steps": 2}, **quiet)["network"]
+    net_b = run_preset(TINY, b, {"steps": 2, "width": 8}, **quiet)["network"]
+    assert sorted(os.listdir(tmp_path)) == ["a.config.json", "a.ddim20_samples.npz", "a.safetensors",
+                                            "b.config.json", "b.ddim20_samples.npz", "b.safetensors"]
+    assert [json.load(open(tmp_path / f"{n}.config.json"))["network"]["width"] for n in "ab"] == [16, 8]
+    write_reference_samples(net_b, str(tmp_path / "own.npz"), step=2)
+    with np.load(tmp_path / "a.ddim20_samples.npz") as za, np.load(tmp_path / "b.ddim20_samples.npz") as zb, \
+            np.load(tmp_path / "own.npz") as own:
+        assert np.array_equal(zb["samples"], own["samples"]) and int(zb["step"]) == 2
+        assert not np.array_equal(za["samples"], zb["samples"]) and str(za["weights"]) == module_digest(net_a)
+        old = zb["samples"]
+    # another network trained to the same step in its place: its own samples, not the file's
+    os.remove(b)
+    net = run_preset(TINY, b, {"steps": 2, "width": 8, "seed": 1}, **quiet)["network"]
+    with np.load(tmp_path / "b.ddim20_samples.npz") as z:
+        assert str(z["weights"]) == module_digest(net) and not np.array_equal(z["samples"], old)
+
+
+def test_the_docs_claim_no_shipped_network_that_is_not_there():
+    """presets.json called mnist2k_resnet_zeros "shipped with the package" and presets.py said that trained networks
+    of some presets ship in trained/NAME/, but none does (load_network("preset:NAME") says to train it)."""
+    shipped = [name for name in P.names() if P.trained_path(name)]
+    for name, r in P.presets().items():
+        assert ("shipped" in r["about"]) == (name in shipped), name
+    if not shipped:
+        assert "none does at present" in P.__doc__ and "none ships at present" in load_network.__doc__

@@ -293,6 +293,28 @@ def test_train_seed_is_reproducible_and_resume_keeps_its_settings(tmp_path):
     assert [h["from_step"] for h in hist] == [0, 3] and hist[0]["config"]["lr"] == 2e-4 and hist[1]["config"]["lr"] == 1e-3
 
 
+def test_train_with_a_new_seed_on_resume_reseeds_from_the_checkpoint(tmp_path):
+    """An overriding seed was recorded in the history but the run went on with the checkpoint's generator state:
+    the same weights as without it. The new seed now draws the data order and noise from the checkpoint's step on."""
+    import shutil
+
+    from patchmosaic.networks import TrainConfig, load, train
+
+    x = torch.from_numpy(IMGS[:16, :, :8, :8])
+    cfg = {"arch": "resnet", "channels": 1, "width": 4, "depth": 1, "padding": "zeros", "num_classes": 0}
+    tc = dict(batch_size=4, lr=1e-3, ema_decay=0, checkpoint_every=3)
+    train(dict(cfg), x, out=str(tmp_path / "a"), config=TrainConfig(steps=3, seed=1, **tc), progress=False)
+    for run in ("b", "c"):
+        shutil.copytree(tmp_path / "a", tmp_path / run)
+    old = train(dict(cfg), x, out=str(tmp_path / "a"), config=TrainConfig(steps=6, seed=1, **tc), progress=False)
+    new = [train(dict(cfg), x, out=str(tmp_path / run), config=TrainConfig(steps=6, seed=2, **tc), progress=False,
+                 override=True) for run in ("b", "c")]
+    hist = load(str(tmp_path / "b"))[1]["train"]["history"]
+    assert [(h["from_step"], h["config"]["seed"]) for h in hist] == [(0, 1), (3, 2)]
+    assert any(not torch.equal(p, q) for p, q in zip(old.state_dict().values(), new[0].state_dict().values()))
+    assert all(torch.equal(p, q) for p, q in zip(new[0].state_dict().values(), new[1].state_dict().values()))
+
+
 # --------------------------------------------------------------------------------------- 9. smaller
 def test_network_outputs_of_the_wrong_shape_or_nan_are_refused():
     x = torch.zeros(2, 1, 12, 12)

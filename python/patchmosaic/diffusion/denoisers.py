@@ -229,7 +229,9 @@ class NetworkDenoiser(_Denoiser):
             ``"cuda:0"``); None (default): the device of its first parameter, else the CPU. A CUDA device on
             a torch without CUDA is refused (RuntimeError).
         batch_size: the most images per network call (default 256).
-        dtype: the dtype the network runs in (default ``torch.float32``).
+        dtype: the dtype the network runs in (default ``torch.float32``): the images are cast to it, and the
+            network's floating-point weights must have it (cast the network with ``net.to(dtype)``; a ValueError
+            otherwise). A TorchScript network runs in float32 only (a ValueError for another dtype).
         conditional: None (default): as read from the network (above; a network that cannot be read gets
             the labels it is given). True: labels are required on every call (a ValueError at once if the
             network reads as unconditional). False: labels are dropped before every call; for a
@@ -246,8 +248,8 @@ class NetworkDenoiser(_Denoiser):
             raise ValueError(f"conditional must be None, True or False, got {conditional!r}")
         self.net = net
         self.schedule = get_schedule(schedule)
+        params = list(net.parameters()) if hasattr(net, "parameters") else []
         if device is None:
-            params = list(net.parameters()) if hasattr(net, "parameters") else []
             device = params[0].device if params else torch.device("cpu")
         self.device = torch.device(device)
         if int(batch_size) < 1:
@@ -256,6 +258,15 @@ class NetworkDenoiser(_Denoiser):
         if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             raise TypeError(f"dtype must be a torch floating dtype (torch.float32, float64, float16, bfloat16), got "
                             f"{dtype!r}")
+        if dtype != torch.float32 and isinstance(net, torch.jit.ScriptModule):
+            raise ValueError(f"NetworkDenoiser(dtype={dtype}): a TorchScript network runs in torch.float32 only (its "
+                             "scripted time embedding is float32); convert it into a checkpoint of this package "
+                             "(patchmosaic convert MODEL.pt DIR), load that and cast it, or use dtype=torch.float32")
+        weights = {p.dtype for p in params if p.is_floating_point()}
+        if weights - {dtype}:
+            raise ValueError(f"NetworkDenoiser(dtype={dtype}): the network runs in dtype, but its weights are "
+                             f"{', '.join(sorted(map(str, weights)))}; cast the network first (net.to({dtype})) or "
+                             "pass the dtype of its weights")
         self.dtype = dtype
         self.conditional = conditional
         self.num_classes = network_classes(net)  # None: cannot be read from the network

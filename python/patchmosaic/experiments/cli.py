@@ -142,6 +142,7 @@ def _sample(args) -> int:
 TRAIN_DEFAULTS = dict(data="default", arch="resnet", width=128, depth=6, widths="64,128,256", attention=False,
                       padding="zeros", conditional=False, steps=10000, batch_size=128, lr=2e-4, weight_decay=0.0,
                       ema=0.999, seed=0)
+ARCH_OPTIONS = {"resnet": ("width", "depth"), "unet": ("widths", "attention")}  # the options of one arch only
 
 
 def _train(args) -> int:
@@ -161,6 +162,11 @@ def _train(args) -> int:
         check_output(args.out, folder=True, what="the checkpoint folder")
     if args.preset is not None:
         return _train_preset(args)
+    arch = args.arch or TRAIN_DEFAULTS["arch"]
+    wrong = [k for a, keys in ARCH_OPTIONS.items() if a != arch for k in keys if getattr(args, k) is not None]
+    if wrong:
+        raise ValueError(f"--{wrong[0]} is not an option of a {arch} (its options: "
+                         f"{', '.join('--' + k for k in ARCH_OPTIONS[arch])}, --padding)")
     for key, value in TRAIN_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -186,7 +192,8 @@ def _train(args) -> int:
         print(f"kept {args.out}: its checkpoint is already at step {step}, past --steps {args.steps}; nothing was "
               "trained (another --out trains a new network)")
         return 0
-    print(f"wrote {os.path.join(args.out, 'model.safetensors')} ({args.arch}, {len(images)} images, {args.steps} steps)")
+    file = args.out if args.out.endswith(".safetensors") else os.path.join(args.out, "model.safetensors")
+    print(f"wrote {file} ({args.arch}, {len(images)} images, {args.steps} steps)")
     return 0
 
 
@@ -726,9 +733,12 @@ def _saved(args) -> str:
     if cmd in ("demo", "sample"):
         return "nothing was written (the files are written at the end)"
     if cmd == "train":
-        folder = os.path.dirname(args.out) if args.out.endswith(".safetensors") else args.out
+        if args.list_presets or args.out is None:
+            return "nothing was written"
+        from ..networks.checkpoint import side_file
+
         try:
-            with open(os.path.join(folder, "config.json")) as f:
+            with open(side_file(args.out, "config.json")) as f:
                 step = json.load(f)["info"]["step"]
             return f"the checkpoint of step {step} in {args.out} is kept: rerun the same command to resume"
         except (OSError, ValueError, KeyError, TypeError):

@@ -1,7 +1,7 @@
 """``patchmosaic train --preset NAME`` and ``--list-presets``: train a network from a named recipe
 (:mod:`patchmosaic.networks.presets`), with a time estimate measured on this machine first, then write its
 reference samples (``ddim20_samples.npz``: the network's 20-step DDIM samples from fixed seeds, in the format of
-the reference networks' files).
+the reference networks' files; ``NAME.ddim20_samples.npz`` beside a ``NAME.safetensors`` checkpoint).
 """
 
 from __future__ import annotations
@@ -52,12 +52,15 @@ def run_preset(name: str, out: str, overrides: Optional[dict] = None, *, device:
     """Train preset ``name`` (with ``overrides``, see :func:`patchmosaic.networks.presets.recipe`) into ``out``.
 
     Prints the recipe's changes, then a time estimate (a few timed steps on ``device``, scaled), then trains
-    (resuming a checkpoint in ``out``), then writes ``out/ddim20_samples.npz`` unless ``samples`` is False.
+    (resuming a checkpoint in ``out``), then writes ``out/ddim20_samples.npz`` (``NAME.ddim20_samples.npz`` beside an
+    ``out`` of ``NAME.safetensors``) unless ``samples`` is False or the file there holds this network's samples.
     ``data_options``: further arguments of :func:`patchmosaic.data.load` (``download``, ``layout``, ``alpha``).
     Returns ``{"recipe", "changed", "estimate", "network"}``.
     """
     from .. import data
+    from ..io.runstate import module_digest
     from ..networks import load, train
+    from ..networks.checkpoint import side_file
 
     check_cuda_inputs(device=device)  # before the data are loaded or a step is timed
     r, changed = P.recipe(name, overrides)
@@ -81,10 +84,9 @@ def run_preset(name: str, out: str, overrides: Optional[dict] = None, *, device:
     tc = P.train_config(r, device=device, checkpoint_every=checkpoint_every)
     net = train(cfg, images, labels, out=out, config=tc, progress=progress, override=override)
     if samples:
-        path = os.path.join(os.path.dirname(out) if out.endswith(".safetensors") else out, SAMPLES_FILE)
-        step = load(out)[1]["step"]
-        if _samples_step(path) != step:
-            write_reference_samples(net, path, step=step, device=device, progress=progress)
+        path = side_file(out, SAMPLES_FILE)
+        if _samples_weights(path) != module_digest(net):  # (samples of other weights: of an earlier step, say)
+            write_reference_samples(net, path, step=load(out)[1]["step"], device=device, progress=progress)
     return {"recipe": r, "changed": changed, "estimate": timing, "network": net}
 
 
@@ -100,10 +102,12 @@ def reference_seeds(channels: int, num_classes: int, n: int = REFERENCE_SEEDS, s
 def write_reference_samples(net, path: str, *, step: Optional[int] = None, device="cpu", progress: bool = False,
                             n: int = REFERENCE_SEEDS) -> None:
     """The network's deterministic 20-step DDIM samples from :func:`reference_seeds` as an ``.npz`` of ``seeds``,
-    ``labels``, ``samples`` (the reference networks' format) plus ``step`` (the checkpoint's step)."""
+    ``labels``, ``samples`` (the reference networks' format) plus ``step`` (the checkpoint's step) and ``weights``
+    (the SHA-256 of the network's weights, :func:`patchmosaic.io.runstate.module_digest`)."""
     from ..diffusion.denoisers import NetworkDenoiser
     from ..diffusion.samplers import ddim
     from ..io.files import write_npz
+    from ..io.runstate import module_digest
     from ..networks import network_channels, network_classes
 
     channels, classes = network_channels(net), network_classes(net) or 0
@@ -111,7 +115,7 @@ def write_reference_samples(net, path: str, *, step: Optional[int] = None, devic
     den = NetworkDenoiser(net, device=device)
     samples = ddim(den, x1.to(device), y if classes else None, steps=20, progress=progress)
     write_npz(path, seeds=x1.numpy(), labels=y.numpy(), samples=samples.float().cpu().numpy(),
-              step=np.int64(-1 if step is None else step))
+              step=np.int64(-1 if step is None else step), weights=np.str_(module_digest(net)))
 
 
 def _step_done(out: str) -> int:
@@ -123,8 +127,9 @@ def _step_done(out: str) -> int:
         return 0
 
 
-def _samples_step(path: str) -> Optional[int]:
+def _samples_weights(path: str) -> Optional[str]:
+    """The digest of the weights whose samples the file ``path`` holds (None: no file, or one without it)."""
     if not os.path.exists(path):
         return None
     with np.load(path, allow_pickle=False) as z:
-        return int(z["step"]) if "step" in z.files else None
+        return str(z["weights"]) if "weights" in z.files else None

@@ -1,7 +1,8 @@
 """Checkpoints as one safetensors file: weights (plus EMA weights and optimiser state when training)
 and, in its metadata, the JSON config that rebuilds the network. Nothing is ever unpickled.
 
-A ``config.json`` copy is written beside it for people to read; loading uses the safetensors metadata.
+A ``config.json`` copy is written beside it for people to read (:func:`side_file`: ``NAME.config.json`` beside a
+``NAME.safetensors`` file); loading uses the safetensors metadata.
 """
 
 from __future__ import annotations
@@ -49,9 +50,8 @@ def save(path: str, net: nn.Module, *, extra: Optional[Dict[str, torch.Tensor]] 
     for k, v in (extra or {}).items():
         tensors[k] = v.detach().cpu().contiguous()
     meta = {"config": json.dumps(net.config), "info": json.dumps(info or {}), "format": "patchmosaic-1"}
-    d = os.path.dirname(os.path.abspath(file))
     write_with(file, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    write_json(os.path.join(d, "config.json"), {"network": net.config, "info": info or {}})
+    write_json(side_file(file, "config.json"), {"network": net.config, "info": info or {}})
 
 
 def load(path: str, *, ema: bool = True, device="cpu") -> Tuple[nn.Module, dict, Dict[str, torch.Tensor]]:
@@ -104,6 +104,17 @@ def load(path: str, *, ema: bool = True, device="cpu") -> Tuple[nn.Module, dict,
     net.to(device).eval()
     extra = {k: v for k, v in tensors.items() if not k.startswith("net.")}
     return net, info, extra
+
+
+def side_file(path: str, name: str) -> str:
+    """The file ``name`` (``config.json``, ``ddim20_samples.npz``) that belongs to the network at ``path``: inside a
+    checkpoint folder (whose weights are ``model.safetensors``); beside a ``.safetensors`` file under its name
+    (``runs/a.safetensors`` -> ``runs/a.config.json``), so that checkpoints in one folder keep their own; beside any
+    other network file (a TorchScript ``model.pt``) as ``name``."""
+    if path.endswith(".safetensors") and os.path.basename(path) != WEIGHTS:
+        return path[:-len(".safetensors")] + "." + name
+    folder = os.path.dirname(path) if path.endswith(".safetensors") or os.path.isfile(path) else path
+    return os.path.join(folder, name)
 
 
 def _weights_file(path: str, create: bool = False) -> str:

@@ -12,7 +12,8 @@ from torch import nn
 class TimeEmbedding(nn.Module):
     """Sinusoidal features of ``1000 t`` through a two-layer MLP, plus a learned vector per class.
 
-    ``forward(t, labels)`` with ``t`` of shape ``(B,)``; ``labels`` ``(B,)`` int64 or None (no class term).
+    ``forward(t, labels)`` with ``t`` of shape ``(B,)``; ``labels`` ``(B,)`` int64 or None (no class term). The
+    result has the dtype of the MLP's weights (a network cast with ``net.to(torch.float64)`` runs in float64).
     """
 
     def __init__(self, dim: int, num_classes: int = 0):
@@ -26,9 +27,11 @@ class TimeEmbedding(nn.Module):
 
     def forward(self, t: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         half = self.dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = t.float()[:, None] * 1000.0 * freqs[None]
-        emb = self.mlp(torch.cat([torch.sin(args), torch.cos(args)], 1))
+        dtype = self.mlp[0].weight.dtype  # the features in float64 for a float64 network, else in float32
+        work = torch.promote_types(dtype, torch.float32)
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=work) / half)
+        args = t.to(work)[:, None] * 1000.0 * freqs[None]
+        emb = self.mlp(torch.cat([torch.sin(args), torch.cos(args)], 1).to(dtype))
         if self.classes is not None and labels is not None:
             emb = emb + self.classes(labels)
         return emb

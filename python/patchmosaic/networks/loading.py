@@ -15,7 +15,7 @@ from .presets import resolve_network_path
 
 def load_network(path: str, *, device="cpu", ema: bool = True) -> nn.Module:
     """An eps network from a patchmosaic checkpoint (directory or ``.safetensors``), a TorchScript file or a
-    preset's shipped network.
+    preset's shipped network (none ships at present).
 
     TorchScript files (such as the reference networks in ``shared/models``) are loaded with
     ``torch.jit.load``, which runs TorchScript, not Python pickles (TorchScript is deprecated in torch;
@@ -23,8 +23,8 @@ def load_network(path: str, *, device="cpu", ema: bool = True) -> nn.Module:
 
     Args:
         path: a checkpoint directory, a ``.safetensors`` file, a TorchScript file (e.g. ``model.pt``), or
-            ``preset:NAME``: the trained network of that preset shipped with the package (``patchmosaic train
-            --preset NAME`` trains it again).
+            ``preset:NAME``: the trained network of that preset where one ships with the package (none does at
+            present: a ValueError says to train it with ``patchmosaic train --preset NAME --out DIR`` and use DIR).
         device: the device to put the network on (default ``"cpu"``); a CUDA device on a torch without
             CUDA is refused (RuntimeError) before anything is read.
         ema: for a checkpoint: its EMA weights when it has them (default True), else the raw weights.

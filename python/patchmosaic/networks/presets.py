@@ -5,7 +5,8 @@ network (``arch`` and its constructor arguments; the image channels and classes 
 training settings (:class:`TrainConfig` fields). :func:`recipe` returns one with overrides applied and says
 which values changed; :func:`network_config` and :func:`train_config` turn it into what :func:`train` takes.
 
-Trained networks of some presets ship with the package (``trained/NAME/``): ``load_network("preset:NAME")``.
+``load_network("preset:NAME")`` opens a preset's trained network where one ships with the package (``trained/NAME/``);
+none does at present, so it says how to train one: ``patchmosaic train --preset NAME --out DIR``, then use ``DIR``.
 """
 
 from __future__ import annotations

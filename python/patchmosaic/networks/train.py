@@ -24,7 +24,7 @@ from torch import nn
 from ..io.progress import Progress
 from ..io.runstate import array_digest
 from ..ops.checks import check_cuda_inputs
-from ..schedules import get_schedule
+from ..schedules import SCHEDULES, Schedule, get_schedule, same_schedule
 from ..validation import check_memory, to_labels, to_tensor
 from .checkpoint import build, load, save
 
@@ -32,7 +32,8 @@ from .checkpoint import build, load, save
 @dataclass
 class TrainConfig:
     """Training settings: optimiser ``steps`` of ``batch_size`` images, AdamW ``lr`` / ``weight_decay``,
-    EMA decay (0 = off), the noise ``schedule``, ``t ~ U(t_min, 1)``, ``seed`` of data order and noise,
+    EMA decay (0 = off), the noise ``schedule`` (a name of :data:`patchmosaic.schedules.SCHEDULES`; a schedule
+    object equal to one of them is stored as its name), ``t ~ U(t_min, 1)``, ``seed`` of data order and noise,
     a checkpoint every ``checkpoint_every`` steps, a loss record every ``log_every``, the torch ``device``."""
 
     steps: int = 10000
@@ -52,6 +53,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise TypeError(f"TrainConfig.{name} must be an integer, got {v!r}")
+            setattr(self, name, int(v))  # (a numpy integer is stored as a Python int: the checkpoint is JSON)
         if self.steps < 1 or self.batch_size < 1 or self.checkpoint_every < 1 or self.log_every < 1:
             raise ValueError(f"steps, batch_size, checkpoint_every and log_every must be positive: {self}")
         if not 0 <= self.seed < 2**63:
@@ -60,8 +62,16 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)) or not np.isfinite(v):
                 raise ValueError(f"TrainConfig.{name} must be a finite number, got {v!r}")
+            if isinstance(v, np.generic):
+                setattr(self, name, v.item())
         if not self.lr > 0 or self.weight_decay < 0 or not 0 <= self.ema_decay < 1 or not 0 < self.t_min < 1:
             raise ValueError(f"need lr > 0, weight_decay >= 0, 0 <= ema_decay < 1, 0 < t_min < 1: {self}")
+        sched = self.schedule  # recorded by name: a Schedule object equal to a named one is stored as its name
+        if isinstance(sched, Schedule) and sched.name in SCHEDULES and same_schedule(sched, SCHEDULES[sched.name]):
+            self.schedule = sched.name
+        if not isinstance(self.schedule, str) or self.schedule not in SCHEDULES:
+            raise ValueError(f"TrainConfig.schedule must name a schedule of the package ({', '.join(SCHEDULES)}; the "
+                             f"checkpoint records it by name), got {sched!r}")
         try:  # a device torch can train on here (autocast knows its type)
             torch.autocast(device_type=torch.device(self.device).type, enabled=False)
         except (RuntimeError, TypeError, ValueError) as e:
@@ -103,7 +113,8 @@ def train(net, images, labels=None, *, out: str, config: Optional[TrainConfig] =
     Checkpoints go to ``out``; an existing checkpoint there is resumed if its network config matches, and a
     finished one is returned as is. Resuming with other optimiser settings (:data:`RESUME_FIXED`) is refused
     unless ``override=True``; then the new settings apply from the checkpoint's step on, and the record
-    (``info["train"]["history"]``) says so.
+    (``info["train"]["history"]``) says so. A new ``seed`` reseeds the data order and noise there (the weights go on
+    from the checkpoint's): every resume of that checkpoint with that seed trains the same weights, bit for bit.
 
     Args:
         net: a :class:`ResNet` or :class:`UNet`, or its config dict (``{"arch": "resnet", ...}``, then built
@@ -179,6 +190,8 @@ def train(net, images, labels=None, *, out: str, config: Optional[TrainConfig] =
                              "directory")
         net.load_state_dict(saved.state_dict())
         _restore(net, opt, ema, gen, extra, info, device)
+        if "seed" in changed:  # the data order and noise from the new seed, from this step on
+            gen.manual_seed(cfg.seed)
         if changed:
             for group in opt.param_groups:
                 group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay

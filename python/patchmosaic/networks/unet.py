@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -65,6 +66,10 @@ class UNet(nn.Module):
         if len(widths) < 2 or min(widths) < 1:
             raise ValueError(f"widths must list at least two positive widths, got {widths}")
         check_padding(padding)
+        if attention and (widths[-1] % heads or widths[-1] % min(8, widths[-1])):  # (SelfAttention's GroupNorm)
+            raise ValueError(f"widths: with attention the last width must be a multiple of the {heads} attention heads "
+                             f"and, above 8, of the 8 GroupNorm groups (e.g. {math.lcm(heads, 8)}), got widths "
+                             f"{widths}")
         if embed_at not in EMBED_AT:
             raise ValueError(f"embed_at must be one of {EMBED_AT}, got {embed_at!r}")
         self.config = dict(arch="unet", channels=channels, widths=widths, padding=padding,
