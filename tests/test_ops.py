@@ -393,3 +393,50 @@ def test_shared_numerics_are_written_once():
         assert "-87.0" not in src and "-700.0" not in src, path  # the cut comes from ExpCut
     used = "".join(open(p).read() for p in engines)
     assert "merge_state(" in used and "element_code(" in used and "ExpCut<T>" in used
+
+
+def test_the_ops_refuse_arguments_whose_shapes_or_dtypes_disagree():
+    """The public ops handed mismatched shapes to the compiled core, which trusts them: IS with queries of another
+    size than the training images wrote past its buffers (the process died, or later: 'free(): invalid next
+    size'), a query of 3 channels against 1-channel images returned channels never written, a and inv_2b2 of one
+    value for two queries were read past their end, float labels were truncated, float16 queries gave a bare
+    KeyError and an empty batch a RuntimeError. Each is now a ValueError or TypeError naming the op and the
+    argument, before any work."""
+    rng = np.random.default_rng(0)
+    train = torch.from_numpy(rng.uniform(-1, 1, (6, 1, 5, 6)))
+    index = ops.LabelIndex.from_labels(np.arange(6) % 2).tensors()
+    x = torch.from_numpy(rng.standard_normal((2, 1, 5, 6)))
+    a, s = torch.tensor([0.9, 0.4], dtype=torch.float64), torch.tensor([4.0, 0.6], dtype=torch.float64)
+    lab = torch.tensor([0, 1])
+    cl = keysets.class_maps("els_zeros", 5, 6, 5, 6, 3)
+    table = ops.patch_table(torch.ones(3, 3, dtype=torch.float64), 1, 5, 6, None)
+
+    def local(q=x, aa=a, ss=s, t=None, labels=lab):
+        return ops.local_softmax(train, q, aa, ss, t, labels, *index, *cl, 3, False, "cpu", 0, 0)
+
+    def ideal(q=x, aa=a, labels=lab):
+        return ops.ideal_softmax(train, q, aa, s, None, labels, *index, False, "cpu", 0, 0)
+
+    def aligned(tr=train):
+        return ops.aligned_softmax(tr, x, a, s, None, lab, *index, *table, False, "cpu", 0, 0)
+
+    cases = [
+        (lambda: ideal(q=x[:, :, :, :4].contiguous()), ValueError,
+         r"ideal_softmax: x of shape \(2, 1, 5, 4\) against training images of shape \(6, 1, 5, 6\)"),
+        (lambda: local(q=torch.from_numpy(rng.standard_normal((2, 3, 5, 6)))), ValueError,
+         r"local_softmax: .* the queries must have the training images' channels"),
+        (lambda: aligned(train[:, :, :, :2].contiguous()), ValueError, r"aligned_softmax: x of shape"),
+        (lambda: local(aa=a[:1], ss=s[:1]), ValueError, r"local_softmax: a must hold one value per query image"),
+        (lambda: ideal(aa=a[:1]), ValueError, r"ideal_softmax: a must hold one value per query image"),
+        (lambda: local(t=torch.tensor([0.5, 0.5, 7.0])), ValueError, r"t must hold one value per query image"),
+        (lambda: local(labels=lab[:1]), ValueError, r"labels must hold one value per query image"),
+        (lambda: local(labels=torch.tensor([0.7, 1.9])), TypeError, r"local_softmax: labels must be integers"),
+        (lambda: local(labels=torch.tensor([True, False])), TypeError, r"labels must be integers, got torch.bool"),
+        (lambda: local(q=x.half()), TypeError, r"local_softmax: x must be float32 or float64, got torch.float16"),
+        (lambda: ideal(q=x[:0], aa=a[:0], labels=None), ValueError, r"ideal_softmax: x holds no image"),
+        (lambda: local(q=x[0]), ValueError, r"local_softmax: x must have shape \(B, C, H, W\)"),
+    ]
+    for call, err, msg in cases:
+        with pytest.raises(err, match=msg):
+            call()
+    assert torch.isfinite(local()[0]).all() and torch.isfinite(ideal()[0]).all() and torch.isfinite(aligned()[0]).all()

@@ -89,6 +89,7 @@ def aligned_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t:
     ``exp(logit - max)`` (logits not shifted); ``arg_key`` (B, n_rows) int64 the winning training image and
     ``arg_share`` its weight when ``provenance``, else empty.
     """
+    checks.shapes(train, query, a, inv_2b2, t, labels, "aligned_softmax", whole=True)
     engine = _aligned_engine(query, backend)
     table = _table(hood_ptr, hood_elem, hood_weight, resp_ptr, resp_elem, query)
     name = "torch" if engine is reference_aligned else engine.name

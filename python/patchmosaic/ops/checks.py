@@ -14,6 +14,36 @@ from .memo import Memo
 MAGNITUDES = Memo()  # the training images' max |value| (ops.memo: kept while the tensor lives unchanged)
 
 
+def shapes(train: torch.Tensor, query: torch.Tensor, a: torch.Tensor, inv_2b2: torch.Tensor, t: Optional[torch.Tensor],
+           labels: Optional[torch.Tensor], op: str, whole: bool) -> None:
+    """The shapes and dtypes an op's arguments must agree on (the compiled engines trust them: a mismatch would
+    read or write outside the buffers): ``train`` ``(N, C, H, W)`` and ``query`` ``(B, C, Hq, Wq)`` float32 or
+    float64 with one ``C`` (``whole``: the same ``C x H x W``, IS and the same-position machines), ``B >= 1``; ``a``,
+    ``inv_2b2`` (and ``t``, ``labels`` when given) one value per query image; integer labels. From the shapes
+    alone: under ``torch.compile`` a check of the traced shapes."""
+    for name, v in (("x", query), ("train", train)):
+        if v.dim() != 4:
+            raise ValueError(f"{op}: {name} must have shape ({'B' if name == 'x' else 'N'}, C, H, W), got "
+                             f"{tuple(v.shape)}")
+    if query.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: x must be float32 or float64, got {query.dtype}")
+    if not train.dtype.is_floating_point:
+        raise TypeError(f"{op}: the training images must be floating point, got {train.dtype}")
+    B = int(query.shape[0])
+    if B < 1:
+        raise ValueError(f"{op}: x holds no image (shape {tuple(query.shape)})")
+    have, want = (tuple(query.shape[1:]), tuple(train.shape[1:])) if whole else (query.shape[1], train.shape[1])
+    if have != want:
+        what = "images of the training size C x H x W" if whole else "the training images' channels"
+        raise ValueError(f"{op}: x of shape {tuple(query.shape)} against training images of shape "
+                         f"{tuple(train.shape)}: the queries must have {what}")
+    for name, v in (("a", a), ("inv_2b2", inv_2b2), ("t", t), ("labels", labels)):
+        if v is not None and tuple(v.shape) != (B,):
+            raise ValueError(f"{op}: {name} must hold one value per query image, shape ({B},), got {tuple(v.shape)}")
+    if labels is not None and (labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool):
+        raise TypeError(f"{op}: labels must be integers, got {labels.dtype}")
+
+
 def values(x: torch.Tensor, name: str, t: Optional[torch.Tensor], a: torch.Tensor, inv_2b2: torch.Tensor) -> None:
     """Every value of ``x`` finite, ``t`` in (0, 1] (when given as a tensor) and a schedule that leaves noise
     to remove at every t: one reduction, read once (one device sync for CUDA tensors), and the details

@@ -155,6 +155,7 @@ def local_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: O
     (ops/masks.py): ``(k, k)`` shared by every pixel, or ``(Hq, Wq, k, k)`` one per query pixel; boolean, or
     non-negative float weights.
     """
+    checks.shapes(train, query, a, inv_2b2, t, labels, "local_softmax", whole=False)
     ks = _local_keyset(query_class, key_class, query_pad, key_pad, query, train)
     engine = _engine(query, backend, train.shape[1], ("local", ks.kind(), k, train.shape[0]))
     w = _check_mask(patch_mask, k, query)
@@ -375,6 +376,7 @@ def ideal_softmax(train: Tensor, query: Tensor, a: Tensor, inv_2b2: Tensor, t: O
                   labels: Optional[Tensor], label_values: Tensor, label_ptr: Tensor, label_images: Tensor,
                   provenance: bool, backend: str, n_threads: int, max_memory: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """IS forward pass -> ``(out, stats (B, 2), arg_key (B,), arg_share (B,))`` (provenance empty unless asked)."""
+    checks.shapes(train, query, a, inv_2b2, t, labels, "ideal_softmax", whole=True)
     engine = _engine(query, backend, train.shape[1], ("ideal", None, 0, train.shape[0]))
     item = query.element_size()
     checks.memory(3 * query.numel() * item + (train.numel() * item if train.dtype != query.dtype else 0)
