@@ -649,3 +649,24 @@ def test_compare_and_calibrate_refuse_what_would_fail_after_the_network_has_run(
         with pytest.raises(err, match=message):
             call()
     assert Net.calls == 0
+
+
+def test_a_machine_keeps_its_own_copy_of_the_training_images():
+    """A machine kept the caller's tensor (or numpy array) itself but cached converted copies of it: after the
+    caller changed it in place, float64 queries used the new images and float32 queries the cached old ones (ELS,
+    IS and LS 1.0-1.7 apart). As its docstring says, it now keeps a copy: the caller's later changes do not reach
+    it."""
+    rng = np.random.default_rng(0)
+    for kind, k in ((pm.ELS, 3), (pm.IS, None), (pm.LS, 3), (pm.PCALocality, None)):
+        for as_numpy in (False, True):
+            base = rng.uniform(-1, 1, (8, 1, 6, 6))
+            tr = base.copy() if as_numpy else torch.from_numpy(base.copy())
+            m = kind(tr)
+            x = rng.standard_normal((2, 1, 6, 6))
+            before = m.denoise(x, 0.4, k)
+            m.denoise(x.astype(np.float32), 0.4, k)  # (a float32 copy of the images cached)
+            tr *= -1
+            after64, after32 = m.denoise(x, 0.4, k), m.denoise(x.astype(np.float32), 0.4, k)
+            assert np.array_equal(after64, before), kind
+            assert np.abs(after32 - after64).max() <= 1e-4, kind
+            assert np.array_equal(after64, kind(base).denoise(x, 0.4, k))

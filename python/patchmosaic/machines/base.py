@@ -181,6 +181,9 @@ class Machine:
         self.images = to_tensor(images, "images").contiguous()
         if self.images.device.type != "cpu":
             self.images = self.images.cpu()
+        elif not xflip:  # a copy of its own: a caller changing its array later must not change this machine
+            # (its engines keep converted copies: they would disagree)
+            self.images = self.images.clone()
         if not isinstance(xflip, bool):
             raise TypeError(f"xflip must be True or False, got {xflip!r}")
         n_given = int(self.images.shape[0])
