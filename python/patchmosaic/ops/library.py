@@ -69,10 +69,12 @@ def _engine(query: Tensor, backend: str, C: int, shape=None):
     return reference
 
 
-def _backward_engine(query: Tensor, backend: str, C: int):
-    """The engine of a backward pass: ``_engine``'s, except that the Triton engine's backward passes run on the
-    compiled engine of the tensors' device (ops/triton_engine/__init__.py)."""
-    engine = _engine(query, backend, C)
+def _backward_engine(query: Tensor, backend: str, C: int, shape=None):
+    """The engine of a backward pass: ``_engine``'s for the forward pass's ``shape`` (so that ``auto`` picks the
+    forward's engine: the backward reads its statistics, whose convention is the engine's), except that the
+    Triton engine's backward passes run on the compiled engine of the tensors' device
+    (ops/triton_engine/__init__.py)."""
+    engine = _engine(query, backend, C, shape)
     return triton_engine.backward_engine(query) if engine is triton_engine else engine
 
 
@@ -191,8 +193,8 @@ def local_softmax_backward(grad_out: Tensor, out: Tensor, stats: Tensor, train: 
                            ) -> Tuple[Tensor, Tensor, Tensor]:
     """The vector-Jacobian product of ``local_softmax``'s ``out`` for ``grad_out`` ->
     ``(grad_query, grad_a, grad_inv_2b2)``."""
-    engine = _backward_engine(query, backend, train.shape[1])
     ks = _local_keyset(query_class, key_class, query_pad, key_pad, query, train)
+    engine = _backward_engine(query, backend, train.shape[1], ("local", ks.kind(), k, train.shape[0]))
     ks, mask = _masked_patch(engine, _check_mask(patch_mask, k, query), ks, train.shape[1], query)
     grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
@@ -407,7 +409,7 @@ def ideal_softmax_backward(grad_out: Tensor, out: Tensor, stats: Tensor, train: 
                            inv_2b2: Tensor, labels: Optional[Tensor], label_values: Tensor, label_ptr: Tensor,
                            label_images: Tensor, backend: str, n_threads: int) -> Tuple[Tensor, Tensor, Tensor]:
     """The vector-Jacobian product of ``ideal_softmax``'s ``out``."""
-    engine = _engine(query, backend, train.shape[1])
+    engine = _engine(query, backend, train.shape[1], ("ideal", None, 0, train.shape[0]))  # (the forward's engine)
     grp = groups(labels, label_values, label_ptr, label_images, train.shape[0], query.shape[0])
     tr, q, aa, ss = _prepare(train, query, a, inv_2b2)
     g = grad_out.to(q.dtype).contiguous()
