@@ -8,8 +8,10 @@ not catch a mistake in it. Its backward pass is the derivative of the spec's for
 (every key's logit, weight and contribution materialised chunk by chunk; the patch gather's adjoint by
 ``index_add``); the test suite checks it, and the engines', against finite differences.
 
-Same interface as the compiled engines (engines.py); ``stats`` follow their convention (the maximum of the
-shifted logit ``l + |Q|^2 / (2 b^2)`` and the sum of ``exp(logit - max)``).
+Same interface as the compiled engines (engines.py); ``stats`` hold the maximum of the shifted logit
+``l + |Q|^2 / (2 b^2)`` and the sum of ``exp(logit - max)``: the local machines' convention in every engine, and
+for IS this engine's own (the compiled engines' IS maximum is the logit ``l`` itself). Each backward pass reads
+the statistics of its own engine's forward pass (ops/library.py picks the same engine for both).
 """
 
 from __future__ import annotations
