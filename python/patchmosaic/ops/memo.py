@@ -1,18 +1,19 @@
 """Values the ops derive from their constant inputs (the training images' largest magnitude, a checked element
 table), kept while those tensors live unchanged, so that a call on the same data does not recompute them.
 
-A value is keyed by the identity of its tensors and their version counters (every in-place change through torch
-raises it): while a tensor lives, no other tensor has its id; when it dies its entries go (a weak reference's
-callback). A tensor whose version counter cannot be read (an inference-mode tensor, a wrapped one) is not kept:
-its value is computed at every call. A change made behind torch's back (through a numpy array sharing the memory)
-is not seen; the compiled core checks its tables again itself (validate.hpp), so a stale check cannot make it read
-out of bounds.
+A value is keyed by the identity of its tensors, their memory and their version counters (every in-place change
+through torch's operations on the tensor raises it): while a tensor lives, no other tensor has its id; when it dies
+its entries go (one weak reference's callback per tensor). A tensor whose version counter cannot be read (an
+inference-mode tensor, a wrapped one) is not kept: its value is computed at every call. A change made behind the
+counter's back is not seen: through a numpy array sharing the memory, or in place through ``t.data`` (``t.data =
+other`` is seen: the memory changes); the compiled core checks its tables again itself (validate.hpp), so a stale
+check cannot make it read out of bounds.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -31,7 +32,8 @@ def _key(tensors: Sequence[Optional[torch.Tensor]]) -> Optional[Tuple]:
             version = t._version
         except RuntimeError:
             return None
-        key.append((id(t), version, t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset()))
+        key.append((id(t), version, t.data_ptr(), t.device, t.dtype, tuple(t.shape), tuple(t.stride()),
+                    t.storage_offset()))
     return tuple(key)
 
 
@@ -41,6 +43,7 @@ class Memo:
 
     def __init__(self):
         self._values: Dict[Tuple, object] = {}
+        self._by_id: Dict[int, Set[Tuple]] = {}  # the keys of each live tensor (by id), dropped when it dies
 
     def get(self, tensors: Sequence[Optional[torch.Tensor]], compute: Callable[[], object], extra: Tuple = ()):
         """``compute()``, or its value kept for these ``tensors`` (and the hashable ``extra``, whatever else the
@@ -55,15 +58,30 @@ class Memo:
             return self._values[key]
         value = compute()
         if len(self._values) >= LIMIT:
-            self._values.pop(next(iter(self._values)))
+            old = next(iter(self._values))
+            self._values.pop(old)
+            for part in old[:-1]:
+                if part is not None and part[0] in self._by_id:
+                    self._by_id[part[0]].discard(old)
         self._values[key] = value
         for t in tensors:
-            if t is not None:
-                weakref.finalize(t, self._values.pop, key, None)
+            if t is None:
+                continue
+            keys = self._by_id.get(id(t))
+            if keys is None:  # one callback per tensor, however many values it keys
+                keys = self._by_id[id(t)] = set()
+                weakref.finalize(t, self._forget, id(t))
+            keys.add(key)
         return value
+
+    def _forget(self, tensor_id: int) -> None:
+        for key in self._by_id.pop(tensor_id, ()):
+            self._values.pop(key, None)
 
     def clear(self) -> None:
         self._values.clear()
+        for keys in self._by_id.values():
+            keys.clear()
 
     def __len__(self) -> int:
         return len(self._values)
