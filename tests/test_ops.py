@@ -440,3 +440,38 @@ def test_the_ops_refuse_arguments_whose_shapes_or_dtypes_disagree():
         with pytest.raises(err, match=msg):
             call()
     assert torch.isfinite(local()[0]).all() and torch.isfinite(ideal()[0]).all() and torch.isfinite(aligned()[0]).all()
+
+
+def test_int32_offsets_the_backward_fakes_and_an_empty_states_out():
+    """From a review of the op layer: an element table with int32 offsets (hood_ptr, resp_ptr) was kept int32 and
+    read by the compiled core as int64 (refused with a misleading message, after reading past the buffer); the
+    backward ops' fake implementations declared the gradients of a and inv_2b2 in a's dtype, where the real ones
+    are float64 (opcheck failed for float32 a); merging a state with an empty one (s = 0) whose out held NaN gave
+    NaN, though an empty state's out is documented as ignored."""
+    from patchmosaic.ops.state import SoftmaxState, merge2
+
+    rng = np.random.default_rng(0)
+    train = torch.from_numpy(rng.uniform(-1, 1, (6, 1, 5, 6)))
+    index = ops.LabelIndex.from_labels(None).tensors()
+    x = torch.from_numpy(rng.standard_normal((2, 1, 5, 6)))
+    a, s = torch.tensor([0.9, 0.4], dtype=torch.float64), torch.tensor([4.0, 0.6], dtype=torch.float64)
+    hp, he, hw, rp, re = ops.patch_table(torch.ones(3, 3, dtype=torch.float64), 1, 5, 6, None)
+    want = ops.aligned_softmax(train, x, a, s, None, None, *index, hp, he, None, rp, re, False, "cpu", 0, 0)[0]
+    for backend in ("cpu", "torch"):
+        got = ops.aligned_softmax(train, x, a, s, None, None, *index, hp.int(), he, None, rp.int(), re, False,
+                                  backend, 0, 0)[0]
+        assert torch.allclose(got, want, rtol=0, atol=1e-12), backend
+    xg = x.clone().requires_grad_()
+    a32, s32 = a.float().requires_grad_(), s.float().requires_grad_()
+    cl = keysets.class_maps("els_zeros", 5, 6, 5, 6, 3)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(ops.local_softmax, (train, xg, a32, s32, None, None, *index, *cl, 3, False, "cpu", 0, 0),
+                          test_utils=checks)
+    out, st, _, _ = ops.ideal_softmax(train, x, a, s, None, None, *index, False, "cpu", 0, 0)
+    torch.library.opcheck(ops.ideal_softmax_backward, (torch.randn_like(out), out, st, train, x, a.float(), s.float(),
+                                                       None, *index, "cpu", 0), test_utils=checks)
+    f64 = torch.float64
+    empty = SoftmaxState(torch.tensor([-float("inf")], dtype=f64), torch.tensor([0.0], dtype=f64),
+                         torch.tensor([[float("nan"), float("inf")]]))
+    full = SoftmaxState(torch.tensor([1.0], dtype=f64), torch.tensor([2.0], dtype=f64), torch.tensor([[0.5, -0.25]]))
+    assert merge2(empty, full).out.tolist() == [[0.5, -0.25]] and merge2(full, empty).out.tolist() == [[0.5, -0.25]]

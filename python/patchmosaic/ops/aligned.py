@@ -137,7 +137,8 @@ def aligned_softmax_backward(grad_out: Tensor, out: Tensor, stats: Tensor, train
 @aligned_softmax_backward.register_fake
 def _(grad_out, out, stats, train, query, a, inv_2b2, labels, label_values, label_ptr, label_images, hood_ptr,
       hood_elem, hood_weight, resp_ptr, resp_elem, backend, n_threads):
-    return torch.empty_like(query), torch.empty_like(a), torch.empty_like(inv_2b2)
+    f64 = dict(dtype=torch.float64)  # (the real ones: float64 on the query's device, whatever a's dtype)
+    return torch.empty_like(query), query.new_empty(a.shape, **f64), query.new_empty(inv_2b2.shape, **f64)
 
 
 def transpose(table: ElementTable, D: int):

@@ -208,7 +208,8 @@ def local_softmax_backward(grad_out: Tensor, out: Tensor, stats: Tensor, train: 
 @local_softmax_backward.register_fake
 def _(grad_out, out, stats, train, query, a, inv_2b2, labels, label_values, label_ptr, label_images, query_class,
       key_class, query_pad, key_pad, k, backend, n_threads, patch_mask=None):
-    return torch.empty_like(query), torch.empty_like(a), torch.empty_like(inv_2b2)
+    f64 = dict(dtype=torch.float64)  # (the real ones: float64 on the query's device, whatever a's dtype)
+    return torch.empty_like(query), query.new_empty(a.shape, **f64), query.new_empty(inv_2b2.shape, **f64)
 
 
 @torch.library.custom_op("patchmosaic::local_softmax_jvp", mutates_args=())
@@ -422,7 +423,8 @@ def ideal_softmax_backward(grad_out: Tensor, out: Tensor, stats: Tensor, train: 
 
 @ideal_softmax_backward.register_fake
 def _(grad_out, out, stats, train, query, a, inv_2b2, labels, label_values, label_ptr, label_images, backend, n_threads):
-    return torch.empty_like(query), torch.empty_like(a), torch.empty_like(inv_2b2)
+    f64 = dict(dtype=torch.float64)  # (the real ones: float64 on the query's device, whatever a's dtype)
+    return torch.empty_like(query), query.new_empty(a.shape, **f64), query.new_empty(inv_2b2.shape, **f64)
 
 
 @torch.library.custom_op("patchmosaic::ideal_softmax_jvp", mutates_args=())

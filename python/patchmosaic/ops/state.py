@@ -95,7 +95,10 @@ def merge2(x: SoftmaxState, y: SoftmaxState) -> SoftmaxState:
     wy = torch.where(y.s > 0, y.s * torch.exp(y.m - Mf), torch.zeros_like(y.s))
     s = wx + wy
     safe = torch.where(s > 0, s, torch.ones_like(s))
-    out = (wx[..., None] * x.out.double() + wy[..., None] * y.out.double()) / safe[..., None]
+    zero = torch.zeros((), dtype=torch.float64, device=s.device)  # (an empty state's out, whatever it holds: unread)
+    ox = torch.where((x.s > 0)[..., None], x.out.double(), zero)
+    oy = torch.where((y.s > 0)[..., None], y.out.double(), zero)
+    out = (wx[..., None] * ox + wy[..., None] * oy) / safe[..., None]
     out = torch.where((s > 0)[..., None], out, torch.zeros_like(out)).to(x.out.dtype)
     key = None
     if x.key is not None and y.key is not None:

@@ -221,7 +221,10 @@ class ElementTable:
             if not torch.is_tensor(t) or t.dim() != 1 or t.dtype.is_floating_point or t.dtype == torch.bool:
                 raise ValueError(f"element table: {name} must be a 1-d integer tensor")
             v = t.detach().cpu().numpy()
-            arrays.append(v if v.dtype in (np.int32, np.int64) else v.astype(np.int64))  # no copy of a large table
+            if name.endswith("_ptr"):  # offsets: int64, as the compiled core reads them
+                arrays.append(v.astype(np.int64, copy=False))
+            else:  # elements: no copy of a large int32 table
+                arrays.append(v if v.dtype in (np.int32, np.int64) else v.astype(np.int64))
         hp, he, rp, re = arrays
         if len(rp) != len(hp):
             raise ValueError("element table: hood_ptr and resp_ptr must have the same rows (one entry per row plus one)")
