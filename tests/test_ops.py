@@ -475,3 +475,42 @@ def test_int32_offsets_the_backward_fakes_and_an_empty_states_out():
                          torch.tensor([[float("nan"), float("inf")]]))
     full = SoftmaxState(torch.tensor([1.0], dtype=f64), torch.tensor([2.0], dtype=f64), torch.tensor([[0.5, -0.25]]))
     assert merge2(empty, full).out.tolist() == [[0.5, -0.25]] and merge2(full, empty).out.tolist() == [[0.5, -0.25]]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_label_tables_an_op_caller_passes_are_checked_by_every_engine(backend):
+    """The compiled CPU engine refused a label index with an empty group in use or an image index past N; the
+    Triton engine returned unwritten memory for the first and read past the training images for the second, and
+    the torch reference returned NaN. The tables are now checked once, before any engine runs."""
+    rng = np.random.default_rng(0)
+    train = torch.from_numpy(rng.uniform(-1, 1, (4, 1, 5, 6)))
+    x = torch.from_numpy(rng.standard_normal((1, 1, 5, 6)))
+    a, s = torch.tensor([0.9], dtype=torch.float64), torch.tensor([4.0], dtype=torch.float64)
+    cl = keysets.class_maps("els_zeros", 5, 6, 5, 6, 3)
+    vals = torch.tensor([0, 1])
+    for ptr, imgs, lab, msg in (([0, 4, 4], [0, 1, 2, 3], 1, r"label 1 has no training images \(its group"),
+                                ([0, 2, 4], [0, 1, 2, 9], 0, r"label_images holds an index outside 0\.\.3"),
+                                ([0, 3], [0, 1, 2], 0, r"label_ptr rise from 0"),
+                                ([0, 2, 4], [0, 1, 2, -1], 1, r"outside 0\.\.3")):
+        index = (vals, torch.tensor(ptr), torch.tensor(imgs, dtype=torch.int32))
+        for call in (lambda: ops.local_softmax(train, x, a, s, None, torch.tensor([lab]), *index, *cl, 3, False,
+                                               backend, 0, 0),
+                     lambda: ops.ideal_softmax(train, x, a, s, None, torch.tensor([lab]), *index, False, backend, 0, 0)):
+            with pytest.raises(ValueError, match=msg):
+                call()
+
+
+def test_is_statistics_hold_the_largest_logit_in_every_engine():
+    """IS's partial maximum was the largest logit in the compiled engines and that plus s |x|^2 in the torch
+    reference (and in the Triton engine where the reference ran its backward): key shards computed by different
+    engines merged two conventions (1.1-1.6 off). Now every engine's is the largest logit itself."""
+    rng = np.random.default_rng(1)
+    train = torch.from_numpy(rng.uniform(-1, 1, (6, 1, 4, 4)))
+    x = torch.from_numpy(rng.standard_normal((2, 1, 4, 4)))
+    a, s = torch.tensor([0.8, 0.5], dtype=torch.float64), torch.tensor([1.5, 0.7], dtype=torch.float64)
+    index = ops.LabelIndex.from_labels(None).tensors()
+    logits = -((x.reshape(2, 1, -1) - a[:, None, None] * train.reshape(1, 6, -1)) ** 2).sum(-1) * s[:, None]
+    for backend in ("cpu", "torch"):
+        stats = ops.ideal_softmax(train, x, a, s, None, None, *index, False, backend, 0, 0)[1]
+        assert torch.allclose(stats[:, 0], logits.max(1).values, rtol=1e-12, atol=1e-12), backend
+        assert torch.allclose(stats[:, 1], torch.exp(logits - logits.max(1, keepdim=True).values).sum(1)), backend

@@ -283,3 +283,25 @@ def test_a_broken_table_is_refused_with_its_path(tmp_path, monkeypatch):
     monkeypatch.setenv("PATCHMOSAIC_AUTO_TABLE", str(path))
     with pytest.raises(ValueError, match="bad.json"):
         auto.table()
+
+
+@needs_triton
+def test_is_statistics_are_the_cpu_engines(monkeypatch):
+    """IS's partial maximum is the largest logit in every engine (the Triton engine shifted it by s |x|^2 where the
+    torch reference ran its backward -- a GPU without the compiled CUDA engine, simulated here: key shards on
+    different engines then merged two conventions)."""
+    from patchmosaic import ops
+    from patchmosaic.ops import reference, triton_engine
+
+    monkeypatch.setattr(triton_engine, "backward_engine", lambda query: reference)
+
+    rng = np.random.default_rng(2)
+    train = torch.from_numpy(rng.uniform(-1, 1, (7, 1, 4, 5)).astype(np.float32))
+    x = torch.from_numpy(rng.standard_normal((3, 1, 4, 5)).astype(np.float32))
+    a = torch.tensor([0.9, 0.6, 0.3], dtype=torch.float64)
+    s = torch.tensor([3.0, 0.9, 0.2], dtype=torch.float64)
+    index = ops.LabelIndex.from_labels(None).tensors()
+    want = ops.ideal_softmax(train, x, a, s, None, None, *index, False, "cpu", 0, 0)[1]
+    got = ops.ideal_softmax(train.to(DEVICE), x.to(DEVICE), a.to(DEVICE), s.to(DEVICE), None, None, *index, False,
+                            "triton", 0, 0)[1].cpu()
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -660,12 +660,8 @@ class ShardedMachine(Machine):
         key = key.to(xt.device) + self.offsets[self.rank] * per_image if provenance else None
         if self.local:
             return SoftmaxState.of_local(out.to(xt.device), stats.to(xt.device), key)
-        stats = stats.to(xt.device)
-        m_ = stats[..., 0]
-        if name == "torch":  # its IS maximum is shifted by s |x|^2 (what its backward reads); the compiled engines'
-            # is the largest logit itself, and ranks may run different engines: one convention in the merge
-            m_ = m_ - (ss.double() * q.reshape(len(sel), -1).double().pow(2).sum(1)).to(m_.device)
-        return SoftmaxState(m_, stats[..., 1], out.to(xt.device), key)
+        stats = stats.to(xt.device)  # (IS's maximum: the largest logit itself in every engine, so ranks may mix them)
+        return SoftmaxState(stats[..., 0], stats[..., 1], out.to(xt.device), key)
 
     def sensitivity(self, x, t, k: Optional[int] = None, pixel=(0, 0), labels=None, *, backend: Optional[str] = None):
         """Not available on a sharded machine (its results are not differentiable); build a one-process machine.

@@ -73,12 +73,23 @@ def groups(labels: Optional[torch.Tensor], values: torch.Tensor, ptr: torch.Tens
         p, img = _all_images(int(N))
         return Groups(p, img, np.zeros(B, np.int32))
     lab = constant(labels).astype(np.int64).reshape(-1)
-    vals = constant(values)
+    vals, p, img = constant(values), constant(ptr), constant(images)
+    # the label index as the engines read it (an op's caller may pass its own): offsets rising from 0 to the
+    # number of images, images in 0..N-1, labels ascending (every engine refuses the same tables alike)
+    if vals.ndim != 1 or p.ndim != 1 or img.ndim != 1 or len(p) != len(vals) + 1 or (len(p) and p[0] != 0) \
+            or bool(np.any(np.diff(p) < 0)) or p[-1] != len(img) or bool(np.any(np.diff(vals) <= 0)):
+        raise ValueError("label index: label_values must be ascending and label_ptr rise from 0 to the length of "
+                         f"label_images, one more entry than labels (got {len(vals)} labels, label_ptr "
+                         f"{p.tolist() if len(p) <= 12 else p.shape}, {len(img)} images)")
+    if len(img) and (int(img.min()) < 0 or int(img.max()) >= int(N)):
+        raise ValueError(f"label index: label_images holds an index outside 0..{int(N) - 1}")
     idx = np.searchsorted(vals, lab)
     idx_c = np.minimum(idx, max(len(vals) - 1, 0))
     ok = (idx < len(vals)) & (vals[idx_c] == lab) if len(vals) else np.zeros(len(lab), bool)
     if not ok.all():
         bad = int(lab[~ok][0])
         raise ValueError(f"label {bad} has no training images (known labels: {vals.tolist()})")
-    return Groups(np.ascontiguousarray(constant(ptr), np.int64), np.ascontiguousarray(constant(images), np.int32),
-                  idx.astype(np.int32))
+    empty = p[idx + 1] == p[idx]
+    if bool(empty.any()):
+        raise ValueError(f"label {int(lab[empty][0])} has no training images (its group in label_ptr is empty)")
+    return Groups(np.ascontiguousarray(p, np.int64), np.ascontiguousarray(img, np.int32), idx.astype(np.int32))

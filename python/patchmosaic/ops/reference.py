@@ -8,10 +8,9 @@ not catch a mistake in it. Its backward pass is the derivative of the spec's for
 (every key's logit, weight and contribution materialised chunk by chunk; the patch gather's adjoint by
 ``index_add``); the test suite checks it, and the engines', against finite differences.
 
-Same interface as the compiled engines (engines.py); ``stats`` hold the maximum of the shifted logit
-``l + |Q|^2 / (2 b^2)`` and the sum of ``exp(logit - max)``: the local machines' convention in every engine, and
-for IS this engine's own (the compiled engines' IS maximum is the logit ``l`` itself). Each backward pass reads
-the statistics of its own engine's forward pass (ops/library.py picks the same engine for both).
+Same interface as the compiled engines (engines.py), and their convention of ``stats``: the local machines' hold
+the maximum of the shifted logit ``l + |Q|^2 / (2 b^2)`` (contract.hpp) and the sum of ``exp(logit - max)``, IS's
+the largest logit ``l`` itself and that sum, in every engine (the partial states of different engines merge).
 """
 
 from __future__ import annotations
@@ -204,7 +203,7 @@ def ideal_forward(train, query, a, inv_2b2, groups: Groups, provenance=False, n_
             state.update((-dist2 * sb)[None, :], phi, n)
         x0, best, share = state.result()
         out[b], arg_key[b], arg_share[b] = x0[0], best[0], share[0]
-        stats[b] = torch.stack([(state.m[0] + sb * (x * x).sum()).double(), state.s[0].double()]).detach()
+        stats[b] = torch.stack([state.m[0].double(), state.s[0].double()]).detach()  # (the largest logit itself)
     out = out.reshape(query.shape)
     if not provenance:
         arg_key, arg_share = query.new_empty((0,), dtype=torch.int64), query.new_empty((0,))
@@ -266,7 +265,7 @@ def ideal_backward(grad_out, out, stats, train, query, a, inv_2b2, groups: Group
         imgs = torch.as_tensor(groups.images(int(groups.group_of_b[b])).astype(np.int64), device=query.device)
         x, g, o = query[b].reshape(1, D), grad_out[b].reshape(1, D), out[b].reshape(1, D)
         ab, sb = a[b].to(dt), inv_2b2[b].to(dt)
-        m = stats[b, 0].to(dt) - sb * (x * x).sum()
+        m = stats[b, 0].to(dt)
         S = stats[b, 1].to(dt)
         Db = (g * o).sum()
         for i0 in range(0, len(imgs), chunk):

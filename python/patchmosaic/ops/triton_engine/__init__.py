@@ -151,14 +151,11 @@ def local_forward_multi(train, query, multi, a, inv_2b2, groups, n_threads=0):
 
 
 def ideal_forward(train, query, a, inv_2b2, groups, provenance=False, n_threads=0):
-    """IS's forward pass (engines.ideal_forward's contract), float32; its statistics in the convention of the engine
-    that runs its backward pass (the compiled engines' IS keeps the largest true logit, the torch reference the
-    shifted one)."""
-    from .. import reference
+    """IS's forward pass (engines.ideal_forward's contract: the statistics hold the largest logit itself, as every
+    engine's IS), float32."""
     from . import ideal
 
-    return ideal.ideal_forward(train, query, a, inv_2b2, groups, provenance, n_threads, interpreted(),
-                               shifted=backward_engine(query) is reference)
+    return ideal.ideal_forward(train, query, a, inv_2b2, groups, provenance, n_threads, interpreted())
 
 
 def ideal_backward(grad_out, train, query, a, inv_2b2, groups):

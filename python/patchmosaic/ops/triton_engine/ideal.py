@@ -11,11 +11,10 @@ CHUNK = 4096  # training images per float64 product
 
 
 def ideal_forward(train, query, a, inv_2b2, groups, provenance: bool = False, n_threads: int = 0,
-                  interpreted: bool = False, shifted: bool = False):
+                  interpreted: bool = False):
     """``(out, stats (B, 2), arg_key (B,), arg_share (B,))`` of IS (engines.ideal_forward's contract).
 
-    ``stats[:, 0]`` is the largest logit ``-s |x - a phi|^2`` (the compiled engines' IS convention, which their
-    backward passes read), or with ``shifted`` that plus ``s |x|^2`` (the torch reference's, for its backward)."""
+    ``stats[:, 0]`` is the largest logit ``-s |x - a phi|^2`` (every engine's IS convention)."""
     from . import kernels
     from .local import _dev, _launch_context, triton_cdiv
 
@@ -62,9 +61,7 @@ def ideal_forward(train, query, a, inv_2b2, groups, provenance: bool = False, n_
             acc += w[:, i0 : i0 + CHUNK] @ flat_t[imgs[i0 : i0 + CHUNK]].double()
         b = torch.from_numpy(bs.astype(np.int64)).to(dev)
         out[b] = (acc / s[:, None]).to(query.dtype)
-        x = flat_q[b].double()
-        shift = inv_2b2[b].double() * (x * x).sum(dim=1) if shifted else torch.zeros_like(m)
-        stats[b] = torch.stack([m + shift, s], dim=1)
+        stats[b] = torch.stack([m, s], dim=1)
         if provenance:
             key[b] = imgs[arg]
             share[b] = (1.0 / s).to(query.dtype)
