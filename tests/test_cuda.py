@@ -187,3 +187,30 @@ def test_compile_fullgraph_on_the_gpu():
 
     x = torch.randn(3, 1, 16, 16, device="cuda")
     assert torch.allclose(torch.compile(f, fullgraph=True)(x), f(x), rtol=0, atol=1e-5)
+
+
+def test_the_backward_pass_fits_its_partial_sums_to_the_limit(dev, monkeypatch):
+    """The CUDA backward pass keeps a whole patch of partial sums per slot (row and key range) and planned its key
+    ranges as the forward does, for a few thousand thread blocks whatever the batch: at B = 1 a 3 x 64 x 64 ELS at
+    k = 41 needed 9.2 GiB and was refused, with advice (split the batch) that could not help. Now the backward
+    lengthens its ranges until the slots fit the limit (here set small through PATCHMOSAIC_CUDA_SCRATCH_BYTES):
+    the same gradients; refused, naming the limit, only where one slot per row is too many."""
+    rng = np.random.default_rng(3)
+    train = torch.from_numpy(rng.uniform(-1, 1, (40, 2, 6, 6))).to(dev)
+    m = pm.ELS(train, boundary="circular")  # one class of 36 positions: 1,440 keys, in 512-key ranges by default
+    g = torch.from_numpy(rng.standard_normal((2, 2, 6, 6))).to(dev)
+    xs = torch.from_numpy(rng.standard_normal((2, 2, 6, 6))).to(dev)
+
+    def grads():
+        x = xs.clone().requires_grad_()
+        t = torch.tensor([0.3, 0.7], dtype=torch.float64, device=dev, requires_grad=True)
+        return torch.autograd.grad(m.denoise(x, t, 5, backend="cuda"), (x, t), g)
+
+    want = grads()
+    one_per_row = 2 * 6 * 6 * (2 * 5 * 5 + 2) * 8  # rows x (patch + 2) doubles: the fewest slots
+    monkeypatch.setenv("PATCHMOSAIC_CUDA_SCRATCH_BYTES", str(int(1.5 * one_per_row)))
+    for u, v in zip(want, grads()):
+        assert torch.allclose(u, v, rtol=1e-10, atol=1e-12)
+    monkeypatch.setenv("PATCHMOSAIC_CUDA_SCRATCH_BYTES", str(one_per_row - 8))
+    with pytest.raises(ValueError, match=r"CUDA backward pass of this call needs .* GiB of partial sums"):
+        grads()

@@ -170,14 +170,29 @@ struct DeviceCall {
 };
 
 // The CUDA split of keys: rows in blocks of BM, every key range of one length chosen so that the call has
-// a few thousand thread blocks.
+// a few thousand thread blocks. max_slots > 0 (the backward pass, whose partial sums per slot hold a whole
+// patch): the ranges lengthened, by doubling, until the call's slots (rows times key ranges) fit, or every row
+// block is one item.
 template <typename T>
-Plan plan_cuda(const PatchSoftmaxArgs<T>& A, const QueryGroups& qg) {
+Plan plan_cuda(const PatchSoftmaxArgs<T>& A, const QueryGroups& qg, double max_slots = 0.0) {
   double total = 0.0;
+  int64_t most_keys = 0;
   for (int64_t g = 0; g < A.n_groups; ++g)
-    for (int64_t c = 0; c < A.n_classes; ++c)
+    for (int64_t c = 0; c < A.n_classes; ++c) {
       total += static_cast<double>((pair_rows(A, qg, g, c) + BM - 1) / BM) * static_cast<double>(pair_keys(A, g, c));
-  const int64_t split = std::max<int64_t>(8 * BN, static_cast<int64_t>(total / 4096.0) / BN * BN + BN);
+      most_keys = std::max(most_keys, pair_keys(A, g, c));
+    }
+  int64_t split = std::max<int64_t>(8 * BN, static_cast<int64_t>(total / 4096.0) / BN * BN + BN);
+  if (max_slots > 0.0) {
+    const auto slots_of = [&](int64_t sp) {
+      double n = 0.0;
+      for (int64_t g = 0; g < A.n_groups; ++g)
+        for (int64_t c = 0; c < A.n_classes; ++c)
+          n += static_cast<double>(pair_rows(A, qg, g, c)) * static_cast<double>((pair_keys(A, g, c) + sp - 1) / sp);
+      return n;
+    };
+    while (split < most_keys && slots_of(split) > max_slots) split *= 2;
+  }
   return plan_items(A, qg, BM, [split](int64_t, int64_t) { return split; });
 }
 

@@ -12,6 +12,7 @@
 // patch gradients back onto the query pixels they were gathered from (each output pixel sums its
 // contributions in a fixed order), a third sums the a and s gradients per image: the same bits whatever
 // the scheduling.
+#include <cstdlib>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -29,6 +30,14 @@ namespace cuda {
 namespace {
 
 constexpr int64_t kScratchBytes = int64_t(8) << 30;  // partial sums of one call at most
+
+// The limit on a backward call's partial sums: kScratchBytes, or PATCHMOSAIC_CUDA_SCRATCH_BYTES where set (a test
+// of the limit's plan on small calls).
+inline int64_t scratch_bytes() {
+  const char* v = std::getenv("PATCHMOSAIC_CUDA_SCRATCH_BYTES");
+  const long long n = v ? std::atoll(v) : 0;
+  return n > 0 ? static_cast<int64_t>(n) : kScratchBytes;
+}
 
 struct Sums {
   double* G;   // (slots, d)
@@ -315,9 +324,9 @@ void launch_backward(const PatchSoftmaxArgs<T>& A, const DeviceCall<T>& D, const
   const int d = patch_dim(A);
   const int64_t HWq = static_cast<int64_t>(A.Hq) * A.Wq;
   const double scratch = static_cast<double>(D.slots) * (d + 2) * sizeof(double);
-  if (scratch > static_cast<double>(kScratchBytes))
+  if (scratch > static_cast<double>(scratch_bytes()))  // (the plan's fewest slots: one per row)
     throw std::invalid_argument("the CUDA backward pass of this call needs " + std::to_string(scratch / (1 << 30)) +
-                                " GiB of partial sums (limit " + std::to_string(kScratchBytes >> 30) +
+                                " GiB of partial sums (limit " + std::to_string(scratch_bytes() / double(1 << 30)) +
                                 " GiB); split the batch");
   // the row of every query pixel (host)
   std::vector<int64_t> first(static_cast<size_t>(A.B) * HWq, -1);
@@ -379,7 +388,8 @@ void local_backward_cuda(const PatchSoftmaxArgs<T>& A, void* stream, int device)
   check_cuda(cudaSetDevice(device), "cudaSetDevice");
   auto st = static_cast<cudaStream_t>(stream);
   const QueryGroups qg = queries_by_group(A.group_of_b, A.B, A.n_groups);
-  const Plan plan = plan_cuda(A, qg);
+  // partial sums of a whole patch per slot: as many key ranges per row block as the scratch limit allows
+  const Plan plan = plan_cuda(A, qg, static_cast<double>(scratch_bytes()) / ((patch_dim(A) + 2) * sizeof(double)));
   if (plan.items.size() > 2147483647u) throw std::invalid_argument("too many work items for one call; split the batch");
   const DeviceCall<T> D(A, qg, plan, element_codes(A), st);
   switch (A.C) {
