@@ -169,6 +169,15 @@ class Linear(Schedule):
     beta_max: float = 20.0
     name = "linear"
 
+    def __post_init__(self):
+        for field in ("beta_min", "beta_max"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < np.inf:
+                raise ValueError(f"Linear: {field} must be a finite number >= 0, got {v!r}")
+        if not self.beta_max >= self.beta_min or not self.beta_max > 0:
+            raise ValueError(f"Linear: need beta_max >= beta_min and beta_max > 0 (noise that grows), got beta_min="
+                             f"{self.beta_min!r}, beta_max={self.beta_max!r}")
+
     def _integral(self, t):
         t = _as(t)
         return self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t * t

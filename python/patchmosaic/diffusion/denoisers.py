@@ -47,10 +47,34 @@ def _call_args(times: str = "a float") -> str:
 """
 
 
+def _architecture(net) -> dict:
+    """What a network computes besides its weights: its class, its config (this package's networks: padding,
+    widths, ...) and, for TorchScript, a hash of its code (two networks of equal weights may differ in these)."""
+    d = {"class": type(net).__qualname__}
+    config = getattr(net, "config", None)
+    if isinstance(config, dict):
+        d["config"] = config
+    if isinstance(net, torch.jit.ScriptModule):
+        try:
+            d["code"] = hashlib.sha256(str(net.code).encode()).hexdigest()
+        except (AttributeError, RuntimeError):
+            pass
+    return d
+
+
 def full_description(denoiser) -> dict:
     """Everything that changes a denoiser's samples (weights and data hashes included), for fingerprints."""
     fn = getattr(denoiser, "describe", None)
     return fn() if callable(fn) else {"type": type(denoiser).__name__}
+
+
+def _one_time(t, who: str) -> float:
+    """``t`` as one float (a number, or an array or tensor of one value); a TypeError naming ``t`` otherwise."""
+    one = t.numel() == 1 if torch.is_tensor(t) else isinstance(t, np.ndarray) and t.size == 1
+    if isinstance(t, bool) or not (isinstance(t, numbers.Real) or one):
+        raise TypeError(f"{who} takes t as one float in (0, 1] (a call's images share their time), got "
+                        f"{type(t).__name__}{f' of shape {tuple(t.shape)}' if hasattr(t, 'shape') else ''}")
+    return float(t)
 
 
 class _Denoiser:
@@ -84,11 +108,18 @@ class _Denoiser:
         return like_input(-self.eps(xt, t, labels) / self._ab(t, xt)[1], is_numpy)
 
     def _ab(self, t, x):
-        """``a`` and ``b`` at ``t`` (float or one per image), shaped to broadcast against ``x``."""
+        """``a`` and ``b`` at ``t`` (float or one per image), shaped to broadcast against ``x``; a ValueError where
+        the schedule leaves no noise (``b = 0``: eps and the score undefined)."""
         if isinstance(t, float):
-            a, b2 = self.schedule.scalar_coefficients(t)
+            a, b2 = self.schedule.scalar_coefficients(check_time(t))
+            if not b2 > 0:
+                raise ValueError(f"the schedule gives alpha_bar(t) = 1 at t = {t:g}: no noise to remove")
             return a, b2 ** 0.5
         a, b2 = self.schedule.coefficients(check_t(t, x.shape[0]))
+        if not bool(np.all(np.asarray(b2) > 0)):
+            raise ValueError(f"the schedule gives alpha_bar(t) = 1 at t = "
+                             f"{float(np.asarray(check_t(t, x.shape[0]))[~(np.asarray(b2) > 0)][0]):g}: no noise to "
+                             "remove")
         shape = (-1,) + (1,) * (x.ndim - 1)
         return (torch.as_tensor(a, dtype=x.dtype, device=x.device).reshape(shape),
                 torch.as_tensor(np.sqrt(b2), dtype=x.dtype, device=x.device).reshape(shape))
@@ -153,11 +184,21 @@ class MachineDenoiser(_Denoiser):
         if param == "p" and k is None:
             raise ValueError(f"{type(machine).__name__} needs a patch size p or a k-schedule (KSchedule(..., odd=False) "
                              "for even sizes)")
-        if param == "threshold" and (isinstance(k, KSchedule) or (k is not None and not isinstance(k, ThresholdSchedule)
-                                                                 and not 0 < float(k) <= 1)):
+        if param == "threshold" and (isinstance(k, KSchedule) or (
+                k is not None and not isinstance(k, ThresholdSchedule) and (
+                    isinstance(k, bool) or not isinstance(k, numbers.Real) or not 0 < float(k) <= 1))):
             raise ValueError(f"{type(machine).__name__} takes a threshold in (0, 1] or a ThresholdSchedule, got {k!r}")
         if param in ("k", "p") and isinstance(k, ThresholdSchedule):
             raise ValueError(f"{type(machine).__name__} takes a patch size or a KSchedule, not a ThresholdSchedule")
+        if param == "k" and isinstance(k, KSchedule):  # every step's size, before any step runs
+            for v in sorted(set(int(v) for v in k.ks)):
+                try:
+                    check_k(v, 0, 0)
+                except ValueError as e:
+                    raise ValueError(f"{type(machine).__name__}: the k-schedule holds k = {v}: {e}") from None
+        if param is None and k is not None:
+            raise ValueError(f"{type(machine).__name__} has no per-step parameter (it compares whole images or "
+                             f"filters them): give k=None, got {k!r}")
         self.k = k
         self.backend = backend
         self.keep_provenance = keep_provenance
@@ -196,7 +237,7 @@ class MachineDenoiser(_Denoiser):
             ``x0_hat`` with the shape and dtype of ``x``; numpy for numpy ``x``, else a torch tensor.
         """)
     def __call__(self, x, t, labels=None):
-        k = self.k_at(float(t))
+        k = self.k_at(_one_time(t, "MachineDenoiser"))
         mask = None
         if self.patch_mask is not None:
             mask = self.patch_mask if k == self.patch_mask.shape[-1] else crop_patch_mask(self.patch_mask, k)
@@ -205,6 +246,9 @@ class MachineDenoiser(_Denoiser):
         if self.keep_provenance:
             out, self.provenance = out
         return out
+
+
+MIN_SIGNAL = 1e-4  # the least a = sqrt(alpha_bar(t)) a network's x0 = (x - b eps) / a is formed at
 
 
 class NetworkDenoiser(_Denoiser):
@@ -286,7 +330,7 @@ class NetworkDenoiser(_Denoiser):
         """What changes this denoiser's results: the network's weights (a hash), schedule, dtype, labels use."""
         from ..io.runstate import module_digest
 
-        return {"type": "NetworkDenoiser", "weights": module_digest(self.net),
+        return {"type": "NetworkDenoiser", "weights": module_digest(self.net), "architecture": _architecture(self.net),
                 "schedule": self.schedule.describe(), "dtype": str(self.dtype), "conditional": self.conditional}
 
     @docstring("""The network's noise estimate ``eps = net(t, x, labels)``.
@@ -342,6 +386,11 @@ class NetworkDenoiser(_Denoiser):
     def __call__(self, x, t, labels=None):
         xt, is_numpy = as_images(x)
         a, b = self._ab(t, xt)
+        if not float(np.min(np.asarray(torch.as_tensor(a).cpu()))) >= MIN_SIGNAL:
+            raise ValueError(f"the schedule ({self.schedule.name}) leaves almost no signal at t = {t if isinstance(t, float) else 'max(t)'}"
+                             f" (a = sqrt(alpha_bar) below {MIN_SIGNAL:g}): x0 = (x - b eps) / a would amplify the "
+                             "network's error past any use; start the time grid lower (grid=, e.g. from 0.99) or "
+                             "use a schedule with signal left at t = 1 (cosine_legacy)")
         return like_input((xt - b * self.eps(xt, t, labels)) / a, is_numpy)
 
     def _network_labels(self, labels, B: int) -> Optional[torch.Tensor]:
@@ -374,8 +423,10 @@ class NetworkDenoiser(_Denoiser):
       exact engine (only those pixels, image by image: ``Machine.denoise(pixels=...)``); the others
       keep the index value, so every output pixel is within ``tol`` of the exact machine (conditional
       on retrieval for IVF indexes: each IVF query checks retrieval on a sample of pixels, and a call
-      whose check fails runs exactly, see :class:`patchmosaic.index.ApproxResult`). When more than
-      ``max_exact_fraction`` of the pixels need the exact engine, the whole call runs exactly.
+      whose check fails runs exactly, see :class:`patchmosaic.index.ApproxResult`), up to the float32
+      rounding of the index's own arithmetic: it computes in float32, so a float64 query's index pixels are
+      float32-accurate (about 1e-6 of the data range; a ``tol`` below that is met by the exact pixels only).
+      When more than ``max_exact_fraction`` of the pixels need the exact engine, the whole call runs exactly.
     - ``"step"``: the index result is used only if the largest bound of the whole call is within
       ``tol``; otherwise the exact engine reruns the whole call.
     - ``"measured"``: the index result is used at every ``t <= t_max`` whatever its bound (which is
@@ -431,12 +482,20 @@ class IndexedDenoiser:
         self.exact = MachineDenoiser(machine, k)
         self.machine, self.schedule = machine, machine.schedule
         self.query_size = check_canvas_size(canvas, machine)
-        machine.keyset(*self.query_size, self.exact.k_at(1.0))  # (IS, PSPC, PCA-locality: no patches to index)
+        ks = sorted(set(int(v) for v in k.ks)) if isinstance(k, KSchedule) else [self.exact.k_at(1.0)]
+        for kk in ks:  # every step's key set on this canvas (IS, PSPC, PCA-locality: no patches to index)
+            machine.keyset(*self.query_size, kk)
         self.tol, self.m, self.t_max, self.mode = float(tol), int(m), float(t_max), mode
         self.max_exact_fraction = float(max_exact_fraction)
         self.cache_dir, self.canvas, self.progress, self.index_kw = cache_dir, canvas, progress, index_kw
         self.indexes: Dict[int, PatchIndex] = {}
         self.record: List[dict] = []
+
+    def describe(self) -> dict:
+        """What changes this denoiser's results: the exact denoiser's description and the index's settings."""
+        return {"type": "IndexedDenoiser", "exact": self.exact.describe(), "tol": self.tol, "m": self.m,
+                "t_max": self.t_max, "mode": self.mode, "max_exact_fraction": self.max_exact_fraction,
+                "canvas": list(self.query_size), "index": {k: v for k, v in sorted(self.index_kw.items())}}
 
     def index(self, k: int) -> PatchIndex:
         """The patch index at ``k`` (built, or loaded from ``cache_dir``, on first use)."""

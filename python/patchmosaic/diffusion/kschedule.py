@@ -104,7 +104,7 @@ class KSchedule:
                 raise ValueError(f"{path}: every time must be a number in (0, 1], got {t!r}")
         try:
             return cls(tuple(float(t) for t in d["times"]), tuple(d["ks"]), odd)
-        except ValueError as e:
+        except (ValueError, OverflowError) as e:  # (an integer time too large for a float)
             raise ValueError(f"{path}: {e}") from None
 
     @classmethod
@@ -287,7 +287,12 @@ def published_schedule(kind: str = "square", steps: Optional[int] = 20, grid=Non
     sched = get_schedule(schedule)
     edm = edm_sigmas(len(PSPC_SQUARE_SIZES))[:-1]
     if grid is not None:
-        times = tuple(float(t) for t in grid if float(t) > 0)
+        g = np.asarray(grid, dtype=np.float64)
+        if g.ndim != 1 or not len(g) or not np.all(np.isfinite(g)) or np.any(np.diff(g) >= 0) or g[0] > 1 \
+                or g[-1] < 0 or g[0] <= 0:
+            raise ValueError(f"grid must be strictly decreasing times within [0, 1] that start above 0, got "
+                             f"{g.tolist() if g.size <= 30 else g.shape}")
+        times = tuple(float(t) for t in g if t > 0)
     elif steps is None:
         times = tuple(sched.time_at_sigma(float(s)) for s in edm)
     else:

@@ -254,13 +254,15 @@ def check_parts_labels(denoiser, labels, M: int) -> None:
 def describe(denoiser) -> dict:
     """A JSON description of a denoiser (machine type, boundary, training size, its parameter or schedule)."""
     from ..diffusion.blend import BlendDenoiser, WeightSchedule
-    from ..diffusion.denoisers import MachineDenoiser
+    from ..diffusion.denoisers import IndexedDenoiser, MachineDenoiser
     from ..diffusion.kschedule import KSchedule, ThresholdSchedule
 
     if isinstance(denoiser, BlendDenoiser):  # its parts, and the first's weight
         w = denoiser.weight
         return {"type": "BlendDenoiser", "first": describe(denoiser.first), "second": describe(denoiser.second),
                 **({"weights": list(map(float, w.weights))} if isinstance(w, WeightSchedule) else {"weight": w})}
+    if isinstance(denoiser, IndexedDenoiser):  # its exact machine, and the index's settings
+        return {**denoiser.describe(), "exact": describe(denoiser.exact)}
     if not isinstance(denoiser, MachineDenoiser):
         return {"type": type(denoiser).__name__}
     m = denoiser.machine
