@@ -419,6 +419,12 @@ def one_sided(rep):
     den = pm.MachineDenoiser(lay.machine("els", train.astype(np.float32), n_threads=1), 3)
     attempt("ddpm_generators", lambda: lay.sample(pm.ddpm, den, torch.from_numpy(x.astype(np.float32)), steps=2,
                                                   progress=False, generator=torch.Generator().manual_seed(rank)))
+    split = Layout(1)  # query shards of 2 and 1 seeds: their draws advance the generators differently
+    sden = pm.MachineDenoiser(split.machine("els", train.astype(np.float32), n_threads=1), 3)
+    gen = torch.Generator().manual_seed(11)
+    x3 = torch.from_numpy(rng.standard_normal((3, 1, 6, 6)).astype(np.float32))
+    for i in range(2):  # the same generator twice: the second call agrees as the first did
+        attempt(f"ddpm_call{i}", lambda: split.sample(pm.ddpm, sden, x3, steps=2, progress=False, generator=gen))
     rep["one_sided"] = got
 
 

@@ -197,7 +197,13 @@ def test_a_run_resumed_with_another_batch_size_is_refused_before_any_sampling(tm
     resumed = compare(BatchDependent(), machines, x1, y, batch_size=2, out_dir=str(tmp_path / "run"), **kw)
     assert BatchDependent.calls == 2  # the last seed only: one batch of 1, two steps
     assert torch.equal(resumed["samples"]["network"], whole["samples"]["network"])
-    np.savez(tmp_path / "run" / "samples_IS.npz", **{k: v for k, v in np.load(tmp_path / "run" / "samples_IS.npz").items()
-                                                    if k != "batch_size"})
-    with pytest.raises(ValueError, match="samples_IS.npz does not record the batch size"):
-        compare(BatchDependent(), machines, x1, y, batch_size=2, out_dir=str(tmp_path / "run"), **kw)
+    again = compare(BatchDependent(), machines, x1, y, batch_size=5, out_dir=str(tmp_path / "run"), **kw)
+    assert BatchDependent.calls == 2 and torch.equal(again["samples"]["network"], whole["samples"]["network"])
+    # (a finished file is read whatever the batch size: nothing is sampled again)
+    BatchDependent.calls, BatchDependent.stop_after = 0, 2
+    with pytest.raises(KeyboardInterrupt):
+        compare(BatchDependent(), machines, x1, y, batch_size=2, out_dir=str(tmp_path / "old"), **kw)
+    old = tmp_path / "old" / "samples_network.npz"
+    np.savez(old, **{k: v for k, v in np.load(old).items() if k != "batch_size"})  # (as an earlier version wrote)
+    with pytest.raises(ValueError, match="samples_network.npz does not record the batch size"):
+        compare(BatchDependent(), machines, x1, y, batch_size=2, out_dir=str(tmp_path / "old"), **kw)

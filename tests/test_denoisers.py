@@ -96,6 +96,7 @@ def test_denoiser_wrappers_refuse_or_describe_what_a_review_found(tmp_path):
     circular = ResNet(1, 4, 1, padding="circular")
     circular.load_state_dict(zeros.state_dict())
     assert pm.NetworkDenoiser(zeros).describe() != pm.NetworkDenoiser(circular).describe()
+    assert pm.NetworkDenoiser(scripted(zeros)).describe() != pm.NetworkDenoiser(scripted(circular)).describe()
     net = pm.NetworkDenoiser(zeros, "cosine")
     x = torch.randn(1, 1, 6, 6)
     with pytest.raises(ValueError, match=r"leaves almost no signal at t = 1.*start the time grid lower"):

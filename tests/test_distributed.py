@@ -493,3 +493,4 @@ def test_a_failure_on_one_rank_is_raised_on_every_rank_and_the_ranks_stay_in_ste
         assert "the IS machine has none" in got["is_denoise_ks"]
         assert "the ranks' neighbourhood rules differ" in got["datalocal_own_statistics"]
         assert "different seeds, labels, generator states" in got["ddpm_generators"]
+        assert got["ddpm_call0"] is None and got["ddpm_call1"] is None, got  # (reseeded alike after each call)

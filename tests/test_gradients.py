@@ -375,11 +375,11 @@ def test_forward_mode_with_neighbourhood_masks(case):
 
 
 def test_the_backward_pass_runs_on_the_forward_passs_engine(monkeypatch):
-    """The backward passes read the forward's statistics, whose convention is the engine's (the torch reference's
-    IS maximum is shifted by s |x|^2, the compiled engines' is not). With backend='auto' on a GPU, a measured table
-    picks the forward's engine by the call's shape, and the backward asked without it: it could run on another
-    engine (here simulated on the CPU: the forward on the reference, the backward on the compiled engine), and the
-    IS gradients were off by about 100%. Now the backward asks with the forward's shape."""
+    """A backward pass reads its forward pass's statistics, so it must run on the forward's engine. With
+    backend='auto' on a GPU a measured table picks the forward's engine by the call's shape, and the backward asked
+    without it, so it could get another engine. Simulated on the CPU by a table whose best for these calls is the
+    torch reference: every engine choice of the forward and the backward passes is recorded, and each backward asks
+    with the forward's shape and gets the forward's engine (and the gradients are the reference's own)."""
     from patchmosaic.ops import engines, library, reference
 
     rng = np.random.default_rng(0)
@@ -395,18 +395,24 @@ def test_the_backward_pass_runs_on_the_forward_passs_engine(monkeypatch):
         return torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)).sum(),
                                    (x, a, s))
 
-    ideal = lambda x, a, s: pm.ops.ideal_softmax(train, x, a, s, None, None, *idx, False, "auto", 0, 0)[0]
-    local = lambda x, a, s: pm.ops.local_softmax(train, x, a, s, None, None, *idx, qc, kc, qp, kp, 3, False, "auto",
-                                                 0, 0)[0]
-    want = {name: grads(op) for name, op in (("ideal", ideal), ("local", local))}
-    orig = library._engine
+    ideal = lambda backend: lambda x, a, s: pm.ops.ideal_softmax(train, x, a, s, None, None, *idx, False, backend, 0,
+                                                                 0)[0]
+    local = lambda backend: lambda x, a, s: pm.ops.local_softmax(train, x, a, s, None, None, *idx, qc, kc, qp, kp, 3,
+                                                                 False, backend, 0, 0)[0]
+    want = {name: grads(op("torch")) for name, op in (("ideal", ideal), ("local", local))}
+    orig, chosen = library._engine, []
 
     def measured(query, backend, C, shape=None):  # a table whose best for these calls is the torch reference
         if backend == "auto":
-            return reference if shape is not None else engines.CPU
+            engine = reference if shape is not None else engines.CPU
+            chosen.append((shape, engine))
+            return engine
         return orig(query, backend, C, shape)
 
     monkeypatch.setattr(library, "_engine", measured)
     for name, op in (("ideal", ideal), ("local", local)):
-        for u, v in zip(want[name], grads(op)):
+        chosen.clear()
+        got = grads(op("auto"))
+        assert len(chosen) == 2 and chosen[0] == chosen[1] and chosen[0][1] is reference, (name, chosen)
+        for u, v in zip(want[name], got):
             assert torch.allclose(u, v, rtol=1e-9, atol=1e-12), name

@@ -89,3 +89,16 @@ def test_one_callback_per_tensor_and_a_replaced_data_is_seen():
     del x
     gc.collect()
     assert len(m) == 0 and len(weakref.finalize._registry) == before
+
+
+def test_a_value_of_two_tensors_leaves_both_sets_when_one_dies():
+    """A value keyed by a long-lived and a short-lived tensor: the short one's death dropped the value but left its
+    key in the long one's set (595 stale keys after 20,000 calls)."""
+    m = Memo()
+    long_lived = torch.zeros(3)
+    for i in range(20):
+        short = torch.full((2,), float(i))
+        m.get((long_lived, short), lambda: float(short.sum()))
+        del short
+        gc.collect()
+    assert len(m) == 0 and not m._by_id.get(id(long_lived))

@@ -957,3 +957,32 @@ def test_inverted_file_parts_smaller_than_their_lists_are_built():
     for kind in ("ivf", "ivfpq"):
         idx = pm.PatchIndex(small, 3, kind=kind, min_index_keys=0, progress=False)
         assert np.isfinite(idx.denoise(x, 0.5).x0.numpy()).all()
+
+
+def test_finished_runs_are_read_without_writing_and_odd_names_and_schedules(tmp_path, monkeypatch):
+    """Regressions of the day's fixes, found by a review: a finished calibration state (or heatmaps cache) in a folder
+    that cannot be written was refused by the new writability check, though nothing is left to write; a 248-byte
+    name of multi-byte characters passed the check and failed at the write (the temporary name kept 64 characters,
+    not bytes); Linear(beta_min=20, beta_max=0.1) (a falling beta, noise still growing) was refused."""
+    import patchmosaic.io.files as files
+    from patchmosaic.experiments.calibrate import calibrate
+    from patchmosaic.io.files import check_output, write_npz
+
+    tr = RNG.uniform(-1, 1, (8, 1, 6, 6)).astype(np.float32)
+    els = pm.ELS(tr)
+    x1 = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    state = str(tmp_path / "s.npz")
+    first = calibrate(MachineNet(els, 3), els, x1, candidates=(3, 5), steps=2, state=state, progress=False)
+
+    def unwritable(*a, **k):
+        raise ValueError("cannot write here")
+
+    monkeypatch.setattr(files, "check_output", unwritable)  # (the folder made read-only)
+    again = calibrate(MachineNet(els, 3), els, x1, candidates=(3, 5), steps=2, state=state, progress=False)
+    assert again.schedule == first.schedule
+    monkeypatch.undo()
+    name = str(tmp_path / ("\U0001F600" * 61 + ".npz"))  # 248 bytes
+    check_output(name, suffixes=(".npz",))
+    write_npz(name, x=np.zeros(1))
+    assert os.path.exists(name)
+    assert float(pm.schedules.Linear(beta_min=20, beta_max=0.1).alpha_bar(0.5)) < 1

@@ -174,8 +174,8 @@ class Linear(Schedule):
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < np.inf:
                 raise ValueError(f"Linear: {field} must be a finite number >= 0, got {v!r}")
-        if not self.beta_max >= self.beta_min or not self.beta_max > 0:
-            raise ValueError(f"Linear: need beta_max >= beta_min and beta_max > 0 (noise that grows), got beta_min="
+        if not (self.beta_min > 0 or self.beta_max > 0):
+            raise ValueError(f"Linear: beta_min and beta_max are both 0 (no noise at any time), got beta_min="
                              f"{self.beta_min!r}, beta_max={self.beta_max!r}")
 
     def _integral(self, t):

@@ -54,9 +54,9 @@ def _architecture(net) -> dict:
     config = getattr(net, "config", None)
     if isinstance(config, dict):
         d["config"] = config
-    if isinstance(net, torch.jit.ScriptModule):
+    if isinstance(net, torch.jit.ScriptModule):  # its whole graph, submodules inlined (their padding, constants)
         try:
-            d["code"] = hashlib.sha256(str(net.code).encode()).hexdigest()
+            d["code"] = hashlib.sha256(str(net.inlined_graph).encode()).hexdigest()
         except (AttributeError, RuntimeError):
             pass
     return d

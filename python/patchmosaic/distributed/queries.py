@@ -216,7 +216,8 @@ class Layout:
         """``sampler(denoiser, x1, labels, **kwargs)`` (e.g. :func:`patchmosaic.ddim`) with the seeds spread over
         the query shards; the full result on every rank. With ``ddpm``, each shard draws its noise from
         ``generator`` as given, so the samples differ from one process's; every rank's generator must be in the
-        same state (else refused on every rank, as different seeds are).
+        same state (else refused on every rank, as different seeds are), and afterwards every rank's is reseeded
+        from its state before the call (the shards drew different amounts), so the next call agrees too.
 
         Args:
             sampler: a sampler of :mod:`patchmosaic.sampling`.
@@ -252,6 +253,14 @@ class Layout:
         lab = labels
         if labels is not None and not isinstance(labels, (int, np.integer)):
             lab = labels[sl]
+        gen = kwargs.get("generator")
+        before = None if gen is None or self.world == 1 else gen.get_state()
         part = sampler(denoiser, x1[sl], lab, **kwargs) if sl.stop > sl.start else None
+        if before is not None:  # each shard drew its own amount: every rank's generator left in one state, a seed
+            # drawn from its state before the call (so that the next call's agreement holds and draws anew)
+            import hashlib
+
+            digest = hashlib.sha256(b"Layout.sample" + before.cpu().numpy().tobytes()).digest()
+            gen.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
         return self.gather(part, M, "gather of the samples")
 

@@ -26,7 +26,7 @@ from ..diffusion.denoisers import NetworkDenoiser
 from ..diffusion.inputs import as_labels
 from ..diffusion.kschedule import KSchedule, ThresholdSchedule
 from ..io.progress import Progress
-from ..io.runstate import fingerprint, load_state, save_state, write_json
+from ..io.runstate import check_writable, fingerprint, load_state, save_state, write_json
 from ..ops.checks import check_cuda_inputs
 from ..diffusion.samplers import check_grid, common_schedule, update
 from ..machines import Machine
@@ -224,6 +224,8 @@ def trajectory_cosines(net, schedule, x1: torch.Tensor, lab, candidates, x0_of, 
     start = 0
     if saved is not None:
         start, x, cos = int(saved["next_step"]), torch.from_numpy(saved["x"]), saved["cosine"]
+        if start < S and layout is None:  # steps left to save (a finished state is only read)
+            check_writable(state)
     mine = slice(0, M) if layout is None else layout.seeds(M)  # this rank's seeds
     lab_mine = None if lab is None else lab[mine]
     leader = layout is None or layout.leader

@@ -22,7 +22,7 @@ from ..diffusion.inputs import as_labels
 from ..diffusion.samplers import check_grid, common_schedule, ddim
 from ..io.files import check_output
 from ..io.progress import Progress
-from ..io.runstate import fingerprint, load_state, save_state, write_json
+from ..io.runstate import check_writable, fingerprint, load_state, save_state, write_json
 from ..metrics import METRICS, summary
 from ..ops.checks import check_cuda_inputs
 
@@ -38,7 +38,7 @@ def sample_batched(denoiser, x1: torch.Tensor, labels, *, grid, batch_size: int,
     (None: the CPU); the samples come back to the CPU."""
     M, steps = x1.shape[0], len(grid) - 1
     saved = load_state(state, fp) if layout is None else layout.load_state(state, fp)
-    check_saved_batch(saved, state, batch_size)
+    check_saved_batch(saved, state, batch_size, layout is None)
     out = torch.from_numpy(saved["samples"]) if saved is not None else torch.full_like(x1, float("nan"))
     done = int(saved["done"]) if saved is not None else 0
     bar = Progress(M * steps, desc, enabled=progress and (layout is None or layout.leader), initial=done * steps)
@@ -57,12 +57,15 @@ def sample_batched(denoiser, x1: torch.Tensor, labels, *, grid, batch_size: int,
     return out
 
 
-def check_saved_batch(saved: Optional[dict], state: Optional[str], batch_size: int) -> None:
-    """A sample file is resumed with the batch size it was made with: a network's outputs depend (in the last
-    digits) on how many seeds run together, and the smoothed denoiser's draws on an image's place in its batch, so
-    a resume with another would mix two runs' samples."""
-    if saved is None:
+def check_saved_batch(saved: Optional[dict], state: Optional[str], batch_size: int, writable: bool = True) -> None:
+    """An unfinished sample file is resumed with the batch size it was made with: a network's outputs depend (in
+    the last digits) on how many seeds run together, and the smoothed denoiser's draws on an image's place in its
+    batch, so a resume with another would mix two runs' samples (a finished file is read whatever the batch size);
+    and (``writable``: one process) its folder must be writable."""
+    if saved is None or int(saved["done"]) >= len(saved["samples"]):
         return
+    if writable:
+        check_writable(state)
     if "batch_size" not in saved:
         raise ValueError(f"{state} does not record the batch size its samples were made with (an earlier "
                          "version wrote it); delete it to start again")
@@ -194,7 +197,7 @@ def compare(network, machines: Dict[str, object], x1: torch.Tensor, labels=None,
     if out_dir is not None:  # every sample file left by another run (or not one) refused before any sampling
         for name, fp in fps.items():
             check_saved_batch((load_state if layout is None else layout.load_state)(state(name), fp), state(name),
-                              batch_size)
+                              batch_size, layout is None)
     u = sample_batched(net, x1, lab, grid=g, batch_size=batch_size, state=state("network"), fp=fps["network"],
                        progress=progress, desc="network", layout=layout, device=dev)
     if not np.all(np.isfinite(u.numpy())):

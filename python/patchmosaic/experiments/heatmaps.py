@@ -66,13 +66,13 @@ def network_heatmaps(network, images, times: Sequence[float], labels=None, *, sa
     info = {"fingerprint": fp, "samples": int(samples), "seed": int(seed), "train_images": int(N),
             "rule": "mean over noisy inputs of sum_c |d x0_hat[c, y, x] / d z[c]|"}
     partial = None if path is None else os.fspath(path) + ".partial.npz"
-    if path is not None:  # both files writable, before any Jacobian
-        check_output(path, option="path", what="the heatmaps' cache")
-        check_output(partial, option="path (its .partial.npz)", what="the heatmaps' finished times")
     if path is not None and os.path.exists(path):
         hm = Heatmaps.load(path)
         if hm.info.get("fingerprint") == fp:
             return hm
+    if path is not None:  # both files writable, before any Jacobian
+        check_output(path, option="path", what="the heatmaps' cache")
+        check_output(partial, option="path (its .partial.npz)", what="the heatmaps' finished times")
     maps = np.zeros((len(times), H, W, H, W), np.float64)
     done = np.zeros(len(times), bool)
     if partial is not None and os.path.exists(partial):

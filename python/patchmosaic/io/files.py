@@ -65,9 +65,10 @@ def atomic_path(path: str, suffix: str = ".tmp") -> Iterator[str]:
     target = target_of(path)
     folder = os.path.dirname(target) or "."
     os.makedirs(folder, exist_ok=True)
-    # the temporary name starts with at most 64 characters of the target's: a target name near the file system's
+    # the temporary name starts with at most 64 bytes of the target's: a target name near the file system's
     # limit (255 bytes) must not make a temporary name over it
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(target)[:64] + ".", suffix=suffix)
+    head = os.path.basename(target).encode()[:64].decode(errors="ignore")  # (64 bytes: a name's limit is in bytes)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + head + ".", suffix=suffix)
     os.close(fd)
     try:
         yield tmp

@@ -72,12 +72,13 @@ def save_state(path: str, fp: str, **arrays) -> None:
 
 def load_state(path: Optional[str], fp: str) -> Optional[dict]:
     """The arrays saved at ``path`` (None if there is no file); a ValueError if it belongs to another run or
-    is not a state file, or if ``path`` cannot be written (the run saves its state there: refused before any
-    work, :func:`patchmosaic.io.files.check_output`)."""
+    is not a state file, or, when there is no file yet, if ``path`` cannot be written (the run will save its state
+    there: refused before any work, :func:`patchmosaic.io.files.check_output`; a caller that finds an unfinished
+    state checks with :func:`check_writable`)."""
     if path is None:
         return None
-    files.check_output(path, option="state file", what="the run's state")
     if not os.path.exists(path):
+        check_writable(path)
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -89,6 +90,12 @@ def load_state(path: Optional[str], fp: str) -> Optional[dict]:
         raise ValueError(f"{path} is the state of a different run (other settings, seeds, data or network); "
                          "delete it or choose another state path")
     return arrays
+
+
+def check_writable(path: Optional[str]) -> None:
+    """A ValueError before any work if the state file ``path`` (None: none) cannot be written."""
+    if path is not None:
+        files.check_output(path, option="state file", what="the run's state")
 
 
 def write_json(path: str, obj) -> None:

@@ -77,6 +77,9 @@ class Memo:
     def _forget(self, tensor_id: int) -> None:
         for key in self._by_id.pop(tensor_id, ()):
             self._values.pop(key, None)
+            for part in key[:-1]:  # (the key leaves the sets of the value's other tensors too)
+                if part is not None and part[0] in self._by_id:
+                    self._by_id[part[0]].discard(key)
 
     def clear(self) -> None:
         self._values.clear()
