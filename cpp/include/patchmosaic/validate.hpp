@@ -170,6 +170,9 @@ inline void patch_elements(int64_t C, int64_t k, int64_t n_elem, int64_t elem, i
   if (c.n_elem < 0 || (c.cls_elem_ptr == 0 && c.n_elem > full))
     fail("n_elem (elements of a masked patch) must lie in 0.." + std::to_string(full) + ", got " +
          std::to_string(c.n_elem));
+  if (c.n_elem > 2147483647)  // (the engines' view holds the count as an int: a larger table would wrap)
+    fail("n_elem (elements of the per-class masked patches) must be below 2^31, got " + std::to_string(c.n_elem) +
+         "; split the batch or the canvas");
   if (c.k >= 4096 || c.C >= 128) fail("a masked patch needs k < 4096 and fewer than 128 channels (element codes)");
   present(c.elem, "elem");
   const int32_t* code = addr<const int32_t*>(c.elem);
