@@ -102,8 +102,10 @@ struct DeviceCall {
   Geometry<T> G;
   int64_t n_items, n_blocks, slots;
 
+  // with_slots: the backward pass's lookup of a masked patch's table entries (n_classes x C k^2 int32, built and
+  // copied only where it is read)
   DeviceCall(const PatchSoftmaxArgs<T>& A, const QueryGroups& qg, const Plan& plan, const std::vector<int32_t>& codes,
-             cudaStream_t st)
+             cudaStream_t st, bool with_slots = false)
       : cqp(A.cls_qpix_ptr, A.n_classes + 1, st),
         ckp(A.cls_kpos_ptr, A.n_classes + 1, st),
         gip(A.grp_img_ptr, A.n_groups + 1, st),
@@ -114,7 +116,7 @@ struct DeviceCall {
         gi(A.grp_img, A.grp_img_ptr[A.n_groups], st),
         gbd(qg.b.data(), A.B, st),
         elem(codes, st),
-        slot_of(element_slots(A), st),
+        slot_of(with_slots ? element_slots(A) : std::vector<int32_t>(), st),
         scale(element_scales(A), st),
         items(device_items(plan), st),
         blocks(device_blocks(plan), st),

@@ -391,7 +391,7 @@ void local_backward_cuda(const PatchSoftmaxArgs<T>& A, void* stream, int device)
   // partial sums of a whole patch per slot: as many key ranges per row block as the scratch limit allows
   const Plan plan = plan_cuda(A, qg, static_cast<double>(scratch_bytes()) / ((patch_dim(A) + 2) * sizeof(double)));
   if (plan.items.size() > 2147483647u) throw std::invalid_argument("too many work items for one call; split the batch");
-  const DeviceCall<T> D(A, qg, plan, element_codes(A), st);
+  const DeviceCall<T> D(A, qg, plan, element_codes(A), st, /*with_slots=*/true);
   switch (A.C) {
     case 1: launch_backward<T, 1>(A, D, plan, qg, st, device); break;
     case 2: launch_backward<T, 2>(A, D, plan, qg, st, device); break;
