@@ -324,9 +324,10 @@ void launch_backward(const PatchSoftmaxArgs<T>& A, const DeviceCall<T>& D, const
   const int d = patch_dim(A);
   const int64_t HWq = static_cast<int64_t>(A.Hq) * A.Wq;
   const double scratch = static_cast<double>(D.slots) * (d + 2) * sizeof(double);
-  if (scratch > static_cast<double>(scratch_bytes()))  // (the plan's fewest slots: one per row)
+  const int64_t limit = scratch_bytes();
+  if (scratch > static_cast<double>(limit))  // (the plan's fewest slots: one per row)
     throw std::invalid_argument("the CUDA backward pass of this call needs " + std::to_string(scratch / (1 << 30)) +
-                                " GiB of partial sums (limit " + std::to_string(scratch_bytes() / double(1 << 30)) +
+                                " GiB of partial sums (limit " + std::to_string(limit / double(1 << 30)) +
                                 " GiB); split the batch");
   // the row of every query pixel (host)
   std::vector<int64_t> first(static_cast<size_t>(A.B) * HWq, -1);

@@ -72,8 +72,8 @@ def _one_time(t, who: str) -> float:
     """``t`` as one float (a number, or an array or tensor of one value); a TypeError naming ``t`` otherwise."""
     one = t.numel() == 1 if torch.is_tensor(t) else isinstance(t, np.ndarray) and t.size == 1
     if isinstance(t, bool) or not (isinstance(t, numbers.Real) or one):
-        raise TypeError(f"{who} takes t as one float in (0, 1] (a call's images share their time), got "
-                        f"{type(t).__name__}{f' of shape {tuple(t.shape)}' if hasattr(t, 'shape') else ''}")
+        raise TypeError(f"{who} takes t as one float in (0, 1], got {type(t).__name__}"
+                        f"{f' of shape {tuple(t.shape)}' if hasattr(t, 'shape') else ''}")
     return float(t)
 
 
@@ -115,11 +115,12 @@ class _Denoiser:
             if not b2 > 0:
                 raise ValueError(f"the schedule gives alpha_bar(t) = 1 at t = {t:g}: no noise to remove")
             return a, b2 ** 0.5
-        a, b2 = self.schedule.coefficients(check_t(t, x.shape[0]))
-        if not bool(np.all(np.asarray(b2) > 0)):
-            raise ValueError(f"the schedule gives alpha_bar(t) = 1 at t = "
-                             f"{float(np.asarray(check_t(t, x.shape[0]))[~(np.asarray(b2) > 0)][0]):g}: no noise to "
-                             "remove")
+        tt = check_t(t, x.shape[0])
+        a, b2 = self.schedule.coefficients(tt)
+        noiseless = ~(np.asarray(b2) > 0)
+        if bool(noiseless.any()):
+            raise ValueError(f"the schedule gives alpha_bar(t) = 1 at t = {float(np.asarray(tt)[noiseless][0]):g}: no "
+                             "noise to remove")
         shape = (-1,) + (1,) * (x.ndim - 1)
         return (torch.as_tensor(a, dtype=x.dtype, device=x.device).reshape(shape),
                 torch.as_tensor(np.sqrt(b2), dtype=x.dtype, device=x.device).reshape(shape))
@@ -387,10 +388,11 @@ class NetworkDenoiser(_Denoiser):
         xt, is_numpy = as_images(x)
         a, b = self._ab(t, xt)
         if not float(np.min(np.asarray(torch.as_tensor(a).cpu()))) >= MIN_SIGNAL:
-            raise ValueError(f"the schedule ({self.schedule.name}) leaves almost no signal at t = {t if isinstance(t, float) else 'max(t)'}"
-                             f" (a = sqrt(alpha_bar) below {MIN_SIGNAL:g}): x0 = (x - b eps) / a would amplify the "
-                             "network's error past any use; start the time grid lower (grid=, e.g. from 0.99) or "
-                             "use a schedule with signal left at t = 1 (cosine_legacy)")
+            at = t if isinstance(t, float) else "max(t)"
+            raise ValueError(f"the schedule ({self.schedule.name}) leaves almost no signal at t = {at} (a = "
+                             f"sqrt(alpha_bar) below {MIN_SIGNAL:g}): x0 = (x - b eps) / a would amplify the network's "
+                             "error past any use; start the time grid lower (grid=, e.g. from 0.99) or use a schedule "
+                             "with signal left at t = 1 (cosine_legacy)")
         return like_input((xt - b * self.eps(xt, t, labels)) / a, is_numpy)
 
     def _network_labels(self, labels, B: int) -> Optional[torch.Tensor]:
@@ -516,11 +518,7 @@ class IndexedDenoiser:
         check_cuda_inputs(x=x, t=t, labels=labels)
         # the call's input checked before an index is built for it (its k may not have one yet)
         xt, is_numpy = as_images(x)  # (float32 or float64, (B, C, H, W))
-        one = t.numel() == 1 if torch.is_tensor(t) else isinstance(t, np.ndarray) and t.size == 1
-        if isinstance(t, bool) or not (isinstance(t, numbers.Real) or one):
-            raise TypeError(f"IndexedDenoiser takes t as one float in (0, 1], got {type(t).__name__}"
-                            f"{f' of shape {tuple(t.shape)}' if hasattr(t, 'shape') else ''}")
-        t = check_time(float(t))
+        t = check_time(_one_time(t, "IndexedDenoiser"))
         lab = as_labels(labels, xt.shape[0])
         k = self.exact.k_at(t)
         self.machine.check_labels(None if lab is None else lab.cpu().numpy(), xt.shape[0])

@@ -226,10 +226,10 @@ class Layout:
             labels: their ``(M,)`` labels or None (default).
             kwargs: the sampler's other arguments.
         """
+        gen = kwargs.get("generator")  # (ddpm's noise: every rank's generator in the same state)
         if self.world > 1:  # the seeds, labels and settings must be every rank's: else the gathered samples mix runs
             from ..io.runstate import fingerprint
 
-            gen = kwargs.get("generator")  # (ddpm's noise: every rank's generator in the same state)
             fp = fingerprint(x1=torch.as_tensor(np.asarray(x1) if not torch.is_tensor(x1) else x1),
                              labels=None if labels is None else np.asarray(torch.as_tensor(labels).cpu()),
                              generator=None if gen is None else gen.get_state(),
@@ -253,7 +253,6 @@ class Layout:
         lab = labels
         if labels is not None and not isinstance(labels, (int, np.integer)):
             lab = labels[sl]
-        gen = kwargs.get("generator")
         before = None if gen is None or self.world == 1 else gen.get_state()
         part = sampler(denoiser, x1[sl], lab, **kwargs) if sl.stop > sl.start else None
         if before is not None:  # each shard drew its own amount: every rank's generator left in one state, a seed

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import autodiff, checks, engines, masks, reference, reference_aligned, triton_engine
 from .labels import groups
-from .library import _asked, _engine, _no_tangent, _prepare
+from .library import _asked, _engine, _no_tangent, _prepare, gradient_fakes
 from .memo import Memo
 from .tables import ElementTable
 
@@ -137,8 +137,7 @@ def aligned_softmax_backward(grad_out: Tensor, out: Tensor, stats: Tensor, train
 @aligned_softmax_backward.register_fake
 def _(grad_out, out, stats, train, query, a, inv_2b2, labels, label_values, label_ptr, label_images, hood_ptr,
       hood_elem, hood_weight, resp_ptr, resp_elem, backend, n_threads):
-    f64 = dict(dtype=torch.float64)  # (the real ones: float64 on the query's device, whatever a's dtype)
-    return torch.empty_like(query), query.new_empty(a.shape, **f64), query.new_empty(inv_2b2.shape, **f64)
+    return gradient_fakes(query, a, inv_2b2)
 
 
 def transpose(table: ElementTable, D: int):

@@ -78,6 +78,13 @@ def _backward_engine(query: Tensor, backend: str, C: int, shape=None):
     return triton_engine.backward_engine(query) if engine is triton_engine else engine
 
 
+def gradient_fakes(query: Tensor, a: Tensor, inv_2b2: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """A backward op's fake outputs: the query's gradient like the query, those of ``a`` and ``inv_2b2`` float64 on
+    the query's device whatever their own dtype (as the real ones)."""
+    f64 = dict(dtype=torch.float64)
+    return torch.empty_like(query), query.new_empty(a.shape, **f64), query.new_empty(inv_2b2.shape, **f64)
+
+
 def _run_forward(engine, name, *args, **kw):
     if engine is reference:
         return getattr(reference, name)(*args)
@@ -208,8 +215,7 @@ def local_softmax_backward(grad_out: Tensor, out: Tensor, stats: Tensor, train: 
 @local_softmax_backward.register_fake
 def _(grad_out, out, stats, train, query, a, inv_2b2, labels, label_values, label_ptr, label_images, query_class,
       key_class, query_pad, key_pad, k, backend, n_threads, patch_mask=None):
-    f64 = dict(dtype=torch.float64)  # (the real ones: float64 on the query's device, whatever a's dtype)
-    return torch.empty_like(query), query.new_empty(a.shape, **f64), query.new_empty(inv_2b2.shape, **f64)
+    return gradient_fakes(query, a, inv_2b2)
 
 
 @torch.library.custom_op("patchmosaic::local_softmax_jvp", mutates_args=())
@@ -423,8 +429,7 @@ def ideal_softmax_backward(grad_out: Tensor, out: Tensor, stats: Tensor, train: 
 
 @ideal_softmax_backward.register_fake
 def _(grad_out, out, stats, train, query, a, inv_2b2, labels, label_values, label_ptr, label_images, backend, n_threads):
-    f64 = dict(dtype=torch.float64)  # (the real ones: float64 on the query's device, whatever a's dtype)
-    return torch.empty_like(query), query.new_empty(a.shape, **f64), query.new_empty(inv_2b2.shape, **f64)
+    return gradient_fakes(query, a, inv_2b2)
 
 
 @torch.library.custom_op("patchmosaic::ideal_softmax_jvp", mutates_args=())

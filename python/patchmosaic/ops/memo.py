@@ -60,9 +60,7 @@ class Memo:
         if len(self._values) >= LIMIT:
             old = next(iter(self._values))
             self._values.pop(old)
-            for part in old[:-1]:
-                if part is not None and part[0] in self._by_id:
-                    self._by_id[part[0]].discard(old)
+            self._unlink(old)
         self._values[key] = value
         for t in tensors:
             if t is None:
@@ -74,12 +72,16 @@ class Memo:
             keys.add(key)
         return value
 
+    def _unlink(self, key: Tuple) -> None:
+        """Take a dropped value's key out of the sets of its tensors (the parts before ``extra``: id first)."""
+        for part in key[:-1]:
+            if part is not None and part[0] in self._by_id:
+                self._by_id[part[0]].discard(key)
+
     def _forget(self, tensor_id: int) -> None:
         for key in self._by_id.pop(tensor_id, ()):
             self._values.pop(key, None)
-            for part in key[:-1]:  # (the key leaves the sets of the value's other tensors too)
-                if part is not None and part[0] in self._by_id:
-                    self._by_id[part[0]].discard(key)
+            self._unlink(key)  # (the value's other tensors' sets too)
 
     def clear(self) -> None:
         self._values.clear()
